@@ -1,0 +1,167 @@
+//! The CA end to end in memory: generate, sign, verify, seal, reload, import.
+
+use std::time::Duration;
+
+use moat_ca::{ByoPem, CaError, CertTtl, CertificateAuthority, Kek, KekError};
+use moat_identity::{CertInfo, SpiffeId, TrustDomain, Usage, ValidatedCsr, VerifyError, WorkloadKey, verify_chain};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, PKCS_ECDSA_P256_SHA256};
+use rustls_pki_types::UnixTime;
+
+fn td() -> TrustDomain {
+    TrustDomain::default_domain()
+}
+
+fn id(s: &str) -> SpiffeId {
+    SpiffeId::parse_with_default(s, &td()).unwrap()
+}
+
+fn sign(ca: &CertificateAuthority, who: &SpiffeId, ttl: CertTtl) -> moat_ca::IssuedCert {
+    let wk = WorkloadKey::generate(who).unwrap();
+    let csr = ValidatedCsr::from_der(wk.csr_der()).unwrap();
+    ca.issue(&csr.spki_der, &csr.id, ttl).unwrap()
+}
+
+#[test]
+fn issued_leaf_is_a_one_hour_p256_spiffe_certificate_that_verifies() {
+    let (kek, _) = Kek::generate().unwrap();
+    let (ca, _) = CertificateAuthority::generate(&td(), &kek).unwrap();
+    let orders = id("shop/orders");
+    let leaf = sign(&ca, &orders, CertTtl::DEFAULT);
+    let info = CertInfo::from_der(&leaf.chain[0]).unwrap();
+    assert_eq!(info.uri_sans, vec![orders.to_string()]);
+    assert!(info.other_sans.is_empty());
+    assert_eq!(info.key_algorithm, "ECDSA P-256");
+    assert!(!info.is_ca);
+    // 1 h plus the 60 s back-dating.
+    assert_eq!(info.not_after - info.not_before, 3600 + 60);
+    assert!(leaf.refresh_after > info.not_before + 60 + 1440 && leaf.refresh_after < info.not_after - 1440);
+    for usage in [Usage::Client, Usage::Server] {
+        let peer = verify_chain(&leaf.chain, ca.bundle(), UnixTime::now(), usage).unwrap();
+        assert_eq!(peer.id, orders);
+        assert_eq!(peer.serial, leaf.serial);
+    }
+}
+
+#[test]
+fn verification_refuses_expired_foreign_and_chainless_leaves() {
+    let (kek, _) = Kek::generate().unwrap();
+    let (ca, _) = CertificateAuthority::generate(&td(), &kek).unwrap();
+    let (other, _) = CertificateAuthority::generate(&td(), &kek).unwrap();
+    let leaf = sign(&ca, &id("orders"), CertTtl::DEFAULT);
+
+    let later = UnixTime::since_unix_epoch(Duration::from_secs(leaf.not_after as u64 + 1));
+    let err = verify_chain(&leaf.chain, ca.bundle(), later, Usage::Client).unwrap_err();
+    assert!(matches!(err, VerifyError::Expired), "{err}");
+
+    let err = verify_chain(&leaf.chain, other.bundle(), UnixTime::now(), Usage::Client).unwrap_err();
+    assert!(matches!(err, VerifyError::UnknownIssuer), "{err}");
+
+    let err = verify_chain(&leaf.chain[..1], ca.bundle(), UnixTime::now(), Usage::Client).unwrap_err();
+    assert!(matches!(err, VerifyError::UnknownIssuer), "{err}");
+
+    let err = verify_chain(&[], ca.bundle(), UnixTime::now(), Usage::Client).unwrap_err();
+    assert!(matches!(err, VerifyError::NoCertificate));
+}
+
+#[test]
+fn foreign_trust_domain_is_not_signed() {
+    let (kek, _) = Kek::generate().unwrap();
+    let (ca, _) = CertificateAuthority::generate(&td(), &kek).unwrap();
+    let foreign: SpiffeId = "spiffe://evil.org/ns/default/sa/x".parse().unwrap();
+    let wk = WorkloadKey::generate(&foreign).unwrap();
+    let csr = ValidatedCsr::from_der(wk.csr_der()).unwrap();
+    assert!(matches!(
+        ca.issue(&csr.spki_der, &csr.id, CertTtl::DEFAULT),
+        Err(CaError::ForeignDomain { .. })
+    ));
+}
+
+#[test]
+fn state_reloads_under_the_same_kek_only_and_holds_no_plaintext_key() {
+    let (kek, text) = Kek::generate().unwrap();
+    let (ca, state) = CertificateAuthority::generate(&td(), &kek).unwrap();
+    let json = serde_json_like(&state);
+    assert!(!json.contains("PRIVATE KEY"));
+
+    let again = CertificateAuthority::load(&state, &Kek::parse(&text).unwrap()).unwrap();
+    assert_eq!(again.bundle().fingerprints(), ca.bundle().fingerprints());
+    let leaf = sign(&again, &id("orders"), CertTtl::DEFAULT);
+    verify_chain(&leaf.chain, ca.bundle(), UnixTime::now(), Usage::Client).unwrap();
+
+    let (wrong, _) = Kek::generate().unwrap();
+    let err = CertificateAuthority::load(&state, &wrong).unwrap_err();
+    assert!(matches!(err, CaError::Kek(KekError::WrongKey)), "{err}");
+}
+
+fn serde_json_like(state: &moat_ca::CaState) -> String {
+    format!("{state:?}")
+}
+
+fn operator_root() -> (String, KeyPair) {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let cert = params.self_signed(&key).unwrap();
+    (cert.pem(), key)
+}
+
+#[test]
+fn bring_your_own_root_with_key() {
+    let (kek, _) = Kek::generate().unwrap();
+    let (root_pem, root_key) = operator_root();
+    let byo = ByoPem {
+        root_cert: root_pem.clone(),
+        root_key: Some(root_key.serialize_pem()),
+        ..ByoPem::default()
+    };
+    let (ca, _) = CertificateAuthority::import(&td(), &byo, &kek).unwrap();
+    let leaf = sign(&ca, &id("orders"), CertTtl::DEFAULT);
+    let bundle = moat_identity::TrustBundle::from_pem(root_pem.as_bytes()).unwrap();
+    verify_chain(&leaf.chain, &bundle, UnixTime::now(), Usage::Server).unwrap();
+}
+
+#[test]
+fn bring_your_own_intermediate_and_mismatches_are_caught() {
+    let (kek, _) = Kek::generate().unwrap();
+    let (root_pem, root_key) = operator_root();
+    let root_issuer = rcgen::Issuer::from_ca_cert_pem(&root_pem, &root_key).unwrap();
+    let int_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    let int = params.signed_by(&int_key, &root_issuer).unwrap();
+
+    let good = ByoPem {
+        root_cert: root_pem.clone(),
+        intermediate_cert: Some(int.pem()),
+        intermediate_key: Some(int_key.serialize_pem()),
+        ..ByoPem::default()
+    };
+    let (ca, state) = CertificateAuthority::import(&td(), &good, &kek).unwrap();
+    assert!(state.root_key.is_none());
+    let leaf = sign(&ca, &id("orders"), CertTtl::DEFAULT);
+    verify_chain(&leaf.chain, ca.bundle(), UnixTime::now(), Usage::Client).unwrap();
+
+    // The intermediate's key does not match its certificate.
+    let wrong_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mismatched = ByoPem {
+        intermediate_key: Some(wrong_key.serialize_pem()),
+        ..good.clone()
+    };
+    let err = CertificateAuthority::import(&td(), &mismatched, &kek).unwrap_err();
+    assert!(matches!(err, CaError::SelfCheck(_)), "{err}");
+
+    // The intermediate is not under this root.
+    let (other_root, _) = operator_root();
+    let unrelated = ByoPem {
+        root_cert: other_root,
+        ..good.clone()
+    };
+    let err = CertificateAuthority::import(&td(), &unrelated, &kek).unwrap_err();
+    assert!(matches!(err, CaError::SelfCheck(_)), "{err}");
+
+    // Incomplete material and garbage PEM.
+    let err = CertificateAuthority::import(&td(), &ByoPem { root_cert: root_pem, ..ByoPem::default() }, &kek).unwrap_err();
+    assert!(err.to_string().contains("give either"), "{err}");
+    let err = CertificateAuthority::import(&td(), &ByoPem { root_cert: "junk".into(), ..ByoPem::default() }, &kek).unwrap_err();
+    assert!(matches!(err, CaError::Pem { .. }), "{err}");
+}

@@ -1,0 +1,112 @@
+//! Facts about one certificate, parsed with x509-parser: what `moat cert inspect` prints and
+//! what the verifiers need beyond the chain check (the SPIFFE ID, serial, expiry).
+
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::SpiffeId;
+use crate::bundle::sha256_hex;
+
+/// Why a certificate could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum CertInfoError {
+    #[error("not a DER X.509 certificate: {0}")]
+    Parse(String),
+    #[error("trailing bytes after the certificate")]
+    Trailing,
+}
+
+/// The facts of one certificate.
+#[derive(Clone, Debug)]
+pub struct CertInfo {
+    pub subject: String,
+    pub issuer: String,
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    /// Unix seconds.
+    pub not_before: i64,
+    /// Unix seconds.
+    pub not_after: i64,
+    pub is_ca: bool,
+    /// e.g. `ECDSA P-256`, `RSA 2048`.
+    pub key_algorithm: String,
+    /// The workload SPIFFE ID, or why there is none (no URI SAN, several, or not a workload ID).
+    pub spiffe_id: Result<SpiffeId, String>,
+    /// Every URI SAN, as written.
+    pub uri_sans: Vec<String>,
+    /// Every SAN that is not a URI (DNS names, IPs, emails), rendered.
+    pub other_sans: Vec<String>,
+    /// SHA-256 of the DER, lowercase hex.
+    pub sha256: String,
+}
+
+impl CertInfo {
+    /// Parses one DER certificate.
+    pub fn from_der(der: &[u8]) -> Result<Self, CertInfoError> {
+        let (rest, cert) =
+            X509Certificate::from_der(der).map_err(|e| CertInfoError::Parse(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(CertInfoError::Trailing);
+        }
+        let mut uri_sans = Vec::new();
+        let mut other_sans = Vec::new();
+        let mut is_ca = false;
+        for ext in cert.extensions() {
+            match ext.parsed_extension() {
+                ParsedExtension::SubjectAlternativeName(san) => {
+                    for name in &san.general_names {
+                        match name {
+                            GeneralName::URI(u) => uri_sans.push((*u).to_owned()),
+                            other => other_sans.push(other.to_string()),
+                        }
+                    }
+                }
+                ParsedExtension::BasicConstraints(bc) => is_ca = bc.ca,
+                _ => {}
+            }
+        }
+        let spiffe_id = match uri_sans.as_slice() {
+            [one] => one.parse::<SpiffeId>().map_err(|e| e.to_string()),
+            [] => Err("the certificate has no URI SAN".to_owned()),
+            _ => Err(format!("the certificate has {} URI SANs; SPIFFE allows one", uri_sans.len())),
+        };
+        Ok(CertInfo {
+            subject: cert.subject().to_string(),
+            issuer: cert.issuer().to_string(),
+            serial: hex::encode(cert.raw_serial()),
+            not_before: cert.validity().not_before.timestamp(),
+            not_after: cert.validity().not_after.timestamp(),
+            is_ca,
+            key_algorithm: key_algorithm(&cert),
+            spiffe_id,
+            uri_sans,
+            other_sans,
+            sha256: sha256_hex(der),
+        })
+    }
+}
+
+fn key_algorithm(cert: &X509Certificate<'_>) -> String {
+    use x509_parser::public_key::PublicKey;
+    match cert.public_key().parsed() {
+        Ok(PublicKey::EC(point)) => {
+            let curve = cert
+                .public_key()
+                .algorithm
+                .parameters
+                .as_ref()
+                .and_then(|p| p.as_oid().ok())
+                .map(|oid| match oid.to_id_string().as_str() {
+                    "1.2.840.10045.3.1.7" => "P-256".to_owned(),
+                    "1.3.132.0.34" => "P-384".to_owned(),
+                    "1.3.132.0.35" => "P-521".to_owned(),
+                    other => other.to_owned(),
+                })
+                .unwrap_or_else(|| format!("{} bits", point.key_size()));
+            format!("ECDSA {curve}")
+        }
+        Ok(PublicKey::RSA(rsa)) => format!("RSA {}", rsa.key_size()),
+        Ok(_) => cert.public_key().algorithm.algorithm.to_id_string(),
+        Err(e) => format!("unreadable key ({e})"),
+    }
+}

@@ -1,0 +1,126 @@
+//! Chain and SPIFFE-ID verification: the single check behind every TLS handshake in the mesh
+//! (through moat-tls's rustls verifiers) and behind tooling such as `moat cert inspect`.
+
+use rustls_pki_types::{CertificateDer, UnixTime};
+
+use crate::cert::{CertInfo, CertInfoError};
+use crate::{SpiffeId, TrustBundle};
+
+/// Which side of a connection the certificate authenticates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Usage {
+    /// A TLS client (EKU clientAuth).
+    Client,
+    /// A TLS server (EKU serverAuth).
+    Server,
+}
+
+/// Why a presented chain was refused. The variants double as stable reason codes.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("no certificate was presented")]
+    NoCertificate,
+    #[error("certificate is malformed: {0}")]
+    Malformed(#[from] CertInfoError),
+    #[error("certificate has expired")]
+    Expired,
+    #[error("certificate is not valid yet")]
+    NotYetValid,
+    #[error("certificate is not signed by a root in the trust bundle")]
+    UnknownIssuer,
+    #[error("certificate is not valid for {0:?} use")]
+    WrongUsage(Usage),
+    #[error("certificate chain is invalid: {0}")]
+    Chain(webpki::Error),
+    #[error("certificate carries no SPIFFE ID: {0}")]
+    NoSpiffeId(String),
+}
+
+impl VerifyError {
+    /// A short, stable, machine-readable reason (for logs and metrics).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            VerifyError::NoCertificate => "no-certificate",
+            VerifyError::Malformed(_) => "malformed-certificate",
+            VerifyError::Expired => "certificate-expired",
+            VerifyError::NotYetValid => "certificate-not-yet-valid",
+            VerifyError::UnknownIssuer => "unknown-issuer",
+            VerifyError::WrongUsage(_) => "wrong-key-usage",
+            VerifyError::Chain(_) => "invalid-chain",
+            VerifyError::NoSpiffeId(_) => "no-spiffe-id",
+        }
+    }
+}
+
+/// What a verified chain proves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifiedPeer {
+    /// The peer's SPIFFE ID, from the leaf's only URI SAN.
+    pub id: SpiffeId,
+    /// The leaf's serial number, lowercase hex.
+    pub serial: String,
+    /// The leaf's NotAfter, Unix seconds.
+    pub not_after: i64,
+}
+
+/// Verifies `chain` (leaf first, then intermediates) against `bundle` at `now` for `usage`, and
+/// extracts the SPIFFE ID. The leaf must carry exactly one URI SAN and it must be a workload
+/// SPIFFE ID; checking which ID is acceptable is the caller's job.
+pub fn verify_chain(
+    chain: &[CertificateDer<'_>],
+    bundle: &TrustBundle,
+    now: UnixTime,
+    usage: Usage,
+) -> Result<VerifiedPeer, VerifyError> {
+    let (leaf, intermediates) = chain.split_first().ok_or(VerifyError::NoCertificate)?;
+    let ee = webpki::EndEntityCert::try_from(leaf)
+        .map_err(|e| VerifyError::Malformed(CertInfoError::Parse(e.to_string())))?;
+    let eku = match usage {
+        Usage::Client => webpki::KeyUsage::client_auth(),
+        Usage::Server => webpki::KeyUsage::server_auth(),
+    };
+    ee.verify_for_usage(
+        SIG_ALGS,
+        bundle.anchors(),
+        intermediates,
+        now,
+        eku,
+        None,
+        None,
+    )
+    .map_err(|e| match e {
+        webpki::Error::CertExpired { .. } => VerifyError::Expired,
+        webpki::Error::CertNotValidYet { .. } => VerifyError::NotYetValid,
+        // A name match whose signature fails is, to the caller, still an issuer it does not trust.
+        webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => {
+            VerifyError::UnknownIssuer
+        }
+        webpki::Error::RequiredEkuNotFoundContext(_) => {
+            VerifyError::WrongUsage(usage)
+        }
+        other => VerifyError::Chain(other),
+    })?;
+    let info = CertInfo::from_der(leaf)?;
+    let id = info.spiffe_id.clone().map_err(VerifyError::NoSpiffeId)?;
+    Ok(VerifiedPeer {
+        id,
+        serial: info.serial,
+        not_after: info.not_after,
+    })
+}
+
+/// Signature algorithms accepted in mesh chains: ECDSA (the mesh's own certificates) plus RSA
+/// and Ed25519 so that bring-your-own roots from an existing PKI keep working.
+static SIG_ALGS: &[&dyn rustls_pki_types::SignatureVerificationAlgorithm] = &[
+    webpki::aws_lc_rs::ECDSA_P256_SHA256,
+    webpki::aws_lc_rs::ECDSA_P256_SHA384,
+    webpki::aws_lc_rs::ECDSA_P384_SHA256,
+    webpki::aws_lc_rs::ECDSA_P384_SHA384,
+    webpki::aws_lc_rs::ED25519,
+    webpki::aws_lc_rs::RSA_PKCS1_2048_8192_SHA256,
+    webpki::aws_lc_rs::RSA_PKCS1_2048_8192_SHA384,
+    webpki::aws_lc_rs::RSA_PKCS1_2048_8192_SHA512,
+    webpki::aws_lc_rs::RSA_PSS_2048_8192_SHA256_LEGACY_KEY,
+    webpki::aws_lc_rs::RSA_PSS_2048_8192_SHA384_LEGACY_KEY,
+    webpki::aws_lc_rs::RSA_PSS_2048_8192_SHA512_LEGACY_KEY,
+];
