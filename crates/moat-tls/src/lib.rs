@@ -1,1 +1,14 @@
+//! The only place moat builds rustls configurations. Every config is TLS 1.3 only on the aws-lc-rs
+//! provider with the hybrid post-quantum group X25519MLKEM768 offered first (`provider`). Peers
+//! are authenticated by SPIFFE ID against the mesh trust bundle, never by DNS name (`verifier`).
+//! A [`Credential`] (chain + key) is validated before any config is built from it (`config`), and
+//! [`LiveTls`] publishes fresh configs on a watch so rotation never mutates a live config (`live`).
 
+pub mod config;
+pub mod live;
+pub mod provider;
+pub mod verifier;
+
+pub use config::{ALPN_H2, ClientAuth, Credential, CredentialError, client_config, peer_identity, server_config};
+pub use live::{LiveTls, TlsState};
+pub use verifier::{SpiffeClientVerifier, SpiffeServerVerifier};

@@ -1,0 +1,118 @@
+//! The types of the [`Store`](crate::Store) contract.
+
+use tokio::sync::broadcast;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "the store at {0} is already open by another process: is another moat-control running on this data directory?"
+    )]
+    Locked(String),
+    #[error("store I/O failed: {0}")]
+    Io(String),
+    #[error("store data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// One stored key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: Vec<u8>,
+    /// The revision that created the key (since its last deletion).
+    pub create_revision: u64,
+    /// The revision that last wrote it.
+    pub mod_revision: u64,
+}
+
+/// A condition of a transaction.
+#[derive(Clone, Debug)]
+pub enum Compare {
+    /// The key's mod revision equals this (0 = the key is absent).
+    ModRevision(String, u64),
+}
+
+/// A write of a transaction.
+#[derive(Clone, Debug)]
+pub enum Op {
+    Put(String, Vec<u8>),
+    Delete(String),
+}
+
+/// A compare-and-swap transaction.
+#[derive(Clone, Debug, Default)]
+pub struct Txn {
+    pub compares: Vec<Compare>,
+    pub success: Vec<Op>,
+    pub failure: Vec<Op>,
+}
+
+/// What a transaction did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TxnResult {
+    /// Whether every compare held (and so `success` was applied).
+    pub succeeded: bool,
+    /// The store revision after the transaction.
+    pub revision: u64,
+}
+
+/// The kind of a change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Put,
+    Delete,
+}
+
+/// One change seen by a watch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub kind: EventKind,
+    pub key: String,
+    /// The new value (empty for a delete).
+    pub value: Vec<u8>,
+    pub revision: u64,
+}
+
+/// Changes under one prefix. A watcher that falls too far behind gets [`WatchStream::next`]
+/// = `Err(lagged)` and must re-read with `range`.
+#[derive(Debug)]
+pub struct WatchStream {
+    prefix: String,
+    rx: broadcast::Receiver<std::sync::Arc<Vec<Event>>>,
+    pending: std::collections::VecDeque<Event>,
+}
+
+/// The watcher missed events and must resynchronise from a `range` read.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("watch fell behind by {0} transactions; re-read the range")]
+pub struct Lagged(pub u64);
+
+impl WatchStream {
+    pub(crate) fn new(prefix: &str, rx: broadcast::Receiver<std::sync::Arc<Vec<Event>>>) -> Self {
+        WatchStream {
+            prefix: prefix.to_owned(),
+            rx,
+            pending: Default::default(),
+        }
+    }
+
+    /// The next matching event; `Ok(None)` once the store is gone.
+    pub async fn next(&mut self) -> Result<Option<Event>, Lagged> {
+        loop {
+            if let Some(e) = self.pending.pop_front() {
+                return Ok(Some(e));
+            }
+            match self.rx.recv().await {
+                Ok(batch) => self.pending.extend(
+                    batch
+                        .iter()
+                        .filter(|e| e.key.starts_with(&self.prefix))
+                        .cloned(),
+                ),
+                Err(broadcast::error::RecvError::Closed) => return Ok(None),
+                Err(broadcast::error::RecvError::Lagged(n)) => return Err(Lagged(n)),
+            }
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Credentials and the rustls client/server configs built from them.
+
+use std::sync::Arc;
+
+use moat_identity::{CertInfo, SpiffeId, TrustBundle, Usage, VerifiedPeer, verify_chain};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::{ClientConfig, ServerConfig};
+
+use crate::provider::{VERSIONS, provider};
+use crate::verifier::{SpiffeClientVerifier, SpiffeServerVerifier};
+
+/// ALPN for gRPC and mesh HTTP/2.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// Why a credential or config was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    #[error("certificate chain does not verify against the trust bundle: {0}")]
+    Chain(#[from] moat_identity::VerifyError),
+    #[error("private key does not match the certificate or is unusable: {0}")]
+    Key(String),
+    #[error("{what} is not valid PEM: {detail}")]
+    Pem { what: &'static str, detail: String },
+    #[error("could not build the TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// A workload's certificate chain and private key, checked against a bundle at construction.
+#[derive(Debug)]
+pub struct Credential {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    peer: VerifiedPeer,
+}
+
+impl Clone for Credential {
+    fn clone(&self) -> Self {
+        Credential {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+            peer: self.peer.clone(),
+        }
+    }
+}
+
+impl Credential {
+    /// Validates `chain` (leaf first) against `bundle` now, and `key` against the leaf.
+    pub fn new(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        bundle: &TrustBundle,
+    ) -> Result<Self, CredentialError> {
+        let peer = verify_chain(&chain, bundle, UnixTime::now(), Usage::Client)?;
+        let signing = provider()
+            .key_provider
+            .load_private_key(key.clone_key())
+            .map_err(|e| CredentialError::Key(e.to_string()))?;
+        let certified = rustls::sign::CertifiedKey::new(chain.clone(), signing);
+        certified
+            .keys_match()
+            .map_err(|e| CredentialError::Key(e.to_string()))?;
+        Ok(Credential { chain, key, peer })
+    }
+
+    /// Reads PEM chain and key text.
+    pub fn from_pem(chain_pem: &[u8], key_pem: &[u8], bundle: &TrustBundle) -> Result<Self, CredentialError> {
+        let chain = CertificateDer::pem_slice_iter(chain_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| CredentialError::Pem {
+                what: "certificate chain",
+                detail: e.to_string(),
+            })?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| CredentialError::Pem {
+            what: "private key",
+            detail: e.to_string(),
+        })?;
+        Self::new(chain, key, bundle)
+    }
+
+    /// The SPIFFE ID the credential proves.
+    pub fn id(&self) -> &SpiffeId {
+        &self.peer.id
+    }
+
+    /// Serial (hex) and NotAfter of the leaf.
+    pub fn leaf(&self) -> &VerifiedPeer {
+        &self.peer
+    }
+
+    /// A copy of the private key, for building another config.
+    pub(crate) fn key_der(&self) -> PrivateKeyDer<'static> {
+        self.key.clone_key()
+    }
+
+    /// The chain, leaf first.
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+}
+
+/// Whether a server asks its clients for a certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// Every client must present a valid mesh certificate.
+    Required,
+    /// Clients may connect without one (token bootstrap); one that is presented must be valid.
+    Optional,
+}
+
+/// A TLS 1.3 server config presenting `cred`, verifying clients against `bundle`, ALPN h2.
+pub fn server_config(
+    cred: &Credential,
+    bundle: Arc<TrustBundle>,
+    client_auth: ClientAuth,
+) -> Result<Arc<ServerConfig>, CredentialError> {
+    let verifier = Arc::new(SpiffeClientVerifier::new(bundle, client_auth == ClientAuth::Required));
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(cred.chain.clone(), cred.key.clone_key())?;
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// A TLS 1.3 client config that accepts only a server proving `expected` under `bundle`, and
+/// presents `cred` when given. ALPN h2.
+pub fn client_config(
+    cred: Option<&Credential>,
+    bundle: Arc<TrustBundle>,
+    expected: SpiffeId,
+) -> Result<Arc<ClientConfig>, CredentialError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)?
+        .dangerous()
+        // Not a weakening: the SPIFFE verifier checks the chain against the bundle and requires
+        // the exact expected ID; it only replaces DNS-name matching, which the mesh does not use.
+        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(bundle, expected)));
+    let mut cfg = match cred {
+        Some(c) => builder.with_client_auth_cert(c.chain.clone(), c.key.clone_key())?,
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// The SPIFFE ID and leaf facts of a peer whose chain the handshake already verified, from the
+/// certificates rustls kept. `None` when the peer presented no certificate.
+pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<VerifiedPeer> {
+    let leaf = certs?.first()?;
+    let info = CertInfo::from_der(leaf).ok()?;
+    Some(VerifiedPeer {
+        id: info.spiffe_id.ok()?,
+        serial: info.serial,
+        not_after: info.not_after,
+    })
+}

@@ -1,0 +1,106 @@
+//! Real TLS handshakes over an in-memory duplex: who gets in and who does not.
+
+use std::sync::Arc;
+
+use moat_ca::{CertTtl, CertificateAuthority, Kek};
+use moat_identity::{SpiffeId, TrustBundle, TrustDomain, ValidatedCsr, WorkloadKey};
+use moat_tls::{ClientAuth, Credential, client_config, peer_identity, server_config};
+use rustls::pki_types::{PrivateKeyDer, ServerName};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+fn id(s: &str) -> SpiffeId {
+    SpiffeId::parse_with_default(s, &TrustDomain::default_domain()).unwrap()
+}
+
+fn new_ca() -> CertificateAuthority {
+    let (kek, _) = Kek::generate().unwrap();
+    CertificateAuthority::generate(&TrustDomain::default_domain(), &kek).unwrap().0
+}
+
+fn credential(ca: &CertificateAuthority, who: &str) -> Credential {
+    let wk = WorkloadKey::generate(&id(who)).unwrap();
+    let csr = ValidatedCsr::from_der(wk.csr_der()).unwrap();
+    let leaf = ca.issue(&csr.spki_der, &csr.id, CertTtl::DEFAULT).unwrap();
+    let key = PrivateKeyDer::try_from(wk.private_key_der()).unwrap();
+    Credential::new(leaf.chain, key, ca.bundle()).unwrap()
+}
+
+fn bundle(ca: &CertificateAuthority) -> Arc<TrustBundle> {
+    Arc::new(ca.bundle().clone())
+}
+
+/// Runs one handshake; returns the server's view of the client identity or the client's error.
+async fn handshake(
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+) -> Result<Option<SpiffeId>, String> {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let srv = tokio::spawn(async move {
+        let tls = TlsAcceptor::from(server).accept(b).await.map_err(|e| e.to_string())?;
+        let (_, conn) = tls.get_ref();
+        assert_eq!(conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+        assert_eq!(
+            conn.negotiated_key_exchange_group().map(|g| g.name()),
+            Some(rustls::NamedGroup::X25519MLKEM768)
+        );
+        Ok::<_, String>(peer_identity(conn.peer_certificates()).map(|p| p.id))
+    });
+    let name = ServerName::try_from("moat.invalid").unwrap();
+    let cli = TlsConnector::from(client).connect(name, a).await;
+    let srv = srv.await.unwrap();
+    cli.map_err(|e| e.to_string())?;
+    srv
+}
+
+#[tokio::test]
+async fn mutual_tls_proves_both_identities_with_pq_key_exchange() {
+    let ca = new_ca();
+    let server = server_config(&credential(&ca, "shop/orders"), bundle(&ca), ClientAuth::Required).unwrap();
+    let client = client_config(Some(&credential(&ca, "shop/frontend")), bundle(&ca), id("shop/orders")).unwrap();
+    assert_eq!(handshake(server, client).await.unwrap(), Some(id("shop/frontend")));
+}
+
+#[tokio::test]
+async fn client_refuses_a_server_with_the_wrong_identity() {
+    let ca = new_ca();
+    let server = server_config(&credential(&ca, "shop/impostor"), bundle(&ca), ClientAuth::Required).unwrap();
+    let client = client_config(Some(&credential(&ca, "shop/frontend")), bundle(&ca), id("shop/orders")).unwrap();
+    let err = handshake(server, client).await.unwrap_err();
+    assert!(err.contains("WrongIdentity") && err.contains("impostor"), "{err}");
+}
+
+#[tokio::test]
+async fn client_refuses_a_server_from_a_foreign_ca() {
+    let ca = new_ca();
+    let foreign = new_ca();
+    let server = server_config(&credential(&foreign, "shop/orders"), bundle(&foreign), ClientAuth::Optional).unwrap();
+    let client = client_config(None, bundle(&ca), id("shop/orders")).unwrap();
+    let err = handshake(server, client).await.unwrap_err();
+    assert!(err.to_lowercase().contains("unknownissuer") || err.contains("UnknownIssuer"), "{err}");
+}
+
+#[tokio::test]
+async fn server_requires_a_valid_client_certificate_when_mandatory() {
+    let ca = new_ca();
+    let foreign = new_ca();
+    let required = server_config(&credential(&ca, "shop/orders"), bundle(&ca), ClientAuth::Required).unwrap();
+    let anonymous = client_config(None, bundle(&ca), id("shop/orders")).unwrap();
+    assert!(handshake(required.clone(), anonymous.clone()).await.is_err());
+    let stranger = client_config(Some(&credential(&foreign, "shop/frontend")), bundle(&ca), id("shop/orders")).unwrap();
+    assert!(handshake(required, stranger.clone()).await.is_err());
+
+    // Optional client auth lets an anonymous client in, but still refuses a bad certificate.
+    let optional = server_config(&credential(&ca, "shop/orders"), bundle(&ca), ClientAuth::Optional).unwrap();
+    assert_eq!(handshake(optional.clone(), anonymous).await.unwrap(), None);
+    assert!(handshake(optional, stranger).await.is_err());
+}
+
+#[test]
+fn credential_refuses_a_mismatched_key() {
+    let ca = new_ca();
+    let good = credential(&ca, "orders");
+    let other = WorkloadKey::generate(&id("orders")).unwrap();
+    let key = PrivateKeyDer::try_from(other.private_key_der()).unwrap();
+    let err = Credential::new(good.chain().to_vec(), key, ca.bundle()).unwrap_err();
+    assert!(err.to_string().contains("private key"), "{err}");
+}
