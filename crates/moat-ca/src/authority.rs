@@ -7,8 +7,8 @@ use moat_identity::bundle::{der_to_pem, sha256_hex};
 use moat_identity::{CertInfo, SpiffeId, TrustBundle, TrustDomain, Usage, WorkloadKey};
 use rand::Rng as _;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
     SubjectPublicKeyInfo,
 };
 use rustls_pki_types::pem::PemObject;
@@ -125,7 +125,12 @@ fn pem_key(what: &'static str, pem: &str) -> Result<KeyPair, CaError> {
     })
 }
 
-fn ca_params(cn: String, now: OffsetDateTime, lifetime: Duration, path_len: u8) -> CertificateParams {
+fn ca_params(
+    cn: String,
+    now: OffsetDateTime,
+    lifetime: Duration,
+    path_len: u8,
+) -> CertificateParams {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "moat");
@@ -165,7 +170,12 @@ fn intermediate_under(
     root_not_after: i64,
 ) -> Result<(KeyPair, CertificateDer<'static>), CaError> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let mut params = ca_params(format!("moat intermediate CA {td} {}", generation_tag()), now, INTERMEDIATE_LIFETIME, 0);
+    let mut params = ca_params(
+        format!("moat intermediate CA {td} {}", generation_tag()),
+        now,
+        INTERMEDIATE_LIFETIME,
+        0,
+    );
     let root_end = OffsetDateTime::from_unix_timestamp(root_not_after).unwrap_or(params.not_after);
     params.not_after = params.not_after.min(root_end);
     let cert = params.signed_by(&key, root)?;
@@ -178,7 +188,12 @@ impl CertificateAuthority {
     pub fn generate(trust_domain: &TrustDomain, kek: &Kek) -> Result<(Self, CaState), CaError> {
         let now = OffsetDateTime::now_utc();
         let root_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let root_params = ca_params(format!("moat root CA {trust_domain} {}", generation_tag()), now, ROOT_LIFETIME, 1);
+        let root_params = ca_params(
+            format!("moat root CA {trust_domain} {}", generation_tag()),
+            now,
+            ROOT_LIFETIME,
+            1,
+        );
         let root_cert = root_params.self_signed(&root_key)?;
         let root_issuer = Issuer::new(root_params.clone(), &root_key);
         let (int_key, int_der) =
@@ -196,12 +211,18 @@ impl CertificateAuthority {
 
     /// Builds a CA from operator PEM: either the root with its key (moat creates an
     /// intermediate under it) or the root plus an intermediate and the intermediate's key.
-    pub fn import(trust_domain: &TrustDomain, byo: &ByoPem, kek: &Kek) -> Result<(Self, CaState), CaError> {
+    pub fn import(
+        trust_domain: &TrustDomain,
+        byo: &ByoPem,
+        kek: &Kek,
+    ) -> Result<(Self, CaState), CaError> {
         let root_der = pem_cert("root certificate", &byo.root_cert)?;
-        let root_info = CertInfo::from_der(&root_der).map_err(|e| CaError::Import(e.to_string()))?;
+        let root_info =
+            CertInfo::from_der(&root_der).map_err(|e| CaError::Import(e.to_string()))?;
         if !root_info.is_ca {
             return Err(CaError::Import(
-                "the root certificate is not a CA certificate (basicConstraints CA:TRUE missing)".into(),
+                "the root certificate is not a CA certificate (basicConstraints CA:TRUE missing)"
+                    .into(),
             ));
         }
         let state = match (&byo.root_key, &byo.intermediate_cert, &byo.intermediate_key) {
@@ -219,7 +240,8 @@ impl CertificateAuthority {
                     roots_pem: vec![der_to_pem("CERTIFICATE", &root_der)],
                     root_key: Some(kek.seal(root_key.serialize_pem().as_bytes(), ROOT_LABEL)?),
                     intermediate_pem: der_to_pem("CERTIFICATE", &int_der),
-                    intermediate_key: kek.seal(int_key.serialize_pem().as_bytes(), INTERMEDIATE_LABEL)?,
+                    intermediate_key: kek
+                        .seal(int_key.serialize_pem().as_bytes(), INTERMEDIATE_LABEL)?,
                 }
             }
             (None, Some(int_pem), Some(int_key_pem)) => {
@@ -230,7 +252,8 @@ impl CertificateAuthority {
                     roots_pem: vec![der_to_pem("CERTIFICATE", &root_der)],
                     root_key: None,
                     intermediate_pem: der_to_pem("CERTIFICATE", &int_der),
-                    intermediate_key: kek.seal(int_key.serialize_pem().as_bytes(), INTERMEDIATE_LABEL)?,
+                    intermediate_key: kek
+                        .seal(int_key.serialize_pem().as_bytes(), INTERMEDIATE_LABEL)?,
                 }
             }
             _ => {
@@ -300,7 +323,12 @@ impl CertificateAuthority {
     /// Signs a leaf for `id` over the requester's public key (`spki_der`, from a validated CSR).
     /// The leaf's only SAN is the SPIFFE ID; EKU server+client; NotBefore back-dated 60 s;
     /// NotAfter is `ttl` from now but never beyond the intermediate's.
-    pub fn issue(&self, spki_der: &[u8], id: &SpiffeId, ttl: CertTtl) -> Result<IssuedCert, CaError> {
+    pub fn issue(
+        &self,
+        spki_der: &[u8],
+        id: &SpiffeId,
+        ttl: CertTtl,
+    ) -> Result<IssuedCert, CaError> {
         if id.trust_domain() != &self.trust_domain {
             return Err(CaError::ForeignDomain {
                 id: id.to_string(),
@@ -311,8 +339,8 @@ impl CertificateAuthority {
         if unix(now) >= self.intermediate_not_after {
             return Err(CaError::IssuerExpired(self.intermediate_not_after));
         }
-        let public_key =
-            SubjectPublicKeyInfo::from_der(spki_der).map_err(|e| CaError::PublicKey(e.to_string()))?;
+        let public_key = SubjectPublicKeyInfo::from_der(spki_der)
+            .map_err(|e| CaError::PublicKey(e.to_string()))?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, id.namespace().as_str());
@@ -329,8 +357,8 @@ impl CertificateAuthority {
         let serial_hex = hex::encode(serial.to_bytes());
         params.serial_number = Some(serial);
         params.not_before = now - BACKDATE;
-        let issuer_end = OffsetDateTime::from_unix_timestamp(self.intermediate_not_after)
-            .unwrap_or(now);
+        let issuer_end =
+            OffsetDateTime::from_unix_timestamp(self.intermediate_not_after).unwrap_or(now);
         params.not_after = (now + ttl.get()).min(issuer_end);
         let leaf = params.signed_by(&public_key, &self.issuer)?;
         let lifetime = unix(params.not_after) - unix(now);
@@ -362,7 +390,11 @@ impl CertificateAuthority {
 
     /// Facts about the roots, for display.
     pub fn roots_info(&self) -> Vec<CaCertInfo> {
-        self.bundle.roots().iter().filter_map(|c| ca_cert_info(c)).collect()
+        self.bundle
+            .roots()
+            .iter()
+            .filter_map(|c| ca_cert_info(c))
+            .collect()
     }
 
     /// Facts about the intermediate, for display.

@@ -89,7 +89,10 @@ impl Kek {
     /// Decrypts a value sealed under this KEK with the same `label`.
     pub fn open(&self, sealed: &Sealed, label: &str) -> Result<Vec<u8>, KekError> {
         if sealed.alg != "AES-256-GCM" {
-            return Err(KekError::Malformed(format!("unknown algorithm {}", sealed.alg)));
+            return Err(KekError::Malformed(format!(
+                "unknown algorithm {}",
+                sealed.alg
+            )));
         }
         let nonce: [u8; NONCE_LEN] = B64
             .decode(&sealed.nonce)
@@ -129,9 +132,15 @@ mod tests {
         let sealed = kek.seal(b"secret key bytes", "ca/root").unwrap();
         assert!(!sealed.ciphertext.contains("secret"));
         assert_eq!(kek.open(&sealed, "ca/root").unwrap(), b"secret key bytes");
-        assert!(matches!(kek.open(&sealed, "ca/other"), Err(KekError::WrongKey)));
+        assert!(matches!(
+            kek.open(&sealed, "ca/other"),
+            Err(KekError::WrongKey)
+        ));
         let (other, _) = Kek::generate().unwrap();
-        assert!(matches!(other.open(&sealed, "ca/root"), Err(KekError::WrongKey)));
+        assert!(matches!(
+            other.open(&sealed, "ca/root"),
+            Err(KekError::WrongKey)
+        ));
         let again = Kek::parse(&text).unwrap();
         assert_eq!(again.open(&sealed, "ca/root").unwrap(), b"secret key bytes");
     }
@@ -140,7 +149,10 @@ mod tests {
     fn kek_text_forms() {
         assert!(Kek::parse(&"ab".repeat(32)).is_ok());
         for bad in ["", "short", &"zz".repeat(32), "AAAA"] {
-            assert!(matches!(Kek::parse(bad), Err(KekError::Format(_))), "{bad:?}");
+            assert!(
+                matches!(Kek::parse(bad), Err(KekError::Format(_))),
+                "{bad:?}"
+            );
         }
     }
 }

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use moat_ca::{ByoPem, CaError, CertTtl, CertificateAuthority, Kek, KekError};
-use moat_identity::{CertInfo, SpiffeId, TrustDomain, Usage, ValidatedCsr, VerifyError, WorkloadKey, verify_chain};
+use moat_identity::{
+    CertInfo, SpiffeId, TrustDomain, Usage, ValidatedCsr, VerifyError, WorkloadKey, verify_chain,
+};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls_pki_types::UnixTime;
 
@@ -34,7 +36,10 @@ fn issued_leaf_is_a_one_hour_p256_spiffe_certificate_that_verifies() {
     assert!(!info.is_ca);
     // 1 h plus the 60 s back-dating.
     assert_eq!(info.not_after - info.not_before, 3600 + 60);
-    assert!(leaf.refresh_after > info.not_before + 60 + 1440 && leaf.refresh_after < info.not_after - 1440);
+    assert!(
+        leaf.refresh_after > info.not_before + 60 + 1440
+            && leaf.refresh_after < info.not_after - 1440
+    );
     for usage in [Usage::Client, Usage::Server] {
         let peer = verify_chain(&leaf.chain, ca.bundle(), UnixTime::now(), usage).unwrap();
         assert_eq!(peer.id, orders);
@@ -53,10 +58,17 @@ fn verification_refuses_expired_foreign_and_chainless_leaves() {
     let err = verify_chain(&leaf.chain, ca.bundle(), later, Usage::Client).unwrap_err();
     assert!(matches!(err, VerifyError::Expired), "{err}");
 
-    let err = verify_chain(&leaf.chain, other.bundle(), UnixTime::now(), Usage::Client).unwrap_err();
+    let err =
+        verify_chain(&leaf.chain, other.bundle(), UnixTime::now(), Usage::Client).unwrap_err();
     assert!(matches!(err, VerifyError::UnknownIssuer), "{err}");
 
-    let err = verify_chain(&leaf.chain[..1], ca.bundle(), UnixTime::now(), Usage::Client).unwrap_err();
+    let err = verify_chain(
+        &leaf.chain[..1],
+        ca.bundle(),
+        UnixTime::now(),
+        Usage::Client,
+    )
+    .unwrap_err();
     assert!(matches!(err, VerifyError::UnknownIssuer), "{err}");
 
     let err = verify_chain(&[], ca.bundle(), UnixTime::now(), Usage::Client).unwrap_err();
@@ -160,8 +172,24 @@ fn bring_your_own_intermediate_and_mismatches_are_caught() {
     assert!(matches!(err, CaError::SelfCheck(_)), "{err}");
 
     // Incomplete material and garbage PEM.
-    let err = CertificateAuthority::import(&td(), &ByoPem { root_cert: root_pem, ..ByoPem::default() }, &kek).unwrap_err();
+    let err = CertificateAuthority::import(
+        &td(),
+        &ByoPem {
+            root_cert: root_pem,
+            ..ByoPem::default()
+        },
+        &kek,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("give either"), "{err}");
-    let err = CertificateAuthority::import(&td(), &ByoPem { root_cert: "junk".into(), ..ByoPem::default() }, &kek).unwrap_err();
+    let err = CertificateAuthority::import(
+        &td(),
+        &ByoPem {
+            root_cert: "junk".into(),
+            ..ByoPem::default()
+        },
+        &kek,
+    )
+    .unwrap_err();
     assert!(matches!(err, CaError::Pem { .. }), "{err}");
 }

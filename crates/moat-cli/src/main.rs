@@ -1,1 +1,74 @@
-fn main(){}
+//! `moat`, the operator CLI. Flags are parsed here; each command group lives in `commands/`.
+//! Exit codes: 0 ok, 1 failure (with a message saying what to do), 2 usage.
+
+mod commands;
+mod connect;
+mod creds;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Settings shared by every command that talks to the control plane.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Global {
+    /// Control-plane address.
+    #[arg(
+        long,
+        global = true,
+        env = "MOAT_CONTROL_PLANE",
+        default_value = "https://127.0.0.1:7443"
+    )]
+    pub control_plane: String,
+    /// Admin credential directory (cert.pem, key.pem, bundle.pem).
+    #[arg(
+        long,
+        global = true,
+        env = "MOAT_CREDENTIALS",
+        default_value = "moat-data/admin"
+    )]
+    pub credentials: PathBuf,
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "moat", version, about = "Operate a moat service mesh")]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Join tokens that let a workload obtain its first certificate.
+    #[command(subcommand)]
+    Token(commands::token::TokenCmd),
+    /// The mesh certificate authority.
+    #[command(subcommand)]
+    Ca(commands::ca::CaCmd),
+    /// Workload certificates: issue, request with a token, renew, inspect.
+    #[command(subcommand)]
+    Cert(commands::cert::CertCmd),
+    /// Show the newest control-plane audit log entries.
+    Audit(commands::audit::AuditArgs),
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Token(c) => commands::token::run(&cli.global, c).await,
+        Command::Ca(c) => commands::ca::run(&cli.global, c).await,
+        Command::Cert(c) => commands::cert::run(&cli.global, c).await,
+        Command::Audit(a) => commands::audit::run(&cli.global, a).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("moat: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

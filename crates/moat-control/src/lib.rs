@@ -1,1 +1,150 @@
+//! The moat control plane: the mesh's certificate authority and its gRPC API.
+//!
+//! `serve` brings the store, the CA (`ca`, unsealed with the KEK from `kek_source`) and the
+//! control plane's own certificates (`self_cert`) up, then serves `Identity` (`identity_svc`) and
+//! `Admin` (`admin_svc`) over TLS 1.3 (`listener`). Join tokens live in `tokens`, the audit log
+//! in `audit`, and what the handlers share in `state`. The binary in `main.rs` only parses flags.
 
+pub mod admin_svc;
+pub mod audit;
+pub mod ca;
+pub mod identity_svc;
+pub mod kek_source;
+pub mod listener;
+pub mod self_cert;
+pub mod state;
+pub mod tokens;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use moat_api::v1::admin_server::AdminServer;
+use moat_api::v1::identity_server::IdentityServer;
+use moat_ca::CertTtl;
+use moat_identity::{SpiffeId, TrustDomain};
+use moat_store::{EmbeddedStore, Store};
+use moat_tls::{ClientAuth, LiveTls};
+
+/// The largest gRPC message the control plane decodes. CSRs are checked against their own,
+/// much smaller limit so that an oversized one is answered with `InvalidArgument`.
+pub const MAX_MESSAGE: usize = 4 * 1024 * 1024;
+
+/// Everything `moat-control serve` needs, parsed from flags and environment by the binary.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub trust_domain: TrustDomain,
+    pub kek: kek_source::KekSource,
+    pub import: ca::ImportPaths,
+    pub default_ttl: CertTtl,
+    /// Admin identities, short forms resolved.
+    pub admins: Vec<SpiffeId>,
+}
+
+/// The control plane's own SPIFFE ID in `td`.
+pub fn control_plane_id(td: &TrustDomain) -> SpiffeId {
+    SpiffeId::new(
+        td.clone(),
+        "moat-system"
+            .parse()
+            .unwrap_or_else(|_| unreachable!("valid namespace literal")),
+        "moat-control"
+            .parse()
+            .unwrap_or_else(|_| unreachable!("valid service account literal")),
+    )
+}
+
+/// The default admin identity in `td`: `moat-system/moat-admin`.
+pub fn default_admin_id(td: &TrustDomain) -> SpiffeId {
+    SpiffeId::new(
+        td.clone(),
+        "moat-system"
+            .parse()
+            .unwrap_or_else(|_| unreachable!("valid namespace literal")),
+        "moat-admin"
+            .parse()
+            .unwrap_or_else(|_| unreachable!("valid service account literal")),
+    )
+}
+
+/// Runs the control plane until `shutdown` resolves. Prints `listening on ADDR` on stdout once
+/// the listener is bound (tests and scripts read it when ADDR's port was 0).
+pub async fn serve(
+    cfg: ServeConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let kek = cfg.kek.load(&cfg.data_dir)?;
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&cfg.data_dir)?);
+    let (ca, created) = ca::load_or_init(&store, &cfg.trust_domain, &kek, &cfg.import).await?;
+    drop(kek);
+    let ca = Arc::new(ca);
+    if created {
+        tracing::info!(trust_domain = %ca.trust_domain(), roots = ?ca.bundle().fingerprints(), "initialised the certificate authority");
+    } else {
+        tracing::info!(trust_domain = %ca.trust_domain(), roots = ?ca.bundle().fingerprints(), "loaded the certificate authority");
+    }
+
+    let self_id = control_plane_id(ca.trust_domain());
+    let (cred, _, serving) = self_cert::issue_local(&ca, &self_id, CertTtl::DEFAULT)?;
+    let live = Arc::new(LiveTls::new(
+        cred,
+        ca.bundle().clone(),
+        ClientAuth::Optional,
+    )?);
+    let admin_id = cfg
+        .admins
+        .first()
+        .cloned()
+        .unwrap_or_else(|| default_admin_id(ca.trust_domain()));
+    let admin_dir = self_cert::admin_dir(&cfg.data_dir);
+    let admin_issued = self_cert::write_credential_dir(
+        &admin_dir,
+        &ca,
+        &admin_id,
+        CertTtl::unchecked(self_cert::ADMIN_CREDENTIAL_TTL),
+    )?;
+    tracing::info!(dir = %admin_dir.display(), id = %admin_id, "wrote the admin credential for the CLI");
+    tokio::spawn(self_cert::renew_loop(
+        ca.clone(),
+        live.clone(),
+        self_id,
+        serving.refresh_after,
+        Some((admin_dir, admin_id)),
+        admin_issued.refresh_after,
+    ));
+
+    let state = Arc::new(state::ControlPlane {
+        ca: ca.clone(),
+        tokens: tokens::Tokens::new(store.clone()),
+        audit: audit::AuditLog::new(store.clone()),
+        default_ttl: cfg.default_ttl,
+        admins: cfg.admins.clone(),
+    });
+
+    let tcp = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let addr = tcp.local_addr()?;
+    println!("listening on {addr}");
+    tracing::info!(%addr, "control plane serving");
+    let incoming = listener::incoming(tcp, live.subscribe());
+
+    tonic::transport::Server::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .concurrency_limit_per_connection(256)
+        .add_service(
+            IdentityServer::new(identity_svc::IdentityService(state.clone()))
+                .max_decoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(
+            AdminServer::new(admin_svc::AdminService(state)).max_decoding_message_size(MAX_MESSAGE),
+        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .context("gRPC server failed")?;
+    tracing::info!("control plane stopped");
+    Ok(())
+}

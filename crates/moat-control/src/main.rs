@@ -1,1 +1,166 @@
-fn main(){}
+//! `moat-control`: flags and environment in, `moat_control::serve` out.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use moat_ca::CertTtl;
+use moat_control::ca::ImportPaths;
+use moat_control::kek_source::{KekSource, MissingKek};
+use moat_control::{ServeConfig, default_admin_id};
+use moat_identity::{SpiffeId, TrustDomain};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "moat-control",
+    version,
+    about = "The moat control plane and certificate authority"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "MOAT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the control plane. The first start on an empty data directory initialises the CA.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Directory for the embedded store and the admin credential.
+    #[arg(long, env = "MOAT_DATA_DIR")]
+    data_dir: PathBuf,
+    /// gRPC listen address.
+    #[arg(long, env = "MOAT_LISTEN", default_value = "0.0.0.0:7443")]
+    listen: SocketAddr,
+    /// Trust domain of the mesh (fixed at first start).
+    #[arg(long, env = "MOAT_TRUST_DOMAIN", default_value = "moat.local")]
+    trust_domain: TrustDomain,
+    /// File holding the key-encryption key (32 bytes, base64 or hex) that seals the CA keys.
+    #[arg(long, env = "MOAT_KEK_FILE")]
+    kek_file: Option<PathBuf>,
+    /// Development mode: without a KEK, create one (0600) in the data directory.
+    #[arg(long)]
+    dev: bool,
+    /// First start only: your root CA certificate (PEM).
+    #[arg(long)]
+    import_root_cert: Option<PathBuf>,
+    /// First start only: the root's PKCS#8 key (PEM); moat then creates its own intermediate.
+    #[arg(long, conflicts_with_all = ["import_intermediate_cert", "import_intermediate_key"])]
+    import_root_key: Option<PathBuf>,
+    /// First start only: an intermediate CA certificate under the root (PEM) to issue with.
+    #[arg(long, requires = "import_intermediate_key")]
+    import_intermediate_cert: Option<PathBuf>,
+    /// First start only: the intermediate's PKCS#8 key (PEM).
+    #[arg(long, requires = "import_intermediate_cert")]
+    import_intermediate_key: Option<PathBuf>,
+    /// Default leaf certificate lifetime (5m to 24h).
+    #[arg(long, env = "MOAT_DEFAULT_CERT_TTL", default_value = "1h", value_parser = parse_ttl)]
+    default_cert_ttl: CertTtl,
+    /// Admin identities allowed to use the Admin API (repeatable; short forms allowed).
+    /// The first one gets the credential written to <data-dir>/admin.
+    #[arg(
+        long = "admin-identity",
+        env = "MOAT_ADMIN_IDENTITIES",
+        value_delimiter = ','
+    )]
+    admin_identities: Vec<String>,
+}
+
+fn parse_ttl(s: &str) -> Result<CertTtl, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (write e.g. 30m, 1h, 12h)"))?;
+    CertTtl::new(d).map_err(|e| e.to_string())
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MOAT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers, run until killed.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+fn config(args: ServeArgs) -> Result<ServeConfig, String> {
+    let td = args.trust_domain;
+    let admins = if args.admin_identities.is_empty() {
+        vec![default_admin_id(&td)]
+    } else {
+        args.admin_identities
+            .iter()
+            .map(|s| {
+                SpiffeId::parse_with_default(s, &td).map_err(|e| format!("--admin-identity: {e}"))
+            })
+            .collect::<Result<_, _>>()?
+    };
+    Ok(ServeConfig {
+        data_dir: args.data_dir,
+        listen: args.listen,
+        trust_domain: td,
+        kek: KekSource {
+            file: args.kek_file,
+            inline: std::env::var("MOAT_KEK")
+                .ok()
+                .filter(|s| !s.trim().is_empty()),
+            dev: args.dev,
+        },
+        import: ImportPaths {
+            root_cert: args.import_root_cert,
+            root_key: args.import_root_key,
+            intermediate_cert: args.import_intermediate_cert,
+            intermediate_key: args.import_intermediate_key,
+        },
+        default_ttl: args.default_cert_ttl,
+        admins,
+    })
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    let Command::Serve(args) = cli.command;
+    let cfg = match config(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("moat-control: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match moat_control::serve(cfg, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<MissingKek>() => {
+            eprintln!("moat-control: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("moat-control: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -65,7 +65,10 @@ impl TrustBundle {
 
     /// The bundle as a PEM document.
     pub fn to_pem(&self) -> String {
-        self.roots.iter().map(|c| der_to_pem("CERTIFICATE", c)).collect()
+        self.roots
+            .iter()
+            .map(|c| der_to_pem("CERTIFICATE", c))
+            .collect()
     }
 
     /// SHA-256 fingerprints of the roots, lowercase hex.

@@ -38,6 +38,8 @@ pub struct CertInfo {
     pub other_sans: Vec<String>,
     /// SHA-256 of the DER, lowercase hex.
     pub sha256: String,
+    /// The DER SubjectPublicKeyInfo (to tell whether two certificates share a key).
+    pub spki_der: Vec<u8>,
 }
 
 impl CertInfo {
@@ -68,7 +70,10 @@ impl CertInfo {
         let spiffe_id = match uri_sans.as_slice() {
             [one] => one.parse::<SpiffeId>().map_err(|e| e.to_string()),
             [] => Err("the certificate has no URI SAN".to_owned()),
-            _ => Err(format!("the certificate has {} URI SANs; SPIFFE allows one", uri_sans.len())),
+            _ => Err(format!(
+                "the certificate has {} URI SANs; SPIFFE allows one",
+                uri_sans.len()
+            )),
         };
         Ok(CertInfo {
             subject: cert.subject().to_string(),
@@ -82,6 +87,7 @@ impl CertInfo {
             uri_sans,
             other_sans,
             sha256: sha256_hex(der),
+            spki_der: cert.public_key().raw.to_vec(),
         })
     }
 }

@@ -219,7 +219,10 @@ mod tests {
         // Flip a byte inside the SPIFFE ID (still parses, no longer matches the signature).
         let pos = der.windows(6).position(|w| w == b"orders").unwrap();
         der[pos] = b'x';
-        assert_eq!(ValidatedCsr::from_der(&der).unwrap_err(), CsrError::BadSignature);
+        assert_eq!(
+            ValidatedCsr::from_der(&der).unwrap_err(),
+            CsrError::BadSignature
+        );
     }
 
     #[test]
@@ -230,9 +233,14 @@ mod tests {
             .subject_alt_names
             .push(SanType::URI(id().to_string().try_into().unwrap()));
         let csr = params.serialize_request(&key).unwrap().der().to_vec();
-        assert!(matches!(ValidatedCsr::from_der(&csr), Err(CsrError::Sans(_))));
+        assert!(matches!(
+            ValidatedCsr::from_der(&csr),
+            Err(CsrError::Sans(_))
+        ));
 
-        let none = CertificateParams::default().serialize_request(&key).unwrap();
+        let none = CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap();
         assert_eq!(
             ValidatedCsr::from_der(none.der()).unwrap_err(),
             CsrError::Sans("none".into())
@@ -253,6 +261,9 @@ mod tests {
         let wk = WorkloadKey::generate(&id()).unwrap();
         let mut der = wk.csr_der().to_vec();
         der.extend_from_slice(b"junk");
-        assert_eq!(ValidatedCsr::from_der(&der).unwrap_err(), CsrError::Trailing(4));
+        assert_eq!(
+            ValidatedCsr::from_der(&der).unwrap_err(),
+            CsrError::Trailing(4)
+        );
     }
 }

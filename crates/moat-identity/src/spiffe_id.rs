@@ -6,11 +6,15 @@ use std::str::FromStr;
 /// Why an identity string was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IdError {
-    #[error("empty identity: write `name`, `namespace/name` or `spiffe://<domain>/ns/<ns>/sa/<name>`")]
+    #[error(
+        "empty identity: write `name`, `namespace/name` or `spiffe://<domain>/ns/<ns>/sa/<name>`"
+    )]
     Empty,
     #[error("invalid trust domain {0:?}: use lowercase letters, digits, '.', '-' and '_'")]
     TrustDomain(String),
-    #[error("invalid namespace {0:?}: use a DNS label (lowercase letters, digits, '-', at most 63)")]
+    #[error(
+        "invalid namespace {0:?}: use a DNS label (lowercase letters, digits, '-', at most 63)"
+    )]
     Namespace(String),
     #[error(
         "invalid service account {0:?}: use lowercase letters, digits, '-' and '.', at most 253"
@@ -49,8 +53,7 @@ impl FromStr for TrustDomain {
     fn from_str(s: &str) -> Result<Self, IdError> {
         let ok = !s.is_empty()
             && s.len() <= 255
-            && s.chars()
-                .all(|c| is_dns_char(c) || c == '.' || c == '_')
+            && s.chars().all(|c| is_dns_char(c) || c == '.' || c == '_')
             && !s.starts_with(['.', '-'])
             && !s.ends_with(['.', '-']);
         if ok {
@@ -218,7 +221,13 @@ impl FromStr for SpiffeId {
             .ok_or_else(|| IdError::Path(s.to_owned()))?;
         let trust_domain: TrustDomain = domain.parse()?;
         let mut parts = path.split('/');
-        match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
+        match (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) {
             (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => Ok(SpiffeId {
                 trust_domain,
                 namespace: ns.parse()?,
@@ -286,7 +295,10 @@ mod tests {
             ("a/b/c", IdError::ShortForm("a/b/c".into())),
             ("Orders", IdError::ServiceAccount("Orders".into())),
             ("shop!/orders", IdError::Namespace("shop!".into())),
-            ("http://x/ns/a/sa/b", IdError::ShortForm("http://x/ns/a/sa/b".into())),
+            (
+                "http://x/ns/a/sa/b",
+                IdError::ShortForm("http://x/ns/a/sa/b".into()),
+            ),
             (
                 "spiffe://moat.local/orders",
                 IdError::Path("spiffe://moat.local/orders".into()),
@@ -302,7 +314,11 @@ mod tests {
             ("-x", IdError::ServiceAccount("-x".into())),
         ];
         for (input, want) in cases {
-            assert_eq!(SpiffeId::parse_with_default(input, &td()), Err(want), "{input:?}");
+            assert_eq!(
+                SpiffeId::parse_with_default(input, &td()),
+                Err(want),
+                "{input:?}"
+            );
         }
         let long_ns = "n".repeat(64);
         assert!(SpiffeId::parse_with_default(&format!("{long_ns}/a"), &td()).is_err());

@@ -95,9 +95,7 @@ pub fn verify_chain(
         webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => {
             VerifyError::UnknownIssuer
         }
-        webpki::Error::RequiredEkuNotFoundContext(_) => {
-            VerifyError::WrongUsage(usage)
-        }
+        webpki::Error::RequiredEkuNotFoundContext(_) => VerifyError::WrongUsage(usage),
         other => VerifyError::Chain(other),
     })?;
     let info = CertInfo::from_der(leaf)?;

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::broadcast;
 
-use crate::model::{Compare, Event, EventKind, KeyValue, Op, StoreError, Txn, TxnResult, WatchStream};
+use crate::model::{
+    Compare, Event, EventKind, KeyValue, Op, StoreError, Txn, TxnResult, WatchStream,
+};
 
 const KV: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("kv");
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
@@ -29,7 +31,9 @@ fn io(e: impl std::fmt::Display) -> StoreError {
 
 fn decode(key: &str, raw: &[u8]) -> Result<KeyValue, StoreError> {
     if raw.len() < HEADER {
-        return Err(StoreError::Corrupt(format!("value of {key:?} is truncated")));
+        return Err(StoreError::Corrupt(format!(
+            "value of {key:?} is truncated"
+        )));
     }
     let (head, value) = raw.split_at(HEADER);
     let mut create = [0u8; 8];
@@ -55,10 +59,13 @@ fn encode(create: u64, modr: u64, value: &[u8]) -> Vec<u8> {
 impl EmbeddedStore {
     /// Opens (or creates) `dir/moat.redb`, creating `dir` if needed.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Io(format!("{}: {e}", dir.display())))?;
         let path = dir.join("moat.redb");
         let db = Database::create(&path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked(path.display().to_string()),
+            redb::DatabaseError::DatabaseAlreadyOpen => {
+                StoreError::Locked(path.display().to_string())
+            }
             other => StoreError::Io(format!("{}: {other}", path.display())),
         })?;
         let w = db.begin_write().map_err(io)?;
@@ -97,7 +104,11 @@ fn apply(db: &Database, txn: Txn) -> Result<(TxnResult, Vec<Event>), StoreError>
     let result = {
         let mut kv = w.open_table(KV).map_err(io)?;
         let mut meta = w.open_table(META).map_err(io)?;
-        let current = meta.get(REVISION).map_err(io)?.map(|g| g.value()).unwrap_or(0);
+        let current = meta
+            .get(REVISION)
+            .map_err(io)?
+            .map(|g| g.value())
+            .unwrap_or(0);
         let mut succeeded = true;
         for c in &txn.compares {
             let Compare::ModRevision(key, want) = c;
@@ -110,8 +121,14 @@ fn apply(db: &Database, txn: Txn) -> Result<(TxnResult, Vec<Event>), StoreError>
                 break;
             }
         }
-        let ops = if succeeded { &txn.success } else { &txn.failure };
-        let writes = ops.iter().any(|op| matches!(op, Op::Put(..) | Op::Delete(_)));
+        let ops = if succeeded {
+            &txn.success
+        } else {
+            &txn.failure
+        };
+        let writes = ops
+            .iter()
+            .any(|op| matches!(op, Op::Put(..) | Op::Delete(_)));
         let revision = if writes { current + 1 } else { current };
         for op in ops {
             match op {
@@ -168,7 +185,12 @@ impl crate::Store for EmbeddedStore {
         .await
     }
 
-    async fn range(&self, prefix: &str, limit: usize, reverse: bool) -> Result<Vec<KeyValue>, StoreError> {
+    async fn range(
+        &self,
+        prefix: &str,
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<KeyValue>, StoreError> {
         let prefix = prefix.to_owned();
         self.blocking(move |db| {
             let r = db.begin_read().map_err(io)?;
@@ -184,7 +206,11 @@ impl crate::Store for EmbeddedStore {
             });
             if reverse {
                 let all = matching.collect::<Result<Vec<_>, _>>()?;
-                let take = if limit == 0 { all.len() } else { limit.min(all.len()) };
+                let take = if limit == 0 {
+                    all.len()
+                } else {
+                    limit.min(all.len())
+                };
                 out.extend(all.into_iter().rev().take(take));
             } else {
                 for item in matching {
@@ -244,11 +270,26 @@ mod tests {
         let r = s.txn(fresh).await.unwrap();
         assert!(r.succeeded);
         let a = s.get("tokens/a").await.unwrap().unwrap();
-        assert_eq!((a.value.as_slice(), a.create_revision, a.mod_revision), (&b"y"[..], 1, r.revision));
+        assert_eq!(
+            (a.value.as_slice(), a.create_revision, a.mod_revision),
+            (&b"y"[..], 1, r.revision)
+        );
 
-        let keys: Vec<_> = s.range("tokens/", 0, false).await.unwrap().into_iter().map(|k| k.key).collect();
+        let keys: Vec<_> = s
+            .range("tokens/", 0, false)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|k| k.key)
+            .collect();
         assert_eq!(keys, ["tokens/a", "tokens/b"]);
-        let last: Vec<_> = s.range("tokens/", 1, true).await.unwrap().into_iter().map(|k| k.key).collect();
+        let last: Vec<_> = s
+            .range("tokens/", 1, true)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|k| k.key)
+            .collect();
         assert_eq!(last, ["tokens/b"]);
 
         let seen: Vec<_> = [w.next().await, w.next().await, w.next().await]

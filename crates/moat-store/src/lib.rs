@@ -14,13 +14,18 @@ pub use model::{Compare, Event, EventKind, KeyValue, Op, StoreError, Txn, TxnRes
 /// Every successful write transaction advances one store-wide revision; each key records the
 /// revision that created it and the one that last modified it.
 #[async_trait::async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: std::fmt::Debug + Send + Sync + 'static {
     /// One key, or `None`.
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
 
     /// Every key starting with `prefix`, in key order, at most `limit` (0 = no limit); with
     /// `reverse`, the last keys first.
-    async fn range(&self, prefix: &str, limit: usize, reverse: bool) -> Result<Vec<KeyValue>, StoreError>;
+    async fn range(
+        &self,
+        prefix: &str,
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<KeyValue>, StoreError>;
 
     /// Applies `txn.success` atomically if every compare holds, else `txn.failure`. Returns once
     /// the outcome is durable.

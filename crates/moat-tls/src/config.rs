@@ -64,7 +64,11 @@ impl Credential {
     }
 
     /// Reads PEM chain and key text.
-    pub fn from_pem(chain_pem: &[u8], key_pem: &[u8], bundle: &TrustBundle) -> Result<Self, CredentialError> {
+    pub fn from_pem(
+        chain_pem: &[u8],
+        key_pem: &[u8],
+        bundle: &TrustBundle,
+    ) -> Result<Self, CredentialError> {
         let chain = CertificateDer::pem_slice_iter(chain_pem)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| CredentialError::Pem {
@@ -114,7 +118,10 @@ pub fn server_config(
     bundle: Arc<TrustBundle>,
     client_auth: ClientAuth,
 ) -> Result<Arc<ServerConfig>, CredentialError> {
-    let verifier = Arc::new(SpiffeClientVerifier::new(bundle, client_auth == ClientAuth::Required));
+    let verifier = Arc::new(SpiffeClientVerifier::new(
+        bundle,
+        client_auth == ClientAuth::Required,
+    ));
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)?
         .with_client_cert_verifier(verifier)

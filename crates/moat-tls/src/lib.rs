@@ -9,6 +9,8 @@ pub mod live;
 pub mod provider;
 pub mod verifier;
 
-pub use config::{ALPN_H2, ClientAuth, Credential, CredentialError, client_config, peer_identity, server_config};
+pub use config::{
+    ALPN_H2, ClientAuth, Credential, CredentialError, client_config, peer_identity, server_config,
+};
 pub use live::{LiveTls, TlsState};
 pub use verifier::{SpiffeClientVerifier, SpiffeServerVerifier};

@@ -26,14 +26,22 @@ pub struct LiveTls {
 
 impl LiveTls {
     /// Builds the first generation.
-    pub fn new(credential: Credential, bundle: TrustBundle, client_auth: ClientAuth) -> Result<Self, CredentialError> {
+    pub fn new(
+        credential: Credential,
+        bundle: TrustBundle,
+        client_auth: ClientAuth,
+    ) -> Result<Self, CredentialError> {
         let state = build(credential, Arc::new(bundle), client_auth)?;
         let (tx, _) = watch::channel(Arc::new(state));
         Ok(LiveTls { tx, client_auth })
     }
 
     /// Validates and publishes a new credential and bundle. On error the old generation stays.
-    pub fn publish(&self, credential: Credential, bundle: TrustBundle) -> Result<(), CredentialError> {
+    pub fn publish(
+        &self,
+        credential: Credential,
+        bundle: TrustBundle,
+    ) -> Result<(), CredentialError> {
         let state = build(credential, Arc::new(bundle), self.client_auth)?;
         self.tx.send_replace(Arc::new(state));
         Ok(())
@@ -50,7 +58,11 @@ impl LiveTls {
     }
 }
 
-fn build(credential: Credential, bundle: Arc<TrustBundle>, client_auth: ClientAuth) -> Result<TlsState, CredentialError> {
+fn build(
+    credential: Credential,
+    bundle: Arc<TrustBundle>,
+    client_auth: ClientAuth,
+) -> Result<TlsState, CredentialError> {
     // Re-check the credential against the bundle it will be served with.
     let credential = Credential::new(credential.chain().to_vec(), credential.key_der(), &bundle)?;
     let server = server_config(&credential, bundle.clone(), client_auth)?;

@@ -16,7 +16,11 @@ pub fn provider() -> Arc<CryptoProvider> {
             .copied()
             .filter(|s| s.version() == &rustls::version::TLS13)
             .collect(),
-        kx_groups: vec![kx_group::X25519MLKEM768, kx_group::X25519, kx_group::SECP256R1],
+        kx_groups: vec![
+            kx_group::X25519MLKEM768,
+            kx_group::X25519,
+            kx_group::SECP256R1,
+        ],
         ..base
     })
 }

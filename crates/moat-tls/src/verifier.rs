@@ -27,7 +27,10 @@ fn algs() -> WebPkiSupportedAlgorithms {
     crate::provider::provider().signature_verification_algorithms
 }
 
-fn chain<'a>(end_entity: &CertificateDer<'a>, intermediates: &[CertificateDer<'a>]) -> Vec<CertificateDer<'a>> {
+fn chain<'a>(
+    end_entity: &CertificateDer<'a>,
+    intermediates: &[CertificateDer<'a>],
+) -> Vec<CertificateDer<'a>> {
     let mut v = Vec::with_capacity(1 + intermediates.len());
     v.push(end_entity.clone());
     v.extend(intermediates.iter().cloned());
@@ -70,8 +73,13 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        verify_chain(&chain(end_entity, intermediates), &self.bundle, now, Usage::Client)
-            .map_err(to_rustls)?;
+        verify_chain(
+            &chain(end_entity, intermediates),
+            &self.bundle,
+            now,
+            Usage::Client,
+        )
+        .map_err(to_rustls)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -127,16 +135,21 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        let peer = verify_chain(&chain(end_entity, intermediates), &self.bundle, now, Usage::Server)
-            .map_err(to_rustls)?;
+        let peer = verify_chain(
+            &chain(end_entity, intermediates),
+            &self.bundle,
+            now,
+            Usage::Server,
+        )
+        .map_err(to_rustls)?;
         if peer.id != self.expected {
             tracing::warn!(expected = %self.expected, presented = %peer.id, "server presented the wrong identity");
-            return Err(Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(
-                Arc::new(WrongIdentity {
+            return Err(Error::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(WrongIdentity {
                     expected: self.expected.to_string(),
                     presented: peer.id.to_string(),
-                }),
-            ))));
+                })),
+            )));
         }
         Ok(ServerCertVerified::assertion())
     }

@@ -14,7 +14,9 @@ fn id(s: &str) -> SpiffeId {
 
 fn new_ca() -> CertificateAuthority {
     let (kek, _) = Kek::generate().unwrap();
-    CertificateAuthority::generate(&TrustDomain::default_domain(), &kek).unwrap().0
+    CertificateAuthority::generate(&TrustDomain::default_domain(), &kek)
+        .unwrap()
+        .0
 }
 
 fn credential(ca: &CertificateAuthority, who: &str) -> Credential {
@@ -36,9 +38,15 @@ async fn handshake(
 ) -> Result<Option<SpiffeId>, String> {
     let (a, b) = tokio::io::duplex(64 * 1024);
     let srv = tokio::spawn(async move {
-        let tls = TlsAcceptor::from(server).accept(b).await.map_err(|e| e.to_string())?;
+        let tls = TlsAcceptor::from(server)
+            .accept(b)
+            .await
+            .map_err(|e| e.to_string())?;
         let (_, conn) = tls.get_ref();
-        assert_eq!(conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+        assert_eq!(
+            conn.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_3)
+        );
         assert_eq!(
             conn.negotiated_key_exchange_group().map(|g| g.name()),
             Some(rustls::NamedGroup::X25519MLKEM768)
@@ -55,42 +63,95 @@ async fn handshake(
 #[tokio::test]
 async fn mutual_tls_proves_both_identities_with_pq_key_exchange() {
     let ca = new_ca();
-    let server = server_config(&credential(&ca, "shop/orders"), bundle(&ca), ClientAuth::Required).unwrap();
-    let client = client_config(Some(&credential(&ca, "shop/frontend")), bundle(&ca), id("shop/orders")).unwrap();
-    assert_eq!(handshake(server, client).await.unwrap(), Some(id("shop/frontend")));
+    let server = server_config(
+        &credential(&ca, "shop/orders"),
+        bundle(&ca),
+        ClientAuth::Required,
+    )
+    .unwrap();
+    let client = client_config(
+        Some(&credential(&ca, "shop/frontend")),
+        bundle(&ca),
+        id("shop/orders"),
+    )
+    .unwrap();
+    assert_eq!(
+        handshake(server, client).await.unwrap(),
+        Some(id("shop/frontend"))
+    );
 }
 
 #[tokio::test]
 async fn client_refuses_a_server_with_the_wrong_identity() {
     let ca = new_ca();
-    let server = server_config(&credential(&ca, "shop/impostor"), bundle(&ca), ClientAuth::Required).unwrap();
-    let client = client_config(Some(&credential(&ca, "shop/frontend")), bundle(&ca), id("shop/orders")).unwrap();
+    let server = server_config(
+        &credential(&ca, "shop/impostor"),
+        bundle(&ca),
+        ClientAuth::Required,
+    )
+    .unwrap();
+    let client = client_config(
+        Some(&credential(&ca, "shop/frontend")),
+        bundle(&ca),
+        id("shop/orders"),
+    )
+    .unwrap();
     let err = handshake(server, client).await.unwrap_err();
-    assert!(err.contains("WrongIdentity") && err.contains("impostor"), "{err}");
+    assert!(
+        err.contains("WrongIdentity") && err.contains("impostor"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
 async fn client_refuses_a_server_from_a_foreign_ca() {
     let ca = new_ca();
     let foreign = new_ca();
-    let server = server_config(&credential(&foreign, "shop/orders"), bundle(&foreign), ClientAuth::Optional).unwrap();
+    let server = server_config(
+        &credential(&foreign, "shop/orders"),
+        bundle(&foreign),
+        ClientAuth::Optional,
+    )
+    .unwrap();
     let client = client_config(None, bundle(&ca), id("shop/orders")).unwrap();
     let err = handshake(server, client).await.unwrap_err();
-    assert!(err.to_lowercase().contains("unknownissuer") || err.contains("UnknownIssuer"), "{err}");
+    assert!(
+        err.to_lowercase().contains("unknownissuer") || err.contains("UnknownIssuer"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
 async fn server_requires_a_valid_client_certificate_when_mandatory() {
     let ca = new_ca();
     let foreign = new_ca();
-    let required = server_config(&credential(&ca, "shop/orders"), bundle(&ca), ClientAuth::Required).unwrap();
+    let required = server_config(
+        &credential(&ca, "shop/orders"),
+        bundle(&ca),
+        ClientAuth::Required,
+    )
+    .unwrap();
     let anonymous = client_config(None, bundle(&ca), id("shop/orders")).unwrap();
-    assert!(handshake(required.clone(), anonymous.clone()).await.is_err());
-    let stranger = client_config(Some(&credential(&foreign, "shop/frontend")), bundle(&ca), id("shop/orders")).unwrap();
+    assert!(
+        handshake(required.clone(), anonymous.clone())
+            .await
+            .is_err()
+    );
+    let stranger = client_config(
+        Some(&credential(&foreign, "shop/frontend")),
+        bundle(&ca),
+        id("shop/orders"),
+    )
+    .unwrap();
     assert!(handshake(required, stranger.clone()).await.is_err());
 
     // Optional client auth lets an anonymous client in, but still refuses a bad certificate.
-    let optional = server_config(&credential(&ca, "shop/orders"), bundle(&ca), ClientAuth::Optional).unwrap();
+    let optional = server_config(
+        &credential(&ca, "shop/orders"),
+        bundle(&ca),
+        ClientAuth::Optional,
+    )
+    .unwrap();
     assert_eq!(handshake(optional.clone(), anonymous).await.unwrap(), None);
     assert!(handshake(optional, stranger).await.is_err());
 }

@@ -1,0 +1,38 @@
+//! `moat audit`.
+
+use moat_api::v1::ListAuditRequest;
+
+use super::admin;
+use crate::Global;
+use crate::connect::status;
+
+#[derive(clap::Args, Debug)]
+pub struct AuditArgs {
+    /// How many of the newest entries.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    limit: u32,
+}
+
+pub async fn run(global: &Global, args: AuditArgs) -> anyhow::Result<()> {
+    let entries = admin(global)
+        .await?
+        .list_audit(ListAuditRequest { limit: args.limit })
+        .await
+        .map_err(|s| status("audit", s))?
+        .into_inner()
+        .entries;
+    for e in entries {
+        let t =
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.time_unix_ms.max(0) as u64);
+        println!(
+            "{}  {:<8} {:<14} {:<48} {}  {}",
+            humantime::format_rfc3339_millis(t),
+            e.outcome,
+            e.action,
+            e.actor,
+            e.target,
+            e.detail
+        );
+    }
+    Ok(())
+}

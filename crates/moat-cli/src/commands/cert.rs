@@ -1,0 +1,230 @@
+//! `moat cert issue|request|renew|inspect`. Keys are always generated here, in the CLI; only
+//! CSRs go to the control plane.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::Subcommand;
+use moat_api::v1::identity_client::IdentityClient;
+use moat_api::v1::{CertifyRequest, CertifyResponse, IssueCertificateRequest, certify_request};
+use moat_identity::{
+    CertInfo, SpiffeId, TrustBundle, TrustDomain, Usage, WorkloadKey, verify_chain,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, UnixTime};
+
+use super::{admin, duration, time};
+use crate::Global;
+use crate::connect::{self, status};
+use crate::creds::{self, CredDir};
+
+#[derive(Subcommand, Debug)]
+pub enum CertCmd {
+    /// Issue a certificate for any identity with the admin credential (gateways, debugging).
+    Issue {
+        /// Identity: `orders`, `shop/orders` or a full spiffe:// ID.
+        #[arg(long)]
+        identity: String,
+        /// Lifetime (5m to 24h); the control plane's default when omitted.
+        #[arg(long, value_parser = duration)]
+        ttl: Option<Duration>,
+        /// Directory to write cert.pem, key.pem and bundle.pem to.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Obtain a first certificate with a join token (what a sidecar does at start).
+    Request {
+        /// The identity the token is bound to.
+        #[arg(long)]
+        identity: String,
+        /// File holding the join token.
+        #[arg(long)]
+        token_file: PathBuf,
+        /// PEM file of the roots to trust the control plane by (`moat ca bundle`).
+        #[arg(long)]
+        trust_anchors: PathBuf,
+        /// Trust domain for short identity forms and the control plane's identity.
+        #[arg(long, env = "MOAT_TRUST_DOMAIN", default_value = "moat.local")]
+        trust_domain: TrustDomain,
+        /// Lifetime (5m to 24h); the control plane's default when omitted.
+        #[arg(long, value_parser = duration)]
+        ttl: Option<Duration>,
+        /// Directory to write cert.pem, key.pem and bundle.pem to.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Renew the certificate in a credential directory over mutual TLS, with a new key.
+    Renew {
+        /// The credential directory to renew in place.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Lifetime (5m to 24h); the control plane's default when omitted.
+        #[arg(long, value_parser = duration)]
+        ttl: Option<Duration>,
+    },
+    /// Show the subject, SPIFFE ID, validity and issuer of every certificate in a PEM file.
+    Inspect {
+        /// PEM file (a chain or a bundle).
+        file: PathBuf,
+        /// Also verify the chain against this bundle.
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+    },
+}
+
+fn ttl_seconds(ttl: Option<Duration>) -> anyhow::Result<u32> {
+    match ttl {
+        None => Ok(0),
+        Some(d) => u32::try_from(d.as_secs()).context("--ttl is too long"),
+    }
+}
+
+/// Checks what the control plane returned against our own trust anchors, then writes it.
+fn accept(
+    resp: CertifyResponse,
+    key: &WorkloadKey,
+    anchors: &TrustBundle,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let chain: Vec<CertificateDer<'static>> = resp
+        .chain_der
+        .iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .collect();
+    let peer = verify_chain(&chain, anchors, UnixTime::now(), Usage::Client).context(
+        "the control plane returned a certificate that does not verify against the trust anchors",
+    )?;
+    creds::write(
+        out,
+        &resp.chain_der,
+        &key.private_key_pem(),
+        &resp.trust_bundle_der,
+    )?;
+    println!(
+        "wrote {} (identity {}, serial {}, expires {}, renew after {})",
+        out.display(),
+        peer.id,
+        resp.serial,
+        time(resp.not_after_unix),
+        time(resp.refresh_after_unix)
+    );
+    Ok(())
+}
+
+pub async fn run(global: &Global, cmd: CertCmd) -> anyhow::Result<()> {
+    match cmd {
+        CertCmd::Issue { identity, ttl, out } => {
+            let dir = CredDir::load(&global.credentials)?;
+            let id = SpiffeId::parse_with_default(&identity, dir.credential.id().trust_domain())?;
+            let key = WorkloadKey::generate(&id)?;
+            let resp = admin(global)
+                .await?
+                .issue_certificate(IssueCertificateRequest {
+                    csr_der: key.csr_der().to_vec(),
+                    ttl_seconds: ttl_seconds(ttl)?,
+                })
+                .await
+                .map_err(|s| status("cert issue", s))?
+                .into_inner();
+            accept(resp, &key, &dir.bundle, &out)
+        }
+        CertCmd::Request {
+            identity,
+            token_file,
+            trust_anchors,
+            trust_domain,
+            ttl,
+            out,
+        } => {
+            let id = SpiffeId::parse_with_default(&identity, &trust_domain)?;
+            let token = std::fs::read_to_string(&token_file)
+                .with_context(|| format!("cannot read the token file {}", token_file.display()))?;
+            let token = token.trim();
+            if token.is_empty() {
+                bail!("the token file {} is empty", token_file.display());
+            }
+            let anchors = creds::read_bundle(&trust_anchors)?;
+            let key = WorkloadKey::generate(&id)?;
+            let channel =
+                connect::channel(&global.control_plane, anchors.clone(), &trust_domain, None)
+                    .await?;
+            let resp = IdentityClient::new(channel)
+                .certify(CertifyRequest {
+                    csr_der: key.csr_der().to_vec(),
+                    ttl_seconds: ttl_seconds(ttl)?,
+                    credential: Some(certify_request::Credential::JoinToken(token.to_owned())),
+                })
+                .await
+                .map_err(|s| status("cert request", s))?
+                .into_inner();
+            accept(resp, &key, &anchors, &out)
+        }
+        CertCmd::Renew { dir, ttl } => {
+            let current = CredDir::load(&dir)?;
+            let id = current.credential.id().clone();
+            let key = WorkloadKey::generate(&id)?;
+            let channel = connect::channel(
+                &global.control_plane,
+                current.bundle.clone(),
+                id.trust_domain(),
+                Some(&current.credential),
+            )
+            .await?;
+            let resp = IdentityClient::new(channel)
+                .certify(CertifyRequest {
+                    csr_der: key.csr_der().to_vec(),
+                    ttl_seconds: ttl_seconds(ttl)?,
+                    credential: None,
+                })
+                .await
+                .map_err(|s| status("cert renew", s))?
+                .into_inner();
+            accept(resp, &key, &current.bundle, &dir)
+        }
+        CertCmd::Inspect { file, bundle } => inspect(&file, bundle.as_deref()),
+    }
+}
+
+fn inspect(file: &Path, bundle: Option<&Path>) -> anyhow::Result<()> {
+    let pem = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{} is not valid PEM", file.display()))?;
+    if certs.is_empty() {
+        bail!("{} holds no CERTIFICATE block", file.display());
+    }
+    for (i, der) in certs.iter().enumerate() {
+        let c = CertInfo::from_der(der)
+            .with_context(|| format!("certificate {i} in {}", file.display()))?;
+        if i > 0 {
+            println!();
+        }
+        println!("certificate  {i}");
+        println!("subject      {}", c.subject);
+        println!("issuer       {}", c.issuer);
+        match &c.spiffe_id {
+            Ok(id) => println!("spiffe id    {id}"),
+            Err(why) => println!("spiffe id    none ({why})"),
+        }
+        println!("serial       {}", c.serial);
+        println!(
+            "valid        {} .. {}",
+            time(c.not_before),
+            time(c.not_after)
+        );
+        println!("key          {}", c.key_algorithm);
+        println!("ca           {}", c.is_ca);
+        if !c.other_sans.is_empty() {
+            println!("other sans   {}", c.other_sans.join(", "));
+        }
+        println!("sha256       {}", c.sha256);
+    }
+    if let Some(bundle) = bundle {
+        let b = creds::read_bundle(bundle)?;
+        let peer = verify_chain(&certs, &b, UnixTime::now(), Usage::Client)
+            .with_context(|| format!("the chain does not verify against {}", bundle.display()))?;
+        println!("\nverified     {} against {}", peer.id, bundle.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,240 @@
+//! `moat.v1.Admin`: the operator API. Every call needs an admin identity and is audited.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use moat_api::v1::admin_server::Admin;
+use moat_api::v1::{
+    AuditEntry, CaCertificate, CertifyResponse, CreateTokenRequest, CreateTokenResponse,
+    IssueCertificateRequest, ListAuditRequest, ListAuditResponse, ListTokensRequest,
+    ListTokensResponse, RevokeTokenRequest, RevokeTokenResponse, ShowCaRequest, ShowCaResponse,
+    TokenInfo,
+};
+use moat_ca::{CaCertInfo, CertTtl};
+use moat_identity::{SpiffeId, ValidatedCsr};
+use tonic::{Request, Response, Status};
+
+use crate::audit::Outcome;
+use crate::identity_svc::{certify_response, token_status};
+use crate::state::ControlPlane;
+use crate::tokens::TokenRecord;
+
+const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+const MAX_AUDIT_LIMIT: u32 = 10_000;
+
+/// The Admin service.
+#[derive(Clone, Debug)]
+pub struct AdminService(pub Arc<ControlPlane>);
+
+fn token_info(r: TokenRecord) -> TokenInfo {
+    TokenInfo {
+        id: r.id,
+        spiffe_id: r.spiffe_id,
+        created_unix: r.created_unix,
+        expires_unix: r.expires_unix,
+        max_uses: r.max_uses,
+        uses: r.uses,
+        revoked: r.revoked,
+    }
+}
+
+fn ca_cert(c: CaCertInfo) -> CaCertificate {
+    CaCertificate {
+        subject: c.subject,
+        sha256_fingerprint: c.sha256,
+        not_before_unix: c.not_before,
+        not_after_unix: c.not_after,
+        pem: c.pem,
+    }
+}
+
+impl AdminService {
+    fn identity(&self, s: &str) -> Result<SpiffeId, Status> {
+        let id = SpiffeId::parse_with_default(s, self.0.ca.trust_domain())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if id.trust_domain() != self.0.ca.trust_domain() {
+            return Err(Status::invalid_argument(format!(
+                "{id} is outside this mesh's trust domain {}",
+                self.0.ca.trust_domain()
+            )));
+        }
+        Ok(id)
+    }
+
+    /// Audits the outcome of an admin call and passes it through.
+    async fn audited<T>(
+        &self,
+        actor: &SpiffeId,
+        action: &str,
+        target: &str,
+        result: Result<T, Status>,
+    ) -> Result<T, Status> {
+        let (outcome, detail) = match &result {
+            Ok(_) => (Outcome::Ok, String::new()),
+            Err(s) => (Outcome::Refused, s.message().to_owned()),
+        };
+        self.0
+            .audit_or_log(&actor.to_string(), action, target, outcome, &detail)
+            .await;
+        result
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn create_token(
+        &self,
+        req: Request<CreateTokenRequest>,
+    ) -> Result<Response<CreateTokenResponse>, Status> {
+        let actor = self.0.require_admin(&req, "token.create").await?;
+        let r = req.into_inner();
+        let result = async {
+            let id = self.identity(&r.identity)?;
+            let ttl = match r.ttl_seconds {
+                0 => DEFAULT_TOKEN_TTL,
+                s => Duration::from_secs(s),
+            };
+            let uses = r.max_uses.max(1);
+            let (token, rec) = self
+                .0
+                .tokens
+                .create(&id, ttl, uses)
+                .await
+                .map_err(token_status)?;
+            Ok(CreateTokenResponse {
+                token,
+                info: Some(token_info(rec)),
+            })
+        }
+        .await;
+        let target = result
+            .as_ref()
+            .ok()
+            .and_then(|r| r.info.as_ref())
+            .map(|i| format!("{} ({})", i.spiffe_id, i.id))
+            .unwrap_or(r.identity);
+        self.audited(&actor, "token.create", &target, result)
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_tokens(
+        &self,
+        req: Request<ListTokensRequest>,
+    ) -> Result<Response<ListTokensResponse>, Status> {
+        let actor = self.0.require_admin(&req, "token.list").await?;
+        let result = self
+            .0
+            .tokens
+            .list()
+            .await
+            .map(|l| ListTokensResponse {
+                tokens: l.into_iter().map(token_info).collect(),
+            })
+            .map_err(token_status);
+        self.audited(&actor, "token.list", "", result)
+            .await
+            .map(Response::new)
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<RevokeTokenRequest>,
+    ) -> Result<Response<RevokeTokenResponse>, Status> {
+        let actor = self.0.require_admin(&req, "token.revoke").await?;
+        let id = req.into_inner().id;
+        let result = self
+            .0
+            .tokens
+            .revoke(&id)
+            .await
+            .map(|r| RevokeTokenResponse {
+                info: Some(token_info(r)),
+            })
+            .map_err(token_status);
+        self.audited(&actor, "token.revoke", &id, result)
+            .await
+            .map(Response::new)
+    }
+
+    async fn show_ca(
+        &self,
+        req: Request<ShowCaRequest>,
+    ) -> Result<Response<ShowCaResponse>, Status> {
+        let actor = self.0.require_admin(&req, "ca.show").await?;
+        let ca = &self.0.ca;
+        let resp = ShowCaResponse {
+            trust_domain: ca.trust_domain().to_string(),
+            roots: ca.roots_info().into_iter().map(ca_cert).collect(),
+            intermediate: ca.intermediate_info().map(ca_cert),
+            bundle_pem: ca.bundle().to_pem(),
+            default_ttl_seconds: self.0.default_ttl.get().as_secs() as u32,
+        };
+        self.audited(&actor, "ca.show", "", Ok(resp))
+            .await
+            .map(Response::new)
+    }
+
+    async fn issue_certificate(
+        &self,
+        req: Request<IssueCertificateRequest>,
+    ) -> Result<Response<CertifyResponse>, Status> {
+        let actor = self.0.require_admin(&req, "cert.issue").await?;
+        let r = req.into_inner();
+        let csr =
+            ValidatedCsr::from_der(&r.csr_der).map_err(|e| Status::invalid_argument(e.to_string()));
+        let target = csr.as_ref().map(|c| c.id.to_string()).unwrap_or_default();
+        let result = (|| {
+            let csr = csr?;
+            let ttl = match r.ttl_seconds {
+                0 => self.0.default_ttl,
+                s => CertTtl::new(Duration::from_secs(u64::from(s)))
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            };
+            let issued = self
+                .0
+                .ca
+                .issue(&csr.spki_der, &csr.id, ttl)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            Ok(certify_response(&self.0.ca, issued))
+        })();
+        self.audited(&actor, "cert.issue", &target, result)
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_audit(
+        &self,
+        req: Request<ListAuditRequest>,
+    ) -> Result<Response<ListAuditResponse>, Status> {
+        self.0.require_admin(&req, "audit.list").await?;
+        let limit = req.into_inner().limit;
+        let result = if limit > MAX_AUDIT_LIMIT {
+            Err(Status::invalid_argument(format!(
+                "limit {limit} is above {MAX_AUDIT_LIMIT}"
+            )))
+        } else {
+            let limit = if limit == 0 { 100 } else { limit as usize };
+            self.0
+                .audit
+                .newest(limit)
+                .await
+                .map(|entries| ListAuditResponse {
+                    entries: entries
+                        .into_iter()
+                        .map(|e| AuditEntry {
+                            time_unix_ms: e.time_unix_ms,
+                            actor: e.actor,
+                            action: e.action,
+                            target: e.target,
+                            outcome: e.outcome.as_str().to_owned(),
+                            detail: e.detail,
+                        })
+                        .collect(),
+                })
+                .map_err(|e| Status::unavailable(e.to_string()))
+        };
+        // Reading the log is not itself logged, so that reading it does not grow it.
+        result.map(Response::new)
+    }
+}

@@ -1,0 +1,161 @@
+//! `moat.v1.Identity`: first issuance with a join token, renewal over mTLS.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use moat_api::v1::identity_server::Identity;
+use moat_api::v1::{CertifyRequest, CertifyResponse, certify_request};
+use moat_ca::{CertTtl, IssuedCert};
+use moat_identity::{CsrError, ValidatedCsr};
+use tonic::{Request, Response, Status};
+
+use crate::audit::Outcome;
+use crate::listener::ConnInfo;
+use crate::state::ControlPlane;
+use crate::tokens::TokenError;
+
+/// A certify request after edge validation.
+#[derive(Debug)]
+pub struct CertifyInput {
+    pub csr: ValidatedCsr,
+    /// `None`: the control plane's default.
+    pub ttl: Option<CertTtl>,
+    pub join_token: Option<String>,
+}
+
+impl TryFrom<CertifyRequest> for CertifyInput {
+    type Error = Status;
+    fn try_from(req: CertifyRequest) -> Result<Self, Status> {
+        let csr = ValidatedCsr::from_der(&req.csr_der).map_err(csr_status)?;
+        let ttl = match req.ttl_seconds {
+            0 => None,
+            s => Some(
+                CertTtl::new(Duration::from_secs(u64::from(s)))
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            ),
+        };
+        let join_token = match req.credential {
+            Some(certify_request::Credential::JoinToken(t)) => Some(t),
+            None => None,
+        };
+        Ok(CertifyInput {
+            csr,
+            ttl,
+            join_token,
+        })
+    }
+}
+
+fn csr_status(e: CsrError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+/// The gRPC status for a token that cannot be redeemed.
+pub fn token_status(e: TokenError) -> Status {
+    match e {
+        TokenError::Unknown | TokenError::Expired { .. } => Status::unauthenticated(e.to_string()),
+        TokenError::Revoked { .. } | TokenError::WrongIdentity { .. } => {
+            Status::permission_denied(e.to_string())
+        }
+        TokenError::Exhausted { .. } => Status::resource_exhausted(e.to_string()),
+        TokenError::NoSuchId(_) => Status::not_found(e.to_string()),
+        TokenError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        TokenError::Store(_) | TokenError::Corrupt(_) => {
+            tracing::error!(error = %e, "token store failure");
+            Status::unavailable("the control plane cannot read its store; try again")
+        }
+    }
+}
+
+/// The response for a freshly issued certificate.
+pub fn certify_response(ca: &moat_ca::CertificateAuthority, issued: IssuedCert) -> CertifyResponse {
+    CertifyResponse {
+        spiffe_id: issued.id.to_string(),
+        chain_der: issued.chain.iter().map(|c| c.to_vec()).collect(),
+        trust_bundle_der: ca.bundle().roots().iter().map(|c| c.to_vec()).collect(),
+        refresh_after_unix: issued.refresh_after,
+        not_after_unix: issued.not_after,
+        serial: issued.serial,
+    }
+}
+
+/// The Identity service.
+#[derive(Clone, Debug)]
+pub struct IdentityService(pub Arc<ControlPlane>);
+
+impl IdentityService {
+    async fn refuse(&self, actor: &str, target: &str, status: Status) -> Status {
+        self.0
+            .audit_or_log(actor, "certify", target, Outcome::Refused, status.message())
+            .await;
+        status
+    }
+}
+
+#[tonic::async_trait]
+impl Identity for IdentityService {
+    async fn certify(
+        &self,
+        req: Request<CertifyRequest>,
+    ) -> Result<Response<CertifyResponse>, Status> {
+        let cp = &self.0;
+        let conn = req.extensions().get::<ConnInfo>().cloned();
+        let mut actor = ControlPlane::actor(&req);
+        let input = match CertifyInput::try_from(req.into_inner()) {
+            Ok(i) => i,
+            Err(status) => return Err(self.refuse(&actor, "", status).await),
+        };
+        let target = input.csr.id.to_string();
+        match (
+            &input.join_token,
+            conn.as_ref().and_then(|c| c.peer.as_ref()),
+        ) {
+            (Some(token), _) => match cp.tokens.redeem(token, &input.csr.id).await {
+                Ok(rec) => actor = format!("token:{}", rec.id),
+                Err(e) => return Err(self.refuse(&actor, &target, token_status(e)).await),
+            },
+            (None, Some(peer)) => {
+                if peer.verified.id != input.csr.id {
+                    let status = Status::permission_denied(format!(
+                        "renewal is only for your own identity: you are {}, the CSR asks for {}",
+                        peer.verified.id, input.csr.id
+                    ));
+                    return Err(self.refuse(&actor, &target, status).await);
+                }
+                if peer.spki_der == input.csr.spki_der {
+                    let status = Status::invalid_argument(
+                        "renewal must use a new key pair: the CSR reuses the key of your current certificate",
+                    );
+                    return Err(self.refuse(&actor, &target, status).await);
+                }
+            }
+            (None, None) => {
+                let status = Status::unauthenticated(
+                    "no credential: present a join token, or renew over mutual TLS with your current certificate",
+                );
+                return Err(self.refuse(&actor, &target, status).await);
+            }
+        }
+        let ttl = input.ttl.unwrap_or(cp.default_ttl);
+        let issued = match cp.ca.issue(&input.csr.spki_der, &input.csr.id, ttl) {
+            Ok(i) => i,
+            Err(e @ moat_ca::CaError::ForeignDomain { .. }) => {
+                return Err(self
+                    .refuse(&actor, &target, Status::invalid_argument(e.to_string()))
+                    .await);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "signing failed");
+                return Err(self
+                    .refuse(
+                        &actor,
+                        &target,
+                        Status::internal(format!("signing failed: {e}")),
+                    )
+                    .await);
+            }
+        };
+        tracing::info!(id = %issued.id, serial = %issued.serial, %actor, renewal = input.join_token.is_none(), "issued certificate");
+        Ok(Response::new(certify_response(&cp.ca, issued)))
+    }
+}

@@ -1,0 +1,82 @@
+//! What every gRPC handler shares: the CA, tokens, the audit log and the policy on who is admin.
+
+use std::sync::Arc;
+
+use moat_ca::{CertTtl, CertificateAuthority};
+use moat_identity::SpiffeId;
+use tonic::Status;
+
+use crate::audit::{AuditLog, Outcome};
+use crate::listener::ConnInfo;
+use crate::tokens::Tokens;
+
+/// Shared control-plane state.
+#[derive(Debug)]
+pub struct ControlPlane {
+    pub ca: Arc<CertificateAuthority>,
+    pub tokens: Tokens,
+    pub audit: AuditLog,
+    pub default_ttl: CertTtl,
+    pub admins: Vec<SpiffeId>,
+}
+
+impl ControlPlane {
+    /// Who the caller is, for audit: its SPIFFE ID, else its address.
+    pub fn actor<T>(req: &tonic::Request<T>) -> String {
+        match req.extensions().get::<ConnInfo>() {
+            Some(ConnInfo { peer: Some(p), .. }) => p.verified.id.to_string(),
+            Some(ConnInfo { remote, .. }) => remote.to_string(),
+            None => "unknown".to_owned(),
+        }
+    }
+
+    /// Requires an admin identity; a refusal is audited.
+    pub async fn require_admin<T>(
+        &self,
+        req: &tonic::Request<T>,
+        action: &str,
+    ) -> Result<SpiffeId, Status> {
+        let peer = req
+            .extensions()
+            .get::<ConnInfo>()
+            .and_then(|c| c.peer.as_ref());
+        let refusal = match peer {
+            Some(p) if self.admins.contains(&p.verified.id) => return Ok(p.verified.id.clone()),
+            Some(p) => Status::permission_denied(format!(
+                "{} is not an admin identity of this control plane",
+                p.verified.id
+            )),
+            None => Status::unauthenticated(
+                "admin calls need mutual TLS with an admin certificate: pass --credentials DIR (the control plane writes one to <data-dir>/admin)",
+            ),
+        };
+        self.audit_or_log(
+            &Self::actor(req),
+            action,
+            "",
+            Outcome::Refused,
+            refusal.message(),
+        )
+        .await;
+        Err(refusal)
+    }
+
+    /// Appends to the audit log; a store failure is logged, since the caller's answer is already
+    /// decided.
+    pub async fn audit_or_log(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        outcome: Outcome,
+        detail: &str,
+    ) {
+        if let Err(e) = self
+            .audit
+            .record(actor, action, target, outcome, detail)
+            .await
+        {
+            tracing::error!(error = %e, actor, action, "cannot write the audit log");
+        }
+    }
+}
