@@ -1,1 +1,261 @@
+//! Test-only helpers for running the real moat binaries: find (and build, once per test
+//! process) `moat-control` and `moat`, start a control plane on `127.0.0.1:0` with its own data
+//! directory and a KEK kept outside it, restart or `kill -9` it, and run CLI commands against it.
 
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+/// The directory holding the workspace's binaries for the profile this test was built with.
+fn bin_dir() -> PathBuf {
+    // Test executables live in target/<profile>/deps/.
+    let exe = std::env::current_exe().unwrap_or_default();
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("target/debug"))
+}
+
+/// Builds the binaries once per process, so tests never run stale ones. Set
+/// `MOAT_TEST_PREBUILT=1` when the binaries were just built (CI does).
+fn ensure_built() -> anyhow::Result<()> {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            if std::env::var_os("MOAT_TEST_PREBUILT").is_some() {
+                return Ok(());
+            }
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+            let mut cmd = Command::new(cargo);
+            cmd.args([
+                "build",
+                "--quiet",
+                "-p",
+                "moat-control",
+                "-p",
+                "moat-cli",
+                "--bins",
+            ]);
+            if bin_dir().file_name().is_some_and(|n| n == "release") {
+                cmd.arg("--release");
+            }
+            let out = cmd.output().map_err(|e| format!("cannot run cargo: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "building the binaries failed:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            Ok(())
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+/// The path of a workspace binary, built if needed.
+pub fn bin(name: &str) -> PathBuf {
+    if let Err(e) = ensure_built() {
+        panic!("{e:#}");
+    }
+    let path = bin_dir().join(name);
+    assert!(path.exists(), "{} does not exist", path.display());
+    path
+}
+
+/// A running (or stopped) `moat-control serve`.
+#[derive(Debug)]
+pub struct ControlPlane {
+    child: Option<Child>,
+    addr: String,
+    data: tempfile::TempDir,
+    secrets: tempfile::TempDir,
+    log: PathBuf,
+    extra_args: Vec<String>,
+}
+
+/// A fixed, valid KEK for tests (base64 of 32 bytes).
+pub const TEST_KEK: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+impl ControlPlane {
+    /// Starts a control plane on a fresh data directory.
+    pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(&[])
+    }
+
+    /// Starts one with extra `serve` flags (e.g. `--import-root-cert`).
+    pub fn start_with(extra: &[&str]) -> anyhow::Result<Self> {
+        let data = tempfile::tempdir()?;
+        let secrets = tempfile::tempdir()?;
+        std::fs::write(secrets.path().join("kek"), TEST_KEK)?;
+        let log = secrets.path().join("control.log");
+        let mut cp = ControlPlane {
+            child: None,
+            addr: String::new(),
+            data,
+            secrets,
+            log,
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        cp.launch()?;
+        // Import flags apply to the first start only.
+        cp.extra_args.clear();
+        Ok(cp)
+    }
+
+    /// The command line `serve` would run with, for tests that expect it to fail.
+    pub fn serve_command(&self, kek_file: &Path) -> Command {
+        let mut cmd = Command::new(bin("moat-control"));
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(self.data.path())
+            .args(["--listen", "127.0.0.1:0"])
+            .arg("--kek-file")
+            .arg(kek_file)
+            .env_remove("MOAT_KEK")
+            .args(&self.extra_args);
+        cmd
+    }
+
+    fn launch(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let mut child = self
+            .serve_command(&self.secrets.path().join("kek"))
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .context("cannot start moat-control")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep draining so the child never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = rx.recv_timeout(Duration::from_secs(30));
+        self.child = Some(child);
+        match line {
+            Ok(l) if l.starts_with("listening on ") => {
+                self.addr = l.trim_start_matches("listening on ").trim().to_owned();
+                Ok(())
+            }
+            other => bail!(
+                "moat-control did not start ({other:?}); log:\n{}",
+                self.log_text()
+            ),
+        }
+    }
+
+    /// `https://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        self.data.path()
+    }
+
+    /// The admin credential directory the control plane wrote.
+    pub fn admin_dir(&self) -> PathBuf {
+        self.data.path().join("admin")
+    }
+
+    /// The KEK file (outside the data directory).
+    pub fn kek_file(&self) -> PathBuf {
+        self.secrets.path().join("kek")
+    }
+
+    /// A scratch directory that is removed with the control plane (not the data directory).
+    pub fn scratch(&self) -> &Path {
+        self.secrets.path()
+    }
+
+    /// Everything the control plane logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `kill -9`: no chance to flush or clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again on the same data directory (after [`kill9`](Self::kill9)).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill9();
+        self.launch()
+    }
+
+    /// Runs the `moat` CLI against this control plane with the admin credential.
+    pub fn moat(&self, args: &[&str]) -> Output {
+        Command::new(bin("moat"))
+            .args(args)
+            .env("MOAT_CONTROL_PLANE", self.url())
+            .env("MOAT_CREDENTIALS", self.admin_dir())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run moat: {e}"))
+    }
+
+    /// Runs `moat` and requires success; returns stdout.
+    pub fn moat_ok(&self, args: &[&str]) -> String {
+        let out = self.moat(args);
+        assert!(
+            out.status.success(),
+            "moat {args:?} failed ({}):\n{}\ncontrol plane log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Polls `f` until it returns `Some` or `timeout` passes.
+pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if start.elapsed() > timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every regular file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.is_file() {
+                out.push(p);
+            }
+        }
+    }
+    out
+}

@@ -3,8 +3,10 @@
 //! are authenticated by SPIFFE ID against the mesh trust bundle, never by DNS name (`verifier`).
 //! A [`Credential`] (chain + key) is validated before any config is built from it (`config`), and
 //! [`LiveTls`] publishes fresh configs on a watch so rotation never mutates a live config (`live`).
+//! `connect` dials a gRPC server (the control plane) with those configs.
 
 pub mod config;
+pub mod connect;
 pub mod live;
 pub mod provider;
 pub mod verifier;

@@ -1,0 +1,119 @@
+//! Dialling a gRPC server in the mesh (the control plane): TCP, then TLS 1.3 that accepts only
+//! a server proving `expected` under `bundle`. The identity check happens inside the handshake,
+//! before any request, token or credential is sent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use moat_identity::{SpiffeId, TrustBundle};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{Credential, client_config};
+
+/// Why a channel could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("invalid address {0:?}: expected https://HOST:PORT")]
+    Address(String),
+    #[error(transparent)]
+    Tls(#[from] crate::CredentialError),
+    #[error(
+        "cannot reach {expected} at {addr}: {detail}\n(on a certificate error the server did not prove it is {expected} under the trust anchors: check the address and the bundle)"
+    )]
+    Connect {
+        addr: String,
+        expected: String,
+        detail: String,
+    },
+}
+
+/// `host:port` from `https://host:port`, `host:port` or `https://host` (port 7443).
+pub fn authority(url: &str) -> Result<String, ConnectError> {
+    let rest = url
+        .strip_prefix("https://")
+        .unwrap_or(url)
+        .trim_end_matches('/');
+    if rest.is_empty() || rest.contains('/') || rest.contains("://") {
+        return Err(ConnectError::Address(url.to_owned()));
+    }
+    let has_port = rest
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        && !rest.ends_with(']');
+    Ok(if has_port {
+        rest.to_owned()
+    } else {
+        format!("{rest}:7443")
+    })
+}
+
+/// Opens a gRPC channel to `url`, presenting `cred` when given.
+pub async fn channel(
+    url: &str,
+    bundle: TrustBundle,
+    expected: SpiffeId,
+    cred: Option<&Credential>,
+) -> Result<Channel, ConnectError> {
+    let addr = authority(url)?;
+    let config = client_config(cred, Arc::new(bundle), expected.clone())?;
+    let connector = TlsConnector::from(config);
+    let target = addr.clone();
+    let service = tower::service_fn(move |_: tonic::codegen::http::Uri| {
+        let connector = connector.clone();
+        let target = target.clone();
+        async move {
+            let tcp = TcpStream::connect(&target).await?;
+            tcp.set_nodelay(true)?;
+            // The name is not checked (identity is the SPIFFE ID); rustls only needs a valid one.
+            let name = ServerName::try_from("moat.invalid").map_err(std::io::Error::other)?;
+            let tls = connector.connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(tls))
+        }
+    });
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|_| ConnectError::Address(url.to_owned()))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30));
+    endpoint
+        .connect_with_connector(service)
+        .await
+        .map_err(|e| ConnectError::Connect {
+            addr,
+            expected: expected.to_string(),
+            detail: error_chain(&e),
+        })
+}
+
+/// Every distinct message in an error's source chain, joined with `: `.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let m = s.to_string();
+        if !parts.iter().any(|p| p.contains(&m)) {
+            parts.push(m);
+        }
+        cur = s.source();
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authority_forms() {
+        assert_eq!(authority("https://cp:9000").unwrap(), "cp:9000");
+        assert_eq!(authority("cp:9000").unwrap(), "cp:9000");
+        assert_eq!(authority("https://cp").unwrap(), "cp:7443");
+        assert_eq!(authority("https://[::1]:7443/").unwrap(), "[::1]:7443");
+        for bad in ["", "http://cp:1", "https://cp/path"] {
+            assert!(authority(bad).is_err(), "{bad:?}");
+        }
+    }
+}
