@@ -1,6 +1,9 @@
 //! The operator's side: exit codes and messages of `moat` and `moat-control`, and a CLI that
 //! refuses to talk to an impostor control plane.
 
+// Scenario helpers panic on anything unexpected, like the tests that call them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::process::Command;
@@ -274,4 +277,45 @@ async fn the_cli_refuses_an_impostor_before_sending_its_token_or_credential() {
         .output()
         .unwrap();
     assert!(ok.status.success(), "{}", stderr(&ok));
+}
+
+/// The subcommands `moat <path> --help` lists.
+fn subcommands(path: &[&str]) -> Vec<String> {
+    let mut args = path.to_vec();
+    args.push("--help");
+    let help = String::from_utf8(moat(&args).stdout).unwrap();
+    help.lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn every_command_is_documented() {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/cli.md")).unwrap();
+    let mut missing = Vec::new();
+    let top = subcommands(&[]);
+    assert!(top.len() >= 4, "{top:?}");
+    for cmd in &top {
+        let subs = subcommands(&[cmd]);
+        let paths: Vec<String> = if subs.is_empty() {
+            vec![format!("moat {cmd}")]
+        } else {
+            subs.iter().map(|s| format!("moat {cmd} {s}")).collect()
+        };
+        for p in paths {
+            if !doc.contains(&format!("## `{p}`")) {
+                missing.push(p);
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "docs/cli.md lacks a section for: {missing:?}"
+    );
 }

@@ -1,6 +1,9 @@
 //! Nothing acknowledged is lost, and no CA key is ever on disk in the clear: `kill -9` and
 //! restart on the same data directory, scan the files, and start with the wrong KEK.
 
+// Scenario helpers panic on anything unexpected, like the tests that call them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;

@@ -1,6 +1,9 @@
 //! Workload identity end to end: the real `moat-control` and `moat` binaries over real sockets
 //! with real TLS. Join token → CSR → chain; renewal over mTLS; refusals with precise statuses.
 
+// Scenario helpers panic on anything unexpected, like the tests that call them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::process::Command;
@@ -15,6 +18,7 @@ use rcgen::{
     KeyPair, PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384, PKCS_RSA_SHA256, RsaKeySize, SanType,
 };
 use rustls::pki_types::PrivateKeyDer;
+use sha2::Digest as _;
 use tonic::Code;
 
 fn token_request(csr: &[u8], token: &str) -> CertifyRequest {
@@ -295,12 +299,15 @@ async fn refused_tokens_get_precise_statuses_and_tokens_are_never_stored_in_clea
     assert!(expired.message().contains("expired"), "{expired:?}");
 
     let revoked_tok = token(&cp, "orders", &[]);
-    let list = cp.moat_ok(&["token", "list", "-o", "json"]);
-    let tokens: serde_json::Value = serde_json::from_str(&list).unwrap();
-    let rid = tokens.as_array().unwrap().last().unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    // A token's id is the first 16 hex digits of its SHA-256.
+    let digest = sha2::Sha256::digest(revoked_tok.as_bytes());
+    let rid = digest
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
+    let listed = cp.moat_ok(&["token", "list"]);
+    assert!(listed.contains(&rid), "{listed}");
     cp.moat_ok(&["token", "revoke", &rid]);
     let revoked = client
         .certify(token_request(csr("orders").csr_der(), &revoked_tok))

@@ -1,7 +1,7 @@
 //! Helpers shared by the end-to-end scenarios: gRPC clients that dial the real control plane the
 //! way a sidecar does, and credential loading.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
 

@@ -1,5 +1,8 @@
 //! The CA end to end in memory: generate, sign, verify, seal, reload, import.
 
+// Test helpers panic on anything unexpected, like the tests that call them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use moat_ca::{ByoPem, CaError, CertTtl, CertificateAuthority, Kek, KekError};

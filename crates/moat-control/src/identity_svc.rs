@@ -34,10 +34,9 @@ impl TryFrom<CertifyRequest> for CertifyInput {
                     .map_err(|e| Status::invalid_argument(e.to_string()))?,
             ),
         };
-        let join_token = match req.credential {
-            Some(certify_request::Credential::JoinToken(t)) => Some(t),
-            None => None,
-        };
+        let join_token = req.credential.map(|c| match c {
+            certify_request::Credential::JoinToken(t) => t,
+        });
         Ok(CertifyInput {
             csr,
             ttl,

@@ -1,5 +1,8 @@
 //! Real TLS handshakes over an in-memory duplex: who gets in and who does not.
 
+// Test helpers panic on anything unexpected, like the tests that call them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 
 use moat_ca::{CertTtl, CertificateAuthority, Kek};
