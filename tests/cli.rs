@@ -214,30 +214,11 @@ async fn impostor() -> (String, tokio::task::JoinHandle<Vec<bool>>) {
 async fn the_cli_refuses_an_impostor_before_sending_its_token_or_credential() {
     let cp = ControlPlane::start().unwrap();
     let tok = token(&cp, "shop/orders", &[]);
-    let tok_file = cp.scratch().join("token");
-    std::fs::write(&tok_file, &tok).unwrap();
     let (addr, handle) = impostor().await;
     let url = format!("https://{addr}");
-    let anchors = cp.admin_dir().join("bundle.pem");
 
     let out_dir = cp.scratch().join("never");
-    let request = Command::new(bin("moat"))
-        .args([
-            "--control-plane",
-            &url,
-            "cert",
-            "request",
-            "--identity",
-            "shop/orders",
-            "--token-file",
-        ])
-        .arg(&tok_file)
-        .arg("--trust-anchors")
-        .arg(&anchors)
-        .arg("--out")
-        .arg(&out_dir)
-        .output()
-        .unwrap();
+    let request = cert_request(&cp, &url, "shop/orders", &tok, &out_dir);
     assert_eq!(request.status.code(), Some(1), "{}", stderr(&request));
     assert!(
         stderr(&request).contains("UnknownIssuer"),
@@ -259,23 +240,7 @@ async fn the_cli_refuses_an_impostor_before_sending_its_token_or_credential() {
     assert_eq!(handle.await.unwrap(), vec![false, false]);
 
     // The token is still unused and works against the real control plane.
-    let ok = Command::new(bin("moat"))
-        .args([
-            "--control-plane",
-            &cp.url(),
-            "cert",
-            "request",
-            "--identity",
-            "shop/orders",
-            "--token-file",
-        ])
-        .arg(&tok_file)
-        .arg("--trust-anchors")
-        .arg(&anchors)
-        .arg("--out")
-        .arg(&out_dir)
-        .output()
-        .unwrap();
+    let ok = cert_request(&cp, &cp.url(), "shop/orders", &tok, &out_dir);
     assert!(ok.status.success(), "{}", stderr(&ok));
 }
 

@@ -34,22 +34,9 @@ fn kill_dash_nine_and_restart_keeps_root_tokens_and_audit() {
         assert!(audit_after.contains(line), "audit entry lost: {line}");
     }
     // The tokens still work after the restart.
-    let tok_file = cp.scratch().join("t");
-    std::fs::write(&tok_file, &tokens[14]).unwrap();
-    let anchors = cp.admin_dir().join("bundle.pem");
     let out = cp.scratch().join("svc-14");
-    cp.moat_ok(&[
-        "cert",
-        "request",
-        "--identity",
-        "svc-14",
-        "--token-file",
-        tok_file.to_str().unwrap(),
-        "--trust-anchors",
-        anchors.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let request = cert_request(&cp, &cp.url(), "svc-14", &tokens[14], &out);
+    assert!(request.status.success(), "{}", stderr(&request));
 }
 
 /// PKCS#8 DER prefix of an ECDSA P-256 private key.

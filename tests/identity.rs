@@ -71,22 +71,10 @@ fn assert_one_hour_p256_leaf(pem: &Path, spiffe: &str) {
 fn join_token_yields_a_verified_one_hour_p256_spiffe_certificate() {
     let cp = ControlPlane::start().unwrap();
     let tok = token(&cp, "shop/orders", &[]);
-    let tok_file = cp.scratch().join("token");
-    std::fs::write(&tok_file, &tok).unwrap();
     let out = cp.scratch().join("orders");
     let anchors = cp.admin_dir().join("bundle.pem");
-    cp.moat_ok(&[
-        "cert",
-        "request",
-        "--identity",
-        "shop/orders",
-        "--token-file",
-        tok_file.to_str().unwrap(),
-        "--trust-anchors",
-        anchors.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let request = cert_request(&cp, &cp.url(), "shop/orders", &tok, &out);
+    assert!(request.status.success(), "{}", stderr(&request));
     let spiffe = "spiffe://moat.local/ns/shop/sa/orders";
     assert_one_hour_p256_leaf(&out.join("cert.pem"), spiffe);
     // The chain verifies against the bundle, and the key on disk matches the leaf.

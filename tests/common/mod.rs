@@ -58,3 +58,33 @@ pub fn token(cp: &ControlPlane, identity: &str, extra: &[&str]) -> String {
 pub fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// Runs `moat cert request` against `url` with a join token, trusting the control plane's
+/// bundle; writes the credential to `out`.
+pub fn cert_request(
+    cp: &ControlPlane,
+    url: &str,
+    identity: &str,
+    token: &str,
+    out: &Path,
+) -> std::process::Output {
+    let token_file = out.with_extension("token");
+    std::fs::write(&token_file, token).unwrap();
+    std::process::Command::new(moat_test_util::bin("moat"))
+        .args([
+            "--control-plane",
+            url,
+            "cert",
+            "request",
+            "--identity",
+            identity,
+            "--token-file",
+        ])
+        .arg(&token_file)
+        .arg("--trust-anchors")
+        .arg(cp.admin_dir().join("bundle.pem"))
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap()
+}

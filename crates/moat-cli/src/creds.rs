@@ -1,13 +1,13 @@
-//! Credential directories: `cert.pem` (chain, leaf first), `key.pem` (PKCS#8, 0600) and
-//! `bundle.pem` (trust bundle). The control plane writes one for the admin into
-//! `<data-dir>/admin`; `moat cert issue|request|renew` write the same layout.
+//! The CLI's credential directories, on top of `moat_tls::cred_dir` (cert.pem, key.pem,
+//! bundle.pem): the admin credential `moat-control` writes to `<data-dir>/admin`, and what
+//! `moat cert issue|request|renew` write.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use moat_identity::TrustBundle;
-use moat_identity::bundle::der_to_pem;
 use moat_tls::Credential;
+use moat_tls::cred_dir;
 
 /// A loaded credential directory.
 #[derive(Debug)]
@@ -16,14 +16,9 @@ pub struct CredDir {
     pub bundle: TrustBundle,
 }
 
-fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
-}
-
 /// Reads a trust bundle file.
 pub fn read_bundle(path: &Path) -> anyhow::Result<TrustBundle> {
-    TrustBundle::from_pem(&read(path)?)
-        .with_context(|| format!("{} is not a usable trust bundle", path.display()))
+    Ok(cred_dir::read_bundle(path)?)
 }
 
 impl CredDir {
@@ -35,56 +30,17 @@ impl CredDir {
                 dir.display()
             );
         }
-        let bundle = read_bundle(&dir.join("bundle.pem"))?;
-        let credential = Credential::from_pem(
-            &read(&dir.join("cert.pem"))?,
-            &read(&dir.join("key.pem"))?,
-            &bundle,
-        )
-        .with_context(|| {
-            format!(
-                "the credential in {} is not usable (expired? renew it)",
-                dir.display()
-            )
-        })?;
+        let (credential, bundle) = cred_dir::load(dir)?;
         Ok(CredDir { credential, bundle })
     }
 }
 
-/// Writes a credential directory (all files 0600, each replaced atomically).
+/// Writes a credential directory.
 pub fn write(
     dir: &Path,
     chain_der: &[Vec<u8>],
     key_pem: &str,
     bundle_der: &[Vec<u8>],
-) -> anyhow::Result<PathBuf> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let chain: String = chain_der
-        .iter()
-        .map(|c| der_to_pem("CERTIFICATE", c))
-        .collect();
-    let bundle: String = bundle_der
-        .iter()
-        .map(|c| der_to_pem("CERTIFICATE", c))
-        .collect();
-    write_private(&dir.join("key.pem"), key_pem.as_bytes())?;
-    write_private(&dir.join("cert.pem"), chain.as_bytes())?;
-    write_private(&dir.join("bundle.pem"), bundle.as_bytes())?;
-    Ok(dir.to_path_buf())
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+) -> anyhow::Result<()> {
+    Ok(cred_dir::write(dir, chain_der, key_pem, bundle_der)?)
 }

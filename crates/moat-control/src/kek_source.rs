@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use moat_ca::Kek;
 
 /// The KEK settings from flags and environment.
@@ -49,32 +49,8 @@ impl KekSource {
         let (kek, text) = Kek::generate()?;
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("cannot create {}", data_dir.display()))?;
-        write_private(&path, text.as_bytes())?;
+        moat_tls::cred_dir::write_private(&path, text.as_bytes())?;
         tracing::warn!(path = %path.display(), "dev mode: created a development key-encryption key (0600) beside the CA keys; never do this in production");
         Ok(kek)
     }
-}
-
-/// Writes a file readable only by its owner (0600), atomically (temp file + rename).
-pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let Some(dir) = path.parent() else {
-        bail!("{} has no parent directory", path.display());
-    };
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
-    ));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
 }

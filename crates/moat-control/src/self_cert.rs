@@ -8,12 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use moat_ca::{CertTtl, CertificateAuthority, IssuedCert};
-use moat_identity::bundle::der_to_pem;
 use moat_identity::{SpiffeId, ValidatedCsr, WorkloadKey};
-use moat_tls::{Credential, LiveTls};
+use moat_tls::{Credential, LiveTls, cred_dir};
 use rustls_pki_types::PrivateKeyDer;
-
-use crate::kek_source::write_private;
 
 /// Lifetime of the admin credential the control plane writes for local CLI use.
 pub const ADMIN_CREDENTIAL_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -44,20 +41,14 @@ pub fn write_credential_dir(
     id: &SpiffeId,
     ttl: CertTtl,
 ) -> anyhow::Result<IssuedCert> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    }
     let (_, key, issued) = issue_local(ca, id, ttl)?;
-    let chain: String = issued
-        .chain
-        .iter()
-        .map(|c| der_to_pem("CERTIFICATE", c))
-        .collect();
-    write_private(&dir.join("key.pem"), key.private_key_pem().as_bytes())?;
-    write_private(&dir.join("cert.pem"), chain.as_bytes())?;
-    write_private(&dir.join("bundle.pem"), ca.bundle().to_pem().as_bytes())?;
+    cred_dir::write(
+        dir,
+        &issued.chain,
+        &key.private_key_pem(),
+        ca.bundle().roots(),
+    )
+    .with_context(|| format!("cannot write the credential to {}", dir.display()))?;
     Ok(issued)
 }
 

@@ -148,49 +148,63 @@ impl Tokens {
         }
         let hash = hash(token);
         let key = format!("{PREFIX}{}", &hash[..16]);
-        loop {
-            let Some(kv) = self.store.get(&key).await? else {
-                return Err(TokenError::Unknown);
-            };
-            let mut rec = decode(&kv.value)?;
+        self.update(&key, TokenError::Unknown, |rec| {
             if !constant_time_eq(rec.hash.as_bytes(), hash.as_bytes()) {
                 return Err(TokenError::Unknown);
             }
             if rec.revoked {
-                return Err(TokenError::Revoked { id: rec.id });
+                return Err(TokenError::Revoked { id: rec.id.clone() });
             }
             if now_unix() >= rec.expires_unix {
                 return Err(TokenError::Expired {
-                    id: rec.id,
+                    id: rec.id.clone(),
                     expired_unix: rec.expires_unix,
                 });
             }
             if rec.uses >= rec.max_uses {
                 return Err(TokenError::Exhausted {
-                    id: rec.id,
+                    id: rec.id.clone(),
                     max_uses: rec.max_uses,
                 });
             }
             if rec.spiffe_id != asked.to_string() {
                 return Err(TokenError::WrongIdentity {
-                    id: rec.id,
-                    bound: rec.spiffe_id,
+                    id: rec.id.clone(),
+                    bound: rec.spiffe_id.clone(),
                     asked: asked.to_string(),
                 });
             }
             rec.uses += 1;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Read-check-write of one record as a compare-and-swap, retried while other writers race.
+    /// `missing` is the error when the record does not exist.
+    async fn update(
+        &self,
+        key: &str,
+        missing: TokenError,
+        mut change: impl FnMut(&mut TokenRecord) -> Result<(), TokenError>,
+    ) -> Result<TokenRecord, TokenError> {
+        loop {
+            let Some(kv) = self.store.get(key).await? else {
+                return Err(missing);
+            };
+            let mut rec = decode(&kv.value)?;
+            change(&mut rec)?;
             let done = self
                 .store
                 .txn(Txn {
-                    compares: vec![Compare::ModRevision(key.clone(), kv.mod_revision)],
-                    success: vec![Op::Put(key.clone(), encode(&rec))],
+                    compares: vec![Compare::ModRevision(key.to_owned(), kv.mod_revision)],
+                    success: vec![Op::Put(key.to_owned(), encode(&rec))],
                     ..Txn::default()
                 })
                 .await?;
             if done.succeeded {
                 return Ok(rec);
             }
-            // Someone else redeemed concurrently: re-read and re-check.
         }
     }
 
@@ -212,26 +226,11 @@ impl Tokens {
             )));
         }
         let key = format!("{PREFIX}{}", id.to_ascii_lowercase());
-        loop {
-            let kv = self
-                .store
-                .get(&key)
-                .await?
-                .ok_or_else(|| TokenError::NoSuchId(id.to_owned()))?;
-            let mut rec = decode(&kv.value)?;
+        self.update(&key, TokenError::NoSuchId(id.to_owned()), |rec| {
             rec.revoked = true;
-            let done = self
-                .store
-                .txn(Txn {
-                    compares: vec![Compare::ModRevision(key.clone(), kv.mod_revision)],
-                    success: vec![Op::Put(key.clone(), encode(&rec))],
-                    ..Txn::default()
-                })
-                .await?;
-            if done.succeeded {
-                return Ok(rec);
-            }
-        }
+            Ok(())
+        })
+        .await
     }
 }
 

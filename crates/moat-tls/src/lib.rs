@@ -3,10 +3,12 @@
 //! are authenticated by SPIFFE ID against the mesh trust bundle, never by DNS name (`verifier`).
 //! A [`Credential`] (chain + key) is validated before any config is built from it (`config`), and
 //! [`LiveTls`] publishes fresh configs on a watch so rotation never mutates a live config (`live`).
-//! `connect` dials a gRPC server (the control plane) with those configs.
+//! `connect` dials a gRPC server (the control plane) with those configs; `cred_dir` reads and
+//! writes credential directories (cert.pem, key.pem, bundle.pem).
 
 pub mod config;
 pub mod connect;
+pub mod cred_dir;
 pub mod live;
 pub mod provider;
 pub mod verifier;
