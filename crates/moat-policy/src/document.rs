@@ -1,0 +1,485 @@
+//! Policy documents (YAML or JSON; several YAML documents per file separated by `---`) into
+//! validated [`AccessPolicy`] and [`MeshConfig`] values. Unknown fields are refused; identities go
+//! through the one identity parser; path patterns and methods are checked. Every error names the
+//! source, the document, and the line (syntax, unknown fields) or the field path (values).
+
+use std::fmt;
+
+use moat_identity::{SpiffeId, TrustDomain};
+use serde::Deserialize;
+
+use crate::model::{
+    AccessPolicy, DefaultPosture, HttpRoute, MeshConfig, Mode, PolicyName, PolicyVersion, Rule,
+};
+
+/// The largest policy input accepted, per file.
+pub const MAX_INPUT_BYTES: usize = 1024 * 1024;
+/// The API version of every moat document.
+pub const API_VERSION: &str = "moat.dev/v1";
+
+/// One parsed document.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Document {
+    AccessPolicy(AccessPolicy),
+    MeshConfig(MeshConfig),
+}
+
+/// A refused document, with where the problem is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DocumentError {
+    /// The file name (or `<input>`).
+    pub source: String,
+    /// 1-based document number within the source.
+    pub document: usize,
+    /// 1-based line in the source, when known.
+    pub line: Option<usize>,
+    /// Field path such as `spec.rules[0].from[1]`, when known.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for DocumentError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.source)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        write!(f, ": document {}", self.document)?;
+        if let Some(field) = &self.field {
+            write!(f, ", field {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for DocumentError {}
+
+#[derive(Deserialize)]
+struct Probe {
+    #[serde(rename = "apiVersion")]
+    api_version: Option<String>,
+    kind: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct AccessPolicyDoc {
+    #[allow(dead_code)]
+    api_version: String,
+    #[allow(dead_code)]
+    kind: String,
+    metadata: MetadataDoc,
+    spec: AccessPolicySpec,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetadataDoc {
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum ModeDoc {
+    Enforce,
+    Audit,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccessPolicySpec {
+    target: String,
+    #[serde(default)]
+    mode: Option<ModeDoc>,
+    rules: Vec<RuleDoc>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleDoc {
+    from: Vec<String>,
+    #[serde(default)]
+    ports: Vec<u16>,
+    #[serde(default)]
+    http: Vec<HttpDoc>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpDoc {
+    #[serde(default)]
+    methods: Vec<String>,
+    #[serde(default)]
+    paths: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct MeshConfigDoc {
+    #[allow(dead_code)]
+    api_version: String,
+    #[allow(dead_code)]
+    kind: String,
+    #[allow(dead_code)]
+    metadata: MetadataDoc,
+    spec: MeshConfigSpec,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum PostureDoc {
+    Deny,
+    AllowAuthenticated,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct MeshConfigSpec {
+    #[serde(default)]
+    default_posture: Option<PostureDoc>,
+}
+
+/// Splits YAML text into documents at `---` lines; returns each with its first line number.
+fn split(text: &str) -> Vec<(usize, String)> {
+    let mut docs = Vec::new();
+    let mut start = 1;
+    let mut cur = String::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim_end() == "---" {
+            docs.push((start, std::mem::take(&mut cur)));
+            start = i + 2;
+        } else {
+            cur.push_str(line);
+            cur.push('\n');
+        }
+    }
+    docs.push((start, cur));
+    docs.into_iter()
+        .filter(|(_, d)| {
+            d.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        })
+        .collect()
+}
+
+/// Parses every document in `text`. `source` names the input in errors; short identity forms
+/// resolve in `trust_domain`. Returns all errors found, not just the first.
+pub fn parse_documents(
+    text: &str,
+    source: &str,
+    trust_domain: &TrustDomain,
+) -> Result<Vec<Document>, Vec<DocumentError>> {
+    let err = |document: usize, line: Option<usize>, field: Option<String>, message: String| {
+        DocumentError {
+            source: source.to_owned(),
+            document,
+            line,
+            field,
+            message,
+        }
+    };
+    if text.len() > MAX_INPUT_BYTES {
+        return Err(vec![err(
+            0,
+            None,
+            None,
+            format!(
+                "input is {} bytes; the limit is {MAX_INPUT_BYTES}",
+                text.len()
+            ),
+        )]);
+    }
+    let docs = split(text);
+    if docs.is_empty() {
+        return Err(vec![err(
+            0,
+            None,
+            None,
+            "no documents: the input is empty".into(),
+        )]);
+    }
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for (n, (first_line, doc)) in docs.iter().enumerate() {
+        let n = n + 1;
+        let yaml_err = |e: serde_yaml_ng::Error| {
+            let line = e.location().map(|l| first_line + l.line() - 1);
+            err(n, line, None, e.to_string())
+        };
+        let probe: Probe = match serde_yaml_ng::from_str(doc) {
+            Ok(p) => p,
+            Err(e) => {
+                errors.push(yaml_err(e));
+                continue;
+            }
+        };
+        match probe.api_version.as_deref() {
+            Some(API_VERSION) => {}
+            Some(other) => {
+                errors.push(err(
+                    n,
+                    Some(*first_line),
+                    Some("apiVersion".into()),
+                    format!("unsupported apiVersion {other:?}; use {API_VERSION}"),
+                ));
+                continue;
+            }
+            None => {
+                errors.push(err(
+                    n,
+                    Some(*first_line),
+                    Some("apiVersion".into()),
+                    format!("missing; use {API_VERSION}"),
+                ));
+                continue;
+            }
+        }
+        let parsed = match probe.kind.as_deref() {
+            Some("AccessPolicy") => serde_yaml_ng::from_str::<AccessPolicyDoc>(doc)
+                .map_err(|e| vec![yaml_err(e)])
+                .and_then(|d| {
+                    access_policy(d, trust_domain).map_err(|(f, m)| vec![err(n, None, Some(f), m)])
+                })
+                .map(Document::AccessPolicy),
+            Some("MeshConfig") => serde_yaml_ng::from_str::<MeshConfigDoc>(doc)
+                .map_err(|e| vec![yaml_err(e)])
+                .map(|d| Document::MeshConfig(mesh_config(d))),
+            Some(other) => Err(vec![err(
+                n,
+                Some(*first_line),
+                Some("kind".into()),
+                format!("unknown kind {other:?}; expected AccessPolicy or MeshConfig"),
+            )]),
+            None => Err(vec![err(
+                n,
+                Some(*first_line),
+                Some("kind".into()),
+                "missing; expected AccessPolicy or MeshConfig".into(),
+            )]),
+        };
+        match parsed {
+            Ok(d) => out.push(d),
+            Err(mut e) => errors.append(&mut e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
+type FieldError = (String, String);
+
+fn access_policy(d: AccessPolicyDoc, td: &TrustDomain) -> Result<AccessPolicy, FieldError> {
+    let name: PolicyName = d
+        .metadata
+        .name
+        .parse()
+        .map_err(|m| ("metadata.name".to_owned(), m))?;
+    let namespace = match d.metadata.namespace {
+        None => "default".to_owned(),
+        Some(ns) => ns
+            .parse::<moat_identity::Namespace>()
+            .map(|n| n.to_string())
+            .map_err(|e| ("metadata.namespace".to_owned(), e.to_string()))?,
+    };
+    let target = identity(&d.spec.target, td).map_err(|m| ("spec.target".to_owned(), m))?;
+    let mut rules = Vec::with_capacity(d.spec.rules.len());
+    for (i, r) in d.spec.rules.into_iter().enumerate() {
+        let at = |f: &str| format!("spec.rules[{i}].{f}");
+        if r.from.is_empty() {
+            return Err((at("from"), "must name at least one caller identity".into()));
+        }
+        let from = r
+            .from
+            .iter()
+            .enumerate()
+            .map(|(j, s)| identity(s, td).map_err(|m| (at(&format!("from[{j}]")), m)))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(j) = r.ports.iter().position(|p| *p == 0) {
+            return Err((
+                at(&format!("ports[{j}]")),
+                "port 0 is not a port; use 1..65535".into(),
+            ));
+        }
+        let mut http = Vec::with_capacity(r.http.len());
+        for (k, h) in r.http.into_iter().enumerate() {
+            let methods = h
+                .methods
+                .iter()
+                .enumerate()
+                .map(|(j, m)| {
+                    m.parse()
+                        .map_err(|e| (at(&format!("http[{k}].methods[{j}]")), e))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let paths = h
+                .paths
+                .iter()
+                .enumerate()
+                .map(|(j, p)| {
+                    p.parse()
+                        .map_err(|e| (at(&format!("http[{k}].paths[{j}]")), e))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            http.push(HttpRoute { methods, paths });
+        }
+        rules.push(Rule {
+            from,
+            ports: r.ports,
+            http,
+        });
+    }
+    Ok(AccessPolicy {
+        name,
+        namespace,
+        target,
+        mode: match d.spec.mode {
+            None | Some(ModeDoc::Enforce) => Mode::Enforce,
+            Some(ModeDoc::Audit) => Mode::Audit,
+        },
+        rules,
+        version: PolicyVersion::default(),
+    })
+}
+
+fn identity(s: &str, td: &TrustDomain) -> Result<SpiffeId, String> {
+    SpiffeId::parse_with_default(s, td).map_err(|e| e.to_string())
+}
+
+fn mesh_config(d: MeshConfigDoc) -> MeshConfig {
+    MeshConfig {
+        default_posture: match d.spec.default_posture {
+            None | Some(PostureDoc::Deny) => DefaultPosture::Deny,
+            Some(PostureDoc::AllowAuthenticated) => DefaultPosture::AllowAuthenticated,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn td() -> TrustDomain {
+        TrustDomain::default_domain()
+    }
+
+    const ORDERS: &str = r#"
+apiVersion: moat.dev/v1
+kind: AccessPolicy
+metadata: { name: orders, namespace: shop }
+spec:
+  target: shop/orders
+  mode: audit
+  rules:
+    - from: [shop/frontend]
+      ports: [8080]
+      http:
+        - { methods: [GET], paths: ["/orders", "/orders/*"] }
+---
+apiVersion: moat.dev/v1
+kind: MeshConfig
+metadata: { name: mesh }
+spec: { defaultPosture: allow-authenticated }
+"#;
+
+    #[test]
+    fn parses_policies_and_mesh_config() {
+        let docs = parse_documents(ORDERS, "orders.yaml", &td()).unwrap();
+        let Document::AccessPolicy(p) = &docs[0] else {
+            panic!()
+        };
+        assert_eq!(p.key(), "shop/orders");
+        assert_eq!(
+            p.target.to_string(),
+            "spiffe://moat.local/ns/shop/sa/orders"
+        );
+        assert_eq!(p.mode, Mode::Audit);
+        assert_eq!(
+            p.rules[0].from[0].to_string(),
+            "spiffe://moat.local/ns/shop/sa/frontend"
+        );
+        assert_eq!(p.rules[0].ports, vec![8080]);
+        assert_eq!(
+            docs[1],
+            Document::MeshConfig(MeshConfig {
+                default_posture: DefaultPosture::AllowAuthenticated
+            })
+        );
+        // JSON is YAML too.
+        let json = r#"{"apiVersion":"moat.dev/v1","kind":"AccessPolicy","metadata":{"name":"a"},
+            "spec":{"target":"a","rules":[{"from":["b"]}]}}"#;
+        assert_eq!(parse_documents(json, "a.json", &td()).unwrap().len(), 1);
+    }
+
+    fn one_error(text: &str) -> DocumentError {
+        let mut errs = parse_documents(text, "p.yaml", &td()).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        errs.remove(0)
+    }
+
+    #[test]
+    fn errors_name_line_or_field() {
+        let unknown = ORDERS.replace("      ports: [8080]", "      portz: [8080]");
+        let e = one_error(&unknown);
+        assert_eq!(e.line, Some(10), "{e}");
+        assert!(e.message.contains("unknown field `portz`"), "{e}");
+
+        let bad_id = ORDERS.replace("[shop/frontend]", "[shop/Front!]");
+        let e = one_error(&bad_id);
+        assert_eq!(e.field.as_deref(), Some("spec.rules[0].from[0]"), "{e}");
+
+        let bad_path = ORDERS.replace("\"/orders/*\"", "\"/ord*ers\"");
+        let e = one_error(&bad_path);
+        assert_eq!(
+            e.field.as_deref(),
+            Some("spec.rules[0].http[0].paths[1]"),
+            "{e}"
+        );
+
+        let bad_kind = ORDERS.replace("kind: AccessPolicy", "kind: AccessPolcy");
+        let e = one_error(&bad_kind);
+        assert_eq!(e.field.as_deref(), Some("kind"), "{e}");
+
+        let bad_mode = ORDERS.replace("mode: audit", "mode: loud");
+        assert!(
+            one_error(&bad_mode)
+                .message
+                .contains("unknown variant `loud`")
+        );
+
+        let bad_method = ORDERS.replace("[GET]", "[get]");
+        assert!(one_error(&bad_method).message.contains("uppercase"));
+
+        assert!(one_error("").message.contains("empty"));
+        assert!(one_error("# only a comment\n").message.contains("empty"));
+        assert!(
+            one_error(&"x".repeat(MAX_INPUT_BYTES + 1))
+                .message
+                .contains("the limit")
+        );
+        assert!(
+            one_error("apiVersion: v0\nkind: AccessPolicy\n")
+                .message
+                .contains("unsupported apiVersion")
+        );
+        assert!(one_error("{{{").line.is_some());
+        let e = one_error(&ORDERS.replace("[8080]", "[0]"));
+        assert_eq!(e.field.as_deref(), Some("spec.rules[0].ports[0]"));
+    }
+
+    #[test]
+    fn every_error_of_a_set_is_reported() {
+        let two = format!(
+            "{}\n---\n{}",
+            ORDERS.replace("mode: audit", "mode: loud"),
+            "kind: Nope\napiVersion: moat.dev/v1\n"
+        );
+        let errs = parse_documents(&two, "p.yaml", &td()).unwrap_err();
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert_eq!(errs[1].document, 3);
+    }
+}

@@ -1,0 +1,395 @@
+//! The evaluator: pure, allocation-light, shared by proxy, control plane and CLI.
+//!
+//! Order: the target's enforce-mode policies decide (allow if any rule matches, else deny). When
+//! the target has only audit-mode policies, the request is allowed and the deny it would have
+//! had is reported as `would_deny`. With no policy at all, the mesh's default posture decides.
+//! A rule matches when the caller is in `from`, the port is in `ports` (or `ports` is empty)
+//! and, for an HTTP request, one `http` route matches (or `http` is empty). A connection-level
+//! check (no HTTP request yet) ignores `http`: per-request checks follow.
+
+use moat_identity::SpiffeId;
+
+use crate::model::{AccessPolicy, DefaultPosture, MeshConfig, Mode, PolicyVersion};
+
+/// What is being authorized.
+#[derive(Clone, Copy, Debug)]
+pub struct Input<'a> {
+    pub peer: &'a SpiffeId,
+    pub port: u16,
+    /// `(method, path)` for an HTTP request; `None` for a connection.
+    pub http: Option<(&'a str, &'a str)>,
+}
+
+/// Stable, machine-readable reason codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    Allowed,
+    AllowAuthenticated,
+    NoPolicy,
+    IdentityNotAllowed,
+    PortNotAllowed,
+    RouteNotAllowed,
+}
+
+impl Reason {
+    /// The code used in logs, metrics, 403 bodies and `moat policy explain`.
+    pub fn code(self) -> &'static str {
+        match self {
+            Reason::Allowed => "allowed",
+            Reason::AllowAuthenticated => "allow-authenticated",
+            Reason::NoPolicy => "no-policy",
+            Reason::IdentityNotAllowed => "identity-not-allowed",
+            Reason::PortNotAllowed => "port-not-allowed",
+            Reason::RouteNotAllowed => "route-not-allowed",
+        }
+    }
+
+    /// How far a request got through a rule (for picking the most telling deny reason).
+    fn progress(self) -> u8 {
+        match self {
+            Reason::IdentityNotAllowed => 1,
+            Reason::PortNotAllowed => 2,
+            Reason::RouteNotAllowed => 3,
+            _ => 0,
+        }
+    }
+}
+
+/// Why one rule did or did not match.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleTrace {
+    /// `namespace/name` of the policy.
+    pub policy: String,
+    pub version: PolicyVersion,
+    pub mode: Mode,
+    /// 0-based index in `spec.rules`.
+    pub rule: usize,
+    /// `Reason::Allowed` when it matched, otherwise why not.
+    pub outcome: Reason,
+}
+
+/// The verdict with its explanation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// What the proxy does.
+    pub allowed: bool,
+    /// Why: `allowed` / `allow-authenticated` when allowed, the deny reason otherwise.
+    pub reason: Reason,
+    /// In audit mode: the deny reason the request would have had under enforcement.
+    pub would_deny: Option<Reason>,
+    /// The policy (key, version) that allowed, or that denied when a policy denied.
+    pub policy: Option<(String, PolicyVersion)>,
+    /// The matching rule's index within `policy`.
+    pub rule: Option<usize>,
+    /// Every rule considered, in order.
+    pub trace: Vec<RuleTrace>,
+}
+
+fn rule_outcome(rule: &crate::Rule, input: &Input<'_>) -> Reason {
+    if !rule.from.iter().any(|f| f == input.peer) {
+        return Reason::IdentityNotAllowed;
+    }
+    if !rule.ports.is_empty() && !rule.ports.contains(&input.port) {
+        return Reason::PortNotAllowed;
+    }
+    if let Some((method, path)) = input.http
+        && !rule.http.is_empty()
+        && !rule.http.iter().any(|r| r.matches(method, path))
+    {
+        return Reason::RouteNotAllowed;
+    }
+    Reason::Allowed
+}
+
+/// Verdict of one group of policies (all enforce, or all audit).
+struct GroupVerdict {
+    allowed: Option<(String, PolicyVersion, usize)>,
+    deny: Reason,
+    deny_policy: Option<(String, PolicyVersion)>,
+}
+
+fn judge<'p>(
+    policies: impl Iterator<Item = &'p AccessPolicy>,
+    input: &Input<'_>,
+    trace: &mut Vec<RuleTrace>,
+) -> Option<GroupVerdict> {
+    let mut any = false;
+    let mut best = GroupVerdict {
+        allowed: None,
+        deny: Reason::IdentityNotAllowed,
+        deny_policy: None,
+    };
+    for p in policies {
+        any = true;
+        if best.deny_policy.is_none() {
+            best.deny_policy = Some((p.key(), p.version));
+        }
+        for (i, rule) in p.rules.iter().enumerate() {
+            let outcome = rule_outcome(rule, input);
+            trace.push(RuleTrace {
+                policy: p.key(),
+                version: p.version,
+                mode: p.mode,
+                rule: i,
+                outcome,
+            });
+            if outcome == Reason::Allowed {
+                if best.allowed.is_none() {
+                    best.allowed = Some((p.key(), p.version, i));
+                }
+            } else if outcome.progress() > best.deny.progress() {
+                best.deny = outcome;
+                best.deny_policy = Some((p.key(), p.version));
+            }
+        }
+    }
+    any.then_some(best)
+}
+
+/// Evaluates `input` against the policies whose target is the local service.
+pub fn evaluate(policies: &[AccessPolicy], mesh: &MeshConfig, input: &Input<'_>) -> Decision {
+    let mut trace = Vec::new();
+    let enforce = judge(
+        policies.iter().filter(|p| p.mode == Mode::Enforce),
+        input,
+        &mut trace,
+    );
+    let audit = judge(
+        policies.iter().filter(|p| p.mode == Mode::Audit),
+        input,
+        &mut trace,
+    );
+    let allow = |(policy, version, rule): (String, PolicyVersion, usize), trace| Decision {
+        allowed: true,
+        reason: Reason::Allowed,
+        would_deny: None,
+        policy: Some((policy, version)),
+        rule: Some(rule),
+        trace,
+    };
+    match (enforce, audit) {
+        (Some(v), _) => match v.allowed {
+            Some(a) => allow(a, trace),
+            None => Decision {
+                allowed: false,
+                reason: v.deny,
+                would_deny: None,
+                policy: v.deny_policy,
+                rule: None,
+                trace,
+            },
+        },
+        (None, Some(v)) => match v.allowed {
+            Some(a) => allow(a, trace),
+            None => Decision {
+                allowed: true,
+                reason: Reason::Allowed,
+                would_deny: Some(v.deny),
+                policy: v.deny_policy,
+                rule: None,
+                trace,
+            },
+        },
+        (None, None) => match mesh.default_posture {
+            DefaultPosture::Deny => Decision {
+                allowed: false,
+                reason: Reason::NoPolicy,
+                would_deny: None,
+                policy: None,
+                rule: None,
+                trace,
+            },
+            DefaultPosture::AllowAuthenticated => Decision {
+                allowed: true,
+                reason: Reason::AllowAuthenticated,
+                would_deny: None,
+                policy: None,
+                rule: None,
+                trace,
+            },
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Document, parse_documents};
+    use moat_identity::TrustDomain;
+
+    fn policies(yaml: &str) -> Vec<AccessPolicy> {
+        parse_documents(yaml, "t", &TrustDomain::default_domain())
+            .unwrap()
+            .into_iter()
+            .filter_map(|d| match d {
+                Document::AccessPolicy(p) => Some(p),
+                Document::MeshConfig(_) => None,
+            })
+            .collect()
+    }
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::parse_with_default(s, &TrustDomain::default_domain()).unwrap()
+    }
+
+    const ORDERS: &str = r#"
+apiVersion: moat.dev/v1
+kind: AccessPolicy
+metadata: { name: orders }
+spec:
+  target: orders
+  rules:
+    - from: [frontend]
+      ports: [8080]
+      http: [{ methods: [GET], paths: ["/orders", "/orders/*"] }]
+    - from: [admin]
+"#;
+
+    fn check(
+        ps: &[AccessPolicy],
+        mesh: &MeshConfig,
+        who: &str,
+        port: u16,
+        http: Option<(&str, &str)>,
+    ) -> Decision {
+        evaluate(
+            ps,
+            mesh,
+            &Input {
+                peer: &id(who),
+                port,
+                http,
+            },
+        )
+    }
+
+    #[test]
+    fn the_table() {
+        let ps = policies(ORDERS);
+        let mesh = MeshConfig::default();
+        let cases: &[(&str, u16, Option<(&str, &str)>, bool, Reason)] = &[
+            (
+                "frontend",
+                8080,
+                Some(("GET", "/orders")),
+                true,
+                Reason::Allowed,
+            ),
+            (
+                "frontend",
+                8080,
+                Some(("GET", "/orders/1")),
+                true,
+                Reason::Allowed,
+            ),
+            (
+                "frontend",
+                8080,
+                Some(("GET", "/orders/1/items")),
+                true,
+                Reason::Allowed,
+            ),
+            (
+                "frontend",
+                8080,
+                Some(("DELETE", "/orders/1")),
+                false,
+                Reason::RouteNotAllowed,
+            ),
+            (
+                "frontend",
+                8080,
+                Some(("GET", "/ordersx")),
+                false,
+                Reason::RouteNotAllowed,
+            ),
+            (
+                "frontend",
+                8080,
+                Some(("GET", "/")),
+                false,
+                Reason::RouteNotAllowed,
+            ),
+            (
+                "frontend",
+                9090,
+                Some(("GET", "/orders")),
+                false,
+                Reason::PortNotAllowed,
+            ),
+            ("frontend", 8080, None, true, Reason::Allowed),
+            ("frontend", 9090, None, false, Reason::PortNotAllowed),
+            (
+                "payments",
+                8080,
+                Some(("GET", "/orders")),
+                false,
+                Reason::IdentityNotAllowed,
+            ),
+            ("payments", 8080, None, false, Reason::IdentityNotAllowed),
+            (
+                "admin",
+                1,
+                Some(("DELETE", "/anything")),
+                true,
+                Reason::Allowed,
+            ),
+        ];
+        for (who, port, http, allowed, reason) in cases {
+            let d = check(&ps, &mesh, who, *port, *http);
+            assert_eq!(
+                (d.allowed, d.reason),
+                (*allowed, *reason),
+                "{who} {port} {http:?}: {d:?}"
+            );
+            assert_eq!(d.trace.len(), 2);
+        }
+        let d = check(&ps, &mesh, "admin", 1, None);
+        assert_eq!(
+            (d.policy.unwrap().0, d.rule),
+            ("default/orders".to_owned(), Some(1))
+        );
+    }
+
+    #[test]
+    fn default_posture_and_audit_mode() {
+        let none: Vec<AccessPolicy> = Vec::new();
+        let deny = check(&none, &MeshConfig::default(), "a", 1, None);
+        assert_eq!((deny.allowed, deny.reason), (false, Reason::NoPolicy));
+        let open = MeshConfig {
+            default_posture: DefaultPosture::AllowAuthenticated,
+        };
+        let allow = check(&none, &open, "a", 1, None);
+        assert_eq!(
+            (allow.allowed, allow.reason),
+            (true, Reason::AllowAuthenticated)
+        );
+
+        let audit =
+            policies(&ORDERS.replace("  target: orders", "  target: orders\n  mode: audit"));
+        let d = check(
+            &audit,
+            &MeshConfig::default(),
+            "payments",
+            8080,
+            Some(("GET", "/orders")),
+        );
+        assert!(d.allowed);
+        assert_eq!(d.would_deny, Some(Reason::IdentityNotAllowed));
+        let d = check(
+            &audit,
+            &MeshConfig::default(),
+            "frontend",
+            8080,
+            Some(("GET", "/orders")),
+        );
+        assert_eq!((d.allowed, d.would_deny), (true, None));
+
+        // An enforce policy next to an audit one decides alone.
+        let mut both = policies(ORDERS);
+        both.extend(audit);
+        let d = check(&both, &MeshConfig::default(), "payments", 8080, None);
+        assert!(!d.allowed);
+        assert_eq!(d.trace.len(), 4);
+    }
+}

@@ -1,0 +1,15 @@
+//! moat allow-lists, with no I/O. `model` holds the validated domain types (`AccessPolicy`,
+//! `MeshConfig`); `document` turns YAML/JSON documents into them with errors that name the line
+//! or field; `eval` is the pure evaluator that the proxy, the control plane and the CLI share:
+//! it returns a decision, a stable reason code and a trace of why each rule did or did not match.
+
+pub mod document;
+pub mod eval;
+pub mod model;
+
+pub use document::{Document, DocumentError, parse_documents};
+pub use eval::{Decision, Reason, RuleTrace, evaluate};
+pub use model::{
+    AccessPolicy, DefaultPosture, HttpRoute, MeshConfig, Method, Mode, PathPattern, PolicyName,
+    PolicyVersion, Rule,
+};

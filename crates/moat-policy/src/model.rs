@@ -1,0 +1,221 @@
+//! Validated policy types. Every value here has passed validation; the evaluator never
+//! re-checks.
+
+use std::fmt;
+use std::str::FromStr;
+
+use moat_identity::SpiffeId;
+
+/// A policy's name (DNS-label style, like a Kubernetes object name).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyName(String);
+
+impl FromStr for PolicyName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let ok = !s.is_empty()
+            && s.len() <= 253
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+            && !s.starts_with(['-', '.'])
+            && !s.ends_with(['-', '.']);
+        if ok {
+            Ok(PolicyName(s.to_owned()))
+        } else {
+            Err(format!(
+                "invalid name {s:?}: use lowercase letters, digits, '-' and '.', at most 253"
+            ))
+        }
+    }
+}
+
+impl fmt::Display for PolicyName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The store revision at which a policy was applied; grows with every change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct PolicyVersion(pub u64);
+
+impl fmt::Display for PolicyVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Enforce denies; audit only reports what it would deny.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Audit,
+}
+
+impl Mode {
+    /// `enforce` or `audit`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Audit => "audit",
+        }
+    }
+}
+
+/// An HTTP method (uppercase token). `*` is not a method: leave `methods` empty for any.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Method(String);
+
+impl FromStr for Method {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let ok = !s.is_empty() && s.len() <= 32 && s.chars().all(|c| c.is_ascii_uppercase());
+        if ok {
+            Ok(Method(s.to_owned()))
+        } else {
+            Err(format!(
+                "invalid method {s:?}: write an uppercase HTTP method such as GET or POST"
+            ))
+        }
+    }
+}
+
+impl Method {
+    /// The method token.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A path pattern: exact (`/orders`), or a prefix ending in `/*` (`/orders/*` matches `/orders/1`
+/// and `/orders/1/items`, not `/orders` itself), or `*` for any path.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum PathPattern {
+    Any,
+    Exact(String),
+    /// The prefix including its trailing `/`.
+    Prefix(String),
+}
+
+impl FromStr for PathPattern {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "*" {
+            return Ok(PathPattern::Any);
+        }
+        if !s.starts_with('/') {
+            return Err(format!(
+                "invalid path pattern {s:?}: it must start with '/' (or be '*')"
+            ));
+        }
+        if s.chars()
+            .any(|c| c.is_control() || c.is_whitespace() || c == '?' || c == '#')
+        {
+            return Err(format!(
+                "invalid path pattern {s:?}: no spaces, control characters, '?' or '#'"
+            ));
+        }
+        match s.find('*') {
+            None => Ok(PathPattern::Exact(s.to_owned())),
+            Some(i) if i == s.len() - 1 && s.ends_with("/*") => {
+                Ok(PathPattern::Prefix(s[..i].to_owned()))
+            }
+            Some(_) => Err(format!(
+                "invalid path pattern {s:?}: '*' is allowed only as a final '/*' segment"
+            )),
+        }
+    }
+}
+
+impl PathPattern {
+    /// Whether `path` (without query) matches.
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathPattern::Any => true,
+            PathPattern::Exact(p) => p == path,
+            PathPattern::Prefix(p) => path.len() > p.len() && path.starts_with(p.as_str()),
+        }
+    }
+}
+
+impl fmt::Display for PathPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PathPattern::Any => f.write_str("*"),
+            PathPattern::Exact(p) => f.write_str(p),
+            PathPattern::Prefix(p) => write!(f, "{p}*"),
+        }
+    }
+}
+
+/// One L7 alternative: any listed method (or any, when empty) on any listed path (or any).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpRoute {
+    pub methods: Vec<Method>,
+    pub paths: Vec<PathPattern>,
+}
+
+impl HttpRoute {
+    /// Whether a request matches.
+    pub fn matches(&self, method: &str, path: &str) -> bool {
+        (self.methods.is_empty() || self.methods.iter().any(|m| m.as_str() == method))
+            && (self.paths.is_empty() || self.paths.iter().any(|p| p.matches(path)))
+    }
+}
+
+/// One allow rule: callers, optional ports, optional HTTP routes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub from: Vec<SpiffeId>,
+    /// Empty: any port.
+    pub ports: Vec<u16>,
+    /// Empty: any request. Non-empty: a request must match one route.
+    pub http: Vec<HttpRoute>,
+}
+
+/// An allow-list for one target service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccessPolicy {
+    pub name: PolicyName,
+    /// The namespace the policy object lives in (`default` when not given).
+    pub namespace: String,
+    pub target: SpiffeId,
+    pub mode: Mode,
+    pub rules: Vec<Rule>,
+    /// Assigned by the control plane when stored; 0 for a policy read from a file.
+    pub version: PolicyVersion,
+}
+
+impl AccessPolicy {
+    /// `namespace/name`, the policy's key.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// What happens to a service with no policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DefaultPosture {
+    /// Zero trust: deny everything.
+    #[default]
+    Deny,
+    /// Migration aid: allow any caller with a valid mesh certificate.
+    AllowAuthenticated,
+}
+
+impl DefaultPosture {
+    /// `deny` or `allow-authenticated`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DefaultPosture::Deny => "deny",
+            DefaultPosture::AllowAuthenticated => "allow-authenticated",
+        }
+    }
+}
+
+/// Mesh-wide settings.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct MeshConfig {
+    pub default_posture: DefaultPosture,
+}
