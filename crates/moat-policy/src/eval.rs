@@ -267,7 +267,8 @@ spec:
     fn the_table() {
         let ps = policies(ORDERS);
         let mesh = MeshConfig::default();
-        let cases: &[(&str, u16, Option<(&str, &str)>, bool, Reason)] = &[
+        type Case<'a> = (&'a str, u16, Option<(&'a str, &'a str)>, bool, Reason);
+        let cases: &[Case<'_>] = &[
             (
                 "frontend",
                 8080,
