@@ -190,9 +190,13 @@ async fn impostor() -> (String, tokio::task::JoinHandle<Vec<bool>>) {
         ca.bundle(),
     )
     .unwrap();
-    let config =
-        moat_tls::server_config(&cred, Arc::new(ca.bundle().clone()), ClientAuth::Optional)
-            .unwrap();
+    let config = moat_tls::server_config(
+        &cred,
+        Arc::new(ca.bundle().clone()),
+        ClientAuth::Optional,
+        &[moat_tls::ALPN_H2],
+    )
+    .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let handle = tokio::spawn(async move {

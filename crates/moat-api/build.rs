@@ -2,7 +2,11 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["moat/v1/identity.proto", "moat/v1/admin.proto"];
+    let files = [
+        "moat/v1/identity.proto",
+        "moat/v1/mesh.proto",
+        "moat/v1/admin.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed={}", root.join(file).display());
     }

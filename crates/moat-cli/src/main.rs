@@ -51,6 +51,9 @@ enum Command {
     /// Workload certificates: issue, request with a token, renew, inspect.
     #[command(subcommand)]
     Cert(commands::cert::CertCmd),
+    /// Allow-lists: apply, get, delete, validate.
+    #[command(subcommand)]
+    Policy(commands::policy::PolicyCmd),
     /// Show the newest control-plane audit log entries.
     Audit(commands::audit::AuditArgs),
 }
@@ -62,6 +65,7 @@ async fn main() -> ExitCode {
         Command::Token(c) => commands::token::run(&cli.global, c).await,
         Command::Ca(c) => commands::ca::run(&cli.global, c).await,
         Command::Cert(c) => commands::cert::run(&cli.global, c).await,
+        Command::Policy(c) => commands::policy::run(&cli.global, c).await,
         Command::Audit(a) => commands::audit::run(&cli.global, a).await,
     };
     match result {

@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use moat_api::v1::admin_server::Admin;
 use moat_api::v1::{
-    AuditEntry, CaCertificate, CertifyResponse, CreateTokenRequest, CreateTokenResponse,
-    IssueCertificateRequest, ListAuditRequest, ListAuditResponse, ListTokensRequest,
-    ListTokensResponse, RevokeTokenRequest, RevokeTokenResponse, ShowCaRequest, ShowCaResponse,
-    TokenInfo,
+    ApplyPoliciesRequest, ApplyPoliciesResponse, AuditEntry, CaCertificate, CertifyResponse,
+    CreateTokenRequest, CreateTokenResponse, DeletePolicyRequest, DeletePolicyResponse,
+    IssueCertificateRequest, ListAuditRequest, ListAuditResponse, ListPoliciesRequest,
+    ListPoliciesResponse, ListTokensRequest, ListTokensResponse, RevokeTokenRequest,
+    RevokeTokenResponse, ShowCaRequest, ShowCaResponse, TokenInfo,
 };
 use moat_ca::{CaCertInfo, CertTtl};
 use moat_identity::{SpiffeId, ValidatedCsr};
@@ -16,6 +17,8 @@ use tonic::{Request, Response, Status};
 
 use crate::audit::Outcome;
 use crate::identity_svc::{certify_response, token_status};
+use crate::mesh_svc::policy_to_proto;
+use crate::policies::PolicyError;
 use crate::state::ControlPlane;
 use crate::tokens::TokenRecord;
 
@@ -236,5 +239,96 @@ impl Admin for AdminService {
         };
         // Reading the log is not itself logged, so that reading it does not grow it.
         result.map(Response::new)
+    }
+
+    async fn apply_policies(
+        &self,
+        req: Request<ApplyPoliciesRequest>,
+    ) -> Result<Response<ApplyPoliciesResponse>, Status> {
+        let actor = self.0.require_admin(&req, "policy.apply").await?;
+        let sources: Vec<(String, String)> = req
+            .into_inner()
+            .sources
+            .into_iter()
+            .map(|s| (s.name, s.text))
+            .collect();
+        let names = sources
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let result = self
+            .0
+            .policies
+            .apply(&sources)
+            .await
+            .map(|(policies, mesh)| ApplyPoliciesResponse {
+                policies: policies.iter().map(policy_to_proto).collect(),
+                default_posture: mesh
+                    .map(|m| m.default_posture.as_str().to_owned())
+                    .unwrap_or_default(),
+            })
+            .map_err(policy_status);
+        self.audited(&actor, "policy.apply", &names, result)
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_policies(
+        &self,
+        req: Request<ListPoliciesRequest>,
+    ) -> Result<Response<ListPoliciesResponse>, Status> {
+        let actor = self.0.require_admin(&req, "policy.list").await?;
+        let result = self
+            .0
+            .policies
+            .load()
+            .await
+            .map(|set| ListPoliciesResponse {
+                policies: set.policies.iter().map(policy_to_proto).collect(),
+                default_posture: set.mesh.default_posture.as_str().to_owned(),
+                documents: set
+                    .policies
+                    .iter()
+                    .map(moat_policy::access_policy_yaml)
+                    .collect(),
+            })
+            .map_err(policy_status);
+        self.audited(&actor, "policy.list", "", result)
+            .await
+            .map(Response::new)
+    }
+
+    async fn delete_policy(
+        &self,
+        req: Request<DeletePolicyRequest>,
+    ) -> Result<Response<DeletePolicyResponse>, Status> {
+        let actor = self.0.require_admin(&req, "policy.delete").await?;
+        let name = req.into_inner().name;
+        let result = self
+            .0
+            .policies
+            .delete(&name)
+            .await
+            .map(|()| DeletePolicyResponse {})
+            .map_err(policy_status);
+        self.audited(&actor, "policy.delete", &name, result)
+            .await
+            .map(Response::new)
+    }
+}
+
+fn policy_status(e: PolicyError) -> Status {
+    match e {
+        PolicyError::Invalid(_) | PolicyError::Request(_) => {
+            Status::invalid_argument(e.to_string())
+        }
+        PolicyError::NotFound(_) => Status::not_found(e.to_string()),
+        PolicyError::Store(_) | PolicyError::Corrupt { .. } => {
+            tracing::error!(error = %e, "policy store failure");
+            Status::unavailable(format!(
+                "the control plane cannot use its policy store: {e}"
+            ))
+        }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! `serve` brings the store, the CA (`ca`, unsealed with the KEK from `kek_source`) and the
 //! control plane's own certificates (`self_cert`) up, then serves `Identity` (`identity_svc`) and
-//! `Admin` (`admin_svc`) over TLS 1.3 (`listener`). Join tokens live in `tokens`, the audit log
+//! `Admin` (`admin_svc`) and `Mesh` (`mesh_svc`, with the proxy `registry` and the stored
+//! `policies`) over TLS 1.3 (`listener`). Join tokens live in `tokens`, the audit log
 //! in `audit`, and what the handlers share in `state`. The binary in `main.rs` only parses flags.
 
 pub mod admin_svc;
@@ -11,6 +12,9 @@ pub mod ca;
 pub mod identity_svc;
 pub mod kek_source;
 pub mod listener;
+pub mod mesh_svc;
+pub mod policies;
+pub mod registry;
 pub mod self_cert;
 pub mod state;
 pub mod tokens;
@@ -22,6 +26,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use moat_api::v1::admin_server::AdminServer;
 use moat_api::v1::identity_server::IdentityServer;
+use moat_api::v1::mesh_server::MeshServer;
 use moat_ca::CertTtl;
 use moat_identity::{SpiffeId, TrustDomain};
 use moat_store::{EmbeddedStore, Store};
@@ -116,10 +121,20 @@ pub async fn serve(
         admin_issued.refresh_after,
     ));
 
+    let policies = policies::Policies::new(store.clone(), ca.trust_domain().clone());
+    let mesh = mesh_svc::MeshState::new(
+        policies
+            .load()
+            .await
+            .context("cannot load the stored policies")?,
+    );
+    tokio::spawn(mesh_svc::follow_policies(policies.clone(), mesh.clone()));
     let state = Arc::new(state::ControlPlane {
         ca: ca.clone(),
         tokens: tokens::Tokens::new(store.clone()),
         audit: audit::AuditLog::new(store.clone()),
+        policies,
+        mesh: mesh.clone(),
         default_ttl: cfg.default_ttl,
         admins: cfg.admins.clone(),
     });
@@ -138,6 +153,13 @@ pub async fn serve(
         .add_service(
             IdentityServer::new(identity_svc::IdentityService(state.clone()))
                 .max_decoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(
+            MeshServer::new(mesh_svc::MeshService {
+                ca: ca.clone(),
+                state: mesh,
+            })
+            .max_decoding_message_size(MAX_MESSAGE),
         )
         .add_service(
             AdminServer::new(admin_svc::AdminService(state)).max_decoding_message_size(MAX_MESSAGE),

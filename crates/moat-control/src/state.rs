@@ -1,4 +1,5 @@
-//! What every gRPC handler shares: the CA, tokens, the audit log and the policy on who is admin.
+//! What every gRPC handler shares: the CA, tokens, the audit log, policies, the live mesh state
+//! and who is admin.
 
 use std::sync::Arc;
 
@@ -8,6 +9,8 @@ use tonic::Status;
 
 use crate::audit::{AuditLog, Outcome};
 use crate::listener::ConnInfo;
+use crate::mesh_svc::MeshState;
+use crate::policies::Policies;
 use crate::tokens::Tokens;
 
 /// Shared control-plane state.
@@ -16,6 +19,8 @@ pub struct ControlPlane {
     pub ca: Arc<CertificateAuthority>,
     pub tokens: Tokens,
     pub audit: AuditLog,
+    pub policies: Policies,
+    pub mesh: Arc<MeshState>,
     pub default_ttl: CertTtl,
     pub admins: Vec<SpiffeId>,
 }

@@ -6,7 +6,7 @@
 use std::fmt;
 
 use moat_identity::{SpiffeId, TrustDomain};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::model::{
     AccessPolicy, DefaultPosture, HttpRoute, MeshConfig, Mode, PolicyName, PolicyVersion, Rule,
@@ -61,83 +61,78 @@ struct Probe {
     kind: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct AccessPolicyDoc {
-    #[allow(dead_code)]
     api_version: String,
-    #[allow(dead_code)]
     kind: String,
     metadata: MetadataDoc,
     spec: AccessPolicySpec,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct MetadataDoc {
     name: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     namespace: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 enum ModeDoc {
     Enforce,
     Audit,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct AccessPolicySpec {
     target: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     mode: Option<ModeDoc>,
     rules: Vec<RuleDoc>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RuleDoc {
     from: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     ports: Vec<u16>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     http: Vec<HttpDoc>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct HttpDoc {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     methods: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     paths: Vec<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct MeshConfigDoc {
-    #[allow(dead_code)]
     api_version: String,
-    #[allow(dead_code)]
     kind: String,
-    #[allow(dead_code)]
     metadata: MetadataDoc,
     spec: MeshConfigSpec,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 enum PostureDoc {
     Deny,
     AllowAuthenticated,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct MeshConfigSpec {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     default_posture: Option<PostureDoc>,
 }
 
@@ -359,6 +354,63 @@ fn mesh_config(d: MeshConfigDoc) -> MeshConfig {
     }
 }
 
+/// The canonical YAML document of a policy (full SPIFFE IDs), which parses back to an equal
+/// policy (version aside). The control plane stores this form.
+pub fn access_policy_yaml(p: &AccessPolicy) -> String {
+    let doc = AccessPolicyDoc {
+        api_version: API_VERSION.to_owned(),
+        kind: "AccessPolicy".to_owned(),
+        metadata: MetadataDoc {
+            name: p.name.to_string(),
+            namespace: Some(p.namespace.clone()),
+        },
+        spec: AccessPolicySpec {
+            target: p.target.to_string(),
+            mode: Some(match p.mode {
+                Mode::Enforce => ModeDoc::Enforce,
+                Mode::Audit => ModeDoc::Audit,
+            }),
+            rules: p
+                .rules
+                .iter()
+                .map(|r| RuleDoc {
+                    from: r.from.iter().map(|f| f.to_string()).collect(),
+                    ports: r.ports.clone(),
+                    http: r
+                        .http
+                        .iter()
+                        .map(|h| HttpDoc {
+                            methods: h.methods.iter().map(|m| m.as_str().to_owned()).collect(),
+                            paths: h.paths.iter().map(|p| p.to_string()).collect(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        },
+    };
+    // Serialising plain strings, integers and enums to YAML cannot fail.
+    serde_yaml_ng::to_string(&doc).unwrap_or_default()
+}
+
+/// The canonical YAML document of a mesh config.
+pub fn mesh_config_yaml(m: &MeshConfig) -> String {
+    let doc = MeshConfigDoc {
+        api_version: API_VERSION.to_owned(),
+        kind: "MeshConfig".to_owned(),
+        metadata: MetadataDoc {
+            name: "mesh".to_owned(),
+            namespace: None,
+        },
+        spec: MeshConfigSpec {
+            default_posture: Some(match m.default_posture {
+                DefaultPosture::Deny => PostureDoc::Deny,
+                DefaultPosture::AllowAuthenticated => PostureDoc::AllowAuthenticated,
+            }),
+        },
+    };
+    serde_yaml_ng::to_string(&doc).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -469,6 +521,21 @@ spec: { defaultPosture: allow-authenticated }
         assert!(one_error("{{{").line.is_some());
         let e = one_error(&ORDERS.replace("[8080]", "[0]"));
         assert_eq!(e.field.as_deref(), Some("spec.rules[0].ports[0]"));
+    }
+
+    #[test]
+    fn canonical_yaml_round_trips() {
+        for d in parse_documents(ORDERS, "o", &td()).unwrap() {
+            let text = match &d {
+                Document::AccessPolicy(p) => access_policy_yaml(p),
+                Document::MeshConfig(m) => mesh_config_yaml(m),
+            };
+            assert_eq!(
+                parse_documents(&text, "again", &td()).unwrap(),
+                vec![d],
+                "{text}"
+            );
+        }
     }
 
     #[test]

@@ -7,7 +7,9 @@ pub mod document;
 pub mod eval;
 pub mod model;
 
-pub use document::{Document, DocumentError, parse_documents};
+pub use document::{
+    Document, DocumentError, access_policy_yaml, mesh_config_yaml, parse_documents,
+};
 pub use eval::{Decision, Reason, RuleTrace, evaluate};
 pub use model::{
     AccessPolicy, DefaultPosture, HttpRoute, MeshConfig, Method, Mode, PathPattern, PolicyName,

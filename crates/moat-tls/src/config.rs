@@ -12,6 +12,10 @@ use crate::verifier::{SpiffeClientVerifier, SpiffeServerVerifier};
 
 /// ALPN for gRPC and mesh HTTP/2.
 pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN a sidecar uses to say "opaque TCP follows" to another sidecar.
+pub const ALPN_TCP: &[u8] = b"moat-tcp";
+/// ALPN for HTTP/1.1 clients that reach an inbound listener directly.
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
 
 /// Why a credential or config was refused.
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +97,7 @@ impl Credential {
     }
 
     /// A copy of the private key, for building another config.
-    pub(crate) fn key_der(&self) -> PrivateKeyDer<'static> {
+    pub fn key(&self) -> PrivateKeyDer<'static> {
         self.key.clone_key()
     }
 
@@ -112,11 +116,13 @@ pub enum ClientAuth {
     Optional,
 }
 
-/// A TLS 1.3 server config presenting `cred`, verifying clients against `bundle`, ALPN h2.
+/// A TLS 1.3 server config presenting `cred`, verifying clients against `bundle`, offering
+/// `alpn` in preference order.
 pub fn server_config(
     cred: &Credential,
     bundle: Arc<TrustBundle>,
     client_auth: ClientAuth,
+    alpn: &[&[u8]],
 ) -> Result<Arc<ServerConfig>, CredentialError> {
     let verifier = Arc::new(SpiffeClientVerifier::new(
         bundle,
@@ -126,16 +132,17 @@ pub fn server_config(
         .with_protocol_versions(VERSIONS)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(cred.chain.clone(), cred.key.clone_key())?;
-    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(cfg))
 }
 
 /// A TLS 1.3 client config that accepts only a server proving `expected` under `bundle`, and
-/// presents `cred` when given. ALPN h2.
+/// presents `cred` when given, offering `alpn`.
 pub fn client_config(
     cred: Option<&Credential>,
     bundle: Arc<TrustBundle>,
     expected: SpiffeId,
+    alpn: &[u8],
 ) -> Result<Arc<ClientConfig>, CredentialError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)?
@@ -147,7 +154,7 @@ pub fn client_config(
         Some(c) => builder.with_client_auth_cert(c.chain.clone(), c.key.clone_key())?,
         None => builder.with_no_client_auth(),
     };
-    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    cfg.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(cfg))
 }
 

@@ -59,7 +59,7 @@ pub async fn channel(
     cred: Option<&Credential>,
 ) -> Result<Channel, ConnectError> {
     let addr = authority(url)?;
-    let config = client_config(cred, Arc::new(bundle), expected.clone())?;
+    let config = client_config(cred, Arc::new(bundle), expected.clone(), crate::ALPN_H2)?;
     let connector = TlsConnector::from(config);
     let target = addr.clone();
     let service = tower::service_fn(move |_: tonic::codegen::http::Uri| {

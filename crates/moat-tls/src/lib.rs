@@ -14,7 +14,8 @@ pub mod provider;
 pub mod verifier;
 
 pub use config::{
-    ALPN_H2, ClientAuth, Credential, CredentialError, client_config, peer_identity, server_config,
+    ALPN_H2, ALPN_HTTP1, ALPN_TCP, ClientAuth, Credential, CredentialError, client_config,
+    peer_identity, server_config,
 };
 pub use live::{LiveTls, TlsState};
 pub use verifier::{SpiffeClientVerifier, SpiffeServerVerifier};

@@ -64,8 +64,8 @@ fn build(
     client_auth: ClientAuth,
 ) -> Result<TlsState, CredentialError> {
     // Re-check the credential against the bundle it will be served with.
-    let credential = Credential::new(credential.chain().to_vec(), credential.key_der(), &bundle)?;
-    let server = server_config(&credential, bundle.clone(), client_auth)?;
+    let credential = Credential::new(credential.chain().to_vec(), credential.key(), &bundle)?;
+    let server = server_config(&credential, bundle.clone(), client_auth, &[crate::ALPN_H2])?;
     Ok(TlsState {
         credential,
         bundle,

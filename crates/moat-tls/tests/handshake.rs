@@ -70,12 +70,14 @@ async fn mutual_tls_proves_both_identities_with_pq_key_exchange() {
         &credential(&ca, "shop/orders"),
         bundle(&ca),
         ClientAuth::Required,
+        &[moat_tls::ALPN_H2],
     )
     .unwrap();
     let client = client_config(
         Some(&credential(&ca, "shop/frontend")),
         bundle(&ca),
         id("shop/orders"),
+        moat_tls::ALPN_H2,
     )
     .unwrap();
     assert_eq!(
@@ -91,12 +93,14 @@ async fn client_refuses_a_server_with_the_wrong_identity() {
         &credential(&ca, "shop/impostor"),
         bundle(&ca),
         ClientAuth::Required,
+        &[moat_tls::ALPN_H2],
     )
     .unwrap();
     let client = client_config(
         Some(&credential(&ca, "shop/frontend")),
         bundle(&ca),
         id("shop/orders"),
+        moat_tls::ALPN_H2,
     )
     .unwrap();
     let err = handshake(server, client).await.unwrap_err();
@@ -114,9 +118,10 @@ async fn client_refuses_a_server_from_a_foreign_ca() {
         &credential(&foreign, "shop/orders"),
         bundle(&foreign),
         ClientAuth::Optional,
+        &[moat_tls::ALPN_H2],
     )
     .unwrap();
-    let client = client_config(None, bundle(&ca), id("shop/orders")).unwrap();
+    let client = client_config(None, bundle(&ca), id("shop/orders"), moat_tls::ALPN_H2).unwrap();
     let err = handshake(server, client).await.unwrap_err();
     assert!(
         err.to_lowercase().contains("unknownissuer") || err.contains("UnknownIssuer"),
@@ -132,9 +137,10 @@ async fn server_requires_a_valid_client_certificate_when_mandatory() {
         &credential(&ca, "shop/orders"),
         bundle(&ca),
         ClientAuth::Required,
+        &[moat_tls::ALPN_H2],
     )
     .unwrap();
-    let anonymous = client_config(None, bundle(&ca), id("shop/orders")).unwrap();
+    let anonymous = client_config(None, bundle(&ca), id("shop/orders"), moat_tls::ALPN_H2).unwrap();
     assert!(
         handshake(required.clone(), anonymous.clone())
             .await
@@ -144,6 +150,7 @@ async fn server_requires_a_valid_client_certificate_when_mandatory() {
         Some(&credential(&foreign, "shop/frontend")),
         bundle(&ca),
         id("shop/orders"),
+        moat_tls::ALPN_H2,
     )
     .unwrap();
     assert!(handshake(required, stranger.clone()).await.is_err());
@@ -153,6 +160,7 @@ async fn server_requires_a_valid_client_certificate_when_mandatory() {
         &credential(&ca, "shop/orders"),
         bundle(&ca),
         ClientAuth::Optional,
+        &[moat_tls::ALPN_H2],
     )
     .unwrap();
     assert_eq!(handshake(optional.clone(), anonymous).await.unwrap(), None);

@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod ca;
 pub mod cert;
+pub mod policy;
 pub mod token;
 
 use moat_api::v1::admin_client::AdminClient;

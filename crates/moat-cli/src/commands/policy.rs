@@ -1,0 +1,217 @@
+//! `moat policy apply|get|delete|validate`. Documents are validated locally first (the same
+//! parser the control plane runs again before storing), and a set is applied whole or not at all.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use clap::Subcommand;
+use moat_api::v1::{ApplyPoliciesRequest, DeletePolicyRequest, ListPoliciesRequest, PolicySource};
+use moat_identity::TrustDomain;
+use moat_policy::{Document, parse_documents};
+
+use super::admin;
+use crate::Global;
+use crate::connect::status;
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCmd {
+    /// Validate and apply AccessPolicy/MeshConfig documents from a file or every .yaml/.yml/.json
+    /// file of a directory. Nothing is applied if any document is invalid.
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        path: PathBuf,
+    },
+    /// Show stored policies (all, or one `namespace/name`).
+    Get {
+        name: Option<String>,
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "yaml", "json"])]
+        output: String,
+    },
+    /// Delete a policy by `namespace/name` (or `name` in namespace default).
+    Delete { name: String },
+    /// Check documents offline, without a control plane.
+    Validate {
+        #[arg(short = 'f', long = "file")]
+        path: PathBuf,
+        /// Trust domain for short identity forms.
+        #[arg(long, env = "MOAT_TRUST_DOMAIN", default_value = "moat.local")]
+        trust_domain: TrustDomain,
+    },
+}
+
+/// Reads `path` (a file, or the policy files of a directory, sorted) as (name, text) pairs.
+fn sources(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
+    let files = if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.extension()
+                    .is_some_and(|x| x == "yaml" || x == "yml" || x == "json")
+            })
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            bail!("{} holds no .yaml, .yml or .json files", path.display());
+        }
+        files
+    } else {
+        vec![path.to_path_buf()]
+    };
+    files
+        .into_iter()
+        .map(|f| {
+            let meta =
+                std::fs::metadata(&f).with_context(|| format!("cannot read {}", f.display()))?;
+            if meta.len() > moat_policy::document::MAX_INPUT_BYTES as u64 {
+                bail!(
+                    "{}: {} bytes; the limit is {} per file",
+                    f.display(),
+                    meta.len(),
+                    moat_policy::document::MAX_INPUT_BYTES
+                );
+            }
+            let text = std::fs::read_to_string(&f)
+                .with_context(|| format!("cannot read {} as UTF-8 text", f.display()))?;
+            Ok((f.display().to_string(), text))
+        })
+        .collect()
+}
+
+/// Validates every source; on any error prints them all and fails.
+fn validate(sources: &[(String, String)], td: &TrustDomain) -> anyhow::Result<Vec<Document>> {
+    let mut docs = Vec::new();
+    let mut errors = Vec::new();
+    for (name, text) in sources {
+        match parse_documents(text, name, td) {
+            Ok(mut d) => docs.append(&mut d),
+            Err(mut e) => errors.append(&mut e),
+        }
+    }
+    if !errors.is_empty() {
+        for e in &errors {
+            eprintln!("{e}");
+        }
+        bail!("{} invalid document(s); nothing was applied", errors.len());
+    }
+    Ok(docs)
+}
+
+pub async fn run(global: &Global, cmd: PolicyCmd) -> anyhow::Result<()> {
+    match cmd {
+        PolicyCmd::Validate { path, trust_domain } => {
+            let docs = validate(&sources(&path)?, &trust_domain)?;
+            println!("{} valid document(s)", docs.len());
+            Ok(())
+        }
+        PolicyCmd::Apply { path } => {
+            let sources = sources(&path)?;
+            let dir = crate::creds::CredDir::load(&global.credentials)?;
+            validate(&sources, dir.credential.id().trust_domain())?;
+            let resp = admin(global)
+                .await?
+                .apply_policies(ApplyPoliciesRequest {
+                    sources: sources
+                        .into_iter()
+                        .map(|(name, text)| PolicySource { name, text })
+                        .collect(),
+                })
+                .await
+                .map_err(|s| status("policy apply", s))?
+                .into_inner();
+            for p in &resp.policies {
+                println!(
+                    "applied {}/{} (version {}, target {}, {})",
+                    p.namespace, p.name, p.version, p.target, p.mode
+                );
+            }
+            if !resp.default_posture.is_empty() {
+                println!(
+                    "applied mesh config (default posture {})",
+                    resp.default_posture
+                );
+            }
+            Ok(())
+        }
+        PolicyCmd::Get { name, output } => {
+            let resp = admin(global)
+                .await?
+                .list_policies(ListPoliciesRequest {})
+                .await
+                .map_err(|s| status("policy get", s))?
+                .into_inner();
+            let want = name.map(|n| {
+                if n.contains('/') {
+                    n
+                } else {
+                    format!("default/{n}")
+                }
+            });
+            let chosen: Vec<usize> = (0..resp.policies.len())
+                .filter(|i| {
+                    let p = &resp.policies[*i];
+                    want.as_ref()
+                        .is_none_or(|w| *w == format!("{}/{}", p.namespace, p.name))
+                })
+                .collect();
+            if let Some(w) = &want
+                && chosen.is_empty()
+            {
+                bail!("no policy {w}");
+            }
+            match output.as_str() {
+                "yaml" => {
+                    let docs: Vec<&str> = chosen
+                        .iter()
+                        .filter_map(|i| resp.documents.get(*i).map(String::as_str))
+                        .collect();
+                    print!("{}", docs.join("---\n"));
+                }
+                "json" => {
+                    let v: Vec<_> = chosen
+                        .iter()
+                        .map(|i| {
+                            let p = &resp.policies[*i];
+                            serde_json::json!({
+                                "namespace": p.namespace, "name": p.name, "version": p.version,
+                                "target": p.target, "mode": p.mode, "rules": p.rules.len(),
+                            })
+                        })
+                        .collect();
+                    println!(
+                        "{}",
+                        serde_json::json!({"default_posture": resp.default_posture, "policies": v})
+                    );
+                }
+                _ => {
+                    println!("default posture: {}", resp.default_posture);
+                    println!(
+                        "{:<32}  {:>8}  {:<8}  {:>5}  TARGET",
+                        "POLICY", "VERSION", "MODE", "RULES"
+                    );
+                    for i in chosen {
+                        let p = &resp.policies[i];
+                        println!(
+                            "{:<32}  {:>8}  {:<8}  {:>5}  {}",
+                            format!("{}/{}", p.namespace, p.name),
+                            p.version,
+                            p.mode,
+                            p.rules.len(),
+                            p.target
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+        PolicyCmd::Delete { name } => {
+            admin(global)
+                .await?
+                .delete_policy(DeletePolicyRequest { name: name.clone() })
+                .await
+                .map_err(|s| status("policy delete", s))?;
+            println!("deleted {name}");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! `moat.v1.Mesh`: one stream per proxy. The proxy's identity is its mTLS certificate; its first
+//! message announces where it listens. Whenever anything changes (a proxy joins or leaves, a
+//! policy is applied) the shared generation moves on and every stream sends its proxy a new
+//! snapshot, if what that proxy needs actually changed.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use moat_api::v1::mesh_server::Mesh;
+use moat_api::v1::{
+    HttpRoute, MeshSettings, Policy, PolicyRule, ProxyMessage, Service, Snapshot, proxy_message,
+};
+use moat_ca::CertificateAuthority;
+use moat_identity::SpiffeId;
+use moat_policy::AccessPolicy;
+use prost::Message as _;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::listener::ConnInfo;
+use crate::policies::{Policies, PolicySet};
+use crate::registry::{ProxyEntry, Registry};
+
+const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Mesh-wide live state shared by every stream.
+#[derive(Debug)]
+pub struct MeshState {
+    pub registry: Mutex<Registry>,
+    pub policies: RwLock<Arc<PolicySet>>,
+    generation: watch::Sender<u64>,
+    next_stream: AtomicU64,
+}
+
+impl MeshState {
+    /// Empty state at generation 1.
+    pub fn new(policies: PolicySet) -> Arc<Self> {
+        let (generation, _) = watch::channel(1);
+        Arc::new(MeshState {
+            registry: Mutex::new(Registry::default()),
+            policies: RwLock::new(Arc::new(policies)),
+            generation,
+            next_stream: AtomicU64::new(1),
+        })
+    }
+
+    /// Marks that something changed: every stream re-evaluates its snapshot.
+    pub fn bump(&self) {
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        // A panic while holding the lock leaves plain data behind; keep serving with it.
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replaces the policy set (after a store change) and bumps the generation.
+    pub fn set_policies(&self, set: PolicySet) {
+        *self.policies.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+        self.bump();
+    }
+
+    fn current_policies(&self) -> Arc<PolicySet> {
+        self.policies
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// Keeps `state`'s policies in step with the store: reload on every change under `policies/`
+/// or `meshconfig`.
+pub async fn follow_policies(policies: Policies, state: Arc<MeshState>) {
+    let (mut a, mut b) = policies.changes();
+    loop {
+        match policies.load().await {
+            Ok(set) => state.set_policies(set),
+            Err(e) => tracing::error!(error = %e, "cannot load policies; keeping the previous set"),
+        }
+        // Any event, or a lag (which means events were missed), triggers a full reload.
+        let more = tokio::select! {
+            r = a.next() => !matches!(r, Ok(None)),
+            r = b.next() => !matches!(r, Ok(None)),
+        };
+        if !more {
+            return;
+        }
+    }
+}
+
+/// Proto form of a policy (the control plane's side of the wire).
+pub fn policy_to_proto(p: &AccessPolicy) -> Policy {
+    Policy {
+        namespace: p.namespace.clone(),
+        name: p.name.to_string(),
+        version: p.version.0,
+        target: p.target.to_string(),
+        mode: p.mode.as_str().to_owned(),
+        rules: p
+            .rules
+            .iter()
+            .map(|r| PolicyRule {
+                from: r.from.iter().map(|f| f.to_string()).collect(),
+                ports: r.ports.iter().map(|p| u32::from(*p)).collect(),
+                http: r
+                    .http
+                    .iter()
+                    .map(|h| HttpRoute {
+                        methods: h.methods.iter().map(|m| m.as_str().to_owned()).collect(),
+                        paths: h.paths.iter().map(|p| p.to_string()).collect(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// The Mesh service.
+#[derive(Clone, Debug)]
+pub struct MeshService {
+    pub ca: Arc<CertificateAuthority>,
+    pub state: Arc<MeshState>,
+}
+
+impl MeshService {
+    fn snapshot(&self, id: &SpiffeId, version: u64) -> Snapshot {
+        let set = self.state.current_policies();
+        let services = self
+            .state
+            .registry()
+            .services()
+            .into_iter()
+            .map(|(id, endpoints)| Service {
+                spiffe_id: id.to_string(),
+                endpoints,
+            })
+            .collect();
+        Snapshot {
+            version,
+            trust_bundle_der: self
+                .ca
+                .bundle()
+                .roots()
+                .iter()
+                .map(|c| c.to_vec())
+                .collect(),
+            policies: set.for_target(id).iter().map(policy_to_proto).collect(),
+            mesh: Some(MeshSettings {
+                default_posture: set.mesh.default_posture.as_str().to_owned(),
+            }),
+            services,
+        }
+    }
+}
+
+fn check_address(a: &str) -> Result<(), Status> {
+    let bad = |why: &str| {
+        Status::invalid_argument(format!(
+            "announce.inbound_address {a:?} {why}: announce the host:port other sidecars can reach (set --advertise on the proxy)"
+        ))
+    };
+    let (host, port) = a.rsplit_once(':').ok_or_else(|| bad("has no port"))?;
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => return Err(bad("has no valid port")),
+        Ok(_) => {}
+    }
+    if host.is_empty() || a.len() > 261 {
+        return Err(bad("has no host"));
+    }
+    if let Ok(sa) = a.parse::<SocketAddr>()
+        && sa.ip().is_unspecified()
+    {
+        return Err(bad("is a wildcard address"));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl Mesh for MeshService {
+    type StreamStream = ReceiverStream<Result<Snapshot, Status>>;
+
+    async fn stream(
+        &self,
+        req: Request<Streaming<ProxyMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let conn = req.extensions().get::<ConnInfo>().cloned();
+        let Some((peer, remote)) = conn.and_then(|c| c.peer.map(|p| (p, c.remote))) else {
+            return Err(Status::unauthenticated(
+                "the mesh stream needs mutual TLS with the proxy's certificate",
+            ));
+        };
+        let id = peer.verified.id.clone();
+        let mut inbound = req.into_inner();
+        let announce = match tokio::time::timeout(ANNOUNCE_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(ProxyMessage {
+                message: Some(proxy_message::Message::Announce(a)),
+            }))) => a,
+            Ok(Err(s)) => return Err(s),
+            Err(_) => return Err(Status::deadline_exceeded("no announce within 10 s")),
+            Ok(_) => {
+                return Err(Status::invalid_argument(
+                    "the first message on the mesh stream must be an announce",
+                ));
+            }
+        };
+        check_address(&announce.inbound_address)?;
+        let stream_id = self.state.next_stream.fetch_add(1, Ordering::Relaxed);
+        let now = SystemTime::now();
+        self.state.registry().upsert(
+            stream_id,
+            ProxyEntry {
+                id: id.clone(),
+                inbound_address: announce.inbound_address.clone(),
+                proxy_version: announce.proxy_version.clone(),
+                cert_serial: announce.cert_serial.clone(),
+                cert_not_after: announce.cert_not_after_unix,
+                remote: remote.to_string(),
+                connected_at: now,
+                last_seen: now,
+                applied_version: 0,
+                last_error: None,
+            },
+        );
+        tracing::info!(%id, address = %announce.inbound_address, %remote, "proxy connected");
+        self.state.bump();
+
+        let (tx, rx) = mpsc::channel(4);
+        let svc = self.clone();
+        tokio::spawn(async move {
+            let mut generation = svc.state.generation.subscribe();
+            let mut last_sent: Option<Vec<u8>> = None;
+            loop {
+                let version = *generation.borrow_and_update();
+                let mut snap = svc.snapshot(&id, 0);
+                let body = snap.encode_to_vec();
+                if last_sent.as_ref() != Some(&body) {
+                    snap.version = version;
+                    if tx.send(Ok(snap)).await.is_err() {
+                        break;
+                    }
+                    last_sent = Some(body);
+                }
+                tokio::select! {
+                    changed = generation.changed() => if changed.is_err() { break },
+                    msg = inbound.message() => match msg {
+                        Ok(Some(m)) => svc.on_message(stream_id, &id, m),
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::info!(%id, error = %e, "mesh stream failed");
+                            break;
+                        }
+                    },
+                    () = tx.closed() => break,
+                }
+            }
+            svc.state.registry().remove(stream_id);
+            svc.state.bump();
+            tracing::info!(%id, "proxy disconnected");
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+impl MeshService {
+    fn on_message(&self, stream: u64, id: &SpiffeId, m: ProxyMessage) {
+        let mut reg = self.state.registry();
+        let Some(entry) = reg.get_mut(stream) else {
+            return;
+        };
+        entry.last_seen = SystemTime::now();
+        match m.message {
+            Some(proxy_message::Message::Ack(ack)) => {
+                if ack.applied {
+                    entry.applied_version = ack.version;
+                    entry.last_error = None;
+                } else {
+                    tracing::warn!(%id, version = ack.version, error = %ack.error, "proxy refused a snapshot");
+                    entry.last_error = Some(ack.error);
+                }
+                if !ack.cert_serial.is_empty() {
+                    entry.cert_serial = ack.cert_serial;
+                    entry.cert_not_after = ack.cert_not_after_unix;
+                }
+            }
+            Some(proxy_message::Message::Announce(_)) | None => {
+                tracing::warn!(%id, "unexpected message on the mesh stream; ignored");
+            }
+        }
+    }
+}

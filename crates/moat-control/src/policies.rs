@@ -1,0 +1,206 @@
+//! Policies in the store: `policies/<namespace>/<name>` holds a policy's canonical YAML and
+//! `meshconfig` the mesh config's. A policy's version is the store revision that last wrote it.
+//! An apply is one transaction: every document is validated first and nothing of a refused set
+//! is stored.
+
+use std::sync::Arc;
+
+use moat_identity::TrustDomain;
+use moat_policy::{
+    AccessPolicy, Document, DocumentError, MeshConfig, PolicyVersion, access_policy_yaml,
+    mesh_config_yaml, parse_documents,
+};
+use moat_store::{Op, Store, StoreError, Txn};
+
+/// Store prefix of policies.
+pub const PREFIX: &str = "policies/";
+/// Store key of the mesh config.
+pub const MESH_KEY: &str = "meshconfig";
+
+/// Every policy and the mesh config, as stored.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicySet {
+    pub policies: Vec<AccessPolicy>,
+    pub mesh: MeshConfig,
+}
+
+impl PolicySet {
+    /// The policies protecting `target`.
+    pub fn for_target(&self, target: &moat_identity::SpiffeId) -> Vec<AccessPolicy> {
+        self.policies
+            .iter()
+            .filter(|p| &p.target == target)
+            .cloned()
+            .collect()
+    }
+}
+
+/// Why an apply or delete failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<DocumentError>),
+    #[error("{0}")]
+    Request(String),
+    #[error("no policy {0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("stored policy {key} is unreadable: {detail}")]
+    Corrupt { key: String, detail: String },
+}
+
+/// Policy operations over the store.
+#[derive(Clone, Debug)]
+pub struct Policies {
+    store: Arc<dyn Store>,
+    trust_domain: TrustDomain,
+}
+
+fn key_of(p: &AccessPolicy) -> String {
+    format!("{PREFIX}{}", p.key())
+}
+
+impl Policies {
+    /// Policy operations for a mesh in `trust_domain`.
+    pub fn new(store: Arc<dyn Store>, trust_domain: TrustDomain) -> Self {
+        Policies {
+            store,
+            trust_domain,
+        }
+    }
+
+    /// Validates every source, then stores all documents in one transaction. Returns the stored
+    /// policies with their versions and the mesh config if one was applied.
+    pub async fn apply(
+        &self,
+        sources: &[(String, String)],
+    ) -> Result<(Vec<AccessPolicy>, Option<MeshConfig>), PolicyError> {
+        if sources.is_empty() {
+            return Err(PolicyError::Request("no policy documents were sent".into()));
+        }
+        let mut docs = Vec::new();
+        let mut errors = Vec::new();
+        for (name, text) in sources {
+            match parse_documents(text, name, &self.trust_domain) {
+                Ok(mut d) => docs.append(&mut d),
+                Err(mut e) => errors.append(&mut e),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(PolicyError::Invalid(errors));
+        }
+        let mut ops = Vec::new();
+        let mut policies = Vec::new();
+        let mut mesh = None;
+        for d in docs {
+            match d {
+                Document::AccessPolicy(p) => {
+                    if policies.iter().any(|q: &AccessPolicy| q.key() == p.key()) {
+                        return Err(PolicyError::Request(format!(
+                            "policy {} appears twice in the set",
+                            p.key()
+                        )));
+                    }
+                    ops.push(Op::Put(key_of(&p), access_policy_yaml(&p).into_bytes()));
+                    policies.push(p);
+                }
+                Document::MeshConfig(m) => {
+                    if mesh.is_some() {
+                        return Err(PolicyError::Request(
+                            "the set holds more than one MeshConfig".into(),
+                        ));
+                    }
+                    ops.push(Op::Put(
+                        MESH_KEY.to_owned(),
+                        mesh_config_yaml(&m).into_bytes(),
+                    ));
+                    mesh = Some(m);
+                }
+            }
+        }
+        let done = self
+            .store
+            .txn(Txn {
+                success: ops,
+                ..Txn::default()
+            })
+            .await?;
+        for p in &mut policies {
+            p.version = PolicyVersion(done.revision);
+        }
+        Ok((policies, mesh))
+    }
+
+    /// Deletes `namespace/name` (or `name` in namespace `default`).
+    pub async fn delete(&self, name: &str) -> Result<(), PolicyError> {
+        let key = if name.contains('/') {
+            name.to_owned()
+        } else {
+            format!("default/{name}")
+        };
+        let full = format!("{PREFIX}{key}");
+        if self.store.get(&full).await?.is_none() {
+            return Err(PolicyError::NotFound(key));
+        }
+        self.store
+            .txn(Txn {
+                success: vec![Op::Delete(full)],
+                ..Txn::default()
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Reads every policy and the mesh config.
+    pub async fn load(&self) -> Result<PolicySet, PolicyError> {
+        let mut set = PolicySet::default();
+        for kv in self.store.range(PREFIX, 0, false).await? {
+            let mut p = self.parse_one(&kv.key, &kv.value)?;
+            p.version = PolicyVersion(kv.mod_revision);
+            set.policies.push(p);
+        }
+        if let Some(kv) = self.store.get(MESH_KEY).await? {
+            let text = String::from_utf8_lossy(&kv.value);
+            match parse_documents(&text, MESH_KEY, &self.trust_domain)
+                .map_err(PolicyError::Invalid)?
+                .pop()
+            {
+                Some(Document::MeshConfig(m)) => set.mesh = m,
+                _ => {
+                    return Err(PolicyError::Corrupt {
+                        key: MESH_KEY.into(),
+                        detail: "not a MeshConfig".into(),
+                    });
+                }
+            }
+        }
+        Ok(set)
+    }
+
+    fn parse_one(&self, key: &str, value: &[u8]) -> Result<AccessPolicy, PolicyError> {
+        let text = String::from_utf8_lossy(value);
+        match parse_documents(&text, key, &self.trust_domain) {
+            Ok(mut docs) => match docs.pop() {
+                Some(Document::AccessPolicy(p)) => Ok(p),
+                _ => Err(PolicyError::Corrupt {
+                    key: key.to_owned(),
+                    detail: "not an AccessPolicy".into(),
+                }),
+            },
+            Err(e) => Err(PolicyError::Corrupt {
+                key: key.to_owned(),
+                detail: e
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            }),
+        }
+    }
+
+    /// A stream of "something under policies/ or meshconfig changed" events.
+    pub fn changes(&self) -> (moat_store::WatchStream, moat_store::WatchStream) {
+        (self.store.watch(PREFIX), self.store.watch(MESH_KEY))
+    }
+}

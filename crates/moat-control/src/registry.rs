@@ -1,0 +1,68 @@
+//! The live registry of connected proxies, built from what each proxy announces on its Mesh
+//! stream, and the outbound service table derived from it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::SystemTime;
+
+use moat_identity::SpiffeId;
+
+/// One connected proxy.
+#[derive(Clone, Debug)]
+pub struct ProxyEntry {
+    pub id: SpiffeId,
+    pub inbound_address: String,
+    pub proxy_version: String,
+    pub cert_serial: String,
+    pub cert_not_after: i64,
+    pub remote: String,
+    pub connected_at: SystemTime,
+    pub last_seen: SystemTime,
+    /// The last snapshot version the proxy applied (0: none yet).
+    pub applied_version: u64,
+    /// The last NACK, if the newest snapshot was refused.
+    pub last_error: Option<String>,
+}
+
+/// Connected proxies by stream id.
+#[derive(Debug, Default)]
+pub struct Registry {
+    proxies: HashMap<u64, ProxyEntry>,
+}
+
+impl Registry {
+    /// Adds or replaces the entry of stream `stream`.
+    pub fn upsert(&mut self, stream: u64, entry: ProxyEntry) {
+        self.proxies.insert(stream, entry);
+    }
+
+    /// Removes stream `stream`.
+    pub fn remove(&mut self, stream: u64) {
+        self.proxies.remove(&stream);
+    }
+
+    /// Mutable access to one stream's entry.
+    pub fn get_mut(&mut self, stream: u64) -> Option<&mut ProxyEntry> {
+        self.proxies.get_mut(&stream)
+    }
+
+    /// Every connected proxy.
+    pub fn entries(&self) -> impl Iterator<Item = &ProxyEntry> {
+        self.proxies.values()
+    }
+
+    /// The service table: identity → sorted, de-duplicated endpoints.
+    pub fn services(&self) -> BTreeMap<SpiffeId, Vec<String>> {
+        let mut table: BTreeMap<SpiffeId, Vec<String>> = BTreeMap::new();
+        for p in self.proxies.values() {
+            table
+                .entry(p.id.clone())
+                .or_default()
+                .push(p.inbound_address.clone());
+        }
+        for eps in table.values_mut() {
+            eps.sort();
+            eps.dedup();
+        }
+        table
+    }
+}

@@ -1,0 +1,82 @@
+//! The proxy's settings, built by `main` from flags and environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use moat_identity::{SpiffeId, TrustDomain};
+
+/// Everything the proxy needs to run.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    pub control_plane: String,
+    pub trust_domain: TrustDomain,
+    pub identity: SpiffeId,
+    pub token_file: PathBuf,
+    pub trust_anchors: PathBuf,
+    pub inbound: SocketAddr,
+    /// What other sidecars dial; defaults to `inbound` when that is not a wildcard.
+    pub advertise: String,
+    pub app: SocketAddr,
+    pub upstreams: Vec<Upstream>,
+    pub admin: SocketAddr,
+    pub drain_timeout: Duration,
+    /// Requested certificate lifetime (`None`: the control plane's default).
+    pub cert_ttl: Option<Duration>,
+}
+
+/// An explicit outbound listener: `name=127.0.0.1:9001` sends what arrives on the address to the
+/// service `name` (any identity form).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    pub service: String,
+    pub listen: SocketAddr,
+}
+
+impl FromStr for Upstream {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (service, addr) = s.split_once('=').ok_or_else(|| {
+            format!("--upstream {s:?}: write SERVICE=ADDR, e.g. orders=127.0.0.1:9001")
+        })?;
+        if service.is_empty() {
+            return Err(format!("--upstream {s:?}: the service name is empty"));
+        }
+        let listen = addr
+            .parse()
+            .map_err(|e| format!("--upstream {s:?}: {addr:?} is not an IP:port ({e})"))?;
+        Ok(Upstream {
+            service: service.to_owned(),
+            listen,
+        })
+    }
+}
+
+impl Upstream {
+    /// The service's identity, short forms resolved in `td`.
+    pub fn identity(&self, td: &TrustDomain) -> Result<SpiffeId, String> {
+        SpiffeId::parse_with_default(&self.service, td)
+            .map_err(|e| format!("--upstream {}: {e}", self.service))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_parses_and_explains() {
+        let u: Upstream = "shop/orders=127.0.0.1:9001".parse().unwrap();
+        assert_eq!(u.service, "shop/orders");
+        assert_eq!(u.listen.port(), 9001);
+        for bad in [
+            "orders",
+            "=127.0.0.1:1",
+            "orders=localhost",
+            "orders=1.2.3.4",
+        ] {
+            assert!(bad.parse::<Upstream>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! HTTP plumbing shared by inbound and outbound: the body type, hop-by-hop header hygiene,
+//! request ids, and the deny responses (403 for HTTP, status 7 for gRPC).
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::{BodyExt as _, Empty, Full, combinators::BoxBody};
+
+/// Errors inside bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type every proxied request and response is converted to.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// The verified caller identity, set for the app; any copy from outside is removed.
+pub const PEER_ID: HeaderName = HeaderName::from_static("x-moat-peer-id");
+/// Why a request was denied.
+pub const DENY_REASON: HeaderName = HeaderName::from_static("x-moat-deny-reason");
+/// Between sidecars: the HTTP version the client app spoke (the mesh hop is always HTTP/2).
+pub const ORIG_PROTO: HeaderName = HeaderName::from_static("x-moat-orig-proto");
+/// Request correlation id.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// W3C trace context.
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// Converts any body into [`Body`].
+pub fn boxed<B>(b: B) -> Body
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    b.map_err(Into::into).boxed()
+}
+
+/// A complete body.
+pub fn full(text: impl Into<Bytes>) -> Body {
+    boxed(Full::new(text.into()))
+}
+
+/// An empty body.
+pub fn empty() -> Body {
+    boxed(Empty::<Bytes>::new())
+}
+
+/// Removes connection-specific headers, which must not cross a hop (and are illegal in HTTP/2).
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Headers named in `Connection` are hop-by-hop too.
+    let named: Vec<HeaderName> = h
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        h.remove(n);
+    }
+    if h.get(http::header::TE).is_some_and(|v| v != "trailers") {
+        h.remove(http::header::TE);
+    }
+}
+
+/// Whether a request is gRPC.
+pub fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+fn random_hex(bytes: usize) -> String {
+    use rand::RngCore as _;
+    let mut b = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Ensures the request has an `x-request-id` and a `traceparent`; returns the request id.
+pub fn ensure_request_id(h: &mut HeaderMap) -> String {
+    let id = match h.get(&REQUEST_ID).and_then(|v| v.to_str().ok()) {
+        Some(v) if !v.is_empty() && v.len() <= 128 => v.to_owned(),
+        _ => {
+            let id = random_hex(16);
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                h.insert(REQUEST_ID, v);
+            }
+            id
+        }
+    };
+    if !h.contains_key(&TRACEPARENT)
+        && let Ok(v) = HeaderValue::from_str(&format!("00-{}-{}-01", random_hex(16), random_hex(8)))
+    {
+        h.insert(TRACEPARENT, v);
+    }
+    id
+}
+
+/// The answer to a denied request: gRPC status 7 for gRPC, else 403. Both carry the reason in
+/// `x-moat-deny-reason`; the 403 body names the reason, the policy and the request id.
+pub fn deny(reason: &str, policy: Option<&str>, request_id: &str, grpc: bool) -> Response<Body> {
+    let detail = match policy {
+        Some(p) => format!("{reason} (policy {p})"),
+        None => reason.to_owned(),
+    };
+    let mut resp = if grpc {
+        let mut r = Response::new(empty());
+        let h = r.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from_static("7"));
+        if let Ok(v) =
+            HeaderValue::from_str(&format!("moat denied: {detail}; request id {request_id}"))
+        {
+            h.insert("grpc-message", v);
+        }
+        r
+    } else {
+        let mut r = Response::new(full(format!(
+            "403 forbidden: {detail}\nrequest id: {request_id}\n"
+        )));
+        *r.status_mut() = StatusCode::FORBIDDEN;
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        r
+    };
+    if let Ok(v) = HeaderValue::from_str(reason) {
+        resp.headers_mut().insert(DENY_REASON, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    resp
+}
+
+/// A gateway error (no endpoint, upstream failure): 503/502 for HTTP, UNAVAILABLE for gRPC.
+pub fn unavailable(status: StatusCode, why: &str, grpc: bool) -> Response<Body> {
+    if grpc {
+        let mut r = Response::new(empty());
+        let h = r.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from_static("14"));
+        if let Ok(v) = HeaderValue::from_str(&format!("moat: {why}")) {
+            h.insert("grpc-message", v);
+        }
+        r
+    } else {
+        let mut r = Response::new(full(format!("{} {why}\n", status.as_u16())));
+        *r.status_mut() = status;
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("te", HeaderValue::from_static("gzip"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn request_ids_are_kept_or_made() {
+        let mut h = HeaderMap::new();
+        let id = ensure_request_id(&mut h);
+        assert_eq!(id.len(), 32);
+        assert!(
+            h.get(TRACEPARENT)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("00-")
+        );
+        assert_eq!(ensure_request_id(&mut h), id);
+    }
+
+    #[test]
+    fn denials_carry_the_reason() {
+        let r = deny("route-not-allowed", Some("shop/orders@7"), "abc", false);
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert_eq!(r.headers()[&DENY_REASON], "route-not-allowed");
+        let g = deny("identity-not-allowed", None, "abc", true);
+        assert_eq!(g.headers()["grpc-status"], "7");
+    }
+}

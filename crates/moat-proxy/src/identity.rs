@@ -1,0 +1,228 @@
+//! The proxy's own identity: the first certificate (join token), renewal at the refresh hint
+//! with a new key each time, and the TLS generation (credential + bundle + configs) that every
+//! connection reads. A new generation is validated and built completely before it is published;
+//! a live one is never changed.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use moat_api::v1::identity_client::IdentityClient;
+use moat_api::v1::{CertifyRequest, CertifyResponse, certify_request};
+use moat_identity::{SpiffeId, TrustBundle, WorkloadKey};
+use moat_tls::{ALPN_H2, ALPN_HTTP1, ALPN_TCP, ClientAuth, Credential};
+use rustls::{ClientConfig, ServerConfig};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::watch;
+
+use crate::config::ProxyConfig;
+
+/// Outbound configs are cached per (expected server identity, ALPN).
+type ClientKey = (SpiffeId, &'static [u8]);
+
+/// One generation of TLS material.
+#[derive(Debug)]
+pub struct TlsGen {
+    pub credential: Credential,
+    pub bundle: Arc<TrustBundle>,
+    /// Inbound: client certificate required, ALPN h2, moat-tcp, http/1.1.
+    pub server: Arc<ServerConfig>,
+    /// When to renew (Unix seconds).
+    pub refresh_after: i64,
+    clients: Mutex<HashMap<ClientKey, Arc<ClientConfig>>>,
+}
+
+impl TlsGen {
+    /// Validates `credential` against `bundle` and builds the inbound config.
+    pub fn new(
+        credential: Credential,
+        bundle: TrustBundle,
+        refresh_after: i64,
+    ) -> anyhow::Result<Self> {
+        let bundle = Arc::new(bundle);
+        let credential = Credential::new(credential.chain().to_vec(), credential.key(), &bundle)
+            .context("our certificate does not verify against the trust bundle")?;
+        let server = moat_tls::server_config(
+            &credential,
+            bundle.clone(),
+            ClientAuth::Required,
+            &[ALPN_H2, ALPN_TCP, ALPN_HTTP1],
+        )?;
+        Ok(TlsGen {
+            credential,
+            bundle,
+            server,
+            refresh_after,
+            clients: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The outbound config that accepts only `expected`, offering `alpn` (cached).
+    pub fn client_for(
+        &self,
+        expected: &SpiffeId,
+        alpn: &'static [u8],
+    ) -> anyhow::Result<Arc<ClientConfig>> {
+        let mut cache = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = cache.get(&(expected.clone(), alpn)) {
+            return Ok(c.clone());
+        }
+        let cfg = moat_tls::client_config(
+            Some(&self.credential),
+            self.bundle.clone(),
+            expected.clone(),
+            alpn,
+        )?;
+        cache.insert((expected.clone(), alpn), cfg.clone());
+        Ok(cfg)
+    }
+}
+
+/// The current TLS generation; `None` until the first certificate arrives.
+pub type TlsWatch = watch::Receiver<Option<Arc<TlsGen>>>;
+
+fn control_id(cfg: &ProxyConfig) -> anyhow::Result<SpiffeId> {
+    Ok(SpiffeId::parse_with_default(
+        "moat-system/moat-control",
+        &cfg.trust_domain,
+    )?)
+}
+
+fn ttl_seconds(cfg: &ProxyConfig) -> u32 {
+    cfg.cert_ttl
+        .map(|d| d.as_secs().min(u64::from(u32::MAX)) as u32)
+        .unwrap_or(0)
+}
+
+/// Turns a Certify answer into a credential, checked against `anchors`.
+fn accept(
+    resp: CertifyResponse,
+    key: &WorkloadKey,
+    anchors: &TrustBundle,
+) -> anyhow::Result<(Credential, TrustBundle, i64)> {
+    let chain: Vec<CertificateDer<'static>> = resp
+        .chain_der
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    let bundle = TrustBundle::from_der(
+        resp.trust_bundle_der
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect(),
+    )
+    .context("the control plane sent an unusable trust bundle")?;
+    let key = PrivateKeyDer::try_from(key.private_key_der()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // The chain must verify against what we already trust, not only against what was sent.
+    Credential::new(chain.clone(), key.clone_key(), anchors)
+        .context("the issued certificate does not verify against our trust anchors")?;
+    let cred = Credential::new(chain, key, &bundle)?;
+    Ok((cred, bundle, resp.refresh_after_unix))
+}
+
+/// Obtains the first certificate with the join token.
+pub async fn bootstrap(cfg: &ProxyConfig) -> anyhow::Result<TlsGen> {
+    let anchors = moat_tls::cred_dir::read_bundle(&cfg.trust_anchors)?;
+    let token = std::fs::read_to_string(&cfg.token_file).with_context(|| {
+        format!(
+            "cannot read the join token file {}",
+            cfg.token_file.display()
+        )
+    })?;
+    let token = token.trim();
+    anyhow::ensure!(
+        !token.is_empty(),
+        "the join token file {} is empty",
+        cfg.token_file.display()
+    );
+    let key = WorkloadKey::generate(&cfg.identity)?;
+    let channel =
+        moat_tls::connect::channel(&cfg.control_plane, anchors.clone(), control_id(cfg)?, None)
+            .await?;
+    let resp = IdentityClient::new(channel)
+        .certify(CertifyRequest {
+            csr_der: key.csr_der().to_vec(),
+            ttl_seconds: ttl_seconds(cfg),
+            credential: Some(certify_request::Credential::JoinToken(token.to_owned())),
+        })
+        .await
+        .map_err(|s| {
+            anyhow::anyhow!(
+                "the control plane refused our join token ({:?}): {}",
+                s.code(),
+                s.message()
+            )
+        })?
+        .into_inner();
+    let (cred, bundle, refresh) = accept(resp, &key, &anchors)?;
+    tracing::info!(id = %cred.id(), serial = %cred.leaf().serial, not_after = cred.leaf().not_after, "obtained our first certificate");
+    TlsGen::new(cred, bundle, refresh)
+}
+
+/// Renews over mTLS with the current credential and a new key.
+pub async fn renew(cfg: &ProxyConfig, current: &TlsGen) -> anyhow::Result<TlsGen> {
+    let key = WorkloadKey::generate(&cfg.identity)?;
+    let channel = moat_tls::connect::channel(
+        &cfg.control_plane,
+        (*current.bundle).clone(),
+        control_id(cfg)?,
+        Some(&current.credential),
+    )
+    .await?;
+    let resp = IdentityClient::new(channel)
+        .certify(CertifyRequest {
+            csr_der: key.csr_der().to_vec(),
+            ttl_seconds: ttl_seconds(cfg),
+            credential: None,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("renewal refused ({:?}): {}", s.code(), s.message()))?
+        .into_inner();
+    let (cred, bundle, refresh) = accept(resp, &key, &current.bundle)?;
+    TlsGen::new(cred, bundle, refresh)
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Renews at each refresh hint, forever; failures retry with backoff until the certificate
+/// expires (after which handshakes fail: the proxy fails closed).
+pub async fn renew_loop(
+    cfg: Arc<ProxyConfig>,
+    tls: watch::Sender<Option<Arc<TlsGen>>>,
+    metrics: Arc<crate::metrics::Metrics>,
+) {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let Some(current) = tls.borrow().clone() else {
+            return;
+        };
+        let wait = current.refresh_after - unix_now();
+        if wait > 0 {
+            let mut changed = tls.subscribe();
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(wait as u64)) => {}
+                // A new generation (e.g. a new bundle) carries the same refresh hint; re-read it.
+                _ = changed.changed() => continue,
+            }
+        }
+        match renew(&cfg, &current).await {
+            Ok(next) => {
+                tracing::info!(serial = %next.credential.leaf().serial, not_after = next.credential.leaf().not_after, "renewed our certificate");
+                metrics.cert_expiry.set(next.credential.leaf().not_after);
+                tls.send_replace(Some(Arc::new(next)));
+                backoff = Duration::from_millis(500);
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "certificate renewal failed");
+                tokio::time::sleep(crate::jitter(backoff)).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! Inbound: mTLS only. accept → TLS (client certificate required, chain checked against the
+//! bundle) → peer SPIFFE ID → protocol (from ALPN, else detected) → authorize → forward to the
+//! local app. Opaque TCP is authorized once per connection (and re-checked whenever a new
+//! snapshot arrives: a connection no longer allowed is closed); HTTP is authorized per request
+//! and denials answer 403 / gRPC status 7 with the reason.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{HeaderValue, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use moat_identity::SpiffeId;
+use moat_policy::eval::{Decision, Input, evaluate};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use crate::Ctx;
+use crate::detect::{Prefixed, Protocol, detect};
+use crate::http::{
+    Body, ORIG_PROTO, PEER_ID, boxed, deny, ensure_request_id, is_grpc, strip_hop_by_hop,
+    unavailable,
+};
+use crate::metrics::{RequestLabels, TrafficLabels};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts mesh connections until shutdown.
+pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
+    loop {
+        let (tcp, remote) = tokio::select! {
+            () = ctx.shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "inbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let ctx2 = ctx.clone();
+        ctx.tracker
+            .spawn(async move { connection(tcp, remote, ctx2).await });
+    }
+}
+
+/// A stable reason for a refused handshake.
+fn handshake_reason(e: &std::io::Error) -> &'static str {
+    let text = format!("{e:?}");
+    if text.contains("NoCertificatesPresented") || text.contains("PeerSentNoCertificates") {
+        "no-client-certificate"
+    } else if text.contains("Expired") {
+        "certificate-expired"
+    } else if text.contains("UnknownIssuer") {
+        "unknown-issuer"
+    } else if text.contains("InvalidContentType")
+        || text.contains("InvalidMessage")
+        || text.contains("CorruptMessage")
+    {
+        "not-tls"
+    } else if text.contains("UnexpectedEof") {
+        "closed-during-handshake"
+    } else {
+        "tls-error"
+    }
+}
+
+async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
+    let Some(current) = ctx.tls.borrow().clone() else {
+        tracing::info!(%remote, "refused a connection: no certificate yet");
+        return;
+    };
+    let tls = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        TlsAcceptor::from(current.server.clone()).accept(tcp),
+    )
+    .await
+    {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            let reason = handshake_reason(&e);
+            ctx.metrics.handshake_failed("inbound", reason.into());
+            tracing::info!(target: "moat::access", direction = "inbound", %remote, decision = "deny", reason, error = %e, "TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            ctx.metrics.handshake_failed("inbound", "timeout".into());
+            tracing::info!(target: "moat::access", direction = "inbound", %remote, decision = "deny", reason = "handshake-timeout", "TLS handshake refused");
+            return;
+        }
+    };
+    let (_, conn) = tls.get_ref();
+    // Client auth is required, so a completed handshake always has a verified chain.
+    let Some(peer) = moat_tls::peer_identity(conn.peer_certificates()) else {
+        ctx.metrics
+            .handshake_failed("inbound", "no-spiffe-id".into());
+        return;
+    };
+    let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+    let peer_id = peer.id;
+    let (proto, io) = match alpn.as_deref() {
+        Some(moat_tls::ALPN_TCP) => (Protocol::Tcp, Prefixed::new(Vec::new(), tls)),
+        Some(moat_tls::ALPN_H2) => (Protocol::Http2, Prefixed::new(Vec::new(), tls)),
+        _ => {
+            let mut tls = tls;
+            match detect(&mut tls).await {
+                Ok((p, seen)) => (p, Prefixed::new(seen, tls)),
+                Err(_) => return,
+            }
+        }
+    };
+    match proto {
+        Protocol::Tcp => tcp_forward(io, remote, peer_id, &ctx).await,
+        Protocol::Http1 | Protocol::Http2 => {
+            let svc = {
+                let (ctx, peer_id) = (ctx.clone(), peer_id.clone());
+                service_fn(move |req| {
+                    let (ctx, peer_id) = (ctx.clone(), peer_id.clone());
+                    async move { Ok::<_, std::convert::Infallible>(forward(req, &peer_id, &ctx).await) }
+                })
+            };
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .max_buf_size(64 * 1024);
+            builder.http2().timer(TokioTimer::new());
+            builder.http2().max_header_list_size(64 * 1024);
+            let conn = builder.serve_connection(TokioIo::new(io), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => if let Err(e) = r {
+                    tracing::debug!(%remote, error = %e, "inbound HTTP connection ended with an error");
+                },
+                () = ctx.shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        }
+    }
+}
+
+fn authorize(ctx: &Ctx, peer: &SpiffeId, http: Option<(&str, &str)>) -> Decision {
+    let snap = ctx.snapshot.borrow().clone();
+    let port = ctx.cfg.app.port();
+    match snap {
+        Some(s) => evaluate(&s.policies, &s.mesh, &Input { peer, port, http }),
+        // No snapshot yet: nothing is known to be allowed.
+        None => evaluate(
+            &[],
+            &moat_policy::MeshConfig::default(),
+            &Input { peer, port, http },
+        ),
+    }
+}
+
+fn decision_label(d: &Decision) -> &'static str {
+    match (d.allowed, d.would_deny) {
+        (true, Some(_)) => "would-deny",
+        (true, None) => "allow",
+        (false, _) => "deny",
+    }
+}
+
+fn policy_label(d: &Decision) -> Option<String> {
+    d.policy.as_ref().map(|(k, v)| format!("{k}@{v}"))
+}
+
+async fn tcp_forward(
+    mut io: Prefixed<tokio_rustls::server::TlsStream<TcpStream>>,
+    remote: SocketAddr,
+    peer: SpiffeId,
+    ctx: &Ctx,
+) {
+    let start = Instant::now();
+    let d = authorize(ctx, &peer, None);
+    let reason = d.would_deny.unwrap_or(d.reason).code();
+    let labels = TrafficLabels {
+        direction: "inbound",
+        peer: peer.to_string(),
+        target: ctx.cfg.identity.to_string(),
+        decision: decision_label(&d),
+        reason,
+    };
+    ctx.metrics.authz.get_or_create(&labels).inc();
+    ctx.metrics.tcp_connections.get_or_create(&labels).inc();
+    if !d.allowed {
+        tracing::info!(target: "moat::access", direction = "inbound", protocol = "tcp", %remote, peer = %peer, decision = "deny", reason, policy = ?policy_label(&d), "tcp");
+        return;
+    }
+    let mut app = match TcpStream::connect(ctx.cfg.app).await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(app = %ctx.cfg.app, error = %e, "cannot reach the app");
+            return;
+        }
+    };
+    let _ = app.set_nodelay(true);
+    // Re-check on every new snapshot; close the connection when it is no longer allowed.
+    let mut snapshots = ctx.snapshot.clone();
+    let copy = tokio::io::copy_bidirectional(&mut io, &mut app);
+    tokio::pin!(copy);
+    let outcome = loop {
+        tokio::select! {
+            r = &mut copy => break r.map_err(|e| e.to_string()),
+            changed = snapshots.changed() => {
+                if changed.is_err() { continue; }
+                let again = authorize(ctx, &peer, None);
+                if !again.allowed {
+                    tracing::info!(target: "moat::access", direction = "inbound", protocol = "tcp", %remote, peer = %peer, decision = "deny", reason = again.reason.code(), "closing a connection the new policy no longer allows");
+                    break Err(format!("closed: {}", again.reason.code()));
+                }
+            }
+        }
+    };
+    let (to_app, from_app) = outcome.as_ref().map(|(a, b)| (*a, *b)).unwrap_or((0, 0));
+    ctx.metrics
+        .tcp_bytes
+        .get_or_create(&crate::metrics::BytesLabels {
+            direction: "inbound",
+            flow: "to_app",
+        })
+        .inc_by(to_app);
+    ctx.metrics
+        .tcp_bytes
+        .get_or_create(&crate::metrics::BytesLabels {
+            direction: "inbound",
+            flow: "from_app",
+        })
+        .inc_by(from_app);
+    tracing::info!(target: "moat::access", direction = "inbound", protocol = "tcp", %remote, peer = %peer, decision = decision_label(&d), reason, policy = ?policy_label(&d), bytes_to_app = to_app, bytes_from_app = from_app, duration_ms = start.elapsed().as_millis() as u64, error = ?outcome.err(), "tcp");
+}
+
+async fn forward(req: Request<Incoming>, peer: &SpiffeId, ctx: &Ctx) -> Response<Body> {
+    let start = Instant::now();
+    let (mut parts, body) = req.into_parts();
+    let grpc = is_grpc(&parts.headers);
+    let request_id = ensure_request_id(&mut parts.headers);
+    let method = parts.method.clone();
+    let path = parts.uri.path().to_owned();
+    let d = authorize(ctx, peer, Some((method.as_str(), &path)));
+    let reason = d.would_deny.unwrap_or(d.reason).code();
+    let policy = policy_label(&d);
+    let target = ctx.cfg.identity.to_string();
+    ctx.metrics
+        .authz
+        .get_or_create(&TrafficLabels {
+            direction: "inbound",
+            peer: peer.to_string(),
+            target: target.clone(),
+            decision: decision_label(&d),
+            reason,
+        })
+        .inc();
+    let resp = if !d.allowed {
+        deny(reason, policy.as_deref(), &request_id, grpc)
+    } else {
+        // The app learns who called from us alone.
+        parts.headers.remove(&PEER_ID);
+        if let Ok(v) = HeaderValue::from_str(&peer.to_string()) {
+            parts.headers.insert(PEER_ID, v);
+        }
+        let h1 = parts.headers.remove(&ORIG_PROTO).is_some() || parts.version != Version::HTTP_2;
+        strip_hop_by_hop(&mut parts.headers);
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.to_string())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| ctx.cfg.app.to_string());
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/".into());
+        match Uri::builder()
+            .scheme("http")
+            .authority(authority.as_str())
+            .path_and_query(pq)
+            .build()
+        {
+            Err(e) => unavailable(
+                http::StatusCode::BAD_REQUEST,
+                &format!("bad request target: {e}"),
+                grpc,
+            ),
+            Ok(uri) => {
+                parts.uri = uri;
+                let result = if h1 {
+                    parts.version = Version::HTTP_11;
+                    if !parts.headers.contains_key(http::header::HOST)
+                        && let Ok(v) = HeaderValue::from_str(&authority)
+                    {
+                        parts.headers.insert(http::header::HOST, v);
+                    }
+                    ctx.app_h1
+                        .request(Request::from_parts(parts, boxed(body)))
+                        .await
+                } else {
+                    parts.version = Version::HTTP_2;
+                    parts.headers.remove(http::header::HOST);
+                    ctx.app_h2
+                        .request(Request::from_parts(parts, boxed(body)))
+                        .await
+                };
+                match result {
+                    Ok(resp) => {
+                        let (mut rparts, rbody) = resp.into_parts();
+                        strip_hop_by_hop(&mut rparts.headers);
+                        Response::from_parts(rparts, boxed(rbody))
+                    }
+                    Err(e) => {
+                        tracing::warn!(app = %ctx.cfg.app, error = %e, "the app did not answer");
+                        unavailable(
+                            http::StatusCode::BAD_GATEWAY,
+                            "the app did not answer",
+                            grpc,
+                        )
+                    }
+                }
+            }
+        }
+    };
+    let status = resp.status().as_u16();
+    let elapsed = start.elapsed();
+    ctx.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            direction: "inbound",
+            peer: peer.to_string(),
+            target,
+            decision: decision_label(&d),
+            reason,
+            status,
+        })
+        .inc();
+    ctx.metrics
+        .request_duration
+        .get_or_create(&crate::metrics::DirectionLabels {
+            direction: "inbound",
+        })
+        .observe(elapsed.as_secs_f64());
+    tracing::info!(target: "moat::access", direction = "inbound", peer = %peer, %method, path = %path, decision = decision_label(&d), reason, policy = ?policy, status, duration_ms = elapsed.as_millis() as u64, request_id = %request_id, "http");
+    resp
+}

@@ -1,0 +1,176 @@
+//! The moat sidecar. `run` brings it up in this order: admin port (`admin`), first certificate
+//! and renewal (`identity`), the mesh stream to the control plane (`mesh_client`, snapshots in
+//! `snapshot`), then the inbound listener (`inbound`: mTLS → authorize → app) and one outbound
+//! listener per upstream (`outbound`: app → mTLS to a verified endpoint, via `pool`). Protocols are
+//! told apart in `detect`; HTTP plumbing is in `http`; metrics in `metrics`. SIGTERM stops
+//! accepting, drains in-flight work up to the grace period, then exits.
+
+pub mod admin;
+pub mod config;
+pub mod detect;
+pub mod http;
+pub mod identity;
+pub mod inbound;
+pub mod mesh_client;
+pub mod metrics;
+pub mod outbound;
+pub mod pool;
+pub mod snapshot;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rand::Rng as _;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ProxyConfig;
+use crate::identity::{TlsGen, TlsWatch};
+use crate::snapshot::Snapshot;
+
+/// `d` spread by ±25 %, so a fleet does not retry in lockstep.
+pub fn jitter(d: Duration) -> Duration {
+    d.mul_f64(rand::rng().random_range(0.75..1.25))
+}
+
+/// Connects every app-bound request to the app's address.
+#[derive(Clone, Debug)]
+pub struct AppConnector(SocketAddr);
+
+impl tower::Service<::http::Uri> for AppConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<TokioIo<TcpStream>>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: ::http::Uri) -> Self::Future {
+        let addr = self.0;
+        Box::pin(async move {
+            let tcp = TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            Ok(TokioIo::new(tcp))
+        })
+    }
+}
+
+/// What every connection handler shares.
+#[derive(Debug)]
+pub struct Ctx {
+    pub cfg: Arc<ProxyConfig>,
+    pub tls: TlsWatch,
+    pub snapshot: watch::Receiver<Option<Arc<Snapshot>>>,
+    pub metrics: Arc<metrics::Metrics>,
+    pub pool: pool::Pool,
+    /// HTTP/1.1 to the app (pooled keep-alive connections).
+    pub app_h1: Client<AppConnector, crate::http::Body>,
+    /// HTTP/2 cleartext (h2c) to the app, for gRPC and HTTP/2 clients.
+    pub app_h2: Client<AppConnector, crate::http::Body>,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+/// Whether a bootstrap failure is worth retrying (the control plane is away) or final (it said no).
+fn retryable(e: &anyhow::Error) -> bool {
+    let text = format!("{e:#}");
+    text.contains("cannot reach")
+        || text.contains("Unavailable")
+        || text.contains("DeadlineExceeded")
+}
+
+/// Runs the proxy until `shutdown` resolves, then drains.
+pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    let metrics = Arc::new(metrics::Metrics::new());
+    let (tls_tx, tls_rx) = watch::channel(None::<Arc<TlsGen>>);
+    let (snap_tx, snap_rx) = watch::channel(None::<Arc<Snapshot>>);
+    let app = AppConnector(cfg.app);
+    let ctx = Arc::new(Ctx {
+        cfg: cfg.clone(),
+        tls: tls_rx,
+        snapshot: snap_rx,
+        metrics: metrics.clone(),
+        pool: pool::Pool::default(),
+        app_h1: Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(app.clone()),
+        app_h2: Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .http2_only(true)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(app),
+        shutdown: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+    });
+
+    // Bind everything first, so a port clash fails the start at once.
+    let admin = TcpListener::bind(cfg.admin)
+        .await
+        .with_context(|| format!("cannot listen on the admin address {}", cfg.admin))?;
+    let inbound = TcpListener::bind(cfg.inbound)
+        .await
+        .with_context(|| format!("cannot listen on the inbound address {}", cfg.inbound))?;
+    let mut upstreams = Vec::new();
+    for up in &cfg.upstreams {
+        let id = up.identity(&cfg.trust_domain).map_err(anyhow::Error::msg)?;
+        let l = TcpListener::bind(up.listen).await.with_context(|| {
+            format!("cannot listen on {} for upstream {}", up.listen, up.service)
+        })?;
+        upstreams.push((l, id));
+    }
+    tracing::info!(admin = %admin.local_addr()?, inbound = %inbound.local_addr()?, identity = %cfg.identity, "proxy starting");
+    tokio::spawn(admin::serve(admin, ctx.clone()));
+
+    let mut backoff = Duration::from_millis(500);
+    let first = loop {
+        match identity::bootstrap(&cfg).await {
+            Ok(g) => break g,
+            Err(e) if retryable(&e) => {
+                tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "cannot reach the control plane for our first certificate");
+                tokio::time::sleep(jitter(backoff)).await;
+                backoff = (backoff * 2).min(Duration::from_secs(15));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    metrics.cert_expiry.set(first.credential.leaf().not_after);
+    tls_tx.send_replace(Some(Arc::new(first)));
+    tokio::spawn(identity::renew_loop(
+        cfg.clone(),
+        tls_tx.clone(),
+        metrics.clone(),
+    ));
+    tokio::spawn(mesh_client::run(cfg.clone(), tls_tx, snap_tx, metrics));
+
+    ctx.tracker.spawn(inbound::serve(inbound, ctx.clone()));
+    for (l, id) in upstreams {
+        ctx.tracker.spawn(outbound::serve(l, id, ctx.clone()));
+    }
+    println!("proxy running");
+
+    shutdown.await;
+    tracing::info!(grace = ?cfg.drain_timeout, "draining: no new connections; finishing in-flight work");
+    ctx.shutdown.cancel();
+    ctx.tracker.close();
+    if tokio::time::timeout(cfg.drain_timeout, ctx.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("grace period over; closing what is left");
+    }
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! `moat-proxy`: flags and environment in, `moat_proxy::run` out.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use moat_identity::{SpiffeId, TrustDomain};
+use moat_proxy::config::{ProxyConfig, Upstream};
+
+#[derive(Parser, Debug)]
+#[command(name = "moat-proxy", version, about = "The moat sidecar proxy")]
+struct Args {
+    /// Control-plane address.
+    #[arg(
+        long,
+        env = "MOAT_CONTROL_PLANE",
+        default_value = "https://127.0.0.1:7443"
+    )]
+    control_plane: String,
+    /// This workload's identity: `orders`, `shop/orders` or a full spiffe:// ID.
+    #[arg(long, env = "MOAT_IDENTITY")]
+    identity: String,
+    /// Trust domain for short identity forms.
+    #[arg(long, env = "MOAT_TRUST_DOMAIN", default_value = "moat.local")]
+    trust_domain: TrustDomain,
+    /// File holding the join token for the first certificate.
+    #[arg(long, env = "MOAT_TOKEN_FILE")]
+    token_file: PathBuf,
+    /// PEM roots to trust the control plane by (`moat ca bundle`).
+    #[arg(long, env = "MOAT_TRUST_ANCHORS")]
+    trust_anchors: PathBuf,
+    /// Inbound mTLS listener.
+    #[arg(long, env = "MOAT_INBOUND", default_value = "0.0.0.0:7143")]
+    inbound: SocketAddr,
+    /// The address other sidecars dial (default: --inbound, which must then not be a wildcard).
+    #[arg(long, env = "MOAT_ADVERTISE")]
+    advertise: Option<String>,
+    /// The local app that inbound traffic goes to.
+    #[arg(long, env = "MOAT_APP")]
+    app: SocketAddr,
+    /// Outbound listener: SERVICE=ADDR (repeatable), e.g. orders=127.0.0.1:9001.
+    #[arg(long = "upstream", env = "MOAT_UPSTREAMS", value_delimiter = ',')]
+    upstreams: Vec<Upstream>,
+    /// Admin listener (/ready, /live, /metrics, /config).
+    #[arg(long, env = "MOAT_ADMIN", default_value = "127.0.0.1:7191")]
+    admin: SocketAddr,
+    /// How long SIGTERM waits for in-flight work.
+    #[arg(long, env = "MOAT_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
+    drain_timeout: Duration,
+    /// Requested certificate lifetime (the control plane's default when omitted).
+    #[arg(long, env = "MOAT_CERT_TTL", value_parser = duration)]
+    cert_ttl: Option<Duration>,
+    /// Worker threads.
+    #[arg(long, env = "MOAT_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    workers: u16,
+    /// Log format.
+    #[arg(long, env = "MOAT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (write e.g. 10s, 1m)"))
+}
+
+fn config(a: &Args) -> Result<ProxyConfig, String> {
+    let identity = SpiffeId::parse_with_default(&a.identity, &a.trust_domain)
+        .map_err(|e| format!("--identity: {e}"))?;
+    let advertise = match &a.advertise {
+        Some(s) => s.clone(),
+        None if a.inbound.ip().is_unspecified() => {
+            return Err(format!(
+                "--inbound {} is a wildcard address: pass --advertise HOST:PORT, the address other sidecars should dial",
+                a.inbound
+            ));
+        }
+        None => a.inbound.to_string(),
+    };
+    for up in &a.upstreams {
+        up.identity(&a.trust_domain)?;
+    }
+    Ok(ProxyConfig {
+        control_plane: a.control_plane.clone(),
+        trust_domain: a.trust_domain.clone(),
+        identity,
+        token_file: a.token_file.clone(),
+        trust_anchors: a.trust_anchors.clone(),
+        inbound: a.inbound,
+        advertise,
+        app: a.app,
+        upstreams: a.upstreams.clone(),
+        admin: a.admin,
+        drain_timeout: a.drain_timeout,
+        cert_ttl: a.cert_ttl,
+    })
+}
+
+fn init_logging(format: &str) {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MOAT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(&args.log_format);
+    let cfg = match config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("moat-proxy: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(args.workers))
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("moat-proxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(moat_proxy::run(cfg, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("moat-proxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! The proxy's end of `Mesh.Stream`: announce, apply each snapshot (or NACK it and keep the last
+//! good one), acknowledge, and reconnect with backoff and jitter whenever the stream breaks. The
+//! proxy keeps serving with its last snapshot while the control plane is away.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use moat_api::v1::mesh_client::MeshClient;
+use moat_api::v1::{Ack, Announce, ProxyMessage, proxy_message};
+use moat_identity::SpiffeId;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::config::ProxyConfig;
+use crate::identity::TlsGen;
+use crate::metrics::Metrics;
+use crate::snapshot::{Snapshot, from_proto};
+
+/// Runs the stream until the process ends.
+pub async fn run(
+    cfg: Arc<ProxyConfig>,
+    tls: watch::Sender<Option<Arc<TlsGen>>>,
+    snapshots: watch::Sender<Option<Arc<Snapshot>>>,
+    metrics: Arc<Metrics>,
+) {
+    let control = match SpiffeId::parse_with_default("moat-system/moat-control", &cfg.trust_domain)
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot name the control plane");
+            return;
+        }
+    };
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match session(&cfg, &control, &tls, &snapshots, &metrics).await {
+            Ok(()) => tracing::info!("mesh stream closed by the control plane; reconnecting"),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "mesh stream failed; keeping the last snapshot")
+            }
+        }
+        metrics.control_plane_connected.set(0);
+        tokio::time::sleep(crate::jitter(backoff)).await;
+        // A session that delivered a snapshot resets the backoff (see below); otherwise grow it.
+        backoff = (backoff * 2).min(Duration::from_secs(15));
+        if metrics.reset_backoff() {
+            backoff = Duration::from_millis(250);
+        }
+    }
+}
+
+async fn session(
+    cfg: &ProxyConfig,
+    control: &SpiffeId,
+    tls: &watch::Sender<Option<Arc<TlsGen>>>,
+    snapshots: &watch::Sender<Option<Arc<Snapshot>>>,
+    metrics: &Metrics,
+) -> Result<(), String> {
+    let current = tls.borrow().clone().ok_or("no certificate yet")?;
+    let channel = moat_tls::connect::channel(
+        &cfg.control_plane,
+        (*current.bundle).clone(),
+        control.clone(),
+        Some(&current.credential),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let (tx, rx) = mpsc::channel(8);
+    let leaf = current.credential.leaf().clone();
+    tx.send(ProxyMessage {
+        message: Some(proxy_message::Message::Announce(Announce {
+            inbound_address: cfg.advertise.clone(),
+            proxy_version: env!("CARGO_PKG_VERSION").to_owned(),
+            cert_serial: leaf.serial,
+            cert_not_after_unix: leaf.not_after,
+        })),
+    })
+    .await
+    .map_err(|_| "stream closed")?;
+    let mut inbound = MeshClient::new(channel)
+        .stream(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    metrics.control_plane_connected.set(1);
+    while let Some(msg) = inbound
+        .message()
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+    {
+        let version = msg.version;
+        let (applied, error) = match apply(msg, cfg, tls, snapshots) {
+            Ok(()) => {
+                metrics.snapshot_version.set(version as i64);
+                metrics.mark_snapshot();
+                tracing::info!(version, "applied snapshot");
+                (true, String::new())
+            }
+            Err(e) => {
+                tracing::warn!(version, error = %e, "refused snapshot; keeping the last one");
+                (false, e)
+            }
+        };
+        let leaf = tls.borrow().as_ref().map(|g| g.credential.leaf().clone());
+        let ack = Ack {
+            version,
+            applied,
+            error,
+            cert_serial: leaf.as_ref().map(|l| l.serial.clone()).unwrap_or_default(),
+            cert_not_after_unix: leaf.map(|l| l.not_after).unwrap_or_default(),
+        };
+        if tx
+            .send(ProxyMessage {
+                message: Some(proxy_message::Message::Ack(ack)),
+            })
+            .await
+            .is_err()
+        {
+            return Err("stream closed".into());
+        }
+    }
+    Ok(())
+}
+
+fn apply(
+    msg: moat_api::v1::Snapshot,
+    cfg: &ProxyConfig,
+    tls: &watch::Sender<Option<Arc<TlsGen>>>,
+    snapshots: &watch::Sender<Option<Arc<Snapshot>>>,
+) -> Result<(), String> {
+    let snap = from_proto(msg, &cfg.identity)?;
+    let current = tls.borrow().clone().ok_or("no certificate yet")?;
+    if current.bundle.fingerprints() != snap.bundle.fingerprints() {
+        // A new bundle: our own chain must still verify under it, or we would cut ourselves off.
+        let next = TlsGen::new(
+            current.credential.clone(),
+            snap.bundle.clone(),
+            current.refresh_after,
+        )
+        .map_err(|e| format!("{e:#}"))?;
+        tls.send_replace(Some(Arc::new(next)));
+        tracing::info!(roots = ?snap.bundle.fingerprints(), "trust bundle changed");
+    }
+    snapshots.send_replace(Some(Arc::new(snap)));
+    Ok(())
+}

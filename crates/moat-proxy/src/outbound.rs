@@ -1,0 +1,227 @@
+//! Outbound: an explicit listener per upstream service (`--upstream orders=127.0.0.1:9001`).
+//! The local app connects in plaintext; the proxy detects the protocol and carries it to an
+//! endpoint of the service over mTLS that accepts only the service's expected identity: opaque
+//! TCP on its own connection (ALPN moat-tcp), HTTP/1.1, HTTP/2 and gRPC multiplexed over a pooled
+//! HTTP/2 connection (ALPN h2).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use moat_identity::SpiffeId;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::Ctx;
+use crate::detect::{Prefixed, Protocol, detect};
+use crate::http::{
+    Body, ORIG_PROTO, boxed, ensure_request_id, is_grpc, strip_hop_by_hop, unavailable,
+};
+use crate::metrics::{RequestLabels, TrafficLabels};
+
+/// Accepts app connections for `service` until shutdown.
+pub async fn serve(listener: TcpListener, service: SpiffeId, ctx: Arc<Ctx>) {
+    loop {
+        let (tcp, remote) = tokio::select! {
+            () = ctx.shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbound accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let (ctx2, service) = (ctx.clone(), service.clone());
+        ctx.tracker
+            .spawn(async move { connection(tcp, remote, service, ctx2).await });
+    }
+}
+
+async fn connection(mut tcp: TcpStream, remote: SocketAddr, service: SpiffeId, ctx: Arc<Ctx>) {
+    let (proto, seen) = match detect(&mut tcp).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::debug!(%remote, error = %e, "outbound connection failed before detection");
+            return;
+        }
+    };
+    let io = Prefixed::new(seen, tcp);
+    match proto {
+        Protocol::Tcp => tcp_forward(io, remote, &service, &ctx).await,
+        Protocol::Http1 | Protocol::Http2 => {
+            let svc = {
+                let (ctx, service) = (ctx.clone(), service.clone());
+                service_fn(move |req| {
+                    let (ctx, service) = (ctx.clone(), service.clone());
+                    async move { Ok::<_, std::convert::Infallible>(forward(req, &service, &ctx).await) }
+                })
+            };
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder.http1().timer(TokioTimer::new());
+            builder.http2().timer(TokioTimer::new());
+            let conn = builder.serve_connection(TokioIo::new(io), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => if let Err(e) = r {
+                    tracing::debug!(%remote, error = %e, "outbound HTTP connection ended with an error");
+                },
+                () = ctx.shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        }
+    }
+}
+
+async fn tcp_forward(
+    mut io: Prefixed<TcpStream>,
+    remote: SocketAddr,
+    service: &SpiffeId,
+    ctx: &Ctx,
+) {
+    let start = Instant::now();
+    let target = service.to_string();
+    let (ep, mut tls) = match ctx.pool.dial(ctx, service, moat_tls::ALPN_TCP).await {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::warn!(target: "moat::access", direction = "outbound", protocol = "tcp", %remote, target = %target, decision = "error", reason = "upstream-unavailable", error = %e, "tcp");
+            return;
+        }
+    };
+    let result = tokio::io::copy_bidirectional(&mut io, &mut tls).await;
+    let (sent, received) = result.as_ref().map(|(a, b)| (*a, *b)).unwrap_or((0, 0));
+    ctx.metrics
+        .tcp_connections
+        .get_or_create(&TrafficLabels {
+            direction: "outbound",
+            peer: target.clone(),
+            target: target.clone(),
+            decision: "allow",
+            reason: "forwarded",
+        })
+        .inc();
+    ctx.metrics
+        .tcp_bytes
+        .get_or_create(&crate::metrics::BytesLabels {
+            direction: "outbound",
+            flow: "to_peer",
+        })
+        .inc_by(sent);
+    ctx.metrics
+        .tcp_bytes
+        .get_or_create(&crate::metrics::BytesLabels {
+            direction: "outbound",
+            flow: "from_peer",
+        })
+        .inc_by(received);
+    tracing::info!(target: "moat::access", direction = "outbound", protocol = "tcp", %remote, target = %target, endpoint = %ep, bytes_sent = sent, bytes_received = received, duration_ms = start.elapsed().as_millis() as u64, error = ?result.err().map(|e| e.to_string()), "tcp");
+}
+
+/// Forwards one app request to the service over the mesh.
+async fn forward(req: Request<Incoming>, service: &SpiffeId, ctx: &Ctx) -> Response<Body> {
+    let start = Instant::now();
+    let (mut parts, body) = req.into_parts();
+    let grpc = is_grpc(&parts.headers);
+    let request_id = ensure_request_id(&mut parts.headers);
+    let method = parts.method.clone();
+    let path = parts.uri.path().to_owned();
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| service.service_account().to_string());
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(http::header::HOST);
+    parts.headers.remove(&ORIG_PROTO);
+    if parts.version != Version::HTTP_2 {
+        parts
+            .headers
+            .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+    }
+    parts.version = Version::HTTP_2;
+    parts.uri = match Uri::builder()
+        .scheme("http")
+        .authority(authority.as_str())
+        .path_and_query(pq)
+        .build()
+    {
+        Ok(u) => u,
+        Err(e) => {
+            return unavailable(
+                StatusCode::BAD_REQUEST,
+                &format!("bad request target: {e}"),
+                grpc,
+            );
+        }
+    };
+    let target = service.to_string();
+    let (status, endpoint, resp) = match ctx
+        .pool
+        .send(ctx, service, Request::from_parts(parts, boxed(body)))
+        .await
+    {
+        Ok((ep, resp)) => {
+            let (mut rparts, rbody) = resp.into_parts();
+            strip_hop_by_hop(&mut rparts.headers);
+            (
+                rparts.status,
+                ep,
+                Response::from_parts(rparts, boxed(rbody)),
+            )
+        }
+        Err(e) => {
+            let status = match e {
+                crate::pool::DialError::NoEndpoints(_) | crate::pool::DialError::NotReady => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                crate::pool::DialError::AllFailed { .. } => StatusCode::BAD_GATEWAY,
+            };
+            tracing::warn!(%service, error = %e, "no endpoint of the service could take the request");
+            (
+                status,
+                String::new(),
+                unavailable(status, &e.to_string(), grpc),
+            )
+        }
+    };
+    let elapsed = start.elapsed();
+    ctx.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            direction: "outbound",
+            peer: target.clone(),
+            target: target.clone(),
+            decision: "allow",
+            reason: "forwarded",
+            status: status.as_u16(),
+        })
+        .inc();
+    ctx.metrics
+        .request_duration
+        .get_or_create(&crate::metrics::DirectionLabels {
+            direction: "outbound",
+        })
+        .observe(elapsed.as_secs_f64());
+    tracing::info!(target: "moat::access", direction = "outbound", %method, path = %path, target = %target, endpoint = %endpoint, status = status.as_u16(), duration_ms = elapsed.as_millis() as u64, request_id = %request_id, "http");
+    resp
+}

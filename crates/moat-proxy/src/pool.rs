@@ -1,0 +1,225 @@
+//! Dialling other sidecars: pick an endpoint of the service (round robin, skipping endpoints
+//! that failed recently), originate mTLS that accepts only the service's expected identity, and,
+//! for HTTP, keep one long-lived multiplexed HTTP/2 connection per endpoint.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use http::Request;
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use moat_identity::SpiffeId;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::Ctx;
+use crate::http::Body;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a failed endpoint is tried only after the healthy ones.
+const FAILURE_HOLD: Duration = Duration::from_secs(5);
+
+/// Why no connection to the service could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("no endpoints are known for {0}")]
+    NoEndpoints(SpiffeId),
+    #[error("the proxy has no certificate yet")]
+    NotReady,
+    #[error("every endpoint of {service} failed; last: {last}")]
+    AllFailed { service: SpiffeId, last: String },
+}
+
+/// Outbound connection state shared by every outbound listener.
+#[derive(Debug, Default)]
+pub struct Pool {
+    h2: tokio::sync::Mutex<HashMap<String, SendRequest<Body>>>,
+    failed: Mutex<HashMap<String, Instant>>,
+    next: AtomicUsize,
+}
+
+fn tls_reason(e: &std::io::Error) -> &'static str {
+    let text = format!("{e:?}");
+    if text.contains("WrongIdentity") {
+        "wrong-identity"
+    } else if text.contains("UnknownIssuer") {
+        "unknown-issuer"
+    } else if text.contains("Expired") {
+        "certificate-expired"
+    } else {
+        "tls-error"
+    }
+}
+
+impl Pool {
+    /// The service's endpoints in the order to try them.
+    fn order(&self, ctx: &Ctx, service: &SpiffeId) -> Result<Vec<String>, DialError> {
+        let snap = ctx.snapshot.borrow().clone();
+        let eps = snap
+            .as_ref()
+            .and_then(|s| s.services.get(service).cloned())
+            .filter(|e| !e.is_empty())
+            .ok_or_else(|| DialError::NoEndpoints(service.clone()))?;
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % eps.len();
+        let mut rotated: Vec<String> = eps[start..].iter().chain(&eps[..start]).cloned().collect();
+        let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        let recently = |ep: &String| failed.get(ep).is_some_and(|t| t.elapsed() < FAILURE_HOLD);
+        rotated.sort_by_key(recently);
+        Ok(rotated)
+    }
+
+    fn mark_failed(&self, ep: &str) {
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ep.to_owned(), Instant::now());
+    }
+
+    fn mark_ok(&self, ep: &str) {
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(ep);
+    }
+
+    async fn dial_one(
+        &self,
+        ctx: &Ctx,
+        ep: &str,
+        service: &SpiffeId,
+        alpn: &'static [u8],
+    ) -> Result<TlsStream<TcpStream>, String> {
+        let current = ctx.tls.borrow().clone().ok_or("no certificate")?;
+        let config = current
+            .client_for(service, alpn)
+            .map_err(|e| e.to_string())?;
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(ep))
+            .await
+            .map_err(|_| "connect timed out".to_owned())?
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from("moat.invalid").map_err(|e| e.to_string())?;
+        match tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            TlsConnector::from(config).connect(name, tcp),
+        )
+        .await
+        {
+            Err(_) => {
+                ctx.metrics.handshake_failed("outbound", "timeout".into());
+                Err("TLS handshake timed out".into())
+            }
+            Ok(Err(e)) => {
+                let reason = tls_reason(&e);
+                ctx.metrics.handshake_failed("outbound", reason.into());
+                tracing::warn!(%service, endpoint = ep, reason, error = %e, "refused to talk to an endpoint that did not prove the expected identity");
+                Err(format!("{reason}: {e}"))
+            }
+            Ok(Ok(tls)) => Ok(tls),
+        }
+    }
+
+    /// An mTLS connection to one endpoint of `service`, offering `alpn`.
+    pub async fn dial(
+        &self,
+        ctx: &Ctx,
+        service: &SpiffeId,
+        alpn: &'static [u8],
+    ) -> Result<(String, TlsStream<TcpStream>), DialError> {
+        if ctx.tls.borrow().is_none() {
+            return Err(DialError::NotReady);
+        }
+        let mut last = String::new();
+        for ep in self.order(ctx, service)? {
+            match self.dial_one(ctx, &ep, service, alpn).await {
+                Ok(tls) => {
+                    self.mark_ok(&ep);
+                    return Ok((ep, tls));
+                }
+                Err(e) => {
+                    self.mark_failed(&ep);
+                    last = format!("{ep}: {e}");
+                }
+            }
+        }
+        Err(DialError::AllFailed {
+            service: service.clone(),
+            last,
+        })
+    }
+
+    /// Sends an HTTP/2 request to an endpoint of `service` over a pooled connection. Endpoints
+    /// are tried in turn until one accepts the request; a request is sent at most once.
+    pub async fn send(
+        &self,
+        ctx: &Ctx,
+        service: &SpiffeId,
+        req: Request<Body>,
+    ) -> Result<(String, http::Response<Incoming>), DialError> {
+        let mut last = String::new();
+        for ep in self.order(ctx, service)? {
+            let mut sender = {
+                let mut conns = self.h2.lock().await;
+                match conns.get(&ep).filter(|s| !s.is_closed()).cloned() {
+                    Some(s) => s,
+                    None => match self.dial_one(ctx, &ep, service, moat_tls::ALPN_H2).await {
+                        Ok(tls) => {
+                            let handshake =
+                                hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                                    .timer(TokioTimer::new())
+                                    .keep_alive_interval(Duration::from_secs(20))
+                                    .keep_alive_while_idle(true)
+                                    .handshake::<_, Body>(TokioIo::new(tls))
+                                    .await;
+                            match handshake {
+                                Ok((s, conn)) => {
+                                    let endpoint = ep.clone();
+                                    tokio::spawn(async move {
+                                        if let Err(e) = conn.await {
+                                            tracing::debug!(endpoint, error = %e, "mesh connection closed");
+                                        }
+                                    });
+                                    conns.insert(ep.clone(), s.clone());
+                                    s
+                                }
+                                Err(e) => {
+                                    self.mark_failed(&ep);
+                                    last = format!("{ep}: http/2 handshake: {e}");
+                                    continue;
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            self.mark_failed(&ep);
+                            last = format!("{ep}: {e}");
+                            continue;
+                        }
+                    },
+                }
+            };
+            if sender.ready().await.is_err() {
+                self.h2.lock().await.remove(&ep);
+                last = format!("{ep}: connection closed");
+                continue;
+            }
+            self.mark_ok(&ep);
+            return match sender.send_request(req).await {
+                Ok(resp) => Ok((ep, resp)),
+                Err(e) => Err(DialError::AllFailed {
+                    service: service.clone(),
+                    last: format!("{ep}: {e}"),
+                }),
+            };
+        }
+        Err(DialError::AllFailed {
+            service: service.clone(),
+            last,
+        })
+    }
+}
