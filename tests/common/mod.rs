@@ -88,3 +88,101 @@ pub fn cert_request(
         .output()
         .unwrap()
 }
+
+/// The demo-style allow-list: frontend may call orders (HTTP), payments (gRPC) and ledger (TCP).
+pub const MESH_POLICY: &str = r#"
+apiVersion: moat.dev/v1
+kind: AccessPolicy
+metadata: { name: orders }
+spec:
+  target: orders
+  rules:
+    - from: [frontend]
+---
+apiVersion: moat.dev/v1
+kind: AccessPolicy
+metadata: { name: payments }
+spec:
+  target: payments
+  rules:
+    - from: [frontend]
+      http: [{ methods: [POST], paths: ["/moat.test.Echo/*"] }]
+---
+apiVersion: moat.dev/v1
+kind: AccessPolicy
+metadata: { name: ledger }
+spec:
+  target: ledger
+  rules:
+    - from: [frontend]
+"#;
+
+/// Waits until `proxy` knows endpoints for every service in `services`.
+pub fn wait_for_services(proxy: &moat_test_util::Proxy, services: &[&str]) {
+    let ok = moat_test_util::eventually(std::time::Duration::from_secs(15), || {
+        let (_, body) = proxy.admin_get("/config")?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        services
+            .iter()
+            .all(|s| {
+                v["services"][id(s).to_string()]
+                    .as_array()
+                    .is_some_and(|a| !a.is_empty())
+            })
+            .then_some(())
+    });
+    assert!(
+        ok.is_some(),
+        "{} never learned {services:?}: {:?}",
+        proxy.identity,
+        proxy.admin_get("/config")
+    );
+}
+
+/// An HTTP/1.1 client (keep-alive pool).
+pub fn h1_client() -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<bytes::Bytes>,
+> {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
+/// An HTTP/2 prior-knowledge (h2c) client.
+pub fn h2_client() -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<bytes::Bytes>,
+> {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// GET `url` with extra headers; returns (status, headers, body).
+pub async fn get(
+    client: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<bytes::Bytes>,
+    >,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, http::HeaderMap, String), String> {
+    use http_body_util::BodyExt as _;
+    let mut req = http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let resp = client.request(req).await.map_err(|e| format!("{e:?}"))?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
+}

@@ -8,7 +8,9 @@ pub struct CertTtl(Duration);
 
 /// A lifetime outside the accepted range.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("certificate lifetime {0:?} is outside the accepted range of 5 min to 24 h")]
+#[error(
+    "certificate lifetime {0:?} is outside the accepted range (5 min to 24 h unless the control plane sets another minimum)"
+)]
 pub struct TtlError(pub Duration);
 
 impl CertTtl {
@@ -24,6 +26,17 @@ impl CertTtl {
     /// Checks `d` against the accepted range.
     pub fn new(d: Duration) -> Result<Self, TtlError> {
         if (Self::MIN..=Self::MAX).contains(&d) {
+            Ok(CertTtl(d))
+        } else {
+            Err(TtlError(d))
+        }
+    }
+
+    /// Checks `d` against `min..=24 h`, for a control plane configured with a lower minimum
+    /// (test meshes that rotate every few seconds). `min` itself is never below 1 s.
+    pub fn within(d: Duration, min: Duration) -> Result<Self, TtlError> {
+        let min = min.max(Duration::from_secs(1));
+        if (min..=Self::MAX).contains(&d) {
             Ok(CertTtl(d))
         } else {
             Err(TtlError(d))

@@ -18,8 +18,8 @@ use crate::tokens::TokenError;
 #[derive(Debug)]
 pub struct CertifyInput {
     pub csr: ValidatedCsr,
-    /// `None`: the control plane's default.
-    pub ttl: Option<CertTtl>,
+    /// `None`: the control plane's default. Checked against the configured range by the handler.
+    pub ttl: Option<Duration>,
     pub join_token: Option<String>,
 }
 
@@ -29,10 +29,7 @@ impl TryFrom<CertifyRequest> for CertifyInput {
         let csr = ValidatedCsr::from_der(&req.csr_der).map_err(csr_status)?;
         let ttl = match req.ttl_seconds {
             0 => None,
-            s => Some(
-                CertTtl::new(Duration::from_secs(u64::from(s)))
-                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
-            ),
+            s => Some(Duration::from_secs(u64::from(s))),
         };
         let join_token = req.credential.map(|c| match c {
             certify_request::Credential::JoinToken(t) => t,
@@ -135,7 +132,17 @@ impl Identity for IdentityService {
                 return Err(self.refuse(&actor, &target, status).await);
             }
         }
-        let ttl = input.ttl.unwrap_or(cp.default_ttl);
+        let ttl = match input.ttl {
+            None => cp.default_ttl,
+            Some(d) => match CertTtl::within(d, cp.min_ttl) {
+                Ok(t) => t,
+                Err(e) => {
+                    return Err(self
+                        .refuse(&actor, &target, Status::invalid_argument(e.to_string()))
+                        .await);
+                }
+            },
+        };
         let issued = match cp.ca.issue(&input.csr.spki_der, &input.csr.id, ttl) {
             Ok(i) => i,
             Err(e @ moat_ca::CaError::ForeignDomain { .. }) => {

@@ -45,6 +45,8 @@ pub struct ServeConfig {
     pub kek: kek_source::KekSource,
     pub import: ca::ImportPaths,
     pub default_ttl: CertTtl,
+    /// The shortest lifetime a caller may request (default 5 min).
+    pub min_ttl: std::time::Duration,
     /// Admin identities, short forms resolved.
     pub admins: Vec<SpiffeId>,
 }
@@ -136,6 +138,7 @@ pub async fn serve(
         policies,
         mesh: mesh.clone(),
         default_ttl: cfg.default_ttl,
+        min_ttl: cfg.min_ttl,
         admins: cfg.admins.clone(),
     });
 

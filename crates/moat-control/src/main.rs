@@ -63,6 +63,10 @@ struct ServeArgs {
     /// Default leaf certificate lifetime (5m to 24h).
     #[arg(long, env = "MOAT_DEFAULT_CERT_TTL", default_value = "1h", value_parser = parse_ttl)]
     default_cert_ttl: CertTtl,
+    /// Shortest certificate lifetime callers may request (at least 1s). Lower it only for test
+    /// meshes that exercise rotation every few seconds.
+    #[arg(long, env = "MOAT_MIN_CERT_TTL", default_value = "5m", value_parser = parse_min_ttl)]
+    min_cert_ttl: std::time::Duration,
     /// Admin identities allowed to use the Admin API (repeatable; short forms allowed).
     /// The first one gets the credential written to <data-dir>/admin.
     #[arg(
@@ -76,6 +80,14 @@ struct ServeArgs {
 fn parse_ttl(s: &str) -> Result<CertTtl, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{e} (write e.g. 30m, 1h, 12h)"))?;
     CertTtl::new(d).map_err(|e| e.to_string())
+}
+
+fn parse_min_ttl(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (write e.g. 10s, 5m)"))?;
+    if d < std::time::Duration::from_secs(1) || d > CertTtl::MAX {
+        return Err("must be between 1s and 24h".into());
+    }
+    Ok(d)
 }
 
 fn init_logging(format: &str) {
@@ -136,6 +148,7 @@ fn config(args: ServeArgs) -> Result<ServeConfig, String> {
             intermediate_key: args.import_intermediate_key,
         },
         default_ttl: args.default_cert_ttl,
+        min_ttl: args.min_cert_ttl,
         admins,
     })
 }

@@ -22,6 +22,8 @@ pub struct ControlPlane {
     pub policies: Policies,
     pub mesh: Arc<MeshState>,
     pub default_ttl: CertTtl,
+    /// The shortest certificate lifetime a caller may ask for.
+    pub min_ttl: std::time::Duration,
     pub admins: Vec<SpiffeId>,
 }
 

@@ -1,6 +1,12 @@
 //! Test-only helpers for running the real moat binaries: find (and build, once per test
-//! process) `moat-control` and `moat`, start a control plane on `127.0.0.1:0` with its own data
-//! directory and a KEK kept outside it, restart or `kill -9` it, and run CLI commands against it.
+//! process) `moat-control`, `moat-proxy` and `moat`; start a control plane on a free loopback
+//! port with its own data directory and a KEK kept outside it, restart it on the same port or
+//! `kill -9` it; run CLI commands against it; start sidecars next to test apps (`apps`).
+
+pub mod apps;
+mod proxy;
+
+pub use proxy::{Proxy, apply_policy};
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
@@ -74,7 +80,16 @@ pub struct ControlPlane {
     data: tempfile::TempDir,
     secrets: tempfile::TempDir,
     log: PathBuf,
+    listen: String,
     extra_args: Vec<String>,
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port: {e}"))
 }
 
 /// A fixed, valid KEK for tests (base64 of 32 bytes).
@@ -98,11 +113,22 @@ impl ControlPlane {
             data,
             secrets,
             log,
+            listen: format!("127.0.0.1:{}", free_port()),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
         };
         cp.launch()?;
-        // Import flags apply to the first start only.
-        cp.extra_args.clear();
+        // Import flags (each followed by its file) apply to the first start only.
+        let mut keep = Vec::new();
+        let mut args = cp.extra_args.drain(..);
+        while let Some(a) = args.next() {
+            if a.starts_with("--import-") {
+                args.next();
+            } else {
+                keep.push(a);
+            }
+        }
+        drop(args);
+        cp.extra_args = keep;
         Ok(cp)
     }
 
@@ -112,7 +138,7 @@ impl ControlPlane {
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(self.data.path())
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", &self.listen])
             .arg("--kek-file")
             .arg(kek_file)
             .env_remove("MOAT_KEK")

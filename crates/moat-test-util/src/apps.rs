@@ -1,0 +1,171 @@
+//! Ordinary test apps with no mesh code: an HTTP/1.1 + HTTP/2 (h2c) echo server, a gRPC echo
+//! service (unary and streaming) and a TCP echo server. Each binds `127.0.0.1:0` on the calling
+//! tokio runtime and answers with what it saw, including the `x-moat-peer-id` header.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpListener;
+use tokio_stream::{Stream, StreamExt as _};
+
+/// Generated code for `proto/echo.proto`.
+pub mod echo {
+    #![allow(missing_docs, clippy::all, missing_debug_implementations)]
+    tonic::include_proto!("moat.test");
+}
+
+async fn bind() -> (TcpListener, SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let a = l.local_addr().unwrap_or_else(|e| panic!("local_addr: {e}"));
+    (l, a)
+}
+
+async fn http_handler(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let peer = req
+        .headers()
+        .get_all("x-moat-peer-id")
+        .iter()
+        .map(|v| v.to_str().unwrap_or("?").to_owned())
+        .collect::<Vec<_>>()
+        .join(",");
+    let version = format!("{:?}", req.version());
+    let (method, path) = (req.method().to_string(), req.uri().path().to_owned());
+    if let Some(ms) = req
+        .uri()
+        .query()
+        .and_then(|q| q.strip_prefix("sleep_ms="))
+        .and_then(|v| v.parse().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes().len())
+        .unwrap_or(0);
+    let text = format!("method={method} path={path} version={version} peer={peer} body={body}\n");
+    Ok(Response::new(Full::new(Bytes::from(text))))
+}
+
+/// An HTTP echo app (HTTP/1.1 and h2c). `?sleep_ms=N` delays the answer.
+pub async fn http_echo() -> SocketAddr {
+    let (listener, addr) = bind().await;
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), service_fn(http_handler))
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A TCP echo app.
+pub async fn tcp_echo() -> SocketAddr {
+    let (listener, addr) = bind().await;
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[derive(Debug, Default)]
+struct EchoSvc;
+
+fn peer<T>(req: &tonic::Request<T>) -> String {
+    req.metadata()
+        .get("x-moat-peer-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<echo::EchoReply, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl echo::echo_server::Echo for EchoSvc {
+    async fn unary(
+        &self,
+        req: tonic::Request<echo::EchoRequest>,
+    ) -> Result<tonic::Response<echo::EchoReply>, tonic::Status> {
+        let peer = peer(&req);
+        Ok(tonic::Response::new(echo::EchoReply {
+            text: req.into_inner().text,
+            peer,
+        }))
+    }
+
+    type StreamStream = ReplyStream;
+
+    async fn stream(
+        &self,
+        req: tonic::Request<tonic::Streaming<echo::EchoRequest>>,
+    ) -> Result<tonic::Response<ReplyStream>, tonic::Status> {
+        let peer = peer(&req);
+        let mut inbound = req.into_inner();
+        let out = async_stream(move |tx| async move {
+            while let Some(Ok(m)) = inbound.next().await {
+                if tx
+                    .send(Ok(echo::EchoReply {
+                        text: m.text,
+                        peer: peer.clone(),
+                    }))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Ok(tonic::Response::new(out))
+    }
+}
+
+fn async_stream<F, Fut>(f: F) -> ReplyStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<echo::EchoReply, tonic::Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// A gRPC echo app (h2c).
+pub async fn grpc_echo() -> SocketAddr {
+    let (listener, addr) = bind().await;
+    tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let _ = tonic::transport::Server::builder()
+            .add_service(echo::echo_server::EchoServer::new(EchoSvc))
+            .serve_with_incoming(incoming)
+            .await;
+    });
+    addr
+}

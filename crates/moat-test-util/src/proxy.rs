@@ -1,0 +1,192 @@
+//! A running `moat-proxy` next to a test app.
+
+use std::collections::HashMap;
+use std::io::{Read as _, Write as _};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+use crate::{ControlPlane, bin, eventually, free_port};
+
+/// A sidecar process.
+#[derive(Debug)]
+pub struct Proxy {
+    child: Option<Child>,
+    pub identity: String,
+    pub inbound: SocketAddr,
+    pub admin: SocketAddr,
+    pub upstreams: HashMap<String, SocketAddr>,
+    dir: tempfile::TempDir,
+}
+
+impl Proxy {
+    /// Starts a proxy for `identity` in front of `app`, with an outbound listener for each of
+    /// `upstreams`, and waits until it is ready. `extra` adds flags (e.g. `--cert-ttl 10s`).
+    pub fn start(
+        cp: &ControlPlane,
+        identity: &str,
+        app: SocketAddr,
+        upstreams: &[&str],
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let token = cp.moat_ok(&["token", "create", "--identity", identity]);
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, token.trim())?;
+        let inbound: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let mut ups = HashMap::new();
+        let mut cmd = Command::new(bin("moat-proxy"));
+        cmd.args([
+            "--control-plane",
+            &cp.url(),
+            "--identity",
+            identity,
+            "--token-file",
+        ])
+        .arg(&token_file)
+        .arg("--trust-anchors")
+        .arg(cp.admin_dir().join("bundle.pem"))
+        .args([
+            "--inbound",
+            &inbound.to_string(),
+            "--admin",
+            &admin.to_string(),
+            "--app",
+            &app.to_string(),
+        ]);
+        for u in upstreams {
+            let a: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+            cmd.args(["--upstream", &format!("{u}={a}")]);
+            ups.insert((*u).to_owned(), a);
+        }
+        cmd.args(extra);
+        let log = std::fs::File::create(dir.path().join("proxy.log"))?;
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(log)
+            .env_remove("MOAT_UPSTREAMS")
+            .spawn()
+            .context("cannot start moat-proxy")?;
+        let p = Proxy {
+            child: Some(child),
+            identity: identity.to_owned(),
+            inbound,
+            admin,
+            upstreams: ups,
+            dir,
+        };
+        p.wait_ready(Duration::from_secs(30))?;
+        Ok(p)
+    }
+
+    /// Waits until `/ready` answers 200.
+    pub fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let ready = eventually(timeout, || {
+            self.admin_get("/ready")
+                .filter(|(s, _)| *s == 200)
+                .map(|_| ())
+        });
+        if ready.is_none() {
+            bail!(
+                "proxy {} did not become ready; log:\n{}",
+                self.identity,
+                self.log_text()
+            );
+        }
+        Ok(())
+    }
+
+    /// The outbound listener for `service`.
+    pub fn upstream(&self, service: &str) -> SocketAddr {
+        *self
+            .upstreams
+            .get(service)
+            .unwrap_or_else(|| panic!("no upstream {service}"))
+    }
+
+    /// A GET on the admin port: (status, body), or `None` when it does not answer.
+    pub fn admin_get(&self, path: &str) -> Option<(u16, String)> {
+        let mut s =
+            std::net::TcpStream::connect_timeout(&self.admin, Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        let status = out.split_whitespace().nth(1)?.parse().ok()?;
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Some((status, body))
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub fn metrics(&self) -> String {
+        self.admin_get("/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    }
+
+    /// Everything the proxy logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("proxy.log")).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM.
+    pub fn sigterm(&self) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+        }
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let start = Instant::now();
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                self.child = None;
+                return Some(st);
+            }
+            if start.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Applies a policy document (YAML text) through the CLI.
+pub fn apply_policy(cp: &ControlPlane, yaml: &str) {
+    let f = cp.scratch().join(format!("policy-{}.yaml", free_port()));
+    std::fs::write(&f, yaml).unwrap_or_else(|e| panic!("{e}"));
+    cp.moat_ok(&["policy", "apply", "-f", &f.display().to_string()]);
+}

@@ -1,0 +1,332 @@
+//! The data plane over the real binaries: app → sidecar → mTLS → sidecar → app for TCP,
+//! HTTP/1.1, HTTP/2 and gRPC; verified identities; and everything the inbound refuses.
+
+// Scenario helpers panic on anything unexpected, like the tests that call them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use moat_test_util::apps::{echo, grpc_echo, http_echo, tcp_echo};
+use moat_test_util::{ControlPlane, Proxy, apply_policy};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const FRONTEND: &str = "spiffe://moat.local/ns/default/sa/frontend";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_protocol_crosses_a_sidecar_pair_with_the_verified_identity() {
+    let cp = ControlPlane::start().unwrap();
+    apply_policy(&cp, MESH_POLICY);
+    let orders = Proxy::start(&cp, "orders", http_echo().await, &[], &[]).unwrap();
+    let payments = Proxy::start(&cp, "payments", grpc_echo().await, &[], &[]).unwrap();
+    let ledger = Proxy::start(&cp, "ledger", tcp_echo().await, &[], &[]).unwrap();
+    let frontend = Proxy::start(
+        &cp,
+        "frontend",
+        http_echo().await,
+        &["orders", "payments", "ledger"],
+        &[],
+    )
+    .unwrap();
+    wait_for_services(&frontend, &["orders", "payments", "ledger"]);
+
+    // HTTP/1.1, with a forged identity header that must not reach the app.
+    let url = format!("http://{}/orders/1", frontend.upstream("orders"));
+    let (status, _, body) = get(
+        &h1_client(),
+        "GET",
+        &url,
+        &[("x-moat-peer-id", "spiffe://moat.local/ns/default/sa/admin")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&format!("peer={FRONTEND} ")), "{body}");
+    assert!(body.contains("version=HTTP/1.1"), "{body}");
+
+    // HTTP/2 (prior knowledge) stays HTTP/2 end to end.
+    let (status, _, body) = get(&h2_client(), "POST", &url, &[("x-moat-peer-id", "forged")])
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains(&format!("peer={FRONTEND} ")) && body.contains("version=HTTP/2.0"),
+        "{body}"
+    );
+
+    // gRPC unary and bidirectional streaming.
+    let mut grpc =
+        echo::echo_client::EchoClient::connect(format!("http://{}", frontend.upstream("payments")))
+            .await
+            .unwrap();
+    let mut req = tonic::Request::new(echo::EchoRequest { text: "hi".into() });
+    req.metadata_mut()
+        .insert("x-moat-peer-id", "forged".parse().unwrap());
+    let reply = grpc.unary(req).await.unwrap().into_inner();
+    assert_eq!((reply.text.as_str(), reply.peer.as_str()), ("hi", FRONTEND));
+    let outbound = tokio_stream::iter((0..5).map(|i| echo::EchoRequest {
+        text: format!("m{i}"),
+    }));
+    let mut replies = grpc.stream(outbound).await.unwrap().into_inner();
+    let mut got = Vec::new();
+    while let Some(r) = replies.message().await.unwrap() {
+        assert_eq!(r.peer, FRONTEND);
+        got.push(r.text);
+    }
+    assert_eq!(got, ["m0", "m1", "m2", "m3", "m4"]);
+
+    // Opaque TCP.
+    let mut tcp = tokio::net::TcpStream::connect(frontend.upstream("ledger"))
+        .await
+        .unwrap();
+    tcp.write_all(b"hello mesh").await.unwrap();
+    let mut buf = [0u8; 10];
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"hello mesh");
+    drop(tcp);
+
+    // Each side logged and counted what it did.
+    let m = orders.metrics();
+    assert!(m.contains(r#"moat_requests_total{direction="inbound",peer="spiffe://moat.local/ns/default/sa/frontend",target="spiffe://moat.local/ns/default/sa/orders",decision="allow",reason="allowed",status="200"} 2"#), "{m}");
+    assert!(
+        payments.log_text().contains("path=/moat.test.Echo/Unary"),
+        "{}",
+        payments.log_text()
+    );
+    let ok = moat_test_util::eventually(Duration::from_secs(5), || {
+        ledger.log_text().contains("protocol=\"tcp\"").then_some(())
+    });
+    assert!(ok.is_some(), "{}", ledger.log_text());
+    let config: serde_json::Value =
+        serde_json::from_str(&orders.admin_get("/config").unwrap().1).unwrap();
+    assert_eq!(
+        config["identity"],
+        "spiffe://moat.local/ns/default/sa/orders"
+    );
+    assert!(
+        config["certificate"]["serial"]
+            .as_str()
+            .is_some_and(|s| s.len() == 32)
+    );
+}
+
+/// A rustls client config presenting `chain`/`key` (or nothing), trusting `bundle` for `server`.
+fn client_config(
+    bundle: &moat_identity::TrustBundle,
+    server: &str,
+    cert: Option<(
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    )>,
+    alpn: &[u8],
+) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(moat_tls::SpiffeServerVerifier::new(
+            Arc::new(bundle.clone()),
+            id(server),
+        )));
+    let mut cfg = match cert {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    Arc::new(cfg)
+}
+
+/// Sends an HTTP/1.1 request over TLS; returns what came back (empty when refused).
+async fn tls_request(addr: std::net::SocketAddr, cfg: Arc<rustls::ClientConfig>) -> String {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let Ok(mut tls) = tokio_rustls::TlsConnector::from(cfg)
+        .connect("moat.invalid".try_into().unwrap(), tcp)
+        .await
+    else {
+        return String::new();
+    };
+    let _ = tls
+        .write_all(b"GET /orders HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn self_signed_root() -> (rcgen::Certificate, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    (p.self_signed(&key).unwrap(), key)
+}
+
+/// A leaf for `who` under `root`, valid from `from` to `to` (offsets from now, in seconds).
+fn leaf(
+    root: &(rcgen::Certificate, rcgen::KeyPair),
+    who: &str,
+    from: i64,
+    to: i64,
+) -> (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.subject_alt_names = vec![rcgen::SanType::URI(id(who).to_string().try_into().unwrap())];
+    p.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+    ];
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now + time::Duration::seconds(from);
+    p.not_after = now + time::Duration::seconds(to);
+    let issuer = rcgen::Issuer::from_ca_cert_der(root.0.der(), &root.1).unwrap();
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    (
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbound_refuses_everything_it_should_with_a_reason() {
+    // Our own root, imported, so the test can mint an expired certificate the mesh would trust.
+    let root = self_signed_root();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("root.pem"), root.0.pem()).unwrap();
+    std::fs::write(dir.path().join("root.key"), root.1.serialize_pem()).unwrap();
+    let cp = ControlPlane::start_with(&[
+        "--import-root-cert",
+        dir.path().join("root.pem").to_str().unwrap(),
+        "--import-root-key",
+        dir.path().join("root.key").to_str().unwrap(),
+    ])
+    .unwrap();
+    apply_policy(&cp, MESH_POLICY);
+    let orders = Proxy::start(&cp, "orders", http_echo().await, &[], &[]).unwrap();
+    let bundle = bundle(&cp);
+
+    // 1. Plaintext HTTP.
+    let mut plain = tokio::net::TcpStream::connect(orders.inbound)
+        .await
+        .unwrap();
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nHost: orders\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut out)).await;
+    assert!(!String::from_utf8_lossy(&out).contains("HTTP/1.1 200"));
+
+    // 2. TLS without a client certificate.
+    let anonymous = tls_request(
+        orders.inbound,
+        client_config(&bundle, "orders", None, b"http/1.1"),
+    )
+    .await;
+    assert!(anonymous.is_empty(), "{anonymous}");
+
+    // 3. A certificate from a foreign CA.
+    let foreign = self_signed_root();
+    let stranger = client_config(
+        &bundle,
+        "orders",
+        Some(leaf(&foreign, "frontend", -60, 3600)),
+        b"http/1.1",
+    );
+    assert!(tls_request(orders.inbound, stranger).await.is_empty());
+
+    // 4. An expired certificate under the mesh's own root.
+    let expired = client_config(
+        &bundle,
+        "orders",
+        Some(leaf(&root, "frontend", -7200, -60)),
+        b"http/1.1",
+    );
+    assert!(tls_request(orders.inbound, expired).await.is_empty());
+
+    // 5. A valid mesh identity that no policy allows: HTTP 403 with the reason …
+    let intruder = leaf(&root, "intruder", -60, 3600);
+    let resp = tls_request(
+        orders.inbound,
+        client_config(
+            &bundle,
+            "orders",
+            Some((intruder.0.clone(), intruder.1.clone_key())),
+            b"http/1.1",
+        ),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    assert!(
+        resp.contains("x-moat-deny-reason: identity-not-allowed"),
+        "{resp}"
+    );
+    assert!(
+        resp.contains("identity-not-allowed (policy default/orders@"),
+        "{resp}"
+    );
+
+    // … and gRPC status 7 from a gRPC service.
+    let payments = Proxy::start(&cp, "payments", grpc_echo().await, &[], &[]).unwrap();
+    let cred =
+        moat_tls::Credential::new(intruder.0.clone(), intruder.1.clone_key(), &bundle).unwrap();
+    let channel = moat_tls::connect::channel(
+        &format!("https://{}", payments.inbound),
+        bundle.clone(),
+        id("payments"),
+        Some(&cred),
+    )
+    .await
+    .unwrap();
+    let status = echo::echo_client::EchoClient::new(channel)
+        .unary(echo::EchoRequest { text: "x".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains("identity-not-allowed"),
+        "{status:?}"
+    );
+
+    // Every refusal is visible in the metrics and the log, with its reason.
+    let settle = moat_test_util::eventually(Duration::from_secs(5), || {
+        let m = orders.metrics();
+        [
+            "not-tls",
+            "no-client-certificate",
+            "unknown-issuer",
+            "certificate-expired",
+        ]
+        .iter()
+        .all(|r| {
+            m.contains(&format!(
+                r#"moat_tls_handshake_failures_total{{direction="inbound",reason="{r}"}} 1"#
+            ))
+        })
+        .then_some(m)
+    });
+    let m = settle.unwrap_or_else(|| panic!("{}", orders.metrics()));
+    assert!(m.contains(r#"moat_authz_decisions_total{direction="inbound",peer="spiffe://moat.local/ns/default/sa/intruder",target="spiffe://moat.local/ns/default/sa/orders",decision="deny",reason="identity-not-allowed"} 1"#), "{m}");
+    let log = orders.log_text();
+    for reason in [
+        "not-tls",
+        "no-client-certificate",
+        "unknown-issuer",
+        "certificate-expired",
+        "identity-not-allowed",
+    ] {
+        assert!(log.contains(reason), "{reason} not logged:\n{log}");
+    }
+}
