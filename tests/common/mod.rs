@@ -186,3 +186,48 @@ pub async fn get(
         .to_bytes();
     Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
 }
+
+/// Sends GET `url` at `rps` for `duration` (each request on its own task, over a keep-alive
+/// pool). Returns the number of 200s and a description of every failure.
+pub async fn load(url: &str, rps: u32, duration: std::time::Duration) -> (usize, Vec<String>) {
+    let client = h1_client();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs_f64(1.0 / f64::from(rps)));
+    let end = tokio::time::Instant::now() + duration;
+    let mut tasks = Vec::new();
+    while tokio::time::Instant::now() < end {
+        tick.tick().await;
+        let (c, u) = (client.clone(), url.to_owned());
+        tasks.push(tokio::spawn(async move {
+            match get(&c, "GET", &u, &[]).await {
+                Ok((200, _, _)) => Ok(()),
+                Ok((s, _, b)) => Err(format!("status {s}: {b}")),
+                Err(e) => Err(e),
+            }
+        }));
+    }
+    let mut ok = 0;
+    let mut failures = Vec::new();
+    for t in tasks {
+        match t.await {
+            Ok(Ok(())) => ok += 1,
+            Ok(Err(e)) => failures.push(e),
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    (ok, failures)
+}
+
+/// A rustls client config presenting `cred`, accepting only `server` under `bundle`, for HTTP/1.1.
+pub fn tls_client(
+    bundle: &TrustBundle,
+    server: &str,
+    cred: &Credential,
+) -> std::sync::Arc<rustls::ClientConfig> {
+    moat_tls::client_config(
+        Some(cred),
+        std::sync::Arc::new(bundle.clone()),
+        id(server),
+        moat_tls::ALPN_HTTP1,
+    )
+    .unwrap()
+}
