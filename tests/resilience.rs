@@ -238,7 +238,7 @@ async fn garbage_on_every_listener_is_answered_or_closed_and_service_goes_on() {
     // smuggled request never reaches anyone; 1 MB of headers is refused.
     let r = exchange(outbound, smuggle).await;
     assert!(
-        !r.contains("/smuggled") && r.matches("HTTP/1.1 ").count() <= 1,
+        !r.contains("/smuggled") && r.lines().filter(|l| l.starts_with("HTTP/1.1 ")).count() <= 1,
         "{r}"
     );
     let r = exchange(outbound, &huge).await;
@@ -273,7 +273,8 @@ async fn garbage_on_every_listener_is_answered_or_closed_and_service_goes_on() {
         let r = String::from_utf8_lossy(&out);
         let shown = &r[..r.len().min(300)];
         assert!(
-            !r.contains("/smuggled") && r.matches("HTTP/1.1 ").count() <= 1,
+            !r.contains("/smuggled")
+                && r.lines().filter(|l| l.starts_with("HTTP/1.1 ")).count() <= 1,
             "{shown}"
         );
         if attack.len() > 1024 {
