@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use moat_test_util::apps::{echo, grpc_echo, http_echo, tcp_echo};
+use moat_test_util::apps::{echo, grpc_echo, http_echo, tcp_echo, tcp_greeter};
 use moat_test_util::{ControlPlane, Proxy, apply_policy};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -114,6 +114,43 @@ async fn every_protocol_crosses_a_sidecar_pair_with_the_verified_identity() {
             .as_str()
             .is_some_and(|s| s.len() == 32)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_first_protocol_works_through_an_opaque_port() {
+    let cp = ControlPlane::start().unwrap();
+    apply_policy(&cp, MESH_POLICY);
+    let _ledger = Proxy::start(&cp, "ledger", tcp_greeter().await, &[], &[]).unwrap();
+    let port = moat_test_util::free_port().to_string();
+    // An outbound listener on a port declared opaque: no detection, the greeting flows at once.
+    let upstream = format!("ledger@{port}");
+    let fe = Proxy::start(
+        &cp,
+        "frontend",
+        http_echo().await,
+        &[&upstream],
+        &["--opaque-ports", &port],
+    )
+    .unwrap();
+    wait_for_services(&fe, &["ledger"]);
+    let mut tcp = tokio::net::TcpStream::connect(fe.upstream("ledger"))
+        .await
+        .unwrap();
+    let mut greeting = [0u8; 15];
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut greeting))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&greeting, b"220 moat test\r\n");
+    tcp.write_all(b"QUIT\r\n").await.unwrap();
+    let mut echo = [0u8; 6];
+    tcp.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"QUIT\r\n");
+    drop(tcp);
+    let logged = moat_test_util::eventually(Duration::from_secs(5), || {
+        fe.log_text().contains("opaque=true").then_some(())
+    });
+    assert!(logged.is_some(), "{}", fe.log_text());
 }
 
 /// A rustls client config presenting `chain`/`key` (or nothing), trusting `bundle` for `server`.

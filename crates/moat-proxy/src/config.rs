@@ -24,6 +24,10 @@ pub struct ProxyConfig {
     pub drain_timeout: Duration,
     /// Requested certificate lifetime (`None`: the control plane's default).
     pub cert_ttl: Option<Duration>,
+    /// Ports carried as opaque TCP without protocol detection: outbound listener ports, and the
+    /// app port for inbound clients that do not say (by ALPN) what they carry. Needed for
+    /// server-first protocols (SMTP, MySQL, …), which would otherwise wait out detection.
+    pub opaque_ports: Vec<u16>,
 }
 
 /// An explicit outbound listener: `name=127.0.0.1:9001` sends what arrives on the address to the

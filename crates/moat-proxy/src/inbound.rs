@@ -106,6 +106,9 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
     let (proto, io) = match alpn.as_deref() {
         Some(moat_tls::ALPN_TCP) => (Protocol::Tcp, Prefixed::new(Vec::new(), tls)),
         Some(moat_tls::ALPN_H2) => (Protocol::Http2, Prefixed::new(Vec::new(), tls)),
+        _ if ctx.cfg.opaque_ports.contains(&ctx.cfg.app.port()) => {
+            (Protocol::Tcp, Prefixed::new(Vec::new(), tls))
+        }
         _ => {
             let mut tls = tls;
             match detect(&mut tls).await {

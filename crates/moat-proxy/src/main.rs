@@ -52,6 +52,10 @@ struct Args {
     /// Requested certificate lifetime (the control plane's default when omitted).
     #[arg(long, env = "MOAT_CERT_TTL", value_parser = duration)]
     cert_ttl: Option<Duration>,
+    /// Ports carried as opaque TCP without protocol detection (comma-separated): outbound
+    /// listener ports and/or the app port.
+    #[arg(long, env = "MOAT_OPAQUE_PORTS", value_delimiter = ',')]
+    opaque_ports: Vec<u16>,
     /// Worker threads.
     #[arg(long, env = "MOAT_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     workers: u16,
@@ -93,6 +97,7 @@ fn config(a: &Args) -> Result<ProxyConfig, String> {
         admin: a.admin,
         drain_timeout: a.drain_timeout,
         cert_ttl: a.cert_ttl,
+        opaque_ports: a.opaque_ports.clone(),
     })
 }
 

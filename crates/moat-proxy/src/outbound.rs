@@ -45,16 +45,23 @@ pub async fn serve(listener: TcpListener, service: SpiffeId, ctx: Arc<Ctx>) {
 }
 
 async fn connection(mut tcp: TcpStream, remote: SocketAddr, service: SpiffeId, ctx: Arc<Ctx>) {
-    let (proto, seen) = match detect(&mut tcp).await {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::debug!(%remote, error = %e, "outbound connection failed before detection");
-            return;
+    let opaque = tcp
+        .local_addr()
+        .is_ok_and(|a| ctx.cfg.opaque_ports.contains(&a.port()));
+    let (proto, seen) = if opaque {
+        (Protocol::Tcp, Vec::new())
+    } else {
+        match detect(&mut tcp).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(%remote, error = %e, "outbound connection failed before detection");
+                return;
+            }
         }
     };
     let io = Prefixed::new(seen, tcp);
     match proto {
-        Protocol::Tcp => tcp_forward(io, remote, &service, &ctx).await,
+        Protocol::Tcp => tcp_forward(io, remote, &service, opaque, &ctx).await,
         Protocol::Http1 | Protocol::Http2 => {
             let svc = {
                 let (ctx, service) = (ctx.clone(), service.clone());
@@ -85,6 +92,7 @@ async fn tcp_forward(
     mut io: Prefixed<TcpStream>,
     remote: SocketAddr,
     service: &SpiffeId,
+    opaque: bool,
     ctx: &Ctx,
 ) {
     let start = Instant::now();
@@ -122,7 +130,7 @@ async fn tcp_forward(
             flow: "from_peer",
         })
         .inc_by(received);
-    tracing::info!(target: "moat::access", direction = "outbound", protocol = "tcp", %remote, target = %target, endpoint = %ep, bytes_sent = sent, bytes_received = received, duration_ms = start.elapsed().as_millis() as u64, error = ?result.err().map(|e| e.to_string()), "tcp");
+    tracing::info!(target: "moat::access", direction = "outbound", protocol = "tcp", opaque, %remote, target = %target, endpoint = %ep, bytes_sent = sent, bytes_received = received, duration_ms = start.elapsed().as_millis() as u64, error = ?result.err().map(|e| e.to_string()), "tcp");
 }
 
 /// Forwards one app request to the service over the mesh.

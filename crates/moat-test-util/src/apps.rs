@@ -95,6 +95,27 @@ pub async fn tcp_echo() -> SocketAddr {
     addr
 }
 
+/// A server-first TCP app: it greets with `220 moat test` before the client says anything,
+/// then echoes.
+pub async fn tcp_greeter() -> SocketAddr {
+    let (listener, addr) = bind().await;
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                if tcp.write_all(b"220 moat test\r\n").await.is_err() {
+                    return;
+                }
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
 #[derive(Debug, Default)]
 struct EchoSvc;
 

@@ -44,6 +44,8 @@ fn ensure_built() -> anyhow::Result<()> {
                 "moat-control",
                 "-p",
                 "moat-cli",
+                "-p",
+                "moat-proxy",
                 "--bins",
             ]);
             if bin_dir().file_name().is_some_and(|n| n == "release") {

@@ -23,7 +23,8 @@ pub struct Proxy {
 
 impl Proxy {
     /// Starts a proxy for `identity` in front of `app`, with an outbound listener for each of
-    /// `upstreams`, and waits until it is ready. `extra` adds flags (e.g. `--cert-ttl 10s`).
+    /// `upstreams` (`name`, or `name@port` for a fixed port), and waits until it is ready.
+    /// `extra` adds flags (e.g. `--cert-ttl 10s`).
     pub fn start(
         cp: &ControlPlane,
         identity: &str,
@@ -58,9 +59,13 @@ impl Proxy {
             &app.to_string(),
         ]);
         for u in upstreams {
-            let a: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-            cmd.args(["--upstream", &format!("{u}={a}")]);
-            ups.insert((*u).to_owned(), a);
+            let (name, port) = match u.split_once('@') {
+                Some((n, p)) => (n, p.parse()?),
+                None => (*u, free_port()),
+            };
+            let a: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+            cmd.args(["--upstream", &format!("{name}={a}")]);
+            ups.insert(name.to_owned(), a);
         }
         cmd.args(extra);
         let log = std::fs::File::create(dir.path().join("proxy.log"))?;
