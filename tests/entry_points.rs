@@ -1,0 +1,312 @@
+//! Bad input on the newer entry points: `moat-proxy` flags, the `Mesh.Stream` RPC, policy
+//! documents through the CLI and through the Admin API directly. Each is refused with a message
+//! that says what was wrong, and nothing is half-applied.
+
+// Scenario helpers panic on anything unexpected, like the tests that call them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use moat_api::v1::admin_client::AdminClient;
+use moat_api::v1::mesh_client::MeshClient;
+use moat_api::v1::{Announce, ApplyPoliciesRequest, PolicySource, ProxyMessage, proxy_message};
+use moat_test_util::{ControlPlane, bin};
+use tonic::Code;
+
+#[test]
+fn proxy_flags_are_checked_before_anything_starts() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &[
+                "--identity",
+                "orders",
+                "--token-file",
+                "t",
+                "--trust-anchors",
+                "b",
+                "--app",
+                "127.0.0.1:1",
+                "--upstream",
+                "payments",
+            ],
+            "write SERVICE=ADDR",
+        ),
+        (
+            &[
+                "--identity",
+                "orders",
+                "--token-file",
+                "t",
+                "--trust-anchors",
+                "b",
+                "--app",
+                "127.0.0.1:1",
+            ],
+            "wildcard address",
+        ),
+        (
+            &[
+                "--identity",
+                "Bad!",
+                "--token-file",
+                "t",
+                "--trust-anchors",
+                "b",
+                "--app",
+                "127.0.0.1:1",
+                "--inbound",
+                "127.0.0.1:0",
+            ],
+            "--identity",
+        ),
+        (
+            &[
+                "--identity",
+                "orders",
+                "--token-file",
+                "t",
+                "--trust-anchors",
+                "b",
+                "--app",
+                "nowhere",
+            ],
+            "invalid value",
+        ),
+        (&["--identity", "orders"], "required"),
+    ];
+    for (args, want) in cases {
+        let out = Command::new(bin("moat-proxy"))
+            .args(*args)
+            .env_remove("MOAT_UPSTREAMS")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(want), "{args:?}: {}", stderr(&out));
+    }
+}
+
+#[test]
+fn a_refused_join_token_stops_the_proxy_with_the_reason() {
+    let cp = ControlPlane::start().unwrap();
+    let token = cp.scratch().join("bad.token");
+    std::fs::write(&token, "moat_notarealtokenatallnotarealtokenatall1234").unwrap();
+    let out = Command::new(bin("moat-proxy"))
+        .args([
+            "--control-plane",
+            &cp.url(),
+            "--identity",
+            "orders",
+            "--app",
+            "127.0.0.1:1",
+        ])
+        .args([
+            "--inbound",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--token-file",
+        ])
+        .arg(&token)
+        .arg("--trust-anchors")
+        .arg(cp.admin_dir().join("bundle.pem"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("join token is not recognised"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test]
+async fn the_mesh_stream_refuses_strangers_and_bad_announcements() {
+    let cp = ControlPlane::start().unwrap();
+    let b = bundle(&cp);
+    // No client certificate: no stream.
+    let anon = moat_tls::connect::channel(&cp.url(), b.clone(), control_id(), None)
+        .await
+        .unwrap();
+    let msg = |m| ProxyMessage { message: Some(m) };
+    let announce = |addr: &str| {
+        msg(proxy_message::Message::Announce(Announce {
+            inbound_address: addr.to_owned(),
+            ..Announce::default()
+        }))
+    };
+    let err = MeshClient::new(anon)
+        .stream(tokio_stream::iter(vec![announce("127.0.0.1:7143")]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+
+    let dir = cp.scratch().join("orders");
+    cp.moat_ok(&[
+        "cert",
+        "issue",
+        "--identity",
+        "orders",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    let cred = credential(&dir, &b);
+    for (bad, want) in [
+        ("0.0.0.0:7143", "wildcard"),
+        ("127.0.0.1", "no port"),
+        ("127.0.0.1:0", "no valid port"),
+        (":80", "no host"),
+    ] {
+        let ch = moat_tls::connect::channel(&cp.url(), b.clone(), control_id(), Some(&cred))
+            .await
+            .unwrap();
+        let err = MeshClient::new(ch)
+            .stream(tokio_stream::iter(vec![announce(bad)]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad}: {err:?}");
+        assert!(err.message().contains(want), "{bad}: {err:?}");
+    }
+    // The first message must be an announce.
+    let ch = moat_tls::connect::channel(&cp.url(), b.clone(), control_id(), Some(&cred))
+        .await
+        .unwrap();
+    let ack = msg(proxy_message::Message::Ack(moat_api::v1::Ack::default()));
+    let err = MeshClient::new(ch)
+        .stream(tokio_stream::iter(vec![ack]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // A good announce gets a first snapshot with the bundle.
+    let ch = moat_tls::connect::channel(&cp.url(), b.clone(), control_id(), Some(&cred))
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(announce("127.0.0.1:7143")).await.unwrap();
+    let mut snaps = MeshClient::new(ch)
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = snaps.message().await.unwrap().unwrap();
+    assert!(first.version > 0 && !first.trust_bundle_der.is_empty());
+    assert!(
+        first
+            .services
+            .iter()
+            .any(|s| s.spiffe_id.ends_with("/sa/orders"))
+    );
+}
+
+#[tokio::test]
+async fn invalid_policy_sets_are_refused_whole() {
+    let cp = ControlPlane::start().unwrap();
+    let good = "apiVersion: moat.dev/v1\nkind: AccessPolicy\nmetadata: { name: a }\nspec:\n  target: a\n  rules: [{ from: [b] }]\n";
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "unknown field",
+            good.replace("rules:", "rulez:"),
+            "unknown field `rulez`",
+        ),
+        (
+            "bad identity",
+            good.replace("from: [b]", "from: [B!]"),
+            "spec.rules[0].from[0]",
+        ),
+        (
+            "bad path",
+            good.replace("{ from: [b] }", "{ from: [b], http: [{ paths: [nope] }] }"),
+            "must start with '/'",
+        ),
+        (
+            "wrong kind",
+            good.replace("AccessPolicy", "Policy"),
+            "unknown kind",
+        ),
+        ("empty", String::new(), "empty"),
+        ("10 MB", "#".repeat(10 * 1024 * 1024), "the limit is"),
+    ];
+    // Offline validation names the file and the problem; apply refuses the whole set.
+    for (name, text, want) in &cases {
+        let bad = cp.scratch().join("bad.yaml");
+        std::fs::write(&bad, text).unwrap();
+        let out = cp.moat(&["policy", "validate", "-f", bad.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{name}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(want) && stderr(&out).contains("bad.yaml"),
+            "{name}: {}",
+            stderr(&out)
+        );
+        let dir = cp.scratch().join(format!("set-{}", name.replace(' ', "-")));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("1-good.yaml"), good).unwrap();
+        std::fs::write(dir.join("2-bad.yaml"), text).unwrap();
+        let out = cp.moat(&["policy", "apply", "-f", dir.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{name}: {}", stderr(&out));
+    }
+    assert!(
+        !cp.moat_ok(&["policy", "get"]).contains("default/a"),
+        "nothing of a refused set is stored"
+    );
+
+    // The control plane checks again on its own (a client that skips local validation).
+    let admin_dir = cp.admin_dir();
+    let b = bundle(&cp);
+    let ch = moat_tls::connect::channel(
+        &cp.url(),
+        b.clone(),
+        control_id(),
+        Some(&credential(&admin_dir, &b)),
+    )
+    .await
+    .unwrap();
+    let mut admin = AdminClient::new(ch);
+    let err = admin
+        .apply_policies(ApplyPoliciesRequest {
+            sources: vec![
+                PolicySource {
+                    name: "good.yaml".into(),
+                    text: good.into(),
+                },
+                PolicySource {
+                    name: "evil.yaml".into(),
+                    text: cases[0].1.clone(),
+                },
+            ],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("evil.yaml") && err.message().contains("rulez"),
+        "{err:?}"
+    );
+    let err = admin
+        .apply_policies(ApplyPoliciesRequest { sources: vec![] })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(!cp.moat_ok(&["policy", "get"]).contains("default/a"));
+
+    // And the good one alone applies, shows, and deletes; deleting twice is an error.
+    let f = cp.scratch().join("good.yaml");
+    std::fs::write(&f, good).unwrap();
+    assert!(
+        cp.moat_ok(&["policy", "apply", "-f", f.to_str().unwrap()])
+            .contains("applied default/a")
+    );
+    assert!(
+        cp.moat_ok(&["policy", "get", "a", "-o", "yaml"])
+            .contains("spiffe://moat.local/ns/default/sa/b")
+    );
+    cp.moat_ok(&["policy", "delete", "a"]);
+    let out = cp.moat(&["policy", "delete", "a"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no policy default/a"),
+        "{}",
+        stderr(&out)
+    );
+}
