@@ -230,6 +230,13 @@ async fn garbage_on_every_listener_is_answered_or_closed_and_service_goes_on() {
         let r = exchange_raw(orders.inbound, g).await;
         assert!(r.is_empty() || (r[0] == 0x15 && r.len() <= 7), "{r:?}");
     }
+    // The control plane's TLS port: the same, and it keeps serving.
+    let cp_addr: std::net::SocketAddr = cp.url().trim_start_matches("https://").parse().unwrap();
+    for g in [&random[..], &truncated_hello[..]] {
+        let r = exchange_raw(cp_addr, g).await;
+        assert!(r.is_empty() || (r[0] == 0x15 && r.len() <= 7), "{r:?}");
+    }
+    cp.moat_ok(&["ca", "show"]);
     // Admin: garbage gets a 400 or a close.
     let r = exchange(orders.admin, &random).await;
     assert!(r.is_empty() || r.starts_with("HTTP/1.1 400"), "{r}");
@@ -289,4 +296,41 @@ async fn garbage_on_every_listener_is_answered_or_closed_and_service_goes_on() {
     for p in [&orders, &frontend] {
         assert_eq!(p.admin_get("/ready").unwrap().0, 200);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_is_live_but_not_ready_until_it_has_a_certificate_and_a_snapshot() {
+    let mut cp = ControlPlane::start().unwrap();
+    let token = cp.moat_ok(&["token", "create", "--identity", "orders"]);
+    cp.kill9();
+    let orders = Proxy::launch(&cp, "orders", token.trim(), http_echo().await, &[], &[]).unwrap();
+    let answered = eventually(Duration::from_secs(10), || {
+        orders.admin_get("/live").filter(|(s, _)| *s == 200)
+    });
+    assert!(answered.is_some(), "{}", orders.log_text());
+    let (status, body) = orders.admin_get("/ready").unwrap();
+    assert_eq!(
+        (status, body.trim()),
+        (503, "not ready: no certificate yet")
+    );
+    // Its inbound port refuses connections it cannot yet secure.
+    let mut s = tokio::net::TcpStream::connect(orders.inbound)
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1];
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_or(0),
+        0
+    );
+    // The control plane comes back; the proxy's retries succeed.
+    cp.restart().unwrap();
+    orders.wait_ready(Duration::from_secs(30)).unwrap();
+    assert!(
+        orders
+            .log_text()
+            .contains("cannot reach the control plane for our first certificate")
+    );
 }

@@ -134,6 +134,12 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
     }
     tracing::info!(admin = %admin.local_addr()?, inbound = %inbound.local_addr()?, identity = %cfg.identity, "proxy starting");
     tokio::spawn(admin::serve(admin, ctx.clone()));
+    // Listeners serve from the start: until there is a certificate and a snapshot they close
+    // inbound connections and answer outbound ones with "unavailable", so callers fail fast.
+    ctx.tracker.spawn(inbound::serve(inbound, ctx.clone()));
+    for (l, id) in upstreams {
+        ctx.tracker.spawn(outbound::serve(l, id, ctx.clone()));
+    }
 
     let mut backoff = Duration::from_millis(500);
     let first = loop {
@@ -156,10 +162,6 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
     ));
     tokio::spawn(mesh_client::run(cfg.clone(), tls_tx, snap_tx, metrics));
 
-    ctx.tracker.spawn(inbound::serve(inbound, ctx.clone()));
-    for (l, id) in upstreams {
-        ctx.tracker.spawn(outbound::serve(l, id, ctx.clone()));
-    }
     println!("proxy running");
 
     shutdown.await;

@@ -121,3 +121,125 @@ pub fn from_proto(s: pb::Snapshot, me: &SpiffeId) -> Result<Snapshot, String> {
         services,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me() -> SpiffeId {
+        "spiffe://moat.local/ns/default/sa/orders".parse().unwrap()
+    }
+
+    fn policy(target: &str, mode: &str, from: &str, path: &str) -> pb::Policy {
+        pb::Policy {
+            namespace: "default".into(),
+            name: "orders".into(),
+            version: 7,
+            target: target.into(),
+            mode: mode.into(),
+            rules: vec![pb::PolicyRule {
+                from: vec![from.into()],
+                ports: vec![8080],
+                http: vec![pb::HttpRoute {
+                    methods: vec!["GET".into()],
+                    paths: vec![path.into()],
+                }],
+            }],
+        }
+    }
+
+    fn snapshot(policies: Vec<pb::Policy>, bundle: Vec<Vec<u8>>) -> pb::Snapshot {
+        pb::Snapshot {
+            version: 3,
+            trust_bundle_der: bundle,
+            policies,
+            mesh: None,
+            services: vec![pb::Service {
+                spiffe_id: "spiffe://moat.local/ns/default/sa/payments".into(),
+                endpoints: vec!["127.0.0.1:7143".into()],
+            }],
+        }
+    }
+
+    fn root() -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn a_good_snapshot_converts() {
+        let me_str = me().to_string();
+        let s = from_proto(
+            snapshot(
+                vec![policy(
+                    &me_str,
+                    "audit",
+                    "spiffe://moat.local/ns/default/sa/frontend",
+                    "/orders/*",
+                )],
+                vec![root()],
+            ),
+            &me(),
+        )
+        .unwrap();
+        assert_eq!(s.version, 3);
+        assert_eq!(s.policies[0].mode, Mode::Audit);
+        assert_eq!(s.policies[0].version, PolicyVersion(7));
+        assert_eq!(s.services.len(), 1);
+    }
+
+    #[test]
+    fn anything_not_understood_is_refused() {
+        let me_str = me().to_string();
+        let frontend = "spiffe://moat.local/ns/default/sa/frontend";
+        let cases = [
+            (snapshot(vec![], vec![]), "trust bundle"),
+            (snapshot(vec![], vec![b"junk".to_vec()]), "trust bundle"),
+            (
+                snapshot(
+                    vec![policy(
+                        "spiffe://moat.local/ns/default/sa/other",
+                        "enforce",
+                        frontend,
+                        "/",
+                    )],
+                    vec![root()],
+                ),
+                "not this proxy",
+            ),
+            (
+                snapshot(vec![policy(&me_str, "loud", frontend, "/")], vec![root()]),
+                "unknown mode",
+            ),
+            (
+                snapshot(
+                    vec![policy(&me_str, "enforce", "frontend", "/")],
+                    vec![root()],
+                ),
+                "from",
+            ),
+            (
+                snapshot(
+                    vec![policy(&me_str, "enforce", frontend, "no-slash")],
+                    vec![root()],
+                ),
+                "path pattern",
+            ),
+        ];
+        for (snap, want) in cases {
+            let err = from_proto(snap, &me()).unwrap_err();
+            assert!(err.contains(want), "{want}: {err}");
+        }
+        let mut bad_posture = snapshot(vec![], vec![root()]);
+        bad_posture.mesh = Some(pb::MeshSettings {
+            default_posture: "open".into(),
+        });
+        assert!(
+            from_proto(bad_posture, &me())
+                .unwrap_err()
+                .contains("posture")
+        );
+    }
+}

@@ -32,8 +32,23 @@ impl Proxy {
         upstreams: &[&str],
         extra: &[&str],
     ) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
         let token = cp.moat_ok(&["token", "create", "--identity", identity]);
+        let p = Self::launch(cp, identity, token.trim(), app, upstreams, extra)?;
+        p.wait_ready(Duration::from_secs(30))?;
+        Ok(p)
+    }
+
+    /// Starts a proxy with an existing join token and returns at once (the control plane need
+    /// not be up). Call [`wait_ready`](Self::wait_ready) to wait for it.
+    pub fn launch(
+        cp: &ControlPlane,
+        identity: &str,
+        token: &str,
+        app: SocketAddr,
+        upstreams: &[&str],
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
         let token_file = dir.path().join("token");
         std::fs::write(&token_file, token.trim())?;
         let inbound: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
@@ -75,16 +90,14 @@ impl Proxy {
             .env_remove("MOAT_UPSTREAMS")
             .spawn()
             .context("cannot start moat-proxy")?;
-        let p = Proxy {
+        Ok(Proxy {
             child: Some(child),
             identity: identity.to_owned(),
             inbound,
             admin,
             upstreams: ups,
             dir,
-        };
-        p.wait_ready(Duration::from_secs(30))?;
-        Ok(p)
+        })
     }
 
     /// Waits until `/ready` answers 200.
