@@ -8,8 +8,9 @@ use moat_api::v1::{
     ApplyPoliciesRequest, ApplyPoliciesResponse, AuditEntry, CaCertificate, CertifyResponse,
     CreateTokenRequest, CreateTokenResponse, DeletePolicyRequest, DeletePolicyResponse,
     IssueCertificateRequest, ListAuditRequest, ListAuditResponse, ListPoliciesRequest,
-    ListPoliciesResponse, ListTokensRequest, ListTokensResponse, RevokeTokenRequest,
-    RevokeTokenResponse, ShowCaRequest, ShowCaResponse, TokenInfo,
+    ListPoliciesResponse, ListTokensRequest, ListTokensResponse, PolicyHistoryRequest,
+    PolicyHistoryResponse, PolicyRevision, PolicyRollout, RevokeTokenRequest, RevokeTokenResponse,
+    ShowCaRequest, ShowCaResponse, TokenInfo,
 };
 use moat_ca::{CaCertInfo, CertTtl};
 use moat_identity::{SpiffeId, ValidatedCsr};
@@ -260,7 +261,7 @@ impl Admin for AdminService {
         let result = self
             .0
             .policies
-            .apply(&sources)
+            .apply(&sources, &actor.to_string())
             .await
             .map(|(policies, mesh)| ApplyPoliciesResponse {
                 policies: policies.iter().map(policy_to_proto).collect(),
@@ -284,14 +285,26 @@ impl Admin for AdminService {
             .policies
             .load()
             .await
-            .map(|set| ListPoliciesResponse {
-                policies: set.policies.iter().map(policy_to_proto).collect(),
-                default_posture: set.mesh.default_posture.as_str().to_owned(),
-                documents: set
-                    .policies
-                    .iter()
-                    .map(moat_policy::access_policy_yaml)
-                    .collect(),
+            .map(|set| {
+                let registry = self.0.mesh.registry();
+                ListPoliciesResponse {
+                    policies: set.policies.iter().map(policy_to_proto).collect(),
+                    default_posture: set.mesh.default_posture.as_str().to_owned(),
+                    documents: set
+                        .policies
+                        .iter()
+                        .map(moat_policy::access_policy_yaml)
+                        .collect(),
+                    rollout: set
+                        .policies
+                        .iter()
+                        .map(|p| {
+                            let (proxies, applied) =
+                                registry.rollout(&p.target, &p.key(), p.version.0);
+                            PolicyRollout { proxies, applied }
+                        })
+                        .collect(),
+                }
             })
             .map_err(policy_status);
         self.audited(&actor, "policy.list", "", result)
@@ -308,11 +321,40 @@ impl Admin for AdminService {
         let result = self
             .0
             .policies
-            .delete(&name)
+            .delete(&name, &actor.to_string())
             .await
             .map(|()| DeletePolicyResponse {})
             .map_err(policy_status);
         self.audited(&actor, "policy.delete", &name, result)
+            .await
+            .map(Response::new)
+    }
+
+    async fn policy_history(
+        &self,
+        req: Request<PolicyHistoryRequest>,
+    ) -> Result<Response<PolicyHistoryResponse>, Status> {
+        let actor = self.0.require_admin(&req, "policy.history").await?;
+        let name = req.into_inner().name;
+        let result = self
+            .0
+            .policies
+            .history(&name)
+            .await
+            .map(|revs| PolicyHistoryResponse {
+                revisions: revs
+                    .into_iter()
+                    .map(|r| PolicyRevision {
+                        version: r.version,
+                        time_unix_ms: r.time_unix_ms,
+                        actor: r.actor,
+                        change: r.change,
+                        document: r.document,
+                    })
+                    .collect(),
+            })
+            .map_err(policy_status);
+        self.audited(&actor, "policy.history", &name, result)
             .await
             .map(Response::new)
     }

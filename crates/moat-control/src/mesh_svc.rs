@@ -52,7 +52,8 @@ impl MeshState {
         self.generation.send_modify(|g| *g += 1);
     }
 
-    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+    /// The registry, locked.
+    pub fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
         // A panic while holding the lock leaves plain data behind; keep serving with it.
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -222,6 +223,8 @@ impl Mesh for MeshService {
                 last_seen: now,
                 applied_version: 0,
                 last_error: None,
+                sent: None,
+                applied_policies: Vec::new(),
             },
         );
         tracing::info!(%id, address = %announce.inbound_address, %remote, "proxy connected");
@@ -238,6 +241,14 @@ impl Mesh for MeshService {
                 let body = snap.encode_to_vec();
                 if last_sent.as_ref() != Some(&body) {
                     snap.version = version;
+                    let held = snap
+                        .policies
+                        .iter()
+                        .map(|p| (format!("{}/{}", p.namespace, p.name), p.version))
+                        .collect();
+                    if let Some(e) = svc.state.registry().get_mut(stream_id) {
+                        e.sent = Some((version, held));
+                    }
                     if tx.send(Ok(snap)).await.is_err() {
                         break;
                     }
@@ -276,6 +287,11 @@ impl MeshService {
                 if ack.applied {
                     entry.applied_version = ack.version;
                     entry.last_error = None;
+                    if let Some((v, held)) = &entry.sent
+                        && *v == ack.version
+                    {
+                        entry.applied_policies = held.clone();
+                    }
                 } else {
                     tracing::warn!(%id, version = ack.version, error = %ack.error, "proxy refused a snapshot");
                     entry.last_error = Some(ack.error);

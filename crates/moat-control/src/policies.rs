@@ -16,6 +16,51 @@ use moat_store::{Op, Store, StoreError, Txn};
 pub const PREFIX: &str = "policies/";
 /// Store key of the mesh config.
 pub const MESH_KEY: &str = "meshconfig";
+/// Store prefix of policy history: `policyhist/<ns>/<name>/<unix-ms>-<random>`, written in the
+/// same transaction as the change, so its mod revision is the policy version it records.
+pub const HISTORY_PREFIX: &str = "policyhist/";
+
+/// One stored revision of a policy.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Revision {
+    #[serde(skip)]
+    pub version: u64,
+    pub time_unix_ms: i64,
+    pub actor: String,
+    /// `applied` or `deleted`.
+    pub change: String,
+    /// The canonical document; empty for a deletion.
+    pub document: String,
+}
+
+fn history_op(key: &str, actor: &str, change: &str, document: String) -> Op {
+    use rand::Rng as _;
+    let time_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let suffix: u32 = rand::rng().random();
+    let rev = Revision {
+        version: 0,
+        time_unix_ms,
+        actor: actor.to_owned(),
+        change: change.to_owned(),
+        document,
+    };
+    // Serialising plain strings and integers cannot fail.
+    Op::Put(
+        format!("{HISTORY_PREFIX}{key}/{time_unix_ms:015}-{suffix:08x}"),
+        serde_json::to_vec(&rev).unwrap_or_default(),
+    )
+}
+
+fn full_key(name: &str) -> String {
+    if name.contains('/') {
+        name.to_owned()
+    } else {
+        format!("default/{name}")
+    }
+}
 
 /// Every policy and the mesh config, as stored.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -75,6 +120,7 @@ impl Policies {
     pub async fn apply(
         &self,
         sources: &[(String, String)],
+        actor: &str,
     ) -> Result<(Vec<AccessPolicy>, Option<MeshConfig>), PolicyError> {
         if sources.is_empty() {
             return Err(PolicyError::Request("no policy documents were sent".into()));
@@ -102,7 +148,9 @@ impl Policies {
                             p.key()
                         )));
                     }
-                    ops.push(Op::Put(key_of(&p), access_policy_yaml(&p).into_bytes()));
+                    let doc = access_policy_yaml(&p);
+                    ops.push(history_op(&p.key(), actor, "applied", doc.clone()));
+                    ops.push(Op::Put(key_of(&p), doc.into_bytes()));
                     policies.push(p);
                 }
                 Document::MeshConfig(m) => {
@@ -133,23 +181,42 @@ impl Policies {
     }
 
     /// Deletes `namespace/name` (or `name` in namespace `default`).
-    pub async fn delete(&self, name: &str) -> Result<(), PolicyError> {
-        let key = if name.contains('/') {
-            name.to_owned()
-        } else {
-            format!("default/{name}")
-        };
+    pub async fn delete(&self, name: &str, actor: &str) -> Result<(), PolicyError> {
+        let key = full_key(name);
         let full = format!("{PREFIX}{key}");
         if self.store.get(&full).await?.is_none() {
             return Err(PolicyError::NotFound(key));
         }
         self.store
             .txn(Txn {
-                success: vec![Op::Delete(full)],
+                success: vec![
+                    Op::Delete(full),
+                    history_op(&key, actor, "deleted", String::new()),
+                ],
                 ..Txn::default()
             })
             .await?;
         Ok(())
+    }
+
+    /// Every stored revision of `name`, oldest first.
+    pub async fn history(&self, name: &str) -> Result<Vec<Revision>, PolicyError> {
+        let key = full_key(name);
+        let revs: Vec<Revision> = self
+            .store
+            .range(&format!("{HISTORY_PREFIX}{key}/"), 0, false)
+            .await?
+            .into_iter()
+            .filter_map(|kv| {
+                let mut r: Revision = serde_json::from_slice(&kv.value).ok()?;
+                r.version = kv.mod_revision;
+                Some(r)
+            })
+            .collect();
+        if revs.is_empty() {
+            return Err(PolicyError::NotFound(key));
+        }
+        Ok(revs)
     }
 
     /// Reads every policy and the mesh config.

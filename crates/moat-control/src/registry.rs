@@ -21,6 +21,10 @@ pub struct ProxyEntry {
     pub applied_version: u64,
     /// The last NACK, if the newest snapshot was refused.
     pub last_error: Option<String>,
+    /// The newest snapshot sent: its version and the (policy key, version) pairs it held.
+    pub sent: Option<(u64, Vec<(String, u64)>)>,
+    /// The (policy key, version) pairs of the newest snapshot the proxy acknowledged.
+    pub applied_policies: Vec<(String, u64)>,
 }
 
 /// Connected proxies by stream id.
@@ -48,6 +52,22 @@ impl Registry {
     /// Every connected proxy.
     pub fn entries(&self) -> impl Iterator<Item = &ProxyEntry> {
         self.proxies.values()
+    }
+
+    /// How many connected proxies of `target` there are, and how many applied `key@version`.
+    pub fn rollout(&self, target: &SpiffeId, key: &str, version: u64) -> (u32, u32) {
+        let of_target = self.proxies.values().filter(|p| &p.id == target);
+        let (mut total, mut applied) = (0, 0);
+        for p in of_target {
+            total += 1;
+            if p.applied_policies
+                .iter()
+                .any(|(k, v)| k == key && *v == version)
+            {
+                applied += 1;
+            }
+        }
+        (total, applied)
     }
 
     /// The service table: identity → sorted, de-duplicated endpoints.

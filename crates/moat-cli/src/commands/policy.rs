@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 use clap::Subcommand;
-use moat_api::v1::{ApplyPoliciesRequest, DeletePolicyRequest, ListPoliciesRequest, PolicySource};
+use moat_api::v1::{
+    ApplyPoliciesRequest, DeletePolicyRequest, ListPoliciesRequest, PolicyHistoryRequest,
+    PolicySource,
+};
 use moat_identity::TrustDomain;
 use moat_policy::{Document, parse_documents};
 
@@ -29,6 +32,54 @@ pub enum PolicyCmd {
     },
     /// Delete a policy by `namespace/name` (or `name` in namespace default).
     Delete { name: String },
+    /// Every stored revision of a policy: version, time, who, what changed.
+    History {
+        name: String,
+        /// Also print each revision's document.
+        #[arg(long)]
+        documents: bool,
+    },
+    /// Per policy: version, mode, and how many of its target's connected proxies applied it.
+    Status,
+    /// Why a call would be allowed or denied: decision, reason, matching rule and a trace of
+    /// every rule, from the live policies (or --file, offline).
+    Explain {
+        /// Caller identity.
+        #[arg(long)]
+        from: String,
+        /// Callee identity.
+        #[arg(long)]
+        to: String,
+        /// The port the caller reached (the callee's app port).
+        #[arg(long)]
+        port: Option<u16>,
+        /// HTTP method (with --path).
+        #[arg(long)]
+        method: Option<String>,
+        /// HTTP path (with --method).
+        #[arg(long)]
+        path: Option<String>,
+        /// Evaluate these policy files instead of the live policies.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Trust domain for short forms when --file is used.
+        #[arg(long, env = "MOAT_TRUST_DOMAIN", default_value = "moat.local")]
+        trust_domain: TrustDomain,
+        #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "json"])]
+        output: String,
+    },
+    /// Check a golden allow/deny case table against policy files, offline; exits 1 naming
+    /// every case that does not hold (for CI pipelines).
+    Test {
+        /// The case table (YAML: `cases: [{name, from, to, port?, method?, path?, expect, reason?}]`).
+        #[arg(short = 'f', long = "file")]
+        cases: PathBuf,
+        /// The policy file or directory to test.
+        #[arg(short = 'p', long = "policies")]
+        policies: PathBuf,
+        #[arg(long, env = "MOAT_TRUST_DOMAIN", default_value = "moat.local")]
+        trust_domain: TrustDomain,
+    },
     /// Check documents offline, without a control plane.
     Validate {
         #[arg(short = 'f', long = "file")]
@@ -40,7 +91,7 @@ pub enum PolicyCmd {
 }
 
 /// Reads `path` (a file, or the policy files of a directory, sorted) as (name, text) pairs.
-fn sources(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
+pub fn sources(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
     let files = if path.is_dir() {
         let mut files: Vec<PathBuf> = std::fs::read_dir(path)
             .with_context(|| format!("cannot read {}", path.display()))?
@@ -99,6 +150,92 @@ fn validate(sources: &[(String, String)], td: &TrustDomain) -> anyhow::Result<Ve
 
 pub async fn run(global: &Global, cmd: PolicyCmd) -> anyhow::Result<()> {
     match cmd {
+        PolicyCmd::Explain {
+            from,
+            to,
+            port,
+            method,
+            path,
+            file,
+            trust_domain,
+            output,
+        } => {
+            super::explain::explain(
+                global,
+                &from,
+                &to,
+                port,
+                method,
+                path,
+                file,
+                &trust_domain,
+                &output,
+            )
+            .await
+        }
+        PolicyCmd::Test {
+            cases,
+            policies,
+            trust_domain,
+        } => super::explain::test(&cases, &policies, &trust_domain),
+        PolicyCmd::History { name, documents } => {
+            let revs = admin(global)
+                .await?
+                .policy_history(PolicyHistoryRequest { name })
+                .await
+                .map_err(|s| status("policy history", s))?
+                .into_inner()
+                .revisions;
+            println!("{:>8}  {:<24}  {:<8}  BY", "VERSION", "TIME", "CHANGE");
+            for r in revs {
+                let t = std::time::UNIX_EPOCH
+                    + std::time::Duration::from_millis(r.time_unix_ms.max(0) as u64);
+                println!(
+                    "{:>8}  {:<24}  {:<8}  {}",
+                    r.version,
+                    humantime::format_rfc3339_millis(t).to_string(),
+                    r.change,
+                    r.actor
+                );
+                if documents && !r.document.is_empty() {
+                    println!("{}", r.document);
+                }
+            }
+            Ok(())
+        }
+        PolicyCmd::Status => {
+            let resp = admin(global)
+                .await?
+                .list_policies(ListPoliciesRequest {})
+                .await
+                .map_err(|s| status("policy status", s))?
+                .into_inner();
+            println!("default posture: {}", resp.default_posture);
+            if resp.default_posture == "allow-authenticated" {
+                println!(
+                    "WARNING: services without a policy accept any authenticated caller (migration mode)"
+                );
+            }
+            println!(
+                "{:<32}  {:>8}  {:<8}  {:>9}  TARGET",
+                "POLICY", "VERSION", "MODE", "APPLIED"
+            );
+            for (p, r) in resp.policies.iter().zip(
+                resp.rollout
+                    .iter()
+                    .chain(std::iter::repeat(&Default::default())),
+            ) {
+                println!(
+                    "{:<32}  {:>8}  {:<8}  {:>9}  {}",
+                    format!("{}/{}", p.namespace, p.name),
+                    p.version,
+                    p.mode,
+                    format!("{}/{}", r.applied, r.proxies),
+                    p.target
+                );
+            }
+            Ok(())
+        }
         PolicyCmd::Validate { path, trust_domain } => {
             let docs = validate(&sources(&path)?, &trust_domain)?;
             println!("{} valid document(s)", docs.len());

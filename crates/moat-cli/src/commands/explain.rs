@@ -1,0 +1,286 @@
+//! `moat policy explain` and `moat policy test`: the proxy's own evaluator, run here against the
+//! live policies (fetched from the control plane) or policy files, with its full trace.
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use moat_api::v1::ListPoliciesRequest;
+use moat_identity::{SpiffeId, TrustDomain};
+use moat_policy::eval::{Decision, Input, evaluate};
+use moat_policy::{
+    AccessPolicy, DefaultPosture, Document, MeshConfig, PolicyVersion, parse_documents,
+};
+use serde::Deserialize;
+
+use super::admin;
+use super::policy::sources;
+use crate::Global;
+use crate::connect::status;
+
+/// What to evaluate against.
+#[derive(Debug)]
+pub struct PolicySet {
+    pub policies: Vec<AccessPolicy>,
+    pub mesh: MeshConfig,
+    pub trust_domain: TrustDomain,
+}
+
+impl PolicySet {
+    /// The live set from the control plane (the same canonical documents the proxies get).
+    pub async fn live(global: &Global) -> anyhow::Result<Self> {
+        let dir = crate::creds::CredDir::load(&global.credentials)?;
+        let td = dir.credential.id().trust_domain().clone();
+        let resp = admin(global)
+            .await?
+            .list_policies(ListPoliciesRequest {})
+            .await
+            .map_err(|s| status("policy explain", s))?
+            .into_inner();
+        let mut policies = Vec::new();
+        for (doc, p) in resp.documents.iter().zip(&resp.policies) {
+            let parsed = parse_documents(doc, "control plane", &td)
+                .map_err(|e| anyhow::anyhow!("{}", e[0]))?;
+            for d in parsed {
+                if let Document::AccessPolicy(mut ap) = d {
+                    ap.version = PolicyVersion(p.version);
+                    policies.push(ap);
+                }
+            }
+        }
+        let default_posture = match resp.default_posture.as_str() {
+            "allow-authenticated" => DefaultPosture::AllowAuthenticated,
+            _ => DefaultPosture::Deny,
+        };
+        Ok(PolicySet {
+            policies,
+            mesh: MeshConfig { default_posture },
+            trust_domain: td,
+        })
+    }
+
+    /// A set from files (offline).
+    pub fn from_files(path: &std::path::Path, td: &TrustDomain) -> anyhow::Result<Self> {
+        let mut policies = Vec::new();
+        let mut mesh = MeshConfig::default();
+        for (name, text) in sources(path)? {
+            let docs = parse_documents(&text, &name, td).map_err(|errs| {
+                for e in &errs {
+                    eprintln!("{e}");
+                }
+                anyhow::anyhow!("{} invalid document(s) in {name}", errs.len())
+            })?;
+            for d in docs {
+                match d {
+                    Document::AccessPolicy(p) => policies.push(p),
+                    Document::MeshConfig(m) => mesh = m,
+                }
+            }
+        }
+        Ok(PolicySet {
+            policies,
+            mesh,
+            trust_domain: td.clone(),
+        })
+    }
+
+    /// Evaluates one request from `from` to `to`.
+    pub fn decide(
+        &self,
+        from: &SpiffeId,
+        to: &SpiffeId,
+        port: u16,
+        http: Option<(&str, &str)>,
+    ) -> Decision {
+        let for_target: Vec<AccessPolicy> = self
+            .policies
+            .iter()
+            .filter(|p| &p.target == to)
+            .cloned()
+            .collect();
+        evaluate(
+            &for_target,
+            &self.mesh,
+            &Input {
+                peer: from,
+                port,
+                http,
+            },
+        )
+    }
+}
+
+fn describe(d: &Decision) -> serde_json::Value {
+    serde_json::json!({
+        "allowed": d.allowed,
+        "decision": match (d.allowed, d.would_deny) { (true, Some(_)) => "would-deny", (true, None) => "allow", (false, _) => "deny" },
+        "reason": d.reason.code(),
+        "would_deny": d.would_deny.map(|r| r.code()),
+        "policy": d.policy.as_ref().map(|(k, _)| k),
+        "version": d.policy.as_ref().map(|(_, v)| v.0),
+        "rule": d.rule,
+        "trace": d.trace.iter().map(|t| serde_json::json!({
+            "policy": t.policy, "version": t.version.0, "mode": t.mode.as_str(), "rule": t.rule, "outcome": t.outcome.code(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `moat policy explain`.
+#[allow(clippy::too_many_arguments)]
+pub async fn explain(
+    global: &Global,
+    from: &str,
+    to: &str,
+    port: Option<u16>,
+    method: Option<String>,
+    path: Option<String>,
+    file: Option<PathBuf>,
+    trust_domain: &TrustDomain,
+    output: &str,
+) -> anyhow::Result<()> {
+    if method.is_some() != path.is_some() {
+        bail!("give --method and --path together (or neither, for a connection-level check)");
+    }
+    let set = match &file {
+        Some(f) => PolicySet::from_files(f, trust_domain)?,
+        None => PolicySet::live(global).await?,
+    };
+    let td = &set.trust_domain;
+    let from = SpiffeId::parse_with_default(from, td).context("--from")?;
+    let to = SpiffeId::parse_with_default(to, td).context("--to")?;
+    let http = method.as_deref().zip(path.as_deref());
+    let d = set.decide(&from, &to, port.unwrap_or(0), http);
+    if output == "json" {
+        println!("{}", describe(&d));
+        return Ok(());
+    }
+    let verdict = match (d.allowed, d.would_deny) {
+        (true, Some(r)) => format!("ALLOW (audit mode: would deny, {})", r.code()),
+        (true, None) => format!("ALLOW ({})", d.reason.code()),
+        (false, _) => format!("DENY ({})", d.reason.code()),
+    };
+    println!(
+        "{from} -> {to}{}",
+        port.map(|p| format!(" port {p}")).unwrap_or_default()
+    );
+    if let Some((m, p)) = http {
+        println!("request  {m} {p}");
+    }
+    println!("decision {verdict}");
+    match (&d.policy, d.rule) {
+        (Some((k, v)), Some(r)) => println!("matched  {k}@{v} rule {r}"),
+        (Some((k, v)), None) => println!("policy   {k}@{v}"),
+        (None, _) => println!(
+            "policy   none protects {to} (default posture {})",
+            set.mesh.default_posture.as_str()
+        ),
+    }
+    if port.is_none()
+        && d.trace
+            .iter()
+            .any(|t| t.outcome == moat_policy::Reason::PortNotAllowed)
+    {
+        println!("note     no --port given: rules that name ports do not match");
+    }
+    for t in &d.trace {
+        println!(
+            "  {}@{} rule {} ({}): {}",
+            t.policy,
+            t.version,
+            t.rule,
+            t.mode.as_str(),
+            t.outcome.code()
+        );
+    }
+    Ok(())
+}
+
+/// One golden case of `moat policy test`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Case {
+    name: String,
+    from: String,
+    to: String,
+    #[serde(default)]
+    port: Option<u16>,
+    #[serde(default)]
+    method: Option<String>,
+    #[serde(default)]
+    path: Option<String>,
+    /// `allow` or `deny`.
+    expect: Expect,
+    /// Optional expected reason code.
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize, PartialEq, Eq, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum Expect {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Cases {
+    cases: Vec<Case>,
+}
+
+/// `moat policy test`: exits non-zero naming every case whose outcome differs.
+pub fn test(
+    cases: &std::path::Path,
+    policies: &std::path::Path,
+    td: &TrustDomain,
+) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(cases)
+        .with_context(|| format!("cannot read {}", cases.display()))?;
+    let cases: Cases = serde_yaml_ng::from_str(&text)
+        .with_context(|| format!("{} is not a valid case table", cases.display()))?;
+    if cases.cases.is_empty() {
+        bail!("the case table has no cases");
+    }
+    let set = PolicySet::from_files(policies, td)?;
+    let mut failed = Vec::new();
+    for c in &cases.cases {
+        if c.method.is_some() != c.path.is_some() {
+            bail!("case {:?}: give method and path together", c.name);
+        }
+        let from = SpiffeId::parse_with_default(&c.from, td)
+            .with_context(|| format!("case {:?}: from", c.name))?;
+        let to = SpiffeId::parse_with_default(&c.to, td)
+            .with_context(|| format!("case {:?}: to", c.name))?;
+        let d = set.decide(
+            &from,
+            &to,
+            c.port.unwrap_or(0),
+            c.method.as_deref().zip(c.path.as_deref()),
+        );
+        let got = if d.allowed {
+            Expect::Allow
+        } else {
+            Expect::Deny
+        };
+        let reason = d.would_deny.unwrap_or(d.reason).code();
+        let ok = got == c.expect && c.reason.as_deref().is_none_or(|r| r == reason);
+        println!(
+            "{} {}  ({:?}, {reason})",
+            if ok { "PASS" } else { "FAIL" },
+            c.name,
+            got
+        );
+        if !ok {
+            failed.push(c.name.clone());
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "{} of {} cases failed: {}",
+            failed.len(),
+            cases.cases.len(),
+            failed.join(", ")
+        );
+    }
+    println!("{} cases passed", cases.cases.len());
+    Ok(())
+}
