@@ -101,6 +101,16 @@ async fn exactly_the_listed_edges_work_and_routes_are_enforced() {
             .all(|l| l.contains(" 1/1 ")),
         "{status}"
     );
+    let counted = eventually(Duration::from_secs(15), || {
+        let status = cp.moat_ok(&["policy", "status"]);
+        (status.contains("rule 0: allow") && status.contains("no rule matched: deny")).then_some(())
+    });
+    assert!(counted.is_some(), "{}", cp.moat_ok(&["policy", "status"]));
+    let m = orders.metrics();
+    assert!(
+        m.contains(r#"moat_policy_rule_hits_total{policy="shop/orders","#),
+        "{m}"
+    );
     drop(payments);
 }
 
@@ -192,6 +202,14 @@ async fn audit_mode_allows_and_counts_what_enforce_then_denies() {
         "{}",
         orders.log_text()
     );
+    // Per-rule counters travel to the control plane and show in `moat policy status`.
+    let counted = eventually(Duration::from_secs(15), || {
+        let status = cp.moat_ok(&["policy", "status"]);
+        status
+            .contains("no rule matched: would-deny")
+            .then_some(status)
+    });
+    assert!(counted.is_some(), "{}", cp.moat_ok(&["policy", "status"]));
     apply_policy(&cp, &audit.replace("mode: audit", "mode: enforce"));
     let (s, h, _) = until_status(&url, "GET", 403).await;
     assert_eq!((s, reason(&h)), (403, "identity-not-allowed"));

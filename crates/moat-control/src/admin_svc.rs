@@ -301,7 +301,22 @@ impl Admin for AdminService {
                         .map(|p| {
                             let (proxies, applied) =
                                 registry.rollout(&p.target, &p.key(), p.version.0);
-                            PolicyRollout { proxies, applied }
+                            let counters = registry
+                                .hits(&p.key())
+                                .into_iter()
+                                .map(|((rule, decision), count)| moat_api::v1::RuleCounter {
+                                    policy: p.key(),
+                                    version: p.version.0,
+                                    rule: rule.map(|r| r as i32).unwrap_or(-1),
+                                    decision: decision.to_owned(),
+                                    count,
+                                })
+                                .collect();
+                            PolicyRollout {
+                                proxies,
+                                applied,
+                                counters,
+                            }
                         })
                         .collect(),
                 }

@@ -92,6 +92,45 @@ pub async fn follow_policies(policies: Policies, state: Arc<MeshState>) {
     }
 }
 
+/// The most counters one report may carry.
+const MAX_REPORTED_COUNTERS: usize = 10_000;
+
+/// Validates a proxy's report.
+fn hits_from_proto(r: moat_api::v1::Report) -> Result<Vec<crate::registry::RuleHits>, String> {
+    if r.counters.len() > MAX_REPORTED_COUNTERS {
+        return Err(format!(
+            "{} counters; the limit is {MAX_REPORTED_COUNTERS}",
+            r.counters.len()
+        ));
+    }
+    r.counters
+        .into_iter()
+        .map(|c| {
+            let decision = match c.decision.as_str() {
+                "allow" => "allow",
+                "deny" => "deny",
+                "would-deny" => "would-deny",
+                other => return Err(format!("unknown decision {other:?}")),
+            };
+            let rule = match c.rule {
+                -1 => None,
+                r if r >= 0 => Some(r as u32),
+                r => return Err(format!("bad rule index {r}")),
+            };
+            if c.policy.len() > 512 {
+                return Err("policy name too long".into());
+            }
+            Ok(crate::registry::RuleHits {
+                policy: c.policy,
+                version: c.version,
+                rule,
+                decision,
+                count: c.count,
+            })
+        })
+        .collect()
+}
+
 /// Proto form of a policy (the control plane's side of the wire).
 pub fn policy_to_proto(p: &AccessPolicy) -> Policy {
     Policy {
@@ -225,6 +264,7 @@ impl Mesh for MeshService {
                 last_error: None,
                 sent: None,
                 applied_policies: Vec::new(),
+                hits: Vec::new(),
             },
         );
         tracing::info!(%id, address = %announce.inbound_address, %remote, "proxy connected");
@@ -301,6 +341,10 @@ impl MeshService {
                     entry.cert_not_after = ack.cert_not_after_unix;
                 }
             }
+            Some(proxy_message::Message::Report(r)) => match hits_from_proto(r) {
+                Ok(hits) => entry.hits = hits,
+                Err(e) => tracing::warn!(%id, error = %e, "ignored a malformed report"),
+            },
             Some(proxy_message::Message::Announce(_)) | None => {
                 tracing::warn!(%id, "unexpected message on the mesh stream; ignored");
             }

@@ -25,6 +25,20 @@ pub struct ProxyEntry {
     pub sent: Option<(u64, Vec<(String, u64)>)>,
     /// The (policy key, version) pairs of the newest snapshot the proxy acknowledged.
     pub applied_policies: Vec<(String, u64)>,
+    /// The proxy's latest cumulative authorization counters.
+    pub hits: Vec<RuleHits>,
+}
+
+/// One authorization counter a proxy reported.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleHits {
+    pub policy: String,
+    pub version: u64,
+    /// The matching rule, or `None` when no rule matched.
+    pub rule: Option<u32>,
+    /// `allow`, `deny` or `would-deny`.
+    pub decision: &'static str,
+    pub count: u64,
 }
 
 /// Connected proxies by stream id.
@@ -68,6 +82,20 @@ impl Registry {
             }
         }
         (total, applied)
+    }
+
+    /// Counters of `policy` (any version) summed over connected proxies, by (rule, decision).
+    pub fn hits(&self, policy: &str) -> BTreeMap<(Option<u32>, &'static str), u64> {
+        let mut out = BTreeMap::new();
+        for h in self
+            .proxies
+            .values()
+            .flat_map(|p| &p.hits)
+            .filter(|h| h.policy == policy)
+        {
+            *out.entry((h.rule, h.decision)).or_default() += h.count;
+        }
+        out
     }
 
     /// The service table: identity → sorted, de-duplicated endpoints.

@@ -183,6 +183,7 @@ async fn tcp_forward(
 ) {
     let start = Instant::now();
     let d = authorize(ctx, &peer, None);
+    ctx.metrics.count_rule(&d);
     let reason = d.would_deny.unwrap_or(d.reason).code();
     let labels = TrafficLabels {
         direction: "inbound",
@@ -248,6 +249,7 @@ async fn forward(req: Request<Incoming>, peer: &SpiffeId, ctx: &Ctx) -> Response
     let method = parts.method.clone();
     let path = parts.uri.path().to_owned();
     let d = authorize(ctx, peer, Some((method.as_str(), &path)));
+    ctx.metrics.count_rule(&d);
     let reason = d.would_deny.unwrap_or(d.reason).code();
     let policy = policy_label(&d);
     let target = ctx.cfg.identity.to_string();

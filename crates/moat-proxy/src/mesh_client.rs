@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moat_api::v1::mesh_client::MeshClient;
-use moat_api::v1::{Ack, Announce, ProxyMessage, proxy_message};
+use moat_api::v1::{Ack, Announce, ProxyMessage, Report, RuleCounter, proxy_message};
 use moat_identity::SpiffeId;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -15,6 +15,9 @@ use crate::config::ProxyConfig;
 use crate::identity::TlsGen;
 use crate::metrics::Metrics;
 use crate::snapshot::{Snapshot, from_proto};
+
+/// How often the proxy reports its authorization counters.
+const REPORT_EVERY: Duration = Duration::from_secs(5);
 
 /// Runs the stream until the process ends.
 pub async fn run(
@@ -83,11 +86,18 @@ async fn session(
         .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
         .into_inner();
     metrics.control_plane_connected.set(1);
-    while let Some(msg) = inbound
-        .message()
-        .await
-        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
-    {
+    let mut report = tokio::time::interval(REPORT_EVERY);
+    loop {
+        let msg = tokio::select! {
+            m = inbound.message() => match m.map_err(|s| format!("{:?}: {}", s.code(), s.message()))? {
+                Some(m) => m,
+                None => return Ok(()),
+            },
+            _ = report.tick() => {
+                send(&tx, proxy_message::Message::Report(report_of(metrics))).await?;
+                continue;
+            }
+        };
         let version = msg.version;
         let (applied, error) = match apply(msg, cfg, tls, snapshots) {
             Ok(()) => {
@@ -109,17 +119,30 @@ async fn session(
             cert_serial: leaf.as_ref().map(|l| l.serial.clone()).unwrap_or_default(),
             cert_not_after_unix: leaf.map(|l| l.not_after).unwrap_or_default(),
         };
-        if tx
-            .send(ProxyMessage {
-                message: Some(proxy_message::Message::Ack(ack)),
-            })
-            .await
-            .is_err()
-        {
-            return Err("stream closed".into());
-        }
+        send(&tx, proxy_message::Message::Ack(ack)).await?;
     }
-    Ok(())
+}
+
+async fn send(tx: &mpsc::Sender<ProxyMessage>, m: proxy_message::Message) -> Result<(), String> {
+    tx.send(ProxyMessage { message: Some(m) })
+        .await
+        .map_err(|_| "stream closed".to_owned())
+}
+
+fn report_of(metrics: &Metrics) -> Report {
+    Report {
+        counters: metrics
+            .rule_counters()
+            .into_iter()
+            .map(|((policy, version, rule, decision), count)| RuleCounter {
+                policy,
+                version,
+                rule,
+                decision: decision.to_owned(),
+                count,
+            })
+            .collect(),
+    }
 }
 
 fn apply(

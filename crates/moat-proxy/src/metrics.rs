@@ -1,7 +1,11 @@
 //! Prometheus metrics, all prefixed `moat_`, labelled by direction, peer identity, target and
 //! decision. Served as text on the admin port's `/metrics`.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+use moat_policy::eval::Decision;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -52,6 +56,19 @@ pub struct HandshakeLabels {
     pub reason: String,
 }
 
+/// Labels of a per-rule counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabels {
+    pub policy: String,
+    pub version: String,
+    /// The rule index, or `none` when no rule matched.
+    pub rule: String,
+    pub decision: &'static str,
+}
+
+/// Key of a reported rule counter: (policy, version, rule or -1, decision).
+pub type RuleKey = (String, u64, i32, &'static str);
+
 type HistogramFamily = Family<DirectionLabels, Histogram, fn() -> Histogram>;
 
 fn latency() -> Histogram {
@@ -71,6 +88,9 @@ pub struct Metrics {
     pub cert_expiry: Gauge,
     pub snapshot_version: Gauge,
     pub control_plane_connected: Gauge,
+    pub rule_hits: Family<RuleLabels, Counter>,
+    /// The same counts, for reporting to the control plane.
+    rule_totals: Mutex<HashMap<RuleKey, u64>>,
     snapshot_seen: AtomicBool,
 }
 
@@ -87,6 +107,12 @@ impl Metrics {
         let cert_expiry = Gauge::default();
         let snapshot_version = Gauge::default();
         let control_plane_connected = Gauge::default();
+        let rule_hits = Family::<RuleLabels, Counter>::default();
+        registry.register(
+            "policy_rule_hits",
+            "Authorization decisions per policy rule (rule=none: no rule matched)",
+            rule_hits.clone(),
+        );
         registry.register("requests", "HTTP requests handled", requests.clone());
         registry.register(
             "request_duration_seconds",
@@ -139,6 +165,8 @@ impl Metrics {
             cert_expiry,
             snapshot_version,
             control_plane_connected,
+            rule_hits,
+            rule_totals: Mutex::new(HashMap::new()),
             snapshot_seen: AtomicBool::new(false),
         }
     }
@@ -156,6 +184,47 @@ impl Metrics {
         self.handshake_failures
             .get_or_create(&HandshakeLabels { direction, reason })
             .inc();
+    }
+
+    /// Counts a decision against the policy rule that made it (nothing when no policy did).
+    pub fn count_rule(&self, d: &Decision) {
+        let Some((policy, version)) = &d.policy else {
+            return;
+        };
+        let decision = match (d.allowed, d.would_deny) {
+            (true, Some(_)) => "would-deny",
+            (true, None) => "allow",
+            (false, _) => "deny",
+        };
+        let rule = d.rule.map(|r| r as i32).unwrap_or(-1);
+        self.rule_hits
+            .get_or_create(&RuleLabels {
+                policy: policy.clone(),
+                version: version.to_string(),
+                rule: if rule < 0 {
+                    "none".into()
+                } else {
+                    rule.to_string()
+                },
+                decision,
+            })
+            .inc();
+        *self
+            .rule_totals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((policy.clone(), version.0, rule, decision))
+            .or_default() += 1;
+    }
+
+    /// Every rule counter so far.
+    pub fn rule_counters(&self) -> Vec<(RuleKey, u64)> {
+        self.rule_totals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
     }
 
     /// Records that a snapshot was applied on the current mesh stream.

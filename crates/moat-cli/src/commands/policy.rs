@@ -233,6 +233,14 @@ pub async fn run(global: &Global, cmd: PolicyCmd) -> anyhow::Result<()> {
                     format!("{}/{}", r.applied, r.proxies),
                     p.target
                 );
+                for c in &r.counters {
+                    let rule = if c.rule < 0 {
+                        "no rule matched".to_owned()
+                    } else {
+                        format!("rule {}", c.rule)
+                    };
+                    println!("    {rule}: {} {}", c.decision, c.count);
+                }
             }
             Ok(())
         }
