@@ -89,6 +89,9 @@ async fn the_mesh_keeps_serving_while_the_control_plane_is_down() {
     }
     let log = cp.log_text();
     assert!(log.matches("proxy connected").count() >= 4, "{log}");
+    // Until both are back, the restarted control plane kept serving the endpoints it had
+    // remembered, so the first proxy to reconnect was never told the other one was gone.
+    assert!(log.contains("serving remembered endpoints"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

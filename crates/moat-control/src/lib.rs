@@ -129,7 +129,11 @@ pub async fn serve(
             .load()
             .await
             .context("cannot load the stored policies")?,
+        store.clone(),
     );
+    mesh.warm_up()
+        .await
+        .context("cannot read remembered endpoints")?;
     tokio::spawn(mesh_svc::follow_policies(policies.clone(), mesh.clone()));
     let state = Arc::new(state::ControlPlane {
         ca: ca.clone(),

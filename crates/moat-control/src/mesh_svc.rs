@@ -25,6 +25,15 @@ use crate::policies::{Policies, PolicySet};
 use crate::registry::{ProxyEntry, Registry};
 
 const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a restart, how long endpoints remembered in the store stay in the service table while
+/// their proxies reconnect (proxies retry with at most 15 s of backoff, plus jitter).
+const WARM_UP: Duration = Duration::from_secs(30);
+/// Store prefix of announced endpoints: `endpoints/<spiffe id>|<address>`.
+const ENDPOINTS: &str = "endpoints/";
+
+fn endpoint_key(id: &SpiffeId, address: &str) -> String {
+    format!("{ENDPOINTS}{id}|{address}")
+}
 
 /// Mesh-wide live state shared by every stream.
 #[derive(Debug)]
@@ -33,18 +42,46 @@ pub struct MeshState {
     pub policies: RwLock<Arc<PolicySet>>,
     generation: watch::Sender<u64>,
     next_stream: AtomicU64,
+    store: Arc<dyn moat_store::Store>,
 }
 
 impl MeshState {
     /// Empty state at generation 1.
-    pub fn new(policies: PolicySet) -> Arc<Self> {
+    pub fn new(policies: PolicySet, store: Arc<dyn moat_store::Store>) -> Arc<Self> {
         let (generation, _) = watch::channel(1);
         Arc::new(MeshState {
             registry: Mutex::new(Registry::default()),
             policies: RwLock::new(Arc::new(policies)),
             generation,
             next_stream: AtomicU64::new(1),
+            store,
         })
+    }
+
+    /// Loads the endpoints announced before this start and serves them for the warm-up period.
+    pub async fn warm_up(self: &Arc<Self>) -> Result<(), moat_store::StoreError> {
+        let remembered: Vec<(SpiffeId, String)> = self
+            .store
+            .range(ENDPOINTS, 0, false)
+            .await?
+            .into_iter()
+            .filter_map(|kv| {
+                let (id, addr) = kv.key.strip_prefix(ENDPOINTS)?.rsplit_once('|')?;
+                Some((id.parse().ok()?, addr.to_owned()))
+            })
+            .collect();
+        if remembered.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(endpoints = remembered.len(), warm_up = ?WARM_UP, "serving remembered endpoints while proxies reconnect");
+        self.registry().set_warm(remembered);
+        let state = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(WARM_UP).await;
+            state.registry().end_warm();
+            state.bump();
+        });
+        Ok(())
     }
 
     /// Marks that something changed: every stream re-evaluates its snapshot.
@@ -268,7 +305,16 @@ impl Mesh for MeshService {
             },
         );
         tracing::info!(%id, address = %announce.inbound_address, %remote, "proxy connected");
+        if let Err(e) = self
+            .state
+            .store
+            .put(&endpoint_key(&id, &announce.inbound_address), Vec::new())
+            .await
+        {
+            tracing::warn!(error = %e, "cannot remember the endpoint");
+        }
         self.state.bump();
+        let address = announce.inbound_address.clone();
 
         let (tx, rx) = mpsc::channel(4);
         let svc = self.clone();
@@ -307,7 +353,20 @@ impl Mesh for MeshService {
                     () = tx.closed() => break,
                 }
             }
-            svc.state.registry().remove(stream_id);
+            let elsewhere = {
+                let mut reg = svc.state.registry();
+                reg.remove(stream_id);
+                reg.serves_elsewhere(stream_id, &id, &address)
+            };
+            if !elsewhere {
+                let forget = moat_store::Txn {
+                    success: vec![moat_store::Op::Delete(endpoint_key(&id, &address))],
+                    ..moat_store::Txn::default()
+                };
+                if let Err(e) = svc.state.store.txn(forget).await {
+                    tracing::warn!(error = %e, "cannot forget the endpoint");
+                }
+            }
             svc.state.bump();
             tracing::info!(%id, "proxy disconnected");
         });

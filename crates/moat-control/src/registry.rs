@@ -45,6 +45,9 @@ pub struct RuleHits {
 #[derive(Debug, Default)]
 pub struct Registry {
     proxies: HashMap<u64, ProxyEntry>,
+    /// Endpoints remembered from before a control-plane restart, served until the warm-up ends
+    /// so that the first proxies to reconnect are not told that the others are gone.
+    warm: Vec<(SpiffeId, String)>,
 }
 
 impl Registry {
@@ -56,6 +59,23 @@ impl Registry {
     /// Removes stream `stream`.
     pub fn remove(&mut self, stream: u64) {
         self.proxies.remove(&stream);
+    }
+
+    /// Sets the endpoints remembered from before a restart.
+    pub fn set_warm(&mut self, endpoints: Vec<(SpiffeId, String)>) {
+        self.warm = endpoints;
+    }
+
+    /// Ends the warm-up: from now on only connected proxies are endpoints.
+    pub fn end_warm(&mut self) {
+        self.warm.clear();
+    }
+
+    /// Whether another live stream than `stream` serves `(id, address)`.
+    pub fn serves_elsewhere(&self, stream: u64, id: &SpiffeId, address: &str) -> bool {
+        self.proxies
+            .iter()
+            .any(|(s, p)| *s != stream && &p.id == id && p.inbound_address == address)
     }
 
     /// Mutable access to one stream's entry.
@@ -106,6 +126,9 @@ impl Registry {
                 .entry(p.id.clone())
                 .or_default()
                 .push(p.inbound_address.clone());
+        }
+        for (id, addr) in &self.warm {
+            table.entry(id.clone()).or_default().push(addr.clone());
         }
         for eps in table.values_mut() {
             eps.sort();
