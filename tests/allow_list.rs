@@ -154,8 +154,17 @@ async fn a_policy_change_closes_open_connections_it_forbids() {
     let cp = ControlPlane::start().unwrap();
     apply_policy(&cp, MESH_POLICY);
     let _ledger = Proxy::start(&cp, "ledger", tcp_echo().await, &[], &[]).unwrap();
-    let frontend = Proxy::start(&cp, "frontend", http_echo().await, &["ledger"], &[]).unwrap();
-    wait_for_services(&frontend, &["ledger"]);
+    let orders = Proxy::start(&cp, "orders", http_echo().await, &[], &[]).unwrap();
+    let frontend = Proxy::start(
+        &cp,
+        "frontend",
+        http_echo().await,
+        &["ledger", "orders"],
+        &[],
+    )
+    .unwrap();
+    wait_for_services(&frontend, &["ledger", "orders"]);
+    // An open TCP connection and a live HTTP/2 session between the sidecars.
     let mut tcp = tokio::net::TcpStream::connect(frontend.upstream("ledger"))
         .await
         .unwrap();
@@ -163,15 +172,24 @@ async fn a_policy_change_closes_open_connections_it_forbids() {
     let mut buf = [0u8; 4];
     tcp.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"ping");
-    // Now only orders may call ledger.
+    let url = format!("http://{}/orders/1", frontend.upstream("orders"));
+    assert_eq!(get(&h1_client(), "GET", &url, &[]).await.unwrap().0, 200);
+    // Now frontend may call neither.
     apply_policy(
         &cp,
-        "apiVersion: moat.dev/v1\nkind: AccessPolicy\nmetadata: { name: ledger }\nspec:\n  target: ledger\n  rules: [{ from: [orders] }]\n",
+        "apiVersion: moat.dev/v1\nkind: AccessPolicy\nmetadata: { name: ledger }\nspec:\n  target: ledger\n  rules: [{ from: [orders] }]\n---\napiVersion: moat.dev/v1\nkind: AccessPolicy\nmetadata: { name: orders }\nspec:\n  target: orders\n  rules: [{ from: [payments] }]\n",
     );
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "the forbidden connection stayed open");
-    // New connections are refused too.
+    let session_closed = eventually(Duration::from_secs(10), || {
+        orders
+            .log_text()
+            .contains("closing an HTTP connection the new policy no longer allows")
+            .then_some(())
+    });
+    assert!(session_closed.is_some(), "{}", orders.log_text());
+    // New connections and requests are refused too.
     let mut again = tokio::net::TcpStream::connect(frontend.upstream("ledger"))
         .await
         .unwrap();
@@ -179,6 +197,8 @@ async fn a_policy_change_closes_open_connections_it_forbids() {
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), again.read_to_end(&mut out)).await;
     assert!(out.is_empty(), "{out:?}");
+    let (s, h, _) = until_status(&url, "GET", 403).await;
+    assert_eq!((s, reason(&h)), (403, "identity-not-allowed"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -134,6 +134,9 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
                 .max_buf_size(64 * 1024);
             builder.http2().timer(TokioTimer::new());
             builder.http2().max_header_list_size(64 * 1024);
+            // A connection admitted now is closed (gracefully) once a new snapshot forbids the
+            // caller; one that was never admitted stays open to answer each request with 403.
+            let admitted = authorize(&ctx, &peer_id, None).allowed;
             let conn = builder.serve_connection(TokioIo::new(io), svc);
             tokio::pin!(conn);
             tokio::select! {
@@ -144,7 +147,26 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }
+                reason = until_forbidden(&ctx, &peer_id), if admitted => {
+                    tracing::info!(target: "moat::access", direction = "inbound", %remote, peer = %peer_id, decision = "deny", reason, "closing an HTTP connection the new policy no longer allows");
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
             }
+        }
+    }
+}
+
+/// Resolves with the deny reason once a new snapshot no longer admits `peer` at all.
+async fn until_forbidden(ctx: &Ctx, peer: &SpiffeId) -> &'static str {
+    let mut snapshots = ctx.snapshot.clone();
+    loop {
+        if snapshots.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let d = authorize(ctx, peer, None);
+        if !d.allowed {
+            return d.reason.code();
         }
     }
 }
