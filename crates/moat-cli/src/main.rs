@@ -42,6 +42,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run a whole mesh on this machine and watch it work: control plane, three services with
+    /// sidecars, an intruder, a live policy change and a certificate rotation.
+    Demo(commands::demo::DemoArgs),
     /// Join tokens that let a workload obtain its first certificate.
     #[command(subcommand)]
     Token(commands::token::TokenCmd),
@@ -58,10 +61,11 @@ enum Command {
     Audit(commands::audit::AuditArgs),
 }
 
-#[tokio::main(flavor = "current_thread")]
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(a) => commands::demo::run(a).await,
         Command::Token(c) => commands::token::run(&cli.global, c).await,
         Command::Ca(c) => commands::ca::run(&cli.global, c).await,
         Command::Cert(c) => commands::cert::run(&cli.global, c).await,

@@ -46,6 +46,8 @@ fn ensure_built() -> anyhow::Result<()> {
                 "moat-cli",
                 "-p",
                 "moat-proxy",
+                "-p",
+                "moat-demo-app",
                 "--bins",
             ]);
             if bin_dir().file_name().is_some_and(|n| n == "release") {
