@@ -41,6 +41,29 @@ pub fn empty() -> Body {
     boxed(Empty::<Bytes>::new())
 }
 
+/// The request's authority (from the URI or the Host header, else `fallback`) and its path and
+/// query, for re-targeting it at the next hop.
+pub fn request_target(parts: &http::request::Parts, fallback: &str) -> (String, String) {
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| fallback.to_owned());
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
+    (authority, pq)
+}
+
 /// Removes connection-specific headers, which must not cross a hop (and are illegal in HTTP/2).
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     // Headers named in `Connection` are hop-by-hop too.

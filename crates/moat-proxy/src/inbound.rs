@@ -21,8 +21,8 @@ use tokio_rustls::TlsAcceptor;
 use crate::Ctx;
 use crate::detect::{Prefixed, Protocol, detect};
 use crate::http::{
-    Body, ORIG_PROTO, PEER_ID, boxed, deny, ensure_request_id, is_grpc, strip_hop_by_hop,
-    unavailable,
+    Body, ORIG_PROTO, PEER_ID, boxed, deny, ensure_request_id, is_grpc, request_target,
+    strip_hop_by_hop, unavailable,
 };
 use crate::metrics::{RequestLabels, TrafficLabels};
 
@@ -295,23 +295,7 @@ async fn forward(req: Request<Incoming>, peer: &SpiffeId, ctx: &Ctx) -> Response
         }
         let h1 = parts.headers.remove(&ORIG_PROTO).is_some() || parts.version != Version::HTTP_2;
         strip_hop_by_hop(&mut parts.headers);
-        let authority = parts
-            .uri
-            .authority()
-            .map(|a| a.to_string())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-            })
-            .unwrap_or_else(|| ctx.cfg.app.to_string());
-        let pq = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str().to_owned())
-            .unwrap_or_else(|| "/".into());
+        let (authority, pq) = request_target(&parts, &ctx.cfg.app.to_string());
         match Uri::builder()
             .scheme("http")
             .authority(authority.as_str())

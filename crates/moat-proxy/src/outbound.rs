@@ -19,7 +19,8 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::Ctx;
 use crate::detect::{Prefixed, Protocol, detect};
 use crate::http::{
-    Body, ORIG_PROTO, boxed, ensure_request_id, is_grpc, strip_hop_by_hop, unavailable,
+    Body, ORIG_PROTO, boxed, ensure_request_id, is_grpc, request_target, strip_hop_by_hop,
+    unavailable,
 };
 use crate::metrics::{RequestLabels, TrafficLabels};
 
@@ -141,23 +142,7 @@ async fn forward(req: Request<Incoming>, service: &SpiffeId, ctx: &Ctx) -> Respo
     let request_id = ensure_request_id(&mut parts.headers);
     let method = parts.method.clone();
     let path = parts.uri.path().to_owned();
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| {
-            parts
-                .headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| service.service_account().to_string());
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "/".into());
+    let (authority, pq) = request_target(&parts, &service.service_account().to_string());
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(http::header::HOST);
     parts.headers.remove(&ORIG_PROTO);
