@@ -57,6 +57,8 @@ enum Command {
     /// Allow-lists: apply, get, delete, validate.
     #[command(subcommand)]
     Policy(commands::policy::PolicyCmd),
+    /// Every connected proxy: identity, address, certificate, snapshot, bundle, last seen.
+    Status(commands::status::StatusArgs),
     /// Show the newest control-plane audit log entries.
     Audit(commands::audit::AuditArgs),
 }
@@ -70,6 +72,7 @@ async fn main() -> ExitCode {
         Command::Ca(c) => commands::ca::run(&cli.global, c).await,
         Command::Cert(c) => commands::cert::run(&cli.global, c).await,
         Command::Policy(c) => commands::policy::run(&cli.global, c).await,
+        Command::Status(a) => commands::status::run(&cli.global, a).await,
         Command::Audit(a) => commands::audit::run(&cli.global, a).await,
     };
     match result {

@@ -8,9 +8,9 @@ use moat_api::v1::{
     ApplyPoliciesRequest, ApplyPoliciesResponse, AuditEntry, CaCertificate, CertifyResponse,
     CreateTokenRequest, CreateTokenResponse, DeletePolicyRequest, DeletePolicyResponse,
     IssueCertificateRequest, ListAuditRequest, ListAuditResponse, ListPoliciesRequest,
-    ListPoliciesResponse, ListTokensRequest, ListTokensResponse, PolicyHistoryRequest,
-    PolicyHistoryResponse, PolicyRevision, PolicyRollout, RevokeTokenRequest, RevokeTokenResponse,
-    ShowCaRequest, ShowCaResponse, TokenInfo,
+    ListPoliciesResponse, ListProxiesRequest, ListProxiesResponse, ListTokensRequest,
+    ListTokensResponse, PolicyHistoryRequest, PolicyHistoryResponse, PolicyRevision, PolicyRollout,
+    ProxyStatus, RevokeTokenRequest, RevokeTokenResponse, ShowCaRequest, ShowCaResponse, TokenInfo,
 };
 use moat_ca::{CaCertInfo, CertTtl};
 use moat_identity::{SpiffeId, ValidatedCsr};
@@ -372,6 +372,61 @@ impl Admin for AdminService {
         self.audited(&actor, "policy.history", &name, result)
             .await
             .map(Response::new)
+    }
+
+    async fn list_proxies(
+        &self,
+        req: Request<ListProxiesRequest>,
+    ) -> Result<Response<ListProxiesResponse>, Status> {
+        self.0.require_admin(&req, "proxy.list").await?;
+        let bundle = self.0.ca.bundle().fingerprints();
+        let ms = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0)
+        };
+        let mut proxies: Vec<ProxyStatus> = self
+            .0
+            .mesh
+            .registry()
+            .entries()
+            .map(|p| ProxyStatus {
+                spiffe_id: p.id.to_string(),
+                inbound_address: p.inbound_address.clone(),
+                proxy_version: p.proxy_version.clone(),
+                cert_serial: p.cert_serial.clone(),
+                cert_not_after_unix: p.cert_not_after,
+                snapshot_applied: p.applied_version,
+                snapshot_sent: p.sent.as_ref().map(|s| s.version).unwrap_or(0),
+                bundle_current: p.applied_bundle == bundle,
+                policies: p
+                    .applied_policies
+                    .iter()
+                    .map(|(k, v)| format!("{k}@{v}"))
+                    .collect(),
+                connected_unix_ms: ms(p.connected_at),
+                last_seen_unix_ms: ms(p.last_seen),
+                last_error: p.last_error.clone().unwrap_or_default(),
+                remote_address: p.remote.clone(),
+            })
+            .collect();
+        proxies.sort_by(|a, b| {
+            (&a.spiffe_id, &a.inbound_address).cmp(&(&b.spiffe_id, &b.inbound_address))
+        });
+        let posture = self
+            .0
+            .mesh
+            .policies
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .mesh
+            .default_posture;
+        // Read-only and frequent (dashboards, cron): not audited, like audit.list.
+        Ok(Response::new(ListProxiesResponse {
+            proxies,
+            bundle_sha256: bundle,
+            default_posture: posture.as_str().to_owned(),
+        }))
     }
 }
 

@@ -301,6 +301,7 @@ impl Mesh for MeshService {
                 last_error: None,
                 sent: None,
                 applied_policies: Vec::new(),
+                applied_bundle: Vec::new(),
                 hits: Vec::new(),
             },
         );
@@ -333,7 +334,11 @@ impl Mesh for MeshService {
                         .map(|p| (format!("{}/{}", p.namespace, p.name), p.version))
                         .collect();
                     if let Some(e) = svc.state.registry().get_mut(stream_id) {
-                        e.sent = Some((version, held));
+                        e.sent = Some(crate::registry::SentSnapshot {
+                            version,
+                            policies: held,
+                            bundle: svc.ca.bundle().fingerprints(),
+                        });
                     }
                     if tx.send(Ok(snap)).await.is_err() {
                         break;
@@ -386,10 +391,11 @@ impl MeshService {
                 if ack.applied {
                     entry.applied_version = ack.version;
                     entry.last_error = None;
-                    if let Some((v, held)) = &entry.sent
-                        && *v == ack.version
+                    if let Some(sent) = &entry.sent
+                        && sent.version == ack.version
                     {
-                        entry.applied_policies = held.clone();
+                        entry.applied_policies = sent.policies.clone();
+                        entry.applied_bundle = sent.bundle.clone();
                     }
                 } else {
                     tracing::warn!(%id, version = ack.version, error = %ack.error, "proxy refused a snapshot");

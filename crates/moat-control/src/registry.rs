@@ -21,12 +21,24 @@ pub struct ProxyEntry {
     pub applied_version: u64,
     /// The last NACK, if the newest snapshot was refused.
     pub last_error: Option<String>,
-    /// The newest snapshot sent: its version and the (policy key, version) pairs it held.
-    pub sent: Option<(u64, Vec<(String, u64)>)>,
+    /// The newest snapshot sent.
+    pub sent: Option<SentSnapshot>,
     /// The (policy key, version) pairs of the newest snapshot the proxy acknowledged.
     pub applied_policies: Vec<(String, u64)>,
+    /// The root fingerprints of the newest snapshot the proxy acknowledged.
+    pub applied_bundle: Vec<String>,
     /// The proxy's latest cumulative authorization counters.
     pub hits: Vec<RuleHits>,
+}
+
+/// What a sent snapshot held, to learn what the proxy applied when it acknowledges it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SentSnapshot {
+    pub version: u64,
+    /// (policy key, version) pairs.
+    pub policies: Vec<(String, u64)>,
+    /// Root fingerprints of the bundle.
+    pub bundle: Vec<String>,
 }
 
 /// One authorization counter a proxy reported.

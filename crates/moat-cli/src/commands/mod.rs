@@ -7,6 +7,7 @@ pub mod cert;
 pub mod demo;
 pub mod explain;
 pub mod policy;
+pub mod status;
 pub mod token;
 
 use moat_api::v1::admin_client::AdminClient;

@@ -1,0 +1,86 @@
+//! `moat status`: every connected proxy, like a proxy-status view.
+
+use moat_api::v1::ListProxiesRequest;
+
+use super::{admin, time};
+use crate::Global;
+use crate::connect::status;
+
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    /// Output format.
+    #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+    output: String,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+pub async fn run(global: &Global, args: StatusArgs) -> anyhow::Result<()> {
+    let resp = admin(global)
+        .await?
+        .list_proxies(ListProxiesRequest {})
+        .await
+        .map_err(|s| status("status", s))?
+        .into_inner();
+    if args.output == "json" {
+        let proxies: Vec<_> = resp
+            .proxies
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "identity": p.spiffe_id, "address": p.inbound_address, "version": p.proxy_version,
+                    "cert_serial": p.cert_serial, "cert_expires": time(p.cert_not_after_unix),
+                    "cert_not_after_unix": p.cert_not_after_unix,
+                    "snapshot_applied": p.snapshot_applied, "snapshot_sent": p.snapshot_sent,
+                    "bundle_current": p.bundle_current, "policies": p.policies,
+                    "connected_unix_ms": p.connected_unix_ms, "last_seen_unix_ms": p.last_seen_unix_ms,
+                    "last_seen_seconds_ago": (now_ms() - p.last_seen_unix_ms).max(0) / 1000,
+                    "last_error": p.last_error, "remote": p.remote_address,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"default_posture": resp.default_posture, "bundle_sha256": resp.bundle_sha256, "proxies": proxies})
+        );
+        return Ok(());
+    }
+    println!("default posture: {}", resp.default_posture);
+    if resp.default_posture == "allow-authenticated" {
+        println!(
+            "WARNING: services without a policy accept any authenticated caller (migration mode)"
+        );
+    }
+    println!("proxies: {}", resp.proxies.len());
+    println!(
+        "{:<44}  {:<21}  {:<9}  {:<20}  {:>9}  {:<6}  {:>9}  POLICIES",
+        "IDENTITY", "ADDRESS", "CERT", "CERT EXPIRES", "SNAPSHOT", "BUNDLE", "LAST SEEN"
+    );
+    for p in &resp.proxies {
+        let snapshot = if p.snapshot_applied == p.snapshot_sent {
+            p.snapshot_applied.to_string()
+        } else {
+            format!("{}/{}", p.snapshot_applied, p.snapshot_sent)
+        };
+        println!(
+            "{:<44}  {:<21}  {:<9}  {:<20}  {:>9}  {:<6}  {:>8}s  {}",
+            p.spiffe_id,
+            p.inbound_address,
+            p.cert_serial.get(..8).unwrap_or(&p.cert_serial),
+            time(p.cert_not_after_unix),
+            snapshot,
+            if p.bundle_current { "ok" } else { "stale" },
+            (now_ms() - p.last_seen_unix_ms).max(0) / 1000,
+            p.policies.join(",")
+        );
+        if !p.last_error.is_empty() {
+            println!("    last NACK: {}", p.last_error);
+        }
+    }
+    Ok(())
+}
