@@ -61,3 +61,56 @@ async fn status_lists_every_proxy_with_its_certificate_snapshot_and_bundle() {
         "{table}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cert_rotate_rekeys_the_fleet_while_traffic_flows() {
+    let cp = ControlPlane::start().unwrap();
+    apply_policy(&cp, MESH_POLICY);
+    let orders = Proxy::start(&cp, "orders", http_echo().await, &[], &[]).unwrap();
+    let frontend = Proxy::start(&cp, "frontend", http_echo().await, &["orders"], &[]).unwrap();
+    wait_for_services(&frontend, &["orders"]);
+    let serial = |p: &Proxy| -> String {
+        let v: serde_json::Value =
+            serde_json::from_str(&p.admin_get("/config").unwrap().1).unwrap();
+        v["certificate"]["serial"].as_str().unwrap().to_owned()
+    };
+    let url = format!("http://{}/orders/1", frontend.upstream("orders"));
+    let traffic = tokio::spawn(async move { load(&url, 100, Duration::from_secs(8)).await });
+    let mut seen = vec![(serial(&orders), serial(&frontend))];
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let out = tokio::task::block_in_place(|| {
+            cp.moat_ok(&["cert", "rotate", "--all", "--timeout", "20s"])
+        });
+        assert!(out.contains("all 2 rotated"), "{out}");
+        seen.push((serial(&orders), serial(&frontend)));
+    }
+    let (ok, failures) = traffic.await.unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+    assert!(ok >= 700, "{ok}");
+    // Every round gave both proxies a new certificate.
+    for w in seen.windows(2) {
+        assert_ne!(w[0].0, w[1].0);
+        assert_ne!(w[0].1, w[1].1);
+    }
+    // One identity alone: only its proxies rotate.
+    let before = (serial(&orders), serial(&frontend));
+    let out = cp.moat_ok(&["cert", "rotate", "--identity", "orders"]);
+    assert!(out.contains("all 1 rotated"), "{out}");
+    assert_ne!(serial(&orders), before.0);
+    assert_eq!(serial(&frontend), before.1);
+    // Nothing to rotate is an error that says so.
+    let out = cp.moat(&["cert", "rotate", "--identity", "nobody"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no connected proxy matches"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(cp.moat_ok(&["audit"]).contains("cert.rotate"));
+}

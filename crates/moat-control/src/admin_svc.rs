@@ -10,7 +10,8 @@ use moat_api::v1::{
     IssueCertificateRequest, ListAuditRequest, ListAuditResponse, ListPoliciesRequest,
     ListPoliciesResponse, ListProxiesRequest, ListProxiesResponse, ListTokensRequest,
     ListTokensResponse, PolicyHistoryRequest, PolicyHistoryResponse, PolicyRevision, PolicyRollout,
-    ProxyStatus, RevokeTokenRequest, RevokeTokenResponse, ShowCaRequest, ShowCaResponse, TokenInfo,
+    ProxyStatus, RevokeTokenRequest, RevokeTokenResponse, RotateCertificatesRequest,
+    RotateCertificatesResponse, ShowCaRequest, ShowCaResponse, TokenInfo,
 };
 use moat_ca::{CaCertInfo, CertTtl};
 use moat_identity::{SpiffeId, ValidatedCsr};
@@ -427,6 +428,30 @@ impl Admin for AdminService {
             bundle_sha256: bundle,
             default_posture: posture.as_str().to_owned(),
         }))
+    }
+
+    async fn rotate_certificates(
+        &self,
+        req: Request<RotateCertificatesRequest>,
+    ) -> Result<Response<RotateCertificatesResponse>, Status> {
+        let actor = self.0.require_admin(&req, "cert.rotate").await?;
+        let r = req.into_inner();
+        let (target, result) = match (r.all, r.identity.is_empty()) {
+            (true, true) => ("all".to_owned(), Ok(None)),
+            (false, false) => (r.identity.clone(), self.identity(&r.identity).map(Some)),
+            _ => (
+                r.identity.clone(),
+                Err(Status::invalid_argument(
+                    "give either an identity or `all`, not both or neither",
+                )),
+            ),
+        };
+        let result = result.map(|id| RotateCertificatesResponse {
+            proxies: self.0.mesh.rotate(id.as_ref()),
+        });
+        self.audited(&actor, "cert.rotate", &target, result)
+            .await
+            .map(Response::new)
     }
 }
 

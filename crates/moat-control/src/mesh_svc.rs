@@ -43,6 +43,8 @@ pub struct MeshState {
     generation: watch::Sender<u64>,
     next_stream: AtomicU64,
     store: Arc<dyn moat_store::Store>,
+    /// Rotation commands: per identity, and for everyone.
+    rotations: Mutex<(u64, std::collections::HashMap<SpiffeId, u64>)>,
 }
 
 impl MeshState {
@@ -55,6 +57,7 @@ impl MeshState {
             generation,
             next_stream: AtomicU64::new(1),
             store,
+            rotations: Mutex::new((0, std::collections::HashMap::new())),
         })
     }
 
@@ -82,6 +85,31 @@ impl MeshState {
             state.bump();
         });
         Ok(())
+    }
+
+    /// Tells the proxies of `id` (or, with `None`, all proxies) to re-key and renew now.
+    /// Returns how many connected proxies that reaches.
+    pub fn rotate(&self, id: Option<&SpiffeId>) -> u32 {
+        {
+            let mut r = self.rotations.lock().unwrap_or_else(|e| e.into_inner());
+            match id {
+                Some(id) => *r.1.entry(id.clone()).or_default() += 1,
+                None => r.0 += 1,
+            }
+        }
+        let reached = self
+            .registry()
+            .entries()
+            .filter(|p| id.is_none_or(|id| &p.id == id))
+            .count() as u32;
+        self.bump();
+        reached
+    }
+
+    /// The rotation generation a proxy of `id` is at.
+    fn rotation_of(&self, id: &SpiffeId) -> u64 {
+        let r = self.rotations.lock().unwrap_or_else(|e| e.into_inner());
+        r.0 + r.1.get(id).copied().unwrap_or(0)
     }
 
     /// Marks that something changed: every stream re-evaluates its snapshot.
@@ -229,6 +257,7 @@ impl MeshService {
                 default_posture: set.mesh.default_posture.as_str().to_owned(),
             }),
             services,
+            rotate_generation: self.state.rotation_of(id),
         }
     }
 }

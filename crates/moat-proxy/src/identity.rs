@@ -190,12 +190,13 @@ fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-/// Renews at each refresh hint, forever; failures retry with backoff until the certificate
+/// Renews at each refresh hint (or at once when `rotate_now` fires), forever; failures retry with backoff until the certificate
 /// expires (after which handshakes fail: the proxy fails closed).
 pub async fn renew_loop(
     cfg: Arc<ProxyConfig>,
     tls: watch::Sender<Option<Arc<TlsGen>>>,
     metrics: Arc<crate::metrics::Metrics>,
+    rotate_now: Arc<tokio::sync::Notify>,
 ) {
     let mut backoff = Duration::from_millis(500);
     loop {
@@ -207,6 +208,7 @@ pub async fn renew_loop(
             let mut changed = tls.subscribe();
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_secs(wait as u64)) => {}
+                () = rotate_now.notified() => tracing::info!("rotation requested by the control plane"),
                 // A new generation (e.g. a new bundle) carries the same refresh hint; re-read it.
                 _ = changed.changed() => continue,
             }

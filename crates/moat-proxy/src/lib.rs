@@ -155,12 +155,21 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
     };
     metrics.cert_expiry.set(first.credential.leaf().not_after);
     tls_tx.send_replace(Some(Arc::new(first)));
+    // The control plane can ask for an immediate re-key (`moat cert rotate`).
+    let rotate_now = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(identity::renew_loop(
         cfg.clone(),
         tls_tx.clone(),
         metrics.clone(),
+        rotate_now.clone(),
     ));
-    tokio::spawn(mesh_client::run(cfg.clone(), tls_tx, snap_tx, metrics));
+    tokio::spawn(mesh_client::run(
+        cfg.clone(),
+        tls_tx,
+        snap_tx,
+        metrics,
+        rotate_now,
+    ));
 
     println!("proxy running");
 

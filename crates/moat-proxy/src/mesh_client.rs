@@ -25,6 +25,7 @@ pub async fn run(
     tls: watch::Sender<Option<Arc<TlsGen>>>,
     snapshots: watch::Sender<Option<Arc<Snapshot>>>,
     metrics: Arc<Metrics>,
+    rotate_now: Arc<tokio::sync::Notify>,
 ) {
     let control = match SpiffeId::parse_with_default("moat-system/moat-control", &cfg.trust_domain)
     {
@@ -36,7 +37,7 @@ pub async fn run(
     };
     let mut backoff = Duration::from_millis(250);
     loop {
-        match session(&cfg, &control, &tls, &snapshots, &metrics).await {
+        match session(&cfg, &control, &tls, &snapshots, &metrics, &rotate_now).await {
             Ok(()) => tracing::info!("mesh stream closed by the control plane; reconnecting"),
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "mesh stream failed; keeping the last snapshot")
@@ -58,6 +59,7 @@ async fn session(
     tls: &watch::Sender<Option<Arc<TlsGen>>>,
     snapshots: &watch::Sender<Option<Arc<Snapshot>>>,
     metrics: &Metrics,
+    rotate_now: &tokio::sync::Notify,
 ) -> Result<(), String> {
     let current = tls.borrow().clone().ok_or("no certificate yet")?;
     let channel = moat_tls::connect::channel(
@@ -87,8 +89,21 @@ async fn session(
         .into_inner();
     metrics.control_plane_connected.set(1);
     let mut report = tokio::time::interval(REPORT_EVERY);
+    let mut certs = tls.subscribe();
+    // The rotation generation of this stream's first snapshot; a later, larger one is a command.
+    let mut rotation: Option<u64> = None;
+    let mut last_version = 0;
     loop {
         let msg = tokio::select! {
+            changed = certs.changed() => {
+                if changed.is_err() {
+                    return Err("the proxy is shutting down".into());
+                }
+                // Tell the control plane about a new certificate at once (moat status, cert rotate).
+                let ack = ack(last_version, true, String::new(), tls);
+                send(&tx, proxy_message::Message::Ack(ack)).await?;
+                continue;
+            }
             m = inbound.message() => match m.map_err(|s| format!("{:?}: {}", s.code(), s.message()))? {
                 Some(m) => m,
                 None => return Ok(()),
@@ -99,8 +114,14 @@ async fn session(
             }
         };
         let version = msg.version;
+        let generation = msg.rotate_generation;
         let (applied, error) = match apply(msg, cfg, tls, snapshots) {
             Ok(()) => {
+                if rotation.is_some_and(|seen| generation > seen) {
+                    rotate_now.notify_one();
+                }
+                rotation = Some(generation);
+                last_version = version;
                 metrics.snapshot_version.set(version as i64);
                 metrics.mark_snapshot();
                 tracing::info!(version, "applied snapshot");
@@ -111,15 +132,25 @@ async fn session(
                 (false, e)
             }
         };
-        let leaf = tls.borrow().as_ref().map(|g| g.credential.leaf().clone());
-        let ack = Ack {
-            version,
-            applied,
-            error,
-            cert_serial: leaf.as_ref().map(|l| l.serial.clone()).unwrap_or_default(),
-            cert_not_after_unix: leaf.map(|l| l.not_after).unwrap_or_default(),
-        };
+        let ack = ack(version, applied, error, tls);
         send(&tx, proxy_message::Message::Ack(ack)).await?;
+    }
+}
+
+/// An acknowledgement carrying the certificate the proxy holds now.
+fn ack(
+    version: u64,
+    applied: bool,
+    error: String,
+    tls: &watch::Sender<Option<Arc<TlsGen>>>,
+) -> Ack {
+    let leaf = tls.borrow().as_ref().map(|g| g.credential.leaf().clone());
+    Ack {
+        version,
+        applied,
+        error,
+        cert_serial: leaf.as_ref().map(|l| l.serial.clone()).unwrap_or_default(),
+        cert_not_after_unix: leaf.map(|l| l.not_after).unwrap_or_default(),
     }
 }
 

@@ -19,6 +19,8 @@ pub struct Snapshot {
     pub mesh: MeshConfig,
     /// Service identity → inbound endpoints.
     pub services: HashMap<SpiffeId, Vec<String>>,
+    /// Rotation command generation: when it grows, re-key and renew now.
+    pub rotate_generation: u64,
 }
 
 fn id(s: &str, what: &str) -> Result<SpiffeId, String> {
@@ -119,6 +121,7 @@ pub fn from_proto(s: pb::Snapshot, me: &SpiffeId) -> Result<Snapshot, String> {
         policies,
         mesh: MeshConfig { default_posture },
         services,
+        rotate_generation: s.rotate_generation,
     })
 }
 
@@ -154,6 +157,7 @@ mod tests {
             trust_bundle_der: bundle,
             policies,
             mesh: None,
+            rotate_generation: 0,
             services: vec![pb::Service {
                 spiffe_id: "spiffe://moat.local/ns/default/sa/payments".into(),
                 endpoints: vec!["127.0.0.1:7143".into()],

@@ -63,6 +63,19 @@ pub enum CertCmd {
         #[arg(long, value_parser = duration)]
         ttl: Option<Duration>,
     },
+    /// Tell the proxies of an identity (or all) to re-key and renew now; waits until every one
+    /// reports a new certificate.
+    Rotate {
+        /// Identity whose proxies rotate.
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        identity: Option<String>,
+        /// Every connected proxy.
+        #[arg(long)]
+        all: bool,
+        /// How long to wait for the new certificates.
+        #[arg(long, default_value = "60s", value_parser = duration)]
+        timeout: Duration,
+    },
     /// Show the subject, SPIFFE ID, validity and issuer of every certificate in a PEM file.
     Inspect {
         /// PEM file (a chain or a bundle).
@@ -183,6 +196,100 @@ pub async fn run(global: &Global, cmd: CertCmd) -> anyhow::Result<()> {
             accept(resp, &key, &current.bundle, &dir)
         }
         CertCmd::Inspect { file, bundle } => inspect(&file, bundle.as_deref()),
+        CertCmd::Rotate {
+            identity,
+            all,
+            timeout,
+        } => rotate(global, identity, all, timeout).await,
+    }
+}
+
+async fn rotate(
+    global: &Global,
+    identity: Option<String>,
+    all: bool,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    use moat_api::v1::{ListProxiesRequest, RotateCertificatesRequest};
+    let mut client = admin(global).await?;
+    let dir = CredDir::load(&global.credentials)?;
+    let want = match &identity {
+        Some(i) => {
+            Some(SpiffeId::parse_with_default(i, dir.credential.id().trust_domain())?.to_string())
+        }
+        None => None,
+    };
+    let list = |c: &mut moat_api::v1::admin_client::AdminClient<tonic::transport::Channel>| {
+        let mut c = c.clone();
+        async move {
+            c.list_proxies(ListProxiesRequest {})
+                .await
+                .map(|r| r.into_inner().proxies)
+                .map_err(|s| status("cert rotate", s))
+        }
+    };
+    let matches = |p: &moat_api::v1::ProxyStatus| want.as_ref().is_none_or(|w| &p.spiffe_id == w);
+    let before: Vec<(String, String, String)> = list(&mut client)
+        .await?
+        .into_iter()
+        .filter(|p| matches(p))
+        .map(|p| (p.spiffe_id, p.inbound_address, p.cert_serial))
+        .collect();
+    if before.is_empty() {
+        bail!(
+            "no connected proxy matches {}",
+            want.as_deref().unwrap_or("--all")
+        );
+    }
+    let told = client
+        .rotate_certificates(RotateCertificatesRequest {
+            identity: identity.unwrap_or_default(),
+            all,
+        })
+        .await
+        .map_err(|s| status("cert rotate", s))?
+        .into_inner()
+        .proxies;
+    println!("asked {told} proxies to re-key and renew; waiting for their new certificates…");
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let now: Vec<_> = list(&mut client).await?;
+        let mut pending = Vec::new();
+        let mut done = Vec::new();
+        for (id, addr, old) in &before {
+            match now
+                .iter()
+                .find(|p| &p.spiffe_id == id && &p.inbound_address == addr)
+            {
+                Some(p) if &p.cert_serial != old => {
+                    done.push(format!("{id} {addr}: {old} → {}", p.cert_serial))
+                }
+                Some(_) => pending.push(format!("{id} {addr}")),
+                None => pending.push(format!("{id} {addr} (disconnected)")),
+            }
+        }
+        if pending.is_empty() {
+            for d in done {
+                println!("  ✓ {d}");
+            }
+            println!("all {} rotated", before.len());
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            for d in done {
+                println!("  ✓ {d}");
+            }
+            for p in &pending {
+                println!("  ✗ {p}: no new certificate yet");
+            }
+            bail!(
+                "{} of {} proxies did not rotate within {}s",
+                pending.len(),
+                before.len(),
+                timeout.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
