@@ -114,3 +114,71 @@ async fn cert_rotate_rekeys_the_fleet_while_traffic_flows() {
     );
     assert!(cp.moat_ok(&["audit"]).contains("cert.rotate"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_passes_on_a_healthy_mesh_and_names_each_failing_check() {
+    let cp = ControlPlane::start_with(&["--min-cert-ttl", "5s"]).unwrap();
+    apply_policy(&cp, MESH_POLICY);
+    let orders = Proxy::start(&cp, "orders", http_echo().await, &[], &[]).unwrap();
+    let healthy = eventually(Duration::from_secs(15), || {
+        let out = cp.moat(&["check"]);
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    });
+    let healthy = healthy
+        .unwrap_or_else(|| String::from_utf8_lossy(&cp.moat(&["check"]).stdout).into_owned());
+    assert!(
+        healthy.contains("all checks passed") && healthy.contains("outage budget"),
+        "{healthy}"
+    );
+
+    // The root expires inside a 20-year horizon.
+    let out = cp.moat(&["check", "--horizon", "20years"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines().any(|l| l.starts_with("FAIL root expiry")),
+        "{text}"
+    );
+
+    // A proxy whose certificate is close to expiry (it asked for 10 s) fails the certificate check.
+    let short = Proxy::start(
+        &cp,
+        "ledger",
+        http_echo().await,
+        &[],
+        &["--cert-ttl", "10s"],
+    )
+    .unwrap();
+    let out = cp.moat(&["check"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("FAIL proxy certificate") && l.contains("/sa/ledger")),
+        "{text}"
+    );
+    drop(short);
+
+    // A proxy that stops answering (hung) is reported as not connected.
+    let pid = orders.pid().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let out = cp.moat(&["check", "--stale-after", "3s"]);
+    std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("FAIL proxy connected") && l.contains("/sa/orders")),
+        "{text}"
+    );
+    assert!(stderr(&out).contains("check(s) failed"), "{}", stderr(&out));
+}

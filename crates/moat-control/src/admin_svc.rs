@@ -427,6 +427,7 @@ impl Admin for AdminService {
             proxies,
             bundle_sha256: bundle,
             default_posture: posture.as_str().to_owned(),
+            server_time_unix_ms: ms(std::time::SystemTime::now()),
         }))
     }
 

@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod ca;
 pub mod cert;
+pub mod check;
 pub mod demo;
 pub mod explain;
 pub mod policy;

@@ -1,0 +1,198 @@
+//! `moat check`: pre-flight and health checks, one line each, non-zero exit when any fails (for
+//! CI and cron). Ends with the fleet's outage budget: how long the mesh survives a control-plane
+//! outage (until the first proxy certificate expires).
+
+use std::time::{Duration, Instant};
+
+use moat_api::v1::{ListProxiesRequest, ShowCaRequest};
+use moat_identity::{Usage, verify_chain};
+use rustls_pki_types::UnixTime;
+
+use super::{admin, duration, time};
+use crate::Global;
+use crate::connect::status;
+use crate::creds::CredDir;
+
+#[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    /// Root and intermediate must stay valid at least this long.
+    #[arg(long, default_value = "30d", value_parser = duration)]
+    horizon: Duration,
+    /// A proxy not heard from for this long counts as disconnected.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    stale_after: Duration,
+    /// Largest tolerated clock difference between this machine and the control plane.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    max_skew: Duration,
+}
+
+struct Report {
+    failed: usize,
+}
+
+impl Report {
+    fn line(&mut self, ok: bool, name: &str, detail: String) {
+        if !ok {
+            self.failed += 1;
+        }
+        println!("{} {name:<26} {detail}", if ok { "ok  " } else { "FAIL" });
+    }
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn human(secs: i64) -> String {
+    humantime::format_duration(Duration::from_secs(secs.max(0) as u64)).to_string()
+}
+
+pub async fn run(global: &Global, args: CheckArgs) -> anyhow::Result<()> {
+    let mut r = Report { failed: 0 };
+    let started = Instant::now();
+    let mut client = match admin(global).await {
+        Ok(c) => c,
+        Err(e) => {
+            r.line(false, "control plane reachable", format!("{e:#}"));
+            anyhow::bail!("1 check failed");
+        }
+    };
+    let ca = client
+        .show_ca(ShowCaRequest {})
+        .await
+        .map_err(|s| status("check", s))?
+        .into_inner();
+    r.line(
+        true,
+        "control plane reachable",
+        format!(
+            "{} in {} ms",
+            global.control_plane,
+            started.elapsed().as_millis()
+        ),
+    );
+
+    // The CLI's own credential was issued by the CA now in use: its chain must verify.
+    let dir = CredDir::load(&global.credentials)?;
+    let chain_ok = verify_chain(
+        dir.credential.chain(),
+        &dir.bundle,
+        UnixTime::now(),
+        Usage::Client,
+    );
+    r.line(
+        chain_ok.is_ok(),
+        "CA chain valid",
+        match &chain_ok {
+            Ok(_) => format!(
+                "intermediate {} under the bundle's roots",
+                ca.intermediate
+                    .as_ref()
+                    .map(|i| i.subject.as_str())
+                    .unwrap_or("?")
+            ),
+            Err(e) => e.to_string(),
+        },
+    );
+    let horizon = args.horizon.as_secs() as i64;
+    let now = now_unix();
+    for root in &ca.roots {
+        let left = root.not_after_unix - now;
+        r.line(
+            left > horizon,
+            "root expiry",
+            format!(
+                "{} expires {} (in {})",
+                root.subject,
+                time(root.not_after_unix),
+                human(left)
+            ),
+        );
+    }
+    if let Some(i) = &ca.intermediate {
+        let left = i.not_after_unix - now;
+        r.line(
+            left > horizon,
+            "intermediate expiry",
+            format!(
+                "{} expires {} (in {})",
+                i.subject,
+                time(i.not_after_unix),
+                human(left)
+            ),
+        );
+    }
+
+    let fleet = client
+        .list_proxies(ListProxiesRequest {})
+        .await
+        .map_err(|s| status("check", s))?
+        .into_inner();
+    let skew = (fleet.server_time_unix_ms - (now_unix() * 1000)).abs() / 1000;
+    r.line(
+        skew <= args.max_skew.as_secs() as i64,
+        "clock skew",
+        format!("{skew} s between this machine and the control plane"),
+    );
+    r.line(
+        fleet.default_posture != "allow-authenticated",
+        "default posture",
+        if fleet.default_posture == "allow-authenticated" {
+            "allow-authenticated: services without a policy accept any mesh caller (migration mode)"
+                .into()
+        } else {
+            "deny (zero trust)".into()
+        },
+    );
+    let now_ms = now_unix() * 1000;
+    let stale_ms = args.stale_after.as_millis() as i64;
+    for p in &fleet.proxies {
+        let who = format!("{} {}", p.spiffe_id, p.inbound_address);
+        let seen = (now_ms - p.last_seen_unix_ms).max(0);
+        r.line(
+            seen <= stale_ms,
+            "proxy connected",
+            format!("{who}: last seen {} s ago", seen / 1000),
+        );
+        let current =
+            p.bundle_current && p.snapshot_applied == p.snapshot_sent && p.last_error.is_empty();
+        r.line(
+            current,
+            "proxy up to date",
+            if current {
+                format!("{who}: snapshot {}, current bundle", p.snapshot_applied)
+            } else {
+                format!(
+                    "{who}: applied {} of {}, bundle current: {}, last NACK: {}",
+                    p.snapshot_applied, p.snapshot_sent, p.bundle_current, p.last_error
+                )
+            },
+        );
+        let left = p.cert_not_after_unix - now_unix();
+        // Renewal happens at about half-life; a certificate this close to expiry was not renewed.
+        let lifetime = i64::from(ca.default_ttl_seconds).max(1);
+        r.line(
+            left > lifetime / 4,
+            "proxy certificate",
+            format!("{who}: {} expires in {}", p.cert_serial, human(left)),
+        );
+    }
+    if fleet.proxies.is_empty() {
+        println!("note no proxies are connected");
+    }
+    if let Some(first) = fleet.proxies.iter().map(|p| p.cert_not_after_unix).min() {
+        println!(
+            "outage budget: the mesh survives a control-plane outage for {} (first proxy certificate expires {})",
+            human(first - now_unix()),
+            time(first)
+        );
+    }
+    if r.failed > 0 {
+        anyhow::bail!("{} check(s) failed", r.failed);
+    }
+    println!("all checks passed");
+    Ok(())
+}
