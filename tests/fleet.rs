@@ -182,3 +182,140 @@ async fn check_passes_on_a_healthy_mesh_and_names_each_failing_check() {
     );
     assert!(stderr(&out).contains("check(s) failed"), "{}", stderr(&out));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_cuts_an_identity_off_everywhere_and_undo_restores_it() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let cp = ControlPlane::start().unwrap();
+    apply_policy(
+        &cp,
+        "apiVersion: moat.dev/v1\nkind: AccessPolicy\nmetadata: { name: orders }\nspec:\n  target: orders\n  rules: [{ from: [frontend, payments] }]\n---\napiVersion: moat.dev/v1\nkind: AccessPolicy\nmetadata: { name: ledger }\nspec:\n  target: ledger\n  rules: [{ from: [frontend] }]\n",
+    );
+    let _orders = Proxy::start(&cp, "orders", http_echo().await, &[], &[]).unwrap();
+    let _ledger = Proxy::start(
+        &cp,
+        "ledger",
+        moat_test_util::apps::tcp_echo().await,
+        &[],
+        &[],
+    )
+    .unwrap();
+    let frontend = Proxy::start(
+        &cp,
+        "frontend",
+        http_echo().await,
+        &["orders", "ledger"],
+        &[],
+    )
+    .unwrap();
+    let payments = Proxy::start(&cp, "payments", http_echo().await, &["orders"], &[]).unwrap();
+    wait_for_services(&frontend, &["orders", "ledger"]);
+    wait_for_services(&payments, &["orders"]);
+    let fe_url = format!("http://{}/orders/1", frontend.upstream("orders"));
+    let pay_url = format!("http://{}/orders/1", payments.upstream("orders"));
+    assert_eq!(get(&h1_client(), "GET", &fe_url, &[]).await.unwrap().0, 200);
+    let mut tcp = tokio::net::TcpStream::connect(frontend.upstream("ledger"))
+        .await
+        .unwrap();
+    tcp.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tcp.read_exact(&mut buf).await.unwrap();
+
+    let revoked_at = std::time::Instant::now();
+    let out = cp.moat_ok(&[
+        "revoke",
+        "--identity",
+        "frontend",
+        "--reason",
+        "test: key leaked",
+    ]);
+    assert!(
+        out.contains("revoked identity spiffe://moat.local/ns/default/sa/frontend"),
+        "{out}"
+    );
+    // Its open connection is closed …
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "frontend's open connection stayed up");
+    eprintln!(
+        "open connection closed {:?} after `moat revoke` was sent",
+        revoked_at.elapsed()
+    );
+    // … new ones are refused, while other callers are unaffected.
+    let refused = eventually(Duration::from_secs(5), || {
+        let status = std::thread::scope(|s| {
+            s.spawn(|| {
+                tokio::runtime::Runtime::new().unwrap().block_on(async {
+                    get(&h1_client(), "GET", &fe_url, &[])
+                        .await
+                        .map(|r| r.0)
+                        .unwrap_or(0)
+                })
+            })
+            .join()
+            .unwrap()
+        });
+        (status != 200).then_some(status)
+    });
+    assert!(refused.is_some(), "frontend still reaches orders");
+    assert_eq!(
+        get(&h1_client(), "GET", &pay_url, &[]).await.unwrap().0,
+        200
+    );
+    // It cannot renew.
+    let out = cp.moat(&[
+        "cert",
+        "rotate",
+        "--identity",
+        "frontend",
+        "--timeout",
+        "4s",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        frontend.log_text().contains("revoked"),
+        "{}",
+        frontend.log_text()
+    );
+    assert!(
+        cp.moat_ok(&["revoke", "--list"])
+            .contains("test: key leaked")
+    );
+
+    // Undo restores it.
+    cp.moat_ok(&["revoke", "--undo", "--identity", "frontend"]);
+    let back = eventually(Duration::from_secs(10), || {
+        let status = std::thread::scope(|s| {
+            s.spawn(|| {
+                tokio::runtime::Runtime::new().unwrap().block_on(async {
+                    get(&h1_client(), "GET", &fe_url, &[])
+                        .await
+                        .map(|r| r.0)
+                        .unwrap_or(0)
+                })
+            })
+            .join()
+            .unwrap()
+        });
+        (status == 200).then_some(())
+    });
+    assert!(back.is_some(), "frontend did not come back after --undo");
+    assert!(!cp.moat_ok(&["revoke", "--list"]).contains("frontend"));
+
+    // Bad input is refused with a reason.
+    for (args, want) in [
+        (
+            &["revoke", "--serial", "not-hex"][..],
+            "not a certificate serial",
+        ),
+        (
+            &["revoke", "--undo", "--identity", "frontend"][..],
+            "is not revoked",
+        ),
+    ] {
+        let out = cp.moat(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(stderr(&out).contains(want), "{args:?}: {}", stderr(&out));
+    }
+    assert_eq!(cp.moat(&["revoke"]).status.code(), Some(2));
+}

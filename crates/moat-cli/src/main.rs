@@ -59,6 +59,8 @@ enum Command {
     Policy(commands::policy::PolicyCmd),
     /// Every connected proxy: identity, address, certificate, snapshot, bundle, last seen.
     Status(commands::status::StatusArgs),
+    /// Revoke an identity or a certificate (pushed to every proxy at once), or lift it.
+    Revoke(commands::revoke::RevokeArgs),
     /// Health checks, one line each; exits 1 when any fails (for CI and cron).
     Check(commands::check::CheckArgs),
     /// Show the newest control-plane audit log entries.
@@ -75,6 +77,7 @@ async fn main() -> ExitCode {
         Command::Cert(c) => commands::cert::run(&cli.global, c).await,
         Command::Policy(c) => commands::policy::run(&cli.global, c).await,
         Command::Status(a) => commands::status::run(&cli.global, a).await,
+        Command::Revoke(a) => commands::revoke::run(&cli.global, a).await,
         Command::Check(a) => commands::check::run(&cli.global, a).await,
         Command::Audit(a) => commands::audit::run(&cli.global, a).await,
     };

@@ -8,10 +8,12 @@ use moat_api::v1::{
     ApplyPoliciesRequest, ApplyPoliciesResponse, AuditEntry, CaCertificate, CertifyResponse,
     CreateTokenRequest, CreateTokenResponse, DeletePolicyRequest, DeletePolicyResponse,
     IssueCertificateRequest, ListAuditRequest, ListAuditResponse, ListPoliciesRequest,
-    ListPoliciesResponse, ListProxiesRequest, ListProxiesResponse, ListTokensRequest,
-    ListTokensResponse, PolicyHistoryRequest, PolicyHistoryResponse, PolicyRevision, PolicyRollout,
-    ProxyStatus, RevokeTokenRequest, RevokeTokenResponse, RotateCertificatesRequest,
-    RotateCertificatesResponse, ShowCaRequest, ShowCaResponse, TokenInfo,
+    ListPoliciesResponse, ListProxiesRequest, ListProxiesResponse, ListRevocationsRequest,
+    ListRevocationsResponse, ListTokensRequest, ListTokensResponse, PolicyHistoryRequest,
+    PolicyHistoryResponse, PolicyRevision, PolicyRollout, ProxyStatus,
+    Revocation as RevocationProto, RevokeRequest, RevokeResponse, RevokeTokenRequest,
+    RevokeTokenResponse, RotateCertificatesRequest, RotateCertificatesResponse, ShowCaRequest,
+    ShowCaResponse, TokenInfo,
 };
 use moat_ca::{CaCertInfo, CertTtl};
 use moat_identity::{SpiffeId, ValidatedCsr};
@@ -454,6 +456,117 @@ impl Admin for AdminService {
             .await
             .map(Response::new)
     }
+
+    async fn revoke(
+        &self,
+        req: Request<RevokeRequest>,
+    ) -> Result<Response<RevokeResponse>, Status> {
+        let actor = self.0.require_admin(&req, "revoke").await?;
+        let r = req.into_inner();
+        let action = if r.undo { "revoke.undo" } else { "revoke" };
+        let target = if r.identity.is_empty() {
+            r.serial.clone()
+        } else {
+            r.identity.clone()
+        };
+        let result = async {
+            let (kind, value, expires_unix) = match (r.identity.is_empty(), r.serial.is_empty()) {
+                (false, true) => ("identity", self.identity(&r.identity)?.to_string(), 0),
+                (true, false) => {
+                    let serial = r.serial.trim().to_ascii_lowercase();
+                    if serial.len() < 2
+                        || serial.len() > 64
+                        || !serial.chars().all(|c| c.is_ascii_hexdigit())
+                    {
+                        return Err(Status::invalid_argument(format!(
+                            "{:?} is not a certificate serial (hex, as `moat status` shows)",
+                            r.serial
+                        )));
+                    }
+                    // The entry can go once that certificate would have expired anyway.
+                    let not_after = self
+                        .0
+                        .mesh
+                        .registry()
+                        .entries()
+                        .find(|p| p.cert_serial == serial)
+                        .map(|p| p.cert_not_after);
+                    let now = crate::self_cert::unix_now();
+                    (
+                        "serial",
+                        serial,
+                        not_after.unwrap_or(now + CertTtl::MAX.as_secs() as i64),
+                    )
+                }
+                _ => {
+                    return Err(Status::invalid_argument(
+                        "give exactly one of an identity or a serial",
+                    ));
+                }
+            };
+            let proxies = self.0.mesh.registry().entries().count() as u32;
+            if r.undo {
+                let existed = self
+                    .0
+                    .revocations
+                    .undo(kind, &value)
+                    .await
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                if !existed {
+                    return Err(Status::not_found(format!("{kind} {value} is not revoked")));
+                }
+                return Ok(RevokeResponse {
+                    revocation: Some(RevocationProto {
+                        kind: kind.into(),
+                        value,
+                        ..RevocationProto::default()
+                    }),
+                    proxies,
+                });
+            }
+            let time_unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0);
+            let stored = self
+                .0
+                .revocations
+                .revoke(crate::revocations::Revocation {
+                    kind: kind.into(),
+                    value,
+                    reason: r.reason.clone(),
+                    actor: actor.to_string(),
+                    time_unix_ms,
+                    expires_unix,
+                })
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            Ok(RevokeResponse {
+                revocation: Some(revocation_proto(stored)),
+                proxies,
+            })
+        }
+        .await;
+        self.audited(&actor, action, &target, result)
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_revocations(
+        &self,
+        req: Request<ListRevocationsRequest>,
+    ) -> Result<Response<ListRevocationsResponse>, Status> {
+        self.0.require_admin(&req, "revoke.list").await?;
+        let list = self
+            .0
+            .revocations
+            .list()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(ListRevocationsResponse {
+            revocations: list.into_iter().map(revocation_proto).collect(),
+        }))
+    }
 }
 
 fn policy_status(e: PolicyError) -> Status {
@@ -468,5 +581,16 @@ fn policy_status(e: PolicyError) -> Status {
                 "the control plane cannot use its policy store: {e}"
             ))
         }
+    }
+}
+
+fn revocation_proto(r: crate::revocations::Revocation) -> RevocationProto {
+    RevocationProto {
+        kind: r.kind,
+        value: r.value,
+        reason: r.reason,
+        actor: r.actor,
+        time_unix_ms: r.time_unix_ms,
+        expires_unix: r.expires_unix,
     }
 }

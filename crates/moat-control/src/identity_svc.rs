@@ -102,6 +102,17 @@ impl Identity for IdentityService {
             Err(status) => return Err(self.refuse(&actor, "", status).await),
         };
         let target = input.csr.id.to_string();
+        let serial = conn
+            .as_ref()
+            .and_then(|c| c.peer.as_ref())
+            .map(|p| p.verified.serial.clone());
+        if cp.mesh.is_revoked(&input.csr.id, serial.as_deref()) {
+            let status = Status::permission_denied(format!(
+                "{} (or the certificate presented) is revoked; an admin can lift it with `moat revoke --undo`",
+                input.csr.id
+            ));
+            return Err(self.refuse(&actor, &target, status).await);
+        }
         match (
             &input.join_token,
             conn.as_ref().and_then(|c| c.peer.as_ref()),

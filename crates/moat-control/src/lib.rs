@@ -15,6 +15,7 @@ pub mod listener;
 pub mod mesh_svc;
 pub mod policies;
 pub mod registry;
+pub mod revocations;
 pub mod self_cert;
 pub mod state;
 pub mod tokens;
@@ -135,11 +136,17 @@ pub async fn serve(
         .await
         .context("cannot read remembered endpoints")?;
     tokio::spawn(mesh_svc::follow_policies(policies.clone(), mesh.clone()));
+    let revocations = revocations::Revocations::new(store.clone());
+    tokio::spawn(mesh_svc::follow_revocations(
+        revocations.clone(),
+        mesh.clone(),
+    ));
     let state = Arc::new(state::ControlPlane {
         ca: ca.clone(),
         tokens: tokens::Tokens::new(store.clone()),
         audit: audit::AuditLog::new(store.clone()),
         policies,
+        revocations,
         mesh: mesh.clone(),
         default_ttl: cfg.default_ttl,
         min_ttl: cfg.min_ttl,

@@ -43,6 +43,8 @@ pub struct MeshState {
     generation: watch::Sender<u64>,
     next_stream: AtomicU64,
     store: Arc<dyn moat_store::Store>,
+    /// Revoked identities (full SPIFFE IDs) and serials, as pushed to proxies.
+    revoked: RwLock<(Vec<String>, Vec<String>)>,
     /// Rotation commands: per identity, and for everyone.
     rotations: Mutex<(u64, std::collections::HashMap<SpiffeId, u64>)>,
 }
@@ -58,6 +60,7 @@ impl MeshState {
             next_stream: AtomicU64::new(1),
             store,
             rotations: Mutex::new((0, std::collections::HashMap::new())),
+            revoked: RwLock::new((Vec::new(), Vec::new())),
         })
     }
 
@@ -104,6 +107,20 @@ impl MeshState {
             .count() as u32;
         self.bump();
         reached
+    }
+
+    /// Whether `id`, or the certificate `serial`, is revoked.
+    pub fn is_revoked(&self, id: &SpiffeId, serial: Option<&str>) -> bool {
+        let r = self.revoked.read().unwrap_or_else(|e| e.into_inner());
+        let id = id.to_string();
+        r.0.contains(&id) || serial.is_some_and(|s| r.1.iter().any(|x| x == s))
+    }
+
+    fn revoked_lists(&self) -> (Vec<String>, Vec<String>) {
+        self.revoked
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The rotation generation a proxy of `id` is at.
@@ -196,6 +213,48 @@ fn hits_from_proto(r: moat_api::v1::Report) -> Result<Vec<crate::registry::RuleH
         .collect()
 }
 
+/// Keeps the revocation lists in step with the store, and drops expired entries every minute.
+pub async fn follow_revocations(
+    revocations: crate::revocations::Revocations,
+    state: Arc<MeshState>,
+) {
+    let mut changes = revocations.changes();
+    loop {
+        match revocations.list().await {
+            Ok(list) => {
+                let mut ids: Vec<String> = list
+                    .iter()
+                    .filter(|r| r.kind == "identity")
+                    .map(|r| r.value.clone())
+                    .collect();
+                let mut serials: Vec<String> = list
+                    .iter()
+                    .filter(|r| r.kind == "serial")
+                    .map(|r| r.value.clone())
+                    .collect();
+                ids.sort();
+                serials.sort();
+                let changed = {
+                    let mut cur = state.revoked.write().unwrap_or_else(|e| e.into_inner());
+                    let changed = *cur != (ids.clone(), serials.clone());
+                    *cur = (ids, serials);
+                    changed
+                };
+                if changed {
+                    state.bump();
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot load revocations; keeping the previous list")
+            }
+        }
+        tokio::select! {
+            r = changes.next() => if matches!(r, Ok(None)) { return },
+            () = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+    }
+}
+
 /// Proto form of a policy (the control plane's side of the wire).
 pub fn policy_to_proto(p: &AccessPolicy) -> Policy {
     Policy {
@@ -233,6 +292,7 @@ pub struct MeshService {
 impl MeshService {
     fn snapshot(&self, id: &SpiffeId, version: u64) -> Snapshot {
         let set = self.state.current_policies();
+        let revoked = self.state.revoked_lists();
         let services = self
             .state
             .registry()
@@ -258,6 +318,8 @@ impl MeshService {
             }),
             services,
             rotate_generation: self.state.rotation_of(id),
+            revoked_identities: revoked.0,
+            revoked_serials: revoked.1,
         }
     }
 }

@@ -20,6 +20,7 @@ pub struct ControlPlane {
     pub tokens: Tokens,
     pub audit: AuditLog,
     pub policies: Policies,
+    pub revocations: crate::revocations::Revocations,
     pub mesh: Arc<MeshState>,
     pub default_ttl: CertTtl,
     /// The shortest certificate lifetime a caller may ask for.

@@ -29,6 +29,9 @@ pub enum Reason {
     IdentityNotAllowed,
     PortNotAllowed,
     RouteNotAllowed,
+    /// The caller's identity or certificate is revoked. Not produced by [`evaluate`]: the proxy
+    /// checks revocations first.
+    Revoked,
 }
 
 impl Reason {
@@ -41,6 +44,7 @@ impl Reason {
             Reason::IdentityNotAllowed => "identity-not-allowed",
             Reason::PortNotAllowed => "port-not-allowed",
             Reason::RouteNotAllowed => "route-not-allowed",
+            Reason::Revoked => "revoked",
         }
     }
 

@@ -14,7 +14,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use moat_identity::SpiffeId;
-use moat_policy::eval::{Decision, Input, evaluate};
+use moat_policy::eval::{Decision, Input, Reason, evaluate};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
@@ -102,7 +102,15 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
         return;
     };
     let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
-    let peer_id = peer.id;
+    let peer_id = Caller {
+        id: peer.id,
+        serial: peer.serial,
+    };
+    if authorize(&ctx, &peer_id, None).reason == Reason::Revoked {
+        ctx.metrics.handshake_failed("inbound", "revoked".into());
+        tracing::info!(target: "moat::access", direction = "inbound", %remote, peer = %peer_id, serial = %peer_id.serial, decision = "deny", reason = "revoked", "refused a revoked certificate");
+        return;
+    }
     let (proto, io) = match alpn.as_deref() {
         Some(moat_tls::ALPN_TCP) => (Protocol::Tcp, Prefixed::new(Vec::new(), tls)),
         Some(moat_tls::ALPN_H2) => (Protocol::Http2, Prefixed::new(Vec::new(), tls)),
@@ -147,7 +155,7 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }
-                reason = until_forbidden(&ctx, &peer_id), if admitted => {
+                reason = until_forbidden(&ctx, &peer_id, admitted) => {
                     tracing::info!(target: "moat::access", direction = "inbound", %remote, peer = %peer_id, decision = "deny", reason, "closing an HTTP connection the new policy no longer allows");
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
@@ -157,23 +165,52 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
     }
 }
 
-/// Resolves with the deny reason once a new snapshot no longer admits `peer` at all.
-async fn until_forbidden(ctx: &Ctx, peer: &SpiffeId) -> &'static str {
+/// A verified caller: its SPIFFE ID and the serial of the certificate it presented.
+#[derive(Clone, Debug)]
+struct Caller {
+    id: SpiffeId,
+    serial: String,
+}
+
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.id.fmt(f)
+    }
+}
+
+/// Resolves with the deny reason once a new snapshot revokes `peer`, or (for a connection that
+/// was `admitted`) no longer admits it at all.
+async fn until_forbidden(ctx: &Ctx, peer: &Caller, admitted: bool) -> &'static str {
     let mut snapshots = ctx.snapshot.clone();
     loop {
         if snapshots.changed().await.is_err() {
             return std::future::pending().await;
         }
         let d = authorize(ctx, peer, None);
-        if !d.allowed {
+        if d.reason == Reason::Revoked || (admitted && !d.allowed) {
             return d.reason.code();
         }
     }
 }
 
-fn authorize(ctx: &Ctx, peer: &SpiffeId, http: Option<(&str, &str)>) -> Decision {
+fn authorize(ctx: &Ctx, caller: &Caller, http: Option<(&str, &str)>) -> Decision {
     let snap = ctx.snapshot.borrow().clone();
     let port = ctx.cfg.app.port();
+    let peer = &caller.id;
+    // Revocations come first: no policy can allow a revoked identity or certificate.
+    if snap
+        .as_ref()
+        .is_some_and(|s| s.is_revoked(peer, &caller.serial))
+    {
+        return Decision {
+            allowed: false,
+            reason: Reason::Revoked,
+            would_deny: None,
+            policy: None,
+            rule: None,
+            trace: Vec::new(),
+        };
+    }
     match snap {
         Some(s) => evaluate(&s.policies, &s.mesh, &Input { peer, port, http }),
         // No snapshot yet: nothing is known to be allowed.
@@ -200,7 +237,7 @@ fn policy_label(d: &Decision) -> Option<String> {
 async fn tcp_forward(
     mut io: Prefixed<tokio_rustls::server::TlsStream<TcpStream>>,
     remote: SocketAddr,
-    peer: SpiffeId,
+    peer: Caller,
     ctx: &Ctx,
 ) {
     let start = Instant::now();
@@ -263,7 +300,7 @@ async fn tcp_forward(
     tracing::info!(target: "moat::access", direction = "inbound", protocol = "tcp", %remote, peer = %peer, decision = decision_label(&d), reason, policy = ?policy_label(&d), bytes_to_app = to_app, bytes_from_app = from_app, duration_ms = start.elapsed().as_millis() as u64, error = ?outcome.err(), "tcp");
 }
 
-async fn forward(req: Request<Incoming>, peer: &SpiffeId, ctx: &Ctx) -> Response<Body> {
+async fn forward(req: Request<Incoming>, peer: &Caller, ctx: &Ctx) -> Response<Body> {
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
     let grpc = is_grpc(&parts.headers);

@@ -121,7 +121,18 @@ impl Pool {
                 tracing::warn!(%service, endpoint = ep, reason, error = %e, "refused to talk to an endpoint that did not prove the expected identity");
                 Err(format!("{reason}: {e}"))
             }
-            Ok(Ok(tls)) => Ok(tls),
+            Ok(Ok(tls)) => {
+                let peer = moat_tls::peer_identity(tls.get_ref().1.peer_certificates());
+                let snap = ctx.snapshot.borrow().clone();
+                if let (Some(p), Some(s)) = (peer, snap)
+                    && s.is_revoked(&p.id, &p.serial)
+                {
+                    ctx.metrics.handshake_failed("outbound", "revoked".into());
+                    tracing::warn!(%service, endpoint = ep, serial = %p.serial, "refused an endpoint whose certificate is revoked");
+                    return Err("revoked: the endpoint's certificate or identity is revoked".into());
+                }
+                Ok(tls)
+            }
         }
     }
 

@@ -2,7 +2,7 @@
 //! validates every field and refuses (NACKs) a snapshot it cannot fully understand, so the proxy
 //! keeps the last good one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use moat_api::v1 as pb;
 use moat_identity::{SpiffeId, TrustBundle};
@@ -21,6 +21,16 @@ pub struct Snapshot {
     pub services: HashMap<SpiffeId, Vec<String>>,
     /// Rotation command generation: when it grows, re-key and renew now.
     pub rotate_generation: u64,
+    /// Revoked identities and certificate serials (lowercase hex).
+    pub revoked_identities: HashSet<SpiffeId>,
+    pub revoked_serials: HashSet<String>,
+}
+
+impl Snapshot {
+    /// Whether `id`, or the certificate with `serial`, is revoked.
+    pub fn is_revoked(&self, id: &SpiffeId, serial: &str) -> bool {
+        self.revoked_identities.contains(id) || self.revoked_serials.contains(serial)
+    }
 }
 
 fn id(s: &str, what: &str) -> Result<SpiffeId, String> {
@@ -122,6 +132,22 @@ pub fn from_proto(s: pb::Snapshot, me: &SpiffeId) -> Result<Snapshot, String> {
         mesh: MeshConfig { default_posture },
         services,
         rotate_generation: s.rotate_generation,
+        revoked_identities: s
+            .revoked_identities
+            .iter()
+            .map(|r| id(r, "revoked identity"))
+            .collect::<Result<_, _>>()?,
+        revoked_serials: s
+            .revoked_serials
+            .iter()
+            .map(|r| {
+                if r.is_empty() || r.len() > 64 || !r.chars().all(|c| c.is_ascii_hexdigit()) {
+                    Err(format!("revoked serial {r:?} is not hex"))
+                } else {
+                    Ok(r.to_ascii_lowercase())
+                }
+            })
+            .collect::<Result<_, _>>()?,
     })
 }
 
@@ -158,6 +184,8 @@ mod tests {
             policies,
             mesh: None,
             rotate_generation: 0,
+            revoked_identities: vec![],
+            revoked_serials: vec![],
             services: vec![pb::Service {
                 spiffe_id: "spiffe://moat.local/ns/default/sa/payments".into(),
                 endpoints: vec!["127.0.0.1:7143".into()],

@@ -8,6 +8,7 @@ pub mod check;
 pub mod demo;
 pub mod explain;
 pub mod policy;
+pub mod revoke;
 pub mod status;
 pub mod token;
 
