@@ -243,18 +243,7 @@ async fn revoke_cuts_an_identity_off_everywhere_and_undo_restores_it() {
     );
     // … new ones are refused, while other callers are unaffected.
     let refused = eventually(Duration::from_secs(5), || {
-        let status = std::thread::scope(|s| {
-            s.spawn(|| {
-                tokio::runtime::Runtime::new().unwrap().block_on(async {
-                    get(&h1_client(), "GET", &fe_url, &[])
-                        .await
-                        .map(|r| r.0)
-                        .unwrap_or(0)
-                })
-            })
-            .join()
-            .unwrap()
-        });
+        let status = blocking_status(&fe_url);
         (status != 200).then_some(status)
     });
     assert!(refused.is_some(), "frontend still reaches orders");
@@ -285,18 +274,7 @@ async fn revoke_cuts_an_identity_off_everywhere_and_undo_restores_it() {
     // Undo restores it.
     cp.moat_ok(&["revoke", "--undo", "--identity", "frontend"]);
     let back = eventually(Duration::from_secs(10), || {
-        let status = std::thread::scope(|s| {
-            s.spawn(|| {
-                tokio::runtime::Runtime::new().unwrap().block_on(async {
-                    get(&h1_client(), "GET", &fe_url, &[])
-                        .await
-                        .map(|r| r.0)
-                        .unwrap_or(0)
-                })
-            })
-            .join()
-            .unwrap()
-        });
+        let status = blocking_status(&fe_url);
         (status == 200).then_some(())
     });
     assert!(back.is_some(), "frontend did not come back after --undo");
@@ -318,4 +296,20 @@ async fn revoke_cuts_an_identity_off_everywhere_and_undo_restores_it() {
         assert!(stderr(&out).contains(want), "{args:?}: {}", stderr(&out));
     }
     assert_eq!(cp.moat(&["revoke"]).status.code(), Some(2));
+}
+
+/// The status of a GET, from synchronous code running inside the async test (`eventually`).
+fn blocking_status(url: &str) -> u16 {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tokio::runtime::Runtime::new().unwrap().block_on(async {
+                get(&h1_client(), "GET", url, &[])
+                    .await
+                    .map(|r| r.0)
+                    .unwrap_or(0)
+            })
+        })
+        .join()
+        .unwrap()
+    })
 }
