@@ -10,9 +10,6 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use moat_identity::SpiffeId;
 use moat_policy::eval::{Decision, Input, Reason, evaluate};
 use tokio::net::{TcpListener, TcpStream};
@@ -21,8 +18,8 @@ use tokio_rustls::TlsAcceptor;
 use crate::Ctx;
 use crate::detect::{Prefixed, Protocol, detect};
 use crate::http::{
-    Body, ORIG_PROTO, PEER_ID, boxed, deny, ensure_request_id, is_grpc, request_target,
-    strip_hop_by_hop, unavailable,
+    Body, Ended, ORIG_PROTO, PEER_ID, boxed, deny, ensure_request_id, is_grpc, request_target,
+    serve_http, strip_hop_by_hop, unavailable,
 };
 use crate::metrics::{RequestLabels, TrafficLabels};
 
@@ -128,38 +125,32 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
     match proto {
         Protocol::Tcp => tcp_forward(io, remote, peer_id, &ctx).await,
         Protocol::Http1 | Protocol::Http2 => {
-            let svc = {
-                let (ctx, peer_id) = (ctx.clone(), peer_id.clone());
-                service_fn(move |req| {
-                    let (ctx, peer_id) = (ctx.clone(), peer_id.clone());
-                    async move { Ok::<_, std::convert::Infallible>(forward(req, &peer_id, &ctx).await) }
-                })
-            };
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .max_buf_size(64 * 1024);
-            builder.http2().timer(TokioTimer::new());
-            builder.http2().max_header_list_size(64 * 1024);
             // A connection admitted now is closed (gracefully) once a new snapshot forbids the
-            // caller; one that was never admitted stays open to answer each request with 403.
+            // caller; one that was never admitted stays open to answer each request with 403
+            // (until the caller is revoked).
             let admitted = authorize(&ctx, &peer_id, None).allowed;
-            let conn = builder.serve_connection(TokioIo::new(io), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => if let Err(e) = r {
-                    tracing::debug!(%remote, error = %e, "inbound HTTP connection ended with an error");
-                },
-                () = ctx.shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+            let handler = {
+                let (ctx, peer_id) = (ctx.clone(), peer_id.clone());
+                move |req| {
+                    let (ctx, peer_id) = (ctx.clone(), peer_id.clone());
+                    async move { forward(req, &peer_id, &ctx).await }
                 }
-                reason = until_forbidden(&ctx, &peer_id, admitted) => {
-                    tracing::info!(target: "moat::access", direction = "inbound", %remote, peer = %peer_id, decision = "deny", reason, "closing an HTTP connection the new policy no longer allows");
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+            };
+            match serve_http(
+                io,
+                handler,
+                &ctx.shutdown,
+                until_forbidden(&ctx, &peer_id, admitted),
+            )
+            .await
+            {
+                Ended::Failed(e) => {
+                    tracing::debug!(%remote, error = %e, "inbound HTTP connection ended with an error")
                 }
+                Ended::Closed(reason) => {
+                    tracing::info!(target: "moat::access", direction = "inbound", %remote, peer = %peer_id, decision = "deny", reason, "closing an HTTP connection the new policy no longer allows")
+                }
+                Ended::Finished | Ended::Drained => {}
             }
         }
     }

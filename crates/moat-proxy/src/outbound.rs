@@ -10,17 +10,14 @@ use std::time::Instant;
 
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use moat_identity::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::Ctx;
 use crate::detect::{Prefixed, Protocol, detect};
 use crate::http::{
-    Body, ORIG_PROTO, boxed, ensure_request_id, is_grpc, request_target, strip_hop_by_hop,
-    unavailable,
+    Body, Ended, ORIG_PROTO, boxed, ensure_request_id, is_grpc, request_target, serve_http,
+    strip_hop_by_hop, unavailable,
 };
 use crate::metrics::{RequestLabels, TrafficLabels};
 
@@ -64,26 +61,17 @@ async fn connection(mut tcp: TcpStream, remote: SocketAddr, service: SpiffeId, c
     match proto {
         Protocol::Tcp => tcp_forward(io, remote, &service, opaque, &ctx).await,
         Protocol::Http1 | Protocol::Http2 => {
-            let svc = {
+            let handler = {
                 let (ctx, service) = (ctx.clone(), service.clone());
-                service_fn(move |req| {
+                move |req| {
                     let (ctx, service) = (ctx.clone(), service.clone());
-                    async move { Ok::<_, std::convert::Infallible>(forward(req, &service, &ctx).await) }
-                })
-            };
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder.http1().timer(TokioTimer::new());
-            builder.http2().timer(TokioTimer::new());
-            let conn = builder.serve_connection(TokioIo::new(io), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => if let Err(e) = r {
-                    tracing::debug!(%remote, error = %e, "outbound HTTP connection ended with an error");
-                },
-                () = ctx.shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+                    async move { forward(req, &service, &ctx).await }
                 }
+            };
+            if let Ended::Failed(e) =
+                serve_http(io, handler, &ctx.shutdown, std::future::pending()).await
+            {
+                tracing::debug!(%remote, error = %e, "outbound HTTP connection ended with an error");
             }
         }
     }
