@@ -63,17 +63,18 @@ fn ctrl_c_leaves_no_process_and_no_port_behind() {
         .arg("--dir")
         .arg(dir.path())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("demo.stderr")).unwrap())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let start = Instant::now();
     let mut seen = String::new();
     loop {
-        let line = lines
-            .next()
-            .expect("the demo ended before it was up")
-            .unwrap();
+        let Some(line) = lines.next() else {
+            let err = std::fs::read_to_string(dir.path().join("demo.stderr")).unwrap_or_default();
+            panic!("the demo ended before it was up:\n{seen}\nstderr:\n{err}");
+        };
+        let line = line.unwrap();
         seen.push_str(&line);
         seen.push('\n');
         if line.contains("Press Ctrl-C") {

@@ -19,14 +19,14 @@ use time::OffsetDateTime;
 use crate::{CertTtl, Kek, KekError, Sealed};
 
 /// How long a generated root lives.
-const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 86400);
+pub(crate) const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 86400);
 /// How long a generated intermediate lives.
 const INTERMEDIATE_LIFETIME: Duration = Duration::from_secs(365 * 86400);
 /// How far NotBefore is back-dated, for clock skew between mesh members.
 const BACKDATE: Duration = Duration::from_secs(60);
 
-const ROOT_LABEL: &str = "moat/ca/root-key";
-const INTERMEDIATE_LABEL: &str = "moat/ca/intermediate-key";
+pub(crate) const ROOT_LABEL: &str = "moat/ca/root-key";
+pub(crate) const INTERMEDIATE_LABEL: &str = "moat/ca/intermediate-key";
 
 /// Why the CA could not be built, loaded or could not sign.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +45,8 @@ pub enum CaError {
     IssuerExpired(i64),
     #[error("requested identity {id} is outside this CA's trust domain {domain}")]
     ForeignDomain { id: String, domain: String },
+    #[error("{0}")]
+    Rotation(String),
     #[error("requester public key is unusable: {0}")]
     PublicKey(String),
 }
@@ -60,6 +62,12 @@ pub struct CaState {
     /// The issuing intermediate, PEM.
     pub intermediate_pem: String,
     pub intermediate_key: Sealed,
+    /// During a root rotation: the new root's key, until issuance switches to the new root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_root_key: Option<Sealed>,
+    /// The root rotation in progress, if any (see [`crate::rotation`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_rotation: Option<crate::rotation::RootRotation>,
 }
 
 /// Operator-supplied CA material (bring your own root or intermediate), PEM text.
@@ -107,25 +115,25 @@ pub struct CertificateAuthority {
     intermediate_not_after: i64,
 }
 
-fn unix(t: OffsetDateTime) -> i64 {
+pub(crate) fn unix(t: OffsetDateTime) -> i64 {
     t.unix_timestamp()
 }
 
-fn pem_cert(what: &'static str, pem: &str) -> Result<CertificateDer<'static>, CaError> {
+pub(crate) fn pem_cert(what: &'static str, pem: &str) -> Result<CertificateDer<'static>, CaError> {
     CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| CaError::Pem {
         what,
         detail: e.to_string(),
     })
 }
 
-fn pem_key(what: &'static str, pem: &str) -> Result<KeyPair, CaError> {
+pub(crate) fn pem_key(what: &'static str, pem: &str) -> Result<KeyPair, CaError> {
     KeyPair::from_pem(pem).map_err(|e| CaError::Pem {
         what,
         detail: format!("{e} (keys must be PKCS#8: convert with `openssl pkcs8 -topk8 -nocrypt`)"),
     })
 }
 
-fn ca_params(
+pub(crate) fn ca_params(
     cn: String,
     now: OffsetDateTime,
     lifetime: Duration,
@@ -151,7 +159,7 @@ fn ca_params(
 
 /// A short random tag that keeps successive roots and intermediates apart by name, so chain
 /// building never confuses an old CA with its replacement.
-fn generation_tag() -> String {
+pub(crate) fn generation_tag() -> String {
     let tag: [u8; 4] = rand::rng().random();
     hex::encode(tag)
 }
@@ -163,7 +171,7 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
-fn intermediate_under(
+pub(crate) fn intermediate_under(
     td: &TrustDomain,
     root: &Issuer<'_, &KeyPair>,
     now: OffsetDateTime,
@@ -204,6 +212,8 @@ impl CertificateAuthority {
             root_key: Some(kek.seal(root_key.serialize_pem().as_bytes(), ROOT_LABEL)?),
             intermediate_pem: der_to_pem("CERTIFICATE", &int_der),
             intermediate_key: kek.seal(int_key.serialize_pem().as_bytes(), INTERMEDIATE_LABEL)?,
+            next_root_key: None,
+            root_rotation: None,
         };
         let ca = Self::load(&state, kek)?;
         Ok((ca, state))
@@ -242,6 +252,8 @@ impl CertificateAuthority {
                     intermediate_pem: der_to_pem("CERTIFICATE", &int_der),
                     intermediate_key: kek
                         .seal(int_key.serialize_pem().as_bytes(), INTERMEDIATE_LABEL)?,
+                    next_root_key: None,
+                    root_rotation: None,
                 }
             }
             (None, Some(int_pem), Some(int_key_pem)) => {
@@ -254,6 +266,8 @@ impl CertificateAuthority {
                     intermediate_pem: der_to_pem("CERTIFICATE", &int_der),
                     intermediate_key: kek
                         .seal(int_key.serialize_pem().as_bytes(), INTERMEDIATE_LABEL)?,
+                    next_root_key: None,
+                    root_rotation: None,
                 }
             }
             _ => {
@@ -289,6 +303,9 @@ impl CertificateAuthority {
         if let Some(root_key) = &state.root_key {
             // Opened only to prove the KEK also unlocks it; the root key is not kept in memory.
             kek.open(root_key, ROOT_LABEL)?;
+        }
+        if let Some(next) = &state.next_root_key {
+            kek.open(next, ROOT_LABEL)?;
         }
         let info = CertInfo::from_der(&intermediate).map_err(|e| CaError::Import(e.to_string()))?;
         if !info.is_ca {

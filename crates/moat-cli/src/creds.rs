@@ -30,8 +30,20 @@ impl CredDir {
                 dir.display()
             );
         }
-        let (credential, bundle) = cred_dir::load(dir)?;
-        Ok(CredDir { credential, bundle })
+        // The control plane replaces the three files one by one (each atomically) when it renews
+        // the admin credential or the CA changes; a read that straddles the swap sees a key and
+        // a certificate that do not match, so it is retried briefly before being reported.
+        let mut attempt = 0;
+        loop {
+            match cred_dir::load(dir) {
+                Ok((credential, bundle)) => return Ok(CredDir { credential, bundle }),
+                Err(e) if attempt >= 3 => return Err(e.into()),
+                Err(_) => {
+                    attempt += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+            }
+        }
     }
 }
 

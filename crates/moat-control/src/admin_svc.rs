@@ -5,15 +5,15 @@ use std::time::Duration;
 
 use moat_api::v1::admin_server::Admin;
 use moat_api::v1::{
-    ApplyPoliciesRequest, ApplyPoliciesResponse, AuditEntry, CaCertificate, CertifyResponse,
-    CreateTokenRequest, CreateTokenResponse, DeletePolicyRequest, DeletePolicyResponse,
-    IssueCertificateRequest, ListAuditRequest, ListAuditResponse, ListPoliciesRequest,
-    ListPoliciesResponse, ListProxiesRequest, ListProxiesResponse, ListRevocationsRequest,
-    ListRevocationsResponse, ListTokensRequest, ListTokensResponse, PolicyHistoryRequest,
-    PolicyHistoryResponse, PolicyRevision, PolicyRollout, ProxyStatus,
+    ApplyPoliciesRequest, ApplyPoliciesResponse, AuditEntry, CaCertificate, CaRotationStatus,
+    CertifyResponse, CreateTokenRequest, CreateTokenResponse, DeletePolicyRequest,
+    DeletePolicyResponse, IssueCertificateRequest, ListAuditRequest, ListAuditResponse,
+    ListPoliciesRequest, ListPoliciesResponse, ListProxiesRequest, ListProxiesResponse,
+    ListRevocationsRequest, ListRevocationsResponse, ListTokensRequest, ListTokensResponse,
+    PolicyHistoryRequest, PolicyHistoryResponse, PolicyRevision, PolicyRollout, ProxyStatus,
     Revocation as RevocationProto, RevokeRequest, RevokeResponse, RevokeTokenRequest,
-    RevokeTokenResponse, RotateCertificatesRequest, RotateCertificatesResponse, ShowCaRequest,
-    ShowCaResponse, TokenInfo,
+    RevokeTokenResponse, RotateCertificatesRequest, RotateCertificatesResponse,
+    RotateIntermediateRequest, RotateRootRequest, ShowCaRequest, ShowCaResponse, TokenInfo,
 };
 use moat_ca::{CaCertInfo, CertTtl};
 use moat_identity::{SpiffeId, ValidatedCsr};
@@ -57,12 +57,12 @@ fn ca_cert(c: CaCertInfo) -> CaCertificate {
 
 impl AdminService {
     fn identity(&self, s: &str) -> Result<SpiffeId, Status> {
-        let id = SpiffeId::parse_with_default(s, self.0.ca.trust_domain())
+        let id = SpiffeId::parse_with_default(s, self.0.ca.current().trust_domain())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if id.trust_domain() != self.0.ca.trust_domain() {
+        if id.trust_domain() != self.0.ca.current().trust_domain() {
             return Err(Status::invalid_argument(format!(
                 "{id} is outside this mesh's trust domain {}",
-                self.0.ca.trust_domain()
+                self.0.ca.current().trust_domain()
             )));
         }
         Ok(id)
@@ -169,7 +169,7 @@ impl Admin for AdminService {
         req: Request<ShowCaRequest>,
     ) -> Result<Response<ShowCaResponse>, Status> {
         let actor = self.0.require_admin(&req, "ca.show").await?;
-        let ca = &self.0.ca;
+        let ca = self.0.ca.current();
         let resp = ShowCaResponse {
             trust_domain: ca.trust_domain().to_string(),
             roots: ca.roots_info().into_iter().map(ca_cert).collect(),
@@ -198,12 +198,12 @@ impl Admin for AdminService {
                 s => CertTtl::new(Duration::from_secs(u64::from(s)))
                     .map_err(|e| Status::invalid_argument(e.to_string()))?,
             };
-            let issued = self
-                .0
-                .ca
+            let ca = self.0.ca.current();
+            let issued = ca
                 .issue(&csr.spki_der, &csr.id, ttl)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            Ok(certify_response(&self.0.ca, issued))
+            self.0.metrics.issued("admin");
+            Ok(certify_response(&ca, issued))
         })();
         self.audited(&actor, "cert.issue", &target, result)
             .await
@@ -382,7 +382,7 @@ impl Admin for AdminService {
         req: Request<ListProxiesRequest>,
     ) -> Result<Response<ListProxiesResponse>, Status> {
         self.0.require_admin(&req, "proxy.list").await?;
-        let bundle = self.0.ca.bundle().fingerprints();
+        let bundle = self.0.ca.current().bundle().fingerprints();
         let ms = |t: std::time::SystemTime| {
             t.duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as i64)
@@ -455,6 +455,57 @@ impl Admin for AdminService {
         self.audited(&actor, "cert.rotate", &target, result)
             .await
             .map(Response::new)
+    }
+
+    async fn rotate_root(
+        &self,
+        req: Request<RotateRootRequest>,
+    ) -> Result<Response<CaRotationStatus>, Status> {
+        let actor = self.0.require_admin(&req, "ca.rotate-root").await?;
+        let r = req.into_inner();
+        let result = crate::ca_rotation::root(&self.0, r.start, r.advance).await;
+        // Progress polls are not audited; steps taken and refusals are.
+        match &result {
+            Ok(s) if s.step_taken.is_empty() => result.map(Response::new),
+            Ok(s) => {
+                let target = s.new_root_sha256.clone();
+                let detail = s.step_taken.clone();
+                self.0
+                    .audit_or_log(
+                        &actor.to_string(),
+                        "ca.rotate-root",
+                        &target,
+                        Outcome::Ok,
+                        &detail,
+                    )
+                    .await;
+                result.map(Response::new)
+            }
+            Err(_) => self
+                .audited(&actor, "ca.rotate-root", "", result)
+                .await
+                .map(Response::new),
+        }
+    }
+
+    async fn rotate_intermediate(
+        &self,
+        req: Request<RotateIntermediateRequest>,
+    ) -> Result<Response<CaRotationStatus>, Status> {
+        let actor = self.0.require_admin(&req, "ca.rotate-intermediate").await?;
+        let start = req.into_inner().start;
+        let result = crate::ca_rotation::intermediate(&self.0, start).await;
+        if start || result.is_err() {
+            let target = result
+                .as_ref()
+                .map(|s| s.intermediate_sha256.clone())
+                .unwrap_or_default();
+            return self
+                .audited(&actor, "ca.rotate-intermediate", &target, result)
+                .await
+                .map(Response::new);
+        }
+        result.map(Response::new)
     }
 
     async fn revoke(

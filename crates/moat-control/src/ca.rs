@@ -1,11 +1,12 @@
-//! Bringing the CA up from the store: load the sealed state, or initialise it on first start
-//! (generated, or imported from operator PEM files).
+//! The CA in the store: load the sealed state, or initialise it on first start (generated, or
+//! imported from operator PEM files); then [`CaManager`] holds the live CA and swaps it when a
+//! rotation step commits a new state.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use anyhow::{Context as _, bail};
-use moat_ca::{ByoPem, CaState, CertificateAuthority, Kek};
+use moat_ca::{ByoPem, CaError, CaState, CertificateAuthority, Kek};
 use moat_identity::TrustDomain;
 use moat_store::{Compare, Op, Store, Txn};
 
@@ -47,6 +48,92 @@ impl ImportPaths {
             intermediate_cert: text(&self.intermediate_cert)?,
             intermediate_key: text(&self.intermediate_key)?,
         })
+    }
+}
+
+/// The live CA and its persisted state. Readers take a cheap snapshot with [`CaManager::current`];
+/// a rotation step computes the next [`CaState`] and [`CaManager::commit`]s it: stored first
+/// (compare-and-swap on the revision it was derived from), then swapped in.
+#[derive(Debug)]
+pub struct CaManager {
+    current: RwLock<Arc<CertificateAuthority>>,
+    /// Kept to seal new CA keys and to unseal the root's when a rotation needs it.
+    kek: Kek,
+    store: Arc<dyn Store>,
+    /// Serialises rotation steps within this process.
+    steps: tokio::sync::Mutex<()>,
+}
+
+/// Why a CA change could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum CaChangeError {
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error("the CA state changed concurrently; run the command again")]
+    Conflict,
+    #[error("the CA state in the store is unreadable: {0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Store(#[from] moat_store::StoreError),
+}
+
+impl CaManager {
+    pub fn new(ca: CertificateAuthority, kek: Kek, store: Arc<dyn Store>) -> Self {
+        CaManager {
+            current: RwLock::new(Arc::new(ca)),
+            kek,
+            store,
+            steps: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The CA as of now.
+    pub fn current(&self) -> Arc<CertificateAuthority> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The stored state and the revision it was read at.
+    pub async fn state(&self) -> Result<(CaState, u64), CaChangeError> {
+        let kv = self
+            .store
+            .get(KEY)
+            .await?
+            .ok_or_else(|| CaChangeError::Corrupt("no CA state".into()))?;
+        let state =
+            serde_json::from_slice(&kv.value).map_err(|e| CaChangeError::Corrupt(e.to_string()))?;
+        Ok((state, kv.mod_revision))
+    }
+
+    /// Runs one change: `step` derives the next state from the stored one (or returns `None`
+    /// for no change); the result is loaded (which self-checks it), stored atomically, and
+    /// swapped in. Returns the state now in force and whether it changed.
+    pub async fn change(
+        &self,
+        step: impl FnOnce(&CaState, &Kek) -> Result<Option<CaState>, CaError>,
+    ) -> Result<(CaState, bool), CaChangeError> {
+        let _one_at_a_time = self.steps.lock().await;
+        let (state, rev) = self.state().await?;
+        let Some(next) = step(&state, &self.kek)? else {
+            return Ok((state, false));
+        };
+        let ca = CertificateAuthority::load(&next, &self.kek)?;
+        let value = serde_json::to_vec(&next).map_err(|e| CaChangeError::Corrupt(e.to_string()))?;
+        let done = self
+            .store
+            .txn(Txn {
+                compares: vec![Compare::ModRevision(KEY.to_owned(), rev)],
+                success: vec![Op::Put(KEY.to_owned(), value)],
+                ..Txn::default()
+            })
+            .await?;
+        if !done.succeeded {
+            return Err(CaChangeError::Conflict);
+        }
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ca);
+        Ok((next, true))
     }
 }
 

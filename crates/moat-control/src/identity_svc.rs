@@ -80,7 +80,14 @@ pub fn certify_response(ca: &moat_ca::CertificateAuthority, issued: IssuedCert) 
 pub struct IdentityService(pub Arc<ControlPlane>);
 
 impl IdentityService {
-    async fn refuse(&self, actor: &str, target: &str, status: Status) -> Status {
+    async fn refuse(
+        &self,
+        actor: &str,
+        target: &str,
+        reason: &'static str,
+        status: Status,
+    ) -> Status {
+        self.0.metrics.refused(reason);
         self.0
             .audit_or_log(actor, "certify", target, Outcome::Refused, status.message())
             .await;
@@ -99,7 +106,7 @@ impl Identity for IdentityService {
         let mut actor = ControlPlane::actor(&req);
         let input = match CertifyInput::try_from(req.into_inner()) {
             Ok(i) => i,
-            Err(status) => return Err(self.refuse(&actor, "", status).await),
+            Err(status) => return Err(self.refuse(&actor, "", "bad-request", status).await),
         };
         let target = input.csr.id.to_string();
         let serial = conn
@@ -111,7 +118,7 @@ impl Identity for IdentityService {
                 "{} (or the certificate presented) is revoked; an admin can lift it with `moat revoke --undo`",
                 input.csr.id
             ));
-            return Err(self.refuse(&actor, &target, status).await);
+            return Err(self.refuse(&actor, &target, "revoked", status).await);
         }
         match (
             &input.join_token,
@@ -119,7 +126,7 @@ impl Identity for IdentityService {
         ) {
             (Some(token), _) => match cp.tokens.redeem(token, &input.csr.id).await {
                 Ok(rec) => actor = format!("token:{}", rec.id),
-                Err(e) => return Err(self.refuse(&actor, &target, token_status(e)).await),
+                Err(e) => return Err(self.refuse(&actor, &target, "token", token_status(e)).await),
             },
             (None, Some(peer)) => {
                 if peer.verified.id != input.csr.id {
@@ -127,20 +134,20 @@ impl Identity for IdentityService {
                         "renewal is only for your own identity: you are {}, the CSR asks for {}",
                         peer.verified.id, input.csr.id
                     ));
-                    return Err(self.refuse(&actor, &target, status).await);
+                    return Err(self.refuse(&actor, &target, "wrong-identity", status).await);
                 }
                 if peer.spki_der == input.csr.spki_der {
                     let status = Status::invalid_argument(
                         "renewal must use a new key pair: the CSR reuses the key of your current certificate",
                     );
-                    return Err(self.refuse(&actor, &target, status).await);
+                    return Err(self.refuse(&actor, &target, "same-key", status).await);
                 }
             }
             (None, None) => {
                 let status = Status::unauthenticated(
                     "no credential: present a join token, or renew over mutual TLS with your current certificate",
                 );
-                return Err(self.refuse(&actor, &target, status).await);
+                return Err(self.refuse(&actor, &target, "no-credential", status).await);
             }
         }
         let ttl = match input.ttl {
@@ -149,16 +156,27 @@ impl Identity for IdentityService {
                 Ok(t) => t,
                 Err(e) => {
                     return Err(self
-                        .refuse(&actor, &target, Status::invalid_argument(e.to_string()))
+                        .refuse(
+                            &actor,
+                            &target,
+                            "ttl",
+                            Status::invalid_argument(e.to_string()),
+                        )
                         .await);
                 }
             },
         };
-        let issued = match cp.ca.issue(&input.csr.spki_der, &input.csr.id, ttl) {
+        let ca = cp.ca.current();
+        let issued = match ca.issue(&input.csr.spki_der, &input.csr.id, ttl) {
             Ok(i) => i,
             Err(e @ moat_ca::CaError::ForeignDomain { .. }) => {
                 return Err(self
-                    .refuse(&actor, &target, Status::invalid_argument(e.to_string()))
+                    .refuse(
+                        &actor,
+                        &target,
+                        "foreign-domain",
+                        Status::invalid_argument(e.to_string()),
+                    )
                     .await);
             }
             Err(e) => {
@@ -167,12 +185,18 @@ impl Identity for IdentityService {
                     .refuse(
                         &actor,
                         &target,
+                        "signing-failed",
                         Status::internal(format!("signing failed: {e}")),
                     )
                     .await);
             }
         };
         tracing::info!(id = %issued.id, serial = %issued.serial, %actor, renewal = input.join_token.is_none(), "issued certificate");
-        Ok(Response::new(certify_response(&cp.ca, issued)))
+        cp.metrics.issued(if input.join_token.is_some() {
+            "token"
+        } else {
+            "renewal"
+        });
+        Ok(Response::new(certify_response(&ca, issued)))
     }
 }

@@ -6,13 +6,16 @@
 //! `policies`) over TLS 1.3 (`listener`). Join tokens live in `tokens`, the audit log
 //! in `audit`, and what the handlers share in `state`. The binary in `main.rs` only parses flags.
 
+pub mod admin_http;
 pub mod admin_svc;
 pub mod audit;
 pub mod ca;
+pub mod ca_rotation;
 pub mod identity_svc;
 pub mod kek_source;
 pub mod listener;
 pub mod mesh_svc;
+pub mod metrics;
 pub mod policies;
 pub mod registry;
 pub mod revocations;
@@ -31,7 +34,6 @@ use moat_api::v1::mesh_server::MeshServer;
 use moat_ca::CertTtl;
 use moat_identity::{SpiffeId, TrustDomain};
 use moat_store::{EmbeddedStore, Store};
-use moat_tls::{ClientAuth, LiveTls};
 
 /// The largest gRPC message the control plane decodes. CSRs are checked against their own,
 /// much smaller limit so that an oversized one is answered with `InvalidArgument`.
@@ -50,6 +52,10 @@ pub struct ServeConfig {
     pub min_ttl: std::time::Duration,
     /// Admin identities, short forms resolved.
     pub admins: Vec<SpiffeId>,
+    /// Plain-HTTP admin port (`/live`, `/ready`, `/metrics`).
+    pub admin_listen: SocketAddr,
+    /// Warn while the root or intermediate expires within this.
+    pub ca_expiry_warning: std::time::Duration,
 }
 
 /// The control plane's own SPIFFE ID in `td`.
@@ -79,7 +85,8 @@ pub fn default_admin_id(td: &TrustDomain) -> SpiffeId {
 }
 
 /// Runs the control plane until `shutdown` resolves. Prints `listening on ADDR` on stdout once
-/// the listener is bound (tests and scripts read it when ADDR's port was 0).
+/// the gRPC listener is bound, then `admin listening on ADDR` (tests and scripts read them when
+/// a port was 0).
 pub async fn serve(
     cfg: ServeConfig,
     shutdown: impl std::future::Future<Output = ()> + Send,
@@ -87,44 +94,29 @@ pub async fn serve(
     let kek = cfg.kek.load(&cfg.data_dir)?;
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&cfg.data_dir)?);
     let (ca, created) = ca::load_or_init(&store, &cfg.trust_domain, &kek, &cfg.import).await?;
-    drop(kek);
-    let ca = Arc::new(ca);
     if created {
         tracing::info!(trust_domain = %ca.trust_domain(), roots = ?ca.bundle().fingerprints(), "initialised the certificate authority");
     } else {
         tracing::info!(trust_domain = %ca.trust_domain(), roots = ?ca.bundle().fingerprints(), "loaded the certificate authority");
     }
+    let td = ca.trust_domain().clone();
+    let ca = Arc::new(ca::CaManager::new(ca, kek, store.clone()));
 
-    let self_id = control_plane_id(ca.trust_domain());
-    let (cred, _, serving) = self_cert::issue_local(&ca, &self_id, CertTtl::DEFAULT)?;
-    let live = Arc::new(LiveTls::new(
-        cred,
-        ca.bundle().clone(),
-        ClientAuth::Optional,
-    )?);
     let admin_id = cfg
         .admins
         .first()
         .cloned()
-        .unwrap_or_else(|| default_admin_id(ca.trust_domain()));
+        .unwrap_or_else(|| default_admin_id(&td));
     let admin_dir = self_cert::admin_dir(&cfg.data_dir);
-    let admin_issued = self_cert::write_credential_dir(
-        &admin_dir,
-        &ca,
-        &admin_id,
-        CertTtl::unchecked(self_cert::ADMIN_CREDENTIAL_TTL),
+    let self_certs = self_cert::SelfCerts::start(
+        ca.clone(),
+        control_plane_id(&td),
+        Some((admin_dir.clone(), admin_id.clone())),
     )?;
     tracing::info!(dir = %admin_dir.display(), id = %admin_id, "wrote the admin credential for the CLI");
-    tokio::spawn(self_cert::renew_loop(
-        ca.clone(),
-        live.clone(),
-        self_id,
-        serving.refresh_after,
-        Some((admin_dir, admin_id)),
-        admin_issued.refresh_after,
-    ));
+    tokio::spawn(self_certs.clone().renew_loop());
 
-    let policies = policies::Policies::new(store.clone(), ca.trust_domain().clone());
+    let policies = policies::Policies::new(store.clone(), td.clone());
     let mesh = mesh_svc::MeshState::new(
         policies
             .load()
@@ -143,6 +135,7 @@ pub async fn serve(
     ));
     let state = Arc::new(state::ControlPlane {
         ca: ca.clone(),
+        self_certs: self_certs.clone(),
         tokens: tokens::Tokens::new(store.clone()),
         audit: audit::AuditLog::new(store.clone()),
         policies,
@@ -151,6 +144,7 @@ pub async fn serve(
         default_ttl: cfg.default_ttl,
         min_ttl: cfg.min_ttl,
         admins: cfg.admins.clone(),
+        metrics: metrics::Metrics::default(),
     });
 
     let tcp = tokio::net::TcpListener::bind(cfg.listen)
@@ -158,8 +152,17 @@ pub async fn serve(
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let addr = tcp.local_addr()?;
     println!("listening on {addr}");
+    let admin_tcp = tokio::net::TcpListener::bind(cfg.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--admin)", cfg.admin_listen))?;
+    println!("admin listening on {}", admin_tcp.local_addr()?);
+    tokio::spawn(admin_http::serve(admin_tcp, state.clone()));
+    tokio::spawn(admin_http::warn_expiry(
+        state.clone(),
+        cfg.ca_expiry_warning,
+    ));
     tracing::info!(%addr, "control plane serving");
-    let incoming = listener::incoming(tcp, live.subscribe());
+    let incoming = listener::incoming(tcp, self_certs.live().subscribe());
 
     tonic::transport::Server::builder()
         .timeout(std::time::Duration::from_secs(30))

@@ -75,6 +75,20 @@ struct ServeArgs {
         value_delimiter = ','
     )]
     admin_identities: Vec<String>,
+    /// Plain-HTTP admin port: /live, /ready, /metrics.
+    #[arg(
+        long = "admin",
+        env = "MOAT_ADMIN_LISTEN",
+        default_value = "127.0.0.1:7444"
+    )]
+    admin_listen: SocketAddr,
+    /// Log a warning while the root or the intermediate expires within this.
+    #[arg(long, env = "MOAT_CA_EXPIRY_WARNING", default_value = "30d", value_parser = parse_horizon)]
+    ca_expiry_warning: std::time::Duration,
+}
+
+fn parse_horizon(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (write e.g. 30d, 720h)"))
 }
 
 fn parse_ttl(s: &str) -> Result<CertTtl, String> {
@@ -150,6 +164,8 @@ fn config(args: ServeArgs) -> Result<ServeConfig, String> {
         default_ttl: args.default_cert_ttl,
         min_ttl: args.min_cert_ttl,
         admins,
+        admin_listen: args.admin_listen,
+        ca_expiry_warning: args.ca_expiry_warning,
     })
 }
 

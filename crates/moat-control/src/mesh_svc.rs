@@ -12,7 +12,6 @@ use moat_api::v1::mesh_server::Mesh;
 use moat_api::v1::{
     HttpRoute, MeshSettings, Policy, PolicyRule, ProxyMessage, Service, Snapshot, proxy_message,
 };
-use moat_ca::CertificateAuthority;
 use moat_identity::SpiffeId;
 use moat_policy::AccessPolicy;
 use prost::Message as _;
@@ -285,7 +284,7 @@ pub fn policy_to_proto(p: &AccessPolicy) -> Policy {
 /// The Mesh service.
 #[derive(Clone, Debug)]
 pub struct MeshService {
-    pub ca: Arc<CertificateAuthority>,
+    pub ca: Arc<crate::ca::CaManager>,
     pub state: Arc<MeshState>,
 }
 
@@ -307,6 +306,7 @@ impl MeshService {
             version,
             trust_bundle_der: self
                 .ca
+                .current()
                 .bundle()
                 .roots()
                 .iter()
@@ -385,6 +385,7 @@ impl Mesh for MeshService {
                 proxy_version: announce.proxy_version.clone(),
                 cert_serial: announce.cert_serial.clone(),
                 cert_not_after: announce.cert_not_after_unix,
+                cert_issuer: announce.cert_issuer_sha256.clone(),
                 remote: remote.to_string(),
                 connected_at: now,
                 last_seen: now,
@@ -428,7 +429,7 @@ impl Mesh for MeshService {
                         e.sent = Some(crate::registry::SentSnapshot {
                             version,
                             policies: held,
-                            bundle: svc.ca.bundle().fingerprints(),
+                            bundle: svc.ca.current().bundle().fingerprints(),
                         });
                     }
                     if tx.send(Ok(snap)).await.is_err() {
@@ -495,6 +496,7 @@ impl MeshService {
                 if !ack.cert_serial.is_empty() {
                     entry.cert_serial = ack.cert_serial;
                     entry.cert_not_after = ack.cert_not_after_unix;
+                    entry.cert_issuer = ack.cert_issuer_sha256;
                 }
             }
             Some(proxy_message::Message::Report(r)) => match hits_from_proto(r) {

@@ -14,6 +14,8 @@ pub struct ProxyEntry {
     pub proxy_version: String,
     pub cert_serial: String,
     pub cert_not_after: i64,
+    /// SHA-256 of the intermediate that issued the proxy's certificate.
+    pub cert_issuer: String,
     pub remote: String,
     pub connected_at: SystemTime,
     pub last_seen: SystemTime,
@@ -76,6 +78,21 @@ impl Registry {
     /// Sets the endpoints remembered from before a restart.
     pub fn set_warm(&mut self, endpoints: Vec<(SpiffeId, String)>) {
         self.warm = endpoints;
+    }
+
+    /// Endpoints remembered from before a restart whose proxies have not reconnected yet
+    /// (empty once the warm-up is over).
+    pub fn reconnecting(&self) -> Vec<String> {
+        self.warm
+            .iter()
+            .filter(|(id, addr)| {
+                !self
+                    .proxies
+                    .values()
+                    .any(|p| &p.id == id && &p.inbound_address == addr)
+            })
+            .map(|(id, addr)| format!("{id} at {addr}"))
+            .collect()
     }
 
     /// Ends the warm-up: from now on only connected proxies are endpoints.

@@ -9,7 +9,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use moat_ca::{CertTtl, CertificateAuthority, IssuedCert};
 use moat_identity::{SpiffeId, ValidatedCsr, WorkloadKey};
-use moat_tls::{Credential, LiveTls, cred_dir};
+use moat_tls::{ClientAuth, Credential, LiveTls, cred_dir};
+
+use crate::ca::CaManager;
 use rustls_pki_types::PrivateKeyDer;
 
 /// Lifetime of the admin credential the control plane writes for local CLI use.
@@ -52,59 +54,110 @@ pub fn write_credential_dir(
     Ok(issued)
 }
 
-/// Renews the serving certificate and the admin credential at their refresh hints, forever.
-pub async fn renew_loop(
-    ca: Arc<CertificateAuthority>,
+/// The control plane's serving certificate and admin credential, renewed at their refresh hints
+/// and reissued at once (under the new CA, with the new bundle) whenever the CA changes.
+#[derive(Debug)]
+pub struct SelfCerts {
+    ca: Arc<CaManager>,
     live: Arc<LiveTls>,
     self_id: SpiffeId,
-    serving_refresh: i64,
     admin: Option<(PathBuf, SpiffeId)>,
-    admin_refresh: i64,
-) {
-    let mut serving_at = serving_refresh;
-    let mut admin_at = admin_refresh;
-    loop {
-        let now = unix_now();
-        let next = if admin.is_some() {
-            serving_at.min(admin_at)
-        } else {
-            serving_at
+    /// When the serving certificate and the admin credential are due (Unix seconds).
+    due: std::sync::Mutex<(i64, i64)>,
+    wake: tokio::sync::Notify,
+}
+
+impl SelfCerts {
+    /// Issues the serving certificate (published on a new [`LiveTls`]) and writes the admin
+    /// credential, under the current CA.
+    pub fn start(
+        ca: Arc<CaManager>,
+        self_id: SpiffeId,
+        admin: Option<(PathBuf, SpiffeId)>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let current = ca.current();
+        let (cred, _, serving) = issue_local(&current, &self_id, CertTtl::DEFAULT)?;
+        let live = Arc::new(LiveTls::new(
+            cred,
+            current.bundle().clone(),
+            ClientAuth::Optional,
+        )?);
+        let admin_due = match &admin {
+            Some((dir, id)) => write_credential_dir(dir, &current, id, admin_ttl())?.refresh_after,
+            None => i64::MAX,
         };
-        if next > now {
-            tokio::time::sleep(Duration::from_secs((next - now) as u64)).await;
-            continue;
-        }
-        if serving_at <= now {
-            serving_at = match issue_local(&ca, &self_id, CertTtl::DEFAULT).and_then(
-                |(cred, _, issued)| Ok(live.publish(cred, ca.bundle().clone()).map(|_| issued)?),
-            ) {
-                Ok(issued) => {
-                    tracing::info!(serial = %issued.serial, not_after = issued.not_after, "renewed the control plane's serving certificate");
-                    issued.refresh_after
+        Ok(Arc::new(SelfCerts {
+            ca,
+            live,
+            self_id,
+            admin,
+            due: std::sync::Mutex::new((serving.refresh_after, admin_due)),
+            wake: tokio::sync::Notify::new(),
+        }))
+    }
+
+    /// The live TLS material the listener serves with.
+    pub fn live(&self) -> &Arc<LiveTls> {
+        &self.live
+    }
+
+    fn renew_serving(&self) -> anyhow::Result<i64> {
+        let ca = self.ca.current();
+        let (cred, _, issued) = issue_local(&ca, &self.self_id, CertTtl::DEFAULT)?;
+        self.live.publish(cred, ca.bundle().clone())?;
+        tracing::info!(serial = %issued.serial, not_after = issued.not_after, "renewed the control plane's serving certificate");
+        Ok(issued.refresh_after)
+    }
+
+    fn renew_admin(&self) -> anyhow::Result<i64> {
+        let Some((dir, id)) = &self.admin else {
+            return Ok(i64::MAX);
+        };
+        Ok(write_credential_dir(dir, &self.ca.current(), id, admin_ttl())?.refresh_after)
+    }
+
+    /// Reissues both now, under the CA in force (after a CA change).
+    pub fn reissue_all(&self) -> anyhow::Result<()> {
+        let serving = self.renew_serving()?;
+        let admin = self.renew_admin()?;
+        *self.due.lock().unwrap_or_else(|e| e.into_inner()) = (serving, admin);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Renews each at its refresh hint, forever; a failure retries in 30 s.
+    pub async fn renew_loop(self: Arc<Self>) {
+        loop {
+            let now = unix_now();
+            let (serving_at, admin_at) = *self.due.lock().unwrap_or_else(|e| e.into_inner());
+            let next = serving_at.min(admin_at);
+            if next > now {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs((next - now) as u64)) => {}
+                    () = self.wake.notified() => {}
                 }
-                Err(e) => {
+                continue;
+            }
+            let mut due = (serving_at, admin_at);
+            if serving_at <= now {
+                due.0 = self.renew_serving().unwrap_or_else(|e| {
                     tracing::error!(error = %e, "cannot renew the serving certificate; retrying in 30 s");
                     now + 30
-                }
-            };
-        }
-        if let Some((dir, id)) = &admin
-            && admin_at <= now
-        {
-            admin_at = match write_credential_dir(
-                dir,
-                &ca,
-                id,
-                CertTtl::unchecked(ADMIN_CREDENTIAL_TTL),
-            ) {
-                Ok(issued) => issued.refresh_after,
-                Err(e) => {
+                });
+            }
+            if admin_at <= now {
+                due.1 = self.renew_admin().unwrap_or_else(|e| {
                     tracing::error!(error = %e, "cannot renew the admin credential; retrying in 30 s");
                     now + 30
-                }
-            };
+                });
+            }
+            *self.due.lock().unwrap_or_else(|e| e.into_inner()) = due;
         }
     }
+}
+
+fn admin_ttl() -> CertTtl {
+    CertTtl::unchecked(ADMIN_CREDENTIAL_TTL)
 }
 
 /// Seconds since the Unix epoch.

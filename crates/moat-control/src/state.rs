@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use moat_ca::{CertTtl, CertificateAuthority};
+use moat_ca::CertTtl;
 use moat_identity::SpiffeId;
 use tonic::Status;
 
@@ -16,7 +16,9 @@ use crate::tokens::Tokens;
 /// Shared control-plane state.
 #[derive(Debug)]
 pub struct ControlPlane {
-    pub ca: Arc<CertificateAuthority>,
+    pub ca: Arc<crate::ca::CaManager>,
+    /// The control plane's own certificates, reissued when the CA changes.
+    pub self_certs: Arc<crate::self_cert::SelfCerts>,
     pub tokens: Tokens,
     pub audit: AuditLog,
     pub policies: Policies,
@@ -26,6 +28,7 @@ pub struct ControlPlane {
     /// The shortest certificate lifetime a caller may ask for.
     pub min_ttl: std::time::Duration,
     pub admins: Vec<SpiffeId>,
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl ControlPlane {

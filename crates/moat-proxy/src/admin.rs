@@ -59,6 +59,8 @@ fn config(ctx: &Ctx) -> serde_json::Value {
             "serial": g.credential.leaf().serial,
             "not_after_unix": g.credential.leaf().not_after,
             "refresh_after_unix": g.refresh_after,
+            "issuer_sha256": g.issuer_sha256(),
+            "chain_pem": g.credential.chain().iter().map(|c| moat_identity::bundle::der_to_pem("CERTIFICATE", c)).collect::<String>(),
         })),
         "bundle_sha256": current.as_ref().map(|g| g.bundle.fingerprints()).unwrap_or_default(),
         "snapshot_version": snap.as_ref().map(|s| s.version),

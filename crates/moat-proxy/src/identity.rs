@@ -58,6 +58,15 @@ impl TlsGen {
         })
     }
 
+    /// SHA-256 of the intermediate that issued our certificate (empty if the chain has none).
+    pub fn issuer_sha256(&self) -> String {
+        self.credential
+            .chain()
+            .get(1)
+            .map(|c| moat_identity::bundle::sha256_hex(c))
+            .unwrap_or_default()
+    }
+
     /// The outbound config that accepts only `expected`, offering `alpn` (cached).
     pub fn client_for(
         &self,

@@ -78,6 +78,7 @@ async fn session(
             proxy_version: env!("CARGO_PKG_VERSION").to_owned(),
             cert_serial: leaf.serial,
             cert_not_after_unix: leaf.not_after,
+            cert_issuer_sha256: current.issuer_sha256(),
         })),
     })
     .await
@@ -144,13 +145,15 @@ fn ack(
     error: String,
     tls: &watch::Sender<Option<Arc<TlsGen>>>,
 ) -> Ack {
-    let leaf = tls.borrow().as_ref().map(|g| g.credential.leaf().clone());
+    let current = tls.borrow().clone();
+    let leaf = current.as_ref().map(|g| g.credential.leaf().clone());
     Ack {
         version,
         applied,
         error,
         cert_serial: leaf.as_ref().map(|l| l.serial.clone()).unwrap_or_default(),
         cert_not_after_unix: leaf.map(|l| l.not_after).unwrap_or_default(),
+        cert_issuer_sha256: current.map(|g| g.issuer_sha256()).unwrap_or_default(),
     }
 }
 

@@ -81,11 +81,32 @@ pub fn bin(name: &str) -> PathBuf {
 pub struct ControlPlane {
     child: Option<Child>,
     addr: String,
+    admin_addr: String,
     data: tempfile::TempDir,
     secrets: tempfile::TempDir,
     log: PathBuf,
     listen: String,
     extra_args: Vec<String>,
+}
+
+/// A plain HTTP/1.1 GET (admin ports): (status, body), or `None` when nothing answers.
+pub fn http_get(addr: &std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect_timeout(addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
@@ -114,6 +135,7 @@ impl ControlPlane {
         let mut cp = ControlPlane {
             child: None,
             addr: String::new(),
+            admin_addr: String::new(),
             data,
             secrets,
             log,
@@ -142,7 +164,7 @@ impl ControlPlane {
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(self.data.path())
-            .args(["--listen", &self.listen])
+            .args(["--listen", &self.listen, "--admin", "127.0.0.1:0"])
             .arg("--kek-file")
             .arg(kek_file)
             .env_remove("MOAT_KEK")
@@ -165,20 +187,27 @@ impl ControlPlane {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = tx.send(line);
+            for _ in 0..2 {
+                if let Some(Ok(line)) = lines.next() {
+                    let _ = tx.send(line);
+                }
             }
             // Keep draining so the child never blocks on a full pipe.
             for _ in lines {}
         });
         let line = rx.recv_timeout(Duration::from_secs(30));
+        let admin = rx.recv_timeout(Duration::from_secs(10));
         self.child = Some(child);
-        match line {
-            Ok(l) if l.starts_with("listening on ") => {
+        match (line, admin) {
+            (Ok(l), Ok(a)) if l.starts_with("listening on ") => {
                 self.addr = l.trim_start_matches("listening on ").trim().to_owned();
+                self.admin_addr = a
+                    .trim_start_matches("admin listening on ")
+                    .trim()
+                    .to_owned();
                 Ok(())
             }
-            other => bail!(
+            (other, _) => bail!(
                 "moat-control did not start ({other:?}); log:\n{}",
                 self.log_text()
             ),
@@ -188,6 +217,11 @@ impl ControlPlane {
     /// `https://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("https://{}", self.addr)
+    }
+
+    /// A GET on the plain-HTTP admin port (`/live`, `/ready`, `/metrics`).
+    pub fn admin_get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(&self.admin_addr.parse().ok()?, path)
     }
 
     /// The data directory.

@@ -1,7 +1,6 @@
 //! A running `moat-proxy` next to a test app.
 
 use std::collections::HashMap;
-use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -127,22 +126,7 @@ impl Proxy {
 
     /// A GET on the admin port: (status, body), or `None` when it does not answer.
     pub fn admin_get(&self, path: &str) -> Option<(u16, String)> {
-        let mut s =
-            std::net::TcpStream::connect_timeout(&self.admin, Duration::from_secs(2)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        let status = out.split_whitespace().nth(1)?.parse().ok()?;
-        let body = out
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        Some((status, body))
+        crate::http_get(&self.admin, path)
     }
 
     /// The Prometheus text of `/metrics`.

@@ -8,7 +8,7 @@ use moat_api::v1::{ListProxiesRequest, ShowCaRequest};
 use moat_identity::{Usage, verify_chain};
 use rustls_pki_types::UnixTime;
 
-use super::{admin, duration, time};
+use super::{admin, duration, now_unix, time};
 use crate::Global;
 use crate::connect::status;
 use crate::creds::CredDir;
@@ -37,13 +37,6 @@ impl Report {
         }
         println!("{} {name:<26} {detail}", if ok { "ok  " } else { "FAIL" });
     }
-}
-
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 fn human(secs: i64) -> String {

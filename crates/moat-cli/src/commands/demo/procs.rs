@@ -265,6 +265,8 @@ impl Mesh {
             "--dev",
             "--listen",
             "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
             "--min-cert-ttl",
             "5s",
             "--data-dir",

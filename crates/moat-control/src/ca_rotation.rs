@@ -1,0 +1,208 @@
+//! CA rotation across the fleet: when each step of a root rotation may be taken (every
+//! connected proxy acknowledged the previous one), taking it, and what the fleet looks like
+//! meanwhile. The steps themselves are `moat_ca::rotation`; the state is in the store, so any
+//! call resumes a rotation wherever an earlier one (or a control-plane restart) left it.
+
+use moat_api::v1::CaRotationStatus;
+use moat_ca::RotationPhase;
+use moat_identity::bundle::sha256_hex;
+use tonic::Status;
+
+use crate::ca::CaChangeError;
+use crate::state::ControlPlane;
+
+/// The fleet, measured against the CA in force.
+struct Fleet {
+    bundle: Vec<String>,
+    intermediate: String,
+    proxies: u32,
+    on_bundle: u32,
+    on_intermediate: u32,
+    /// `id at address` of proxies not on the current bundle, and of those not on the current
+    /// intermediate.
+    behind_bundle: Vec<String>,
+    behind_intermediate: Vec<String>,
+}
+
+fn fleet(cp: &ControlPlane) -> Fleet {
+    let ca = cp.ca.current();
+    let bundle = ca.bundle().fingerprints();
+    let intermediate = sha256_hex(ca.intermediate());
+    let mut f = Fleet {
+        bundle,
+        intermediate,
+        proxies: 0,
+        on_bundle: 0,
+        on_intermediate: 0,
+        behind_bundle: Vec::new(),
+        behind_intermediate: Vec::new(),
+    };
+    for p in cp.mesh.registry().entries() {
+        f.proxies += 1;
+        let who = format!("{} at {}", p.id, p.inbound_address);
+        if p.applied_bundle == f.bundle {
+            f.on_bundle += 1;
+        } else {
+            let why = match &p.last_error {
+                Some(e) => format!("{who}: refused the bundle: {e}"),
+                None => format!("{who}: has not acknowledged the bundle"),
+            };
+            f.behind_bundle.push(why);
+        }
+        if p.cert_issuer == f.intermediate {
+            f.on_intermediate += 1;
+        } else {
+            f.behind_intermediate.push(format!(
+                "{who}: certificate {} is from another intermediate",
+                p.cert_serial
+            ));
+        }
+    }
+    // After a control-plane restart, proxies that were connected before count until they are
+    // back (or the warm-up ends): a step must not be taken behind their backs.
+    for who in cp.mesh.registry().reconnecting() {
+        f.proxies += 1;
+        f.behind_bundle.push(format!(
+            "{who}: not reconnected since the control plane restarted"
+        ));
+        f.behind_intermediate.push(format!(
+            "{who}: not reconnected since the control plane restarted"
+        ));
+    }
+    f.behind_bundle.sort();
+    f.behind_intermediate.sort();
+    f
+}
+
+fn change_status(e: CaChangeError) -> Status {
+    match e {
+        CaChangeError::Ca(moat_ca::CaError::Rotation(m)) => Status::failed_precondition(m),
+        CaChangeError::Conflict => Status::aborted(e.to_string()),
+        CaChangeError::Store(_) => Status::unavailable(format!("{e}; try again")),
+        e => Status::internal(e.to_string()),
+    }
+}
+
+/// After a CA change: the control plane's own certificates follow, and every proxy gets a
+/// snapshot with the new bundle.
+fn propagate(cp: &ControlPlane) -> Result<(), Status> {
+    cp.self_certs.reissue_all().map_err(|e| {
+        tracing::error!(error = %format!("{e:#}"), "cannot reissue the control plane's certificates under the new CA");
+        Status::internal(format!(
+            "the CA changed but the control plane's own certificates could not follow: {e:#}"
+        ))
+    })?;
+    cp.mesh.bump();
+    Ok(())
+}
+
+/// Starts (`start`), advances (`advance`) or only describes the root rotation.
+pub async fn root(
+    cp: &ControlPlane,
+    start: bool,
+    advance: bool,
+) -> Result<CaRotationStatus, Status> {
+    let (state, _) = cp.ca.state().await.map_err(change_status)?;
+    let mut taken = String::new();
+    match state.root_rotation.as_ref().map(|r| r.phase) {
+        None if start => {
+            cp.ca
+                .change(|s, kek| s.begin_root_rotation(kek).map(Some))
+                .await
+                .map_err(change_status)?;
+            propagate(cp)?;
+            taken = "step 1: the new root is in the trust bundle".into();
+        }
+        Some(RotationPhase::Trusting) if advance => {
+            let f = fleet(cp);
+            if f.on_bundle == f.proxies {
+                cp.ca
+                    .change(|s, kek| s.issue_under_new_root(kek).map(Some))
+                    .await
+                    .map_err(change_status)?;
+                propagate(cp)?;
+                cp.mesh.rotate(None);
+                taken = "step 2: issuing from the new root; every proxy told to renew".into();
+            }
+        }
+        Some(RotationPhase::Issuing) if advance => {
+            let f = fleet(cp);
+            if f.on_intermediate == f.proxies {
+                cp.ca
+                    .change(|s, _| s.finish_root_rotation().map(Some))
+                    .await
+                    .map_err(change_status)?;
+                propagate(cp)?;
+                taken = "step 3: the old root is out of the trust bundle".into();
+            }
+        }
+        _ => {}
+    }
+    if !taken.is_empty() {
+        tracing::info!(step = %taken, "root rotation");
+    }
+    status(cp, taken).await
+}
+
+/// Starts an intermediate rotation (`start`), or only describes how far the fleet is.
+pub async fn intermediate(cp: &ControlPlane, start: bool) -> Result<CaRotationStatus, Status> {
+    let mut taken = String::new();
+    if start {
+        cp.ca
+            .change(|s, kek| s.rotate_intermediate(kek).map(Some))
+            .await
+            .map_err(change_status)?;
+        propagate(cp)?;
+        cp.mesh.rotate(None);
+        taken = "issuing from a new intermediate; every proxy told to renew".into();
+        tracing::info!("rotated the intermediate");
+    }
+    status(cp, taken).await
+}
+
+async fn status(cp: &ControlPlane, step_taken: String) -> Result<CaRotationStatus, Status> {
+    let (state, _) = cp.ca.state().await.map_err(change_status)?;
+    let f = fleet(cp);
+    let rotation = state.root_rotation.as_ref();
+    let (waiting_for, waiting) = match rotation.map(|r| r.phase) {
+        Some(RotationPhase::Trusting) => (
+            "every proxy to acknowledge the bundle with both roots (then step 2 switches issuance)",
+            f.behind_bundle,
+        ),
+        Some(RotationPhase::Issuing) => (
+            "every proxy to hold a certificate from the new root (then step 3 retires the old root)",
+            f.behind_intermediate,
+        ),
+        None if f.on_bundle < f.proxies => (
+            "every proxy to acknowledge the current bundle",
+            f.behind_bundle,
+        ),
+        None if f.on_intermediate < f.proxies => (
+            "every proxy to renew from the current intermediate",
+            f.behind_intermediate,
+        ),
+        None => ("", Vec::new()),
+    };
+    Ok(CaRotationStatus {
+        phase: rotation
+            .map(|r| r.phase.as_str())
+            .unwrap_or("none")
+            .to_owned(),
+        step_taken,
+        old_root_sha256: rotation
+            .map(|r| r.old_root_sha256.clone())
+            .unwrap_or_default(),
+        new_root_sha256: rotation
+            .map(|r| r.new_root_sha256.clone())
+            .unwrap_or_default(),
+        started_unix: rotation.map(|r| r.started_unix).unwrap_or_default(),
+        phase_unix: rotation.map(|r| r.phase_unix).unwrap_or_default(),
+        bundle_sha256: f.bundle,
+        intermediate_sha256: f.intermediate,
+        proxies: f.proxies,
+        on_current_bundle: f.on_bundle,
+        on_current_intermediate: f.on_intermediate,
+        waiting_for: waiting_for.to_owned(),
+        waiting,
+    })
+}

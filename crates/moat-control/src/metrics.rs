@@ -1,0 +1,204 @@
+//! The control plane's Prometheus metrics, prefixed `moat_`: certificates issued and refused
+//! (by reason) are counted as they happen; CA expiry, revocations, rotation progress and each
+//! proxy's last-seen age are read from the live state at every scrape.
+
+use std::time::SystemTime;
+
+use moat_identity::bundle::sha256_hex;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::state::ControlPlane;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssuedLabels {
+    /// `token`, `renewal` or `admin`.
+    pub via: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CaCertLabels {
+    /// `root` or `intermediate`.
+    pub kind: &'static str,
+    pub sha256: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProxyLabels {
+    pub identity: String,
+    pub address: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProgressLabels {
+    /// `bundle` (acknowledged the current bundle) or `intermediate` (holds a certificate from
+    /// the current intermediate).
+    pub on: &'static str,
+}
+
+/// Every control-plane metric.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub issued: Family<IssuedLabels, Counter>,
+    pub refused: Family<RefusedLabels, Counter>,
+    ca_not_after: Family<CaCertLabels, Gauge>,
+    revocations: Family<KindLabels, Gauge>,
+    rotation_phase: Gauge,
+    proxies: Gauge,
+    proxies_current: Family<ProgressLabels, Gauge>,
+    last_seen_age: Family<ProxyLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("moat");
+        let m = Metrics {
+            issued: Family::default(),
+            refused: Family::default(),
+            ca_not_after: Family::default(),
+            revocations: Family::default(),
+            rotation_phase: Gauge::default(),
+            proxies: Gauge::default(),
+            proxies_current: Family::default(),
+            last_seen_age: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "certificates_issued",
+            "Workload certificates issued",
+            m.issued.clone(),
+        );
+        registry.register(
+            "certificates_refused",
+            "Certificate requests refused, by reason",
+            m.refused.clone(),
+        );
+        registry.register(
+            "ca_not_after_seconds",
+            "NotAfter (Unix seconds) of each trusted root and of the issuing intermediate",
+            m.ca_not_after.clone(),
+        );
+        registry.register(
+            "revocations",
+            "Revocations in force, by kind",
+            m.revocations.clone(),
+        );
+        registry.register(
+            "root_rotation_phase",
+            "Root rotation: 0 none, 1 new root trusted, 2 issuing from the new root",
+            m.rotation_phase.clone(),
+        );
+        registry.register(
+            "proxies_connected",
+            "Proxies with a live mesh stream",
+            m.proxies.clone(),
+        );
+        registry.register(
+            "proxies_current",
+            "Connected proxies on the current bundle / intermediate (rotation progress)",
+            m.proxies_current.clone(),
+        );
+        registry.register(
+            "proxy_last_seen_age_seconds",
+            "Seconds since each connected proxy last sent anything",
+            m.last_seen_age.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// Counts an issued certificate.
+    pub fn issued(&self, via: &'static str) {
+        self.issued.get_or_create(&IssuedLabels { via }).inc();
+    }
+
+    /// Counts a refused certificate request.
+    pub fn refused(&self, reason: &'static str) {
+        self.refused.get_or_create(&RefusedLabels { reason }).inc();
+    }
+
+    /// Reads the live state into the gauges and renders everything as Prometheus text.
+    pub async fn render(&self, cp: &ControlPlane) -> String {
+        let ca = cp.ca.current();
+        self.ca_not_after.clear();
+        for r in ca.roots_info() {
+            self.ca_not_after
+                .get_or_create(&CaCertLabels {
+                    kind: "root",
+                    sha256: r.sha256,
+                })
+                .set(r.not_after);
+        }
+        if let Some(i) = ca.intermediate_info() {
+            self.ca_not_after
+                .get_or_create(&CaCertLabels {
+                    kind: "intermediate",
+                    sha256: i.sha256,
+                })
+                .set(i.not_after);
+        }
+        self.revocations.clear();
+        if let Ok(list) = cp.revocations.list().await {
+            for r in list {
+                self.revocations
+                    .get_or_create(&KindLabels { kind: r.kind })
+                    .inc();
+            }
+        }
+        if let Ok((state, _)) = cp.ca.state().await {
+            self.rotation_phase
+                .set(match state.root_rotation.map(|r| r.phase) {
+                    None => 0,
+                    Some(moat_ca::RotationPhase::Trusting) => 1,
+                    Some(moat_ca::RotationPhase::Issuing) => 2,
+                });
+        }
+        let bundle = ca.bundle().fingerprints();
+        let intermediate = sha256_hex(ca.intermediate());
+        let now = SystemTime::now();
+        self.last_seen_age.clear();
+        let (mut total, mut on_bundle, mut on_intermediate) = (0, 0, 0);
+        for p in cp.mesh.registry().entries() {
+            total += 1;
+            on_bundle += i64::from(p.applied_bundle == bundle);
+            on_intermediate += i64::from(p.cert_issuer == intermediate);
+            let age = now
+                .duration_since(p.last_seen)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            self.last_seen_age
+                .get_or_create(&ProxyLabels {
+                    identity: p.id.to_string(),
+                    address: p.inbound_address.clone(),
+                })
+                .set(age);
+        }
+        self.proxies.set(total);
+        self.proxies_current
+            .get_or_create(&ProgressLabels { on: "bundle" })
+            .set(on_bundle);
+        self.proxies_current
+            .get_or_create(&ProgressLabels { on: "intermediate" })
+            .set(on_intermediate);
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}
