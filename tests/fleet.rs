@@ -142,24 +142,73 @@ async fn check_passes_on_a_healthy_mesh_and_names_each_failing_check() {
         "{text}"
     );
 
-    // A proxy whose certificate is close to expiry (it asked for 10 s) fails the certificate check.
-    let short = Proxy::start(
+    // A proxy whose renewals fail (its certificate's serial is revoked, so the control plane
+    // refuses to renew it) is flagged once it is past its renewal point.
+    let stuck = Proxy::start(
         &cp,
         "ledger",
         http_echo().await,
         &[],
-        &["--cert-ttl", "10s"],
+        &["--cert-ttl", "20s"],
     )
     .unwrap();
-    let out = cp.moat(&["check"]);
-    assert_eq!(out.status.code(), Some(1));
-    let text = String::from_utf8_lossy(&out.stdout);
+    let serial = {
+        let v: serde_json::Value =
+            serde_json::from_str(&stuck.admin_get("/config").unwrap().1).unwrap();
+        v["certificate"]["serial"].as_str().unwrap().to_owned()
+    };
+    cp.moat_ok(&["revoke", "--serial", &serial]);
+    let text = eventually(Duration::from_secs(30), || {
+        let out = cp.moat(&["check"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.code() == Some(1)
+            && text.lines().any(|l| {
+                l.starts_with("FAIL proxy certificate")
+                    && l.contains("/sa/ledger")
+                    && l.contains("past its renewal point")
+            }))
+        .then_some(text)
+    })
+    .unwrap_or_else(|| String::from_utf8_lossy(&cp.moat(&["check"]).stdout).into_owned());
+    assert!(text.contains("past its renewal point"), "{text}");
+    // Only ledger fails that check; orders renews fine.
     assert!(
         text.lines()
-            .any(|l| l.starts_with("FAIL proxy certificate") && l.contains("/sa/ledger")),
+            .any(|l| l.starts_with("ok   proxy certificate") && l.contains("/sa/orders")),
         "{text}"
     );
-    drop(short);
+
+    // A proxy that shuts down on purpose (SIGTERM) says goodbye and is simply gone; one that is
+    // killed is reported as disconnected.
+    drop(stuck);
+    eventually(Duration::from_secs(10), || {
+        let out = cp.moat(&["status", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v["proxies"].as_array()?.len() == 1).then_some(())
+    })
+    .unwrap();
+    let mut leaving = Proxy::start(&cp, "ledger", http_echo().await, &[], &[]).unwrap();
+    leaving.sigterm();
+    leaving.wait_exit(Duration::from_secs(15)).unwrap();
+    let mut crashed = Proxy::start(&cp, "ledger", http_echo().await, &[], &[]).unwrap();
+    crashed.kill9();
+    let text = eventually(Duration::from_secs(10), || {
+        let out = cp.moat(&["check"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("disconnected").then_some(text)
+    })
+    .unwrap();
+    let flagged: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("FAIL proxy connected") && l.contains("disconnected"))
+        .collect();
+    // `stuck` was killed too (dropping a harness proxy is kill -9); `leaving` said goodbye.
+    let named = |p: &Proxy| flagged.iter().any(|l| l.contains(&p.inbound.to_string()));
+    assert!(named(&crashed) && !named(&leaving), "{text}");
+    assert_eq!(flagged.len(), 2, "{text}");
+    let status: serde_json::Value =
+        serde_json::from_str(&cp.moat_ok(&["status", "-o", "json"])).unwrap();
+    assert_eq!(status["disconnected"].as_array().unwrap().len(), 2, "{status}");
 
     // A proxy that stops answering (hung) is reported as not connected.
     let pid = orders.pid().unwrap().to_string();

@@ -411,6 +411,21 @@ impl Admin for AdminService {
                 last_seen_unix_ms: ms(p.last_seen),
                 last_error: p.last_error.clone().unwrap_or_default(),
                 remote_address: p.remote.clone(),
+                cert_refresh_after_unix: p.cert_refresh_after,
+            })
+            .collect();
+        let disconnected = self
+            .0
+            .mesh
+            .registry()
+            .disconnected()
+            .into_iter()
+            .map(|d| moat_api::v1::DisconnectedProxy {
+                spiffe_id: d.id.to_string(),
+                inbound_address: d.inbound_address,
+                cert_serial: d.cert_serial,
+                cert_not_after_unix: d.cert_not_after,
+                disconnected_unix_ms: ms(d.at),
             })
             .collect();
         proxies.sort_by(|a, b| {
@@ -430,6 +445,7 @@ impl Admin for AdminService {
             bundle_sha256: bundle,
             default_posture: posture.as_str().to_owned(),
             server_time_unix_ms: ms(std::time::SystemTime::now()),
+            disconnected,
         }))
     }
 

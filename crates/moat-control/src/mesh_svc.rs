@@ -386,6 +386,7 @@ impl Mesh for MeshService {
                 cert_serial: announce.cert_serial.clone(),
                 cert_not_after: announce.cert_not_after_unix,
                 cert_issuer: announce.cert_issuer_sha256.clone(),
+                cert_refresh_after: announce.cert_refresh_after_unix,
                 remote: remote.to_string(),
                 connected_at: now,
                 last_seen: now,
@@ -395,6 +396,7 @@ impl Mesh for MeshService {
                 applied_policies: Vec::new(),
                 applied_bundle: Vec::new(),
                 hits: Vec::new(),
+                left: false,
             },
         );
         tracing::info!(%id, address = %announce.inbound_address, %remote, "proxy connected");
@@ -497,12 +499,17 @@ impl MeshService {
                     entry.cert_serial = ack.cert_serial;
                     entry.cert_not_after = ack.cert_not_after_unix;
                     entry.cert_issuer = ack.cert_issuer_sha256;
+                    entry.cert_refresh_after = ack.cert_refresh_after_unix;
                 }
             }
             Some(proxy_message::Message::Report(r)) => match hits_from_proto(r) {
                 Ok(hits) => entry.hits = hits,
                 Err(e) => tracing::warn!(%id, error = %e, "ignored a malformed report"),
             },
+            Some(proxy_message::Message::Leave(_)) => {
+                tracing::info!(%id, "proxy is leaving (shutting down)");
+                entry.left = true;
+            }
             Some(proxy_message::Message::Announce(_)) | None => {
                 tracing::warn!(%id, "unexpected message on the mesh stream; ignored");
             }

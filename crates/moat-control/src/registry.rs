@@ -16,6 +16,8 @@ pub struct ProxyEntry {
     pub cert_not_after: i64,
     /// SHA-256 of the intermediate that issued the proxy's certificate.
     pub cert_issuer: String,
+    /// When the proxy is due to renew (Unix seconds).
+    pub cert_refresh_after: i64,
     pub remote: String,
     pub connected_at: SystemTime,
     pub last_seen: SystemTime,
@@ -31,6 +33,21 @@ pub struct ProxyEntry {
     pub applied_bundle: Vec<String>,
     /// The proxy's latest cumulative authorization counters.
     pub hits: Vec<RuleHits>,
+    /// The proxy said goodbye (it is shutting down on purpose).
+    pub left: bool,
+}
+
+/// How long a proxy whose stream broke without a goodbye is reported as disconnected.
+pub const DISCONNECTED_RETENTION: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// A proxy whose stream broke without a goodbye and that has not reconnected.
+#[derive(Clone, Debug)]
+pub struct Disconnected {
+    pub id: SpiffeId,
+    pub inbound_address: String,
+    pub cert_serial: String,
+    pub cert_not_after: i64,
+    pub at: SystemTime,
 }
 
 /// What a sent snapshot held, to learn what the proxy applied when it acknowledges it.
@@ -62,17 +79,50 @@ pub struct Registry {
     /// Endpoints remembered from before a control-plane restart, served until the warm-up ends
     /// so that the first proxies to reconnect are not told that the others are gone.
     warm: Vec<(SpiffeId, String)>,
+    /// By (identity, address).
+    disconnected: HashMap<(SpiffeId, String), Disconnected>,
 }
 
 impl Registry {
     /// Adds or replaces the entry of stream `stream`.
     pub fn upsert(&mut self, stream: u64, entry: ProxyEntry) {
+        self.disconnected
+            .remove(&(entry.id.clone(), entry.inbound_address.clone()));
         self.proxies.insert(stream, entry);
     }
 
-    /// Removes stream `stream`.
+    /// Removes stream `stream`. Unless the proxy said goodbye or another stream serves the same
+    /// endpoint, it is remembered as disconnected.
     pub fn remove(&mut self, stream: u64) {
-        self.proxies.remove(&stream);
+        let Some(p) = self.proxies.remove(&stream) else {
+            return;
+        };
+        if p.left || self.serves_elsewhere(stream, &p.id, &p.inbound_address) {
+            return;
+        }
+        self.disconnected.insert(
+            (p.id.clone(), p.inbound_address.clone()),
+            Disconnected {
+                id: p.id,
+                inbound_address: p.inbound_address,
+                cert_serial: p.cert_serial,
+                cert_not_after: p.cert_not_after,
+                at: SystemTime::now(),
+            },
+        );
+    }
+
+    /// Proxies disconnected without a goodbye within [`DISCONNECTED_RETENTION`], oldest first.
+    pub fn disconnected(&mut self) -> Vec<Disconnected> {
+        let now = SystemTime::now();
+        self.disconnected.retain(|_, d| {
+            now.duration_since(d.at)
+                .is_ok_and(|age| age < DISCONNECTED_RETENTION)
+                || now < d.at
+        });
+        let mut out: Vec<_> = self.disconnected.values().cloned().collect();
+        out.sort_by_key(|d| d.at);
+        out
     }
 
     /// Sets the endpoints remembered from before a restart.

@@ -169,6 +169,7 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
         snap_tx,
         metrics,
         rotate_now,
+        ctx.shutdown.clone(),
     ));
 
     println!("proxy running");

@@ -26,6 +26,7 @@ pub async fn run(
     snapshots: watch::Sender<Option<Arc<Snapshot>>>,
     metrics: Arc<Metrics>,
     rotate_now: Arc<tokio::sync::Notify>,
+    shutdown: tokio_util::sync::CancellationToken,
 ) {
     let control = match SpiffeId::parse_with_default("moat-system/moat-control", &cfg.trust_domain)
     {
@@ -37,14 +38,29 @@ pub async fn run(
     };
     let mut backoff = Duration::from_millis(250);
     loop {
-        match session(&cfg, &control, &tls, &snapshots, &metrics, &rotate_now).await {
+        // The session itself watches `shutdown` once connected, to say goodbye.
+        let result = session(
+            &cfg,
+            &control,
+            &tls,
+            &snapshots,
+            &metrics,
+            &rotate_now,
+            &shutdown,
+        )
+        .await;
+        match result {
+            Ok(()) if shutdown.is_cancelled() => return,
             Ok(()) => tracing::info!("mesh stream closed by the control plane; reconnecting"),
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "mesh stream failed; keeping the last snapshot")
             }
         }
         metrics.control_plane_connected.set(0);
-        tokio::time::sleep(crate::jitter(backoff)).await;
+        tokio::select! {
+            () = tokio::time::sleep(crate::jitter(backoff)) => {}
+            () = shutdown.cancelled() => return,
+        }
         // A session that delivered a snapshot resets the backoff (see below); otherwise grow it.
         backoff = (backoff * 2).min(Duration::from_secs(15));
         if metrics.reset_backoff() {
@@ -60,6 +76,7 @@ async fn session(
     snapshots: &watch::Sender<Option<Arc<Snapshot>>>,
     metrics: &Metrics,
     rotate_now: &tokio::sync::Notify,
+    shutdown: &tokio_util::sync::CancellationToken,
 ) -> Result<(), String> {
     let current = tls.borrow().clone().ok_or("no certificate yet")?;
     let channel = moat_tls::connect::channel(
@@ -79,6 +96,7 @@ async fn session(
             cert_serial: leaf.serial,
             cert_not_after_unix: leaf.not_after,
             cert_issuer_sha256: current.issuer_sha256(),
+            cert_refresh_after_unix: current.refresh_after,
         })),
     })
     .await
@@ -109,6 +127,14 @@ async fn session(
                 Some(m) => m,
                 None => return Ok(()),
             },
+            () = shutdown.cancelled() => {
+                // Say goodbye, so the control plane forgets us rather than reporting us lost.
+                send(&tx, proxy_message::Message::Leave(moat_api::v1::Leave {})).await?;
+                drop(tx);
+                // Give the goodbye a moment to leave before the stream is dropped.
+                let _ = tokio::time::timeout(std::time::Duration::from_millis(500), inbound.message()).await;
+                return Ok(());
+            }
             _ = report.tick() => {
                 send(&tx, proxy_message::Message::Report(report_of(metrics))).await?;
                 continue;
@@ -153,7 +179,11 @@ fn ack(
         error,
         cert_serial: leaf.as_ref().map(|l| l.serial.clone()).unwrap_or_default(),
         cert_not_after_unix: leaf.map(|l| l.not_after).unwrap_or_default(),
-        cert_issuer_sha256: current.map(|g| g.issuer_sha256()).unwrap_or_default(),
+        cert_issuer_sha256: current
+            .as_ref()
+            .map(|g| g.issuer_sha256())
+            .unwrap_or_default(),
+        cert_refresh_after_unix: current.map(|g| g.refresh_after).unwrap_or_default(),
     }
 }
 

@@ -39,6 +39,9 @@ impl Report {
     }
 }
 
+/// How long past its refresh point a proxy may take to land a renewal (seconds).
+const RENEWAL_GRACE: i64 = 5;
+
 fn human(secs: i64) -> String {
     humantime::format_duration(Duration::from_secs(secs.max(0) as u64)).to_string()
 }
@@ -164,13 +167,36 @@ pub async fn run(global: &Global, args: CheckArgs) -> anyhow::Result<()> {
                 )
             },
         );
-        let left = p.cert_not_after_unix - now_unix();
-        // Renewal happens at about half-life; a certificate this close to expiry was not renewed.
-        let lifetime = i64::from(ca.default_ttl_seconds).max(1);
+        // A proxy renews at its refresh point (about half-life); one that is past it (plus a
+        // moment for the renewal to land) is failing to renew.
+        let now = now_unix();
+        let left = p.cert_not_after_unix - now;
+        let overdue = now - p.cert_refresh_after_unix;
         r.line(
-            left > lifetime / 4,
+            overdue <= RENEWAL_GRACE && left > 0,
             "proxy certificate",
-            format!("{who}: {} expires in {}", p.cert_serial, human(left)),
+            if overdue <= RENEWAL_GRACE {
+                format!("{who}: {} expires in {}", p.cert_serial, human(left))
+            } else {
+                format!(
+                    "{who}: {} is past its renewal point by {} without renewal (expires in {}): see the proxy's log for `certificate renewal failed`",
+                    p.cert_serial,
+                    human(overdue),
+                    human(left)
+                )
+            },
+        );
+    }
+    for d in &fleet.disconnected {
+        r.line(
+            false,
+            "proxy connected",
+            format!(
+                "{} {}: disconnected {} s ago without shutting down (crashed, killed or cut off)",
+                d.spiffe_id,
+                d.inbound_address,
+                (now_ms - d.disconnected_unix_ms).max(0) / 1000
+            ),
         );
     }
     if fleet.proxies.is_empty() {

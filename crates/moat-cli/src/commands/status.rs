@@ -44,9 +44,20 @@ pub async fn run(global: &Global, args: StatusArgs) -> anyhow::Result<()> {
                 })
             })
             .collect();
+        let disconnected: Vec<_> = resp
+            .disconnected
+            .iter()
+            .map(|d| {
+                serde_json::json!({
+                    "identity": d.spiffe_id, "address": d.inbound_address,
+                    "cert_serial": d.cert_serial, "cert_not_after_unix": d.cert_not_after_unix,
+                    "disconnected_unix_ms": d.disconnected_unix_ms,
+                })
+            })
+            .collect();
         println!(
             "{}",
-            serde_json::json!({"default_posture": resp.default_posture, "bundle_sha256": resp.bundle_sha256, "proxies": proxies})
+            serde_json::json!({"default_posture": resp.default_posture, "bundle_sha256": resp.bundle_sha256, "proxies": proxies, "disconnected": disconnected})
         );
         return Ok(());
     }
@@ -81,6 +92,14 @@ pub async fn run(global: &Global, args: StatusArgs) -> anyhow::Result<()> {
         if !p.last_error.is_empty() {
             println!("    last NACK: {}", p.last_error);
         }
+    }
+    for d in &resp.disconnected {
+        println!(
+            "DISCONNECTED {} {} ({} s ago, without shutting down)",
+            d.spiffe_id,
+            d.inbound_address,
+            (now_ms() - d.disconnected_unix_ms).max(0) / 1000
+        );
     }
     Ok(())
 }
