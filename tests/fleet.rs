@@ -208,7 +208,11 @@ async fn check_passes_on_a_healthy_mesh_and_names_each_failing_check() {
     assert_eq!(flagged.len(), 2, "{text}");
     let status: serde_json::Value =
         serde_json::from_str(&cp.moat_ok(&["status", "-o", "json"])).unwrap();
-    assert_eq!(status["disconnected"].as_array().unwrap().len(), 2, "{status}");
+    assert_eq!(
+        status["disconnected"].as_array().unwrap().len(),
+        2,
+        "{status}"
+    );
 
     // A proxy that stops answering (hung) is reported as not connected.
     let pid = orders.pid().unwrap().to_string();
