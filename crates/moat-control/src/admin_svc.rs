@@ -293,6 +293,7 @@ impl Admin for AdminService {
                 ListPoliciesResponse {
                     policies: set.policies.iter().map(policy_to_proto).collect(),
                     default_posture: set.mesh.default_posture.as_str().to_owned(),
+                    mesh_document: moat_policy::mesh_config_yaml(&set.mesh),
                     documents: set
                         .policies
                         .iter()

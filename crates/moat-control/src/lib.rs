@@ -12,6 +12,7 @@ pub mod audit;
 pub mod ca;
 pub mod ca_rotation;
 pub mod identity_svc;
+pub mod jwks;
 pub mod kek_source;
 pub mod listener;
 pub mod mesh_svc;
@@ -128,6 +129,7 @@ pub async fn serve(
         .await
         .context("cannot read remembered endpoints")?;
     tokio::spawn(mesh_svc::follow_policies(policies.clone(), mesh.clone()));
+    tokio::spawn(jwks::refresh_loop(mesh.clone()));
     let revocations = revocations::Revocations::new(store.clone());
     tokio::spawn(mesh_svc::follow_revocations(
         revocations.clone(),

@@ -44,6 +44,8 @@ pub struct MeshState {
     store: Arc<dyn moat_store::Store>,
     /// Revoked identities (full SPIFFE IDs) and serials, as pushed to proxies.
     revoked: RwLock<(Vec<String>, Vec<String>)>,
+    /// Trusted token issuers' key sets, pushed in snapshots.
+    pub jwks: crate::jwks::JwksCache,
     /// Rotation commands: per identity, and for everyone.
     rotations: Mutex<(u64, std::collections::HashMap<SpiffeId, u64>)>,
 }
@@ -59,6 +61,7 @@ impl MeshState {
             next_stream: AtomicU64::new(1),
             store,
             rotations: Mutex::new((0, std::collections::HashMap::new())),
+            jwks: crate::jwks::JwksCache::default(),
             revoked: RwLock::new((Vec::new(), Vec::new())),
         })
     }
@@ -145,7 +148,8 @@ impl MeshState {
         self.bump();
     }
 
-    fn current_policies(&self) -> Arc<PolicySet> {
+    /// The policies and mesh config in force.
+    pub fn current_policies(&self) -> Arc<PolicySet> {
         self.policies
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -159,7 +163,11 @@ pub async fn follow_policies(policies: Policies, state: Arc<MeshState>) {
     let (mut a, mut b) = policies.changes();
     loop {
         match policies.load().await {
-            Ok(set) => state.set_policies(set),
+            Ok(set) => {
+                // Key sets first, so the snapshot that introduces an issuer carries its keys.
+                state.jwks.sync(&set.mesh).await;
+                state.set_policies(set);
+            }
             Err(e) => tracing::error!(error = %e, "cannot load policies; keeping the previous set"),
         }
         // Any event, or a lag (which means events were missed), triggers a full reload.
@@ -276,6 +284,23 @@ pub fn policy_to_proto(p: &AccessPolicy) -> Policy {
                         paths: h.paths.iter().map(|p| p.to_string()).collect(),
                     })
                     .collect(),
+                jwt: r.jwt.as_ref().map(|j| moat_api::v1::JwtRequirement {
+                    issuers: j.issuers.clone(),
+                    audiences: j.audiences.clone(),
+                    claims: j
+                        .claims
+                        .iter()
+                        .map(|(name, values)| moat_api::v1::ClaimRequirement {
+                            name: name.clone(),
+                            values: values.clone(),
+                        })
+                        .collect(),
+                }),
+                rate_limit: r.rate_limit.map(|l| moat_api::v1::RateLimit {
+                    requests_per_second: l.requests_per_second,
+                    burst: l.burst,
+                    per: l.per.as_str().to_owned(),
+                }),
             })
             .collect(),
     }
@@ -315,6 +340,24 @@ impl MeshService {
             policies: set.for_target(id).iter().map(policy_to_proto).collect(),
             mesh: Some(MeshSettings {
                 default_posture: set.mesh.default_posture.as_str().to_owned(),
+                // An issuer whose keys were never read is left out: its tokens are refused.
+                jwt_issuers: set
+                    .mesh
+                    .jwt_issuers
+                    .iter()
+                    .filter_map(|i| {
+                        Some(moat_api::v1::JwtIssuer {
+                            issuer: i.issuer.clone(),
+                            jwks_json: self.state.jwks.get(&i.issuer)?,
+                            algorithms: i
+                                .algorithms
+                                .iter()
+                                .map(|a| a.as_str().to_owned())
+                                .collect(),
+                            clock_skew_seconds: i.clock_skew.as_secs() as u32,
+                        })
+                    })
+                    .collect(),
             }),
             services,
             rotate_generation: self.state.rotation_of(id),

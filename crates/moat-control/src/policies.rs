@@ -167,6 +167,7 @@ impl Policies {
                 }
             }
         }
+        self.check_tokens(&policies, mesh.as_ref()).await?;
         let done = self
             .store
             .txn(Txn {
@@ -178,6 +179,34 @@ impl Policies {
             p.version = PolicyVersion(done.revision);
         }
         Ok((policies, mesh))
+    }
+
+    /// Refuses a set whose token requirements cannot hold: a new MeshConfig's issuers must have
+    /// readable, usable key sets, and every policy (new, or stored and kept) may only require
+    /// issuers of the MeshConfig that will be in force.
+    async fn check_tokens(
+        &self,
+        policies: &[AccessPolicy],
+        new_mesh: Option<&MeshConfig>,
+    ) -> Result<(), PolicyError> {
+        let stored = self.load().await?;
+        let mesh = new_mesh.unwrap_or(&stored.mesh);
+        if let Some(m) = new_mesh {
+            for (i, issuer) in m.jwt_issuers.iter().enumerate() {
+                crate::jwks::resolve(issuer).await.map_err(|e| {
+                    PolicyError::Request(format!(
+                        "MeshConfig spec.jwtIssuers[{i}] ({}): {e}; nothing was applied",
+                        issuer.issuer
+                    ))
+                })?;
+            }
+        }
+        let kept = stored
+            .policies
+            .iter()
+            .filter(|p| !policies.iter().any(|n| n.key() == p.key()));
+        moat_policy::check_issuers(policies.iter().chain(kept), mesh)
+            .map_err(|e| PolicyError::Request(format!("{e}; nothing was applied")))
     }
 
     /// Deletes `namespace/name` (or `name` in namespace `default`).

@@ -8,9 +8,23 @@ use std::fmt;
 use moat_identity::{SpiffeId, TrustDomain};
 use serde::{Deserialize, Serialize};
 
+use std::collections::BTreeMap;
+use std::time::Duration;
+
 use crate::model::{
-    AccessPolicy, DefaultPosture, HttpRoute, MeshConfig, Mode, PolicyName, PolicyVersion, Rule,
+    AccessPolicy, DefaultPosture, HttpRoute, JwksSource, JwtAlgorithm, JwtIssuer, JwtRequirement,
+    MeshConfig, Mode, PolicyName, PolicyVersion, RateKey, RateLimit, Rule,
 };
+
+/// Default and bounds of a JWKS refresh interval.
+const DEFAULT_REFRESH: Duration = Duration::from_secs(300);
+const MIN_REFRESH: Duration = Duration::from_secs(1);
+const MAX_REFRESH: Duration = Duration::from_secs(86400);
+/// Default and bound of an issuer's clock skew.
+const DEFAULT_SKEW: Duration = Duration::from_secs(30);
+const MAX_SKEW: Duration = Duration::from_secs(300);
+/// Bounds of a rate limit.
+const MAX_RATE: u32 = 1_000_000;
 
 /// The largest policy input accepted, per file.
 pub const MAX_INPUT_BYTES: usize = 1024 * 1024;
@@ -102,6 +116,63 @@ struct RuleDoc {
     ports: Vec<u16>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     http: Vec<HttpDoc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    jwt: Option<JwtDoc>,
+    #[serde(default, rename = "rateLimit", skip_serializing_if = "Option::is_none")]
+    rate_limit: Option<RateLimitDoc>,
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct JwtDoc {
+    issuers: Vec<String>,
+    audiences: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    claims: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy)]
+#[serde(rename_all = "kebab-case")]
+enum RateKeyDoc {
+    Client,
+    Route,
+    ClientAndRoute,
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RateLimitDoc {
+    requests_per_second: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    burst: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    per: Option<RateKeyDoc>,
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct JwtIssuerDoc {
+    issuer: String,
+    jwks: JwksDoc,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    algorithms: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    clock_skew: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct JwksDoc {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    inline: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ca_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refresh: Option<String>,
 }
 
 #[derive(Deserialize, Serialize)]
@@ -134,6 +205,8 @@ enum PostureDoc {
 struct MeshConfigSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     default_posture: Option<PostureDoc>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    jwt_issuers: Vec<JwtIssuerDoc>,
 }
 
 /// Splits YAML text into documents at `---` lines; returns each with its first line number.
@@ -240,7 +313,8 @@ pub fn parse_documents(
                 .map(Document::AccessPolicy),
             Some("MeshConfig") => serde_yaml_ng::from_str::<MeshConfigDoc>(doc)
                 .map_err(|e| vec![yaml_err(e)])
-                .map(|d| Document::MeshConfig(mesh_config(d))),
+                .and_then(|d| mesh_config(d).map_err(|(f, m)| vec![err(n, None, Some(f), m)]))
+                .map(Document::MeshConfig),
             Some(other) => Err(vec![err(
                 n,
                 Some(*first_line),
@@ -322,10 +396,20 @@ fn access_policy(d: AccessPolicyDoc, td: &TrustDomain) -> Result<AccessPolicy, F
                 .collect::<Result<Vec<_>, _>>()?;
             http.push(HttpRoute { methods, paths });
         }
+        let jwt = r
+            .jwt
+            .map(|j| jwt_requirement(j, &|f: &str| at(&format!("jwt.{f}"))))
+            .transpose()?;
+        let rate_limit = r
+            .rate_limit
+            .map(|l| rate_limit(l, &|f: &str| at(&format!("rateLimit.{f}"))))
+            .transpose()?;
         rules.push(Rule {
             from,
             ports: r.ports,
             http,
+            jwt,
+            rate_limit,
         });
     }
     Ok(AccessPolicy {
@@ -345,13 +429,191 @@ fn identity(s: &str, td: &TrustDomain) -> Result<SpiffeId, String> {
     SpiffeId::parse_with_default(s, td).map_err(|e| e.to_string())
 }
 
-fn mesh_config(d: MeshConfigDoc) -> MeshConfig {
-    MeshConfig {
+fn plain(s: &str, what: &str, max: usize) -> Result<(), String> {
+    if s.is_empty() || s.len() > max || s.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!(
+            "invalid {what} {s:?}: non-empty, at most {max} characters, no spaces"
+        ));
+    }
+    Ok(())
+}
+
+fn jwt_requirement(j: JwtDoc, at: &dyn Fn(&str) -> String) -> Result<JwtRequirement, FieldError> {
+    if j.issuers.is_empty() {
+        return Err((at("issuers"), "must name at least one issuer".into()));
+    }
+    if j.audiences.is_empty() {
+        return Err((
+            at("audiences"),
+            "must name at least one audience (the token's `aud` must be meant for this service)"
+                .into(),
+        ));
+    }
+    for (i, s) in j.issuers.iter().enumerate() {
+        plain(s, "issuer", 512).map_err(|m| (at(&format!("issuers[{i}]")), m))?;
+    }
+    for (i, s) in j.audiences.iter().enumerate() {
+        plain(s, "audience", 512).map_err(|m| (at(&format!("audiences[{i}]")), m))?;
+    }
+    for (name, values) in &j.claims {
+        plain(name, "claim name", 128).map_err(|m| (at(&format!("claims.{name}")), m))?;
+        if values.is_empty() || values.iter().any(|v| v.is_empty() || v.len() > 512) {
+            return Err((
+                at(&format!("claims.{name}")),
+                "list the required values (each non-empty, at most 512 characters)".into(),
+            ));
+        }
+    }
+    Ok(JwtRequirement {
+        issuers: j.issuers,
+        audiences: j.audiences,
+        claims: j.claims,
+    })
+}
+
+fn rate_limit(l: RateLimitDoc, at: &dyn Fn(&str) -> String) -> Result<RateLimit, FieldError> {
+    if l.requests_per_second == 0 || l.requests_per_second > MAX_RATE {
+        return Err((
+            at("requestsPerSecond"),
+            format!("must be between 1 and {MAX_RATE}"),
+        ));
+    }
+    let burst = l.burst.unwrap_or(l.requests_per_second);
+    if burst == 0 || burst > MAX_RATE.saturating_mul(10) {
+        return Err((
+            at("burst"),
+            format!("must be between 1 and {}", MAX_RATE * 10),
+        ));
+    }
+    Ok(RateLimit {
+        requests_per_second: l.requests_per_second,
+        burst,
+        per: match l.per {
+            None | Some(RateKeyDoc::Client) => RateKey::Client,
+            Some(RateKeyDoc::Route) => RateKey::Route,
+            Some(RateKeyDoc::ClientAndRoute) => RateKey::ClientAndRoute,
+        },
+    })
+}
+
+fn duration(s: &str, lo: Duration, hi: Duration) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (write e.g. 30s, 5m)"))?;
+    if d < lo || d > hi {
+        return Err(format!(
+            "{s:?} is out of range: between {} and {}",
+            humantime::format_duration(lo),
+            humantime::format_duration(hi)
+        ));
+    }
+    Ok(d)
+}
+
+fn jwt_issuer(d: JwtIssuerDoc, at: &dyn Fn(&str) -> String) -> Result<JwtIssuer, FieldError> {
+    plain(&d.issuer, "issuer", 512).map_err(|m| (at("issuer"), m))?;
+    let algorithms = if d.algorithms.is_empty() {
+        JwtAlgorithm::ALL.to_vec()
+    } else {
+        d.algorithms
+            .iter()
+            .enumerate()
+            .map(|(i, a)| a.parse().map_err(|m| (at(&format!("algorithms[{i}]")), m)))
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    let clock_skew = match &d.clock_skew {
+        None => DEFAULT_SKEW,
+        Some(s) => duration(s, Duration::ZERO, MAX_SKEW).map_err(|m| (at("clockSkew"), m))?,
+    };
+    let j = d.jwks;
+    let refresh = match &j.refresh {
+        None => DEFAULT_REFRESH,
+        Some(s) => duration(s, MIN_REFRESH, MAX_REFRESH).map_err(|m| (at("jwks.refresh"), m))?,
+    };
+    let jwks = match (j.inline, j.file, j.url) {
+        (Some(json), None, None) => {
+            if j.ca_file.is_some() || j.refresh.is_some() {
+                return Err((
+                    at("jwks"),
+                    "caFile and refresh apply to url (and refresh to file), not inline".into(),
+                ));
+            }
+            crate::jwt::Jwks::parse(&json, &algorithms).map_err(|m| (at("jwks.inline"), m))?;
+            JwksSource::Inline(json)
+        }
+        (None, Some(path), None) => {
+            if j.ca_file.is_some() {
+                return Err((at("jwks.caFile"), "caFile applies to url only".into()));
+            }
+            if !path.starts_with('/') {
+                return Err((
+                    at("jwks.file"),
+                    format!("{path:?} must be an absolute path on the control plane's host"),
+                ));
+            }
+            JwksSource::File { path, refresh }
+        }
+        (None, None, Some(url)) => {
+            if !url.starts_with("https://") || url.len() > 2048 || url.contains(char::is_whitespace)
+            {
+                return Err((at("jwks.url"), format!("{url:?} must be an https:// URL")));
+            }
+            JwksSource::Url {
+                url,
+                ca_file: j.ca_file,
+                refresh,
+            }
+        }
+        _ => {
+            return Err((
+                at("jwks"),
+                "give exactly one of inline (the JWKS JSON), file or url".into(),
+            ));
+        }
+    };
+    Ok(JwtIssuer {
+        issuer: d.issuer,
+        jwks,
+        algorithms,
+        clock_skew,
+    })
+}
+
+fn mesh_config(d: MeshConfigDoc) -> Result<MeshConfig, FieldError> {
+    let mut jwt_issuers: Vec<JwtIssuer> = Vec::with_capacity(d.spec.jwt_issuers.len());
+    for (i, doc) in d.spec.jwt_issuers.into_iter().enumerate() {
+        let at = |f: &str| format!("spec.jwtIssuers[{i}].{f}");
+        let issuer = jwt_issuer(doc, &at)?;
+        if jwt_issuers.iter().any(|o| o.issuer == issuer.issuer) {
+            return Err((at("issuer"), format!("{:?} is listed twice", issuer.issuer)));
+        }
+        jwt_issuers.push(issuer);
+    }
+    Ok(MeshConfig {
         default_posture: match d.spec.default_posture {
             None | Some(PostureDoc::Deny) => DefaultPosture::Deny,
             Some(PostureDoc::AllowAuthenticated) => DefaultPosture::AllowAuthenticated,
         },
+        jwt_issuers,
+    })
+}
+
+/// Checks that every issuer a rule of `policies` requires is one `mesh` trusts.
+pub fn check_issuers<'p>(
+    policies: impl IntoIterator<Item = &'p AccessPolicy>,
+    mesh: &MeshConfig,
+) -> Result<(), String> {
+    for p in policies {
+        for (i, r) in p.rules.iter().enumerate() {
+            for iss in r.jwt.iter().flat_map(|j| &j.issuers) {
+                if mesh.issuer(iss).is_none() {
+                    return Err(format!(
+                        "policy {} rule {i} requires tokens from {iss:?}, which the MeshConfig does not list under jwtIssuers: add the issuer (with its JWKS) first",
+                        p.key()
+                    ));
+                }
+            }
+        }
     }
+    Ok(())
 }
 
 /// The canonical YAML document of a policy (full SPIFFE IDs), which parses back to an equal
@@ -384,6 +646,20 @@ pub fn access_policy_yaml(p: &AccessPolicy) -> String {
                             paths: h.paths.iter().map(|p| p.to_string()).collect(),
                         })
                         .collect(),
+                    jwt: r.jwt.as_ref().map(|j| JwtDoc {
+                        issuers: j.issuers.clone(),
+                        audiences: j.audiences.clone(),
+                        claims: j.claims.clone(),
+                    }),
+                    rate_limit: r.rate_limit.map(|l| RateLimitDoc {
+                        requests_per_second: l.requests_per_second,
+                        burst: Some(l.burst),
+                        per: Some(match l.per {
+                            RateKey::Client => RateKeyDoc::Client,
+                            RateKey::Route => RateKeyDoc::Route,
+                            RateKey::ClientAndRoute => RateKeyDoc::ClientAndRoute,
+                        }),
+                    }),
                 })
                 .collect(),
         },
@@ -406,6 +682,36 @@ pub fn mesh_config_yaml(m: &MeshConfig) -> String {
                 DefaultPosture::Deny => PostureDoc::Deny,
                 DefaultPosture::AllowAuthenticated => PostureDoc::AllowAuthenticated,
             }),
+            jwt_issuers: m
+                .jwt_issuers
+                .iter()
+                .map(|i| JwtIssuerDoc {
+                    issuer: i.issuer.clone(),
+                    jwks: match &i.jwks {
+                        JwksSource::Inline(json) => JwksDoc {
+                            inline: Some(json.clone()),
+                            ..JwksDoc::default()
+                        },
+                        JwksSource::File { path, refresh } => JwksDoc {
+                            file: Some(path.clone()),
+                            refresh: Some(humantime::format_duration(*refresh).to_string()),
+                            ..JwksDoc::default()
+                        },
+                        JwksSource::Url {
+                            url,
+                            ca_file,
+                            refresh,
+                        } => JwksDoc {
+                            url: Some(url.clone()),
+                            ca_file: ca_file.clone(),
+                            refresh: Some(humantime::format_duration(*refresh).to_string()),
+                            ..JwksDoc::default()
+                        },
+                    },
+                    algorithms: i.algorithms.iter().map(|a| a.as_str().to_owned()).collect(),
+                    clock_skew: Some(humantime::format_duration(i.clock_skew).to_string()),
+                })
+                .collect(),
         },
     };
     serde_yaml_ng::to_string(&doc).unwrap_or_default()
@@ -458,7 +764,8 @@ spec: { defaultPosture: allow-authenticated }
         assert_eq!(
             docs[1],
             Document::MeshConfig(MeshConfig {
-                default_posture: DefaultPosture::AllowAuthenticated
+                default_posture: DefaultPosture::AllowAuthenticated,
+                jwt_issuers: Vec::new(),
             })
         );
         // JSON is YAML too.

@@ -4,8 +4,10 @@
 //! the target has only audit-mode policies, the request is allowed and the deny it would have
 //! had is reported as `would_deny`. With no policy at all, the mesh's default posture decides.
 //! A rule matches when the caller is in `from`, the port is in `ports` (or `ports` is empty)
-//! and, for an HTTP request, one `http` route matches (or `http` is empty). A connection-level
-//! check (no HTTP request yet) ignores `http`: per-request checks follow.
+//! and, for an HTTP request, one `http` route matches (or `http` is empty) and the request's
+//! verified end-user token meets the rule's `jwt` requirement (if any). A connection-level
+//! check before any HTTP request ignores `http` and `jwt`: per-request checks follow. Opaque TCP
+//! can carry no token, so a rule with `jwt` never admits it.
 
 use moat_identity::SpiffeId;
 
@@ -18,6 +20,21 @@ pub struct Input<'a> {
     pub port: u16,
     /// `(method, path)` for an HTTP request; `None` for a connection.
     pub http: Option<(&'a str, &'a str)>,
+    /// The end-user token, as far as the proxy could verify it.
+    pub jwt: Jwt<'a>,
+}
+
+/// The end-user token of a request.
+#[derive(Clone, Copy, Debug)]
+pub enum Jwt<'a> {
+    /// Not looked at yet: a connection-level check before any HTTP request.
+    Later,
+    /// None presented (or none possible: opaque TCP).
+    Missing,
+    /// Presented but not verified; the reason says why.
+    Invalid(Reason),
+    /// Verified: its claims.
+    Valid(&'a crate::jwt::Claims),
 }
 
 /// Stable, machine-readable reason codes.
@@ -32,6 +49,26 @@ pub enum Reason {
     /// The caller's identity or certificate is revoked. Not produced by [`evaluate`]: the proxy
     /// checks revocations first.
     Revoked,
+    JwtMissing,
+    JwtMalformed,
+    /// `iss` names no issuer the mesh trusts.
+    JwtIssuerUnknown,
+    /// `alg` is `none`, a shared-secret algorithm, or not allowed for the issuer.
+    JwtAlgorithmNotAllowed,
+    /// No key of the issuer matches the token's `kid` and algorithm.
+    JwtUnknownKid,
+    JwtBadSignature,
+    JwtExpired,
+    JwtNotYetValid,
+    /// Verified, but from an issuer the rule does not accept.
+    JwtIssuerNotAllowed,
+    /// Verified, but for another audience.
+    JwtAudienceNotAllowed,
+    /// Verified and acceptable, but its claims (e.g. scopes) do not allow this.
+    JwtClaimsNotAllowed,
+    /// Allowed, but over the rule's rate limit. Not produced by [`evaluate`]: the proxy's token
+    /// buckets decide it after the allow.
+    RateLimited,
 }
 
 impl Reason {
@@ -45,7 +82,37 @@ impl Reason {
             Reason::PortNotAllowed => "port-not-allowed",
             Reason::RouteNotAllowed => "route-not-allowed",
             Reason::Revoked => "revoked",
+            Reason::JwtMissing => "jwt-missing",
+            Reason::JwtMalformed => "jwt-malformed",
+            Reason::JwtIssuerUnknown => "jwt-issuer-unknown",
+            Reason::JwtAlgorithmNotAllowed => "jwt-algorithm-not-allowed",
+            Reason::JwtUnknownKid => "jwt-unknown-kid",
+            Reason::JwtBadSignature => "jwt-bad-signature",
+            Reason::JwtExpired => "jwt-expired",
+            Reason::JwtNotYetValid => "jwt-not-yet-valid",
+            Reason::JwtIssuerNotAllowed => "jwt-issuer-not-allowed",
+            Reason::JwtAudienceNotAllowed => "jwt-audience-not-allowed",
+            Reason::JwtClaimsNotAllowed => "jwt-claims-not-allowed",
+            Reason::RateLimited => "rate-limited",
         }
+    }
+
+    /// Whether this denial is about the end-user token being absent or unacceptable (HTTP 401),
+    /// as opposed to what it allows (403).
+    pub fn is_unauthenticated(self) -> bool {
+        matches!(
+            self,
+            Reason::JwtMissing
+                | Reason::JwtMalformed
+                | Reason::JwtIssuerUnknown
+                | Reason::JwtAlgorithmNotAllowed
+                | Reason::JwtUnknownKid
+                | Reason::JwtBadSignature
+                | Reason::JwtExpired
+                | Reason::JwtNotYetValid
+                | Reason::JwtIssuerNotAllowed
+                | Reason::JwtAudienceNotAllowed
+        )
     }
 
     /// How far a request got through a rule (for picking the most telling deny reason).
@@ -54,6 +121,8 @@ impl Reason {
             Reason::IdentityNotAllowed => 1,
             Reason::PortNotAllowed => 2,
             Reason::RouteNotAllowed => 3,
+            r if r.is_unauthenticated() => 4,
+            Reason::JwtClaimsNotAllowed => 5,
             _ => 0,
         }
     }
@@ -101,6 +170,56 @@ fn rule_outcome(rule: &crate::Rule, input: &Input<'_>) -> Reason {
         && !rule.http.iter().any(|r| r.matches(method, path))
     {
         return Reason::RouteNotAllowed;
+    }
+    if let Some(req) = &rule.jwt {
+        match input.jwt {
+            Jwt::Later => {}
+            Jwt::Missing => return Reason::JwtMissing,
+            Jwt::Invalid(r) => return r,
+            Jwt::Valid(claims) => return jwt_outcome(req, claims),
+        }
+    }
+    Reason::Allowed
+}
+
+/// The values a claim holds, as strings: a string is itself and its space-separated words
+/// (OAuth `scope`), a list its string/number members, a number or boolean its text.
+fn claim_values(v: &serde_json::Value) -> Vec<String> {
+    use serde_json::Value as V;
+    let scalar = |v: &V| match v {
+        V::String(s) => Some(s.clone()),
+        V::Number(n) => Some(n.to_string()),
+        V::Bool(b) => Some(b.to_string()),
+        _ => None,
+    };
+    match v {
+        V::String(s) => std::iter::once(s.clone())
+            .chain(s.split_whitespace().map(str::to_owned))
+            .collect(),
+        V::Array(items) => items.iter().filter_map(scalar).collect(),
+        other => scalar(other).into_iter().collect(),
+    }
+}
+
+fn jwt_outcome(req: &crate::model::JwtRequirement, claims: &crate::jwt::Claims) -> Reason {
+    let iss = claims.get("iss").and_then(|v| v.as_str()).unwrap_or("");
+    if !req.issuers.iter().any(|i| i == iss) {
+        return Reason::JwtIssuerNotAllowed;
+    }
+    // `aud` is one string or a list of them, compared exactly.
+    let aud: Vec<&str> = match claims.get("aud") {
+        Some(serde_json::Value::String(s)) => vec![s.as_str()],
+        Some(serde_json::Value::Array(v)) => v.iter().filter_map(|a| a.as_str()).collect(),
+        _ => Vec::new(),
+    };
+    if !req.audiences.iter().any(|a| aud.contains(&a.as_str())) {
+        return Reason::JwtAudienceNotAllowed;
+    }
+    for (name, wanted) in &req.claims {
+        let held = claims.get(name).map(claim_values).unwrap_or_default();
+        if !wanted.iter().all(|w| held.contains(w)) {
+            return Reason::JwtClaimsNotAllowed;
+        }
     }
     Reason::Allowed
 }
@@ -263,6 +382,11 @@ spec:
                 peer: &id(who),
                 port,
                 http,
+                jwt: if http.is_some() {
+                    Jwt::Missing
+                } else {
+                    Jwt::Later
+                },
             },
         )
     }
@@ -363,6 +487,7 @@ spec:
         assert_eq!((deny.allowed, deny.reason), (false, Reason::NoPolicy));
         let open = MeshConfig {
             default_posture: DefaultPosture::AllowAuthenticated,
+            ..MeshConfig::default()
         };
         let allow = check(&none, &open, "a", 1, None);
         assert_eq!(

@@ -164,7 +164,8 @@ impl HttpRoute {
     }
 }
 
-/// One allow rule: callers, optional ports, optional HTTP routes.
+/// One allow rule: callers, optional ports, optional HTTP routes, an optional end-user token
+/// requirement and an optional rate limit.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
     pub from: Vec<SpiffeId>,
@@ -172,6 +173,117 @@ pub struct Rule {
     pub ports: Vec<u16>,
     /// Empty: any request. Non-empty: a request must match one route.
     pub http: Vec<HttpRoute>,
+    /// A verified JWT the request must carry (HTTP only: a rule with one never admits opaque TCP).
+    pub jwt: Option<JwtRequirement>,
+    /// Requests this rule admits are throttled by the inbound sidecar.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// What a rule asks of the end-user token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JwtRequirement {
+    /// Accepted `iss` values (each must be a trusted issuer of the mesh config).
+    pub issuers: Vec<String>,
+    /// Accepted audiences: the token's `aud` must name at least one.
+    pub audiences: Vec<String>,
+    /// Claim name → values that must all be present. A claim holding a string matches a value
+    /// exactly or, split at spaces (OAuth `scope`), by membership; a list claim by membership.
+    pub claims: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+/// What a rate limit counts by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RateKey {
+    /// Each calling identity has its own bucket.
+    Client,
+    /// Each route (method and path) has its own bucket, shared by all callers.
+    Route,
+    /// Each (caller, route) pair has its own bucket.
+    ClientAndRoute,
+}
+
+impl RateKey {
+    /// `client`, `route` or `client-and-route`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RateKey::Client => "client",
+            RateKey::Route => "route",
+            RateKey::ClientAndRoute => "client-and-route",
+        }
+    }
+}
+
+/// A token bucket: `requests_per_second` refill, `burst` capacity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    pub requests_per_second: u32,
+    pub burst: u32,
+    pub per: RateKey,
+}
+
+/// A JWT signature algorithm moat accepts. Shared-secret algorithms (HS*) and `none` never are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum JwtAlgorithm {
+    RS256,
+    ES256,
+    EdDSA,
+}
+
+impl JwtAlgorithm {
+    pub const ALL: [JwtAlgorithm; 3] = [
+        JwtAlgorithm::RS256,
+        JwtAlgorithm::ES256,
+        JwtAlgorithm::EdDSA,
+    ];
+
+    /// The JOSE name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JwtAlgorithm::RS256 => "RS256",
+            JwtAlgorithm::ES256 => "ES256",
+            JwtAlgorithm::EdDSA => "EdDSA",
+        }
+    }
+}
+
+impl FromStr for JwtAlgorithm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        JwtAlgorithm::ALL
+            .into_iter()
+            .find(|a| a.as_str() == s)
+            .ok_or_else(|| format!("unsupported algorithm {s:?}: use RS256, ES256 or EdDSA"))
+    }
+}
+
+/// Where an issuer's signing keys (a JWKS document) come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JwksSource {
+    /// The JWKS JSON itself.
+    Inline(String),
+    /// A file on the control plane's host, re-read every `refresh`.
+    File {
+        path: String,
+        refresh: std::time::Duration,
+    },
+    /// An HTTPS URL the control plane fetches every `refresh` (server verified against
+    /// `ca_file` when given, else the system roots).
+    Url {
+        url: String,
+        ca_file: Option<String>,
+        refresh: std::time::Duration,
+    },
+}
+
+/// A token issuer the mesh trusts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JwtIssuer {
+    /// The `iss` value.
+    pub issuer: String,
+    pub jwks: JwksSource,
+    pub algorithms: Vec<JwtAlgorithm>,
+    /// Tolerance for `exp` and `nbf`.
+    pub clock_skew: std::time::Duration,
 }
 
 /// An allow-list for one target service.
@@ -218,4 +330,13 @@ impl DefaultPosture {
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct MeshConfig {
     pub default_posture: DefaultPosture,
+    /// End-user token issuers rules may require.
+    pub jwt_issuers: Vec<JwtIssuer>,
+}
+
+impl MeshConfig {
+    /// The trusted issuer whose `iss` is `issuer`.
+    pub fn issuer(&self, issuer: &str) -> Option<&JwtIssuer> {
+        self.jwt_issuers.iter().find(|i| i.issuer == issuer)
+    }
 }

@@ -18,11 +18,23 @@ spec:
     - from: [shop/frontend]
       ports: [8080]
       http: [{ methods: [GET], paths: ["/orders/*"] }]
+      jwt: { issuers: [https://id.example], audiences: [orders], claims: { scope: [orders.read] } }
+      rateLimit: { requestsPerSecond: 10, burst: 20, per: client }
 ---
 apiVersion: moat.dev/v1
 kind: MeshConfig
 metadata: { name: mesh }
-spec: { defaultPosture: allow-authenticated }
+spec:
+  defaultPosture: allow-authenticated
+  jwtIssuers:
+    - issuer: https://id.example
+      jwks: { inline: '{"keys":[{"kty":"OKP","crv":"Ed25519","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}' }
+      algorithms: [EdDSA]
+      clockSkew: 30s
+    - issuer: https://login.example
+      jwks: { url: https://login.example/jwks.json, caFile: /etc/moat/ca.pem, refresh: 5m }
+    - issuer: https://files.example
+      jwks: { file: /etc/moat/jwks.json }
 "#;
 
 fn keys(v: &serde_yaml_ng::Value, out: &mut Vec<String>) {

@@ -5,6 +5,7 @@ use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use http_body_util::{BodyExt as _, Empty, Full, combinators::BoxBody};
+use moat_policy::eval::Reason;
 
 /// Errors inside bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -13,6 +14,9 @@ pub type Body = BoxBody<Bytes, BoxError>;
 
 /// The verified caller identity, set for the app; any copy from outside is removed.
 pub const PEER_ID: HeaderName = HeaderName::from_static("x-moat-peer-id");
+/// The verified end user (`sub` of the bearer token), set for the app; any copy from outside is
+/// removed.
+pub const USER: HeaderName = HeaderName::from_static("x-moat-user");
 /// Why a request was denied.
 pub const DENY_REASON: HeaderName = HeaderName::from_static("x-moat-deny-reason");
 /// Between sidecars: the HTTP version the client app spoke (the mesh hop is always HTTP/2).
@@ -186,12 +190,42 @@ pub fn ensure_request_id(h: &mut HeaderMap) -> String {
     id
 }
 
-/// The answer to a denied request: gRPC status 7 for gRPC, else 403. Both carry the reason in
-/// `x-moat-deny-reason`; the 403 body names the reason, the policy and the request id.
-pub fn deny(reason: &str, policy: Option<&str>, request_id: &str, grpc: bool) -> Response<Body> {
+/// The answer to a refused request. By reason: a missing or unacceptable end-user token gets 401
+/// with `WWW-Authenticate` (gRPC 16), a rate limit 429 with `Retry-After` (gRPC 8), anything
+/// else 403 (gRPC 7). All carry the reason in `x-moat-deny-reason`; the HTTP body names the
+/// reason, the policy and the request id.
+pub fn deny(
+    reason: Reason,
+    policy: Option<&str>,
+    request_id: &str,
+    grpc: bool,
+    retry_after_secs: Option<u64>,
+) -> Response<Body> {
+    let code = reason.code();
     let detail = match policy {
-        Some(p) => format!("{reason} (policy {p})"),
-        None => reason.to_owned(),
+        Some(p) => format!("{code} (policy {p})"),
+        None => code.to_owned(),
+    };
+    let (status, grpc_status, challenge) = match reason {
+        Reason::JwtMissing => (
+            StatusCode::UNAUTHORIZED,
+            "16",
+            Some("Bearer realm=\"moat\"".to_owned()),
+        ),
+        r if r.is_unauthenticated() => (
+            StatusCode::UNAUTHORIZED,
+            "16",
+            Some(format!(
+                "Bearer realm=\"moat\", error=\"invalid_token\", error_description=\"{code}\""
+            )),
+        ),
+        Reason::JwtClaimsNotAllowed => (
+            StatusCode::FORBIDDEN,
+            "7",
+            Some("Bearer realm=\"moat\", error=\"insufficient_scope\"".to_owned()),
+        ),
+        Reason::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "8", None),
+        _ => (StatusCode::FORBIDDEN, "7", None),
     };
     let mut resp = if grpc {
         let mut r = Response::new(empty());
@@ -200,7 +234,7 @@ pub fn deny(reason: &str, policy: Option<&str>, request_id: &str, grpc: bool) ->
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/grpc"),
         );
-        h.insert("grpc-status", HeaderValue::from_static("7"));
+        h.insert("grpc-status", HeaderValue::from_static(grpc_status));
         if let Ok(v) =
             HeaderValue::from_str(&format!("moat denied: {detail}; request id {request_id}"))
         {
@@ -209,20 +243,32 @@ pub fn deny(reason: &str, policy: Option<&str>, request_id: &str, grpc: bool) ->
         r
     } else {
         let mut r = Response::new(full(format!(
-            "403 forbidden: {detail}\nrequest id: {request_id}\n"
+            "{} {}: {detail}\nrequest id: {request_id}\n",
+            status.as_u16(),
+            status
+                .canonical_reason()
+                .unwrap_or("refused")
+                .to_ascii_lowercase()
         )));
-        *r.status_mut() = StatusCode::FORBIDDEN;
+        *r.status_mut() = status;
         r.headers_mut().insert(
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         r
     };
-    if let Ok(v) = HeaderValue::from_str(reason) {
-        resp.headers_mut().insert(DENY_REASON, v);
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(code) {
+        h.insert(DENY_REASON, v);
     }
     if let Ok(v) = HeaderValue::from_str(request_id) {
-        resp.headers_mut().insert(REQUEST_ID, v);
+        h.insert(REQUEST_ID, v);
+    }
+    if let Some(c) = challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        h.insert(http::header::WWW_AUTHENTICATE, c);
+    }
+    if let Some(secs) = retry_after_secs {
+        h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
     }
     resp
 }
@@ -285,10 +331,27 @@ mod tests {
 
     #[test]
     fn denials_carry_the_reason() {
-        let r = deny("route-not-allowed", Some("shop/orders@7"), "abc", false);
+        let r = deny(
+            Reason::RouteNotAllowed,
+            Some("shop/orders@7"),
+            "abc",
+            false,
+            None,
+        );
         assert_eq!(r.status(), StatusCode::FORBIDDEN);
         assert_eq!(r.headers()[&DENY_REASON], "route-not-allowed");
-        let g = deny("identity-not-allowed", None, "abc", true);
+        let g = deny(Reason::IdentityNotAllowed, None, "abc", true, None);
         assert_eq!(g.headers()["grpc-status"], "7");
+        let u = deny(Reason::JwtExpired, None, "abc", false, None);
+        assert_eq!(u.status(), StatusCode::UNAUTHORIZED);
+        assert!(
+            u.headers()[http::header::WWW_AUTHENTICATE]
+                .to_str()
+                .unwrap()
+                .contains("error_description=\"jwt-expired\"")
+        );
+        let l = deny(Reason::RateLimited, None, "abc", true, Some(2));
+        assert_eq!(l.headers()["grpc-status"], "8");
+        assert_eq!(l.headers()[http::header::RETRY_AFTER], "2");
     }
 }

@@ -11,17 +11,18 @@ use std::time::{Duration, Instant};
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use moat_identity::SpiffeId;
-use moat_policy::eval::{Decision, Input, Reason, evaluate};
+use moat_policy::eval::{Decision, Input, Jwt, Reason, evaluate};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use crate::Ctx;
 use crate::detect::{Prefixed, Protocol, detect};
 use crate::http::{
-    Body, Ended, ORIG_PROTO, PEER_ID, boxed, deny, ensure_request_id, is_grpc, request_target,
-    serve_http, strip_hop_by_hop, unavailable,
+    Body, Ended, ORIG_PROTO, PEER_ID, USER, boxed, deny, ensure_request_id, is_grpc,
+    request_target, serve_http, strip_hop_by_hop, unavailable,
 };
 use crate::metrics::{RequestLabels, TrafficLabels};
+use crate::snapshot::Snapshot;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -103,7 +104,7 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
         id: peer.id,
         serial: peer.serial,
     };
-    if authorize(&ctx, &peer_id, None).reason == Reason::Revoked {
+    if authorize(&ctx, &peer_id, None, Jwt::Later).reason == Reason::Revoked {
         ctx.metrics.handshake_failed("inbound", "revoked".into());
         tracing::info!(target: "moat::access", direction = "inbound", %remote, peer = %peer_id, serial = %peer_id.serial, decision = "deny", reason = "revoked", "refused a revoked certificate");
         return;
@@ -128,7 +129,7 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
             // A connection admitted now is closed (gracefully) once a new snapshot forbids the
             // caller; one that was never admitted stays open to answer each request with 403
             // (until the caller is revoked).
-            let admitted = authorize(&ctx, &peer_id, None).allowed;
+            let admitted = authorize(&ctx, &peer_id, None, Jwt::Later).allowed;
             let handler = {
                 let (ctx, peer_id) = (ctx.clone(), peer_id.clone());
                 move |req| {
@@ -177,14 +178,14 @@ async fn until_forbidden(ctx: &Ctx, peer: &Caller, admitted: bool) -> &'static s
         if snapshots.changed().await.is_err() {
             return std::future::pending().await;
         }
-        let d = authorize(ctx, peer, None);
+        let d = authorize(ctx, peer, None, Jwt::Later);
         if d.reason == Reason::Revoked || (admitted && !d.allowed) {
             return d.reason.code();
         }
     }
 }
 
-fn authorize(ctx: &Ctx, caller: &Caller, http: Option<(&str, &str)>) -> Decision {
+fn authorize(ctx: &Ctx, caller: &Caller, http: Option<(&str, &str)>, jwt: Jwt<'_>) -> Decision {
     let snap = ctx.snapshot.borrow().clone();
     let port = ctx.cfg.app.port();
     let peer = &caller.id;
@@ -203,12 +204,26 @@ fn authorize(ctx: &Ctx, caller: &Caller, http: Option<(&str, &str)>) -> Decision
         };
     }
     match snap {
-        Some(s) => evaluate(&s.policies, &s.mesh, &Input { peer, port, http }),
+        Some(s) => evaluate(
+            &s.policies,
+            &s.mesh,
+            &Input {
+                peer,
+                port,
+                http,
+                jwt,
+            },
+        ),
         // No snapshot yet: nothing is known to be allowed.
         None => evaluate(
             &[],
             &moat_policy::MeshConfig::default(),
-            &Input { peer, port, http },
+            &Input {
+                peer,
+                port,
+                http,
+                jwt,
+            },
         ),
     }
 }
@@ -232,7 +247,8 @@ async fn tcp_forward(
     ctx: &Ctx,
 ) {
     let start = Instant::now();
-    let d = authorize(ctx, &peer, None);
+    // Opaque TCP carries no end-user token: a rule that requires one does not admit it.
+    let d = authorize(ctx, &peer, None, Jwt::Missing);
     ctx.metrics.count_rule(&d);
     let reason = d.would_deny.unwrap_or(d.reason).code();
     let labels = TrafficLabels {
@@ -265,7 +281,7 @@ async fn tcp_forward(
             r = &mut copy => break r.map_err(|e| e.to_string()),
             changed = snapshots.changed() => {
                 if changed.is_err() { continue; }
-                let again = authorize(ctx, &peer, None);
+                let again = authorize(ctx, &peer, None, Jwt::Missing);
                 if !again.allowed {
                     tracing::info!(target: "moat::access", direction = "inbound", protocol = "tcp", %remote, peer = %peer, decision = "deny", reason = again.reason.code(), "closing a connection the new policy no longer allows");
                     break Err(format!("closed: {}", again.reason.code()));
@@ -291,6 +307,55 @@ async fn tcp_forward(
     tracing::info!(target: "moat::access", direction = "inbound", protocol = "tcp", %remote, peer = %peer, decision = decision_label(&d), reason, policy = ?policy_label(&d), bytes_to_app = to_app, bytes_from_app = from_app, duration_ms = start.elapsed().as_millis() as u64, error = ?outcome.err(), "tcp");
 }
 
+/// Whether any rule of this proxy's policies requires an end-user token (only then is one
+/// verified).
+fn needs_token(s: &Snapshot) -> bool {
+    s.policies
+        .iter()
+        .any(|p| p.rules.iter().any(|r| r.jwt.is_some()))
+}
+
+/// The token of an `Authorization: Bearer …` header.
+fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+    let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// How long until the rule that allowed `d` admits another request, if it is over its limit.
+fn over_limit(
+    ctx: &Ctx,
+    snap: &Snapshot,
+    d: &Decision,
+    peer: &Caller,
+    method: &str,
+    path: &str,
+) -> Option<std::time::Duration> {
+    let ((key, version), rule) = (d.policy.as_ref()?, d.rule?);
+    let p = snap
+        .policies
+        .iter()
+        .find(|p| &p.key() == key && p.version == *version)?;
+    let limit = p.rules.get(rule)?.rate_limit.as_ref()?;
+    let client = peer.id.to_string();
+    ctx.limiter
+        .admit(
+            &crate::ratelimit::Request {
+                policy: key,
+                version: version.0,
+                rule,
+                client: &client,
+                method,
+                path,
+            },
+            limit,
+        )
+        .err()
+}
+
 async fn forward(req: Request<Incoming>, peer: &Caller, ctx: &Ctx) -> Response<Body> {
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
@@ -298,10 +363,39 @@ async fn forward(req: Request<Incoming>, peer: &Caller, ctx: &Ctx) -> Response<B
     let request_id = ensure_request_id(&mut parts.headers);
     let method = parts.method.clone();
     let path = parts.uri.path().to_owned();
-    let d = authorize(ctx, peer, Some((method.as_str(), &path)));
+    // The app learns the end user from us alone.
+    parts.headers.remove(&USER);
+    let snap = ctx.snapshot.borrow().clone();
+    let token = snap
+        .as_ref()
+        .filter(|s| needs_token(s))
+        .map(|s| bearer(&parts.headers).map(|t| moat_policy::jwt::verify(t, &s.issuers)));
+    let jwt = match &token {
+        Some(Some(Ok(claims))) => Jwt::Valid(claims),
+        Some(Some(Err(r))) => Jwt::Invalid(*r),
+        Some(None) | None => Jwt::Missing,
+    };
+    let d = authorize(ctx, peer, Some((method.as_str(), &path)), jwt);
     ctx.metrics.count_rule(&d);
-    let reason = d.would_deny.unwrap_or(d.reason).code();
     let policy = policy_label(&d);
+    // An allowed request still has to fit the matching rule's rate limit.
+    let throttled = snap
+        .as_deref()
+        .filter(|_| d.allowed)
+        .and_then(|s| over_limit(ctx, s, &d, peer, method.as_str(), &path));
+    let (decision, reason) = match throttled {
+        Some(_) => ("deny", Reason::RateLimited),
+        None => (decision_label(&d), d.would_deny.unwrap_or(d.reason)),
+    };
+    if throttled.is_some() {
+        ctx.metrics
+            .rate_limited
+            .get_or_create(&crate::metrics::RateLimitedLabels {
+                peer: peer.to_string(),
+                policy: policy.clone().unwrap_or_default(),
+            })
+            .inc();
+    }
     let target = ctx.cfg.identity.to_string();
     ctx.metrics
         .authz
@@ -309,17 +403,29 @@ async fn forward(req: Request<Incoming>, peer: &Caller, ctx: &Ctx) -> Response<B
             direction: "inbound",
             peer: peer.to_string(),
             target: target.clone(),
-            decision: decision_label(&d),
-            reason,
+            decision,
+            reason: reason.code(),
         })
         .inc();
-    let resp = if !d.allowed {
-        deny(reason, policy.as_deref(), &request_id, grpc)
+    let resp = if !d.allowed || throttled.is_some() {
+        deny(
+            reason,
+            policy.as_deref(),
+            &request_id,
+            grpc,
+            throttled.map(|wait| wait.as_secs_f64().ceil().max(1.0) as u64),
+        )
     } else {
         // The app learns who called from us alone.
         parts.headers.remove(&PEER_ID);
         if let Ok(v) = HeaderValue::from_str(&peer.to_string()) {
             parts.headers.insert(PEER_ID, v);
+        }
+        if let Some(Some(Ok(claims))) = &token
+            && let Some(sub) = claims.get("sub").and_then(|v| v.as_str())
+            && let Ok(v) = HeaderValue::from_str(sub)
+        {
+            parts.headers.insert(USER, v);
         }
         let h1 = parts.headers.remove(&ORIG_PROTO).is_some() || parts.version != Version::HTTP_2;
         strip_hop_by_hop(&mut parts.headers);
@@ -380,8 +486,8 @@ async fn forward(req: Request<Incoming>, peer: &Caller, ctx: &Ctx) -> Response<B
             direction: "inbound",
             peer: peer.to_string(),
             target,
-            decision: decision_label(&d),
-            reason,
+            decision,
+            reason: reason.code(),
             status,
         })
         .inc();
@@ -391,6 +497,6 @@ async fn forward(req: Request<Incoming>, peer: &Caller, ctx: &Ctx) -> Response<B
             direction: "inbound",
         })
         .observe(elapsed.as_secs_f64());
-    tracing::info!(target: "moat::access", direction = "inbound", peer = %peer, %method, path = %path, decision = decision_label(&d), reason, policy = ?policy, status, duration_ms = elapsed.as_millis() as u64, request_id = %request_id, "http");
+    tracing::info!(target: "moat::access", direction = "inbound", peer = %peer, %method, path = %path, decision, reason = reason.code(), policy = ?policy, status, duration_ms = elapsed.as_millis() as u64, request_id = %request_id, "http");
     resp
 }

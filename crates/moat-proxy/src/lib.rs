@@ -15,6 +15,7 @@ pub mod mesh_client;
 pub mod metrics;
 pub mod outbound;
 pub mod pool;
+pub mod ratelimit;
 pub mod snapshot;
 
 use std::future::Future;
@@ -79,6 +80,8 @@ pub struct Ctx {
     pub app_h2: Client<AppConnector, crate::http::Body>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
+    /// Token buckets of the rules' rate limits.
+    pub limiter: ratelimit::Limiter,
 }
 
 /// Whether a bootstrap failure is worth retrying (the control plane is away) or final (it said no).
@@ -114,6 +117,7 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
             .pool_idle_timeout(Duration::from_secs(60))
             .build(app),
         shutdown: CancellationToken::new(),
+        limiter: ratelimit::Limiter::default(),
         tracker: TaskTracker::new(),
     });
 
@@ -163,7 +167,7 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
         metrics.clone(),
         rotate_now.clone(),
     ));
-    tokio::spawn(mesh_client::run(
+    let mesh_stream = tokio::spawn(mesh_client::run(
         cfg.clone(),
         tls_tx,
         snap_tx,
@@ -177,6 +181,9 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
     shutdown.await;
     tracing::info!(grace = ?cfg.drain_timeout, "draining: no new connections; finishing in-flight work");
     ctx.shutdown.cancel();
+    // Let the mesh stream say goodbye before anything else winds down (bounded: the control
+    // plane may be away).
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), mesh_stream).await;
     ctx.tracker.close();
     if tokio::time::timeout(cfg.drain_timeout, ctx.tracker.wait())
         .await

@@ -131,8 +131,12 @@ async fn session(
                 // Say goodbye, so the control plane forgets us rather than reporting us lost.
                 send(&tx, proxy_message::Message::Leave(moat_api::v1::Leave {})).await?;
                 drop(tx);
-                // Give the goodbye a moment to leave before the stream is dropped.
-                let _ = tokio::time::timeout(std::time::Duration::from_millis(500), inbound.message()).await;
+                // Half-close and wait for the control plane to end the stream: then it has
+                // processed the goodbye.
+                let _ = tokio::time::timeout(std::time::Duration::from_millis(1500), async {
+                    while let Ok(Some(_)) = inbound.message().await {}
+                })
+                .await;
                 return Ok(());
             }
             _ = report.tick() => {

@@ -49,6 +49,14 @@ pub struct BytesLabels {
     pub flow: &'static str,
 }
 
+/// Labels of a rate-limited request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitedLabels {
+    pub peer: String,
+    /// `namespace/name@version` of the policy whose rule's limit applied.
+    pub policy: String,
+}
+
 /// Labels of a failed handshake.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandshakeLabels {
@@ -89,6 +97,7 @@ pub struct Metrics {
     pub snapshot_version: Gauge,
     pub control_plane_connected: Gauge,
     pub rule_hits: Family<RuleLabels, Counter>,
+    pub rate_limited: Family<RateLimitedLabels, Counter>,
     /// The same counts, for reporting to the control plane.
     rule_totals: Mutex<HashMap<RuleKey, u64>>,
     snapshot_seen: AtomicBool,
@@ -108,6 +117,12 @@ impl Metrics {
         let snapshot_version = Gauge::default();
         let control_plane_connected = Gauge::default();
         let rule_hits = Family::<RuleLabels, Counter>::default();
+        let rate_limited = Family::<RateLimitedLabels, Counter>::default();
+        registry.register(
+            "rate_limited",
+            "Requests refused by a rule's rate limit, by calling identity",
+            rate_limited.clone(),
+        );
         registry.register(
             "policy_rule_hits",
             "Authorization decisions per policy rule (rule=none: no rule matched)",
@@ -166,6 +181,7 @@ impl Metrics {
             snapshot_version,
             control_plane_connected,
             rule_hits,
+            rate_limited,
             rule_totals: Mutex::new(HashMap::new()),
             snapshot_seen: AtomicBool::new(false),
         }

@@ -6,7 +6,11 @@ use std::collections::{HashMap, HashSet};
 
 use moat_api::v1 as pb;
 use moat_identity::{SpiffeId, TrustBundle};
-use moat_policy::{AccessPolicy, DefaultPosture, HttpRoute, MeshConfig, Mode, PolicyVersion, Rule};
+use moat_policy::jwt::{Jwks, TrustedIssuer};
+use moat_policy::{
+    AccessPolicy, DefaultPosture, HttpRoute, JwtAlgorithm, JwtRequirement, MeshConfig, Mode,
+    PolicyVersion, RateKey, RateLimit, Rule,
+};
 use rustls_pki_types::CertificateDer;
 
 /// One applied snapshot.
@@ -17,6 +21,8 @@ pub struct Snapshot {
     /// Policies whose target is this proxy's identity.
     pub policies: Vec<AccessPolicy>,
     pub mesh: MeshConfig,
+    /// End-user token issuers with their keys.
+    pub issuers: Vec<TrustedIssuer>,
     /// Service identity → inbound endpoints.
     pub services: HashMap<SpiffeId, Vec<String>>,
     /// Rotation command generation: when it grows, re-key and renew now.
@@ -88,7 +94,53 @@ fn policy(p: pb::Policy, me: &SpiffeId) -> Result<AccessPolicy, String> {
                     })
                 })
                 .collect::<Result<Vec<_>, String>>()?;
-            Ok(Rule { from, ports, http })
+            let jwt = r
+                .jwt
+                .map(|j| {
+                    if j.issuers.is_empty() || j.audiences.is_empty() {
+                        return Err(format!(
+                            "policy {key} rule {i}: a token requirement needs issuers and audiences"
+                        ));
+                    }
+                    Ok(JwtRequirement {
+                        issuers: j.issuers,
+                        audiences: j.audiences,
+                        claims: j.claims.into_iter().map(|c| (c.name, c.values)).collect(),
+                    })
+                })
+                .transpose()?;
+            let rate_limit = r
+                .rate_limit
+                .map(|l| {
+                    let per = match l.per.as_str() {
+                        "client" => RateKey::Client,
+                        "route" => RateKey::Route,
+                        "client-and-route" => RateKey::ClientAndRoute,
+                        other => {
+                            return Err(format!(
+                                "policy {key} rule {i}: unknown rate key {other:?}"
+                            ));
+                        }
+                    };
+                    if l.requests_per_second == 0 || l.burst == 0 {
+                        return Err(format!(
+                            "policy {key} rule {i}: a rate limit needs a rate and a burst"
+                        ));
+                    }
+                    Ok(RateLimit {
+                        requests_per_second: l.requests_per_second,
+                        burst: l.burst,
+                        per,
+                    })
+                })
+                .transpose()?;
+            Ok(Rule {
+                from,
+                ports,
+                http,
+                jwt,
+                rate_limit,
+            })
         })
         .collect::<Result<Vec<_>, String>>()?;
     Ok(AccessPolicy {
@@ -115,11 +167,34 @@ pub fn from_proto(s: pb::Snapshot, me: &SpiffeId) -> Result<Snapshot, String> {
         .into_iter()
         .map(|p| policy(p, me))
         .collect::<Result<Vec<_>, _>>()?;
-    let default_posture = match s.mesh.map(|m| m.default_posture).as_deref() {
-        None | Some("") | Some("deny") => DefaultPosture::Deny,
-        Some("allow-authenticated") => DefaultPosture::AllowAuthenticated,
-        Some(other) => return Err(format!("unknown default posture {other:?}")),
+    let settings = s.mesh.unwrap_or_default();
+    let default_posture = match settings.default_posture.as_str() {
+        "" | "deny" => DefaultPosture::Deny,
+        "allow-authenticated" => DefaultPosture::AllowAuthenticated,
+        other => return Err(format!("unknown default posture {other:?}")),
     };
+    let issuers = settings
+        .jwt_issuers
+        .into_iter()
+        .map(|i| {
+            let algorithms = i
+                .algorithms
+                .iter()
+                .map(|a| a.parse::<JwtAlgorithm>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("issuer {}: {e}", i.issuer))?;
+            let keys = Jwks::parse(&i.jwks_json, &algorithms)
+                .map_err(|e| format!("issuer {}: {e}", i.issuer))?;
+            Ok(TrustedIssuer {
+                issuer: i.issuer,
+                algorithms,
+                clock_skew: std::time::Duration::from_secs(u64::from(
+                    i.clock_skew_seconds.min(300),
+                )),
+                keys,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
     let mut services = HashMap::new();
     for svc in s.services {
         let sid = id(&svc.spiffe_id, "service")?;
@@ -129,7 +204,11 @@ pub fn from_proto(s: pb::Snapshot, me: &SpiffeId) -> Result<Snapshot, String> {
         version: s.version,
         bundle,
         policies,
-        mesh: MeshConfig { default_posture },
+        mesh: MeshConfig {
+            default_posture,
+            jwt_issuers: Vec::new(),
+        },
+        issuers,
         services,
         rotate_generation: s.rotate_generation,
         revoked_identities: s
@@ -173,6 +252,8 @@ mod tests {
                     methods: vec!["GET".into()],
                     paths: vec![path.into()],
                 }],
+                jwt: None,
+                rate_limit: None,
             }],
         }
     }
@@ -267,7 +348,21 @@ mod tests {
         let mut bad_posture = snapshot(vec![], vec![root()]);
         bad_posture.mesh = Some(pb::MeshSettings {
             default_posture: "open".into(),
+            ..Default::default()
         });
+        // A key set the proxy cannot use is refused like any other bad field.
+        let mut bad_keys = snapshot(vec![], vec![root()]);
+        bad_keys.mesh = Some(pb::MeshSettings {
+            jwt_issuers: vec![pb::JwtIssuer {
+                issuer: "https://id.example".into(),
+                jwks_json: r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#.into(),
+                algorithms: vec!["RS256".into()],
+                clock_skew_seconds: 30,
+            }],
+            ..Default::default()
+        });
+        let err = from_proto(bad_keys, &me()).unwrap_err();
+        assert!(err.contains("symmetric key"), "{err}");
         assert!(
             from_proto(bad_posture, &me())
                 .unwrap_err()

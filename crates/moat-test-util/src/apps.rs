@@ -39,6 +39,14 @@ async fn http_handler(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, I
         .map(|v| v.to_str().unwrap_or("?").to_owned())
         .collect::<Vec<_>>()
         .join(",");
+    let user = req
+        .headers()
+        .get_all("x-moat-user")
+        .iter()
+        .map(|v| v.to_str().unwrap_or("?").to_owned())
+        .collect::<Vec<_>>()
+        .join(",");
+    let bearer = req.headers().contains_key("authorization");
     let version = format!("{:?}", req.version());
     let (method, path) = (req.method().to_string(), req.uri().path().to_owned());
     if let Some(ms) = req
@@ -55,7 +63,9 @@ async fn http_handler(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, I
         .await
         .map(|b| b.to_bytes().len())
         .unwrap_or(0);
-    let text = format!("method={method} path={path} version={version} peer={peer} body={body}\n");
+    let text = format!(
+        "method={method} path={path} version={version} peer={peer} user={user} bearer={bearer} body={body}\n"
+    );
     Ok(Response::new(Full::new(Bytes::from(text))))
 }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, bail};
 use moat_api::v1::ListPoliciesRequest;
 use moat_identity::{SpiffeId, TrustDomain};
-use moat_policy::eval::{Decision, Input, evaluate};
+use moat_policy::eval::{Decision, Input, Jwt, evaluate};
 use moat_policy::{
     AccessPolicy, DefaultPosture, Document, MeshConfig, PolicyVersion, parse_documents,
 };
@@ -53,7 +53,10 @@ impl PolicySet {
         };
         Ok(PolicySet {
             policies,
-            mesh: MeshConfig { default_posture },
+            mesh: MeshConfig {
+                default_posture,
+                ..MeshConfig::default()
+            },
             trust_domain: td,
         })
     }
@@ -83,13 +86,15 @@ impl PolicySet {
         })
     }
 
-    /// Evaluates one request from `from` to `to`.
+    /// Evaluates one request from `from` to `to`. `claims` stands for a verified end-user token
+    /// (`None`: the request carries none).
     pub fn decide(
         &self,
         from: &SpiffeId,
         to: &SpiffeId,
         port: u16,
         http: Option<(&str, &str)>,
+        claims: Option<&moat_policy::jwt::Claims>,
     ) -> Decision {
         let for_target: Vec<AccessPolicy> = self
             .policies
@@ -104,9 +109,57 @@ impl PolicySet {
                 peer: from,
                 port,
                 http,
+                jwt: match (http, claims) {
+                    (None, _) => Jwt::Later,
+                    (Some(_), Some(c)) => Jwt::Valid(c),
+                    (Some(_), None) => Jwt::Missing,
+                },
             },
         )
     }
+}
+
+/// Parses `--jwt-claims`: a JSON object of the claims of a token taken as verified.
+fn claims(text: &str) -> anyhow::Result<moat_policy::jwt::Claims> {
+    match serde_json::from_str(text) {
+        Ok(serde_json::Value::Object(m)) => Ok(m),
+        Ok(_) => bail!(
+            "--jwt-claims must be a JSON object such as '{{\"iss\":\"https://id.example\",\"aud\":\"orders\",\"scope\":\"orders.read\"}}'"
+        ),
+        Err(e) => bail!("--jwt-claims is not JSON: {e}"),
+    }
+}
+
+/// What `moat policy explain` evaluates.
+#[derive(clap::Args, Debug)]
+pub struct ExplainArgs {
+    /// Caller identity.
+    #[arg(long)]
+    from: String,
+    /// Callee identity.
+    #[arg(long)]
+    to: String,
+    /// The port the caller reached (the callee's app port).
+    #[arg(long)]
+    port: Option<u16>,
+    /// HTTP method (with --path).
+    #[arg(long)]
+    method: Option<String>,
+    /// HTTP path (with --method).
+    #[arg(long)]
+    path: Option<String>,
+    /// The claims of the request's end-user token, taken as verified (JSON object); without it
+    /// an HTTP request carries no token.
+    #[arg(long, requires = "method")]
+    jwt_claims: Option<String>,
+    /// Evaluate these policy files instead of the live policies.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Trust domain for short forms when --file is used.
+    #[arg(long, env = "MOAT_TRUST_DOMAIN", default_value = "moat.local")]
+    trust_domain: TrustDomain,
+    #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "json"])]
+    output: String,
 }
 
 fn describe(d: &Decision) -> serde_json::Value {
@@ -125,30 +178,31 @@ fn describe(d: &Decision) -> serde_json::Value {
 }
 
 /// `moat policy explain`.
-#[allow(clippy::too_many_arguments)]
-pub async fn explain(
-    global: &Global,
-    from: &str,
-    to: &str,
-    port: Option<u16>,
-    method: Option<String>,
-    path: Option<String>,
-    file: Option<PathBuf>,
-    trust_domain: &TrustDomain,
-    output: &str,
-) -> anyhow::Result<()> {
+pub async fn explain(global: &Global, args: ExplainArgs) -> anyhow::Result<()> {
+    let ExplainArgs {
+        from,
+        to,
+        port,
+        method,
+        path,
+        jwt_claims,
+        file,
+        trust_domain,
+        output,
+    } = args;
     if method.is_some() != path.is_some() {
         bail!("give --method and --path together (or neither, for a connection-level check)");
     }
+    let claims = jwt_claims.as_deref().map(claims).transpose()?;
     let set = match &file {
-        Some(f) => PolicySet::from_files(f, trust_domain)?,
+        Some(f) => PolicySet::from_files(f, &trust_domain)?,
         None => PolicySet::live(global).await?,
     };
     let td = &set.trust_domain;
-    let from = SpiffeId::parse_with_default(from, td).context("--from")?;
-    let to = SpiffeId::parse_with_default(to, td).context("--to")?;
+    let from = SpiffeId::parse_with_default(&from, td).context("--from")?;
+    let to = SpiffeId::parse_with_default(&to, td).context("--to")?;
     let http = method.as_deref().zip(path.as_deref());
-    let d = set.decide(&from, &to, port.unwrap_or(0), http);
+    let d = set.decide(&from, &to, port.unwrap_or(0), http, claims.as_ref());
     if output == "json" {
         println!("{}", describe(&d));
         return Ok(());
@@ -207,6 +261,9 @@ struct Case {
     method: Option<String>,
     #[serde(default)]
     path: Option<String>,
+    /// The claims of a verified end-user token the request carries.
+    #[serde(default)]
+    jwt_claims: Option<serde_json::Map<String, serde_json::Value>>,
     /// `allow` or `deny`.
     expect: Expect,
     /// Optional expected reason code.
@@ -255,6 +312,7 @@ pub fn test(
             &to,
             c.port.unwrap_or(0),
             c.method.as_deref().zip(c.path.as_deref()),
+            c.jwt_claims.as_ref(),
         );
         let got = if d.allowed {
             Expect::Allow

@@ -24,7 +24,8 @@ pub enum PolicyCmd {
         #[arg(short = 'f', long = "file")]
         path: PathBuf,
     },
-    /// Show stored policies (all, or one `namespace/name`).
+    /// Show stored policies (all, or one `namespace/name`); `-o yaml` without a name also prints
+    /// the MeshConfig.
     Get {
         name: Option<String>,
         #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "yaml", "json"])]
@@ -43,31 +44,7 @@ pub enum PolicyCmd {
     Status,
     /// Why a call would be allowed or denied: decision, reason, matching rule and a trace of
     /// every rule, from the live policies (or --file, offline).
-    Explain {
-        /// Caller identity.
-        #[arg(long)]
-        from: String,
-        /// Callee identity.
-        #[arg(long)]
-        to: String,
-        /// The port the caller reached (the callee's app port).
-        #[arg(long)]
-        port: Option<u16>,
-        /// HTTP method (with --path).
-        #[arg(long)]
-        method: Option<String>,
-        /// HTTP path (with --method).
-        #[arg(long)]
-        path: Option<String>,
-        /// Evaluate these policy files instead of the live policies.
-        #[arg(long)]
-        file: Option<PathBuf>,
-        /// Trust domain for short forms when --file is used.
-        #[arg(long, env = "MOAT_TRUST_DOMAIN", default_value = "moat.local")]
-        trust_domain: TrustDomain,
-        #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "json"])]
-        output: String,
-    },
+    Explain(super::explain::ExplainArgs),
     /// Check a golden allow/deny case table against policy files, offline; exits 1 naming
     /// every case that does not hold (for CI pipelines).
     Test {
@@ -150,29 +127,7 @@ fn validate(sources: &[(String, String)], td: &TrustDomain) -> anyhow::Result<Ve
 
 pub async fn run(global: &Global, cmd: PolicyCmd) -> anyhow::Result<()> {
     match cmd {
-        PolicyCmd::Explain {
-            from,
-            to,
-            port,
-            method,
-            path,
-            file,
-            trust_domain,
-            output,
-        } => {
-            super::explain::explain(
-                global,
-                &from,
-                &to,
-                port,
-                method,
-                path,
-                file,
-                &trust_domain,
-                &output,
-            )
-            .await
-        }
+        PolicyCmd::Explain(args) => super::explain::explain(global, args).await,
         PolicyCmd::Test {
             cases,
             policies,
@@ -311,6 +266,12 @@ pub async fn run(global: &Global, cmd: PolicyCmd) -> anyhow::Result<()> {
                         .filter_map(|i| resp.documents.get(*i).map(String::as_str))
                         .collect();
                     print!("{}", docs.join("---\n"));
+                    if want.is_none() {
+                        if !docs.is_empty() {
+                            println!("---");
+                        }
+                        print!("{}", resp.mesh_document);
+                    }
                 }
                 "json" => {
                     let v: Vec<_> = chosen

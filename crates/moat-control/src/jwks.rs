@@ -1,0 +1,232 @@
+//! End-user token issuers' key sets: read each trusted issuer's JWKS (inline, a file on this
+//! host, or an HTTPS URL), check it, keep the last good one per issuer, re-read files and URLs
+//! at their refresh interval, and move the mesh on when a key set changes so proxies receive it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt as _, Empty, Limited};
+use moat_policy::jwt::{Jwks, MAX_JWKS_BYTES};
+use moat_policy::{JwksSource, JwtIssuer, MeshConfig};
+use tokio_rustls::rustls;
+
+/// How long a JWKS fetch may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads `issuer`'s JWKS from its source and checks it; the error says what to fix.
+pub async fn resolve(issuer: &JwtIssuer) -> Result<String, String> {
+    let json = match &issuer.jwks {
+        JwksSource::Inline(json) => json.clone(),
+        JwksSource::File { path, .. } => read_file(path)?,
+        JwksSource::Url { url, ca_file, .. } => {
+            tokio::time::timeout(FETCH_TIMEOUT, fetch(url, ca_file.as_deref()))
+                .await
+                .map_err(|_| format!("fetching {url} timed out after {FETCH_TIMEOUT:?}"))??
+        }
+    };
+    Jwks::parse(&json, &issuer.algorithms)?;
+    Ok(json)
+}
+
+fn read_file(path: &str) -> Result<String, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    if meta.len() > MAX_JWKS_BYTES as u64 {
+        return Err(format!(
+            "{path} is {} bytes; the limit is {MAX_JWKS_BYTES}",
+            meta.len()
+        ));
+    }
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))
+}
+
+fn tls_config(ca_file: Option<&str>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let certs = moat_tls::cred_dir::read_bundle(std::path::Path::new(path))
+                .map_err(|e| format!("caFile {path}: {e}"))?;
+            for c in certs.roots() {
+                roots
+                    .add(c.clone())
+                    .map_err(|e| format!("caFile {path}: {e}"))?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for c in found.certs {
+                // A system root rustls cannot use is skipped, like every TLS client does.
+                let _ = roots.add(c);
+            }
+            if roots.is_empty() {
+                return Err(
+                    "no system root certificates found: give jwks.caFile for this issuer".into(),
+                );
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// GET `url` over HTTPS (HTTP/1.1), verifying the server against `ca_file` or the system roots.
+async fn fetch(url: &str, ca_file: Option<&str>) -> Result<String, String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| format!("{url} has no host"))?
+        .to_owned();
+    let port = uri.port_u16().unwrap_or(443);
+    let name =
+        rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| format!("{url}: {e}"))?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(ca_file)?));
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
+    let tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS with {host}:{port} failed: {e}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+    tokio::spawn(conn);
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let req = http::Request::get(path)
+        .header(http::header::HOST, &host)
+        .header(http::header::ACCEPT, "application/json")
+        .body(Empty::<bytes::Bytes>::new())
+        .map_err(|e| format!("{url}: {e}"))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    if !resp.status().is_success() {
+        return Err(format!("{url} answered {}", resp.status()));
+    }
+    let body = Limited::new(resp.into_body(), MAX_JWKS_BYTES)
+        .collect()
+        .await
+        .map_err(|e| format!("{url}: {e} (the limit is {MAX_JWKS_BYTES} bytes)"))?
+        .to_bytes();
+    String::from_utf8(body.to_vec()).map_err(|_| format!("{url} did not return UTF-8 text"))
+}
+
+/// The last good key set of one issuer.
+#[derive(Clone, Debug)]
+struct Entry {
+    source: JwksSource,
+    json: String,
+    fetched: Instant,
+}
+
+/// The last good key set of every trusted issuer.
+#[derive(Debug, Default)]
+pub struct JwksCache {
+    entries: RwLock<HashMap<String, Entry>>,
+    /// When a failing source was last attempted (so failures are retried at the refresh pace).
+    failed: RwLock<HashMap<String, Instant>>,
+}
+
+impl JwksCache {
+    /// The checked JWKS JSON of `issuer`, if one was ever read.
+    pub fn get(&self, issuer: &str) -> Option<String> {
+        self.entries
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(issuer)
+            .map(|e| e.json.clone())
+    }
+
+    /// Brings the cache in line with `mesh`: drops issuers no longer trusted, reads those that are
+    /// new, whose source changed or whose refresh is due. Returns whether any key set changed.
+    pub async fn sync(&self, mesh: &MeshConfig) -> bool {
+        let mut changed = false;
+        {
+            let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+            let before = entries.len();
+            entries.retain(|iss, _| mesh.issuer(iss).is_some());
+            changed |= entries.len() != before;
+        }
+        for issuer in &mesh.jwt_issuers {
+            let refresh = match &issuer.jwks {
+                JwksSource::Inline(_) => None,
+                JwksSource::File { refresh, .. } | JwksSource::Url { refresh, .. } => {
+                    Some(*refresh)
+                }
+            };
+            let current = self
+                .entries
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&issuer.issuer)
+                .cloned();
+            let due = match &current {
+                None => true,
+                Some(e) if e.source != issuer.jwks => true,
+                Some(e) => refresh.is_some_and(|r| e.fetched.elapsed() >= r),
+            };
+            let last_failure = self
+                .failed
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&issuer.issuer)
+                .copied();
+            let source_changed = current.as_ref().is_none_or(|e| e.source != issuer.jwks);
+            let backing_off = last_failure.is_some_and(|t| {
+                !source_changed && t.elapsed() < refresh.unwrap_or(Duration::from_secs(30))
+            });
+            if !due || backing_off {
+                continue;
+            }
+            match resolve(issuer).await {
+                Ok(json) => {
+                    self.failed
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&issuer.issuer);
+                    let new = current.as_ref().is_none_or(|e| e.json != json);
+                    if new {
+                        tracing::info!(issuer = %issuer.issuer, "read a new key set for the issuer");
+                    }
+                    changed |= new;
+                    self.entries
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(
+                            issuer.issuer.clone(),
+                            Entry {
+                                source: issuer.jwks.clone(),
+                                json,
+                                fetched: Instant::now(),
+                            },
+                        );
+                }
+                Err(e) => {
+                    tracing::warn!(issuer = %issuer.issuer, error = %e, "cannot refresh the issuer's key set; keeping the last good one");
+                    self.failed
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(issuer.issuer.clone(), Instant::now());
+                }
+            }
+        }
+        changed
+    }
+}
+
+/// Keeps `cache` current with the mesh config in force, checking every second what is due.
+pub async fn refresh_loop(state: Arc<crate::mesh_svc::MeshState>) {
+    loop {
+        let mesh = state.current_policies().mesh.clone();
+        if state.jwks.sync(&mesh).await {
+            state.bump();
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
