@@ -7,116 +7,17 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use aws_lc_rs::encoding::AsDer as _;
-use aws_lc_rs::rand::SystemRandom;
-use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, Ed25519KeyPair};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use common::tokens::{Signer, jwks, now};
 use common::*;
-use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use moat_test_util::apps::http_echo;
 use moat_test_util::{ControlPlane, Proxy, apply_policy, eventually};
 
 const ISSUER: &str = "https://id.moat.test";
-
-/// A signing key of the test's token service.
-struct Signer {
-    kid: String,
-    alg: Algorithm,
-    key: EncodingKey,
-    /// The public half, as published in the JWKS.
-    jwk: Jwk,
-}
-
-/// The RSAPrivateKey (PKCS#1) inside a PKCS#8 document, which is what jsonwebtoken signs with.
-fn pkcs1_of(pkcs8: &[u8]) -> Vec<u8> {
-    // SEQUENCE { INTEGER version, SEQUENCE algorithm, OCTET STRING privateKey }
-    fn element(d: &[u8]) -> (u8, &[u8], &[u8]) {
-        let tag = d[0];
-        let (len, header) = match d[1] {
-            l if l < 0x80 => (usize::from(l), 2),
-            0x81 => (usize::from(d[2]), 3),
-            0x82 => (usize::from(d[2]) << 8 | usize::from(d[3]), 4),
-            _ => panic!("unexpected DER length"),
-        };
-        (tag, &d[header..header + len], &d[header + len..])
-    }
-    let (_, seq, _) = element(pkcs8);
-    let (_, _, rest) = element(seq);
-    let (_, _, rest) = element(rest);
-    let (tag, key, _) = element(rest);
-    assert_eq!(tag, 0x04);
-    key.to_vec()
-}
-
-fn with_kid(mut jwk: Jwk, kid: &str) -> Jwk {
-    jwk.common.key_id = Some(kid.to_owned());
-    jwk
-}
-
-impl Signer {
-    fn rsa(kid: &str) -> Self {
-        let kp = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
-        let pkcs8 = kp.as_der().unwrap();
-        let key = EncodingKey::from_rsa_der(&pkcs1_of(pkcs8.as_ref()));
-        let jwk = with_kid(Jwk::from_encoding_key(&key, Algorithm::RS256).unwrap(), kid);
-        Signer {
-            kid: kid.into(),
-            alg: Algorithm::RS256,
-            key,
-            jwk,
-        }
-    }
-
-    fn ec(kid: &str) -> Self {
-        let doc =
-            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
-                .unwrap();
-        let key = EncodingKey::from_ec_der(doc.as_ref());
-        let jwk = with_kid(Jwk::from_encoding_key(&key, Algorithm::ES256).unwrap(), kid);
-        Signer {
-            kid: kid.into(),
-            alg: Algorithm::ES256,
-            key,
-            jwk,
-        }
-    }
-
-    fn ed(kid: &str) -> Self {
-        let doc = Ed25519KeyPair::generate_pkcs8v1(&SystemRandom::new()).unwrap();
-        let key = EncodingKey::from_ed_der(doc.as_ref());
-        let jwk = with_kid(Jwk::from_encoding_key(&key, Algorithm::EdDSA).unwrap(), kid);
-        Signer {
-            kid: kid.into(),
-            alg: Algorithm::EdDSA,
-            key,
-            jwk,
-        }
-    }
-
-    fn sign(&self, claims: &serde_json::Value) -> String {
-        let mut header = Header::new(self.alg);
-        header.kid = Some(self.kid.clone());
-        jsonwebtoken::encode(&header, claims, &self.key).unwrap()
-    }
-}
-
-fn jwks(signers: &[&Signer]) -> String {
-    serde_json::to_string(&JwkSet {
-        keys: signers.iter().map(|s| s.jwk.clone()).collect(),
-    })
-    .unwrap()
-}
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
 
 fn claims(overrides: serde_json::Value) -> serde_json::Value {
     let mut c = serde_json::json!({
@@ -519,4 +420,107 @@ async fn rate_limits_hold_per_client_and_spare_other_clients() {
         !m.lines()
             .any(|l| l.starts_with("moat_rate_limited_total{") && l.contains("sa/orders"))
     );
+}
+
+/// An HTTPS server on 127.0.0.1 answering every GET with the current `body`; returns its address
+/// and the PEM of the CA that signed its certificate.
+async fn https_jwks(
+    body: std::sync::Arc<std::sync::Mutex<String>>,
+) -> (std::net::SocketAddr, String) {
+    use std::sync::Arc;
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let ca = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, body) = (acceptor.clone(), body.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |_req| {
+                    let text = body.lock().unwrap().clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(text)),
+                        ))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, ca_cert.pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_is_fetched_over_https_and_key_rotation_needs_no_restart() {
+    let cp = ControlPlane::start().unwrap();
+    let (old, new) = (Signer::rsa("2026-a"), Signer::ed("2026-b"));
+    let served = std::sync::Arc::new(std::sync::Mutex::new(jwks(&[&old])));
+    let (addr, ca_pem) = https_jwks(served.clone()).await;
+    let ca_file = cp.scratch().join("jwks-ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    let mesh = format!(
+        "apiVersion: moat.dev/v1\nkind: MeshConfig\nmetadata: {{ name: mesh }}\nspec:\n  jwtIssuers:\n    - issuer: {ISSUER}\n      jwks: {{ url: \"https://{addr}/.well-known/jwks.json\", caFile: {}, refresh: 1s }}\n",
+        ca_file.display()
+    );
+    // Without the CA the server is not trusted: refused at apply.
+    let untrusted = cp.scratch().join("untrusted.yaml");
+    std::fs::write(
+        &untrusted,
+        mesh.replace(&format!(", caFile: {}", ca_file.display()), ""),
+    )
+    .unwrap();
+    let out = cp.moat(&["policy", "apply", "-f", untrusted.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("TLS with"), "{}", stderr(&out));
+
+    apply_policy(&cp, &format!("{mesh}---{ORDERS_NEEDS_A_TOKEN}"));
+    let _orders = Proxy::start(&cp, "orders", http_echo().await, &[], &[]).unwrap();
+    let frontend = Proxy::start(&cp, "frontend", http_echo().await, &["orders"], &[]).unwrap();
+    wait_for_services(&frontend, &["orders"]);
+    let url = format!("http://{}/orders/1", frontend.upstream("orders"));
+    let accepted = |token: String| {
+        let url = url.clone();
+        eventually(Duration::from_secs(10), move || {
+            let r = tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(call(&url, Some(&token), &[]))
+            });
+            (r.0 == 200).then_some(())
+        })
+        .is_some()
+    };
+    assert!(accepted(old.sign(&claims(serde_json::json!({})))));
+    // The issuer adds a new key and retires the old one.
+    *served.lock().unwrap() = jwks(&[&new]);
+    assert!(accepted(new.sign(&claims(serde_json::json!({})))));
+    let (status, reason, _, _) =
+        call(&url, Some(&old.sign(&claims(serde_json::json!({})))), &[]).await;
+    assert_eq!((status, reason.as_str()), (401, "jwt-unknown-kid"));
 }

@@ -5,6 +5,8 @@
 
 use std::path::Path;
 
+pub mod tokens;
+
 use moat_api::v1::identity_client::IdentityClient;
 use moat_identity::{SpiffeId, TrustBundle, TrustDomain};
 use moat_test_util::ControlPlane;

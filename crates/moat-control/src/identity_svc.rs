@@ -20,7 +20,8 @@ pub struct CertifyInput {
     pub csr: ValidatedCsr,
     /// `None`: the control plane's default. Checked against the configured range by the handler.
     pub ttl: Option<Duration>,
-    pub join_token: Option<String>,
+    /// `None`: a renewal over mutual TLS.
+    pub credential: Option<certify_request::Credential>,
 }
 
 impl TryFrom<CertifyRequest> for CertifyInput {
@@ -31,13 +32,10 @@ impl TryFrom<CertifyRequest> for CertifyInput {
             0 => None,
             s => Some(Duration::from_secs(u64::from(s))),
         };
-        let join_token = req.credential.map(|c| match c {
-            certify_request::Credential::JoinToken(t) => t,
-        });
         Ok(CertifyInput {
             csr,
             ttl,
-            join_token,
+            credential: req.credential,
         })
     }
 }
@@ -61,6 +59,74 @@ pub fn token_status(e: TokenError) -> Status {
             Status::unavailable("the control plane cannot read its store; try again")
         }
     }
+}
+
+/// Verifies a Kubernetes projected service-account token against the cluster's issuer keys
+/// (MeshConfig `spec.kubernetes`) and checks that it proves `wanted`. Returns the actor name
+/// (`k8s:<namespace>/<service account>`).
+fn service_account(
+    cp: &ControlPlane,
+    token: &str,
+    wanted: &moat_identity::SpiffeId,
+) -> Result<String, Status> {
+    let policies = cp.mesh.current_policies();
+    let Some(k8s) = &policies.mesh.kubernetes else {
+        return Err(Status::unauthenticated(
+            "this control plane does not accept Kubernetes service-account tokens: set MeshConfig spec.kubernetes (issuer and JWKS of the cluster's service-account signer)",
+        ));
+    };
+    let Some(json) = cp.mesh.jwks.get(crate::jwks::KUBERNETES) else {
+        return Err(Status::unavailable(
+            "the cluster's service-account keys have not been read yet; try again",
+        ));
+    };
+    let keys = moat_policy::jwt::Jwks::parse(&json, &k8s.issuer.algorithms)
+        .map_err(|e| Status::internal(format!("the cluster's service-account keys: {e}")))?;
+    let issuer = moat_policy::jwt::TrustedIssuer {
+        issuer: k8s.issuer.issuer.clone(),
+        algorithms: k8s.issuer.algorithms.clone(),
+        clock_skew: k8s.issuer.clock_skew,
+        keys,
+    };
+    let claims = moat_policy::jwt::verify(token, &[issuer]).map_err(|r| {
+        Status::unauthenticated(format!(
+            "the service-account token is not acceptable: {}",
+            r.code()
+        ))
+    })?;
+    let audiences: Vec<&str> = match claims.get("aud") {
+        Some(serde_json::Value::String(a)) => vec![a.as_str()],
+        Some(serde_json::Value::Array(v)) => v.iter().filter_map(|a| a.as_str()).collect(),
+        _ => Vec::new(),
+    };
+    if !audiences.contains(&k8s.audience.as_str()) {
+        return Err(Status::unauthenticated(format!(
+            "the service-account token is for audience {audiences:?}, not {:?}: project a token with `audience: {}`",
+            k8s.audience, k8s.audience
+        )));
+    }
+    let sub = claims.get("sub").and_then(|s| s.as_str()).unwrap_or("");
+    let Some((ns, sa)) = sub
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|rest| rest.split_once(':'))
+    else {
+        return Err(Status::unauthenticated(format!(
+            "the token's subject {sub:?} is not a service account (system:serviceaccount:NS:NAME)"
+        )));
+    };
+    let proved = moat_identity::SpiffeId::new(
+        wanted.trust_domain().clone(),
+        ns.parse()
+            .map_err(|e| Status::unauthenticated(format!("token namespace {ns:?}: {e}")))?,
+        sa.parse()
+            .map_err(|e| Status::unauthenticated(format!("token service account {sa:?}: {e}")))?,
+    );
+    if &proved != wanted {
+        return Err(Status::permission_denied(format!(
+            "the service-account token proves {proved}, but the CSR asks for {wanted}"
+        )));
+    }
+    Ok(format!("k8s:{ns}/{sa}"))
 }
 
 /// The response for a freshly issued certificate.
@@ -121,13 +187,27 @@ impl Identity for IdentityService {
             return Err(self.refuse(&actor, &target, "revoked", status).await);
         }
         match (
-            &input.join_token,
+            &input.credential,
             conn.as_ref().and_then(|c| c.peer.as_ref()),
         ) {
-            (Some(token), _) => match cp.tokens.redeem(token, &input.csr.id).await {
-                Ok(rec) => actor = format!("token:{}", rec.id),
-                Err(e) => return Err(self.refuse(&actor, &target, "token", token_status(e)).await),
-            },
+            (Some(certify_request::Credential::JoinToken(token)), _) => {
+                match cp.tokens.redeem(token, &input.csr.id).await {
+                    Ok(rec) => actor = format!("token:{}", rec.id),
+                    Err(e) => {
+                        return Err(self.refuse(&actor, &target, "token", token_status(e)).await);
+                    }
+                }
+            }
+            (Some(certify_request::Credential::KubernetesToken(token)), _) => {
+                match service_account(cp, token, &input.csr.id) {
+                    Ok(who) => actor = who,
+                    Err(status) => {
+                        return Err(self
+                            .refuse(&actor, &target, "service-account-token", status)
+                            .await);
+                    }
+                }
+            }
             (None, Some(peer)) => {
                 if peer.verified.id != input.csr.id {
                     let status = Status::permission_denied(format!(
@@ -191,11 +271,11 @@ impl Identity for IdentityService {
                     .await);
             }
         };
-        tracing::info!(id = %issued.id, serial = %issued.serial, %actor, renewal = input.join_token.is_none(), "issued certificate");
-        cp.metrics.issued(if input.join_token.is_some() {
-            "token"
-        } else {
-            "renewal"
+        tracing::info!(id = %issued.id, serial = %issued.serial, %actor, renewal = input.credential.is_none(), "issued certificate");
+        cp.metrics.issued(match &input.credential {
+            Some(certify_request::Credential::JoinToken(_)) => "token",
+            Some(certify_request::Credential::KubernetesToken(_)) => "service-account",
+            None => "renewal",
         });
         Ok(Response::new(certify_response(&ca, issued)))
     }

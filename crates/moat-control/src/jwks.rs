@@ -147,13 +147,14 @@ impl JwksCache {
     /// new, whose source changed or whose refresh is due. Returns whether any key set changed.
     pub async fn sync(&self, mesh: &MeshConfig) -> bool {
         let mut changed = false;
+        let wanted = slots(mesh);
         {
             let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
             let before = entries.len();
-            entries.retain(|iss, _| mesh.issuer(iss).is_some());
+            entries.retain(|slot, _| wanted.iter().any(|(s, _)| s == slot));
             changed |= entries.len() != before;
         }
-        for issuer in &mesh.jwt_issuers {
+        for (slot, issuer) in wanted {
             let refresh = match &issuer.jwks {
                 JwksSource::Inline(_) => None,
                 JwksSource::File { refresh, .. } | JwksSource::Url { refresh, .. } => {
@@ -164,7 +165,7 @@ impl JwksCache {
                 .entries
                 .read()
                 .unwrap_or_else(|e| e.into_inner())
-                .get(&issuer.issuer)
+                .get(&slot)
                 .cloned();
             let due = match &current {
                 None => true,
@@ -175,7 +176,7 @@ impl JwksCache {
                 .failed
                 .read()
                 .unwrap_or_else(|e| e.into_inner())
-                .get(&issuer.issuer)
+                .get(&slot)
                 .copied();
             let source_changed = current.as_ref().is_none_or(|e| e.source != issuer.jwks);
             let backing_off = last_failure.is_some_and(|t| {
@@ -189,7 +190,7 @@ impl JwksCache {
                     self.failed
                         .write()
                         .unwrap_or_else(|e| e.into_inner())
-                        .remove(&issuer.issuer);
+                        .remove(&slot);
                     let new = current.as_ref().is_none_or(|e| e.json != json);
                     if new {
                         tracing::info!(issuer = %issuer.issuer, "read a new key set for the issuer");
@@ -199,7 +200,7 @@ impl JwksCache {
                         .write()
                         .unwrap_or_else(|e| e.into_inner())
                         .insert(
-                            issuer.issuer.clone(),
+                            slot.clone(),
                             Entry {
                                 source: issuer.jwks.clone(),
                                 json,
@@ -212,12 +213,28 @@ impl JwksCache {
                     self.failed
                         .write()
                         .unwrap_or_else(|e| e.into_inner())
-                        .insert(issuer.issuer.clone(), Instant::now());
+                        .insert(slot.clone(), Instant::now());
                 }
             }
         }
         changed
     }
+}
+
+/// The cache slot of the Kubernetes service-account issuer (end-user issuers use their `iss`).
+pub const KUBERNETES: &str = "kubernetes:service-accounts";
+
+/// Every issuer `mesh` trusts, by cache slot.
+fn slots(mesh: &MeshConfig) -> Vec<(String, &JwtIssuer)> {
+    mesh.jwt_issuers
+        .iter()
+        .map(|i| (i.issuer.clone(), i))
+        .chain(
+            mesh.kubernetes
+                .iter()
+                .map(|k| (KUBERNETES.to_owned(), &k.issuer)),
+        )
+        .collect()
 }
 
 /// Keeps `cache` current with the mesh config in force, checking every second what is due.

@@ -192,10 +192,20 @@ impl Policies {
         let stored = self.load().await?;
         let mesh = new_mesh.unwrap_or(&stored.mesh);
         if let Some(m) = new_mesh {
-            for (i, issuer) in m.jwt_issuers.iter().enumerate() {
+            let named = m
+                .jwt_issuers
+                .iter()
+                .enumerate()
+                .map(|(i, issuer)| (format!("spec.jwtIssuers[{i}]"), issuer))
+                .chain(
+                    m.kubernetes
+                        .iter()
+                        .map(|k| ("spec.kubernetes".to_owned(), &k.issuer)),
+                );
+            for (field, issuer) in named {
                 crate::jwks::resolve(issuer).await.map_err(|e| {
                     PolicyError::Request(format!(
-                        "MeshConfig spec.jwtIssuers[{i}] ({}): {e}; nothing was applied",
+                        "MeshConfig {field} ({}): {e}; nothing was applied",
                         issuer.issuer
                     ))
                 })?;

@@ -207,6 +207,21 @@ struct MeshConfigSpec {
     default_posture: Option<PostureDoc>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     jwt_issuers: Vec<JwtIssuerDoc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kubernetes: Option<KubernetesDoc>,
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct KubernetesDoc {
+    issuer: String,
+    jwks: JwksDoc,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    algorithms: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    clock_skew: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    audience: Option<String>,
 }
 
 /// Splits YAML text into documents at `---` lines; returns each with its first line number.
@@ -587,12 +602,31 @@ fn mesh_config(d: MeshConfigDoc) -> Result<MeshConfig, FieldError> {
         }
         jwt_issuers.push(issuer);
     }
+    let kubernetes = match d.spec.kubernetes {
+        None => None,
+        Some(k) => {
+            let at = |f: &str| format!("spec.kubernetes.{f}");
+            let audience = k.audience.unwrap_or_else(|| "moat".to_owned());
+            plain(&audience, "audience", 512).map_err(|m| (at("audience"), m))?;
+            let issuer = jwt_issuer(
+                JwtIssuerDoc {
+                    issuer: k.issuer,
+                    jwks: k.jwks,
+                    algorithms: k.algorithms,
+                    clock_skew: k.clock_skew,
+                },
+                &at,
+            )?;
+            Some(crate::model::ServiceAccountIssuer { issuer, audience })
+        }
+    };
     Ok(MeshConfig {
         default_posture: match d.spec.default_posture {
             None | Some(PostureDoc::Deny) => DefaultPosture::Deny,
             Some(PostureDoc::AllowAuthenticated) => DefaultPosture::AllowAuthenticated,
         },
         jwt_issuers,
+        kubernetes,
     })
 }
 
@@ -682,39 +716,50 @@ pub fn mesh_config_yaml(m: &MeshConfig) -> String {
                 DefaultPosture::Deny => PostureDoc::Deny,
                 DefaultPosture::AllowAuthenticated => PostureDoc::AllowAuthenticated,
             }),
-            jwt_issuers: m
-                .jwt_issuers
-                .iter()
-                .map(|i| JwtIssuerDoc {
-                    issuer: i.issuer.clone(),
-                    jwks: match &i.jwks {
-                        JwksSource::Inline(json) => JwksDoc {
-                            inline: Some(json.clone()),
-                            ..JwksDoc::default()
-                        },
-                        JwksSource::File { path, refresh } => JwksDoc {
-                            file: Some(path.clone()),
-                            refresh: Some(humantime::format_duration(*refresh).to_string()),
-                            ..JwksDoc::default()
-                        },
-                        JwksSource::Url {
-                            url,
-                            ca_file,
-                            refresh,
-                        } => JwksDoc {
-                            url: Some(url.clone()),
-                            ca_file: ca_file.clone(),
-                            refresh: Some(humantime::format_duration(*refresh).to_string()),
-                            ..JwksDoc::default()
-                        },
-                    },
-                    algorithms: i.algorithms.iter().map(|a| a.as_str().to_owned()).collect(),
-                    clock_skew: Some(humantime::format_duration(i.clock_skew).to_string()),
-                })
-                .collect(),
+            kubernetes: m.kubernetes.as_ref().map(|k| {
+                let i = issuer_doc(&k.issuer);
+                KubernetesDoc {
+                    issuer: i.issuer,
+                    jwks: i.jwks,
+                    algorithms: i.algorithms,
+                    clock_skew: i.clock_skew,
+                    audience: Some(k.audience.clone()),
+                }
+            }),
+            jwt_issuers: m.jwt_issuers.iter().map(issuer_doc).collect(),
         },
     };
     serde_yaml_ng::to_string(&doc).unwrap_or_default()
+}
+
+fn issuer_doc(i: &JwtIssuer) -> JwtIssuerDoc {
+    let refresh = |r: &Duration| Some(humantime::format_duration(*r).to_string());
+    JwtIssuerDoc {
+        issuer: i.issuer.clone(),
+        jwks: match &i.jwks {
+            JwksSource::Inline(json) => JwksDoc {
+                inline: Some(json.clone()),
+                ..JwksDoc::default()
+            },
+            JwksSource::File { path, refresh: r } => JwksDoc {
+                file: Some(path.clone()),
+                refresh: refresh(r),
+                ..JwksDoc::default()
+            },
+            JwksSource::Url {
+                url,
+                ca_file,
+                refresh: r,
+            } => JwksDoc {
+                url: Some(url.clone()),
+                ca_file: ca_file.clone(),
+                refresh: refresh(r),
+                ..JwksDoc::default()
+            },
+        },
+        algorithms: i.algorithms.iter().map(|a| a.as_str().to_owned()).collect(),
+        clock_skew: Some(humantime::format_duration(i.clock_skew).to_string()),
+    }
 }
 
 #[cfg(test)]
@@ -765,7 +810,7 @@ spec: { defaultPosture: allow-authenticated }
             docs[1],
             Document::MeshConfig(MeshConfig {
                 default_posture: DefaultPosture::AllowAuthenticated,
-                jwt_issuers: Vec::new(),
+                ..MeshConfig::default()
             })
         );
         // JSON is YAML too.

@@ -15,4 +15,5 @@ pub use eval::{Decision, Reason, RuleTrace, evaluate};
 pub use model::{
     AccessPolicy, DefaultPosture, HttpRoute, JwksSource, JwtAlgorithm, JwtIssuer, JwtRequirement,
     MeshConfig, Method, Mode, PathPattern, PolicyName, PolicyVersion, RateKey, RateLimit, Rule,
+    ServiceAccountIssuer,
 };

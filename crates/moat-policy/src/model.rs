@@ -332,6 +332,17 @@ pub struct MeshConfig {
     pub default_posture: DefaultPosture,
     /// End-user token issuers rules may require.
     pub jwt_issuers: Vec<JwtIssuer>,
+    /// The Kubernetes service-account token issuer whose tokens prove pod identities.
+    pub kubernetes: Option<ServiceAccountIssuer>,
+}
+
+/// A cluster's service-account token issuer: projected tokens for `audience`, signed by its keys,
+/// prove `ns/<namespace>/sa/<service account>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceAccountIssuer {
+    pub issuer: JwtIssuer,
+    /// The audience the projected token must carry (`moat`).
+    pub audience: String,
 }
 
 impl MeshConfig {

@@ -35,6 +35,10 @@ spec:
       jwks: { url: https://login.example/jwks.json, caFile: /etc/moat/ca.pem, refresh: 5m }
     - issuer: https://files.example
       jwks: { file: /etc/moat/jwks.json }
+  kubernetes:
+    issuer: https://kubernetes.default.svc.cluster.local
+    jwks: { file: /var/run/secrets/cluster/jwks.json }
+    audience: moat
 "#;
 
 fn keys(v: &serde_yaml_ng::Value, out: &mut Vec<String>) {

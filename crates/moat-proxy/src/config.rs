@@ -13,7 +13,8 @@ pub struct ProxyConfig {
     pub control_plane: String,
     pub trust_domain: TrustDomain,
     pub identity: SpiffeId,
-    pub token_file: PathBuf,
+    /// How the first certificate is obtained.
+    pub bootstrap: Bootstrap,
     pub trust_anchors: PathBuf,
     pub inbound: SocketAddr,
     /// What other sidecars dial; defaults to `inbound` when that is not a wildcard.
@@ -28,6 +29,24 @@ pub struct ProxyConfig {
     /// app port for inbound clients that do not say (by ALPN) what they carry. Needed for
     /// server-first protocols (SMTP, MySQL, …), which would otherwise wait out detection.
     pub opaque_ports: Vec<u16>,
+}
+
+/// The credential for the first certificate, as a file path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// A join token from `moat token create`.
+    JoinToken(PathBuf),
+    /// A Kubernetes projected service-account token.
+    ServiceAccount(PathBuf),
+}
+
+impl Bootstrap {
+    /// The file holding the credential.
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            Bootstrap::JoinToken(p) | Bootstrap::ServiceAccount(p) => p,
+        }
+    }
 }
 
 /// An explicit outbound listener: `name=127.0.0.1:9001` sends what arrives on the address to the

@@ -133,18 +133,23 @@ fn accept(
 /// Obtains the first certificate with the join token.
 pub async fn bootstrap(cfg: &ProxyConfig) -> anyhow::Result<TlsGen> {
     let anchors = moat_tls::cred_dir::read_bundle(&cfg.trust_anchors)?;
-    let token = std::fs::read_to_string(&cfg.token_file).with_context(|| {
-        format!(
-            "cannot read the join token file {}",
-            cfg.token_file.display()
-        )
-    })?;
+    let path = cfg.bootstrap.path();
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the token file {}", path.display()))?;
     let token = token.trim();
     anyhow::ensure!(
         !token.is_empty(),
-        "the join token file {} is empty",
-        cfg.token_file.display()
+        "the token file {} is empty",
+        path.display()
     );
+    let credential = match &cfg.bootstrap {
+        crate::config::Bootstrap::JoinToken(_) => {
+            certify_request::Credential::JoinToken(token.to_owned())
+        }
+        crate::config::Bootstrap::ServiceAccount(_) => {
+            certify_request::Credential::KubernetesToken(token.to_owned())
+        }
+    };
     let key = WorkloadKey::generate(&cfg.identity)?;
     let channel =
         moat_tls::connect::channel(&cfg.control_plane, anchors.clone(), control_id(cfg)?, None)
@@ -153,12 +158,12 @@ pub async fn bootstrap(cfg: &ProxyConfig) -> anyhow::Result<TlsGen> {
         .certify(CertifyRequest {
             csr_der: key.csr_der().to_vec(),
             ttl_seconds: ttl_seconds(cfg),
-            credential: Some(certify_request::Credential::JoinToken(token.to_owned())),
+            credential: Some(credential),
         })
         .await
         .map_err(|s| {
             anyhow::anyhow!(
-                "the control plane refused our join token ({:?}): {}",
+                "the control plane refused our token ({:?}): {}",
                 s.code(),
                 s.message()
             )

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use moat_identity::{SpiffeId, TrustDomain};
-use moat_proxy::config::{ProxyConfig, Upstream};
+use moat_proxy::config::{Bootstrap, ProxyConfig, Upstream};
 
 #[derive(Parser, Debug)]
 #[command(name = "moat-proxy", version, about = "The moat sidecar proxy")]
@@ -26,8 +26,16 @@ struct Args {
     #[arg(long, env = "MOAT_TRUST_DOMAIN", default_value = "moat.local")]
     trust_domain: TrustDomain,
     /// File holding the join token for the first certificate.
-    #[arg(long, env = "MOAT_TOKEN_FILE")]
-    token_file: PathBuf,
+    #[arg(
+        long,
+        env = "MOAT_TOKEN_FILE",
+        required_unless_present = "k8s_token_file"
+    )]
+    token_file: Option<PathBuf>,
+    /// On Kubernetes: the projected service-account token (audience `moat`) to prove the pod's
+    /// identity with, instead of a join token. Re-read at every bootstrap.
+    #[arg(long, env = "MOAT_K8S_TOKEN_FILE", conflicts_with = "token_file")]
+    k8s_token_file: Option<PathBuf>,
     /// PEM roots to trust the control plane by (`moat ca bundle`).
     #[arg(long, env = "MOAT_TRUST_ANCHORS")]
     trust_anchors: PathBuf,
@@ -88,7 +96,11 @@ fn config(a: &Args) -> Result<ProxyConfig, String> {
         control_plane: a.control_plane.clone(),
         trust_domain: a.trust_domain.clone(),
         identity,
-        token_file: a.token_file.clone(),
+        bootstrap: match (&a.token_file, &a.k8s_token_file) {
+            (_, Some(f)) => Bootstrap::ServiceAccount(f.clone()),
+            (Some(f), None) => Bootstrap::JoinToken(f.clone()),
+            (None, None) => return Err("give --token-file or --k8s-token-file".into()),
+        },
         trust_anchors: a.trust_anchors.clone(),
         inbound: a.inbound,
         advertise,

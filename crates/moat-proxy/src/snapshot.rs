@@ -206,7 +206,7 @@ pub fn from_proto(s: pb::Snapshot, me: &SpiffeId) -> Result<Snapshot, String> {
         policies,
         mesh: MeshConfig {
             default_posture,
-            jwt_issuers: Vec::new(),
+            ..MeshConfig::default()
         },
         issuers,
         services,

@@ -47,6 +47,20 @@ impl Proxy {
         upstreams: &[&str],
         extra: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::launch_with_token(cp, identity, "--token-file", token, app, upstreams, extra)
+    }
+
+    /// Like [`launch`](Self::launch), with the token passed by `token_flag` (`--token-file` for a
+    /// join token, `--k8s-token-file` for a service-account token).
+    pub fn launch_with_token(
+        cp: &ControlPlane,
+        identity: &str,
+        token_flag: &str,
+        token: &str,
+        app: SocketAddr,
+        upstreams: &[&str],
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let token_file = dir.path().join("token");
         std::fs::write(&token_file, token.trim())?;
@@ -59,7 +73,7 @@ impl Proxy {
             &cp.url(),
             "--identity",
             identity,
-            "--token-file",
+            token_flag,
         ])
         .arg(&token_file)
         .arg("--trust-anchors")

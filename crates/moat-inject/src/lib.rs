@@ -1,0 +1,364 @@
+//! Sidecar injection, with no I/O. A Kubernetes object (as a JSON value) goes in; the same object
+//! with the moat sidecar added to its pod template comes out. `moat inject` applies it to YAML
+//! files and the control plane's admission webhook answers with the JSONPatch between the two,
+//! so both produce the same pod.
+//!
+//! The injected pod gets, ahead of its own init containers: `moat-init`, which installs the
+//! interception rules (`moat-proxy init`), and `moat-proxy` as a native sidecar (an init container
+//! with `restartPolicy: Always`, so the app starts once the proxy is ready and Jobs complete);
+//! a projected service-account token for audience `moat`; and the mesh's trust bundle from the
+//! `moat-ca-root` ConfigMap. Injecting twice changes nothing.
+
+use serde_json::{Value, json};
+
+pub mod patch;
+
+/// Pod annotation: `disabled` leaves the pod alone.
+pub const INJECT: &str = "moat.dev/inject";
+/// Pod annotation: ports carried as opaque TCP without protocol detection (comma-separated).
+pub const OPAQUE_PORTS: &str = "moat.dev/opaque-ports";
+/// Pod annotations: inbound / outbound ports not intercepted at all (comma-separated).
+pub const SKIP_INBOUND: &str = "moat.dev/skip-inbound-ports";
+pub const SKIP_OUTBOUND: &str = "moat.dev/skip-outbound-ports";
+
+/// The sidecar container's name.
+pub const PROXY: &str = "moat-proxy";
+/// The interception-rules init container's name.
+pub const INIT: &str = "moat-init";
+/// Where the projected service-account token is mounted.
+pub const TOKEN_PATH: &str = "/var/run/secrets/moat/token";
+/// Where the trust bundle ConfigMap is mounted.
+pub const BUNDLE_PATH: &str = "/var/run/moat/ca/bundle.pem";
+
+/// The sidecar's ports: inbound mTLS, transparent outbound, admin.
+pub const INBOUND_PORT: u16 = 7143;
+pub const OUTBOUND_PORT: u16 = 7140;
+pub const ADMIN_PORT: u16 = 7191;
+
+/// What the injected sidecar points at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InjectConfig {
+    pub proxy_image: String,
+    /// The control plane's gRPC URL as pods reach it.
+    pub control_plane: String,
+    pub trust_domain: String,
+    /// The uid the proxy runs as; its own traffic is not intercepted.
+    pub proxy_uid: i64,
+}
+
+impl Default for InjectConfig {
+    fn default() -> Self {
+        InjectConfig {
+            proxy_image: format!("ghcr.io/moat-mesh/moat-proxy:{}", env!("CARGO_PKG_VERSION")),
+            control_plane: "https://moat-control.moat-system.svc:7443".into(),
+            trust_domain: "moat.local".into(),
+            proxy_uid: 1337,
+        }
+    }
+}
+
+/// What [`inject`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Injected,
+    AlreadyInjected,
+    /// `moat.dev/inject: disabled`.
+    OptedOut,
+    /// Not a kind that has a pod template (Service, ConfigMap, …): left untouched.
+    NotAWorkload,
+}
+
+/// The JSON pointers of the pod template's metadata and spec for `kind`, if it has one.
+fn template_paths(kind: &str) -> Option<(&'static str, &'static str)> {
+    Some(match kind {
+        "Pod" => ("/metadata", "/spec"),
+        "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" => {
+            ("/spec/template/metadata", "/spec/template/spec")
+        }
+        "CronJob" => (
+            "/spec/jobTemplate/spec/template/metadata",
+            "/spec/jobTemplate/spec/template/spec",
+        ),
+        _ => return None,
+    })
+}
+
+fn annotation<'a>(meta: Option<&'a Value>, key: &str) -> Option<&'a str> {
+    meta?.get("annotations")?.get(key)?.as_str()
+}
+
+/// Parses a comma-separated port list annotation.
+fn ports(meta: Option<&Value>, key: &str) -> Result<Vec<u16>, String> {
+    let Some(text) = annotation(meta, key) else {
+        return Ok(Vec::new());
+    };
+    text.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("annotation {key}: {p:?} is not a port (1..65535)"))
+        })
+        .collect()
+}
+
+fn join(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Adds the sidecar to `obj`'s pod template. Errors name the object and what is wrong with it.
+pub fn inject(obj: &mut Value, cfg: &InjectConfig) -> Result<Outcome, String> {
+    let kind = obj
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    let Some((meta_path, spec_path)) = template_paths(&kind) else {
+        return Ok(Outcome::NotAWorkload);
+    };
+    let name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("(unnamed)")
+        .to_owned();
+    let what = format!("{kind} {name}");
+    let disabled = |m: Option<&Value>| annotation(m, INJECT) == Some("disabled");
+    if disabled(obj.get("metadata")) || disabled(obj.pointer(meta_path)) {
+        return Ok(Outcome::OptedOut);
+    }
+    let meta = obj.pointer(meta_path).cloned();
+    let opaque = ports(meta.as_ref(), OPAQUE_PORTS).map_err(|e| format!("{what}: {e}"))?;
+    let skip_in = ports(meta.as_ref(), SKIP_INBOUND).map_err(|e| format!("{what}: {e}"))?;
+    let skip_out = ports(meta.as_ref(), SKIP_OUTBOUND).map_err(|e| format!("{what}: {e}"))?;
+    let spec = obj
+        .pointer_mut(spec_path)
+        .filter(|s| s.is_object())
+        .ok_or_else(|| format!("{what}: {} is missing", &spec_path[1..].replace('/', ".")))?;
+    if !spec.get("containers").is_some_and(Value::is_array) {
+        return Err(format!(
+            "{what}: {}.containers must be a list of containers",
+            &spec_path[1..].replace('/', ".")
+        ));
+    }
+    let has = |list: &str, n: &str| {
+        spec.get(list).and_then(Value::as_array).is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c.get("name").and_then(Value::as_str) == Some(n))
+        })
+    };
+    if has("initContainers", PROXY) || has("containers", PROXY) {
+        return Ok(Outcome::AlreadyInjected);
+    }
+    let mut skip_inbound = vec![ADMIN_PORT];
+    skip_inbound.extend(skip_in);
+    let init = json!({
+        "name": INIT,
+        "image": cfg.proxy_image,
+        "args": [
+            "init",
+            "--proxy-uid", cfg.proxy_uid.to_string(),
+            "--inbound-port", INBOUND_PORT.to_string(),
+            "--outbound-port", OUTBOUND_PORT.to_string(),
+            "--skip-inbound-ports", join(&skip_inbound),
+            "--skip-outbound-ports", join(&skip_out),
+        ],
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsNonRoot": false,
+            "readOnlyRootFilesystem": true,
+            "allowPrivilegeEscalation": false,
+            "capabilities": { "drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"] },
+        },
+        "resources": {
+            "requests": { "cpu": "10m", "memory": "16Mi" },
+            "limits": { "cpu": "100m", "memory": "32Mi" },
+        },
+    });
+    let env = |name: &str, path: &str| json!({ "name": name, "valueFrom": { "fieldRef": { "fieldPath": path } } });
+    let mut args = vec![
+        json!("--control-plane"),
+        json!(cfg.control_plane),
+        json!("--trust-domain"),
+        json!(cfg.trust_domain),
+        json!("--identity"),
+        json!("$(MOAT_NAMESPACE)/$(MOAT_SERVICE_ACCOUNT)"),
+        json!("--k8s-token-file"),
+        json!(TOKEN_PATH),
+        json!("--trust-anchors"),
+        json!(BUNDLE_PATH),
+        json!("--inbound"),
+        json!(format!("0.0.0.0:{INBOUND_PORT}")),
+        json!("--advertise"),
+        json!(format!("$(MOAT_POD_IP):{INBOUND_PORT}")),
+        json!("--transparent"),
+        json!(format!("0.0.0.0:{OUTBOUND_PORT}")),
+        json!("--admin"),
+        json!(format!("0.0.0.0:{ADMIN_PORT}")),
+        json!("--log-format"),
+        json!("json"),
+    ];
+    if !opaque.is_empty() {
+        args.push(json!("--opaque-ports"));
+        args.push(json!(join(&opaque)));
+    }
+    let probe = |path: &str| json!({ "httpGet": { "path": path, "port": ADMIN_PORT }, "periodSeconds": 2, "failureThreshold": 30 });
+    let proxy = json!({
+        "name": PROXY,
+        "image": cfg.proxy_image,
+        "restartPolicy": "Always",
+        "args": args,
+        "env": [
+            env("MOAT_NAMESPACE", "metadata.namespace"),
+            env("MOAT_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+            env("MOAT_POD_IP", "status.podIP"),
+        ],
+        "ports": [
+            { "name": "moat-inbound", "containerPort": INBOUND_PORT },
+            { "name": "moat-admin", "containerPort": ADMIN_PORT },
+        ],
+        "startupProbe": probe("/ready"),
+        "readinessProbe": probe("/ready"),
+        "livenessProbe": probe("/live"),
+        "securityContext": {
+            "runAsUser": cfg.proxy_uid,
+            "runAsGroup": cfg.proxy_uid,
+            "runAsNonRoot": true,
+            "readOnlyRootFilesystem": true,
+            "allowPrivilegeEscalation": false,
+            "capabilities": { "drop": ["ALL"] },
+        },
+        "resources": {
+            "requests": { "cpu": "20m", "memory": "16Mi" },
+            "limits": { "cpu": "1", "memory": "64Mi" },
+        },
+        "volumeMounts": [
+            { "name": "moat-token", "mountPath": "/var/run/secrets/moat", "readOnly": true },
+            { "name": "moat-ca-root", "mountPath": "/var/run/moat/ca", "readOnly": true },
+        ],
+    });
+    let Some(spec) = spec.as_object_mut() else {
+        return Err(format!("{what}: the pod spec is not an object"));
+    };
+    let mut init_containers = vec![init, proxy];
+    if let Some(existing) = spec.get("initContainers").and_then(Value::as_array) {
+        init_containers.extend(existing.iter().cloned());
+    }
+    spec.insert("initContainers".into(), Value::Array(init_containers));
+    let mut volumes = spec
+        .get("volumes")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    volumes.push(json!({
+        "name": "moat-token",
+        "projected": { "sources": [ { "serviceAccountToken": {
+            "audience": "moat", "expirationSeconds": 3600, "path": "token",
+        } } ] },
+    }));
+    volumes.push(json!({
+        "name": "moat-ca-root",
+        "configMap": { "name": "moat-ca-root", "items": [ { "key": "bundle.pem", "path": "bundle.pem" } ] },
+    }));
+    spec.insert("volumes".into(), Value::Array(volumes));
+    Ok(Outcome::Injected)
+}
+
+/// Splits YAML text into documents at `---` lines (keeping each document's text).
+fn documents(text: &str) -> Vec<String> {
+    let mut docs = vec![String::new()];
+    for line in text.lines() {
+        if line.trim_end() == "---" || line.starts_with("--- ") {
+            docs.push(String::new());
+        } else if let Some(cur) = docs.last_mut() {
+            cur.push_str(line);
+            cur.push('\n');
+        }
+    }
+    docs
+}
+
+/// Injects every workload of a multi-document YAML text. A document that is not changed keeps
+/// its exact text (comments included); an injected one is re-serialised. Returns the new text
+/// and, per document, its `Kind/name` and what happened.
+pub fn inject_yaml(
+    text: &str,
+    cfg: &InjectConfig,
+) -> Result<(String, Vec<(String, Outcome)>), String> {
+    let mut out = Vec::new();
+    let mut report = Vec::new();
+    for (i, doc) in documents(text).into_iter().enumerate() {
+        let value: Value = serde_yaml_ng::from_str(&doc)
+            .map_err(|e| format!("document {}: not valid YAML: {e}", i + 1))?;
+        if value.is_null() {
+            if !doc.trim().is_empty() {
+                out.push(doc);
+            }
+            continue;
+        }
+        if !value.is_object() {
+            return Err(format!(
+                "document {}: not a Kubernetes object (a mapping with kind and metadata)",
+                i + 1
+            ));
+        }
+        let mut injected = value.clone();
+        let outcome = inject(&mut injected, cfg).map_err(|e| format!("document {}: {e}", i + 1))?;
+        let kind = value.get("kind").and_then(Value::as_str).unwrap_or("?");
+        let name = value
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("?");
+        report.push((format!("{kind}/{name}"), outcome));
+        if outcome == Outcome::Injected {
+            out.push(serde_yaml_ng::to_string(&injected).map_err(|e| e.to_string())?);
+        } else {
+            out.push(doc);
+        }
+    }
+    Ok((out.join("---\n"), report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const APP: &str = "# the app\napiVersion: apps/v1\nkind: Deployment\nmetadata: { name: web }\nspec:\n  template:\n    metadata: { labels: { app: web } }\n    spec:\n      containers: [{ name: web, image: nginx }]\n---\napiVersion: v1\nkind: Service\nmetadata: { name: web }  # keep me\nspec: { ports: [{ port: 80 }] }\n";
+
+    #[test]
+    fn injects_workloads_once_and_leaves_the_rest_alone() {
+        let cfg = InjectConfig::default();
+        let (out, report) = inject_yaml(APP, &cfg).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(report[0].1, Outcome::Injected);
+        assert_eq!(report[1].1, Outcome::NotAWorkload);
+        assert!(out.contains("metadata: { name: web }  # keep me"), "{out}");
+        assert!(out.contains("restartPolicy: Always"), "{out}");
+        let (again, report) = inject_yaml(&out, &cfg).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(again, out);
+        assert_eq!(report[0].1, Outcome::AlreadyInjected);
+    }
+
+    #[test]
+    fn opt_out_and_bad_objects() {
+        let cfg = InjectConfig::default();
+        let mut pod = serde_json::json!({"kind": "Pod", "metadata": {"name": "p", "annotations": {INJECT: "disabled"}}, "spec": {"containers": []}});
+        assert_eq!(inject(&mut pod, &cfg), Ok(Outcome::OptedOut));
+        let mut broken = serde_json::json!({"kind": "Job", "metadata": {"name": "j"}, "spec": {"template": {"spec": {"containers": 3}}}});
+        let e = inject(&mut broken, &cfg).unwrap_err();
+        assert!(
+            e.contains("Job j") && e.contains("containers must be a list"),
+            "{e}"
+        );
+        let mut bad_port = serde_json::json!({"kind": "Pod", "metadata": {"name": "p", "annotations": {OPAQUE_PORTS: "3306,x"}}, "spec": {"containers": []}});
+        assert!(
+            inject(&mut bad_port, &cfg)
+                .unwrap_err()
+                .contains("\"x\" is not a port")
+        );
+    }
+}
