@@ -192,3 +192,279 @@ async fn service_account_tokens_prove_pod_identity_and_bad_ones_are_refused() {
     assert!(!status.success());
     assert!(wrong.log_text().contains("proves"), "{}", wrong.log_text());
 }
+
+/// The workspace root (this package lives in `tests/`).
+fn root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Runs `kubernetes-validate --strict` on `files`; panics with its report unless all pass.
+fn validate(files: &[std::path::PathBuf]) {
+    let out = std::process::Command::new("kubernetes-validate")
+        .arg("--strict")
+        .arg("--quiet")
+        .args(files)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run kubernetes-validate ({e}): install it with `pip install kubernetes-validate` (.ci/run does)")
+        });
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifests_install_and_injected_workloads_validate_against_kubernetes_schemas() {
+    let cp = ControlPlane::start().unwrap();
+    let scratch = cp.scratch().to_path_buf();
+    let mut files: Vec<_> = std::fs::read_dir(root().join("deploy"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "yaml")
+                && p.file_name().is_some_and(|n| n != "kustomization.yaml")
+        })
+        .collect();
+    files.sort();
+    assert!(files.len() >= 4, "{files:?}");
+    let app = root().join("examples/kubernetes/app.yaml");
+    files.push(app.clone());
+
+    // `moat install`, plain and with the webhook's CA bundle.
+    let plain = cp.moat_ok(&["install", "--trust-domain", "corp.example"]);
+    assert!(plain.contains("--trust-domain=corp.example"), "{plain}");
+    let bundle = cp.admin_dir().join("bundle.pem");
+    let with_ca = cp.moat_ok(&["install", "--ca-bundle", bundle.to_str().unwrap()]);
+    assert!(with_ca.contains("caBundle:"), "{with_ca}");
+    for (name, text) in [("install.yaml", &plain), ("install-ca.yaml", &with_ca)] {
+        let p = scratch.join(name);
+        std::fs::write(&p, text).unwrap();
+        files.push(p);
+    }
+    let ha = cp.moat(&["install", "--ha"]);
+    assert_eq!(ha.status.code(), Some(1));
+    assert!(
+        stderr(&ha).contains("etcd store backend"),
+        "{}",
+        stderr(&ha)
+    );
+
+    // `moat inject` on the example app: every workload injected, Services untouched, and a
+    // second run changes nothing.
+    let injected = cp.moat(&["inject", "-f", app.to_str().unwrap()]);
+    assert!(injected.status.success(), "{}", stderr(&injected));
+    let injected_text = String::from_utf8(injected.stdout.clone()).unwrap();
+    assert_eq!(
+        stderr(&injected).matches(": injected").count(),
+        3,
+        "{}",
+        stderr(&injected)
+    );
+    let p = scratch.join("injected.yaml");
+    std::fs::write(&p, &injected_text).unwrap();
+    files.push(p.clone());
+    let again = cp.moat(&["inject", "-f", p.to_str().unwrap()]);
+    assert_eq!(
+        String::from_utf8(again.stdout.clone()).unwrap(),
+        injected_text
+    );
+    assert_eq!(stderr(&again).matches("already injected").count(), 3);
+    validate(&files);
+
+    // The example allow-lists are valid moat documents.
+    cp.moat_ok(&[
+        "policy",
+        "validate",
+        "-f",
+        root()
+            .join("examples/kubernetes/policies.yaml")
+            .to_str()
+            .unwrap(),
+    ]);
+    // Bad input to inject says what is wrong.
+    let bad = scratch.join("bad.yaml");
+    std::fs::write(&bad, "apiVersion: batch/v1\nkind: Job\nmetadata: { name: j }\nspec: { template: { spec: { containers: 3 } } }\n").unwrap();
+    let out = cp.moat(&["inject", "-f", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("Job j") && stderr(&out).contains("containers must be a list"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// POSTs `body` to the webhook over TLS, trusting the mesh roots for the Service's DNS name.
+async fn post_review(cp: &ControlPlane, body: &[u8]) -> (u16, serde_json::Value) {
+    let mut roots = rustls::RootCertStore::empty();
+    for r in bundle(cp).roots() {
+        roots.add(r.clone()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(cp.webhook_addr())
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("moat-control.moat-system.svc").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post("/inject")
+        .header("host", "moat-control.moat-system.svc")
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::copy_from_slice(
+            body,
+        )))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    use http_body_util::BodyExt as _;
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap())
+}
+
+fn admission_review(uid: &str, object: &serde_json::Value) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": { "group": "", "version": "v1", "kind": object["kind"] },
+            "operation": "CREATE",
+            "namespace": "shop",
+            "object": object,
+        },
+    }))
+    .unwrap()
+}
+
+/// `moat inject` on one object, as JSON.
+fn cli_inject(cp: &ControlPlane, object: &serde_json::Value) -> serde_json::Value {
+    let file = cp.scratch().join(format!("obj-{}.yaml", rand_suffix()));
+    std::fs::write(&file, serde_yaml_ng::to_string(object).unwrap()).unwrap();
+    let out = cp.moat(&["inject", "-f", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_yaml_ng::from_slice(&out.stdout).unwrap()
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_patches_give_the_same_pod_as_moat_inject() {
+    let cp = ControlPlane::start_with(&["--webhook", "127.0.0.1:0"]).unwrap();
+    assert!(!cp.webhook_addr().is_empty(), "{}", cp.log_text());
+    let app_text = std::fs::read_to_string(root().join("examples/kubernetes/app.yaml")).unwrap();
+    let deployment: serde_json::Value = app_text
+        .split("\n---\n")
+        .filter_map(|d| serde_yaml_ng::from_str::<serde_json::Value>(d).ok())
+        .find(|d| d["kind"] == "Deployment")
+        .unwrap();
+    let job = serde_json::json!({
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": { "name": "migrate", "namespace": "shop" },
+        "spec": { "template": { "metadata": { "annotations": { "moat.dev/opaque-ports": "5432" } },
+            "spec": { "restartPolicy": "Never", "serviceAccountName": "orders",
+                "initContainers": [{ "name": "wait", "image": "busybox" }],
+                "containers": [{ "name": "migrate", "image": "migrate:1" }] } } },
+    });
+    let cronjob = serde_json::json!({
+        "apiVersion": "batch/v1", "kind": "CronJob", "metadata": { "name": "nightly" },
+        "spec": { "schedule": "0 3 * * *", "jobTemplate": { "spec": { "template": { "spec": {
+            "restartPolicy": "OnFailure", "containers": [{ "name": "report", "image": "report:1" }] } } } } },
+    });
+    let opted_out = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": "debug", "annotations": { "moat.dev/inject": "disabled" } },
+        "spec": { "containers": [{ "name": "sh", "image": "busybox" }] },
+    });
+    let plain_pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": { "name": "web" },
+        "spec": { "containers": [{ "name": "web", "image": "nginx" }] },
+    });
+    let already = cli_inject(&cp, &plain_pod);
+
+    for (i, object) in [
+        &deployment,
+        &job,
+        &cronjob,
+        &plain_pod,
+        &opted_out,
+        &already,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let uid = format!("uid-{i}");
+        let (status, review) = post_review(&cp, &admission_review(&uid, object)).await;
+        assert_eq!(status, 200, "{review}");
+        let response = &review["response"];
+        assert_eq!(review["kind"], "AdmissionReview");
+        assert_eq!(response["uid"], uid.as_str());
+        assert_eq!(response["allowed"], true, "{review}");
+        let mut patched = object.clone();
+        if let Some(patch) = response["patch"].as_str() {
+            assert_eq!(response["patchType"], "JSONPatch");
+            let ops: json_patch::Patch = serde_json::from_slice(
+                &base64::Engine::decode(&base64::engine::general_purpose::STANDARD, patch).unwrap(),
+            )
+            .unwrap();
+            json_patch::patch(&mut patched, &ops).unwrap();
+        }
+        assert_eq!(patched, cli_inject(&cp, object), "object {i}");
+        let changed = patched != *object;
+        assert_eq!(
+            changed,
+            i < 4,
+            "object {i}: only the first four need a sidecar"
+        );
+    }
+
+    // Malformed input: a clear AdmissionReview error, and the webhook keeps serving.
+    for (body, want) in [
+        (b"{not json".to_vec(), "not JSON"),
+        (br#"{"kind":"Pod"}"#.to_vec(), "not an AdmissionReview"),
+        (
+            br#"{"kind":"AdmissionReview","request":{}}"#.to_vec(),
+            "request.uid",
+        ),
+    ] {
+        let (status, review) = post_review(&cp, &body).await;
+        assert_eq!(status, 400, "{review}");
+        assert_eq!(review["response"]["allowed"], false);
+        let msg = review["response"]["status"]["message"].as_str().unwrap();
+        assert!(msg.contains(want), "{msg}");
+    }
+    let broken = serde_json::json!({ "apiVersion": "v1", "kind": "Pod", "metadata": { "name": "x" }, "spec": { "containers": 3 } });
+    let (status, review) = post_review(&cp, &admission_review("bad", &broken)).await;
+    assert_eq!(status, 200);
+    assert_eq!(review["response"]["allowed"], false);
+    assert!(
+        review["response"]["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("containers must be a list"),
+        "{review}"
+    );
+    let (status, _) = post_review(&cp, &admission_review("after", &plain_pod)).await;
+    assert_eq!(status, 200);
+}

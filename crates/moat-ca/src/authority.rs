@@ -352,6 +352,67 @@ impl CertificateAuthority {
                 domain: self.trust_domain.to_string(),
             });
         }
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, id.namespace().as_str());
+        dn.push(DnType::CommonName, id.service_account().as_str());
+        let (leaf, serial, not_after, refresh_after) = self.sign_leaf(
+            spki_der,
+            dn,
+            vec![SanType::URI(id.to_string().try_into()?)],
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            ttl,
+        )?;
+        Ok(IssuedCert {
+            id: id.clone(),
+            chain: vec![leaf, self.intermediate.clone()],
+            serial,
+            not_after,
+            refresh_after,
+        })
+    }
+
+    /// Signs a TLS server certificate for DNS names (not a workload identity): what the
+    /// Kubernetes API server checks when it calls the control plane's admission webhook.
+    /// Returns the chain (leaf, intermediate) and the refresh time.
+    pub fn issue_dns_server(
+        &self,
+        spki_der: &[u8],
+        dns_names: &[String],
+        ttl: CertTtl,
+    ) -> Result<(Vec<CertificateDer<'static>>, i64), CaError> {
+        let first = dns_names
+            .first()
+            .ok_or_else(|| CaError::Import("a server certificate needs a DNS name".into()))?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "moat");
+        dn.push(DnType::CommonName, first.as_str());
+        let sans = dns_names
+            .iter()
+            .map(|n| Ok(SanType::DnsName(n.as_str().try_into()?)))
+            .collect::<Result<Vec<_>, rcgen::Error>>()?;
+        let (leaf, _, _, refresh_after) = self.sign_leaf(
+            spki_der,
+            dn,
+            sans,
+            vec![ExtendedKeyUsagePurpose::ServerAuth],
+            ttl,
+        )?;
+        Ok((vec![leaf, self.intermediate.clone()], refresh_after))
+    }
+
+    /// Signs a leaf: back-dated 60 s, NotAfter `ttl` from now but never beyond the
+    /// intermediate's. Returns the DER, the serial (hex), NotAfter and the refresh time.
+    fn sign_leaf(
+        &self,
+        spki_der: &[u8],
+        dn: DistinguishedName,
+        sans: Vec<SanType>,
+        ekus: Vec<ExtendedKeyUsagePurpose>,
+        ttl: CertTtl,
+    ) -> Result<(CertificateDer<'static>, String, i64, i64), CaError> {
         let now = OffsetDateTime::now_utc();
         if unix(now) >= self.intermediate_not_after {
             return Err(CaError::IssuerExpired(self.intermediate_not_after));
@@ -359,16 +420,10 @@ impl CertificateAuthority {
         let public_key = SubjectPublicKeyInfo::from_der(spki_der)
             .map_err(|e| CaError::PublicKey(e.to_string()))?;
         let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, id.namespace().as_str());
-        dn.push(DnType::CommonName, id.service_account().as_str());
         params.distinguished_name = dn;
-        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
+        params.subject_alt_names = sans;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = ekus;
         params.use_authority_key_identifier_extension = true;
         let serial = random_serial();
         let serial_hex = hex::encode(serial.to_bytes());
@@ -381,13 +436,12 @@ impl CertificateAuthority {
         let lifetime = unix(params.not_after) - unix(now);
         // Renew at half-life, spread by ±10 % so a fleet started together does not renew together.
         let jitter = rand::rng().random_range(-lifetime / 10..=lifetime / 10);
-        Ok(IssuedCert {
-            id: id.clone(),
-            chain: vec![leaf.der().clone(), self.intermediate.clone()],
-            serial: serial_hex,
-            not_after: unix(params.not_after),
-            refresh_after: unix(now) + lifetime / 2 + jitter,
-        })
+        Ok((
+            leaf.der().clone(),
+            serial_hex,
+            unix(params.not_after),
+            unix(now) + lifetime / 2 + jitter,
+        ))
     }
 
     /// The trust domain.

@@ -65,6 +65,10 @@ enum Command {
     Check(commands::check::CheckArgs),
     /// Show the newest control-plane audit log entries.
     Audit(commands::audit::AuditArgs),
+    /// Add the moat sidecar to the workloads of a Kubernetes manifest (offline; prints the result).
+    Inject(commands::inject::InjectArgs),
+    /// Print the Kubernetes manifests that install moat (`moat install | kubectl apply -f -`).
+    Install(commands::install::InstallArgs),
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -80,6 +84,8 @@ async fn main() -> ExitCode {
         Command::Revoke(a) => commands::revoke::run(&cli.global, a).await,
         Command::Check(a) => commands::check::run(&cli.global, a).await,
         Command::Audit(a) => commands::audit::run(&cli.global, a).await,
+        Command::Inject(a) => commands::inject::run(a),
+        Command::Install(a) => commands::install::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -23,6 +23,7 @@ pub mod revocations;
 pub mod self_cert;
 pub mod state;
 pub mod tokens;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -57,6 +58,8 @@ pub struct ServeConfig {
     pub admin_listen: SocketAddr,
     /// Warn while the root or intermediate expires within this.
     pub ca_expiry_warning: std::time::Duration,
+    /// The sidecar-injection admission webhook, when enabled.
+    pub webhook: Option<webhook::WebhookConfig>,
 }
 
 /// The control plane's own SPIFFE ID in `td`.
@@ -159,6 +162,18 @@ pub async fn serve(
         .with_context(|| format!("cannot listen on {} (--admin)", cfg.admin_listen))?;
     println!("admin listening on {}", admin_tcp.local_addr()?);
     tokio::spawn(admin_http::serve(admin_tcp, state.clone()));
+    if let Some(w) = cfg.webhook.clone() {
+        let tcp = tokio::net::TcpListener::bind(w.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (--webhook)", w.listen))?;
+        println!("webhook listening on {}", tcp.local_addr()?);
+        let ca = ca.clone();
+        tokio::spawn(async move {
+            if let Err(e) = webhook::serve(tcp, ca, w).await {
+                tracing::error!(error = %format!("{e:#}"), "the injection webhook stopped");
+            }
+        });
+    }
     tokio::spawn(admin_http::warn_expiry(
         state.clone(),
         cfg.ca_expiry_warning,

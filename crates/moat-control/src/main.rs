@@ -82,6 +82,23 @@ struct ServeArgs {
         default_value = "127.0.0.1:7444"
     )]
     admin_listen: SocketAddr,
+    /// Serve the sidecar-injection admission webhook (`POST /inject`, TLS) on this address.
+    #[arg(long, env = "MOAT_WEBHOOK_LISTEN")]
+    webhook: Option<SocketAddr>,
+    /// DNS names of the webhook's certificate (what the API server dials).
+    #[arg(
+        long = "webhook-dns",
+        env = "MOAT_WEBHOOK_DNS",
+        value_delimiter = ',',
+        default_value = "moat-control.moat-system.svc,moat-control.moat-system.svc.cluster.local"
+    )]
+    webhook_dns: Vec<String>,
+    /// Injected sidecar: its image.
+    #[arg(long, env = "MOAT_INJECT_IMAGE")]
+    inject_image: Option<String>,
+    /// Injected sidecar: the control-plane URL pods use.
+    #[arg(long, env = "MOAT_INJECT_CONTROL_PLANE")]
+    inject_control_plane: Option<String>,
     /// Log a warning while the root or the intermediate expires within this.
     #[arg(long, env = "MOAT_CA_EXPIRY_WARNING", default_value = "30d", value_parser = parse_horizon)]
     ca_expiry_warning: std::time::Duration,
@@ -147,7 +164,7 @@ fn config(args: ServeArgs) -> Result<ServeConfig, String> {
     Ok(ServeConfig {
         data_dir: args.data_dir,
         listen: args.listen,
-        trust_domain: td,
+        trust_domain: td.clone(),
         kek: KekSource {
             file: args.kek_file,
             inline: std::env::var("MOAT_KEK")
@@ -165,6 +182,22 @@ fn config(args: ServeArgs) -> Result<ServeConfig, String> {
         min_ttl: args.min_cert_ttl,
         admins,
         admin_listen: args.admin_listen,
+        webhook: args.webhook.map(|listen| {
+            let defaults = moat_inject::InjectConfig::default();
+            moat_control::webhook::WebhookConfig {
+                listen,
+                dns_names: args.webhook_dns.clone(),
+                inject: moat_inject::InjectConfig {
+                    proxy_image: args.inject_image.clone().unwrap_or(defaults.proxy_image),
+                    control_plane: args
+                        .inject_control_plane
+                        .clone()
+                        .unwrap_or(defaults.control_plane),
+                    trust_domain: td.to_string(),
+                    proxy_uid: defaults.proxy_uid,
+                },
+            }
+        }),
         ca_expiry_warning: args.ca_expiry_warning,
     })
 }

@@ -82,6 +82,8 @@ pub struct ControlPlane {
     child: Option<Child>,
     addr: String,
     admin_addr: String,
+    /// `host:port` of the injection webhook, when started with `--webhook`.
+    webhook_addr: String,
     data: tempfile::TempDir,
     secrets: tempfile::TempDir,
     log: PathBuf,
@@ -136,6 +138,7 @@ impl ControlPlane {
             child: None,
             addr: String::new(),
             admin_addr: String::new(),
+            webhook_addr: String::new(),
             data,
             secrets,
             log,
@@ -187,7 +190,7 @@ impl ControlPlane {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
-            for _ in 0..2 {
+            for _ in 0..3 {
                 if let Some(Ok(line)) = lines.next() {
                     let _ = tx.send(line);
                 }
@@ -197,6 +200,16 @@ impl ControlPlane {
         });
         let line = rx.recv_timeout(Duration::from_secs(30));
         let admin = rx.recv_timeout(Duration::from_secs(10));
+        if self.extra_args.iter().any(|a| a == "--webhook") {
+            self.webhook_addr = rx
+                .recv_timeout(Duration::from_secs(10))
+                .ok()
+                .and_then(|l| {
+                    l.strip_prefix("webhook listening on ")
+                        .map(|a| a.trim().to_owned())
+                })
+                .unwrap_or_default();
+        }
         self.child = Some(child);
         match (line, admin) {
             (Ok(l), Ok(a)) if l.starts_with("listening on ") => {
@@ -217,6 +230,11 @@ impl ControlPlane {
     /// `https://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("https://{}", self.addr)
+    }
+
+    /// `host:port` of the injection webhook (empty unless started with `--webhook`).
+    pub fn webhook_addr(&self) -> &str {
+        &self.webhook_addr
     }
 
     /// A GET on the plain-HTTP admin port (`/live`, `/ready`, `/metrics`).

@@ -44,17 +44,18 @@ struct Args {
 enum Role {
     /// The gRPC payment service.
     Payments,
-    /// The order service; calls payments at PAYMENTS (a local address).
+    /// The order service; calls payments at PAYMENTS (host:port: a sidecar's local listener,
+    /// or a service name under transparent interception).
     Orders {
         #[arg(long)]
-        payments: SocketAddr,
+        payments: String,
     },
     /// The storefront; calls orders at ORDERS, and payments at PAYMENTS for /pay-directly.
     Frontend {
         #[arg(long)]
-        orders: SocketAddr,
+        orders: String,
         #[arg(long)]
-        payments: SocketAddr,
+        payments: String,
     },
 }
 
@@ -99,7 +100,7 @@ impl pb::payments_server::Payments for PaymentsSvc {
     }
 }
 
-async fn charge(payments: SocketAddr, order: &str) -> Result<pb::ChargeReply, String> {
+async fn charge(payments: &str, order: &str) -> Result<pb::ChargeReply, String> {
     let mut client = pb::payments_client::PaymentsClient::connect(format!("http://{payments}"))
         .await
         .map_err(|e| format!("cannot reach payments: {e}"))?;
@@ -113,7 +114,7 @@ async fn charge(payments: SocketAddr, order: &str) -> Result<pb::ChargeReply, St
         .map_err(|s| format!("payments refused: {:?}: {}", s.code(), s.message()))
 }
 
-async fn orders(req: Request<Incoming>, payments: SocketAddr) -> Response<Full<Bytes>> {
+async fn orders(req: Request<Incoming>, payments: String) -> Response<Full<Bytes>> {
     let seen = caller(&req);
     let Some(id) = req.uri().path().strip_prefix("/orders/").map(str::to_owned) else {
         return reply(StatusCode::NOT_FOUND, json!({"error": "try /orders/{id}"}));
@@ -123,7 +124,7 @@ async fn orders(req: Request<Incoming>, payments: SocketAddr) -> Response<Full<B
             StatusCode::OK,
             json!({"service": "orders", "cancelled": id, "caller": seen}),
         ),
-        http::Method::GET => match charge(payments, &id).await {
+        http::Method::GET => match charge(&payments, &id).await {
             Ok(p) => reply(
                 StatusCode::OK,
                 json!({"service": "orders", "order": id, "caller": seen,
@@ -143,8 +144,8 @@ async fn orders(req: Request<Incoming>, payments: SocketAddr) -> Response<Full<B
 
 async fn frontend(
     req: Request<Incoming>,
-    orders: SocketAddr,
-    payments: SocketAddr,
+    orders: String,
+    payments: String,
 ) -> Response<Full<Bytes>> {
     match req.uri().path() {
         path @ ("/" | "/cancel") => {
@@ -191,7 +192,7 @@ async fn frontend(
                 ),
             }
         }
-        "/pay-directly" => match charge(payments, "42").await {
+        "/pay-directly" => match charge(&payments, "42").await {
             Ok(p) => reply(
                 StatusCode::OK,
                 json!({"service": "frontend", "payments": {"status": p.status, "caller": p.caller}}),
@@ -244,10 +245,13 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Role::Orders { payments } => {
-            serve_http(args.listen, move |req| orders(req, payments)).await
+            serve_http(args.listen, move |req| orders(req, payments.clone())).await
         }
         Role::Frontend { orders, payments } => {
-            serve_http(args.listen, move |req| frontend(req, orders, payments)).await
+            serve_http(args.listen, move |req| {
+                frontend(req, orders.clone(), payments.clone())
+            })
+            .await
         }
     }
 }

@@ -7,6 +7,8 @@ pub mod cert;
 pub mod check;
 pub mod demo;
 pub mod explain;
+pub mod inject;
+pub mod install;
 pub mod policy;
 pub mod revoke;
 pub mod status;

@@ -1,0 +1,117 @@
+//! `moat install`: the Kubernetes manifests in `deploy/` (compiled in), set up for this
+//! installation, on standard output for `kubectl apply -f -`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use base64::Engine as _;
+use serde_json::Value;
+
+/// The manifests of `deploy/`, in apply order.
+const MANIFESTS: &[(&str, &str)] = &[
+    (
+        "namespace.yaml",
+        include_str!("../../../../deploy/namespace.yaml"),
+    ),
+    ("crds.yaml", include_str!("../../../../deploy/crds.yaml")),
+    (
+        "control-plane.yaml",
+        include_str!("../../../../deploy/control-plane.yaml"),
+    ),
+    (
+        "webhook.yaml",
+        include_str!("../../../../deploy/webhook.yaml"),
+    ),
+];
+
+#[derive(clap::Args, Debug)]
+pub struct InstallArgs {
+    /// The mesh's trust domain (fixed when the control plane first starts).
+    #[arg(long, default_value = "moat.local")]
+    trust_domain: moat_identity::TrustDomain,
+    /// The control-plane image.
+    #[arg(long, default_value = concat!("ghcr.io/moat-mesh/moat-control:", env!("CARGO_PKG_VERSION")))]
+    control_image: String,
+    /// The sidecar image the webhook injects.
+    #[arg(long, default_value = concat!("ghcr.io/moat-mesh/moat-proxy:", env!("CARGO_PKG_VERSION")))]
+    proxy_image: String,
+    /// PEM roots that sign the webhook's certificate (`moat ca bundle` once the control plane
+    /// runs); without it the webhook configuration has no caBundle yet.
+    #[arg(long)]
+    ca_bundle: Option<PathBuf>,
+    /// A highly available control plane (several replicas).
+    #[arg(long)]
+    ha: bool,
+}
+
+fn container_mut(deploy: &mut Value) -> Option<&mut Value> {
+    deploy.pointer_mut("/spec/template/spec/containers/0")
+}
+
+pub fn run(args: InstallArgs) -> anyhow::Result<()> {
+    if args.ha {
+        bail!(
+            "--ha is not available yet: the control plane's embedded store has a single writer; several replicas need the etcd store backend, which is not built. Install without --ha (proxies ride out control-plane restarts on their certificates)"
+        );
+    }
+    let ca_bundle = match &args.ca_bundle {
+        None => None,
+        Some(p) => {
+            let pem = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+            moat_identity::TrustBundle::from_pem(&pem)
+                .with_context(|| format!("{} is not a PEM certificate bundle", p.display()))?;
+            Some(base64::engine::general_purpose::STANDARD.encode(&pem))
+        }
+    };
+    let mut out = vec![format!(
+        "# moat {} for trust domain {} (`moat install`); apply with kubectl apply -f -\n",
+        env!("CARGO_PKG_VERSION"),
+        args.trust_domain
+    )];
+    for (file, text) in MANIFESTS {
+        for doc in text.split("\n---\n") {
+            let mut v: Value = serde_yaml_ng::from_str(doc)
+                .with_context(|| format!("built-in manifest {file} is not valid YAML"))?;
+            if v.is_null() {
+                continue;
+            }
+            let kind = v
+                .get("kind")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned();
+            match kind.as_str() {
+                "Deployment" => {
+                    let td = args.trust_domain.to_string();
+                    if let Some(c) = container_mut(&mut v) {
+                        c["image"] = args.control_image.clone().into();
+                        if let Some(list) = c.get_mut("args").and_then(Value::as_array_mut) {
+                            for a in list.iter_mut() {
+                                if a.as_str().is_some_and(|s| s.starts_with("--trust-domain=")) {
+                                    *a = format!("--trust-domain={td}").into();
+                                }
+                            }
+                            list.push(format!("--inject-image={}", args.proxy_image).into());
+                        }
+                    }
+                }
+                "MutatingWebhookConfiguration" => {
+                    if let (Some(b), Some(cc)) =
+                        (&ca_bundle, v.pointer_mut("/webhooks/0/clientConfig"))
+                    {
+                        cc["caBundle"] = b.clone().into();
+                    }
+                }
+                _ => {}
+            }
+            out.push(serde_yaml_ng::to_string(&v)?);
+        }
+    }
+    print!("{}", out.join("---\n"));
+    if ca_bundle.is_none() {
+        eprintln!(
+            "note: the webhook has no caBundle yet; once the control plane runs, apply again with --ca-bundle <(moat ca bundle)"
+        );
+    }
+    Ok(())
+}
