@@ -69,7 +69,8 @@ fn config(ctx: &Ctx) -> serde_json::Value {
         "services": snap.as_ref().map(|s| s.services.iter().map(|(k, v)| (k.to_string(), v.clone())).collect::<std::collections::BTreeMap<_, _>>()),
         "inbound": ctx.cfg.inbound.to_string(),
         "advertise": ctx.cfg.advertise,
-        "app": ctx.cfg.app.to_string(),
+        "app": ctx.cfg.app.map(|a| a.to_string()),
+        "transparent": ctx.cfg.transparent.map(|a| a.to_string()),
     })
 }
 

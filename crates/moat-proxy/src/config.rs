@@ -19,8 +19,14 @@ pub struct ProxyConfig {
     pub inbound: SocketAddr,
     /// What other sidecars dial; defaults to `inbound` when that is not a wildcard.
     pub advertise: String,
-    pub app: SocketAddr,
+    /// Where inbound traffic goes; `None` in transparent mode, where each connection goes to
+    /// the port its caller dialled (carried in the mesh connection's server name).
+    pub app: Option<SocketAddr>,
     pub upstreams: Vec<Upstream>,
+    /// The listener for outbound connections redirected by the interception rules.
+    pub transparent: Option<SocketAddr>,
+    /// What to do with an intercepted connection to an address outside the mesh.
+    pub unknown_destinations: Unknown,
     pub admin: SocketAddr,
     pub drain_timeout: Duration,
     /// Requested certificate lifetime (`None`: the control plane's default).
@@ -29,6 +35,15 @@ pub struct ProxyConfig {
     /// app port for inbound clients that do not say (by ALPN) what they carry. Needed for
     /// server-first protocols (SMTP, MySQL, …), which would otherwise wait out detection.
     pub opaque_ports: Vec<u16>,
+}
+
+/// What happens to an intercepted outbound connection whose destination is not a mesh endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unknown {
+    /// Connect to it directly (plaintext, as the app asked).
+    Passthrough,
+    /// Close it.
+    Deny,
 }
 
 /// The credential for the first certificate, as a file path.

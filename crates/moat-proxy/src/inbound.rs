@@ -68,7 +68,32 @@ fn handshake_reason(e: &std::io::Error) -> &'static str {
     }
 }
 
+/// Where a mesh connection's traffic goes: `--app`, or in transparent mode the port the caller
+/// dialled (carried in the TLS server name) on this pod's own address, never one of the proxy's
+/// own ports.
+fn app_addr(
+    ctx: &Ctx,
+    server_name: Option<&str>,
+    local: Option<SocketAddr>,
+) -> Result<SocketAddr, &'static str> {
+    if let Some(a) = ctx.cfg.app {
+        return Ok(a);
+    }
+    let port = crate::pool::port_from_server_name(server_name).ok_or("no-app-port")?;
+    let own = [
+        Some(ctx.cfg.inbound.port()),
+        Some(ctx.cfg.admin.port()),
+        ctx.cfg.transparent.map(|t| t.port()),
+    ];
+    if own.contains(&Some(port)) {
+        return Err("proxy-port");
+    }
+    let ip = local.map(|l| l.ip()).ok_or("no-local-address")?;
+    Ok(SocketAddr::new(ip, port))
+}
+
 async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
+    let local = tcp.local_addr().ok();
     let Some(current) = ctx.tls.borrow().clone() else {
         tracing::info!(%remote, "refused a connection: no certificate yet");
         return;
@@ -100,11 +125,19 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
         return;
     };
     let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+    let app = match app_addr(&ctx, conn.server_name(), local) {
+        Ok(a) => a,
+        Err(reason) => {
+            tracing::info!(target: "moat::access", direction = "inbound", %remote, decision = "deny", reason, "no app port for this connection (transparent mode needs the caller's port)");
+            return;
+        }
+    };
+    let port = app.port();
     let peer_id = Caller {
         id: peer.id,
         serial: peer.serial,
     };
-    if authorize(&ctx, &peer_id, None, Jwt::Later).reason == Reason::Revoked {
+    if authorize(&ctx, &peer_id, port, None, Jwt::Later).reason == Reason::Revoked {
         ctx.metrics.handshake_failed("inbound", "revoked".into());
         tracing::info!(target: "moat::access", direction = "inbound", %remote, peer = %peer_id, serial = %peer_id.serial, decision = "deny", reason = "revoked", "refused a revoked certificate");
         return;
@@ -112,7 +145,7 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
     let (proto, io) = match alpn.as_deref() {
         Some(moat_tls::ALPN_TCP) => (Protocol::Tcp, Prefixed::new(Vec::new(), tls)),
         Some(moat_tls::ALPN_H2) => (Protocol::Http2, Prefixed::new(Vec::new(), tls)),
-        _ if ctx.cfg.opaque_ports.contains(&ctx.cfg.app.port()) => {
+        _ if ctx.cfg.opaque_ports.contains(&port) => {
             (Protocol::Tcp, Prefixed::new(Vec::new(), tls))
         }
         _ => {
@@ -124,24 +157,24 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
         }
     };
     match proto {
-        Protocol::Tcp => tcp_forward(io, remote, peer_id, &ctx).await,
+        Protocol::Tcp => tcp_forward(io, remote, peer_id, app, &ctx).await,
         Protocol::Http1 | Protocol::Http2 => {
             // A connection admitted now is closed (gracefully) once a new snapshot forbids the
             // caller; one that was never admitted stays open to answer each request with 403
             // (until the caller is revoked).
-            let admitted = authorize(&ctx, &peer_id, None, Jwt::Later).allowed;
+            let admitted = authorize(&ctx, &peer_id, port, None, Jwt::Later).allowed;
             let handler = {
                 let (ctx, peer_id) = (ctx.clone(), peer_id.clone());
                 move |req| {
                     let (ctx, peer_id) = (ctx.clone(), peer_id.clone());
-                    async move { forward(req, &peer_id, &ctx).await }
+                    async move { forward(req, &peer_id, app, &ctx).await }
                 }
             };
             match serve_http(
                 io,
                 handler,
                 &ctx.shutdown,
-                until_forbidden(&ctx, &peer_id, admitted),
+                until_forbidden(&ctx, &peer_id, port, admitted),
             )
             .await
             {
@@ -172,22 +205,27 @@ impl std::fmt::Display for Caller {
 
 /// Resolves with the deny reason once a new snapshot revokes `peer`, or (for a connection that
 /// was `admitted`) no longer admits it at all.
-async fn until_forbidden(ctx: &Ctx, peer: &Caller, admitted: bool) -> &'static str {
+async fn until_forbidden(ctx: &Ctx, peer: &Caller, port: u16, admitted: bool) -> &'static str {
     let mut snapshots = ctx.snapshot.clone();
     loop {
         if snapshots.changed().await.is_err() {
             return std::future::pending().await;
         }
-        let d = authorize(ctx, peer, None, Jwt::Later);
+        let d = authorize(ctx, peer, port, None, Jwt::Later);
         if d.reason == Reason::Revoked || (admitted && !d.allowed) {
             return d.reason.code();
         }
     }
 }
 
-fn authorize(ctx: &Ctx, caller: &Caller, http: Option<(&str, &str)>, jwt: Jwt<'_>) -> Decision {
+fn authorize(
+    ctx: &Ctx,
+    caller: &Caller,
+    port: u16,
+    http: Option<(&str, &str)>,
+    jwt: Jwt<'_>,
+) -> Decision {
     let snap = ctx.snapshot.borrow().clone();
-    let port = ctx.cfg.app.port();
     let peer = &caller.id;
     // Revocations come first: no policy can allow a revoked identity or certificate.
     if snap
@@ -244,11 +282,12 @@ async fn tcp_forward(
     mut io: Prefixed<tokio_rustls::server::TlsStream<TcpStream>>,
     remote: SocketAddr,
     peer: Caller,
+    app: SocketAddr,
     ctx: &Ctx,
 ) {
     let start = Instant::now();
     // Opaque TCP carries no end-user token: a rule that requires one does not admit it.
-    let d = authorize(ctx, &peer, None, Jwt::Missing);
+    let d = authorize(ctx, &peer, app.port(), None, Jwt::Missing);
     ctx.metrics.count_rule(&d);
     let reason = d.would_deny.unwrap_or(d.reason).code();
     let labels = TrafficLabels {
@@ -264,10 +303,11 @@ async fn tcp_forward(
         tracing::info!(target: "moat::access", direction = "inbound", protocol = "tcp", %remote, peer = %peer, decision = "deny", reason, policy = ?policy_label(&d), "tcp");
         return;
     }
-    let mut app = match TcpStream::connect(ctx.cfg.app).await {
+    let app_addr = app;
+    let mut app = match TcpStream::connect(app_addr).await {
         Ok(a) => a,
         Err(e) => {
-            tracing::warn!(app = %ctx.cfg.app, error = %e, "cannot reach the app");
+            tracing::warn!(app = %app_addr, error = %e, "cannot reach the app");
             return;
         }
     };
@@ -281,7 +321,7 @@ async fn tcp_forward(
             r = &mut copy => break r.map_err(|e| e.to_string()),
             changed = snapshots.changed() => {
                 if changed.is_err() { continue; }
-                let again = authorize(ctx, &peer, None, Jwt::Missing);
+                let again = authorize(ctx, &peer, app_addr.port(), None, Jwt::Missing);
                 if !again.allowed {
                     tracing::info!(target: "moat::access", direction = "inbound", protocol = "tcp", %remote, peer = %peer, decision = "deny", reason = again.reason.code(), "closing a connection the new policy no longer allows");
                     break Err(format!("closed: {}", again.reason.code()));
@@ -356,7 +396,12 @@ fn over_limit(
         .err()
 }
 
-async fn forward(req: Request<Incoming>, peer: &Caller, ctx: &Ctx) -> Response<Body> {
+async fn forward(
+    req: Request<Incoming>,
+    peer: &Caller,
+    app: SocketAddr,
+    ctx: &Ctx,
+) -> Response<Body> {
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
     let grpc = is_grpc(&parts.headers);
@@ -375,7 +420,7 @@ async fn forward(req: Request<Incoming>, peer: &Caller, ctx: &Ctx) -> Response<B
         Some(Some(Err(r))) => Jwt::Invalid(*r),
         Some(None) | None => Jwt::Missing,
     };
-    let d = authorize(ctx, peer, Some((method.as_str(), &path)), jwt);
+    let d = authorize(ctx, peer, app.port(), Some((method.as_str(), &path)), jwt);
     ctx.metrics.count_rule(&d);
     let policy = policy_label(&d);
     // An allowed request still has to fit the matching rule's rate limit.
@@ -429,7 +474,8 @@ async fn forward(req: Request<Incoming>, peer: &Caller, ctx: &Ctx) -> Response<B
         }
         let h1 = parts.headers.remove(&ORIG_PROTO).is_some() || parts.version != Version::HTTP_2;
         strip_hop_by_hop(&mut parts.headers);
-        let (authority, pq) = request_target(&parts, &ctx.cfg.app.to_string());
+        let (authority, pq) = request_target(&parts, &app.to_string());
+        let (app_h1, app_h2) = ctx.apps.get(app);
         match Uri::builder()
             .scheme("http")
             .authority(authority.as_str())
@@ -450,13 +496,13 @@ async fn forward(req: Request<Incoming>, peer: &Caller, ctx: &Ctx) -> Response<B
                     {
                         parts.headers.insert(http::header::HOST, v);
                     }
-                    ctx.app_h1
+                    app_h1
                         .request(Request::from_parts(parts, boxed(body)))
                         .await
                 } else {
                     parts.version = Version::HTTP_2;
                     parts.headers.remove(http::header::HOST);
-                    ctx.app_h2
+                    app_h2
                         .request(Request::from_parts(parts, boxed(body)))
                         .await
                 };
@@ -467,7 +513,7 @@ async fn forward(req: Request<Incoming>, peer: &Caller, ctx: &Ctx) -> Response<B
                         Response::from_parts(rparts, boxed(rbody))
                     }
                     Err(e) => {
-                        tracing::warn!(app = %ctx.cfg.app, error = %e, "the app did not answer");
+                        tracing::warn!(%app, error = %e, "the app did not answer");
                         unavailable(
                             http::StatusCode::BAD_GATEWAY,
                             "the app did not answer",

@@ -11,12 +11,14 @@ pub mod detect;
 pub mod http;
 pub mod identity;
 pub mod inbound;
+pub mod init;
 pub mod mesh_client;
 pub mod metrics;
 pub mod outbound;
 pub mod pool;
 pub mod ratelimit;
 pub mod snapshot;
+pub mod transparent;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -66,6 +68,36 @@ impl tower::Service<::http::Uri> for AppConnector {
     }
 }
 
+/// An HTTP client to the app: HTTP/1.1 with pooled keep-alive connections.
+pub type AppClient = Client<AppConnector, crate::http::Body>;
+
+/// HTTP clients to the app, one pair (HTTP/1.1 and h2c for gRPC/HTTP/2) per app address: one
+/// address with `--app`, one per port in transparent mode.
+#[derive(Debug, Default)]
+pub struct AppClients(
+    std::sync::Mutex<std::collections::HashMap<SocketAddr, (AppClient, AppClient)>>,
+);
+
+impl AppClients {
+    /// The HTTP/1.1 and h2c clients for `addr`.
+    pub fn get(&self, addr: SocketAddr) -> (AppClient, AppClient) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(addr)
+            .or_insert_with(|| {
+                let build = |h2: bool| {
+                    Client::builder(TokioExecutor::new())
+                        .timer(TokioTimer::new())
+                        .pool_timer(TokioTimer::new())
+                        .http2_only(h2)
+                        .pool_idle_timeout(Duration::from_secs(60))
+                        .build(AppConnector(addr))
+                };
+                (build(false), build(true))
+            })
+            .clone()
+    }
+}
+
 /// What every connection handler shares.
 #[derive(Debug)]
 pub struct Ctx {
@@ -74,10 +106,8 @@ pub struct Ctx {
     pub snapshot: watch::Receiver<Option<Arc<Snapshot>>>,
     pub metrics: Arc<metrics::Metrics>,
     pub pool: pool::Pool,
-    /// HTTP/1.1 to the app (pooled keep-alive connections).
-    pub app_h1: Client<AppConnector, crate::http::Body>,
-    /// HTTP/2 cleartext (h2c) to the app, for gRPC and HTTP/2 clients.
-    pub app_h2: Client<AppConnector, crate::http::Body>,
+    /// HTTP clients to the app, per app address.
+    pub apps: AppClients,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
     /// Token buckets of the rules' rate limits.
@@ -98,24 +128,13 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
     let metrics = Arc::new(metrics::Metrics::new());
     let (tls_tx, tls_rx) = watch::channel(None::<Arc<TlsGen>>);
     let (snap_tx, snap_rx) = watch::channel(None::<Arc<Snapshot>>);
-    let app = AppConnector(cfg.app);
     let ctx = Arc::new(Ctx {
         cfg: cfg.clone(),
         tls: tls_rx,
         snapshot: snap_rx,
         metrics: metrics.clone(),
         pool: pool::Pool::default(),
-        app_h1: Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(app.clone()),
-        app_h2: Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .http2_only(true)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(app),
+        apps: AppClients::default(),
         shutdown: CancellationToken::new(),
         limiter: ratelimit::Limiter::default(),
         tracker: TaskTracker::new(),
@@ -143,6 +162,12 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
     ctx.tracker.spawn(inbound::serve(inbound, ctx.clone()));
     for (l, id) in upstreams {
         ctx.tracker.spawn(outbound::serve(l, id, ctx.clone()));
+    }
+    if let Some(addr) = cfg.transparent {
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on the transparent outbound address {addr}"))?;
+        ctx.tracker.spawn(transparent::serve(l, ctx.clone()));
     }
 
     let mut backoff = Duration::from_millis(500);

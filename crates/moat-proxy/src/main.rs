@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use moat_identity::{SpiffeId, TrustDomain};
-use moat_proxy::config::{Bootstrap, ProxyConfig, Upstream};
+use moat_proxy::config::{Bootstrap, ProxyConfig, Unknown, Upstream};
 
 #[derive(Parser, Debug)]
 #[command(name = "moat-proxy", version, about = "The moat sidecar proxy")]
@@ -45,9 +45,18 @@ struct Args {
     /// The address other sidecars dial (default: --inbound, which must then not be a wildcard).
     #[arg(long, env = "MOAT_ADVERTISE")]
     advertise: Option<String>,
-    /// The local app that inbound traffic goes to.
-    #[arg(long, env = "MOAT_APP")]
-    app: SocketAddr,
+    /// The local app that inbound traffic goes to. Without it (transparent mode, with
+    /// --transparent) each inbound connection goes to the port its caller dialled.
+    #[arg(long, env = "MOAT_APP", required_unless_present = "transparent")]
+    app: Option<SocketAddr>,
+    /// Transparent mode: the listener that the interception rules (`moat-proxy init`) redirect
+    /// the pod's outbound TCP to; the original destination decides where it goes.
+    #[arg(long, env = "MOAT_TRANSPARENT")]
+    transparent: Option<SocketAddr>,
+    /// Intercepted connections to addresses outside the mesh: passthrough (connect directly)
+    /// or deny.
+    #[arg(long, env = "MOAT_UNKNOWN_DESTINATIONS", default_value = "passthrough", value_parser = ["passthrough", "deny"])]
+    unknown_destinations: String,
     /// Outbound listener: SERVICE=ADDR (repeatable), e.g. orders=127.0.0.1:9001.
     #[arg(long = "upstream", env = "MOAT_UPSTREAMS", value_delimiter = ',')]
     upstreams: Vec<Upstream>,
@@ -106,6 +115,12 @@ fn config(a: &Args) -> Result<ProxyConfig, String> {
         advertise,
         app: a.app,
         upstreams: a.upstreams.clone(),
+        transparent: a.transparent,
+        unknown_destinations: if a.unknown_destinations == "deny" {
+            Unknown::Deny
+        } else {
+            Unknown::Passthrough
+        },
         admin: a.admin,
         drain_timeout: a.drain_timeout,
         cert_ttl: a.cert_ttl,
@@ -143,6 +158,18 @@ async fn shutdown_signal() {
 }
 
 fn main() -> ExitCode {
+    // `moat-proxy init`: install the interception rules (an init container's job), then exit.
+    if std::env::args().nth(1).as_deref() == Some("init") {
+        let args = moat_proxy::init::InitArgs::parse_from(std::env::args().skip(1));
+        init_logging("text");
+        return match moat_proxy::init::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("moat-proxy init: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let args = Args::parse();
     init_logging(&args.log_format);
     let cfg = match config(&args) {

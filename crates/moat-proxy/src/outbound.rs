@@ -20,6 +20,7 @@ use crate::http::{
     strip_hop_by_hop, unavailable,
 };
 use crate::metrics::{RequestLabels, TrafficLabels};
+use crate::pool::Target;
 
 /// Accepts app connections for `service` until shutdown.
 pub async fn serve(listener: TcpListener, service: SpiffeId, ctx: Arc<Ctx>) {
@@ -36,16 +37,20 @@ pub async fn serve(listener: TcpListener, service: SpiffeId, ctx: Arc<Ctx>) {
             },
         };
         let _ = tcp.set_nodelay(true);
-        let (ctx2, service) = (ctx.clone(), service.clone());
+        let (ctx2, target) = (ctx.clone(), Target::service(service.clone()));
         ctx.tracker
-            .spawn(async move { connection(tcp, remote, service, ctx2).await });
+            .spawn(async move { connection(tcp, remote, target, ctx2).await });
     }
 }
 
-async fn connection(mut tcp: TcpStream, remote: SocketAddr, service: SpiffeId, ctx: Arc<Ctx>) {
-    let opaque = tcp
-        .local_addr()
-        .is_ok_and(|a| ctx.cfg.opaque_ports.contains(&a.port()));
+/// Carries one app connection to `target`: opaque TCP on its own mTLS connection, HTTP over the
+/// pooled HTTP/2 connections.
+pub async fn connection(mut tcp: TcpStream, remote: SocketAddr, target: Target, ctx: Arc<Ctx>) {
+    // The port that names the protocol: the far app's in transparent mode, else our listener's.
+    let port = target
+        .port
+        .or_else(|| tcp.local_addr().ok().map(|a| a.port()));
+    let opaque = port.is_some_and(|p| ctx.cfg.opaque_ports.contains(&p));
     let (proto, seen) = if opaque {
         (Protocol::Tcp, Vec::new())
     } else {
@@ -59,13 +64,13 @@ async fn connection(mut tcp: TcpStream, remote: SocketAddr, service: SpiffeId, c
     };
     let io = Prefixed::new(seen, tcp);
     match proto {
-        Protocol::Tcp => tcp_forward(io, remote, &service, opaque, &ctx).await,
+        Protocol::Tcp => tcp_forward(io, remote, &target, opaque, &ctx).await,
         Protocol::Http1 | Protocol::Http2 => {
             let handler = {
-                let (ctx, service) = (ctx.clone(), service.clone());
+                let (ctx, target) = (ctx.clone(), target.clone());
                 move |req| {
-                    let (ctx, service) = (ctx.clone(), service.clone());
-                    async move { forward(req, &service, &ctx).await }
+                    let (ctx, target) = (ctx.clone(), target.clone());
+                    async move { forward(req, &target, &ctx).await }
                 }
             };
             if let Ended::Failed(e) =
@@ -80,13 +85,13 @@ async fn connection(mut tcp: TcpStream, remote: SocketAddr, service: SpiffeId, c
 async fn tcp_forward(
     mut io: Prefixed<TcpStream>,
     remote: SocketAddr,
-    service: &SpiffeId,
+    to: &Target,
     opaque: bool,
     ctx: &Ctx,
 ) {
     let start = Instant::now();
-    let target = service.to_string();
-    let (ep, mut tls) = match ctx.pool.dial(ctx, service, moat_tls::ALPN_TCP).await {
+    let target = to.service.to_string();
+    let (ep, mut tls) = match ctx.pool.dial(ctx, to, moat_tls::ALPN_TCP).await {
         Ok(x) => x,
         Err(e) => {
             tracing::warn!(target: "moat::access", direction = "outbound", protocol = "tcp", %remote, target = %target, decision = "error", reason = "upstream-unavailable", error = %e, "tcp");
@@ -123,7 +128,8 @@ async fn tcp_forward(
 }
 
 /// Forwards one app request to the service over the mesh.
-async fn forward(req: Request<Incoming>, service: &SpiffeId, ctx: &Ctx) -> Response<Body> {
+async fn forward(req: Request<Incoming>, to: &Target, ctx: &Ctx) -> Response<Body> {
+    let service = &to.service;
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
     let grpc = is_grpc(&parts.headers);
@@ -158,7 +164,7 @@ async fn forward(req: Request<Incoming>, service: &SpiffeId, ctx: &Ctx) -> Respo
     let target = service.to_string();
     let (status, endpoint, resp) = match ctx
         .pool
-        .send(ctx, service, Request::from_parts(parts, boxed(body)))
+        .send(ctx, to, Request::from_parts(parts, boxed(body)))
         .await
     {
         Ok((ep, resp)) => {

@@ -36,6 +36,46 @@ pub enum DialError {
     AllFailed { service: SpiffeId, last: String },
 }
 
+/// Where a mesh connection goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// The identity the far side must prove.
+    pub service: SpiffeId,
+    /// Only this endpoint (transparent mode: the pod the app dialled); else any of the service's.
+    pub endpoint: Option<String>,
+    /// The app port on the far side (transparent mode), carried as the TLS server name
+    /// `port-<n>.moat.invalid`; else the far side's `--app`.
+    pub port: Option<u16>,
+}
+
+impl Target {
+    /// Any endpoint of `service`, to its configured app.
+    pub fn service(service: SpiffeId) -> Self {
+        Target {
+            service,
+            endpoint: None,
+            port: None,
+        }
+    }
+
+    fn server_name(&self) -> String {
+        match self.port {
+            Some(p) => format!("port-{p}.moat.invalid"),
+            None => "moat.invalid".to_owned(),
+        }
+    }
+}
+
+/// The app port a mesh connection asks for, from its TLS server name (`port-<n>.moat.invalid`).
+pub fn port_from_server_name(name: Option<&str>) -> Option<u16> {
+    name?
+        .strip_prefix("port-")?
+        .strip_suffix(".moat.invalid")?
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+}
+
 /// Outbound connection state shared by every outbound listener.
 #[derive(Debug, Default)]
 pub struct Pool {
@@ -58,14 +98,22 @@ fn tls_reason(e: &std::io::Error) -> &'static str {
 }
 
 impl Pool {
-    /// The service's endpoints in the order to try them.
-    fn order(&self, ctx: &Ctx, service: &SpiffeId) -> Result<Vec<String>, DialError> {
+    /// The target's endpoints in the order to try them.
+    fn order(&self, ctx: &Ctx, target: &Target) -> Result<Vec<String>, DialError> {
+        let service = &target.service;
         let snap = ctx.snapshot.borrow().clone();
         let eps = snap
             .as_ref()
             .and_then(|s| s.services.get(service).cloned())
             .filter(|e| !e.is_empty())
             .ok_or_else(|| DialError::NoEndpoints(service.clone()))?;
+        if let Some(only) = &target.endpoint {
+            return if eps.contains(only) {
+                Ok(vec![only.clone()])
+            } else {
+                Err(DialError::NoEndpoints(service.clone()))
+            };
+        }
         let start = self.next.fetch_add(1, Ordering::Relaxed) % eps.len();
         let mut rotated: Vec<String> = eps[start..].iter().chain(&eps[..start]).cloned().collect();
         let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
@@ -92,9 +140,10 @@ impl Pool {
         &self,
         ctx: &Ctx,
         ep: &str,
-        service: &SpiffeId,
+        target: &Target,
         alpn: &'static [u8],
     ) -> Result<TlsStream<TcpStream>, String> {
+        let service = &target.service;
         let current = ctx.tls.borrow().clone().ok_or("no certificate")?;
         let config = current
             .client_for(service, alpn)
@@ -104,7 +153,7 @@ impl Pool {
             .map_err(|_| "connect timed out".to_owned())?
             .map_err(|e| format!("connect: {e}"))?;
         let _ = tcp.set_nodelay(true);
-        let name = ServerName::try_from("moat.invalid").map_err(|e| e.to_string())?;
+        let name = ServerName::try_from(target.server_name()).map_err(|e| e.to_string())?;
         match tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
             TlsConnector::from(config).connect(name, tcp),
@@ -136,19 +185,20 @@ impl Pool {
         }
     }
 
-    /// An mTLS connection to one endpoint of `service`, offering `alpn`.
+    /// An mTLS connection to one endpoint of `target`, offering `alpn`.
     pub async fn dial(
         &self,
         ctx: &Ctx,
-        service: &SpiffeId,
+        target: &Target,
         alpn: &'static [u8],
     ) -> Result<(String, TlsStream<TcpStream>), DialError> {
+        let service = &target.service;
         if ctx.tls.borrow().is_none() {
             return Err(DialError::NotReady);
         }
         let mut last = String::new();
-        for ep in self.order(ctx, service)? {
-            match self.dial_one(ctx, &ep, service, alpn).await {
+        for ep in self.order(ctx, target)? {
+            match self.dial_one(ctx, &ep, target, alpn).await {
                 Ok(tls) => {
                     self.mark_ok(&ep);
                     return Ok((ep, tls));
@@ -165,21 +215,24 @@ impl Pool {
         })
     }
 
-    /// Sends an HTTP/2 request to an endpoint of `service` over a pooled connection. Endpoints
-    /// are tried in turn until one accepts the request; a request is sent at most once.
+    /// Sends an HTTP/2 request to an endpoint of `target` over a pooled connection (one per
+    /// endpoint and app port). Endpoints are tried in turn until one accepts the request; a
+    /// request is sent at most once.
     pub async fn send(
         &self,
         ctx: &Ctx,
-        service: &SpiffeId,
+        target: &Target,
         req: Request<Body>,
     ) -> Result<(String, http::Response<Incoming>), DialError> {
+        let service = &target.service;
         let mut last = String::new();
-        for ep in self.order(ctx, service)? {
+        for ep in self.order(ctx, target)? {
+            let key = format!("{ep}|{}", target.server_name());
             let mut sender = {
                 let mut conns = self.h2.lock().await;
-                match conns.get(&ep).filter(|s| !s.is_closed()).cloned() {
+                match conns.get(&key).filter(|s| !s.is_closed()).cloned() {
                     Some(s) => s,
-                    None => match self.dial_one(ctx, &ep, service, moat_tls::ALPN_H2).await {
+                    None => match self.dial_one(ctx, &ep, target, moat_tls::ALPN_H2).await {
                         Ok(tls) => {
                             let handshake =
                                 hyper::client::conn::http2::Builder::new(TokioExecutor::new())
@@ -196,7 +249,7 @@ impl Pool {
                                             tracing::debug!(endpoint, error = %e, "mesh connection closed");
                                         }
                                     });
-                                    conns.insert(ep.clone(), s.clone());
+                                    conns.insert(key.clone(), s.clone());
                                     s
                                 }
                                 Err(e) => {
@@ -215,7 +268,7 @@ impl Pool {
                 }
             };
             if sender.ready().await.is_err() {
-                self.h2.lock().await.remove(&ep);
+                self.h2.lock().await.remove(&key);
                 last = format!("{ep}: connection closed");
                 continue;
             }

@@ -130,6 +130,12 @@ impl ControlPlane {
 
     /// Starts one with extra `serve` flags (e.g. `--import-root-cert`).
     pub fn start_with(extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_listening(&format!("127.0.0.1:{}", free_port()), extra)
+    }
+
+    /// Starts one whose gRPC port listens on `listen` (e.g. a bridge address other network
+    /// namespaces reach).
+    pub fn start_listening(listen: &str, extra: &[&str]) -> anyhow::Result<Self> {
         let data = tempfile::tempdir()?;
         let secrets = tempfile::tempdir()?;
         std::fs::write(secrets.path().join("kek"), TEST_KEK)?;
@@ -142,7 +148,7 @@ impl ControlPlane {
             data,
             secrets,
             log,
-            listen: format!("127.0.0.1:{}", free_port()),
+            listen: listen.to_owned(),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
         };
         cp.launch()?;
