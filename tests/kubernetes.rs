@@ -468,3 +468,102 @@ async fn webhook_patches_give_the_same_pod_as_moat_inject() {
     let (status, _) = post_review(&cp, &admission_review("after", &plain_pod)).await;
     assert_eq!(status, 200);
 }
+
+/// A stand-in for the Kubernetes API server (none can run here): the namespace list and
+/// ConfigMap reads and writes the control plane makes, with the token it sends.
+#[derive(Default)]
+struct FakeApi {
+    configmaps: std::collections::HashMap<String, String>,
+    seen: Vec<Seen>,
+}
+
+fn fake_api(state: &std::sync::Arc<std::sync::Mutex<FakeApi>>, req: Seen) -> (u16, String) {
+    let mut s = state.lock().unwrap();
+    s.seen.push(req.clone());
+    let parts: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
+    match (req.method.as_str(), parts.as_slice()) {
+        ("GET", ["api", "v1", "namespaces"]) => (
+            200,
+            serde_json::json!({ "kind": "NamespaceList", "items": [
+                { "metadata": { "name": "shop" } }, { "metadata": { "name": "default" } } ] })
+            .to_string(),
+        ),
+        ("GET", ["api", "v1", "namespaces", ns, "configmaps", "moat-ca-root"]) => {
+            match s.configmaps.get(*ns) {
+                Some(pem) => (
+                    200,
+                    serde_json::json!({ "data": { "bundle.pem": pem } }).to_string(),
+                ),
+                None => (404, r#"{"message":"not found"}"#.into()),
+            }
+        }
+        ("POST", ["api", "v1", "namespaces", ns, "configmaps"])
+        | ("PUT", ["api", "v1", "namespaces", ns, "configmaps", "moat-ca-root"]) => {
+            let v: serde_json::Value = serde_json::from_slice(&req.body).unwrap();
+            assert_eq!(v["metadata"]["namespace"], *ns);
+            let pem = v["data"]["bundle.pem"].as_str().unwrap().to_owned();
+            s.configmaps.insert((*ns).to_owned(), pem);
+            (if req.method == "POST" { 201 } else { 200 }, v.to_string())
+        }
+        _ => (404, r#"{"message":"unexpected call"}"#.into()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trust_bundle_is_published_to_every_namespace_and_follows_a_root_rotation() {
+    let state = std::sync::Arc::new(std::sync::Mutex::new(FakeApi::default()));
+    let (addr, ca_pem) = {
+        let state = state.clone();
+        https_server(move |req| fake_api(&state, req)).await
+    };
+    let files = tempfile::tempdir().unwrap();
+    let (token, ca) = (files.path().join("token"), files.path().join("ca.crt"));
+    std::fs::write(&token, "sa-token-of-moat-control\n").unwrap();
+    std::fs::write(&ca, ca_pem).unwrap();
+    let api = format!("https://{addr}");
+    let cp = ControlPlane::start_with(&[
+        "--publish-bundle",
+        "moat-ca-root",
+        "--kube-api",
+        &api,
+        "--kube-token-file",
+        token.to_str().unwrap(),
+        "--kube-ca-file",
+        ca.to_str().unwrap(),
+        "--publish-interval",
+        "1s",
+    ])
+    .unwrap();
+    let published = |want: &str| {
+        let want = want.to_owned();
+        let state = state.clone();
+        moat_test_util::eventually(Duration::from_secs(15), move || {
+            let s = state.lock().unwrap();
+            (s.configmaps.len() == 2 && s.configmaps.values().all(|p| *p == want)).then_some(())
+        })
+        .is_some()
+    };
+    let bundle = cp.moat_ok(&["ca", "bundle"]);
+    assert!(published(&bundle), "{}", cp.log_text());
+    assert!(
+        state
+            .lock()
+            .unwrap()
+            .seen
+            .iter()
+            .all(|r| r.authorization.as_deref() == Some("Bearer sa-token-of-moat-control"))
+    );
+    // Unchanged: no more writes.
+    let writes = |s: &FakeApi| s.seen.iter().filter(|r| r.method != "GET").count();
+    let before = writes(&state.lock().unwrap());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(writes(&state.lock().unwrap()), before);
+
+    // A root rotation changes the bundle; the ConfigMaps follow (both roots, then the new one).
+    let out =
+        tokio::task::block_in_place(|| cp.moat_ok(&["ca", "rotate-root", "--timeout", "30s"]));
+    assert!(out.contains("root rotation complete"), "{out}");
+    let rotated = cp.moat_ok(&["ca", "bundle"]);
+    assert_ne!(rotated, bundle);
+    assert!(published(&rotated), "{}", cp.log_text());
+}

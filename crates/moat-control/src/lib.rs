@@ -14,6 +14,7 @@ pub mod ca_rotation;
 pub mod identity_svc;
 pub mod jwks;
 pub mod kek_source;
+pub mod kube_bundle;
 pub mod listener;
 pub mod mesh_svc;
 pub mod metrics;
@@ -60,6 +61,8 @@ pub struct ServeConfig {
     pub ca_expiry_warning: std::time::Duration,
     /// The sidecar-injection admission webhook, when enabled.
     pub webhook: Option<webhook::WebhookConfig>,
+    /// Publish the trust bundle as a ConfigMap in every namespace (on Kubernetes).
+    pub publish_bundle: Option<kube_bundle::KubeConfig>,
 }
 
 /// The control plane's own SPIFFE ID in `td`.
@@ -162,6 +165,9 @@ pub async fn serve(
         .with_context(|| format!("cannot listen on {} (--admin)", cfg.admin_listen))?;
     println!("admin listening on {}", admin_tcp.local_addr()?);
     tokio::spawn(admin_http::serve(admin_tcp, state.clone()));
+    if let Some(k) = cfg.publish_bundle.clone() {
+        tokio::spawn(kube_bundle::publish_loop(k, ca.clone()));
+    }
     if let Some(w) = cfg.webhook.clone() {
         let tcp = tokio::net::TcpListener::bind(w.listen)
             .await

@@ -99,6 +99,22 @@ struct ServeArgs {
     /// Injected sidecar: the control-plane URL pods use.
     #[arg(long, env = "MOAT_INJECT_CONTROL_PLANE")]
     inject_control_plane: Option<String>,
+    /// On Kubernetes: keep the trust bundle in a ConfigMap of this name (key bundle.pem) in
+    /// every namespace, for injected sidecars to verify the control plane with.
+    #[arg(long, env = "MOAT_PUBLISH_BUNDLE")]
+    publish_bundle: Option<String>,
+    /// The API server (default: in-cluster, from KUBERNETES_SERVICE_HOST/PORT).
+    #[arg(long, env = "MOAT_KUBE_API", requires = "publish_bundle")]
+    kube_api: Option<String>,
+    /// The bearer token file for the API server (default: the pod's service-account token).
+    #[arg(long, requires = "kube_api")]
+    kube_token_file: Option<PathBuf>,
+    /// The API server's CA (default: the pod's service-account CA).
+    #[arg(long, requires = "kube_api")]
+    kube_ca_file: Option<PathBuf>,
+    /// How often the ConfigMaps are checked.
+    #[arg(long, default_value = "30s", value_parser = parse_horizon)]
+    publish_interval: std::time::Duration,
     /// Log a warning while the root or the intermediate expires within this.
     #[arg(long, env = "MOAT_CA_EXPIRY_WARNING", default_value = "30d", value_parser = parse_horizon)]
     ca_expiry_warning: std::time::Duration,
@@ -182,6 +198,32 @@ fn config(args: ServeArgs) -> Result<ServeConfig, String> {
         min_ttl: args.min_cert_ttl,
         admins,
         admin_listen: args.admin_listen,
+        publish_bundle: match (&args.publish_bundle, &args.kube_api) {
+            (None, _) => None,
+            (Some(name), None) => Some(
+                moat_control::kube_bundle::KubeConfig::in_cluster(
+                    name.clone(),
+                    args.publish_interval,
+                )
+                .map_err(|e| format!("--publish-bundle: {e:#}"))?,
+            ),
+            (Some(name), Some(api)) => {
+                let sa = std::path::Path::new("/var/run/secrets/kubernetes.io/serviceaccount");
+                Some(moat_control::kube_bundle::KubeConfig {
+                    api: api.clone(),
+                    token_file: args
+                        .kube_token_file
+                        .clone()
+                        .unwrap_or_else(|| sa.join("token")),
+                    ca_file: args
+                        .kube_ca_file
+                        .clone()
+                        .unwrap_or_else(|| sa.join("ca.crt")),
+                    configmap: name.clone(),
+                    interval: args.publish_interval,
+                })
+            }
+        },
         webhook: args.webhook.map(|listen| {
             let defaults = moat_inject::InjectConfig::default();
             moat_control::webhook::WebhookConfig {

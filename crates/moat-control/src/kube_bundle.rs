@@ -1,0 +1,196 @@
+//! On Kubernetes: publishes the mesh's trust bundle as a ConfigMap (`moat-ca-root`, key
+//! `bundle.pem`) in every namespace, which injected sidecars mount to verify the control plane
+//! at bootstrap. Re-checked at an interval, so new namespaces and bundle changes (root rotation)
+//! follow; a ConfigMap is written only when its content differs. Talks to the API server with
+//! the pod's service-account token over TLS verified with the cluster CA.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use serde_json::{Value, json};
+use tokio_rustls::rustls;
+
+use crate::ca::CaManager;
+
+/// Where and how to reach the API server.
+#[derive(Clone, Debug)]
+pub struct KubeConfig {
+    /// `https://host:port` of the API server.
+    pub api: String,
+    pub token_file: std::path::PathBuf,
+    pub ca_file: std::path::PathBuf,
+    /// The ConfigMap's name in each namespace.
+    pub configmap: String,
+    pub interval: Duration,
+}
+
+impl KubeConfig {
+    /// The in-cluster defaults: the API server from the service environment, the pod's
+    /// service-account token and CA.
+    pub fn in_cluster(configmap: String, interval: Duration) -> anyhow::Result<Self> {
+        let host = std::env::var("KUBERNETES_SERVICE_HOST")
+            .context("KUBERNETES_SERVICE_HOST is not set: not running in a pod? pass --kube-api")?;
+        let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+        let sa = std::path::Path::new("/var/run/secrets/kubernetes.io/serviceaccount");
+        Ok(KubeConfig {
+            api: format!("https://{host}:{port}"),
+            token_file: sa.join("token"),
+            ca_file: sa.join("ca.crt"),
+            configmap,
+            interval,
+        })
+    }
+}
+
+/// A minimal client for the few API calls this needs.
+struct Api {
+    cfg: KubeConfig,
+    tls: Arc<rustls::ClientConfig>,
+    host: String,
+    port: u16,
+}
+
+impl Api {
+    fn new(cfg: KubeConfig) -> anyhow::Result<Self> {
+        let ca = moat_tls::cred_dir::read_bundle(&cfg.ca_file)
+            .with_context(|| format!("the cluster CA {}", cfg.ca_file.display()))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in ca.roots() {
+            roots.add(c.clone())?;
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let uri: http::Uri = cfg.api.parse().context("--kube-api")?;
+        let host = uri.host().context("--kube-api has no host")?.to_owned();
+        let port = uri.port_u16().unwrap_or(443);
+        Ok(Api {
+            cfg,
+            tls: Arc::new(tls),
+            host,
+            port,
+        })
+    }
+
+    async fn call(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        // Projected tokens rotate: read it for every call.
+        let token = std::fs::read_to_string(&self.cfg.token_file)
+            .with_context(|| format!("cannot read {}", self.cfg.token_file.display()))?;
+        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await?;
+        let name = rustls::pki_types::ServerName::try_from(self.host.clone())?;
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+        tokio::spawn(conn);
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, &self.host)
+            .header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", token.trim()),
+            )
+            .header(http::header::ACCEPT, "application/json")
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(
+                body.map(|b| b.to_string()).unwrap_or_default(),
+            )))?;
+        let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+            .await
+            .context("the API server did not answer in 10 s")??;
+        let status = resp.status().as_u16();
+        let bytes = http_body_util::Limited::new(resp.into_body(), 16 * 1024 * 1024)
+            .collect()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .to_bytes();
+        let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Ok((status, v))
+    }
+}
+
+/// One pass: every namespace gets the current bundle. Returns how many ConfigMaps were written.
+async fn publish_once(api: &Api, pem: &str) -> anyhow::Result<usize> {
+    let (status, list) = api
+        .call(http::Method::GET, "/api/v1/namespaces", None)
+        .await?;
+    if status != 200 {
+        bail!("listing namespaces answered {status}: {}", list["message"]);
+    }
+    let name = &api.cfg.configmap;
+    let mut written = 0;
+    for ns in list["items"].as_array().into_iter().flatten() {
+        let Some(ns) = ns.pointer("/metadata/name").and_then(Value::as_str) else {
+            continue;
+        };
+        let path = format!("/api/v1/namespaces/{ns}/configmaps/{name}");
+        let desired = json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": name,
+                "namespace": ns,
+                "labels": { "app.kubernetes.io/managed-by": "moat-control" },
+            },
+            "data": { "bundle.pem": pem },
+        });
+        let (status, current) = api.call(http::Method::GET, &path, None).await?;
+        let (method, target) = match status {
+            404 => (
+                http::Method::POST,
+                format!("/api/v1/namespaces/{ns}/configmaps"),
+            ),
+            200 if current.pointer("/data/bundle.pem").and_then(Value::as_str) == Some(pem) => {
+                continue;
+            }
+            200 => (http::Method::PUT, path.clone()),
+            other => {
+                tracing::warn!(namespace = ns, status = other, message = %current["message"], "cannot read the trust-bundle ConfigMap");
+                continue;
+            }
+        };
+        let (status, answer) = api.call(method, &target, Some(desired)).await?;
+        if (200..300).contains(&status) {
+            written += 1;
+        } else {
+            tracing::warn!(namespace = ns, status, message = %answer["message"], "cannot write the trust-bundle ConfigMap");
+        }
+    }
+    Ok(written)
+}
+
+/// Publishes the bundle forever.
+pub async fn publish_loop(cfg: KubeConfig, ca: Arc<CaManager>) {
+    let interval = cfg.interval;
+    let api = match Api::new(cfg) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "cannot publish the trust bundle to Kubernetes");
+            return;
+        }
+    };
+    loop {
+        let pem = ca.current().bundle().to_pem();
+        match publish_once(&api, &pem).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(configmaps = n, "published the trust bundle"),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot publish the trust bundle; retrying")
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
