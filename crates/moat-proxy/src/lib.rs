@@ -68,6 +68,34 @@ impl tower::Service<::http::Uri> for AppConnector {
     }
 }
 
+/// Accepts connections on `listener` until shutdown; each (with no-delay set) is handled by
+/// `handle` on the drain tracker. `what` names the listener in logs.
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    ctx: Arc<Ctx>,
+    what: &'static str,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr, Arc<Ctx>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let (tcp, remote) = tokio::select! {
+            () = ctx.shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(listener = what, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        ctx.tracker.spawn(handle(tcp, remote, ctx.clone()));
+    }
+}
+
 /// An HTTP client to the app: HTTP/1.1 with pooled keep-alive connections.
 pub type AppClient = Client<AppConnector, crate::http::Body>;
 

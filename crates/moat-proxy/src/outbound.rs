@@ -24,23 +24,10 @@ use crate::pool::Target;
 
 /// Accepts app connections for `service` until shutdown.
 pub async fn serve(listener: TcpListener, service: SpiffeId, ctx: Arc<Ctx>) {
-    loop {
-        let (tcp, remote) = tokio::select! {
-            () = ctx.shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
-        let (ctx2, target) = (ctx.clone(), Target::service(service.clone()));
-        ctx.tracker
-            .spawn(async move { connection(tcp, remote, target, ctx2).await });
-    }
+    crate::accept_loop(listener, ctx, "outbound", move |tcp, remote, ctx| {
+        connection(tcp, remote, Target::service(service.clone()), ctx)
+    })
+    .await
 }
 
 /// Carries one app connection to `target`: opaque TCP on its own mTLS connection, HTTP over the

@@ -15,23 +15,7 @@ use crate::pool::Target;
 
 /// Accepts redirected connections until shutdown.
 pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
-    loop {
-        let (tcp, remote) = tokio::select! {
-            () = ctx.shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "transparent accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
-        let ctx2 = ctx.clone();
-        ctx.tracker
-            .spawn(async move { connection(tcp, remote, ctx2).await });
-    }
+    crate::accept_loop(listener, ctx, "transparent", connection).await
 }
 
 /// The address the app dialled before the redirect.
