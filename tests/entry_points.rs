@@ -310,3 +310,154 @@ async fn invalid_policy_sets_are_refused_whole() {
         stderr(&out)
     );
 }
+
+fn run_bin(name: &str, args: &[&str]) -> std::process::Output {
+    Command::new(bin(name))
+        .args(args)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn interception_and_kubernetes_flags_are_checked() {
+    // `moat-proxy init`: a plan it can show, and bad flags refused with the reason.
+    let plan = run_bin(
+        "moat-proxy",
+        &["init", "--dry-run", "--skip-outbound-ports", "53"],
+    );
+    assert!(plan.status.success(), "{}", stderr(&plan));
+    let text = String::from_utf8_lossy(&plan.stdout);
+    assert!(
+        text.contains("--uid-owner 1337 -j RETURN") && text.contains("--dport 53 -j RETURN"),
+        "{text}"
+    );
+    let same = run_bin(
+        "moat-proxy",
+        &[
+            "init",
+            "--dry-run",
+            "--inbound-port",
+            "7140",
+            "--outbound-port",
+            "7140",
+        ],
+    );
+    assert_eq!(same.status.code(), Some(1));
+    assert!(stderr(&same).contains("must differ"), "{}", stderr(&same));
+    let uid = run_bin("moat-proxy", &["init", "--proxy-uid", "nobody"]);
+    assert_eq!(uid.status.code(), Some(2));
+    assert!(stderr(&uid).contains("--proxy-uid"), "{}", stderr(&uid));
+    // A sidecar needs --app or --transparent; both kinds of token at once are refused.
+    let base = [
+        "--identity",
+        "orders",
+        "--trust-anchors",
+        "b",
+        "--advertise",
+        "127.0.0.1:1",
+    ];
+    let mut no_app = base.to_vec();
+    no_app.extend(["--token-file", "t"]);
+    let out = run_bin("moat-proxy", &no_app);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--app"), "{}", stderr(&out));
+    let mut both = base.to_vec();
+    both.extend([
+        "--token-file",
+        "t",
+        "--k8s-token-file",
+        "k",
+        "--app",
+        "127.0.0.1:1",
+    ]);
+    let out = run_bin("moat-proxy", &both);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("cannot be used with"),
+        "{}",
+        stderr(&out)
+    );
+
+    // The control plane: publishing the bundle outside a pod without --kube-api says so.
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_bin(
+        "moat-control",
+        &[
+            "serve",
+            "--dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--publish-bundle",
+            "moat-ca-root",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("KUBERNETES_SERVICE_HOST"),
+        "{}",
+        stderr(&out)
+    );
+
+    // The CLI: missing files for install and inject.
+    let out = run_bin(
+        "moat",
+        &["install", "--ca-bundle", "/nonexistent/bundle.pem"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("cannot read /nonexistent/bundle.pem"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run_bin("moat", &["inject", "-f", "/nonexistent/app.yaml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("cannot read /nonexistent/app.yaml"),
+        "{}",
+        stderr(&out)
+    );
+    let not_k8s = dir.path().join("list.yaml");
+    std::fs::write(&not_k8s, "- just\n- a list\n").unwrap();
+    let out = run_bin("moat", &["inject", "-f", not_k8s.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("not a Kubernetes object"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn the_control_plane_admin_port_answers_garbage_and_keeps_serving() {
+    use std::io::{Read as _, Write as _};
+    let cp = ControlPlane::start().unwrap();
+    let (status, _) = cp.admin_get("/nope").unwrap();
+    assert_eq!(status, 404);
+    assert_eq!(cp.admin_get("/live").unwrap().0, 200);
+    let addr = cp.admin_addr();
+    for garbage in [
+        &b"\x16\x03\x01\x00\xff not http\r\n\r\n"[..],
+        &[b'A'; 70_000][..],
+    ] {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let _ = s.write_all(garbage);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let text = String::from_utf8_lossy(&out);
+        assert!(out.is_empty() || text.starts_with("HTTP/1.1 4"), "{text}");
+    }
+    assert_eq!(cp.admin_get("/ready").unwrap().0, 200);
+    assert!(
+        cp.admin_get("/metrics")
+            .unwrap()
+            .1
+            .contains("moat_root_rotation_phase")
+    );
+}

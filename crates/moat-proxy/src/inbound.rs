@@ -147,11 +147,13 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
             // caller; one that was never admitted stays open to answer each request with 403
             // (until the caller is revoked).
             let admitted = authorize(&ctx, &peer_id, port, None, Jwt::Later).allowed;
+            // The app's HTTP clients, looked up once per connection rather than per request.
+            let clients = ctx.apps.get(app);
             let handler = {
                 let (ctx, peer_id) = (ctx.clone(), peer_id.clone());
                 move |req| {
-                    let (ctx, peer_id) = (ctx.clone(), peer_id.clone());
-                    async move { forward(req, &peer_id, app, &ctx).await }
+                    let (ctx, peer_id, clients) = (ctx.clone(), peer_id.clone(), clients.clone());
+                    async move { forward(req, &peer_id, app, &clients, &ctx).await }
                 }
             };
             match serve_http(
@@ -384,6 +386,7 @@ async fn forward(
     req: Request<Incoming>,
     peer: &Caller,
     app: SocketAddr,
+    clients: &(crate::AppClient, crate::AppClient),
     ctx: &Ctx,
 ) -> Response<Body> {
     let start = Instant::now();
@@ -459,7 +462,7 @@ async fn forward(
         let h1 = parts.headers.remove(&ORIG_PROTO).is_some() || parts.version != Version::HTTP_2;
         strip_hop_by_hop(&mut parts.headers);
         let (authority, pq) = request_target(&parts, &app.to_string());
-        let (app_h1, app_h2) = ctx.apps.get(app);
+        let (app_h1, app_h2) = clients;
         match Uri::builder()
             .scheme("http")
             .authority(authority.as_str())

@@ -243,9 +243,16 @@ impl ControlPlane {
         &self.webhook_addr
     }
 
+    /// The plain-HTTP admin port's address.
+    pub fn admin_addr(&self) -> std::net::SocketAddr {
+        self.admin_addr
+            .parse()
+            .unwrap_or_else(|e| panic!("admin address {:?}: {e}", self.admin_addr))
+    }
+
     /// A GET on the plain-HTTP admin port (`/live`, `/ready`, `/metrics`).
     pub fn admin_get(&self, path: &str) -> Option<(u16, String)> {
-        http_get(&self.admin_addr.parse().ok()?, path)
+        http_get(&self.admin_addr(), path)
     }
 
     /// The data directory.
