@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use moat_test_util::apps::http_echo;
+use moat_test_util::mesh::Admin;
 use moat_test_util::{ControlPlane, Proxy, apply_policy, eventually};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -365,4 +366,97 @@ fn blocking_status(url: &str) -> u16 {
         .join()
         .unwrap()
     })
+}
+
+/// The services a proxy's `/config` lists: identity → endpoints.
+fn table_of(p: &Proxy) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let (_, body) = p.admin_get("/config")?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    v["services"].as_object().cloned()
+}
+
+fn endpoints_of(table: &serde_json::Map<String, serde_json::Value>, name: &str) -> Vec<String> {
+    table
+        .get(&id(name).to_string())
+        .and_then(|e| e.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A service table larger than one message reaches a real proxy in parts, which it applies as
+/// one snapshot; later changes arrive as deltas that add and remove endpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_service_table_arrives_in_parts_and_changes_as_deltas() {
+    let cp = ControlPlane::start().unwrap();
+    let mut admin = Admin::connect(&cp).await.unwrap();
+    // 80 services × 3 endpoints, announced over in-process streams: ≈ 10 KiB of table.
+    let mut held = Vec::new();
+    for i in 0..80 {
+        let cred = admin
+            .credential(&format!("fleet/svc-{i:02}"))
+            .await
+            .unwrap();
+        for r in 0..3 {
+            let address = format!("10.9.{i}.{r}:8443");
+            held.push(
+                admin
+                    .mesh_stream(&cred, &address)
+                    .await
+                    .unwrap()
+                    .keep_acking(),
+            );
+        }
+    }
+    let proxy = Proxy::start(&cp, "orders", http_echo().await, &[], &[]).unwrap();
+    let table = eventually(Duration::from_secs(10), || {
+        table_of(&proxy).filter(|t| t.len() == 81)
+    })
+    .unwrap_or_else(|| panic!("{:?}", table_of(&proxy)));
+    assert_eq!(
+        endpoints_of(&table, "fleet/svc-42"),
+        ["10.9.42.0:8443", "10.9.42.1:8443", "10.9.42.2:8443"]
+    );
+    assert!(
+        cp.log_text().matches("refused").count() == 0 && !proxy.log_text().contains("refused"),
+        "{}",
+        proxy.log_text()
+    );
+
+    // One endpoint leaves, another joins, one whole service goes.
+    held.pop().unwrap().abort(); // svc-79's third
+    for _ in 0..3 {
+        held.remove(0).abort(); // all of svc-00
+    }
+    let cred = admin.credential("fleet/svc-05").await.unwrap();
+    let _joined = admin
+        .mesh_stream(&cred, "10.9.99.1:8443")
+        .await
+        .unwrap()
+        .keep_acking();
+    let table = eventually(Duration::from_secs(10), || {
+        table_of(&proxy).filter(|t| {
+            t.len() == 80
+                && endpoints_of(t, "fleet/svc-79").len() == 2
+                && endpoints_of(t, "fleet/svc-05").len() == 4
+        })
+    })
+    .unwrap_or_else(|| panic!("{:?}", table_of(&proxy)));
+    assert!(endpoints_of(&table, "fleet/svc-00").is_empty());
+    assert!(endpoints_of(&table, "fleet/svc-05").contains(&"10.9.99.1:8443".to_owned()));
+    // Every snapshot the proxy got, it applied: sent and applied versions meet.
+    let applied = eventually(Duration::from_secs(10), || {
+        let v: serde_json::Value =
+            serde_json::from_str(&cp.moat_ok(&["status", "-o", "json"])).ok()?;
+        let p = v["proxies"]
+            .as_array()?
+            .iter()
+            .find(|p| p["identity"] == id("orders").to_string())?
+            .clone();
+        (p["snapshot_applied"] == p["snapshot_sent"]).then_some(p)
+    });
+    assert!(applied.is_some(), "{}", cp.moat_ok(&["status"]));
 }

@@ -17,6 +17,7 @@ pub mod kek_source;
 pub mod kube_bundle;
 pub mod listener;
 pub mod mesh_svc;
+pub mod mesh_view;
 pub mod metrics;
 pub mod policies;
 pub mod registry;
@@ -134,6 +135,7 @@ pub async fn serve(
     mesh.warm_up()
         .await
         .context("cannot read remembered endpoints")?;
+    tokio::spawn(mesh_svc::publish_views(mesh.clone(), ca.clone()));
     tokio::spawn(mesh_svc::follow_policies(policies.clone(), mesh.clone()));
     tokio::spawn(jwks::refresh_loop(mesh.clone()));
     let revocations = revocations::Revocations::new(store.clone());

@@ -10,16 +10,17 @@ use std::time::{Duration, SystemTime};
 
 use moat_api::v1::mesh_server::Mesh;
 use moat_api::v1::{
-    HttpRoute, MeshSettings, Policy, PolicyRule, ProxyMessage, Service, Snapshot, proxy_message,
+    HttpRoute, MeshSettings, Policy, PolicyRule, ProxyMessage, Snapshot, proxy_message,
 };
 use moat_identity::SpiffeId;
 use moat_policy::AccessPolicy;
-use prost::Message as _;
 use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::listener::ConnInfo;
+use crate::mesh_view::{MeshView, PART_BUDGET, Sent, ViewInputs, into_parts, next_snapshot};
 use crate::policies::{Policies, PolicySet};
 use crate::registry::{ProxyEntry, Registry};
 
@@ -48,6 +49,8 @@ pub struct MeshState {
     pub jwks: crate::jwks::JwksCache,
     /// Rotation commands: per identity, and for everyone.
     rotations: Mutex<(u64, std::collections::HashMap<SpiffeId, u64>)>,
+    /// The newest view (see [`publish_views`]); `None` until the first is built.
+    view: watch::Sender<Option<Arc<MeshView>>>,
 }
 
 impl MeshState {
@@ -63,6 +66,7 @@ impl MeshState {
             rotations: Mutex::new((0, std::collections::HashMap::new())),
             jwks: crate::jwks::JwksCache::default(),
             revoked: RwLock::new((Vec::new(), Vec::new())),
+            view: watch::channel(None).0,
         })
     }
 
@@ -154,6 +158,63 @@ impl MeshState {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+}
+
+/// Builds a [`MeshView`] for the newest generation whenever it moves on. Changes that arrive
+/// while a view is built, or while the streams are still sending the previous one, are folded
+/// into the next, so a burst of changes (thousands of proxies connecting) costs a few builds and
+/// broadcasts, not one per change.
+/// The longest a new view waits for streams still busy with the previous one (a proxy that
+/// reads slowly must not hold up the rest of the mesh).
+const DRAIN_WAIT: Duration = Duration::from_millis(100);
+
+pub async fn publish_views(state: Arc<MeshState>, ca: Arc<crate::ca::CaManager>) {
+    let mut generation = state.generation.subscribe();
+    loop {
+        let at = *generation.borrow_and_update();
+        let inputs = state.view_inputs(at, &ca);
+        let previous = state.view.borrow().clone();
+        let view = Arc::new(MeshView::build(inputs, previous.as_deref()));
+        view.expect(state.view.receiver_count());
+        state.view.send_replace(Some(view.clone()));
+        view.drained(DRAIN_WAIT).await;
+        if generation.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+impl MeshState {
+    fn view_inputs(&self, generation: u64, ca: &crate::ca::CaManager) -> ViewInputs {
+        let set = self.current_policies();
+        let ca = ca.current();
+        let mesh = MeshSettings {
+            default_posture: set.mesh.default_posture.as_str().to_owned(),
+            // An issuer whose keys were never read is left out: its tokens are refused.
+            jwt_issuers: set
+                .mesh
+                .jwt_issuers
+                .iter()
+                .filter_map(|i| {
+                    Some(moat_api::v1::JwtIssuer {
+                        issuer: i.issuer.clone(),
+                        jwks_json: self.jwks.get(&i.issuer)?,
+                        algorithms: i.algorithms.iter().map(|a| a.as_str().to_owned()).collect(),
+                        clock_skew_seconds: i.clock_skew.as_secs() as u32,
+                    })
+                })
+                .collect(),
+        };
+        ViewInputs {
+            generation,
+            services: self.registry().services(),
+            bundle_der: ca.bundle().roots().iter().map(|c| c.to_vec()).collect(),
+            bundle_fingerprints: ca.bundle().fingerprints(),
+            policies: set,
+            mesh,
+            revoked: self.revoked_lists(),
+        }
     }
 }
 
@@ -313,60 +374,6 @@ pub struct MeshService {
     pub state: Arc<MeshState>,
 }
 
-impl MeshService {
-    fn snapshot(&self, id: &SpiffeId, version: u64) -> Snapshot {
-        let set = self.state.current_policies();
-        let revoked = self.state.revoked_lists();
-        let services = self
-            .state
-            .registry()
-            .services()
-            .into_iter()
-            .map(|(id, endpoints)| Service {
-                spiffe_id: id.to_string(),
-                endpoints,
-            })
-            .collect();
-        Snapshot {
-            version,
-            trust_bundle_der: self
-                .ca
-                .current()
-                .bundle()
-                .roots()
-                .iter()
-                .map(|c| c.to_vec())
-                .collect(),
-            policies: set.for_target(id).iter().map(policy_to_proto).collect(),
-            mesh: Some(MeshSettings {
-                default_posture: set.mesh.default_posture.as_str().to_owned(),
-                // An issuer whose keys were never read is left out: its tokens are refused.
-                jwt_issuers: set
-                    .mesh
-                    .jwt_issuers
-                    .iter()
-                    .filter_map(|i| {
-                        Some(moat_api::v1::JwtIssuer {
-                            issuer: i.issuer.clone(),
-                            jwks_json: self.state.jwks.get(&i.issuer)?,
-                            algorithms: i
-                                .algorithms
-                                .iter()
-                                .map(|a| a.as_str().to_owned())
-                                .collect(),
-                            clock_skew_seconds: i.clock_skew.as_secs() as u32,
-                        })
-                    })
-                    .collect(),
-            }),
-            services,
-            rotate_generation: self.state.rotation_of(id),
-            revoked_identities: revoked.0,
-            revoked_serials: revoked.1,
-        }
-    }
-}
-
 fn check_address(a: &str) -> Result<(), Status> {
     let bad = |why: &str| {
         Status::invalid_argument(format!(
@@ -391,7 +398,9 @@ fn check_address(a: &str) -> Result<(), Status> {
 
 #[tonic::async_trait]
 impl Mesh for MeshService {
-    type StreamStream = ReceiverStream<Result<Snapshot, Status>>;
+    type StreamStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<Snapshot, Status>> + Send + 'static>,
+    >;
 
     async fn stream(
         &self,
@@ -454,36 +463,51 @@ impl Mesh for MeshService {
         self.state.bump();
         let address = announce.inbound_address.clone();
 
-        let (tx, rx) = mpsc::channel(4);
+        // One message in flight per stream: while the proxy is slow to take it, later changes
+        // fold into the next diff instead of queueing. Boxed: the channel's slots are
+        // allocated in blocks, and 10,000 streams' worth of whole snapshots add up.
+        let (tx, rx) = mpsc::channel::<Box<Snapshot>>(1);
         let svc = self.clone();
         tokio::spawn(async move {
-            let mut generation = svc.state.generation.subscribe();
-            let mut last_sent: Option<Vec<u8>> = None;
+            let mut views = svc.state.view.subscribe();
+            let mut last: Option<Sent> = None;
             loop {
-                let version = *generation.borrow_and_update();
-                let mut snap = svc.snapshot(&id, 0);
-                let body = snap.encode_to_vec();
-                if last_sent.as_ref() != Some(&body) {
-                    snap.version = version;
-                    let held = snap
-                        .policies
-                        .iter()
-                        .map(|p| (format!("{}/{}", p.namespace, p.name), p.version))
-                        .collect();
-                    if let Some(e) = svc.state.registry().get_mut(stream_id) {
-                        e.sent = Some(crate::registry::SentSnapshot {
-                            version,
-                            policies: held,
-                            bundle: svc.ca.current().bundle().fingerprints(),
-                        });
+                let view = views.borrow_and_update().clone();
+                if let Some(view) = view {
+                    let policies = view.policies_for(&id);
+                    let rotation = svc.state.rotation_of(&id);
+                    match next_snapshot(last.as_ref(), &view, policies, rotation) {
+                        Some(snap) => {
+                            svc.state.record_sent(stream_id, &snap, &view);
+                            let mut gone = false;
+                            for part in into_parts(snap, PART_BUDGET) {
+                                gone = tx.send(Box::new(part)).await.is_err();
+                                if gone {
+                                    break;
+                                }
+                            }
+                            view.handled();
+                            if gone {
+                                break;
+                            }
+                            last = Some(Sent {
+                                policies: policies.to_vec(),
+                                view,
+                                rotation,
+                            });
+                        }
+                        // Nothing this proxy needs changed: diff the next view against this one
+                        // (and let the older one go).
+                        None => {
+                            view.handled();
+                            if let Some(last) = last.as_mut() {
+                                last.view = view;
+                            }
+                        }
                     }
-                    if tx.send(Ok(snap)).await.is_err() {
-                        break;
-                    }
-                    last_sent = Some(body);
                 }
                 tokio::select! {
-                    changed = generation.changed() => if changed.is_err() { break },
+                    changed = views.changed() => if changed.is_err() { break },
                     msg = inbound.message() => match msg {
                         Ok(Some(m)) => svc.on_message(stream_id, &id, m),
                         Ok(None) => break,
@@ -512,7 +536,28 @@ impl Mesh for MeshService {
             svc.state.bump();
             tracing::info!(%id, "proxy disconnected");
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(rx).map(|part| Ok(*part)),
+        )))
+    }
+}
+
+impl MeshState {
+    /// Notes what a stream's newest snapshot held, to learn what the proxy applied when it
+    /// acknowledges it.
+    fn record_sent(&self, stream: u64, snap: &Snapshot, view: &MeshView) {
+        let policies = snap
+            .policies
+            .iter()
+            .map(|p| (format!("{}/{}", p.namespace, p.name), p.version))
+            .collect();
+        if let Some(e) = self.registry().get_mut(stream) {
+            e.sent = Some(crate::registry::SentSnapshot {
+                version: snap.version,
+                policies,
+                bundle: view.bundle_fingerprints.clone(),
+            });
+        }
     }
 }
 

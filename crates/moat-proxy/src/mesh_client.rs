@@ -112,6 +112,8 @@ async fn session(
     // The rotation generation of this stream's first snapshot; a later, larger one is a command.
     let mut rotation: Option<u64> = None;
     let mut last_version = 0;
+    // The service table as this stream has built it (snapshots after the first carry changes).
+    let mut table: Option<ServiceTable> = None;
     loop {
         let msg = tokio::select! {
             changed = certs.changed() => {
@@ -146,6 +148,11 @@ async fn session(
         };
         let version = msg.version;
         let generation = msg.rotate_generation;
+        // The table follows what the control plane sent, applied or not, so that the next change
+        // lands on the same table the control plane diffed against.
+        let Some(msg) = table_update(&mut table, msg)? else {
+            continue; // more parts of this snapshot follow
+        };
         let (applied, error) = match apply(msg, cfg, tls, snapshots) {
             Ok(()) => {
                 if rotation.is_some_and(|seen| generation > seen) {
@@ -166,6 +173,43 @@ async fn session(
         let ack = ack(version, applied, error, tls);
         send(&tx, proxy_message::Message::Ack(ack)).await?;
     }
+}
+
+/// Service identity → endpoints, as sent on one stream.
+type ServiceTable = std::collections::BTreeMap<String, Vec<String>>;
+
+/// Folds `msg`'s service changes into `table` and returns `msg` with the whole table, or `None`
+/// for a part that more parts follow. An incremental snapshot before any complete one breaks
+/// the stream (the reconnect starts over with a complete one).
+fn table_update(
+    table: &mut Option<ServiceTable>,
+    mut msg: moat_api::v1::Snapshot,
+) -> Result<Option<moat_api::v1::Snapshot>, String> {
+    let t = match (table.as_mut(), msg.services_incremental) {
+        (_, false) => table.insert(ServiceTable::new()),
+        (Some(t), true) => t,
+        (None, true) => {
+            return Err("the control plane sent service changes before a complete table".into());
+        }
+    };
+    for removed in std::mem::take(&mut msg.services_removed) {
+        t.remove(&removed);
+    }
+    for svc in std::mem::take(&mut msg.services) {
+        t.insert(svc.spiffe_id, svc.endpoints);
+    }
+    if msg.continued {
+        return Ok(None);
+    }
+    msg.services = t
+        .iter()
+        .map(|(id, endpoints)| moat_api::v1::Service {
+            spiffe_id: id.clone(),
+            endpoints: endpoints.clone(),
+        })
+        .collect();
+    msg.services_incremental = false;
+    Ok(Some(msg))
 }
 
 /// An acknowledgement carrying the certificate the proxy holds now.
@@ -234,4 +278,84 @@ fn apply(
     }
     snapshots.send_replace(Some(Arc::new(snap)));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moat_api::v1::{Service, Snapshot as Pb};
+
+    fn svc(id: &str, eps: &[&str]) -> Service {
+        Service {
+            spiffe_id: id.into(),
+            endpoints: eps.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    fn ids(s: &Pb) -> Vec<(&str, usize)> {
+        s.services
+            .iter()
+            .map(|s| (s.spiffe_id.as_str(), s.endpoints.len()))
+            .collect()
+    }
+
+    #[test]
+    fn incremental_snapshots_update_the_table_of_the_stream() {
+        let mut table = None;
+        let full = Pb {
+            services: vec![svc("a", &["1:1"]), svc("b", &["2:1"])],
+            ..Pb::default()
+        };
+        let s = table_update(&mut table, full).unwrap().unwrap();
+        assert_eq!(ids(&s), [("a", 1), ("b", 1)]);
+        let delta = Pb {
+            services_incremental: true,
+            services: vec![svc("a", &["1:1", "3:1"]), svc("c", &["4:1"])],
+            services_removed: vec!["b".into()],
+            ..Pb::default()
+        };
+        let s = table_update(&mut table, delta).unwrap().unwrap();
+        assert_eq!(ids(&s), [("a", 2), ("c", 1)]);
+        assert!(!s.services_incremental && s.services_removed.is_empty());
+        // A complete table replaces everything.
+        let s = table_update(&mut table, Pb::default()).unwrap().unwrap();
+        assert!(s.services.is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_in_parts_is_applied_at_its_last_part() {
+        let mut table = None;
+        let first = Pb {
+            services: vec![svc("a", &["1:1"])],
+            continued: true,
+            ..Pb::default()
+        };
+        assert!(table_update(&mut table, first).unwrap().is_none());
+        let middle = Pb {
+            services_incremental: true,
+            services: vec![svc("b", &["2:1"])],
+            continued: true,
+            ..Pb::default()
+        };
+        assert!(table_update(&mut table, middle).unwrap().is_none());
+        let last = Pb {
+            version: 9,
+            services_incremental: true,
+            services: vec![svc("c", &["3:1"])],
+            ..Pb::default()
+        };
+        let s = table_update(&mut table, last).unwrap().unwrap();
+        assert_eq!(s.version, 9);
+        assert_eq!(ids(&s), [("a", 1), ("b", 1), ("c", 1)]);
+    }
+
+    #[test]
+    fn changes_before_a_complete_table_break_the_stream() {
+        let delta = Pb {
+            services_incremental: true,
+            ..Pb::default()
+        };
+        let err = table_update(&mut None, delta).unwrap_err();
+        assert!(err.contains("before a complete table"), "{err}");
+    }
 }

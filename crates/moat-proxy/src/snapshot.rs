@@ -155,6 +155,9 @@ fn policy(p: pb::Policy, me: &SpiffeId) -> Result<AccessPolicy, String> {
 
 /// Validates a snapshot for the proxy with identity `me`.
 pub fn from_proto(s: pb::Snapshot, me: &SpiffeId) -> Result<Snapshot, String> {
+    if s.services_incremental {
+        return Err("service changes need the stream's table (mesh_client folds them in)".into());
+    }
     let bundle = TrustBundle::from_der(
         s.trust_bundle_der
             .into_iter()
@@ -271,6 +274,7 @@ mod tests {
                 spiffe_id: "spiffe://moat.local/ns/default/sa/payments".into(),
                 endpoints: vec!["127.0.0.1:7143".into()],
             }],
+            ..pb::Snapshot::default()
         }
     }
 

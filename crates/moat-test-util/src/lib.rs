@@ -4,6 +4,7 @@
 //! `kill -9` it; run CLI commands against it; start sidecars next to test apps (`apps`).
 
 pub mod apps;
+pub mod mesh;
 mod proxy;
 
 pub use proxy::{Proxy, apply_policy};
@@ -236,6 +237,11 @@ impl ControlPlane {
     /// `https://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("https://{}", self.addr)
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// `host:port` of the injection webhook (empty unless started with `--webhook`).
