@@ -225,17 +225,17 @@ fn jwt_outcome(req: &crate::model::JwtRequirement, claims: &crate::jwt::Claims) 
 }
 
 /// Verdict of one group of policies (all enforce, or all audit).
-struct GroupVerdict {
-    allowed: Option<(String, PolicyVersion, usize)>,
+struct GroupVerdict<'p> {
+    allowed: Option<(&'p AccessPolicy, usize)>,
     deny: Reason,
-    deny_policy: Option<(String, PolicyVersion)>,
+    deny_policy: Option<&'p AccessPolicy>,
 }
 
 fn judge<'p>(
     policies: impl Iterator<Item = &'p AccessPolicy>,
     input: &Input<'_>,
-    trace: &mut Vec<RuleTrace>,
-) -> Option<GroupVerdict> {
+    mut trace: Option<&mut Vec<RuleTrace>>,
+) -> Option<GroupVerdict<'p>> {
     let mut any = false;
     let mut best = GroupVerdict {
         allowed: None,
@@ -245,48 +245,69 @@ fn judge<'p>(
     for p in policies {
         any = true;
         if best.deny_policy.is_none() {
-            best.deny_policy = Some((p.key(), p.version));
+            best.deny_policy = Some(p);
         }
         for (i, rule) in p.rules.iter().enumerate() {
             let outcome = rule_outcome(rule, input);
-            trace.push(RuleTrace {
-                policy: p.key(),
-                version: p.version,
-                mode: p.mode,
-                rule: i,
-                outcome,
-            });
+            if let Some(trace) = trace.as_deref_mut() {
+                trace.push(RuleTrace {
+                    policy: p.key(),
+                    version: p.version,
+                    mode: p.mode,
+                    rule: i,
+                    outcome,
+                });
+            }
             if outcome == Reason::Allowed {
                 if best.allowed.is_none() {
-                    best.allowed = Some((p.key(), p.version, i));
+                    best.allowed = Some((p, i));
                 }
             } else if outcome.progress() > best.deny.progress() {
                 best.deny = outcome;
-                best.deny_policy = Some((p.key(), p.version));
+                best.deny_policy = Some(p);
             }
         }
     }
     any.then_some(best)
 }
 
-/// Evaluates `input` against the policies whose target is the local service.
+/// Evaluates `input` against the policies whose target is the local service, recording every
+/// rule considered in [`Decision::trace`] (for explanations).
 pub fn evaluate(policies: &[AccessPolicy], mesh: &MeshConfig, input: &Input<'_>) -> Decision {
     let mut trace = Vec::new();
+    let mut d = decide_with(policies, mesh, input, Some(&mut trace));
+    d.trace = trace;
+    d
+}
+
+/// Like [`evaluate`] without the trace: the per-request path.
+pub fn decide(policies: &[AccessPolicy], mesh: &MeshConfig, input: &Input<'_>) -> Decision {
+    decide_with(policies, mesh, input, None)
+}
+
+fn decide_with(
+    policies: &[AccessPolicy],
+    mesh: &MeshConfig,
+    input: &Input<'_>,
+    mut trace: Option<&mut Vec<RuleTrace>>,
+) -> Decision {
     let enforce = judge(
         policies.iter().filter(|p| p.mode == Mode::Enforce),
         input,
-        &mut trace,
+        trace.as_deref_mut(),
     );
     let audit = judge(
         policies.iter().filter(|p| p.mode == Mode::Audit),
         input,
-        &mut trace,
+        trace,
     );
-    let allow = |(policy, version, rule): (String, PolicyVersion, usize), trace| Decision {
+    let trace = Vec::new();
+    let key = |p: &AccessPolicy| (p.key(), p.version);
+    let allow = |(policy, rule): (&AccessPolicy, usize), trace| Decision {
         allowed: true,
         reason: Reason::Allowed,
         would_deny: None,
-        policy: Some((policy, version)),
+        policy: Some(key(policy)),
         rule: Some(rule),
         trace,
     };
@@ -297,7 +318,7 @@ pub fn evaluate(policies: &[AccessPolicy], mesh: &MeshConfig, input: &Input<'_>)
                 allowed: false,
                 reason: v.deny,
                 would_deny: None,
-                policy: v.deny_policy,
+                policy: v.deny_policy.map(key),
                 rule: None,
                 trace,
             },
@@ -308,7 +329,7 @@ pub fn evaluate(policies: &[AccessPolicy], mesh: &MeshConfig, input: &Input<'_>)
                 allowed: true,
                 reason: Reason::Allowed,
                 would_deny: Some(v.deny),
-                policy: v.deny_policy,
+                policy: v.deny_policy.map(key),
                 rule: None,
                 trace,
             },
@@ -375,20 +396,32 @@ spec:
         port: u16,
         http: Option<(&str, &str)>,
     ) -> Decision {
-        evaluate(
-            ps,
-            mesh,
-            &Input {
-                peer: &id(who),
-                port,
-                http,
-                jwt: if http.is_some() {
-                    Jwt::Missing
-                } else {
-                    Jwt::Later
-                },
+        let peer = id(who);
+        let input = Input {
+            peer: &peer,
+            port,
+            http,
+            jwt: if http.is_some() {
+                Jwt::Missing
+            } else {
+                Jwt::Later
             },
-        )
+        };
+        let d = evaluate(ps, mesh, &input);
+        // The per-request path decides the same, without the trace.
+        let fast = decide(ps, mesh, &input);
+        assert!(fast.trace.is_empty());
+        assert_eq!(
+            (
+                fast.allowed,
+                fast.reason,
+                fast.would_deny,
+                &fast.policy,
+                fast.rule
+            ),
+            (d.allowed, d.reason, d.would_deny, &d.policy, d.rule)
+        );
+        d
     }
 
     #[test]

@@ -163,11 +163,16 @@ pub fn is_grpc(h: &HeaderMap) -> bool {
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
-fn random_hex(bytes: usize) -> String {
+/// Appends `N` random bytes to `out` as lowercase hex.
+fn push_random_hex<const N: usize>(out: &mut String) {
     use rand::RngCore as _;
-    let mut b = vec![0u8; bytes];
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut b = [0u8; N];
     rand::rng().fill_bytes(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    for x in b {
+        out.push(char::from(DIGITS[usize::from(x >> 4)]));
+        out.push(char::from(DIGITS[usize::from(x & 0xf)]));
+    }
 }
 
 /// Ensures the request has an `x-request-id` and a `traceparent`; returns the request id.
@@ -175,17 +180,24 @@ pub fn ensure_request_id(h: &mut HeaderMap) -> String {
     let id = match h.get(&REQUEST_ID).and_then(|v| v.to_str().ok()) {
         Some(v) if !v.is_empty() && v.len() <= 128 => v.to_owned(),
         _ => {
-            let id = random_hex(16);
+            let mut id = String::with_capacity(32);
+            push_random_hex::<16>(&mut id);
             if let Ok(v) = HeaderValue::from_str(&id) {
                 h.insert(REQUEST_ID, v);
             }
             id
         }
     };
-    if !h.contains_key(&TRACEPARENT)
-        && let Ok(v) = HeaderValue::from_str(&format!("00-{}-{}-01", random_hex(16), random_hex(8)))
-    {
-        h.insert(TRACEPARENT, v);
+    if !h.contains_key(&TRACEPARENT) {
+        let mut tp = String::with_capacity(55);
+        tp.push_str("00-");
+        push_random_hex::<16>(&mut tp);
+        tp.push('-');
+        push_random_hex::<8>(&mut tp);
+        tp.push_str("-01");
+        if let Ok(v) = HeaderValue::from_str(&tp) {
+            h.insert(TRACEPARENT, v);
+        }
     }
     id
 }
@@ -320,11 +332,15 @@ mod tests {
         let id = ensure_request_id(&mut h);
         assert_eq!(id.len(), 32);
         assert!(
-            h.get(TRACEPARENT)
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .starts_with("00-")
+            id.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
+        let tp = h.get(TRACEPARENT).unwrap().to_str().unwrap();
+        let fields: Vec<&str> = tp.split('-').collect();
+        assert_eq!(
+            fields.iter().map(|f| f.len()).collect::<Vec<_>>(),
+            [2, 32, 16, 2],
+            "{tp}"
         );
         assert_eq!(ensure_request_id(&mut h), id);
     }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use moat_identity::SpiffeId;
-use moat_policy::eval::{Decision, Input, Jwt, Reason, evaluate};
+use moat_policy::eval::{Decision, Input, Jwt, Reason, decide};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
@@ -21,7 +21,7 @@ use crate::http::{
     Body, Ended, ORIG_PROTO, PEER_ID, USER, boxed, deny, ensure_request_id, is_grpc,
     request_target, serve_http, strip_hop_by_hop, unavailable,
 };
-use crate::metrics::{RequestLabels, TrafficLabels};
+use crate::metrics::TrafficLabels;
 use crate::snapshot::Snapshot;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -118,6 +118,7 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
     };
     let port = app.port();
     let peer_id = Caller {
+        name: peer.id.to_string(),
         id: peer.id,
         serial: peer.serial,
     };
@@ -148,12 +149,23 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
             // (until the caller is revoked).
             let admitted = authorize(&ctx, &peer_id, port, None, Jwt::Later).allowed;
             // The app's HTTP clients, looked up once per connection rather than per request.
-            let clients = ctx.apps.get(app);
+            let conn = Arc::new(HttpConn {
+                clients: ctx.apps.get(app),
+                counters: ctx.metrics.for_connection(
+                    "inbound",
+                    peer_id.name.clone(),
+                    ctx.cfg.identity.to_string(),
+                ),
+                peer_header: HeaderValue::from_str(&peer_id.name).ok(),
+                app_authority: app.to_string(),
+                peer: peer_id.clone(),
+                app,
+            });
             let handler = {
-                let (ctx, peer_id) = (ctx.clone(), peer_id.clone());
+                let ctx = ctx.clone();
                 move |req| {
-                    let (ctx, peer_id, clients) = (ctx.clone(), peer_id.clone(), clients.clone());
-                    async move { forward(req, &peer_id, app, &clients, &ctx).await }
+                    let (ctx, conn) = (ctx.clone(), conn.clone());
+                    async move { forward(req, &conn, &ctx).await }
                 }
             };
             match serve_http(
@@ -176,16 +188,31 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
     }
 }
 
+/// What every request of one inbound HTTP connection shares, worked out once.
+struct HttpConn {
+    peer: Caller,
+    app: SocketAddr,
+    /// The app's HTTP/1.1 and HTTP/2 clients.
+    clients: (crate::AppClient, crate::AppClient),
+    counters: crate::metrics::ConnCounters,
+    /// `x-moat-peer-id` for the app.
+    peer_header: Option<HeaderValue>,
+    /// The authority for requests that name none.
+    app_authority: String,
+}
+
 /// A verified caller: its SPIFFE ID and the serial of the certificate it presented.
 #[derive(Clone, Debug)]
 struct Caller {
     id: SpiffeId,
+    /// `id` as text, formatted once per connection.
+    name: String,
     serial: String,
 }
 
 impl std::fmt::Display for Caller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.id.fmt(f)
+        f.write_str(&self.name)
     }
 }
 
@@ -228,7 +255,7 @@ fn authorize(
         };
     }
     match snap {
-        Some(s) => evaluate(
+        Some(s) => decide(
             &s.policies,
             &s.mesh,
             &Input {
@@ -239,7 +266,7 @@ fn authorize(
             },
         ),
         // No snapshot yet: nothing is known to be allowed.
-        None => evaluate(
+        None => decide(
             &[],
             &moat_policy::MeshConfig::default(),
             &Input {
@@ -366,14 +393,13 @@ fn over_limit(
         .iter()
         .find(|p| &p.key() == key && p.version == *version)?;
     let limit = p.rules.get(rule)?.rate_limit.as_ref()?;
-    let client = peer.id.to_string();
     ctx.limiter
         .admit(
             &crate::ratelimit::Request {
                 policy: key,
                 version: version.0,
                 rule,
-                client: &client,
+                client: &peer.name,
                 method,
                 path,
             },
@@ -382,13 +408,8 @@ fn over_limit(
         .err()
 }
 
-async fn forward(
-    req: Request<Incoming>,
-    peer: &Caller,
-    app: SocketAddr,
-    clients: &(crate::AppClient, crate::AppClient),
-    ctx: &Ctx,
-) -> Response<Body> {
+async fn forward(req: Request<Incoming>, conn: &HttpConn, ctx: &Ctx) -> Response<Body> {
+    let (peer, app) = (&conn.peer, conn.app);
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
     let grpc = is_grpc(&parts.headers);
@@ -408,7 +429,7 @@ async fn forward(
         Some(None) | None => Jwt::Missing,
     };
     let d = authorize(ctx, peer, app.port(), Some((method.as_str(), &path)), jwt);
-    ctx.metrics.count_rule(&d);
+    conn.counters.rule(&ctx.metrics, &d);
     let policy = policy_label(&d);
     // An allowed request still has to fit the matching rule's rate limit.
     let throttled = snap
@@ -423,22 +444,12 @@ async fn forward(
         ctx.metrics
             .rate_limited
             .get_or_create(&crate::metrics::RateLimitedLabels {
-                peer: peer.to_string(),
+                peer: peer.name.clone(),
                 policy: policy.clone().unwrap_or_default(),
             })
             .inc();
     }
-    let target = ctx.cfg.identity.to_string();
-    ctx.metrics
-        .authz
-        .get_or_create(&TrafficLabels {
-            direction: "inbound",
-            peer: peer.to_string(),
-            target: target.clone(),
-            decision,
-            reason: reason.code(),
-        })
-        .inc();
+    conn.counters.authz(&ctx.metrics, decision, reason.code());
     let resp = if !d.allowed || throttled.is_some() {
         deny(
             reason,
@@ -450,8 +461,8 @@ async fn forward(
     } else {
         // The app learns who called from us alone.
         parts.headers.remove(&PEER_ID);
-        if let Ok(v) = HeaderValue::from_str(&peer.to_string()) {
-            parts.headers.insert(PEER_ID, v);
+        if let Some(v) = &conn.peer_header {
+            parts.headers.insert(PEER_ID, v.clone());
         }
         if let Some(Some(Ok(claims))) = &token
             && let Some(sub) = claims.get("sub").and_then(|v| v.as_str())
@@ -461,8 +472,8 @@ async fn forward(
         }
         let h1 = parts.headers.remove(&ORIG_PROTO).is_some() || parts.version != Version::HTTP_2;
         strip_hop_by_hop(&mut parts.headers);
-        let (authority, pq) = request_target(&parts, &app.to_string());
-        let (app_h1, app_h2) = clients;
+        let (authority, pq) = request_target(&parts, &conn.app_authority);
+        let (app_h1, app_h2) = &conn.clients;
         match Uri::builder()
             .scheme("http")
             .authority(authority.as_str())
@@ -513,23 +524,8 @@ async fn forward(
     };
     let status = resp.status().as_u16();
     let elapsed = start.elapsed();
-    ctx.metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            direction: "inbound",
-            peer: peer.to_string(),
-            target,
-            decision,
-            reason: reason.code(),
-            status,
-        })
-        .inc();
-    ctx.metrics
-        .request_duration
-        .get_or_create(&crate::metrics::DirectionLabels {
-            direction: "inbound",
-        })
-        .observe(elapsed.as_secs_f64());
+    conn.counters
+        .request(&ctx.metrics, decision, reason.code(), status, elapsed);
     tracing::info!(target: "moat::access", direction = "inbound", peer = %peer, %method, path = %path, decision, reason = reason.code(), policy = ?policy, status, duration_ms = elapsed.as_millis() as u64, request_id = %request_id, "http");
     resp
 }

@@ -128,19 +128,42 @@ fn config(a: &Args) -> Result<ProxyConfig, String> {
     })
 }
 
-fn init_logging(format: &str) {
+/// Logs go to stderr through a writer thread that writes whatever has queued up in one go (the
+/// access log has a line per request; a write per line would be a system call per request on
+/// the hot path). Nothing is dropped: a full queue makes the logging thread wait. Dropping the
+/// guard flushes.
+fn init_logging(format: &str) -> tracing_appender::non_blocking::WorkerGuard {
     use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_env("MOAT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("moat-log")
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        ));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     if format == "json" {
         builder.json().init();
     } else {
         builder.init();
     }
+    guard
+}
+
+/// Flushes the logs, then prints `message` to stderr, so it comes last.
+fn fail(
+    logs: tracing_appender::non_blocking::WorkerGuard,
+    message: String,
+    code: ExitCode,
+) -> ExitCode {
+    drop(logs);
+    eprintln!("{message}");
+    code
 }
 
 async fn shutdown_signal() {
@@ -161,23 +184,17 @@ fn main() -> ExitCode {
     // `moat-proxy init`: install the interception rules (an init container's job), then exit.
     if std::env::args().nth(1).as_deref() == Some("init") {
         let args = moat_proxy::init::InitArgs::parse_from(std::env::args().skip(1));
-        init_logging("text");
+        let logs = init_logging("text");
         return match moat_proxy::init::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("moat-proxy init: {e:#}");
-                ExitCode::FAILURE
-            }
+            Err(e) => fail(logs, format!("moat-proxy init: {e:#}"), ExitCode::FAILURE),
         };
     }
     let args = Args::parse();
-    init_logging(&args.log_format);
+    let logs = init_logging(&args.log_format);
     let cfg = match config(&args) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("moat-proxy: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return fail(logs, format!("moat-proxy: {e}"), ExitCode::from(2)),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(usize::from(args.workers))
@@ -186,15 +203,15 @@ fn main() -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("moat-proxy: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
+            let message = format!("moat-proxy: cannot start the runtime: {e}");
+            return fail(logs, message, ExitCode::FAILURE);
         }
     };
-    match runtime.block_on(moat_proxy::run(cfg, shutdown_signal())) {
+    let result = runtime.block_on(moat_proxy::run(cfg, shutdown_signal()));
+    // Tasks still running (connections past the drain timeout) go now, before the last lines.
+    drop(runtime);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("moat-proxy: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(logs, format!("moat-proxy: {e:#}"), ExitCode::FAILURE),
     }
 }

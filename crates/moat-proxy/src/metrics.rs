@@ -2,8 +2,9 @@
 //! decision. Served as text on the admin port's `/metrics`.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use moat_policy::eval::Decision;
 
@@ -99,7 +100,7 @@ pub struct Metrics {
     pub rule_hits: Family<RuleLabels, Counter>,
     pub rate_limited: Family<RateLimitedLabels, Counter>,
     /// The same counts, for reporting to the control plane.
-    rule_totals: Mutex<HashMap<RuleKey, u64>>,
+    rule_totals: Mutex<HashMap<RuleKey, Arc<AtomicU64>>>,
     snapshot_seen: AtomicBool,
 }
 
@@ -204,33 +205,38 @@ impl Metrics {
 
     /// Counts a decision against the policy rule that made it (nothing when no policy did).
     pub fn count_rule(&self, d: &Decision) {
-        let Some((policy, version)) = &d.policy else {
-            return;
-        };
-        let decision = match (d.allowed, d.would_deny) {
-            (true, Some(_)) => "would-deny",
-            (true, None) => "allow",
-            (false, _) => "deny",
-        };
-        let rule = d.rule.map(|r| r as i32).unwrap_or(-1);
-        self.rule_hits
+        if let Some((policy, version)) = &d.policy {
+            let (rule, decision) = rule_outcome(d);
+            let (counter, total) = self.rule_handles(&(policy.clone(), version.0, rule, decision));
+            counter.inc();
+            total.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The exported counter and the reported total of one rule key.
+    fn rule_handles(&self, key: &RuleKey) -> (Counter, Arc<AtomicU64>) {
+        let (policy, version, rule, decision) = key;
+        let counter = self
+            .rule_hits
             .get_or_create(&RuleLabels {
                 policy: policy.clone(),
                 version: version.to_string(),
-                rule: if rule < 0 {
+                rule: if *rule < 0 {
                     "none".into()
                 } else {
                     rule.to_string()
                 },
                 decision,
             })
-            .inc();
-        *self
+            .clone();
+        let total = self
             .rule_totals
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entry((policy.clone(), version.0, rule, decision))
-            .or_default() += 1;
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        (counter, total)
     }
 
     /// Every rule counter so far.
@@ -239,8 +245,27 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .map(|(k, v)| (k.clone(), *v))
+            .map(|(k, v)| (k.clone(), v.load(Ordering::Relaxed)))
             .collect()
+    }
+
+    /// Counters for the requests of one connection (inbound: one caller; outbound: one target).
+    pub fn for_connection(
+        &self,
+        direction: &'static str,
+        peer: String,
+        target: String,
+    ) -> ConnCounters {
+        ConnCounters {
+            duration: self
+                .request_duration
+                .get_or_create(&DirectionLabels { direction })
+                .clone(),
+            direction,
+            peer,
+            target,
+            cache: Mutex::new(CounterCache::default()),
+        }
     }
 
     /// Records that a snapshot was applied on the current mesh stream.
@@ -251,6 +276,129 @@ impl Metrics {
     /// Whether a snapshot arrived since the last call (the reconnect backoff resets then).
     pub fn reset_backoff(&self) -> bool {
         self.snapshot_seen.swap(false, Ordering::Relaxed)
+    }
+}
+
+/// The rule index (-1: none matched) and decision label a rule counter counts `d` under.
+fn rule_outcome(d: &Decision) -> (i32, &'static str) {
+    let decision = match (d.allowed, d.would_deny) {
+        (true, Some(_)) => "would-deny",
+        (true, None) => "allow",
+        (false, _) => "deny",
+    };
+    (d.rule.map(|r| r as i32).unwrap_or(-1), decision)
+}
+
+/// How many distinct outcomes a connection keeps resolved counters for (beyond, it starts over).
+const CACHED_OUTCOMES: usize = 32;
+
+/// One connection's request counters, each resolved once per distinct outcome instead of
+/// building and hashing its label set per request.
+#[derive(Debug)]
+pub struct ConnCounters {
+    direction: &'static str,
+    peer: String,
+    target: String,
+    duration: Histogram,
+    cache: Mutex<CounterCache>,
+}
+
+#[derive(Debug, Default)]
+struct CounterCache {
+    authz: Vec<((&'static str, &'static str), Counter)>,
+    requests: Vec<((&'static str, &'static str, u16), Counter)>,
+    rules: Vec<(RuleKey, Counter, Arc<AtomicU64>)>,
+}
+
+/// The entry of `cache` for `key`, made with `make` on first use.
+fn cached<K: PartialEq, V: Clone>(cache: &mut Vec<(K, V)>, key: K, make: impl FnOnce() -> V) -> V {
+    if let Some((_, v)) = cache.iter().find(|(k, _)| *k == key) {
+        return v.clone();
+    }
+    if cache.len() >= CACHED_OUTCOMES {
+        cache.clear();
+    }
+    let v = make();
+    cache.push((key, v.clone()));
+    v
+}
+
+impl ConnCounters {
+    fn cache(&self) -> std::sync::MutexGuard<'_, CounterCache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts an authorization decision.
+    pub fn authz(&self, m: &Metrics, decision: &'static str, reason: &'static str) {
+        let c = cached(&mut self.cache().authz, (decision, reason), || {
+            m.authz
+                .get_or_create(&TrafficLabels {
+                    direction: self.direction,
+                    peer: self.peer.clone(),
+                    target: self.target.clone(),
+                    decision,
+                    reason,
+                })
+                .clone()
+        });
+        c.inc();
+    }
+
+    /// Counts a finished request and its duration.
+    pub fn request(
+        &self,
+        m: &Metrics,
+        decision: &'static str,
+        reason: &'static str,
+        status: u16,
+        elapsed: Duration,
+    ) {
+        let c = cached(
+            &mut self.cache().requests,
+            (decision, reason, status),
+            || {
+                m.requests
+                    .get_or_create(&RequestLabels {
+                        direction: self.direction,
+                        peer: self.peer.clone(),
+                        target: self.target.clone(),
+                        decision,
+                        reason,
+                        status,
+                    })
+                    .clone()
+            },
+        );
+        c.inc();
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a decision against the policy rule that made it.
+    pub fn rule(&self, m: &Metrics, d: &Decision) {
+        let Some((policy, version)) = d.policy.as_ref() else {
+            return;
+        };
+        let (rule, decision) = rule_outcome(d);
+        let mut cache = self.cache();
+        let hit = cache
+            .rules
+            .iter()
+            .find(|(k, _, _)| k.0 == *policy && k.1 == version.0 && k.2 == rule && k.3 == decision);
+        let (counter, total) = match hit {
+            Some((_, c, t)) => (c.clone(), t.clone()),
+            None => {
+                let key = (policy.clone(), version.0, rule, decision);
+                let (c, t) = m.rule_handles(&key);
+                if cache.rules.len() >= CACHED_OUTCOMES {
+                    cache.rules.clear();
+                }
+                cache.rules.push((key, c.clone(), t.clone()));
+                (c, t)
+            }
+        };
+        drop(cache);
+        counter.inc();
+        total.fetch_add(1, Ordering::Relaxed);
     }
 }
 

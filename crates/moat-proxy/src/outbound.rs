@@ -19,7 +19,7 @@ use crate::http::{
     Body, Ended, ORIG_PROTO, boxed, ensure_request_id, is_grpc, request_target, serve_http,
     strip_hop_by_hop, unavailable,
 };
-use crate::metrics::{RequestLabels, TrafficLabels};
+use crate::metrics::TrafficLabels;
 use crate::pool::Target;
 
 /// Accepts app connections for `service` until shutdown.
@@ -53,11 +53,20 @@ pub async fn connection(mut tcp: TcpStream, remote: SocketAddr, target: Target, 
     match proto {
         Protocol::Tcp => tcp_forward(io, remote, &target, opaque, &ctx).await,
         Protocol::Http1 | Protocol::Http2 => {
+            let name = target.service.to_string();
+            let conn = Arc::new(HttpConn {
+                counters: ctx
+                    .metrics
+                    .for_connection("outbound", name.clone(), name.clone()),
+                default_authority: target.service.service_account().to_string(),
+                name,
+                target,
+            });
             let handler = {
-                let (ctx, target) = (ctx.clone(), target.clone());
+                let ctx = ctx.clone();
                 move |req| {
-                    let (ctx, target) = (ctx.clone(), target.clone());
-                    async move { forward(req, &target, &ctx).await }
+                    let (ctx, conn) = (ctx.clone(), conn.clone());
+                    async move { forward(req, &conn, &ctx).await }
                 }
             };
             if let Ended::Failed(e) =
@@ -67,6 +76,16 @@ pub async fn connection(mut tcp: TcpStream, remote: SocketAddr, target: Target, 
             }
         }
     }
+}
+
+/// What every request of one outbound HTTP connection shares, worked out once.
+struct HttpConn {
+    target: Target,
+    /// The target service's identity as text.
+    name: String,
+    counters: crate::metrics::ConnCounters,
+    /// The authority for requests that name none.
+    default_authority: String,
 }
 
 async fn tcp_forward(
@@ -115,7 +134,8 @@ async fn tcp_forward(
 }
 
 /// Forwards one app request to the service over the mesh.
-async fn forward(req: Request<Incoming>, to: &Target, ctx: &Ctx) -> Response<Body> {
+async fn forward(req: Request<Incoming>, conn: &HttpConn, ctx: &Ctx) -> Response<Body> {
+    let (to, target) = (&conn.target, &conn.name);
     let service = &to.service;
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
@@ -123,7 +143,7 @@ async fn forward(req: Request<Incoming>, to: &Target, ctx: &Ctx) -> Response<Bod
     let request_id = ensure_request_id(&mut parts.headers);
     let method = parts.method.clone();
     let path = parts.uri.path().to_owned();
-    let (authority, pq) = request_target(&parts, &service.service_account().to_string());
+    let (authority, pq) = request_target(&parts, &conn.default_authority);
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(http::header::HOST);
     parts.headers.remove(&ORIG_PROTO);
@@ -148,7 +168,6 @@ async fn forward(req: Request<Incoming>, to: &Target, ctx: &Ctx) -> Response<Bod
             );
         }
     };
-    let target = service.to_string();
     let (status, endpoint, resp) = match ctx
         .pool
         .send(ctx, to, Request::from_parts(parts, boxed(body)))
@@ -179,23 +198,8 @@ async fn forward(req: Request<Incoming>, to: &Target, ctx: &Ctx) -> Response<Bod
         }
     };
     let elapsed = start.elapsed();
-    ctx.metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            direction: "outbound",
-            peer: target.clone(),
-            target: target.clone(),
-            decision: "allow",
-            reason: "forwarded",
-            status: status.as_u16(),
-        })
-        .inc();
-    ctx.metrics
-        .request_duration
-        .get_or_create(&crate::metrics::DirectionLabels {
-            direction: "outbound",
-        })
-        .observe(elapsed.as_secs_f64());
+    conn.counters
+        .request(&ctx.metrics, "allow", "forwarded", status.as_u16(), elapsed);
     tracing::info!(target: "moat::access", direction = "outbound", %method, path = %path, target = %target, endpoint = %endpoint, status = status.as_u16(), duration_ms = elapsed.as_millis() as u64, request_id = %request_id, "http");
     resp
 }
