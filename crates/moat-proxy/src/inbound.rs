@@ -327,7 +327,7 @@ async fn tcp_forward(
     let _ = app.set_nodelay(true);
     // Re-check on every new snapshot; close the connection when it is no longer allowed.
     let mut snapshots = ctx.snapshot.clone();
-    let copy = tokio::io::copy_bidirectional(&mut io, &mut app);
+    let copy = crate::copy_both_ways(&mut io, &mut app);
     tokio::pin!(copy);
     let outcome = loop {
         tokio::select! {

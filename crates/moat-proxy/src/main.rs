@@ -138,6 +138,8 @@ fn init_logging(format: &str) -> tracing_appender::non_blocking::WorkerGuard {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
+        // The queue is allocated (and touched) up front: the default 128,000 lines cost 4 MB.
+        .buffered_lines_limit(4096)
         .thread_name("moat-log")
         .finish(std::io::BufWriter::with_capacity(
             64 * 1024,

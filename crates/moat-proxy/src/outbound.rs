@@ -104,7 +104,7 @@ async fn tcp_forward(
             return;
         }
     };
-    let result = tokio::io::copy_bidirectional(&mut io, &mut tls).await;
+    let result = crate::copy_both_ways(&mut io, &mut tls).await;
     let (sent, received) = result.as_ref().map(|(a, b)| (*a, *b)).unwrap_or((0, 0));
     ctx.metrics
         .tcp_connections

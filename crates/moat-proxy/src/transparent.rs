@@ -79,6 +79,6 @@ async fn passthrough(mut tcp: TcpStream, remote: SocketAddr, dest: SocketAddr) {
         }
         Err(_) => return,
     };
-    let r = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await;
+    let r = crate::copy_both_ways(&mut tcp, &mut upstream).await;
     tracing::info!(target: "moat::access", direction = "outbound", %remote, destination = %dest, decision = "passthrough", reason = "not-in-mesh", error = ?r.err().map(|e| e.to_string()), "tcp");
 }
