@@ -12,6 +12,7 @@ pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod init;
+pub mod logging;
 pub mod mesh_client;
 pub mod metrics;
 pub mod outbound;

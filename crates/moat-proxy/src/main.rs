@@ -128,23 +128,12 @@ fn config(a: &Args) -> Result<ProxyConfig, String> {
     })
 }
 
-/// Logs go to stderr through a writer thread that writes whatever has queued up in one go (the
-/// access log has a line per request; a write per line would be a system call per request on
-/// the hot path). Nothing is dropped: a full queue makes the logging thread wait. Dropping the
-/// guard flushes.
-fn init_logging(format: &str) -> tracing_appender::non_blocking::WorkerGuard {
+/// Logs go to stderr in batches (see `moat_proxy::logging`); dropping the guard flushes.
+fn init_logging(format: &str) -> Logs {
     use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_env("MOAT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        // The queue is allocated (and touched) up front: the default 128,000 lines cost 4 MB.
-        .buffered_lines_limit(4096)
-        .thread_name("moat-log")
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stderr(),
-        ));
+    let (writer, guard) = moat_proxy::logging::Batched::new(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -157,9 +146,11 @@ fn init_logging(format: &str) -> tracing_appender::non_blocking::WorkerGuard {
     guard
 }
 
+type Logs = moat_proxy::logging::FlushGuard<std::io::Stderr>;
+
 /// Flushes the logs, then prints `message` to stderr, so it comes last.
 fn fail(
-    logs: tracing_appender::non_blocking::WorkerGuard,
+    logs: Logs,
     message: String,
     code: ExitCode,
 ) -> ExitCode {

@@ -150,8 +150,12 @@ impl Proxy {
             .unwrap_or_default()
     }
 
-    /// Everything the proxy logged so far.
+    /// Everything the proxy logged so far. The proxy writes its log in batches at least every
+    /// 100 ms, so this first waits out one batch.
     pub fn log_text(&self) -> String {
+        if self.child.is_some() {
+            std::thread::sleep(Duration::from_millis(250));
+        }
         std::fs::read_to_string(self.dir.path().join("proxy.log")).unwrap_or_default()
     }
 
