@@ -54,9 +54,15 @@ struct Probe {
 
 type Probes = Arc<Mutex<Option<Probe>>>;
 
-fn reached(goal: &Goal, snap: &Snapshot, table: &BTreeMap<String, Vec<String>>) -> bool {
+/// Whether `goal` holds for a proxy holding `table` (with `endpoints` in all) after `snap`.
+fn reached(
+    goal: &Goal,
+    snap: &Snapshot,
+    table: &BTreeMap<String, Vec<String>>,
+    endpoints: usize,
+) -> bool {
     match goal {
-        Goal::Table(n) => table.values().map(Vec::len).sum::<usize>() == *n,
+        Goal::Table(n) => endpoints == *n,
         Goal::Posture(p) => snap.mesh.as_ref().is_some_and(|m| &m.default_posture == p),
         Goal::Policy(name) => snap.policies.iter().any(|p| &p.name == name),
         Goal::Endpoint(a) => table.values().any(|eps| eps.contains(a)),
@@ -67,15 +73,20 @@ fn reached(goal: &Goal, snap: &Snapshot, table: &BTreeMap<String, Vec<String>>) 
 async fn proxy(idx: usize, stream: MeshStream, probes: Probes) {
     let MeshStream { tx, mut inbound } = stream;
     let mut table: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut endpoints = 0;
     while let Ok(Some(mut snap)) = inbound.message().await {
         if !snap.services_incremental {
             table.clear();
+            endpoints = 0;
         }
         for r in &snap.services_removed {
-            table.remove(r);
+            endpoints -= table.remove(r).map_or(0, |e| e.len());
         }
         for s in std::mem::take(&mut snap.services) {
-            table.insert(s.spiffe_id, s.endpoints);
+            endpoints += s.endpoints.len();
+            endpoints -= table
+                .insert(s.spiffe_id, s.endpoints)
+                .map_or(0, |e| e.len());
         }
         if snap.continued {
             continue; // more parts follow; moat-proxy applies and acknowledges at the last
@@ -85,7 +96,7 @@ async fn proxy(idx: usize, stream: MeshStream, probes: Probes) {
             if let Some(p) = guard.as_mut()
                 && p.hits[idx].is_none()
                 && p.only.as_ref().is_none_or(|r| r.contains(&idx))
-                && reached(&p.goal, &snap, &table)
+                && reached(&p.goal, &snap, &table, endpoints)
             {
                 p.hits[idx] = Some(p.start.elapsed());
                 p.done += 1;

@@ -258,7 +258,7 @@ pub fn next_snapshot(
 
 /// How many bytes of service changes one message carries at most (a single larger service
 /// still goes whole).
-pub const PART_BUDGET: usize = 2048;
+pub const PART_BUDGET: usize = 4096;
 
 /// Cuts `snap` into messages whose service changes fit `budget` bytes: every part but the last
 /// is `continued` and carries only service changes; the last carries the rest.

@@ -149,11 +149,7 @@ fn init_logging(format: &str) -> Logs {
 type Logs = moat_proxy::logging::FlushGuard<std::io::Stderr>;
 
 /// Flushes the logs, then prints `message` to stderr, so it comes last.
-fn fail(
-    logs: Logs,
-    message: String,
-    code: ExitCode,
-) -> ExitCode {
+fn fail(logs: Logs, message: String, code: ExitCode) -> ExitCode {
     drop(logs);
     eprintln!("{message}");
     code
