@@ -63,9 +63,18 @@ fn wait_port(addr: SocketAddr) {
     }
 }
 
+/// A child stopped on drop: SIGTERM first, so that nginx's master stops its workers (a SIGKILL
+/// left them running), then SIGKILL after 2 s.
 struct Kill(Child);
 impl Drop for Kill {
     fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        for _ in 0..40 {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
