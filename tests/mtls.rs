@@ -367,3 +367,65 @@ async fn the_inbound_refuses_everything_it_should_with_a_reason() {
         assert!(log.contains(reason), "{reason} not logged:\n{log}");
     }
 }
+
+/// Like [`tls_request`], with whether the handshake resumed an earlier session.
+async fn tls_request_resumable(
+    addr: std::net::SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+) -> (bool, String) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let Ok(mut tls) = tokio_rustls::TlsConnector::from(cfg)
+        .connect("moat.invalid".try_into().unwrap(), tcp)
+        .await
+    else {
+        return (false, String::new());
+    };
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    let _ = tls
+        .write_all(b"GET /orders HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+    (resumed, String::from_utf8_lossy(&out).into_owned())
+}
+
+/// A resumed TLS session skips certificate verification, so a caller whose certificate expired
+/// after its first handshake could otherwise go on resuming: the inbound checks the NotAfter of
+/// the certificate the session carries on every connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_session_with_an_expired_certificate_is_refused() {
+    let root = self_signed_root();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("root.pem"), root.0.pem()).unwrap();
+    std::fs::write(dir.path().join("root.key"), root.1.serialize_pem()).unwrap();
+    let cp = ControlPlane::start_with(&[
+        "--import-root-cert",
+        dir.path().join("root.pem").to_str().unwrap(),
+        "--import-root-key",
+        dir.path().join("root.key").to_str().unwrap(),
+    ])
+    .unwrap();
+    apply_policy(&cp, MESH_POLICY);
+    let orders = Proxy::start(&cp, "orders", http_echo().await, &[], &[]).unwrap();
+    let bundle = bundle(&cp);
+    // Valid for 4 more seconds; the same client config keeps the session tickets.
+    let cfg = client_config(
+        &bundle,
+        "orders",
+        Some(leaf(&root, "frontend", -60, 4)),
+        b"http/1.1",
+    );
+    let (_, first) = tls_request_resumable(orders.inbound, cfg.clone()).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    let (resumed, _) = tls_request_resumable(orders.inbound, cfg.clone()).await;
+    assert!(resumed, "the client should resume its session");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (resumed, late) = tls_request_resumable(orders.inbound, cfg).await;
+    assert!(resumed, "the session outlives the certificate");
+    assert!(late.is_empty(), "an expired certificate was let in: {late}");
+    let m = orders.metrics();
+    assert!(
+        m.contains(r#"moat_tls_handshake_failures_total{direction="inbound",reason="certificate-expired"} 1"#),
+        "{m}"
+    );
+}

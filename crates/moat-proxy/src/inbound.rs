@@ -108,6 +108,17 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
             .handshake_failed("inbound", "no-spiffe-id".into());
         return;
     };
+    // A resumed session skips chain verification (its certificate was checked when the session
+    // began), so check here that the certificate it carries has not expired since.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    if peer.not_after <= now {
+        ctx.metrics
+            .handshake_failed("inbound", "certificate-expired".into());
+        tracing::info!(target: "moat::access", direction = "inbound", %remote, peer = %peer.id, serial = %peer.serial, decision = "deny", reason = "certificate-expired", "refused a resumed session whose certificate has expired");
+        return;
+    }
     let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
     let app = match app_addr(&ctx, conn.server_name(), local) {
         Ok(a) => a,
