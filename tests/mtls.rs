@@ -182,19 +182,24 @@ fn client_config(
 
 /// Sends an HTTP/1.1 request over TLS; returns what came back (empty when refused).
 async fn tls_request(addr: std::net::SocketAddr, cfg: Arc<rustls::ClientConfig>) -> String {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let Ok(mut tls) = tokio_rustls::TlsConnector::from(cfg)
-        .connect("moat.invalid".try_into().unwrap(), tcp)
-        .await
-    else {
-        return String::new();
-    };
-    let _ = tls
-        .write_all(b"GET /orders HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n")
-        .await;
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
+    tls_request_resumable(addr, cfg).await.1
+}
+
+/// A control plane on a root the test holds the key of (imported at its first start), so the
+/// test can mint certificates the mesh trusts, expired ones included.
+fn control_plane_with_own_root() -> (ControlPlane, (rcgen::Certificate, rcgen::KeyPair)) {
+    let root = self_signed_root();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("root.pem"), root.0.pem()).unwrap();
+    std::fs::write(dir.path().join("root.key"), root.1.serialize_pem()).unwrap();
+    let cp = ControlPlane::start_with(&[
+        "--import-root-cert",
+        dir.path().join("root.pem").to_str().unwrap(),
+        "--import-root-key",
+        dir.path().join("root.key").to_str().unwrap(),
+    ])
+    .unwrap();
+    (cp, root)
 }
 
 fn self_signed_root() -> (rcgen::Certificate, rcgen::KeyPair) {
@@ -238,18 +243,7 @@ fn leaf(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_inbound_refuses_everything_it_should_with_a_reason() {
-    // Our own root, imported, so the test can mint an expired certificate the mesh would trust.
-    let root = self_signed_root();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("root.pem"), root.0.pem()).unwrap();
-    std::fs::write(dir.path().join("root.key"), root.1.serialize_pem()).unwrap();
-    let cp = ControlPlane::start_with(&[
-        "--import-root-cert",
-        dir.path().join("root.pem").to_str().unwrap(),
-        "--import-root-key",
-        dir.path().join("root.key").to_str().unwrap(),
-    ])
-    .unwrap();
+    let (cp, root) = control_plane_with_own_root();
     apply_policy(&cp, MESH_POLICY);
     let orders = Proxy::start(&cp, "orders", http_echo().await, &[], &[]).unwrap();
     let bundle = bundle(&cp);
@@ -368,7 +362,8 @@ async fn the_inbound_refuses_everything_it_should_with_a_reason() {
     }
 }
 
-/// Like [`tls_request`], with whether the handshake resumed an earlier session.
+/// Sends an HTTP/1.1 request over TLS; returns whether the handshake resumed an earlier session
+/// and what came back (empty when refused).
 async fn tls_request_resumable(
     addr: std::net::SocketAddr,
     cfg: Arc<rustls::ClientConfig>,
@@ -394,17 +389,7 @@ async fn tls_request_resumable(
 /// the certificate the session carries on every connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumed_session_with_an_expired_certificate_is_refused() {
-    let root = self_signed_root();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("root.pem"), root.0.pem()).unwrap();
-    std::fs::write(dir.path().join("root.key"), root.1.serialize_pem()).unwrap();
-    let cp = ControlPlane::start_with(&[
-        "--import-root-cert",
-        dir.path().join("root.pem").to_str().unwrap(),
-        "--import-root-key",
-        dir.path().join("root.key").to_str().unwrap(),
-    ])
-    .unwrap();
+    let (cp, root) = control_plane_with_own_root();
     apply_policy(&cp, MESH_POLICY);
     let orders = Proxy::start(&cp, "orders", http_echo().await, &[], &[]).unwrap();
     let bundle = bundle(&cp);
