@@ -135,9 +135,15 @@ impl MeshState {
         r.0 + r.1.get(id).copied().unwrap_or(0)
     }
 
-    /// Marks that something changed: every stream re-evaluates its snapshot.
-    pub fn bump(&self) {
-        self.generation.send_modify(|g| *g += 1);
+    /// Marks that something changed: every stream re-evaluates its snapshot. Returns the new
+    /// generation: views built at it or later include the change.
+    pub fn bump(&self) -> u64 {
+        let mut at = 0;
+        self.generation.send_modify(|g| {
+            *g += 1;
+            at = *g;
+        });
+        at
     }
 
     /// The registry, locked.
@@ -460,7 +466,8 @@ impl Mesh for MeshService {
         {
             tracing::warn!(error = %e, "cannot remember the endpoint");
         }
-        self.state.bump();
+        // The first snapshot comes from a view that already holds this proxy's endpoint.
+        let joined = self.state.bump();
         let address = announce.inbound_address.clone();
 
         // One message in flight per stream: while the proxy is slow to take it, later changes
@@ -473,7 +480,10 @@ impl Mesh for MeshService {
             let mut last: Option<Sent> = None;
             loop {
                 let view = views.borrow_and_update().clone();
-                if let Some(view) = view {
+                let early = |v: &MeshView| last.is_none() && v.generation < joined;
+                if let Some(view) = view.as_ref().filter(|v| early(v)) {
+                    view.handled();
+                } else if let Some(view) = view {
                     let policies = view.policies_for(&id);
                     let rotation = svc.state.rotation_of(&id);
                     match next_snapshot(last.as_ref(), &view, policies, rotation) {
