@@ -642,6 +642,19 @@ fn main() {
         .build()
         .unwrap();
     let variants = [&direct, &envoy, &moat];
+    // For profiling: hold the set-up open and say where everything is, instead of measuring.
+    if std::env::var_os("MOAT_COMPARE_HOLD").is_some() {
+        for v in variants {
+            eprintln!(
+                "{}: http {} h2 {} tcp {} pids {:?}",
+                v.name, v.http, v.h2, v.tcp, v.pids
+            );
+        }
+        eprintln!("holding (MOAT_COMPARE_HOLD); stop with Ctrl-C");
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
     // Idle: after start-up, before any load.
     std::thread::sleep(Duration::from_secs(2));
     let idle: Vec<u64> = variants

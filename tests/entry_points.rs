@@ -89,6 +89,54 @@ fn proxy_flags_are_checked_before_anything_starts() {
 }
 
 #[test]
+fn a_bad_log_filter_is_refused_not_ignored() {
+    // A typo must not silently turn logging off (a bare word would be read as a target name).
+    let proxy = [
+        "--identity",
+        "orders",
+        "--token-file",
+        "t",
+        "--trust-anchors",
+        "b",
+        "--app",
+        "127.0.0.1:1",
+        "--inbound",
+        "127.0.0.1:0",
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let control = [
+        "serve",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    for (name, args) in [("moat-proxy", &proxy[..]), ("moat-control", &control[..])] {
+        for (filter, want) in [
+            ("inf", "`inf` is not a level"),
+            ("info,moat=loud", "error parsing level filter"),
+        ] {
+            let out = Command::new(bin(name))
+                .args(args)
+                .env("MOAT_LOG", filter)
+                .output()
+                .unwrap();
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "{name} {filter}: {}",
+                stderr(&out)
+            );
+            let err = stderr(&out);
+            assert!(
+                err.contains("MOAT_LOG") && err.contains(want) && err.contains("e.g. `info"),
+                "{name} {filter}: {err}"
+            );
+        }
+    }
+}
+
+#[test]
 fn a_refused_join_token_stops_the_proxy_with_the_reason() {
     let cp = ControlPlane::start().unwrap();
     let token = cp.scratch().join("bad.token");

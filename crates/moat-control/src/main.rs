@@ -10,6 +10,8 @@ use moat_control::ca::ImportPaths;
 use moat_control::kek_source::{KekSource, MissingKek};
 use moat_control::{ServeConfig, default_admin_id};
 use moat_identity::{SpiffeId, TrustDomain};
+use tracing::Level;
+use tracing_subscriber::filter::Targets;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -137,17 +139,43 @@ fn parse_min_ttl(s: &str) -> Result<std::time::Duration, String> {
     Ok(d)
 }
 
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MOAT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+fn init_logging(format: &str, filter: Targets) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = tracing_subscriber::registry().with(filter);
     if format == "json" {
-        builder.json().init();
+        logs.with(layer.json()).init();
     } else {
-        builder.init();
+        logs.with(layer).init();
     }
+}
+
+/// The log filter from `MOAT_LOG` (`info` when unset): a default level and per-target levels,
+/// e.g. `info,moat_control=debug`.
+fn log_filter() -> Result<Targets, String> {
+    let v = match std::env::var("MOAT_LOG") {
+        Err(std::env::VarError::NotPresent) => return Ok(Targets::new().with_default(Level::INFO)),
+        Err(std::env::VarError::NotUnicode(_)) => return Err("MOAT_LOG is not valid UTF-8".into()),
+        Ok(v) => v,
+    };
+    let bad = |why: String| {
+        format!(
+            "MOAT_LOG={v:?}: {why}; give a level and per-target levels, e.g. `info,moat_control=debug`"
+        )
+    };
+    // A bare word is a level (`Targets` would take it for a target name and log nothing else).
+    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if !part.contains('=') {
+            part.parse::<tracing::level_filters::LevelFilter>()
+                .map_err(|_| {
+                    bad(format!(
+                        "`{part}` is not a level (trace, debug, info, warn, error, off)"
+                    ))
+                })?;
+        }
+    }
+    v.parse().map_err(|e| bad(format!("{e}")))
 }
 
 async fn shutdown_signal() {
@@ -247,7 +275,13 @@ fn config(args: ServeArgs) -> Result<ServeConfig, String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_format);
+    match log_filter() {
+        Ok(filter) => init_logging(&cli.log_format, filter),
+        Err(e) => {
+            eprintln!("moat-control: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let Command::Serve(args) = cli.command;
     let cfg = match config(args) {
         Ok(c) => c,

@@ -8,6 +8,8 @@ use std::time::Duration;
 use clap::Parser;
 use moat_identity::{SpiffeId, TrustDomain};
 use moat_proxy::config::{Bootstrap, ProxyConfig, Unknown, Upstream};
+use tracing::Level;
+use tracing_subscriber::filter::Targets;
 
 #[derive(Parser, Debug)]
 #[command(name = "moat-proxy", version, about = "The moat sidecar proxy")]
@@ -129,21 +131,48 @@ fn config(a: &Args) -> Result<ProxyConfig, String> {
 }
 
 /// Logs go to stderr in batches (see `moat_proxy::logging`); dropping the guard flushes.
-fn init_logging(format: &str) -> Logs {
+fn init_logging(format: &str, filter: Targets) -> Logs {
     use std::io::IsTerminal as _;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MOAT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let (writer, guard) = moat_proxy::logging::Batched::new(std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(writer);
+    let logs = tracing_subscriber::registry().with(filter);
     if format == "json" {
-        builder.json().init();
+        logs.with(layer.json()).init();
     } else {
-        builder.init();
+        logs.with(layer).init();
     }
     guard
+}
+
+/// The log filter from `MOAT_LOG` (`info` when unset): a default level and per-target levels,
+/// e.g. `info,moat::access=off`.
+fn log_filter() -> Result<Targets, String> {
+    let v = match std::env::var("MOAT_LOG") {
+        Err(std::env::VarError::NotPresent) => return Ok(Targets::new().with_default(Level::INFO)),
+        Err(std::env::VarError::NotUnicode(_)) => return Err("MOAT_LOG is not valid UTF-8".into()),
+        Ok(v) => v,
+    };
+    let bad = |why: String| {
+        format!(
+            "MOAT_LOG={v:?}: {why}; give a level and per-target levels, e.g. `info,moat::access=off`"
+        )
+    };
+    // A bare word is a level (`Targets` would take it for a target name and log nothing else).
+    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if !part.contains('=') {
+            part.parse::<tracing::level_filters::LevelFilter>()
+                .map_err(|_| {
+                    bad(format!(
+                        "`{part}` is not a level (trace, debug, info, warn, error, off)"
+                    ))
+                })?;
+        }
+    }
+    v.parse().map_err(|e| bad(format!("{e}")))
 }
 
 type Logs = moat_proxy::logging::FlushGuard<std::io::Stderr>;
@@ -173,14 +202,28 @@ fn main() -> ExitCode {
     // `moat-proxy init`: install the interception rules (an init container's job), then exit.
     if std::env::args().nth(1).as_deref() == Some("init") {
         let args = moat_proxy::init::InitArgs::parse_from(std::env::args().skip(1));
-        let logs = init_logging("text");
+        let filter = match log_filter() {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("moat-proxy init: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let logs = init_logging("text", filter);
         return match moat_proxy::init::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(logs, format!("moat-proxy init: {e:#}"), ExitCode::FAILURE),
         };
     }
     let args = Args::parse();
-    let logs = init_logging(&args.log_format);
+    let filter = match log_filter() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("moat-proxy: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let logs = init_logging(&args.log_format, filter);
     let cfg = match config(&args) {
         Ok(c) => c,
         Err(e) => return fail(logs, format!("moat-proxy: {e}"), ExitCode::from(2)),
