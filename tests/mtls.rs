@@ -414,3 +414,87 @@ async fn a_resumed_session_with_an_expired_certificate_is_refused() {
         "{m}"
     );
 }
+
+/// The outbound side of the same gap: a sidecar resuming a session with a server whose
+/// certificate expired after the first handshake checks the NotAfter the session carries and
+/// refuses it. The server here is a bare TLS endpoint announced for `orders` on the mesh stream,
+/// presenting a leaf from the test's root that expires a few seconds in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_session_with_an_expired_server_certificate_is_refused() {
+    let (cp, root) = control_plane_with_own_root();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let mut admin = moat_test_util::mesh::Admin::connect(&cp).await.unwrap();
+    let cred = admin.credential("orders").await.unwrap();
+    let _endpoint = admin
+        .mesh_stream(&cred, &address)
+        .await
+        .unwrap()
+        .keep_acking();
+    let fe = Proxy::start(&cp, "frontend", http_echo().await, &["orders"], &[]).unwrap();
+    let known = moat_test_util::eventually(Duration::from_secs(10), || {
+        fe.admin_get("/config")
+            .filter(|(_, b)| b.contains(&address))
+            .map(|_| ())
+    });
+    assert!(known.is_some(), "the frontend never learnt the endpoint");
+
+    // Valid for 4 more seconds; the server keeps session state for resumption.
+    let (chain, key) = leaf(&root, "orders", -60, 4);
+    let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    server.alpn_protocols = vec![moat_tls::ALPN_TCP.to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let kinds = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = kinds.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let Ok(mut tls) = acceptor.accept(tcp).await else {
+                continue;
+            };
+            seen.lock().unwrap().push(tls.get_ref().1.handshake_kind());
+            let mut line = [0u8; 6];
+            if tls.read_exact(&mut line).await.is_ok() {
+                let _ = tls.write_all(b"pong\n").await;
+                let _ = tls.shutdown().await;
+            }
+        }
+    });
+    let ping = |to| async move {
+        let mut tcp = tokio::net::TcpStream::connect(to).await.unwrap();
+        tcp.write_all(b"ping!\n").await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let to = fe.upstream("orders");
+    assert_eq!(ping(to).await, "pong\n");
+    assert_eq!(ping(to).await, "pong\n");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        ping(to).await,
+        "",
+        "a server with an expired certificate was talked to"
+    );
+    let kinds = kinds.lock().unwrap().clone();
+    assert_eq!(
+        kinds,
+        vec![
+            Some(rustls::HandshakeKind::Full),
+            Some(rustls::HandshakeKind::Resumed),
+            Some(rustls::HandshakeKind::Resumed)
+        ],
+        "the sidecar should resume its session with the endpoint"
+    );
+    let m = fe.metrics();
+    assert!(
+        m.contains(r#"moat_tls_handshake_failures_total{direction="outbound",reason="certificate-expired"} 1"#),
+        "{m}"
+    );
+}

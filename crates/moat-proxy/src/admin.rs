@@ -26,19 +26,12 @@ fn text(
     r
 }
 
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 /// Why the proxy is not ready, if it is not.
 pub fn not_ready(ctx: &Ctx) -> Option<&'static str> {
     let Some(current) = ctx.tls.borrow().clone() else {
         return Some("no certificate yet");
     };
-    if current.credential.leaf().not_after <= now_unix() {
+    if current.credential.leaf().not_after <= crate::unix_now() {
         return Some("certificate expired");
     }
     if ctx.snapshot.borrow().is_none() {

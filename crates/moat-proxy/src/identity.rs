@@ -197,13 +197,6 @@ pub async fn renew(cfg: &ProxyConfig, current: &TlsGen) -> anyhow::Result<TlsGen
     TlsGen::new(cred, bundle, refresh)
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 /// Renews at each refresh hint (or at once when `rotate_now` fires), forever; failures retry with backoff until the certificate
 /// expires (after which handshakes fail: the proxy fails closed).
 pub async fn renew_loop(
@@ -217,7 +210,7 @@ pub async fn renew_loop(
         let Some(current) = tls.borrow().clone() else {
             return;
         };
-        let wait = current.refresh_after - unix_now();
+        let wait = current.refresh_after - crate::unix_now();
         if wait > 0 {
             let mut changed = tls.subscribe();
             tokio::select! {

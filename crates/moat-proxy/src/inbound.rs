@@ -110,10 +110,7 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
     };
     // A resumed session skips chain verification (its certificate was checked when the session
     // began), so check here that the certificate it carries has not expired since.
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    if peer.not_after <= now {
+    if peer.not_after <= crate::unix_now() {
         ctx.metrics
             .handshake_failed("inbound", "certificate-expired".into());
         tracing::info!(target: "moat::access", direction = "inbound", %remote, peer = %peer.id, serial = %peer.serial, decision = "deny", reason = "certificate-expired", "refused a resumed session whose certificate has expired");

@@ -41,6 +41,13 @@ use crate::config::ProxyConfig;
 use crate::identity::{TlsGen, TlsWatch};
 use crate::snapshot::Snapshot;
 
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 /// `d` spread by ±25 %, so a fleet does not retry in lockstep.
 pub fn jitter(d: Duration) -> Duration {
     d.mul_f64(rand::rng().random_range(0.75..1.25))

@@ -172,6 +172,18 @@ impl Pool {
             }
             Ok(Ok(tls)) => {
                 let peer = moat_tls::peer_identity(tls.get_ref().1.peer_certificates());
+                // A resumed session skips chain verification: the certificate it carries was
+                // checked when the session began and may have expired since.
+                if let Some(p) = &peer
+                    && p.not_after <= crate::unix_now()
+                {
+                    ctx.metrics
+                        .handshake_failed("outbound", "certificate-expired".into());
+                    tracing::warn!(%service, endpoint = ep, serial = %p.serial, "refused a resumed session whose server certificate has expired");
+                    return Err(
+                        "certificate-expired: the endpoint's certificate has expired".into(),
+                    );
+                }
                 let snap = ctx.snapshot.borrow().clone();
                 if let (Some(p), Some(s)) = (peer, snap)
                     && s.is_revoked(&p.id, &p.serial)
