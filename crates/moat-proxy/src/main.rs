@@ -75,7 +75,7 @@ struct Args {
     /// listener ports and/or the app port.
     #[arg(long, env = "MOAT_OPAQUE_PORTS", value_delimiter = ',')]
     opaque_ports: Vec<u16>,
-    /// Worker threads.
+    /// Worker threads (1: everything on one thread).
     #[arg(long, env = "MOAT_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     workers: u16,
     /// Log format.
@@ -228,11 +228,16 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(logs, format!("moat-proxy: {e}"), ExitCode::from(2)),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(usize::from(args.workers))
-        .enable_all()
-        .build()
-    {
+    // One worker (the default): everything runs on the main thread — no hand-offs between
+    // threads, and no second thread's stack and malloc arena in every sidecar's memory.
+    let mut builder = if args.workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(usize::from(args.workers));
+        b
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             let message = format!("moat-proxy: cannot start the runtime: {e}");
