@@ -407,6 +407,19 @@ fn cpu_ticks(pids: &[u32]) -> u64 {
         .sum()
 }
 
+/// The machine's steal time so far, in clock ticks (`/proc/stat`, 100 per second).
+fn steal_ticks() -> u64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(8))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -512,6 +525,8 @@ struct Figures {
     bulk_mbps: f64,
     cpu_us_per_req: f64,
     rss_load_kib: u64,
+    /// CPU time the hypervisor gave to others while this variant was measured.
+    steal_s: f64,
 }
 
 async fn measure(v: &Variant) -> Figures {
@@ -665,7 +680,9 @@ fn main() {
     for round in 0..ROUNDS {
         for k in 0..3 {
             let i = (round + k) % 3;
-            let f = rt.block_on(measure(variants[i]));
+            let stolen = steal_ticks();
+            let mut f = rt.block_on(measure(variants[i]));
+            f.steal_s = (steal_ticks() - stolen) as f64 / 100.0;
             eprintln!("round {round} {}: {f:?}", variants[i].name);
             runs[i].push(f);
         }
@@ -737,6 +754,28 @@ fn main() {
         m90 / e90,
         m99 / e99,
     );
+    // The machine is shared: absolute figures drift from round to round (the same binary's CPU
+    // per request moves by a third), so the ratios within each round are shown too.
+    table += "\nPer round, moat/envoy within the round (direct's figure in brackets):\n\n\
+              | round | HTTP/1.1 req/s | HTTP/2 req/s | new conn/s | bulk MB/s | added p50 | added p99 | steal s (d/e/m) |\n\
+              |---|---|---|---|---|---|---|---|\n";
+    for r in 0..ROUNDS {
+        let (d, e, m) = (&runs[0][r], &runs[1][r], &runs[2][r]);
+        let ratio = |g: fn(&Figures) -> f64| format!("{:.2} ({:.0})", g(m) / g(e), g(d));
+        let added = |g: fn(&Figures) -> f64| format!("{:.2}", (g(m) - g(d)) / (g(e) - g(d)));
+        table += &format!(
+            "| {r} | {} | {} | {} | {} | {} | {} | {:.1}/{:.1}/{:.1} |\n",
+            ratio(|f| f.h1_rps),
+            ratio(|f| f.h2_rps),
+            ratio(|f| f.conn_rps),
+            ratio(|f| f.bulk_mbps),
+            added(|f| f.fixed_p50),
+            added(|f| f.fixed_p99),
+            d.steal_s,
+            e.steal_s,
+            m.steal_s,
+        );
+    }
     print!("{table}");
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("results/compare.md");
     std::fs::write(&out, table).unwrap();
