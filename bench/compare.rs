@@ -759,8 +759,7 @@ fn main() {
     table += "\nPer round, moat/envoy within the round (direct's figure in brackets):\n\n\
               | round | HTTP/1.1 req/s | HTTP/2 req/s | new conn/s | bulk MB/s | added p50 | added p99 | steal s (d/e/m) |\n\
               |---|---|---|---|---|---|---|---|\n";
-    for r in 0..ROUNDS {
-        let (d, e, m) = (&runs[0][r], &runs[1][r], &runs[2][r]);
+    for (r, ((d, e), m)) in runs[0].iter().zip(&runs[1]).zip(&runs[2]).enumerate() {
         let ratio = |g: fn(&Figures) -> f64| format!("{:.2} ({:.0})", g(m) / g(e), g(d));
         let added = |g: fn(&Figures) -> f64| format!("{:.2}", (g(m) - g(d)) / (g(e) - g(d)));
         table += &format!(

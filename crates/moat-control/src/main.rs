@@ -10,7 +10,6 @@ use moat_control::ca::ImportPaths;
 use moat_control::kek_source::{KekSource, MissingKek};
 use moat_control::{ServeConfig, default_admin_id};
 use moat_identity::{SpiffeId, TrustDomain};
-use tracing::Level;
 use tracing_subscriber::filter::Targets;
 
 #[derive(Parser, Debug)]
@@ -139,43 +138,16 @@ fn parse_min_ttl(s: &str) -> Result<std::time::Duration, String> {
     Ok(d)
 }
 
+/// Colours only on a terminal: log files and collectors get plain lines.
 fn init_logging(format: &str, filter: Targets) {
-    use tracing_subscriber::layer::SubscriberExt as _;
-    use tracing_subscriber::util::SubscriberInitExt as _;
-    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let logs = tracing_subscriber::registry().with(filter);
-    if format == "json" {
-        logs.with(layer.json()).init();
-    } else {
-        logs.with(layer).init();
-    }
+    use std::io::IsTerminal as _;
+    let ansi = std::io::stderr().is_terminal();
+    moat_log::init(format == "json", filter, ansi, std::io::stderr);
 }
 
-/// The log filter from `MOAT_LOG` (`info` when unset): a default level and per-target levels,
-/// e.g. `info,moat_control=debug`.
+/// The `MOAT_LOG` filter.
 fn log_filter() -> Result<Targets, String> {
-    let v = match std::env::var("MOAT_LOG") {
-        Err(std::env::VarError::NotPresent) => return Ok(Targets::new().with_default(Level::INFO)),
-        Err(std::env::VarError::NotUnicode(_)) => return Err("MOAT_LOG is not valid UTF-8".into()),
-        Ok(v) => v,
-    };
-    let bad = |why: String| {
-        format!(
-            "MOAT_LOG={v:?}: {why}; give a level and per-target levels, e.g. `info,moat_control=debug`"
-        )
-    };
-    // A bare word is a level (`Targets` would take it for a target name and log nothing else).
-    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        if !part.contains('=') {
-            part.parse::<tracing::level_filters::LevelFilter>()
-                .map_err(|_| {
-                    bad(format!(
-                        "`{part}` is not a level (trace, debug, info, warn, error, off)"
-                    ))
-                })?;
-        }
-    }
-    v.parse().map_err(|e| bad(format!("{e}")))
+    moat_log::filter_from_env("info,moat_control=debug")
 }
 
 async fn shutdown_signal() {

@@ -8,7 +8,6 @@ use std::time::Duration;
 use clap::Parser;
 use moat_identity::{SpiffeId, TrustDomain};
 use moat_proxy::config::{Bootstrap, ProxyConfig, Unknown, Upstream};
-use tracing::Level;
 use tracing_subscriber::filter::Targets;
 
 #[derive(Parser, Debug)]
@@ -133,46 +132,19 @@ fn config(a: &Args) -> Result<ProxyConfig, String> {
 /// Logs go to stderr in batches (see `moat_proxy::logging`); dropping the guard flushes.
 fn init_logging(format: &str, filter: Targets) -> Logs {
     use std::io::IsTerminal as _;
-    use tracing_subscriber::layer::SubscriberExt as _;
-    use tracing_subscriber::util::SubscriberInitExt as _;
     let (writer, guard) = moat_proxy::logging::Batched::new(std::io::stderr());
-    let layer = tracing_subscriber::fmt::layer()
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(writer);
-    let logs = tracing_subscriber::registry().with(filter);
-    if format == "json" {
-        logs.with(layer.json()).init();
-    } else {
-        logs.with(layer).init();
-    }
+    moat_log::init(
+        format == "json",
+        filter,
+        std::io::stderr().is_terminal(),
+        writer,
+    );
     guard
 }
 
-/// The log filter from `MOAT_LOG` (`info` when unset): a default level and per-target levels,
-/// e.g. `info,moat::access=off`.
+/// The `MOAT_LOG` filter.
 fn log_filter() -> Result<Targets, String> {
-    let v = match std::env::var("MOAT_LOG") {
-        Err(std::env::VarError::NotPresent) => return Ok(Targets::new().with_default(Level::INFO)),
-        Err(std::env::VarError::NotUnicode(_)) => return Err("MOAT_LOG is not valid UTF-8".into()),
-        Ok(v) => v,
-    };
-    let bad = |why: String| {
-        format!(
-            "MOAT_LOG={v:?}: {why}; give a level and per-target levels, e.g. `info,moat::access=off`"
-        )
-    };
-    // A bare word is a level (`Targets` would take it for a target name and log nothing else).
-    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        if !part.contains('=') {
-            part.parse::<tracing::level_filters::LevelFilter>()
-                .map_err(|_| {
-                    bad(format!(
-                        "`{part}` is not a level (trace, debug, info, warn, error, off)"
-                    ))
-                })?;
-        }
-    }
-    v.parse().map_err(|e| bad(format!("{e}")))
+    moat_log::filter_from_env("info,moat::access=off")
 }
 
 type Logs = moat_proxy::logging::FlushGuard<std::io::Stderr>;

@@ -1,0 +1,83 @@
+//! Logging set-up shared by `moat-control` and `moat-proxy`: the `MOAT_LOG` filter (a level and
+//! per-target levels, refused when malformed) and the stderr subscriber in text or JSON.
+
+use tracing::Level;
+use tracing::level_filters::LevelFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+/// The filter in `value` (`MOAT_LOG`; `None`: unset, meaning `info`). `example` is shown in
+/// the error, e.g. `info,moat::access=off`.
+pub fn filter(value: Option<&str>, example: &str) -> Result<Targets, String> {
+    let Some(v) = value else {
+        return Ok(Targets::new().with_default(Level::INFO));
+    };
+    let bad = |why: String| {
+        format!("MOAT_LOG={v:?}: {why}; give a level and per-target levels, e.g. `{example}`")
+    };
+    // A bare word is a level (`Targets` would take it for a target name and log nothing else).
+    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if !part.contains('=') && part.parse::<LevelFilter>().is_err() {
+            return Err(bad(format!(
+                "`{part}` is not a level (trace, debug, info, warn, error, off)"
+            )));
+        }
+    }
+    v.parse().map_err(|e| bad(format!("{e}")))
+}
+
+/// [`filter`] of the `MOAT_LOG` environment variable.
+pub fn filter_from_env(example: &str) -> Result<Targets, String> {
+    match std::env::var("MOAT_LOG") {
+        Err(std::env::VarError::NotPresent) => filter(None, example),
+        Err(std::env::VarError::NotUnicode(_)) => Err("MOAT_LOG is not valid UTF-8".into()),
+        Ok(v) => filter(Some(&v), example),
+    }
+}
+
+/// Installs the global subscriber: `json` or text lines through `writer`, filtered by `filter`.
+pub fn init<W>(json: bool, filter: Targets, ansi: bool, writer: W)
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let layer = tracing_subscriber::fmt::layer()
+        .with_ansi(ansi)
+        .with_writer(writer);
+    let logs = tracing_subscriber::registry().with(filter);
+    if json {
+        logs.with(layer.json()).init();
+    } else {
+        logs.with(layer).init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_and_per_target_levels_are_filters() {
+        for ok in [
+            "info",
+            "warn,moat::access=off",
+            "moat=debug",
+            "debug, moat_control=trace",
+        ] {
+            assert!(filter(Some(ok), "info").is_ok(), "{ok}");
+        }
+        assert!(filter(None, "info").is_ok());
+    }
+
+    #[test]
+    fn typos_are_refused_with_the_reason() {
+        let e = filter(Some("inf"), "info,moat::access=off").unwrap_err();
+        assert!(
+            e.contains("`inf` is not a level") && e.contains("info,moat::access=off"),
+            "{e}"
+        );
+        let e = filter(Some("info,moat=loud"), "info").unwrap_err();
+        assert!(e.contains("MOAT_LOG=\"info,moat=loud\""), "{e}");
+    }
+}
