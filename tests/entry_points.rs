@@ -16,70 +16,39 @@ use moat_api::v1::{Announce, ApplyPoliciesRequest, PolicySource, ProxyMessage, p
 use moat_test_util::{ControlPlane, bin};
 use tonic::Code;
 
+/// The flags a proxy needs, for `identity` in front of `app`, then `extra`.
+fn proxy_args<'a>(identity: &'a str, app: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let base = [
+        "--identity",
+        identity,
+        "--token-file",
+        "t",
+        "--trust-anchors",
+        "b",
+        "--app",
+        app,
+    ];
+    base.iter().chain(extra).copied().collect()
+}
+
 #[test]
 fn proxy_flags_are_checked_before_anything_starts() {
-    let cases: &[(&[&str], &str)] = &[
+    let cases = [
         (
-            &[
-                "--identity",
-                "orders",
-                "--token-file",
-                "t",
-                "--trust-anchors",
-                "b",
-                "--app",
-                "127.0.0.1:1",
-                "--upstream",
-                "payments",
-            ],
+            proxy_args("orders", "127.0.0.1:1", &["--upstream", "payments"]),
             "write SERVICE=ADDR",
         ),
+        (proxy_args("orders", "127.0.0.1:1", &[]), "wildcard address"),
         (
-            &[
-                "--identity",
-                "orders",
-                "--token-file",
-                "t",
-                "--trust-anchors",
-                "b",
-                "--app",
-                "127.0.0.1:1",
-            ],
-            "wildcard address",
-        ),
-        (
-            &[
-                "--identity",
-                "Bad!",
-                "--token-file",
-                "t",
-                "--trust-anchors",
-                "b",
-                "--app",
-                "127.0.0.1:1",
-                "--inbound",
-                "127.0.0.1:0",
-            ],
+            proxy_args("Bad!", "127.0.0.1:1", &["--inbound", "127.0.0.1:0"]),
             "--identity",
         ),
-        (
-            &[
-                "--identity",
-                "orders",
-                "--token-file",
-                "t",
-                "--trust-anchors",
-                "b",
-                "--app",
-                "nowhere",
-            ],
-            "invalid value",
-        ),
-        (&["--identity", "orders"], "required"),
+        (proxy_args("orders", "nowhere", &[]), "invalid value"),
+        (vec!["--identity", "orders"], "required"),
     ];
     for (args, want) in cases {
         let out = Command::new(bin("moat-proxy"))
-            .args(*args)
+            .args(&args)
             .env_remove("MOAT_UPSTREAMS")
             .output()
             .unwrap();
@@ -91,18 +60,7 @@ fn proxy_flags_are_checked_before_anything_starts() {
 #[test]
 fn a_bad_log_filter_is_refused_not_ignored() {
     // A typo must not silently turn logging off (a bare word would be read as a target name).
-    let proxy = [
-        "--identity",
-        "orders",
-        "--token-file",
-        "t",
-        "--trust-anchors",
-        "b",
-        "--app",
-        "127.0.0.1:1",
-        "--inbound",
-        "127.0.0.1:0",
-    ];
+    let proxy = proxy_args("orders", "127.0.0.1:1", &["--inbound", "127.0.0.1:0"]);
     let dir = tempfile::tempdir().unwrap();
     let control = [
         "serve",
