@@ -163,10 +163,6 @@ async fn round<F: std::future::Future<Output = ()>>(
     (out, change_ms)
 }
 
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
-}
-
 /// (RSS, peak RSS) in MB, and CPU seconds, of process `pid`.
 fn usage(pid: u32) -> (f64, f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -215,8 +211,8 @@ fn row(what: &str, samples: &[f64]) -> String {
     format!(
         "| {what} | {} | {:.0} ms | {:.0} ms | {:.0} ms |\n",
         samples.len(),
-        pct(samples, 0.5),
-        pct(samples, 0.99),
+        moat_bench::pct(samples, 0.5),
+        moat_bench::pct(samples, 0.99),
         samples[samples.len() - 1]
     )
 }
@@ -239,11 +235,7 @@ fn proxies() -> usize {
 
 fn main() {
     let (services, proxies) = (services(), proxies());
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = moat_bench::runtime();
     rt.block_on(async {
         let cp = ControlPlane::start().unwrap();
         let pid = cp.pid().unwrap();

@@ -25,16 +25,8 @@ fn policy(caller: &str) -> String {
     )
 }
 
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
-}
-
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = moat_bench::runtime();
     rt.block_on(async {
         let app = tcp_echo().await;
         let cp = ControlPlane::start().unwrap();
@@ -101,12 +93,12 @@ fn main() {
              Target (issue: allow-lists): p99 under 1 s across 50 proxies.\n",
             POLL.as_millis(),
             per_proxy.len(),
-            pct(&per_proxy, 0.5),
-            pct(&per_proxy, 0.99),
+            moat_bench::pct(&per_proxy, 0.5),
+            moat_bench::pct(&per_proxy, 0.99),
             per_proxy[per_proxy.len() - 1],
             last_proxy.len(),
-            pct(&last_proxy, 0.5),
-            pct(&last_proxy, 0.99),
+            moat_bench::pct(&last_proxy, 0.5),
+            moat_bench::pct(&last_proxy, 0.99),
             last_proxy[last_proxy.len() - 1],
         );
         print!("{table}");

@@ -95,11 +95,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     // `cargo bench` passes `--bench`; ignore arguments.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = moat_bench::runtime();
     rt.block_on(async {
         let app = http_echo().await;
         let cp = ControlPlane::start().unwrap();
