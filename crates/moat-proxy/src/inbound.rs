@@ -247,12 +247,20 @@ fn authorize(
     jwt: Jwt<'_>,
 ) -> Decision {
     let snap = ctx.snapshot.borrow().clone();
+    authorize_in(snap.as_deref(), caller, port, http, jwt)
+}
+
+/// [`authorize`] against a snapshot the caller already holds.
+fn authorize_in(
+    snap: Option<&Snapshot>,
+    caller: &Caller,
+    port: u16,
+    http: Option<(&str, &str)>,
+    jwt: Jwt<'_>,
+) -> Decision {
     let peer = &caller.id;
     // Revocations come first: no policy can allow a revoked identity or certificate.
-    if snap
-        .as_ref()
-        .is_some_and(|s| s.is_revoked(peer, &caller.serial))
-    {
+    if snap.is_some_and(|s| s.is_revoked(peer, &caller.serial)) {
         return Decision {
             allowed: false,
             reason: Reason::Revoked,
@@ -262,29 +270,25 @@ fn authorize(
             trace: Vec::new(),
         };
     }
-    match snap {
-        Some(s) => decide(
-            &s.policies,
-            &s.mesh,
-            &Input {
-                peer,
-                port,
-                http,
-                jwt,
-            },
-        ),
-        // No snapshot yet: nothing is known to be allowed.
-        None => decide(
-            &[],
-            &moat_policy::MeshConfig::default(),
-            &Input {
-                peer,
-                port,
-                http,
-                jwt,
-            },
-        ),
-    }
+    // No snapshot yet: nothing is known to be allowed.
+    let fallback;
+    let (policies, mesh) = match snap {
+        Some(s) => (&s.policies[..], &s.mesh),
+        None => {
+            fallback = moat_policy::MeshConfig::default();
+            (&[][..], &fallback)
+        }
+    };
+    decide(
+        policies,
+        mesh,
+        &Input {
+            peer,
+            port,
+            http,
+            jwt,
+        },
+    )
 }
 
 fn decision_label(d: &Decision) -> &'static str {
@@ -436,7 +440,13 @@ async fn forward(req: Request<Incoming>, conn: &HttpConn, ctx: &Ctx) -> Response
         Some(Some(Err(r))) => Jwt::Invalid(*r),
         Some(None) | None => Jwt::Missing,
     };
-    let d = authorize(ctx, peer, app.port(), Some((method.as_str(), &path)), jwt);
+    let d = authorize_in(
+        snap.as_deref(),
+        peer,
+        app.port(),
+        Some((method.as_str(), &path)),
+        jwt,
+    );
     conn.counters.rule(&ctx.metrics, &d);
     let policy = policy_label(&d);
     // An allowed request still has to fit the matching rule's rate limit.
