@@ -4,10 +4,12 @@
 //! the target has only audit-mode policies, the request is allowed and the deny it would have
 //! had is reported as `would_deny`. With no policy at all, the mesh's default posture decides.
 //! A rule matches when the caller is in `from`, the port is in `ports` (or `ports` is empty)
-//! and, for an HTTP request, one `http` route matches (or `http` is empty) and the request's
-//! verified end-user token meets the rule's `jwt` requirement (if any). A connection-level
-//! check before any HTTP request ignores `http` and `jwt`: per-request checks follow. Opaque TCP
-//! can carry no token, so a rule with `jwt` never admits it.
+//! and what is being authorized passes the rule's L7 parts ([`Traffic`]): an HTTP request must
+//! match one `http` route (or `http` is empty) and carry a verified end-user token that meets
+//! the rule's `jwt` requirement (if any); an opaque TCP connection is admitted only by a rule
+//! with neither `http` nor `jwt` (detection never widens access: `protocol-not-allowed`); the
+//! connection-level check before an HTTP connection's first request ignores both, since every
+//! request is checked again.
 
 use moat_identity::SpiffeId;
 
@@ -18,18 +20,30 @@ use crate::model::{AccessPolicy, DefaultPosture, MeshConfig, Mode, PolicyVersion
 pub struct Input<'a> {
     pub peer: &'a SpiffeId,
     pub port: u16,
-    /// `(method, path)` for an HTTP request; `None` for a connection.
-    pub http: Option<(&'a str, &'a str)>,
-    /// The end-user token, as far as the proxy could verify it.
-    pub jwt: Jwt<'a>,
+    pub traffic: Traffic<'a>,
+}
+
+/// The kind of traffic being authorized.
+#[derive(Clone, Copy, Debug)]
+pub enum Traffic<'a> {
+    /// An HTTP connection before its first request: identity and port only (each request is
+    /// checked as it comes).
+    Connection,
+    /// An opaque TCP connection (not detected as HTTP, or on an opaque port): it can carry no
+    /// route and no token, so only a rule without `http` and `jwt` admits it.
+    Opaque,
+    /// One HTTP request. `path` must be canonical ([`crate::target::canonical_path`]).
+    Request {
+        method: &'a str,
+        path: &'a str,
+        jwt: Jwt<'a>,
+    },
 }
 
 /// The end-user token of a request.
 #[derive(Clone, Copy, Debug)]
 pub enum Jwt<'a> {
-    /// Not looked at yet: a connection-level check before any HTTP request.
-    Later,
-    /// None presented (or none possible: opaque TCP).
+    /// None presented.
     Missing,
     /// Presented but not verified; the reason says why.
     Invalid(Reason),
@@ -69,6 +83,12 @@ pub enum Reason {
     /// Allowed, but over the rule's rate limit. Not produced by [`evaluate`]: the proxy's token
     /// buckets decide it after the allow.
     RateLimited,
+    /// Opaque TCP (or an undetected protocol) where the caller's rules for the port constrain
+    /// HTTP.
+    ProtocolNotAllowed,
+    /// The request's path cannot be made canonical (an encoded `/`, a control character, ...):
+    /// refused before any rule is looked at. Not produced by [`evaluate`].
+    InvalidPath,
 }
 
 impl Reason {
@@ -94,6 +114,8 @@ impl Reason {
             Reason::JwtAudienceNotAllowed => "jwt-audience-not-allowed",
             Reason::JwtClaimsNotAllowed => "jwt-claims-not-allowed",
             Reason::RateLimited => "rate-limited",
+            Reason::ProtocolNotAllowed => "protocol-not-allowed",
+            Reason::InvalidPath => "invalid-path",
         }
     }
 
@@ -120,7 +142,7 @@ impl Reason {
         match self {
             Reason::IdentityNotAllowed => 1,
             Reason::PortNotAllowed => 2,
-            Reason::RouteNotAllowed => 3,
+            Reason::RouteNotAllowed | Reason::ProtocolNotAllowed => 3,
             r if r.is_unauthenticated() => 4,
             Reason::JwtClaimsNotAllowed => 5,
             _ => 0,
@@ -158,6 +180,20 @@ pub struct Decision {
     pub trace: Vec<RuleTrace>,
 }
 
+impl Decision {
+    /// A denial decided before any policy is looked at (a revoked caller, an invalid path).
+    pub fn refused(reason: Reason) -> Decision {
+        Decision {
+            allowed: false,
+            reason,
+            would_deny: None,
+            policy: None,
+            rule: None,
+            trace: Vec::new(),
+        }
+    }
+}
+
 fn rule_outcome(rule: &crate::Rule, input: &Input<'_>) -> Reason {
     if !rule.from.iter().any(|f| f == input.peer) {
         return Reason::IdentityNotAllowed;
@@ -165,21 +201,24 @@ fn rule_outcome(rule: &crate::Rule, input: &Input<'_>) -> Reason {
     if !rule.ports.is_empty() && !rule.ports.contains(&input.port) {
         return Reason::PortNotAllowed;
     }
-    if let Some((method, path)) = input.http
-        && !rule.http.is_empty()
-        && !rule.http.iter().any(|r| r.matches(method, path))
-    {
-        return Reason::RouteNotAllowed;
-    }
-    if let Some(req) = &rule.jwt {
-        match input.jwt {
-            Jwt::Later => {}
-            Jwt::Missing => return Reason::JwtMissing,
-            Jwt::Invalid(r) => return r,
-            Jwt::Valid(claims) => return jwt_outcome(req, claims),
+    match input.traffic {
+        Traffic::Connection => Reason::Allowed,
+        Traffic::Opaque if !rule.http.is_empty() || rule.jwt.is_some() => {
+            Reason::ProtocolNotAllowed
+        }
+        Traffic::Opaque => Reason::Allowed,
+        Traffic::Request { method, path, jwt } => {
+            if !rule.http.is_empty() && !rule.http.iter().any(|r| r.matches(method, path)) {
+                return Reason::RouteNotAllowed;
+            }
+            match (&rule.jwt, jwt) {
+                (None, _) => Reason::Allowed,
+                (Some(_), Jwt::Missing) => Reason::JwtMissing,
+                (Some(_), Jwt::Invalid(r)) => r,
+                (Some(req), Jwt::Valid(claims)) => jwt_outcome(req, claims),
+            }
         }
     }
-    Reason::Allowed
 }
 
 /// The values a claim holds, as strings: a string is itself and its space-separated words
@@ -400,11 +439,13 @@ spec:
         let input = Input {
             peer: &peer,
             port,
-            http,
-            jwt: if http.is_some() {
-                Jwt::Missing
-            } else {
-                Jwt::Later
+            traffic: match http {
+                Some((method, path)) => Traffic::Request {
+                    method,
+                    path,
+                    jwt: Jwt::Missing,
+                },
+                None => Traffic::Connection,
             },
         };
         let d = evaluate(ps, mesh, &input);
@@ -554,5 +595,33 @@ spec:
         let d = check(&both, &MeshConfig::default(), "payments", 8080, None);
         assert!(!d.allowed);
         assert_eq!(d.trace.len(), 4);
+    }
+
+    /// Detection never widens access: opaque TCP passes only a rule with no L7 part, and
+    /// methods are case-sensitive.
+    #[test]
+    fn opaque_traffic_needs_a_rule_without_http() {
+        let ps = policies(ORDERS);
+        let mesh = MeshConfig::default();
+        let decide_opaque = |who: &str, port| {
+            let peer = id(who);
+            evaluate(
+                &ps,
+                &mesh,
+                &Input {
+                    peer: &peer,
+                    port,
+                    traffic: Traffic::Opaque,
+                },
+            )
+        };
+        let d = decide_opaque("frontend", 8080);
+        assert_eq!((d.allowed, d.reason), (false, Reason::ProtocolNotAllowed));
+        let d = decide_opaque("admin", 8080);
+        assert_eq!((d.allowed, d.reason), (true, Reason::Allowed));
+        let d = decide_opaque("payments", 8080);
+        assert_eq!((d.allowed, d.reason), (false, Reason::IdentityNotAllowed));
+        let d = check(&ps, &mesh, "frontend", 8080, Some(("get", "/orders")));
+        assert_eq!((d.allowed, d.reason), (false, Reason::RouteNotAllowed));
     }
 }

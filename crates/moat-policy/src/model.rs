@@ -63,14 +63,20 @@ impl Mode {
     }
 }
 
-/// An HTTP method (uppercase token). `*` is not a method: leave `methods` empty for any.
+/// An HTTP method: an upper-case token (letters, `-`, `_`). Methods are case-sensitive (RFC 9110),
+/// so `GET` never matches a request sent as `get`. `*` is not a method: leave `methods` empty
+/// for any.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Method(String);
 
 impl FromStr for Method {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let ok = !s.is_empty() && s.len() <= 32 && s.chars().all(|c| c.is_ascii_uppercase());
+        let ok = !s.is_empty()
+            && s.len() <= 32
+            && s.starts_with(|c: char| c.is_ascii_uppercase())
+            && s.chars()
+                .all(|c| c.is_ascii_uppercase() || c == '-' || c == '_');
         if ok {
             Ok(Method(s.to_owned()))
         } else {

@@ -1,30 +1,27 @@
 //! Protocol detection: read the first bytes a client sends (waiting a short while) and decide
-//! between HTTP/2 (the connection preface), HTTP/1 (a request line) and opaque TCP. The bytes
-//! read are replayed by [`Prefixed`], so nothing is lost.
+//! between HTTP/2 (the connection preface), HTTP/1 (a request line: any method token, a target
+//! and `HTTP/1.x`) and opaque TCP. The bytes read are replayed by [`Prefixed`], so nothing is
+//! lost. Detection only classifies: what opaque TCP may reach is the policy's call (a caller
+//! whose rules constrain HTTP is refused, `protocol-not-allowed`), so guessing "TCP" never
+//! widens access.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use moat_policy::target::is_method_token;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 
 /// How long to wait for a client's first bytes before treating the connection as opaque TCP
 /// (server-first protocols send nothing until the server speaks).
 pub const DETECT_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// The longest request line looked at; a longer first line that starts like a request
+/// (`TOKEN /…`) is handed to the HTTP server, which refuses it.
+const MAX_REQUEST_LINE: usize = 64 * 1024;
+
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const METHODS: &[&[u8]] = &[
-    b"GET ",
-    b"POST ",
-    b"PUT ",
-    b"DELETE ",
-    b"HEAD ",
-    b"OPTIONS ",
-    b"PATCH ",
-    b"CONNECT ",
-    b"TRACE ",
-];
 
 /// What a connection carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,6 +29,22 @@ pub enum Protocol {
     Http1,
     Http2,
     Tcp,
+}
+
+/// Whether `line` (without its line ending) is an HTTP/1 request line: `method SP target SP
+/// HTTP/1.x`, the method any token (RFC 9110: `PROPFIND` and `get` are methods too).
+fn is_request_line(line: &[u8]) -> bool {
+    let mut parts = line.split(|&b| b == b' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    is_method_token(method)
+        && !target.is_empty()
+        && version.len() == 8
+        && version.starts_with(b"HTTP/1.")
+        && version[7].is_ascii_digit()
 }
 
 /// Classifies `buf`; `None` when more bytes are needed to tell.
@@ -45,24 +58,38 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
     if buf.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(buf) {
         return None;
     }
-    for m in METHODS {
-        if buf.starts_with(m) {
-            return Some(Protocol::Http1);
-        }
-        if buf.len() < m.len() && m.starts_with(buf) {
-            return None;
-        }
+    // A request starts with a method token and a space; anything else is not HTTP/1.
+    let token_len = buf
+        .iter()
+        .position(|&b| !is_method_token(&[b]))
+        .unwrap_or(buf.len());
+    match buf.get(token_len) {
+        None => return None,
+        Some(b' ') if token_len > 0 => {}
+        Some(_) => return Some(Protocol::Tcp),
     }
-    Some(Protocol::Tcp)
+    match buf.iter().position(|&b| b == b'\n') {
+        Some(end) => {
+            let line = &buf[..end];
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            Some(if is_request_line(line) {
+                Protocol::Http1
+            } else {
+                Protocol::Tcp
+            })
+        }
+        None if buf.len() >= MAX_REQUEST_LINE => Some(Protocol::Http1),
+        None => None,
+    }
 }
 
 /// Reads until the protocol is known, the peer stops sending for [`DETECT_TIMEOUT`], or it
 /// closes. Returns the protocol and the bytes read.
 pub async fn detect<S: AsyncRead + Unpin>(io: &mut S) -> io::Result<(Protocol, Vec<u8>)> {
-    let mut buf = Vec::with_capacity(64);
+    let mut buf = Vec::with_capacity(256);
     let deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
     loop {
-        let mut chunk = [0u8; 64];
+        let mut chunk = [0u8; 1024];
         let n = match tokio::time::timeout_at(deadline, io.read(&mut chunk)).await {
             Err(_) => return Ok((Protocol::Tcp, buf)),
             Ok(r) => r?,
@@ -141,7 +168,9 @@ mod tests {
     #[test]
     fn classifies() {
         assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"GET / HTTP/1.0\n"), Some(Protocol::Http1));
         assert_eq!(classify(b"DELE"), None);
+        assert_eq!(classify(b"GET /orders HTTP/1.1"), None);
         assert_eq!(
             classify(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0"),
             Some(Protocol::Http2)
@@ -149,7 +178,21 @@ mod tests {
         assert_eq!(classify(b"PRI * HT"), None);
         assert_eq!(classify(b"\x16\x03\x01"), Some(Protocol::Tcp));
         assert_eq!(classify(b"hello"), Some(Protocol::Tcp));
-        assert_eq!(classify(b"get / HTTP/1.1"), Some(Protocol::Tcp));
+        // Any method token is HTTP: lower case and extension methods too.
+        assert_eq!(classify(b"get / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(
+            classify(b"PROPFIND /admin HTTP/1.1\r\n"),
+            Some(Protocol::Http1)
+        );
+        assert_eq!(
+            classify(b"GET http://b/admin HTTP/1.1\r\n"),
+            Some(Protocol::Http1)
+        );
+        // Text protocols that are not HTTP stay TCP (memcached, SMTP client lines).
+        assert_eq!(classify(b"get key\r\n"), Some(Protocol::Tcp));
+        assert_eq!(classify(b"EHLO me\r\n"), Some(Protocol::Tcp));
+        assert_eq!(classify(b"GET / HTTP/2.0\r\n"), Some(Protocol::Tcp));
+        assert_eq!(classify(b" GET / HTTP/1.1\r\n"), Some(Protocol::Tcp));
     }
 
     #[tokio::test]

@@ -106,10 +106,9 @@ where
     }
 }
 
-/// The request's authority (from the URI or the Host header, else `fallback`) and its path and
-/// query, for re-targeting it at the next hop.
-pub fn request_target(parts: &http::request::Parts, fallback: &str) -> (String, String) {
-    let authority = parts
+/// The request's authority: from the URI, else the Host header, else `fallback`.
+pub fn request_authority(parts: &http::request::Parts, fallback: &str) -> String {
+    parts
         .uri
         .authority()
         .map(|a| a.to_string())
@@ -120,13 +119,35 @@ pub fn request_target(parts: &http::request::Parts, fallback: &str) -> (String, 
                 .and_then(|h| h.to_str().ok())
                 .map(str::to_owned)
         })
-        .unwrap_or_else(|| fallback.to_owned());
+        .unwrap_or_else(|| fallback.to_owned())
+}
+
+/// The request's authority ([`request_authority`]) and its path and query, for re-targeting it
+/// at the next hop.
+pub fn request_target(parts: &http::request::Parts, fallback: &str) -> (String, String) {
     let pq = parts
         .uri
         .path_and_query()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "/".into());
-    (authority, pq)
+    (request_authority(parts, fallback), pq)
+}
+
+/// Removes every header the sidecars own (`x-moat-*`) from a request that came from outside,
+/// and their underscore spellings (`x_moat_*`), which many frameworks fold into the same name.
+pub fn strip_identity_headers(h: &mut HeaderMap) {
+    let owned = |n: &HeaderName| {
+        let n = n.as_str().as_bytes();
+        n.len() >= 7
+            && (n[..7].eq_ignore_ascii_case(b"x-moat-") || n[..7].eq_ignore_ascii_case(b"x_moat_"))
+    };
+    if !h.keys().any(owned) {
+        return;
+    }
+    let names: Vec<HeaderName> = h.keys().filter(|n| owned(n)).cloned().collect();
+    for n in names {
+        h.remove(n);
+    }
 }
 
 /// Removes connection-specific headers, which must not cross a hop (and are illegal in HTTP/2).
@@ -237,6 +258,7 @@ pub fn deny(
             Some("Bearer realm=\"moat\", error=\"insufficient_scope\"".to_owned()),
         ),
         Reason::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "8", None),
+        Reason::InvalidPath => (StatusCode::BAD_REQUEST, "3", None),
         _ => (StatusCode::FORBIDDEN, "7", None),
     };
     let mut resp = if grpc {
@@ -324,6 +346,29 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn identity_headers_from_outside_are_removed_in_every_spelling() {
+        let mut h = HeaderMap::new();
+        for n in [
+            "x-moat-peer-id",
+            "x_moat_peer_id",
+            "x-moat-user",
+            "x_moat_user",
+            "x-moat-anything",
+        ] {
+            h.insert(
+                HeaderName::from_static(n),
+                HeaderValue::from_static("spoofed"),
+            );
+        }
+        h.insert("x-moatish", HeaderValue::from_static("1"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_identity_headers(&mut h);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["x-keep", "x-moatish"]);
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! Inbound: mTLS only. accept → TLS (client certificate required, chain checked against the
 //! bundle) → peer SPIFFE ID → protocol (from ALPN, else detected) → authorize → forward to the
-//! local app. Opaque TCP is authorized once per connection (and re-checked whenever a new
-//! snapshot arrives: a connection no longer allowed is closed); HTTP is authorized per request
-//! and denials answer 403 / gRPC status 7 with the reason.
+//! local app. Opaque TCP is authorized once per connection, and only by a rule with no HTTP part
+//! (re-checked whenever a new snapshot arrives: a connection no longer allowed is closed). HTTP
+//! is authorized per request on its canonical target ([`moat_policy::target`]), which is also
+//! what the app receives; denials answer 403 / gRPC status 7 with the reason, a path that cannot
+//! be made canonical 400 `invalid-path`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,7 +13,7 @@ use std::time::{Duration, Instant};
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use moat_identity::SpiffeId;
-use moat_policy::eval::{Decision, Input, Jwt, Reason, decide};
+use moat_policy::eval::{Decision, Input, Jwt, Reason, Traffic, decide};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
@@ -19,7 +21,7 @@ use crate::Ctx;
 use crate::detect::{Prefixed, Protocol, detect};
 use crate::http::{
     Body, Ended, ORIG_PROTO, PEER_ID, USER, boxed, deny, ensure_request_id, is_grpc,
-    request_target, serve_http, strip_hop_by_hop, unavailable,
+    request_authority, serve_http, strip_hop_by_hop, strip_identity_headers, unavailable,
 };
 use crate::metrics::TrafficLabels;
 use crate::snapshot::Snapshot;
@@ -130,7 +132,7 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
         id: peer.id,
         serial: peer.serial,
     };
-    if authorize(&ctx, &peer_id, port, None, Jwt::Later).reason == Reason::Revoked {
+    if authorize(&ctx, &peer_id, port, Traffic::Connection).reason == Reason::Revoked {
         ctx.metrics.handshake_failed("inbound", "revoked".into());
         tracing::info!(target: "moat::access", direction = "inbound", %remote, peer = %peer_id, serial = %peer_id.serial, decision = "deny", reason = "revoked", "refused a revoked certificate");
         return;
@@ -155,7 +157,7 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
             // A connection admitted now is closed (gracefully) once a new snapshot forbids the
             // caller; one that was never admitted stays open to answer each request with 403
             // (until the caller is revoked).
-            let admitted = authorize(&ctx, &peer_id, port, None, Jwt::Later).allowed;
+            let admitted = authorize(&ctx, &peer_id, port, Traffic::Connection).allowed;
             // The app's HTTP clients, looked up once per connection rather than per request.
             let conn = Arc::new(HttpConn {
                 clients: ctx.apps.get(app),
@@ -232,22 +234,16 @@ async fn until_forbidden(ctx: &Ctx, peer: &Caller, port: u16, admitted: bool) ->
         if snapshots.changed().await.is_err() {
             return std::future::pending().await;
         }
-        let d = authorize(ctx, peer, port, None, Jwt::Later);
+        let d = authorize(ctx, peer, port, Traffic::Connection);
         if d.reason == Reason::Revoked || (admitted && !d.allowed) {
             return d.reason.code();
         }
     }
 }
 
-fn authorize(
-    ctx: &Ctx,
-    caller: &Caller,
-    port: u16,
-    http: Option<(&str, &str)>,
-    jwt: Jwt<'_>,
-) -> Decision {
+fn authorize(ctx: &Ctx, caller: &Caller, port: u16, traffic: Traffic<'_>) -> Decision {
     let snap = ctx.snapshot.borrow().clone();
-    authorize_in(snap.as_deref(), caller, port, http, jwt)
+    authorize_in(snap.as_deref(), caller, port, traffic)
 }
 
 /// [`authorize`] against a snapshot the caller already holds.
@@ -255,20 +251,12 @@ fn authorize_in(
     snap: Option<&Snapshot>,
     caller: &Caller,
     port: u16,
-    http: Option<(&str, &str)>,
-    jwt: Jwt<'_>,
+    traffic: Traffic<'_>,
 ) -> Decision {
     let peer = &caller.id;
     // Revocations come first: no policy can allow a revoked identity or certificate.
     if snap.is_some_and(|s| s.is_revoked(peer, &caller.serial)) {
-        return Decision {
-            allowed: false,
-            reason: Reason::Revoked,
-            would_deny: None,
-            policy: None,
-            rule: None,
-            trace: Vec::new(),
-        };
+        return Decision::refused(Reason::Revoked);
     }
     // No snapshot yet: nothing is known to be allowed.
     let fallback;
@@ -285,8 +273,7 @@ fn authorize_in(
         &Input {
             peer,
             port,
-            http,
-            jwt,
+            traffic,
         },
     )
 }
@@ -311,8 +298,8 @@ async fn tcp_forward(
     ctx: &Ctx,
 ) {
     let start = Instant::now();
-    // Opaque TCP carries no end-user token: a rule that requires one does not admit it.
-    let d = authorize(ctx, &peer, app.port(), None, Jwt::Missing);
+    // Opaque TCP carries no route and no end-user token: only a rule without either admits it.
+    let d = authorize(ctx, &peer, app.port(), Traffic::Opaque);
     ctx.metrics.count_rule(&d);
     let reason = d.would_deny.unwrap_or(d.reason).code();
     let labels = TrafficLabels {
@@ -325,7 +312,7 @@ async fn tcp_forward(
     ctx.metrics.authz.get_or_create(&labels).inc();
     ctx.metrics.tcp_connections.get_or_create(&labels).inc();
     if !d.allowed {
-        tracing::info!(target: "moat::access", direction = "inbound", protocol = "tcp", %remote, peer = %peer, decision = "deny", reason, policy = ?policy_label(&d), "tcp");
+        tracing::info!(target: "moat::access", direction = "inbound", protocol = "tcp", %remote, peer = %peer, decision = "deny", reason, policy = policy_label(&d).as_deref().unwrap_or("-"), "tcp");
         return;
     }
     let app_addr = app;
@@ -346,7 +333,7 @@ async fn tcp_forward(
             r = &mut copy => break r.map_err(|e| e.to_string()),
             changed = snapshots.changed() => {
                 if changed.is_err() { continue; }
-                let again = authorize(ctx, &peer, app_addr.port(), None, Jwt::Missing);
+                let again = authorize(ctx, &peer, app_addr.port(), Traffic::Opaque);
                 if !again.allowed {
                     tracing::info!(target: "moat::access", direction = "inbound", protocol = "tcp", %remote, peer = %peer, decision = "deny", reason = again.reason.code(), "closing a connection the new policy no longer allows");
                     break Err(format!("closed: {}", again.reason.code()));
@@ -369,7 +356,7 @@ async fn tcp_forward(
             flow: "from_app",
         })
         .inc_by(from_app);
-    tracing::info!(target: "moat::access", direction = "inbound", protocol = "tcp", %remote, peer = %peer, decision = decision_label(&d), reason, policy = ?policy_label(&d), bytes_to_app = to_app, bytes_from_app = from_app, duration_ms = start.elapsed().as_millis() as u64, error = ?outcome.err(), "tcp");
+    tracing::info!(target: "moat::access", direction = "inbound", protocol = "tcp", %remote, peer = %peer, decision = decision_label(&d), reason, policy = policy_label(&d).as_deref().unwrap_or("-"), bytes_to_app = to_app, bytes_from_app = from_app, duration_ms = start.elapsed().as_millis() as u64, error = ?outcome.err(), "tcp");
 }
 
 /// Whether any rule of this proxy's policies requires an end-user token (only then is one
@@ -420,6 +407,30 @@ fn over_limit(
         .err()
 }
 
+/// The request's canonical target: its canonical path (what rules match and the app receives)
+/// and the path-and-query to forward, or why it has none. An absolute-form target (and every
+/// HTTP/2 request, whose `:authority` is one) must name the same authority as its `Host`
+/// header, if it has one, so the app cannot route on a name the caller did not present.
+fn canonical_target(parts: &http::request::Parts) -> Result<(String, String), String> {
+    let raw = parts.uri.path();
+    let path = moat_policy::canonical_path(raw)
+        .map_err(|e| format!("{e}"))?
+        .into_owned();
+    if let (Some(authority), Some(host)) =
+        (parts.uri.authority(), parts.headers.get(http::header::HOST))
+        && !host
+            .as_bytes()
+            .eq_ignore_ascii_case(authority.as_str().as_bytes())
+    {
+        return Err("the target's authority and the Host header differ".to_owned());
+    }
+    let forwarded = match parts.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.clone(),
+    };
+    Ok((path, forwarded))
+}
+
 async fn forward(req: Request<Incoming>, conn: &HttpConn, ctx: &Ctx) -> Response<Body> {
     let (peer, app) = (&conn.peer, conn.app);
     let start = Instant::now();
@@ -427,9 +438,28 @@ async fn forward(req: Request<Incoming>, conn: &HttpConn, ctx: &Ctx) -> Response
     let grpc = is_grpc(&parts.headers);
     let request_id = ensure_request_id(&mut parts.headers);
     let method = parts.method.clone();
-    let path = parts.uri.path().to_owned();
-    // The app learns the end user from us alone.
-    parts.headers.remove(&USER);
+    // The calling sidecar says which HTTP version its client spoke; every other header the
+    // sidecars own (the caller's identity, the end user) the app learns from us alone.
+    let h1 = parts.headers.contains_key(&ORIG_PROTO) || parts.version != Version::HTTP_2;
+    strip_identity_headers(&mut parts.headers);
+    let (path, path_and_query) = match canonical_target(&parts) {
+        Ok(t) => t,
+        Err(why) => {
+            let reason = Reason::InvalidPath;
+            conn.counters.authz(&ctx.metrics, "deny", reason.code());
+            let resp = deny(reason, None, &request_id, grpc, None);
+            let elapsed = start.elapsed();
+            conn.counters.request(
+                &ctx.metrics,
+                "deny",
+                reason.code(),
+                resp.status().as_u16(),
+                elapsed,
+            );
+            tracing::info!(target: "moat::access", direction = "inbound", peer = %peer, %method, raw_path = ?parts.uri.path(), decision = "deny", reason = reason.code(), detail = %why, status = resp.status().as_u16(), duration_ms = elapsed.as_millis() as u64, request_id = %request_id, "http");
+            return resp;
+        }
+    };
     let snap = ctx.snapshot.borrow().clone();
     let token = snap
         .as_ref()
@@ -444,8 +474,11 @@ async fn forward(req: Request<Incoming>, conn: &HttpConn, ctx: &Ctx) -> Response
         snap.as_deref(),
         peer,
         app.port(),
-        Some((method.as_str(), &path)),
-        jwt,
+        Traffic::Request {
+            method: method.as_str(),
+            path: &path,
+            jwt,
+        },
     );
     conn.counters.rule(&ctx.metrics, &d);
     let policy = policy_label(&d);
@@ -477,8 +510,6 @@ async fn forward(req: Request<Incoming>, conn: &HttpConn, ctx: &Ctx) -> Response
             throttled.map(|wait| wait.as_secs_f64().ceil().max(1.0) as u64),
         )
     } else {
-        // The app learns who called from us alone.
-        parts.headers.remove(&PEER_ID);
         if let Some(v) = &conn.peer_header {
             parts.headers.insert(PEER_ID, v.clone());
         }
@@ -488,62 +519,75 @@ async fn forward(req: Request<Incoming>, conn: &HttpConn, ctx: &Ctx) -> Response
         {
             parts.headers.insert(USER, v);
         }
-        let h1 = parts.headers.remove(&ORIG_PROTO).is_some() || parts.version != Version::HTTP_2;
         strip_hop_by_hop(&mut parts.headers);
-        let (authority, pq) = request_target(&parts, &conn.app_authority);
-        let (app_h1, app_h2) = &conn.clients;
-        match Uri::builder()
-            .scheme("http")
-            .authority(authority.as_str())
-            .path_and_query(pq)
-            .build()
-        {
-            Err(e) => unavailable(
-                http::StatusCode::BAD_REQUEST,
-                &format!("bad request target: {e}"),
-                grpc,
-            ),
-            Ok(uri) => {
-                parts.uri = uri;
-                let result = if h1 {
-                    parts.version = Version::HTTP_11;
-                    if !parts.headers.contains_key(http::header::HOST)
-                        && let Ok(v) = HeaderValue::from_str(&authority)
-                    {
-                        parts.headers.insert(http::header::HOST, v);
-                    }
-                    app_h1
-                        .request(Request::from_parts(parts, boxed(body)))
-                        .await
-                } else {
-                    parts.version = Version::HTTP_2;
-                    parts.headers.remove(http::header::HOST);
-                    app_h2
-                        .request(Request::from_parts(parts, boxed(body)))
-                        .await
-                };
-                match result {
-                    Ok(resp) => {
-                        let (mut rparts, rbody) = resp.into_parts();
-                        strip_hop_by_hop(&mut rparts.headers);
-                        Response::from_parts(rparts, boxed(rbody))
-                    }
-                    Err(e) => {
-                        tracing::warn!(%app, error = %e, "the app did not answer");
-                        unavailable(
-                            http::StatusCode::BAD_GATEWAY,
-                            "the app did not answer",
-                            grpc,
-                        )
-                    }
-                }
-            }
-        }
+        to_app(parts, body, &path_and_query, h1, conn, grpc).await
     };
     let status = resp.status().as_u16();
     let elapsed = start.elapsed();
     conn.counters
         .request(&ctx.metrics, decision, reason.code(), status, elapsed);
-    tracing::info!(target: "moat::access", direction = "inbound", peer = %peer, %method, path = %path, decision, reason = reason.code(), policy = ?policy, status, duration_ms = elapsed.as_millis() as u64, request_id = %request_id, "http");
+    tracing::info!(target: "moat::access", direction = "inbound", peer = %peer, %method, path = %path, decision, reason = reason.code(), policy = policy.as_deref().unwrap_or("-"), status, duration_ms = elapsed.as_millis() as u64, request_id = %request_id, "http");
     resp
+}
+
+/// Sends an admitted request to the app, re-targeted at `path_and_query` (the canonical path
+/// and the query as sent), in the HTTP version its client spoke.
+async fn to_app(
+    mut parts: http::request::Parts,
+    body: Incoming,
+    path_and_query: &str,
+    h1: bool,
+    conn: &HttpConn,
+    grpc: bool,
+) -> Response<Body> {
+    let authority = request_authority(&parts, &conn.app_authority);
+    let uri = match Uri::builder()
+        .scheme("http")
+        .authority(authority.as_str())
+        .path_and_query(path_and_query)
+        .build()
+    {
+        Ok(uri) => uri,
+        Err(e) => {
+            return unavailable(
+                http::StatusCode::BAD_REQUEST,
+                &format!("bad request target: {e}"),
+                grpc,
+            );
+        }
+    };
+    parts.uri = uri;
+    let (app_h1, app_h2) = &conn.clients;
+    let result = if h1 {
+        parts.version = Version::HTTP_11;
+        if !parts.headers.contains_key(http::header::HOST)
+            && let Ok(v) = HeaderValue::from_str(&authority)
+        {
+            parts.headers.insert(http::header::HOST, v);
+        }
+        app_h1
+            .request(Request::from_parts(parts, boxed(body)))
+            .await
+    } else {
+        parts.version = Version::HTTP_2;
+        parts.headers.remove(http::header::HOST);
+        app_h2
+            .request(Request::from_parts(parts, boxed(body)))
+            .await
+    };
+    match result {
+        Ok(resp) => {
+            let (mut rparts, rbody) = resp.into_parts();
+            strip_hop_by_hop(&mut rparts.headers);
+            Response::from_parts(rparts, boxed(rbody))
+        }
+        Err(e) => {
+            tracing::warn!(app = %conn.app, error = %e, "the app did not answer");
+            unavailable(
+                http::StatusCode::BAD_GATEWAY,
+                "the app did not answer",
+                grpc,
+            )
+        }
+    }
 }

@@ -1,5 +1,6 @@
-//! Ordinary test apps with no mesh code: an HTTP/1.1 + HTTP/2 (h2c) echo server, a gRPC echo
-//! service (unary and streaming) and a TCP echo server. Each binds `127.0.0.1:0` on the calling
+//! Ordinary test apps with no mesh code: an HTTP/1.1 + HTTP/2 (h2c) echo server, a recorder
+//! that keeps every request exactly as it arrived, a gRPC echo service (unary and streaming)
+//! and a TCP echo server. Each binds `127.0.0.1:0` on the calling
 //! tokio runtime and answers with what it saw, including the `x-moat-peer-id` header.
 
 use std::convert::Infallible;
@@ -85,6 +86,90 @@ pub async fn http_echo() -> SocketAddr {
         }
     });
     addr
+}
+
+/// One request exactly as an app received it.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub method: String,
+    /// The request target's path and query, byte for byte.
+    pub path_and_query: String,
+    /// Every header, names lower-cased, in arrival order.
+    pub headers: Vec<(String, String)>,
+    /// Trailers, when the body had any.
+    pub trailers: Vec<(String, String)>,
+}
+
+impl Received {
+    /// The path without the query.
+    pub fn path(&self) -> &str {
+        self.path_and_query
+            .split_once('?')
+            .map_or(self.path_and_query.as_str(), |(p, _)| p)
+    }
+}
+
+/// What a [`recording_http`] app has received so far.
+pub type Recording = std::sync::Arc<std::sync::Mutex<Vec<Received>>>;
+
+fn header_list(h: &http::HeaderMap) -> Vec<(String, String)> {
+    h.iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
+}
+
+/// An HTTP app (HTTP/1.1 and h2c) that records every request it receives (method, raw target,
+/// headers, trailers) and answers 200 `seen`. Security tests assert on this record: on what the
+/// app RECEIVED, not only on the status a caller saw.
+pub async fn recording_http() -> (SocketAddr, Recording) {
+    let (listener, addr) = bind().await;
+    let seen = Recording::default();
+    let record = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let record = record.clone();
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let record = record.clone();
+                async move {
+                    let (parts, body) = req.into_parts();
+                    let trailers = body
+                        .collect()
+                        .await
+                        .ok()
+                        .and_then(|c| c.trailers().map(header_list))
+                        .unwrap_or_default();
+                    let got = Received {
+                        method: parts.method.to_string(),
+                        path_and_query: parts
+                            .uri
+                            .path_and_query()
+                            .map(|p| p.as_str().to_owned())
+                            .unwrap_or_default(),
+                        headers: header_list(&parts.headers),
+                        trailers,
+                    };
+                    if let Ok(mut r) = record.lock() {
+                        r.push(got);
+                    }
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"seen\n"))))
+                }
+            });
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
 }
 
 /// A TCP echo app.

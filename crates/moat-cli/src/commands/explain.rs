@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, bail};
 use moat_api::v1::ListPoliciesRequest;
 use moat_identity::{SpiffeId, TrustDomain};
-use moat_policy::eval::{Decision, Input, Jwt, evaluate};
+use moat_policy::eval::{Decision, Input, Jwt, Reason, Traffic, evaluate};
 use moat_policy::{
     AccessPolicy, DefaultPosture, Document, MeshConfig, PolicyVersion, parse_documents,
 };
@@ -86,36 +86,81 @@ impl PolicySet {
         })
     }
 
-    /// Evaluates one request from `from` to `to`. `claims` stands for a verified end-user token
-    /// (`None`: the request carries none).
-    pub fn decide(
-        &self,
-        from: &SpiffeId,
-        to: &SpiffeId,
-        port: u16,
-        http: Option<(&str, &str)>,
-        claims: Option<&moat_policy::jwt::Claims>,
-    ) -> Decision {
+    /// Evaluates one connection or request from `from` to `to`, the way the callee's sidecar
+    /// does: a request's path is made canonical first (the same function), and one that cannot
+    /// be is refused with `invalid-path`.
+    pub fn decide(&self, from: &SpiffeId, to: &SpiffeId, port: u16, what: &Query<'_>) -> Decision {
         let for_target: Vec<AccessPolicy> = self
             .policies
             .iter()
             .filter(|p| &p.target == to)
             .cloned()
             .collect();
+        let canonical;
+        let traffic = match what {
+            Query::Connection => Traffic::Connection,
+            Query::Opaque => Traffic::Opaque,
+            Query::Request {
+                method,
+                path,
+                claims,
+            } => {
+                canonical = match moat_policy::canonical_path(path) {
+                    Ok(c) => c,
+                    Err(_) => return Decision::refused(Reason::InvalidPath),
+                };
+                Traffic::Request {
+                    method,
+                    path: &canonical,
+                    jwt: match claims {
+                        Some(c) => Jwt::Valid(c),
+                        None => Jwt::Missing,
+                    },
+                }
+            }
+        };
         evaluate(
             &for_target,
             &self.mesh,
             &Input {
                 peer: from,
                 port,
-                http,
-                jwt: match (http, claims) {
-                    (None, _) => Jwt::Later,
-                    (Some(_), Some(c)) => Jwt::Valid(c),
-                    (Some(_), None) => Jwt::Missing,
-                },
+                traffic,
             },
         )
+    }
+}
+
+/// What `explain` and `test` evaluate.
+#[derive(Debug)]
+pub enum Query<'a> {
+    /// An HTTP connection before its first request (identity and port only).
+    Connection,
+    /// An opaque TCP connection.
+    Opaque,
+    /// One HTTP request; `path` as sent (it is made canonical), `claims` of a verified token.
+    Request {
+        method: &'a str,
+        path: &'a str,
+        claims: Option<&'a moat_policy::jwt::Claims>,
+    },
+}
+
+impl<'a> Query<'a> {
+    fn new(
+        tcp: bool,
+        http: Option<(&'a str, &'a str)>,
+        claims: Option<&'a moat_policy::jwt::Claims>,
+    ) -> Self {
+        match (tcp, http) {
+            (true, _) => Query::Opaque,
+            (false, Some((method, path))) => Query::Request {
+                method,
+                path,
+                claims,
+            },
+            (false, None) => Query::Connection,
+        }
     }
 }
 
@@ -145,9 +190,13 @@ pub struct ExplainArgs {
     /// HTTP method (with --path).
     #[arg(long)]
     method: Option<String>,
-    /// HTTP path (with --method).
+    /// HTTP path (with --method), as sent: it is made canonical the way the sidecar does.
     #[arg(long)]
     path: Option<String>,
+    /// Evaluate an opaque TCP connection (not HTTP), which only a rule without `http` or `jwt`
+    /// admits.
+    #[arg(long, conflicts_with_all = ["method", "path", "jwt_claims"])]
+    tcp: bool,
     /// The claims of the request's end-user token, taken as verified (JSON object); without it
     /// an HTTP request carries no token.
     #[arg(long, requires = "method")]
@@ -185,6 +234,7 @@ pub async fn explain(global: &Global, args: ExplainArgs) -> anyhow::Result<()> {
         port,
         method,
         path,
+        tcp,
         jwt_claims,
         file,
         trust_domain,
@@ -202,7 +252,12 @@ pub async fn explain(global: &Global, args: ExplainArgs) -> anyhow::Result<()> {
     let from = SpiffeId::parse_with_default(&from, td).context("--from")?;
     let to = SpiffeId::parse_with_default(&to, td).context("--to")?;
     let http = method.as_deref().zip(path.as_deref());
-    let d = set.decide(&from, &to, port.unwrap_or(0), http, claims.as_ref());
+    let d = set.decide(
+        &from,
+        &to,
+        port.unwrap_or(0),
+        &Query::new(tcp, http, claims.as_ref()),
+    );
     if output == "json" {
         println!("{}", describe(&d));
         return Ok(());
@@ -217,7 +272,14 @@ pub async fn explain(global: &Global, args: ExplainArgs) -> anyhow::Result<()> {
         port.map(|p| format!(" port {p}")).unwrap_or_default()
     );
     if let Some((m, p)) = http {
-        println!("request  {m} {p}");
+        match moat_policy::canonical_path(p) {
+            Ok(c) if c == p => println!("request  {m} {p}"),
+            Ok(c) => println!("request  {m} {p} (canonical: {c})"),
+            Err(e) => println!("request  {m} {p:?} (refused: {e})"),
+        }
+    }
+    if tcp {
+        println!("traffic  opaque TCP");
     }
     println!("decision {verdict}");
     match (&d.policy, d.rule) {
@@ -261,6 +323,9 @@ struct Case {
     method: Option<String>,
     #[serde(default)]
     path: Option<String>,
+    /// An opaque TCP connection rather than an HTTP request.
+    #[serde(default)]
+    tcp: bool,
     /// The claims of a verified end-user token the request carries.
     #[serde(default)]
     jwt_claims: Option<serde_json::Map<String, serde_json::Value>>,
@@ -303,6 +368,12 @@ pub fn test(
         if c.method.is_some() != c.path.is_some() {
             bail!("case {:?}: give method and path together", c.name);
         }
+        if c.tcp && (c.method.is_some() || c.jwt_claims.is_some()) {
+            bail!(
+                "case {:?}: a tcp case has no method, path or jwt_claims",
+                c.name
+            );
+        }
         let from = SpiffeId::parse_with_default(&c.from, td)
             .with_context(|| format!("case {:?}: from", c.name))?;
         let to = SpiffeId::parse_with_default(&c.to, td)
@@ -311,8 +382,11 @@ pub fn test(
             &from,
             &to,
             c.port.unwrap_or(0),
-            c.method.as_deref().zip(c.path.as_deref()),
-            c.jwt_claims.as_ref(),
+            &Query::new(
+                c.tcp,
+                c.method.as_deref().zip(c.path.as_deref()),
+                c.jwt_claims.as_ref(),
+            ),
         );
         let got = if d.allowed {
             Expect::Allow

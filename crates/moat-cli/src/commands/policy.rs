@@ -48,7 +48,8 @@ pub enum PolicyCmd {
     /// Check a golden allow/deny case table against policy files, offline; exits 1 naming
     /// every case that does not hold (for CI pipelines).
     Test {
-        /// The case table (YAML: `cases: [{name, from, to, port?, method?, path?, expect, reason?}]`).
+        /// The case table (YAML: `cases: [{name, from, to, port?, method?, path?, tcp?,
+        /// jwt_claims?, expect, reason?}]`).
         #[arg(short = 'f', long = "file")]
         cases: PathBuf,
         /// The policy file or directory to test.

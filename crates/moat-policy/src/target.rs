@@ -1,0 +1,364 @@
+//! The canonical request path: the one form of a request's path that a rule is matched against
+//! AND that the app receives, so that what the allow-list checked is exactly what reaches the
+//! app.
+//!
+//! Rules, in order (docs/policy.md states them for operators):
+//! 1. The path must start with `/` (origin-form, or the path of an absolute-form target).
+//! 2. Every byte must be visible ASCII (`!` to `~`); a raw `\` is refused.
+//! 3. `%XY` must be two hex digits. It is decoded when it encodes an unreserved character
+//!    (letters, digits, `-`, `.`, `_`, `~`); it is refused when it encodes `/`, `\`, NUL or
+//!    another control character; anything else stays encoded, with upper-case hex digits.
+//! 4. Dot segments are removed (RFC 3986 section 5.2.4) after that decoding, so `%2e%2e` is
+//!    `..`. A dot segment followed by parameters or another escape (`..;x`, `.;x`, `..%3B`,
+//!    `.%20`) is refused, because some servers decode and strip `;` parameters before resolving
+//!    dot segments.
+//! 5. Nothing else changes: empty segments (`//`), `;` parameters of ordinary segments and the
+//!    query are kept as sent.
+//!
+//! The result never contains a `.` or `..` segment, so a prefix match on it is a real
+//! containment: `/public/*` admits only paths under `/public/`.
+
+use std::borrow::Cow;
+
+/// Why a path cannot be made safe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("the path does not start with '/'")]
+    NotAbsolute,
+    #[error("the path holds a byte that is not visible ASCII (0x{0:02x})")]
+    Byte(u8),
+    #[error("the path holds a backslash")]
+    Backslash,
+    #[error("the path holds a '%' that is not followed by two hex digits")]
+    BadEscape,
+    #[error("the path encodes a '/' or '\\' (%2F, %5C)")]
+    EncodedSeparator,
+    #[error("the path encodes NUL or a control character")]
+    EncodedControl,
+    #[error("a '.' or '..' segment carries ';' parameters or escapes")]
+    DotSegmentParameters,
+}
+
+fn unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Checks one byte that is not part of an escape.
+fn plain(b: u8) -> Result<(), PathError> {
+    match b {
+        b'\\' => Err(PathError::Backslash),
+        b'!'..=b'~' => Ok(()),
+        other => Err(PathError::Byte(other)),
+    }
+}
+
+/// Whether `raw` is already canonical as far as a quick scan can tell: no escapes, no dot
+/// segments, only allowed bytes. Most real requests are, and cost no allocation.
+fn already_canonical(raw: &str) -> bool {
+    let b = raw.as_bytes();
+    b.first() == Some(&b'/')
+        && b.iter().all(|&c| c != b'%' && plain(c).is_ok())
+        && !b.windows(2).any(|w| w == b"/.")
+}
+
+/// One segment with its escapes decoded as far as rule 3 allows.
+fn decode_segment(seg: &str) -> Result<Cow<'_, str>, PathError> {
+    let b = seg.as_bytes();
+    if !b.contains(&b'%') {
+        for &c in b {
+            plain(c)?;
+        }
+        return Ok(Cow::Borrowed(seg));
+    }
+    let mut out = String::with_capacity(seg.len());
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if c != b'%' {
+            plain(c)?;
+            out.push(char::from(c));
+            i += 1;
+            continue;
+        }
+        let (Some(hi), Some(lo)) = (
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) else {
+            return Err(PathError::BadEscape);
+        };
+        let v = hi << 4 | lo;
+        match v {
+            b'/' | b'\\' => return Err(PathError::EncodedSeparator),
+            0..=0x1f | 0x7f => return Err(PathError::EncodedControl),
+            v if unreserved(v) => out.push(char::from(v)),
+            v => {
+                const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
+                out.push('%');
+                out.push(char::from(DIGITS[usize::from(v >> 4)]));
+                out.push(char::from(DIGITS[usize::from(v & 0xf)]));
+            }
+        }
+        i += 3;
+    }
+    Ok(Cow::Owned(out))
+}
+
+/// The canonical form of a request path (without its query), or why it has none. See the
+/// module documentation for the rules.
+pub fn canonical_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
+    if !raw.starts_with('/') {
+        return Err(PathError::NotAbsolute);
+    }
+    if already_canonical(raw) {
+        return Ok(Cow::Borrowed(raw));
+    }
+    let pieces: Vec<&str> = raw[1..].split('/').collect();
+    let last = pieces.len() - 1;
+    let mut segments: Vec<Cow<'_, str>> = Vec::with_capacity(pieces.len());
+    // Whether the result ends in '/' because its last segment was a dot segment.
+    let mut trailing_slash = false;
+    for (i, piece) in pieces.into_iter().enumerate() {
+        let seg = decode_segment(piece)?;
+        match seg.as_ref() {
+            "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => {
+                // Some servers cut parameters at `;` (or a decoded `%3B`) and only then resolve
+                // dot segments.
+                let head = s.split([';', '%']).next().unwrap_or(s);
+                if head.len() < s.len() && (head == "." || head == "..") {
+                    return Err(PathError::DotSegmentParameters);
+                }
+                segments.push(seg);
+                if i == last {
+                    trailing_slash = false;
+                }
+                continue;
+            }
+        }
+        if i == last {
+            trailing_slash = true;
+        }
+    }
+    let mut out = String::with_capacity(raw.len());
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    if out.is_empty() || trailing_slash {
+        out.push('/');
+    }
+    Ok(Cow::Owned(out))
+}
+
+/// Whether `method` is an HTTP method token (RFC 9110 section 9: one or more `tchar`). Methods
+/// are case-sensitive: `get` is a method, and not `GET`.
+pub fn is_method_token(method: &[u8]) -> bool {
+    !method.is_empty()
+        && method.iter().all(|&c| {
+            c.is_ascii_alphanumeric()
+                || matches!(
+                    c,
+                    b'!' | b'#'
+                        | b'$'
+                        | b'%'
+                        | b'&'
+                        | b'\''
+                        | b'*'
+                        | b'+'
+                        | b'-'
+                        | b'.'
+                        | b'^'
+                        | b'_'
+                        | b'`'
+                        | b'|'
+                        | b'~'
+                )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PathPattern;
+
+    fn ok(raw: &str) -> String {
+        canonical_path(raw)
+            .unwrap_or_else(|e| panic!("{raw}: {e}"))
+            .into_owned()
+    }
+
+    #[test]
+    fn the_table() {
+        let cases: &[(&str, Result<&str, PathError>)] = &[
+            ("/", Ok("/")),
+            ("/public/x", Ok("/public/x")),
+            ("/public/a/../b", Ok("/public/b")),
+            ("/public/../admin", Ok("/admin")),
+            ("/public/%2e%2e/admin", Ok("/admin")),
+            ("/public/%2E%2E/admin", Ok("/admin")),
+            ("/public/.%2e/admin", Ok("/admin")),
+            ("/public/./../admin", Ok("/admin")),
+            ("/public/x/../../admin", Ok("/admin")),
+            ("/public/x;/../../admin", Ok("/admin")),
+            ("/public/./x", Ok("/public/x")),
+            ("/public/././x", Ok("/public/x")),
+            ("/public/..", Ok("/")),
+            ("/public/.", Ok("/public/")),
+            ("/public/x/..", Ok("/public/")),
+            ("/..", Ok("/")),
+            ("/../../etc/passwd", Ok("/etc/passwd")),
+            ("/a//b", Ok("/a//b")),
+            ("/a//..", Ok("/a/")),
+            ("/public/%61dmin", Ok("/public/admin")),
+            ("/public/%7e%5f", Ok("/public/~_")),
+            ("/public/a%20b", Ok("/public/a%20b")),
+            ("/public/a%3fb", Ok("/public/a%3Fb")),
+            ("/public/%25", Ok("/public/%25")),
+            ("/public/%252e%252e/admin", Ok("/public/%252e%252e/admin")),
+            ("/public/x;y=1", Ok("/public/x;y=1")),
+            ("/public/..%2fadmin", Err(PathError::EncodedSeparator)),
+            ("/public/..%2Fadmin", Err(PathError::EncodedSeparator)),
+            ("/public/..%5cadmin", Err(PathError::EncodedSeparator)),
+            ("/public/..\\admin", Err(PathError::Backslash)),
+            ("/public/%00", Err(PathError::EncodedControl)),
+            ("/public/%0a", Err(PathError::EncodedControl)),
+            ("/public/%7f", Err(PathError::EncodedControl)),
+            ("/public/%", Err(PathError::BadEscape)),
+            ("/public/%2", Err(PathError::BadEscape)),
+            ("/public/%zz", Err(PathError::BadEscape)),
+            ("/public/a b", Err(PathError::Byte(b' '))),
+            ("/public/\u{e9}", Err(PathError::Byte(0xc3))),
+            ("/public/\t", Err(PathError::Byte(b'\t'))),
+            ("/public/..;/admin", Err(PathError::DotSegmentParameters)),
+            ("/public/.;x/admin", Err(PathError::DotSegmentParameters)),
+            (
+                "/public/%2e%2e;/admin",
+                Err(PathError::DotSegmentParameters),
+            ),
+            ("/public/..%3B/admin", Err(PathError::DotSegmentParameters)),
+            ("/public/..%3b/admin", Err(PathError::DotSegmentParameters)),
+            ("/public/.%20/admin", Err(PathError::DotSegmentParameters)),
+            ("/public/x%3B/admin", Ok("/public/x%3B/admin")),
+            ("/public/...", Ok("/public/...")),
+            ("public/x", Err(PathError::NotAbsolute)),
+            ("*", Err(PathError::NotAbsolute)),
+            ("", Err(PathError::NotAbsolute)),
+        ];
+        for (raw, want) in cases {
+            let got = canonical_path(raw).map(|c| c.into_owned());
+            assert_eq!(got.as_deref().map_err(|e| *e), *want, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn canonical_paths_are_borrowed_and_stable() {
+        for raw in ["/", "/orders/1", "/a//b", "/x;y", "/.well-known/x", "/a."] {
+            assert!(
+                matches!(canonical_path(raw), Ok(Cow::Borrowed(_))) || raw.contains("/."),
+                "{raw}"
+            );
+            assert_eq!(ok(&ok(raw)), ok(raw), "{raw}");
+        }
+        assert_eq!(ok("/.well-known/x"), "/.well-known/x");
+    }
+
+    #[test]
+    fn method_tokens() {
+        for m in ["GET", "get", "PROPFIND", "M-SEARCH", "X!"] {
+            assert!(is_method_token(m.as_bytes()), "{m}");
+        }
+        for m in ["", "G T", "GET/", "GÉT", "G\"T", "(GET)"] {
+            assert!(!is_method_token(m.as_bytes()), "{m}");
+        }
+    }
+
+    /// What a lenient app might make of a path it receives: decode every escape, read `\` as
+    /// `/`, drop `;` parameters, resolve dot segments and merge slashes.
+    pub(crate) fn as_a_lenient_app_reads_it(path: &str) -> String {
+        let mut bytes = Vec::new();
+        let b = path.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%'
+                && let (Some(h), Some(l)) = (
+                    b.get(i + 1).copied().and_then(hex),
+                    b.get(i + 2).copied().and_then(hex),
+                )
+            {
+                bytes.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+            bytes.push(b[i]);
+            i += 1;
+        }
+        let text = String::from_utf8_lossy(&bytes).replace('\\', "/");
+        let mut out: Vec<&str> = Vec::new();
+        for seg in text.split('/') {
+            let seg = seg.split(';').next().unwrap_or("");
+            match seg {
+                "" | "." => {}
+                ".." => {
+                    out.pop();
+                }
+                s => out.push(s),
+            }
+        }
+        format!("/{}", out.join("/"))
+    }
+
+    /// The security property, on paths built from the pieces attackers use: whatever a
+    /// `/public/*` rule admits after canonicalisation stays under `/public/` even for an app
+    /// that decodes and resolves the path again, more leniently.
+    #[test]
+    fn what_a_prefix_admits_stays_under_it() {
+        use proptest::prelude::*;
+        let piece = prop::sample::select(vec![
+            "public", "admin", ".", "..", "%2e", "%2E", "%2e%2e", ".%2e", "%2f", "%5c", "\\", ";",
+            "x;", "..;", "%3b", "%3B", "%00", "%25", "%252e", "%", "a", "/", "//", "%61", "~",
+            "%7e",
+        ]);
+        let public = PathPattern::Prefix("/public/".into());
+        proptest!(ProptestConfig::with_cases(20_000), |(pieces in prop::collection::vec(piece, 0..10), seps in prop::collection::vec(any::<bool>(), 10))| {
+            let mut raw = String::from("/public/");
+            for (p, s) in pieces.iter().zip(&seps) {
+                raw.push_str(p);
+                if *s {
+                    raw.push('/');
+                }
+            }
+            if let Ok(c) = canonical_path(&raw) {
+                // Idempotent: the app receives a path that is its own canonical form.
+                prop_assert_eq!(canonical_path(&c).map(|x| x.into_owned()), Ok(c.to_string()));
+                prop_assert!(!c.split('/').any(|s| s == "." || s == ".."), "{}", c);
+                if public.matches(&c) {
+                    let seen = as_a_lenient_app_reads_it(&c);
+                    prop_assert!(seen.starts_with("/public/") || seen == "/public", "{} -> {} -> {}", raw, c, seen);
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn any_input_is_canonicalised_or_refused_without_panicking() {
+        use proptest::prelude::*;
+        proptest!(ProptestConfig::with_cases(20_000), |(raw in "/[ -~]{0,40}")| {
+            if let Ok(c) = canonical_path(&raw) {
+                prop_assert!(c.starts_with('/'));
+                prop_assert_eq!(canonical_path(&c).map(|x| x.into_owned()), Ok(c.to_string()));
+            }
+        });
+    }
+}

@@ -1,0 +1,362 @@
+//! The allow-list as an attacker sees it: a caller holding a valid mesh certificate for `a`,
+//! allowed only `GET /public/*` on `b`, tries every way around the rule — path tricks, odd
+//! methods, protocol detection, its own `moat-tcp` ALPN, spoofed identity headers — over
+//! HTTP/1.1 and HTTP/2, straight at b's inbound sidecar. Every assertion is on what the app
+//! behind `b` RECEIVED, not only on the status the attacker saw.
+
+// Scenario helpers panic on anything unexpected, like the tests that call them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use moat_test_util::apps::{Received, Recording, recording_http, tcp_greeter};
+use moat_test_util::{ControlPlane, Proxy, apply_policy};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const POLICY: &str = r#"
+apiVersion: moat.dev/v1
+kind: AccessPolicy
+metadata: { name: b }
+spec:
+  target: b
+  rules:
+    - from: [a]
+      http: [{ methods: [GET], paths: ["/public/*"] }]
+    - from: [c]
+"#;
+
+/// A credential for `who`, issued by the control plane for a join token.
+fn credential_for(cp: &ControlPlane, who: &str) -> moat_tls::Credential {
+    let dir = cp.scratch().join(format!("cred-{who}"));
+    let out = cert_request(cp, &cp.url(), who, &token(cp, who, &[]), &dir);
+    assert!(out.status.success(), "{}", stderr(&out));
+    credential(&dir, &bundle(cp))
+}
+
+/// A TLS connection to `b`'s inbound as the holder of `cred`, offering `alpn`.
+async fn dial(
+    cp: &ControlPlane,
+    b: &Proxy,
+    cred: &moat_tls::Credential,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let cfg = moat_tls::client_config(Some(cred), Arc::new(bundle(cp)), id("b"), alpn).unwrap();
+    let tcp = tokio::net::TcpStream::connect(b.inbound).await.unwrap();
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect("moat.invalid".try_into().unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// Writes `raw` (after `delay`) on a fresh HTTP/1.1 connection and returns everything that came
+/// back until the sidecar closed it or 5 s passed.
+async fn h1_raw(
+    cp: &ControlPlane,
+    b: &Proxy,
+    cred: &moat_tls::Credential,
+    alpn: &[u8],
+    delay: Duration,
+    raw: &str,
+) -> String {
+    let mut tls = dial(cp, b, cred, alpn).await;
+    tokio::time::sleep(delay).await;
+    let _ = tls.write_all(raw.as_bytes()).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn status_of(response: &str) -> u16 {
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Sends `method path` over HTTP/2 (a fresh connection with ALPN h2) with extra headers;
+/// returns the status, or 0 when the request failed.
+async fn h2_request(
+    cp: &ControlPlane,
+    b: &Proxy,
+    cred: &moat_tls::Credential,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+) -> u16 {
+    let tls = dial(cp, b, cred, moat_tls::ALPN_H2).await;
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .method(http::Method::from_bytes(method.as_bytes()).unwrap())
+        .uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), send.send_request(req)).await {
+        Ok(Ok(resp)) => resp.status().as_u16(),
+        _ => 0,
+    }
+}
+
+fn taken(rec: &Recording) -> Vec<Received> {
+    std::mem::take(&mut *rec.lock().unwrap())
+}
+
+/// The invariant: the app saw only `GET /public/...`, with exactly one `x-moat-*` header, the
+/// sidecar's own `x-moat-peer-id` naming `a`, and no underscore spelling of one.
+fn assert_only_allowed_reached(seen: &[Received], what: &str) {
+    let a = id("a").to_string();
+    for r in seen {
+        assert_eq!(r.method, "GET", "{what}: the app received {r:?}");
+        assert!(
+            r.path().starts_with("/public/"),
+            "{what}: the app received {r:?}"
+        );
+        let moat: Vec<&(String, String)> = r
+            .headers
+            .iter()
+            .filter(|(k, _)| k.starts_with("x-moat") || k.starts_with("x_moat"))
+            .collect();
+        assert_eq!(
+            moat,
+            [&("x-moat-peer-id".to_owned(), a.clone())],
+            "{what}: the app received {r:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowed_caller_reaches_only_what_its_rule_names() {
+    let cp = ControlPlane::start().unwrap();
+    apply_policy(&cp, POLICY);
+    let (app, rec) = recording_http().await;
+    let b = Proxy::start(&cp, "b", app, &[], &[]).unwrap();
+    let a = credential_for(&cp, "a");
+    let h1 = moat_tls::ALPN_HTTP1;
+    let now = Duration::ZERO;
+    let req = |line: &str| format!("{line}\r\nHost: b\r\nConnection: close\r\n\r\n");
+
+    // The legitimate request works, and reaches the app as sent.
+    let resp = h1_raw(&cp, &b, &a, h1, now, &req("GET /public/x?q=1 HTTP/1.1")).await;
+    assert_eq!(status_of(&resp), 200, "{resp}");
+    let seen = taken(&rec);
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path_and_query, "/public/x?q=1");
+    assert_only_allowed_reached(&seen, "GET /public/x");
+
+    // Dot segments inside the allowed prefix are resolved before the app sees them.
+    let resp = h1_raw(&cp, &b, &a, h1, now, &req("GET /public/a/../b HTTP/1.1")).await;
+    assert_eq!(status_of(&resp), 200, "{resp}");
+    let seen = taken(&rec);
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path_and_query, "/public/b");
+
+    // Paths that leave /public/ once resolved: refused, 403 (resolved outside the rule) or 400
+    // (cannot be made safe).
+    let escapes: &[(&str, u16)] = &[
+        ("/public/../admin", 403),
+        ("/public/%2e%2e/admin", 403),
+        ("/public/%2E%2E/admin", 403),
+        ("/public/./../admin", 403),
+        ("/public/x/../../admin", 403),
+        ("/public/x;/../../admin", 403),
+        ("/public/.%2e/admin", 403),
+        ("/public/..%2fadmin", 400),
+        ("/public/..%2Fadmin", 400),
+        ("/public/..%5cadmin", 400),
+        ("/public/..\\admin", 400),
+        ("/public/..;/admin", 400),
+        ("/public/..%3B/admin", 400),
+        ("/public/%00/admin", 400),
+    ];
+    for (path, want) in escapes {
+        let resp = h1_raw(&cp, &b, &a, h1, now, &req(&format!("GET {path} HTTP/1.1"))).await;
+        assert_eq!(status_of(&resp), *want, "GET {path}: {resp}");
+        if *want == 400 {
+            assert!(resp.contains("invalid-path"), "GET {path}: {resp}");
+        }
+    }
+    // Absolute-form: the path is resolved the same way; an authority other than Host is refused.
+    let abs = "GET http://b/public/../admin HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n";
+    assert_eq!(status_of(&h1_raw(&cp, &b, &a, h1, now, abs).await), 403);
+    let other = "GET http://admin/public/x HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n";
+    assert_eq!(status_of(&h1_raw(&cp, &b, &a, h1, now, other).await), 400);
+
+    // Methods are case-sensitive tokens, and every token is HTTP (never opaque TCP).
+    for line in [
+        "PROPFIND /admin HTTP/1.1",
+        "get /admin HTTP/1.1",
+        "get /public/x HTTP/1.1",
+        "POST /public/x HTTP/1.1",
+    ] {
+        let resp = h1_raw(&cp, &b, &a, h1, now, &req(line)).await;
+        assert_eq!(status_of(&resp), 403, "{line}: {resp}");
+    }
+    // Detection falls closed: a request sent after the detection window, bytes that are not
+    // HTTP, or the caller's own moat-tcp ALPN is opaque TCP, which a rule with `http` refuses.
+    let spoofed = "GET /admin HTTP/1.1\r\nHost: b\r\nx-moat-peer-id: spiffe://moat.local/ns/default/sa/admin\r\nConnection: close\r\n\r\n";
+    let late = h1_raw(&cp, &b, &a, h1, Duration::from_millis(1200), spoofed).await;
+    assert_eq!(late, "", "a late request got an answer");
+    let tcp = h1_raw(&cp, &b, &a, moat_tls::ALPN_TCP, now, spoofed).await;
+    assert_eq!(tcp, "", "a moat-tcp connection got an answer");
+    let junk = h1_raw(&cp, &b, &a, h1, now, "\x01\x02GET /admin HTTP/1.1\r\n\r\n").await;
+    assert_eq!(junk, "");
+
+    // Identity headers from outside never reach the app, in any spelling.
+    let spoof = "GET /public/x HTTP/1.1\r\nHost: b\r\nx-moat-peer-id: spiffe://moat.local/ns/default/sa/admin\r\nx_moat_peer_id: spiffe://moat.local/ns/default/sa/admin\r\nX-Moat-User: root\r\nx_moat_user: root\r\nx-moat-orig-proto: HTTP/1.1\r\nConnection: close\r\n\r\n";
+    assert_eq!(status_of(&h1_raw(&cp, &b, &a, h1, now, spoof).await), 200);
+
+    // The same over HTTP/2.
+    let base = "https://b";
+    for (method, path, want) in [
+        ("GET", "/public/x", 200),
+        ("GET", "/public/a/../b", 200),
+        ("GET", "/public/../admin", 403),
+        ("GET", "/public/%2e%2e/admin", 403),
+        ("GET", "/public/x;/../../admin", 403),
+        ("GET", "/public/..%2fadmin", 400),
+        ("GET", "/public/..;/admin", 400),
+        ("get", "/public/x", 403),
+        ("PROPFIND", "/admin", 403),
+        ("POST", "/public/x", 403),
+    ] {
+        let got = h2_request(&cp, &b, &a, method, &format!("{base}{path}"), &[]).await;
+        assert_eq!(got, want, "HTTP/2 {method} {path}");
+    }
+    let got = h2_request(
+        &cp,
+        &b,
+        &a,
+        "GET",
+        "https://b/public/x",
+        &[
+            ("x-moat-peer-id", "spiffe://moat.local/ns/default/sa/admin"),
+            ("x_moat_peer_id", "spiffe://moat.local/ns/default/sa/admin"),
+            ("x-moat-user", "root"),
+        ],
+    )
+    .await;
+    assert_eq!(got, 200);
+    let got = h2_request(
+        &cp,
+        &b,
+        &a,
+        "GET",
+        "https://b/public/x",
+        &[("host", "admin")],
+    )
+    .await;
+    assert_eq!(got, 400, "an :authority that differs from Host");
+
+    let seen = taken(&rec);
+    assert_only_allowed_reached(&seen, "after every attack");
+    let mut paths: Vec<&str> = seen.iter().map(Received::path).collect();
+    paths.sort_unstable();
+    assert_eq!(
+        paths,
+        ["/public/b", "/public/x", "/public/x", "/public/x"],
+        "{seen:#?}"
+    );
+
+    // Each refusal says why in the sidecar's log.
+    let log = b.log_text();
+    for reason in ["invalid-path", "route-not-allowed", "protocol-not-allowed"] {
+        assert!(log.contains(reason), "{reason} not logged:\n{log}");
+    }
+}
+
+/// A caller whose rule has no `http` part still gets opaque TCP, server-first protocols
+/// included; one whose rules all constrain HTTP does not, on an opaque port either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tcp_needs_a_rule_without_http() {
+    let cp = ControlPlane::start().unwrap();
+    apply_policy(&cp, POLICY);
+    let greeter = tcp_greeter().await;
+    let port = greeter.port().to_string();
+    let b = Proxy::start(&cp, "b", greeter, &[], &["--opaque-ports", &port]).unwrap();
+    let a = credential_for(&cp, "a");
+    let c = credential_for(&cp, "c");
+
+    let hello = |cred| {
+        let (cp, b) = (&cp, &b);
+        async move {
+            let mut tls = dial(cp, b, cred, moat_tls::ALPN_TCP).await;
+            let mut out = vec![0u8; 15];
+            match tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut out)).await {
+                Ok(Ok(_)) => String::from_utf8_lossy(&out).into_owned(),
+                _ => String::new(),
+            }
+        }
+    };
+    assert_eq!(hello(&c).await, "220 moat test\r\n");
+    assert_eq!(hello(&a).await, "");
+    let log = b.log_text();
+    assert!(log.contains("protocol-not-allowed"), "{log}");
+}
+
+/// `moat policy explain` and `moat policy test` canonicalise the way the sidecar does.
+#[test]
+fn explain_and_test_use_the_canonical_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("b.yaml");
+    std::fs::write(&policy, POLICY).unwrap();
+    let explain = |extra: &[&str]| {
+        let out = std::process::Command::new(moat_test_util::bin("moat"))
+            .args(["policy", "explain", "--from", "a", "--to", "b", "--file"])
+            .arg(&policy)
+            .args(extra)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = explain(&["--method", "GET", "--path", "/public/%2e%2e/admin"]);
+    assert!(out.contains("canonical: /admin"), "{out}");
+    assert!(out.contains("DENY (route-not-allowed)"), "{out}");
+    let out = explain(&["--method", "GET", "--path", "/public/a/../b"]);
+    assert!(out.contains("ALLOW"), "{out}");
+    let out = explain(&["--method", "GET", "--path", "/public/..%2fadmin"]);
+    assert!(out.contains("DENY (invalid-path)"), "{out}");
+    let out = explain(&["--tcp"]);
+    assert!(out.contains("DENY (protocol-not-allowed)"), "{out}");
+
+    let cases = dir.path().join("cases.yaml");
+    std::fs::write(
+        &cases,
+        r#"
+cases:
+  - { name: inside, from: a, to: b, method: GET, path: /public/x/../y, expect: allow }
+  - { name: escape, from: a, to: b, method: GET, path: /public/../admin, expect: deny, reason: route-not-allowed }
+  - { name: encoded-slash, from: a, to: b, method: GET, path: /public/%2F, expect: deny, reason: invalid-path }
+  - { name: lower-case, from: a, to: b, method: get, path: /public/x, expect: deny, reason: route-not-allowed }
+  - { name: tcp, from: a, to: b, tcp: true, expect: deny, reason: protocol-not-allowed }
+  - { name: tcp-open, from: c, to: b, tcp: true, expect: allow }
+"#,
+    )
+    .unwrap();
+    let out = std::process::Command::new(moat_test_util::bin("moat"))
+        .args(["policy", "test", "-f"])
+        .arg(&cases)
+        .arg("-p")
+        .arg(&policy)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
