@@ -360,3 +360,184 @@ cases:
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The size of the control plane's store file.
+fn store_bytes(cp: &ControlPlane) -> u64 {
+    std::fs::metadata(cp.data_dir().join("moat.redb"))
+        .unwrap()
+        .len()
+}
+
+/// Strangers on the control plane's port: idle connections held open, and a flood of admin
+/// calls without a certificate. Admins and sidecars are still served, and the audit log keeps
+/// what matters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_cannot_starve_the_control_plane_or_flood_its_audit_log() {
+    let cp = ControlPlane::start().unwrap();
+    let (app, _rec) = recording_http().await;
+    let addr: std::net::SocketAddr = cp.url().trim_start_matches("https://").parse().unwrap();
+
+    // 1,500 connections opened at once that never start a handshake, held open.
+    let mut idle = tokio::task::JoinSet::new();
+    for _ in 0..1500 {
+        idle.spawn(async move {
+            let held = tokio::net::TcpStream::connect(addr).await;
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(held);
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let start = std::time::Instant::now();
+    let shown = cp.moat(&["ca", "show"]);
+    let took = start.elapsed();
+    eprintln!("moat ca show with 1,500 idle connections held: {took:?}");
+    assert!(shown.status.success(), "{}", stderr(&shown));
+    assert!(took < Duration::from_secs(2), "moat ca show took {took:?}");
+    let start = std::time::Instant::now();
+    let token = token(&cp, "b", &[]);
+    let b = Proxy::launch(&cp, "b", &token, app, &[], &[]).unwrap();
+    b.wait_ready(Duration::from_secs(2)).unwrap_or_else(|e| {
+        panic!(
+            "bootstrap under 1,500 idle connections: {e:#} after {:?}",
+            start.elapsed()
+        )
+    });
+    eprintln!(
+        "sidecar bootstrap with 1,500 idle connections held: {:?}",
+        start.elapsed()
+    );
+    idle.abort_all();
+    let metrics = cp.admin_get("/metrics").unwrap().1;
+    assert!(
+        metrics.contains("moat_tls_handshake_failures_total{reason=\"evicted\"}"),
+        "{metrics}"
+    );
+
+    // A real admin action, then 20,000 admin calls without a certificate.
+    cp.moat_ok(&["token", "create", "--identity", "last-real-action"]);
+    let before = store_bytes(&cp);
+    let channel = moat_tls::connect::channel(&cp.url(), bundle(&cp), control_id(), None)
+        .await
+        .unwrap();
+    let mut set = tokio::task::JoinSet::new();
+    let mut codes = Vec::new();
+    for _ in 0..20_000 {
+        if set.len() >= 64 {
+            codes.push(set.join_next().await.unwrap().unwrap());
+        }
+        let mut client = moat_api::v1::admin_client::AdminClient::new(channel.clone());
+        set.spawn(async move {
+            client
+                .list_tokens(moat_api::v1::ListTokensRequest {})
+                .await
+                .unwrap_err()
+                .code()
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        codes.push(r.unwrap());
+    }
+    assert_eq!(codes.len(), 20_000);
+    assert!(codes.iter().all(|c| *c == tonic::Code::Unauthenticated));
+    let grown = store_bytes(&cp).saturating_sub(before);
+    assert!(grown < 1024 * 1024, "the store grew by {grown} bytes");
+    let audit = cp.moat_ok(&["audit", "--limit", "20"]);
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("token.create") && l.contains("last-real-action")),
+        "{audit}"
+    );
+    // The flood is in the audit log, sampled: one entry per minute, not one per call.
+    let refusals = audit
+        .lines()
+        .filter(|l| l.contains("refused") && l.contains("token.list"))
+        .count();
+    assert!((1..=2).contains(&refusals), "{audit}");
+    let metrics = cp.admin_get("/metrics").unwrap().1;
+    assert!(
+        metrics.contains("moat_admin_calls_refused_total{reason=\"unauthenticated\"} 20000"),
+        "{metrics}"
+    );
+}
+
+/// `moat revoke --serial` takes the prefix `moat status` shows only when it names exactly one
+/// known certificate; anything else is refused with the candidates, never stored as a
+/// revocation that revokes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serial_prefix_revokes_the_one_certificate_it_names() {
+    let cp = ControlPlane::start().unwrap();
+    let (app, _rec) = recording_http().await;
+    let b = Proxy::start(&cp, "b", app, &[], &[]).unwrap();
+    let status: serde_json::Value =
+        serde_json::from_str(&cp.moat_ok(&["status", "-o", "json"])).unwrap();
+    let serial = status["proxies"]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|p| p["identity"].as_str() == Some(&id("b").to_string()))
+        })
+        .and_then(|p| p["cert_serial"].as_str())
+        .unwrap_or_else(|| panic!("no serial for b in {status}"))
+        .to_owned();
+    assert_eq!(serial.len(), 32);
+
+    // A prefix no certificate has: refused, nothing stored.
+    let other = if serial.starts_with('0') {
+        "ffffffff"
+    } else {
+        "00000000"
+    };
+    let out = cp.moat(&["revoke", "--serial", other]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no known certificate"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!cp.moat_ok(&["revoke", "--list"]).contains(other));
+
+    // The prefix `moat status` shows: the full serial is revoked, and b is cut off.
+    let out = cp.moat_ok(&["revoke", "--serial", &serial[..8]]);
+    assert!(out.contains(&serial), "{out}");
+    assert!(cp.moat_ok(&["revoke", "--list"]).contains(&serial));
+    let out = cp.moat_ok(&["revoke", "--serial", &serial[..8], "--undo"]);
+    assert!(out.contains(&serial), "{out}");
+    drop(b);
+}
+
+/// A `Certify` refused for its lifetime does not use up a one-use join token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_certify_keeps_its_join_token() {
+    use moat_api::v1::{CertifyRequest, certify_request};
+    let cp = ControlPlane::start().unwrap();
+    let once = token(&cp, "b", &["--uses", "1"]);
+    let mut client = identity_client(&cp, None).await;
+    let key = moat_identity::csr::WorkloadKey::generate(&id("b")).unwrap();
+    let request = |ttl_seconds| CertifyRequest {
+        csr_der: key.csr_der().to_vec(),
+        ttl_seconds,
+        credential: Some(certify_request::Credential::JoinToken(once.clone())),
+    };
+    let refused = client.certify(request(7 * 24 * 3600)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    client.certify(request(0)).await.unwrap();
+}
+
+/// A reader that stops early closes the CLI's stdout: the CLI stops quietly, not with a panic.
+#[test]
+fn the_cli_stops_quietly_when_its_reader_goes_away() {
+    let cp = ControlPlane::start().unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(moat_test_util::bin("moat"))
+        .args(["cert", "inspect"])
+        .arg(cp.admin_dir().join("cert.pem"))
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+}

@@ -20,6 +20,9 @@ use moat_identity::{SpiffeId, ValidatedCsr};
 use tonic::{Request, Response, Status};
 
 use crate::audit::Outcome;
+
+/// How many of the newest audit entries a filtered listing looks through.
+const AUDIT_SCAN: usize = 20_000;
 use crate::identity_svc::{certify_response, token_status};
 use crate::mesh_svc::policy_to_proto;
 use crate::policies::PolicyError;
@@ -215,16 +218,33 @@ impl Admin for AdminService {
         req: Request<ListAuditRequest>,
     ) -> Result<Response<ListAuditResponse>, Status> {
         self.0.require_admin(&req, "audit.list").await?;
-        let limit = req.into_inner().limit;
+        let r = req.into_inner();
+        let limit = r.limit;
+        let outcome = match r.outcome.as_str() {
+            "" => Ok(None),
+            "ok" => Ok(Some(Outcome::Ok)),
+            "refused" => Ok(Some(Outcome::Refused)),
+            other => Err(Status::invalid_argument(format!(
+                "outcome {other:?}: use \"ok\" or \"refused\" (or leave it empty)"
+            ))),
+        };
         let result = if limit > MAX_AUDIT_LIMIT {
             Err(Status::invalid_argument(format!(
                 "limit {limit} is above {MAX_AUDIT_LIMIT}"
             )))
+        } else if let Err(e) = outcome {
+            Err(e)
         } else {
             let limit = if limit == 0 { 100 } else { limit as usize };
+            let filter = crate::audit::Filter {
+                changes_only: r.changes_only,
+                outcome: outcome.ok().flatten(),
+                action_prefix: r.action_prefix,
+                actor: r.actor,
+            };
             self.0
                 .audit
-                .newest(limit)
+                .newest(limit, &filter, AUDIT_SCAN)
                 .await
                 .map(|entries| ListAuditResponse {
                     entries: entries
@@ -541,16 +561,31 @@ impl Admin for AdminService {
             let (kind, value, expires_unix) = match (r.identity.is_empty(), r.serial.is_empty()) {
                 (false, true) => ("identity", self.identity(&r.identity)?.to_string(), 0),
                 (true, false) => {
-                    let serial = r.serial.trim().to_ascii_lowercase();
-                    if serial.len() < 2
-                        || serial.len() > 64
-                        || !serial.chars().all(|c| c.is_ascii_hexdigit())
-                    {
-                        return Err(Status::invalid_argument(format!(
-                            "{:?} is not a certificate serial (hex, as `moat status` shows)",
-                            r.serial
-                        )));
-                    }
+                    // A prefix (as `moat status` shows) names the one certificate it starts: of
+                    // a proxy the control plane knows, or of a revocation when lifting one.
+                    let revoked = if r.undo {
+                        self.0
+                            .revocations
+                            .list()
+                            .await
+                            .map_err(|e| Status::unavailable(e.to_string()))?
+                            .into_iter()
+                            .filter(|v| v.kind == "serial")
+                            .map(|v| v.value)
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
+                    let connected: Vec<String> = self
+                        .0
+                        .mesh
+                        .registry()
+                        .entries()
+                        .map(|p| p.cert_serial.clone())
+                        .collect();
+                    let known = connected.iter().chain(&revoked).map(String::as_str);
+                    let serial = crate::revocations::resolve_serial(&r.serial, known)
+                        .map_err(|e| Status::invalid_argument(e.to_string()))?;
                     // The entry can go once that certificate would have expired anyway.
                     let not_after = self
                         .0

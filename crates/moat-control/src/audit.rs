@@ -1,13 +1,27 @@
 //! The audit log: every admin action and every refused certificate request, appended to the
 //! store under `audit/<unix-ms>-<random>` so that keys sort by time.
+//!
+//! Two bounds keep it useful under abuse. Refusals that anyone can provoke (admin calls without
+//! an admin certificate, refused `Certify` calls) are sampled: the first of each kind in a
+//! [`SAMPLE_WINDOW`] is written, with how many like it were left out since the previous one;
+//! the rest are only counted (metrics). And a [`Retention`] bound (entries and age) is applied
+//! by [`AuditLog::prune`], which the control plane runs every minute.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use moat_store::{Store, StoreError};
+use moat_store::{Op, Store, StoreError, Txn};
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
 
 const PREFIX: &str = "audit/";
+/// Refusals of one kind are written at most once per window.
+pub const SAMPLE_WINDOW: Duration = Duration::from_secs(60);
+/// Kinds tracked at once; past it, new kinds share one window.
+const MAX_SAMPLED_KINDS: usize = 4096;
+/// Entries read or deleted per store call while pruning.
+const PRUNE_PAGE: usize = 512;
 
 /// One audit entry.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -38,16 +52,123 @@ impl Outcome {
     }
 }
 
+/// How much of the audit log is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// The newest this many entries are kept.
+    pub max_entries: usize,
+    /// Entries older than this are removed.
+    pub max_age: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_entries: 100_000,
+            max_age: Duration::from_secs(90 * 24 * 3600),
+        }
+    }
+}
+
+/// Which entries a reader wants.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Leave out read-only actions (`*.list`, `*.show`, `*.history`, `*.get`, `*.status`)
+    /// that succeeded; refusals are always kept.
+    pub changes_only: bool,
+    /// Only this outcome.
+    pub outcome: Option<Outcome>,
+    /// Only actions starting with this (`policy.`, `cert.issue`).
+    pub action_prefix: String,
+    /// Only this actor (exact).
+    pub actor: String,
+}
+
+impl Filter {
+    fn keeps(&self, e: &AuditEntry) -> bool {
+        (!self.changes_only || e.outcome == Outcome::Refused || !is_read_only(&e.action))
+            && self.outcome.is_none_or(|o| o == e.outcome)
+            && e.action.starts_with(&self.action_prefix)
+            && (self.actor.is_empty() || self.actor == e.actor)
+    }
+}
+
+/// Whether an action only reads.
+pub fn is_read_only(action: &str) -> bool {
+    [".list", ".show", ".history", ".get", ".status"]
+        .iter()
+        .any(|s| action.ends_with(s))
+}
+
+/// The sampling windows of refusal kinds.
+#[derive(Debug, Default)]
+struct Sampler {
+    windows: HashMap<String, (Instant, u64)>,
+}
+
+impl Sampler {
+    /// `Some(n)` when a refusal of `kind` should be written now, `n` being how many of that
+    /// kind were left out since the last one written; `None` when it is only counted.
+    fn admit(&mut self, kind: &str, now: Instant) -> Option<u64> {
+        if !self.windows.contains_key(kind) && self.windows.len() >= MAX_SAMPLED_KINDS {
+            self.windows
+                .retain(|_, (start, _)| now.duration_since(*start) < SAMPLE_WINDOW);
+        }
+        let kind = if self.windows.contains_key(kind) || self.windows.len() < MAX_SAMPLED_KINDS {
+            kind
+        } else {
+            "*"
+        };
+        match self.windows.get_mut(kind) {
+            Some((start, left_out)) if now.duration_since(*start) < SAMPLE_WINDOW => {
+                *left_out += 1;
+                None
+            }
+            Some((start, left_out)) => {
+                let n = *left_out;
+                (*start, *left_out) = (now, 0);
+                Some(n)
+            }
+            None => {
+                self.windows.insert(kind.to_owned(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
 /// Appends and reads audit entries.
 #[derive(Clone, Debug)]
 pub struct AuditLog {
     store: Arc<dyn Store>,
+    retention: Retention,
+    sampler: Arc<Mutex<Sampler>>,
+    /// How many entries the store holds, once counted (the first prune counts them): later
+    /// prunes read only what they delete.
+    count: Arc<Mutex<Option<usize>>>,
+}
+
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The time an entry's key carries.
+fn key_time(key: &str) -> Option<i64> {
+    key.strip_prefix(PREFIX)?.split('-').next()?.parse().ok()
 }
 
 impl AuditLog {
-    /// An audit log in `store`.
-    pub fn new(store: Arc<dyn Store>) -> Self {
-        AuditLog { store }
+    /// An audit log in `store`, kept within `retention`.
+    pub fn new(store: Arc<dyn Store>, retention: Retention) -> Self {
+        AuditLog {
+            store,
+            retention,
+            sampler: Arc::default(),
+            count: Arc::default(),
+        }
     }
 
     /// Appends an entry; it is durable when this returns. Also emitted as a log line.
@@ -59,10 +180,7 @@ impl AuditLog {
         outcome: Outcome,
         detail: &str,
     ) -> Result<(), StoreError> {
-        let time_unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
+        let time_unix_ms = now_unix_ms();
         let entry = AuditEntry {
             time_unix_ms,
             actor: actor.to_owned(),
@@ -82,19 +200,248 @@ impl AuditLog {
         self.store
             .put(&key, serde_json::to_vec(&entry).unwrap_or_default())
             .await?;
+        self.adjust_count(|c| c + 1);
         Ok(())
     }
 
-    /// The newest `limit` entries, oldest first.
-    pub async fn newest(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+    fn adjust_count(&self, f: impl FnOnce(usize) -> usize) {
+        if let Ok(mut c) = self.count.lock()
+            && let Some(n) = c.as_mut()
+        {
+            *n = f(*n);
+        }
+    }
+
+    /// Records a refusal of `kind` if it is the first of its kind in the sampling window (its
+    /// detail then says how many like it were left out since the previous entry).
+    pub async fn record_sampled(
+        &self,
+        kind: &str,
+        actor: &str,
+        action: &str,
+        target: &str,
+        detail: &str,
+    ) -> Result<(), StoreError> {
+        let admitted = match self.sampler.lock() {
+            Ok(mut s) => s.admit(kind, Instant::now()),
+            // A poisoned sampler must not cost the audit trail: write.
+            Err(_) => Some(0),
+        };
+        match admitted {
+            None => {
+                tracing::debug!(target: "moat::audit", actor, action, detail, "refusal counted, not written (sampled)");
+                Ok(())
+            }
+            Some(0) => {
+                self.record(actor, action, target, Outcome::Refused, detail)
+                    .await
+            }
+            Some(n) => {
+                let detail = format!(
+                    "{detail} ({n} more like this since the previous entry were counted, not written)"
+                );
+                self.record(actor, action, target, Outcome::Refused, &detail)
+                    .await
+            }
+        }
+    }
+
+    /// The newest `limit` entries that `filter` keeps, oldest first, looking at no more than
+    /// `scan` entries.
+    pub async fn newest(
+        &self,
+        limit: usize,
+        filter: &Filter,
+        scan: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let unfiltered = *filter == Filter::default();
+        let fetch = if unfiltered { limit } else { scan.max(limit) };
         let mut out: Vec<AuditEntry> = self
             .store
-            .range(PREFIX, limit, true)
+            .range(PREFIX, fetch, true)
             .await?
             .iter()
             .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+            .filter(|e| filter.keeps(e))
+            .take(limit)
             .collect();
         out.reverse();
         Ok(out)
+    }
+
+    /// Removes entries beyond the retention bound (oldest first); returns how many.
+    pub async fn prune(&self) -> Result<usize, StoreError> {
+        let cutoff = now_unix_ms().saturating_sub(self.retention.max_age.as_millis() as i64);
+        let mut removed = 0;
+        // Too old.
+        loop {
+            let page = self.store.range(PREFIX, PRUNE_PAGE, false).await?;
+            let old: Vec<String> = page
+                .iter()
+                .take_while(|kv| key_time(&kv.key).is_some_and(|t| t < cutoff))
+                .map(|kv| kv.key.clone())
+                .collect();
+            let done = old.len() < page.len() || page.len() < PRUNE_PAGE;
+            removed += self.delete(old).await?;
+            if done {
+                break;
+            }
+        }
+        // Too many: the oldest beyond the bound.
+        let known = self.count.lock().ok().and_then(|c| *c);
+        let count = match known {
+            Some(n) => n,
+            None => {
+                let n = self.store.range(PREFIX, 0, false).await?.len();
+                if let Ok(mut c) = self.count.lock() {
+                    *c = Some(n);
+                }
+                n
+            }
+        };
+        let mut excess = count.saturating_sub(self.retention.max_entries);
+        while excess > 0 {
+            let page = self
+                .store
+                .range(PREFIX, excess.min(PRUNE_PAGE), false)
+                .await?;
+            if page.is_empty() {
+                break;
+            }
+            let n = self
+                .delete(page.into_iter().map(|kv| kv.key).collect())
+                .await?;
+            excess -= n.min(excess);
+            removed += n;
+        }
+        Ok(removed)
+    }
+
+    async fn delete(&self, keys: Vec<String>) -> Result<usize, StoreError> {
+        let n = keys.len();
+        if n > 0 {
+            self.store
+                .txn(Txn {
+                    success: keys.into_iter().map(Op::Delete).collect(),
+                    ..Txn::default()
+                })
+                .await?;
+            self.adjust_count(|c| c.saturating_sub(n));
+        }
+        Ok(n)
+    }
+}
+
+/// Prunes `log` every minute, forever.
+pub async fn retention_loop(log: AuditLog) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        match log.prune().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "pruned the audit log to its retention bound"),
+            Err(e) => tracing::warn!(error = %e, "cannot prune the audit log"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_of_one_kind_is_written_once_per_window() {
+        let mut s = Sampler::default();
+        let t0 = Instant::now();
+        assert_eq!(s.admit("admin|unauthenticated", t0), Some(0));
+        for i in 1..=1000 {
+            assert_eq!(
+                s.admit("admin|unauthenticated", t0 + Duration::from_millis(i)),
+                None
+            );
+        }
+        // Another kind has its own window.
+        assert_eq!(s.admit("certify|token", t0), Some(0));
+        // The next window's first entry says how many were left out.
+        assert_eq!(
+            s.admit("admin|unauthenticated", t0 + SAMPLE_WINDOW),
+            Some(1000)
+        );
+        assert_eq!(s.admit("admin|unauthenticated", t0 + SAMPLE_WINDOW), None);
+    }
+
+    #[test]
+    fn kinds_are_bounded() {
+        let mut s = Sampler::default();
+        let t0 = Instant::now();
+        for i in 0..MAX_SAMPLED_KINDS + 100 {
+            s.admit(&format!("k{i}"), t0);
+        }
+        assert!(s.windows.len() <= MAX_SAMPLED_KINDS + 1);
+    }
+
+    fn entry(action: &str, outcome: Outcome, actor: &str) -> AuditEntry {
+        AuditEntry {
+            time_unix_ms: 0,
+            actor: actor.into(),
+            action: action.into(),
+            target: String::new(),
+            outcome,
+            detail: String::new(),
+        }
+    }
+
+    #[test]
+    fn filters() {
+        let changes = Filter {
+            changes_only: true,
+            ..Filter::default()
+        };
+        assert!(changes.keeps(&entry("policy.apply", Outcome::Ok, "a")));
+        assert!(!changes.keeps(&entry("policy.list", Outcome::Ok, "a")));
+        assert!(!changes.keeps(&entry("ca.show", Outcome::Ok, "a")));
+        assert!(changes.keeps(&entry("token.list", Outcome::Refused, "a")));
+        let refused_by_b = Filter {
+            outcome: Some(Outcome::Refused),
+            actor: "b".into(),
+            action_prefix: "cert.".into(),
+            ..Filter::default()
+        };
+        assert!(refused_by_b.keeps(&entry("cert.issue", Outcome::Refused, "b")));
+        assert!(!refused_by_b.keeps(&entry("cert.issue", Outcome::Ok, "b")));
+        assert!(!refused_by_b.keeps(&entry("cert.issue", Outcome::Refused, "a")));
+        assert!(!refused_by_b.keeps(&entry("token.create", Outcome::Refused, "b")));
+    }
+
+    #[tokio::test]
+    async fn prune_keeps_the_newest_within_the_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(moat_store::EmbeddedStore::open(dir.path()).unwrap());
+        let log = AuditLog::new(
+            store.clone(),
+            Retention {
+                max_entries: 5,
+                max_age: Duration::from_secs(3600),
+            },
+        );
+        // Two entries from long ago.
+        for t in [1_000i64, 2_000] {
+            store
+                .put(
+                    &format!("{PREFIX}{t:015}-00000000"),
+                    serde_json::to_vec(&entry("old", Outcome::Ok, "a")).unwrap(),
+                )
+                .await
+                .unwrap();
+        }
+        for i in 0..8 {
+            log.record("a", &format!("n{i}"), "", Outcome::Ok, "")
+                .await
+                .unwrap();
+        }
+        assert_eq!(log.prune().await.unwrap(), 5);
+        let left = log.newest(100, &Filter::default(), 0).await.unwrap();
+        let actions: Vec<&str> = left.iter().map(|e| e.action.as_str()).collect();
+        assert_eq!(actions, ["n3", "n4", "n5", "n6", "n7"]);
     }
 }

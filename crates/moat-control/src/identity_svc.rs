@@ -9,7 +9,6 @@ use moat_ca::{CertTtl, IssuedCert};
 use moat_identity::{CsrError, ValidatedCsr};
 use tonic::{Request, Response, Status};
 
-use crate::audit::Outcome;
 use crate::listener::ConnInfo;
 use crate::state::ControlPlane;
 use crate::tokens::TokenError;
@@ -154,8 +153,17 @@ impl IdentityService {
         status: Status,
     ) -> Status {
         self.0.metrics.refused(reason);
+        // Sampled per reason, identity and message: anyone can call Certify, so a flood of
+        // the same refusal must not grow the audit log one row per call, while each distinct
+        // refusal (an expired token, a revoked one, ...) is still written.
         self.0
-            .audit_or_log(actor, "certify", target, Outcome::Refused, status.message())
+            .audit_refusal(
+                &format!("certify|{reason}|{target}|{}", status.message()),
+                actor,
+                "certify",
+                target,
+                status.message(),
+            )
             .await;
         status
     }
@@ -186,6 +194,23 @@ impl Identity for IdentityService {
             ));
             return Err(self.refuse(&actor, &target, "revoked", status).await);
         }
+        // Checked before the credential, so that a refused request never uses up a join token.
+        let ttl = match input.ttl {
+            None => cp.default_ttl,
+            Some(d) => match CertTtl::within(d, cp.min_ttl) {
+                Ok(t) => t,
+                Err(e) => {
+                    return Err(self
+                        .refuse(
+                            &actor,
+                            &target,
+                            "ttl",
+                            Status::invalid_argument(e.to_string()),
+                        )
+                        .await);
+                }
+            },
+        };
         match (
             &input.credential,
             conn.as_ref().and_then(|c| c.peer.as_ref()),
@@ -230,22 +255,6 @@ impl Identity for IdentityService {
                 return Err(self.refuse(&actor, &target, "no-credential", status).await);
             }
         }
-        let ttl = match input.ttl {
-            None => cp.default_ttl,
-            Some(d) => match CertTtl::within(d, cp.min_ttl) {
-                Ok(t) => t,
-                Err(e) => {
-                    return Err(self
-                        .refuse(
-                            &actor,
-                            &target,
-                            "ttl",
-                            Status::invalid_argument(e.to_string()),
-                        )
-                        .await);
-                }
-            },
-        };
         let ca = cp.ca.current();
         let issued = match ca.issue(&input.csr.spki_der, &input.csr.id, ttl) {
             Ok(i) => i,

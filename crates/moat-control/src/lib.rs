@@ -64,6 +64,8 @@ pub struct ServeConfig {
     pub webhook: Option<webhook::WebhookConfig>,
     /// Publish the trust bundle as a ConfigMap in every namespace (on Kubernetes).
     pub publish_bundle: Option<kube_bundle::KubeConfig>,
+    /// How much of the audit log is kept.
+    pub audit_retention: audit::Retention,
 }
 
 /// The control plane's own SPIFFE ID in `td`.
@@ -147,7 +149,7 @@ pub async fn serve(
         ca: ca.clone(),
         self_certs: self_certs.clone(),
         tokens: tokens::Tokens::new(store.clone()),
-        audit: audit::AuditLog::new(store.clone()),
+        audit: audit::AuditLog::new(store.clone(), cfg.audit_retention),
         policies,
         revocations,
         mesh: mesh.clone(),
@@ -182,12 +184,17 @@ pub async fn serve(
             }
         });
     }
+    tokio::spawn(audit::retention_loop(state.audit.clone()));
     tokio::spawn(admin_http::warn_expiry(
         state.clone(),
         cfg.ca_expiry_warning,
     ));
     tracing::info!(%addr, "control plane serving");
-    let incoming = listener::incoming(tcp, self_certs.live().subscribe());
+    let incoming = listener::incoming(
+        tcp,
+        self_certs.live().subscribe(),
+        state.metrics.handshake_failures.clone(),
+    );
 
     tonic::transport::Server::builder()
         .timeout(std::time::Duration::from_secs(30))

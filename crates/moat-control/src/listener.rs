@@ -1,25 +1,88 @@
 //! The control plane's TLS front door: accept TCP, handshake with the current TLS generation
 //! (client certificate optional, verified when presented), and hand tonic a stream whose
 //! connection info carries the verified peer.
+//!
+//! The port is open to anyone who can reach it (bootstrap needs no certificate), so pending
+//! handshakes are bounded per source address and overall, with a short deadline, and the
+//! accept loop never waits for a slot: a connection that finds its source (or the listener) at
+//! the limit evicts the oldest handshake still pending there. Strangers holding connections
+//! idle therefore lose them to callers that complete a handshake at once, instead of keeping
+//! those callers out.
 
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use moat_identity::{CertInfo, VerifiedPeer};
 use moat_tls::TlsState;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to complete its handshake (a real one takes milliseconds).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Handshakes pending at once, in all.
 const MAX_PENDING_HANDSHAKES: usize = 1024;
+/// Handshakes pending at once from one source address.
+const MAX_PENDING_PER_SOURCE: usize = 64;
+
+/// Handshakes in progress: oldest first, and per source. Dropping an entry's sender cancels
+/// that handshake.
+#[derive(Debug, Default)]
+struct Pending {
+    next: u64,
+    by_age: BTreeMap<u64, (IpAddr, oneshot::Sender<()>)>,
+    by_source: HashMap<IpAddr, VecDeque<u64>>,
+}
+
+impl Pending {
+    /// Registers a handshake from `source`, evicting the oldest pending one of that source
+    /// and/or of the listener when either is at its limit. Returns its id and the number
+    /// evicted.
+    fn admit(&mut self, source: IpAddr, cancel: oneshot::Sender<()>) -> (u64, u64) {
+        let mut evicted = 0;
+        if self
+            .by_source
+            .get(&source)
+            .is_some_and(|q| q.len() >= MAX_PENDING_PER_SOURCE)
+            && let Some(oldest) = self.by_source.get(&source).and_then(|q| q.front().copied())
+        {
+            self.remove(oldest, source);
+            evicted += 1;
+        }
+        if self.by_age.len() >= MAX_PENDING_HANDSHAKES
+            && let Some((&oldest, &(ip, _))) = self.by_age.first_key_value()
+        {
+            self.remove(oldest, ip);
+            evicted += 1;
+        }
+        let id = self.next;
+        self.next += 1;
+        self.by_age.insert(id, (source, cancel));
+        self.by_source.entry(source).or_default().push_back(id);
+        (id, evicted)
+    }
+
+    /// Forgets handshake `id` (done, failed or evicted); a no-op when already gone.
+    fn remove(&mut self, id: u64, source: IpAddr) {
+        self.by_age.remove(&id);
+        if let Some(q) = self.by_source.get_mut(&source) {
+            q.retain(|&x| x != id);
+            if q.is_empty() {
+                self.by_source.remove(&source);
+            }
+        }
+    }
+}
 
 /// What the handshake proved about a caller. `peer` is `None` when no certificate was presented
 /// (token bootstrap); a presented certificate that failed verification never gets this far.
@@ -91,13 +154,19 @@ fn peer_of(stream: &TlsStream<TcpStream>) -> Option<Peer> {
 }
 
 /// Accepts connections until the listener fails for good; failed handshakes are logged with
-/// their reason and never reach tonic.
+/// their reason, counted in `failures` by reason, and never reach tonic.
 pub fn incoming(
     listener: TcpListener,
     tls: watch::Receiver<Arc<TlsState>>,
+    failures: Family<crate::metrics::RefusedLabels, Counter>,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
-    let permits = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let pending = Arc::new(Mutex::new(Pending::default()));
+    let count = move |reason: &'static str, n: u64| {
+        failures
+            .get_or_create(&crate::metrics::RefusedLabels { reason })
+            .inc_by(n);
+    };
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = match listener.accept().await {
@@ -109,18 +178,27 @@ pub fn incoming(
                     continue;
                 }
             };
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                return;
+            let (cancel, cancelled) = oneshot::channel();
+            let (id, evicted) = match pending.lock() {
+                Ok(mut p) => p.admit(remote.ip(), cancel),
+                Err(_) => return,
             };
+            if evicted > 0 {
+                count("evicted", evicted);
+            }
             let _ = tcp.set_nodelay(true);
             let config = tls.borrow().server.clone();
-            let tx = tx.clone();
+            let (tx, pending, count) = (tx.clone(), pending.clone(), count.clone());
             tokio::spawn(async move {
-                let _permit = permit;
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(tcp))
-                    .await
-                {
-                    Ok(Ok(stream)) => {
+                let outcome = tokio::select! {
+                    r = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(tcp)) => Some(r),
+                    _ = cancelled => None,
+                };
+                if let Ok(mut p) = pending.lock() {
+                    p.remove(id, remote.ip());
+                }
+                match outcome {
+                    Some(Ok(Ok(stream))) => {
                         let info = ConnInfo {
                             remote,
                             peer: peer_of(&stream),
@@ -132,11 +210,77 @@ pub fn incoming(
                             }))
                             .await;
                     }
-                    Ok(Err(e)) => tracing::info!(%remote, error = %e, "TLS handshake refused"),
-                    Err(_) => tracing::info!(%remote, "TLS handshake timed out"),
+                    Some(Ok(Err(e))) => {
+                        count("refused", 1);
+                        tracing::info!(%remote, error = %e, "TLS handshake refused");
+                    }
+                    Some(Err(_)) => {
+                        count("timeout", 1);
+                        tracing::info!(%remote, "TLS handshake timed out");
+                    }
+                    None => tracing::debug!(
+                        %remote,
+                        "closed a pending handshake to make room for a newer one"
+                    ),
                 }
             });
         }
     });
     ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_oldest_pending_handshake_of_a_full_source_makes_room() {
+        let mut p = Pending::default();
+        let a: IpAddr = [10, 0, 0, 1].into();
+        let b: IpAddr = [10, 0, 0, 2].into();
+        let mut cancels = Vec::new();
+        for _ in 0..MAX_PENDING_PER_SOURCE {
+            let (tx, rx) = oneshot::channel();
+            assert_eq!(p.admit(a, tx).1, 0);
+            cancels.push(rx);
+        }
+        let (tx, _rx) = oneshot::channel();
+        let (_, evicted) = p.admit(a, tx);
+        assert_eq!(evicted, 1);
+        // The first one was told to stop (its sender is gone); the others were not.
+        assert!(cancels[0].try_recv().is_err());
+        assert!(matches!(
+            cancels[1].try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ));
+        assert_eq!(p.by_source[&a].len(), MAX_PENDING_PER_SOURCE);
+        // Another source is not affected.
+        let (tx, _rx) = oneshot::channel();
+        assert_eq!(p.admit(b, tx).1, 0);
+        let (id, _) = {
+            let (tx, _rx) = oneshot::channel();
+            p.admit(b, tx)
+        };
+        p.remove(id, b);
+        p.remove(id, b);
+        assert_eq!(p.by_source[&b].len(), 1);
+        assert_eq!(p.by_age.len(), MAX_PENDING_PER_SOURCE + 1);
+    }
+
+    #[test]
+    fn the_listener_as_a_whole_is_bounded() {
+        let mut p = Pending::default();
+        let mut keep = Vec::new();
+        for i in 0..MAX_PENDING_HANDSHAKES + 10 {
+            let ip: IpAddr = [10, 1, (i / 256) as u8, (i % 256) as u8].into();
+            let (tx, rx) = oneshot::channel();
+            p.admit(ip, tx);
+            keep.push(rx);
+        }
+        assert_eq!(p.by_age.len(), MAX_PENDING_HANDSHAKES);
+        assert_eq!(
+            p.by_source.values().map(VecDeque::len).sum::<usize>(),
+            MAX_PENDING_HANDSHAKES
+        );
+    }
 }

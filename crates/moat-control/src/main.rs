@@ -116,6 +116,12 @@ struct ServeArgs {
     /// How often the ConfigMaps are checked.
     #[arg(long, default_value = "30s", value_parser = parse_horizon)]
     publish_interval: std::time::Duration,
+    /// Audit log: keep at most this many entries (the oldest go first).
+    #[arg(long, env = "MOAT_AUDIT_MAX_ENTRIES", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(100..=100_000_000))]
+    audit_max_entries: u64,
+    /// Audit log: remove entries older than this.
+    #[arg(long, env = "MOAT_AUDIT_RETENTION", default_value = "90d", value_parser = parse_retention)]
+    audit_retention: std::time::Duration,
     /// Log a warning while the root or the intermediate expires within this.
     #[arg(long, env = "MOAT_CA_EXPIRY_WARNING", default_value = "30d", value_parser = parse_horizon)]
     ca_expiry_warning: std::time::Duration,
@@ -123,6 +129,14 @@ struct ServeArgs {
 
 fn parse_horizon(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (write e.g. 30d, 720h)"))
+}
+
+fn parse_retention(s: &str) -> Result<std::time::Duration, String> {
+    let d = parse_horizon(s)?;
+    if d < std::time::Duration::from_secs(3600) {
+        return Err("keep the audit log at least 1h".into());
+    }
+    Ok(d)
 }
 
 fn parse_ttl(s: &str) -> Result<CertTtl, String> {
@@ -241,6 +255,10 @@ fn config(args: ServeArgs) -> Result<ServeConfig, String> {
             }
         }),
         ca_expiry_warning: args.ca_expiry_warning,
+        audit_retention: moat_control::audit::Retention {
+            max_entries: usize::try_from(args.audit_max_entries).unwrap_or(usize::MAX),
+            max_age: args.audit_retention,
+        },
     })
 }
 

@@ -55,6 +55,10 @@ pub struct Metrics {
     registry: Registry,
     pub issued: Family<IssuedLabels, Counter>,
     pub refused: Family<RefusedLabels, Counter>,
+    /// TLS handshakes on the gRPC port that never completed, by reason.
+    pub handshake_failures: Family<RefusedLabels, Counter>,
+    /// Admin calls refused before any work, by reason (`unauthenticated`, `not-admin`).
+    pub admin_refused: Family<RefusedLabels, Counter>,
     ca_not_after: Family<CaCertLabels, Gauge>,
     revocations: Family<KindLabels, Gauge>,
     rotation_phase: Gauge,
@@ -69,6 +73,8 @@ impl Default for Metrics {
         let m = Metrics {
             issued: Family::default(),
             refused: Family::default(),
+            handshake_failures: Family::default(),
+            admin_refused: Family::default(),
             ca_not_after: Family::default(),
             revocations: Family::default(),
             rotation_phase: Gauge::default(),
@@ -86,6 +92,16 @@ impl Default for Metrics {
             "certificates_refused",
             "Certificate requests refused, by reason",
             m.refused.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes on the gRPC port that did not complete: refused, timeout, or evicted to make room for newer ones",
+            m.handshake_failures.clone(),
+        );
+        registry.register(
+            "admin_calls_refused",
+            "Admin calls refused for want of an admin identity: unauthenticated (no certificate) or not-admin",
+            m.admin_refused.clone(),
         );
         registry.register(
             "ca_not_after_seconds",

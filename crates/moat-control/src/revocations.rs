@@ -23,6 +23,56 @@ pub struct Revocation {
     pub expires_unix: i64,
 }
 
+/// Hex digits in a serial of a certificate moat issues (16 bytes).
+pub const SERIAL_HEX_DIGITS: usize = 32;
+
+/// Why a serial an operator typed names no one certificate.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SerialError {
+    #[error("{0:?} is not a certificate serial: give hex digits, as `moat status` shows them")]
+    NotHex(String),
+    #[error(
+        "no known certificate has a serial starting with {0}: give the full {SERIAL_HEX_DIGITS}-digit serial (`moat status -o json` shows it)"
+    )]
+    Unknown(String),
+    #[error("{given} matches several certificates; give more digits: {}", .candidates.join(", "))]
+    Ambiguous {
+        given: String,
+        candidates: Vec<String>,
+    },
+}
+
+/// The full serial `given` names: itself when it has all the digits of a moat serial, else the
+/// one serial among `known` it is a prefix of. A short prefix never stands for itself: that
+/// would revoke nothing while the operator believes a certificate is cut off.
+pub fn resolve_serial<'a>(
+    given: &str,
+    known: impl IntoIterator<Item = &'a str>,
+) -> Result<String, SerialError> {
+    let serial = given.trim().to_ascii_lowercase();
+    if serial.is_empty() || serial.len() > 64 || !serial.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(SerialError::NotHex(given.to_owned()));
+    }
+    if serial.len() >= SERIAL_HEX_DIGITS {
+        return Ok(serial);
+    }
+    let mut candidates: Vec<String> = known
+        .into_iter()
+        .filter(|k| k.starts_with(&serial))
+        .map(str::to_owned)
+        .collect();
+    candidates.sort_unstable();
+    candidates.dedup();
+    match candidates.len() {
+        0 => Err(SerialError::Unknown(serial)),
+        1 => Ok(candidates.remove(0)),
+        _ => Err(SerialError::Ambiguous {
+            given: serial,
+            candidates,
+        }),
+    }
+}
+
 /// Revocation operations over the store.
 #[derive(Clone, Debug)]
 pub struct Revocations {
@@ -103,5 +153,37 @@ impl Revocations {
     /// Changes under `revocations/`.
     pub fn changes(&self) -> moat_store::WatchStream {
         self.store.watch(PREFIX)
+    }
+}
+
+#[cfg(test)]
+mod serial_tests {
+    use super::*;
+
+    const A: &str = "44e01c1d00000000000000000000000a";
+    const B: &str = "44e01c1d00000000000000000000000b";
+    const C: &str = "51aa000000000000000000000000000c";
+
+    #[test]
+    fn a_serial_is_full_or_a_unique_prefix() {
+        assert_eq!(resolve_serial(A, []).unwrap(), A);
+        assert_eq!(resolve_serial(&A.to_uppercase(), []).unwrap(), A);
+        assert_eq!(resolve_serial("51aa", [A, B, C]).unwrap(), C);
+        assert_eq!(resolve_serial("51AA", [A, C, C]).unwrap(), C);
+        let e = resolve_serial("44e01c1d", [A, B, C]).unwrap_err();
+        assert!(matches!(&e, SerialError::Ambiguous { candidates, .. } if candidates == &[A, B]));
+        assert!(e.to_string().contains(A), "{e}");
+        assert_eq!(
+            resolve_serial("44e01c1d", [C]).unwrap_err(),
+            SerialError::Unknown("44e01c1d".into())
+        );
+        assert!(matches!(
+            resolve_serial("xyz", [A]),
+            Err(SerialError::NotHex(_))
+        ));
+        assert!(matches!(
+            resolve_serial("", [A]),
+            Err(SerialError::NotHex(_))
+        ));
     }
 }

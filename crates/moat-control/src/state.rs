@@ -51,25 +51,58 @@ impl ControlPlane {
             .extensions()
             .get::<ConnInfo>()
             .and_then(|c| c.peer.as_ref());
-        let refusal = match peer {
+        let (refusal, class, key) = match peer {
             Some(p) if self.admins.contains(&p.verified.id) => return Ok(p.verified.id.clone()),
-            Some(p) => Status::permission_denied(format!(
-                "{} is not an admin identity of this control plane",
-                p.verified.id
-            )),
-            None => Status::unauthenticated(
-                "admin calls need mutual TLS with an admin certificate: pass --credentials DIR (the control plane writes one to <data-dir>/admin)",
+            Some(p) => (
+                Status::permission_denied(format!(
+                    "{} is not an admin identity of this control plane",
+                    p.verified.id
+                )),
+                "not-admin",
+                p.verified.id.to_string(),
+            ),
+            None => (
+                Status::unauthenticated(
+                    "admin calls need mutual TLS with an admin certificate: pass --credentials DIR (the control plane writes one to <data-dir>/admin)",
+                ),
+                "unauthenticated",
+                String::new(),
             ),
         };
-        self.audit_or_log(
+        self.metrics
+            .admin_refused
+            .get_or_create(&crate::metrics::RefusedLabels { reason: class })
+            .inc();
+        // Sampled: strangers can make these calls as fast as they like.
+        self.audit_refusal(
+            &format!("admin|{class}|{key}|{action}"),
             &Self::actor(req),
             action,
             "",
-            Outcome::Refused,
             refusal.message(),
         )
         .await;
         Err(refusal)
+    }
+
+    /// Audits a refusal that anyone may provoke: the first of its `kind` in a sampling window
+    /// is written (with how many like it were left out since the last one), the rest only
+    /// counted. A store failure is logged.
+    pub async fn audit_refusal(
+        &self,
+        kind: &str,
+        actor: &str,
+        action: &str,
+        target: &str,
+        detail: &str,
+    ) {
+        if let Err(e) = self
+            .audit
+            .record_sampled(kind, actor, action, target, detail)
+            .await
+        {
+            tracing::error!(error = %e, actor, action, "cannot write the audit log");
+        }
     }
 
     /// Appends to the audit log; a store failure is logged, since the caller's answer is already

@@ -62,6 +62,20 @@ impl EmbeddedStore {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Io(format!("{}: {e}", dir.display())))?;
         let path = dir.join("moat.redb");
+        // The store holds sealed CA keys, token hashes and the audit log: owner-only, whether
+        // it is new or was left readable by an older version.
+        {
+            use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&path)
+                .and_then(|_| {
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                })
+                .map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))?;
+        }
         let db = Database::create(&path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => {
                 StoreError::Locked(path.display().to_string())
@@ -243,6 +257,21 @@ impl crate::Store for EmbeddedStore {
 mod tests {
     use super::*;
     use crate::Store;
+
+    #[test]
+    fn the_file_is_owner_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("moat.redb");
+        std::fs::write(&path, b"").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let mode = std::fs::metadata(store.path())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
 
     #[tokio::test]
     async fn revisions_cas_range_and_watch() {

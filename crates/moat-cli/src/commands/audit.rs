@@ -11,12 +11,31 @@ pub struct AuditArgs {
     /// How many of the newest entries.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     limit: u32,
+    /// Include read-only calls that succeeded (listings, `ca show`, histories); by default only
+    /// actions that change something, and refusals, are shown.
+    #[arg(long)]
+    reads: bool,
+    /// Only entries with this outcome.
+    #[arg(long, value_parser = ["ok", "refused"])]
+    outcome: Option<String>,
+    /// Only actions starting with this, e.g. `policy.` or `cert.issue`.
+    #[arg(long, default_value = "")]
+    action: String,
+    /// Only entries by this actor (a SPIFFE ID, `token:<id>`, or an address), exactly.
+    #[arg(long, default_value = "")]
+    actor: String,
 }
 
 pub async fn run(global: &Global, args: AuditArgs) -> anyhow::Result<()> {
     let entries = admin(global)
         .await?
-        .list_audit(ListAuditRequest { limit: args.limit })
+        .list_audit(ListAuditRequest {
+            limit: args.limit,
+            changes_only: !args.reads,
+            outcome: args.outcome.unwrap_or_default(),
+            action_prefix: args.action,
+            actor: args.actor,
+        })
         .await
         .map_err(|s| status("audit", s))?
         .into_inner()
