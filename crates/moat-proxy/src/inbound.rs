@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Request, Response, Uri, Version};
+use http_body_util::BodyExt as _;
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use moat_identity::SpiffeId;
 use moat_policy::eval::{Decision, Input, Jwt, Reason, Traffic, decide};
@@ -558,6 +560,14 @@ async fn to_app(
     };
     parts.uri = uri;
     let (app_h1, app_h2) = &conn.clients;
+    // Trailers are headers too: the sidecars' own names never reach the app from outside.
+    let body = boxed(body.map_frame(|frame| match frame.into_trailers() {
+        Ok(mut trailers) => {
+            strip_identity_headers(&mut trailers);
+            hyper::body::Frame::trailers(trailers)
+        }
+        Err(frame) => frame,
+    }));
     let result = if h1 {
         parts.version = Version::HTTP_11;
         if !parts.headers.contains_key(http::header::HOST)
@@ -565,15 +575,22 @@ async fn to_app(
         {
             parts.headers.insert(http::header::HOST, v);
         }
-        app_h1
-            .request(Request::from_parts(parts, boxed(body)))
-            .await
+        // hyper sends no body for a GET (HEAD, CONNECT) of unknown length unless the framing
+        // is set explicitly; a body that came must go on, whatever the method.
+        if !body.is_end_stream()
+            && body.size_hint().exact().is_none()
+            && !parts.headers.contains_key(http::header::CONTENT_LENGTH)
+        {
+            parts.headers.insert(
+                http::header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
+        app_h1.request(Request::from_parts(parts, body)).await
     } else {
         parts.version = Version::HTTP_2;
         parts.headers.remove(http::header::HOST);
-        app_h2
-            .request(Request::from_parts(parts, boxed(body)))
-            .await
+        app_h2.request(Request::from_parts(parts, body)).await
     };
     match result {
         Ok(resp) => {

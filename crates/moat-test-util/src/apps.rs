@@ -98,6 +98,8 @@ pub struct Received {
     pub headers: Vec<(String, String)>,
     /// Trailers, when the body had any.
     pub trailers: Vec<(String, String)>,
+    /// The body's length in bytes.
+    pub body_len: usize,
 }
 
 impl Received {
@@ -140,12 +142,13 @@ pub async fn recording_http() -> (SocketAddr, Recording) {
                 let record = record.clone();
                 async move {
                     let (parts, body) = req.into_parts();
-                    let trailers = body
-                        .collect()
-                        .await
-                        .ok()
-                        .and_then(|c| c.trailers().map(header_list))
-                        .unwrap_or_default();
+                    let (trailers, body_len) = match body.collect().await {
+                        Ok(c) => (
+                            c.trailers().map(header_list).unwrap_or_default(),
+                            c.to_bytes().len(),
+                        ),
+                        Err(_) => (Vec::new(), 0),
+                    };
                     let got = Received {
                         method: parts.method.to_string(),
                         path_and_query: parts
@@ -155,6 +158,7 @@ pub async fn recording_http() -> (SocketAddr, Recording) {
                             .unwrap_or_default(),
                         headers: header_list(&parts.headers),
                         trailers,
+                        body_len,
                     };
                     if let Ok(mut r) = record.lock() {
                         r.push(got);
