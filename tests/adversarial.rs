@@ -578,3 +578,34 @@ async fn bodies_and_trailers_cross_a_sidecar_pair_cleaned() {
         "{seen:?}"
     );
 }
+
+/// A per-route rate limit counts the canonical route: spelling a path differently
+/// (`/public/./x`, `%2e`) does not buy a fresh bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spelling_a_path_differently_does_not_get_a_new_rate_limit_bucket() {
+    let cp = ControlPlane::start().unwrap();
+    apply_policy(
+        &cp,
+        &POLICY.replace(
+            "      http: [{ methods: [GET], paths: [\"/public/*\"] }]",
+            "      http: [{ methods: [GET], paths: [\"/public/*\"] }]\n      rateLimit: { requestsPerSecond: 1, burst: 1, per: route }",
+        ),
+    );
+    let (app, rec) = recording_http().await;
+    let b = Proxy::start(&cp, "b", app, &[], &[]).unwrap();
+    let a = credential_for(&cp, "a");
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n");
+    let h1 = moat_tls::ALPN_HTTP1;
+    let first = h1_raw(&cp, &b, &a, h1, Duration::ZERO, &get("/public/x")).await;
+    assert_eq!(status_of(&first), 200, "{first}");
+    for path in [
+        "/public/./x",
+        "/public/././x",
+        "/public/%2e/x",
+        "/public/y/../x",
+    ] {
+        let resp = h1_raw(&cp, &b, &a, h1, Duration::ZERO, &get(path)).await;
+        assert_eq!(status_of(&resp), 429, "{path}: {resp}");
+    }
+    assert_eq!(taken(&rec).len(), 1);
+}

@@ -61,6 +61,9 @@ fn policy(p: pb::Policy, me: &SpiffeId) -> Result<AccessPolicy, String> {
         .into_iter()
         .enumerate()
         .map(|(i, r)| {
+            if r.from.is_empty() {
+                return Err(format!("policy {key} rule {i}: names no caller"));
+            }
             let from = r
                 .from
                 .iter()
