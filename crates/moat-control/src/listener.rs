@@ -5,9 +5,9 @@
 //! The port is open to anyone who can reach it (bootstrap needs no certificate), so pending
 //! handshakes are bounded per source address and overall, with a short deadline, and the
 //! accept loop never waits for a slot: a connection that finds its source (or the listener) at
-//! the limit evicts the oldest handshake still pending there. Strangers holding connections
-//! idle therefore lose them to callers that complete a handshake at once, instead of keeping
-//! those callers out.
+//! the limit evicts the oldest handshake still pending there (at the listener's limit, the
+//! oldest of the source holding the most). Strangers holding connections idle therefore lose
+//! them to callers that complete a handshake at once, instead of keeping those callers out.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -45,9 +45,9 @@ struct Pending {
 }
 
 impl Pending {
-    /// Registers a handshake from `source`, evicting the oldest pending one of that source
-    /// and/or of the listener when either is at its limit. Returns its id and the number
-    /// evicted.
+    /// Registers a handshake from `source`, evicting the oldest pending one of that source when
+    /// it is at its limit, and the oldest of the busiest source when the listener is. Returns
+    /// its id and the number evicted.
     fn admit(&mut self, source: IpAddr, cancel: oneshot::Sender<()>) -> (u64, u64) {
         let mut evicted = 0;
         if self
@@ -59,8 +59,15 @@ impl Pending {
             self.remove(oldest, source);
             evicted += 1;
         }
+        // At the listener's limit, the source holding the most pending handshakes loses its
+        // oldest: a caller with one handshake in flight is never the one to go while a
+        // stranger holds many.
         if self.by_age.len() >= MAX_PENDING_HANDSHAKES
-            && let Some((&oldest, &(ip, _))) = self.by_age.first_key_value()
+            && let Some((&ip, oldest)) = self
+                .by_source
+                .iter()
+                .max_by_key(|(_, q)| q.len())
+                .and_then(|(ip, q)| Some((ip, *q.front()?)))
         {
             self.remove(oldest, ip);
             evicted += 1;
@@ -265,6 +272,27 @@ mod tests {
         p.remove(id, b);
         assert_eq!(p.by_source[&b].len(), 1);
         assert_eq!(p.by_age.len(), MAX_PENDING_PER_SOURCE + 1);
+    }
+
+    #[test]
+    fn at_the_listeners_limit_the_busiest_source_gives_way() {
+        let mut p = Pending::default();
+        let caller: IpAddr = [10, 9, 9, 9].into();
+        let (tx, mut caller_rx) = oneshot::channel();
+        p.admit(caller, tx);
+        let mut keep = Vec::new();
+        for i in 0..MAX_PENDING_HANDSHAKES * 2 {
+            let ip: IpAddr = [10, 2, 0, (i % 20) as u8].into();
+            let (tx, rx) = oneshot::channel();
+            p.admit(ip, tx);
+            keep.push(rx);
+        }
+        assert_eq!(p.by_age.len(), MAX_PENDING_HANDSHAKES);
+        assert!(matches!(
+            caller_rx.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ));
+        assert_eq!(p.by_source[&caller].len(), 1);
     }
 
     #[test]

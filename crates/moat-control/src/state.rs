@@ -96,13 +96,11 @@ impl ControlPlane {
         target: &str,
         detail: &str,
     ) {
-        if let Err(e) = self
+        let written = self
             .audit
             .record_sampled(kind, actor, action, target, detail)
-            .await
-        {
-            tracing::error!(error = %e, actor, action, "cannot write the audit log");
-        }
+            .await;
+        log_audit_failure(written, actor, action);
     }
 
     /// Appends to the audit log; a store failure is logged, since the caller's answer is already
@@ -115,12 +113,17 @@ impl ControlPlane {
         outcome: Outcome,
         detail: &str,
     ) {
-        if let Err(e) = self
+        let written = self
             .audit
             .record(actor, action, target, outcome, detail)
-            .await
-        {
-            tracing::error!(error = %e, actor, action, "cannot write the audit log");
-        }
+            .await;
+        log_audit_failure(written, actor, action);
+    }
+}
+
+/// The caller's answer is already decided when the audit log cannot be written: say so loudly.
+fn log_audit_failure(written: Result<(), moat_store::StoreError>, actor: &str, action: &str) {
+    if let Err(e) = written {
+        tracing::error!(error = %e, actor, action, "cannot write the audit log");
     }
 }
