@@ -21,6 +21,9 @@ use tonic::{Request, Response, Status};
 
 use crate::audit::Outcome;
 
+/// Kept past the longest certificate lifetime, for clock skew between hosts.
+const SERIAL_REVOCATION_MARGIN_SECS: i64 = 300;
+
 /// How many of the newest audit entries a filtered listing looks through.
 const AUDIT_SCAN: usize = 20_000;
 use crate::identity_svc::{certify_response, token_status};
@@ -586,19 +589,14 @@ impl Admin for AdminService {
                     let known = connected.iter().chain(&revoked).map(String::as_str);
                     let serial = crate::revocations::resolve_serial(&r.serial, known)
                         .map_err(|e| Status::invalid_argument(e.to_string()))?;
-                    // The entry can go once that certificate would have expired anyway.
-                    let not_after = self
-                        .0
-                        .mesh
-                        .registry()
-                        .entries()
-                        .find(|p| p.cert_serial == serial)
-                        .map(|p| p.cert_not_after);
+                    // The entry can go once that certificate would have expired anyway: no
+                    // certificate the CA issued until now outlives now + the longest lifetime
+                    // it issues. What any proxy reports never shortens it.
                     let now = crate::self_cert::unix_now();
                     (
                         "serial",
                         serial,
-                        not_after.unwrap_or(now + CertTtl::MAX.as_secs() as i64),
+                        now + CertTtl::MAX.as_secs() as i64 + SERIAL_REVOCATION_MARGIN_SECS,
                     )
                 }
                 _ => {

@@ -3,7 +3,7 @@
 //! `serve` brings the store, the CA (`ca`, unsealed with the KEK from `kek_source`) and the
 //! control plane's own certificates (`self_cert`) up, then serves `Identity` (`identity_svc`) and
 //! `Admin` (`admin_svc`) and `Mesh` (`mesh_svc`, with the proxy `registry` and the stored
-//! `policies`) over TLS 1.3 (`listener`). Join tokens live in `tokens`, the audit log
+//! `policies`) over TLS 1.3 (`listener`), every call first passing the caller check (`caller`). Join tokens live in `tokens`, the audit log
 //! in `audit`, and what the handlers share in `state`. The binary in `main.rs` only parses flags.
 
 pub mod admin_http;
@@ -11,6 +11,7 @@ pub mod admin_svc;
 pub mod audit;
 pub mod ca;
 pub mod ca_rotation;
+pub mod caller;
 pub mod identity_svc;
 pub mod jwks;
 pub mod kek_source;
@@ -38,6 +39,7 @@ use moat_api::v1::mesh_server::MeshServer;
 use moat_ca::CertTtl;
 use moat_identity::{SpiffeId, TrustDomain};
 use moat_store::{EmbeddedStore, Store};
+use tonic::service::interceptor::InterceptedService;
 
 /// The largest gRPC message the control plane decodes. CSRs are checked against their own,
 /// much smaller limit so that an oversized one is answered with `InvalidArgument`.
@@ -196,23 +198,29 @@ pub async fn serve(
         state.metrics.handshake_failures.clone(),
     );
 
+    // Every service behind the same caller check (expired or revoked certificates).
+    let check = |service| caller::check(state.clone(), service);
     tonic::transport::Server::builder()
         .timeout(std::time::Duration::from_secs(30))
         .concurrency_limit_per_connection(256)
-        .add_service(
+        .add_service(InterceptedService::new(
             IdentityServer::new(identity_svc::IdentityService(state.clone()))
                 .max_decoding_message_size(MAX_MESSAGE),
-        )
-        .add_service(
+            check("moat.v1.Identity"),
+        ))
+        .add_service(InterceptedService::new(
             MeshServer::new(mesh_svc::MeshService {
                 ca: ca.clone(),
                 state: mesh,
             })
             .max_decoding_message_size(MAX_MESSAGE),
-        )
-        .add_service(
-            AdminServer::new(admin_svc::AdminService(state)).max_decoding_message_size(MAX_MESSAGE),
-        )
+            check("moat.v1.Mesh"),
+        ))
+        .add_service(InterceptedService::new(
+            AdminServer::new(admin_svc::AdminService(state.clone()))
+                .max_decoding_message_size(MAX_MESSAGE),
+            check("moat.v1.Admin"),
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("gRPC server failed")?;

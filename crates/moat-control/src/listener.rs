@@ -105,6 +105,8 @@ pub struct Peer {
     pub verified: VerifiedPeer,
     /// The caller's current public key (a renewal must bring a new one).
     pub spki_der: Vec<u8>,
+    /// SHA-256 (hex) of the intermediate the caller presented with its leaf (empty without).
+    pub issuer_sha256: String,
 }
 
 /// One accepted, handshaken connection.
@@ -148,7 +150,8 @@ impl AsyncWrite for TlsConn {
 }
 
 fn peer_of(stream: &TlsStream<TcpStream>) -> Option<Peer> {
-    let leaf = stream.get_ref().1.peer_certificates()?.first()?;
+    let chain = stream.get_ref().1.peer_certificates()?;
+    let leaf = chain.first()?;
     let info = CertInfo::from_der(leaf).ok()?;
     Some(Peer {
         verified: VerifiedPeer {
@@ -157,6 +160,10 @@ fn peer_of(stream: &TlsStream<TcpStream>) -> Option<Peer> {
             not_after: info.not_after,
         },
         spki_der: info.spki_der,
+        issuer_sha256: chain
+            .get(1)
+            .map(|c| moat_identity::bundle::sha256_hex(c))
+            .unwrap_or_default(),
     })
 }
 

@@ -419,6 +419,7 @@ impl Mesh for MeshService {
             ));
         };
         let id = peer.verified.id.clone();
+        let tls_serial = peer.verified.serial.clone();
         let mut inbound = req.into_inner();
         let announce = match tokio::time::timeout(ANNOUNCE_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(ProxyMessage {
@@ -433,6 +434,22 @@ impl Mesh for MeshService {
             }
         };
         check_address(&announce.inbound_address)?;
+        // What the proxy says of its certificate must be what it proved: the registry (and
+        // from it status, rotation gating and revocation bookkeeping) keeps only verified facts.
+        if !announce.cert_serial.is_empty() && announce.cert_serial != peer.verified.serial {
+            return Err(Status::invalid_argument(format!(
+                "the announce names certificate {}, but this connection presented {}",
+                announce.cert_serial, peer.verified.serial
+            )));
+        }
+        if announce.cert_not_after_unix != 0
+            && announce.cert_not_after_unix != peer.verified.not_after
+        {
+            return Err(Status::invalid_argument(format!(
+                "the announce says the certificate expires at {}, but the one presented expires at {}",
+                announce.cert_not_after_unix, peer.verified.not_after
+            )));
+        }
         let stream_id = self.state.next_stream.fetch_add(1, Ordering::Relaxed);
         let now = SystemTime::now();
         self.state.registry().upsert(
@@ -441,9 +458,9 @@ impl Mesh for MeshService {
                 id: id.clone(),
                 inbound_address: announce.inbound_address.clone(),
                 proxy_version: announce.proxy_version.clone(),
-                cert_serial: announce.cert_serial.clone(),
-                cert_not_after: announce.cert_not_after_unix,
-                cert_issuer: announce.cert_issuer_sha256.clone(),
+                cert_serial: peer.verified.serial.clone(),
+                cert_not_after: peer.verified.not_after,
+                cert_issuer: peer.issuer_sha256.clone(),
                 cert_refresh_after: announce.cert_refresh_after_unix,
                 remote: remote.to_string(),
                 connected_at: now,
@@ -479,6 +496,12 @@ impl Mesh for MeshService {
             let mut views = svc.state.view.subscribe();
             let mut last: Option<Sent> = None;
             loop {
+                // A stream whose certificate is revoked now ends; the proxy's reconnection is
+                // refused by the caller check.
+                if svc.state.is_revoked(&id, Some(&tls_serial)) {
+                    tracing::info!(%id, serial = %tls_serial, "closing the mesh stream of a revoked certificate");
+                    break;
+                }
                 let view = views.borrow_and_update().clone();
                 let early = |v: &MeshView| last.is_none() && v.generation < joined;
                 if let Some(view) = view.as_ref().filter(|v| early(v)) {
@@ -572,6 +595,39 @@ impl MeshState {
 }
 
 impl MeshService {
+    /// The facts of the certificate an ack reports, from the chain it carries.
+    fn verify_renewed(
+        &self,
+        id: &SpiffeId,
+        ack: &moat_api::v1::Ack,
+    ) -> Result<(moat_identity::VerifiedPeer, String), String> {
+        let chain: Vec<rustls_pki_types::CertificateDer<'_>> = ack
+            .cert_chain_der
+            .iter()
+            .map(|c| rustls_pki_types::CertificateDer::from(c.as_slice()))
+            .collect();
+        let ca = self.ca.current();
+        let verified = moat_identity::verify::verify_chain(
+            &chain,
+            ca.bundle(),
+            rustls_pki_types::UnixTime::now(),
+            moat_identity::verify::Usage::Client,
+        )
+        .map_err(|e| format!("the acknowledged certificate does not verify: {e}"))?;
+        if &verified.id != id || verified.serial != ack.cert_serial {
+            return Err(format!(
+                "the acknowledged chain is {} serial {}, not {id} serial {}",
+                verified.id, verified.serial, ack.cert_serial
+            ));
+        }
+        let issuer = ack
+            .cert_chain_der
+            .get(1)
+            .map(|c| moat_identity::bundle::sha256_hex(c))
+            .unwrap_or_default();
+        Ok((verified, issuer))
+    }
+
     fn on_message(&self, stream: u64, id: &SpiffeId, m: ProxyMessage) {
         let mut reg = self.state.registry();
         let Some(entry) = reg.get_mut(stream) else {
@@ -591,13 +647,25 @@ impl MeshService {
                     }
                 } else {
                     tracing::warn!(%id, version = ack.version, error = %ack.error, "proxy refused a snapshot");
-                    entry.last_error = Some(ack.error);
+                    entry.last_error = Some(ack.error.clone());
                 }
                 if !ack.cert_serial.is_empty() {
-                    entry.cert_serial = ack.cert_serial;
-                    entry.cert_not_after = ack.cert_not_after_unix;
-                    entry.cert_issuer = ack.cert_issuer_sha256;
                     entry.cert_refresh_after = ack.cert_refresh_after_unix;
+                }
+                if !ack.cert_serial.is_empty() && ack.cert_serial != entry.cert_serial {
+                    // A renewed certificate counts once the proxy shows it: a chain that
+                    // verifies under the mesh's roots, for this identity, with that serial.
+                    match self.verify_renewed(id, &ack) {
+                        Ok((verified, issuer)) => {
+                            entry.cert_serial = verified.serial;
+                            entry.cert_not_after = verified.not_after;
+                            entry.cert_issuer = issuer;
+                        }
+                        Err(why) => {
+                            tracing::warn!(%id, serial = %ack.cert_serial, error = %why, "ignored a certificate the proxy did not prove");
+                            entry.last_error = Some(why);
+                        }
+                    }
                 }
             }
             Some(proxy_message::Message::Report(r)) => match hits_from_proto(r) {

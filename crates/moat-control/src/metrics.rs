@@ -59,6 +59,8 @@ pub struct Metrics {
     pub handshake_failures: Family<RefusedLabels, Counter>,
     /// Admin calls refused before any work, by reason (`unauthenticated`, `not-admin`).
     pub admin_refused: Family<RefusedLabels, Counter>,
+    /// Calls refused before any handler because of the caller's certificate.
+    callers_refused: Family<RefusedLabels, Counter>,
     ca_not_after: Family<CaCertLabels, Gauge>,
     revocations: Family<KindLabels, Gauge>,
     rotation_phase: Gauge,
@@ -75,6 +77,7 @@ impl Default for Metrics {
             refused: Family::default(),
             handshake_failures: Family::default(),
             admin_refused: Family::default(),
+            callers_refused: Family::default(),
             ca_not_after: Family::default(),
             revocations: Family::default(),
             rotation_phase: Gauge::default(),
@@ -102,6 +105,11 @@ impl Default for Metrics {
             "admin_calls_refused",
             "Admin calls refused for want of an admin identity: unauthenticated (no certificate) or not-admin",
             m.admin_refused.clone(),
+        );
+        registry.register(
+            "callers_refused",
+            "Calls refused before any handler: the caller's certificate has expired (over a resumed session) or is revoked",
+            m.callers_refused.clone(),
         );
         registry.register(
             "ca_not_after_seconds",
@@ -146,6 +154,13 @@ impl Metrics {
     /// Counts a refused certificate request.
     pub fn refused(&self, reason: &'static str) {
         self.refused.get_or_create(&RefusedLabels { reason }).inc();
+    }
+
+    /// Counts a call refused for its caller's certificate (`certificate-expired`, `revoked`).
+    pub fn refused_caller(&self, reason: &'static str) {
+        self.callers_refused
+            .get_or_create(&RefusedLabels { reason })
+            .inc();
     }
 
     /// Reads the live state into the gauges and renders everything as Prometheus text.

@@ -89,6 +89,8 @@ async fn session(
     .map_err(|e| e.to_string())?;
     let (tx, rx) = mpsc::channel(8);
     let leaf = current.credential.leaf().clone();
+    // The serial the control plane knows for this stream: the connection's own certificate.
+    let mut reported = leaf.serial.clone();
     tx.send(ProxyMessage {
         message: Some(proxy_message::Message::Announce(Announce {
             inbound_address: cfg.advertise.clone(),
@@ -121,7 +123,7 @@ async fn session(
                     return Err("the proxy is shutting down".into());
                 }
                 // Tell the control plane about a new certificate at once (moat status, cert rotate).
-                let ack = ack(last_version, true, String::new(), tls);
+                let ack = ack(last_version, true, String::new(), tls, &mut reported);
                 send(&tx, proxy_message::Message::Ack(ack)).await?;
                 continue;
             }
@@ -170,7 +172,7 @@ async fn session(
                 (false, e)
             }
         };
-        let ack = ack(version, applied, error, tls);
+        let ack = ack(version, applied, error, tls, &mut reported);
         send(&tx, proxy_message::Message::Ack(ack)).await?;
     }
 }
@@ -212,26 +214,37 @@ fn table_update(
     Ok(Some(msg))
 }
 
-/// An acknowledgement carrying the certificate the proxy holds now.
+/// An acknowledgement carrying the certificate the proxy holds now, with its chain when the
+/// control plane has not seen it on this stream yet (`reported`: the serial it last saw).
 fn ack(
     version: u64,
     applied: bool,
     error: String,
     tls: &watch::Sender<Option<Arc<TlsGen>>>,
+    reported: &mut String,
 ) -> Ack {
     let current = tls.borrow().clone();
     let leaf = current.as_ref().map(|g| g.credential.leaf().clone());
+    let serial = leaf.as_ref().map(|l| l.serial.clone()).unwrap_or_default();
+    let cert_chain_der = match &current {
+        Some(g) if serial != *reported => {
+            reported.clone_from(&serial);
+            g.credential.chain().iter().map(|c| c.to_vec()).collect()
+        }
+        _ => Vec::new(),
+    };
     Ack {
         version,
         applied,
         error,
-        cert_serial: leaf.as_ref().map(|l| l.serial.clone()).unwrap_or_default(),
+        cert_serial: serial,
         cert_not_after_unix: leaf.map(|l| l.not_after).unwrap_or_default(),
         cert_issuer_sha256: current
             .as_ref()
             .map(|g| g.issuer_sha256())
             .unwrap_or_default(),
         cert_refresh_after_unix: current.map(|g| g.refresh_after).unwrap_or_default(),
+        cert_chain_der,
     }
 }
 
