@@ -198,12 +198,7 @@ async fn what_a_proxy_says_of_its_certificate_never_shortens_a_revocation() {
 
     // The revoked certificate's stream ends, and it can neither stream nor renew again.
     let ended = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => continue,
-                _ => break,
-            }
-        }
+        while let Ok(Some(_)) = stream.message().await {}
     })
     .await;
     assert!(
