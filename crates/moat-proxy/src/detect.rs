@@ -177,7 +177,9 @@ mod tests {
         );
         assert_eq!(classify(b"PRI * HT"), None);
         assert_eq!(classify(b"\x16\x03\x01"), Some(Protocol::Tcp));
-        assert_eq!(classify(b"hello"), Some(Protocol::Tcp));
+        assert_eq!(classify(b"hello"), None, "a word alone may start a request");
+        assert_eq!(classify(b"hello world\r\n"), Some(Protocol::Tcp));
+        assert_eq!(classify(b"\0\0\0\x08"), Some(Protocol::Tcp));
         // Any method token is HTTP: lower case and extension methods too.
         assert_eq!(classify(b"get / HTTP/1.1\r\n"), Some(Protocol::Http1));
         assert_eq!(

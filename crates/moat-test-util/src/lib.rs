@@ -300,6 +300,13 @@ impl ControlPlane {
         self.launch()
     }
 
+    /// Starts again on the same data directory and port with `extra` flags in place of the
+    /// ones it had (e.g. a longer `--min-cert-ttl`).
+    pub fn restart_with(&mut self, extra: &[&str]) -> anyhow::Result<()> {
+        self.extra_args = extra.iter().map(|s| s.to_string()).collect();
+        self.restart()
+    }
+
     /// Runs the `moat` CLI against this control plane with the admin credential.
     pub fn moat(&self, args: &[&str]) -> Output {
         Command::new(bin("moat"))
