@@ -112,8 +112,31 @@ pub fn http_get(addr: &std::net::SocketAddr, path: &str) -> Option<(u16, String)
     Some((status, body))
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
+/// A free TCP port on 127.0.0.1 for a process to listen on (bound and released).
+///
+/// Taken below the kernel's ephemeral range: a port from that range (what binding port 0
+/// gives) can be taken as the local port of any outgoing connection before the process that
+/// was meant to listen on it starts, and the suite makes thousands of them.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    if ephemeral_low > 12_000 {
+        // Spread processes (test binaries run side by side) over the range below it.
+        let span = ephemeral_low - 11_000;
+        let seed = std::process::id().wrapping_mul(2_654_435_761) % span;
+        for _ in 0..span {
+            let port = 10_000 + (seed + NEXT.fetch_add(7919, Ordering::Relaxed)) % span;
+            if let Ok(port) = u16::try_from(port)
+                && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

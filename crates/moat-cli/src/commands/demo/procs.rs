@@ -116,7 +116,28 @@ fn clear_line() {
     }
 }
 
+/// A free loopback address for one of the demo's processes to listen on, taken below the
+/// kernel's ephemeral range: a port from that range (what binding port 0 gives) can become the
+/// local port of an outgoing connection before the process meant to listen on it starts.
 fn free_addr() -> anyhow::Result<SocketAddr> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    if ephemeral_low > 12_000 {
+        let span = ephemeral_low - 11_000;
+        let seed = std::process::id().wrapping_mul(2_654_435_761) % span;
+        for _ in 0..span {
+            let port = 10_000 + (seed + NEXT.fetch_add(7919, Ordering::Relaxed)) % span;
+            if let Ok(port) = u16::try_from(port)
+                && let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port))
+            {
+                return Ok(l.local_addr()?);
+            }
+        }
+    }
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
