@@ -482,16 +482,22 @@ async fn a_resumed_session_with_an_expired_server_certificate_is_refused() {
         "",
         "a server with an expired certificate was talked to"
     );
+    // The server records a handshake once the client's Finished arrives; the sidecar drops the
+    // third connection as soon as its own side completes, so that Finished may never be sent.
+    // The sidecar's log says which path refused it: only a handshake that completed (a resumed
+    // one: a full one fails verification) reaches the expiry check.
     let kinds = kinds.lock().unwrap().clone();
-    assert_eq!(
-        kinds,
-        vec![
-            Some(rustls::HandshakeKind::Full),
-            Some(rustls::HandshakeKind::Resumed),
-            Some(rustls::HandshakeKind::Resumed)
-        ],
-        "the sidecar should resume its session with the endpoint"
+    use rustls::HandshakeKind::{Full, Resumed};
+    assert!(
+        kinds == [Some(Full), Some(Resumed)] || kinds == [Some(Full), Some(Resumed), Some(Resumed)],
+        "the sidecar should resume its session with the endpoint: {kinds:?}"
     );
+    let refused = moat_test_util::eventually(Duration::from_secs(5), || {
+        fe.log_text()
+            .contains("refused a resumed session whose server certificate has expired")
+            .then_some(())
+    });
+    assert!(refused.is_some(), "{}", fe.log_text());
     let m = fe.metrics();
     assert!(
         m.contains(r#"moat_tls_handshake_failures_total{direction="outbound",reason="certificate-expired"} 1"#),
