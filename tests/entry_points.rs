@@ -467,3 +467,29 @@ fn the_control_plane_admin_port_answers_garbage_and_keeps_serving() {
             .contains("moat_root_rotation_phase")
     );
 }
+
+/// The audit-log bounds and the audit listing's filters refuse what makes no sense, saying why.
+#[test]
+fn audit_bounds_and_filters_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    for (flag, value, want) in [
+        ("--audit-retention", "10m", "at least 1h"),
+        ("--audit-retention", "soon", "30d"),
+        ("--audit-max-entries", "5", "100"),
+    ] {
+        let out = run_bin(
+            "moat-control",
+            &["serve", "--data-dir", data, "--dev", flag, value],
+        );
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}");
+        assert!(
+            stderr(&out).contains(want),
+            "{flag} {value}: {}",
+            stderr(&out)
+        );
+    }
+    let out = run_bin("moat", &["audit", "--outcome", "maybe"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("refused"), "{}", stderr(&out));
+}
