@@ -1,5 +1,6 @@
 //! The audit log: every admin action and every refused certificate request, appended to the
-//! store under `audit/<unix-ms>-<random>` so that keys sort by time.
+//! store under `audit/<unix-ms>-<sequence>-<random>` so that keys sort by time, and by order of
+//! writing within a millisecond.
 //!
 //! Two bounds keep it useful under abuse. Refusals that anyone can provoke (admin calls without
 //! an admin certificate, refused `Certify` calls) are sampled: the first of each kind in a
@@ -194,8 +195,12 @@ impl AuditLog {
             actor, action, target, outcome = outcome.as_str(), detail,
             "audit"
         );
+        // Within one millisecond, entries keep the order they were written in (the sequence);
+        // the random part keeps keys apart across processes.
+        static SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let suffix: u32 = rand::rng().random();
-        let key = format!("{PREFIX}{time_unix_ms:015}-{suffix:08x}");
+        let key = format!("{PREFIX}{time_unix_ms:015}-{seq:016x}-{suffix:08x}");
         // Serialising a plain struct of strings and integers cannot fail.
         self.store
             .put(&key, serde_json::to_vec(&entry).unwrap_or_default())
