@@ -78,7 +78,7 @@ fn chain_root(
 ) -> Option<String> {
     candidates.iter().find_map(|(fp, der)| {
         let only = TrustBundle::from_der(vec![der.clone()]).ok()?;
-        moat_identity::verify_chain(chain, &only, UnixTime::now(), Usage::Client)
+        moat_identity::verify_chain(chain, &only, &td(), UnixTime::now(), Usage::Client)
             .is_ok()
             .then(|| fp.clone())
     })

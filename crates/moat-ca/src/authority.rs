@@ -8,13 +8,14 @@ use moat_identity::{CertInfo, SpiffeId, TrustBundle, TrustDomain, Usage, Workloa
 use rand::Rng as _;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
-    SubjectPublicKeyInfo,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType, SerialNumber,
+    SignatureAlgorithm, SigningKey, SubjectPublicKeyInfo,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, UnixTime};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
+use zeroize::{Zeroize as _, Zeroizing};
 
 use crate::{CertTtl, Kek, KekError, Sealed};
 
@@ -25,8 +26,105 @@ const INTERMEDIATE_LIFETIME: Duration = Duration::from_secs(365 * 86400);
 /// How far NotBefore is back-dated, for clock skew between mesh members.
 const BACKDATE: Duration = Duration::from_secs(60);
 
-pub(crate) const ROOT_LABEL: &str = "moat/ca/root-key";
-pub(crate) const INTERMEDIATE_LABEL: &str = "moat/ca/intermediate-key";
+/// Which CA key a sealed value holds; part of the label it is sealed under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum KeyRole {
+    Root,
+    Intermediate,
+}
+
+impl KeyRole {
+    /// The label values were sealed under before keys were bound to their certificates.
+    pub(crate) fn legacy_label(self) -> &'static str {
+        match self {
+            KeyRole::Root => "moat/ca/root-key",
+            KeyRole::Intermediate => "moat/ca/intermediate-key",
+        }
+    }
+
+    /// The sealing label: the role and the SHA-256 of the certificate the key belongs to, so a
+    /// sealed key cannot be moved to another role or paired with another generation's
+    /// certificate (the AES-GCM tag fails).
+    fn label(self, cert_der: &[u8]) -> String {
+        let role = match self {
+            KeyRole::Root => "root",
+            KeyRole::Intermediate => "intermediate",
+        };
+        format!("moat/ca/{role}-key/{}", sha256_hex(cert_der))
+    }
+}
+
+/// A CA private key whose encoded form is wiped from memory when it is dropped.
+#[derive(Debug)]
+pub(crate) struct CaKey(pub(crate) KeyPair);
+
+impl Drop for CaKey {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl CaKey {
+    pub(crate) fn generate() -> Result<Self, CaError> {
+        Ok(CaKey(KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?))
+    }
+
+    /// Parses PKCS#8 PEM (operator material or an unsealed key).
+    pub(crate) fn from_pem(what: &'static str, pem: &str) -> Result<Self, CaError> {
+        KeyPair::from_pem(pem).map(CaKey).map_err(|e| CaError::Pem {
+            what,
+            detail: format!(
+                "{e} (keys must be PKCS#8: convert with `openssl pkcs8 -topk8 -nocrypt`)"
+            ),
+        })
+    }
+
+    /// Seals the key under `kek` for `role`, bound to the certificate `cert_der`.
+    pub(crate) fn seal(
+        &self,
+        kek: &Kek,
+        role: KeyRole,
+        cert_der: &[u8],
+    ) -> Result<Sealed, CaError> {
+        let pem = Zeroizing::new(self.0.serialize_pem());
+        Ok(kek.seal(pem.as_bytes(), &role.label(cert_der))?)
+    }
+
+    /// Opens a key sealed for `role` and the certificate `cert_der` (or, for a value written
+    /// before binding, under the role's old label).
+    pub(crate) fn open(
+        kek: &Kek,
+        sealed: &Sealed,
+        role: KeyRole,
+        cert_der: &[u8],
+        what: &'static str,
+    ) -> Result<Self, CaError> {
+        let plain = if sealed.bound {
+            kek.open(sealed, &role.label(cert_der))?
+        } else {
+            kek.open(sealed, role.legacy_label())?
+        };
+        let pem = std::str::from_utf8(&plain)
+            .map_err(|_| CaError::Import(format!("sealed {what} is not PEM")))?;
+        Self::from_pem(what, pem)
+    }
+}
+
+impl PublicKeyData for CaKey {
+    fn der_bytes(&self) -> &[u8] {
+        self.0.der_bytes()
+    }
+
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        self.0.algorithm()
+    }
+}
+
+impl SigningKey for CaKey {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        self.0.sign(msg)
+    }
+}
 
 /// Why the CA could not be built, loaded or could not sign.
 #[derive(Debug, thiserror::Error)]
@@ -110,7 +208,7 @@ pub struct IssuedCert {
 pub struct CertificateAuthority {
     trust_domain: TrustDomain,
     bundle: TrustBundle,
-    issuer: Issuer<'static, KeyPair>,
+    issuer: Issuer<'static, CaKey>,
     intermediate: CertificateDer<'static>,
     intermediate_not_after: i64,
 }
@@ -126,13 +224,6 @@ pub(crate) fn pem_cert(what: &'static str, pem: &str) -> Result<CertificateDer<'
     })
 }
 
-pub(crate) fn pem_key(what: &'static str, pem: &str) -> Result<KeyPair, CaError> {
-    KeyPair::from_pem(pem).map_err(|e| CaError::Pem {
-        what,
-        detail: format!("{e} (keys must be PKCS#8: convert with `openssl pkcs8 -topk8 -nocrypt`)"),
-    })
-}
-
 pub(crate) fn ca_params(
     cn: String,
     now: OffsetDateTime,
@@ -145,11 +236,8 @@ pub(crate) fn ca_params(
     dn.push(DnType::CommonName, cn);
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    // Signing certificates only: digitalSignature is for leaves (X.509-SVID profile).
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     p.not_before = now - BACKDATE;
     p.not_after = now + lifetime;
     p.serial_number = Some(random_serial());
@@ -173,11 +261,11 @@ fn random_serial() -> SerialNumber {
 
 pub(crate) fn intermediate_under(
     td: &TrustDomain,
-    root: &Issuer<'_, &KeyPair>,
+    root: &Issuer<'_, &CaKey>,
     now: OffsetDateTime,
     root_not_after: i64,
-) -> Result<(KeyPair, CertificateDer<'static>), CaError> {
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+) -> Result<(CaKey, CertificateDer<'static>), CaError> {
+    let key = CaKey::generate()?;
     let mut params = ca_params(
         format!("moat intermediate CA {td} {}", generation_tag()),
         now,
@@ -195,7 +283,7 @@ impl CertificateAuthority {
     /// persist (keys sealed under `kek`).
     pub fn generate(trust_domain: &TrustDomain, kek: &Kek) -> Result<(Self, CaState), CaError> {
         let now = OffsetDateTime::now_utc();
-        let root_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let root_key = CaKey::generate()?;
         let root_params = ca_params(
             format!("moat root CA {trust_domain} {}", generation_tag()),
             now,
@@ -209,9 +297,9 @@ impl CertificateAuthority {
         let state = CaState {
             trust_domain: trust_domain.to_string(),
             roots_pem: vec![root_cert.pem()],
-            root_key: Some(kek.seal(root_key.serialize_pem().as_bytes(), ROOT_LABEL)?),
+            root_key: Some(root_key.seal(kek, KeyRole::Root, root_cert.der())?),
             intermediate_pem: der_to_pem("CERTIFICATE", &int_der),
-            intermediate_key: kek.seal(int_key.serialize_pem().as_bytes(), INTERMEDIATE_LABEL)?,
+            intermediate_key: int_key.seal(kek, KeyRole::Intermediate, &int_der)?,
             next_root_key: None,
             root_rotation: None,
         };
@@ -237,7 +325,7 @@ impl CertificateAuthority {
         }
         let state = match (&byo.root_key, &byo.intermediate_cert, &byo.intermediate_key) {
             (Some(root_key_pem), None, None) => {
-                let root_key = pem_key("root key", root_key_pem)?;
+                let root_key = CaKey::from_pem("root key", root_key_pem)?;
                 let root_issuer = Issuer::from_ca_cert_der(&root_der, &root_key)?;
                 let (int_key, int_der) = intermediate_under(
                     trust_domain,
@@ -248,24 +336,22 @@ impl CertificateAuthority {
                 CaState {
                     trust_domain: trust_domain.to_string(),
                     roots_pem: vec![der_to_pem("CERTIFICATE", &root_der)],
-                    root_key: Some(kek.seal(root_key.serialize_pem().as_bytes(), ROOT_LABEL)?),
+                    root_key: Some(root_key.seal(kek, KeyRole::Root, &root_der)?),
                     intermediate_pem: der_to_pem("CERTIFICATE", &int_der),
-                    intermediate_key: kek
-                        .seal(int_key.serialize_pem().as_bytes(), INTERMEDIATE_LABEL)?,
+                    intermediate_key: int_key.seal(kek, KeyRole::Intermediate, &int_der)?,
                     next_root_key: None,
                     root_rotation: None,
                 }
             }
             (None, Some(int_pem), Some(int_key_pem)) => {
                 let int_der = pem_cert("intermediate certificate", int_pem)?;
-                let int_key = pem_key("intermediate key", int_key_pem)?;
+                let int_key = CaKey::from_pem("intermediate key", int_key_pem)?;
                 CaState {
                     trust_domain: trust_domain.to_string(),
                     roots_pem: vec![der_to_pem("CERTIFICATE", &root_der)],
                     root_key: None,
                     intermediate_pem: der_to_pem("CERTIFICATE", &int_der),
-                    intermediate_key: kek
-                        .seal(int_key.serialize_pem().as_bytes(), INTERMEDIATE_LABEL)?,
+                    intermediate_key: int_key.seal(kek, KeyRole::Intermediate, &int_der)?,
                     next_root_key: None,
                     root_rotation: None,
                 }
@@ -296,17 +382,17 @@ impl CertificateAuthority {
             .collect::<Result<Vec<_>, _>>()?;
         let bundle = TrustBundle::from_der(roots).map_err(|e| CaError::Import(e.to_string()))?;
         let intermediate = pem_cert("intermediate certificate", &state.intermediate_pem)?;
-        let key_pem = kek.open(&state.intermediate_key, INTERMEDIATE_LABEL)?;
-        let key_pem = String::from_utf8(key_pem)
-            .map_err(|_| CaError::Import("sealed intermediate key is not PEM".into()))?;
-        let key = pem_key("intermediate key", &key_pem)?;
-        if let Some(root_key) = &state.root_key {
-            // Opened only to prove the KEK also unlocks it; the root key is not kept in memory.
-            kek.open(root_key, ROOT_LABEL)?;
-        }
-        if let Some(next) = &state.next_root_key {
-            kek.open(next, ROOT_LABEL)?;
-        }
+        let key = CaKey::open(
+            kek,
+            &state.intermediate_key,
+            KeyRole::Intermediate,
+            &intermediate,
+            "intermediate key",
+        )?;
+        // Opened only to prove the KEK also unlocks them and they belong to their roots; root
+        // keys are not kept in memory.
+        state.open_root_key(kek)?;
+        state.open_next_root_key(kek)?;
         let info = CertInfo::from_der(&intermediate).map_err(|e| CaError::Import(e.to_string()))?;
         if !info.is_ca {
             return Err(CaError::Import(
@@ -332,8 +418,14 @@ impl CertificateAuthority {
         let csr = moat_identity::ValidatedCsr::from_der(wk.csr_der())
             .map_err(|e| CaError::SelfCheck(e.to_string()))?;
         let leaf = self.issue(&csr.spki_der, &id, CertTtl::MIN_TTL)?;
-        moat_identity::verify_chain(&leaf.chain, &self.bundle, UnixTime::now(), Usage::Client)
-            .map_err(|e| CaError::SelfCheck(e.to_string()))?;
+        moat_identity::verify_chain(
+            &leaf.chain,
+            &self.bundle,
+            &self.trust_domain,
+            UnixTime::now(),
+            Usage::Client,
+        )
+        .map_err(|e| CaError::SelfCheck(e.to_string()))?;
         Ok(())
     }
 
@@ -422,6 +514,9 @@ impl CertificateAuthority {
         let mut params = CertificateParams::default();
         params.distinguished_name = dn;
         params.subject_alt_names = sans;
+        // X.509-SVID leaf profile: basicConstraints cA=false (critical), digitalSignature only,
+        // and a subject key identifier (rcgen writes one with explicit basicConstraints).
+        params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = ekus;
         params.use_authority_key_identifier_extension = true;

@@ -6,6 +6,7 @@ use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
 
 /// Why a KEK could not be read or a sealed value opened.
 #[derive(Debug, thiserror::Error)]
@@ -37,12 +38,14 @@ impl Kek {
     /// Parses a KEK written as base64 or hex (surrounding white space ignored).
     pub fn parse(text: &str) -> Result<Self, KekError> {
         let text = text.trim();
-        let bytes = if text.len() == 64 && text.chars().all(|c| c.is_ascii_hexdigit()) {
-            hex::decode(text).map_err(|e| KekError::Format(e.to_string()))?
-        } else {
-            B64.decode(text)
-                .map_err(|_| KekError::Format("text that is neither base64 nor hex".into()))?
-        };
+        let bytes = Zeroizing::new(
+            if text.len() == 64 && text.chars().all(|c| c.is_ascii_hexdigit()) {
+                hex::decode(text).map_err(|e| KekError::Format(e.to_string()))?
+            } else {
+                B64.decode(text)
+                    .map_err(|_| KekError::Format("text that is neither base64 nor hex".into()))?
+            },
+        );
         if bytes.len() != 32 {
             return Err(KekError::Format(format!("{} bytes", bytes.len())));
         }
@@ -51,11 +54,14 @@ impl Kek {
 
     /// Generates a new random KEK and returns it with its base64 text form.
     pub fn generate() -> Result<(Self, String), KekError> {
-        let mut bytes = [0u8; 32];
+        let mut bytes = Zeroizing::new([0u8; 32]);
         SystemRandom::new()
-            .fill(&mut bytes)
+            .fill(bytes.as_mut())
             .map_err(|_| KekError::Random)?;
-        Ok((Self::from_bytes(&bytes)?, B64.encode(bytes)))
+        Ok((
+            Self::from_bytes(bytes.as_ref())?,
+            B64.encode(bytes.as_ref()),
+        ))
     }
 
     fn from_bytes(bytes: &[u8]) -> Result<Self, KekError> {
@@ -65,7 +71,8 @@ impl Kek {
     }
 
     /// Encrypts `plaintext`, binding it to `label` (authenticated, not secret) so that a sealed
-    /// value cannot be swapped for another.
+    /// value cannot be swapped for another: the CA labels each key with its role and the
+    /// certificate it belongs to.
     pub fn seal(&self, plaintext: &[u8], label: &str) -> Result<Sealed, KekError> {
         let mut nonce = [0u8; NONCE_LEN];
         SystemRandom::new()
@@ -83,11 +90,13 @@ impl Kek {
             alg: "AES-256-GCM".to_owned(),
             nonce: B64.encode(nonce),
             ciphertext: B64.encode(data),
+            bound: true,
         })
     }
 
-    /// Decrypts a value sealed under this KEK with the same `label`.
-    pub fn open(&self, sealed: &Sealed, label: &str) -> Result<Vec<u8>, KekError> {
+    /// Decrypts a value sealed under this KEK with the same `label`. The plaintext is wiped
+    /// from memory when dropped.
+    pub fn open(&self, sealed: &Sealed, label: &str) -> Result<Zeroizing<Vec<u8>>, KekError> {
         if sealed.alg != "AES-256-GCM" {
             return Err(KekError::Malformed(format!(
                 "unknown algorithm {}",
@@ -99,18 +108,19 @@ impl Kek {
             .ok()
             .and_then(|n| n.try_into().ok())
             .ok_or_else(|| KekError::Malformed("bad nonce".into()))?;
-        let mut data = B64
-            .decode(&sealed.ciphertext)
-            .map_err(|_| KekError::Malformed("bad ciphertext".into()))?;
+        let mut data = Zeroizing::new(
+            B64.decode(&sealed.ciphertext)
+                .map_err(|_| KekError::Malformed("bad ciphertext".into()))?,
+        );
         let plain = self
             .0
             .open_in_place(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(label.as_bytes()),
-                &mut data,
+                data.as_mut(),
             )
             .map_err(|_| KekError::WrongKey)?;
-        Ok(plain.to_vec())
+        Ok(Zeroizing::new(plain.to_vec()))
     }
 }
 
@@ -120,6 +130,10 @@ pub struct Sealed {
     pub alg: String,
     pub nonce: String,
     pub ciphertext: String,
+    /// Sealed under a label that names the key's role and certificate. Values written before
+    /// that (label = role only) read as `false` and are resealed when the CA loads them.
+    #[serde(default)]
+    pub bound: bool,
 }
 
 #[cfg(test)]
@@ -131,7 +145,10 @@ mod tests {
         let (kek, text) = Kek::generate().unwrap();
         let sealed = kek.seal(b"secret key bytes", "ca/root").unwrap();
         assert!(!sealed.ciphertext.contains("secret"));
-        assert_eq!(kek.open(&sealed, "ca/root").unwrap(), b"secret key bytes");
+        assert_eq!(
+            kek.open(&sealed, "ca/root").unwrap().as_slice(),
+            b"secret key bytes"
+        );
         assert!(matches!(
             kek.open(&sealed, "ca/other"),
             Err(KekError::WrongKey)
@@ -142,7 +159,10 @@ mod tests {
             Err(KekError::WrongKey)
         ));
         let again = Kek::parse(&text).unwrap();
-        assert_eq!(again.open(&sealed, "ca/root").unwrap(), b"secret key bytes");
+        assert_eq!(
+            again.open(&sealed, "ca/root").unwrap().as_slice(),
+            b"secret key bytes"
+        );
     }
 
     #[test]

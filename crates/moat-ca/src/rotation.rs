@@ -11,13 +11,13 @@
 //! 3. [`CaState::finish_root_rotation`]: the old root leaves the bundle.
 
 use moat_identity::bundle::{der_to_pem, sha256_hex};
-use rcgen::{Issuer, KeyPair, PKCS_ECDSA_P256_SHA256};
+use rcgen::Issuer;
+use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::authority::{
-    INTERMEDIATE_LABEL, ROOT_LABEL, ROOT_LIFETIME, ca_params, generation_tag, intermediate_under,
-    pem_cert, pem_key, unix,
+    CaKey, KeyRole, ROOT_LIFETIME, ca_params, generation_tag, intermediate_under, pem_cert, unix,
 };
 use crate::{CaError, CaState, Kek};
 
@@ -72,33 +72,148 @@ impl CaState {
             .ok_or_else(|| CaError::Import("the CA state holds no root".into()))
     }
 
+    /// The root the intermediate chains to, DER.
+    pub(crate) fn active_root_der(&self) -> Result<CertificateDer<'static>, CaError> {
+        pem_cert("root certificate", self.active_root_pem()?)
+    }
+
+    /// The issuing intermediate, DER.
+    pub(crate) fn intermediate_der(&self) -> Result<CertificateDer<'static>, CaError> {
+        pem_cert("intermediate certificate", &self.intermediate_pem)
+    }
+
+    /// The new root's certificate during a root rotation.
+    fn next_root_der(&self) -> Result<Option<CertificateDer<'static>>, CaError> {
+        let Some(rotation) = &self.root_rotation else {
+            return Ok(None);
+        };
+        let position = self.position_of(&rotation.new_root_sha256)?;
+        pem_cert("root certificate", &self.roots_pem[position]).map(Some)
+    }
+
+    /// The active root's key, when held.
+    pub(crate) fn open_root_key(&self, kek: &Kek) -> Result<Option<CaKey>, CaError> {
+        let Some(sealed) = &self.root_key else {
+            return Ok(None);
+        };
+        let der = self.active_root_der()?;
+        CaKey::open(kek, sealed, KeyRole::Root, &der, "root key").map(Some)
+    }
+
+    /// During a root rotation's first phase: the new root's key.
+    pub(crate) fn open_next_root_key(&self, kek: &Kek) -> Result<Option<CaKey>, CaError> {
+        let (Some(sealed), Some(der)) = (&self.next_root_key, self.next_root_der()?) else {
+            return Ok(None);
+        };
+        CaKey::open(kek, sealed, KeyRole::Root, &der, "new root key").map(Some)
+    }
+
+    /// Whether any key is still sealed under a label that names only its role (written before
+    /// keys were bound to their certificates).
+    pub fn has_unbound_keys(&self) -> bool {
+        !self.intermediate_key.bound
+            || self.root_key.as_ref().is_some_and(|k| !k.bound)
+            || self.next_root_key.as_ref().is_some_and(|k| !k.bound)
+    }
+
+    /// The same state with every key resealed bound to its role and certificate.
+    pub fn reseal_bound(&self, kek: &Kek) -> Result<CaState, CaError> {
+        let int_der = self.intermediate_der()?;
+        let int_key = CaKey::open(
+            kek,
+            &self.intermediate_key,
+            KeyRole::Intermediate,
+            &int_der,
+            "intermediate key",
+        )?;
+        let root_key = match self.open_root_key(kek)? {
+            Some(k) => Some(k.seal(kek, KeyRole::Root, &self.active_root_der()?)?),
+            None => None,
+        };
+        let next_root_key = match (self.open_next_root_key(kek)?, self.next_root_der()?) {
+            (Some(k), Some(der)) => Some(k.seal(kek, KeyRole::Root, &der)?),
+            _ => None,
+        };
+        Ok(CaState {
+            intermediate_key: int_key.seal(kek, KeyRole::Intermediate, &int_der)?,
+            root_key,
+            next_root_key,
+            ..self.clone()
+        })
+    }
+
     /// A new intermediate under the active root, which must be held (its key sealed here).
-    /// Refused while a root rotation is in progress.
+    /// Allowed during a root rotation too: the active root is the one issuing in that phase, so
+    /// the phase and its fleet checks are unchanged.
     pub fn rotate_intermediate(&self, kek: &Kek) -> Result<CaState, CaError> {
-        if let Some(r) = &self.root_rotation {
-            return Err(wrong_step(&format!(
-                "a root rotation is in progress ({}); finish it with `moat ca rotate-root` first",
-                r.phase.as_str()
-            )));
-        }
-        let Some(sealed_root) = &self.root_key else {
+        let Some(root_key) = self.open_root_key(kek)? else {
             return Err(wrong_step(
-                "this CA issues from an imported intermediate and does not hold the root key: import a new intermediate signed by your root instead",
+                "this CA issues from an imported intermediate and does not hold the root key: import a new intermediate signed by your root instead (`moat-control ca rotate-intermediate --intermediate-cert FILE --intermediate-key FILE`)",
             ));
         };
-        let root_pem = self.active_root_pem()?;
-        let root_der = pem_cert("root certificate", root_pem)?;
-        let root_key = open_key(kek, sealed_root, ROOT_LABEL, "root key")?;
+        let root_der = self.active_root_der()?;
         let root_info = moat_identity::CertInfo::from_der(&root_der)
             .map_err(|e| CaError::Import(e.to_string()))?;
+        let now = OffsetDateTime::now_utc();
+        if root_info.not_after <= unix(now) {
+            return Err(wrong_step(&format!(
+                "the root expired at {} (unix): an intermediate under it would be invalid; replace the root (`moat-control ca rotate-root`)",
+                root_info.not_after
+            )));
+        }
         let issuer = Issuer::from_ca_cert_der(&root_der, &root_key)?;
         let td = self.trust_domain()?;
-        let (key, der) =
-            intermediate_under(&td, &issuer, OffsetDateTime::now_utc(), root_info.not_after)?;
+        let (key, der) = intermediate_under(&td, &issuer, now, root_info.not_after)?;
         Ok(CaState {
             intermediate_pem: der_to_pem("CERTIFICATE", &der),
-            intermediate_key: kek.seal(key.serialize_pem().as_bytes(), INTERMEDIATE_LABEL)?,
+            intermediate_key: key.seal(kek, KeyRole::Intermediate, &der)?,
             ..self.clone()
+        })
+    }
+
+    /// Replaces the issuing intermediate with an operator's (PEM certificate and PKCS#8 key),
+    /// for a CA that does not hold its root key. Loading the result proves the new intermediate
+    /// chains to a root in the bundle and matches its key.
+    pub fn replace_intermediate(
+        &self,
+        cert_pem: &str,
+        key_pem: &str,
+        kek: &Kek,
+    ) -> Result<CaState, CaError> {
+        let der = pem_cert("intermediate certificate", cert_pem)?;
+        let key = CaKey::from_pem("intermediate key", key_pem)?;
+        Ok(CaState {
+            intermediate_pem: der_to_pem("CERTIFICATE", &der),
+            intermediate_key: key.seal(kek, KeyRole::Intermediate, &der)?,
+            ..self.clone()
+        })
+    }
+
+    /// The last resort when the root has expired: a new root and intermediate replace
+    /// everything at once, and any root rotation in progress is abandoned. Every member of the
+    /// mesh must then be given the new trust bundle out of band, because nothing it trusts can
+    /// vouch for the new root.
+    pub fn replace_root(&self, kek: &Kek) -> Result<CaState, CaError> {
+        let td = self.trust_domain()?;
+        let now = OffsetDateTime::now_utc();
+        let key = CaKey::generate()?;
+        let params = ca_params(
+            format!("moat root CA {td} {}", generation_tag()),
+            now,
+            ROOT_LIFETIME,
+            1,
+        );
+        let cert = params.self_signed(&key)?;
+        let issuer = Issuer::new(params.clone(), &key);
+        let (int_key, int_der) = intermediate_under(&td, &issuer, now, unix(params.not_after))?;
+        Ok(CaState {
+            trust_domain: self.trust_domain.clone(),
+            roots_pem: vec![cert.pem()],
+            root_key: Some(key.seal(kek, KeyRole::Root, cert.der())?),
+            intermediate_pem: der_to_pem("CERTIFICATE", &int_der),
+            intermediate_key: int_key.seal(kek, KeyRole::Intermediate, &int_der)?,
+            next_root_key: None,
+            root_rotation: None,
         })
     }
 
@@ -112,7 +227,7 @@ impl CaState {
         }
         let td = self.trust_domain()?;
         let now = OffsetDateTime::now_utc();
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let key = CaKey::generate()?;
         let params = ca_params(
             format!("moat root CA {td} {}", generation_tag()),
             now,
@@ -125,7 +240,7 @@ impl CaState {
         roots_pem.push(cert.pem());
         Ok(CaState {
             roots_pem,
-            next_root_key: Some(kek.seal(key.serialize_pem().as_bytes(), ROOT_LABEL)?),
+            next_root_key: Some(key.seal(kek, KeyRole::Root, cert.der())?),
             root_rotation: Some(RootRotation {
                 phase: RotationPhase::Trusting,
                 old_root_sha256: old,
@@ -148,7 +263,9 @@ impl CaState {
                 "no root rotation is waiting to switch issuance to the new root",
             ));
         };
-        let Some(sealed_new) = &self.next_root_key else {
+        let (Some(sealed_new), Some(new_key)) =
+            (&self.next_root_key, self.open_next_root_key(kek)?)
+        else {
             return Err(CaError::Import(
                 "the CA state lacks the new root's key; the rotation cannot continue".into(),
             ));
@@ -156,7 +273,6 @@ impl CaState {
         let position = self.position_of(&rotation.new_root_sha256)?;
         let new_pem = self.roots_pem[position].clone();
         let new_der = pem_cert("root certificate", &new_pem)?;
-        let new_key = open_key(kek, sealed_new, ROOT_LABEL, "new root key")?;
         let new_info = moat_identity::CertInfo::from_der(&new_der)
             .map_err(|e| CaError::Import(e.to_string()))?;
         let issuer = Issuer::from_ca_cert_der(&new_der, &new_key)?;
@@ -171,7 +287,7 @@ impl CaState {
             root_key: Some(sealed_new.clone()),
             next_root_key: None,
             intermediate_pem: der_to_pem("CERTIFICATE", &int_der),
-            intermediate_key: kek.seal(int_key.serialize_pem().as_bytes(), INTERMEDIATE_LABEL)?,
+            intermediate_key: int_key.seal(kek, KeyRole::Intermediate, &int_der)?,
             root_rotation: Some(RootRotation {
                 phase: RotationPhase::Issuing,
                 phase_unix: unix(now),
@@ -220,17 +336,6 @@ impl CaState {
     }
 }
 
-fn open_key(
-    kek: &Kek,
-    sealed: &crate::Sealed,
-    label: &str,
-    what: &'static str,
-) -> Result<KeyPair, CaError> {
-    let pem = String::from_utf8(kek.open(sealed, label)?)
-        .map_err(|_| CaError::Import(format!("sealed {what} is not PEM")))?;
-    pem_key(what, &pem)
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -251,7 +356,8 @@ mod tests {
     }
 
     fn verifies(chain: &[rustls_pki_types::CertificateDer<'static>], bundle: &TrustBundle) -> bool {
-        moat_identity::verify_chain(chain, bundle, UnixTime::now(), Usage::Client).is_ok()
+        let td = "moat.test".parse().unwrap();
+        moat_identity::verify_chain(chain, bundle, &td, UnixTime::now(), Usage::Client).is_ok()
     }
 
     #[test]
@@ -291,9 +397,7 @@ mod tests {
     }
 
     fn begin_again_fails(s: &CaState, kek: &Kek) -> bool {
-        s.begin_root_rotation(kek).is_err()
-            && s.finish_root_rotation().is_err()
-            && s.rotate_intermediate(kek).is_err()
+        s.begin_root_rotation(kek).is_err() && s.finish_root_rotation().is_err()
     }
 
     #[test]
@@ -304,6 +408,38 @@ mod tests {
         let e = s0.issue_under_new_root(&kek).unwrap_err().to_string();
         assert!(e.contains("no root rotation"), "{e}");
         assert!(s0.finish_root_rotation().is_err());
+    }
+
+    #[test]
+    fn keys_sealed_before_binding_still_load_and_reseal_bound() {
+        let (kek, _) = Kek::generate().unwrap();
+        let td = "moat.test".parse().unwrap();
+        let (_, s0) = CertificateAuthority::generate(&td, &kek).unwrap();
+        // Rewrite the keys the way earlier versions sealed them: the role's label only.
+        let legacy = |sealed: &crate::Sealed, role: KeyRole, der: &[u8]| {
+            let key = CaKey::open(&kek, sealed, role, der, "key").unwrap();
+            let pem = zeroize::Zeroizing::new(key.0.serialize_pem());
+            let mut old = kek.seal(pem.as_bytes(), role.legacy_label()).unwrap();
+            old.bound = false;
+            old
+        };
+        let root_der = s0.active_root_der().unwrap();
+        let int_der = s0.intermediate_der().unwrap();
+        let old = CaState {
+            root_key: Some(legacy(
+                s0.root_key.as_ref().unwrap(),
+                KeyRole::Root,
+                &root_der,
+            )),
+            intermediate_key: legacy(&s0.intermediate_key, KeyRole::Intermediate, &int_der),
+            ..s0.clone()
+        };
+        assert!(old.has_unbound_keys());
+        CertificateAuthority::load(&old, &kek).unwrap();
+        let resealed = old.reseal_bound(&kek).unwrap();
+        assert!(!resealed.has_unbound_keys());
+        let ca = CertificateAuthority::load(&resealed, &kek).unwrap();
+        assert!(verifies(&leaf(&ca), ca.bundle()));
     }
 
     #[test]

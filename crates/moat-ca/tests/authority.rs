@@ -44,7 +44,7 @@ fn issued_leaf_is_a_one_hour_p256_spiffe_certificate_that_verifies() {
             && leaf.refresh_after < info.not_after - 1440
     );
     for usage in [Usage::Client, Usage::Server] {
-        let peer = verify_chain(&leaf.chain, ca.bundle(), UnixTime::now(), usage).unwrap();
+        let peer = verify_chain(&leaf.chain, ca.bundle(), &td(), UnixTime::now(), usage).unwrap();
         assert_eq!(peer.id, orders);
         assert_eq!(peer.serial, leaf.serial);
     }
@@ -58,23 +58,30 @@ fn verification_refuses_expired_foreign_and_chainless_leaves() {
     let leaf = sign(&ca, &id("orders"), CertTtl::DEFAULT);
 
     let later = UnixTime::since_unix_epoch(Duration::from_secs(leaf.not_after as u64 + 1));
-    let err = verify_chain(&leaf.chain, ca.bundle(), later, Usage::Client).unwrap_err();
+    let err = verify_chain(&leaf.chain, ca.bundle(), &td(), later, Usage::Client).unwrap_err();
     assert!(matches!(err, VerifyError::Expired), "{err}");
 
-    let err =
-        verify_chain(&leaf.chain, other.bundle(), UnixTime::now(), Usage::Client).unwrap_err();
-    assert!(matches!(err, VerifyError::UnknownIssuer), "{err}");
-
     let err = verify_chain(
-        &leaf.chain[..1],
-        ca.bundle(),
+        &leaf.chain,
+        other.bundle(),
+        &td(),
         UnixTime::now(),
         Usage::Client,
     )
     .unwrap_err();
     assert!(matches!(err, VerifyError::UnknownIssuer), "{err}");
 
-    let err = verify_chain(&[], ca.bundle(), UnixTime::now(), Usage::Client).unwrap_err();
+    let err = verify_chain(
+        &leaf.chain[..1],
+        ca.bundle(),
+        &td(),
+        UnixTime::now(),
+        Usage::Client,
+    )
+    .unwrap_err();
+    assert!(matches!(err, VerifyError::UnknownIssuer), "{err}");
+
+    let err = verify_chain(&[], ca.bundle(), &td(), UnixTime::now(), Usage::Client).unwrap_err();
     assert!(matches!(err, VerifyError::NoCertificate));
 }
 
@@ -101,7 +108,14 @@ fn state_reloads_under_the_same_kek_only_and_holds_no_plaintext_key() {
     let again = CertificateAuthority::load(&state, &Kek::parse(&text).unwrap()).unwrap();
     assert_eq!(again.bundle().fingerprints(), ca.bundle().fingerprints());
     let leaf = sign(&again, &id("orders"), CertTtl::DEFAULT);
-    verify_chain(&leaf.chain, ca.bundle(), UnixTime::now(), Usage::Client).unwrap();
+    verify_chain(
+        &leaf.chain,
+        ca.bundle(),
+        &td(),
+        UnixTime::now(),
+        Usage::Client,
+    )
+    .unwrap();
 
     let (wrong, _) = Kek::generate().unwrap();
     let err = CertificateAuthority::load(&state, &wrong).unwrap_err();
@@ -132,7 +146,7 @@ fn bring_your_own_root_with_key() {
     let (ca, _) = CertificateAuthority::import(&td(), &byo, &kek).unwrap();
     let leaf = sign(&ca, &id("orders"), CertTtl::DEFAULT);
     let bundle = moat_identity::TrustBundle::from_pem(root_pem.as_bytes()).unwrap();
-    verify_chain(&leaf.chain, &bundle, UnixTime::now(), Usage::Server).unwrap();
+    verify_chain(&leaf.chain, &bundle, &td(), UnixTime::now(), Usage::Server).unwrap();
 }
 
 #[test]
@@ -154,7 +168,14 @@ fn bring_your_own_intermediate_and_mismatches_are_caught() {
     let (ca, state) = CertificateAuthority::import(&td(), &good, &kek).unwrap();
     assert!(state.root_key.is_none());
     let leaf = sign(&ca, &id("orders"), CertTtl::DEFAULT);
-    verify_chain(&leaf.chain, ca.bundle(), UnixTime::now(), Usage::Client).unwrap();
+    verify_chain(
+        &leaf.chain,
+        ca.bundle(),
+        &td(),
+        UnixTime::now(),
+        Usage::Client,
+    )
+    .unwrap();
 
     // The intermediate's key does not match its certificate.
     let wrong_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
@@ -195,4 +216,107 @@ fn bring_your_own_intermediate_and_mismatches_are_caught() {
     )
     .unwrap_err();
     assert!(matches!(err, CaError::Pem { .. }), "{err}");
+}
+
+#[test]
+fn leaves_follow_the_svid_profile_and_cas_do_not_carry_digital_signature() {
+    use x509_parser::prelude::{FromDer as _, ParsedExtension, X509Certificate};
+    let (kek, _) = Kek::generate().unwrap();
+    let (ca, _) = CertificateAuthority::generate(&td(), &kek).unwrap();
+    let leaf = sign(&ca, &id("orders"), CertTtl::DEFAULT);
+    let (_, cert) = X509Certificate::from_der(&leaf.chain[0]).unwrap();
+    let bc = cert
+        .extensions()
+        .iter()
+        .find(|e| matches!(e.parsed_extension(), ParsedExtension::BasicConstraints(_)))
+        .expect("the leaf carries basicConstraints");
+    assert!(bc.critical, "basicConstraints is critical");
+    let ParsedExtension::BasicConstraints(b) = bc.parsed_extension() else {
+        unreachable!()
+    };
+    assert!(!b.ca, "cA=false");
+    assert!(
+        cert.extensions().iter().any(|e| matches!(
+            e.parsed_extension(),
+            ParsedExtension::SubjectKeyIdentifier(_)
+        )),
+        "the leaf carries a subject key identifier"
+    );
+    let ku = cert.key_usage().unwrap().unwrap().value;
+    assert!(ku.digital_signature() && !ku.key_cert_sign() && !ku.crl_sign());
+
+    for der in [&leaf.chain[1], &ca.bundle().roots()[0]] {
+        let (_, c) = X509Certificate::from_der(der).unwrap();
+        let ku = c.key_usage().unwrap().unwrap().value;
+        assert!(ku.key_cert_sign() && ku.crl_sign() && !ku.digital_signature());
+    }
+}
+
+#[test]
+fn verification_refuses_other_trust_domains_and_leaves_that_can_sign() {
+    let (kek, _) = Kek::generate().unwrap();
+    let (ca, _) = CertificateAuthority::generate(&td(), &kek).unwrap();
+    let leaf = sign(&ca, &id("orders"), CertTtl::DEFAULT);
+    // The same root, but a relying party in another trust domain.
+    let other: TrustDomain = "other.mesh".parse().unwrap();
+    let err = verify_chain(
+        &leaf.chain,
+        ca.bundle(),
+        &other,
+        UnixTime::now(),
+        Usage::Client,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, VerifyError::ForeignTrustDomain { .. }),
+        "{err}"
+    );
+
+    // A leaf holding keyCertSign, signed by a CA the bundle trusts.
+    let (root_pem, root_key) = operator_root();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&root_pem, &root_key).unwrap();
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        id("orders").to_string().try_into().unwrap(),
+    )];
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::DigitalSignature,
+        rcgen::KeyUsagePurpose::KeyCertSign,
+    ];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let bad = params.signed_by(&key, &issuer).unwrap();
+    let bundle = moat_identity::TrustBundle::from_pem(root_pem.as_bytes()).unwrap();
+    let err = verify_chain(
+        &[bad.der().clone()],
+        &bundle,
+        &td(),
+        UnixTime::now(),
+        Usage::Client,
+    )
+    .unwrap_err();
+    assert!(matches!(err, VerifyError::LeafSignsCertificates), "{err}");
+}
+
+#[test]
+fn sealed_keys_are_bound_to_their_role_and_certificate() {
+    let (kek, _) = Kek::generate().unwrap();
+    let (_, state) = CertificateAuthority::generate(&td(), &kek).unwrap();
+    assert!(!state.has_unbound_keys());
+    // The root key moved into the intermediate's slot does not open.
+    let swapped = moat_ca::CaState {
+        intermediate_key: state.root_key.clone().unwrap(),
+        ..state.clone()
+    };
+    let err = CertificateAuthority::load(&swapped, &kek).unwrap_err();
+    assert!(matches!(err, CaError::Kek(KekError::WrongKey)), "{err}");
+    // Nor does an older intermediate's key paired with the current certificate.
+    let next = state.rotate_intermediate(&kek).unwrap();
+    let mixed = moat_ca::CaState {
+        intermediate_key: state.intermediate_key.clone(),
+        ..next.clone()
+    };
+    let err = CertificateAuthority::load(&mixed, &kek).unwrap_err();
+    assert!(matches!(err, CaError::Kek(KekError::WrongKey)), "{err}");
+    CertificateAuthority::load(&next, &kek).unwrap();
 }

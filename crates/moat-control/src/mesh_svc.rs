@@ -610,6 +610,7 @@ impl MeshService {
         let verified = moat_identity::verify::verify_chain(
             &chain,
             ca.bundle(),
+            ca.trust_domain(),
             rustls_pki_types::UnixTime::now(),
             moat_identity::verify::Usage::Client,
         )

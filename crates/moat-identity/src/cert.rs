@@ -28,6 +28,8 @@ pub struct CertInfo {
     /// Unix seconds.
     pub not_after: i64,
     pub is_ca: bool,
+    /// Whether keyUsage grants keyCertSign or cRLSign (signing rights a leaf must not carry).
+    pub signs_certificates: bool,
     /// e.g. `ECDSA P-256`, `RSA 2048`.
     pub key_algorithm: String,
     /// The workload SPIFFE ID, or why there is none (no URI SAN, several, or not a workload ID).
@@ -53,6 +55,7 @@ impl CertInfo {
         let mut uri_sans = Vec::new();
         let mut other_sans = Vec::new();
         let mut is_ca = false;
+        let mut signs_certificates = false;
         for ext in cert.extensions() {
             match ext.parsed_extension() {
                 ParsedExtension::SubjectAlternativeName(san) => {
@@ -64,6 +67,9 @@ impl CertInfo {
                     }
                 }
                 ParsedExtension::BasicConstraints(bc) => is_ca = bc.ca,
+                ParsedExtension::KeyUsage(ku) => {
+                    signs_certificates = ku.key_cert_sign() || ku.crl_sign();
+                }
                 _ => {}
             }
         }
@@ -82,6 +88,7 @@ impl CertInfo {
             not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
             is_ca,
+            signs_certificates,
             key_algorithm: key_algorithm(&cert),
             spiffe_id,
             uri_sans,

@@ -4,7 +4,7 @@
 use rustls_pki_types::{CertificateDer, UnixTime};
 
 use crate::cert::{CertInfo, CertInfoError};
-use crate::{SpiffeId, TrustBundle};
+use crate::{SpiffeId, TrustBundle, TrustDomain};
 
 /// Which side of a connection the certificate authenticates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +34,12 @@ pub enum VerifyError {
     Chain(webpki::Error),
     #[error("certificate carries no SPIFFE ID: {0}")]
     NoSpiffeId(String),
+    #[error("certificate names {id}, which is outside the trust domain {expected}")]
+    ForeignTrustDomain { id: String, expected: String },
+    #[error(
+        "the end-entity certificate may sign certificates (keyUsage keyCertSign or cRLSign); a workload certificate must not"
+    )]
+    LeafSignsCertificates,
 }
 
 impl VerifyError {
@@ -48,6 +54,8 @@ impl VerifyError {
             VerifyError::WrongUsage(_) => "wrong-key-usage",
             VerifyError::Chain(_) => "invalid-chain",
             VerifyError::NoSpiffeId(_) => "no-spiffe-id",
+            VerifyError::ForeignTrustDomain { .. } => "foreign-trust-domain",
+            VerifyError::LeafSignsCertificates => "leaf-signs-certificates",
         }
     }
 }
@@ -64,11 +72,14 @@ pub struct VerifiedPeer {
 }
 
 /// Verifies `chain` (leaf first, then intermediates) against `bundle` at `now` for `usage`, and
-/// extracts the SPIFFE ID. The leaf must carry exactly one URI SAN and it must be a workload
-/// SPIFFE ID; checking which ID is acceptable is the caller's job.
+/// extracts the SPIFFE ID. The leaf must carry exactly one URI SAN, it must be a workload SPIFFE
+/// ID in `trust_domain` (a root shared with another mesh must not let that mesh's identities in),
+/// and the leaf must not hold certificate-signing rights; checking which ID is acceptable is the
+/// caller's job.
 pub fn verify_chain(
     chain: &[CertificateDer<'_>],
     bundle: &TrustBundle,
+    trust_domain: &TrustDomain,
     now: UnixTime,
     usage: Usage,
 ) -> Result<VerifiedPeer, VerifyError> {
@@ -99,7 +110,16 @@ pub fn verify_chain(
         other => VerifyError::Chain(other),
     })?;
     let info = CertInfo::from_der(leaf)?;
+    if info.signs_certificates {
+        return Err(VerifyError::LeafSignsCertificates);
+    }
     let id = info.spiffe_id.clone().map_err(VerifyError::NoSpiffeId)?;
+    if id.trust_domain() != trust_domain {
+        return Err(VerifyError::ForeignTrustDomain {
+            id: id.to_string(),
+            expected: trust_domain.to_string(),
+        });
+    }
     Ok(VerifiedPeer {
         id,
         serial: info.serial,

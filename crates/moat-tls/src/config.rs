@@ -49,13 +49,26 @@ impl Clone for Credential {
 }
 
 impl Credential {
-    /// Validates `chain` (leaf first) against `bundle` now, and `key` against the leaf.
+    /// Validates `chain` (leaf first) against `bundle` now, and `key` against the leaf. Our own
+    /// certificate defines our trust domain: the one every peer we accept must share.
     pub fn new(
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
         bundle: &TrustBundle,
     ) -> Result<Self, CredentialError> {
-        let peer = verify_chain(&chain, bundle, UnixTime::now(), Usage::Client)?;
+        use moat_identity::VerifyError;
+        let leaf = chain.first().ok_or(VerifyError::NoCertificate)?;
+        let own = moat_identity::CertInfo::from_der(leaf)
+            .map_err(VerifyError::from)?
+            .spiffe_id
+            .map_err(VerifyError::NoSpiffeId)?;
+        let peer = verify_chain(
+            &chain,
+            bundle,
+            own.trust_domain(),
+            UnixTime::now(),
+            Usage::Client,
+        )?;
         let signing = provider()
             .key_provider
             .load_private_key(key.clone_key())
@@ -126,6 +139,7 @@ pub fn server_config(
 ) -> Result<Arc<ServerConfig>, CredentialError> {
     let verifier = Arc::new(SpiffeClientVerifier::new(
         bundle,
+        cred.peer.id.trust_domain().clone(),
         client_auth == ClientAuth::Required,
     ));
     let mut cfg = ServerConfig::builder_with_provider(provider())

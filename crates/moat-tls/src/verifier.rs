@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use moat_identity::{SpiffeId, TrustBundle, Usage, VerifyError, verify_chain};
+use moat_identity::{SpiffeId, TrustBundle, TrustDomain, Usage, VerifyError, verify_chain};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{WebPkiSupportedAlgorithms, verify_tls12_signature, verify_tls13_signature};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -37,21 +37,24 @@ fn chain<'a>(
     v
 }
 
-/// Server side: verifies client certificates against the bundle. With `mandatory == false` a
-/// client may connect without a certificate (the control plane's token bootstrap); a client that
-/// does present one must present a valid one.
+/// Server side: verifies client certificates against the bundle, accepting only identities in
+/// the server's own trust domain. With `mandatory == false` a client may connect without a
+/// certificate (the control plane's token bootstrap); a client that does present one must
+/// present a valid one.
 #[derive(Debug)]
 pub struct SpiffeClientVerifier {
     bundle: Arc<TrustBundle>,
+    trust_domain: TrustDomain,
     mandatory: bool,
     algs: WebPkiSupportedAlgorithms,
 }
 
 impl SpiffeClientVerifier {
-    /// A verifier for `bundle`.
-    pub fn new(bundle: Arc<TrustBundle>, mandatory: bool) -> Self {
+    /// A verifier for clients in `trust_domain` certified under `bundle`.
+    pub fn new(bundle: Arc<TrustBundle>, trust_domain: TrustDomain, mandatory: bool) -> Self {
         SpiffeClientVerifier {
             bundle,
+            trust_domain,
             mandatory,
             algs: algs(),
         }
@@ -76,6 +79,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         verify_chain(
             &chain(end_entity, intermediates),
             &self.bundle,
+            &self.trust_domain,
             now,
             Usage::Client,
         )
@@ -138,6 +142,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         let peer = verify_chain(
             &chain(end_entity, intermediates),
             &self.bundle,
+            self.expected.trust_domain(),
             now,
             Usage::Server,
         )

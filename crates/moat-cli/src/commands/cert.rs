@@ -93,9 +93,11 @@ fn ttl_seconds(ttl: Option<Duration>) -> anyhow::Result<u32> {
     }
 }
 
-/// Checks what the control plane returned against our own trust anchors, then writes it.
+/// Checks what the control plane returned against our own trust anchors and the identity we
+/// asked for, then writes it.
 fn accept(
     resp: CertifyResponse,
+    id: &SpiffeId,
     key: &WorkloadKey,
     anchors: &TrustBundle,
     out: &Path,
@@ -105,9 +107,22 @@ fn accept(
         .iter()
         .map(|c| CertificateDer::from(c.clone()))
         .collect();
-    let peer = verify_chain(&chain, anchors, UnixTime::now(), Usage::Client).context(
+    let peer = verify_chain(
+        &chain,
+        anchors,
+        id.trust_domain(),
+        UnixTime::now(),
+        Usage::Client,
+    )
+    .context(
         "the control plane returned a certificate that does not verify against the trust anchors",
     )?;
+    if &peer.id != id {
+        bail!(
+            "the control plane returned a certificate for {}, not the {id} we asked for",
+            peer.id
+        );
+    }
     creds::write(
         out,
         &resp.chain_der,
@@ -140,7 +155,7 @@ pub async fn run(global: &Global, cmd: CertCmd) -> anyhow::Result<()> {
                 .await
                 .map_err(|s| status("cert issue", s))?
                 .into_inner();
-            accept(resp, &key, &dir.bundle, &out)
+            accept(resp, &id, &key, &dir.bundle, &out)
         }
         CertCmd::Request {
             identity,
@@ -171,7 +186,7 @@ pub async fn run(global: &Global, cmd: CertCmd) -> anyhow::Result<()> {
                 .await
                 .map_err(|s| status("cert request", s))?
                 .into_inner();
-            accept(resp, &key, &anchors, &out)
+            accept(resp, &id, &key, &anchors, &out)
         }
         CertCmd::Renew { dir, ttl } => {
             let current = CredDir::load(&dir)?;
@@ -193,7 +208,7 @@ pub async fn run(global: &Global, cmd: CertCmd) -> anyhow::Result<()> {
                 .await
                 .map_err(|s| status("cert renew", s))?
                 .into_inner();
-            accept(resp, &key, &current.bundle, &dir)
+            accept(resp, &id, &key, &current.bundle, &dir)
         }
         CertCmd::Inspect { file, bundle } => inspect(&file, bundle.as_deref()),
         CertCmd::Rotate {
@@ -329,7 +344,13 @@ fn inspect(file: &Path, bundle: Option<&Path>) -> anyhow::Result<()> {
     }
     if let Some(bundle) = bundle {
         let b = creds::read_bundle(bundle)?;
-        let peer = verify_chain(&certs, &b, UnixTime::now(), Usage::Client)
+        // Inspection checks the chain in the trust domain the leaf itself names.
+        let domain = CertInfo::from_der(&certs[0])?
+            .spiffe_id
+            .map_err(|e| anyhow::anyhow!("the first certificate has no SPIFFE ID: {e}"))?
+            .trust_domain()
+            .clone();
+        let peer = verify_chain(&certs, &b, &domain, UnixTime::now(), Usage::Client)
             .with_context(|| format!("the chain does not verify against {}", bundle.display()))?;
         println!("\nverified     {} against {}", peer.id, bundle.display());
     }

@@ -76,6 +76,7 @@ pub async fn run(global: &Global, args: CheckArgs) -> anyhow::Result<()> {
     let chain_ok = verify_chain(
         dir.credential.chain(),
         &dir.bundle,
+        dir.credential.id().trust_domain(),
         UnixTime::now(),
         Usage::Client,
     );
