@@ -89,7 +89,7 @@ fn no_ca_key_in_clear_and_a_wrong_or_missing_kek_refuses_to_start() {
 
     // The wrong KEK: a clear error and no start.
     let wrong = cp.scratch().join("wrong-kek");
-    std::fs::write(&wrong, "ZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmY=").unwrap();
+    moat_test_util::write_secret(&wrong, "ZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmZmY=").unwrap();
     let out = cp.serve_command(&wrong).output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
@@ -99,11 +99,23 @@ fn no_ca_key_in_clear_and_a_wrong_or_missing_kek_refuses_to_start() {
     );
 
     // A KEK that is not 32 bytes.
-    std::fs::write(&wrong, "c2hvcnQ=").unwrap();
+    moat_test_util::write_secret(&wrong, "c2hvcnQ=").unwrap();
     let out = cp.serve_command(&wrong).output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("must be 32 bytes"),
+        "{}",
+        stderr(&out)
+    );
+
+    // The right KEK in a file others can read (0644): refused, with the chmod that fixes it.
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(&wrong, moat_test_util::TEST_KEK).unwrap();
+    std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = cp.serve_command(&wrong).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("mode 0644") && stderr(&out).contains("chmod 600"),
         "{}",
         stderr(&out)
     );

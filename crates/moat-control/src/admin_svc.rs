@@ -534,7 +534,12 @@ impl Admin for AdminService {
     ) -> Result<Response<CaRotationStatus>, Status> {
         let actor = self.0.require_admin(&req, "ca.rotate-intermediate").await?;
         let start = req.into_inner().start;
-        let result = crate::ca_rotation::intermediate(&self.0, start).await;
+        let result = crate::ca_rotation::intermediate(
+            &self.0,
+            start,
+            crate::ca_rotation::Requested::ByOperator,
+        )
+        .await;
         if start || result.is_err() {
             let target = result
                 .as_ref()
@@ -641,7 +646,14 @@ impl Admin for AdminService {
                     expires_unix,
                 })
                 .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
+                .map_err(|e| match e {
+                    crate::revocations::RevokeError::Full { .. } => {
+                        Status::resource_exhausted(e.to_string())
+                    }
+                    crate::revocations::RevokeError::Store(e) => {
+                        Status::unavailable(format!("{e}; try again"))
+                    }
+                })?;
             Ok(RevokeResponse {
                 revocation: Some(revocation_proto(stored)),
                 proxies,

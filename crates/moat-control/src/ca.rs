@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use anyhow::{Context as _, bail};
-use moat_ca::{ByoPem, CaError, CaState, CertificateAuthority, Kek};
+use moat_ca::{ByoPem, CaError, CaState, CertificateAuthority, Health, Kek, RotateAt};
 use moat_identity::TrustDomain;
 use moat_store::{Compare, Op, Store, Txn};
 
@@ -137,13 +137,130 @@ impl CaManager {
     }
 }
 
-/// Loads the CA, creating it on first start. Returns the CA and whether it was created now.
+/// The CA cannot issue and only an offline command can fix it; the text says which. The control
+/// plane waits in recovery mode meanwhile.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CaStuck(pub String);
+
+/// How the CA came up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Created now, on an empty store.
+    Created,
+    /// Loaded as stored.
+    Loaded,
+    /// Loaded, and the intermediate was replaced before serving because it had passed its
+    /// rotation point (`expired`: or its end) while the control plane was down.
+    Rotated { expired: bool },
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Brings a stored CA to a state that can issue before anything is served: keys sealed the old
+/// way are resealed bound to their certificates, and an intermediate past its rotation point
+/// (or expired while the control plane was down) is replaced. Stored with compare-and-swap on
+/// `rev`. Fails with [`CaStuck`] when only an offline command can help.
+async fn prepare(
+    store: &Arc<dyn Store>,
+    state: CaState,
+    rev: u64,
+    kek: &Kek,
+    at: RotateAt,
+) -> anyhow::Result<(CaState, Start)> {
+    let mut next = None;
+    if state.has_unbound_keys() {
+        tracing::info!("resealing the CA keys bound to their role and certificate");
+        next = Some(
+            state
+                .reseal_bound(kek)
+                .context("cannot reseal the CA keys")?,
+        );
+    }
+    let current = next.as_ref().unwrap_or(&state);
+    let mut start = Start::Loaded;
+    match current
+        .health(now_unix(), at)
+        .context("cannot read the CA certificates")?
+    {
+        Health::Issuing { .. } => {}
+        Health::RotateIntermediate { expired, not_after } => {
+            tracing::warn!(
+                not_after,
+                expired,
+                "the issuing intermediate passed its rotation point while the control plane was down: replacing it before serving"
+            );
+            next = Some(
+                current
+                    .rotate_intermediate(kek)
+                    .context("cannot rotate the intermediate")?,
+            );
+            start = Start::Rotated { expired };
+        }
+        Health::Stuck(why) => return Err(CaStuck(why).into()),
+    }
+    let Some(next) = next else {
+        return Ok((state, start));
+    };
+    let done = store
+        .txn(Txn {
+            compares: vec![Compare::ModRevision(KEY.to_owned(), rev)],
+            success: vec![Op::Put(KEY.to_owned(), serde_json::to_vec(&next)?)],
+            ..Txn::default()
+        })
+        .await?;
+    if !done.succeeded {
+        bail!("another process changed the CA concurrently; start again");
+    }
+    Ok((next, start))
+}
+
+/// Reads the stored CA state for an offline command (the control plane must be stopped).
+pub async fn read_state(store: &Arc<dyn Store>) -> anyhow::Result<(CaState, u64)> {
+    let kv = store
+        .get(KEY)
+        .await?
+        .context("this data directory holds no CA (start the control plane once to create one)")?;
+    let state = serde_json::from_slice(&kv.value).context("stored CA state is corrupt")?;
+    Ok((state, kv.mod_revision))
+}
+
+/// Stores `next` in place of the state read at `rev`, after proving it loads (offline commands).
+pub async fn write_state(
+    store: &Arc<dyn Store>,
+    next: &CaState,
+    rev: u64,
+    kek: &Kek,
+) -> anyhow::Result<CertificateAuthority> {
+    let ca = CertificateAuthority::load(next, kek).context("the new CA does not load")?;
+    let done = store
+        .txn(Txn {
+            compares: vec![Compare::ModRevision(KEY.to_owned(), rev)],
+            success: vec![Op::Put(KEY.to_owned(), serde_json::to_vec(next)?)],
+            ..Txn::default()
+        })
+        .await?;
+    if !done.succeeded {
+        bail!(
+            "the CA changed concurrently (is a control plane running on this store?); run the command again"
+        );
+    }
+    Ok(ca)
+}
+
+/// Loads the CA, creating it on first start, and prepares it to issue (see [`prepare`]).
 pub async fn load_or_init(
     store: &Arc<dyn Store>,
     trust_domain: &TrustDomain,
     kek: &Kek,
     import: &ImportPaths,
-) -> anyhow::Result<(CertificateAuthority, bool)> {
+    at: RotateAt,
+) -> anyhow::Result<(CertificateAuthority, Start)> {
     if let Some(kv) = store.get(KEY).await? {
         if import.any() {
             bail!(
@@ -160,8 +277,9 @@ pub async fn load_or_init(
                 state.trust_domain
             );
         }
+        let (state, start) = prepare(store, state, kv.mod_revision, kek, at).await?;
         let ca = CertificateAuthority::load(&state, kek).context("cannot load the CA")?;
-        return Ok((ca, false));
+        return Ok((ca, start));
     }
     let (ca, state) = if import.any() {
         CertificateAuthority::import(trust_domain, &import.read()?, kek)
@@ -179,5 +297,5 @@ pub async fn load_or_init(
     if !done.succeeded {
         bail!("another process initialised the CA concurrently; start again");
     }
-    Ok((ca, true))
+    Ok((ca, Start::Created))
 }

@@ -144,9 +144,33 @@ pub async fn root(
     status(cp, taken).await
 }
 
+/// Who asks for an intermediate rotation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Requested {
+    /// `moat ca rotate-intermediate`: refused during a root rotation, so the operator finishes
+    /// one CA change before starting another.
+    ByOperator,
+    /// The control plane itself, because the intermediate is due: allowed in any phase (the
+    /// issuing root stays the same), since expiry does not wait for a rotation to finish.
+    Automatic,
+}
+
 /// Starts an intermediate rotation (`start`), or only describes how far the fleet is.
-pub async fn intermediate(cp: &ControlPlane, start: bool) -> Result<CaRotationStatus, Status> {
+pub async fn intermediate(
+    cp: &ControlPlane,
+    start: bool,
+    requested: Requested,
+) -> Result<CaRotationStatus, Status> {
     let mut taken = String::new();
+    if start && requested == Requested::ByOperator {
+        let (state, _) = cp.ca.state().await.map_err(change_status)?;
+        if let Some(r) = &state.root_rotation {
+            return Err(Status::failed_precondition(format!(
+                "a root rotation is in progress ({}); finish it with `moat ca rotate-root` first",
+                r.phase.as_str()
+            )));
+        }
+    }
     if start {
         cp.ca
             .change(|s, kek| s.rotate_intermediate(kek).map(Some))
@@ -205,4 +229,72 @@ async fn status(cp: &ControlPlane, step_taken: String) -> Result<CaRotationStatu
         waiting_for: waiting_for.to_owned(),
         waiting,
     })
+}
+
+/// The audit actor for changes the control plane makes by itself.
+const AUTOMATIC: &str = "moat-control (automatic)";
+
+/// Writes the audit entry for an automatic intermediate rotation.
+pub async fn record_automatic(cp: &ControlPlane, expired: bool, when: &str) {
+    let target = sha256_hex(cp.ca.current().intermediate());
+    let detail = if expired {
+        format!("{when}: the previous intermediate had expired")
+    } else {
+        format!("{when}: the previous intermediate had passed its rotation point")
+    };
+    cp.audit_or_log(
+        AUTOMATIC,
+        "ca.rotate-intermediate",
+        &target,
+        crate::audit::Outcome::Ok,
+        &detail,
+    )
+    .await;
+}
+
+/// Replaces the intermediate once it has lived `at` of its life, checking every `every`. A
+/// rotation changes no trust (the root stays), so it needs no fleet step: every proxy is told to
+/// renew, and certificates from the previous intermediate stay valid until they expire. A CA
+/// that cannot issue any more while running (its root expired) is logged loudly; the next start
+/// enters recovery mode.
+pub async fn auto_rotate_loop(
+    cp: std::sync::Arc<ControlPlane>,
+    at: moat_ca::RotateAt,
+    every: std::time::Duration,
+) {
+    loop {
+        tokio::time::sleep(every).await;
+        let state = match cp.ca.state().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the CA state to check its lifetime");
+                continue;
+            }
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        match state.health(now, at) {
+            Ok(moat_ca::Health::Issuing { .. }) => {}
+            Ok(moat_ca::Health::RotateIntermediate { expired, not_after }) => {
+                match intermediate(&cp, true, Requested::Automatic).await {
+                    Ok(_) => {
+                        tracing::info!(
+                            previous_not_after = not_after,
+                            "rotated the intermediate automatically"
+                        );
+                        record_automatic(&cp, expired, "while running").await;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e.message(), "automatic intermediate rotation failed; retrying at the next check");
+                    }
+                }
+            }
+            Ok(moat_ca::Health::Stuck(why)) => {
+                tracing::error!(reason = %why, "the CA cannot issue certificates");
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the CA certificates"),
+        }
+    }
 }

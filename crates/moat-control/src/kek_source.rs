@@ -27,6 +27,7 @@ impl KekSource {
     /// `<data-dir>/dev.kek` and warns that it sits beside the keys it protects.
     pub fn load(&self, data_dir: &Path) -> anyhow::Result<Kek> {
         if let Some(path) = &self.file {
+            private_enough(path)?;
             let text = std::fs::read_to_string(path).with_context(|| {
                 format!("cannot read the key-encryption key file {}", path.display())
             })?;
@@ -41,6 +42,7 @@ impl KekSource {
         }
         let path = data_dir.join("dev.kek");
         if path.exists() {
+            private_enough(&path)?;
             let text = std::fs::read_to_string(&path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
             tracing::warn!(path = %path.display(), "dev mode: using the development key-encryption key stored beside the CA keys; never do this in production");
@@ -52,5 +54,61 @@ impl KekSource {
         moat_tls::cred_dir::write_private(&path, text.as_bytes())?;
         tracing::warn!(path = %path.display(), "dev mode: created a development key-encryption key (0600) beside the CA keys; never do this in production");
         Ok(kek)
+    }
+}
+
+/// A KEK file that others may read is refused, with the command that fixes it. Group read is
+/// tolerated only when the group is this process's own (Kubernetes sets a secret's group to the
+/// pod's `fsGroup` and adds group read; with `runAsGroup` equal to it nobody else is in it).
+fn private_enough(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("cannot read the key-encryption key file {}", path.display()))?;
+    let mode = meta.mode() & 0o777;
+    let own_group = meta.gid() == nix::unistd::getegid().as_raw();
+    let too_open = mode & 0o007 != 0 || mode & 0o020 != 0 || (mode & 0o040 != 0 && !own_group);
+    if too_open {
+        anyhow::bail!(
+            "the key-encryption key file {} has mode {mode:04o}: others can read or change the key that unlocks the CA. Run `chmod 600 {}` (and keep it owned by the user running moat-control)",
+            path.display(),
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    #[test]
+    fn kek_files_others_can_read_are_refused_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kek");
+        std::fs::write(&path, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=").unwrap();
+        let source = KekSource {
+            file: Some(path.clone()),
+            ..KekSource::default()
+        };
+        for bad in [0o644, 0o604, 0o666, 0o620] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(bad)).unwrap();
+            let e = format!("{:#}", source.load(dir.path()).unwrap_err());
+            assert!(
+                e.contains(&format!("mode {bad:04o}")) && e.contains("chmod 600"),
+                "{e}"
+            );
+        }
+        for good in [0o600, 0o400] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(good)).unwrap();
+            source.load(dir.path()).unwrap();
+        }
+        // The file's group is ours (created by this process): group read is what a Kubernetes
+        // fsGroup mount looks like, and is accepted.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o440)).unwrap();
+        source.load(dir.path()).unwrap();
     }
 }

@@ -20,7 +20,9 @@ pub mod listener;
 pub mod mesh_svc;
 pub mod mesh_view;
 pub mod metrics;
+pub mod offline;
 pub mod policies;
+pub mod recovery;
 pub mod registry;
 pub mod revocations;
 pub mod self_cert;
@@ -62,6 +64,10 @@ pub struct ServeConfig {
     pub admin_listen: SocketAddr,
     /// Warn while the root or intermediate expires within this.
     pub ca_expiry_warning: std::time::Duration,
+    /// The fraction of its life after which the intermediate is replaced automatically.
+    pub rotate_at: moat_ca::RotateAt,
+    /// How often the CA's certificates are checked against that point.
+    pub ca_check_interval: std::time::Duration,
     /// The sidecar-injection admission webhook, when enabled.
     pub webhook: Option<webhook::WebhookConfig>,
     /// Publish the trust bundle as a ConfigMap in every namespace (on Kubernetes).
@@ -104,12 +110,39 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let kek = cfg.kek.load(&cfg.data_dir)?;
-    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&cfg.data_dir)?);
-    let (ca, created) = ca::load_or_init(&store, &cfg.trust_domain, &kek, &cfg.import).await?;
-    if created {
-        tracing::info!(trust_domain = %ca.trust_domain(), roots = ?ca.bundle().fingerprints(), "initialised the certificate authority");
-    } else {
-        tracing::info!(trust_domain = %ca.trust_domain(), roots = ?ca.bundle().fingerprints(), "loaded the certificate authority");
+    let mut shutdown = std::pin::pin!(shutdown);
+    let (store, ca, start) = loop {
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&cfg.data_dir)?);
+        match ca::load_or_init(&store, &cfg.trust_domain, &kek, &cfg.import, cfg.rotate_at).await {
+            Ok((ca, start)) => break (store, ca, start),
+            Err(e) if e.is::<ca::CaStuck>() => {
+                // Release the store so the offline command can open it.
+                drop(store);
+                let admin = tokio::net::TcpListener::bind(cfg.admin_listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {} (--admin)", cfg.admin_listen))?;
+                println!("recovery mode: admin listening on {}", admin.local_addr()?);
+                let data_dir = cfg.data_dir.clone();
+                let at = cfg.rotate_at;
+                let repaired = move || {
+                    let data_dir = data_dir.clone();
+                    Box::pin(async move { ca_can_issue(&data_dir, at).await })
+                        as std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>
+                };
+                if !recovery::wait(admin, e.to_string(), repaired, &mut shutdown).await {
+                    return Ok(());
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    match start {
+        ca::Start::Created => {
+            tracing::info!(trust_domain = %ca.trust_domain(), roots = ?ca.bundle().fingerprints(), "initialised the certificate authority");
+        }
+        ca::Start::Loaded | ca::Start::Rotated { .. } => {
+            tracing::info!(trust_domain = %ca.trust_domain(), roots = ?ca.bundle().fingerprints(), "loaded the certificate authority");
+        }
     }
     let td = ca.trust_domain().clone();
     let ca = Arc::new(ca::CaManager::new(ca, kek, store.clone()));
@@ -187,6 +220,14 @@ pub async fn serve(
         });
     }
     tokio::spawn(audit::retention_loop(state.audit.clone()));
+    if let ca::Start::Rotated { expired } = start {
+        ca_rotation::record_automatic(&state, expired, "at start").await;
+    }
+    tokio::spawn(ca_rotation::auto_rotate_loop(
+        state.clone(),
+        cfg.rotate_at,
+        cfg.ca_check_interval,
+    ));
     tokio::spawn(admin_http::warn_expiry(
         state.clone(),
         cfg.ca_expiry_warning,
@@ -226,4 +267,24 @@ pub async fn serve(
         .context("gRPC server failed")?;
     tracing::info!("control plane stopped");
     Ok(())
+}
+
+/// Recovery mode's check: whether the stored CA can issue again (the offline command ran). A
+/// store still held by that command reads as "not yet".
+async fn ca_can_issue(data_dir: &std::path::Path, at: moat_ca::RotateAt) -> bool {
+    let Ok(store) = EmbeddedStore::open(data_dir) else {
+        return false;
+    };
+    let store: Arc<dyn Store> = Arc::new(store);
+    let Ok((state, _)) = ca::read_state(&store).await else {
+        return false;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    !matches!(
+        state.health(now, at),
+        Ok(moat_ca::Health::Stuck(_)) | Err(_)
+    )
 }

@@ -29,7 +29,47 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve the control plane. The first start on an empty data directory initialises the CA.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Repair the CA offline, with the control plane stopped: for a CA that can no longer issue
+    /// (the control plane then waits in recovery mode and says which command to run).
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCommand {
+    /// Show the CA certificates, their expiry and what the CA needs now.
+    Status(OfflineArgs),
+    /// Replace the issuing intermediate: a new one under the held root, or the operator's own
+    /// (`--intermediate-cert` and `--intermediate-key`) when the CA does not hold its root key.
+    RotateIntermediate {
+        #[command(flatten)]
+        args: OfflineArgs,
+        /// A new intermediate certificate signed by your root (PEM).
+        #[arg(long, requires = "intermediate_key")]
+        intermediate_cert: Option<PathBuf>,
+        /// Its PKCS#8 key (PEM).
+        #[arg(long, requires = "intermediate_cert")]
+        intermediate_key: Option<PathBuf>,
+    },
+    /// Replace the root. While the current root is valid this only takes step 1 of the normal
+    /// rotation (the new root joins the bundle); start the control plane and finish with
+    /// `moat ca rotate-root`. Once it has expired, a new root and intermediate replace it at
+    /// once, and every sidecar must be given the new trust bundle.
+    RotateRoot(OfflineArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct OfflineArgs {
+    /// The control plane's data directory (the control plane must be stopped).
+    #[arg(long, env = "MOAT_DATA_DIR")]
+    data_dir: PathBuf,
+    /// File holding the key-encryption key (the one the control plane uses).
+    #[arg(long, env = "MOAT_KEK_FILE")]
+    kek_file: Option<PathBuf>,
+    /// Development mode: use the development key in the data directory.
+    #[arg(long)]
+    dev: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -125,6 +165,28 @@ struct ServeArgs {
     /// Log a warning while the root or the intermediate expires within this.
     #[arg(long, env = "MOAT_CA_EXPIRY_WARNING", default_value = "30d", value_parser = parse_horizon)]
     ca_expiry_warning: std::time::Duration,
+    /// Replace the intermediate automatically once it has lived this fraction of its life
+    /// (0.1 to 0.95).
+    #[arg(long, env = "MOAT_INTERMEDIATE_ROTATION_AT", default_value = "0.667", value_parser = parse_fraction)]
+    intermediate_rotation_at: moat_ca::RotateAt,
+    /// How often the CA certificates are checked against that point.
+    #[arg(long, env = "MOAT_CA_CHECK_INTERVAL", default_value = "10m", value_parser = parse_check_interval)]
+    ca_check_interval: std::time::Duration,
+}
+
+fn parse_fraction(s: &str) -> Result<moat_ca::RotateAt, String> {
+    let f: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number (write e.g. 0.667)"))?;
+    moat_ca::RotateAt::new(f)
+}
+
+fn parse_check_interval(s: &str) -> Result<std::time::Duration, String> {
+    let d = parse_horizon(s)?;
+    if d < std::time::Duration::from_secs(1) || d > std::time::Duration::from_secs(86_400) {
+        return Err("check between every 1s and every 24h".into());
+    }
+    Ok(d)
 }
 
 fn parse_horizon(s: &str) -> Result<std::time::Duration, String> {
@@ -255,6 +317,8 @@ fn config(args: ServeArgs) -> Result<ServeConfig, String> {
             }
         }),
         ca_expiry_warning: args.ca_expiry_warning,
+        rotate_at: args.intermediate_rotation_at,
+        ca_check_interval: args.ca_check_interval,
         audit_retention: moat_control::audit::Retention {
             max_entries: usize::try_from(args.audit_max_entries).unwrap_or(usize::MAX),
             max_age: args.audit_retention,
@@ -272,7 +336,22 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let Command::Serve(args) = cli.command;
+    let args = match cli.command {
+        Command::Serve(args) => *args,
+        Command::Ca(cmd) => {
+            return match moat_control::offline::run(offline(cmd)).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.is::<MissingKek>() => {
+                    eprintln!("moat-control: {e}");
+                    ExitCode::from(2)
+                }
+                Err(e) => {
+                    eprintln!("moat-control: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    };
     let cfg = match config(args) {
         Ok(c) => c,
         Err(e) => {
@@ -290,5 +369,34 @@ async fn main() -> ExitCode {
             eprintln!("moat-control: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn offline(cmd: CaCommand) -> moat_control::offline::Command {
+    use moat_control::offline::{Action, Command};
+    let (args, action) = match cmd {
+        CaCommand::Status(a) => (a, Action::Status),
+        CaCommand::RotateIntermediate {
+            args,
+            intermediate_cert,
+            intermediate_key,
+        } => (
+            args,
+            Action::RotateIntermediate {
+                import: intermediate_cert.zip(intermediate_key),
+            },
+        ),
+        CaCommand::RotateRoot(a) => (a, Action::RotateRoot),
+    };
+    Command {
+        kek: KekSource {
+            file: args.kek_file,
+            inline: std::env::var("MOAT_KEK")
+                .ok()
+                .filter(|s| !s.trim().is_empty()),
+            dev: args.dev,
+        },
+        data_dir: args.data_dir,
+        action,
     }
 }

@@ -73,10 +73,30 @@ pub fn resolve_serial<'a>(
     }
 }
 
+/// The most identity revocations in force at once: identities are few, and a list this long
+/// means something else is wrong (revoke the namespace's policy instead).
+pub const MAX_IDENTITY_REVOCATIONS: usize = 10_000;
+/// The most serial revocations in force at once. Each ends with its certificate (at most 24 h
+/// plus a margin), so only a burst of revocations within a day can reach this.
+pub const MAX_SERIAL_REVOCATIONS: usize = 100_000;
+
+/// Why a revocation was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum RevokeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "{max} {kind} revocations are already in force, the most the control plane keeps: lift ones no longer needed (`moat revoke --list`, `moat revoke --undo`); serial revocations also lapse when their certificate expires"
+    )]
+    Full { kind: String, max: usize },
+}
+
 /// Revocation operations over the store.
 #[derive(Clone, Debug)]
 pub struct Revocations {
     store: Arc<dyn Store>,
+    /// The most identity and serial revocations in force at once.
+    limits: (usize, usize),
 }
 
 fn key(kind: &str, value: &str) -> String {
@@ -93,11 +113,31 @@ fn now_unix() -> i64 {
 impl Revocations {
     /// Revocations in `store`.
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Revocations { store }
+        Revocations {
+            store,
+            limits: (MAX_IDENTITY_REVOCATIONS, MAX_SERIAL_REVOCATIONS),
+        }
     }
 
-    /// Stores a revocation; acknowledged once durable.
-    pub async fn revoke(&self, r: Revocation) -> Result<Revocation, StoreError> {
+    /// Stores a revocation; acknowledged once durable. A new one beyond the bound for its kind
+    /// is refused; renewing one already in force is not.
+    pub async fn revoke(&self, r: Revocation) -> Result<Revocation, RevokeError> {
+        if self.store.get(&key(&r.kind, &r.value)).await?.is_none() {
+            let max = if r.kind == "identity" {
+                self.limits.0
+            } else {
+                self.limits.1
+            };
+            let in_force = self
+                .list()
+                .await?
+                .iter()
+                .filter(|x| x.kind == r.kind)
+                .count();
+            if in_force >= max {
+                return Err(RevokeError::Full { kind: r.kind, max });
+            }
+        }
         // Serialising plain strings and integers cannot fail.
         self.store
             .put(
@@ -185,5 +225,45 @@ mod serial_tests {
             resolve_serial("", [A]),
             Err(SerialError::NotHex(_))
         ));
+    }
+}
+
+#[cfg(test)]
+mod bound_tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn serial(value: &str, expires_unix: i64) -> Revocation {
+        Revocation {
+            kind: "serial".into(),
+            value: value.into(),
+            reason: String::new(),
+            actor: "test".into(),
+            time_unix_ms: 0,
+            expires_unix,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_list_is_bounded_and_expired_entries_make_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(moat_store::EmbeddedStore::open(dir.path()).unwrap());
+        let r = Revocations {
+            limits: (1, 2),
+            ..Revocations::new(store)
+        };
+        let later = now_unix() + 3600;
+        r.revoke(serial("aa", later)).await.unwrap();
+        r.revoke(serial("bb", now_unix() + 1)).await.unwrap();
+        let e = r.revoke(serial("cc", later)).await.unwrap_err();
+        assert!(matches!(e, RevokeError::Full { max: 2, .. }), "{e}");
+        assert!(e.to_string().contains("moat revoke --undo"), "{e}");
+        // Revoking one already in force again is not a new entry.
+        r.revoke(serial("aa", later)).await.unwrap();
+        // Once one lapses with its certificate, there is room again.
+        tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+        r.revoke(serial("cc", later)).await.unwrap();
+        assert_eq!(r.list().await.unwrap().len(), 2);
     }
 }

@@ -18,6 +18,9 @@ use tokio::sync::watch;
 
 use crate::config::ProxyConfig;
 
+/// How often the renewal loop compares the wall clock with the refresh hint while it waits.
+const WALL_CLOCK_CHECK_SECS: u64 = 30;
+
 /// Outbound configs are cached per (expected server identity, ALPN).
 type ClientKey = (SpiffeId, &'static [u8]);
 
@@ -197,8 +200,12 @@ pub async fn renew(cfg: &ProxyConfig, current: &TlsGen) -> anyhow::Result<TlsGen
     TlsGen::new(cred, bundle, refresh)
 }
 
-/// Renews at each refresh hint (or at once when `rotate_now` fires), forever; failures retry with backoff until the certificate
-/// expires (after which handshakes fail: the proxy fails closed).
+/// Renews at each refresh hint (or at once when `rotate_now` fires), forever; failures retry
+/// with backoff. Once the certificate has expired (the control plane was unreachable for longer
+/// than its lifetime, or its CA was replaced meanwhile) renewal cannot authenticate any more:
+/// the proxy fails closed, and obtains a new certificate the way it got its first one, re-reading
+/// its token file and trust anchors on each attempt (a Kubernetes service-account token is kept
+/// fresh by the kubelet; a join token must be replaced by the operator).
 pub async fn renew_loop(
     cfg: Arc<ProxyConfig>,
     tls: watch::Sender<Option<Arc<TlsGen>>>,
@@ -213,15 +220,36 @@ pub async fn renew_loop(
         let wait = current.refresh_after - crate::unix_now();
         if wait > 0 {
             let mut changed = tls.subscribe();
+            // Timers run on the monotonic clock; the refresh hint is wall-clock time. Looking at
+            // the wall clock at least every half minute keeps a clock jump (a suspended VM, a
+            // corrected clock) from leaving an expired certificate in place until the timer ends.
+            let nap = Duration::from_secs((wait as u64).min(WALL_CLOCK_CHECK_SECS));
             tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(wait as u64)) => {}
+                () = tokio::time::sleep(nap) => {
+                    if wait as u64 > WALL_CLOCK_CHECK_SECS {
+                        continue;
+                    }
+                }
                 () = rotate_now.notified() => tracing::info!("rotation requested by the control plane"),
                 // A new generation (e.g. a new bundle) carries the same refresh hint; re-read it.
                 _ = changed.changed() => continue,
             }
         }
-        match renew(&cfg, &current).await {
+        let expired = current.credential.leaf().not_after <= crate::unix_now();
+        let attempt = if expired {
+            bootstrap(&cfg).await.context(
+                "our certificate has expired, so renewal cannot authenticate; obtaining a new one with the token file failed",
+            )
+        } else {
+            renew(&cfg, &current).await
+        };
+        match attempt {
             Ok(next) => {
+                if expired {
+                    tracing::warn!(
+                        "our certificate had expired: obtained a new one with the token file"
+                    );
+                }
                 tracing::info!(serial = %next.credential.leaf().serial, not_after = next.credential.leaf().not_after, "renewed our certificate");
                 metrics.cert_expiry.set(next.credential.leaf().not_after);
                 tls.send_replace(Some(Arc::new(next)));

@@ -90,6 +90,58 @@ pub struct ControlPlane {
     log: PathBuf,
     listen: String,
     extra_args: Vec<String>,
+    /// Environment for the control plane and the CLI runs against it (e.g. a moved clock).
+    env: Vec<(String, String)>,
+}
+
+/// A clock for the real binaries, moved with libfaketime: every process started with
+/// [`Clock::env`] reads its offset from one file, so a test can move the whole mesh forward
+/// (e.g. a year, past the intermediate's end) while the processes keep running. Monotonic time
+/// is left alone (timers keep their pace).
+#[derive(Debug)]
+pub struct Clock {
+    dir: tempfile::TempDir,
+    library: PathBuf,
+}
+
+impl Clock {
+    /// A clock at the real time. Fails when libfaketime is not installed (`scripts/test`
+    /// installs Debian's `faketime`).
+    pub fn new() -> anyhow::Result<Self> {
+        let library = ["x86_64-linux-gnu", "aarch64-linux-gnu"]
+            .iter()
+            .map(|arch| PathBuf::from(format!("/usr/lib/{arch}/faketime/libfaketime.so.1")))
+            .find(|p| p.exists())
+            .context(
+                "libfaketime is not installed: run scripts/test, or apt-get install faketime",
+            )?;
+        let clock = Clock {
+            dir: tempfile::tempdir()?,
+            library,
+        };
+        clock.set("+0")?;
+        Ok(clock)
+    }
+
+    /// Moves every process's clock to `offset` from the real time (libfaketime syntax, e.g.
+    /// `+366d`); running processes see it within a second.
+    pub fn set(&self, offset: &str) -> anyhow::Result<()> {
+        std::fs::write(self.dir.path().join("offset"), format!("{offset}\n"))?;
+        Ok(())
+    }
+
+    /// The environment that puts a process on this clock.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("LD_PRELOAD".into(), self.library.display().to_string()),
+            (
+                "FAKETIME_TIMESTAMP_FILE".into(),
+                self.dir.path().join("offset").display().to_string(),
+            ),
+            ("FAKETIME_CACHE_DURATION".into(), "1".into()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+        ]
+    }
 }
 
 /// A plain HTTP/1.1 GET (admin ports): (status, body), or `None` when nothing answers.
@@ -143,6 +195,13 @@ pub fn free_port() -> u16 {
         .unwrap_or_else(|e| panic!("no free port: {e}"))
 }
 
+/// Writes a secret file readable only by its owner (0600), as moat-control requires of a KEK.
+pub fn write_secret(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(path, text)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}
+
 /// A fixed, valid KEK for tests (base64 of 32 bytes).
 pub const TEST_KEK: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
@@ -160,9 +219,22 @@ impl ControlPlane {
     /// Starts one whose gRPC port listens on `listen` (e.g. a bridge address other network
     /// namespaces reach).
     pub fn start_listening(listen: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_full(listen, extra, Vec::new())
+    }
+
+    /// Starts one whose processes (and the CLI runs against it) get `env`, e.g. [`Clock::env`].
+    pub fn start_env(extra: &[&str], env: Vec<(String, String)>) -> anyhow::Result<Self> {
+        Self::start_full(&format!("127.0.0.1:{}", free_port()), extra, env)
+    }
+
+    fn start_full(
+        listen: &str,
+        extra: &[&str],
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<Self> {
         let data = tempfile::tempdir()?;
         let secrets = tempfile::tempdir()?;
-        std::fs::write(secrets.path().join("kek"), TEST_KEK)?;
+        write_secret(&secrets.path().join("kek"), TEST_KEK)?;
         let log = secrets.path().join("control.log");
         let mut cp = ControlPlane {
             child: None,
@@ -174,6 +246,7 @@ impl ControlPlane {
             log,
             listen: listen.to_owned(),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            env,
         };
         cp.launch()?;
         // Import flags (each followed by its file) apply to the first start only.
@@ -201,6 +274,7 @@ impl ControlPlane {
             .arg("--kek-file")
             .arg(kek_file)
             .env_remove("MOAT_KEK")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(&self.extra_args);
         cmd
     }
@@ -284,6 +358,11 @@ impl ControlPlane {
         http_get(&self.admin_addr(), path)
     }
 
+    /// The environment its processes get.
+    pub fn env(&self) -> &[(String, String)] {
+        &self.env
+    }
+
     /// The data directory.
     pub fn data_dir(&self) -> &Path {
         self.data.path()
@@ -336,6 +415,7 @@ impl ControlPlane {
             .args(args)
             .env("MOAT_CONTROL_PLANE", self.url())
             .env("MOAT_CREDENTIALS", self.admin_dir())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .unwrap_or_else(|e| panic!("cannot run moat: {e}"))
     }

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -96,6 +97,8 @@ impl Proxy {
             ups.insert(name.to_owned(), a);
         }
         cmd.args(extra);
+        // The control plane's environment (e.g. its moved clock) applies to its mesh.
+        cmd.envs(cp.env().iter().map(|(k, v)| (k, v)));
         let log = std::fs::File::create(dir.path().join("proxy.log"))?;
         let child = cmd
             .stdout(Stdio::null())
@@ -111,6 +114,11 @@ impl Proxy {
             upstreams: ups,
             dir,
         })
+    }
+
+    /// The token file the proxy reads when it needs a certificate without a valid one.
+    pub fn token_file(&self) -> PathBuf {
+        self.dir.path().join("token")
     }
 
     /// Waits until `/ready` answers 200.
