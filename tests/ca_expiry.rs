@@ -191,3 +191,40 @@ fn an_expired_root_waits_in_recovery_mode_until_the_offline_command_replaces_it(
         stderr(&out)
     );
 }
+
+#[test]
+fn a_running_control_plane_rotates_the_intermediate_at_two_thirds_of_its_life() {
+    let clock = Clock::new().unwrap();
+    let cp = ControlPlane::start_env(&["--ca-check-interval", "1s"], clock.env()).unwrap();
+    let before = intermediate_sha(&cp);
+    // 200 days in: a third of the way from two thirds; nothing happens.
+    clock.set("+200d").unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !cp.log_text()
+            .contains("rotated the intermediate automatically")
+    );
+    // 250 days in: past two thirds of the year; the running control plane replaces it.
+    clock.set("+250d").unwrap();
+    eventually(Duration::from_secs(20), || {
+        cp.log_text()
+            .contains("rotated the intermediate automatically")
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("no automatic rotation:\n{}", cp.log_text()));
+    // Once, not at every check.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        cp.log_text()
+            .matches("rotated the intermediate automatically")
+            .count(),
+        1
+    );
+    // The admin credential followed the new intermediate, so the CLI still works, and shows it.
+    assert_ne!(intermediate_sha(&cp), before);
+    let audit = cp.moat_ok(&["audit", "--action", "ca.rotate-intermediate"]);
+    assert!(
+        audit.contains("moat-control (automatic)") && audit.contains("while running"),
+        "{audit}"
+    );
+}

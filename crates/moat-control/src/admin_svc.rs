@@ -597,7 +597,7 @@ impl Admin for AdminService {
                     // The entry can go once that certificate would have expired anyway: no
                     // certificate the CA issued until now outlives now + the longest lifetime
                     // it issues. What any proxy reports never shortens it.
-                    let now = crate::self_cert::unix_now();
+                    let now = crate::unix_now();
                     (
                         "serial",
                         serial,

@@ -155,13 +155,6 @@ pub enum Start {
     Rotated { expired: bool },
 }
 
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 /// Brings a stored CA to a state that can issue before anything is served: keys sealed the old
 /// way are resealed bound to their certificates, and an intermediate past its rotation point
 /// (or expired while the control plane was down) is replaced. Stored with compare-and-swap on
@@ -185,7 +178,7 @@ async fn prepare(
     let current = next.as_ref().unwrap_or(&state);
     let mut start = Start::Loaded;
     match current
-        .health(now_unix(), at)
+        .health(crate::unix_now(), at)
         .context("cannot read the CA certificates")?
     {
         Health::Issuing { .. } => {}

@@ -271,11 +271,7 @@ pub async fn auto_rotate_loop(
                 continue;
             }
         };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        match state.health(now, at) {
+        match state.health(crate::unix_now(), at) {
             Ok(moat_ca::Health::Issuing { .. }) => {}
             Ok(moat_ca::Health::RotateIntermediate { expired, not_after }) => {
                 match intermediate(&cp, true, Requested::Automatic).await {

@@ -76,6 +76,14 @@ pub struct ServeConfig {
     pub audit_retention: audit::Retention,
 }
 
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
 /// The control plane's own SPIFFE ID in `td`.
 pub fn control_plane_id(td: &TrustDomain) -> SpiffeId {
     SpiffeId::new(

@@ -33,13 +33,6 @@ pub struct Command {
     pub action: Action,
 }
 
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 fn open_store(cmd: &Command) -> anyhow::Result<Arc<dyn Store>> {
     if !cmd.data_dir.join("moat.redb").exists() {
         bail!(
@@ -85,7 +78,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
     let kek = cmd.kek.load(&cmd.data_dir)?;
     let store = open_store(&cmd)?;
     let (state, rev) = ca::read_state(&store).await?;
-    let now = now_unix();
+    let now = crate::unix_now();
     match &cmd.action {
         Action::Status => {
             match state.health(now, RotateAt::DEFAULT)? {

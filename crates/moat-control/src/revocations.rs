@@ -103,13 +103,6 @@ fn key(kind: &str, value: &str) -> String {
     format!("{PREFIX}{kind}/{value}")
 }
 
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 impl Revocations {
     /// Revocations in `store`.
     pub fn new(store: Arc<dyn Store>) -> Self {
@@ -165,7 +158,7 @@ impl Revocations {
 
     /// Every revocation still in force (expired ones are dropped from the store).
     pub async fn list(&self) -> Result<Vec<Revocation>, StoreError> {
-        let now = now_unix();
+        let now = crate::unix_now();
         let mut live = Vec::new();
         let mut expired = Vec::new();
         for kv in self.store.range(PREFIX, 0, false).await? {
@@ -253,9 +246,9 @@ mod bound_tests {
             limits: (1, 2),
             ..Revocations::new(store)
         };
-        let later = now_unix() + 3600;
+        let later = crate::unix_now() + 3600;
         r.revoke(serial("aa", later)).await.unwrap();
-        r.revoke(serial("bb", now_unix() + 1)).await.unwrap();
+        r.revoke(serial("bb", crate::unix_now() + 1)).await.unwrap();
         let e = r.revoke(serial("cc", later)).await.unwrap_err();
         assert!(matches!(e, RevokeError::Full { max: 2, .. }), "{e}");
         assert!(e.to_string().contains("moat revoke --undo"), "{e}");

@@ -128,7 +128,7 @@ impl SelfCerts {
     /// Renews each at its refresh hint, forever; a failure retries in 30 s.
     pub async fn renew_loop(self: Arc<Self>) {
         loop {
-            let now = unix_now();
+            let now = crate::unix_now();
             let (serving_at, admin_at) = *self.due.lock().unwrap_or_else(|e| e.into_inner());
             let next = serving_at.min(admin_at);
             if next > now {
@@ -158,12 +158,4 @@ impl SelfCerts {
 
 fn admin_ttl() -> CertTtl {
     CertTtl::unchecked(ADMIN_CREDENTIAL_TTL)
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }

@@ -67,13 +67,6 @@ pub enum TokenError {
     Corrupt(String),
 }
 
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 fn hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
@@ -113,7 +106,7 @@ impl Tokens {
         rand::rng().fill_bytes(&mut secret);
         let token = format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(secret));
         let hash = hash(&token);
-        let now = now_unix();
+        let now = crate::unix_now();
         let record = TokenRecord {
             id: hash[..16].to_owned(),
             hash,
@@ -155,7 +148,7 @@ impl Tokens {
             if rec.revoked {
                 return Err(TokenError::Revoked { id: rec.id.clone() });
             }
-            if now_unix() >= rec.expires_unix {
+            if crate::unix_now() >= rec.expires_unix {
                 return Err(TokenError::Expired {
                     id: rec.id.clone(),
                     expired_unix: rec.expires_unix,
