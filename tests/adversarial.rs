@@ -29,29 +29,6 @@ spec:
     - from: [c]
 "#;
 
-/// A credential for `who`, issued by the control plane for a join token.
-fn credential_for(cp: &ControlPlane, who: &str) -> moat_tls::Credential {
-    let dir = cp.scratch().join(format!("cred-{who}"));
-    let out = cert_request(cp, &cp.url(), who, &token(cp, who, &[]), &dir);
-    assert!(out.status.success(), "{}", stderr(&out));
-    credential(&dir, &bundle(cp))
-}
-
-/// A TLS connection to `b`'s inbound as the holder of `cred`, offering `alpn`.
-async fn dial(
-    cp: &ControlPlane,
-    b: &Proxy,
-    cred: &moat_tls::Credential,
-    alpn: &[u8],
-) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let cfg = moat_tls::client_config(Some(cred), Arc::new(bundle(cp)), id("b"), alpn).unwrap();
-    let tcp = tokio::net::TcpStream::connect(b.inbound).await.unwrap();
-    tokio_rustls::TlsConnector::from(cfg)
-        .connect("moat.invalid".try_into().unwrap(), tcp)
-        .await
-        .unwrap()
-}
-
 /// Writes `raw` (after `delay`) on a fresh HTTP/1.1 connection and returns everything that came
 /// back until the sidecar closed it or 5 s passed.
 async fn h1_raw(

@@ -324,3 +324,32 @@ pub async fn https_server(
     });
     (addr, ca_cert.pem())
 }
+
+/// A credential for `who`, issued by the control plane for a join token.
+pub fn credential_for(cp: &ControlPlane, who: &str) -> Credential {
+    let dir = cp.scratch().join(format!("cred-{who}"));
+    let out = cert_request(cp, &cp.url(), who, &token(cp, who, &[]), &dir);
+    assert!(out.status.success(), "{}", stderr(&out));
+    credential(&dir, &bundle(cp))
+}
+
+/// A TLS connection to `to`'s inbound as the holder of `cred`, offering `alpn`.
+pub async fn dial(
+    cp: &ControlPlane,
+    to: &moat_test_util::Proxy,
+    cred: &Credential,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let cfg = moat_tls::client_config(
+        Some(cred),
+        std::sync::Arc::new(bundle(cp)),
+        id(&to.identity),
+        alpn,
+    )
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(to.inbound).await.unwrap();
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect("moat.invalid".try_into().unwrap(), tcp)
+        .await
+        .unwrap()
+}

@@ -35,6 +35,8 @@ pub struct ProxyConfig {
     /// app port for inbound clients that do not say (by ALPN) what they carry. Needed for
     /// server-first protocols (SMTP, MySQL, …), which would otherwise wait out detection.
     pub opaque_ports: Vec<u16>,
+    /// Timeouts of served HTTP connections (inbound and outbound).
+    pub limits: crate::conn_guard::ConnLimits,
 }
 
 /// What happens to an intercepted outbound connection whose destination is not a mesh endpoint.

@@ -45,67 +45,6 @@ pub fn empty() -> Body {
     boxed(Empty::<Bytes>::new())
 }
 
-/// How a served HTTP connection ended.
-#[derive(Debug)]
-pub enum Ended {
-    /// The peer closed it.
-    Finished,
-    /// It failed (a protocol error, a reset).
-    Failed(String),
-    /// The process is draining; the connection was closed gracefully.
-    Drained,
-    /// `close` resolved with this reason; the connection was closed gracefully.
-    Closed(&'static str),
-}
-
-/// Serves one HTTP/1.1 or HTTP/2 connection, each request answered by `handler`, until it
-/// ends, the process drains, or `close` resolves. Header blocks are limited to 64 KiB.
-pub async fn serve_http<IO, F, Fut>(
-    io: IO,
-    handler: F,
-    shutdown: &tokio_util::sync::CancellationToken,
-    close: impl std::future::Future<Output = &'static str>,
-) -> Ended
-where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
-{
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    let svc = hyper::service::service_fn(move |req| {
-        let handler = handler.clone();
-        async move { Ok::<_, std::convert::Infallible>(handler(req).await) }
-    });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .max_buf_size(64 * 1024);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(64 * 1024);
-    let conn = builder.serve_connection(TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    tokio::pin!(close);
-    tokio::select! {
-        r = conn.as_mut() => match r {
-            Ok(()) => Ended::Finished,
-            Err(e) => Ended::Failed(e.to_string()),
-        },
-        () = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-            Ended::Drained
-        }
-        reason = &mut close => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-            Ended::Closed(reason)
-        }
-    }
-}
-
 /// The request's authority: from the URI, else the Host header, else `fallback`.
 pub fn request_authority(parts: &http::request::Parts, fallback: &str) -> String {
     parts

@@ -13,17 +13,17 @@ use std::time::{Duration, Instant};
 use http::{HeaderValue, Request, Response, Uri, Version};
 use http_body_util::BodyExt as _;
 use hyper::body::Body as _;
-use hyper::body::Incoming;
 use moat_identity::SpiffeId;
 use moat_policy::eval::{Decision, Input, Jwt, Reason, Traffic, decide};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 use crate::Ctx;
+use crate::conn_guard::{Ended, RequestBody, serve_http};
 use crate::detect::{Prefixed, Protocol, detect};
 use crate::http::{
-    Body, Ended, ORIG_PROTO, PEER_ID, USER, boxed, deny, ensure_request_id, is_grpc,
-    request_authority, serve_http, strip_hop_by_hop, strip_identity_headers, unavailable,
+    Body, ORIG_PROTO, PEER_ID, USER, boxed, deny, ensure_request_id, is_grpc, request_authority,
+    strip_hop_by_hop, strip_identity_headers, unavailable,
 };
 use crate::metrics::TrafficLabels;
 use crate::snapshot::Snapshot;
@@ -162,7 +162,7 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
             let admitted = authorize(&ctx, &peer_id, port, Traffic::Connection).allowed;
             // The app's HTTP clients, looked up once per connection rather than per request.
             let conn = Arc::new(HttpConn {
-                clients: ctx.apps.get(app),
+                clients: ctx.apps.get(app, &peer_id.name),
                 counters: ctx.metrics.for_connection(
                     "inbound",
                     peer_id.name.clone(),
@@ -183,6 +183,7 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
             match serve_http(
                 io,
                 handler,
+                ctx.cfg.limits,
                 &ctx.shutdown,
                 until_forbidden(&ctx, &peer_id, port, admitted),
             )
@@ -191,7 +192,12 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
                 Ended::Failed(e) => {
                     tracing::debug!(%remote, error = %e, "inbound HTTP connection ended with an error")
                 }
+                Ended::Guard(reason) => {
+                    ctx.metrics.connection_closed("inbound", reason);
+                    tracing::warn!(target: "moat::access", direction = "inbound", %remote, peer = %peer_id, reason, "closed the connection (see moat_connections_closed_total)");
+                }
                 Ended::Closed(reason) => {
+                    ctx.metrics.connection_closed("inbound", "policy");
                     tracing::info!(target: "moat::access", direction = "inbound", %remote, peer = %peer_id, decision = "deny", reason, "closing an HTTP connection the new policy no longer allows")
                 }
                 Ended::Finished | Ended::Drained => {}
@@ -433,7 +439,7 @@ fn canonical_target(parts: &http::request::Parts) -> Result<(String, String), St
     Ok((path, forwarded))
 }
 
-async fn forward(req: Request<Incoming>, conn: &HttpConn, ctx: &Ctx) -> Response<Body> {
+async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Response<Body> {
     let (peer, app) = (&conn.peer, conn.app);
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
@@ -536,7 +542,7 @@ async fn forward(req: Request<Incoming>, conn: &HttpConn, ctx: &Ctx) -> Response
 /// and the query as sent), in the HTTP version its client spoke.
 async fn to_app(
     mut parts: http::request::Parts,
-    body: Incoming,
+    body: RequestBody,
     path_and_query: &str,
     h1: bool,
     conn: &HttpConn,

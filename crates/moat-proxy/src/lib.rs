@@ -2,11 +2,14 @@
 //! and renewal (`identity`), the mesh stream to the control plane (`mesh_client`, snapshots in
 //! `snapshot`), then the inbound listener (`inbound`: mTLS → authorize → app) and one outbound
 //! listener per upstream (`outbound`: app → mTLS to a verified endpoint, via `pool`). Protocols are
-//! told apart in `detect`; HTTP plumbing is in `http`; metrics in `metrics`. SIGTERM stops
+//! told apart in `detect`; HTTP plumbing is in `http`, and what one peer may do to a served HTTP
+//! connection (limits, timeouts, reset and stall watchdog) in `conn_guard`; metrics in
+//! `metrics`. SIGTERM stops
 //! accepting, drains in-flight work up to the grace period, then exits.
 
 pub mod admin;
 pub mod config;
+pub mod conn_guard;
 pub mod detect;
 pub mod http;
 pub mod identity;
@@ -26,7 +29,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use hyper_util::client::legacy::Client;
@@ -107,30 +110,51 @@ pub async fn accept_loop<F, Fut>(
 /// An HTTP client to the app: HTTP/1.1 with pooled keep-alive connections.
 pub type AppClient = Client<AppConnector, crate::http::Body>;
 
-/// HTTP clients to the app, one pair (HTTP/1.1 and h2c for gRPC/HTTP/2) per app address: one
-/// address with `--app`, one per port in transparent mode.
+/// The most callers whose app connections are kept at once; the least recently active caller's
+/// go first (its requests in flight finish; its next request connects again).
+const APP_CALLERS: usize = 1024;
+
+/// HTTP clients to the app, one pair (HTTP/1.1 and h2c for gRPC/HTTP/2) per app address (one
+/// with `--app`, one per port in transparent mode) **and per caller identity**: a caller's
+/// requests travel on connections of its own, so what it does to them — resetting streams until
+/// the app tears the connection down, leaving flow-control windows at zero, holding every
+/// stream slot — stays with that caller (decision 30).
 #[derive(Debug, Default)]
-pub struct AppClients(
-    std::sync::Mutex<std::collections::HashMap<SocketAddr, (AppClient, AppClient)>>,
-);
+pub struct AppClients(std::sync::Mutex<std::collections::HashMap<AppKey, AppEntry>>);
+
+/// An app address and a caller identity.
+type AppKey = (SocketAddr, Arc<str>);
+/// The HTTP/1.1 and h2c clients, and when they were last used.
+type AppEntry = ((AppClient, AppClient), Instant);
 
 impl AppClients {
-    /// The HTTP/1.1 and h2c clients for `addr`.
-    pub fn get(&self, addr: SocketAddr) -> (AppClient, AppClient) {
+    /// The HTTP/1.1 and h2c clients to `addr` for `caller`.
+    pub fn get(&self, addr: SocketAddr, caller: &str) -> (AppClient, AppClient) {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(addr)
-            .or_insert_with(|| {
-                let build = |h2: bool| {
-                    Client::builder(TokioExecutor::new())
-                        .timer(TokioTimer::new())
-                        .pool_timer(TokioTimer::new())
-                        .http2_only(h2)
-                        .pool_idle_timeout(Duration::from_secs(60))
-                        .build(AppConnector(addr))
-                };
-                (build(false), build(true))
-            })
-            .clone()
+        let now = Instant::now();
+        if let Some((clients, used)) = map.get_mut(&(addr, Arc::from(caller))) {
+            *used = now;
+            return clients.clone();
+        }
+        if map.len() >= APP_CALLERS
+            && let Some(oldest) = map
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone())
+        {
+            map.remove(&oldest);
+        }
+        let build = |h2: bool| {
+            Client::builder(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .http2_only(h2)
+                .pool_idle_timeout(Duration::from_secs(60))
+                .build(AppConnector(addr))
+        };
+        let clients = (build(false), build(true));
+        map.insert((addr, Arc::from(caller)), (clients.clone(), now));
+        clients
     }
 }
 

@@ -74,6 +74,20 @@ struct Args {
     /// listener ports and/or the app port.
     #[arg(long, env = "MOAT_OPAQUE_PORTS", value_delimiter = ',')]
     opaque_ports: Vec<u16>,
+    /// An HTTP/1 request head must arrive within this.
+    #[arg(long, env = "MOAT_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = timeout)]
+    header_read_timeout: Duration,
+    /// A request body the peer started must keep coming (or the response keep flowing) within
+    /// this, or the connection is closed.
+    #[arg(long, env = "MOAT_REQUEST_IDLE_TIMEOUT", default_value = "5m", value_parser = timeout)]
+    request_idle_timeout: Duration,
+    /// The peer must keep reading the response it asked for within this, or the connection is
+    /// closed.
+    #[arg(long, env = "MOAT_RESPONSE_IDLE_TIMEOUT", default_value = "60s", value_parser = timeout)]
+    response_idle_timeout: Duration,
+    /// A served connection with nothing in flight for this long is closed.
+    #[arg(long, env = "MOAT_IDLE_TIMEOUT", default_value = "10m", value_parser = timeout)]
+    idle_timeout: Duration,
     /// Worker threads (1: everything on one thread).
     #[arg(long, env = "MOAT_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     workers: u16,
@@ -84,6 +98,15 @@ struct Args {
 
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (write e.g. 10s, 1m)"))
+}
+
+/// A connection timeout: between 1s and 24h (zero would close everything at once).
+fn timeout(s: &str) -> Result<Duration, String> {
+    let d = duration(s)?;
+    if d < Duration::from_secs(1) || d > Duration::from_secs(86_400) {
+        return Err("must be between 1s and 24h".into());
+    }
+    Ok(d)
 }
 
 fn config(a: &Args) -> Result<ProxyConfig, String> {
@@ -126,6 +149,12 @@ fn config(a: &Args) -> Result<ProxyConfig, String> {
         drain_timeout: a.drain_timeout,
         cert_ttl: a.cert_ttl,
         opaque_ports: a.opaque_ports.clone(),
+        limits: moat_proxy::conn_guard::ConnLimits {
+            header_read: a.header_read_timeout,
+            request_idle: a.request_idle_timeout,
+            response_idle: a.response_idle_timeout,
+            idle: a.idle_timeout,
+        },
     })
 }
 

@@ -94,6 +94,8 @@ pub struct Metrics {
     pub tcp_bytes: Family<BytesLabels, Counter>,
     pub authz: Family<TrafficLabels, Counter>,
     pub handshake_failures: Family<HandshakeLabels, Counter>,
+    /// HTTP connections the proxy closed, by reason (`too-many-resets`, `policy`).
+    pub connections_closed: Family<HandshakeLabels, Counter>,
     pub cert_expiry: Gauge,
     pub snapshot_version: Gauge,
     pub control_plane_connected: Gauge,
@@ -114,6 +116,7 @@ impl Metrics {
         let tcp_bytes = Family::<BytesLabels, Counter>::default();
         let authz = Family::<TrafficLabels, Counter>::default();
         let handshake_failures = Family::<HandshakeLabels, Counter>::default();
+        let connections_closed = Family::<HandshakeLabels, Counter>::default();
         let cert_expiry = Gauge::default();
         let snapshot_version = Gauge::default();
         let control_plane_connected = Gauge::default();
@@ -156,6 +159,11 @@ impl Metrics {
             handshake_failures.clone(),
         );
         registry.register(
+            "connections_closed",
+            "HTTP connections the proxy closed by reason (too-many-resets: the peer cancelled too many accepted requests; policy: the caller is no longer allowed)",
+            connections_closed.clone(),
+        );
+        registry.register(
             "certificate_expiry_timestamp_seconds",
             "NotAfter of the proxy's certificate",
             cert_expiry.clone(),
@@ -178,6 +186,7 @@ impl Metrics {
             tcp_bytes,
             authz,
             handshake_failures,
+            connections_closed,
             cert_expiry,
             snapshot_version,
             control_plane_connected,
@@ -194,6 +203,16 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// Counts an HTTP connection the proxy closed.
+    pub fn connection_closed(&self, direction: &'static str, reason: &'static str) {
+        self.connections_closed
+            .get_or_create(&HandshakeLabels {
+                direction,
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts a failed handshake.

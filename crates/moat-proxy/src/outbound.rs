@@ -9,15 +9,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
-use hyper::body::Incoming;
 use moat_identity::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::Ctx;
+use crate::conn_guard::{Ended, RequestBody, serve_http};
 use crate::detect::{Prefixed, Protocol, detect};
 use crate::http::{
-    Body, Ended, ORIG_PROTO, boxed, ensure_request_id, is_grpc, request_target, serve_http,
-    strip_hop_by_hop, unavailable,
+    Body, ORIG_PROTO, boxed, ensure_request_id, is_grpc, request_target, strip_hop_by_hop,
+    unavailable,
 };
 use crate::metrics::TrafficLabels;
 use crate::pool::Target;
@@ -69,10 +69,23 @@ pub async fn connection(mut tcp: TcpStream, remote: SocketAddr, target: Target, 
                     async move { forward(req, &conn, &ctx).await }
                 }
             };
-            if let Ended::Failed(e) =
-                serve_http(io, handler, &ctx.shutdown, std::future::pending()).await
+            match serve_http(
+                io,
+                handler,
+                ctx.cfg.limits,
+                &ctx.shutdown,
+                std::future::pending(),
+            )
+            .await
             {
-                tracing::debug!(%remote, error = %e, "outbound HTTP connection ended with an error");
+                Ended::Failed(e) => {
+                    tracing::debug!(%remote, error = %e, "outbound HTTP connection ended with an error");
+                }
+                Ended::Guard(reason) => {
+                    ctx.metrics.connection_closed("outbound", reason);
+                    tracing::warn!(target: "moat::access", direction = "outbound", %remote, reason, "closed a local client's connection (see moat_connections_closed_total)");
+                }
+                Ended::Finished | Ended::Drained | Ended::Closed(_) => {}
             }
         }
     }
@@ -134,7 +147,7 @@ async fn tcp_forward(
 }
 
 /// Forwards one app request to the service over the mesh.
-async fn forward(req: Request<Incoming>, conn: &HttpConn, ctx: &Ctx) -> Response<Body> {
+async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Response<Body> {
     let (to, target) = (&conn.target, &conn.name);
     let service = &to.service;
     let start = Instant::now();

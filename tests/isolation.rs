@@ -1,0 +1,403 @@
+//! One caller cannot stall or cut off another (issue: per-caller isolation): an attacker holding
+//! a valid certificate for an allowed caller crafts HTTP/2 frames with the `h2` crate against a
+//! sidecar's inbound — a delayed rapid reset, a zero flow-control window, stream slots held
+//! with request bodies that never finish — while a second, well-behaved caller fetches small
+//! and 20 MB responses over HTTP/2 and HTTP/1.1. The well-behaved caller must get every
+//! response in full, and the attacker's connection must be closed.
+
+// Scenario helpers panic on anything unexpected, like the tests that call them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt as _, Empty, Full};
+use moat_test_util::{ControlPlane, Proxy, apply_policy};
+
+const POLICY: &str = r#"
+apiVersion: moat.dev/v1
+kind: AccessPolicy
+metadata: { name: b }
+spec:
+  target: b
+  rules:
+    - from: [a, c]
+"#;
+
+const BIG: usize = 20 * 1024 * 1024;
+
+/// Requests the app received, by caller identity.
+type Seen = Arc<Mutex<HashMap<String, usize>>>;
+
+/// An app speaking HTTP/1.1 and h2c: `/big` answers 20 MB, `/slow` answers after 200 ms,
+/// `/upload` reads the whole request body first, anything else answers `ok`.
+async fn app() -> (SocketAddr, Seen) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Seen::default();
+    let record = seen.clone();
+    let big = Bytes::from(vec![b'x'; BIG]);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let (record, big) = (record.clone(), big.clone());
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let (record, big) = (record.clone(), big.clone());
+                        async move {
+                            let who = req
+                                .headers()
+                                .get("x-moat-peer-id")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("?")
+                                .to_owned();
+                            *record.lock().unwrap().entry(who).or_default() += 1;
+                            let body = match req.uri().path() {
+                                "/big" => big,
+                                "/slow" => {
+                                    tokio::time::sleep(Duration::from_millis(200)).await;
+                                    Bytes::from_static(b"ok")
+                                }
+                                "/upload" => {
+                                    let n = req
+                                        .into_body()
+                                        .collect()
+                                        .await
+                                        .map(|b| b.to_bytes().len())
+                                        .unwrap_or(0);
+                                    Bytes::from(n.to_string())
+                                }
+                                _ => Bytes::from_static(b"ok"),
+                            };
+                            Ok::<_, Infallible>(http::Response::new(Full::new(body)))
+                        }
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A mesh with sidecar `b` in front of the app, short stall timeouts so a test sees them fire,
+/// and credentials for the attacker `a` and the well-behaved caller `c`.
+struct Mesh {
+    cp: ControlPlane,
+    b: Proxy,
+    a: moat_tls::Credential,
+    c: moat_tls::Credential,
+    seen: Seen,
+}
+
+async fn mesh() -> Mesh {
+    let cp = tokio::task::block_in_place(ControlPlane::start).unwrap();
+    tokio::task::block_in_place(|| apply_policy(&cp, POLICY));
+    let (addr, seen) = app().await;
+    let b = tokio::task::block_in_place(|| {
+        Proxy::start(
+            &cp,
+            "b",
+            addr,
+            &[],
+            &[
+                "--response-idle-timeout",
+                "3s",
+                "--request-idle-timeout",
+                "3s",
+            ],
+        )
+    })
+    .unwrap();
+    let (a, c) =
+        tokio::task::block_in_place(|| (credential_for(&cp, "a"), credential_for(&cp, "c")));
+    Mesh { cp, b, a, c, seen }
+}
+
+/// GET `path` on an HTTP/2 or HTTP/1.1 connection of `c`'s; (status, body length).
+async fn fetch_h2(
+    sender: &mut hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    path: &str,
+) -> Result<(u16, usize), String> {
+    sender.ready().await.map_err(|e| e.to_string())?;
+    let req = http::Request::get(format!("http://b{path}"))
+        .body(Empty::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((status, body.to_bytes().len()))
+}
+
+/// The well-behaved caller's round: small and 20 MB responses over HTTP/2 and HTTP/1.1, every
+/// one in full and within 20 s. Returns what failed.
+async fn well_behaved_round(m: &Mesh) -> Vec<String> {
+    let mut failed = Vec::new();
+    let mut check = |what: &str,
+                     r: Result<Result<(u16, usize), String>, tokio::time::error::Elapsed>,
+                     len: usize| match r {
+        Ok(Ok((200, n))) if n == len => {}
+        Ok(Ok((s, n))) => failed.push(format!("{what}: status {s}, {n} bytes")),
+        Ok(Err(e)) => failed.push(format!("{what}: {e}")),
+        Err(_) => failed.push(format!("{what}: no answer within 20 s")),
+    };
+    let limit = Duration::from_secs(20);
+    // HTTP/2.
+    let tls = dial(&m.cp, &m.b, &m.c, moat_tls::ALPN_H2).await;
+    let (mut h2, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake::<_, Empty<Bytes>>(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for i in 0..5 {
+        let r = tokio::time::timeout(limit, fetch_h2(&mut h2, "/small")).await;
+        check(&format!("h2 small {i}"), r, 2);
+    }
+    let r = tokio::time::timeout(limit, fetch_h2(&mut h2, "/big")).await;
+    check("h2 20 MB", r, BIG);
+    // HTTP/1.1.
+    for (path, len) in [("/small", 2), ("/big", BIG)] {
+        let tls = dial(&m.cp, &m.b, &m.c, moat_tls::ALPN_HTTP1).await;
+        let (mut h1, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let r = tokio::time::timeout(limit, async {
+            let req = http::Request::get(path)
+                .header("host", "b")
+                .body(Empty::new())
+                .unwrap();
+            let resp = h1.send_request(req).await.map_err(|e| e.to_string())?;
+            let status = resp.status().as_u16();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok((status, body.to_bytes().len()))
+        })
+        .await;
+        check(&format!("h1 {path}"), r, len);
+    }
+    failed
+}
+
+/// An HTTP/2 connection of the attacker's, frames under its control (`window`: the initial
+/// stream window it grants the sidecar). The handle finishes when the sidecar closes it.
+async fn attacker(
+    m: &Mesh,
+    window: u32,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tls = dial(&m.cp, &m.b, &m.a, moat_tls::ALPN_H2).await;
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(window)
+        .max_concurrent_reset_streams(100_000)
+        .handshake::<_, Bytes>(tls)
+        .await
+        .unwrap();
+    (send, tokio::spawn(conn))
+}
+
+fn get(path: &str) -> http::Request<()> {
+    http::Request::get(format!("https://b{path}"))
+        .body(())
+        .unwrap()
+}
+
+/// Waits until the attacker's connection is closed by the sidecar.
+async fn closed_within(
+    driver: tokio::task::JoinHandle<Result<(), h2::Error>>,
+    limit: Duration,
+) -> bool {
+    tokio::time::timeout(limit, driver).await.is_ok()
+}
+
+fn closed_count(m: &Mesh, reason: &str) -> f64 {
+    let metrics = m.b.metrics();
+    metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("moat_connections_closed_total{")
+                && l.contains("direction=\"inbound\"")
+                && l.contains(&format!("reason=\"{reason}\""))
+        })
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_window_caller_stalls_only_itself_and_is_closed() {
+    let m = mesh().await;
+    let (send, driver) = attacker(&m, 0).await;
+    // Three 20 MB responses it never lets the sidecar send.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = send.clone().ready().await.unwrap();
+        held.push(s.send_request(get("/big"), true).unwrap().0);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let failed = well_behaved_round(&m).await;
+    assert!(
+        failed.is_empty(),
+        "the well-behaved caller suffered: {failed:?}"
+    );
+    assert!(
+        closed_within(driver, Duration::from_secs(15)).await,
+        "the stalling connection is closed"
+    );
+    assert!(
+        closed_count(&m, "response-stalled") >= 1.0,
+        "{}",
+        m.b.metrics()
+    );
+    drop(held);
+}
+
+/// HEADERS for 100 streams, RST_STREAM `delay` later, over and over on one connection.
+fn rapid_reset(
+    send: h2::client::SendRequest<Bytes>,
+    delay: Duration,
+) -> tokio::task::JoinHandle<usize> {
+    tokio::spawn(async move {
+        let mut sent = 0usize;
+        'attack: for _ in 0..200 {
+            let mut batch = Vec::new();
+            for _ in 0..100 {
+                let Ok(mut s) = send.clone().ready().await else {
+                    break 'attack;
+                };
+                match s.send_request(get("/slow"), true) {
+                    Ok((resp, _)) => batch.push(resp),
+                    Err(_) => break 'attack,
+                }
+                sent += 1;
+            }
+            tokio::time::sleep(delay).await;
+            // Dropping the responses resets the streams (RST_STREAM CANCEL).
+            drop(batch);
+        }
+        sent
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rapid_reset_before_acceptance_is_closed_by_the_http2_layer() {
+    let m = mesh().await;
+    let (send, driver) = attacker(&m, 65_535).await;
+    let attack = rapid_reset(send, Duration::from_millis(1));
+    let failed = well_behaved_round(&m).await;
+    assert!(
+        failed.is_empty(),
+        "the well-behaved caller suffered: {failed:?}"
+    );
+    let sent = tokio::time::timeout(Duration::from_secs(60), attack)
+        .await
+        .expect("the attack ends: its connection is closed")
+        .unwrap();
+    assert!(
+        sent < 20_000,
+        "the sidecar closed the connection before the attack ended"
+    );
+    assert!(closed_within(driver, Duration::from_secs(10)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_rapid_reset_is_closed_and_never_reaches_the_well_behaved_caller() {
+    let m = mesh().await;
+    let (send, driver) = attacker(&m, 65_535).await;
+    // Reset only once the sidecar has accepted the streams and asked the app.
+    let attack = rapid_reset(send, Duration::from_millis(50));
+    let failed = well_behaved_round(&m).await;
+    assert!(
+        failed.is_empty(),
+        "the well-behaved caller suffered: {failed:?}"
+    );
+    let sent = tokio::time::timeout(Duration::from_secs(60), attack)
+        .await
+        .expect("the attack ends: its connection is closed")
+        .unwrap();
+    assert!(
+        sent < 20_000,
+        "the sidecar closed the connection before the attack ended"
+    );
+    assert!(closed_within(driver, Duration::from_secs(10)).await);
+    assert!(
+        closed_count(&m, "too-many-resets") >= 1.0,
+        "{}",
+        m.b.metrics()
+    );
+    let reached = m
+        .seen
+        .lock()
+        .unwrap()
+        .get(&id("a").to_string())
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        reached < 2_000,
+        "{reached} cancelled requests reached the app"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_stream_slots_starve_only_their_holder_and_are_closed() {
+    let m = mesh().await;
+    let mut drivers = Vec::new();
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        let (send, driver) = attacker(&m, 65_535).await;
+        drivers.push(driver);
+        for _ in 0..200 {
+            // Request bodies that start and never finish (no END_STREAM, no data).
+            let Ok(Ok(mut s)) =
+                tokio::time::timeout(Duration::from_millis(200), send.clone().ready()).await
+            else {
+                break;
+            };
+            let req = http::Request::post("https://b/upload").body(()).unwrap();
+            if let Ok(stream) = s.send_request(req, false) {
+                held.push(stream);
+            }
+        }
+    }
+    let failed = well_behaved_round(&m).await;
+    assert!(
+        failed.is_empty(),
+        "the well-behaved caller suffered: {failed:?}"
+    );
+    for d in drivers {
+        assert!(
+            closed_within(d, Duration::from_secs(15)).await,
+            "a connection holding stalled request bodies is closed"
+        );
+    }
+    assert!(
+        closed_count(&m, "request-stalled") >= 1.0,
+        "{}",
+        m.b.metrics()
+    );
+    drop(held);
+}
