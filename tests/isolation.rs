@@ -1,8 +1,10 @@
-//! One caller cannot stall or cut off another (issue: per-caller isolation): an attacker holding
-//! a valid certificate for an allowed caller crafts HTTP/2 frames with the `h2` crate against a
-//! sidecar's inbound — a delayed rapid reset, a zero flow-control window, stream slots held
+//! One caller cannot stall or cut off another: an attacker crafts HTTP/2 frames with the `h2`
+//! crate — a rapid reset, a delayed rapid reset, a zero flow-control window, stream slots held
 //! with request bodies that never finish — while a second, well-behaved caller fetches small
-//! and 20 MB responses over HTTP/2 and HTTP/1.1. The well-behaved caller must get every
+//! and 20 MB responses over HTTP/2 and HTTP/1.1. Each attack runs twice: against sidecar `b`'s
+//! inbound, by a holder of a valid certificate for the allowed caller `a` (the well-behaved
+//! caller is `c`), and through sidecar `a`'s outbound listener, by one of its local clients (the
+//! well-behaved caller is another local client of `a`). The well-behaved caller must get every
 //! response in full, and the attacker's connection must be closed.
 
 // Scenario helpers panic on anything unexpected, like the tests that call them.
@@ -93,38 +95,107 @@ async fn app() -> (SocketAddr, Seen) {
     (addr, seen)
 }
 
-/// A mesh with sidecar `b` in front of the app, short stall timeouts so a test sees them fire,
-/// and credentials for the attacker `a` and the well-behaved caller `c`.
+/// Where the attack comes in.
+#[derive(Clone, Copy, Debug)]
+enum Via {
+    /// Straight to `b`'s inbound, with `a`'s certificate.
+    Inbound,
+    /// To `a`'s outbound listener for `b`, as a local client of `a`.
+    Outbound,
+}
+
+/// A connection the test drives.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// Sidecar `b` in front of the app and sidecar `a` with an outbound listener for `b`, both with
+/// short stall timeouts so a test sees them fire, and credentials for `a` and `c`.
 struct Mesh {
     cp: ControlPlane,
     b: Proxy,
+    sidecar_a: Proxy,
     a: moat_tls::Credential,
     c: moat_tls::Credential,
     seen: Seen,
 }
 
+impl Mesh {
+    /// A connection for the attacker (`attacker`) or the well-behaved caller, offering `alpn`.
+    async fn open(&self, via: Via, attacker: bool, alpn: &[u8]) -> Box<dyn Io> {
+        match via {
+            Via::Inbound => {
+                let who = if attacker { &self.a } else { &self.c };
+                Box::new(dial(&self.cp, &self.b, who, alpn).await)
+            }
+            Via::Outbound => Box::new(
+                tokio::net::TcpStream::connect(self.sidecar_a.upstream("b"))
+                    .await
+                    .unwrap(),
+            ),
+        }
+    }
+
+    /// Asserts both sidecars stayed within 150 MiB of resident memory.
+    fn memory_bounded(&self) {
+        for p in [&self.b, &self.sidecar_a] {
+            let status =
+                std::fs::read_to_string(format!("/proc/{}/status", p.pid().unwrap())).unwrap();
+            let kib: u64 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap();
+            assert!(kib < 150 * 1024, "{} holds {kib} KiB", p.identity);
+        }
+    }
+
+    /// How many connections the sidecar the attack reaches first closed for `reason`.
+    fn closed(&self, via: Via, reason: &str) -> f64 {
+        let (proxy, direction) = match via {
+            Via::Inbound => (&self.b, "inbound"),
+            Via::Outbound => (&self.sidecar_a, "outbound"),
+        };
+        let metrics = proxy.metrics();
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("moat_connections_closed_total{")
+                    && l.contains(&format!("direction=\"{direction}\""))
+                    && l.contains(&format!("reason=\"{reason}\""))
+            })
+            .and_then(|l| l.split_whitespace().last()?.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+const SHORT_TIMEOUTS: &[&str] = &[
+    "--response-idle-timeout",
+    "3s",
+    "--request-idle-timeout",
+    "3s",
+];
+
 async fn mesh() -> Mesh {
     let cp = tokio::task::block_in_place(ControlPlane::start).unwrap();
     tokio::task::block_in_place(|| apply_policy(&cp, POLICY));
     let (addr, seen) = app().await;
-    let b = tokio::task::block_in_place(|| {
-        Proxy::start(
-            &cp,
-            "b",
-            addr,
-            &[],
-            &[
-                "--response-idle-timeout",
-                "3s",
-                "--request-idle-timeout",
-                "3s",
-            ],
+    let (b, sidecar_a) = tokio::task::block_in_place(|| {
+        (
+            Proxy::start(&cp, "b", addr, &[], SHORT_TIMEOUTS).unwrap(),
+            Proxy::start(&cp, "a", addr, &["b"], SHORT_TIMEOUTS).unwrap(),
         )
-    })
-    .unwrap();
+    });
     let (a, c) =
         tokio::task::block_in_place(|| (credential_for(&cp, "a"), credential_for(&cp, "c")));
-    Mesh { cp, b, a, c, seen }
+    tokio::task::block_in_place(|| wait_for_services(&sidecar_a, &["b"]));
+    Mesh {
+        cp,
+        b,
+        sidecar_a,
+        a,
+        c,
+        seen,
+    }
 }
 
 /// GET `path` on an HTTP/2 or HTTP/1.1 connection of `c`'s; (status, body length).
@@ -148,7 +219,7 @@ async fn fetch_h2(
 
 /// The well-behaved caller's round: small and 20 MB responses over HTTP/2 and HTTP/1.1, every
 /// one in full and within 20 s. Returns what failed.
-async fn well_behaved_round(m: &Mesh) -> Vec<String> {
+async fn well_behaved_round(m: &Mesh, via: Via) -> Vec<String> {
     let mut failed = Vec::new();
     let mut check = |what: &str,
                      r: Result<Result<(u16, usize), String>, tokio::time::error::Elapsed>,
@@ -160,7 +231,7 @@ async fn well_behaved_round(m: &Mesh) -> Vec<String> {
     };
     let limit = Duration::from_secs(20);
     // HTTP/2.
-    let tls = dial(&m.cp, &m.b, &m.c, moat_tls::ALPN_H2).await;
+    let tls = m.open(via, false, moat_tls::ALPN_H2).await;
     let (mut h2, conn) =
         hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
             .handshake::<_, Empty<Bytes>>(hyper_util::rt::TokioIo::new(tls))
@@ -175,7 +246,7 @@ async fn well_behaved_round(m: &Mesh) -> Vec<String> {
     check("h2 20 MB", r, BIG);
     // HTTP/1.1.
     for (path, len) in [("/small", 2), ("/big", BIG)] {
-        let tls = dial(&m.cp, &m.b, &m.c, moat_tls::ALPN_HTTP1).await;
+        let tls = m.open(via, false, moat_tls::ALPN_HTTP1).await;
         let (mut h1, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(
             hyper_util::rt::TokioIo::new(tls),
         )
@@ -206,12 +277,13 @@ async fn well_behaved_round(m: &Mesh) -> Vec<String> {
 /// stream window it grants the sidecar). The handle finishes when the sidecar closes it.
 async fn attacker(
     m: &Mesh,
+    via: Via,
     window: u32,
 ) -> (
     h2::client::SendRequest<Bytes>,
     tokio::task::JoinHandle<Result<(), h2::Error>>,
 ) {
-    let tls = dial(&m.cp, &m.b, &m.a, moat_tls::ALPN_H2).await;
+    let tls = m.open(via, true, moat_tls::ALPN_H2).await;
     let (send, conn) = h2::client::Builder::new()
         .initial_window_size(window)
         .max_concurrent_reset_streams(100_000)
@@ -235,23 +307,9 @@ async fn closed_within(
     tokio::time::timeout(limit, driver).await.is_ok()
 }
 
-fn closed_count(m: &Mesh, reason: &str) -> f64 {
-    let metrics = m.b.metrics();
-    metrics
-        .lines()
-        .find(|l| {
-            l.starts_with("moat_connections_closed_total{")
-                && l.contains("direction=\"inbound\"")
-                && l.contains(&format!("reason=\"{reason}\""))
-        })
-        .and_then(|l| l.split_whitespace().last()?.parse().ok())
-        .unwrap_or(0.0)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_zero_window_caller_stalls_only_itself_and_is_closed() {
+async fn zero_window(via: Via) {
     let m = mesh().await;
-    let (send, driver) = attacker(&m, 0).await;
+    let (send, driver) = attacker(&m, via, 0).await;
     // Three 20 MB responses it never lets the sidecar send.
     let mut held = Vec::new();
     for _ in 0..3 {
@@ -259,7 +317,7 @@ async fn a_zero_window_caller_stalls_only_itself_and_is_closed() {
         held.push(s.send_request(get("/big"), true).unwrap().0);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let failed = well_behaved_round(&m).await;
+    let failed = well_behaved_round(&m, via).await;
     assert!(
         failed.is_empty(),
         "the well-behaved caller suffered: {failed:?}"
@@ -268,11 +326,8 @@ async fn a_zero_window_caller_stalls_only_itself_and_is_closed() {
         closed_within(driver, Duration::from_secs(15)).await,
         "the stalling connection is closed"
     );
-    assert!(
-        closed_count(&m, "response-stalled") >= 1.0,
-        "{}",
-        m.b.metrics()
-    );
+    assert!(m.closed(via, "response-stalled") >= 1.0, "{via:?}");
+    m.memory_bounded();
     drop(held);
 }
 
@@ -303,12 +358,11 @@ fn rapid_reset(
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rapid_reset_before_acceptance_is_closed_by_the_http2_layer() {
+async fn rapid_reset_before_acceptance(via: Via) {
     let m = mesh().await;
-    let (send, driver) = attacker(&m, 65_535).await;
+    let (send, driver) = attacker(&m, via, 65_535).await;
     let attack = rapid_reset(send, Duration::from_millis(1));
-    let failed = well_behaved_round(&m).await;
+    let failed = well_behaved_round(&m, via).await;
     assert!(
         failed.is_empty(),
         "the well-behaved caller suffered: {failed:?}"
@@ -321,16 +375,16 @@ async fn a_rapid_reset_before_acceptance_is_closed_by_the_http2_layer() {
         sent < 20_000,
         "the sidecar closed the connection before the attack ended"
     );
+    m.memory_bounded();
     assert!(closed_within(driver, Duration::from_secs(10)).await);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_delayed_rapid_reset_is_closed_and_never_reaches_the_well_behaved_caller() {
+async fn delayed_rapid_reset(via: Via) {
     let m = mesh().await;
-    let (send, driver) = attacker(&m, 65_535).await;
+    let (send, driver) = attacker(&m, via, 65_535).await;
     // Reset only once the sidecar has accepted the streams and asked the app.
     let attack = rapid_reset(send, Duration::from_millis(50));
-    let failed = well_behaved_round(&m).await;
+    let failed = well_behaved_round(&m, via).await;
     assert!(
         failed.is_empty(),
         "the well-behaved caller suffered: {failed:?}"
@@ -344,11 +398,8 @@ async fn a_delayed_rapid_reset_is_closed_and_never_reaches_the_well_behaved_call
         "the sidecar closed the connection before the attack ended"
     );
     assert!(closed_within(driver, Duration::from_secs(10)).await);
-    assert!(
-        closed_count(&m, "too-many-resets") >= 1.0,
-        "{}",
-        m.b.metrics()
-    );
+    assert!(m.closed(via, "too-many-resets") >= 1.0, "{via:?}");
+    m.memory_bounded();
     let reached = m
         .seen
         .lock()
@@ -362,13 +413,12 @@ async fn a_delayed_rapid_reset_is_closed_and_never_reaches_the_well_behaved_call
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn held_stream_slots_starve_only_their_holder_and_are_closed() {
+async fn held_stream_slots(via: Via) {
     let m = mesh().await;
     let mut drivers = Vec::new();
     let mut held = Vec::new();
     for _ in 0..6 {
-        let (send, driver) = attacker(&m, 65_535).await;
+        let (send, driver) = attacker(&m, via, 65_535).await;
         drivers.push(driver);
         for _ in 0..200 {
             // Request bodies that start and never finish (no END_STREAM, no data).
@@ -383,7 +433,7 @@ async fn held_stream_slots_starve_only_their_holder_and_are_closed() {
             }
         }
     }
-    let failed = well_behaved_round(&m).await;
+    let failed = well_behaved_round(&m, via).await;
     assert!(
         failed.is_empty(),
         "the well-behaved caller suffered: {failed:?}"
@@ -394,10 +444,47 @@ async fn held_stream_slots_starve_only_their_holder_and_are_closed() {
             "a connection holding stalled request bodies is closed"
         );
     }
-    assert!(
-        closed_count(&m, "request-stalled") >= 1.0,
-        "{}",
-        m.b.metrics()
-    );
+    assert!(m.closed(via, "request-stalled") >= 1.0, "{via:?}");
+    m.memory_bounded();
     drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_a_zero_window_caller_stalls_only_itself_and_is_closed() {
+    zero_window(Via::Inbound).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_a_zero_window_caller_stalls_only_itself_and_is_closed() {
+    zero_window(Via::Outbound).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_a_rapid_reset_before_acceptance_is_closed_by_the_http2_layer() {
+    rapid_reset_before_acceptance(Via::Inbound).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_a_rapid_reset_before_acceptance_is_closed_by_the_http2_layer() {
+    rapid_reset_before_acceptance(Via::Outbound).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_a_delayed_rapid_reset_is_closed_and_never_reaches_the_well_behaved_caller() {
+    delayed_rapid_reset(Via::Inbound).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_a_delayed_rapid_reset_is_closed_and_never_reaches_the_well_behaved_caller() {
+    delayed_rapid_reset(Via::Outbound).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_held_stream_slots_starve_only_their_holder_and_are_closed() {
+    held_stream_slots(Via::Inbound).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_held_stream_slots_starve_only_their_holder_and_are_closed() {
+    held_stream_slots(Via::Outbound).await;
 }

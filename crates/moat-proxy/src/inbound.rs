@@ -160,9 +160,9 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
             // caller; one that was never admitted stays open to answer each request with 403
             // (until the caller is revoked).
             let admitted = authorize(&ctx, &peer_id, port, Traffic::Connection).allowed;
-            // The app's HTTP clients, looked up once per connection rather than per request.
+            // The app's HTTP clients, this connection's own (decision 30).
             let conn = Arc::new(HttpConn {
-                clients: ctx.apps.get(app, &peer_id.name),
+                clients: crate::app_clients(app),
                 counters: ctx.metrics.for_connection(
                     "inbound",
                     peer_id.name.clone(),

@@ -29,7 +29,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use hyper_util::client::legacy::Client;
@@ -110,52 +110,21 @@ pub async fn accept_loop<F, Fut>(
 /// An HTTP client to the app: HTTP/1.1 with pooled keep-alive connections.
 pub type AppClient = Client<AppConnector, crate::http::Body>;
 
-/// The most callers whose app connections are kept at once; the least recently active caller's
-/// go first (its requests in flight finish; its next request connects again).
-const APP_CALLERS: usize = 1024;
-
-/// HTTP clients to the app, one pair (HTTP/1.1 and h2c for gRPC/HTTP/2) per app address (one
-/// with `--app`, one per port in transparent mode) **and per caller identity**: a caller's
-/// requests travel on connections of its own, so what it does to them — resetting streams until
-/// the app tears the connection down, leaving flow-control windows at zero, holding every
-/// stream slot — stays with that caller (decision 30).
-#[derive(Debug, Default)]
-pub struct AppClients(std::sync::Mutex<std::collections::HashMap<AppKey, AppEntry>>);
-
-/// An app address and a caller identity.
-type AppKey = (SocketAddr, Arc<str>);
-/// The HTTP/1.1 and h2c clients, and when they were last used.
-type AppEntry = ((AppClient, AppClient), Instant);
-
-impl AppClients {
-    /// The HTTP/1.1 and h2c clients to `addr` for `caller`.
-    pub fn get(&self, addr: SocketAddr, caller: &str) -> (AppClient, AppClient) {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        if let Some((clients, used)) = map.get_mut(&(addr, Arc::from(caller))) {
-            *used = now;
-            return clients.clone();
-        }
-        if map.len() >= APP_CALLERS
-            && let Some(oldest) = map
-                .iter()
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(k, _)| k.clone())
-        {
-            map.remove(&oldest);
-        }
-        let build = |h2: bool| {
-            Client::builder(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .pool_timer(TokioTimer::new())
-                .http2_only(h2)
-                .pool_idle_timeout(Duration::from_secs(60))
-                .build(AppConnector(addr))
-        };
-        let clients = (build(false), build(true));
-        map.insert((addr, Arc::from(caller)), (clients.clone(), now));
-        clients
-    }
+/// HTTP clients to the app at `addr` (HTTP/1.1, and h2c for gRPC/HTTP/2) for **one inbound
+/// connection**: a caller's requests travel on app connections of their own, which close with
+/// its connection, so what it does to them — resetting streams until the app tears a connection
+/// down, leaving flow-control windows at zero, holding every stream slot — stays with it
+/// (decision 30).
+pub fn app_clients(addr: SocketAddr) -> (AppClient, AppClient) {
+    let build = |h2: bool| {
+        Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .http2_only(h2)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(AppConnector(addr))
+    };
+    (build(false), build(true))
 }
 
 /// What every connection handler shares.
@@ -166,8 +135,6 @@ pub struct Ctx {
     pub snapshot: watch::Receiver<Option<Arc<Snapshot>>>,
     pub metrics: Arc<metrics::Metrics>,
     pub pool: pool::Pool,
-    /// HTTP clients to the app, per app address.
-    pub apps: AppClients,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
     /// Token buckets of the rules' rate limits.
@@ -208,7 +175,6 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
         snapshot: snap_rx,
         metrics: metrics.clone(),
         pool: pool::Pool::default(),
-        apps: AppClients::default(),
         shutdown: CancellationToken::new(),
         limiter: ratelimit::Limiter::default(),
         tracker: TaskTracker::new(),

@@ -61,6 +61,7 @@ pub async fn connection(mut tcp: TcpStream, remote: SocketAddr, target: Target, 
                 default_authority: target.service.service_account().to_string(),
                 name,
                 target,
+                upstreams: crate::pool::Upstreams::default(),
             });
             let handler = {
                 let ctx = ctx.clone();
@@ -99,6 +100,8 @@ struct HttpConn {
     counters: crate::metrics::ConnCounters,
     /// The authority for requests that name none.
     default_authority: String,
+    /// This client's own connections to the service's endpoints.
+    upstreams: crate::pool::Upstreams,
 }
 
 async fn tcp_forward(
@@ -183,7 +186,12 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
     };
     let (status, endpoint, resp) = match ctx
         .pool
-        .send(ctx, to, Request::from_parts(parts, boxed(body)))
+        .send(
+            ctx,
+            to,
+            &conn.upstreams,
+            Request::from_parts(parts, boxed(body)),
+        )
         .await
     {
         Ok((ep, resp)) => {

@@ -1,6 +1,9 @@
 //! Dialling other sidecars: pick an endpoint of the service (round robin, skipping endpoints
 //! that failed recently), originate mTLS that accepts only the service's expected identity, and,
-//! for HTTP, keep one long-lived multiplexed HTTP/2 connection per endpoint.
+//! for HTTP, keep a multiplexed HTTP/2 connection per endpoint **for each local client
+//! connection** ([`Upstreams`]), so what one local client does to its streams — resets, a
+//! window left at zero, every stream slot held — can make the far side close only its own
+//! connection (decision 30).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -76,13 +79,17 @@ pub fn port_from_server_name(name: Option<&str>) -> Option<u16> {
         .filter(|p| *p != 0)
 }
 
-/// Outbound connection state shared by every outbound listener.
+/// Endpoint health and round robin, shared by every outbound listener.
 #[derive(Debug, Default)]
 pub struct Pool {
-    h2: tokio::sync::Mutex<HashMap<String, SendRequest<Body>>>,
     failed: Mutex<HashMap<String, Instant>>,
     next: AtomicUsize,
 }
+
+/// The HTTP/2 connections to other sidecars that one local client connection uses (one per
+/// endpoint and app port); they close when that client's connection ends and this is dropped.
+#[derive(Debug, Default)]
+pub struct Upstreams(tokio::sync::Mutex<HashMap<String, SendRequest<Body>>>);
 
 fn tls_reason(e: &std::io::Error) -> &'static str {
     let text = format!("{e:?}");
@@ -227,13 +234,14 @@ impl Pool {
         })
     }
 
-    /// Sends an HTTP/2 request to an endpoint of `target` over a pooled connection (one per
-    /// endpoint and app port). Endpoints are tried in turn until one accepts the request; a
-    /// request is sent at most once.
+    /// Sends an HTTP/2 request to an endpoint of `target` over one of `conns` (made on first
+    /// use). Endpoints are tried in turn until one accepts the request; a request is sent at
+    /// most once.
     pub async fn send(
         &self,
         ctx: &Ctx,
         target: &Target,
+        conns: &Upstreams,
         req: Request<Body>,
     ) -> Result<(String, http::Response<Incoming>), DialError> {
         let service = &target.service;
@@ -241,7 +249,7 @@ impl Pool {
         for ep in self.order(ctx, target)? {
             let key = format!("{ep}|{}", target.server_name());
             let mut sender = {
-                let mut conns = self.h2.lock().await;
+                let mut conns = conns.0.lock().await;
                 match conns.get(&key).filter(|s| !s.is_closed()).cloned() {
                     Some(s) => s,
                     None => match self.dial_one(ctx, &ep, target, moat_tls::ALPN_H2).await {
@@ -280,7 +288,7 @@ impl Pool {
                 }
             };
             if sender.ready().await.is_err() {
-                self.h2.lock().await.remove(&key);
+                conns.0.lock().await.remove(&key);
                 last = format!("{ep}: connection closed");
                 continue;
             }
