@@ -173,7 +173,10 @@ async fn a_policy_change_closes_open_connections_it_forbids() {
     tcp.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"ping");
     let url = format!("http://{}/orders/1", frontend.upstream("orders"));
-    assert_eq!(get(&h1_client(), "GET", &url, &[]).await.unwrap().0, 200);
+    // The client keeps its connection to the outbound, and with it the outbound's HTTP/2
+    // connection to orders (each local client connection has its own).
+    let client = h1_client();
+    assert_eq!(get(&client, "GET", &url, &[]).await.unwrap().0, 200);
     // Now frontend may call neither.
     apply_policy(
         &cp,
