@@ -16,65 +16,20 @@
 // A benchmark that cannot set up has nothing to measure: failing loudly is right.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Empty, Full};
+use http_body_util::{BodyExt as _, Empty};
 use moat_test_util::mesh::Admin;
 use moat_test_util::{ControlPlane, Proxy, apply_policy};
 
-const BIG: usize = 20 * 1024 * 1024;
 const MEASURE: Duration = Duration::from_secs(4);
 const ROUNDS: usize = 3;
 
 /// A connection the bench drives.
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
-
-async fn app() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let big = Bytes::from(vec![b'x'; BIG]);
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let big = big.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |req: http::Request<hyper::body::Incoming>| {
-                        let big = big.clone();
-                        async move {
-                            let body = match req.uri().path() {
-                                "/big" => big,
-                                "/slow" => {
-                                    tokio::time::sleep(Duration::from_millis(200)).await;
-                                    Bytes::from_static(b"ok")
-                                }
-                                "/upload" => {
-                                    let _ = req.into_body().collect().await;
-                                    Bytes::from_static(b"ok")
-                                }
-                                _ => Bytes::from_static(b"ok"),
-                            };
-                            Ok::<_, Infallible>(http::Response::new(Full::new(body)))
-                        }
-                    },
-                );
-                let _ = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                .await;
-            });
-        }
-    });
-    addr
-}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Path {
@@ -116,7 +71,9 @@ impl Mesh {
                     moat_tls::ALPN_H2,
                 )
                 .unwrap();
-                let tcp = tokio::net::TcpStream::connect(self.b.inbound).await.unwrap();
+                let tcp = tokio::net::TcpStream::connect(self.b.inbound)
+                    .await
+                    .unwrap();
                 Box::new(
                     tokio_rustls::TlsConnector::from(cfg)
                         .connect("moat.invalid".try_into().unwrap(), tcp)
@@ -134,7 +91,9 @@ impl Mesh {
 }
 
 fn request(path: &str) -> http::Request<()> {
-    http::Request::get(format!("https://b{path}")).body(()).unwrap()
+    http::Request::get(format!("https://b{path}"))
+        .body(())
+        .unwrap()
 }
 
 /// Starts `attack` through `path`; it runs until the returned handle is aborted.
@@ -247,7 +206,11 @@ async fn measure(m: &Mesh, path: Path) -> Run {
         let resp = tokio::time::timeout(Duration::from_secs(30), async {
             let r = h2.send_request(req).await.ok()?;
             (r.status() == 200).then_some(())?;
-            r.into_body().collect().await.ok().map(|b| b.to_bytes().len())
+            r.into_body()
+                .collect()
+                .await
+                .ok()
+                .map(|b| b.to_bytes().len())
         })
         .await
         .ok()??;
@@ -265,7 +228,7 @@ async fn measure(m: &Mesh, path: Path) -> Run {
     }
     let t = Instant::now();
     let big_ms = match fetch("/big").await {
-        Some(BIG) => t.elapsed().as_secs_f64() * 1000.0,
+        Some(moat_test_util::apps::BULK) => t.elapsed().as_secs_f64() * 1000.0,
         _ => {
             errors += 1;
             f64::NAN
@@ -295,7 +258,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     let rt = moat_bench::runtime();
     rt.block_on(async {
-        let addr = app().await;
+        let (addr, _) = moat_test_util::apps::bulk_http().await;
         let cp = ControlPlane::start().unwrap();
         apply_policy(
             &cp,

@@ -12,15 +12,11 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use http_body_util::{BodyExt as _, Empty, Full};
+use http_body_util::{BodyExt as _, Empty};
 use moat_test_util::{ControlPlane, Proxy, apply_policy};
 
 const POLICY: &str = r#"
@@ -32,68 +28,6 @@ spec:
   rules:
     - from: [a, c]
 "#;
-
-const BIG: usize = 20 * 1024 * 1024;
-
-/// Requests the app received, by caller identity.
-type Seen = Arc<Mutex<HashMap<String, usize>>>;
-
-/// An app speaking HTTP/1.1 and h2c: `/big` answers 20 MB, `/slow` answers after 200 ms,
-/// `/upload` reads the whole request body first, anything else answers `ok`.
-async fn app() -> (SocketAddr, Seen) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen = Seen::default();
-    let record = seen.clone();
-    let big = Bytes::from(vec![b'x'; BIG]);
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let (record, big) = (record.clone(), big.clone());
-            tokio::spawn(async move {
-                let svc =
-                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let (record, big) = (record.clone(), big.clone());
-                        async move {
-                            let who = req
-                                .headers()
-                                .get("x-moat-peer-id")
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or("?")
-                                .to_owned();
-                            *record.lock().unwrap().entry(who).or_default() += 1;
-                            let body = match req.uri().path() {
-                                "/big" => big,
-                                "/slow" => {
-                                    tokio::time::sleep(Duration::from_millis(200)).await;
-                                    Bytes::from_static(b"ok")
-                                }
-                                "/upload" => {
-                                    let n = req
-                                        .into_body()
-                                        .collect()
-                                        .await
-                                        .map(|b| b.to_bytes().len())
-                                        .unwrap_or(0);
-                                    Bytes::from(n.to_string())
-                                }
-                                _ => Bytes::from_static(b"ok"),
-                            };
-                            Ok::<_, Infallible>(http::Response::new(Full::new(body)))
-                        }
-                    });
-                let _ = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                .await;
-            });
-        }
-    });
-    (addr, seen)
-}
 
 /// Where the attack comes in.
 #[derive(Clone, Copy, Debug)]
@@ -116,7 +50,7 @@ struct Mesh {
     sidecar_a: Proxy,
     a: moat_tls::Credential,
     c: moat_tls::Credential,
-    seen: Seen,
+    seen: moat_test_util::apps::ByCaller,
 }
 
 impl Mesh {
@@ -178,7 +112,7 @@ const SHORT_TIMEOUTS: &[&str] = &[
 async fn mesh() -> Mesh {
     let cp = tokio::task::block_in_place(ControlPlane::start).unwrap();
     tokio::task::block_in_place(|| apply_policy(&cp, POLICY));
-    let (addr, seen) = app().await;
+    let (addr, seen) = moat_test_util::apps::bulk_http().await;
     let (b, sidecar_a) = tokio::task::block_in_place(|| {
         (
             Proxy::start(&cp, "b", addr, &[], SHORT_TIMEOUTS).unwrap(),
@@ -243,9 +177,9 @@ async fn well_behaved_round(m: &Mesh, via: Via) -> Vec<String> {
         check(&format!("h2 small {i}"), r, 2);
     }
     let r = tokio::time::timeout(limit, fetch_h2(&mut h2, "/big")).await;
-    check("h2 20 MB", r, BIG);
+    check("h2 20 MB", r, moat_test_util::apps::BULK);
     // HTTP/1.1.
-    for (path, len) in [("/small", 2), ("/big", BIG)] {
+    for (path, len) in [("/small", 2), ("/big", moat_test_util::apps::BULK)] {
         let tls = m.open(via, false, moat_tls::ALPN_HTTP1).await;
         let (mut h1, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(
             hyper_util::rt::TokioIo::new(tls),

@@ -194,27 +194,8 @@ impl CaState {
     /// mesh must then be given the new trust bundle out of band, because nothing it trusts can
     /// vouch for the new root.
     pub fn replace_root(&self, kek: &Kek) -> Result<CaState, CaError> {
-        let td = self.trust_domain()?;
-        let now = OffsetDateTime::now_utc();
-        let key = CaKey::generate()?;
-        let params = ca_params(
-            format!("moat root CA {td} {}", generation_tag()),
-            now,
-            ROOT_LIFETIME,
-            1,
-        );
-        let cert = params.self_signed(&key)?;
-        let issuer = Issuer::new(params.clone(), &key);
-        let (int_key, int_der) = intermediate_under(&td, &issuer, now, unix(params.not_after))?;
-        Ok(CaState {
-            trust_domain: self.trust_domain.clone(),
-            roots_pem: vec![cert.pem()],
-            root_key: Some(key.seal(kek, KeyRole::Root, cert.der())?),
-            intermediate_pem: der_to_pem("CERTIFICATE", &int_der),
-            intermediate_key: int_key.seal(kek, KeyRole::Intermediate, &int_der)?,
-            next_root_key: None,
-            root_rotation: None,
-        })
+        let (_, state) = crate::CertificateAuthority::generate(&self.trust_domain()?, kek)?;
+        Ok(state)
     }
 
     /// Step 1: generate a new root and add it to the bundle. Issuance does not change.

@@ -339,17 +339,7 @@ async fn main() -> ExitCode {
     let args = match cli.command {
         Command::Serve(args) => *args,
         Command::Ca(cmd) => {
-            return match moat_control::offline::run(offline(cmd)).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) if e.is::<MissingKek>() => {
-                    eprintln!("moat-control: {e}");
-                    ExitCode::from(2)
-                }
-                Err(e) => {
-                    eprintln!("moat-control: {e:#}");
-                    ExitCode::FAILURE
-                }
-            };
+            return exit_code(moat_control::offline::run(offline(cmd)).await);
         }
     };
     let cfg = match config(args) {
@@ -359,7 +349,13 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match moat_control::serve(cfg, shutdown_signal()).await {
+    exit_code(moat_control::serve(cfg, shutdown_signal()).await)
+}
+
+/// 0 on success, 2 for a missing key-encryption key (a usage problem), else 1; the error goes
+/// to stderr.
+fn exit_code(result: anyhow::Result<()>) -> ExitCode {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<MissingKek>() => {
             eprintln!("moat-control: {e}");

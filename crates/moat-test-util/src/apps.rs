@@ -176,6 +176,68 @@ pub async fn recording_http() -> (SocketAddr, Recording) {
     (addr, seen)
 }
 
+/// How many requests an app received from each caller (`x-moat-peer-id`).
+pub type ByCaller = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>;
+
+/// The size of [`bulk_http`]'s `/big` answer: 20 MiB.
+pub const BULK: usize = 20 * 1024 * 1024;
+
+/// An HTTP app (HTTP/1.1 and h2c) for load and abuse scenarios: `/big` answers [`BULK`] bytes,
+/// `/slow` answers after 200 ms, `/upload` reads the whole request body first and answers its
+/// length, anything else answers `ok`. Counts the requests of each caller.
+pub async fn bulk_http() -> (SocketAddr, ByCaller) {
+    let (listener, addr) = bind().await;
+    let seen = ByCaller::default();
+    let record = seen.clone();
+    let big = Bytes::from(vec![b'x'; BULK]);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let (record, big) = (record.clone(), big.clone());
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let (record, big) = (record.clone(), big.clone());
+                async move {
+                    let who = req
+                        .headers()
+                        .get("x-moat-peer-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("?")
+                        .to_owned();
+                    if let Ok(mut r) = record.lock() {
+                        *r.entry(who).or_default() += 1;
+                    }
+                    let body = match req.uri().path() {
+                        "/big" => big,
+                        "/slow" => {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            Bytes::from_static(b"ok")
+                        }
+                        "/upload" => {
+                            let n = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes().len())
+                                .unwrap_or(0);
+                            Bytes::from(n.to_string())
+                        }
+                        _ => Bytes::from_static(b"ok"),
+                    };
+                    Ok::<_, Infallible>(Response::new(Full::new(body)))
+                }
+            });
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
 /// A TCP echo app.
 pub async fn tcp_echo() -> SocketAddr {
     let (listener, addr) = bind().await;
