@@ -257,13 +257,7 @@ fn config(args: ServeArgs) -> Result<ServeConfig, String> {
         data_dir: args.data_dir,
         listen: args.listen,
         trust_domain: td.clone(),
-        kek: KekSource {
-            file: args.kek_file,
-            inline: std::env::var("MOAT_KEK")
-                .ok()
-                .filter(|s| !s.trim().is_empty()),
-            dev: args.dev,
-        },
+        kek: kek_source(args.kek_file, args.dev),
         import: ImportPaths {
             root_cert: args.import_root_cert,
             root_key: args.import_root_key,
@@ -368,6 +362,18 @@ fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
+/// Where the key-encryption key comes from: `--kek-file`, else `MOAT_KEK`, else (`--dev`) the
+/// development key in the data directory.
+fn kek_source(file: Option<PathBuf>, dev: bool) -> KekSource {
+    KekSource {
+        file,
+        inline: std::env::var("MOAT_KEK")
+            .ok()
+            .filter(|s| !s.trim().is_empty()),
+        dev,
+    }
+}
+
 fn offline(cmd: CaCommand) -> moat_control::offline::Command {
     use moat_control::offline::{Action, Command};
     let (args, action) = match cmd {
@@ -385,13 +391,7 @@ fn offline(cmd: CaCommand) -> moat_control::offline::Command {
         CaCommand::RotateRoot(a) => (a, Action::RotateRoot),
     };
     Command {
-        kek: KekSource {
-            file: args.kek_file,
-            inline: std::env::var("MOAT_KEK")
-                .ok()
-                .filter(|s| !s.trim().is_empty()),
-            dev: args.dev,
-        },
+        kek: kek_source(args.kek_file, args.dev),
         data_dir: args.data_dir,
         action,
     }
