@@ -85,21 +85,42 @@ impl Mesh {
 
     /// How many connections the sidecar the attack reaches first closed for `reason`.
     fn closed(&self, via: Via, reason: &str) -> f64 {
-        let (proxy, direction) = match via {
-            Via::Inbound => (&self.b, "inbound"),
-            Via::Outbound => (&self.sidecar_a, "outbound"),
-        };
-        let metrics = proxy.metrics();
-        metrics
-            .lines()
-            .find(|l| {
-                l.starts_with("moat_connections_closed_total{")
-                    && l.contains(&format!("direction=\"{direction}\""))
-                    && l.contains(&format!("reason=\"{reason}\""))
-            })
-            .and_then(|l| l.split_whitespace().last()?.parse().ok())
-            .unwrap_or(0.0)
+        match via {
+            Via::Inbound => closed_by(&self.b, "inbound", reason),
+            Via::Outbound => closed_by(&self.sidecar_a, "outbound", reason),
+        }
     }
+}
+
+impl Mesh {
+    /// Through `a`'s outbound, `b` never had cause to close a mesh connection, which `a` shares
+    /// among its local clients (too-many-resets includes b's HTTP/2 layer's own GOAWAY
+    /// ENHANCE_YOUR_CALM).
+    fn far_side_closed_nothing(&self, via: Via) {
+        if let Via::Outbound = via {
+            for reason in ["too-many-resets", "response-stalled", "request-stalled"] {
+                assert_eq!(
+                    closed_by(&self.b, "inbound", reason),
+                    0.0,
+                    "b closed a connection {via:?} ({reason})"
+                );
+            }
+        }
+    }
+}
+
+/// How many connections `proxy` closed for `reason`, on its `direction` side.
+fn closed_by(proxy: &Proxy, direction: &str, reason: &str) -> f64 {
+    proxy
+        .metrics()
+        .lines()
+        .find(|l| {
+            l.starts_with("moat_connections_closed_total{")
+                && l.contains(&format!("direction=\"{direction}\""))
+                && l.contains(&format!("reason=\"{reason}\""))
+        })
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 const SHORT_TIMEOUTS: &[&str] = &[
@@ -261,6 +282,7 @@ async fn zero_window(via: Via) {
         "the stalling connection is closed"
     );
     assert!(m.closed(via, "response-stalled") >= 1.0, "{via:?}");
+    m.far_side_closed_nothing(via);
     m.memory_bounded();
     drop(held);
 }
@@ -309,6 +331,7 @@ async fn rapid_reset_before_acceptance(via: Via) {
         sent < 20_000,
         "the sidecar closed the connection before the attack ended"
     );
+    m.far_side_closed_nothing(via);
     m.memory_bounded();
     assert!(closed_within(driver, Duration::from_secs(10)).await);
 }
@@ -333,6 +356,7 @@ async fn delayed_rapid_reset(via: Via) {
     );
     assert!(closed_within(driver, Duration::from_secs(10)).await);
     assert!(m.closed(via, "too-many-resets") >= 1.0, "{via:?}");
+    m.far_side_closed_nothing(via);
     m.memory_bounded();
     let reached = m
         .seen
@@ -379,8 +403,110 @@ async fn held_stream_slots(via: Via) {
         );
     }
     assert!(m.closed(via, "request-stalled") >= 1.0, "{via:?}");
+    m.far_side_closed_nothing(via);
     m.memory_bounded();
     drop(held);
+}
+
+/// What local HTTP/1.1 clients of `a` (a request at a time each, on as many connections as they
+/// like) can do to the mesh connections `a` shares among its local clients.
+#[derive(Clone, Copy, Debug)]
+enum Http1Abuse {
+    /// 2,000 requests, each given up 50 ms after it was sent (the client closes its connection).
+    GiveUp,
+    /// Three 20 MB responses never read.
+    Unread,
+    /// 100 request bodies that start and never finish.
+    UnfinishedBodies,
+}
+
+async fn http1_clients(abuse: Http1Abuse) {
+    use tokio::io::AsyncWriteExt as _;
+    let m = mesh().await;
+    // Requests that run to completion never count against a shared connection.
+    let failed = well_behaved_round(&m, Via::Outbound).await;
+    assert!(failed.is_empty(), "without an attack: {failed:?}");
+    assert_eq!(
+        closed_by(&m.sidecar_a, "upstream", "reset-budget"),
+        0.0,
+        "finished requests were counted as resets"
+    );
+    let addr = m.sidecar_a.upstream("b");
+    let open = move |head: &'static [u8]| async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(head).await.unwrap();
+        s
+    };
+    let attack = tokio::spawn(async move {
+        let mut held = Vec::new();
+        match abuse {
+            Http1Abuse::GiveUp => {
+                for _ in 0..20 {
+                    let mut batch = Vec::new();
+                    for _ in 0..100 {
+                        batch.push(open(b"GET /slow HTTP/1.1\r\nhost: b\r\n\r\n").await);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    drop(batch);
+                }
+            }
+            Http1Abuse::Unread => {
+                for _ in 0..3 {
+                    held.push(open(b"GET /big HTTP/1.1\r\nhost: b\r\n\r\n").await);
+                }
+            }
+            Http1Abuse::UnfinishedBodies => {
+                for _ in 0..100 {
+                    held.push(
+                        open(b"POST /upload HTTP/1.1\r\nhost: b\r\ncontent-length: 100000\r\n\r\nstart")
+                            .await,
+                    );
+                }
+            }
+        }
+        held
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let failed = well_behaved_round(&m, Via::Outbound).await;
+    assert!(
+        failed.is_empty(),
+        "{abuse:?}: the well-behaved local client suffered: {failed:?}"
+    );
+    let held = attack.await.unwrap();
+    match abuse {
+        // Given-up requests retire shared connections before the far side could mind.
+        Http1Abuse::GiveUp => assert!(
+            closed_by(&m.sidecar_a, "upstream", "reset-budget") >= 1.0,
+            "a retired a shared connection"
+        ),
+        // The stalled local clients are cut off by `a` itself.
+        Http1Abuse::Unread => {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            assert!(closed_by(&m.sidecar_a, "outbound", "response-stalled") >= 3.0);
+        }
+        Http1Abuse::UnfinishedBodies => {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            assert!(closed_by(&m.sidecar_a, "outbound", "request-stalled") >= 100.0);
+        }
+    }
+    m.far_side_closed_nothing(Via::Outbound);
+    m.memory_bounded();
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_http1_clients_giving_up_never_cut_a_shared_connection() {
+    http1_clients(Http1Abuse::GiveUp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_http1_clients_not_reading_never_stall_a_shared_connection() {
+    http1_clients(Http1Abuse::Unread).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_http1_clients_with_unfinished_bodies_never_stall_a_shared_connection() {
+    http1_clients(Http1Abuse::UnfinishedBodies).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,6 +33,19 @@ pub struct ConnLimits {
     pub idle: Duration,
 }
 
+impl ConnLimits {
+    /// The limits for the outbound's local clients: stalls cut off at half the time the far
+    /// side allows, so a local client's stall ends (its streams reset, within
+    /// `pool::RESET_BUDGET`) before the far side would close the shared connection it travels on.
+    pub fn for_local_clients(self) -> Self {
+        ConnLimits {
+            request_idle: self.request_idle / 2,
+            response_idle: self.response_idle / 2,
+            ..self
+        }
+    }
+}
+
 impl Default for ConnLimits {
     fn default() -> Self {
         ConnLimits {
@@ -69,7 +82,8 @@ pub enum Ended {
     /// `close` resolved with this reason; the connection was closed gracefully.
     Closed(&'static str),
     /// The watchdog closed it: `too-many-resets`, `response-stalled`, `request-stalled` (cut
-    /// off), or `idle` (gracefully).
+    /// off), or `idle` (gracefully); or the HTTP/2 layer did, with GOAWAY ENHANCE_YOUR_CALM
+    /// (`too-many-resets`).
     Guard(&'static str),
 }
 
@@ -312,6 +326,19 @@ impl hyper::body::Body for ResponseBody {
     }
 }
 
+/// Whether the HTTP/2 layer itself closed the connection for abuse: it sent GOAWAY
+/// ENHANCE_YOUR_CALM (more than [`PENDING_ACCEPT_RESETS`] streams reset before acceptance).
+fn calmed_down(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(h2) = c.downcast_ref::<h2::Error>() {
+            return !h2.is_remote() && h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM);
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// Serves one HTTP/1.1 or HTTP/2 connection, each request answered by `handler`, until it
 /// ends, the process drains, `close` resolves (closed gracefully within [`DRAIN`]), or the
 /// watchdog closes it (see [`Ended::Guard`]). Header blocks are limited to 64 KiB.
@@ -377,6 +404,8 @@ where
         .timer(TokioTimer::new())
         .max_header_list_size(64 * 1024)
         .max_concurrent_streams(STREAMS_PER_CONNECTION)
+        .initial_stream_window_size(crate::pool::STREAM_WINDOW)
+        .initial_connection_window_size(crate::pool::CONNECTION_WINDOW)
         .max_pending_accept_reset_streams(PENDING_ACCEPT_RESETS)
         .keep_alive_interval(PING_INTERVAL)
         .keep_alive_timeout(PING_TIMEOUT);
@@ -388,6 +417,7 @@ where
     tokio::select! {
         r = conn.as_mut() => match r {
             Ok(()) => Ended::Finished,
+            Err(e) if calmed_down(&*e) => Ended::Guard("too-many-resets"),
             Err(e) => Ended::Failed(e.to_string()),
         },
         () = shutdown.cancelled() => {

@@ -121,6 +121,8 @@ pub fn app_clients(addr: SocketAddr) -> (AppClient, AppClient) {
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .http2_only(h2)
+            .http2_initial_stream_window_size(pool::STREAM_WINDOW)
+            .http2_initial_connection_window_size(pool::CONNECTION_WINDOW)
             .pool_idle_timeout(Duration::from_secs(60))
             .build(AppConnector(addr))
     };

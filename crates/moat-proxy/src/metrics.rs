@@ -160,7 +160,7 @@ impl Metrics {
         );
         registry.register(
             "connections_closed",
-            "HTTP connections the proxy closed by reason (too-many-resets: the peer cancelled too many accepted requests; policy: the caller is no longer allowed)",
+            "Connections the proxy closed, by direction (inbound, outbound: local clients, upstream: shared mesh connections) and reason (too-many-resets, response-stalled, request-stalled, idle, policy, reset-budget: local clients gave up on too many requests on a shared mesh connection, which takes no new ones)",
             connections_closed.clone(),
         );
         registry.register(

@@ -1,8 +1,8 @@
 //! Outbound: an explicit listener per upstream service (`--upstream orders=127.0.0.1:9001`).
 //! The local app connects in plaintext; the proxy detects the protocol and carries it to an
 //! endpoint of the service over mTLS that accepts only the service's expected identity: opaque
-//! TCP on its own connection (ALPN moat-tcp), HTTP/1.1, HTTP/2 and gRPC multiplexed over a pooled
-//! HTTP/2 connection (ALPN h2).
+//! TCP on its own connection (ALPN moat-tcp), HTTP/1.1, HTTP/2 and gRPC multiplexed over shared
+//! HTTP/2 connections (ALPN h2, see `pool::Upstreams`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -61,7 +61,6 @@ pub async fn connection(mut tcp: TcpStream, remote: SocketAddr, target: Target, 
                 default_authority: target.service.service_account().to_string(),
                 name,
                 target,
-                upstreams: crate::pool::Upstreams::default(),
             });
             let handler = {
                 let ctx = ctx.clone();
@@ -73,7 +72,7 @@ pub async fn connection(mut tcp: TcpStream, remote: SocketAddr, target: Target, 
             match serve_http(
                 io,
                 handler,
-                ctx.cfg.limits,
+                ctx.cfg.limits.for_local_clients(),
                 &ctx.shutdown,
                 std::future::pending(),
             )
@@ -100,8 +99,6 @@ struct HttpConn {
     counters: crate::metrics::ConnCounters,
     /// The authority for requests that name none.
     default_authority: String,
-    /// This client's own connections to the service's endpoints.
-    upstreams: crate::pool::Upstreams,
 }
 
 async fn tcp_forward(
@@ -186,12 +183,7 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
     };
     let (status, endpoint, resp) = match ctx
         .pool
-        .send(
-            ctx,
-            to,
-            &conn.upstreams,
-            Request::from_parts(parts, boxed(body)),
-        )
+        .send(ctx, to, Request::from_parts(parts, boxed(body)))
         .await
     {
         Ok((ep, resp)) => {
