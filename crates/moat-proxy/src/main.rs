@@ -10,10 +10,11 @@ use moat_identity::{SpiffeId, TrustDomain};
 use moat_proxy::config::{Bootstrap, ProxyConfig, Unknown, Upstream};
 use tracing_subscriber::filter::Targets;
 
-/// Every request allocates and frees many small buffers across connections; mimalloc's
-/// per-thread free lists do that with less work than glibc's malloc (bench/results).
+/// Every request allocates and frees many small buffers, and the TCP path a TLS record's worth
+/// per write; jemalloc does both with less CPU than glibc's malloc (and mimalloc, tried too,
+/// halved the bulk TCP rate): bench/results/compare-ab-isolation.md.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser, Debug)]
 #[command(name = "moat-proxy", version, about = "The moat sidecar proxy")]
