@@ -22,12 +22,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use moat_test_util::{ControlPlane, Proxy, apply_policy, free_port};
+use moat_test_util::{ControlPlane, Proxy, apply_policy, bin, free_port};
 
 const ROUNDS: usize = 3;
 const SECS: u64 = 10;
 const FIXED_RPS: u64 = 1000;
 const SIDECAR_CORE: &str = "0";
+/// Connections in the memory-after-burst test, and how long after they close RSS is read.
+const BURST: usize = 10_000;
+const BURST_SETTLE: Duration = Duration::from_secs(30);
 
 fn require(tool: &str, hint: &str) {
     let ok = Command::new("sh")
@@ -336,25 +339,38 @@ fn envoy_pair(
 /// The moat pair, from a real control plane.
 /// moat's server sidecar speaks to its app in the client's protocol, so the HTTP/2 test has its
 /// own server sidecar in front of nginx's h2c port.
+/// `binary` is the `moat-proxy` to run, `name` the variant's name, and `prefix` keeps its
+/// identities (`PREFIX-client`, `PREFIX-server`, `PREFIX-server-h2`) apart from another pair's.
 fn moat_pair(
     cp: &ControlPlane,
-    backend: SocketAddr,
-    backend_h2: SocketAddr,
+    (backend, backend_h2): (SocketAddr, SocketAddr),
+    binary: &Path,
+    name: &'static str,
+    prefix: &str,
 ) -> (Vec<Proxy>, Variant) {
+    let (server_id, server_h2_id, client_id) = (
+        format!("{prefix}-server"),
+        format!("{prefix}-server-h2"),
+        format!("{prefix}-client"),
+    );
     apply_policy(
         cp,
-        "apiVersion: moat.dev/v1\nkind: AccessPolicy\nmetadata: { name: bench-server }\nspec:\n  target: bench-server\n  rules:\n    - from: [bench-client]\n---\napiVersion: moat.dev/v1\nkind: AccessPolicy\nmetadata: { name: bench-server-h2 }\nspec:\n  target: bench-server-h2\n  rules:\n    - from: [bench-client]\n",
+        &format!(
+            "apiVersion: moat.dev/v1\nkind: AccessPolicy\nmetadata: {{ name: {server_id} }}\nspec:\n  target: {server_id}\n  rules:\n    - from: [{client_id}]\n---\napiVersion: moat.dev/v1\nkind: AccessPolicy\nmetadata: {{ name: {server_h2_id} }}\nspec:\n  target: {server_h2_id}\n  rules:\n    - from: [{client_id}]\n"
+        ),
     );
     let tcp_port = free_port();
-    let server = Proxy::start(cp, "bench-server", backend, &[], &["--workers", "1"]).unwrap();
+    let one_worker = ["--workers", "1"];
+    let server = Proxy::start_binary(cp, binary, &server_id, backend, &[], &one_worker).unwrap();
     let server_h2 =
-        Proxy::start(cp, "bench-server-h2", backend_h2, &[], &["--workers", "1"]).unwrap();
-    let tcp_up = format!("bench-server=127.0.0.1:{tcp_port}");
-    let client = Proxy::start(
+        Proxy::start_binary(cp, binary, &server_h2_id, backend_h2, &[], &one_worker).unwrap();
+    let tcp_up = format!("{server_id}=127.0.0.1:{tcp_port}");
+    let client = Proxy::start_binary(
         cp,
-        "bench-client",
+        binary,
+        &client_id,
         backend,
-        &["bench-server", "bench-server-h2"],
+        &[&server_id, &server_h2_id],
         &[
             "--workers",
             "1",
@@ -366,10 +382,9 @@ fn moat_pair(
     )
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !client
-        .admin_get("/config")
-        .is_some_and(|(_, b)| b.contains("sa/bench-server\"") && b.contains("sa/bench-server-h2"))
-    {
+    while !client.admin_get("/config").is_some_and(|(_, b)| {
+        b.contains(&format!("sa/{server_id}\"")) && b.contains(&format!("sa/{server_h2_id}\""))
+    }) {
         assert!(
             Instant::now() < deadline,
             "the client sidecar never learnt the server"
@@ -380,12 +395,12 @@ fn moat_pair(
     for p in pids.iter().chain(&[server_h2.pid().unwrap()]) {
         pin(*p);
     }
-    let http = client.upstream("bench-server");
-    let h2 = client.upstream("bench-server-h2");
+    let http = client.upstream(&server_id);
+    let h2 = client.upstream(&server_h2_id);
     (
         vec![server, server_h2, client],
         Variant {
-            name: "moat",
+            name,
             http,
             h2,
             tcp: format!("127.0.0.1:{tcp_port}").parse().unwrap(),
@@ -524,6 +539,8 @@ struct Figures {
     conn_rps: f64,
     bulk_mbps: f64,
     cpu_us_per_req: f64,
+    /// Sidecar CPU seconds (both sidecars) per GiB through the TCP path.
+    bulk_cpu_s_per_gib: f64,
     rss_load_kib: u64,
     /// CPU time the hypervisor gave to others while this variant was measured.
     steal_s: f64,
@@ -586,6 +603,7 @@ async fn measure(v: &Variant) -> Figures {
     ]);
     f.conn_rps = wrk_rps(&out);
     // 1 GiB through the TCP path.
+    let before = cpu_ticks(&v.pids);
     let out = run_load(&[
         "curl",
         "-s",
@@ -600,7 +618,68 @@ async fn measure(v: &Variant) -> Figures {
     let size: u64 = it.next().and_then(|s| s.parse().ok()).unwrap_or(0);
     assert_eq!(size, 1 << 30, "{}: the bulk transfer was cut short", v.name);
     f.bulk_mbps = speed / 1e6;
+    f.bulk_cpu_s_per_gib = (cpu_ticks(&v.pids) - before) as f64 / 100.0;
     f
+}
+
+/// Sidecar RSS (both sidecars, KiB) around a burst of connections.
+#[derive(Clone, Copy, Debug, Default)]
+struct Burst {
+    before: u64,
+    /// With all BURST connections open.
+    open: u64,
+    /// BURST_SETTLE after they all closed.
+    after: u64,
+}
+
+/// Opens BURST keep-alive connections to `v.http`, each making one request, holds them all
+/// open, closes them all, and samples the sidecars' RSS before, at the peak and BURST_SETTLE
+/// after the close.
+async fn burst(v: &Variant) -> Burst {
+    let rss = || v.pids.iter().map(|p| rss_kib(*p)).sum::<u64>();
+    let before = rss();
+    let mut open = Vec::with_capacity(BURST);
+    let mut dialing = tokio::task::JoinSet::new();
+    let mut started = 0;
+    while started < BURST || !dialing.is_empty() {
+        while started < BURST && dialing.len() < 256 {
+            dialing.spawn(one_request(v.http));
+            started += 1;
+        }
+        if let Some(done) = dialing.join_next().await {
+            open.push(done.unwrap());
+        }
+    }
+    let open_rss = rss();
+    drop(open);
+    tokio::time::sleep(BURST_SETTLE).await;
+    Burst {
+        before,
+        open: open_rss,
+        after: rss(),
+    }
+}
+
+/// A connection that has made one `GET /1k` and read the whole answer, left open.
+async fn one_request(to: SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(to).await.unwrap();
+    s.write_all(b"GET /1k HTTP/1.1\r\nHost: bench\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "{to}: the connection closed before the answer ended");
+        got.extend_from_slice(&buf[..n]);
+        if let Some(head) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            assert!(got.starts_with(b"HTTP/1.1 200"), "{to}: not a 200 answer");
+            if got.len() >= head + 4 + 1024 {
+                return s;
+            }
+        }
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -640,11 +719,25 @@ fn main() {
     ] {
         require(tool, hint);
     }
+    // The burst holds BURST connections in this process and in each sidecar (which inherit it).
+    rlimit::increase_nofile_limit(BURST as u64 * 2 + 1024).unwrap();
+    let baseline = std::env::var_os("MOAT_COMPARE_BASELINE").map(PathBuf::from);
+    if let Some(b) = &baseline {
+        assert!(
+            b.is_file(),
+            "MOAT_COMPARE_BASELINE={} is not a file: give the path of an older moat-proxy binary",
+            b.display()
+        );
+    }
     let dir = tempfile::tempdir().unwrap();
     let (_nginx, backend, backend_h2) = nginx(dir.path());
     let cp = ControlPlane::start().unwrap();
     let (_envoys, envoy) = envoy_pair(&cp, dir.path(), backend, backend_h2);
-    let (_proxies, moat) = moat_pair(&cp, backend, backend_h2);
+    let backends = (backend, backend_h2);
+    let (_proxies, moat) = moat_pair(&cp, backends, &bin("moat-proxy"), "moat", "bench");
+    let base = baseline
+        .as_deref()
+        .map(|b| moat_pair(&cp, backends, b, "baseline", "base"));
     let direct = Variant {
         name: "direct",
         http: backend,
@@ -656,10 +749,12 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let variants = [&direct, &envoy, &moat];
+    // direct, envoy, moat, then the baseline when there is one.
+    let mut variants = vec![&direct, &envoy, &moat];
+    variants.extend(base.as_ref().map(|(_, v)| v));
     // For profiling: hold the set-up open and say where everything is, instead of measuring.
     if std::env::var_os("MOAT_COMPARE_HOLD").is_some() {
-        for v in variants {
+        for v in &variants {
             eprintln!(
                 "{}: http {} h2 {} tcp {} pids {:?}",
                 v.name, v.http, v.h2, v.tcp, v.pids
@@ -676,10 +771,11 @@ fn main() {
         .iter()
         .map(|v| v.pids.iter().map(|p| rss_kib(*p)).sum())
         .collect();
-    let mut runs: Vec<Vec<Figures>> = vec![Vec::new(); 3];
+    let n = variants.len();
+    let mut runs: Vec<Vec<Figures>> = vec![Vec::new(); n];
     for round in 0..ROUNDS {
-        for k in 0..3 {
-            let i = (round + k) % 3;
+        for k in 0..n {
+            let i = (round + k) % n;
             let stolen = steal_ticks();
             let mut f = rt.block_on(measure(variants[i]));
             f.steal_s = (steal_ticks() - stolen) as f64 / 100.0;
@@ -687,34 +783,98 @@ fn main() {
             runs[i].push(f);
         }
     }
+    // Memory after a burst, once per sidecar pair, after the load (as a pod would see it).
+    let bursts: Vec<Burst> = variants
+        .iter()
+        .map(|v| {
+            if v.pids.is_empty() {
+                return Burst::default();
+            }
+            let b = rt.block_on(burst(v));
+            eprintln!("burst {}: {b:?}", v.name);
+            b
+        })
+        .collect();
+    let table = report(&variants, &runs, &idle, &bursts, baseline.as_deref());
+    print!("{table}");
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("results/compare.md");
+    std::fs::write(&out, table).unwrap();
+    eprintln!("wrote {}", out.display());
+}
+
+/// The results page: medians for every variant, moat against Envoy (and against the baseline
+/// build when there is one), then the ratios within each round.
+fn report(
+    variants: &[&Variant],
+    runs: &[Vec<Figures>],
+    idle: &[u64],
+    bursts: &[Burst],
+    baseline: Option<&Path>,
+) -> String {
+    const DIRECT: usize = 0;
+    const ENVOY: usize = 1;
+    const MOAT: usize = 2;
+    const BASE: usize = 3;
+    let has_base = variants.len() > BASE;
     let med = |i: usize, g: fn(&Figures) -> f64| median(runs[i].iter().map(g).collect());
-    let row = |label: &str, g: fn(&Figures) -> f64, unit: &str| {
-        let (d, e, m) = (med(0, g), med(1, g), med(2, g));
-        format!(
-            "| {label} | {d:.0} {unit} | {e:.0} {unit} | {m:.0} {unit} | {:.2} | {:.2} |\n",
-            m / e,
-            m / d
-        )
+    // One row: each variant's median, moat/envoy, moat/direct (or `—` for sidecar-only figures),
+    // and moat/baseline.
+    let line = |label: &str, cells: Vec<f64>, unit: &str, with_direct: bool| {
+        let shown = |i: usize| {
+            if i == DIRECT && !with_direct {
+                "—".to_owned()
+            } else {
+                format!("{:.0} {unit}", cells[i]).trim_end().to_owned()
+            }
+        };
+        let mut r = format!("| {label} |");
+        for i in 0..variants.len() {
+            r += &format!(" {} |", shown(i));
+        }
+        r += &format!(" {:.2} |", cells[MOAT] / cells[ENVOY]);
+        r += &if with_direct {
+            format!(" {:.2} |", cells[MOAT] / cells[DIRECT])
+        } else {
+            " — |".to_owned()
+        };
+        if has_base {
+            r += &format!(" {:.2} |", cells[MOAT] / cells[BASE]);
+        }
+        r + "\n"
     };
-    // Sidecar-only figures: direct has no sidecar.
-    let own = |label: &str, g: fn(&Figures) -> f64, unit: &str| {
-        let (e, m) = (med(1, g), med(2, g));
-        format!(
-            "| {label} | — | {e:.0} {unit} | {m:.0} {unit} | {:.2} | — |\n",
-            m / e
-        )
+    let medians = |g: fn(&Figures) -> f64| (0..variants.len()).map(|i| med(i, g)).collect();
+    let row = |label: &str, g: fn(&Figures) -> f64, unit: &str| line(label, medians(g), unit, true);
+    let own =
+        |label: &str, g: fn(&Figures) -> f64, unit: &str| line(label, medians(g), unit, false);
+    let fixed = |label: &str, cells: Vec<u64>| {
+        line(label, cells.iter().map(|c| *c as f64).collect(), "", false)
     };
-    let added = |g: fn(&Figures) -> f64| (med(1, g) - med(0, g), med(2, g) - med(0, g));
-    let (e50, m50) = added(|f| f.fixed_p50);
-    let (e90, m90) = added(|f| f.fixed_p90);
-    let (e99, m99) = added(|f| f.fixed_p99);
+    let mut head = "| test |".to_owned();
+    let mut rule = "|---|".to_owned();
+    for v in variants {
+        head += &format!(" {} |", v.name);
+        rule += "---|";
+    }
+    head += " moat/envoy | moat/direct |";
+    rule += "---|---|";
+    if has_base {
+        head += " moat/baseline |";
+        rule += "---|";
+    }
+    let base_line = baseline.map_or(String::new(), |b| {
+        format!(
+            "- Baseline: `MOAT_COMPARE_BASELINE={}` (an older moat-proxy build, its own pair \
+             under the same control plane, interleaved with the others).\n",
+            b.display()
+        )
+    });
     let mut table = format!(
         "# compare — latest run\n\n\
          - Command: `bench/run-compare` (= `taskset -c 1 cargo bench -p moat-bench --bench compare`)\n\
          - Machine: {}\n\
          - nginx and both sidecars pinned to core 0, load generators to core 1; one worker thread per proxy; \
-         {SECS} s per test, {ROUNDS} rounds with variants interleaved, medians.\n\n\
-         | test | direct | envoy | moat | moat/envoy | moat/direct |\n|---|---|---|---|---|---|\n",
+         {SECS} s per test, {ROUNDS} rounds with variants interleaved, medians.\n{base_line}\n\
+         {head}\n{rule}\n",
         machine()
     );
     table += &row("HTTP/1.1, 50 connections (req/s)", |f| f.h1_rps, "");
@@ -732,51 +892,103 @@ fn main() {
         |f| f.cpu_us_per_req,
         "",
     );
-    table += &format!(
-        "| sidecar RSS idle, both (KiB) | — | {} | {} | {:.2} | — |\n",
-        idle[1],
-        idle[2],
-        idle[2] as f64 / idle[1] as f64
+    table += &own(
+        "sidecar CPU per GiB, bulk TCP, both (ms)",
+        |f| f.bulk_cpu_s_per_gib * 1e3,
+        "",
     );
+    table += &fixed("sidecar RSS idle, both (KiB)", idle.to_vec());
     table += &own(
         "sidecar RSS under 50-conn load, both (KiB)",
         |f| f.rss_load_kib as f64,
         "",
     );
-    table += &format!(
-        "\nFixed {FIXED_RPS} req/s (HTTP/1.1, open loop): latency added over direct (direct p50 {:.0} µs, p90 {:.0} µs, p99 {:.0} µs)\n\n\
-         | | envoy | moat | moat/envoy |\n|---|---|---|---|\n\
-         | added p50 | {e50:.0} µs | {m50:.0} µs | {:.2} |\n| added p90 | {e90:.0} µs | {m90:.0} µs | {:.2} |\n| added p99 | {e99:.0} µs | {m99:.0} µs | {:.2} |\n",
-        med(0, |f| f.fixed_p50),
-        med(0, |f| f.fixed_p90),
-        med(0, |f| f.fixed_p99),
-        m50 / e50,
-        m90 / e90,
-        m99 / e99,
+    table += &fixed(
+        &format!("sidecar RSS with {BURST} connections open, both (KiB)"),
+        bursts.iter().map(|b| b.open).collect(),
     );
+    table += &fixed(
+        &format!(
+            "sidecar RSS {} s after they closed, both (KiB)",
+            BURST_SETTLE.as_secs()
+        ),
+        bursts.iter().map(|b| b.after).collect(),
+    );
+    let after_vs_idle = |i: usize| bursts[i].after as f64 / idle[i].max(1) as f64;
+    table += &format!(
+        "\nAfter the burst, RSS / idle RSS: envoy {:.2}, moat {:.2}{} (RSS just before the \
+         burst: envoy {} KiB, moat {} KiB).\n",
+        after_vs_idle(ENVOY),
+        after_vs_idle(MOAT),
+        if has_base {
+            format!(", baseline {:.2}", after_vs_idle(BASE))
+        } else {
+            String::new()
+        },
+        bursts[ENVOY].before,
+        bursts[MOAT].before,
+    );
+    let added = |i: usize, g: fn(&Figures) -> f64| med(i, g) - med(DIRECT, g);
+    let mut fixed_table = format!(
+        "\nFixed {FIXED_RPS} req/s (HTTP/1.1, open loop): latency added over direct (direct p50 {:.0} µs, p90 {:.0} µs, p99 {:.0} µs)\n\n\
+         | | envoy | moat | moat/envoy |{}\n|---|---|---|---|{}\n",
+        med(DIRECT, |f| f.fixed_p50),
+        med(DIRECT, |f| f.fixed_p90),
+        med(DIRECT, |f| f.fixed_p99),
+        if has_base {
+            " baseline | moat/baseline |"
+        } else {
+            ""
+        },
+        if has_base { "---|---|" } else { "" },
+    );
+    for (label, g) in [
+        (
+            "added p50",
+            (|f: &Figures| f.fixed_p50) as fn(&Figures) -> f64,
+        ),
+        ("added p90", |f| f.fixed_p90),
+        ("added p99", |f| f.fixed_p99),
+    ] {
+        let (e, m) = (added(ENVOY, g), added(MOAT, g));
+        fixed_table += &format!("| {label} | {e:.0} µs | {m:.0} µs | {:.2} |", m / e);
+        if has_base {
+            let b = added(BASE, g);
+            fixed_table += &format!(" {b:.0} µs | {:.2} |", m / b);
+        }
+        fixed_table += "\n";
+    }
+    table += &fixed_table;
     // The machine is shared: absolute figures drift from round to round (the same binary's CPU
     // per request moves by a third), so the ratios within each round are shown too.
-    table += "\nPer round, moat/envoy within the round (direct's figure in brackets):\n\n\
-              | round | HTTP/1.1 req/s | HTTP/2 req/s | new conn/s | bulk MB/s | added p50 | added p99 | steal s (d/e/m) |\n\
-              |---|---|---|---|---|---|---|---|\n";
-    for (r, ((d, e), m)) in runs[0].iter().zip(&runs[1]).zip(&runs[2]).enumerate() {
-        let ratio = |g: fn(&Figures) -> f64| format!("{:.2} ({:.0})", g(m) / g(e), g(d));
-        let added = |g: fn(&Figures) -> f64| format!("{:.2}", (g(m) - g(d)) / (g(e) - g(d)));
-        table += &format!(
-            "| {r} | {} | {} | {} | {} | {} | {} | {:.1}/{:.1}/{:.1} |\n",
-            ratio(|f| f.h1_rps),
-            ratio(|f| f.h2_rps),
-            ratio(|f| f.conn_rps),
-            ratio(|f| f.bulk_mbps),
-            added(|f| f.fixed_p50),
-            added(|f| f.fixed_p99),
-            d.steal_s,
-            e.steal_s,
-            m.steal_s,
-        );
+    let mut against = vec![(ENVOY, "moat/envoy")];
+    if has_base {
+        against.push((BASE, "moat/baseline"));
     }
-    print!("{table}");
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("results/compare.md");
-    std::fs::write(&out, table).unwrap();
-    eprintln!("wrote {}", out.display());
+    for (other, title) in against {
+        table += &format!(
+            "\nPer round, {title} within the round (direct's figure in brackets):\n\n\
+             | round | HTTP/1.1 req/s | HTTP/2 req/s | new conn/s | bulk MB/s | bulk CPU/GiB | added p50 | added p99 | steal s (d/o/m) |\n\
+             |---|---|---|---|---|---|---|---|---|\n"
+        );
+        let rounds = runs[DIRECT].iter().zip(&runs[other]).zip(&runs[MOAT]);
+        for (r, ((d, o), m)) in rounds.enumerate() {
+            let ratio = |g: fn(&Figures) -> f64| format!("{:.2} ({:.0})", g(m) / g(o), g(d));
+            let added = |g: fn(&Figures) -> f64| format!("{:.2}", (g(m) - g(d)) / (g(o) - g(d)));
+            table += &format!(
+                "| {r} | {} | {} | {} | {} | {:.2} | {} | {} | {:.1}/{:.1}/{:.1} |\n",
+                ratio(|f| f.h1_rps),
+                ratio(|f| f.h2_rps),
+                ratio(|f| f.conn_rps),
+                ratio(|f| f.bulk_mbps),
+                m.bulk_cpu_s_per_gib / o.bulk_cpu_s_per_gib,
+                added(|f| f.fixed_p50),
+                added(|f| f.fixed_p99),
+                d.steal_s,
+                o.steal_s,
+                m.steal_s,
+            );
+        }
+    }
+    table
 }

@@ -2,13 +2,20 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
 use crate::{ControlPlane, bin, eventually, free_port};
+
+/// How a proxy gets its first certificate: `flag` (`--token-file` or `--k8s-token-file`) and the
+/// token it names.
+struct Token<'a> {
+    flag: &'a str,
+    value: &'a str,
+}
 
 /// A sidecar process.
 #[derive(Debug)]
@@ -32,8 +39,25 @@ impl Proxy {
         upstreams: &[&str],
         extra: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::start_binary(cp, &bin("moat-proxy"), identity, app, upstreams, extra)
+    }
+
+    /// Like [`start`](Self::start), running `binary` instead of this build's `moat-proxy` (the
+    /// compare benchmark runs an older build next to this one).
+    pub fn start_binary(
+        cp: &ControlPlane,
+        binary: &Path,
+        identity: &str,
+        app: SocketAddr,
+        upstreams: &[&str],
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let token = cp.moat_ok(&["token", "create", "--identity", identity]);
-        let p = Self::launch(cp, identity, token.trim(), app, upstreams, extra)?;
+        let token = Token {
+            flag: "--token-file",
+            value: token.trim(),
+        };
+        let p = Self::spawn(cp, binary, identity, token, app, upstreams, extra)?;
         p.wait_ready(Duration::from_secs(30))?;
         Ok(p)
     }
@@ -62,19 +86,43 @@ impl Proxy {
         upstreams: &[&str],
         extra: &[&str],
     ) -> anyhow::Result<Self> {
+        let token = Token {
+            flag: token_flag,
+            value: token,
+        };
+        Self::spawn(
+            cp,
+            &bin("moat-proxy"),
+            identity,
+            token,
+            app,
+            upstreams,
+            extra,
+        )
+    }
+
+    fn spawn(
+        cp: &ControlPlane,
+        binary: &Path,
+        identity: &str,
+        token: Token<'_>,
+        app: SocketAddr,
+        upstreams: &[&str],
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let token_file = dir.path().join("token");
-        std::fs::write(&token_file, token.trim())?;
+        std::fs::write(&token_file, token.value.trim())?;
         let inbound: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let mut ups = HashMap::new();
-        let mut cmd = Command::new(bin("moat-proxy"));
+        let mut cmd = Command::new(binary);
         cmd.args([
             "--control-plane",
             &cp.url(),
             "--identity",
             identity,
-            token_flag,
+            token.flag,
         ])
         .arg(&token_file)
         .arg("--trust-anchors")
