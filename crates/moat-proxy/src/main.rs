@@ -251,6 +251,14 @@ fn main() -> ExitCode {
             return fail(logs, message, ExitCode::FAILURE);
         }
     };
+    // jemalloc hands freed pages back to the kernel only while the process keeps allocating,
+    // unless its background thread purges them: without it a sidecar left idle after a burst
+    // of connections would keep the burst's memory (bench/results/compare.md).
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::warn!(
+            "memory freed after a burst stays with the process until the next one: cannot start the allocator's purging thread ({e})"
+        );
+    }
     let result = runtime.block_on(moat_proxy::run(cfg, shutdown_signal()));
     // Tasks still running (connections past the drain timeout) go now, before the last lines.
     drop(runtime);
