@@ -331,11 +331,9 @@ async fn rapid_reset_before_acceptance(via: Via) {
         sent < 20_000,
         "the sidecar closed the connection before the attack ended"
     );
-    assert!(closed_within(driver, Duration::from_secs(10)).await);
-    // hyper's GOAWAY ENHANCE_YOUR_CALM or the watchdog's cancel count, whichever trips first.
-    assert!(m.closed(via, "too-many-resets") >= 1.0, "{via:?}");
     m.far_side_closed_nothing(via);
     m.memory_bounded();
+    assert!(closed_within(driver, Duration::from_secs(10)).await);
 }
 
 async fn delayed_rapid_reset(via: Via) {
@@ -522,12 +520,12 @@ async fn outbound_a_zero_window_caller_stalls_only_itself_and_is_closed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn inbound_a_rapid_reset_before_acceptance_is_closed_for_too_many_resets() {
+async fn inbound_a_rapid_reset_before_acceptance_is_closed_by_the_http2_layer() {
     rapid_reset_before_acceptance(Via::Inbound).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn outbound_a_rapid_reset_before_acceptance_is_closed_for_too_many_resets() {
+async fn outbound_a_rapid_reset_before_acceptance_is_closed_by_the_http2_layer() {
     rapid_reset_before_acceptance(Via::Outbound).await;
 }
 

@@ -59,10 +59,8 @@ impl Default for ConnLimits {
 
 /// Concurrent HTTP/2 streams one connection may hold open.
 pub const STREAMS_PER_CONNECTION: u32 = 128;
-/// Streams a peer may reset before the proxy accepted them, at once (hyper's own count): as
-/// many as a connection may hold open, so a peer sidecar whose local clients all give up at
-/// once never trips it (`pool::RESET_BUDGET`); a flood of HEADERS and RST_STREAM still does.
-pub const PENDING_ACCEPT_RESETS: usize = STREAMS_PER_CONNECTION as usize;
+/// Streams a peer may reset before the proxy accepted them, at once (hyper's own count).
+pub const PENDING_ACCEPT_RESETS: usize = 20;
 /// Requests a peer may cancel after the proxy accepted them, within [`CANCEL_WINDOW`].
 pub const CANCELS_PER_WINDOW: u32 = 200;
 pub const CANCEL_WINDOW: Duration = Duration::from_secs(10);
