@@ -198,39 +198,52 @@ async fn measure(m: &Mesh, path: Path) -> Run {
             .await
             .unwrap();
     tokio::spawn(conn);
-    let mut fetch = async |path: &str| -> Option<usize> {
-        h2.ready().await.ok()?;
+    // The body's length, or what went wrong (printed, so that an error can be traced).
+    let mut fetch = async |path: &str| -> Result<usize, String> {
+        h2.ready().await.map_err(|e| format!("connection: {e}"))?;
         let req = http::Request::get(format!("http://b{path}"))
             .body(Empty::new())
             .unwrap();
-        let resp = tokio::time::timeout(Duration::from_secs(30), async {
-            let r = h2.send_request(req).await.ok()?;
-            (r.status() == 200).then_some(())?;
-            r.into_body()
-                .collect()
+        tokio::time::timeout(Duration::from_secs(30), async {
+            let r = h2
+                .send_request(req)
                 .await
-                .ok()
-                .map(|b| b.to_bytes().len())
+                .map_err(|e| format!("request: {e}"))?;
+            let status = r.status();
+            let body = r.into_body().collect().await;
+            let body = body.map_err(|e| format!("{status}, body: {e}"))?.to_bytes();
+            if status != 200 {
+                return Err(format!("{status}: {}", String::from_utf8_lossy(&body)));
+            }
+            Ok(body.len())
         })
         .await
-        .ok()??;
-        Some(resp)
+        .map_err(|_| "no answer within 30 s".to_owned())?
     };
     let mut lat = Vec::new();
     let mut errors = 0;
+    let mut failed = |what: &str, why: String| {
+        errors += 1;
+        eprintln!("  {what} failed: {why}");
+    };
     let end = Instant::now() + MEASURE;
     while Instant::now() < end {
         let t = Instant::now();
         match fetch("/small").await {
-            Some(2) => lat.push(t.elapsed().as_micros() as f64),
-            _ => errors += 1,
+            Ok(2) => lat.push(t.elapsed().as_micros() as f64),
+            Ok(n) => failed("/small", format!("{n} bytes")),
+            Err(why) => failed("/small", why),
         }
     }
     let t = Instant::now();
     let big_ms = match fetch("/big").await {
-        Some(moat_test_util::apps::BULK) => t.elapsed().as_secs_f64() * 1000.0,
-        _ => {
-            errors += 1;
+        Ok(moat_test_util::apps::BULK) => t.elapsed().as_secs_f64() * 1000.0,
+        Ok(n) => {
+            failed("/big", format!("{n} bytes"));
+            f64::NAN
+        }
+        Err(why) => {
+            failed("/big", why);
             f64::NAN
         }
     };
