@@ -131,13 +131,18 @@ const SHORT_TIMEOUTS: &[&str] = &[
 ];
 
 async fn mesh() -> Mesh {
+    mesh_with(SHORT_TIMEOUTS).await
+}
+
+/// [`mesh`], with `flags` for both sidecars instead of the short stall timeouts.
+async fn mesh_with(flags: &[&str]) -> Mesh {
     let cp = tokio::task::block_in_place(ControlPlane::start).unwrap();
     tokio::task::block_in_place(|| apply_policy(&cp, POLICY));
     let (addr, seen) = moat_test_util::apps::bulk_http().await;
     let (b, sidecar_a) = tokio::task::block_in_place(|| {
         (
-            Proxy::start(&cp, "b", addr, &[], SHORT_TIMEOUTS).unwrap(),
-            Proxy::start(&cp, "a", addr, &["b"], SHORT_TIMEOUTS).unwrap(),
+            Proxy::start(&cp, "b", addr, &[], flags).unwrap(),
+            Proxy::start(&cp, "a", addr, &["b"], flags).unwrap(),
         )
     });
     let (a, c) =
@@ -547,4 +552,100 @@ async fn inbound_held_stream_slots_starve_only_their_holder_and_are_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbound_held_stream_slots_starve_only_their_holder_and_are_closed() {
     held_stream_slots(Via::Outbound).await;
+}
+
+/// One identity holding requests open over several connections gets at most its share of the
+/// app (`--max-requests-per-caller`): the rest are answered 429 `caller-busy` without reaching
+/// the app, another caller is served meanwhile, and a place given back is taken again.
+async fn one_callers_share() {
+    let m = mesh_with(&["--max-requests-per-caller", "8"]).await;
+    let from_a = || {
+        m.seen
+            .lock()
+            .unwrap()
+            .get(&id("a").to_string())
+            .copied()
+            .unwrap_or(0)
+    };
+    // 3 connections × 4 uploads whose bodies start and never finish: 12 requests of a's.
+    let (mut answers, mut bodies, mut drivers) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let (send, driver) = attacker(&m, Via::Inbound, 65_535).await;
+        drivers.push(driver);
+        for _ in 0..4 {
+            let mut s = send.clone().ready().await.unwrap();
+            let req = http::Request::post("https://b/upload").body(()).unwrap();
+            let (answer, mut body) = s.send_request(req, false).unwrap();
+            body.send_data(Bytes::from_static(b"x"), false).unwrap();
+            answers.push(tokio::spawn(answer));
+            bodies.push(body);
+        }
+    }
+    let settled = tokio::time::Instant::now() + Duration::from_secs(10);
+    while (from_a() < 8 || answers.iter().filter(|a| a.is_finished()).count() < 4)
+        && tokio::time::Instant::now() < settled
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(from_a(), 8, "the app got exactly a's share of requests");
+    let mut waiting = None;
+    let mut refused = 0;
+    for (i, answer) in answers.iter_mut().enumerate() {
+        if !answer.is_finished() {
+            waiting.get_or_insert(i);
+            continue;
+        }
+        let resp = answer.await.unwrap().unwrap();
+        assert_eq!(resp.status(), 429);
+        assert_eq!(resp.headers()["x-moat-deny-reason"], "caller-busy");
+        assert!(resp.headers().contains_key("retry-after"));
+        refused += 1;
+    }
+    assert_eq!(
+        refused, 4,
+        "the requests over a's share were answered at once"
+    );
+    let failed = well_behaved_round(&m, Via::Inbound).await;
+    assert!(failed.is_empty(), "another caller suffered: {failed:?}");
+    // One of a's held requests ends; its place goes to a's next request.
+    let i = waiting.unwrap();
+    bodies[i].send_data(Bytes::from_static(b"y"), true).unwrap();
+    let resp = (&mut answers[i]).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = body.data().await {
+        got.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(got, b"2", "the app received the whole body");
+    let (send, _driver) = attacker(&m, Via::Inbound, 65_535).await;
+    let mut status = 0;
+    for _ in 0..50 {
+        let mut s = send.clone().ready().await.unwrap();
+        let (answer, _) = s.send_request(get("/small"), true).unwrap();
+        status = answer.await.unwrap().status().as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, 200, "a place given back is taken again");
+    assert_eq!(from_a(), 9, "the refused retries never reached the app");
+    let refusals =
+        m.b.metrics()
+            .lines()
+            .filter(|l| l.starts_with("moat_authz_decisions_total{") && l.contains("caller-busy"))
+            .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+            .sum::<f64>();
+    assert!(
+        refusals >= 4.0,
+        "caller-busy refusals are counted: {refusals}"
+    );
+    drop((bodies, drivers));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_one_caller_gets_at_most_its_share_of_the_app() {
+    one_callers_share().await;
 }

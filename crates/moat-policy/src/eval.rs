@@ -83,6 +83,9 @@ pub enum Reason {
     /// Allowed, but over the rule's rate limit. Not produced by [`evaluate`]: the proxy's token
     /// buckets decide it after the allow.
     RateLimited,
+    /// Allowed, but the caller already has the most requests in flight at this sidecar that one
+    /// identity may hold (across all its connections). Not produced by [`evaluate`].
+    CallerBusy,
     /// Opaque TCP (or an undetected protocol) where the caller's rules for the port constrain
     /// HTTP.
     ProtocolNotAllowed,
@@ -114,6 +117,7 @@ impl Reason {
             Reason::JwtAudienceNotAllowed => "jwt-audience-not-allowed",
             Reason::JwtClaimsNotAllowed => "jwt-claims-not-allowed",
             Reason::RateLimited => "rate-limited",
+            Reason::CallerBusy => "caller-busy",
             Reason::ProtocolNotAllowed => "protocol-not-allowed",
             Reason::InvalidPath => "invalid-path",
         }

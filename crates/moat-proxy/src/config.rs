@@ -37,6 +37,9 @@ pub struct ProxyConfig {
     pub opaque_ports: Vec<u16>,
     /// Timeouts of served HTTP connections (inbound and outbound).
     pub limits: crate::conn_guard::ConnLimits,
+    /// Requests one caller identity may have in flight at the app through this sidecar's
+    /// inbound, across all its connections (`callers`).
+    pub requests_per_caller: usize,
 }
 
 /// What happens to an intercepted outbound connection whose destination is not a mesh endpoint.

@@ -35,6 +35,37 @@ where
     b.map_err(Into::into).boxed()
 }
 
+/// `body`, keeping `held` (a place in a count of requests in flight) until the body is dropped:
+/// when the response has ended or its stream was reset.
+pub fn holding<T: Send + Sync + Unpin + 'static>(body: Body, held: T) -> Body {
+    Holding { body, _held: held }.boxed()
+}
+
+struct Holding<T> {
+    body: Body,
+    _held: T,
+}
+
+impl<T: Unpin> hyper::body::Body for Holding<T> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// A complete body.
 pub fn full(text: impl Into<Bytes>) -> Body {
     boxed(Full::new(text.into()))
@@ -196,7 +227,7 @@ pub fn deny(
             "7",
             Some("Bearer realm=\"moat\", error=\"insufficient_scope\"".to_owned()),
         ),
-        Reason::RateLimited => (StatusCode::TOO_MANY_REQUESTS, "8", None),
+        Reason::RateLimited | Reason::CallerBusy => (StatusCode::TOO_MANY_REQUESTS, "8", None),
         Reason::InvalidPath => (StatusCode::BAD_REQUEST, "3", None),
         _ => (StatusCode::FORBIDDEN, "7", None),
     };

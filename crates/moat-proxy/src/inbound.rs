@@ -171,6 +171,7 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
                 peer_header: HeaderValue::from_str(&peer_id.name).ok(),
                 app_authority: app.to_string(),
                 peer: peer_id.clone(),
+                caller: Arc::from(peer_id.name.as_str()),
                 app,
             });
             let handler = {
@@ -209,6 +210,8 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
 /// What every request of one inbound HTTP connection shares, worked out once.
 struct HttpConn {
     peer: Caller,
+    /// The caller's name as the key of its count of requests in flight.
+    caller: Arc<str>,
     app: SocketAddr,
     /// The app's HTTP/1.1 and HTTP/2 clients.
     clients: (crate::AppClient, crate::AppClient),
@@ -495,9 +498,14 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
         .as_deref()
         .filter(|_| d.allowed)
         .and_then(|s| over_limit(ctx, s, &d, peer, method.as_str(), &path));
-    let (decision, reason) = match throttled {
-        Some(_) => ("deny", Reason::RateLimited),
-        None => (decision_label(&d), d.would_deny.unwrap_or(d.reason)),
+    // An admitted request takes a place in its caller's share of the app, held until the
+    // response ends.
+    let slot = (d.allowed && throttled.is_none()).then(|| ctx.callers.try_acquire(&conn.caller));
+    let busy = matches!(slot, Some(None));
+    let (decision, reason) = match (throttled, busy) {
+        (Some(_), _) => ("deny", Reason::RateLimited),
+        (None, true) => ("deny", Reason::CallerBusy),
+        (None, false) => (decision_label(&d), d.would_deny.unwrap_or(d.reason)),
     };
     if throttled.is_some() {
         ctx.metrics
@@ -509,14 +517,12 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
             .inc();
     }
     conn.counters.authz(&ctx.metrics, decision, reason.code());
-    let resp = if !d.allowed || throttled.is_some() {
-        deny(
-            reason,
-            policy.as_deref(),
-            &request_id,
-            grpc,
-            throttled.map(|wait| wait.as_secs_f64().ceil().max(1.0) as u64),
-        )
+    let resp = if !d.allowed || throttled.is_some() || busy {
+        let retry_after = match throttled {
+            Some(wait) => Some(wait.as_secs_f64().ceil().max(1.0) as u64),
+            None => busy.then_some(1),
+        };
+        deny(reason, policy.as_deref(), &request_id, grpc, retry_after)
     } else {
         if let Some(v) = &conn.peer_header {
             parts.headers.insert(PEER_ID, v.clone());
@@ -528,7 +534,8 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
             parts.headers.insert(USER, v);
         }
         strip_hop_by_hop(&mut parts.headers);
-        to_app(parts, body, &path_and_query, h1, conn, grpc).await
+        let resp = to_app(parts, body, &path_and_query, h1, conn, grpc).await;
+        resp.map(|body| crate::http::holding(body, slot))
     };
     let status = resp.status().as_u16();
     let elapsed = start.elapsed();
@@ -605,7 +612,8 @@ async fn to_app(
             Response::from_parts(rparts, boxed(rbody))
         }
         Err(e) => {
-            tracing::warn!(app = %conn.app, error = %e, "the app did not answer");
+            let error = moat_tls::connect::error_chain(&e);
+            tracing::warn!(app = %conn.app, error, "the app did not answer");
             unavailable(
                 http::StatusCode::BAD_GATEWAY,
                 "the app did not answer",

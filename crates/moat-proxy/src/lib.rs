@@ -8,6 +8,7 @@
 //! accepting, drains in-flight work up to the grace period, then exits.
 
 pub mod admin;
+pub mod callers;
 pub mod config;
 pub mod conn_guard;
 pub mod detect;
@@ -141,6 +142,8 @@ pub struct Ctx {
     pub tracker: TaskTracker,
     /// Token buckets of the rules' rate limits.
     pub limiter: ratelimit::Limiter,
+    /// Requests in flight per caller identity on the inbound.
+    pub callers: Arc<callers::CallerRequests>,
 }
 
 /// Bytes read at a time in each direction of a forwarded TCP connection: one full TLS record
@@ -179,6 +182,7 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
         pool: pool::Pool::default(),
         shutdown: CancellationToken::new(),
         limiter: ratelimit::Limiter::default(),
+        callers: callers::CallerRequests::new(cfg.requests_per_caller),
         tracker: TaskTracker::new(),
     });
 

@@ -94,6 +94,10 @@ struct Args {
     /// A served connection with nothing in flight for this long is closed.
     #[arg(long, env = "MOAT_IDLE_TIMEOUT", default_value = "10m", value_parser = timeout)]
     idle_timeout: Duration,
+    /// Requests one caller identity may have in flight at the app at once, across all its
+    /// connections; more are answered 429 `caller-busy`.
+    #[arg(long, env = "MOAT_MAX_REQUESTS_PER_CALLER", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_requests_per_caller: u32,
     /// Worker threads (1: everything on one thread).
     #[arg(long, env = "MOAT_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     workers: u16,
@@ -161,6 +165,7 @@ fn config(a: &Args) -> Result<ProxyConfig, String> {
             response_idle: a.response_idle_timeout,
             idle: a.idle_timeout,
         },
+        requests_per_caller: a.max_requests_per_caller as usize,
     })
 }
 
