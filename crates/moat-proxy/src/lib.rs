@@ -3,7 +3,8 @@
 //! `snapshot`), then the inbound listener (`inbound`: mTLS → authorize → app) and one outbound
 //! listener per upstream (`outbound`: app → mTLS to a verified endpoint, via `pool`). Protocols are
 //! told apart in `detect`; HTTP plumbing is in `http`, and what one peer may do to a served HTTP
-//! connection (limits, timeouts, reset and stall watchdog) in `conn_guard`; metrics in
+//! connection (limits, timeouts, reset and stall watchdog) in `conn_guard`, what one caller
+//! identity may hold across its connections in `callers`; metrics in
 //! `metrics`. SIGTERM stops
 //! accepting, drains in-flight work up to the grace period, then exits.
 
