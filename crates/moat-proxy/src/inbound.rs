@@ -35,27 +35,6 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
     crate::accept_loop(listener, ctx, "inbound", connection).await
 }
 
-/// A stable reason for a refused handshake.
-fn handshake_reason(e: &std::io::Error) -> &'static str {
-    let text = format!("{e:?}");
-    if text.contains("NoCertificatesPresented") || text.contains("PeerSentNoCertificates") {
-        "no-client-certificate"
-    } else if text.contains("Expired") {
-        "certificate-expired"
-    } else if text.contains("UnknownIssuer") {
-        "unknown-issuer"
-    } else if text.contains("InvalidContentType")
-        || text.contains("InvalidMessage")
-        || text.contains("CorruptMessage")
-    {
-        "not-tls"
-    } else if text.contains("UnexpectedEof") {
-        "closed-during-handshake"
-    } else {
-        "tls-error"
-    }
-}
-
 /// Where a mesh connection's traffic goes: `--app`, or in transparent mode the port the caller
 /// dialled (carried in the TLS server name) on this pod's own address, never one of the proxy's
 /// own ports.
@@ -94,7 +73,7 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
     {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
-            let reason = handshake_reason(&e);
+            let reason = moat_tls::HandshakeFailure::of(&e).code();
             ctx.metrics.handshake_failed("inbound", reason.into());
             tracing::info!(target: "moat::access", direction = "inbound", %remote, decision = "deny", reason, error = %e, "TLS handshake refused");
             return;

@@ -221,19 +221,6 @@ impl hyper::body::Body for Leased {
     }
 }
 
-fn tls_reason(e: &std::io::Error) -> &'static str {
-    let text = format!("{e:?}");
-    if text.contains("WrongIdentity") {
-        "wrong-identity"
-    } else if text.contains("UnknownIssuer") {
-        "unknown-issuer"
-    } else if text.contains("Expired") {
-        "certificate-expired"
-    } else {
-        "tls-error"
-    }
-}
-
 impl Pool {
     /// The target's endpoints in the order to try them.
     fn order(&self, ctx: &Ctx, target: &Target) -> Result<Vec<String>, DialError> {
@@ -302,7 +289,7 @@ impl Pool {
                 Err("TLS handshake timed out".into())
             }
             Ok(Err(e)) => {
-                let reason = tls_reason(&e);
+                let reason = moat_tls::HandshakeFailure::of(&e).code();
                 ctx.metrics.handshake_failed("outbound", reason.into());
                 tracing::warn!(%service, endpoint = ep, reason, error = %e, "refused to talk to an endpoint that did not prove the expected identity");
                 Err(format!("{reason}: {e}"))

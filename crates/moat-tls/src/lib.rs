@@ -4,11 +4,13 @@
 //! A [`Credential`] (chain + key) is validated before any config is built from it (`config`), and
 //! [`LiveTls`] publishes fresh configs on a watch so rotation never mutates a live config (`live`).
 //! `connect` dials a gRPC server (the control plane) with those configs; `cred_dir` reads and
-//! writes credential directories (cert.pem, key.pem, bundle.pem).
+//! writes credential directories (cert.pem, key.pem, bundle.pem); `failure` says why a handshake
+//! failed, from the error's type.
 
 pub mod config;
 pub mod connect;
 pub mod cred_dir;
+pub mod failure;
 pub mod live;
 pub mod provider;
 pub mod verifier;
@@ -17,5 +19,6 @@ pub use config::{
     ALPN_H2, ALPN_HTTP1, ALPN_TCP, ClientAuth, Credential, CredentialError, client_config,
     peer_identity, server_config,
 };
+pub use failure::HandshakeFailure;
 pub use live::{LiveTls, TlsState};
 pub use verifier::{SpiffeClientVerifier, SpiffeServerVerifier};
