@@ -164,17 +164,39 @@ pub async fn bootstrap(cfg: &ProxyConfig) -> anyhow::Result<TlsGen> {
             credential: Some(credential),
         })
         .await
-        .map_err(|s| {
-            anyhow::anyhow!(
-                "the control plane refused our token ({:?}): {}",
-                s.code(),
-                s.message()
-            )
+        .map_err(|s| CertifyFailed {
+            code: s.code(),
+            message: s.message().to_owned(),
         })?
         .into_inner();
     let (cred, bundle, refresh) = accept(resp, &key, &anchors)?;
     tracing::info!(id = %cred.id(), serial = %cred.leaf().serial, not_after = cred.leaf().not_after, "obtained our first certificate");
     TlsGen::new(cred, bundle, refresh)
+}
+
+/// The control plane answered our first Certify with an error.
+#[derive(Debug, thiserror::Error)]
+#[error("the control plane refused our token ({code:?}): {message}")]
+pub struct CertifyFailed {
+    pub code: tonic::Code,
+    pub message: String,
+}
+
+/// Whether a [`bootstrap`] failure is worth retrying: the control plane could not be reached or
+/// did not answer in time, as opposed to a refusal or a local problem, which are final. Read
+/// from the error types in the chain, not its text.
+pub fn bootstrap_retryable(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<moat_tls::connect::ConnectError>(),
+            Some(moat_tls::connect::ConnectError::Connect { .. })
+        ) || cause.downcast_ref::<CertifyFailed>().is_some_and(|f| {
+            matches!(
+                f.code,
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+            )
+        })
+    })
 }
 
 /// Renews over mTLS with the current credential and a new key.
@@ -260,6 +282,49 @@ pub async fn renew_loop(
                 tokio::time::sleep(crate::jitter(backoff)).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use anyhow::Context as _;
+    use moat_tls::connect::ConnectError;
+
+    use super::*;
+
+    #[test]
+    fn only_an_unreachable_or_unavailable_control_plane_is_retried() {
+        let unreachable = || ConnectError::Connect {
+            addr: "127.0.0.1:7443".into(),
+            expected: "spiffe://t/ns/moat-system/sa/moat-control".into(),
+            detail: "connection refused".into(),
+        };
+        let failed = |code| CertifyFailed {
+            code,
+            message: "x".into(),
+        };
+        let retried = [
+            anyhow::Error::from(unreachable()),
+            anyhow::Error::from(unreachable()).context("first certificate"),
+            anyhow::Error::from(failed(tonic::Code::Unavailable)),
+            anyhow::Error::from(failed(tonic::Code::DeadlineExceeded)),
+        ];
+        for e in &retried {
+            assert!(bootstrap_retryable(e), "{e:#}");
+        }
+        let final_ = [
+            anyhow::Error::from(failed(tonic::Code::PermissionDenied)),
+            anyhow::Error::from(failed(tonic::Code::Unauthenticated)),
+            anyhow::Error::from(ConnectError::Address("ftp://x".into())),
+            // Text that merely mentions unavailability is not the control plane's answer.
+            anyhow::anyhow!("the token file says Unavailable: cannot reach"),
+            Err::<(), _>(std::io::Error::other("disk"))
+                .context("cannot read the token file")
+                .unwrap_err(),
+        ];
+        for e in &final_ {
+            assert!(!bootstrap_retryable(e), "{e:#}");
         }
     }
 }

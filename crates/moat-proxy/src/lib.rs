@@ -161,14 +161,6 @@ where
     tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUFFER, COPY_BUFFER).await
 }
 
-/// Whether a bootstrap failure is worth retrying (the control plane is away) or final (it said no).
-fn retryable(e: &anyhow::Error) -> bool {
-    let text = format!("{e:#}");
-    text.contains("cannot reach")
-        || text.contains("Unavailable")
-        || text.contains("DeadlineExceeded")
-}
-
 /// Runs the proxy until `shutdown` resolves, then drains.
 pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
@@ -221,7 +213,7 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
     let first = loop {
         match identity::bootstrap(&cfg).await {
             Ok(g) => break g,
-            Err(e) if retryable(&e) => {
+            Err(e) if identity::bootstrap_retryable(&e) => {
                 tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "cannot reach the control plane for our first certificate");
                 tokio::time::sleep(jitter(backoff)).await;
                 backoff = (backoff * 2).min(Duration::from_secs(15));
