@@ -6,14 +6,6 @@ use moat_tls::Credential;
 use moat_tls::connect::error_chain;
 use tonic::transport::Channel;
 
-/// The control plane's SPIFFE ID in `td`.
-pub fn control_plane_id(td: &TrustDomain) -> anyhow::Result<SpiffeId> {
-    Ok(SpiffeId::parse_with_default(
-        "moat-system/moat-control",
-        td,
-    )?)
-}
-
 /// Opens a channel to the control plane at `url`, verified against `bundle`.
 pub async fn channel(
     url: &str,
@@ -21,7 +13,7 @@ pub async fn channel(
     td: &TrustDomain,
     cred: Option<&Credential>,
 ) -> anyhow::Result<Channel> {
-    Ok(moat_tls::connect::channel(url, bundle, control_plane_id(td)?, cred).await?)
+    Ok(moat_tls::connect::channel(url, bundle, SpiffeId::control_plane(td), cred).await?)
 }
 
 /// Turns a gRPC failure into a readable error.

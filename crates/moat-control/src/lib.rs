@@ -84,19 +84,6 @@ pub fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-/// The control plane's own SPIFFE ID in `td`.
-pub fn control_plane_id(td: &TrustDomain) -> SpiffeId {
-    SpiffeId::new(
-        td.clone(),
-        "moat-system"
-            .parse()
-            .unwrap_or_else(|_| unreachable!("valid namespace literal")),
-        "moat-control"
-            .parse()
-            .unwrap_or_else(|_| unreachable!("valid service account literal")),
-    )
-}
-
 /// The default admin identity in `td`: `moat-system/moat-admin`.
 pub fn default_admin_id(td: &TrustDomain) -> SpiffeId {
     SpiffeId::new(
@@ -163,7 +150,7 @@ pub async fn serve(
     let admin_dir = self_cert::admin_dir(&cfg.data_dir);
     let self_certs = self_cert::SelfCerts::start(
         ca.clone(),
-        control_plane_id(&td),
+        SpiffeId::control_plane(&td),
         Some((admin_dir.clone(), admin_id.clone())),
     )?;
     tracing::info!(dir = %admin_dir.display(), id = %admin_id, "wrote the admin credential for the CLI");

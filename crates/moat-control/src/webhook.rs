@@ -44,7 +44,7 @@ fn server_config(
 ) -> anyhow::Result<(Arc<rustls::ServerConfig>, i64)> {
     let ca = ca.current();
     // Any workload key will do: only its public half goes into the certificate.
-    let id = crate::control_plane_id(ca.trust_domain());
+    let id = moat_identity::SpiffeId::control_plane(ca.trust_domain());
     let key = WorkloadKey::generate(&id)?;
     let spki = ValidatedCsr::from_der(key.csr_der())?.spki_der;
     let (chain, refresh) = ca.issue_dns_server(&spki, dns, CertTtl::unchecked(CERT_TTL))?;

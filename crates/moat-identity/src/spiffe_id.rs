@@ -157,6 +157,16 @@ impl SpiffeId {
         }
     }
 
+    /// The control plane's own identity in `td`, `moat-system/moat-control`: what every client
+    /// of the control plane (sidecars, the CLI) requires it to prove, and what it is issued.
+    pub fn control_plane(td: &TrustDomain) -> Self {
+        SpiffeId::new(
+            td.clone(),
+            Namespace("moat-system".to_owned()),
+            ServiceAccount("moat-control".to_owned()),
+        )
+    }
+
     /// Parses any form an operator may write: `orders` (namespace `default`), `shop/orders`, or a
     /// full `spiffe://` ID. Short forms take `trust_domain`; a full ID keeps its own domain.
     pub fn parse_with_default(s: &str, trust_domain: &TrustDomain) -> Result<Self, IdError> {
@@ -266,6 +276,16 @@ mod tests {
         let bare = SpiffeId::parse_with_default("orders", &td()).unwrap();
         assert_eq!(bare.to_string(), "spiffe://moat.local/ns/default/sa/orders");
         assert_eq!(bare.short_form(&td()), "orders");
+    }
+
+    #[test]
+    fn the_control_planes_identity_is_a_valid_id() {
+        let id = SpiffeId::control_plane(&td());
+        assert_eq!(
+            id.to_string(),
+            "spiffe://moat.local/ns/moat-system/sa/moat-control"
+        );
+        assert_eq!(id.to_string().parse::<SpiffeId>().unwrap(), id);
     }
 
     #[test]

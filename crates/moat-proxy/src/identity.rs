@@ -94,13 +94,6 @@ impl TlsGen {
 /// The current TLS generation; `None` until the first certificate arrives.
 pub type TlsWatch = watch::Receiver<Option<Arc<TlsGen>>>;
 
-fn control_id(cfg: &ProxyConfig) -> anyhow::Result<SpiffeId> {
-    Ok(SpiffeId::parse_with_default(
-        "moat-system/moat-control",
-        &cfg.trust_domain,
-    )?)
-}
-
 fn ttl_seconds(cfg: &ProxyConfig) -> u32 {
     cfg.cert_ttl
         .map(|d| d.as_secs().min(u64::from(u32::MAX)) as u32)
@@ -154,9 +147,13 @@ pub async fn bootstrap(cfg: &ProxyConfig) -> anyhow::Result<TlsGen> {
         }
     };
     let key = WorkloadKey::generate(&cfg.identity)?;
-    let channel =
-        moat_tls::connect::channel(&cfg.control_plane, anchors.clone(), control_id(cfg)?, None)
-            .await?;
+    let channel = moat_tls::connect::channel(
+        &cfg.control_plane,
+        anchors.clone(),
+        SpiffeId::control_plane(&cfg.trust_domain),
+        None,
+    )
+    .await?;
     let resp = IdentityClient::new(channel)
         .certify(CertifyRequest {
             csr_der: key.csr_der().to_vec(),
@@ -205,7 +202,7 @@ pub async fn renew(cfg: &ProxyConfig, current: &TlsGen) -> anyhow::Result<TlsGen
     let channel = moat_tls::connect::channel(
         &cfg.control_plane,
         (*current.bundle).clone(),
-        control_id(cfg)?,
+        SpiffeId::control_plane(&cfg.trust_domain),
         Some(&current.credential),
     )
     .await?;

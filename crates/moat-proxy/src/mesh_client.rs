@@ -28,14 +28,7 @@ pub async fn run(
     rotate_now: Arc<tokio::sync::Notify>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    let control = match SpiffeId::parse_with_default("moat-system/moat-control", &cfg.trust_domain)
-    {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot name the control plane");
-            return;
-        }
-    };
+    let control = SpiffeId::control_plane(&cfg.trust_domain);
     let mut backoff = Duration::from_millis(250);
     loop {
         // The session itself watches `shutdown` once connected, to say goodbye.

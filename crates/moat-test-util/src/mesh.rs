@@ -26,8 +26,7 @@ impl Admin {
     /// Connects with the control plane's admin credential.
     pub async fn connect(cp: &ControlPlane) -> anyhow::Result<Admin> {
         let (cred, bundle) = moat_tls::cred_dir::load(&cp.admin_dir())?;
-        let control =
-            SpiffeId::parse_with_default("moat-system/moat-control", cred.id().trust_domain())?;
+        let control = SpiffeId::control_plane(cred.id().trust_domain());
         let channel =
             moat_tls::connect::channel(&cp.url(), bundle.clone(), control.clone(), Some(&cred))
                 .await?;
