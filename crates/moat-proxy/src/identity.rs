@@ -231,7 +231,9 @@ pub async fn renew_loop(
     metrics: Arc<crate::metrics::Metrics>,
     rotate_now: Arc<tokio::sync::Notify>,
 ) {
-    let mut backoff = Duration::from_millis(500);
+    // Up to 30 s: a certificate lives minutes, so a failed renewal is retried well within it.
+    let mut backoff =
+        crate::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
         let Some(current) = tls.borrow().clone() else {
             return;
@@ -272,12 +274,12 @@ pub async fn renew_loop(
                 tracing::info!(serial = %next.credential.leaf().serial, not_after = next.credential.leaf().not_after, "renewed our certificate");
                 metrics.cert_expiry.set(next.credential.leaf().not_after);
                 tls.send_replace(Some(Arc::new(next)));
-                backoff = Duration::from_millis(500);
+                backoff.reset();
             }
             Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "certificate renewal failed");
-                tokio::time::sleep(crate::jitter(backoff)).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                let retry_in = backoff.next_delay();
+                tracing::warn!(error = %format!("{e:#}"), ?retry_in, "certificate renewal failed");
+                tokio::time::sleep(retry_in).await;
             }
         }
     }

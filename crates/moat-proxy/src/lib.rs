@@ -4,11 +4,12 @@
 //! listener per upstream (`outbound`: app → mTLS to a verified endpoint, via `pool`). Protocols are
 //! told apart in `detect`; HTTP plumbing is in `http`, and what one peer may do to a served HTTP
 //! connection (limits, timeouts, reset and stall watchdog) in `conn_guard`, what one caller
-//! identity may hold across its connections in `callers`; metrics in
-//! `metrics`. SIGTERM stops
-//! accepting, drains in-flight work up to the grace period, then exits.
+//! identity may hold across its connections in `callers`; retries toward the control plane wait
+//! per `backoff`; metrics in `metrics`. SIGTERM stops accepting, drains in-flight work up to the
+//! grace period, then exits.
 
 pub mod admin;
+pub mod backoff;
 pub mod callers;
 pub mod config;
 pub mod conn_guard;
@@ -36,7 +37,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rand::Rng as _;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -51,11 +51,6 @@ pub fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
-}
-
-/// `d` spread by ±25 %, so a fleet does not retry in lockstep.
-pub fn jitter(d: Duration) -> Duration {
-    d.mul_f64(rand::rng().random_range(0.75..1.25))
 }
 
 /// Connects every app-bound request to the app's address.
@@ -209,14 +204,14 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
         ctx.tracker.spawn(transparent::serve(l, ctx.clone()));
     }
 
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(15));
     let first = loop {
         match identity::bootstrap(&cfg).await {
             Ok(g) => break g,
             Err(e) if identity::bootstrap_retryable(&e) => {
-                tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "cannot reach the control plane for our first certificate");
-                tokio::time::sleep(jitter(backoff)).await;
-                backoff = (backoff * 2).min(Duration::from_secs(15));
+                let retry_in = backoff.next_delay();
+                tracing::warn!(error = %format!("{e:#}"), ?retry_in, "cannot reach the control plane for our first certificate");
+                tokio::time::sleep(retry_in).await;
             }
             Err(e) => return Err(e),
         }

@@ -29,7 +29,8 @@ pub async fn run(
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let control = SpiffeId::control_plane(&cfg.trust_domain);
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff =
+        crate::backoff::Backoff::new(Duration::from_millis(250), Duration::from_secs(15));
     loop {
         // The session itself watches `shutdown` once connected, to say goodbye.
         let result = session(
@@ -42,22 +43,22 @@ pub async fn run(
             &shutdown,
         )
         .await;
+        // A session that delivered a snapshot starts the backoff over; otherwise it grows.
+        if metrics.reset_backoff() {
+            backoff.reset();
+        }
+        let retry_in = backoff.next_delay();
         match result {
             Ok(()) if shutdown.is_cancelled() => return,
             Ok(()) => tracing::info!("mesh stream closed by the control plane; reconnecting"),
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "mesh stream failed; keeping the last snapshot")
+                tracing::warn!(error = %e, ?retry_in, "mesh stream failed; keeping the last snapshot")
             }
         }
         metrics.control_plane_connected.set(0);
         tokio::select! {
-            () = tokio::time::sleep(crate::jitter(backoff)) => {}
+            () = tokio::time::sleep(retry_in) => {}
             () = shutdown.cancelled() => return,
-        }
-        // A session that delivered a snapshot resets the backoff (see below); otherwise grow it.
-        backoff = (backoff * 2).min(Duration::from_secs(15));
-        if metrics.reset_backoff() {
-            backoff = Duration::from_millis(250);
         }
     }
 }
