@@ -83,7 +83,7 @@ pub async fn serve(listener: TcpListener, cp: Arc<ControlPlane>) {
 pub async fn warn_expiry(cp: Arc<ControlPlane>, horizon: Duration) {
     loop {
         let ca = cp.ca.current();
-        let now = crate::unix_now();
+        let now = moat_identity::clock::unix_now();
         let limit = now + horizon.as_secs() as i64;
         let certs = ca
             .roots_info()

@@ -597,7 +597,7 @@ impl Admin for AdminService {
                     // The entry can go once that certificate would have expired anyway: no
                     // certificate the CA issued until now outlives now + the longest lifetime
                     // it issues. What any proxy reports never shortens it.
-                    let now = crate::unix_now();
+                    let now = moat_identity::clock::unix_now();
                     (
                         "serial",
                         serial,
@@ -630,10 +630,7 @@ impl Admin for AdminService {
                     proxies,
                 });
             }
-            let time_unix_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or(0);
+            let time_unix_ms = moat_identity::clock::unix_now_ms();
             let stored = self
                 .0
                 .revocations

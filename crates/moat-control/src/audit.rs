@@ -149,13 +149,6 @@ pub struct AuditLog {
     count: Arc<Mutex<Option<usize>>>,
 }
 
-fn now_unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// The time an entry's key carries.
 fn key_time(key: &str) -> Option<i64> {
     key.strip_prefix(PREFIX)?.split('-').next()?.parse().ok()
@@ -181,7 +174,7 @@ impl AuditLog {
         outcome: Outcome,
         detail: &str,
     ) -> Result<(), StoreError> {
-        let time_unix_ms = now_unix_ms();
+        let time_unix_ms = moat_identity::clock::unix_now_ms();
         let entry = AuditEntry {
             time_unix_ms,
             actor: actor.to_owned(),
@@ -276,7 +269,8 @@ impl AuditLog {
 
     /// Removes entries beyond the retention bound (oldest first); returns how many.
     pub async fn prune(&self) -> Result<usize, StoreError> {
-        let cutoff = now_unix_ms().saturating_sub(self.retention.max_age.as_millis() as i64);
+        let cutoff = moat_identity::clock::unix_now_ms()
+            .saturating_sub(self.retention.max_age.as_millis() as i64);
         let mut removed = 0;
         // Too old.
         loop {

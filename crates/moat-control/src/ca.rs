@@ -178,7 +178,7 @@ async fn prepare(
     let current = next.as_ref().unwrap_or(&state);
     let mut start = Start::Loaded;
     match current
-        .health(crate::unix_now(), at)
+        .health(moat_identity::clock::unix_now(), at)
         .context("cannot read the CA certificates")?
     {
         Health::Issuing { .. } => {}

@@ -271,7 +271,7 @@ pub async fn auto_rotate_loop(
                 continue;
             }
         };
-        match state.health(crate::unix_now(), at) {
+        match state.health(moat_identity::clock::unix_now(), at) {
             Ok(moat_ca::Health::Issuing { .. }) => {}
             Ok(moat_ca::Health::RotateIntermediate { expired, not_after }) => {
                 match intermediate(&cp, true, Requested::Automatic).await {

@@ -27,7 +27,7 @@ pub fn check(
             return Ok(req);
         };
         let v = &peer.verified;
-        let (status, reason) = if v.not_after <= crate::unix_now() {
+        let (status, reason) = if v.not_after <= moat_identity::clock::unix_now() {
             (
                 Status::unauthenticated(format!(
                     "the certificate presented (serial {}) expired at {} (Unix seconds): bootstrap again with a join token",

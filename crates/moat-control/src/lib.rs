@@ -76,14 +76,6 @@ pub struct ServeConfig {
     pub audit_retention: audit::Retention,
 }
 
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 /// The default admin identity in `td`: `moat-system/moat-admin`.
 pub fn default_admin_id(td: &TrustDomain) -> SpiffeId {
     SpiffeId::new(
@@ -274,10 +266,7 @@ async fn ca_can_issue(data_dir: &std::path::Path, at: moat_ca::RotateAt) -> bool
     let Ok((state, _)) = ca::read_state(&store).await else {
         return false;
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let now = moat_identity::clock::unix_now();
     !matches!(
         state.health(now, at),
         Ok(moat_ca::Health::Stuck(_)) | Err(_)

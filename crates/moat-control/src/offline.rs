@@ -78,7 +78,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
     let kek = cmd.kek.load(&cmd.data_dir)?;
     let store = open_store(&cmd)?;
     let (state, rev) = ca::read_state(&store).await?;
-    let now = crate::unix_now();
+    let now = moat_identity::clock::unix_now();
     match &cmd.action {
         Action::Status => {
             match state.health(now, RotateAt::DEFAULT)? {

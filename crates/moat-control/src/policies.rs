@@ -35,10 +35,7 @@ pub struct Revision {
 
 fn history_op(key: &str, actor: &str, change: &str, document: String) -> Op {
     use rand::Rng as _;
-    let time_unix_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
+    let time_unix_ms = moat_identity::clock::unix_now_ms();
     let suffix: u32 = rand::rng().random();
     let rev = Revision {
         version: 0,

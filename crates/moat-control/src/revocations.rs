@@ -158,7 +158,7 @@ impl Revocations {
 
     /// Every revocation still in force (expired ones are dropped from the store).
     pub async fn list(&self) -> Result<Vec<Revocation>, StoreError> {
-        let now = crate::unix_now();
+        let now = moat_identity::clock::unix_now();
         let mut live = Vec::new();
         let mut expired = Vec::new();
         for kv in self.store.range(PREFIX, 0, false).await? {
@@ -246,9 +246,11 @@ mod bound_tests {
             limits: (1, 2),
             ..Revocations::new(store)
         };
-        let later = crate::unix_now() + 3600;
+        let later = moat_identity::clock::unix_now() + 3600;
         r.revoke(serial("aa", later)).await.unwrap();
-        r.revoke(serial("bb", crate::unix_now() + 1)).await.unwrap();
+        r.revoke(serial("bb", moat_identity::clock::unix_now() + 1))
+            .await
+            .unwrap();
         let e = r.revoke(serial("cc", later)).await.unwrap_err();
         assert!(matches!(e, RevokeError::Full { max: 2, .. }), "{e}");
         assert!(e.to_string().contains("moat revoke --undo"), "{e}");

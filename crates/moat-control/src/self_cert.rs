@@ -128,7 +128,7 @@ impl SelfCerts {
     /// Renews each at its refresh hint, forever; a failure retries in 30 s.
     pub async fn renew_loop(self: Arc<Self>) {
         loop {
-            let now = crate::unix_now();
+            let now = moat_identity::clock::unix_now();
             let (serving_at, admin_at) = *self.due.lock().unwrap_or_else(|e| e.into_inner());
             let next = serving_at.min(admin_at);
             if next > now {

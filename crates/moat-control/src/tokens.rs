@@ -106,7 +106,7 @@ impl Tokens {
         rand::rng().fill_bytes(&mut secret);
         let token = format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(secret));
         let hash = hash(&token);
-        let now = crate::unix_now();
+        let now = moat_identity::clock::unix_now();
         let record = TokenRecord {
             id: hash[..16].to_owned(),
             hash,
@@ -148,7 +148,7 @@ impl Tokens {
             if rec.revoked {
                 return Err(TokenError::Revoked { id: rec.id.clone() });
             }
-            if crate::unix_now() >= rec.expires_unix {
+            if moat_identity::clock::unix_now() >= rec.expires_unix {
                 return Err(TokenError::Expired {
                     id: rec.id.clone(),
                     expired_unix: rec.expires_unix,

@@ -174,7 +174,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let mut at = refresh;
             loop {
-                let wait = (at - crate::unix_now()).max(1) as u64;
+                let wait = (at - moat_identity::clock::unix_now()).max(1) as u64;
                 tokio::time::sleep(Duration::from_secs(wait)).await;
                 match server_config(&ca, &dns) {
                     Ok((tls, next)) => {
@@ -183,7 +183,7 @@ pub async fn serve(
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "cannot renew the webhook certificate; retrying in 30 s");
-                        at = crate::unix_now() + 30;
+                        at = moat_identity::clock::unix_now() + 30;
                     }
                 }
             }

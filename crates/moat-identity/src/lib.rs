@@ -2,10 +2,12 @@
 //! newtypes (`spiffe_id`), the one parser for the short forms operators write (`orders`,
 //! `shop/orders`, `spiffe://…`), trust bundles (`bundle`), CSR generation and validation (`csr`),
 //! and chain + SPIFFE-ID verification shared by the rustls verifiers and tooling (`verify`).
-//! Certificate facts that tools print live in `cert`.
+//! Certificate facts that tools print live in `cert`; `clock` reads the wall clock as Unix
+//! seconds or milliseconds, the one way the mesh writes times down.
 
 pub mod bundle;
 pub mod cert;
+pub mod clock;
 pub mod csr;
 pub mod spiffe_id;
 pub mod verify;

@@ -31,7 +31,7 @@ pub fn not_ready(ctx: &Ctx) -> Option<&'static str> {
     let Some(current) = ctx.tls.borrow().clone() else {
         return Some("no certificate yet");
     };
-    if current.credential.leaf().not_after <= crate::unix_now() {
+    if current.credential.leaf().not_after <= moat_identity::clock::unix_now() {
         return Some("certificate expired");
     }
     if ctx.snapshot.borrow().is_none() {

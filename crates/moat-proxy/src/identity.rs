@@ -238,7 +238,7 @@ pub async fn renew_loop(
         let Some(current) = tls.borrow().clone() else {
             return;
         };
-        let wait = current.refresh_after - crate::unix_now();
+        let wait = current.refresh_after - moat_identity::clock::unix_now();
         if wait > 0 {
             let mut changed = tls.subscribe();
             // Timers run on the monotonic clock; the refresh hint is wall-clock time. Looking at
@@ -256,7 +256,7 @@ pub async fn renew_loop(
                 _ = changed.changed() => continue,
             }
         }
-        let expired = current.credential.leaf().not_after <= crate::unix_now();
+        let expired = current.credential.leaf().not_after <= moat_identity::clock::unix_now();
         let attempt = if expired {
             bootstrap(&cfg).await.context(
                 "our certificate has expired, so renewal cannot authenticate; obtaining a new one with the token file failed",

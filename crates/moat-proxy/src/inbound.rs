@@ -93,7 +93,7 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
     };
     // A resumed session skips chain verification (its certificate was checked when the session
     // began), so check here that the certificate it carries has not expired since.
-    if peer.not_after <= crate::unix_now() {
+    if peer.not_after <= moat_identity::clock::unix_now() {
         ctx.metrics
             .handshake_failed("inbound", "certificate-expired".into());
         tracing::info!(target: "moat::access", direction = "inbound", %remote, peer = %peer.id, serial = %peer.serial, decision = "deny", reason = "certificate-expired", "refused a resumed session whose certificate has expired");

@@ -46,13 +46,6 @@ use crate::config::ProxyConfig;
 use crate::identity::{TlsGen, TlsWatch};
 use crate::snapshot::Snapshot;
 
-/// Seconds since the Unix epoch (0 if the clock is before it).
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
 /// Connects every app-bound request to the app's address.
 #[derive(Clone, Debug)]
 pub struct AppConnector(SocketAddr);

@@ -299,7 +299,7 @@ impl Pool {
                 // A resumed session skips chain verification: the certificate it carries was
                 // checked when the session began and may have expired since.
                 if let Some(p) = &peer
-                    && p.not_after <= crate::unix_now()
+                    && p.not_after <= moat_identity::clock::unix_now()
                 {
                     ctx.metrics
                         .handshake_failed("outbound", "certificate-expired".into());
@@ -364,7 +364,7 @@ impl Pool {
         let mut conns = slot.lock().await;
         let tls = ctx.tls.borrow().clone();
         let snap = ctx.snapshot.borrow().clone();
-        let now = crate::unix_now();
+        let now = moat_identity::clock::unix_now();
         conns.retain(|c| c.usable(tls.as_ref(), snap.as_deref(), now));
         if let Some(c) = conns
             .iter()

@@ -8,7 +8,7 @@ use moat_api::v1::{
     CaCertificate, CaRotationStatus, RotateIntermediateRequest, RotateRootRequest, ShowCaRequest,
 };
 
-use super::{admin, duration, now_unix, time};
+use super::{admin, duration, time};
 use crate::Global;
 use crate::connect::status;
 
@@ -212,7 +212,7 @@ pub async fn run(global: &Global, cmd: CaCmd) -> anyhow::Result<()> {
             if let Some(i) = &ca.intermediate {
                 line("intermediate", i);
             }
-            let now = now_unix();
+            let now = moat_identity::clock::unix_now();
             for c in ca.roots.iter().chain(ca.intermediate.as_ref()) {
                 if c.not_after_unix - now < EXPIRY_WARNING {
                     println!(

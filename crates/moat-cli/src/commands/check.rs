@@ -8,7 +8,7 @@ use moat_api::v1::{ListProxiesRequest, ShowCaRequest};
 use moat_identity::{Usage, verify_chain};
 use rustls_pki_types::UnixTime;
 
-use super::{admin, duration, now_unix, time};
+use super::{admin, duration, time};
 use crate::Global;
 use crate::connect::status;
 use crate::creds::CredDir;
@@ -95,7 +95,7 @@ pub async fn run(global: &Global, args: CheckArgs) -> anyhow::Result<()> {
         },
     );
     let horizon = args.horizon.as_secs() as i64;
-    let now = now_unix();
+    let now = moat_identity::clock::unix_now();
     for root in &ca.roots {
         let left = root.not_after_unix - now;
         r.line(
@@ -128,7 +128,7 @@ pub async fn run(global: &Global, args: CheckArgs) -> anyhow::Result<()> {
         .await
         .map_err(|s| status("check", s))?
         .into_inner();
-    let skew = (fleet.server_time_unix_ms - (now_unix() * 1000)).abs() / 1000;
+    let skew = (fleet.server_time_unix_ms - (moat_identity::clock::unix_now() * 1000)).abs() / 1000;
     r.line(
         skew <= args.max_skew.as_secs() as i64,
         "clock skew",
@@ -144,7 +144,7 @@ pub async fn run(global: &Global, args: CheckArgs) -> anyhow::Result<()> {
             "deny (zero trust)".into()
         },
     );
-    let now_ms = now_unix() * 1000;
+    let now_ms = moat_identity::clock::unix_now() * 1000;
     let stale_ms = args.stale_after.as_millis() as i64;
     for p in &fleet.proxies {
         let who = format!("{} {}", p.spiffe_id, p.inbound_address);
@@ -170,7 +170,7 @@ pub async fn run(global: &Global, args: CheckArgs) -> anyhow::Result<()> {
         );
         // A proxy renews at its refresh point (about half-life); one that is past it (plus a
         // moment for the renewal to land) is failing to renew.
-        let now = now_unix();
+        let now = moat_identity::clock::unix_now();
         let left = p.cert_not_after_unix - now;
         let overdue = now - p.cert_refresh_after_unix;
         r.line(
@@ -206,7 +206,7 @@ pub async fn run(global: &Global, args: CheckArgs) -> anyhow::Result<()> {
     if let Some(first) = fleet.proxies.iter().map(|p| p.cert_not_after_unix).min() {
         println!(
             "outage budget: the mesh survives a control-plane outage for {} (first proxy certificate expires {})",
-            human(first - now_unix()),
+            human(first - moat_identity::clock::unix_now()),
             time(first)
         );
     }

@@ -35,14 +35,6 @@ pub async fn admin(global: &Global) -> anyhow::Result<AdminClient<Channel>> {
     Ok(AdminClient::new(channel))
 }
 
-/// Seconds since the Unix epoch.
-pub fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 /// Formats Unix seconds as RFC 3339 (UTC).
 pub fn time(unix: i64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix.max(0) as u64);

@@ -13,13 +13,6 @@ pub struct StatusArgs {
     output: String,
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 pub async fn run(global: &Global, args: StatusArgs) -> anyhow::Result<()> {
     let resp = admin(global)
         .await?
@@ -39,7 +32,7 @@ pub async fn run(global: &Global, args: StatusArgs) -> anyhow::Result<()> {
                     "snapshot_applied": p.snapshot_applied, "snapshot_sent": p.snapshot_sent,
                     "bundle_current": p.bundle_current, "policies": p.policies,
                     "connected_unix_ms": p.connected_unix_ms, "last_seen_unix_ms": p.last_seen_unix_ms,
-                    "last_seen_seconds_ago": (now_ms() - p.last_seen_unix_ms).max(0) / 1000,
+                    "last_seen_seconds_ago": (moat_identity::clock::unix_now_ms() - p.last_seen_unix_ms).max(0) / 1000,
                     "last_error": p.last_error, "remote": p.remote_address,
                 })
             })
@@ -86,7 +79,7 @@ pub async fn run(global: &Global, args: StatusArgs) -> anyhow::Result<()> {
             time(p.cert_not_after_unix),
             snapshot,
             if p.bundle_current { "ok" } else { "stale" },
-            (now_ms() - p.last_seen_unix_ms).max(0) / 1000,
+            (moat_identity::clock::unix_now_ms() - p.last_seen_unix_ms).max(0) / 1000,
             p.policies.join(",")
         );
         if !p.last_error.is_empty() {
@@ -98,7 +91,7 @@ pub async fn run(global: &Global, args: StatusArgs) -> anyhow::Result<()> {
             "DISCONNECTED {} {} ({} s ago, without shutting down)",
             d.spiffe_id,
             d.inbound_address,
-            (now_ms() - d.disconnected_unix_ms).max(0) / 1000
+            (moat_identity::clock::unix_now_ms() - d.disconnected_unix_ms).max(0) / 1000
         );
     }
     Ok(())
