@@ -35,25 +35,30 @@ where
     b.map_err(Into::into).boxed()
 }
 
-/// `body`, keeping `held` (a place in a count of requests in flight) until the body is dropped:
-/// when the response has ended or its stream was reset.
-pub fn holding<T: Send + Sync + Unpin + 'static>(body: Body, held: T) -> Body {
-    Holding { body, _held: held }.boxed()
+/// `body` as a [`Body`], keeping `held` (a place in a count of requests in flight) until the
+/// body is dropped: when the response has ended or its stream was reset.
+pub fn holding<B, T>(body: B, held: T) -> Body
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Sync + Unpin + 'static,
+    B::Error: Into<BoxError>,
+    T: Send + Sync + Unpin + 'static,
+{
+    boxed(Holding { body, _held: held })
 }
 
-struct Holding<T> {
-    body: Body,
+struct Holding<B, T> {
+    body: B,
     _held: T,
 }
 
-impl<T: Unpin> hyper::body::Body for Holding<T> {
+impl<B: hyper::body::Body<Data = Bytes> + Unpin, T: Unpin> hyper::body::Body for Holding<B, T> {
     type Data = Bytes;
-    type Error = BoxError;
+    type Error = B::Error;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, B::Error>>> {
         std::pin::Pin::new(&mut self.body).poll_frame(cx)
     }
 

@@ -513,8 +513,8 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
             parts.headers.insert(USER, v);
         }
         strip_hop_by_hop(&mut parts.headers);
-        let resp = to_app(parts, body, &path_and_query, h1, conn, grpc).await;
-        resp.map(|body| crate::http::holding(body, slot))
+        let held = slot.flatten();
+        to_app(parts, body, &path_and_query, h1, conn, grpc, held).await
     };
     let status = resp.status().as_u16();
     let elapsed = start.elapsed();
@@ -525,7 +525,8 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
 }
 
 /// Sends an admitted request to the app, re-targeted at `path_and_query` (the canonical path
-/// and the query as sent), in the HTTP version its client spoke.
+/// and the query as sent), in the HTTP version its client spoke. The response keeps `held`, the
+/// request's place in its caller's share, until it ends.
 async fn to_app(
     mut parts: http::request::Parts,
     body: RequestBody,
@@ -533,6 +534,7 @@ async fn to_app(
     h1: bool,
     conn: &HttpConn,
     grpc: bool,
+    held: Option<crate::callers::Slot>,
 ) -> Response<Body> {
     let authority = request_authority(&parts, &conn.app_authority);
     let uri = match Uri::builder()
@@ -588,7 +590,7 @@ async fn to_app(
         Ok(resp) => {
             let (mut rparts, rbody) = resp.into_parts();
             strip_hop_by_hop(&mut rparts.headers);
-            Response::from_parts(rparts, boxed(rbody))
+            Response::from_parts(rparts, crate::http::holding(rbody, held))
         }
         Err(e) => {
             let error = moat_tls::connect::error_chain(&e);
