@@ -12,6 +12,7 @@ mod steps;
 use std::path::PathBuf;
 
 use procs::Mesh;
+use tokio::signal::unix::{SignalKind, signal};
 
 /// Flags of `moat demo`.
 #[derive(clap::Args, Debug)]
@@ -39,17 +40,31 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         ),
     };
     std::fs::create_dir_all(&dir)?;
+    // Ctrl-C is taken over before the first process starts, so that an interrupt at any moment
+    // (even right after "Press Ctrl-C" is printed) stops the mesh cleanly instead of killing
+    // this process and orphaning its children.
+    let mut interrupt = signal(SignalKind::interrupt())?;
     let bins = procs::binaries().await?;
     let mut mesh = Mesh::new(bins, dir.clone());
-    let result = async {
-        mesh.start().await?;
-        let passed = steps::narrate(&mut mesh, args.break_enforcement).await;
-        anyhow::Ok(passed)
-    }
-    .await;
+    let result = tokio::select! {
+        r = async {
+            mesh.start().await?;
+            let passed = steps::narrate(&mut mesh, args.break_enforcement).await;
+            anyhow::Ok(passed)
+        } => Some(r),
+        _ = interrupt.recv() => None,
+    };
     let passed = match result {
-        Ok(p) => p,
-        Err(e) => {
+        Some(Ok(p)) => p,
+        None => {
+            println!("\nInterrupted; stopping…");
+            mesh.stop().await;
+            if temporary {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            anyhow::bail!("interrupted before the demo's checks finished");
+        }
+        Some(Err(e)) => {
             eprintln!(
                 "\n  ✗ the demo could not start: {e:#}\n    logs: {}",
                 dir.display()
@@ -61,7 +76,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     if passed && !args.no_wait {
         steps::try_it_yourself(&mesh);
         println!("\nThe mesh is running. Press Ctrl-C to stop it.");
-        let _ = tokio::signal::ctrl_c().await;
+        interrupt.recv().await;
         println!("\nStopping…");
     }
     mesh.stop().await;
