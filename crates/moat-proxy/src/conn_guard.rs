@@ -359,7 +359,6 @@ where
     let svc = {
         let watch = watch.clone();
         hyper::service::service_fn(move |req: http::Request<Incoming>| {
-            let handler = handler.clone();
             let accepted = Accepted(Some(watch.clone()));
             let in_flight = InFlight::new(&watch);
             let wait = watch.new_wait();
@@ -374,8 +373,10 @@ where
                 watch: watch.clone(),
             });
             let watch = watch.clone();
+            // Boxed: hyper spawns a task per HTTP/2 stream and copies the future into it.
+            let handling = Box::pin(handler(req));
             async move {
-                let resp = handler(req).await;
+                let resp = handling.await;
                 accepted.answered();
                 // Waiting for the peer to take the first frame: with its window at zero, hyper
                 // never polls the body at all.

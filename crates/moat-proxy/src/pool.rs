@@ -373,6 +373,21 @@ impl Pool {
             return Ok(Lease::new(c.clone(), ctx));
         }
         let generation = tls.ok_or("no certificate")?;
+        // Dialling is the rare path and its future (TCP, TLS and HTTP/2 handshakes) is large:
+        // boxed, it stays out of every request's future, which hyper copies when it spawns it.
+        let shared = Box::pin(self.connect(ctx, ep, target, generation)).await?;
+        conns.push(shared.clone());
+        Ok(Lease::new(shared, ctx))
+    }
+
+    /// A new shared connection to `ep`, made with the certificate generation `generation`.
+    async fn connect(
+        &self,
+        ctx: &Ctx,
+        ep: &str,
+        target: &Target,
+        generation: Arc<crate::identity::TlsGen>,
+    ) -> Result<Arc<Shared>, String> {
         let tls_stream = self.dial_one(ctx, ep, target, moat_tls::ALPN_H2).await?;
         let peer = moat_tls::peer_identity(tls_stream.get_ref().1.peer_certificates())
             .ok_or("the endpoint presented no identity")?;
@@ -391,16 +406,14 @@ impl Pool {
                 tracing::debug!(endpoint, error = %e, "mesh connection closed");
             }
         });
-        let shared = Arc::new(Shared {
+        Ok(Arc::new(Shared {
             sender,
             generation,
             peer,
             streams: AtomicUsize::new(0),
             resets: AtomicUsize::new(0),
             retired: AtomicBool::new(false),
-        });
-        conns.push(shared.clone());
-        Ok(Lease::new(shared, ctx))
+        }))
     }
 
     /// Sends an HTTP/2 request to an endpoint of `target` over a shared connection (see
