@@ -9,7 +9,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::Ctx;
+use crate::ctx::Ctx;
 use crate::http::{Body, full};
 
 fn text(

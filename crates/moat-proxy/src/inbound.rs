@@ -18,8 +18,8 @@ use moat_policy::eval::{Decision, Input, Jwt, Reason, Traffic, decide};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-use crate::Ctx;
 use crate::conn_guard::{Ended, RequestBody, serve_http};
+use crate::ctx::Ctx;
 use crate::detect::{Prefixed, Protocol, detect};
 use crate::http::{
     Body, ORIG_PROTO, PEER_ID, USER, boxed, deny, ensure_request_id, is_grpc, request_authority,
@@ -32,7 +32,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts mesh connections until shutdown.
 pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
-    crate::accept_loop(listener, ctx, "inbound", connection).await
+    crate::net::accept_loop(listener, ctx, "inbound", connection).await
 }
 
 /// Where a mesh connection's traffic goes: `--app`, or in transparent mode the port the caller
@@ -141,7 +141,7 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
             let admitted = authorize(&ctx, &peer_id, port, Traffic::Connection).allowed;
             // The app's HTTP clients, this connection's own (decision 30).
             let conn = Arc::new(HttpConn {
-                clients: crate::app_clients(app),
+                clients: crate::app::Clients::new(app),
                 counters: ctx.metrics.for_connection(
                     "inbound",
                     peer_id.name.clone(),
@@ -193,7 +193,7 @@ struct HttpConn {
     caller: Arc<str>,
     app: SocketAddr,
     /// The app's HTTP/1.1 and HTTP/2 clients.
-    clients: (crate::AppClient, crate::AppClient),
+    clients: crate::app::Clients,
     counters: crate::metrics::ConnCounters,
     /// `x-moat-peer-id` for the app.
     peer_header: Option<HeaderValue>,
@@ -316,7 +316,7 @@ async fn tcp_forward(
     let _ = app.set_nodelay(true);
     // Re-check on every new snapshot; close the connection when it is no longer allowed.
     let mut snapshots = ctx.snapshot.clone();
-    let copy = crate::copy_both_ways(&mut io, &mut app);
+    let copy = crate::net::copy_both_ways(&mut io, &mut app);
     tokio::pin!(copy);
     let outcome = loop {
         tokio::select! {
@@ -553,7 +553,6 @@ async fn to_app(
         }
     };
     parts.uri = uri;
-    let (app_h1, app_h2) = &conn.clients;
     // Trailers are headers too: the sidecars' own names never reach the app from outside.
     let body = boxed(body.map_frame(|frame| match frame.into_trailers() {
         Ok(mut trailers) => {
@@ -580,11 +579,17 @@ async fn to_app(
                 HeaderValue::from_static("chunked"),
             );
         }
-        app_h1.request(Request::from_parts(parts, body)).await
+        conn.clients
+            .http1
+            .request(Request::from_parts(parts, body))
+            .await
     } else {
         parts.version = Version::HTTP_2;
         parts.headers.remove(http::header::HOST);
-        app_h2.request(Request::from_parts(parts, body)).await
+        conn.clients
+            .http2
+            .request(Request::from_parts(parts, body))
+            .await
     };
     match result {
         Ok(resp) => {

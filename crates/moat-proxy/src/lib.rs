@@ -1,4 +1,6 @@
-//! The moat sidecar. `run` brings it up in this order: admin port (`admin`), first certificate
+//! The moat sidecar. This file is only the wiring; what the parts share is in `ctx` (the
+//! handlers' context), `net` (accept loop, TCP copy) and `app` (clients to the local app).
+//! `run` brings it up in this order: admin port (`admin`), first certificate
 //! and renewal (`identity`), the mesh stream to the control plane (`mesh_client`, snapshots in
 //! `snapshot`), then the inbound listener (`inbound`: mTLS → authorize → app) and one outbound
 //! listener per upstream (`outbound`: app → mTLS to a verified endpoint, via `pool`). Protocols are
@@ -9,10 +11,12 @@
 //! grace period, then exits.
 
 pub mod admin;
+pub mod app;
 pub mod backoff;
 pub mod callers;
 pub mod config;
 pub mod conn_guard;
+pub mod ctx;
 pub mod detect;
 pub mod http;
 pub mod identity;
@@ -21,6 +25,7 @@ pub mod init;
 pub mod logging;
 pub mod mesh_client;
 pub mod metrics;
+pub mod net;
 pub mod outbound;
 pub mod pool;
 pub mod ratelimit;
@@ -28,126 +33,17 @@ pub mod snapshot;
 pub mod transparent;
 
 use std::future::Future;
-use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::config::ProxyConfig;
-use crate::identity::{TlsGen, TlsWatch};
+use crate::ctx::Ctx;
+use crate::identity::TlsGen;
 use crate::snapshot::Snapshot;
-
-/// Connects every app-bound request to the app's address.
-#[derive(Clone, Debug)]
-pub struct AppConnector(SocketAddr);
-
-impl tower::Service<::http::Uri> for AppConnector {
-    type Response = TokioIo<TcpStream>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = std::io::Result<TokioIo<TcpStream>>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: ::http::Uri) -> Self::Future {
-        let addr = self.0;
-        Box::pin(async move {
-            let tcp = TcpStream::connect(addr).await?;
-            tcp.set_nodelay(true)?;
-            Ok(TokioIo::new(tcp))
-        })
-    }
-}
-
-/// Accepts connections on `listener` until shutdown; each (with no-delay set) is handled by
-/// `handle` on the drain tracker. `what` names the listener in logs.
-pub async fn accept_loop<F, Fut>(
-    listener: TcpListener,
-    ctx: Arc<Ctx>,
-    what: &'static str,
-    handle: F,
-) where
-    F: Fn(TcpStream, SocketAddr, Arc<Ctx>) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    loop {
-        let (tcp, remote) = tokio::select! {
-            () = ctx.shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(listener = what, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
-        ctx.tracker.spawn(handle(tcp, remote, ctx.clone()));
-    }
-}
-
-/// An HTTP client to the app: HTTP/1.1 with pooled keep-alive connections.
-pub type AppClient = Client<AppConnector, crate::http::Body>;
-
-/// HTTP clients to the app at `addr` (HTTP/1.1, and h2c for gRPC/HTTP/2) for **one inbound
-/// connection**: a caller's requests travel on app connections of their own, which close with
-/// its connection, so what it does to them — resetting streams until the app tears a connection
-/// down, leaving flow-control windows at zero, holding every stream slot — stays with it
-/// (decision 30).
-pub fn app_clients(addr: SocketAddr) -> (AppClient, AppClient) {
-    let build = |h2: bool| {
-        Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .http2_only(h2)
-            .http2_initial_stream_window_size(pool::STREAM_WINDOW)
-            .http2_initial_connection_window_size(pool::CONNECTION_WINDOW)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(AppConnector(addr))
-    };
-    (build(false), build(true))
-}
-
-/// What every connection handler shares.
-#[derive(Debug)]
-pub struct Ctx {
-    pub cfg: Arc<ProxyConfig>,
-    pub tls: TlsWatch,
-    pub snapshot: watch::Receiver<Option<Arc<Snapshot>>>,
-    pub metrics: Arc<metrics::Metrics>,
-    pub pool: pool::Pool,
-    pub shutdown: CancellationToken,
-    pub tracker: TaskTracker,
-    /// Token buckets of the rules' rate limits.
-    pub limiter: ratelimit::Limiter,
-    /// Requests in flight per caller identity on the inbound.
-    pub callers: Arc<callers::CallerRequests>,
-}
-
-/// Bytes read at a time in each direction of a forwarded TCP connection: one full TLS record
-/// (tokio's default, 8 KiB, halves the records and system calls per byte on the mTLS side).
-const COPY_BUFFER: usize = 16 * 1024;
-
-/// Copies both ways between `a` and `b` until both directions are done; returns the bytes
-/// copied a→b and b→a.
-pub async fn copy_both_ways<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
-where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
-{
-    tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUFFER, COPY_BUFFER).await
-}
 
 /// Runs the proxy until `shutdown` resolves, then drains.
 pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -155,17 +51,7 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
     let metrics = Arc::new(metrics::Metrics::new());
     let (tls_tx, tls_rx) = watch::channel(None::<Arc<TlsGen>>);
     let (snap_tx, snap_rx) = watch::channel(None::<Arc<Snapshot>>);
-    let ctx = Arc::new(Ctx {
-        cfg: cfg.clone(),
-        tls: tls_rx,
-        snapshot: snap_rx,
-        metrics: metrics.clone(),
-        pool: pool::Pool::default(),
-        shutdown: CancellationToken::new(),
-        limiter: ratelimit::Limiter::default(),
-        callers: callers::CallerRequests::new(cfg.requests_per_caller),
-        tracker: TaskTracker::new(),
-    });
+    let ctx = Arc::new(Ctx::new(cfg.clone(), tls_rx, snap_rx, metrics.clone()));
 
     // Bind everything first, so a port clash fails the start at once.
     let admin = TcpListener::bind(cfg.admin)

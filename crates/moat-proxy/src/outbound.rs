@@ -12,8 +12,8 @@ use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use moat_identity::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::Ctx;
 use crate::conn_guard::{Ended, RequestBody, serve_http};
+use crate::ctx::Ctx;
 use crate::detect::{Prefixed, Protocol, detect};
 use crate::http::{
     Body, ORIG_PROTO, boxed, ensure_request_id, is_grpc, request_target, strip_hop_by_hop,
@@ -24,7 +24,7 @@ use crate::pool::Target;
 
 /// Accepts app connections for `service` until shutdown.
 pub async fn serve(listener: TcpListener, service: SpiffeId, ctx: Arc<Ctx>) {
-    crate::accept_loop(listener, ctx, "outbound", move |tcp, remote, ctx| {
+    crate::net::accept_loop(listener, ctx, "outbound", move |tcp, remote, ctx| {
         connection(tcp, remote, Target::service(service.clone()), ctx)
     })
     .await
@@ -117,7 +117,7 @@ async fn tcp_forward(
             return;
         }
     };
-    let result = crate::copy_both_ways(&mut io, &mut tls).await;
+    let result = crate::net::copy_both_ways(&mut io, &mut tls).await;
     let (sent, received) = result.as_ref().map(|(a, b)| (*a, *b)).unwrap_or((0, 0));
     ctx.metrics
         .tcp_connections

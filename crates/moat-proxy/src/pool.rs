@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::Ctx;
+use crate::ctx::Ctx;
 use crate::http::Body;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);

@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::Ctx;
 use crate::config::Unknown;
+use crate::ctx::Ctx;
 use crate::pool::Target;
 
 /// Accepts redirected connections until shutdown.
 pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
-    crate::accept_loop(listener, ctx, "transparent", connection).await
+    crate::net::accept_loop(listener, ctx, "transparent", connection).await
 }
 
 /// The address the app dialled before the redirect.
@@ -79,6 +79,6 @@ async fn passthrough(mut tcp: TcpStream, remote: SocketAddr, dest: SocketAddr) {
         }
         Err(_) => return,
     };
-    let r = crate::copy_both_ways(&mut tcp, &mut upstream).await;
+    let r = crate::net::copy_both_ways(&mut tcp, &mut upstream).await;
     tracing::info!(target: "moat::access", direction = "outbound", %remote, destination = %dest, decision = "passthrough", reason = "not-in-mesh", error = ?r.err().map(|e| e.to_string()), "tcp");
 }

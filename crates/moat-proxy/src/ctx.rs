@@ -1,0 +1,52 @@
+//! What every connection handler shares: the configuration, the live certificate and snapshot,
+//! metrics, the connection pool toward other sidecars, rate-limit buckets, each caller's share
+//! of the app, and the shutdown signal with the tracker that drains in-flight work.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ProxyConfig;
+use crate::identity::TlsWatch;
+use crate::snapshot::Snapshot;
+use crate::{callers, metrics, pool, ratelimit};
+
+/// What every connection handler shares.
+#[derive(Debug)]
+pub struct Ctx {
+    pub cfg: Arc<ProxyConfig>,
+    pub tls: TlsWatch,
+    pub snapshot: watch::Receiver<Option<Arc<Snapshot>>>,
+    pub metrics: Arc<metrics::Metrics>,
+    pub pool: pool::Pool,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+    /// Token buckets of the rules' rate limits.
+    pub limiter: ratelimit::Limiter,
+    /// Requests in flight per caller identity on the inbound.
+    pub callers: Arc<callers::CallerRequests>,
+}
+
+impl Ctx {
+    /// A fresh context: no connections, nothing in flight, not shutting down.
+    pub fn new(
+        cfg: Arc<ProxyConfig>,
+        tls: TlsWatch,
+        snapshot: watch::Receiver<Option<Arc<Snapshot>>>,
+        metrics: Arc<metrics::Metrics>,
+    ) -> Self {
+        Ctx {
+            callers: callers::CallerRequests::new(cfg.requests_per_caller),
+            cfg,
+            tls,
+            snapshot,
+            metrics,
+            pool: pool::Pool::default(),
+            shutdown: CancellationToken::new(),
+            limiter: ratelimit::Limiter::default(),
+            tracker: TaskTracker::new(),
+        }
+    }
+}
