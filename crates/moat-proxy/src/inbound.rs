@@ -59,11 +59,58 @@ fn app_addr(
     Ok(SocketAddr::new(ip, port))
 }
 
+/// One mesh connection: mTLS with a verified caller ([`accept_tls`]), the app it is for, its
+/// protocol, then opaque TCP ([`tcp_forward`]) or HTTP ([`serve_requests`]).
 async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
     let local = tcp.local_addr().ok();
+    let Some((tls, peer)) = accept_tls(tcp, remote, &ctx).await else {
+        return;
+    };
+    let (_, conn) = tls.get_ref();
+    let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+    let app = match app_addr(&ctx, conn.server_name(), local) {
+        Ok(a) => a,
+        Err(reason) => {
+            tracing::info!(target: "moat::access", direction = "inbound", %remote, decision = "deny", reason, "no app port for this connection (transparent mode needs the caller's port)");
+            return;
+        }
+    };
+    if authorize(&ctx, &peer, app.port(), Traffic::Connection).reason == Reason::Revoked {
+        ctx.metrics.handshake_failed("inbound", "revoked".into());
+        tracing::info!(target: "moat::access", direction = "inbound", %remote, peer = %peer, serial = %peer.serial, decision = "deny", reason = "revoked", "refused a revoked certificate");
+        return;
+    }
+    let (proto, io) = match alpn.as_deref() {
+        Some(moat_tls::ALPN_TCP) => (Protocol::Tcp, Prefixed::new(Vec::new(), tls)),
+        Some(moat_tls::ALPN_H2) => (Protocol::Http2, Prefixed::new(Vec::new(), tls)),
+        _ if ctx.cfg.opaque_ports.contains(&app.port()) => {
+            (Protocol::Tcp, Prefixed::new(Vec::new(), tls))
+        }
+        _ => {
+            let mut tls = tls;
+            match detect(&mut tls).await {
+                Ok((p, seen)) => (p, Prefixed::new(seen, tls)),
+                Err(_) => return,
+            }
+        }
+    };
+    match proto {
+        Protocol::Tcp => tcp_forward(io, remote, peer, app, &ctx).await,
+        Protocol::Http1 | Protocol::Http2 => serve_requests(io, remote, peer, app, ctx).await,
+    }
+}
+
+/// The TLS handshake, with the caller's certificate required and checked: its SPIFFE ID, and
+/// (for a resumed session, which skips chain verification) that it has not expired since.
+/// `None` when the caller is refused (counted and logged here).
+async fn accept_tls(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    ctx: &Ctx,
+) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, Caller)> {
     let Some(current) = ctx.tls.borrow().clone() else {
         tracing::info!(%remote, "refused a connection: no certificate yet");
-        return;
+        return None;
     };
     let tls = match tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
@@ -76,113 +123,82 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
             let reason = moat_tls::HandshakeFailure::of(&e).code();
             ctx.metrics.handshake_failed("inbound", reason.into());
             tracing::info!(target: "moat::access", direction = "inbound", %remote, decision = "deny", reason, error = %e, "TLS handshake refused");
-            return;
+            return None;
         }
         Err(_) => {
             ctx.metrics.handshake_failed("inbound", "timeout".into());
             tracing::info!(target: "moat::access", direction = "inbound", %remote, decision = "deny", reason = "handshake-timeout", "TLS handshake refused");
-            return;
+            return None;
         }
     };
-    let (_, conn) = tls.get_ref();
     // Client auth is required, so a completed handshake always has a verified chain.
-    let Some(peer) = moat_tls::peer_identity(conn.peer_certificates()) else {
+    let Some(peer) = moat_tls::peer_identity(tls.get_ref().1.peer_certificates()) else {
         ctx.metrics
             .handshake_failed("inbound", "no-spiffe-id".into());
-        return;
+        return None;
     };
-    // A resumed session skips chain verification (its certificate was checked when the session
-    // began), so check here that the certificate it carries has not expired since.
     if peer.not_after <= moat_identity::clock::unix_now() {
         ctx.metrics
             .handshake_failed("inbound", "certificate-expired".into());
         tracing::info!(target: "moat::access", direction = "inbound", %remote, peer = %peer.id, serial = %peer.serial, decision = "deny", reason = "certificate-expired", "refused a resumed session whose certificate has expired");
-        return;
+        return None;
     }
-    let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
-    let app = match app_addr(&ctx, conn.server_name(), local) {
-        Ok(a) => a,
-        Err(reason) => {
-            tracing::info!(target: "moat::access", direction = "inbound", %remote, decision = "deny", reason, "no app port for this connection (transparent mode needs the caller's port)");
-            return;
-        }
-    };
-    let port = app.port();
-    let peer_id = Caller {
+    let caller = Caller {
         name: peer.id.to_string(),
         id: peer.id,
         serial: peer.serial,
     };
-    if authorize(&ctx, &peer_id, port, Traffic::Connection).reason == Reason::Revoked {
-        ctx.metrics.handshake_failed("inbound", "revoked".into());
-        tracing::info!(target: "moat::access", direction = "inbound", %remote, peer = %peer_id, serial = %peer_id.serial, decision = "deny", reason = "revoked", "refused a revoked certificate");
-        return;
-    }
-    let (proto, io) = match alpn.as_deref() {
-        Some(moat_tls::ALPN_TCP) => (Protocol::Tcp, Prefixed::new(Vec::new(), tls)),
-        Some(moat_tls::ALPN_H2) => (Protocol::Http2, Prefixed::new(Vec::new(), tls)),
-        _ if ctx.cfg.opaque_ports.contains(&port) => {
-            (Protocol::Tcp, Prefixed::new(Vec::new(), tls))
-        }
-        _ => {
-            let mut tls = tls;
-            match detect(&mut tls).await {
-                Ok((p, seen)) => (p, Prefixed::new(seen, tls)),
-                Err(_) => return,
-            }
+    Some((tls, caller))
+}
+
+/// Serves the HTTP requests of one mesh connection until it ends, each authorized on its own
+/// ([`forward`]). A connection admitted now is closed (gracefully) once a new snapshot forbids
+/// the caller; one that was never admitted stays open to answer each request with 403 (until the
+/// caller is revoked).
+async fn serve_requests(
+    io: Prefixed<tokio_rustls::server::TlsStream<TcpStream>>,
+    remote: SocketAddr,
+    peer: Caller,
+    app: SocketAddr,
+    ctx: Arc<Ctx>,
+) {
+    let port = app.port();
+    let admitted = authorize(&ctx, &peer, port, Traffic::Connection).allowed;
+    // The app's HTTP clients, this connection's own (decision 30).
+    let conn = Arc::new(HttpConn {
+        clients: crate::app::Clients::new(app),
+        counters: ctx.metrics.for_connection(
+            "inbound",
+            peer.name.clone(),
+            ctx.cfg.identity.to_string(),
+        ),
+        peer_header: HeaderValue::from_str(&peer.name).ok(),
+        app_authority: app.to_string(),
+        peer: peer.clone(),
+        caller: Arc::from(peer.name.as_str()),
+        app,
+    });
+    let handler = {
+        let ctx = ctx.clone();
+        move |req| {
+            let (ctx, conn) = (ctx.clone(), conn.clone());
+            async move { forward(req, &conn, &ctx).await }
         }
     };
-    match proto {
-        Protocol::Tcp => tcp_forward(io, remote, peer_id, app, &ctx).await,
-        Protocol::Http1 | Protocol::Http2 => {
-            // A connection admitted now is closed (gracefully) once a new snapshot forbids the
-            // caller; one that was never admitted stays open to answer each request with 403
-            // (until the caller is revoked).
-            let admitted = authorize(&ctx, &peer_id, port, Traffic::Connection).allowed;
-            // The app's HTTP clients, this connection's own (decision 30).
-            let conn = Arc::new(HttpConn {
-                clients: crate::app::Clients::new(app),
-                counters: ctx.metrics.for_connection(
-                    "inbound",
-                    peer_id.name.clone(),
-                    ctx.cfg.identity.to_string(),
-                ),
-                peer_header: HeaderValue::from_str(&peer_id.name).ok(),
-                app_authority: app.to_string(),
-                peer: peer_id.clone(),
-                caller: Arc::from(peer_id.name.as_str()),
-                app,
-            });
-            let handler = {
-                let ctx = ctx.clone();
-                move |req| {
-                    let (ctx, conn) = (ctx.clone(), conn.clone());
-                    async move { forward(req, &conn, &ctx).await }
-                }
-            };
-            match serve_http(
-                io,
-                handler,
-                ctx.cfg.limits,
-                &ctx.shutdown,
-                until_forbidden(&ctx, &peer_id, port, admitted),
-            )
-            .await
-            {
-                Ended::Failed(e) => {
-                    tracing::debug!(%remote, error = %e, "inbound HTTP connection ended with an error")
-                }
-                Ended::Guard(reason) => {
-                    ctx.metrics.connection_closed("inbound", reason);
-                    tracing::warn!(target: "moat::access", direction = "inbound", %remote, peer = %peer_id, reason, "closed the connection (see moat_connections_closed_total)");
-                }
-                Ended::Closed(reason) => {
-                    ctx.metrics.connection_closed("inbound", "policy");
-                    tracing::info!(target: "moat::access", direction = "inbound", %remote, peer = %peer_id, decision = "deny", reason, "closing an HTTP connection the new policy no longer allows")
-                }
-                Ended::Finished | Ended::Drained => {}
-            }
+    let closed = until_forbidden(&ctx, &peer, port, admitted);
+    match serve_http(io, handler, ctx.cfg.limits, &ctx.shutdown, closed).await {
+        Ended::Failed(e) => {
+            tracing::debug!(%remote, error = %e, "inbound HTTP connection ended with an error")
         }
+        Ended::Guard(reason) => {
+            ctx.metrics.connection_closed("inbound", reason);
+            tracing::warn!(target: "moat::access", direction = "inbound", %remote, peer = %peer, reason, "closed the connection (see moat_connections_closed_total)");
+        }
+        Ended::Closed(reason) => {
+            ctx.metrics.connection_closed("inbound", "policy");
+            tracing::info!(target: "moat::access", direction = "inbound", %remote, peer = %peer, decision = "deny", reason, "closing an HTTP connection the new policy no longer allows")
+        }
+        Ended::Finished | Ended::Drained => {}
     }
 }
 
@@ -421,8 +437,43 @@ fn canonical_target(parts: &http::request::Parts) -> Result<(String, String), St
     Ok((path, forwarded))
 }
 
+/// What the proxy decided about one request: what its metrics and access-log line say, and
+/// for an admitted request what goes with it to the app.
+struct Verdict {
+    /// `allow`, `would-deny` (audit mode) or `deny`.
+    decision: &'static str,
+    reason: Reason,
+    /// `namespace/name@version` of the policy that decided, if one did.
+    policy: Option<String>,
+    /// For a refusal that may succeed later: seconds until a retry (`Retry-After`).
+    retry_after: Option<u64>,
+    admitted: Option<Admitted>,
+}
+
+impl Verdict {
+    fn refused(reason: Reason, policy: Option<String>, retry_after: Option<u64>) -> Self {
+        Verdict {
+            decision: "deny",
+            reason,
+            policy,
+            retry_after,
+            admitted: None,
+        }
+    }
+}
+
+/// What an admitted request takes to the app.
+struct Admitted {
+    /// `x-moat-user`: the subject of the verified end-user token, if it names one.
+    user: Option<HeaderValue>,
+    /// The request's place in its caller's share of the app, held until the response ends.
+    slot: crate::callers::Slot,
+}
+
+/// Answers one request of an inbound HTTP connection in three steps: make its target canonical
+/// and decide ([`judge`]), then send it to the app ([`rewrite_for_app`], [`to_app`]) or refuse
+/// it ([`deny`]), then count it and write its one access-log line.
 async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Response<Body> {
-    let (peer, app) = (&conn.peer, conn.app);
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
     let grpc = is_grpc(&parts.headers);
@@ -432,29 +483,57 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
     // sidecars own (the caller's identity, the end user) the app learns from us alone.
     let h1 = parts.headers.contains_key(&ORIG_PROTO) || parts.version != Version::HTTP_2;
     strip_identity_headers(&mut parts.headers);
-    let (path, path_and_query) = match canonical_target(&parts) {
-        Ok(t) => t,
-        Err(why) => {
-            let reason = Reason::InvalidPath;
-            conn.counters.authz(&ctx.metrics, "deny", reason.code());
-            let resp = deny(reason, None, &request_id, grpc, None);
-            let elapsed = start.elapsed();
-            conn.counters.request(
-                &ctx.metrics,
-                "deny",
-                reason.code(),
-                resp.status().as_u16(),
-                elapsed,
-            );
-            tracing::info!(target: "moat::access", direction = "inbound", peer = %peer, %method, raw_path = ?parts.uri.path(), decision = "deny", reason = reason.code(), detail = %why, status = resp.status().as_u16(), duration_ms = elapsed.as_millis() as u64, request_id = %request_id, "http");
-            return resp;
-        }
+
+    let (path, path_and_query, detail) = match canonical_target(&parts) {
+        Ok((path, path_and_query)) => (path, Some(path_and_query), None),
+        Err(why) => (parts.uri.path().to_owned(), None, Some(why)),
     };
+    let mut verdict = match path_and_query {
+        Some(_) => judge(&parts.headers, &method, &path, conn, ctx),
+        None => Verdict::refused(Reason::InvalidPath, None, None),
+    };
+    conn.counters
+        .authz(&ctx.metrics, verdict.decision, verdict.reason.code());
+
+    let resp = match (verdict.admitted.take(), path_and_query) {
+        (Some(admitted), Some(path_and_query)) => {
+            rewrite_for_app(&mut parts.headers, conn, admitted.user);
+            to_app(parts, body, &path_and_query, h1, conn, grpc, admitted.slot).await
+        }
+        _ => deny(
+            verdict.reason,
+            verdict.policy.as_deref(),
+            &request_id,
+            grpc,
+            verdict.retry_after,
+        ),
+    };
+
+    let status = resp.status().as_u16();
+    let elapsed = start.elapsed();
+    let reason = verdict.reason.code();
+    conn.counters
+        .request(&ctx.metrics, verdict.decision, reason, status, elapsed);
+    tracing::info!(target: "moat::access", direction = "inbound", peer = %conn.peer, %method, path = %path, detail, decision = verdict.decision, reason, policy = verdict.policy.as_deref().unwrap_or("-"), status, duration_ms = elapsed.as_millis() as u64, request_id = %request_id, "http");
+    resp
+}
+
+/// Decides a request whose target is the canonical `path`: revocation and the allow-list (with
+/// the end-user token, verified only when a rule asks for one), then the matching rule's rate
+/// limit, then the caller's share of the app.
+fn judge(
+    headers: &http::HeaderMap,
+    method: &http::Method,
+    path: &str,
+    conn: &HttpConn,
+    ctx: &Ctx,
+) -> Verdict {
+    let peer = &conn.peer;
     let snap = ctx.snapshot.borrow().clone();
     let token = snap
         .as_ref()
         .filter(|s| needs_token(s))
-        .map(|s| bearer(&parts.headers).map(|t| moat_policy::jwt::verify(t, &s.issuers)));
+        .map(|s| bearer(headers).map(|t| moat_policy::jwt::verify(t, &s.issuers)));
     let jwt = match &token {
         Some(Some(Ok(claims))) => Jwt::Valid(claims),
         Some(Some(Err(r))) => Jwt::Invalid(*r),
@@ -463,30 +542,22 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
     let d = authorize_in(
         snap.as_deref(),
         peer,
-        app.port(),
+        conn.app.port(),
         Traffic::Request {
             method: method.as_str(),
-            path: &path,
+            path,
             jwt,
         },
     );
     conn.counters.rule(&ctx.metrics, &d);
     let policy = policy_label(&d);
-    // An allowed request still has to fit the matching rule's rate limit.
-    let throttled = snap
+    if !d.allowed {
+        return Verdict::refused(d.reason, policy, None);
+    }
+    if let Some(wait) = snap
         .as_deref()
-        .filter(|_| d.allowed)
-        .and_then(|s| over_limit(ctx, s, &d, peer, method.as_str(), &path));
-    // An admitted request takes a place in its caller's share of the app, held until the
-    // response ends.
-    let slot = (d.allowed && throttled.is_none()).then(|| ctx.callers.try_acquire(&conn.caller));
-    let busy = matches!(slot, Some(None));
-    let (decision, reason) = match (throttled, busy) {
-        (Some(_), _) => ("deny", Reason::RateLimited),
-        (None, true) => ("deny", Reason::CallerBusy),
-        (None, false) => (decision_label(&d), d.would_deny.unwrap_or(d.reason)),
-    };
-    if throttled.is_some() {
+        .and_then(|s| over_limit(ctx, s, &d, peer, method.as_str(), path))
+    {
         ctx.metrics
             .rate_limited
             .get_or_create(&crate::metrics::RateLimitedLabels {
@@ -494,34 +565,38 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
                 policy: policy.clone().unwrap_or_default(),
             })
             .inc();
+        let retry_after = wait.as_secs_f64().ceil().max(1.0) as u64;
+        return Verdict::refused(Reason::RateLimited, policy, Some(retry_after));
     }
-    conn.counters.authz(&ctx.metrics, decision, reason.code());
-    let resp = if !d.allowed || throttled.is_some() || busy {
-        let retry_after = match throttled {
-            Some(wait) => Some(wait.as_secs_f64().ceil().max(1.0) as u64),
-            None => busy.then_some(1),
-        };
-        deny(reason, policy.as_deref(), &request_id, grpc, retry_after)
-    } else {
-        if let Some(v) = &conn.peer_header {
-            parts.headers.insert(PEER_ID, v.clone());
-        }
-        if let Some(Some(Ok(claims))) = &token
-            && let Some(sub) = claims.get("sub").and_then(|v| v.as_str())
-            && let Ok(v) = HeaderValue::from_str(sub)
-        {
-            parts.headers.insert(USER, v);
-        }
-        strip_hop_by_hop(&mut parts.headers);
-        let held = slot.flatten();
-        to_app(parts, body, &path_and_query, h1, conn, grpc, held).await
+    let Some(slot) = ctx.callers.try_acquire(&conn.caller) else {
+        return Verdict::refused(Reason::CallerBusy, policy, Some(1));
     };
-    let status = resp.status().as_u16();
-    let elapsed = start.elapsed();
-    conn.counters
-        .request(&ctx.metrics, decision, reason.code(), status, elapsed);
-    tracing::info!(target: "moat::access", direction = "inbound", peer = %peer, %method, path = %path, decision, reason = reason.code(), policy = policy.as_deref().unwrap_or("-"), status, duration_ms = elapsed.as_millis() as u64, request_id = %request_id, "http");
-    resp
+    let user = match &token {
+        Some(Some(Ok(claims))) => claims
+            .get("sub")
+            .and_then(|v| v.as_str())
+            .and_then(|sub| HeaderValue::from_str(sub).ok()),
+        _ => None,
+    };
+    Verdict {
+        decision: decision_label(&d),
+        reason: d.would_deny.unwrap_or(d.reason),
+        policy,
+        retry_after: None,
+        admitted: Some(Admitted { user, slot }),
+    }
+}
+
+/// What the app learns from the sidecar alone: the caller's identity and the end user (the
+/// caller's own spellings were stripped on arrival), without the hop's connection headers.
+fn rewrite_for_app(headers: &mut http::HeaderMap, conn: &HttpConn, user: Option<HeaderValue>) {
+    if let Some(v) = &conn.peer_header {
+        headers.insert(PEER_ID, v.clone());
+    }
+    if let Some(user) = user {
+        headers.insert(USER, user);
+    }
+    strip_hop_by_hop(headers);
 }
 
 /// Sends an admitted request to the app, re-targeted at `path_and_query` (the canonical path
@@ -534,7 +609,7 @@ async fn to_app(
     h1: bool,
     conn: &HttpConn,
     grpc: bool,
-    held: Option<crate::callers::Slot>,
+    held: crate::callers::Slot,
 ) -> Response<Body> {
     let authority = request_authority(&parts, &conn.app_authority);
     let uri = match Uri::builder()
