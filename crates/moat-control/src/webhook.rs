@@ -109,7 +109,7 @@ pub fn review(body: &[u8], cfg: &InjectConfig) -> (StatusCode, Value) {
     let mut injected = object.clone();
     match moat_inject::inject(&mut injected, cfg) {
         Ok(Outcome::Injected) => {
-            let ops = moat_inject::patch::diff(object, &injected);
+            let ops = json_patch::diff(object, &injected);
             let patch = base64::engine::general_purpose::STANDARD
                 .encode(serde_json::to_vec(&ops).unwrap_or_default());
             (

@@ -11,8 +11,6 @@
 
 use serde_json::{Value, json};
 
-pub mod patch;
-
 /// Pod annotation: `disabled` leaves the pod alone.
 pub const INJECT: &str = "moat.dev/inject";
 /// Pod annotation: ports carried as opaque TCP without protocol detection (comma-separated).
@@ -87,8 +85,37 @@ fn annotation<'a>(meta: Option<&'a Value>, key: &str) -> Option<&'a str> {
     meta?.get("annotations")?.get(key)?.as_str()
 }
 
-/// Parses a comma-separated port list annotation.
-fn ports(meta: Option<&Value>, key: &str) -> Result<Vec<u16>, String> {
+/// Why a workload could not be injected: which object or document, and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum InjectError {
+    #[error("{object}: annotation {key}: {value:?} is not a port (1..65535)")]
+    BadPort {
+        object: String,
+        key: &'static str,
+        value: String,
+    },
+    #[error("{object}: {field} is missing")]
+    NoPodSpec { object: String, field: String },
+    #[error("{object}: {field}.containers must be a list of containers")]
+    NoContainers { object: String, field: String },
+    #[error("document {index}: not valid YAML: {source}")]
+    Yaml {
+        index: usize,
+        source: serde_yaml_ng::Error,
+    },
+    #[error("document {index}: not a Kubernetes object (a mapping with kind and metadata)")]
+    NotAnObject { index: usize },
+    #[error("document {index}: {source}")]
+    Document {
+        index: usize,
+        source: Box<InjectError>,
+    },
+    #[error("cannot write the injected YAML: {0}")]
+    Write(serde_yaml_ng::Error),
+}
+
+/// Parses a comma-separated port list annotation of `object`.
+fn ports(meta: Option<&Value>, key: &'static str, object: &str) -> Result<Vec<u16>, InjectError> {
     let Some(text) = annotation(meta, key) else {
         return Ok(Vec::new());
     };
@@ -99,7 +126,11 @@ fn ports(meta: Option<&Value>, key: &str) -> Result<Vec<u16>, String> {
             p.parse::<u16>()
                 .ok()
                 .filter(|p| *p != 0)
-                .ok_or_else(|| format!("annotation {key}: {p:?} is not a port (1..65535)"))
+                .ok_or_else(|| InjectError::BadPort {
+                    object: object.to_owned(),
+                    key,
+                    value: p.to_owned(),
+                })
         })
         .collect()
 }
@@ -113,7 +144,7 @@ fn join(ports: &[u16]) -> String {
 }
 
 /// Adds the sidecar to `obj`'s pod template. Errors name the object and what is wrong with it.
-pub fn inject(obj: &mut Value, cfg: &InjectConfig) -> Result<Outcome, String> {
+pub fn inject(obj: &mut Value, cfg: &InjectConfig) -> Result<Outcome, InjectError> {
     let kind = obj
         .get("kind")
         .and_then(Value::as_str)
@@ -133,18 +164,21 @@ pub fn inject(obj: &mut Value, cfg: &InjectConfig) -> Result<Outcome, String> {
         return Ok(Outcome::OptedOut);
     }
     let meta = obj.pointer(meta_path).cloned();
-    let opaque = ports(meta.as_ref(), OPAQUE_PORTS).map_err(|e| format!("{what}: {e}"))?;
-    let skip_in = ports(meta.as_ref(), SKIP_INBOUND).map_err(|e| format!("{what}: {e}"))?;
-    let skip_out = ports(meta.as_ref(), SKIP_OUTBOUND).map_err(|e| format!("{what}: {e}"))?;
-    let spec = obj
-        .pointer_mut(spec_path)
-        .filter(|s| s.is_object())
-        .ok_or_else(|| format!("{what}: {} is missing", &spec_path[1..].replace('/', ".")))?;
+    let opaque = ports(meta.as_ref(), OPAQUE_PORTS, &what)?;
+    let skip_in = ports(meta.as_ref(), SKIP_INBOUND, &what)?;
+    let skip_out = ports(meta.as_ref(), SKIP_OUTBOUND, &what)?;
+    let field = spec_path[1..].replace('/', ".");
+    let Some(spec) = obj.pointer_mut(spec_path).and_then(Value::as_object_mut) else {
+        return Err(InjectError::NoPodSpec {
+            object: what,
+            field,
+        });
+    };
     if !spec.get("containers").is_some_and(Value::is_array) {
-        return Err(format!(
-            "{what}: {}.containers must be a list of containers",
-            &spec_path[1..].replace('/', ".")
-        ));
+        return Err(InjectError::NoContainers {
+            object: what,
+            field,
+        });
     }
     let has = |list: &str, n: &str| {
         spec.get(list).and_then(Value::as_array).is_some_and(|cs| {
@@ -242,9 +276,6 @@ pub fn inject(obj: &mut Value, cfg: &InjectConfig) -> Result<Outcome, String> {
             { "name": "moat-ca-root", "mountPath": "/var/run/moat/ca", "readOnly": true },
         ],
     });
-    let Some(spec) = spec.as_object_mut() else {
-        return Err(format!("{what}: the pod spec is not an object"));
-    };
     let mut init_containers = vec![init, proxy];
     if let Some(existing) = spec.get("initContainers").and_then(Value::as_array) {
         init_containers.extend(existing.iter().cloned());
@@ -289,12 +320,13 @@ fn documents(text: &str) -> Vec<String> {
 pub fn inject_yaml(
     text: &str,
     cfg: &InjectConfig,
-) -> Result<(String, Vec<(String, Outcome)>), String> {
+) -> Result<(String, Vec<(String, Outcome)>), InjectError> {
     let mut out = Vec::new();
     let mut report = Vec::new();
     for (i, doc) in documents(text).into_iter().enumerate() {
-        let value: Value = serde_yaml_ng::from_str(&doc)
-            .map_err(|e| format!("document {}: not valid YAML: {e}", i + 1))?;
+        let index = i + 1;
+        let value: Value =
+            serde_yaml_ng::from_str(&doc).map_err(|source| InjectError::Yaml { index, source })?;
         if value.is_null() {
             if !doc.trim().is_empty() {
                 out.push(doc);
@@ -302,13 +334,13 @@ pub fn inject_yaml(
             continue;
         }
         if !value.is_object() {
-            return Err(format!(
-                "document {}: not a Kubernetes object (a mapping with kind and metadata)",
-                i + 1
-            ));
+            return Err(InjectError::NotAnObject { index });
         }
         let mut injected = value.clone();
-        let outcome = inject(&mut injected, cfg).map_err(|e| format!("document {}: {e}", i + 1))?;
+        let outcome = inject(&mut injected, cfg).map_err(|e| InjectError::Document {
+            index,
+            source: Box::new(e),
+        })?;
         let kind = value.get("kind").and_then(Value::as_str).unwrap_or("?");
         let name = value
             .pointer("/metadata/name")
@@ -316,7 +348,7 @@ pub fn inject_yaml(
             .unwrap_or("?");
         report.push((format!("{kind}/{name}"), outcome));
         if outcome == Outcome::Injected {
-            out.push(serde_yaml_ng::to_string(&injected).map_err(|e| e.to_string())?);
+            out.push(serde_yaml_ng::to_string(&injected).map_err(InjectError::Write)?);
         } else {
             out.push(doc);
         }
@@ -347,18 +379,20 @@ mod tests {
     fn opt_out_and_bad_objects() {
         let cfg = InjectConfig::default();
         let mut pod = serde_json::json!({"kind": "Pod", "metadata": {"name": "p", "annotations": {INJECT: "disabled"}}, "spec": {"containers": []}});
-        assert_eq!(inject(&mut pod, &cfg), Ok(Outcome::OptedOut));
+        assert!(matches!(inject(&mut pod, &cfg), Ok(Outcome::OptedOut)));
         let mut broken = serde_json::json!({"kind": "Job", "metadata": {"name": "j"}, "spec": {"template": {"spec": {"containers": 3}}}});
         let e = inject(&mut broken, &cfg).unwrap_err();
         assert!(
-            e.contains("Job j") && e.contains("containers must be a list"),
+            matches!(&e, InjectError::NoContainers { object, field }
+                if object == "Job j" && field == "spec.template.spec"),
             "{e}"
         );
+        assert!(e.to_string().contains("containers must be a list"), "{e}");
         let mut bad_port = serde_json::json!({"kind": "Pod", "metadata": {"name": "p", "annotations": {OPAQUE_PORTS: "3306,x"}}, "spec": {"containers": []}});
+        let e = inject(&mut bad_port, &cfg).unwrap_err();
         assert!(
-            inject(&mut bad_port, &cfg)
-                .unwrap_err()
-                .contains("\"x\" is not a port")
+            matches!(&e, InjectError::BadPort { key: OPAQUE_PORTS, value, .. } if value == "x"),
+            "{e}"
         );
     }
 }
