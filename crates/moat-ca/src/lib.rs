@@ -12,6 +12,6 @@ pub mod ttl;
 
 pub use authority::{ByoPem, CaCertInfo, CaError, CaState, CertificateAuthority, IssuedCert};
 pub use kek::{Kek, KekError, Sealed};
-pub use lifecycle::{Health, RotateAt};
+pub use lifecycle::{Health, NotAFraction, RotateAt};
 pub use rotation::{RootRotation, RotationPhase};
 pub use ttl::{CertTtl, TtlError};

@@ -10,19 +10,22 @@ use crate::{CaError, CaState};
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RotateAt(f64);
 
+/// A rotation point outside 0.1..=0.95 of the intermediate's life.
+#[derive(Clone, Copy, Debug, PartialEq, thiserror::Error)]
+#[error("{0} is not a fraction between 0.1 and 0.95 of the intermediate's life (e.g. 0.667)")]
+pub struct NotAFraction(pub f64);
+
 impl RotateAt {
     /// Two thirds of its life: a third of a year (four months) of margin for a one-year
     /// intermediate.
     pub const DEFAULT: RotateAt = RotateAt(2.0 / 3.0);
 
     /// A fraction between 0.1 and 0.95.
-    pub fn new(fraction: f64) -> Result<Self, String> {
+    pub fn new(fraction: f64) -> Result<Self, NotAFraction> {
         if (0.1..=0.95).contains(&fraction) {
             Ok(RotateAt(fraction))
         } else {
-            Err(format!(
-                "{fraction} is not a fraction between 0.1 and 0.95 of the intermediate's life (e.g. 0.667)"
-            ))
+            Err(NotAFraction(fraction))
         }
     }
 

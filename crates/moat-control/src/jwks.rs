@@ -7,49 +7,79 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt as _, Empty, Limited};
-use moat_policy::jwt::{Jwks, MAX_JWKS_BYTES};
+use moat_policy::jwt::{Jwks, JwksError, MAX_JWKS_BYTES};
 use moat_policy::{JwksSource, JwtIssuer, MeshConfig};
 use tokio_rustls::rustls;
 
 /// How long a JWKS fetch may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Why an issuer's key set could not be read: the kind of failure, with what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} is {size} bytes; the limit is {MAX_JWKS_BYTES}")]
+    TooLarge { path: String, size: u64 },
+    #[error("caFile {path}: {detail}")]
+    CaFile { path: String, detail: String },
+    #[error("no system root certificates found: give jwks.caFile for this issuer")]
+    NoSystemRoots,
+    #[error("fetching {url} timed out after {FETCH_TIMEOUT:?}")]
+    Timeout { url: String },
+    #[error("{url}: {detail}")]
+    Fetch { url: String, detail: String },
+    #[error("TLS set-up: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error(transparent)]
+    Keys(#[from] JwksError),
+}
+
 /// Reads `issuer`'s JWKS from its source and checks it; the error says what to fix.
-pub async fn resolve(issuer: &JwtIssuer) -> Result<String, String> {
+pub async fn resolve(issuer: &JwtIssuer) -> Result<String, SourceError> {
     let json = match &issuer.jwks {
         JwksSource::Inline(json) => json.clone(),
         JwksSource::File { path, .. } => read_file(path)?,
         JwksSource::Url { url, ca_file, .. } => {
             tokio::time::timeout(FETCH_TIMEOUT, fetch(url, ca_file.as_deref()))
                 .await
-                .map_err(|_| format!("fetching {url} timed out after {FETCH_TIMEOUT:?}"))??
+                .map_err(|_| SourceError::Timeout { url: url.clone() })??
         }
     };
     Jwks::parse(&json, &issuer.algorithms)?;
     Ok(json)
 }
 
-fn read_file(path: &str) -> Result<String, String> {
-    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+fn read_file(path: &str) -> Result<String, SourceError> {
+    let read = |source| SourceError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(read)?;
     if meta.len() > MAX_JWKS_BYTES as u64 {
-        return Err(format!(
-            "{path} is {} bytes; the limit is {MAX_JWKS_BYTES}",
-            meta.len()
-        ));
+        return Err(SourceError::TooLarge {
+            path: path.to_owned(),
+            size: meta.len(),
+        });
     }
-    std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))
+    std::fs::read_to_string(path).map_err(read)
 }
 
-fn tls_config(ca_file: Option<&str>) -> Result<rustls::ClientConfig, String> {
+fn tls_config(ca_file: Option<&str>) -> Result<rustls::ClientConfig, SourceError> {
     let mut roots = rustls::RootCertStore::empty();
     match ca_file {
         Some(path) => {
+            let bad = |detail: String| SourceError::CaFile {
+                path: path.to_owned(),
+                detail,
+            };
             let certs = moat_tls::cred_dir::read_bundle(std::path::Path::new(path))
-                .map_err(|e| format!("caFile {path}: {e}"))?;
+                .map_err(|e| bad(e.to_string()))?;
             for c in certs.roots() {
-                roots
-                    .add(c.clone())
-                    .map_err(|e| format!("caFile {path}: {e}"))?;
+                roots.add(c.clone()).map_err(|e| bad(e.to_string()))?;
             }
         }
         None => {
@@ -59,62 +89,63 @@ fn tls_config(ca_file: Option<&str>) -> Result<rustls::ClientConfig, String> {
                 let _ = roots.add(c);
             }
             if roots.is_empty() {
-                return Err(
-                    "no system root certificates found: give jwks.caFile for this issuer".into(),
-                );
+                return Err(SourceError::NoSystemRoots);
             }
         }
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth())
 }
 
 /// GET `url` over HTTPS (HTTP/1.1), verifying the server against `ca_file` or the system roots.
-async fn fetch(url: &str, ca_file: Option<&str>) -> Result<String, String> {
-    let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+async fn fetch(url: &str, ca_file: Option<&str>) -> Result<String, SourceError> {
+    let failed = |detail: String| SourceError::Fetch {
+        url: url.to_owned(),
+        detail,
+    };
+    let uri: http::Uri = url.parse().map_err(|e| failed(format!("{e}")))?;
     let host = uri
         .host()
-        .ok_or_else(|| format!("{url} has no host"))?
+        .ok_or_else(|| failed("the URL has no host".into()))?
         .to_owned();
     let port = uri.port_u16().unwrap_or(443);
     let name =
-        rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| format!("{url}: {e}"))?;
+        rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| failed(e.to_string()))?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(ca_file)?));
     let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
         .await
-        .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
+        .map_err(|e| failed(format!("cannot connect to {host}:{port}: {e}")))?;
     let tls = connector
         .connect(name, tcp)
         .await
-        .map_err(|e| format!("TLS with {host}:{port} failed: {e}"))?;
+        .map_err(|e| failed(format!("TLS with {host}:{port} failed: {e}")))?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
             .await
-            .map_err(|e| format!("{url}: {e}"))?;
+            .map_err(|e| failed(e.to_string()))?;
     tokio::spawn(conn);
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let req = http::Request::get(path)
         .header(http::header::HOST, &host)
         .header(http::header::ACCEPT, "application/json")
         .body(Empty::<bytes::Bytes>::new())
-        .map_err(|e| format!("{url}: {e}"))?;
+        .map_err(|e| failed(e.to_string()))?;
     let resp = sender
         .send_request(req)
         .await
-        .map_err(|e| format!("{url}: {e}"))?;
+        .map_err(|e| failed(e.to_string()))?;
     if !resp.status().is_success() {
-        return Err(format!("{url} answered {}", resp.status()));
+        return Err(failed(format!("answered {}", resp.status())));
     }
     let body = Limited::new(resp.into_body(), MAX_JWKS_BYTES)
         .collect()
         .await
-        .map_err(|e| format!("{url}: {e} (the limit is {MAX_JWKS_BYTES} bytes)"))?
+        .map_err(|e| failed(format!("{e} (the limit is {MAX_JWKS_BYTES} bytes)")))?
         .to_bytes();
-    String::from_utf8(body.to_vec()).map_err(|_| format!("{url} did not return UTF-8 text"))
+    String::from_utf8(body.to_vec()).map_err(|_| failed("the answer is not UTF-8 text".into()))
 }
 
 /// The last good key set of one issuer.

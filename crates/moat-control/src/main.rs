@@ -178,7 +178,7 @@ fn parse_fraction(s: &str) -> Result<moat_ca::RotateAt, String> {
     let f: f64 = s
         .parse()
         .map_err(|_| format!("{s:?} is not a number (write e.g. 0.667)"))?;
-    moat_ca::RotateAt::new(f)
+    moat_ca::RotateAt::new(f).map_err(|e| e.to_string())
 }
 
 fn parse_check_interval(s: &str) -> Result<std::time::Duration, String> {
@@ -222,7 +222,7 @@ fn init_logging(format: &str, filter: Targets) {
 }
 
 /// The `MOAT_LOG` filter.
-fn log_filter() -> Result<Targets, String> {
+fn log_filter() -> Result<Targets, moat_log::FilterError> {
     moat_log::filter_from_env("info,moat_control=debug")
 }
 

@@ -16,6 +16,17 @@ pub enum CertInfoError {
     Trailing,
 }
 
+/// Why a certificate carries no usable SPIFFE ID.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NoSpiffeId {
+    #[error("the certificate has no URI SAN")]
+    NoUriSan,
+    #[error("the certificate has {0} URI SANs; SPIFFE allows one")]
+    Several(usize),
+    #[error(transparent)]
+    Invalid(#[from] crate::IdError),
+}
+
 /// The facts of one certificate.
 #[derive(Clone, Debug)]
 pub struct CertInfo {
@@ -33,7 +44,7 @@ pub struct CertInfo {
     /// e.g. `ECDSA P-256`, `RSA 2048`.
     pub key_algorithm: String,
     /// The workload SPIFFE ID, or why there is none (no URI SAN, several, or not a workload ID).
-    pub spiffe_id: Result<SpiffeId, String>,
+    pub spiffe_id: Result<SpiffeId, NoSpiffeId>,
     /// Every URI SAN, as written.
     pub uri_sans: Vec<String>,
     /// Every SAN that is not a URI (DNS names, IPs, emails), rendered.
@@ -74,12 +85,9 @@ impl CertInfo {
             }
         }
         let spiffe_id = match uri_sans.as_slice() {
-            [one] => one.parse::<SpiffeId>().map_err(|e| e.to_string()),
-            [] => Err("the certificate has no URI SAN".to_owned()),
-            _ => Err(format!(
-                "the certificate has {} URI SANs; SPIFFE allows one",
-                uri_sans.len()
-            )),
+            [one] => one.parse::<SpiffeId>().map_err(NoSpiffeId::from),
+            [] => Err(NoSpiffeId::NoUriSan),
+            several => Err(NoSpiffeId::Several(several.len())),
         };
         Ok(CertInfo {
             subject: cert.subject().to_string(),

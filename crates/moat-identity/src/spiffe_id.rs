@@ -4,7 +4,7 @@ use std::fmt;
 use std::str::FromStr;
 
 /// Why an identity string was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IdError {
     #[error(
         "empty identity: write `name`, `namespace/name` or `spiffe://<domain>/ns/<ns>/sa/<name>`"

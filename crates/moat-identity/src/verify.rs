@@ -33,7 +33,7 @@ pub enum VerifyError {
     #[error("certificate chain is invalid: {0}")]
     Chain(webpki::Error),
     #[error("certificate carries no SPIFFE ID: {0}")]
-    NoSpiffeId(String),
+    NoSpiffeId(crate::cert::NoSpiffeId),
     #[error("certificate names {id}, which is outside the trust domain {expected}")]
     ForeignTrustDomain { id: String, expected: String },
     #[error(

@@ -8,14 +8,25 @@ use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
+/// A `MOAT_LOG` value that is not a filter: the value, why, and an example of one that is.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("MOAT_LOG={value:?}: {why}; give a level and per-target levels, e.g. `{example}`")]
+pub struct FilterError {
+    pub value: String,
+    pub why: String,
+    pub example: String,
+}
+
 /// The filter in `value` (`MOAT_LOG`; `None`: unset, meaning `info`). `example` is shown in
 /// the error, e.g. `info,moat::access=off`.
-pub fn filter(value: Option<&str>, example: &str) -> Result<Targets, String> {
+pub fn filter(value: Option<&str>, example: &str) -> Result<Targets, FilterError> {
     let Some(v) = value else {
         return Ok(Targets::new().with_default(Level::INFO));
     };
-    let bad = |why: String| {
-        format!("MOAT_LOG={v:?}: {why}; give a level and per-target levels, e.g. `{example}`")
+    let bad = |why: String| FilterError {
+        value: v.to_owned(),
+        why,
+        example: example.to_owned(),
     };
     // A bare word is a level (`Targets` would take it for a target name and log nothing else).
     for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -29,10 +40,14 @@ pub fn filter(value: Option<&str>, example: &str) -> Result<Targets, String> {
 }
 
 /// [`filter`] of the `MOAT_LOG` environment variable.
-pub fn filter_from_env(example: &str) -> Result<Targets, String> {
+pub fn filter_from_env(example: &str) -> Result<Targets, FilterError> {
     match std::env::var("MOAT_LOG") {
         Err(std::env::VarError::NotPresent) => filter(None, example),
-        Err(std::env::VarError::NotUnicode(_)) => Err("MOAT_LOG is not valid UTF-8".into()),
+        Err(std::env::VarError::NotUnicode(_)) => Err(FilterError {
+            value: "(not UTF-8)".to_owned(),
+            why: "MOAT_LOG is not valid UTF-8".to_owned(),
+            example: example.to_owned(),
+        }),
         Ok(v) => filter(Some(&v), example),
     }
 }
@@ -73,11 +88,14 @@ mod tests {
     #[test]
     fn typos_are_refused_with_the_reason() {
         let e = filter(Some("inf"), "info,moat::access=off").unwrap_err();
-        assert!(
-            e.contains("`inf` is not a level") && e.contains("info,moat::access=off"),
-            "{e}"
+        assert_eq!(
+            e.why,
+            "`inf` is not a level (trace, debug, info, warn, error, off)"
         );
+        // What the operator reads names the value, the reason and a filter that works.
+        let shown = e.to_string();
+        assert!(shown.contains("MOAT_LOG=\"inf\"") && shown.contains("info,moat::access=off"));
         let e = filter(Some("info,moat=loud"), "info").unwrap_err();
-        assert!(e.contains("MOAT_LOG=\"info,moat=loud\""), "{e}");
+        assert_eq!(e.value, "info,moat=loud");
     }
 }

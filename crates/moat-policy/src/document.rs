@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::model::{
-    AccessPolicy, DefaultPosture, HttpRoute, JwksSource, JwtAlgorithm, JwtIssuer, JwtRequirement,
-    MeshConfig, Mode, PolicyName, PolicyVersion, RateKey, RateLimit, Rule,
+    AccessPolicy, DefaultPosture, HttpRoute, InvalidValue, JwksSource, JwtAlgorithm, JwtIssuer,
+    JwtRequirement, MeshConfig, Mode, PolicyName, PolicyVersion, RateKey, RateLimit, Rule,
 };
 
 /// Default and bounds of a JWKS refresh interval.
@@ -362,7 +362,7 @@ fn access_policy(d: AccessPolicyDoc, td: &TrustDomain) -> Result<AccessPolicy, F
         .metadata
         .name
         .parse()
-        .map_err(|m| ("metadata.name".to_owned(), m))?;
+        .map_err(|m: InvalidValue| ("metadata.name".to_owned(), m.to_string()))?;
     let namespace = match d.metadata.namespace {
         None => "default".to_owned(),
         Some(ns) => ns
@@ -396,8 +396,9 @@ fn access_policy(d: AccessPolicyDoc, td: &TrustDomain) -> Result<AccessPolicy, F
                 .iter()
                 .enumerate()
                 .map(|(j, m)| {
-                    m.parse()
-                        .map_err(|e| (at(&format!("http[{k}].methods[{j}]")), e))
+                    m.parse().map_err(|e: InvalidValue| {
+                        (at(&format!("http[{k}].methods[{j}]")), e.to_string())
+                    })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             let paths = h
@@ -405,8 +406,9 @@ fn access_policy(d: AccessPolicyDoc, td: &TrustDomain) -> Result<AccessPolicy, F
                 .iter()
                 .enumerate()
                 .map(|(j, p)| {
-                    p.parse()
-                        .map_err(|e| (at(&format!("http[{k}].paths[{j}]")), e))
+                    p.parse().map_err(|e: InvalidValue| {
+                        (at(&format!("http[{k}].paths[{j}]")), e.to_string())
+                    })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             http.push(HttpRoute { methods, paths });
@@ -531,7 +533,10 @@ fn jwt_issuer(d: JwtIssuerDoc, at: &dyn Fn(&str) -> String) -> Result<JwtIssuer,
         d.algorithms
             .iter()
             .enumerate()
-            .map(|(i, a)| a.parse().map_err(|m| (at(&format!("algorithms[{i}]")), m)))
+            .map(|(i, a)| {
+                a.parse()
+                    .map_err(|m: InvalidValue| (at(&format!("algorithms[{i}]")), m.to_string()))
+            })
             .collect::<Result<Vec<_>, _>>()?
     };
     let clock_skew = match &d.clock_skew {
@@ -551,7 +556,8 @@ fn jwt_issuer(d: JwtIssuerDoc, at: &dyn Fn(&str) -> String) -> Result<JwtIssuer,
                     "caFile and refresh apply to url (and refresh to file), not inline".into(),
                 ));
             }
-            crate::jwt::Jwks::parse(&json, &algorithms).map_err(|m| (at("jwks.inline"), m))?;
+            crate::jwt::Jwks::parse(&json, &algorithms)
+                .map_err(|m| (at("jwks.inline"), m.to_string()))?;
             JwksSource::Inline(json)
         }
         (None, Some(path), None) => {

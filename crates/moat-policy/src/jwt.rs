@@ -23,6 +23,32 @@ pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 /// The largest JWKS document accepted.
 pub const MAX_JWKS_BYTES: usize = 256 * 1024;
 
+/// Why a JWKS document was refused: a bad key set is never applied.
+#[derive(Debug, thiserror::Error)]
+pub enum JwksError {
+    #[error("the JWKS is {0} bytes; the limit is {MAX_JWKS_BYTES}")]
+    TooLarge(usize),
+    #[error("not a JWKS document ({{\"keys\": [...]}}): {0}")]
+    NotJwks(serde_json::Error),
+    #[error("{key} is a symmetric key (kty oct): shared secrets are never accepted")]
+    Symmetric { key: String },
+    #[error("{key} uses an unsupported key type or curve: use RSA, EC P-256 or Ed25519")]
+    UnsupportedKey { key: String },
+    #[error("{key} is a {} key but the issuer allows only {allowed}", alg.as_str())]
+    NotAllowed {
+        key: String,
+        alg: JwtAlgorithm,
+        allowed: String,
+    },
+    #[error("{key} is unusable: {source}")]
+    Unusable {
+        key: String,
+        source: jsonwebtoken::errors::Error,
+    },
+    #[error("the JWKS holds no signature key")]
+    NoKey,
+}
+
 /// One usable verification key.
 #[derive(Clone)]
 struct Key {
@@ -60,18 +86,14 @@ impl Jwks {
     /// Parses a JWKS document, keeping the signature keys usable with one of `algorithms`.
     /// Refuses a document that is not JWKS, holds a key that cannot be used (symmetric, another
     /// curve, malformed), or leaves no usable key: a bad key set must never be applied.
-    pub fn parse(json: &str, algorithms: &[JwtAlgorithm]) -> Result<Jwks, String> {
+    pub fn parse(json: &str, algorithms: &[JwtAlgorithm]) -> Result<Jwks, JwksError> {
         if json.len() > MAX_JWKS_BYTES {
-            return Err(format!(
-                "the JWKS is {} bytes; the limit is {MAX_JWKS_BYTES}",
-                json.len()
-            ));
+            return Err(JwksError::TooLarge(json.len()));
         }
-        let set: JwkSet = serde_json::from_str(json)
-            .map_err(|e| format!("not a JWKS document ({{\"keys\": [...]}}): {e}"))?;
+        let set: JwkSet = serde_json::from_str(json).map_err(JwksError::NotJwks)?;
         let mut keys = Vec::new();
         for (i, jwk) in set.keys.iter().enumerate() {
-            let name = match &jwk.common.key_id {
+            let name = || match &jwk.common.key_id {
                 Some(kid) => format!("key {i} (kid {kid:?})"),
                 None => format!("key {i}"),
             };
@@ -87,28 +109,25 @@ impl Jwks {
                     JwtAlgorithm::EdDSA
                 }
                 AlgorithmParameters::OctetKey(_) => {
-                    return Err(format!(
-                        "{name} is a symmetric key (kty oct): shared secrets are never accepted"
-                    ));
+                    return Err(JwksError::Symmetric { key: name() });
                 }
-                _ => {
-                    return Err(format!(
-                        "{name} uses an unsupported key type or curve: use RSA, EC P-256 or Ed25519"
-                    ));
-                }
+                _ => return Err(JwksError::UnsupportedKey { key: name() }),
             };
             if !algorithms.contains(&alg) {
-                return Err(format!(
-                    "{name} is a {} key but the issuer allows only {}",
-                    alg.as_str(),
-                    algorithms
+                return Err(JwksError::NotAllowed {
+                    key: name(),
+                    alg,
+                    allowed: algorithms
                         .iter()
                         .map(|a| a.as_str())
                         .collect::<Vec<_>>()
-                        .join(", ")
-                ));
+                        .join(", "),
+                });
             }
-            let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("{name} is unusable: {e}"))?;
+            let key = DecodingKey::from_jwk(jwk).map_err(|source| JwksError::Unusable {
+                key: name(),
+                source,
+            })?;
             keys.push(Key {
                 kid: jwk.common.key_id.clone(),
                 alg,
@@ -116,7 +135,7 @@ impl Jwks {
             });
         }
         if keys.is_empty() {
-            return Err("the JWKS holds no signature key".into());
+            return Err(JwksError::NoKey);
         }
         Ok(Jwks { keys })
     }

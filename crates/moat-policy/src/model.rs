@@ -6,13 +6,35 @@ use std::str::FromStr;
 
 use moat_identity::SpiffeId;
 
+/// A policy value that is not valid: what is wrong, what was written, and how to write it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{problem} {value:?}: {hint}")]
+pub struct InvalidValue {
+    /// What is wrong, e.g. `invalid method`.
+    pub problem: &'static str,
+    /// The value as written.
+    pub value: String,
+    /// How to write it.
+    pub hint: &'static str,
+}
+
+impl InvalidValue {
+    fn new(problem: &'static str, value: &str, hint: &'static str) -> Self {
+        InvalidValue {
+            problem,
+            value: value.to_owned(),
+            hint,
+        }
+    }
+}
+
 /// A policy's name (DNS-label style, like a Kubernetes object name).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyName(String);
 
 impl FromStr for PolicyName {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, InvalidValue> {
         let ok = !s.is_empty()
             && s.len() <= 253
             && s.chars()
@@ -22,8 +44,10 @@ impl FromStr for PolicyName {
         if ok {
             Ok(PolicyName(s.to_owned()))
         } else {
-            Err(format!(
-                "invalid name {s:?}: use lowercase letters, digits, '-' and '.', at most 253"
+            Err(InvalidValue::new(
+                "invalid name",
+                s,
+                "use lowercase letters, digits, '-' and '.', at most 253",
             ))
         }
     }
@@ -70,8 +94,8 @@ impl Mode {
 pub struct Method(String);
 
 impl FromStr for Method {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, InvalidValue> {
         let ok = !s.is_empty()
             && s.len() <= 32
             && s.starts_with(|c: char| c.is_ascii_uppercase())
@@ -80,8 +104,10 @@ impl FromStr for Method {
         if ok {
             Ok(Method(s.to_owned()))
         } else {
-            Err(format!(
-                "invalid method {s:?}: write an uppercase HTTP method such as GET or POST"
+            Err(InvalidValue::new(
+                "invalid method",
+                s,
+                "write an uppercase HTTP method such as GET or POST",
             ))
         }
     }
@@ -105,21 +131,25 @@ pub enum PathPattern {
 }
 
 impl FromStr for PathPattern {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, InvalidValue> {
         if s == "*" {
             return Ok(PathPattern::Any);
         }
         if !s.starts_with('/') {
-            return Err(format!(
-                "invalid path pattern {s:?}: it must start with '/' (or be '*')"
+            return Err(InvalidValue::new(
+                "invalid path pattern",
+                s,
+                "it must start with '/' (or be '*')",
             ));
         }
         if s.chars()
             .any(|c| c.is_control() || c.is_whitespace() || c == '?' || c == '#')
         {
-            return Err(format!(
-                "invalid path pattern {s:?}: no spaces, control characters, '?' or '#'"
+            return Err(InvalidValue::new(
+                "invalid path pattern",
+                s,
+                "no spaces, control characters, '?' or '#'",
             ));
         }
         match s.find('*') {
@@ -127,8 +157,10 @@ impl FromStr for PathPattern {
             Some(i) if i == s.len() - 1 && s.ends_with("/*") => {
                 Ok(PathPattern::Prefix(s[..i].to_owned()))
             }
-            Some(_) => Err(format!(
-                "invalid path pattern {s:?}: '*' is allowed only as a final '/*' segment"
+            Some(_) => Err(InvalidValue::new(
+                "invalid path pattern",
+                s,
+                "'*' is allowed only as a final '/*' segment",
             )),
         }
     }
@@ -253,12 +285,14 @@ impl JwtAlgorithm {
 }
 
 impl FromStr for JwtAlgorithm {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, InvalidValue> {
         JwtAlgorithm::ALL
             .into_iter()
             .find(|a| a.as_str() == s)
-            .ok_or_else(|| format!("unsupported algorithm {s:?}: use RS256, ES256 or EdDSA"))
+            .ok_or_else(|| {
+                InvalidValue::new("unsupported algorithm", s, "use RS256, ES256 or EdDSA")
+            })
     }
 }
 

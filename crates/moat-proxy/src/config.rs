@@ -77,18 +77,40 @@ pub struct Upstream {
     pub listen: SocketAddr,
 }
 
+/// A `--upstream` value that is not `SERVICE=ADDR`, or names no identity.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("--upstream {0:?}: write SERVICE=ADDR, e.g. orders=127.0.0.1:9001")]
+    NoEquals(String),
+    #[error("--upstream {0:?}: the service name is empty")]
+    NoService(String),
+    #[error("--upstream {value:?}: {addr:?} is not an IP:port ({source})")]
+    Address {
+        value: String,
+        addr: String,
+        source: std::net::AddrParseError,
+    },
+    #[error("--upstream {service}: {source}")]
+    Identity {
+        service: String,
+        source: moat_identity::IdError,
+    },
+}
+
 impl FromStr for Upstream {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (service, addr) = s.split_once('=').ok_or_else(|| {
-            format!("--upstream {s:?}: write SERVICE=ADDR, e.g. orders=127.0.0.1:9001")
-        })?;
+    type Err = UpstreamError;
+    fn from_str(s: &str) -> Result<Self, UpstreamError> {
+        let (service, addr) = s
+            .split_once('=')
+            .ok_or_else(|| UpstreamError::NoEquals(s.to_owned()))?;
         if service.is_empty() {
-            return Err(format!("--upstream {s:?}: the service name is empty"));
+            return Err(UpstreamError::NoService(s.to_owned()));
         }
-        let listen = addr
-            .parse()
-            .map_err(|e| format!("--upstream {s:?}: {addr:?} is not an IP:port ({e})"))?;
+        let listen = addr.parse().map_err(|source| UpstreamError::Address {
+            value: s.to_owned(),
+            addr: addr.to_owned(),
+            source,
+        })?;
         Ok(Upstream {
             service: service.to_owned(),
             listen,
@@ -98,9 +120,11 @@ impl FromStr for Upstream {
 
 impl Upstream {
     /// The service's identity, short forms resolved in `td`.
-    pub fn identity(&self, td: &TrustDomain) -> Result<SpiffeId, String> {
-        SpiffeId::parse_with_default(&self.service, td)
-            .map_err(|e| format!("--upstream {}: {e}", self.service))
+    pub fn identity(&self, td: &TrustDomain) -> Result<SpiffeId, UpstreamError> {
+        SpiffeId::parse_with_default(&self.service, td).map_err(|source| UpstreamError::Identity {
+            service: self.service.clone(),
+            source,
+        })
     }
 }
 

@@ -133,7 +133,7 @@ fn config(a: &Args) -> Result<ProxyConfig, String> {
         None => a.inbound.to_string(),
     };
     for up in &a.upstreams {
-        up.identity(&a.trust_domain)?;
+        up.identity(&a.trust_domain).map_err(|e| e.to_string())?;
     }
     Ok(ProxyConfig {
         control_plane: a.control_plane.clone(),
@@ -183,7 +183,7 @@ fn init_logging(format: &str, filter: Targets) -> Logs {
 }
 
 /// The `MOAT_LOG` filter.
-fn log_filter() -> Result<Targets, String> {
+fn log_filter() -> Result<Targets, moat_log::FilterError> {
     moat_log::filter_from_env("info,moat::access=off")
 }
 

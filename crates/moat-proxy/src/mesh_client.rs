@@ -270,7 +270,7 @@ fn apply(
     tls: &watch::Sender<Option<Arc<TlsGen>>>,
     snapshots: &watch::Sender<Option<Arc<Snapshot>>>,
 ) -> Result<(), String> {
-    let snap = from_proto(msg, &cfg.identity)?;
+    let snap = from_proto(msg, &cfg.identity).map_err(|e| e.to_string())?;
     let current = tls.borrow().clone().ok_or("no certificate yet")?;
     if current.bundle.fingerprints() != snap.bundle.fingerprints() {
         // A new bundle: our own chain must still verify under it, or we would cut ourselves off.

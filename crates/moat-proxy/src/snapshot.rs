@@ -39,115 +39,84 @@ impl Snapshot {
     }
 }
 
-fn id(s: &str, what: &str) -> Result<SpiffeId, String> {
-    s.parse().map_err(|e| format!("{what}: {e}"))
+/// Why a snapshot was refused (NACKed, keeping the last good one): where in it, and what was
+/// wrong there.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("service changes need the stream's table (mesh_client folds them in)")]
+    Incremental,
+    #[error("trust bundle: {0}")]
+    Bundle(#[from] moat_identity::BundleError),
+    #[error("{at}: {source}")]
+    Identity {
+        at: String,
+        source: moat_identity::IdError,
+    },
+    #[error("policy {policy} targets {target}, not this proxy ({me})")]
+    NotForUs {
+        policy: String,
+        target: String,
+        me: String,
+    },
+    #[error("{at}: unknown {what} {value:?}")]
+    Unknown {
+        at: String,
+        what: &'static str,
+        value: String,
+    },
+    #[error("{at}: {source}")]
+    Invalid {
+        at: String,
+        source: moat_policy::InvalidValue,
+    },
+    #[error("{at}: {problem}")]
+    Incomplete { at: String, problem: &'static str },
+    #[error("issuer {issuer}: {source}")]
+    Keys {
+        issuer: String,
+        source: moat_policy::jwt::JwksError,
+    },
+    #[error("revoked serial {0:?} is not hex")]
+    Serial(String),
 }
 
-fn policy(p: pb::Policy, me: &SpiffeId) -> Result<AccessPolicy, String> {
+fn id(s: &str, at: impl FnOnce() -> String) -> Result<SpiffeId, SnapshotError> {
+    s.parse()
+        .map_err(|source| SnapshotError::Identity { at: at(), source })
+}
+
+fn policy(p: pb::Policy, me: &SpiffeId) -> Result<AccessPolicy, SnapshotError> {
     let key = format!("{}/{}", p.namespace, p.name);
-    let target = id(&p.target, &format!("policy {key} target"))?;
+    let target = id(&p.target, || format!("policy {key} target"))?;
     if &target != me {
-        return Err(format!(
-            "policy {key} targets {target}, not this proxy ({me})"
-        ));
+        return Err(SnapshotError::NotForUs {
+            policy: key,
+            target: target.to_string(),
+            me: me.to_string(),
+        });
     }
     let mode = match p.mode.as_str() {
         "enforce" => Mode::Enforce,
         "audit" => Mode::Audit,
-        other => return Err(format!("policy {key}: unknown mode {other:?}")),
+        other => {
+            return Err(SnapshotError::Unknown {
+                at: format!("policy {key}"),
+                what: "mode",
+                value: other.to_owned(),
+            });
+        }
     };
     let rules = p
         .rules
         .into_iter()
         .enumerate()
-        .map(|(i, r)| {
-            if r.from.is_empty() {
-                return Err(format!("policy {key} rule {i}: names no caller"));
-            }
-            let from = r
-                .from
-                .iter()
-                .map(|f| id(f, &format!("policy {key} rule {i} from")))
-                .collect::<Result<Vec<_>, _>>()?;
-            let ports = r
-                .ports
-                .iter()
-                .map(|p| {
-                    u16::try_from(*p)
-                        .ok()
-                        .filter(|p| *p != 0)
-                        .ok_or(format!("policy {key} rule {i}: bad port {p}"))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let http = r
-                .http
-                .into_iter()
-                .map(|h| {
-                    Ok(HttpRoute {
-                        methods: h
-                            .methods
-                            .iter()
-                            .map(|m| m.parse())
-                            .collect::<Result<_, String>>()?,
-                        paths: h
-                            .paths
-                            .iter()
-                            .map(|p| p.parse())
-                            .collect::<Result<_, String>>()?,
-                    })
-                })
-                .collect::<Result<Vec<_>, String>>()?;
-            let jwt = r
-                .jwt
-                .map(|j| {
-                    if j.issuers.is_empty() || j.audiences.is_empty() {
-                        return Err(format!(
-                            "policy {key} rule {i}: a token requirement needs issuers and audiences"
-                        ));
-                    }
-                    Ok(JwtRequirement {
-                        issuers: j.issuers,
-                        audiences: j.audiences,
-                        claims: j.claims.into_iter().map(|c| (c.name, c.values)).collect(),
-                    })
-                })
-                .transpose()?;
-            let rate_limit = r
-                .rate_limit
-                .map(|l| {
-                    let per = match l.per.as_str() {
-                        "client" => RateKey::Client,
-                        "route" => RateKey::Route,
-                        "client-and-route" => RateKey::ClientAndRoute,
-                        other => {
-                            return Err(format!(
-                                "policy {key} rule {i}: unknown rate key {other:?}"
-                            ));
-                        }
-                    };
-                    if l.requests_per_second == 0 || l.burst == 0 {
-                        return Err(format!(
-                            "policy {key} rule {i}: a rate limit needs a rate and a burst"
-                        ));
-                    }
-                    Ok(RateLimit {
-                        requests_per_second: l.requests_per_second,
-                        burst: l.burst,
-                        per,
-                    })
-                })
-                .transpose()?;
-            Ok(Rule {
-                from,
-                ports,
-                http,
-                jwt,
-                rate_limit,
-            })
-        })
-        .collect::<Result<Vec<_>, String>>()?;
+        .map(|(i, r)| rule(r, &format!("policy {key} rule {i}")))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(AccessPolicy {
-        name: p.name.parse()?,
+        name: p
+            .name
+            .parse()
+            .map_err(|source| SnapshotError::Invalid { at: key, source })?,
         namespace: p.namespace,
         target,
         mode,
@@ -156,18 +125,139 @@ fn policy(p: pb::Policy, me: &SpiffeId) -> Result<AccessPolicy, String> {
     })
 }
 
+/// One rule of a policy; `at` names it in errors.
+fn rule(r: pb::PolicyRule, at: &str) -> Result<Rule, SnapshotError> {
+    let incomplete = |problem| SnapshotError::Incomplete {
+        at: at.to_owned(),
+        problem,
+    };
+    let invalid = |source| SnapshotError::Invalid {
+        at: at.to_owned(),
+        source,
+    };
+    if r.from.is_empty() {
+        return Err(incomplete("names no caller"));
+    }
+    let from = r
+        .from
+        .iter()
+        .map(|f| id(f, || format!("{at} from")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let ports = r
+        .ports
+        .iter()
+        .map(|p| {
+            u16::try_from(*p)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| SnapshotError::Unknown {
+                    at: at.to_owned(),
+                    what: "port",
+                    value: p.to_string(),
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let http = r
+        .http
+        .into_iter()
+        .map(|h| {
+            Ok(HttpRoute {
+                methods: h
+                    .methods
+                    .iter()
+                    .map(|m| m.parse().map_err(invalid))
+                    .collect::<Result<_, _>>()?,
+                paths: h
+                    .paths
+                    .iter()
+                    .map(|p| p.parse().map_err(invalid))
+                    .collect::<Result<_, _>>()?,
+            })
+        })
+        .collect::<Result<Vec<_>, SnapshotError>>()?;
+    let jwt = r
+        .jwt
+        .map(|j| {
+            if j.issuers.is_empty() || j.audiences.is_empty() {
+                return Err(incomplete(
+                    "a token requirement needs issuers and audiences",
+                ));
+            }
+            Ok(JwtRequirement {
+                issuers: j.issuers,
+                audiences: j.audiences,
+                claims: j.claims.into_iter().map(|c| (c.name, c.values)).collect(),
+            })
+        })
+        .transpose()?;
+    let rate_limit = r
+        .rate_limit
+        .map(|l| {
+            let per = match l.per.as_str() {
+                "client" => RateKey::Client,
+                "route" => RateKey::Route,
+                "client-and-route" => RateKey::ClientAndRoute,
+                other => {
+                    return Err(SnapshotError::Unknown {
+                        at: at.to_owned(),
+                        what: "rate key",
+                        value: other.to_owned(),
+                    });
+                }
+            };
+            if l.requests_per_second == 0 || l.burst == 0 {
+                return Err(incomplete("a rate limit needs a rate and a burst"));
+            }
+            Ok(RateLimit {
+                requests_per_second: l.requests_per_second,
+                burst: l.burst,
+                per,
+            })
+        })
+        .transpose()?;
+    Ok(Rule {
+        from,
+        ports,
+        http,
+        jwt,
+        rate_limit,
+    })
+}
+
+/// One end-user token issuer with its keys.
+fn issuer(i: pb::JwtIssuer) -> Result<TrustedIssuer, SnapshotError> {
+    let algorithms = i
+        .algorithms
+        .iter()
+        .map(|a| a.parse::<JwtAlgorithm>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| SnapshotError::Invalid {
+            at: format!("issuer {}", i.issuer),
+            source,
+        })?;
+    let keys = Jwks::parse(&i.jwks_json, &algorithms).map_err(|source| SnapshotError::Keys {
+        issuer: i.issuer.clone(),
+        source,
+    })?;
+    Ok(TrustedIssuer {
+        issuer: i.issuer,
+        algorithms,
+        clock_skew: std::time::Duration::from_secs(u64::from(i.clock_skew_seconds.min(300))),
+        keys,
+    })
+}
+
 /// Validates a snapshot for the proxy with identity `me`.
-pub fn from_proto(s: pb::Snapshot, me: &SpiffeId) -> Result<Snapshot, String> {
+pub fn from_proto(s: pb::Snapshot, me: &SpiffeId) -> Result<Snapshot, SnapshotError> {
     if s.services_incremental {
-        return Err("service changes need the stream's table (mesh_client folds them in)".into());
+        return Err(SnapshotError::Incremental);
     }
     let bundle = TrustBundle::from_der(
         s.trust_bundle_der
             .into_iter()
             .map(CertificateDer::from)
             .collect(),
-    )
-    .map_err(|e| format!("trust bundle: {e}"))?;
+    )?;
     let policies = s
         .policies
         .into_iter()
@@ -177,33 +267,22 @@ pub fn from_proto(s: pb::Snapshot, me: &SpiffeId) -> Result<Snapshot, String> {
     let default_posture = match settings.default_posture.as_str() {
         "" | "deny" => DefaultPosture::Deny,
         "allow-authenticated" => DefaultPosture::AllowAuthenticated,
-        other => return Err(format!("unknown default posture {other:?}")),
+        other => {
+            return Err(SnapshotError::Unknown {
+                at: "mesh".to_owned(),
+                what: "default posture",
+                value: other.to_owned(),
+            });
+        }
     };
     let issuers = settings
         .jwt_issuers
         .into_iter()
-        .map(|i| {
-            let algorithms = i
-                .algorithms
-                .iter()
-                .map(|a| a.parse::<JwtAlgorithm>())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("issuer {}: {e}", i.issuer))?;
-            let keys = Jwks::parse(&i.jwks_json, &algorithms)
-                .map_err(|e| format!("issuer {}: {e}", i.issuer))?;
-            Ok(TrustedIssuer {
-                issuer: i.issuer,
-                algorithms,
-                clock_skew: std::time::Duration::from_secs(u64::from(
-                    i.clock_skew_seconds.min(300),
-                )),
-                keys,
-            })
-        })
-        .collect::<Result<Vec<_>, String>>()?;
+        .map(issuer)
+        .collect::<Result<Vec<_>, _>>()?;
     let mut services = HashMap::new();
     for svc in s.services {
-        let sid = id(&svc.spiffe_id, "service")?;
+        let sid = id(&svc.spiffe_id, || "service".to_owned())?;
         services.insert(sid, svc.endpoints);
     }
     Ok(Snapshot {
@@ -220,14 +299,14 @@ pub fn from_proto(s: pb::Snapshot, me: &SpiffeId) -> Result<Snapshot, String> {
         revoked_identities: s
             .revoked_identities
             .iter()
-            .map(|r| id(r, "revoked identity"))
+            .map(|r| id(r, || "revoked identity".to_owned()))
             .collect::<Result<_, _>>()?,
         revoked_serials: s
             .revoked_serials
             .iter()
             .map(|r| {
                 if r.is_empty() || r.len() > 64 || !r.chars().all(|c| c.is_ascii_hexdigit()) {
-                    Err(format!("revoked serial {r:?} is not hex"))
+                    Err(SnapshotError::Serial(r.clone()))
                 } else {
                     Ok(r.to_ascii_lowercase())
                 }
@@ -314,9 +393,11 @@ mod tests {
     fn anything_not_understood_is_refused() {
         let me_str = me().to_string();
         let frontend = "spiffe://moat.local/ns/default/sa/frontend";
-        let cases = [
-            (snapshot(vec![], vec![]), "trust bundle"),
-            (snapshot(vec![], vec![b"junk".to_vec()]), "trust bundle"),
+        type Refused = fn(&SnapshotError) -> bool;
+        let bundle: Refused = |e| matches!(e, SnapshotError::Bundle(_));
+        let cases: [(pb::Snapshot, Refused); 6] = [
+            (snapshot(vec![], vec![]), bundle),
+            (snapshot(vec![], vec![b"junk".to_vec()]), bundle),
             (
                 snapshot(
                     vec![policy(
@@ -327,30 +408,33 @@ mod tests {
                     )],
                     vec![root()],
                 ),
-                "not this proxy",
+                |e| matches!(e, SnapshotError::NotForUs { .. }),
             ),
             (
                 snapshot(vec![policy(&me_str, "loud", frontend, "/")], vec![root()]),
-                "unknown mode",
+                |e| matches!(e, SnapshotError::Unknown { what: "mode", .. }),
             ),
             (
                 snapshot(
                     vec![policy(&me_str, "enforce", "frontend", "/")],
                     vec![root()],
                 ),
-                "from",
+                |e| matches!(e, SnapshotError::Identity { at, .. } if at.ends_with("from")),
             ),
             (
                 snapshot(
                     vec![policy(&me_str, "enforce", frontend, "no-slash")],
                     vec![root()],
                 ),
-                "path pattern",
+                |e| {
+                    matches!(e, SnapshotError::Invalid { source, .. }
+                        if source.problem == "invalid path pattern")
+                },
             ),
         ];
-        for (snap, want) in cases {
+        for (i, (snap, refused_for)) in cases.into_iter().enumerate() {
             let err = from_proto(snap, &me()).unwrap_err();
-            assert!(err.contains(want), "{want}: {err}");
+            assert!(refused_for(&err), "case {i}: {err}");
         }
         let mut bad_posture = snapshot(vec![], vec![root()]);
         bad_posture.mesh = Some(pb::MeshSettings {
@@ -369,11 +453,26 @@ mod tests {
             ..Default::default()
         });
         let err = from_proto(bad_keys, &me()).unwrap_err();
-        assert!(err.contains("symmetric key"), "{err}");
         assert!(
-            from_proto(bad_posture, &me())
-                .unwrap_err()
-                .contains("posture")
+            matches!(
+                &err,
+                SnapshotError::Keys {
+                    source: moat_policy::jwt::JwksError::Symmetric { .. },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = from_proto(bad_posture, &me()).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                SnapshotError::Unknown {
+                    what: "default posture",
+                    ..
+                }
+            ),
+            "{err}"
         );
     }
 }
