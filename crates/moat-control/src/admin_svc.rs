@@ -27,10 +27,10 @@ const SERIAL_REVOCATION_MARGIN_SECS: i64 = 300;
 /// How many of the newest audit entries a filtered listing looks through.
 const AUDIT_SCAN: usize = 20_000;
 use crate::identity_svc::{certify_response, token_status};
-use crate::mesh_svc::policy_to_proto;
 use crate::policies::PolicyError;
 use crate::state::ControlPlane;
 use crate::tokens::TokenRecord;
+use moat_wire::policy_to_proto;
 
 const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 const MAX_AUDIT_LIMIT: u32 = 10_000;

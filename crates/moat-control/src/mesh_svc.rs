@@ -9,11 +9,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use moat_api::v1::mesh_server::Mesh;
-use moat_api::v1::{
-    HttpRoute, MeshSettings, Policy, PolicyRule, ProxyMessage, Snapshot, proxy_message,
-};
+use moat_api::v1::{MeshSettings, ProxyMessage, Snapshot, proxy_message};
 use moat_identity::SpiffeId;
-use moat_policy::AccessPolicy;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
@@ -326,50 +323,6 @@ pub async fn follow_revocations(
             r = changes.next() => if matches!(r, Ok(None)) { return },
             () = tokio::time::sleep(Duration::from_secs(60)) => {}
         }
-    }
-}
-
-/// Proto form of a policy (the control plane's side of the wire).
-pub fn policy_to_proto(p: &AccessPolicy) -> Policy {
-    Policy {
-        namespace: p.namespace.clone(),
-        name: p.name.to_string(),
-        version: p.version.0,
-        target: p.target.to_string(),
-        mode: p.mode.as_str().to_owned(),
-        rules: p
-            .rules
-            .iter()
-            .map(|r| PolicyRule {
-                from: r.from.iter().map(|f| f.to_string()).collect(),
-                ports: r.ports.iter().map(|p| u32::from(*p)).collect(),
-                http: r
-                    .http
-                    .iter()
-                    .map(|h| HttpRoute {
-                        methods: h.methods.iter().map(|m| m.as_str().to_owned()).collect(),
-                        paths: h.paths.iter().map(|p| p.to_string()).collect(),
-                    })
-                    .collect(),
-                jwt: r.jwt.as_ref().map(|j| moat_api::v1::JwtRequirement {
-                    issuers: j.issuers.clone(),
-                    audiences: j.audiences.clone(),
-                    claims: j
-                        .claims
-                        .iter()
-                        .map(|(name, values)| moat_api::v1::ClaimRequirement {
-                            name: name.clone(),
-                            values: values.clone(),
-                        })
-                        .collect(),
-                }),
-                rate_limit: r.rate_limit.map(|l| moat_api::v1::RateLimit {
-                    requests_per_second: l.requests_per_second,
-                    burst: l.burst,
-                    per: l.per.as_str().to_owned(),
-                }),
-            })
-            .collect(),
     }
 }
 

@@ -111,7 +111,7 @@ impl MeshView {
                 for p in &inputs.policies.policies {
                     map.entry(p.target.clone())
                         .or_default()
-                        .push(crate::mesh_svc::policy_to_proto(p));
+                        .push(moat_wire::policy_to_proto(p));
                 }
                 Arc::new(map)
             }

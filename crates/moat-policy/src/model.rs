@@ -78,13 +78,46 @@ pub enum Mode {
 }
 
 impl Mode {
-    /// `enforce` or `audit`.
+    pub const ALL: [Mode; 2] = [Mode::Enforce, Mode::Audit];
+
+    /// `enforce` or `audit`: the word on the wire and in documents.
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Enforce => "enforce",
             Mode::Audit => "audit",
         }
     }
+}
+
+impl FromStr for Mode {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, InvalidValue> {
+        word(
+            &Mode::ALL,
+            Mode::as_str,
+            s,
+            "unknown mode",
+            "use enforce or audit",
+        )
+    }
+}
+
+/// The one of `all` that `as_str` spells `s`.
+fn word<T: Copy>(
+    all: &[T],
+    as_str: fn(T) -> &'static str,
+    s: &str,
+    what: &'static str,
+    hint: &'static str,
+) -> Result<T, InvalidValue> {
+    all.iter()
+        .copied()
+        .find(|v| as_str(*v) == s)
+        .ok_or_else(|| InvalidValue {
+            problem: what,
+            value: s.to_owned(),
+            hint,
+        })
 }
 
 /// An HTTP method: an upper-case token (letters, `-`, `_`). Methods are case-sensitive (RFC 9110),
@@ -240,7 +273,22 @@ pub enum RateKey {
     ClientAndRoute,
 }
 
+impl FromStr for RateKey {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, InvalidValue> {
+        word(
+            &RateKey::ALL,
+            RateKey::as_str,
+            s,
+            "unknown rate key",
+            "use client, route or client-and-route",
+        )
+    }
+}
+
 impl RateKey {
+    pub const ALL: [RateKey; 3] = [RateKey::Client, RateKey::Route, RateKey::ClientAndRoute];
+
     /// `client`, `route` or `client-and-route`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -356,7 +404,22 @@ pub enum DefaultPosture {
     AllowAuthenticated,
 }
 
+impl FromStr for DefaultPosture {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, InvalidValue> {
+        word(
+            &DefaultPosture::ALL,
+            DefaultPosture::as_str,
+            s,
+            "unknown default posture",
+            "use deny or allow-authenticated",
+        )
+    }
+}
+
 impl DefaultPosture {
+    pub const ALL: [DefaultPosture; 2] = [DefaultPosture::Deny, DefaultPosture::AllowAuthenticated];
+
     /// `deny` or `allow-authenticated`.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -7,10 +7,7 @@ use std::collections::{HashMap, HashSet};
 use moat_api::v1 as pb;
 use moat_identity::{SpiffeId, TrustBundle};
 use moat_policy::jwt::{Jwks, TrustedIssuer};
-use moat_policy::{
-    AccessPolicy, DefaultPosture, HttpRoute, JwtAlgorithm, JwtRequirement, MeshConfig, Mode,
-    PolicyVersion, RateKey, RateLimit, Rule,
-};
+use moat_policy::{AccessPolicy, DefaultPosture, JwtAlgorithm, MeshConfig};
 use rustls_pki_types::CertificateDer;
 
 /// One applied snapshot.
@@ -47,30 +44,24 @@ pub enum SnapshotError {
     Incremental,
     #[error("trust bundle: {0}")]
     Bundle(#[from] moat_identity::BundleError),
-    #[error("{at}: {source}")]
-    Identity {
-        at: String,
-        source: moat_identity::IdError,
-    },
+    #[error(transparent)]
+    Policy(#[from] moat_wire::WireError),
     #[error("policy {policy} targets {target}, not this proxy ({me})")]
     NotForUs {
         policy: String,
         target: String,
         me: String,
     },
-    #[error("{at}: unknown {what} {value:?}")]
-    Unknown {
-        at: String,
-        what: &'static str,
-        value: String,
+    #[error("{at}: {source}")]
+    Identity {
+        at: &'static str,
+        source: moat_identity::IdError,
     },
     #[error("{at}: {source}")]
     Invalid {
         at: String,
         source: moat_policy::InvalidValue,
     },
-    #[error("{at}: {problem}")]
-    Incomplete { at: String, problem: &'static str },
     #[error("issuer {issuer}: {source}")]
     Keys {
         issuer: String,
@@ -80,148 +71,22 @@ pub enum SnapshotError {
     Serial(String),
 }
 
-fn id(s: &str, at: impl FnOnce() -> String) -> Result<SpiffeId, SnapshotError> {
+fn id(s: &str, at: &'static str) -> Result<SpiffeId, SnapshotError> {
     s.parse()
-        .map_err(|source| SnapshotError::Identity { at: at(), source })
+        .map_err(|source| SnapshotError::Identity { at, source })
 }
 
+/// A policy of the snapshot, which must be one of this proxy's (`me`).
 fn policy(p: pb::Policy, me: &SpiffeId) -> Result<AccessPolicy, SnapshotError> {
-    let key = format!("{}/{}", p.namespace, p.name);
-    let target = id(&p.target, || format!("policy {key} target"))?;
-    if &target != me {
+    let policy = moat_wire::policy_from_proto(p)?;
+    if &policy.target != me {
         return Err(SnapshotError::NotForUs {
-            policy: key,
-            target: target.to_string(),
+            policy: policy.key(),
+            target: policy.target.to_string(),
             me: me.to_string(),
         });
     }
-    let mode = match p.mode.as_str() {
-        "enforce" => Mode::Enforce,
-        "audit" => Mode::Audit,
-        other => {
-            return Err(SnapshotError::Unknown {
-                at: format!("policy {key}"),
-                what: "mode",
-                value: other.to_owned(),
-            });
-        }
-    };
-    let rules = p
-        .rules
-        .into_iter()
-        .enumerate()
-        .map(|(i, r)| rule(r, &format!("policy {key} rule {i}")))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(AccessPolicy {
-        name: p
-            .name
-            .parse()
-            .map_err(|source| SnapshotError::Invalid { at: key, source })?,
-        namespace: p.namespace,
-        target,
-        mode,
-        rules,
-        version: PolicyVersion(p.version),
-    })
-}
-
-/// One rule of a policy; `at` names it in errors.
-fn rule(r: pb::PolicyRule, at: &str) -> Result<Rule, SnapshotError> {
-    let incomplete = |problem| SnapshotError::Incomplete {
-        at: at.to_owned(),
-        problem,
-    };
-    let invalid = |source| SnapshotError::Invalid {
-        at: at.to_owned(),
-        source,
-    };
-    if r.from.is_empty() {
-        return Err(incomplete("names no caller"));
-    }
-    let from = r
-        .from
-        .iter()
-        .map(|f| id(f, || format!("{at} from")))
-        .collect::<Result<Vec<_>, _>>()?;
-    let ports = r
-        .ports
-        .iter()
-        .map(|p| {
-            u16::try_from(*p)
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| SnapshotError::Unknown {
-                    at: at.to_owned(),
-                    what: "port",
-                    value: p.to_string(),
-                })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let http = r
-        .http
-        .into_iter()
-        .map(|h| {
-            Ok(HttpRoute {
-                methods: h
-                    .methods
-                    .iter()
-                    .map(|m| m.parse().map_err(invalid))
-                    .collect::<Result<_, _>>()?,
-                paths: h
-                    .paths
-                    .iter()
-                    .map(|p| p.parse().map_err(invalid))
-                    .collect::<Result<_, _>>()?,
-            })
-        })
-        .collect::<Result<Vec<_>, SnapshotError>>()?;
-    let jwt = r
-        .jwt
-        .map(|j| {
-            if j.issuers.is_empty() || j.audiences.is_empty() {
-                return Err(incomplete(
-                    "a token requirement needs issuers and audiences",
-                ));
-            }
-            Ok(JwtRequirement {
-                issuers: j.issuers,
-                audiences: j.audiences,
-                claims: j.claims.into_iter().map(|c| (c.name, c.values)).collect(),
-            })
-        })
-        .transpose()?;
-    let rate_limit = r
-        .rate_limit
-        .map(|l| {
-            let per = match l.per.as_str() {
-                "client" => RateKey::Client,
-                "route" => RateKey::Route,
-                "client-and-route" => RateKey::ClientAndRoute,
-                other => {
-                    return Err(SnapshotError::Unknown {
-                        at: at.to_owned(),
-                        what: "rate key",
-                        value: other.to_owned(),
-                    });
-                }
-            };
-            if l.requests_per_second == 0 || l.burst == 0 {
-                return Err(incomplete("a rate limit needs a rate and a burst"));
-            }
-            Ok(RateLimit {
-                requests_per_second: l.requests_per_second,
-                burst: l.burst,
-                per,
-            })
-        })
-        .transpose()?;
-    Ok(Rule {
-        from,
-        ports,
-        http,
-        jwt,
-        rate_limit,
-    })
+    Ok(policy)
 }
 
 /// One end-user token issuer with its keys.
@@ -264,16 +129,13 @@ pub fn from_proto(s: pb::Snapshot, me: &SpiffeId) -> Result<Snapshot, SnapshotEr
         .map(|p| policy(p, me))
         .collect::<Result<Vec<_>, _>>()?;
     let settings = s.mesh.unwrap_or_default();
+    // Unset is the zero-trust default.
     let default_posture = match settings.default_posture.as_str() {
-        "" | "deny" => DefaultPosture::Deny,
-        "allow-authenticated" => DefaultPosture::AllowAuthenticated,
-        other => {
-            return Err(SnapshotError::Unknown {
-                at: "mesh".to_owned(),
-                what: "default posture",
-                value: other.to_owned(),
-            });
-        }
+        "" => DefaultPosture::Deny,
+        word => word.parse().map_err(|source| SnapshotError::Invalid {
+            at: "mesh".to_owned(),
+            source,
+        })?,
     };
     let issuers = settings
         .jwt_issuers
@@ -282,7 +144,7 @@ pub fn from_proto(s: pb::Snapshot, me: &SpiffeId) -> Result<Snapshot, SnapshotEr
         .collect::<Result<Vec<_>, _>>()?;
     let mut services = HashMap::new();
     for svc in s.services {
-        let sid = id(&svc.spiffe_id, || "service".to_owned())?;
+        let sid = id(&svc.spiffe_id, "service")?;
         services.insert(sid, svc.endpoints);
     }
     Ok(Snapshot {
@@ -299,7 +161,7 @@ pub fn from_proto(s: pb::Snapshot, me: &SpiffeId) -> Result<Snapshot, SnapshotEr
         revoked_identities: s
             .revoked_identities
             .iter()
-            .map(|r| id(r, || "revoked identity".to_owned()))
+            .map(|r| id(r, "revoked identity"))
             .collect::<Result<_, _>>()?,
         revoked_serials: s
             .revoked_serials
@@ -318,6 +180,7 @@ pub fn from_proto(s: pb::Snapshot, me: &SpiffeId) -> Result<Snapshot, SnapshotEr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use moat_policy::{Mode, PolicyVersion};
 
     fn me() -> SpiffeId {
         "spiffe://moat.local/ns/default/sa/orders".parse().unwrap()
@@ -412,14 +275,20 @@ mod tests {
             ),
             (
                 snapshot(vec![policy(&me_str, "loud", frontend, "/")], vec![root()]),
-                |e| matches!(e, SnapshotError::Unknown { what: "mode", .. }),
+                |e| {
+                    matches!(e, SnapshotError::Policy(moat_wire::WireError::Invalid { source, .. })
+                        if source.problem == "unknown mode")
+                },
             ),
             (
                 snapshot(
                     vec![policy(&me_str, "enforce", "frontend", "/")],
                     vec![root()],
                 ),
-                |e| matches!(e, SnapshotError::Identity { at, .. } if at.ends_with("from")),
+                |e| {
+                    matches!(e, SnapshotError::Policy(moat_wire::WireError::Identity { at, .. })
+                        if at.ends_with("from"))
+                },
             ),
             (
                 snapshot(
@@ -427,7 +296,7 @@ mod tests {
                     vec![root()],
                 ),
                 |e| {
-                    matches!(e, SnapshotError::Invalid { source, .. }
+                    matches!(e, SnapshotError::Policy(moat_wire::WireError::Invalid { source, .. })
                         if source.problem == "invalid path pattern")
                 },
             ),
@@ -465,13 +334,8 @@ mod tests {
         );
         let err = from_proto(bad_posture, &me()).unwrap_err();
         assert!(
-            matches!(
-                &err,
-                SnapshotError::Unknown {
-                    what: "default posture",
-                    ..
-                }
-            ),
+            matches!(&err, SnapshotError::Invalid { source, .. }
+                if source.problem == "unknown default posture"),
             "{err}"
         );
     }

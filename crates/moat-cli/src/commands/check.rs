@@ -135,9 +135,9 @@ pub async fn run(global: &Global, args: CheckArgs) -> anyhow::Result<()> {
         format!("{skew} s between this machine and the control plane"),
     );
     r.line(
-        fleet.default_posture != "allow-authenticated",
+        fleet.default_posture != moat_policy::DefaultPosture::AllowAuthenticated.as_str(),
         "default posture",
-        if fleet.default_posture == "allow-authenticated" {
+        if fleet.default_posture == moat_policy::DefaultPosture::AllowAuthenticated.as_str() {
             "allow-authenticated: services without a policy accept any mesh caller (migration mode)"
                 .into()
         } else {

@@ -47,10 +47,8 @@ impl PolicySet {
                 }
             }
         }
-        let default_posture = match resp.default_posture.as_str() {
-            "allow-authenticated" => DefaultPosture::AllowAuthenticated,
-            _ => DefaultPosture::Deny,
-        };
+        // A word this CLI does not know explains as the zero-trust default.
+        let default_posture = resp.default_posture.parse().unwrap_or(DefaultPosture::Deny);
         Ok(PolicySet {
             policies,
             mesh: MeshConfig {

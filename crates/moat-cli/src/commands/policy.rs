@@ -167,7 +167,7 @@ pub async fn run(global: &Global, cmd: PolicyCmd) -> anyhow::Result<()> {
                 .map_err(|s| status("policy status", s))?
                 .into_inner();
             println!("default posture: {}", resp.default_posture);
-            if resp.default_posture == "allow-authenticated" {
+            if resp.default_posture == moat_policy::DefaultPosture::AllowAuthenticated.as_str() {
                 println!(
                     "WARNING: services without a policy accept any authenticated caller (migration mode)"
                 );

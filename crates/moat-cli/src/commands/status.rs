@@ -55,7 +55,7 @@ pub async fn run(global: &Global, args: StatusArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("default posture: {}", resp.default_posture);
-    if resp.default_posture == "allow-authenticated" {
+    if resp.default_posture == moat_policy::DefaultPosture::AllowAuthenticated.as_str() {
         println!(
             "WARNING: services without a policy accept any authenticated caller (migration mode)"
         );
