@@ -98,21 +98,28 @@ async fn main() -> ExitCode {
 }
 
 /// A reader that stops early (`moat cert inspect F | head -1`) closes our stdout; `println!`
-/// then panics with "failed printing to stdout: Broken pipe". Like other command-line tools,
-/// stop quietly instead: the reader has what it asked for. Any other panic keeps the default
+/// then panics ("failed printing to stdout: Broken pipe"). Like other command-line tools, stop
+/// quietly instead: the reader has what it asked for. The case is told by the state of stdout
+/// itself (its reader is gone), not by the panic's text. Any other panic keeps the default
 /// report.
 fn quiet_on_closed_stdout() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let message = info
-            .payload()
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| info.payload().downcast_ref::<&str>().copied())
-            .unwrap_or("");
-        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+        if stdout_reader_gone() {
             std::process::exit(0);
         }
         default(info);
     }));
+}
+
+/// Whether stdout is a pipe or socket whose reader has closed it (poll reports an error on it).
+fn stdout_reader_gone() -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd as _;
+    let out = std::io::stdout();
+    let mut fds = [PollFd::new(out.as_fd(), PollFlags::POLLOUT)];
+    poll(&mut fds, PollTimeout::ZERO).is_ok()
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLERR))
 }
