@@ -49,10 +49,11 @@ pub fn resolve_serial<'a>(
     given: &str,
     known: impl IntoIterator<Item = &'a str>,
 ) -> Result<String, SerialError> {
-    let serial = given.trim().to_ascii_lowercase();
-    if serial.is_empty() || serial.len() > 64 || !serial.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(SerialError::NotHex(given.to_owned()));
-    }
+    let serial = given
+        .trim()
+        .parse::<moat_identity::Serial>()
+        .map_err(|_| SerialError::NotHex(given.to_owned()))?
+        .into_string();
     if serial.len() >= SERIAL_HEX_DIGITS {
         return Ok(serial);
     }

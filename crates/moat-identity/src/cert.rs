@@ -16,6 +16,44 @@ pub enum CertInfoError {
     Trailing,
 }
 
+/// A certificate serial number as the mesh writes it everywhere (revocation lists, logs, the
+/// CLI): lowercase hex, 1 to 64 digits. Parsing accepts either case.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Serial(String);
+
+/// Text that is not a certificate serial.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a certificate serial (hex digits, at most 64)")]
+pub struct NotASerial(pub String);
+
+impl std::str::FromStr for Serial {
+    type Err = NotASerial;
+    fn from_str(s: &str) -> Result<Self, NotASerial> {
+        if s.is_empty() || s.len() > 64 || !s.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(NotASerial(s.to_owned()));
+        }
+        Ok(Serial(s.to_ascii_lowercase()))
+    }
+}
+
+impl Serial {
+    /// The lowercase hex digits.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The lowercase hex digits, owned.
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+impl std::fmt::Display for Serial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// Why a certificate carries no usable SPIFFE ID.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum NoSpiffeId {
@@ -129,5 +167,19 @@ fn key_algorithm(cert: &X509Certificate<'_>) -> String {
         Ok(PublicKey::RSA(rsa)) => format!("RSA {}", rsa.key_size()),
         Ok(_) => cert.public_key().algorithm.algorithm.to_id_string(),
         Err(e) => format!("unreadable key ({e})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serials_are_hex_lowercased_and_bounded() {
+        assert_eq!("0aBc".parse::<Serial>().unwrap().as_str(), "0abc");
+        for bad in ["", "xyz", "12 34", &"1".repeat(65)] {
+            assert_eq!(bad.parse::<Serial>(), Err(NotASerial(bad.to_owned())));
+        }
+        assert!("f".repeat(64).parse::<Serial>().is_ok());
     }
 }

@@ -13,7 +13,7 @@ pub mod spiffe_id;
 pub mod verify;
 
 pub use bundle::{BundleError, TrustBundle};
-pub use cert::{CertInfo, CertInfoError, NoSpiffeId};
+pub use cert::{CertInfo, CertInfoError, NoSpiffeId, NotASerial, Serial};
 pub use csr::{CsrError, ValidatedCsr, WorkloadKey};
 pub use spiffe_id::{IdError, Namespace, ServiceAccount, SpiffeId, TrustDomain};
 pub use verify::{Usage, VerifiedPeer, VerifyError, verify_chain};

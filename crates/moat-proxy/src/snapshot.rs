@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 
 use moat_api::v1 as pb;
-use moat_identity::{SpiffeId, TrustBundle};
+use moat_identity::{Serial, SpiffeId, TrustBundle};
 use moat_policy::jwt::{Jwks, TrustedIssuer};
 use moat_policy::{AccessPolicy, DefaultPosture, JwtAlgorithm, MeshConfig};
 use rustls_pki_types::CertificateDer;
@@ -67,8 +67,8 @@ pub enum SnapshotError {
         issuer: String,
         source: moat_policy::jwt::JwksError,
     },
-    #[error("revoked serial {0:?} is not hex")]
-    Serial(String),
+    #[error("revoked serial: {0}")]
+    Serial(#[from] moat_identity::NotASerial),
 }
 
 fn id(s: &str, at: &'static str) -> Result<SpiffeId, SnapshotError> {
@@ -166,13 +166,7 @@ pub fn from_proto(s: pb::Snapshot, me: &SpiffeId) -> Result<Snapshot, SnapshotEr
         revoked_serials: s
             .revoked_serials
             .iter()
-            .map(|r| {
-                if r.is_empty() || r.len() > 64 || !r.chars().all(|c| c.is_ascii_hexdigit()) {
-                    Err(SnapshotError::Serial(r.clone()))
-                } else {
-                    Ok(r.to_ascii_lowercase())
-                }
-            })
+            .map(|r| r.parse::<moat_identity::Serial>().map(Serial::into_string))
             .collect::<Result<_, _>>()?,
     })
 }
