@@ -4,7 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use moat_api::v1::{ListProxiesRequest, ShowCaRequest};
+use moat_api::v1::{
+    ListProxiesRequest, ListProxiesResponse, ProxyStatus, ShowCaRequest, ShowCaResponse,
+};
 use moat_identity::{Usage, verify_chain};
 use rustls_pki_types::UnixTime;
 
@@ -70,9 +72,26 @@ pub async fn run(global: &Global, args: CheckArgs) -> anyhow::Result<()> {
             started.elapsed().as_millis()
         ),
     );
-
-    // The CLI's own credential was issued by the CA now in use: its chain must verify.
     let dir = CredDir::load(&global.credentials)?;
+    check_ca(&mut r, &ca, &dir, args.horizon);
+    let fleet = client
+        .list_proxies(ListProxiesRequest {})
+        .await
+        .map_err(|s| status("check", s))?
+        .into_inner();
+    check_fleet(&mut r, &fleet, &args);
+    outage_budget(&fleet);
+    if r.failed > 0 {
+        anyhow::bail!("{} check(s) failed", r.failed);
+    }
+    println!("all checks passed");
+    Ok(())
+}
+
+/// The CA: the CLI's own credential, issued by the CA now in use, verifies under the bundle,
+/// and neither a root nor the intermediate expires within `horizon`.
+fn check_ca(r: &mut Report, ca: &ShowCaResponse, dir: &CredDir, horizon: Duration) {
+    // The CLI's own credential was issued by the CA now in use: its chain must verify.
     let chain_ok = verify_chain(
         dir.credential.chain(),
         &dir.bundle,
@@ -94,7 +113,7 @@ pub async fn run(global: &Global, args: CheckArgs) -> anyhow::Result<()> {
             Err(e) => e.to_string(),
         },
     );
-    let horizon = args.horizon.as_secs() as i64;
+    let horizon = horizon.as_secs() as i64;
     let now = moat_identity::clock::unix_now();
     for root in &ca.roots {
         let left = root.not_after_unix - now;
@@ -122,12 +141,11 @@ pub async fn run(global: &Global, args: CheckArgs) -> anyhow::Result<()> {
             ),
         );
     }
+}
 
-    let fleet = client
-        .list_proxies(ListProxiesRequest {})
-        .await
-        .map_err(|s| status("check", s))?
-        .into_inner();
+/// The fleet: clock skew, the default posture, each connected proxy, and proxies that left
+/// without saying goodbye.
+fn check_fleet(r: &mut Report, fleet: &ListProxiesResponse, args: &CheckArgs) {
     let skew = (fleet.server_time_unix_ms - (moat_identity::clock::unix_now() * 1000)).abs() / 1000;
     r.line(
         skew <= args.max_skew.as_secs() as i64,
@@ -147,46 +165,7 @@ pub async fn run(global: &Global, args: CheckArgs) -> anyhow::Result<()> {
     let now_ms = moat_identity::clock::unix_now() * 1000;
     let stale_ms = args.stale_after.as_millis() as i64;
     for p in &fleet.proxies {
-        let who = format!("{} {}", p.spiffe_id, p.inbound_address);
-        let seen = (now_ms - p.last_seen_unix_ms).max(0);
-        r.line(
-            seen <= stale_ms,
-            "proxy connected",
-            format!("{who}: last seen {} s ago", seen / 1000),
-        );
-        let current =
-            p.bundle_current && p.snapshot_applied == p.snapshot_sent && p.last_error.is_empty();
-        r.line(
-            current,
-            "proxy up to date",
-            if current {
-                format!("{who}: snapshot {}, current bundle", p.snapshot_applied)
-            } else {
-                format!(
-                    "{who}: applied {} of {}, bundle current: {}, last NACK: {}",
-                    p.snapshot_applied, p.snapshot_sent, p.bundle_current, p.last_error
-                )
-            },
-        );
-        // A proxy renews at its refresh point (about half-life); one that is past it (plus a
-        // moment for the renewal to land) is failing to renew.
-        let now = moat_identity::clock::unix_now();
-        let left = p.cert_not_after_unix - now;
-        let overdue = now - p.cert_refresh_after_unix;
-        r.line(
-            overdue <= RENEWAL_GRACE && left > 0,
-            "proxy certificate",
-            if overdue <= RENEWAL_GRACE {
-                format!("{who}: {} expires in {}", p.cert_serial, human(left))
-            } else {
-                format!(
-                    "{who}: {} is past its renewal point by {} without renewal (expires in {}): see the proxy's log for `certificate renewal failed`",
-                    p.cert_serial,
-                    human(overdue),
-                    human(left)
-                )
-            },
-        );
+        check_proxy(r, p, now_ms, stale_ms);
     }
     for d in &fleet.disconnected {
         r.line(
@@ -200,6 +179,54 @@ pub async fn run(global: &Global, args: CheckArgs) -> anyhow::Result<()> {
             ),
         );
     }
+}
+
+/// One connected proxy: heard from lately, up to date, renewing its certificate on time.
+fn check_proxy(r: &mut Report, p: &ProxyStatus, now_ms: i64, stale_ms: i64) {
+    let who = format!("{} {}", p.spiffe_id, p.inbound_address);
+    let seen = (now_ms - p.last_seen_unix_ms).max(0);
+    r.line(
+        seen <= stale_ms,
+        "proxy connected",
+        format!("{who}: last seen {} s ago", seen / 1000),
+    );
+    let current =
+        p.bundle_current && p.snapshot_applied == p.snapshot_sent && p.last_error.is_empty();
+    r.line(
+        current,
+        "proxy up to date",
+        if current {
+            format!("{who}: snapshot {}, current bundle", p.snapshot_applied)
+        } else {
+            format!(
+                "{who}: applied {} of {}, bundle current: {}, last NACK: {}",
+                p.snapshot_applied, p.snapshot_sent, p.bundle_current, p.last_error
+            )
+        },
+    );
+    // A proxy renews at its refresh point (about half-life); one that is past it (plus a
+    // moment for the renewal to land) is failing to renew.
+    let now = moat_identity::clock::unix_now();
+    let left = p.cert_not_after_unix - now;
+    let overdue = now - p.cert_refresh_after_unix;
+    r.line(
+        overdue <= RENEWAL_GRACE && left > 0,
+        "proxy certificate",
+        if overdue <= RENEWAL_GRACE {
+            format!("{who}: {} expires in {}", p.cert_serial, human(left))
+        } else {
+            format!(
+                "{who}: {} is past its renewal point by {} without renewal (expires in {}): see the proxy's log for `certificate renewal failed`",
+                p.cert_serial,
+                human(overdue),
+                human(left)
+            )
+        },
+    );
+}
+
+/// How long the mesh survives a control-plane outage: until the first proxy certificate expires.
+fn outage_budget(fleet: &ListProxiesResponse) {
     if fleet.proxies.is_empty() {
         println!("note no proxies are connected");
     }
@@ -210,9 +237,4 @@ pub async fn run(global: &Global, args: CheckArgs) -> anyhow::Result<()> {
             time(first)
         );
     }
-    if r.failed > 0 {
-        anyhow::bail!("{} check(s) failed", r.failed);
-    }
-    println!("all checks passed");
-    Ok(())
 }

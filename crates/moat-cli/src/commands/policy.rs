@@ -134,191 +134,206 @@ pub async fn run(global: &Global, cmd: PolicyCmd) -> anyhow::Result<()> {
             policies,
             trust_domain,
         } => super::explain::test(&cases, &policies, &trust_domain),
-        PolicyCmd::History { name, documents } => {
-            let revs = admin(global)
-                .await?
-                .policy_history(PolicyHistoryRequest { name })
-                .await
-                .map_err(|s| status("policy history", s))?
-                .into_inner()
-                .revisions;
-            println!("{:>8}  {:<24}  {:<8}  BY", "VERSION", "TIME", "CHANGE");
-            for r in revs {
-                let t = std::time::UNIX_EPOCH
-                    + std::time::Duration::from_millis(r.time_unix_ms.max(0) as u64);
-                println!(
-                    "{:>8}  {:<24}  {:<8}  {}",
-                    r.version,
-                    humantime::format_rfc3339_millis(t).to_string(),
-                    r.change,
-                    r.actor
-                );
-                if documents && !r.document.is_empty() {
-                    println!("{}", r.document);
-                }
-            }
-            Ok(())
-        }
-        PolicyCmd::Status => {
-            let resp = admin(global)
-                .await?
-                .list_policies(ListPoliciesRequest {})
-                .await
-                .map_err(|s| status("policy status", s))?
-                .into_inner();
-            println!("default posture: {}", resp.default_posture);
-            if resp.default_posture == moat_policy::DefaultPosture::AllowAuthenticated.as_str() {
-                println!(
-                    "WARNING: services without a policy accept any authenticated caller (migration mode)"
-                );
-            }
-            println!(
-                "{:<32}  {:>8}  {:<8}  {:>9}  TARGET",
-                "POLICY", "VERSION", "MODE", "APPLIED"
-            );
-            for (p, r) in resp.policies.iter().zip(
-                resp.rollout
-                    .iter()
-                    .chain(std::iter::repeat(&Default::default())),
-            ) {
-                println!(
-                    "{:<32}  {:>8}  {:<8}  {:>9}  {}",
-                    format!("{}/{}", p.namespace, p.name),
-                    p.version,
-                    p.mode,
-                    format!("{}/{}", r.applied, r.proxies),
-                    p.target
-                );
-                for c in &r.counters {
-                    let rule = if c.rule < 0 {
-                        "no rule matched".to_owned()
-                    } else {
-                        format!("rule {}", c.rule)
-                    };
-                    println!("    {rule}: {} {}", c.decision, c.count);
-                }
-            }
-            Ok(())
-        }
+        PolicyCmd::History { name, documents } => history(global, name, documents).await,
+        PolicyCmd::Status => rollout(global).await,
         PolicyCmd::Validate { path, trust_domain } => {
             let docs = validate(&sources(&path)?, &trust_domain)?;
             println!("{} valid document(s)", docs.len());
             Ok(())
         }
-        PolicyCmd::Apply { path } => {
-            let sources = sources(&path)?;
-            let dir = crate::creds::CredDir::load(&global.credentials)?;
-            validate(&sources, dir.credential.id().trust_domain())?;
-            let resp = admin(global)
-                .await?
-                .apply_policies(ApplyPoliciesRequest {
-                    sources: sources
-                        .into_iter()
-                        .map(|(name, text)| PolicySource { name, text })
-                        .collect(),
-                })
-                .await
-                .map_err(|s| status("policy apply", s))?
-                .into_inner();
-            for p in &resp.policies {
-                println!(
-                    "applied {}/{} (version {}, target {}, {})",
-                    p.namespace, p.name, p.version, p.target, p.mode
-                );
-            }
-            if !resp.default_posture.is_empty() {
-                println!(
-                    "applied mesh config (default posture {})",
-                    resp.default_posture
-                );
-            }
-            Ok(())
-        }
-        PolicyCmd::Get { name, output } => {
-            let resp = admin(global)
-                .await?
-                .list_policies(ListPoliciesRequest {})
-                .await
-                .map_err(|s| status("policy get", s))?
-                .into_inner();
-            let want = name.map(|n| {
-                if n.contains('/') {
-                    n
-                } else {
-                    format!("default/{n}")
-                }
-            });
-            let chosen: Vec<usize> = (0..resp.policies.len())
-                .filter(|i| {
-                    let p = &resp.policies[*i];
-                    want.as_ref()
-                        .is_none_or(|w| *w == format!("{}/{}", p.namespace, p.name))
-                })
-                .collect();
-            if let Some(w) = &want
-                && chosen.is_empty()
-            {
-                bail!("no policy {w}");
-            }
-            match output.as_str() {
-                "yaml" => {
-                    let docs: Vec<&str> = chosen
-                        .iter()
-                        .filter_map(|i| resp.documents.get(*i).map(String::as_str))
-                        .collect();
-                    print!("{}", docs.join("---\n"));
-                    if want.is_none() {
-                        if !docs.is_empty() {
-                            println!("---");
-                        }
-                        print!("{}", resp.mesh_document);
-                    }
-                }
-                "json" => {
-                    let v: Vec<_> = chosen
-                        .iter()
-                        .map(|i| {
-                            let p = &resp.policies[*i];
-                            serde_json::json!({
-                                "namespace": p.namespace, "name": p.name, "version": p.version,
-                                "target": p.target, "mode": p.mode, "rules": p.rules.len(),
-                            })
-                        })
-                        .collect();
-                    println!(
-                        "{}",
-                        serde_json::json!({"default_posture": resp.default_posture, "policies": v})
-                    );
-                }
-                _ => {
-                    println!("default posture: {}", resp.default_posture);
-                    println!(
-                        "{:<32}  {:>8}  {:<8}  {:>5}  TARGET",
-                        "POLICY", "VERSION", "MODE", "RULES"
-                    );
-                    for i in chosen {
-                        let p = &resp.policies[i];
-                        println!(
-                            "{:<32}  {:>8}  {:<8}  {:>5}  {}",
-                            format!("{}/{}", p.namespace, p.name),
-                            p.version,
-                            p.mode,
-                            p.rules.len(),
-                            p.target
-                        );
-                    }
-                }
-            }
-            Ok(())
-        }
-        PolicyCmd::Delete { name } => {
-            admin(global)
-                .await?
-                .delete_policy(DeletePolicyRequest { name: name.clone() })
-                .await
-                .map_err(|s| status("policy delete", s))?;
-            println!("deleted {name}");
-            Ok(())
+        PolicyCmd::Apply { path } => apply(global, &path).await,
+        PolicyCmd::Get { name, output } => get(global, name, &output).await,
+        PolicyCmd::Delete { name } => delete(global, name).await,
+    }
+}
+
+/// `moat policy history`: every stored revision of one policy.
+async fn history(global: &Global, name: String, documents: bool) -> anyhow::Result<()> {
+    let revs = admin(global)
+        .await?
+        .policy_history(PolicyHistoryRequest { name })
+        .await
+        .map_err(|s| status("policy history", s))?
+        .into_inner()
+        .revisions;
+    println!("{:>8}  {:<24}  {:<8}  BY", "VERSION", "TIME", "CHANGE");
+    for r in revs {
+        let t =
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(r.time_unix_ms.max(0) as u64);
+        println!(
+            "{:>8}  {:<24}  {:<8}  {}",
+            r.version,
+            humantime::format_rfc3339_millis(t).to_string(),
+            r.change,
+            r.actor
+        );
+        if documents && !r.document.is_empty() {
+            println!("{}", r.document);
         }
     }
+    Ok(())
+}
+
+/// `moat policy status`: per policy, its version, mode and how many proxies applied it.
+async fn rollout(global: &Global) -> anyhow::Result<()> {
+    let resp = admin(global)
+        .await?
+        .list_policies(ListPoliciesRequest {})
+        .await
+        .map_err(|s| status("policy status", s))?
+        .into_inner();
+    println!("default posture: {}", resp.default_posture);
+    if resp.default_posture == moat_policy::DefaultPosture::AllowAuthenticated.as_str() {
+        println!(
+            "WARNING: services without a policy accept any authenticated caller (migration mode)"
+        );
+    }
+    println!(
+        "{:<32}  {:>8}  {:<8}  {:>9}  TARGET",
+        "POLICY", "VERSION", "MODE", "APPLIED"
+    );
+    for (p, r) in resp.policies.iter().zip(
+        resp.rollout
+            .iter()
+            .chain(std::iter::repeat(&Default::default())),
+    ) {
+        println!(
+            "{:<32}  {:>8}  {:<8}  {:>9}  {}",
+            format!("{}/{}", p.namespace, p.name),
+            p.version,
+            p.mode,
+            format!("{}/{}", r.applied, r.proxies),
+            p.target
+        );
+        for c in &r.counters {
+            let rule = if c.rule < 0 {
+                "no rule matched".to_owned()
+            } else {
+                format!("rule {}", c.rule)
+            };
+            println!("    {rule}: {} {}", c.decision, c.count);
+        }
+    }
+    Ok(())
+}
+
+/// `moat policy apply`: validate every document locally, then apply them in one request.
+async fn apply(global: &Global, path: &Path) -> anyhow::Result<()> {
+    let sources = sources(path)?;
+    let dir = crate::creds::CredDir::load(&global.credentials)?;
+    validate(&sources, dir.credential.id().trust_domain())?;
+    let resp = admin(global)
+        .await?
+        .apply_policies(ApplyPoliciesRequest {
+            sources: sources
+                .into_iter()
+                .map(|(name, text)| PolicySource { name, text })
+                .collect(),
+        })
+        .await
+        .map_err(|s| status("policy apply", s))?
+        .into_inner();
+    for p in &resp.policies {
+        println!(
+            "applied {}/{} (version {}, target {}, {})",
+            p.namespace, p.name, p.version, p.target, p.mode
+        );
+    }
+    if !resp.default_posture.is_empty() {
+        println!(
+            "applied mesh config (default posture {})",
+            resp.default_posture
+        );
+    }
+    Ok(())
+}
+
+/// `moat policy get`: the stored policies as a table, YAML or JSON.
+async fn get(global: &Global, name: Option<String>, output: &str) -> anyhow::Result<()> {
+    let resp = admin(global)
+        .await?
+        .list_policies(ListPoliciesRequest {})
+        .await
+        .map_err(|s| status("policy get", s))?
+        .into_inner();
+    let want = name.map(|n| {
+        if n.contains('/') {
+            n
+        } else {
+            format!("default/{n}")
+        }
+    });
+    let chosen: Vec<usize> = (0..resp.policies.len())
+        .filter(|i| {
+            let p = &resp.policies[*i];
+            want.as_ref()
+                .is_none_or(|w| *w == format!("{}/{}", p.namespace, p.name))
+        })
+        .collect();
+    if let Some(w) = &want
+        && chosen.is_empty()
+    {
+        bail!("no policy {w}");
+    }
+    match output {
+        "yaml" => {
+            let docs: Vec<&str> = chosen
+                .iter()
+                .filter_map(|i| resp.documents.get(*i).map(String::as_str))
+                .collect();
+            print!("{}", docs.join("---\n"));
+            if want.is_none() {
+                if !docs.is_empty() {
+                    println!("---");
+                }
+                print!("{}", resp.mesh_document);
+            }
+        }
+        "json" => {
+            let v: Vec<_> = chosen
+                .iter()
+                .map(|i| {
+                    let p = &resp.policies[*i];
+                    serde_json::json!({
+                        "namespace": p.namespace, "name": p.name, "version": p.version,
+                        "target": p.target, "mode": p.mode, "rules": p.rules.len(),
+                    })
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"default_posture": resp.default_posture, "policies": v})
+            );
+        }
+        _ => {
+            println!("default posture: {}", resp.default_posture);
+            println!(
+                "{:<32}  {:>8}  {:<8}  {:>5}  TARGET",
+                "POLICY", "VERSION", "MODE", "RULES"
+            );
+            for i in chosen {
+                let p = &resp.policies[i];
+                println!(
+                    "{:<32}  {:>8}  {:<8}  {:>5}  {}",
+                    format!("{}/{}", p.namespace, p.name),
+                    p.version,
+                    p.mode,
+                    p.rules.len(),
+                    p.target
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `moat policy delete`.
+async fn delete(global: &Global, name: String) -> anyhow::Result<()> {
+    admin(global)
+        .await?
+        .delete_policy(DeletePolicyRequest { name: name.clone() })
+        .await
+        .map_err(|s| status("policy delete", s))?;
+    println!("deleted {name}");
+    Ok(())
 }
