@@ -13,10 +13,10 @@ use rcgen::{
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, UnixTime};
-use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use zeroize::{Zeroize as _, Zeroizing};
 
+use crate::state::CaState;
 use crate::{CertTtl, Kek, KekError, Sealed};
 
 /// How long a generated root lives.
@@ -147,25 +147,6 @@ pub enum CaError {
     Rotation(String),
     #[error("requester public key is unusable: {0}")]
     PublicKey(String),
-}
-
-/// What the control plane persists for the CA. Private keys appear only sealed.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct CaState {
-    pub trust_domain: String,
-    /// Every trusted root, PEM. The first one is the root the intermediate chains to.
-    pub roots_pem: Vec<String>,
-    /// The root's key, when the CA holds it (absent for an imported intermediate).
-    pub root_key: Option<Sealed>,
-    /// The issuing intermediate, PEM.
-    pub intermediate_pem: String,
-    pub intermediate_key: Sealed,
-    /// During a root rotation: the new root's key, until issuance switches to the new root.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_root_key: Option<Sealed>,
-    /// The root rotation in progress, if any (see [`crate::rotation`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub root_rotation: Option<crate::rotation::RootRotation>,
 }
 
 /// Operator-supplied CA material (bring your own root or intermediate), PEM text.

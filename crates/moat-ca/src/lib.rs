@@ -2,16 +2,18 @@
 //! intermediate, generated with rcgen or brought by the operator as PEM (`authority`); the leaf
 //! lifetime rules (`ttl`); and sealing of CA private keys under a key-encryption key with
 //! AES-256-GCM (`kek`); rotation of the intermediate and of the root as steps on the
-//! persisted state (`rotation`), and when the intermediate is due for it (`lifecycle`). What to persist is [`CaState`]; the control plane stores it.
+//! persisted state (`rotation`), and when the intermediate is due for it (`lifecycle`). What to
+//! persist is [`CaState`] (`state`); the control plane stores it.
 
 pub mod authority;
 pub mod kek;
 pub mod lifecycle;
 pub mod rotation;
+pub mod state;
 pub mod ttl;
 
-pub use authority::{ByoPem, CaCertInfo, CaError, CaState, CertificateAuthority, IssuedCert};
+pub use authority::{ByoPem, CaCertInfo, CaError, CertificateAuthority, IssuedCert};
 pub use kek::{Kek, KekError, Sealed};
 pub use lifecycle::{Health, NotAFraction, RotateAt};
-pub use rotation::{RootRotation, RotationPhase};
+pub use state::{CaState, RootRotation, RotationPhase};
 pub use ttl::{CertTtl, TtlError};

@@ -13,46 +13,13 @@
 use moat_identity::bundle::{der_to_pem, sha256_hex};
 use rcgen::Issuer;
 use rustls_pki_types::CertificateDer;
-use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::authority::{
     CaKey, KeyRole, ROOT_LIFETIME, ca_params, generation_tag, intermediate_under, pem_cert, unix,
 };
-use crate::{CaError, CaState, Kek};
-
-/// Where a root rotation stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RotationPhase {
-    /// Step 1 done: both roots are in the bundle; certificates still come from the old root.
-    Trusting,
-    /// Step 2 done: certificates come from the new root; the old root is still trusted.
-    Issuing,
-}
-
-impl RotationPhase {
-    /// The name shown to operators.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RotationPhase::Trusting => "trusting-new-root",
-            RotationPhase::Issuing => "issuing-from-new-root",
-        }
-    }
-}
-
-/// A root rotation in progress, persisted inside [`CaState`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RootRotation {
-    pub phase: RotationPhase,
-    /// SHA-256 of the root being retired.
-    pub old_root_sha256: String,
-    /// SHA-256 of the root being introduced.
-    pub new_root_sha256: String,
-    pub started_unix: i64,
-    /// When the current phase was entered.
-    pub phase_unix: i64,
-}
+use crate::state::{CaState, RootRotation, RotationPhase};
+use crate::{CaError, Kek};
 
 /// A rotation step that does not apply to the current state.
 fn wrong_step(what: &str) -> CaError {

@@ -48,7 +48,7 @@ pub enum Jwt<'a> {
     /// Presented but not verified; the reason says why.
     Invalid(Reason),
     /// Verified: its claims.
-    Valid(&'a crate::jwt::Claims),
+    Valid(&'a crate::model::Claims),
 }
 
 /// Stable, machine-readable reason codes.
@@ -244,7 +244,7 @@ fn claim_values(v: &serde_json::Value) -> Vec<String> {
     }
 }
 
-fn jwt_outcome(req: &crate::model::JwtRequirement, claims: &crate::jwt::Claims) -> Reason {
+fn jwt_outcome(req: &crate::model::JwtRequirement, claims: &crate::model::Claims) -> Reason {
     let iss = claims.get("iss").and_then(|v| v.as_str()).unwrap_or("");
     if !req.issuers.iter().any(|i| i == iss) {
         return Reason::JwtIssuerNotAllowed;

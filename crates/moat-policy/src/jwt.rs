@@ -15,8 +15,7 @@ use serde_json::{Map, Value};
 use crate::eval::Reason;
 use crate::model::JwtAlgorithm;
 
-/// The verified claims of a token.
-pub type Claims = Map<String, Value>;
+pub use crate::model::Claims;
 
 /// The largest bearer token looked at.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;

@@ -6,6 +6,9 @@ use std::str::FromStr;
 
 use moat_identity::SpiffeId;
 
+/// The verified claims of an end-user token.
+pub type Claims = serde_json::Map<String, serde_json::Value>;
+
 /// A policy value that is not valid: what is wrong, what was written, and how to write it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{problem} {value:?}: {hint}")]

@@ -13,7 +13,7 @@ use moat_policy::{
 use serde::Deserialize;
 
 use super::admin;
-use super::policy::sources;
+use super::policy_files::sources;
 use crate::Global;
 use crate::connect::status;
 

@@ -10,6 +10,7 @@ pub mod explain;
 pub mod inject;
 pub mod install;
 pub mod policy;
+pub mod policy_files;
 pub mod revoke;
 pub mod status;
 pub mod token;

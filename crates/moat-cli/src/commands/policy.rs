@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use clap::Subcommand;
 use moat_api::v1::{
     ApplyPoliciesRequest, DeletePolicyRequest, ListPoliciesRequest, PolicyHistoryRequest,
@@ -13,6 +13,7 @@ use moat_identity::TrustDomain;
 use moat_policy::{Document, parse_documents};
 
 use super::admin;
+use super::policy_files::sources;
 use crate::Global;
 use crate::connect::status;
 
@@ -66,45 +67,6 @@ pub enum PolicyCmd {
         #[arg(long, env = "MOAT_TRUST_DOMAIN", default_value = "moat.local")]
         trust_domain: TrustDomain,
     },
-}
-
-/// Reads `path` (a file, or the policy files of a directory, sorted) as (name, text) pairs.
-pub fn sources(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
-    let files = if path.is_dir() {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-            .with_context(|| format!("cannot read {}", path.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.extension()
-                    .is_some_and(|x| x == "yaml" || x == "yml" || x == "json")
-            })
-            .collect();
-        files.sort();
-        if files.is_empty() {
-            bail!("{} holds no .yaml, .yml or .json files", path.display());
-        }
-        files
-    } else {
-        vec![path.to_path_buf()]
-    };
-    files
-        .into_iter()
-        .map(|f| {
-            let meta =
-                std::fs::metadata(&f).with_context(|| format!("cannot read {}", f.display()))?;
-            if meta.len() > moat_policy::document::MAX_INPUT_BYTES as u64 {
-                bail!(
-                    "{}: {} bytes; the limit is {} per file",
-                    f.display(),
-                    meta.len(),
-                    moat_policy::document::MAX_INPUT_BYTES
-                );
-            }
-            let text = std::fs::read_to_string(&f)
-                .with_context(|| format!("cannot read {} as UTF-8 text", f.display()))?;
-            Ok((f.display().to_string(), text))
-        })
-        .collect()
 }
 
 /// Validates every source; on any error prints them all and fails.

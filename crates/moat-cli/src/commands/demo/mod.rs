@@ -4,8 +4,10 @@
 //! allow-list and narrates checks that must hold: every check is a real request, and `--no-wait`
 //! exits non-zero when any of them fails.
 //!
-//! `procs` starts and stops the processes; `steps` holds the narrated checks.
+//! `procs` starts and stops the processes; `steps` holds the narrated checks; `http` is the
+//! plain HTTP both use to ask the processes.
 
+mod http;
 mod procs;
 mod steps;
 

@@ -363,7 +363,7 @@ impl Mesh {
         for svc in [&self.payments, &self.orders, &self.frontend] {
             let deadline = Instant::now() + Duration::from_secs(30);
             let mut n = 4;
-            while !super::steps::ready(svc.admin).await {
+            while !super::http::ready(svc.admin).await {
                 if Instant::now() > deadline {
                     eprintln!();
                     bail!(

@@ -5,52 +5,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use moat_identity::{SpiffeId, TrustDomain};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
+use super::http::{Http, client, get};
 use super::procs::Mesh;
 
 const DEMO_POLICY: &str = include_str!("../../../../../examples/policies/demo.yaml");
 const CANCEL_POLICY: &str = include_str!("../../../../../examples/policies/demo-allow-cancel.yaml");
 const ALLOW_ALL: &str = "apiVersion: moat.dev/v1\nkind: MeshConfig\nmetadata: { name: mesh }\nspec: { defaultPosture: allow-authenticated }\n";
-
-type Http = Client<HttpConnector, Empty<Bytes>>;
-
-fn client() -> Http {
-    Client::builder(TokioExecutor::new()).build_http()
-}
-
-/// GET `http://addr{path}` → (status, parsed JSON body).
-async fn get(c: &Http, addr: SocketAddr, path: &str) -> Result<(u16, serde_json::Value), String> {
-    let uri: http::Uri = format!("http://{addr}{path}")
-        .parse()
-        .map_err(|e| format!("{e}"))?;
-    let resp = tokio::time::timeout(Duration::from_secs(10), c.get(uri))
-        .await
-        .map_err(|_| "timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok((
-        status,
-        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
-    ))
-}
-
-/// Whether a sidecar's admin port says it is ready.
-pub async fn ready(admin: SocketAddr) -> bool {
-    matches!(get(&client(), admin, "/ready").await, Ok((200, _)))
-}
 
 fn id(name: &str) -> String {
     format!("spiffe://moat.local/ns/default/sa/{name}")
