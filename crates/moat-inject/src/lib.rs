@@ -191,7 +191,16 @@ pub fn inject(obj: &mut Value, cfg: &InjectConfig) -> Result<Outcome, InjectErro
     }
     let mut skip_inbound = vec![ADMIN_PORT];
     skip_inbound.extend(skip_in);
-    let init = json!({
+    let init = init_container(cfg, &skip_inbound, &skip_out);
+    let proxy = proxy_container(cfg, &opaque);
+    add_to_pod(spec, init, proxy);
+    Ok(Outcome::Injected)
+}
+
+/// The init container: installs the iptables rules that send the pod's traffic through the
+/// sidecar, except the ports named to skip.
+fn init_container(cfg: &InjectConfig, skip_inbound: &[u16], skip_outbound: &[u16]) -> Value {
+    json!({
         "name": INIT,
         "image": cfg.proxy_image,
         "args": [
@@ -199,8 +208,8 @@ pub fn inject(obj: &mut Value, cfg: &InjectConfig) -> Result<Outcome, InjectErro
             "--proxy-uid", cfg.proxy_uid.to_string(),
             "--inbound-port", INBOUND_PORT.to_string(),
             "--outbound-port", OUTBOUND_PORT.to_string(),
-            "--skip-inbound-ports", join(&skip_inbound),
-            "--skip-outbound-ports", join(&skip_out),
+            "--skip-inbound-ports", join(skip_inbound),
+            "--skip-outbound-ports", join(skip_outbound),
         ],
         "securityContext": {
             "runAsUser": 0,
@@ -213,7 +222,12 @@ pub fn inject(obj: &mut Value, cfg: &InjectConfig) -> Result<Outcome, InjectErro
             "requests": { "cpu": "10m", "memory": "16Mi" },
             "limits": { "cpu": "100m", "memory": "32Mi" },
         },
-    });
+    })
+}
+
+/// The sidecar itself: a native sidecar (an init container that keeps running), identified by
+/// the pod's service account, with its probes on the admin port.
+fn proxy_container(cfg: &InjectConfig, opaque: &[u16]) -> Value {
     let env = |name: &str, path: &str| json!({ "name": name, "valueFrom": { "fieldRef": { "fieldPath": path } } });
     let mut args = vec![
         json!("--control-plane"),
@@ -239,10 +253,10 @@ pub fn inject(obj: &mut Value, cfg: &InjectConfig) -> Result<Outcome, InjectErro
     ];
     if !opaque.is_empty() {
         args.push(json!("--opaque-ports"));
-        args.push(json!(join(&opaque)));
+        args.push(json!(join(opaque)));
     }
     let probe = |path: &str| json!({ "httpGet": { "path": path, "port": ADMIN_PORT }, "periodSeconds": 2, "failureThreshold": 30 });
-    let proxy = json!({
+    json!({
         "name": PROXY,
         "image": cfg.proxy_image,
         "restartPolicy": "Always",
@@ -275,7 +289,12 @@ pub fn inject(obj: &mut Value, cfg: &InjectConfig) -> Result<Outcome, InjectErro
             { "name": "moat-token", "mountPath": "/var/run/secrets/moat", "readOnly": true },
             { "name": "moat-ca-root", "mountPath": "/var/run/moat/ca", "readOnly": true },
         ],
-    });
+    })
+}
+
+/// Puts the two containers first among the pod's init containers and adds the volumes they
+/// mount (the projected service-account token, the CA bundle).
+fn add_to_pod(spec: &mut serde_json::Map<String, Value>, init: Value, proxy: Value) {
     let mut init_containers = vec![init, proxy];
     if let Some(existing) = spec.get("initContainers").and_then(Value::as_array) {
         init_containers.extend(existing.iter().cloned());
@@ -297,7 +316,6 @@ pub fn inject(obj: &mut Value, cfg: &InjectConfig) -> Result<Outcome, InjectErro
         "configMap": { "name": "moat-ca-root", "items": [ { "key": "bundle.pem", "path": "bundle.pem" } ] },
     }));
     spec.insert("volumes".into(), Value::Array(volumes));
-    Ok(Outcome::Injected)
 }
 
 /// Splits YAML text into documents at `---` lines (keeping each document's text).
