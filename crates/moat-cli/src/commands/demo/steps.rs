@@ -139,17 +139,37 @@ fn serials(body: &[(u16, serde_json::Value)]) -> Vec<String> {
 pub async fn narrate(mesh: &mut Mesh, break_enforcement: bool) -> bool {
     let mut n = Narrator { ok: true, n: 0 };
     let c = client();
-    let fe = mesh.frontend.app;
+    zero_trust(&mut n, mesh, &c).await;
+    apply_allow_list(&mut n, mesh, break_enforcement).await;
+    call_chain(&mut n, mesh, &c).await;
+    intruder(&mut n, mesh).await;
+    bypass(&mut n, mesh, &c).await;
+    live_change(&mut n, mesh, &c).await;
+    rotation_under_load(&mut n, mesh, &c).await;
+    println!();
+    if n.ok {
+        println!("All checks held.");
+    } else {
+        println!("Some checks FAILED: the mesh did not behave as it must.");
+    }
+    n.ok
+}
 
+/// With no policy, the frontend's call to orders is refused (no-policy).
+async fn zero_trust(n: &mut Narrator, mesh: &Mesh, c: &Http) {
+    let fe = mesh.frontend.app;
     n.step("Zero trust: with no policy, nobody may call anybody");
-    let r = get(&c, fe, "/").await;
+    let r = get(c, fe, "/").await;
     let denied = matches!(&r, Ok((403, v)) if v["deny_reason"] == "no-policy");
     n.check(
         "frontend → orders is refused: 403, reason no-policy",
         denied,
         &answer(&r),
     );
+}
 
+/// Applies the example allow-list (or, to prove the checks can fail, an allow-everything config).
+async fn apply_allow_list(n: &mut Narrator, mesh: &Mesh, break_enforcement: bool) {
     n.step("Apply the allow-list (examples/policies/demo.yaml)");
     let applied = if break_enforcement {
         apply(mesh, "demo.yaml", ALLOW_ALL)
@@ -161,9 +181,13 @@ pub async fn narrate(mesh: &mut Mesh, break_enforcement: bool) -> bool {
         applied.is_ok(),
         &applied.unwrap_or_else(|e| e),
     );
+}
 
+/// A call through frontend → orders → payments, each hop seeing its caller's verified identity.
+async fn call_chain(n: &mut Narrator, mesh: &Mesh, c: &Http) {
+    let fe = mesh.frontend.app;
     n.step("A real call chain: you → frontend → orders (HTTP) → payments (gRPC)");
-    let r = until(&c, fe, "/", 200).await;
+    let r = until(c, fe, "/", 200).await;
     let chain_ok = matches!(&r, Ok((200, v))
         if v["orders"]["caller"] == id("frontend") && v["orders"]["payments"]["caller"] == id("orders"));
     let detail = match &r {
@@ -180,7 +204,10 @@ pub async fn narrate(mesh: &mut Mesh, break_enforcement: bool) -> bool {
         chain_ok,
         &detail,
     );
+}
 
+/// A client without a mesh certificate is refused by a sidecar, over TLS and in plain text.
+async fn intruder(n: &mut Narrator, mesh: &Mesh) {
     n.step("An intruder without a mesh certificate knocks on orders' sidecar");
     let tls = intruder_tls(mesh, mesh.orders.inbound).await;
     n.check(
@@ -190,9 +217,13 @@ pub async fn narrate(mesh: &mut Mesh, break_enforcement: bool) -> bool {
     );
     let plain = plaintext(mesh.orders.inbound).await;
     n.check("plain HTTP: refused", plain, "");
+}
 
+/// frontend calling payments directly is refused by payments' sidecar.
+async fn bypass(n: &mut Narrator, mesh: &Mesh, c: &Http) {
+    let fe = mesh.frontend.app;
     n.step("frontend tries to skip orders and charge payments directly");
-    let r = get(&c, fe, "/pay-directly").await;
+    let r = get(c, fe, "/pay-directly").await;
     let refused = matches!(&r, Ok((403, v)) if v["error"].as_str().is_some_and(|e| e.contains("PermissionDenied") && e.contains("identity-not-allowed")));
     n.check(
         "refused by payments' sidecar: gRPC status 7, reason identity-not-allowed",
@@ -208,9 +239,13 @@ pub async fn narrate(mesh: &mut Mesh, break_enforcement: bool) -> bool {
             Err(e) => e.clone(),
         },
     );
+}
 
+/// A policy change allows a route at once, with no restart.
+async fn live_change(n: &mut Narrator, mesh: &Mesh, c: &Http) {
+    let fe = mesh.frontend.app;
     n.step("A live policy change: allow frontend to cancel orders");
-    let r = get(&c, fe, "/cancel").await;
+    let r = get(c, fe, "/cancel").await;
     let before = matches!(&r, Ok((403, v)) if v["deny_reason"] == "route-not-allowed");
     n.check(
         "before: DELETE /orders/42 is refused, reason route-not-allowed",
@@ -218,25 +253,29 @@ pub async fn narrate(mesh: &mut Mesh, break_enforcement: bool) -> bool {
         &answer(&r),
     );
     let applied = apply(mesh, "demo-allow-cancel.yaml", CANCEL_POLICY);
-    let r = until(&c, fe, "/cancel", 200).await;
+    let r = until(c, fe, "/cancel", 200).await;
     let after = applied.is_ok() && matches!(&r, Ok((200, v)) if v["orders"]["cancelled"] == "42");
     n.check("after `moat policy apply -f examples/policies/demo-allow-cancel.yaml`: allowed, no restart", after, "");
+}
 
+/// Certificates rotate on every sidecar while requests flow, none failing.
+async fn rotation_under_load(n: &mut Narrator, mesh: &Mesh, c: &Http) {
+    let fe = mesh.frontend.app;
     n.step("Certificate rotation under load (certificates here live 8 s and renew every ~4 s)");
     let admins = [mesh.frontend.admin, mesh.orders.admin, mesh.payments.admin];
     let mut before = Vec::new();
     for a in admins {
         before.push(
-            get(&c, a, "/config")
+            get(c, a, "/config")
                 .await
                 .unwrap_or((0, serde_json::Value::Null)),
         );
     }
-    let (ok, failed) = load(&c, fe, 40, Duration::from_secs(10)).await;
+    let (ok, failed) = load(c, fe, 40, Duration::from_secs(10)).await;
     let mut after = Vec::new();
     for a in admins {
         after.push(
-            get(&c, a, "/config")
+            get(c, a, "/config")
                 .await
                 .unwrap_or((0, serde_json::Value::Null)),
         );
@@ -261,14 +300,6 @@ pub async fn narrate(mesh: &mut Mesh, break_enforcement: bool) -> bool {
             .collect::<Vec<_>>()
             .join("\n"),
     );
-
-    println!();
-    if n.ok {
-        println!("All checks held.");
-    } else {
-        println!("Some checks FAILED: the mesh did not behave as it must.");
-    }
-    n.ok
 }
 
 async fn load(c: &Http, addr: SocketAddr, rps: u32, d: Duration) -> (usize, usize) {
