@@ -159,15 +159,17 @@ pub fn is_grpc(h: &HeaderMap) -> bool {
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
-/// Appends `N` random bytes to `out` as lowercase hex.
+/// Appends 16 or 8 random bytes to `out` as lowercase hex.
 fn push_random_hex<const N: usize>(out: &mut String) {
     use rand::RngCore as _;
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut b = [0u8; N];
     rand::rng().fill_bytes(&mut b);
-    for x in b {
-        out.push(char::from(DIGITS[usize::from(x >> 4)]));
-        out.push(char::from(DIGITS[usize::from(x & 0xf)]));
+    let mut digits = [0u8; 32];
+    let digits = &mut digits[..2 * N];
+    if hex::encode_to_slice(b, digits).is_ok()
+        && let Ok(text) = std::str::from_utf8(digits)
+    {
+        out.push_str(text);
     }
 }
 

@@ -31,24 +31,33 @@ pub enum ConnectError {
     },
 }
 
-/// `host:port` from `https://host:port`, `host:port` or `https://host` (port 7443).
+/// `host:port` from `https://host:port`, `host:port` or `https://host` (port 7443), parsed as a
+/// URI (`http::Uri`): https only, no path, query or user info.
 pub fn authority(url: &str) -> Result<String, ConnectError> {
-    let rest = url
-        .strip_prefix("https://")
-        .unwrap_or(url)
-        .trim_end_matches('/');
-    if rest.is_empty() || rest.contains('/') || rest.contains("://") {
-        return Err(ConnectError::Address(url.to_owned()));
-    }
-    let has_port = rest
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-        && !rest.ends_with(']');
-    Ok(if has_port {
-        rest.to_owned()
+    let bad = || ConnectError::Address(url.to_owned());
+    let full = if url.contains("://") {
+        url.to_owned()
     } else {
-        format!("{rest}:7443")
-    })
+        format!("https://{url}")
+    };
+    let uri: http::Uri = full.parse().map_err(|_| bad())?;
+    if uri.scheme_str() != Some("https")
+        || uri
+            .path_and_query()
+            .is_some_and(|p| !matches!(p.as_str(), "" | "/"))
+    {
+        return Err(bad());
+    }
+    let authority = uri.authority().ok_or_else(bad)?;
+    if authority.as_str().contains('@') || authority.host().is_empty() {
+        return Err(bad());
+    }
+    let host = authority.host();
+    let port = match authority.as_str().strip_prefix(host) {
+        Some("") => 7443,
+        _ => authority.port_u16().ok_or_else(bad)?,
+    };
+    Ok(format!("{host}:{port}"))
 }
 
 /// Opens a gRPC channel to `url`, presenting `cred` when given.
@@ -112,7 +121,15 @@ mod tests {
         assert_eq!(authority("cp:9000").unwrap(), "cp:9000");
         assert_eq!(authority("https://cp").unwrap(), "cp:7443");
         assert_eq!(authority("https://[::1]:7443/").unwrap(), "[::1]:7443");
-        for bad in ["", "http://cp:1", "https://cp/path"] {
+        assert_eq!(authority("[::1]").unwrap(), "[::1]:7443");
+        for bad in [
+            "",
+            "http://cp:1",
+            "https://cp/path",
+            "https://cp?x=1",
+            "https://user@cp:1",
+            "https://cp:notaport",
+        ] {
             assert!(authority(bad).is_err(), "{bad:?}");
         }
     }

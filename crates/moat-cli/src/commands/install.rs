@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
 use base64::Engine as _;
+use serde::Deserialize as _;
 use serde_json::Value;
 
 /// The manifests of `deploy/`, in apply order.
@@ -69,8 +70,8 @@ pub fn run(args: InstallArgs) -> anyhow::Result<()> {
         args.trust_domain
     )];
     for (file, text) in MANIFESTS {
-        for doc in text.split("\n---\n") {
-            let mut v: Value = serde_yaml_ng::from_str(doc)
+        for doc in serde_yaml_ng::Deserializer::from_str(text) {
+            let mut v = Value::deserialize(doc)
                 .with_context(|| format!("built-in manifest {file} is not valid YAML"))?;
             if v.is_null() {
                 continue;
