@@ -361,26 +361,21 @@ fn moat_pair(
     );
     let tcp_port = free_port();
     let one_worker = ["--workers", "1"];
-    let server = Proxy::start_binary(cp, binary, &server_id, backend, &[], &one_worker).unwrap();
-    let server_h2 =
-        Proxy::start_binary(cp, binary, &server_h2_id, backend_h2, &[], &one_worker).unwrap();
+    let sidecar = |id: &str| Proxy::builder(cp, id).binary(binary).args(&one_worker);
+    let server = sidecar(&server_id).app(backend).start().unwrap();
+    let server_h2 = sidecar(&server_h2_id).app(backend_h2).start().unwrap();
     let tcp_up = format!("{server_id}=127.0.0.1:{tcp_port}");
-    let client = Proxy::start_binary(
-        cp,
-        binary,
-        &client_id,
-        backend,
-        &[&server_id, &server_h2_id],
-        &[
-            "--workers",
-            "1",
+    let client = sidecar(&client_id)
+        .app(backend)
+        .upstreams(&[&server_id, &server_h2_id])
+        .args(&[
             "--upstream",
             &tcp_up,
             "--opaque-ports",
             &tcp_port.to_string(),
-        ],
-    )
-    .unwrap();
+        ])
+        .start()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while !client.admin_get("/config").is_some_and(|(_, b)| {
         b.contains(&format!("sa/{server_id}\"")) && b.contains(&format!("sa/{server_h2_id}\""))

@@ -277,8 +277,8 @@ fn main() {
             &cp,
             "apiVersion: moat.dev/v1\nkind: AccessPolicy\nmetadata: { name: b }\nspec:\n  target: b\n  rules:\n    - from: [a, c, mallory]\n",
         );
-        let b = Proxy::start(&cp, "b", addr, &[], &[]).unwrap();
-        let a = Proxy::start(&cp, "a", addr, &["b"], &[]).unwrap();
+        let b = Proxy::builder(&cp, "b").app(addr).start().unwrap();
+        let a = Proxy::builder(&cp, "a").app(addr).upstreams(&["b"]).start().unwrap();
         let mut admin = Admin::connect(&cp).await.unwrap();
         let attacker = admin.credential("mallory").await.unwrap();
         let caller = admin.credential("c").await.unwrap();

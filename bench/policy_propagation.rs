@@ -30,7 +30,7 @@ fn main() {
     rt.block_on(async {
         let app = tcp_echo().await;
         let cp = ControlPlane::start().unwrap();
-        let proxies: Vec<Proxy> = (0..PROXIES).map(|_| Proxy::start(&cp, "orders", app, &[], &[]).unwrap()).collect();
+        let proxies: Vec<Proxy> = (0..PROXIES).map(|_| Proxy::builder(&cp, "orders").app(app).start().unwrap()).collect();
         eprintln!("{PROXIES} proxies ready");
         let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
         let mut per_proxy = Vec::new();

@@ -103,8 +103,8 @@ fn main() {
             &cp,
             "apiVersion: moat.dev/v1\nkind: AccessPolicy\nmetadata: { name: orders }\nspec:\n  target: orders\n  rules:\n    - from: [frontend]\n      http: [{ methods: [GET], paths: [\"/orders/*\"] }]\n",
         );
-        let orders = Proxy::start(&cp, "orders", app, &[], &[]).unwrap();
-        let frontend = Proxy::start(&cp, "frontend", app, &["orders"], &[]).unwrap();
+        let orders = Proxy::builder(&cp, "orders").app(app).start().unwrap();
+        let frontend = Proxy::builder(&cp, "frontend").app(app).upstreams(&["orders"]).start().unwrap();
         std::thread::sleep(Duration::from_secs(1));
         let pids = [orders.pid().unwrap(), frontend.pid().unwrap()];
         let idle: Vec<u64> = pids.iter().map(|p| rss_kib(*p, "VmRSS")).collect();

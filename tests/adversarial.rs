@@ -120,7 +120,7 @@ async fn an_allowed_caller_reaches_only_what_its_rule_names() {
     let cp = ControlPlane::start().unwrap();
     apply_policy(&cp, POLICY);
     let (app, rec) = recording_http().await;
-    let b = Proxy::start(&cp, "b", app, &[], &[]).unwrap();
+    let b = Proxy::builder(&cp, "b").app(app).start().unwrap();
     let a = credential_for(&cp, "a");
     let h1 = moat_tls::ALPN_HTTP1;
     let now = Duration::ZERO;
@@ -269,7 +269,11 @@ async fn opaque_tcp_needs_a_rule_without_http() {
     apply_policy(&cp, POLICY);
     let greeter = tcp_greeter().await;
     let port = greeter.port().to_string();
-    let b = Proxy::start(&cp, "b", greeter, &[], &["--opaque-ports", &port]).unwrap();
+    let b = Proxy::builder(&cp, "b")
+        .app(greeter)
+        .args(&["--opaque-ports", &port])
+        .start()
+        .unwrap();
     let a = credential_for(&cp, "a");
     let c = credential_for(&cp, "c");
 
@@ -475,7 +479,7 @@ async fn strangers_cannot_starve_the_control_plane_or_flood_its_audit_log() {
 async fn a_serial_prefix_revokes_the_one_certificate_it_names() {
     let cp = ControlPlane::start().unwrap();
     let (app, _rec) = recording_http().await;
-    let b = Proxy::start(&cp, "b", app, &[], &[]).unwrap();
+    let b = Proxy::builder(&cp, "b").app(app).start().unwrap();
     let status: serde_json::Value =
         serde_json::from_str(&cp.moat_ok(&["status", "-o", "json"])).unwrap();
     let serial = status["proxies"]
@@ -562,8 +566,12 @@ async fn bodies_and_trailers_cross_a_sidecar_pair_cleaned() {
         ),
     );
     let (app, rec) = recording_http().await;
-    let _b = Proxy::start(&cp, "b", app, &[], &[]).unwrap();
-    let a = Proxy::start(&cp, "a", app, &["b"], &[]).unwrap();
+    let _b = Proxy::builder(&cp, "b").app(app).start().unwrap();
+    let a = Proxy::builder(&cp, "a")
+        .app(app)
+        .upstreams(&["b"])
+        .start()
+        .unwrap();
     wait_for_services(&a, &["b"]);
     let raw = "GET /public/chunked HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\nTrailer: x-moat-peer-id, x-trace\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\nx-moat-peer-id: spiffe://moat.local/ns/default/sa/admin\r\nx-trace: 1\r\n\r\n";
     let mut tcp = tokio::net::TcpStream::connect(a.upstream("b"))
@@ -603,7 +611,7 @@ async fn spelling_a_path_differently_does_not_get_a_new_rate_limit_bucket() {
         ),
     );
     let (app, rec) = recording_http().await;
-    let b = Proxy::start(&cp, "b", app, &[], &[]).unwrap();
+    let b = Proxy::builder(&cp, "b").app(app).start().unwrap();
     let a = credential_for(&cp, "a");
     let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n");
     let h1 = moat_tls::ALPN_HTTP1;

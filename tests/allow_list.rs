@@ -56,9 +56,17 @@ spec:
 async fn exactly_the_listed_edges_work_and_routes_are_enforced() {
     let cp = ControlPlane::start().unwrap();
     let app = http_echo().await;
-    let payments = Proxy::start(&cp, "payments", app, &[], &[]).unwrap();
-    let orders = Proxy::start(&cp, "orders", app, &["payments"], &[]).unwrap();
-    let frontend = Proxy::start(&cp, "frontend", app, &["orders", "payments"], &[]).unwrap();
+    let payments = Proxy::builder(&cp, "payments").app(app).start().unwrap();
+    let orders = Proxy::builder(&cp, "orders")
+        .app(app)
+        .upstreams(&["payments"])
+        .start()
+        .unwrap();
+    let frontend = Proxy::builder(&cp, "frontend")
+        .app(app)
+        .upstreams(&["orders", "payments"])
+        .start()
+        .unwrap();
     wait_for_services(&frontend, &["orders", "payments"]);
     wait_for_services(&orders, &["payments"]);
     let fe_orders = format!("http://{}/orders/1", frontend.upstream("orders"));
@@ -121,8 +129,15 @@ async fn a_grpc_method_rule_answers_status_7_for_other_methods() {
         &cp,
         "apiVersion: moat.dev/v1\nkind: AccessPolicy\nmetadata: { name: payments }\nspec:\n  target: payments\n  rules:\n    - from: [frontend]\n      http: [{ methods: [POST], paths: [\"/moat.test.Echo/Unary\"] }]\n",
     );
-    let _payments = Proxy::start(&cp, "payments", grpc_echo().await, &[], &[]).unwrap();
-    let frontend = Proxy::start(&cp, "frontend", http_echo().await, &["payments"], &[]).unwrap();
+    let _payments = Proxy::builder(&cp, "payments")
+        .app(grpc_echo().await)
+        .start()
+        .unwrap();
+    let frontend = Proxy::builder(&cp, "frontend")
+        .app(http_echo().await)
+        .upstreams(&["payments"])
+        .start()
+        .unwrap();
     wait_for_services(&frontend, &["payments"]);
     let mut grpc =
         echo::echo_client::EchoClient::connect(format!("http://{}", frontend.upstream("payments")))
@@ -153,16 +168,19 @@ async fn a_grpc_method_rule_answers_status_7_for_other_methods() {
 async fn a_policy_change_closes_open_connections_it_forbids() {
     let cp = ControlPlane::start().unwrap();
     apply_policy(&cp, MESH_POLICY);
-    let _ledger = Proxy::start(&cp, "ledger", tcp_echo().await, &[], &[]).unwrap();
-    let orders = Proxy::start(&cp, "orders", http_echo().await, &[], &[]).unwrap();
-    let frontend = Proxy::start(
-        &cp,
-        "frontend",
-        http_echo().await,
-        &["ledger", "orders"],
-        &[],
-    )
-    .unwrap();
+    let _ledger = Proxy::builder(&cp, "ledger")
+        .app(tcp_echo().await)
+        .start()
+        .unwrap();
+    let orders = Proxy::builder(&cp, "orders")
+        .app(http_echo().await)
+        .start()
+        .unwrap();
+    let frontend = Proxy::builder(&cp, "frontend")
+        .app(http_echo().await)
+        .upstreams(&["ledger", "orders"])
+        .start()
+        .unwrap();
     wait_for_services(&frontend, &["ledger", "orders"]);
     // An open TCP connection and a live HTTP/2 session between the sidecars.
     let mut tcp = tokio::net::TcpStream::connect(frontend.upstream("ledger"))
@@ -209,8 +227,15 @@ async fn audit_mode_allows_and_counts_what_enforce_then_denies() {
     let cp = ControlPlane::start().unwrap();
     let audit = "apiVersion: moat.dev/v1\nkind: AccessPolicy\nmetadata: { name: orders }\nspec:\n  target: orders\n  mode: audit\n  rules: [{ from: [payments] }]\n";
     apply_policy(&cp, audit);
-    let orders = Proxy::start(&cp, "orders", http_echo().await, &[], &[]).unwrap();
-    let frontend = Proxy::start(&cp, "frontend", http_echo().await, &["orders"], &[]).unwrap();
+    let orders = Proxy::builder(&cp, "orders")
+        .app(http_echo().await)
+        .start()
+        .unwrap();
+    let frontend = Proxy::builder(&cp, "frontend")
+        .app(http_echo().await)
+        .upstreams(&["orders"])
+        .start()
+        .unwrap();
     wait_for_services(&frontend, &["orders"]);
     let url = format!("http://{}/orders/1", frontend.upstream("orders"));
     let (s, _, body) = until_status(&url, "GET", 200).await;
@@ -260,9 +285,17 @@ async fn explain_agrees_with_the_proxies_on_every_case_and_names_the_rule() {
     let app = http_echo().await;
     let port = app.port().to_string();
     apply_policy(&cp, &TABLE_POLICY.replace("PORT", &port));
-    let _orders = Proxy::start(&cp, "orders", app, &[], &[]).unwrap();
-    let frontend = Proxy::start(&cp, "frontend", http_echo().await, &["orders"], &[]).unwrap();
-    let payments = Proxy::start(&cp, "payments", http_echo().await, &["orders"], &[]).unwrap();
+    let _orders = Proxy::builder(&cp, "orders").app(app).start().unwrap();
+    let frontend = Proxy::builder(&cp, "frontend")
+        .app(http_echo().await)
+        .upstreams(&["orders"])
+        .start()
+        .unwrap();
+    let payments = Proxy::builder(&cp, "payments")
+        .app(http_echo().await)
+        .upstreams(&["orders"])
+        .start()
+        .unwrap();
     wait_for_services(&frontend, &["orders"]);
     wait_for_services(&payments, &["orders"]);
     let requests = [
@@ -380,7 +413,10 @@ async fn policies_versions_and_history_survive_a_restart_and_proxies_converge() 
     let mut cp = ControlPlane::start().unwrap();
     apply_policy(&cp, CHAIN);
     apply_policy(&cp, &CHAIN.replace("[GET]", "[GET, HEAD]"));
-    let orders = Proxy::start(&cp, "orders", http_echo().await, &[], &[]).unwrap();
+    let orders = Proxy::builder(&cp, "orders")
+        .app(http_echo().await)
+        .start()
+        .unwrap();
     let before = cp.moat_ok(&["policy", "get", "-o", "json"]);
     let history = cp.moat_ok(&["policy", "history", "shop/orders"]);
     assert_eq!(

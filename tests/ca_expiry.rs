@@ -45,8 +45,12 @@ fn a_year_later_the_expired_intermediate_is_replaced_and_sidecars_recover_withou
     let mut cp = ControlPlane::start_env(&[], clock.env()).unwrap();
     apply_policy(&cp, POLICY);
     let app = rt.block_on(moat_test_util::apps::http_echo());
-    let b = Proxy::start(&cp, "b", app, &[], &[]).unwrap();
-    let a = Proxy::start(&cp, "a", app, &["b"], &[]).unwrap();
+    let b = Proxy::builder(&cp, "b").app(app).start().unwrap();
+    let a = Proxy::builder(&cp, "a")
+        .app(app)
+        .upstreams(&["b"])
+        .start()
+        .unwrap();
     let to_b = a.upstream("b");
     let reaches_b = || {
         http_get(&to_b, "/hello")

@@ -16,8 +16,15 @@ use moat_test_util::{ControlPlane, Proxy, apply_policy, eventually};
 async fn status_lists_every_proxy_with_its_certificate_snapshot_and_bundle() {
     let cp = ControlPlane::start().unwrap();
     apply_policy(&cp, MESH_POLICY);
-    let orders = Proxy::start(&cp, "orders", http_echo().await, &[], &[]).unwrap();
-    let frontend = Proxy::start(&cp, "frontend", http_echo().await, &["orders"], &[]).unwrap();
+    let orders = Proxy::builder(&cp, "orders")
+        .app(http_echo().await)
+        .start()
+        .unwrap();
+    let frontend = Proxy::builder(&cp, "frontend")
+        .app(http_echo().await)
+        .upstreams(&["orders"])
+        .start()
+        .unwrap();
     let status = eventually(Duration::from_secs(10), || {
         let v: serde_json::Value =
             serde_json::from_str(&cp.moat_ok(&["status", "-o", "json"])).ok()?;
@@ -67,8 +74,15 @@ async fn status_lists_every_proxy_with_its_certificate_snapshot_and_bundle() {
 async fn cert_rotate_rekeys_the_fleet_while_traffic_flows() {
     let cp = ControlPlane::start().unwrap();
     apply_policy(&cp, MESH_POLICY);
-    let orders = Proxy::start(&cp, "orders", http_echo().await, &[], &[]).unwrap();
-    let frontend = Proxy::start(&cp, "frontend", http_echo().await, &["orders"], &[]).unwrap();
+    let orders = Proxy::builder(&cp, "orders")
+        .app(http_echo().await)
+        .start()
+        .unwrap();
+    let frontend = Proxy::builder(&cp, "frontend")
+        .app(http_echo().await)
+        .upstreams(&["orders"])
+        .start()
+        .unwrap();
     wait_for_services(&frontend, &["orders"]);
     let serial = |p: &Proxy| -> String {
         let v: serde_json::Value =
@@ -120,7 +134,10 @@ async fn cert_rotate_rekeys_the_fleet_while_traffic_flows() {
 async fn check_passes_on_a_healthy_mesh_and_names_each_failing_check() {
     let cp = ControlPlane::start_with(&["--min-cert-ttl", "5s"]).unwrap();
     apply_policy(&cp, MESH_POLICY);
-    let orders = Proxy::start(&cp, "orders", http_echo().await, &[], &[]).unwrap();
+    let orders = Proxy::builder(&cp, "orders")
+        .app(http_echo().await)
+        .start()
+        .unwrap();
     let healthy = eventually(Duration::from_secs(15), || {
         let out = cp.moat(&["check"]);
         out.status
@@ -145,14 +162,11 @@ async fn check_passes_on_a_healthy_mesh_and_names_each_failing_check() {
 
     // A proxy whose renewals fail is flagged once it is past its renewal point: restarted with
     // a longer minimum lifetime, the control plane refuses the 20 s one this proxy asks for.
-    let stuck = Proxy::start(
-        &cp,
-        "ledger",
-        http_echo().await,
-        &[],
-        &["--cert-ttl", "20s"],
-    )
-    .unwrap();
+    let stuck = Proxy::builder(&cp, "ledger")
+        .app(http_echo().await)
+        .args(&["--cert-ttl", "20s"])
+        .start()
+        .unwrap();
     let serial = {
         let v: serde_json::Value =
             serde_json::from_str(&stuck.admin_get("/config").unwrap().1).unwrap();
@@ -205,10 +219,16 @@ async fn check_passes_on_a_healthy_mesh_and_names_each_failing_check() {
         (v["proxies"].as_array()?.len() == 1).then_some(())
     })
     .unwrap();
-    let mut leaving = Proxy::start(&cp, "ledger", http_echo().await, &[], &[]).unwrap();
+    let mut leaving = Proxy::builder(&cp, "ledger")
+        .app(http_echo().await)
+        .start()
+        .unwrap();
     leaving.sigterm();
     leaving.wait_exit(Duration::from_secs(15)).unwrap();
-    let mut crashed = Proxy::start(&cp, "ledger", http_echo().await, &[], &[]).unwrap();
+    let mut crashed = Proxy::builder(&cp, "ledger")
+        .app(http_echo().await)
+        .start()
+        .unwrap();
     crashed.kill9();
     let text = eventually(Duration::from_secs(10), || {
         let out = cp.moat(&["check"]);
@@ -262,24 +282,24 @@ async fn revoke_cuts_an_identity_off_everywhere_and_undo_restores_it() {
         &cp,
         "apiVersion: moat.dev/v1\nkind: AccessPolicy\nmetadata: { name: orders }\nspec:\n  target: orders\n  rules: [{ from: [frontend, payments] }]\n---\napiVersion: moat.dev/v1\nkind: AccessPolicy\nmetadata: { name: ledger }\nspec:\n  target: ledger\n  rules: [{ from: [frontend] }]\n",
     );
-    let _orders = Proxy::start(&cp, "orders", http_echo().await, &[], &[]).unwrap();
-    let _ledger = Proxy::start(
-        &cp,
-        "ledger",
-        moat_test_util::apps::tcp_echo().await,
-        &[],
-        &[],
-    )
-    .unwrap();
-    let frontend = Proxy::start(
-        &cp,
-        "frontend",
-        http_echo().await,
-        &["orders", "ledger"],
-        &[],
-    )
-    .unwrap();
-    let payments = Proxy::start(&cp, "payments", http_echo().await, &["orders"], &[]).unwrap();
+    let _orders = Proxy::builder(&cp, "orders")
+        .app(http_echo().await)
+        .start()
+        .unwrap();
+    let _ledger = Proxy::builder(&cp, "ledger")
+        .app(moat_test_util::apps::tcp_echo().await)
+        .start()
+        .unwrap();
+    let frontend = Proxy::builder(&cp, "frontend")
+        .app(http_echo().await)
+        .upstreams(&["orders", "ledger"])
+        .start()
+        .unwrap();
+    let payments = Proxy::builder(&cp, "payments")
+        .app(http_echo().await)
+        .upstreams(&["orders"])
+        .start()
+        .unwrap();
     wait_for_services(&frontend, &["orders", "ledger"]);
     wait_for_services(&payments, &["orders"]);
     let fe_url = format!("http://{}/orders/1", frontend.upstream("orders"));
@@ -428,7 +448,10 @@ async fn a_large_service_table_arrives_in_parts_and_changes_as_deltas() {
             );
         }
     }
-    let proxy = Proxy::start(&cp, "orders", http_echo().await, &[], &[]).unwrap();
+    let proxy = Proxy::builder(&cp, "orders")
+        .app(http_echo().await)
+        .start()
+        .unwrap();
     let table = eventually(Duration::from_secs(10), || {
         table_of(&proxy).filter(|t| t.len() == 81)
     })

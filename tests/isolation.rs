@@ -141,8 +141,17 @@ async fn mesh_with(flags: &[&str]) -> Mesh {
     let (addr, seen) = moat_test_util::apps::bulk_http().await;
     let (b, sidecar_a) = tokio::task::block_in_place(|| {
         (
-            Proxy::start(&cp, "b", addr, &[], flags).unwrap(),
-            Proxy::start(&cp, "a", addr, &["b"], flags).unwrap(),
+            Proxy::builder(&cp, "b")
+                .app(addr)
+                .args(flags)
+                .start()
+                .unwrap(),
+            Proxy::builder(&cp, "a")
+                .app(addr)
+                .upstreams(&["b"])
+                .args(flags)
+                .start()
+                .unwrap(),
         )
     });
     let (a, c) =

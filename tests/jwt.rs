@@ -97,8 +97,15 @@ async fn tokens_are_verified_at_the_sidecar_and_each_failure_has_its_reason() {
         &cp,
         &format!("{}---{ORDERS_NEEDS_A_TOKEN}", mesh_config(&jwks_file)),
     );
-    let orders = Proxy::start(&cp, "orders", http_echo().await, &[], &[]).unwrap();
-    let frontend = Proxy::start(&cp, "frontend", http_echo().await, &["orders"], &[]).unwrap();
+    let orders = Proxy::builder(&cp, "orders")
+        .app(http_echo().await)
+        .start()
+        .unwrap();
+    let frontend = Proxy::builder(&cp, "frontend")
+        .app(http_echo().await)
+        .upstreams(&["orders"])
+        .start()
+        .unwrap();
     wait_for_services(&frontend, &["orders"]);
     let url = format!("http://{}/orders/1", frontend.upstream("orders"));
 
@@ -386,9 +393,20 @@ async fn drive(url: &str, rps: u32, duration: Duration) -> (usize, usize, Vec<St
 async fn rate_limits_hold_per_client_and_spare_other_clients() {
     let cp = ControlPlane::start().unwrap();
     apply_policy(&cp, LEDGER_RATE_LIMITED);
-    let _ledger = Proxy::start(&cp, "ledger", http_echo().await, &[], &[]).unwrap();
-    let frontend = Proxy::start(&cp, "frontend", http_echo().await, &["ledger"], &[]).unwrap();
-    let orders = Proxy::start(&cp, "orders", http_echo().await, &["ledger"], &[]).unwrap();
+    let _ledger = Proxy::builder(&cp, "ledger")
+        .app(http_echo().await)
+        .start()
+        .unwrap();
+    let frontend = Proxy::builder(&cp, "frontend")
+        .app(http_echo().await)
+        .upstreams(&["ledger"])
+        .start()
+        .unwrap();
+    let orders = Proxy::builder(&cp, "orders")
+        .app(http_echo().await)
+        .upstreams(&["ledger"])
+        .start()
+        .unwrap();
     wait_for_services(&frontend, &["ledger"]);
     wait_for_services(&orders, &["ledger"]);
     let noisy = format!("http://{}/entries", frontend.upstream("ledger"));
@@ -454,8 +472,15 @@ async fn jwks_is_fetched_over_https_and_key_rotation_needs_no_restart() {
     assert!(stderr(&out).contains("TLS with"), "{}", stderr(&out));
 
     apply_policy(&cp, &format!("{mesh}---{ORDERS_NEEDS_A_TOKEN}"));
-    let _orders = Proxy::start(&cp, "orders", http_echo().await, &[], &[]).unwrap();
-    let frontend = Proxy::start(&cp, "frontend", http_echo().await, &["orders"], &[]).unwrap();
+    let _orders = Proxy::builder(&cp, "orders")
+        .app(http_echo().await)
+        .start()
+        .unwrap();
+    let frontend = Proxy::builder(&cp, "frontend")
+        .app(http_echo().await)
+        .upstreams(&["orders"])
+        .start()
+        .unwrap();
     wait_for_services(&frontend, &["orders"]);
     let url = format!("http://{}/orders/1", frontend.upstream("orders"));
     let accepted = |token: String| {

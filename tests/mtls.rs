@@ -20,17 +20,23 @@ const FRONTEND: &str = "spiffe://moat.local/ns/default/sa/frontend";
 async fn every_protocol_crosses_a_sidecar_pair_with_the_verified_identity() {
     let cp = ControlPlane::start().unwrap();
     apply_policy(&cp, MESH_POLICY);
-    let orders = Proxy::start(&cp, "orders", http_echo().await, &[], &[]).unwrap();
-    let payments = Proxy::start(&cp, "payments", grpc_echo().await, &[], &[]).unwrap();
-    let ledger = Proxy::start(&cp, "ledger", tcp_echo().await, &[], &[]).unwrap();
-    let frontend = Proxy::start(
-        &cp,
-        "frontend",
-        http_echo().await,
-        &["orders", "payments", "ledger"],
-        &[],
-    )
-    .unwrap();
+    let orders = Proxy::builder(&cp, "orders")
+        .app(http_echo().await)
+        .start()
+        .unwrap();
+    let payments = Proxy::builder(&cp, "payments")
+        .app(grpc_echo().await)
+        .start()
+        .unwrap();
+    let ledger = Proxy::builder(&cp, "ledger")
+        .app(tcp_echo().await)
+        .start()
+        .unwrap();
+    let frontend = Proxy::builder(&cp, "frontend")
+        .app(http_echo().await)
+        .upstreams(&["orders", "payments", "ledger"])
+        .start()
+        .unwrap();
     wait_for_services(&frontend, &["orders", "payments", "ledger"]);
 
     // HTTP/1.1, with a forged identity header that must not reach the app.
@@ -120,18 +126,19 @@ async fn every_protocol_crosses_a_sidecar_pair_with_the_verified_identity() {
 async fn a_server_first_protocol_works_through_an_opaque_port() {
     let cp = ControlPlane::start().unwrap();
     apply_policy(&cp, MESH_POLICY);
-    let _ledger = Proxy::start(&cp, "ledger", tcp_greeter().await, &[], &[]).unwrap();
+    let _ledger = Proxy::builder(&cp, "ledger")
+        .app(tcp_greeter().await)
+        .start()
+        .unwrap();
     let port = moat_test_util::free_port().to_string();
     // An outbound listener on a port declared opaque: no detection, the greeting flows at once.
     let upstream = format!("ledger@{port}");
-    let fe = Proxy::start(
-        &cp,
-        "frontend",
-        http_echo().await,
-        &[&upstream],
-        &["--opaque-ports", &port],
-    )
-    .unwrap();
+    let fe = Proxy::builder(&cp, "frontend")
+        .app(http_echo().await)
+        .upstreams(&[&upstream])
+        .args(&["--opaque-ports", &port])
+        .start()
+        .unwrap();
     wait_for_services(&fe, &["ledger"]);
     let mut tcp = tokio::net::TcpStream::connect(fe.upstream("ledger"))
         .await
@@ -245,7 +252,10 @@ fn leaf(
 async fn the_inbound_refuses_everything_it_should_with_a_reason() {
     let (cp, root) = control_plane_with_own_root();
     apply_policy(&cp, MESH_POLICY);
-    let orders = Proxy::start(&cp, "orders", http_echo().await, &[], &[]).unwrap();
+    let orders = Proxy::builder(&cp, "orders")
+        .app(http_echo().await)
+        .start()
+        .unwrap();
     let bundle = bundle(&cp);
 
     // 1. Plaintext HTTP.
@@ -310,7 +320,10 @@ async fn the_inbound_refuses_everything_it_should_with_a_reason() {
     );
 
     // … and gRPC status 7 from a gRPC service.
-    let payments = Proxy::start(&cp, "payments", grpc_echo().await, &[], &[]).unwrap();
+    let payments = Proxy::builder(&cp, "payments")
+        .app(grpc_echo().await)
+        .start()
+        .unwrap();
     let cred =
         moat_tls::Credential::new(intruder.0.clone(), intruder.1.clone_key(), &bundle).unwrap();
     let channel = moat_tls::connect::channel(
@@ -391,7 +404,10 @@ async fn tls_request_resumable(
 async fn a_resumed_session_with_an_expired_certificate_is_refused() {
     let (cp, root) = control_plane_with_own_root();
     apply_policy(&cp, MESH_POLICY);
-    let orders = Proxy::start(&cp, "orders", http_echo().await, &[], &[]).unwrap();
+    let orders = Proxy::builder(&cp, "orders")
+        .app(http_echo().await)
+        .start()
+        .unwrap();
     let bundle = bundle(&cp);
     // Valid for 4 more seconds; the same client config keeps the session tickets.
     let cfg = client_config(
@@ -431,7 +447,11 @@ async fn a_resumed_session_with_an_expired_server_certificate_is_refused() {
         .await
         .unwrap()
         .keep_acking();
-    let fe = Proxy::start(&cp, "frontend", http_echo().await, &["orders"], &[]).unwrap();
+    let fe = Proxy::builder(&cp, "frontend")
+        .app(http_echo().await)
+        .upstreams(&["orders"])
+        .start()
+        .unwrap();
     let known = moat_test_util::eventually(Duration::from_secs(10), || {
         fe.admin_get("/config")
             .filter(|(_, b)| b.contains(&address))

@@ -15,8 +15,17 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 fn pair(cp: &ControlPlane, app: std::net::SocketAddr, extra: &[&str]) -> (Proxy, Proxy) {
     apply_policy(cp, MESH_POLICY);
-    let orders = Proxy::start(cp, "orders", app, &[], extra).unwrap();
-    let frontend = Proxy::start(cp, "frontend", app, &["orders"], extra).unwrap();
+    let orders = Proxy::builder(cp, "orders")
+        .app(app)
+        .args(extra)
+        .start()
+        .unwrap();
+    let frontend = Proxy::builder(cp, "frontend")
+        .app(app)
+        .upstreams(&["orders"])
+        .args(extra)
+        .start()
+        .unwrap();
     wait_for_services(&frontend, &["orders"]);
     (orders, frontend)
 }

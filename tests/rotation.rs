@@ -103,16 +103,20 @@ fn assert_consistent(proxies: &[&Proxy], known_roots: &[(String, CertificateDer<
 async fn root_rotation_under_load_with_fleet_rekeys_loses_no_request() {
     let cp = ControlPlane::start().unwrap();
     apply_policy(&cp, THREE_SERVICES);
-    let payments = Proxy::start(&cp, "payments", http_echo().await, &[], &[]).unwrap();
-    let orders = Proxy::start(&cp, "orders", http_echo().await, &["payments"], &[]).unwrap();
-    let frontend = Proxy::start(
-        &cp,
-        "frontend",
-        http_echo().await,
-        &["orders", "payments"],
-        &[],
-    )
-    .unwrap();
+    let payments = Proxy::builder(&cp, "payments")
+        .app(http_echo().await)
+        .start()
+        .unwrap();
+    let orders = Proxy::builder(&cp, "orders")
+        .app(http_echo().await)
+        .upstreams(&["payments"])
+        .start()
+        .unwrap();
+    let frontend = Proxy::builder(&cp, "frontend")
+        .app(http_echo().await)
+        .upstreams(&["orders", "payments"])
+        .start()
+        .unwrap();
     wait_for_services(&frontend, &["orders", "payments"]);
     wait_for_services(&orders, &["payments"]);
     let old_roots = roots(&cp);
@@ -269,8 +273,15 @@ async fn interrupted_root_rotation_resumes_and_never_splits_trust() {
     // A warning horizon longer than the root's life: the control plane must warn at start.
     let mut cp = ControlPlane::start_with(&["--ca-expiry-warning", "4000d"]).unwrap();
     apply_policy(&cp, MESH_POLICY);
-    let orders = Proxy::start(&cp, "orders", http_echo().await, &[], &[]).unwrap();
-    let frontend = Proxy::start(&cp, "frontend", http_echo().await, &["orders"], &[]).unwrap();
+    let orders = Proxy::builder(&cp, "orders")
+        .app(http_echo().await)
+        .start()
+        .unwrap();
+    let frontend = Proxy::builder(&cp, "frontend")
+        .app(http_echo().await)
+        .upstreams(&["orders"])
+        .start()
+        .unwrap();
     wait_for_services(&frontend, &["orders"]);
     let url = format!("http://{}/orders/1", frontend.upstream("orders"));
     let traffic = tokio::spawn({

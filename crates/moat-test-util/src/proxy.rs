@@ -17,6 +17,64 @@ struct Token<'a> {
     value: &'a str,
 }
 
+/// How a test asks for a sidecar: `Proxy::builder(&cp, "orders").app(addr).upstream("payments")
+/// .args(&["--cert-ttl", "10s"]).start()`.
+#[derive(Debug)]
+pub struct ProxyBuilder<'a> {
+    cp: &'a ControlPlane,
+    identity: String,
+    app: Option<SocketAddr>,
+    upstreams: Vec<String>,
+    args: Vec<String>,
+    binary: Option<PathBuf>,
+}
+
+impl ProxyBuilder<'_> {
+    /// The app the sidecar forwards to (`--app`); without one, a closed local port.
+    pub fn app(mut self, app: SocketAddr) -> Self {
+        self.app = Some(app);
+        self
+    }
+
+    /// An outbound listener for `service` (`name`, or `name@port` for a fixed port).
+    pub fn upstream(mut self, service: &str) -> Self {
+        self.upstreams.push(service.to_owned());
+        self
+    }
+
+    /// An outbound listener for each of `services`.
+    pub fn upstreams(mut self, services: &[&str]) -> Self {
+        self.upstreams
+            .extend(services.iter().map(|s| (*s).to_owned()));
+        self
+    }
+
+    /// Extra flags, e.g. `&["--cert-ttl", "10s"]`.
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.args.extend(args.iter().map(|a| (*a).to_owned()));
+        self
+    }
+
+    /// Runs `binary` instead of this build's `moat-proxy` (the compare benchmark runs an older
+    /// build next to this one).
+    pub fn binary(mut self, binary: &Path) -> Self {
+        self.binary = Some(binary.to_path_buf());
+        self
+    }
+
+    /// Starts the sidecar with a new join token and waits until it is ready.
+    pub fn start(self) -> anyhow::Result<Proxy> {
+        let binary = self.binary.unwrap_or_else(|| bin("moat-proxy"));
+        let app = match self.app {
+            Some(a) => a,
+            None => SocketAddr::from(([127, 0, 0, 1], free_port())),
+        };
+        let upstreams: Vec<&str> = self.upstreams.iter().map(String::as_str).collect();
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        Proxy::start_binary(self.cp, &binary, &self.identity, app, &upstreams, &args)
+    }
+}
+
 /// A sidecar process.
 #[derive(Debug)]
 pub struct Proxy {
@@ -29,22 +87,22 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Starts a proxy for `identity` in front of `app`, with an outbound listener for each of
-    /// `upstreams` (`name`, or `name@port` for a fixed port), and waits until it is ready.
-    /// `extra` adds flags (e.g. `--cert-ttl 10s`).
-    pub fn start(
-        cp: &ControlPlane,
-        identity: &str,
-        app: SocketAddr,
-        upstreams: &[&str],
-        extra: &[&str],
-    ) -> anyhow::Result<Self> {
-        Self::start_binary(cp, &bin("moat-proxy"), identity, app, upstreams, extra)
+    /// A sidecar for `identity`, to be described and started (see [`ProxyBuilder`]).
+    pub fn builder<'a>(cp: &'a ControlPlane, identity: &str) -> ProxyBuilder<'a> {
+        ProxyBuilder {
+            cp,
+            identity: identity.to_owned(),
+            app: None,
+            upstreams: Vec::new(),
+            args: Vec::new(),
+            binary: None,
+        }
     }
 
-    /// Like [`start`](Self::start), running `binary` instead of this build's `moat-proxy` (the
-    /// compare benchmark runs an older build next to this one).
-    pub fn start_binary(
+    /// Starts `binary` for `identity` in front of `app`, with an outbound listener for each of
+    /// `upstreams` (`name`, or `name@port` for a fixed port) and `extra` flags, with a new join
+    /// token, and waits until it is ready (what [`ProxyBuilder::start`] does).
+    fn start_binary(
         cp: &ControlPlane,
         binary: &Path,
         identity: &str,
