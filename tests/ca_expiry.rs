@@ -16,16 +16,6 @@ use std::time::Duration;
 use common::*;
 use moat_test_util::{Clock, ControlPlane, Proxy, apply_policy, eventually, http_get};
 
-const POLICY: &str = r#"
-apiVersion: moat.dev/v1
-kind: AccessPolicy
-metadata: { name: b }
-spec:
-  target: b
-  rules:
-    - from: [a]
-"#;
-
 /// The intermediate's SHA-256 as `moat ca show` prints it.
 fn intermediate_sha(cp: &ControlPlane) -> String {
     let out = cp.moat_ok(&["ca", "show"]);
@@ -43,7 +33,7 @@ fn a_year_later_the_expired_intermediate_is_replaced_and_sidecars_recover_withou
     let rt = tokio::runtime::Runtime::new().unwrap();
     let clock = Clock::new().unwrap();
     let mut cp = ControlPlane::start_env(&[], clock.env()).unwrap();
-    apply_policy(&cp, POLICY);
+    apply_policy(&cp, &common::allow("b", &["a"]));
     let app = rt.block_on(moat_test_util::apps::http_echo());
     let b = Proxy::builder(&cp, "b").app(app).start().unwrap();
     let a = Proxy::builder(&cp, "a")

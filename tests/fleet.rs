@@ -280,7 +280,11 @@ async fn revoke_cuts_an_identity_off_everywhere_and_undo_restores_it() {
     let cp = ControlPlane::start().unwrap();
     apply_policy(
         &cp,
-        "apiVersion: moat.dev/v1\nkind: AccessPolicy\nmetadata: { name: orders }\nspec:\n  target: orders\n  rules: [{ from: [frontend, payments] }]\n---\napiVersion: moat.dev/v1\nkind: AccessPolicy\nmetadata: { name: ledger }\nspec:\n  target: ledger\n  rules: [{ from: [frontend] }]\n",
+        &[
+            common::allow("orders", &["frontend", "payments"]),
+            common::allow("ledger", &["frontend"]),
+        ]
+        .join("---\n"),
     );
     let _orders = Proxy::builder(&cp, "orders")
         .app(http_echo().await)

@@ -19,16 +19,6 @@ use common::*;
 use http_body_util::{BodyExt as _, Empty};
 use moat_test_util::{ControlPlane, Proxy, apply_policy};
 
-const POLICY: &str = r#"
-apiVersion: moat.dev/v1
-kind: AccessPolicy
-metadata: { name: b }
-spec:
-  target: b
-  rules:
-    - from: [a, c]
-"#;
-
 /// Where the attack comes in.
 #[derive(Clone, Copy, Debug)]
 enum Via {
@@ -137,7 +127,7 @@ async fn mesh() -> Mesh {
 /// [`mesh`], with `flags` for both sidecars instead of the short stall timeouts.
 async fn mesh_with(flags: &[&str]) -> Mesh {
     let cp = tokio::task::block_in_place(ControlPlane::start).unwrap();
-    tokio::task::block_in_place(|| apply_policy(&cp, POLICY));
+    tokio::task::block_in_place(|| apply_policy(&cp, &common::allow("b", &["a", "c"])));
     let (addr, seen) = moat_test_util::apps::bulk_http().await;
     let (b, sidecar_a) = tokio::task::block_in_place(|| {
         (

@@ -20,25 +20,6 @@ use moat_test_util::{ControlPlane, Proxy, apply_policy, bin, eventually};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, UnixTime};
 
-/// frontend → orders → payments, and frontend → payments.
-const THREE_SERVICES: &str = r#"
-apiVersion: moat.dev/v1
-kind: AccessPolicy
-metadata: { name: orders }
-spec:
-  target: orders
-  rules:
-    - from: [frontend]
----
-apiVersion: moat.dev/v1
-kind: AccessPolicy
-metadata: { name: payments }
-spec:
-  target: payments
-  rules:
-    - from: [frontend, orders]
-"#;
-
 /// What a proxy's `/config` says about its trust: the roots it trusts and its chain.
 struct ProxyTrust {
     bundle: Vec<String>,
@@ -102,7 +83,13 @@ fn assert_consistent(proxies: &[&Proxy], known_roots: &[(String, CertificateDer<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_rotation_under_load_with_fleet_rekeys_loses_no_request() {
     let cp = ControlPlane::start().unwrap();
-    apply_policy(&cp, THREE_SERVICES);
+    // frontend → orders → payments, and frontend → payments.
+    let three_services = [
+        common::allow("orders", &["frontend"]),
+        common::allow("payments", &["frontend", "orders"]),
+    ]
+    .join("---\n");
+    apply_policy(&cp, &three_services);
     let payments = Proxy::builder(&cp, "payments")
         .app(http_echo().await)
         .start()

@@ -91,6 +91,15 @@ pub fn cert_request(
         .unwrap()
 }
 
+/// The simplest allow-list: `target` admits each of `from` on every port and route. Several
+/// of them joined with `---` make one policy file.
+pub fn allow(target: &str, from: &[&str]) -> String {
+    format!(
+        "apiVersion: moat.dev/v1\nkind: AccessPolicy\nmetadata: {{ name: {target} }}\nspec:\n  target: {target}\n  rules:\n    - from: [{}]\n",
+        from.join(", ")
+    )
+}
+
 /// The demo-style allow-list: frontend may call orders (HTTP), payments (gRPC) and ledger (TCP).
 pub const MESH_POLICY: &str = r#"
 apiVersion: moat.dev/v1
