@@ -227,15 +227,7 @@ async fn audit_mode_allows_and_counts_what_enforce_then_denies() {
     let cp = ControlPlane::start().unwrap();
     let audit = "apiVersion: moat.dev/v1\nkind: AccessPolicy\nmetadata: { name: orders }\nspec:\n  target: orders\n  mode: audit\n  rules: [{ from: [payments] }]\n";
     apply_policy(&cp, audit);
-    let orders = Proxy::builder(&cp, "orders")
-        .app(http_echo().await)
-        .start()
-        .unwrap();
-    let frontend = Proxy::builder(&cp, "frontend")
-        .app(http_echo().await)
-        .upstreams(&["orders"])
-        .start()
-        .unwrap();
+    let (orders, frontend) = echo_pair(&cp, "orders", "frontend").await;
     wait_for_services(&frontend, &["orders"]);
     let url = format!("http://{}/orders/1", frontend.upstream("orders"));
     let (s, _, body) = until_status(&url, "GET", 200).await;

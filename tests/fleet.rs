@@ -16,15 +16,7 @@ use moat_test_util::{ControlPlane, Proxy, apply_policy, eventually};
 async fn status_lists_every_proxy_with_its_certificate_snapshot_and_bundle() {
     let cp = ControlPlane::start().unwrap();
     apply_policy(&cp, MESH_POLICY);
-    let orders = Proxy::builder(&cp, "orders")
-        .app(http_echo().await)
-        .start()
-        .unwrap();
-    let frontend = Proxy::builder(&cp, "frontend")
-        .app(http_echo().await)
-        .upstreams(&["orders"])
-        .start()
-        .unwrap();
+    let (orders, frontend) = echo_pair(&cp, "orders", "frontend").await;
     let status = eventually(Duration::from_secs(10), || {
         let v: serde_json::Value =
             serde_json::from_str(&cp.moat_ok(&["status", "-o", "json"])).ok()?;
@@ -74,15 +66,7 @@ async fn status_lists_every_proxy_with_its_certificate_snapshot_and_bundle() {
 async fn cert_rotate_rekeys_the_fleet_while_traffic_flows() {
     let cp = ControlPlane::start().unwrap();
     apply_policy(&cp, MESH_POLICY);
-    let orders = Proxy::builder(&cp, "orders")
-        .app(http_echo().await)
-        .start()
-        .unwrap();
-    let frontend = Proxy::builder(&cp, "frontend")
-        .app(http_echo().await)
-        .upstreams(&["orders"])
-        .start()
-        .unwrap();
+    let (orders, frontend) = echo_pair(&cp, "orders", "frontend").await;
     wait_for_services(&frontend, &["orders"]);
     let serial = |p: &Proxy| -> String {
         let v: serde_json::Value =

@@ -97,15 +97,7 @@ async fn tokens_are_verified_at_the_sidecar_and_each_failure_has_its_reason() {
         &cp,
         &format!("{}---{ORDERS_NEEDS_A_TOKEN}", mesh_config(&jwks_file)),
     );
-    let orders = Proxy::builder(&cp, "orders")
-        .app(http_echo().await)
-        .start()
-        .unwrap();
-    let frontend = Proxy::builder(&cp, "frontend")
-        .app(http_echo().await)
-        .upstreams(&["orders"])
-        .start()
-        .unwrap();
+    let (orders, frontend) = echo_pair(&cp, "orders", "frontend").await;
     wait_for_services(&frontend, &["orders"]);
     let url = format!("http://{}/orders/1", frontend.upstream("orders"));
 

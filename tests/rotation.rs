@@ -260,15 +260,7 @@ async fn interrupted_root_rotation_resumes_and_never_splits_trust() {
     // A warning horizon longer than the root's life: the control plane must warn at start.
     let mut cp = ControlPlane::start_with(&["--ca-expiry-warning", "4000d"]).unwrap();
     apply_policy(&cp, MESH_POLICY);
-    let orders = Proxy::builder(&cp, "orders")
-        .app(http_echo().await)
-        .start()
-        .unwrap();
-    let frontend = Proxy::builder(&cp, "frontend")
-        .app(http_echo().await)
-        .upstreams(&["orders"])
-        .start()
-        .unwrap();
+    let (orders, frontend) = echo_pair(&cp, "orders", "frontend").await;
     wait_for_services(&frontend, &["orders"]);
     let url = format!("http://{}/orders/1", frontend.upstream("orders"));
     let traffic = tokio::spawn({

@@ -91,6 +91,26 @@ pub fn cert_request(
         .unwrap()
 }
 
+/// Two sidecars, each in front of an HTTP echo app: `server`, and `client` with an outbound
+/// listener for `server`. Returns them in that order, both ready.
+pub async fn echo_pair(
+    cp: &ControlPlane,
+    server: &str,
+    client: &str,
+) -> (moat_test_util::Proxy, moat_test_util::Proxy) {
+    use moat_test_util::apps::http_echo;
+    let s = moat_test_util::Proxy::builder(cp, server)
+        .app(http_echo().await)
+        .start()
+        .unwrap();
+    let c = moat_test_util::Proxy::builder(cp, client)
+        .app(http_echo().await)
+        .upstreams(&[server])
+        .start()
+        .unwrap();
+    (s, c)
+}
+
 /// The simplest allow-list: `target` admits each of `from` on every port and route. Several
 /// of them joined with `---` make one policy file.
 pub fn allow(target: &str, from: &[&str]) -> String {
