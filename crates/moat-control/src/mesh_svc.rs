@@ -259,12 +259,11 @@ fn hits_from_proto(r: moat_api::v1::Report) -> Result<Vec<crate::registry::RuleH
     r.counters
         .into_iter()
         .map(|c| {
-            let decision = match c.decision.as_str() {
-                "allow" => "allow",
-                "deny" => "deny",
-                "would-deny" => "would-deny",
-                other => return Err(format!("unknown decision {other:?}")),
-            };
+            let decision = c
+                .decision
+                .parse::<moat_policy::eval::Effect>()
+                .map_err(|e| e.to_string())?
+                .as_str();
             let rule = match c.rule {
                 -1 => None,
                 r if r >= 0 => Some(r as u32),

@@ -167,6 +167,43 @@ pub struct RuleTrace {
     pub outcome: Reason,
 }
 
+/// What a decision amounts to, as metrics, access logs, the CLI and the proxies' reports to the
+/// control plane name it: the one spelling of these words.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Effect {
+    Allow,
+    /// Allowed in audit mode; enforcement would have denied it.
+    WouldDeny,
+    Deny,
+}
+
+impl Effect {
+    pub const ALL: [Effect; 3] = [Effect::Allow, Effect::WouldDeny, Effect::Deny];
+
+    /// `allow`, `would-deny` or `deny`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Effect::Allow => "allow",
+            Effect::WouldDeny => "would-deny",
+            Effect::Deny => "deny",
+        }
+    }
+}
+
+impl std::str::FromStr for Effect {
+    type Err = crate::model::InvalidValue;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Effect::ALL
+            .into_iter()
+            .find(|e| e.as_str() == s)
+            .ok_or_else(|| crate::model::InvalidValue {
+                problem: "unknown decision",
+                value: s.to_owned(),
+                hint: "use allow, would-deny or deny",
+            })
+    }
+}
+
 /// The verdict with its explanation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decision {
@@ -185,6 +222,15 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// What it amounts to: allowed, allowed but denied under enforcement (audit), or denied.
+    pub fn effect(&self) -> Effect {
+        match (self.allowed, self.would_deny) {
+            (true, Some(_)) => Effect::WouldDeny,
+            (true, None) => Effect::Allow,
+            (false, _) => Effect::Deny,
+        }
+    }
+
     /// A denial decided before any policy is looked at (a revoked caller, an invalid path).
     pub fn refused(reason: Reason) -> Decision {
         Decision {
@@ -401,6 +447,33 @@ fn decide_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each word of the wire's enumerations parses back to what wrote it, and an unknown word is
+    /// refused with its kind.
+    #[test]
+    fn wire_words_round_trip() {
+        use crate::model::{DefaultPosture, JwtAlgorithm, Mode, RateKey};
+        for e in Effect::ALL {
+            assert_eq!(e.as_str().parse::<Effect>(), Ok(e));
+        }
+        for m in Mode::ALL {
+            assert_eq!(m.as_str().parse::<Mode>(), Ok(m));
+        }
+        for k in RateKey::ALL {
+            assert_eq!(k.as_str().parse::<RateKey>(), Ok(k));
+        }
+        for p in DefaultPosture::ALL {
+            assert_eq!(p.as_str().parse::<DefaultPosture>(), Ok(p));
+        }
+        for a in JwtAlgorithm::ALL {
+            assert_eq!(a.as_str().parse::<JwtAlgorithm>(), Ok(a));
+        }
+        let err = "maybe".parse::<Effect>().unwrap_err();
+        assert_eq!(
+            (err.problem, err.value.as_str()),
+            ("unknown decision", "maybe")
+        );
+    }
     use crate::{Document, parse_documents};
     use moat_identity::TrustDomain;
 

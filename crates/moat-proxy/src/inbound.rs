@@ -285,11 +285,7 @@ fn authorize_in(
 }
 
 fn decision_label(d: &Decision) -> &'static str {
-    match (d.allowed, d.would_deny) {
-        (true, Some(_)) => "would-deny",
-        (true, None) => "allow",
-        (false, _) => "deny",
-    }
+    d.effect().as_str()
 }
 
 fn policy_label(d: &Decision) -> Option<String> {
@@ -453,7 +449,7 @@ struct Verdict {
 impl Verdict {
     fn refused(reason: Reason, policy: Option<String>, retry_after: Option<u64>) -> Self {
         Verdict {
-            decision: "deny",
+            decision: moat_policy::eval::Effect::Deny.as_str(),
             reason,
             policy,
             retry_after,

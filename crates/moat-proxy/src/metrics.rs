@@ -300,12 +300,7 @@ impl Metrics {
 
 /// The rule index (-1: none matched) and decision label a rule counter counts `d` under.
 fn rule_outcome(d: &Decision) -> (i32, &'static str) {
-    let decision = match (d.allowed, d.would_deny) {
-        (true, Some(_)) => "would-deny",
-        (true, None) => "allow",
-        (false, _) => "deny",
-    };
-    (d.rule.map(|r| r as i32).unwrap_or(-1), decision)
+    (d.rule.map(|r| r as i32).unwrap_or(-1), d.effect().as_str())
 }
 
 /// How many distinct outcomes a connection keeps resolved counters for (beyond, it starts over).

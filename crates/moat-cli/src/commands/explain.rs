@@ -212,7 +212,7 @@ pub struct ExplainArgs {
 fn describe(d: &Decision) -> serde_json::Value {
     serde_json::json!({
         "allowed": d.allowed,
-        "decision": match (d.allowed, d.would_deny) { (true, Some(_)) => "would-deny", (true, None) => "allow", (false, _) => "deny" },
+        "decision": d.effect().as_str(),
         "reason": d.reason.code(),
         "would_deny": d.would_deny.map(|r| r.code()),
         "policy": d.policy.as_ref().map(|(k, _)| k),
