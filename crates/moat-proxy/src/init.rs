@@ -6,8 +6,6 @@
 
 use std::process::Command;
 
-use anyhow::{Context as _, bail};
-
 /// Chains moat owns in the nat table.
 const INBOUND: &str = "MOAT_INBOUND";
 const OUTBOUND: &str = "MOAT_OUTPUT";
@@ -156,9 +154,30 @@ fn exists(bin: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// Why the interception rules could not be installed.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("--inbound-port and --outbound-port must differ")]
+    SamePorts,
+    #[error(
+        "no iptables found (iptables-nft, iptables-legacy or iptables): the init container image must include iptables"
+    )]
+    NoIptables,
+    #[error("cannot run {bin}: {source}")]
+    Run { bin: String, source: std::io::Error },
+    #[error(
+        "{bin} -t nat {rule} failed: {stderr} (the init container needs NET_ADMIN and NET_RAW)"
+    )]
+    Rule {
+        bin: String,
+        rule: String,
+        stderr: String,
+    },
+}
+
 /// The iptables variant the node uses: the one that already holds rules (kube-proxy's), else
 /// nft, else plain `iptables`.
-fn detect() -> anyhow::Result<String> {
+fn detect() -> Result<String, InitError> {
     let nft = exists("iptables-nft");
     let legacy = exists("iptables-legacy");
     match (nft, legacy) {
@@ -173,16 +192,14 @@ fn detect() -> anyhow::Result<String> {
         (true, false) => Ok("iptables-nft".into()),
         (false, true) => Ok("iptables-legacy".into()),
         (false, false) if exists("iptables") => Ok("iptables".into()),
-        (false, false) => bail!(
-            "no iptables found (iptables-nft, iptables-legacy or iptables): the init container image must include iptables"
-        ),
+        (false, false) => Err(InitError::NoIptables),
     }
 }
 
 /// Installs the rules.
-pub fn run(a: &InitArgs) -> anyhow::Result<()> {
+pub fn run(a: &InitArgs) -> Result<(), InitError> {
     if a.inbound_port == a.outbound_port {
-        bail!("--inbound-port and --outbound-port must differ");
+        return Err(InitError::SamePorts);
     }
     let steps = plan(a);
     if a.dry_run {
@@ -201,13 +218,16 @@ pub fn run(a: &InitArgs) -> anyhow::Result<()> {
             .args(["-w", "5", "-t", "nat"])
             .args(&s.args)
             .output()
-            .with_context(|| format!("cannot run {bin}"))?;
+            .map_err(|source| InitError::Run {
+                bin: bin.clone(),
+                source,
+            })?;
         if !out.status.success() && !s.may_fail {
-            bail!(
-                "{bin} -t nat {} failed: {} (the init container needs NET_ADMIN and NET_RAW)",
-                s.args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+            return Err(InitError::Rule {
+                bin,
+                rule: s.args.join(" "),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
         }
     }
     tracing::info!(iptables = %bin, inbound = a.inbound_port, outbound = a.outbound_port, proxy_uid = a.proxy_uid, "interception rules installed");
