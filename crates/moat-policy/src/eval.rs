@@ -193,14 +193,13 @@ impl Effect {
 impl std::str::FromStr for Effect {
     type Err = crate::model::InvalidValue;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Effect::ALL
-            .into_iter()
-            .find(|e| e.as_str() == s)
-            .ok_or_else(|| crate::model::InvalidValue {
-                problem: "unknown decision",
-                value: s.to_owned(),
-                hint: "use allow, would-deny or deny",
-            })
+        crate::model::word(
+            &Effect::ALL,
+            Effect::as_str,
+            s,
+            "unknown decision",
+            "use allow, would-deny or deny",
+        )
     }
 }
 

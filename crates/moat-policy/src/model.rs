@@ -106,7 +106,7 @@ impl FromStr for Mode {
 }
 
 /// The one of `all` that `as_str` spells `s`.
-fn word<T: Copy>(
+pub(crate) fn word<T: Copy>(
     all: &[T],
     as_str: fn(T) -> &'static str,
     s: &str,
