@@ -291,10 +291,13 @@ async fn zero_window(via: Via) {
     drop(held);
 }
 
-/// HEADERS for 100 streams, RST_STREAM `delay` later, over and over on one connection.
+/// HEADERS for 100 streams, RST_STREAM `delay` later, over and over on one connection. With
+/// `upload`, each stream starts a request body it never finishes: the sidecar sees the body
+/// fail, not only the response given up.
 fn rapid_reset(
     send: h2::client::SendRequest<Bytes>,
     delay: Duration,
+    upload: bool,
 ) -> tokio::task::JoinHandle<usize> {
     tokio::spawn(async move {
         let mut sent = 0usize;
@@ -304,14 +307,19 @@ fn rapid_reset(
                 let Ok(mut s) = send.clone().ready().await else {
                     break 'attack;
                 };
-                match s.send_request(get("/slow"), true) {
-                    Ok((resp, _)) => batch.push(resp),
+                match s.send_request(get("/slow"), !upload) {
+                    Ok((resp, mut body)) => {
+                        if upload {
+                            let _ = body.send_data(Bytes::from_static(b"part of a body"), false);
+                        }
+                        batch.push((resp, body));
+                    }
                     Err(_) => break 'attack,
                 }
                 sent += 1;
             }
             tokio::time::sleep(delay).await;
-            // Dropping the responses resets the streams (RST_STREAM CANCEL).
+            // Dropping the responses and bodies resets the streams (RST_STREAM CANCEL).
             drop(batch);
         }
         sent
@@ -321,7 +329,7 @@ fn rapid_reset(
 async fn rapid_reset_before_acceptance(via: Via) {
     let m = mesh().await;
     let (send, driver) = attacker(&m, via, 65_535).await;
-    let attack = rapid_reset(send, Duration::from_millis(1));
+    let attack = rapid_reset(send, Duration::from_millis(1), false);
     let failed = well_behaved_round(&m, via).await;
     assert!(
         failed.is_empty(),
@@ -340,11 +348,11 @@ async fn rapid_reset_before_acceptance(via: Via) {
     assert!(closed_within(driver, Duration::from_secs(10)).await);
 }
 
-async fn delayed_rapid_reset(via: Via) {
+async fn delayed_rapid_reset(via: Via, upload: bool) {
     let m = mesh().await;
     let (send, driver) = attacker(&m, via, 65_535).await;
     // Reset only once the sidecar has accepted the streams and asked the app.
-    let attack = rapid_reset(send, Duration::from_millis(50));
+    let attack = rapid_reset(send, Duration::from_millis(50), upload);
     let failed = well_behaved_round(&m, via).await;
     assert!(
         failed.is_empty(),
@@ -535,12 +543,24 @@ async fn outbound_a_rapid_reset_before_acceptance_is_closed_by_the_http2_layer()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbound_a_delayed_rapid_reset_is_closed_and_never_reaches_the_well_behaved_caller() {
-    delayed_rapid_reset(Via::Inbound).await;
+    delayed_rapid_reset(Via::Inbound, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbound_a_delayed_rapid_reset_is_closed_and_never_reaches_the_well_behaved_caller() {
-    delayed_rapid_reset(Via::Outbound).await;
+    delayed_rapid_reset(Via::Outbound, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_a_delayed_rapid_reset_of_unfinished_uploads_never_reaches_the_well_behaved_caller()
+{
+    delayed_rapid_reset(Via::Inbound, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_a_delayed_rapid_reset_of_unfinished_uploads_never_reaches_the_well_behaved_caller()
+ {
+    delayed_rapid_reset(Via::Outbound, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

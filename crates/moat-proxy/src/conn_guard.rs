@@ -36,7 +36,7 @@ pub struct ConnLimits {
 impl ConnLimits {
     /// The limits for the outbound's local clients: stalls cut off at half the time the far
     /// side allows, so a local client's stall ends (its streams reset, within
-    /// `pool::RESET_BUDGET`) before the far side would close the shared connection it travels on.
+    /// `multiplex::RESET_BUDGET`) before the far side would close the shared connection it travels on.
     pub fn for_local_clients(self) -> Self {
         ConnLimits {
             request_idle: self.request_idle / 2,
@@ -405,8 +405,8 @@ where
         .timer(TokioTimer::new())
         .max_header_list_size(64 * 1024)
         .max_concurrent_streams(STREAMS_PER_CONNECTION)
-        .initial_stream_window_size(crate::pool::STREAM_WINDOW)
-        .initial_connection_window_size(crate::pool::CONNECTION_WINDOW)
+        .initial_stream_window_size(crate::multiplex::STREAM_WINDOW)
+        .initial_connection_window_size(crate::multiplex::CONNECTION_WINDOW)
         .max_pending_accept_reset_streams(PENDING_ACCEPT_RESETS)
         .keep_alive_interval(PING_INTERVAL)
         .keep_alive_timeout(PING_TIMEOUT);

@@ -166,7 +166,10 @@ async fn serve_requests(
     let admitted = authorize(&ctx, &peer, port, Traffic::Connection).allowed;
     // The app's HTTP clients, this connection's own (decision 30).
     let conn = Arc::new(HttpConn {
-        clients: crate::app::Clients::new(app),
+        clients: crate::app::Clients::new(
+            app,
+            ctx.cfg.limits.request_idle / crate::multiplex::LINGER_SHARE_OF_REQUEST_IDLE,
+        ),
         counters: ctx.metrics.for_connection(
             "inbound",
             peer.name.clone(),
@@ -494,7 +497,7 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
     let resp = match (verdict.admitted.take(), path_and_query) {
         (Some(admitted), Some(path_and_query)) => {
             rewrite_for_app(&mut parts.headers, conn, admitted.user);
-            to_app(parts, body, &path_and_query, h1, conn, grpc, admitted.slot).await
+            to_app(parts, body, &path_and_query, h1, conn, ctx, admitted.slot).await
         }
         _ => deny(
             verdict.reason,
@@ -604,9 +607,10 @@ async fn to_app(
     path_and_query: &str,
     h1: bool,
     conn: &HttpConn,
-    grpc: bool,
+    ctx: &Ctx,
     held: crate::callers::Slot,
 ) -> Response<Body> {
+    let grpc = is_grpc(&parts.headers);
     let authority = request_authority(&parts, &conn.app_authority);
     let uri = match Uri::builder()
         .scheme("http")
@@ -650,26 +654,39 @@ async fn to_app(
                 HeaderValue::from_static("chunked"),
             );
         }
-        conn.clients
+        match conn
+            .clients
             .http1
             .request(Request::from_parts(parts, body))
             .await
+        {
+            Ok(resp) => Ok(resp.map(|b| crate::http::holding(b, held))),
+            Err(e) => Err(moat_tls::connect::error_chain(&e)),
+        }
     } else {
         parts.version = Version::HTTP_2;
         parts.headers.remove(http::header::HOST);
-        conn.clients
+        match conn
+            .clients
             .http2
-            .request(Request::from_parts(parts, body))
+            .send(
+                Request::from_parts(parts, body),
+                &ctx.metrics,
+                Box::new(held),
+            )
             .await
+        {
+            Ok(resp) => Ok(resp.map(boxed)),
+            Err(e) => Err(moat_tls::connect::error_chain(&e)),
+        }
     };
     match result {
         Ok(resp) => {
             let (mut rparts, rbody) = resp.into_parts();
             strip_hop_by_hop(&mut rparts.headers);
-            Response::from_parts(rparts, crate::http::holding(rbody, held))
+            Response::from_parts(rparts, rbody)
         }
-        Err(e) => {
-            let error = moat_tls::connect::error_chain(&e);
+        Err(error) => {
             tracing::warn!(app = %conn.app, error, "the app did not answer");
             unavailable(
                 http::StatusCode::BAD_GATEWAY,

@@ -25,6 +25,7 @@ pub mod init;
 pub mod logging;
 pub mod mesh_client;
 pub mod metrics;
+pub mod multiplex;
 pub mod net;
 pub mod outbound;
 pub mod pool;

@@ -6,14 +6,11 @@
 //! other clients' requests travel on (decision 30).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::Request;
-use hyper::body::{Body as _, Incoming};
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use moat_identity::SpiffeId;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -22,6 +19,7 @@ use tokio_rustls::client::TlsStream;
 
 use crate::ctx::Ctx;
 use crate::http::Body;
+use crate::multiplex::{self, Lease, Leased};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -88,18 +86,14 @@ pub struct Pool {
 }
 
 /// The HTTP/2 connections to other sidecars, shared by every local client (decision 30), per
-/// endpoint and app port. A local client can never make the far side close one of them, because
-/// the proxy bounds what the clients' streams do to each: at most [`STREAMS_PER_SHARED`] streams
-/// (below the far side's pending-reset bound), a connection window that covers every stream's
-/// window (a client that stops reading stalls only its own stream), at most [`RESET_BUDGET`]
-/// streams reset by the proxy (a client that cancels) before the connection takes no new
-/// streams and closes once its last one ends, and local clients' stalls cut off at half the
-/// far side's timeouts (`ConnLimits::for_local_clients`).
+/// endpoint and app port, each bounded by [`multiplex`] so that no local client can make the far
+/// side close one; and local clients' stalls are cut off at half the far side's timeouts
+/// (`ConnLimits::for_local_clients`).
 #[derive(Debug, Default)]
 pub struct Upstreams(Mutex<HashMap<String, Slot>>);
 
 /// The shared connections to one endpoint and app port; locked while one is chosen or dialled.
-type Slot = Arc<tokio::sync::Mutex<Vec<Arc<Shared>>>>;
+type Slot = Arc<tokio::sync::Mutex<Vec<Shared>>>;
 
 impl Upstreams {
     fn slot(&self, key: &str) -> Slot {
@@ -108,33 +102,14 @@ impl Upstreams {
     }
 }
 
-/// Streams the proxy opens at once on one shared connection: below the far side's bound on
-/// streams reset before it accepted them (`conn_guard::PENDING_ACCEPT_RESETS`), so no burst of
-/// local cancellations can trip it.
-pub const STREAMS_PER_SHARED: usize = 16;
-/// Streams the proxy may reset on one shared connection (local clients that gave up) before
-/// it takes no new ones: far below the far side's cancel bound
-/// (`conn_guard::CANCELS_PER_WINDOW`) and h2's lifetime bound on locally reset streams (1024).
-pub const RESET_BUDGET: usize = 64;
-/// Flow-control windows of a shared connection: every stream's window fits in the
-/// connection's, so data one stream leaves unread never holds up another.
-pub const STREAM_WINDOW: u32 = 512 * 1024;
-pub const CONNECTION_WINDOW: u32 = STREAM_WINDOW * STREAMS_PER_SHARED as u32;
-
 /// One shared HTTP/2 connection to another sidecar.
 #[derive(Debug)]
-pub struct Shared {
-    sender: SendRequest<Body>,
+struct Shared {
+    conn: Arc<multiplex::Conn>,
     /// The certificate generation it was made with.
     generation: Arc<crate::identity::TlsGen>,
     /// Who the far side proved to be.
     peer: moat_identity::VerifiedPeer,
-    /// Streams in flight.
-    streams: AtomicUsize,
-    /// Streams the proxy reset (a local client gave up on them).
-    resets: AtomicUsize,
-    /// Takes no new streams.
-    retired: AtomicBool,
 }
 
 impl Shared {
@@ -146,78 +121,10 @@ impl Shared {
         snap: Option<&crate::snapshot::Snapshot>,
         now: i64,
     ) -> bool {
-        !self.retired.load(Ordering::Relaxed)
-            && !self.sender.is_closed()
+        self.conn.usable()
             && tls.is_some_and(|t| Arc::ptr_eq(t, &self.generation))
             && self.peer.not_after > now
             && !snap.is_some_and(|s| s.is_revoked(&self.peer.id, &self.peer.serial))
-    }
-}
-
-/// One stream's hold on a shared connection, from sending the request until the response body
-/// ends. Dropped before that, the proxy reset the stream: counted against [`RESET_BUDGET`].
-#[derive(Debug)]
-pub struct Lease {
-    conn: Arc<Shared>,
-    metrics: Arc<crate::metrics::Metrics>,
-    clean: bool,
-}
-
-impl Lease {
-    fn new(conn: Arc<Shared>, ctx: &Ctx) -> Self {
-        conn.streams.fetch_add(1, Ordering::Relaxed);
-        Lease {
-            conn,
-            metrics: ctx.metrics.clone(),
-            clean: false,
-        }
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        self.conn.streams.fetch_sub(1, Ordering::Relaxed);
-        if !self.clean && self.conn.resets.fetch_add(1, Ordering::Relaxed) + 1 == RESET_BUDGET {
-            self.conn.retired.store(true, Ordering::Relaxed);
-            self.metrics.connection_closed("upstream", "reset-budget");
-            tracing::debug!(
-                "a shared mesh connection reached its reset budget; new requests go to a fresh one"
-            );
-        }
-    }
-}
-
-/// A response body from a shared connection; ending (or failing) releases its stream cleanly.
-#[derive(Debug)]
-pub struct Leased {
-    inner: Incoming,
-    lease: Lease,
-}
-
-impl hyper::body::Body for Leased {
-    type Data = bytes::Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        // hyper stops polling once `is_end_stream` says so: the last frame ends it too.
-        if matches!(polled, std::task::Poll::Ready(None | Some(Err(_))))
-            || self.inner.is_end_stream()
-        {
-            self.lease.clean = true;
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
     }
 }
 
@@ -366,18 +273,16 @@ impl Pool {
         let snap = ctx.snapshot.borrow().clone();
         let now = moat_identity::clock::unix_now();
         conns.retain(|c| c.usable(tls.as_ref(), snap.as_deref(), now));
-        if let Some(c) = conns
-            .iter()
-            .find(|c| c.streams.load(Ordering::Relaxed) < STREAMS_PER_SHARED)
-        {
-            return Ok(Lease::new(c.clone(), ctx));
+        if let Some(c) = conns.iter().find(|c| c.conn.has_room()) {
+            return Ok(Lease::new(&c.conn, &ctx.metrics));
         }
         let generation = tls.ok_or("no certificate")?;
         // Dialling is the rare path and its future (TCP, TLS and HTTP/2 handshakes) is large:
         // boxed, it stays out of every request's future, which hyper copies when it spawns it.
         let shared = Box::pin(self.connect(ctx, ep, target, generation)).await?;
-        conns.push(shared.clone());
-        Ok(Lease::new(shared, ctx))
+        let lease = Lease::new(&shared.conn, &ctx.metrics);
+        conns.push(shared);
+        Ok(lease)
     }
 
     /// A new shared connection to `ep`, made with the certificate generation `generation`.
@@ -387,33 +292,28 @@ impl Pool {
         ep: &str,
         target: &Target,
         generation: Arc<crate::identity::TlsGen>,
-    ) -> Result<Arc<Shared>, String> {
+    ) -> Result<Shared, String> {
         let tls_stream = self.dial_one(ctx, ep, target, moat_tls::ALPN_H2).await?;
         let peer = moat_tls::peer_identity(tls_stream.get_ref().1.peer_certificates())
             .ok_or("the endpoint presented no identity")?;
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
+        let mut builder = multiplex::builder();
+        builder
             .keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_while_idle(true)
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .handshake::<_, Body>(TokioIo::new(tls_stream))
-            .await
-            .map_err(|e| format!("http/2 handshake: {e}"))?;
-        let endpoint = ep.to_owned();
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(endpoint, error = %e, "mesh connection closed");
-            }
-        });
-        Ok(Arc::new(Shared {
-            sender,
+            .keep_alive_while_idle(true);
+        let conn = multiplex::Conn::handshake(
+            &builder,
+            tls_stream,
+            "upstream",
+            ctx.cfg.limits.request_idle / multiplex::LINGER_SHARE_OF_REQUEST_IDLE,
+            ep.to_owned(),
+        )
+        .await
+        .map_err(|e| format!("http/2 handshake: {e}"))?;
+        Ok(Shared {
+            conn,
             generation,
             peer,
-            streams: AtomicUsize::new(0),
-            resets: AtomicUsize::new(0),
-            retired: AtomicBool::new(false),
-        }))
+        })
     }
 
     /// Sends an HTTP/2 request to an endpoint of `target` over a shared connection (see
@@ -427,10 +327,11 @@ impl Pool {
     ) -> Result<(String, http::Response<Leased>), DialError> {
         let service = &target.service;
         let mut last = String::new();
+        let mut req = req;
         'endpoints: for ep in self.order(ctx, target)? {
             let key = format!("{ep}|{}", target.server_name());
             for _attempt in 0..2 {
-                let mut lease = match self.checkout(ctx, &ep, &key, target).await {
+                let lease = match self.checkout(ctx, &ep, &key, target).await {
                     Ok(l) => l,
                     Err(e) => {
                         self.mark_failed(&ep);
@@ -438,28 +339,22 @@ impl Pool {
                         continue 'endpoints;
                     }
                 };
-                let mut sender = lease.conn.sender.clone();
-                if sender.ready().await.is_err() {
-                    // Closed under us (the far side went away or said GOAWAY): not our reset.
-                    lease.conn.retired.store(true, Ordering::Relaxed);
-                    lease.clean = true;
-                    last = format!("{ep}: connection closed");
-                    continue;
-                }
+                let sent = match lease.send(req).await {
+                    Ok(sent) => sent,
+                    Err(unsent) => {
+                        // Closed under us (the far side went away or said GOAWAY).
+                        last = format!("{ep}: connection closed");
+                        req = unsent;
+                        continue;
+                    }
+                };
                 self.mark_ok(&ep);
-                return match sender.send_request(req).await {
-                    Ok(resp) => {
-                        // A response without a body is never polled.
-                        lease.clean = resp.body().is_end_stream();
-                        Ok((ep, resp.map(|inner| Leased { inner, lease })))
-                    }
-                    Err(e) => {
-                        lease.clean = true;
-                        Err(DialError::AllFailed {
-                            service: service.clone(),
-                            last: format!("{ep}: {e}"),
-                        })
-                    }
+                return match sent.await {
+                    Ok(resp) => Ok((ep, resp)),
+                    Err(e) => Err(DialError::AllFailed {
+                        service: service.clone(),
+                        last: format!("{ep}: {e}"),
+                    }),
                 };
             }
         }

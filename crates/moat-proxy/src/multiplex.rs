@@ -1,0 +1,616 @@
+//! Shared HTTP/2 client connections whose streams the proxy bounds, so that nothing one user of
+//! a connection does to its own streams gives the far side cause to close it under the others'
+//! (decision 30). The outbound shares them between local clients toward each peer endpoint
+//! (`pool`); the inbound between the requests of one caller connection toward the app (`app`).
+//!
+//! What a far side closes a connection for, and the bound that keeps the proxy short of it:
+//! - **Streams reset before it accepted them** (hyper and every h2-based server count them and
+//!   close the connection past 20, the rapid-reset defence). A stream whose response head has
+//!   come was accepted; so was every stream opened before it, because a server accepts streams in
+//!   the order they were opened. The proxy therefore knows which of its resets may still be
+//!   waiting at the far side — those of streams opened after the last answered one — and keeps
+//!   at most [`UNANSWERED_RESETS`] of them. A cancellation over that bound does not reset the
+//!   stream: it lingers until it is known accepted (its own response head or a later stream's
+//!   came) and is reset then, or, if the far side answers nothing at all, when the far side's
+//!   request-idle timeout draws near. A request body that fails is ended through the same gate,
+//!   never by a reset of its own.
+//! - **Streams cancelled after acceptance** (the far side's cancel rate, `conn_guard`): after
+//!   [`RESET_BUDGET`] resets a connection takes no new streams and closes once its last ends.
+//! - **Flow control**: the connection window covers every stream's window, so data one stream
+//!   leaves unread never holds up another.
+//! - **Stream slots**: at most [`STREAMS_PER_SHARED`] streams, not more than any server that
+//!   follows RFC 9113's advice (at least 100 concurrent streams) allows, so a stream never waits
+//!   for a slot that another user's stalled streams hold; a full connection means a new one.
+
+use std::any::Any;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::client::conn::http2::{Builder, SendRequest};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use crate::http::{Body, BoxError, boxed};
+use crate::metrics::Metrics;
+
+/// Streams the proxy opens at once on one shared connection.
+pub const STREAMS_PER_SHARED: usize = 100;
+/// Streams reset on one connection that the far side may not have accepted yet, at most: below
+/// the bound of 20 hyper (and so every hyper- or tonic-based far side) closes a connection at.
+pub const UNANSWERED_RESETS: usize = 16;
+/// Streams the proxy may reset on one connection before it takes no new ones: far below the far
+/// side's cancel bound (`conn_guard::CANCELS_PER_WINDOW`) and h2's lifetime bound on locally
+/// reset streams (1024).
+pub const RESET_BUDGET: usize = 64;
+/// How long a cancelled stream waits at most to be known accepted, as a share of the far side's
+/// request-idle timeout (`ConnLimits::request_idle`): local clients are cut off at half of it,
+/// so a quarter more still ends the stream before the far side would close the connection.
+pub const LINGER_SHARE_OF_REQUEST_IDLE: u32 = 4;
+/// Flow-control windows: every stream's window fits in the connection's, for as many streams
+/// as the proxy's own server allows a connection (`conn_guard::STREAMS_PER_CONNECTION`).
+pub const STREAM_WINDOW: u32 = 512 * 1024;
+pub const CONNECTION_WINDOW: u32 = STREAM_WINDOW * crate::conn_guard::STREAMS_PER_CONNECTION;
+
+/// Something a stream keeps until it ends (a place in a caller's count of requests in flight):
+/// a lingering stream still holds it.
+pub type Keep = Box<dyn Any + Send + Sync>;
+
+/// Why a request sent on a shared connection got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+    #[error("the request body failed before the response came")]
+    RequestBody,
+}
+
+/// The HTTP/2 client settings every shared connection uses.
+pub fn builder() -> Builder<TokioExecutor> {
+    let mut b = Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
+    b
+}
+
+/// One shared HTTP/2 client connection.
+#[derive(Debug)]
+pub struct Conn {
+    sender: SendRequest<Body>,
+    /// Where it goes, for metrics (`upstream` or `app`).
+    side: &'static str,
+    /// Streams in flight (including lingering ones).
+    streams: AtomicUsize,
+    /// Streams the proxy reset.
+    resets: AtomicUsize,
+    /// Takes no new streams.
+    retired: AtomicBool,
+    /// The order of the next stream opened; taken in the order requests enter the connection.
+    next: Mutex<u64>,
+    /// The latest stream (in opening order) whose response head came.
+    answered: AtomicU64,
+    /// Resets of streams opened after the latest answered one: the far side may not have
+    /// accepted them yet.
+    unanswered_resets: Mutex<Vec<u64>>,
+    /// Cancelled streams waiting to be known accepted, and their wake-up on each new answer.
+    lingering: AtomicUsize,
+    answers: tokio::sync::Notify,
+    /// How long one of them waits at most.
+    linger: Duration,
+}
+
+impl Conn {
+    /// Makes an HTTP/2 connection over `io` with `builder` and runs it in its own task.
+    pub async fn handshake<I>(
+        builder: &Builder<TokioExecutor>,
+        io: I,
+        side: &'static str,
+        linger: Duration,
+        label: String,
+    ) -> Result<Arc<Conn>, hyper::Error>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, conn) = builder.handshake::<_, Body>(TokioIo::new(io)).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(to = label, error = %e, "shared connection closed");
+            }
+        });
+        Ok(Arc::new(Conn {
+            sender,
+            side,
+            streams: AtomicUsize::new(0),
+            resets: AtomicUsize::new(0),
+            retired: AtomicBool::new(false),
+            next: Mutex::new(0),
+            answered: AtomicU64::new(0),
+            unanswered_resets: Mutex::default(),
+            lingering: AtomicUsize::new(0),
+            answers: tokio::sync::Notify::new(),
+            linger,
+        }))
+    }
+
+    /// Whether new streams may use it.
+    pub fn usable(&self) -> bool {
+        !self.retired.load(Ordering::Relaxed) && !self.sender.is_closed()
+    }
+
+    /// Whether it has a free stream slot.
+    pub fn has_room(&self) -> bool {
+        self.streams.load(Ordering::Relaxed) < STREAMS_PER_SHARED
+    }
+
+    /// Whether no stream is in flight.
+    pub fn is_idle(&self) -> bool {
+        self.streams.load(Ordering::Relaxed) == 0
+    }
+
+    /// Takes no new streams from now on; open ones finish.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+    }
+
+    /// A stream with the opening order `seq` was answered: it, and every stream opened before it,
+    /// was accepted by the far side.
+    fn answered(&self, seq: u64) {
+        let before = self.answered.fetch_max(seq, Ordering::Relaxed);
+        if seq > before && self.lingering.load(Ordering::Relaxed) > 0 {
+            self.answers.notify_waiters();
+        }
+    }
+
+    /// Whether the stream `seq` was accepted by the far side: a stream opened after it was
+    /// answered.
+    fn accepted(&self, seq: u64) -> bool {
+        seq < self.answered.load(Ordering::Relaxed)
+    }
+
+    /// Whether the stream `seq`, not answered itself, may be reset now: it was accepted, or
+    /// fewer than [`UNANSWERED_RESETS`] resets may still wait at the far side (then it counts as
+    /// one of them until a stream opened after it is answered).
+    fn may_reset(&self, seq: u64) -> bool {
+        if self.accepted(seq) {
+            return true;
+        }
+        let answered = self.answered.load(Ordering::Relaxed);
+        let mut pending = self
+            .unanswered_resets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        pending.retain(|s| *s >= answered);
+        if pending.len() < UNANSWERED_RESETS {
+            pending.push(seq);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Gives up on a stream whose response head has not come: reset now if [`Conn::may_reset`]
+    /// allows, else lingering until it is known accepted.
+    fn cancel(self: &Arc<Self>, stream: InFlight) {
+        // hyper resets a stream whose response future is dropped.
+        if self.may_reset(stream.seq) {
+            drop(stream);
+        } else if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let conn = self.clone();
+            rt.spawn(async move { conn.linger(stream).await });
+        } else {
+            drop(stream); // no runtime: the process is exiting
+        }
+    }
+
+    /// Keeps a cancelled stream open until the far side is known to have accepted it — its own
+    /// response head came, or that of a stream opened after it — and then resets it. A far side
+    /// that answers nothing for [`Conn::linger`] gets the reset regardless, before its own
+    /// request-idle timeout would close the connection over the stream's unfinished body, and
+    /// the connection takes no new streams.
+    async fn linger(self: Arc<Self>, mut stream: InFlight) {
+        self.lingering.fetch_add(1, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + self.linger;
+        loop {
+            let answer = self.answers.notified();
+            tokio::pin!(answer);
+            answer.as_mut().enable();
+            if self.accepted(stream.seq) {
+                break;
+            }
+            tokio::select! {
+                r = &mut stream.response => {
+                    match r {
+                        // Dropped now, it is reset as a stream the far side accepted.
+                        Ok(_answered) => self.answered(stream.seq),
+                        // The far side ended it: nothing of ours to reset.
+                        Err(_) => stream.lease.clean = true,
+                    }
+                    break;
+                }
+                () = &mut answer => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    self.retire();
+                    tracing::debug!(
+                        side = self.side,
+                        "a cancelled stream got no answer in time; its connection takes no new streams"
+                    );
+                    break;
+                }
+            }
+        }
+        self.lingering.fetch_sub(1, Ordering::Relaxed);
+        stream.state.abort();
+    }
+}
+
+/// One stream's hold on a shared connection, from choosing the connection until the response
+/// body ends. Dropped before that, the proxy reset the stream: counted against [`RESET_BUDGET`].
+#[derive(Debug)]
+pub struct Lease {
+    conn: Arc<Conn>,
+    metrics: Arc<Metrics>,
+    clean: bool,
+    keep: Option<Keep>,
+}
+
+impl Lease {
+    /// A stream slot on `conn` (see [`Conn::has_room`]).
+    pub fn new(conn: &Arc<Conn>, metrics: &Arc<Metrics>) -> Self {
+        conn.streams.fetch_add(1, Ordering::Relaxed);
+        Lease {
+            conn: conn.clone(),
+            metrics: metrics.clone(),
+            clean: false,
+            keep: None,
+        }
+    }
+
+    /// The connection it holds a slot on.
+    pub fn conn(&self) -> &Arc<Conn> {
+        &self.conn
+    }
+
+    /// Keeps `keep` until the stream ends, lingering included.
+    pub fn keeping(mut self, keep: Keep) -> Self {
+        self.keep = Some(keep);
+        self
+    }
+
+    /// Sends `req` on the connection. `Err` gives the request back unsent: the connection had
+    /// closed (the far side went away or said GOAWAY), and it is retired.
+    pub async fn send(mut self, req: Request<Body>) -> Result<Sent, Request<Body>> {
+        let conn = self.conn.clone();
+        let mut sender = conn.sender.clone();
+        if sender.ready().await.is_err() {
+            conn.retire();
+            self.clean = true;
+            return Err(req);
+        }
+        let state = Arc::new(StreamState::default());
+        let req = req.map(|inner| {
+            boxed(GatedBody {
+                inner,
+                state: state.clone(),
+                failed: None,
+            })
+        });
+        let (seq, response) = {
+            // The order taken is the order the connection opens streams in: hyper opens them as
+            // they leave its queue, and they enter it here, under the lock.
+            let mut next = conn.next.lock().unwrap_or_else(|e| e.into_inner());
+            let seq = *next;
+            *next += 1;
+            (seq, sender.send_request(req))
+        };
+        Ok(Sent {
+            stream: Some(InFlight {
+                seq,
+                response: Box::pin(response),
+                lease: self,
+                state,
+            }),
+        })
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.conn.streams.fetch_sub(1, Ordering::Relaxed);
+        if !self.clean && self.conn.resets.fetch_add(1, Ordering::Relaxed) + 1 == RESET_BUDGET {
+            self.conn.retire();
+            self.metrics
+                .connection_closed(self.conn.side, "reset-budget");
+            tracing::debug!(
+                side = self.conn.side,
+                "a shared connection reached its reset budget; new requests go to a fresh one"
+            );
+        }
+    }
+}
+
+type ResponseFuture = Pin<Box<dyn Future<Output = hyper::Result<Response<Incoming>>> + Send>>;
+
+/// A stream whose response head has not come yet.
+struct InFlight {
+    seq: u64,
+    response: ResponseFuture,
+    lease: Lease,
+    state: Arc<StreamState>,
+}
+
+/// The response to a request sent on a shared connection. Dropped before it resolves, the
+/// stream is cancelled through the connection's reset gate ([`Conn::cancel`]).
+pub struct Sent {
+    stream: Option<InFlight>,
+}
+
+impl std::fmt::Debug for Sent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sent")
+            .field("seq", &self.stream.as_ref().map(|s| s.seq))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Future for Sent {
+    type Output = Result<Response<Leased>, StreamError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Poll::Ready(Err(StreamError::RequestBody));
+        };
+        if stream.state.request_failed(cx.waker()) {
+            if let Some(stream) = self.stream.take() {
+                stream.lease.conn.clone().cancel(stream);
+            }
+            return Poll::Ready(Err(StreamError::RequestBody));
+        }
+        let Poll::Ready(result) = stream.response.as_mut().poll(cx) else {
+            return Poll::Pending;
+        };
+        let Some(InFlight {
+            seq,
+            mut lease,
+            state,
+            ..
+        }) = self.stream.take()
+        else {
+            return Poll::Ready(Err(StreamError::RequestBody));
+        };
+        state.answer();
+        Poll::Ready(match result {
+            Ok(resp) => {
+                lease.conn.answered(seq);
+                // A response without a body is never polled.
+                lease.clean = resp.body().is_end_stream();
+                Ok(resp.map(|inner| Leased { inner, lease }))
+            }
+            Err(e) => {
+                // The far side (or the connection) ended it: not our reset.
+                lease.clean = true;
+                Err(e.into())
+            }
+        })
+    }
+}
+
+impl Drop for Sent {
+    fn drop(&mut self) {
+        if let Some(stream) = self.stream.take() {
+            stream.lease.conn.clone().cancel(stream);
+        }
+    }
+}
+
+/// What a request body and its response future know of each other.
+#[derive(Debug, Default)]
+struct StreamState(Mutex<Shared>);
+
+#[derive(Debug, Default)]
+struct Shared {
+    /// The response head came (or the stream ended): the far side has the stream, so a reset
+    /// is safe.
+    answered: bool,
+    /// The stream was given up: the body ends it now.
+    aborted: bool,
+    /// The request body failed before the response head came.
+    failed: bool,
+    response_waker: Option<Waker>,
+    body_waker: Option<Waker>,
+}
+
+impl StreamState {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the request body failed; if not, `waker` is woken when it does.
+    fn request_failed(&self, waker: &Waker) -> bool {
+        let mut s = self.lock();
+        if !s.failed {
+            s.response_waker = Some(waker.clone());
+        }
+        s.failed
+    }
+
+    fn answer(&self) {
+        let waker = {
+            let mut s = self.lock();
+            s.answered = true;
+            s.body_waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    fn abort(&self) {
+        let waker = {
+            let mut s = self.lock();
+            s.answered = true;
+            s.aborted = true;
+            s.body_waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+/// A request body on a shared connection. hyper resets a stream the moment its request body
+/// fails; before the response head has come, that reset must pass the connection's gate
+/// instead, so the failure is held (the stream stays open) and handed to the response future,
+/// which cancels through the gate. Once the stream is answered, the failure goes on as it came.
+struct GatedBody {
+    inner: Body,
+    state: Arc<StreamState>,
+    failed: Option<BoxError>,
+}
+
+/// The stream was given up by the proxy.
+#[derive(Debug, thiserror::Error)]
+#[error("the request was cancelled")]
+struct Cancelled;
+
+impl hyper::body::Body for GatedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.failed.is_none() {
+            let polled = Pin::new(&mut self.inner).poll_frame(cx);
+            let Poll::Ready(Some(Err(e))) = polled else {
+                return polled;
+            };
+            self.failed = Some(e);
+        }
+        let held = {
+            let mut s = self.state.lock();
+            if s.aborted || s.answered {
+                None
+            } else {
+                s.failed = true;
+                s.body_waker = Some(cx.waker().clone());
+                Some(s.response_waker.take())
+            }
+        };
+        match held {
+            Some(response_waker) => {
+                if let Some(w) = response_waker {
+                    w.wake();
+                }
+                Poll::Pending
+            }
+            None => {
+                let e = self.failed.take().unwrap_or_else(|| Box::new(Cancelled));
+                Poll::Ready(Some(Err(e)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.failed.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body from a shared connection; ending (or failing) releases its stream cleanly.
+#[derive(Debug)]
+pub struct Leased {
+    inner: Incoming,
+    lease: Lease,
+}
+
+impl hyper::body::Body for Leased {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        // hyper stops polling once `is_end_stream` says so: the last frame ends it too.
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) || self.inner.is_end_stream() {
+            self.lease.clean = true;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn conn() -> Arc<Conn> {
+        // A real HTTP/2 connection to nothing but an h2 handshake on the other end of a pipe.
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            if let Ok(mut h2) = h2::server::handshake(server).await {
+                while let Some(Ok(_)) = h2.accept().await {}
+            }
+        });
+        Conn::handshake(
+            &builder(),
+            client,
+            "upstream",
+            Duration::from_secs(1),
+            "test".into(),
+        )
+        .await
+        .expect("handshake")
+    }
+
+    #[tokio::test]
+    async fn at_most_the_bound_of_resets_wait_unanswered() {
+        let c = conn().await;
+        for seq in 0..UNANSWERED_RESETS as u64 {
+            assert!(c.may_reset(seq), "reset {seq} is within the bound");
+        }
+        assert!(
+            !c.may_reset(UNANSWERED_RESETS as u64),
+            "one more must linger"
+        );
+        // A stream opened after the first five is answered: the far side has taken them.
+        c.answered(5);
+        for seq in 0..5 {
+            assert!(c.may_reset(100 + seq), "room made by the answer: {seq}");
+        }
+        assert!(!c.may_reset(200), "and no more than that");
+    }
+
+    #[tokio::test]
+    async fn an_answer_for_an_earlier_stream_frees_nothing_after_it() {
+        let c = conn().await;
+        for seq in 10..10 + UNANSWERED_RESETS as u64 {
+            assert!(c.may_reset(seq));
+        }
+        c.answered(3);
+        assert!(
+            !c.may_reset(40),
+            "streams 10.. may still wait at the far side"
+        );
+        c.answered(10 + UNANSWERED_RESETS as u64);
+        assert!(c.may_reset(41));
+    }
+}
