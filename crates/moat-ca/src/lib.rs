@@ -14,6 +14,6 @@ pub mod ttl;
 
 pub use authority::{ByoPem, CaCertInfo, CaError, CertificateAuthority, IssuedCert};
 pub use kek::{Kek, KekError, Sealed};
-pub use lifecycle::{Health, NotAFraction, RotateAt};
+pub use lifecycle::{Health, NotAFraction, RotateAt, Stuck};
 pub use state::{CaState, RootRotation, RotationPhase};
 pub use ttl::{CertTtl, TtlError};

@@ -45,9 +45,29 @@ pub enum Health {
     /// The intermediate has reached its rotation point (`expired`: or its end) and the CA holds
     /// the root key: rotate it now.
     RotateIntermediate { expired: bool, not_after: i64 },
-    /// The CA cannot issue and no automatic step fixes it; the text says which offline command
+    /// The CA cannot issue and no automatic step fixes it; its text says which offline command
     /// does.
-    Stuck(String),
+    Stuck(Stuck),
+}
+
+/// Why the CA cannot issue, each with the offline command that fixes it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Stuck {
+    #[error(
+        "the root CA certificate expired at {not_after} (unix): nothing it signed can be trusted any more. Stop the control plane and run `moat-control ca rotate-root --data-dir DIR` (with the same key-encryption key), then give every sidecar the new trust bundle"
+    )]
+    RootExpired { not_after: i64 },
+    #[error(
+        "the imported intermediate expired at {not_after} (unix) and this CA does not hold the root key. Stop the control plane and run `moat-control ca rotate-intermediate --data-dir DIR --intermediate-cert FILE --intermediate-key FILE` with a new intermediate signed by your root"
+    )]
+    ImportedIntermediateExpired { not_after: i64 },
+    #[error(
+        "the intermediate expired at {intermediate_not_after} (unix) and the root ends at {root_not_after} (unix), too soon for a new one. Stop the control plane and run `moat-control ca rotate-root --data-dir DIR`, then give every sidecar the new trust bundle"
+    )]
+    RootEndsTooSoon {
+        intermediate_not_after: i64,
+        root_not_after: i64,
+    },
 }
 
 fn info(what: &str, der: &[u8]) -> Result<CertInfo, CaError> {
@@ -64,10 +84,9 @@ impl CaState {
         let root = info("root certificate", &self.active_root_der()?)?;
         let int = info("intermediate certificate", &self.intermediate_der()?)?;
         if root.not_after <= now {
-            return Ok(Health::Stuck(format!(
-                "the root CA certificate expired at {} (unix): nothing it signed can be trusted any more. Stop the control plane and run `moat-control ca rotate-root --data-dir DIR` (with the same key-encryption key), then give every sidecar the new trust bundle",
-                root.not_after
-            )));
+            return Ok(Health::Stuck(Stuck::RootExpired {
+                not_after: root.not_after,
+            }));
         }
         let life = (int.not_after - int.not_before).max(1);
         let rotate_at = int.not_before + (life as f64 * at.get()) as i64;
@@ -87,14 +106,13 @@ impl CaState {
                 not_after: int.not_after,
             }),
             (true, _, _) if !expired => Ok(Health::Issuing { rotate_at: None }),
-            (true, false, _) => Ok(Health::Stuck(format!(
-                "the imported intermediate expired at {} (unix) and this CA does not hold the root key. Stop the control plane and run `moat-control ca rotate-intermediate --data-dir DIR --intermediate-cert FILE --intermediate-key FILE` with a new intermediate signed by your root",
-                int.not_after
-            ))),
-            (true, true, false) => Ok(Health::Stuck(format!(
-                "the intermediate expired at {} (unix) and the root ends at {} (unix), too soon for a new one. Stop the control plane and run `moat-control ca rotate-root --data-dir DIR`, then give every sidecar the new trust bundle",
-                int.not_after, root.not_after
-            ))),
+            (true, false, _) => Ok(Health::Stuck(Stuck::ImportedIntermediateExpired {
+                not_after: int.not_after,
+            })),
+            (true, true, false) => Ok(Health::Stuck(Stuck::RootEndsTooSoon {
+                intermediate_not_after: int.not_after,
+                root_not_after: root.not_after,
+            })),
         }
     }
 }
@@ -142,7 +160,16 @@ mod tests {
         let Health::Stuck(why) = state.health(root.not_after, RotateAt::DEFAULT).unwrap() else {
             panic!("an expired root is stuck");
         };
-        assert!(why.contains("moat-control ca rotate-root"), "{why}");
+        assert_eq!(
+            why,
+            Stuck::RootExpired {
+                not_after: root.not_after
+            }
+        );
+        assert!(
+            why.to_string().contains("moat-control ca rotate-root"),
+            "{why}"
+        );
         // An hour before the root's end, a one-hour intermediate still beats none...
         assert!(matches!(
             state
@@ -168,7 +195,8 @@ mod tests {
         let Health::Stuck(why) = state.health(end + 1, RotateAt::DEFAULT).unwrap() else {
             panic!("without the root key an expired intermediate is stuck");
         };
-        assert!(why.contains("--intermediate-cert"), "{why}");
+        assert_eq!(why, Stuck::ImportedIntermediateExpired { not_after: end });
+        assert!(why.to_string().contains("--intermediate-cert"), "{why}");
         // Before it expires there is nothing automatic to do; the warnings carry it.
         assert_eq!(
             state.health(end - 3600, RotateAt::DEFAULT).unwrap(),

@@ -140,8 +140,8 @@ impl CaManager {
 /// The CA cannot issue and only an offline command can fix it; the text says which. The control
 /// plane waits in recovery mode meanwhile.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct CaStuck(pub String);
+#[error(transparent)]
+pub struct CaStuck(pub moat_ca::Stuck);
 
 /// How the CA came up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -133,7 +133,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<()> {
         Action::RotateRoot => {
             let root_expired = matches!(
                 state.health(now, RotateAt::DEFAULT)?,
-                Health::Stuck(ref why) if why.contains("root CA certificate expired")
+                Health::Stuck(moat_ca::Stuck::RootExpired { .. })
             );
             if root_expired {
                 let next = state.replace_root(&kek)?;
