@@ -28,6 +28,7 @@ const SERIAL_REVOCATION_MARGIN_SECS: i64 = 300;
 const AUDIT_SCAN: usize = 20_000;
 use crate::identity_svc::{certify_response, token_status};
 use crate::policies::PolicyError;
+use crate::revocations::RevocationKind;
 use crate::state::ControlPlane;
 use crate::tokens::TokenRecord;
 use moat_wire::policy_to_proto;
@@ -567,7 +568,11 @@ impl Admin for AdminService {
         };
         let result = async {
             let (kind, value, expires_unix) = match (r.identity.is_empty(), r.serial.is_empty()) {
-                (false, true) => ("identity", self.identity(&r.identity)?.to_string(), 0),
+                (false, true) => (
+                    RevocationKind::Identity,
+                    self.identity(&r.identity)?.to_string(),
+                    0,
+                ),
                 (true, false) => {
                     // A prefix (as `moat status` shows) names the one certificate it starts: of
                     // a proxy the control plane knows, or of a revocation when lifting one.
@@ -578,7 +583,7 @@ impl Admin for AdminService {
                             .await
                             .map_err(|e| Status::unavailable(e.to_string()))?
                             .into_iter()
-                            .filter(|v| v.kind == "serial")
+                            .filter(|v| v.kind == RevocationKind::Serial)
                             .map(|v| v.value)
                             .collect()
                     } else {
@@ -599,7 +604,7 @@ impl Admin for AdminService {
                     // it issues. What any proxy reports never shortens it.
                     let now = moat_identity::clock::unix_now();
                     (
-                        "serial",
+                        RevocationKind::Serial,
                         serial,
                         now + CertTtl::MAX.as_secs() as i64 + SERIAL_REVOCATION_MARGIN_SECS,
                     )
@@ -623,7 +628,7 @@ impl Admin for AdminService {
                 }
                 return Ok(RevokeResponse {
                     revocation: Some(RevocationProto {
-                        kind: kind.into(),
+                        kind: kind.as_str().into(),
                         value,
                         ..RevocationProto::default()
                     }),
@@ -635,7 +640,7 @@ impl Admin for AdminService {
                 .0
                 .revocations
                 .revoke(crate::revocations::Revocation {
-                    kind: kind.into(),
+                    kind,
                     value,
                     reason: r.reason.clone(),
                     actor: actor.to_string(),
@@ -696,7 +701,7 @@ fn policy_status(e: PolicyError) -> Status {
 
 fn revocation_proto(r: crate::revocations::Revocation) -> RevocationProto {
     RevocationProto {
-        kind: r.kind,
+        kind: r.kind.as_str().into(),
         value: r.value,
         reason: r.reason,
         actor: r.actor,

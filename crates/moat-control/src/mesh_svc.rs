@@ -294,12 +294,12 @@ pub async fn follow_revocations(
             Ok(list) => {
                 let mut ids: Vec<String> = list
                     .iter()
-                    .filter(|r| r.kind == "identity")
+                    .filter(|r| r.kind == crate::revocations::RevocationKind::Identity)
                     .map(|r| r.value.clone())
                     .collect();
                 let mut serials: Vec<String> = list
                     .iter()
-                    .filter(|r| r.kind == "serial")
+                    .filter(|r| r.kind == crate::revocations::RevocationKind::Serial)
                     .map(|r| r.value.clone())
                     .collect();
                 ids.sort();

@@ -187,7 +187,9 @@ impl Metrics {
         if let Ok(list) = cp.revocations.list().await {
             for r in list {
                 self.revocations
-                    .get_or_create(&KindLabels { kind: r.kind })
+                    .get_or_create(&KindLabels {
+                        kind: r.kind.as_str().to_owned(),
+                    })
                     .inc();
             }
         }

@@ -9,11 +9,34 @@ use serde::{Deserialize, Serialize};
 /// Store prefix of revocations.
 pub const PREFIX: &str = "revocations/";
 
+/// What a revocation names: every certificate of an identity, or one certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RevocationKind {
+    Identity,
+    Serial,
+}
+
+impl RevocationKind {
+    /// Its word in the store's keys and on the admin API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevocationKind::Identity => "identity",
+            RevocationKind::Serial => "serial",
+        }
+    }
+}
+
+impl std::fmt::Display for RevocationKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One revocation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Revocation {
-    /// `identity` or `serial`.
-    pub kind: String,
+    pub kind: RevocationKind,
     /// A full SPIFFE ID, or a serial in lowercase hex.
     pub value: String,
     pub reason: String,
@@ -89,7 +112,7 @@ pub enum RevokeError {
     #[error(
         "{max} {kind} revocations are already in force, the most the control plane keeps: lift ones no longer needed (`moat revoke --list`, `moat revoke --undo`); serial revocations also lapse when their certificate expires"
     )]
-    Full { kind: String, max: usize },
+    Full { kind: RevocationKind, max: usize },
 }
 
 /// Revocation operations over the store.
@@ -100,7 +123,7 @@ pub struct Revocations {
     limits: (usize, usize),
 }
 
-fn key(kind: &str, value: &str) -> String {
+fn key(kind: RevocationKind, value: &str) -> String {
     format!("{PREFIX}{kind}/{value}")
 }
 
@@ -116,11 +139,10 @@ impl Revocations {
     /// Stores a revocation; acknowledged once durable. A new one beyond the bound for its kind
     /// is refused; renewing one already in force is not.
     pub async fn revoke(&self, r: Revocation) -> Result<Revocation, RevokeError> {
-        if self.store.get(&key(&r.kind, &r.value)).await?.is_none() {
-            let max = if r.kind == "identity" {
-                self.limits.0
-            } else {
-                self.limits.1
+        if self.store.get(&key(r.kind, &r.value)).await?.is_none() {
+            let max = match r.kind {
+                RevocationKind::Identity => self.limits.0,
+                RevocationKind::Serial => self.limits.1,
             };
             let in_force = self
                 .list()
@@ -135,7 +157,7 @@ impl Revocations {
         // Serialising plain strings and integers cannot fail.
         self.store
             .put(
-                &key(&r.kind, &r.value),
+                &key(r.kind, &r.value),
                 serde_json::to_vec(&r).unwrap_or_default(),
             )
             .await?;
@@ -143,7 +165,7 @@ impl Revocations {
     }
 
     /// Lifts a revocation; `Ok(false)` when there was none.
-    pub async fn undo(&self, kind: &str, value: &str) -> Result<bool, StoreError> {
+    pub async fn undo(&self, kind: RevocationKind, value: &str) -> Result<bool, StoreError> {
         let k = key(kind, value);
         if self.store.get(&k).await?.is_none() {
             return Ok(false);
@@ -230,7 +252,7 @@ mod bound_tests {
 
     fn serial(value: &str, expires_unix: i64) -> Revocation {
         Revocation {
-            kind: "serial".into(),
+            kind: RevocationKind::Serial,
             value: value.into(),
             reason: String::new(),
             actor: "test".into(),
