@@ -100,10 +100,22 @@ impl pb::payments_server::Payments for PaymentsSvc {
     }
 }
 
-async fn charge(payments: &str, order: &str) -> Result<pb::ChargeReply, String> {
+/// Why a charge failed, as the JSON the app answers with: the message, and for a refusal the
+/// gRPC status code and the sidecar's deny reason (`x-moat-deny-reason`), each in its own field.
+fn charge_failed(error: String, status: Option<&tonic::Status>) -> serde_json::Value {
+    json!({
+        "error": error,
+        "grpc_code": status.map(|s| s.code() as i32),
+        "deny_reason": status
+            .and_then(|s| s.metadata().get("x-moat-deny-reason"))
+            .and_then(|v| v.to_str().ok()),
+    })
+}
+
+async fn charge(payments: &str, order: &str) -> Result<pb::ChargeReply, serde_json::Value> {
     let mut client = pb::payments_client::PaymentsClient::connect(format!("http://{payments}"))
         .await
-        .map_err(|e| format!("cannot reach payments: {e}"))?;
+        .map_err(|e| charge_failed(format!("cannot reach payments: {e}"), None))?;
     client
         .charge(pb::ChargeRequest {
             order_id: order.to_owned(),
@@ -111,7 +123,12 @@ async fn charge(payments: &str, order: &str) -> Result<pb::ChargeReply, String> 
         })
         .await
         .map(|r| r.into_inner())
-        .map_err(|s| format!("payments refused: {:?}: {}", s.code(), s.message()))
+        .map_err(|s| {
+            charge_failed(
+                format!("payments refused: {:?}: {}", s.code(), s.message()),
+                Some(&s),
+            )
+        })
 }
 
 async fn orders(req: Request<Incoming>, payments: String) -> Response<Full<Bytes>> {
@@ -132,7 +149,7 @@ async fn orders(req: Request<Incoming>, payments: String) -> Response<Full<Bytes
             ),
             Err(e) => reply(
                 StatusCode::BAD_GATEWAY,
-                json!({"service": "orders", "caller": seen, "error": e}),
+                json!({"service": "orders", "caller": seen, "payments": e}),
             ),
         },
         _ => reply(
@@ -199,7 +216,7 @@ async fn frontend(
             ),
             Err(e) => reply(
                 StatusCode::FORBIDDEN,
-                json!({"service": "frontend", "error": e}),
+                json!({"service": "frontend", "payments": e}),
             ),
         },
         _ => reply(

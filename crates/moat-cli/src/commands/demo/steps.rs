@@ -224,14 +224,15 @@ async fn bypass(n: &mut Narrator, mesh: &Mesh, c: &Http) {
     let fe = mesh.frontend.app;
     n.step("frontend tries to skip orders and charge payments directly");
     let r = get(c, fe, "/pay-directly").await;
-    let refused = matches!(&r, Ok((403, v)) if v["error"].as_str().is_some_and(|e| e.contains("PermissionDenied") && e.contains("identity-not-allowed")));
+    let refused = matches!(&r, Ok((403, v))
+        if v["payments"]["grpc_code"] == 7 && v["payments"]["deny_reason"] == "identity-not-allowed");
     n.check(
         "refused by payments' sidecar: gRPC status 7, reason identity-not-allowed",
         refused,
         &match &r {
             Ok((s, v)) => format!(
                 "HTTP {s}: {}",
-                v["error"]
+                v["payments"]["error"]
                     .as_str()
                     .or(v["payments"]["status"].as_str())
                     .unwrap_or("")
