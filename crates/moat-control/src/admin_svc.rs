@@ -226,11 +226,10 @@ impl Admin for AdminService {
         let limit = r.limit;
         let outcome = match r.outcome.as_str() {
             "" => Ok(None),
-            "ok" => Ok(Some(Outcome::Ok)),
-            "refused" => Ok(Some(Outcome::Refused)),
-            other => Err(Status::invalid_argument(format!(
-                "outcome {other:?}: use \"ok\" or \"refused\" (or leave it empty)"
-            ))),
+            word => word
+                .parse::<Outcome>()
+                .map(Some)
+                .map_err(|e| Status::invalid_argument(e.to_string())),
         };
         let result = if limit > MAX_AUDIT_LIMIT {
             Err(Status::invalid_argument(format!(

@@ -44,12 +44,30 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    pub const ALL: [Outcome; 2] = [Outcome::Ok, Outcome::Refused];
+
     /// `ok` or `refused`.
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
             Outcome::Refused => "refused",
         }
+    }
+}
+
+/// A word that is not an [`Outcome`].
+#[derive(Debug, thiserror::Error)]
+#[error("outcome {0:?}: use \"ok\" or \"refused\" (or leave it empty)")]
+pub struct NotAnOutcome(String);
+
+impl std::str::FromStr for Outcome {
+    type Err = NotAnOutcome;
+
+    fn from_str(s: &str) -> Result<Self, NotAnOutcome> {
+        Outcome::ALL
+            .into_iter()
+            .find(|o| o.as_str() == s)
+            .ok_or_else(|| NotAnOutcome(s.to_owned()))
     }
 }
 

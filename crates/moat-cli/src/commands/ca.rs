@@ -96,7 +96,7 @@ async fn rotate_root(global: &Global, status_only: bool, timeout: Duration) -> a
         return Ok(());
     }
     let before = call(false, false).await?;
-    if before.phase != "none" {
+    if rotating(&before) {
         println!("resuming the root rotation in phase {}", before.phase);
     }
     let first = call(true, true).await?;
@@ -107,7 +107,7 @@ async fn rotate_root(global: &Global, status_only: bool, timeout: Duration) -> a
         if !s.step_taken.is_empty() {
             println!("✓ {}", s.step_taken);
         }
-        if s.phase == "none" && settled(&s) {
+        if !rotating(&s) && settled(&s) {
             println!(
                 "root rotation complete: {} proxies trust only {} and hold certificates from it",
                 s.proxies,
@@ -227,4 +227,10 @@ pub async fn run(global: &Global, cmd: CaCmd) -> anyhow::Result<()> {
         CaCmd::RotateRoot { .. } | CaCmd::RotateIntermediate { .. } => {}
     }
     Ok(())
+}
+
+/// Whether a root rotation is in progress: only then has it a start time. (The phase is a word
+/// for people; the control plane owns its spelling.)
+fn rotating(s: &CaRotationStatus) -> bool {
+    s.started_unix != 0
 }
