@@ -402,6 +402,14 @@ async fn webhook_patches_give_the_same_pod_as_moat_inject() {
         "spec": { "containers": [{ "name": "web", "image": "nginx" }] },
     });
     let already = cli_inject(&cp, &plain_pod);
+    // A node agent in the node's network namespace: interception rules would rewrite the
+    // node's own traffic, so it is never injected, and whoever creates it is told why.
+    let node_agent = serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": { "name": "node-agent" },
+        "spec": { "selector": { "matchLabels": { "app": "node-agent" } }, "template": {
+            "metadata": { "labels": { "app": "node-agent" } },
+            "spec": { "hostNetwork": true, "containers": [{ "name": "agent", "image": "agent:1" }] } } },
+    });
 
     for (i, object) in [
         &deployment,
@@ -410,6 +418,7 @@ async fn webhook_patches_give_the_same_pod_as_moat_inject() {
         &plain_pod,
         &opted_out,
         &already,
+        &node_agent,
     ]
     .into_iter()
     .enumerate()
@@ -431,6 +440,14 @@ async fn webhook_patches_give_the_same_pod_as_moat_inject() {
             json_patch::patch(&mut patched, &ops).unwrap();
         }
         assert_eq!(patched, cli_inject(&cp, object), "object {i}");
+        if *object == node_agent {
+            assert!(
+                response["warnings"][0]
+                    .as_str()
+                    .is_some_and(|w| w.contains("hostNetwork")),
+                "{review}"
+            );
+        }
         let changed = patched != *object;
         assert_eq!(
             changed,
@@ -566,4 +583,68 @@ async fn the_trust_bundle_is_published_to_every_namespace_and_follows_a_root_rot
     let rotated = cp.moat_ok(&["ca", "bundle"]);
     assert_ne!(rotated, bundle);
     assert!(published(&rotated), "{}", cp.log_text());
+}
+
+/// `--control-plane` is where the CLI connects; `moat inject` connects nowhere, so passing it
+/// there is a usage error naming the flag meant (`--control-plane-url`), which does reach the
+/// injected sidecar.
+#[test]
+fn inject_refuses_the_cli_s_own_control_plane_flag_and_names_the_one_it_takes() {
+    let file = std::env::temp_dir().join(format!("moat-inject-flag-{}.yaml", rand_suffix()));
+    std::fs::write(
+        &file,
+        "apiVersion: v1\nkind: Pod\nmetadata: { name: web }\nspec: { containers: [{ name: web, image: nginx }] }\n",
+    )
+    .unwrap();
+    let moat = |args: &[&str]| {
+        std::process::Command::new(moat_test_util::bin("moat"))
+            .args(args)
+            .env_remove("MOAT_CONTROL_PLANE")
+            .output()
+            .unwrap()
+    };
+    let url = "https://moat-control.mesh.svc:7443";
+    let wrong = moat(&[
+        "inject",
+        "--control-plane",
+        url,
+        "-f",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(wrong.status.code(), Some(2), "{}", stderr(&wrong));
+    assert!(
+        stderr(&wrong).contains("--control-plane-url"),
+        "{}",
+        stderr(&wrong)
+    );
+    assert!(
+        wrong.stdout.is_empty(),
+        "nothing is written on a usage error"
+    );
+    let right = moat(&[
+        "inject",
+        "--control-plane-url",
+        url,
+        "-f",
+        file.to_str().unwrap(),
+    ]);
+    assert!(right.status.success(), "{}", stderr(&right));
+    let pod: serde_json::Value = serde_yaml_ng::from_slice(&right.stdout).unwrap();
+    let proxy = pod["spec"]["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "moat-proxy")
+        .unwrap();
+    let args: Vec<&str> = proxy["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    assert!(
+        args.windows(2).any(|w| w == ["--control-plane", url]),
+        "{args:?}"
+    );
+    let _ = std::fs::remove_file(&file);
 }

@@ -8,7 +8,7 @@ mod creds;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, FromArgMatches as _, Subcommand};
 
 /// Settings shared by every command that talks to the control plane.
 #[derive(clap::Args, Debug, Clone)]
@@ -31,7 +31,7 @@ pub struct Global {
     pub credentials: PathBuf,
 }
 
-#[derive(Parser, Debug)]
+#[derive(clap::Parser, Debug)]
 #[command(name = "moat", version, about = "Operate a moat service mesh")]
 struct Cli {
     #[command(flatten)]
@@ -74,7 +74,11 @@ enum Command {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
     quiet_on_closed_stdout();
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let Some(e) = misplaced_control_plane(&matches) {
+        e.exit();
+    }
     let result = match cli.command {
         Command::Demo(a) => commands::demo::run(a).await,
         Command::Token(c) => commands::token::run(&cli.global, c).await,
@@ -95,6 +99,22 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `moat inject --control-plane URL` looks like it sets the address the injected sidecars use,
+/// but `--control-plane` is where this CLI itself connects, and inject connects nowhere: a usage
+/// error naming the flag that does it, instead of a URL silently ignored.
+fn misplaced_control_plane(matches: &clap::ArgMatches) -> Option<clap::Error> {
+    let inject = matches.subcommand_matches("inject")?;
+    (inject.value_source("control_plane") == Some(clap::parser::ValueSource::CommandLine)).then(
+        || {
+            Cli::command().error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "moat inject does not connect to the control plane, so --control-plane is not used; \
+                 the address the injected sidecars use is --control-plane-url URL",
+            )
+        },
+    )
 }
 
 /// A reader that stops early (`moat cert inspect F | head -1`) closes our stdout; `println!`

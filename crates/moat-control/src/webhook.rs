@@ -120,6 +120,20 @@ pub fn review(body: &[u8], cfg: &InjectConfig) -> (StatusCode, Value) {
                 ),
             )
         }
+        // Left alone for a reason the person creating it should see (kubectl prints warnings).
+        Ok(Outcome::HostNetwork) => (
+            StatusCode::OK,
+            answer(
+                uid,
+                json!({
+                    "allowed": true,
+                    "warnings": [format!(
+                        "moat: no sidecar injected: {}",
+                        Outcome::HostNetwork.skipped_because().unwrap_or_default()
+                    )],
+                }),
+            ),
+        ),
         Ok(_) => (StatusCode::OK, answer(uid, json!({ "allowed": true }))),
         // A workload the injector cannot make sense of is refused: admitting it without its
         // sidecar would run it outside the mesh.

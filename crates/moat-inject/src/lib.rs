@@ -44,6 +44,20 @@ pub struct InjectConfig {
     pub proxy_uid: i64,
 }
 
+impl Outcome {
+    /// Why a workload was left without a sidecar, for people; `None` when it has one.
+    pub fn skipped_because(self) -> Option<&'static str> {
+        match self {
+            Outcome::Injected | Outcome::AlreadyInjected => None,
+            Outcome::OptedOut => Some("moat.dev/inject: disabled"),
+            Outcome::HostNetwork => Some(
+                "hostNetwork: true (the sidecar's interception rules would rewrite the node's own networking)",
+            ),
+            Outcome::NotAWorkload => Some("not a workload"),
+        }
+    }
+}
+
 impl Default for InjectConfig {
     fn default() -> Self {
         InjectConfig {
@@ -62,6 +76,9 @@ pub enum Outcome {
     AlreadyInjected,
     /// `moat.dev/inject: disabled`.
     OptedOut,
+    /// `hostNetwork: true`: the pod shares the node's network namespace, so the interception
+    /// rules would rewrite the node's own traffic. Never injected.
+    HostNetwork,
     /// Not a kind that has a pod template (Service, ConfigMap, …): left untouched.
     NotAWorkload,
 }
@@ -179,6 +196,9 @@ pub fn inject(obj: &mut Value, cfg: &InjectConfig) -> Result<Outcome, InjectErro
             object: what,
             field,
         });
+    }
+    if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
+        return Ok(Outcome::HostNetwork);
     }
     let has = |list: &str, n: &str| {
         spec.get(list).and_then(Value::as_array).is_some_and(|cs| {
@@ -398,6 +418,13 @@ mod tests {
         let cfg = InjectConfig::default();
         let mut pod = serde_json::json!({"kind": "Pod", "metadata": {"name": "p", "annotations": {INJECT: "disabled"}}, "spec": {"containers": []}});
         assert!(matches!(inject(&mut pod, &cfg), Ok(Outcome::OptedOut)));
+        let node_agent = serde_json::json!({"kind": "DaemonSet", "metadata": {"name": "agent"}, "spec": {"template": {"spec": {"hostNetwork": true, "containers": [{"name": "agent", "image": "agent"}]}}}});
+        let mut injected = node_agent.clone();
+        assert!(matches!(
+            inject(&mut injected, &cfg),
+            Ok(Outcome::HostNetwork)
+        ));
+        assert_eq!(injected, node_agent, "a hostNetwork pod is left as it was");
         let mut broken = serde_json::json!({"kind": "Job", "metadata": {"name": "j"}, "spec": {"template": {"spec": {"containers": 3}}}});
         let e = inject(&mut broken, &cfg).unwrap_err();
         assert!(

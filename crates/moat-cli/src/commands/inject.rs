@@ -47,13 +47,15 @@ pub fn run(args: InjectArgs) -> anyhow::Result<()> {
         moat_inject::inject_yaml(&text, &cfg).map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
     print!("{out}");
     for (what, outcome) in report {
-        let said = match outcome {
-            Outcome::Injected => "injected",
-            Outcome::AlreadyInjected => "already injected",
-            Outcome::OptedOut => "skipped (moat.dev/inject: disabled)",
-            Outcome::NotAWorkload => continue,
-        };
-        eprintln!("{what}: {said}");
+        match outcome {
+            Outcome::NotAWorkload => {}
+            Outcome::Injected => eprintln!("{what}: injected"),
+            Outcome::AlreadyInjected => eprintln!("{what}: already injected"),
+            skipped => eprintln!(
+                "{what}: skipped ({})",
+                skipped.skipped_because().unwrap_or_default()
+            ),
+        }
     }
     Ok(())
 }
