@@ -240,8 +240,47 @@ async fn manifests_install_and_injected_workloads_validate_against_kubernetes_sc
     let plain = cp.moat_ok(&["install", "--trust-domain", "corp.example"]);
     assert!(plain.contains("--trust-domain=corp.example"), "{plain}");
     let bundle = cp.admin_dir().join("bundle.pem");
-    let with_ca = cp.moat_ok(&["install", "--ca-bundle", bundle.to_str().unwrap()]);
-    assert!(with_ca.contains("caBundle:"), "{with_ca}");
+    let with_ca = cp.moat_ok(&[
+        "install",
+        "--ca-bundle",
+        bundle.to_str().unwrap(),
+        "--webhook-failure-policy",
+        "Ignore",
+    ]);
+    // Both injection webhooks (namespace opt-in, pod opt-in) get the bundle and the policy.
+    assert_eq!(with_ca.matches("caBundle:").count(), 2, "{with_ca}");
+    assert_eq!(
+        with_ca.matches("failurePolicy: Ignore").count(),
+        2,
+        "{with_ca}"
+    );
+    assert_eq!(plain.matches("failurePolicy: Fail").count(), 2, "{plain}");
+    // Injection is opt-in: neither webhook is called for a pod of a namespace that did not
+    // opt in unless the pod itself did.
+    let hooks: Vec<serde_json::Value> = plain
+        .split("\n---\n")
+        .filter_map(|d| serde_yaml_ng::from_str::<serde_json::Value>(d).ok())
+        .filter(|d| d["kind"] == "MutatingWebhookConfiguration")
+        .flat_map(|d| d["webhooks"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(hooks.len(), 2);
+    for hook in &hooks {
+        let selects_enabled = |selector: &serde_json::Value| {
+            selector["matchExpressions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| {
+                    e["key"] == "moat.dev/inject"
+                        && e["operator"] == "In"
+                        && e["values"] == serde_json::json!(["enabled"])
+                })
+        };
+        assert!(
+            selects_enabled(&hook["namespaceSelector"]) || selects_enabled(&hook["objectSelector"]),
+            "{hook}"
+        );
+    }
     for (name, text) in [("install.yaml", &plain), ("install-ca.yaml", &with_ca)] {
         let p = scratch.join(name);
         std::fs::write(&p, text).unwrap();
@@ -289,7 +328,7 @@ async fn manifests_install_and_injected_workloads_validate_against_kubernetes_sc
     ]);
     // Bad input to inject says what is wrong.
     let bad = scratch.join("bad.yaml");
-    std::fs::write(&bad, "apiVersion: batch/v1\nkind: Job\nmetadata: { name: j }\nspec: { template: { spec: { containers: 3 } } }\n").unwrap();
+    std::fs::write(&bad, "apiVersion: batch/v1\nkind: Job\nmetadata: { name: j }\nspec: { template: { metadata: { labels: { moat.dev/inject: enabled } }, spec: { containers: 3 } } }\n").unwrap();
     let out = cp.moat(&["inject", "-f", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -354,13 +393,21 @@ fn admission_review(uid: &str, object: &serde_json::Value) -> Vec<u8> {
     .unwrap()
 }
 
-/// `moat inject` on one object, as JSON.
+/// `moat inject` on one object of namespace `shop`, beside the Namespace document that opts
+/// `shop` in (the webhook is called only for opted-in pods); the object as injected, as JSON.
 fn cli_inject(cp: &ControlPlane, object: &serde_json::Value) -> serde_json::Value {
     let file = cp.scratch().join(format!("obj-{}.yaml", rand_suffix()));
-    std::fs::write(&file, serde_yaml_ng::to_string(object).unwrap()).unwrap();
+    let namespace = "apiVersion: v1\nkind: Namespace\nmetadata: { name: shop, labels: { moat.dev/inject: enabled } }\n---\n";
+    std::fs::write(
+        &file,
+        format!("{namespace}{}", serde_yaml_ng::to_string(object).unwrap()),
+    )
+    .unwrap();
     let out = cp.moat(&["inject", "-f", file.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    serde_yaml_ng::from_slice(&out.stdout).unwrap()
+    let text = String::from_utf8(out.stdout).unwrap();
+    let last = text.split("\n---\n").last().unwrap();
+    serde_yaml_ng::from_str(last).unwrap()
 }
 
 fn rand_suffix() -> u64 {
@@ -388,24 +435,24 @@ async fn webhook_patches_give_the_same_pod_as_moat_inject() {
                 "containers": [{ "name": "migrate", "image": "migrate:1" }] } } },
     });
     let cronjob = serde_json::json!({
-        "apiVersion": "batch/v1", "kind": "CronJob", "metadata": { "name": "nightly" },
+        "apiVersion": "batch/v1", "kind": "CronJob", "metadata": { "name": "nightly", "namespace": "shop" },
         "spec": { "schedule": "0 3 * * *", "jobTemplate": { "spec": { "template": { "spec": {
             "restartPolicy": "OnFailure", "containers": [{ "name": "report", "image": "report:1" }] } } } } },
     });
     let opted_out = serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": { "name": "debug", "annotations": { "moat.dev/inject": "disabled" } },
+        "metadata": { "name": "debug", "namespace": "shop", "annotations": { "moat.dev/inject": "disabled" } },
         "spec": { "containers": [{ "name": "sh", "image": "busybox" }] },
     });
     let plain_pod = serde_json::json!({
-        "apiVersion": "v1", "kind": "Pod", "metadata": { "name": "web" },
+        "apiVersion": "v1", "kind": "Pod", "metadata": { "name": "web", "namespace": "shop" },
         "spec": { "containers": [{ "name": "web", "image": "nginx" }] },
     });
     let already = cli_inject(&cp, &plain_pod);
     // A node agent in the node's network namespace: interception rules would rewrite the
     // node's own traffic, so it is never injected, and whoever creates it is told why.
     let node_agent = serde_json::json!({
-        "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": { "name": "node-agent" },
+        "apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": { "name": "node-agent", "namespace": "shop" },
         "spec": { "selector": { "matchLabels": { "app": "node-agent" } }, "template": {
             "metadata": { "labels": { "app": "node-agent" } },
             "spec": { "hostNetwork": true, "containers": [{ "name": "agent", "image": "agent:1" }] } } },
@@ -593,7 +640,7 @@ fn inject_refuses_the_cli_s_own_control_plane_flag_and_names_the_one_it_takes() 
     let file = std::env::temp_dir().join(format!("moat-inject-flag-{}.yaml", rand_suffix()));
     std::fs::write(
         &file,
-        "apiVersion: v1\nkind: Pod\nmetadata: { name: web }\nspec: { containers: [{ name: web, image: nginx }] }\n",
+        "apiVersion: v1\nkind: Pod\nmetadata: { name: web, labels: { moat.dev/inject: enabled } }\nspec: { containers: [{ name: web, image: nginx }] }\n",
     )
     .unwrap();
     let moat = |args: &[&str]| {

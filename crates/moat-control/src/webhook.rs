@@ -107,7 +107,7 @@ pub fn review(body: &[u8], cfg: &InjectConfig) -> (StatusCode, Value) {
         );
     };
     let mut injected = object.clone();
-    match moat_inject::inject(&mut injected, cfg) {
+    match moat_inject::inject(&mut injected, cfg, moat_inject::Selected::ByAdmission) {
         Ok(Outcome::Injected) => {
             let ops = json_patch::diff(object, &injected);
             let patch = base64::engine::general_purpose::STANDARD

@@ -8,11 +8,19 @@
 //! with `restartPolicy: Always`, so the app starts once the proxy is ready and Jobs complete);
 //! a projected service-account token for audience `moat`; and the mesh's trust bundle from the
 //! `moat-ca-root` ConfigMap. Injecting twice changes nothing.
+//!
+//! Injection is opt-in: a namespace labelled `moat.dev/inject: enabled`, or a pod template
+//! labelled (or annotated) so. `disabled` on either opts out, and `hostNetwork` pods are never
+//! injected. The webhook is only called for pods its selectors matched ([`Selected::ByAdmission`]);
+//! `moat inject` decides offline from the workload and the Namespace documents beside it
+//! ([`Selected::Offline`]).
 
 use serde_json::{Value, json};
 
-/// Pod annotation: `disabled` leaves the pod alone.
+/// Namespace label, pod label or pod annotation: `enabled` opts in, `disabled` opts out.
 pub const INJECT: &str = "moat.dev/inject";
+pub const ENABLED: &str = "enabled";
+pub const DISABLED: &str = "disabled";
 /// Pod annotation: ports carried as opaque TCP without protocol detection (comma-separated).
 pub const OPAQUE_PORTS: &str = "moat.dev/opaque-ports";
 /// Pod annotations: inbound / outbound ports not intercepted at all (comma-separated).
@@ -50,6 +58,9 @@ impl Outcome {
         match self {
             Outcome::Injected | Outcome::AlreadyInjected => None,
             Outcome::OptedOut => Some("moat.dev/inject: disabled"),
+            Outcome::NotOptedIn => Some(
+                "not opted in: label its namespace, or its pod template, moat.dev/inject=enabled",
+            ),
             Outcome::HostNetwork => Some(
                 "hostNetwork: true (the sidecar's interception rules would rewrite the node's own networking)",
             ),
@@ -76,6 +87,8 @@ pub enum Outcome {
     AlreadyInjected,
     /// `moat.dev/inject: disabled`.
     OptedOut,
+    /// Neither the workload nor its namespace opted in.
+    NotOptedIn,
     /// `hostNetwork: true`: the pod shares the node's network namespace, so the interception
     /// rules would rewrite the node's own traffic. Never injected.
     HostNetwork,
@@ -100,6 +113,26 @@ fn template_paths(kind: &str) -> Option<(&'static str, &'static str)> {
 
 fn annotation<'a>(meta: Option<&'a Value>, key: &str) -> Option<&'a str> {
     meta?.get("annotations")?.get(key)?.as_str()
+}
+
+fn label<'a>(meta: Option<&'a Value>, key: &str) -> Option<&'a str> {
+    meta?.get("labels")?.get(key)?.as_str()
+}
+
+/// Whether `meta` sets `moat.dev/inject` to `value`, as a label or an annotation.
+fn inject_is(meta: Option<&Value>, value: &str) -> bool {
+    label(meta, INJECT) == Some(value) || annotation(meta, INJECT) == Some(value)
+}
+
+/// Who has already chosen the workloads [`inject`] sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Selected {
+    /// The API server, for the admission webhook: it calls the webhook only for pods in a
+    /// namespace labelled `moat.dev/inject: enabled` or labelled so themselves.
+    ByAdmission,
+    /// Nobody yet (`moat inject`): the workload must opt in itself, or its namespace must be
+    /// labelled (`namespace_enabled`, from a Namespace document beside it).
+    Offline { namespace_enabled: bool },
 }
 
 /// Why a workload could not be injected: which object or document, and what is wrong with it.
@@ -161,7 +194,11 @@ fn join(ports: &[u16]) -> String {
 }
 
 /// Adds the sidecar to `obj`'s pod template. Errors name the object and what is wrong with it.
-pub fn inject(obj: &mut Value, cfg: &InjectConfig) -> Result<Outcome, InjectError> {
+pub fn inject(
+    obj: &mut Value,
+    cfg: &InjectConfig,
+    selected: Selected,
+) -> Result<Outcome, InjectError> {
     let kind = obj
         .get("kind")
         .and_then(Value::as_str)
@@ -176,9 +213,18 @@ pub fn inject(obj: &mut Value, cfg: &InjectConfig) -> Result<Outcome, InjectErro
         .unwrap_or("(unnamed)")
         .to_owned();
     let what = format!("{kind} {name}");
-    let disabled = |m: Option<&Value>| annotation(m, INJECT) == Some("disabled");
-    if disabled(obj.get("metadata")) || disabled(obj.pointer(meta_path)) {
+    let says = |value: &str| {
+        inject_is(obj.get("metadata"), value) || inject_is(obj.pointer(meta_path), value)
+    };
+    if says(DISABLED) {
         return Ok(Outcome::OptedOut);
+    }
+    let opted_in = match selected {
+        Selected::ByAdmission => true,
+        Selected::Offline { namespace_enabled } => namespace_enabled || says(ENABLED),
+    };
+    if !opted_in {
+        return Ok(Outcome::NotOptedIn);
     }
     let meta = obj.pointer(meta_path).cloned();
     let opaque = ports(meta.as_ref(), OPAQUE_PORTS, &what)?;
@@ -352,16 +398,25 @@ fn documents(text: &str) -> Vec<String> {
     docs
 }
 
-/// Injects every workload of a multi-document YAML text. A document that is not changed keeps
+/// Injects every workload of a multi-document YAML text that opted in, itself or through a
+/// Namespace document of the same text (see [`Selected::Offline`]). A document that is not changed keeps
 /// its exact text (comments included); an injected one is re-serialised. Returns the new text
 /// and, per document, its `Kind/name` and what happened.
 pub fn inject_yaml(
     text: &str,
     cfg: &InjectConfig,
 ) -> Result<(String, Vec<(String, Outcome)>), InjectError> {
+    let docs = documents(text);
+    let enabled_namespaces: Vec<String> = docs
+        .iter()
+        .filter_map(|d| serde_yaml_ng::from_str::<Value>(d).ok())
+        .filter(|v| v.get("kind").and_then(Value::as_str) == Some("Namespace"))
+        .filter(|v| label(v.get("metadata"), INJECT) == Some(ENABLED))
+        .filter_map(|v| Some(v.pointer("/metadata/name")?.as_str()?.to_owned()))
+        .collect();
     let mut out = Vec::new();
     let mut report = Vec::new();
-    for (i, doc) in documents(text).into_iter().enumerate() {
+    for (i, doc) in docs.into_iter().enumerate() {
         let index = i + 1;
         let value: Value =
             serde_yaml_ng::from_str(&doc).map_err(|source| InjectError::Yaml { index, source })?;
@@ -375,7 +430,12 @@ pub fn inject_yaml(
             return Err(InjectError::NotAnObject { index });
         }
         let mut injected = value.clone();
-        let outcome = inject(&mut injected, cfg).map_err(|e| InjectError::Document {
+        let namespace_enabled = value
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .is_some_and(|ns| enabled_namespaces.iter().any(|e| e == ns));
+        let selected = Selected::Offline { namespace_enabled };
+        let outcome = inject(&mut injected, cfg, selected).map_err(|e| InjectError::Document {
             index,
             source: Box::new(e),
         })?;
@@ -398,35 +458,68 @@ pub fn inject_yaml(
 mod tests {
     use super::*;
 
-    const APP: &str = "# the app\napiVersion: apps/v1\nkind: Deployment\nmetadata: { name: web }\nspec:\n  template:\n    metadata: { labels: { app: web } }\n    spec:\n      containers: [{ name: web, image: nginx }]\n---\napiVersion: v1\nkind: Service\nmetadata: { name: web }  # keep me\nspec: { ports: [{ port: 80 }] }\n";
+    const APP: &str = "# the app\napiVersion: v1\nkind: Namespace\nmetadata: { name: shop, labels: { moat.dev/inject: enabled } }\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: { name: web, namespace: shop }\nspec:\n  template:\n    metadata: { labels: { app: web } }\n    spec:\n      containers: [{ name: web, image: nginx }]\n---\napiVersion: v1\nkind: Service\nmetadata: { name: web }  # keep me\nspec: { ports: [{ port: 80 }] }\n";
 
     #[test]
     fn injects_workloads_once_and_leaves_the_rest_alone() {
         let cfg = InjectConfig::default();
         let (out, report) = inject_yaml(APP, &cfg).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(report[0].1, Outcome::Injected);
-        assert_eq!(report[1].1, Outcome::NotAWorkload);
+        assert_eq!(report[0].1, Outcome::NotAWorkload);
+        assert_eq!(report[1].1, Outcome::Injected);
+        assert_eq!(report[2].1, Outcome::NotAWorkload);
         assert!(out.contains("metadata: { name: web }  # keep me"), "{out}");
         assert!(out.contains("restartPolicy: Always"), "{out}");
         let (again, report) = inject_yaml(&out, &cfg).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(again, out);
-        assert_eq!(report[0].1, Outcome::AlreadyInjected);
+        assert_eq!(report[1].1, Outcome::AlreadyInjected);
+    }
+
+    #[test]
+    fn only_what_opted_in_is_injected() {
+        let cfg = InjectConfig::default();
+        let unlabelled = APP.replace("labels: { moat.dev/inject: enabled }", "labels: {}");
+        let (out, report) = inject_yaml(&unlabelled, &cfg).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(report[1].1, Outcome::NotOptedIn);
+        assert_eq!(out, unlabelled, "a workload not opted in is left as it was");
+        // The pod template opts in by itself, with a label or an annotation.
+        let labelled = unlabelled.replace(
+            "{ labels: { app: web } }",
+            "{ labels: { app: web, moat.dev/inject: enabled } }",
+        );
+        let (_, report) = inject_yaml(&labelled, &cfg).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(report[1].1, Outcome::Injected);
+        let annotated = unlabelled.replace(
+            "{ labels: { app: web } }",
+            "{ labels: { app: web }, annotations: { moat.dev/inject: enabled } }",
+        );
+        let (_, report) = inject_yaml(&annotated, &cfg).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(report[1].1, Outcome::Injected);
+        // A pod template's own `disabled` wins over its namespace.
+        let opted_out = APP.replace(
+            "{ labels: { app: web } }",
+            "{ labels: { app: web, moat.dev/inject: disabled } }",
+        );
+        let (_, report) = inject_yaml(&opted_out, &cfg).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(report[1].1, Outcome::OptedOut);
     }
 
     #[test]
     fn opt_out_and_bad_objects() {
         let cfg = InjectConfig::default();
         let mut pod = serde_json::json!({"kind": "Pod", "metadata": {"name": "p", "annotations": {INJECT: "disabled"}}, "spec": {"containers": []}});
-        assert!(matches!(inject(&mut pod, &cfg), Ok(Outcome::OptedOut)));
+        assert!(matches!(
+            inject(&mut pod, &cfg, Selected::ByAdmission),
+            Ok(Outcome::OptedOut)
+        ));
         let node_agent = serde_json::json!({"kind": "DaemonSet", "metadata": {"name": "agent"}, "spec": {"template": {"spec": {"hostNetwork": true, "containers": [{"name": "agent", "image": "agent"}]}}}});
         let mut injected = node_agent.clone();
         assert!(matches!(
-            inject(&mut injected, &cfg),
+            inject(&mut injected, &cfg, Selected::ByAdmission),
             Ok(Outcome::HostNetwork)
         ));
         assert_eq!(injected, node_agent, "a hostNetwork pod is left as it was");
         let mut broken = serde_json::json!({"kind": "Job", "metadata": {"name": "j"}, "spec": {"template": {"spec": {"containers": 3}}}});
-        let e = inject(&mut broken, &cfg).unwrap_err();
+        let e = inject(&mut broken, &cfg, Selected::ByAdmission).unwrap_err();
         assert!(
             matches!(&e, InjectError::NoContainers { object, field }
                 if object == "Job j" && field == "spec.template.spec"),
@@ -434,7 +527,7 @@ mod tests {
         );
         assert!(e.to_string().contains("containers must be a list"), "{e}");
         let mut bad_port = serde_json::json!({"kind": "Pod", "metadata": {"name": "p", "annotations": {OPAQUE_PORTS: "3306,x"}}, "spec": {"containers": []}});
-        let e = inject(&mut bad_port, &cfg).unwrap_err();
+        let e = inject(&mut bad_port, &cfg, Selected::ByAdmission).unwrap_err();
         assert!(
             matches!(&e, InjectError::BadPort { key: OPAQUE_PORTS, value, .. } if value == "x"),
             "{e}"

@@ -40,9 +40,31 @@ pub struct InstallArgs {
     /// runs); without it the webhook configuration has no caBundle yet.
     #[arg(long)]
     ca_bundle: Option<PathBuf>,
+    /// What the API server does with a pod that opted into the mesh while the injection webhook
+    /// cannot be reached: `Fail` (the default) does not create it, `Ignore` creates it without
+    /// a sidecar, outside the mesh. Pods that did not opt in are never affected.
+    #[arg(long, value_enum, default_value_t = FailurePolicy::Fail)]
+    webhook_failure_policy: FailurePolicy,
     /// A highly available control plane (several replicas).
     #[arg(long)]
     ha: bool,
+}
+
+/// The admission webhooks' `failurePolicy`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+#[value(rename_all = "PascalCase")]
+enum FailurePolicy {
+    Fail,
+    Ignore,
+}
+
+impl FailurePolicy {
+    fn as_str(self) -> &'static str {
+        match self {
+            FailurePolicy::Fail => "Fail",
+            FailurePolicy::Ignore => "Ignore",
+        }
+    }
 }
 
 fn container_mut(deploy: &mut Value) -> Option<&mut Value> {
@@ -97,10 +119,12 @@ pub fn run(args: InstallArgs) -> anyhow::Result<()> {
                     }
                 }
                 "MutatingWebhookConfiguration" => {
-                    if let (Some(b), Some(cc)) =
-                        (&ca_bundle, v.pointer_mut("/webhooks/0/clientConfig"))
-                    {
-                        cc["caBundle"] = b.clone().into();
+                    let hooks = v.get_mut("webhooks").and_then(Value::as_array_mut);
+                    for hook in hooks.into_iter().flatten() {
+                        hook["failurePolicy"] = args.webhook_failure_policy.as_str().into();
+                        if let Some(b) = &ca_bundle {
+                            hook["clientConfig"]["caBundle"] = b.clone().into();
+                        }
                     }
                 }
                 _ => {}
