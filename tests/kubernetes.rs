@@ -264,6 +264,60 @@ async fn manifests_install_and_injected_workloads_validate_against_kubernetes_sc
         .flat_map(|d| d["webhooks"].as_array().cloned().unwrap_or_default())
         .collect();
     assert_eq!(hooks.len(), 2);
+    // Every object, and the control plane's pod template, carries the standard labels, with
+    // this release's version and `moat install` as its manager.
+    let objects: Vec<serde_json::Value> = plain
+        .split("\n---\n")
+        .filter_map(|d| serde_yaml_ng::from_str::<serde_json::Value>(d).ok())
+        .filter(|d| d.is_object())
+        .collect();
+    assert!(objects.len() >= 10, "{plain}");
+    for o in &objects {
+        let mut metas = vec![&o["metadata"]];
+        if o["kind"] == "Deployment" {
+            metas.push(&o["spec"]["template"]["metadata"]);
+        }
+        for meta in metas {
+            let labels = &meta["labels"];
+            for key in ["name", "instance", "component", "part-of"] {
+                assert!(
+                    labels[format!("app.kubernetes.io/{key}")].is_string(),
+                    "{} {}: no app.kubernetes.io/{key}",
+                    o["kind"],
+                    o["metadata"]["name"]
+                );
+            }
+            assert_eq!(
+                labels["app.kubernetes.io/version"],
+                env!("CARGO_PKG_VERSION"),
+                "{o}"
+            );
+            assert_eq!(
+                labels["app.kubernetes.io/managed-by"], "moat-install",
+                "{o}"
+            );
+        }
+    }
+    // The manifests as kustomize applies them carry the same version.
+    for file in [
+        "namespace.yaml",
+        "crds.yaml",
+        "control-plane.yaml",
+        "webhook.yaml",
+    ] {
+        let text = std::fs::read_to_string(root().join("deploy").join(file)).unwrap();
+        let versions = text.matches("app.kubernetes.io/version").count();
+        let current = text
+            .matches(&format!(
+                "app.kubernetes.io/version: \"{}\"",
+                env!("CARGO_PKG_VERSION")
+            ))
+            .count();
+        assert!(
+            versions > 0 && versions == current,
+            "{file}: a stale version label"
+        );
+    }
     for hook in &hooks {
         let selects_enabled = |selector: &serde_json::Value| {
             selector["matchExpressions"]

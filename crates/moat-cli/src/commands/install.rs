@@ -67,6 +67,29 @@ impl FailurePolicy {
     }
 }
 
+/// The standard labels `moat install` owns on every object (and pod template): the version
+/// this CLI installs, and itself as the manager. The manifests carry the rest.
+fn set_labels(v: &mut Value) {
+    let paths = ["/metadata", "/spec/template/metadata"];
+    for path in paths {
+        let Some(meta) = v.pointer_mut(path).and_then(Value::as_object_mut) else {
+            continue;
+        };
+        let labels = meta
+            .entry("labels")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if let Some(labels) = labels.as_object_mut()
+            && labels.contains_key("app.kubernetes.io/part-of")
+        {
+            labels.insert(
+                "app.kubernetes.io/version".into(),
+                env!("CARGO_PKG_VERSION").into(),
+            );
+            labels.insert("app.kubernetes.io/managed-by".into(), "moat-install".into());
+        }
+    }
+}
+
 fn container_mut(deploy: &mut Value) -> Option<&mut Value> {
     deploy.pointer_mut("/spec/template/spec/containers/0")
 }
@@ -103,6 +126,7 @@ pub fn run(args: InstallArgs) -> anyhow::Result<()> {
                 .and_then(Value::as_str)
                 .unwrap_or("")
                 .to_owned();
+            set_labels(&mut v);
             match kind.as_str() {
                 "Deployment" => {
                     let td = args.trust_domain.to_string();
