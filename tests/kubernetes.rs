@@ -697,21 +697,16 @@ fn inject_refuses_the_cli_s_own_control_plane_flag_and_names_the_one_it_takes() 
         "apiVersion: v1\nkind: Pod\nmetadata: { name: web, labels: { moat.dev/inject: enabled } }\nspec: { containers: [{ name: web, image: nginx }] }\n",
     )
     .unwrap();
-    let moat = |args: &[&str]| {
+    let url = "https://moat-control.mesh.svc:7443";
+    // `moat inject <flag> URL -f FILE`, without the environment's control-plane address.
+    let inject_with = |flag: &str| {
         std::process::Command::new(moat_test_util::bin("moat"))
-            .args(args)
+            .args(["inject", flag, url, "-f", file.to_str().unwrap()])
             .env_remove("MOAT_CONTROL_PLANE")
             .output()
             .unwrap()
     };
-    let url = "https://moat-control.mesh.svc:7443";
-    let wrong = moat(&[
-        "inject",
-        "--control-plane",
-        url,
-        "-f",
-        file.to_str().unwrap(),
-    ]);
+    let wrong = inject_with("--control-plane");
     assert_eq!(wrong.status.code(), Some(2), "{}", stderr(&wrong));
     assert!(
         stderr(&wrong).contains("--control-plane-url"),
@@ -722,13 +717,7 @@ fn inject_refuses_the_cli_s_own_control_plane_flag_and_names_the_one_it_takes() 
         wrong.stdout.is_empty(),
         "nothing is written on a usage error"
     );
-    let right = moat(&[
-        "inject",
-        "--control-plane-url",
-        url,
-        "-f",
-        file.to_str().unwrap(),
-    ]);
+    let right = inject_with("--control-plane-url");
     assert!(right.status.success(), "{}", stderr(&right));
     let pod: serde_json::Value = serde_yaml_ng::from_slice(&right.stdout).unwrap();
     let proxy = pod["spec"]["initContainers"]
