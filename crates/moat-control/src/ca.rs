@@ -5,7 +5,6 @@
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
-use anyhow::{Context as _, bail};
 use moat_ca::{ByoPem, CaError, CaState, CertificateAuthority, Health, Kek, RotateAt};
 use moat_identity::TrustDomain;
 use moat_store::{Compare, Op, Store, Txn};
@@ -30,17 +29,19 @@ impl ImportPaths {
             || self.intermediate_key.is_some()
     }
 
-    fn read(&self) -> anyhow::Result<ByoPem> {
-        fn text(p: &Option<PathBuf>) -> anyhow::Result<Option<String>> {
+    fn read(&self) -> Result<ByoPem, CaStartError> {
+        fn text(p: &Option<PathBuf>) -> Result<Option<String>, CaStartError> {
             p.as_ref()
                 .map(|p| {
-                    std::fs::read_to_string(p)
-                        .with_context(|| format!("cannot read {}", p.display()))
+                    std::fs::read_to_string(p).map_err(|source| CaStartError::ImportFile {
+                        path: p.clone(),
+                        source,
+                    })
                 })
                 .transpose()
         }
         let Some(root_cert) = text(&self.root_cert)? else {
-            bail!("--import-root-cert is required when importing a CA");
+            return Err(CaStartError::ImportWithoutRoot);
         };
         Ok(ByoPem {
             root_cert,
@@ -137,11 +138,49 @@ impl CaManager {
     }
 }
 
-/// The CA cannot issue and only an offline command can fix it; the text says which. The control
-/// plane waits in recovery mode meanwhile.
+/// Why the stored CA could not be loaded, created or replaced.
 #[derive(Debug, thiserror::Error)]
-#[error(transparent)]
-pub struct CaStuck(pub moat_ca::Stuck);
+pub enum CaStartError {
+    /// The CA cannot issue and only an offline command can fix it; the text says which. The
+    /// control plane waits in recovery mode meanwhile.
+    #[error(transparent)]
+    Stuck(moat_ca::Stuck),
+    #[error("cannot read {path}: {source}")]
+    ImportFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--import-root-cert is required when importing a CA")]
+    ImportWithoutRoot,
+    #[error(
+        "the CA in this data directory already exists; the --import-* flags only apply on first start (remove them)"
+    )]
+    AlreadyExists,
+    #[error(
+        "this data directory belongs to trust domain {stored:?}, not {given:?}: pass --trust-domain {stored} or use another --data-dir"
+    )]
+    ForeignDomain { stored: String, given: String },
+    #[error("this data directory holds no CA (start the control plane once to create one)")]
+    NoCa,
+    #[error("the stored CA state is corrupt: {0}")]
+    Corrupt(#[from] serde_json::Error),
+    #[error("{what}: {source}")]
+    Ca {
+        what: &'static str,
+        #[source]
+        source: CaError,
+    },
+    #[error("{0}")]
+    Conflict(&'static str),
+    #[error(transparent)]
+    Store(#[from] moat_store::StoreError),
+}
+
+/// Labels a CA failure with what was being done.
+fn doing(what: &'static str) -> impl FnOnce(CaError) -> CaStartError {
+    move |source| CaStartError::Ca { what, source }
+}
 
 /// How the CA came up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,28 +197,28 @@ pub enum Start {
 /// Brings a stored CA to a state that can issue before anything is served: keys sealed the old
 /// way are resealed bound to their certificates, and an intermediate past its rotation point
 /// (or expired while the control plane was down) is replaced. Stored with compare-and-swap on
-/// `rev`. Fails with [`CaStuck`] when only an offline command can help.
+/// `rev`. Fails with [`CaStartError::Stuck`] when only an offline command can help.
 async fn prepare(
     store: &Arc<dyn Store>,
     state: CaState,
     rev: u64,
     kek: &Kek,
     at: RotateAt,
-) -> anyhow::Result<(CaState, Start)> {
+) -> Result<(CaState, Start), CaStartError> {
     let mut next = None;
     if state.has_unbound_keys() {
         tracing::info!("resealing the CA keys bound to their role and certificate");
         next = Some(
             state
                 .reseal_bound(kek)
-                .context("cannot reseal the CA keys")?,
+                .map_err(doing("cannot reseal the CA keys"))?,
         );
     }
     let current = next.as_ref().unwrap_or(&state);
     let mut start = Start::Loaded;
     match current
         .health(moat_identity::clock::unix_now(), at)
-        .context("cannot read the CA certificates")?
+        .map_err(doing("cannot read the CA certificates"))?
     {
         Health::Issuing { .. } => {}
         Health::RotateIntermediate { expired, not_after } => {
@@ -191,11 +230,11 @@ async fn prepare(
             next = Some(
                 current
                     .rotate_intermediate(kek)
-                    .context("cannot rotate the intermediate")?,
+                    .map_err(doing("cannot rotate the intermediate"))?,
             );
             start = Start::Rotated { expired };
         }
-        Health::Stuck(why) => return Err(CaStuck(why).into()),
+        Health::Stuck(why) => return Err(CaStartError::Stuck(why)),
     }
     let Some(next) = next else {
         return Ok((state, start));
@@ -208,18 +247,17 @@ async fn prepare(
         })
         .await?;
     if !done.succeeded {
-        bail!("another process changed the CA concurrently; start again");
+        return Err(CaStartError::Conflict(
+            "another process changed the CA concurrently; start again",
+        ));
     }
     Ok((next, start))
 }
 
 /// Reads the stored CA state for an offline command (the control plane must be stopped).
-pub async fn read_state(store: &Arc<dyn Store>) -> anyhow::Result<(CaState, u64)> {
-    let kv = store
-        .get(KEY)
-        .await?
-        .context("this data directory holds no CA (start the control plane once to create one)")?;
-    let state = serde_json::from_slice(&kv.value).context("stored CA state is corrupt")?;
+pub async fn read_state(store: &Arc<dyn Store>) -> Result<(CaState, u64), CaStartError> {
+    let kv = store.get(KEY).await?.ok_or(CaStartError::NoCa)?;
+    let state = serde_json::from_slice(&kv.value)?;
     Ok((state, kv.mod_revision))
 }
 
@@ -229,8 +267,8 @@ pub async fn write_state(
     next: &CaState,
     rev: u64,
     kek: &Kek,
-) -> anyhow::Result<CertificateAuthority> {
-    let ca = CertificateAuthority::load(next, kek).context("the new CA does not load")?;
+) -> Result<CertificateAuthority, CaStartError> {
+    let ca = CertificateAuthority::load(next, kek).map_err(doing("the new CA does not load"))?;
     let done = store
         .txn(Txn {
             compares: vec![Compare::ModRevision(KEY.to_owned(), rev)],
@@ -239,9 +277,9 @@ pub async fn write_state(
         })
         .await?;
     if !done.succeeded {
-        bail!(
-            "the CA changed concurrently (is a control plane running on this store?); run the command again"
-        );
+        return Err(CaStartError::Conflict(
+            "the CA changed concurrently (is a control plane running on this store?); run the command again",
+        ));
     }
     Ok(ca)
 }
@@ -253,32 +291,27 @@ pub async fn load_or_init(
     kek: &Kek,
     import: &ImportPaths,
     at: RotateAt,
-) -> anyhow::Result<(CertificateAuthority, Start)> {
+) -> Result<(CertificateAuthority, Start), CaStartError> {
     if let Some(kv) = store.get(KEY).await? {
         if import.any() {
-            bail!(
-                "the CA in this data directory already exists; the --import-* flags only apply on first start (remove them)"
-            );
+            return Err(CaStartError::AlreadyExists);
         }
-        let state: CaState =
-            serde_json::from_slice(&kv.value).context("stored CA state is corrupt")?;
+        let state: CaState = serde_json::from_slice(&kv.value)?;
         if state.trust_domain != trust_domain.as_str() {
-            bail!(
-                "this data directory belongs to trust domain {:?}, not {:?}: pass --trust-domain {} or use another --data-dir",
-                state.trust_domain,
-                trust_domain.as_str(),
-                state.trust_domain
-            );
+            return Err(CaStartError::ForeignDomain {
+                stored: state.trust_domain,
+                given: trust_domain.as_str().to_owned(),
+            });
         }
         let (state, start) = prepare(store, state, kv.mod_revision, kek, at).await?;
-        let ca = CertificateAuthority::load(&state, kek).context("cannot load the CA")?;
+        let ca = CertificateAuthority::load(&state, kek).map_err(doing("cannot load the CA"))?;
         return Ok((ca, start));
     }
     let (ca, state) = if import.any() {
         CertificateAuthority::import(trust_domain, &import.read()?, kek)
-            .context("cannot import the CA")?
+            .map_err(doing("cannot import the CA"))?
     } else {
-        CertificateAuthority::generate(trust_domain, kek).context("cannot create the CA")?
+        CertificateAuthority::generate(trust_domain, kek).map_err(doing("cannot create the CA"))?
     };
     let done = store
         .txn(Txn {
@@ -288,7 +321,9 @@ pub async fn load_or_init(
         })
         .await?;
     if !done.succeeded {
-        bail!("another process initialised the CA concurrently; start again");
+        return Err(CaStartError::Conflict(
+            "another process initialised the CA concurrently; start again",
+        ));
     }
     Ok((ca, Start::Created))
 }

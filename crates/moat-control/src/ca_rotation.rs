@@ -87,9 +87,9 @@ fn change_status(e: CaChangeError) -> Status {
 /// snapshot with the new bundle.
 fn propagate(cp: &ControlPlane) -> Result<(), Status> {
     cp.self_certs.reissue_all().map_err(|e| {
-        tracing::error!(error = %format!("{e:#}"), "cannot reissue the control plane's certificates under the new CA");
+        tracing::error!(error = %e, "cannot reissue the control plane's certificates under the new CA");
         Status::internal(format!(
-            "the CA changed but the control plane's own certificates could not follow: {e:#}"
+            "the CA changed but the control plane's own certificates could not follow: {e}"
         ))
     })?;
     cp.mesh.bump();

@@ -3,8 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context as _;
-use moat_ca::Kek;
+use moat_ca::{Kek, KekError};
 
 /// The KEK settings from flags and environment.
 #[derive(Clone, Debug, Default)]
@@ -15,42 +14,82 @@ pub struct KekSource {
     pub dev: bool,
 }
 
-/// Why there is no KEK: a usage problem, answered with exit code 2.
+/// Why the KEK could not be had.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "no key-encryption key: pass --kek-file FILE or set MOAT_KEK to 32 random bytes in base64 (e.g. `openssl rand -base64 32`), or use --dev for a local development key"
-)]
-pub struct MissingKek;
+pub enum KekLoadError {
+    /// No source was given: a usage problem, answered with exit code 2.
+    #[error(
+        "no key-encryption key: pass --kek-file FILE or set MOAT_KEK to 32 random bytes in base64 (e.g. `openssl rand -base64 32`), or use --dev for a local development key"
+    )]
+    Missing,
+    #[error("cannot {doing} {path}: {source}")]
+    Io {
+        doing: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the key-encryption key file {path} has mode {mode:04o}: others can read or change the key that unlocks the CA. Run `chmod 600 {path}` (and keep it owned by the user running moat-control)"
+    )]
+    TooOpen { path: PathBuf, mode: u32 },
+    #[error("{source_name}: {source}")]
+    Parse {
+        /// The file or variable the text came from.
+        source_name: String,
+        #[source]
+        source: KekError,
+    },
+    #[error("cannot create a development key-encryption key: {0}")]
+    Generate(#[source] KekError),
+    #[error("cannot write the development key-encryption key: {0}")]
+    Write(#[from] moat_tls::cred_dir::CredDirError),
+}
+
+fn io(doing: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> KekLoadError {
+    let path = path.to_owned();
+    move |source| KekLoadError::Io {
+        doing,
+        path,
+        source,
+    }
+}
+
+fn parse(text: &str, source_name: impl std::fmt::Display) -> Result<Kek, KekLoadError> {
+    Kek::parse(text).map_err(|source| KekLoadError::Parse {
+        source_name: source_name.to_string(),
+        source,
+    })
+}
 
 impl KekSource {
     /// Resolves the KEK. In dev mode without a file or env value, creates (or reuses)
     /// `<data-dir>/dev.kek` and warns that it sits beside the keys it protects.
-    pub fn load(&self, data_dir: &Path) -> anyhow::Result<Kek> {
+    pub fn load(&self, data_dir: &Path) -> Result<Kek, KekLoadError> {
         if let Some(path) = &self.file {
             private_enough(path)?;
-            let text = std::fs::read_to_string(path).with_context(|| {
-                format!("cannot read the key-encryption key file {}", path.display())
-            })?;
-            return Kek::parse(&text)
-                .with_context(|| format!("key-encryption key file {}", path.display()));
+            let text = std::fs::read_to_string(path)
+                .map_err(io("read the key-encryption key file", path))?;
+            return parse(
+                &text,
+                format_args!("key-encryption key file {}", path.display()),
+            );
         }
         if let Some(text) = &self.inline {
-            return Kek::parse(text).context("MOAT_KEK");
+            return parse(text, "MOAT_KEK");
         }
         if !self.dev {
-            return Err(MissingKek.into());
+            return Err(KekLoadError::Missing);
         }
         let path = data_dir.join("dev.kek");
         if path.exists() {
             private_enough(&path)?;
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
+            let text = std::fs::read_to_string(&path).map_err(io("read", &path))?;
             tracing::warn!(path = %path.display(), "dev mode: using the development key-encryption key stored beside the CA keys; never do this in production");
-            return Kek::parse(&text).with_context(|| format!("{}", path.display()));
+            return parse(&text, path.display());
         }
-        let (kek, text) = Kek::generate()?;
-        std::fs::create_dir_all(data_dir)
-            .with_context(|| format!("cannot create {}", data_dir.display()))?;
+        let (kek, text) = Kek::generate().map_err(KekLoadError::Generate)?;
+        std::fs::create_dir_all(data_dir).map_err(io("create", data_dir))?;
         moat_tls::cred_dir::write_private(&path, text.as_bytes())?;
         tracing::warn!(path = %path.display(), "dev mode: created a development key-encryption key (0600) beside the CA keys; never do this in production");
         Ok(kek)
@@ -60,19 +99,17 @@ impl KekSource {
 /// A KEK file that others may read is refused, with the command that fixes it. Group read is
 /// tolerated only when the group is this process's own (Kubernetes sets a secret's group to the
 /// pod's `fsGroup` and adds group read; with `runAsGroup` equal to it nobody else is in it).
-fn private_enough(path: &Path) -> anyhow::Result<()> {
+fn private_enough(path: &Path) -> Result<(), KekLoadError> {
     use std::os::unix::fs::MetadataExt as _;
-    let meta = std::fs::metadata(path)
-        .with_context(|| format!("cannot read the key-encryption key file {}", path.display()))?;
+    let meta = std::fs::metadata(path).map_err(io("read the key-encryption key file", path))?;
     let mode = meta.mode() & 0o777;
     let own_group = meta.gid() == nix::unistd::getegid().as_raw();
     let too_open = mode & 0o007 != 0 || mode & 0o020 != 0 || (mode & 0o040 != 0 && !own_group);
     if too_open {
-        anyhow::bail!(
-            "the key-encryption key file {} has mode {mode:04o}: others can read or change the key that unlocks the CA. Run `chmod 600 {}` (and keep it owned by the user running moat-control)",
-            path.display(),
-            path.display()
-        );
+        return Err(KekLoadError::TooOpen {
+            path: path.to_owned(),
+            mode,
+        });
     }
     Ok(())
 }
@@ -96,7 +133,7 @@ mod tests {
         };
         for bad in [0o644, 0o604, 0o666, 0o620] {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(bad)).unwrap();
-            let e = format!("{:#}", source.load(dir.path()).unwrap_err());
+            let e = source.load(dir.path()).unwrap_err().to_string();
             assert!(
                 e.contains(&format!("mode {bad:04o}")) && e.contains("chmod 600"),
                 "{e}"

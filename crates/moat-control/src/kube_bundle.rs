@@ -7,13 +7,49 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use serde_json::{Value, json};
 use tokio_rustls::rustls;
 
 use crate::ca::CaManager;
+
+/// Why a call to the API server, or setting up for one, failed.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("KUBERNETES_SERVICE_HOST is not set: not running in a pod? pass --kube-api")]
+    NotInCluster,
+    #[error("--kube-api {0:?} is not an https://host[:port] URL")]
+    ApiUrl(String),
+    #[error("cannot read the cluster CA {path}: {source}")]
+    ClusterCa {
+        path: std::path::PathBuf,
+        #[source]
+        source: moat_tls::cred_dir::CredDirError,
+    },
+    #[error("cannot read the service-account token {path}: {source}")]
+    Token {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS set-up for the API server failed: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("cannot reach the API server: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the API server connection failed: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("the API server did not answer in 10 s")]
+    Timeout,
+    #[error("reading the API server's answer failed: {0}")]
+    Body(String),
+    #[error("{call} answered {status}: {message}")]
+    Status {
+        call: &'static str,
+        status: u16,
+        message: String,
+    },
+}
 
 /// Where and how to reach the API server.
 #[derive(Clone, Debug)]
@@ -30,9 +66,8 @@ pub struct KubeConfig {
 impl KubeConfig {
     /// The in-cluster defaults: the API server from the service environment, the pod's
     /// service-account token and CA.
-    pub fn in_cluster(configmap: String, interval: Duration) -> anyhow::Result<Self> {
-        let host = std::env::var("KUBERNETES_SERVICE_HOST")
-            .context("KUBERNETES_SERVICE_HOST is not set: not running in a pod? pass --kube-api")?;
+    pub fn in_cluster(configmap: String, interval: Duration) -> Result<Self, KubeError> {
+        let host = std::env::var("KUBERNETES_SERVICE_HOST").map_err(|_| KubeError::NotInCluster)?;
         let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
         let sa = std::path::Path::new("/var/run/secrets/kubernetes.io/serviceaccount");
         Ok(KubeConfig {
@@ -54,9 +89,13 @@ struct Api {
 }
 
 impl Api {
-    fn new(cfg: KubeConfig) -> anyhow::Result<Self> {
-        let ca = moat_tls::cred_dir::read_bundle(&cfg.ca_file)
-            .with_context(|| format!("the cluster CA {}", cfg.ca_file.display()))?;
+    fn new(cfg: KubeConfig) -> Result<Self, KubeError> {
+        let ca = moat_tls::cred_dir::read_bundle(&cfg.ca_file).map_err(|source| {
+            KubeError::ClusterCa {
+                path: cfg.ca_file.clone(),
+                source,
+            }
+        })?;
         let mut roots = rustls::RootCertStore::empty();
         for c in ca.roots() {
             roots.add(c.clone())?;
@@ -67,8 +106,9 @@ impl Api {
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
-        let uri: http::Uri = cfg.api.parse().context("--kube-api")?;
-        let host = uri.host().context("--kube-api has no host")?.to_owned();
+        let bad_url = || KubeError::ApiUrl(cfg.api.clone());
+        let uri: http::Uri = cfg.api.parse().map_err(|_| bad_url())?;
+        let host = uri.host().ok_or_else(bad_url)?.to_owned();
         let port = uri.port_u16().unwrap_or(443);
         Ok(Api {
             cfg,
@@ -83,12 +123,16 @@ impl Api {
         method: http::Method,
         path: &str,
         body: Option<Value>,
-    ) -> anyhow::Result<(u16, Value)> {
+    ) -> Result<(u16, Value), KubeError> {
         // Projected tokens rotate: read it for every call.
-        let token = std::fs::read_to_string(&self.cfg.token_file)
-            .with_context(|| format!("cannot read {}", self.cfg.token_file.display()))?;
+        let token =
+            std::fs::read_to_string(&self.cfg.token_file).map_err(|source| KubeError::Token {
+                path: self.cfg.token_file.clone(),
+                source,
+            })?;
         let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await?;
-        let name = rustls::pki_types::ServerName::try_from(self.host.clone())?;
+        let name = rustls::pki_types::ServerName::try_from(self.host.clone())
+            .map_err(|_| KubeError::ApiUrl(self.cfg.api.clone()))?;
         let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
             .connect(name, tcp)
             .await?;
@@ -107,15 +151,16 @@ impl Api {
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(
                 body.map(|b| b.to_string()).unwrap_or_default(),
-            )))?;
+            )))
+            .map_err(|e| KubeError::Body(e.to_string()))?;
         let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
             .await
-            .context("the API server did not answer in 10 s")??;
+            .map_err(|_| KubeError::Timeout)??;
         let status = resp.status().as_u16();
         let bytes = http_body_util::Limited::new(resp.into_body(), 16 * 1024 * 1024)
             .collect()
             .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .map_err(|e| KubeError::Body(e.to_string()))?
             .to_bytes();
         let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         Ok((status, v))
@@ -123,12 +168,16 @@ impl Api {
 }
 
 /// One pass: every namespace gets the current bundle. Returns how many ConfigMaps were written.
-async fn publish_once(api: &Api, pem: &str) -> anyhow::Result<usize> {
+async fn publish_once(api: &Api, pem: &str) -> Result<usize, KubeError> {
     let (status, list) = api
         .call(http::Method::GET, "/api/v1/namespaces", None)
         .await?;
     if status != 200 {
-        bail!("listing namespaces answered {status}: {}", list["message"]);
+        return Err(KubeError::Status {
+            call: "listing namespaces",
+            status,
+            message: list["message"].to_string(),
+        });
     }
     let name = &api.cfg.configmap;
     let mut written = 0;
@@ -178,7 +227,7 @@ pub async fn publish_loop(cfg: KubeConfig, ca: Arc<CaManager>) {
     let api = match Api::new(cfg) {
         Ok(a) => a,
         Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "cannot publish the trust bundle to Kubernetes");
+            tracing::error!(error = %e, "cannot publish the trust bundle to Kubernetes");
             return;
         }
     };
@@ -188,7 +237,7 @@ pub async fn publish_loop(cfg: KubeConfig, ca: Arc<CaManager>) {
             Ok(0) => {}
             Ok(n) => tracing::info!(configmaps = n, "published the trust bundle"),
             Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "cannot publish the trust bundle; retrying")
+                tracing::warn!(error = %e, "cannot publish the trust bundle; retrying")
             }
         }
         tokio::time::sleep(interval).await;

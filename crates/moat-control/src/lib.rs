@@ -102,7 +102,7 @@ pub async fn serve(
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&cfg.data_dir)?);
         match ca::load_or_init(&store, &cfg.trust_domain, &kek, &cfg.import, cfg.rotate_at).await {
             Ok((ca, start)) => break (store, ca, start),
-            Err(e) if e.is::<ca::CaStuck>() => {
+            Err(e @ ca::CaStartError::Stuck(_)) => {
                 // Release the store so the offline command can open it.
                 drop(store);
                 let admin = tokio::net::TcpListener::bind(cfg.admin_listen)
@@ -120,7 +120,7 @@ pub async fn serve(
                     return Ok(());
                 }
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     };
     match start {

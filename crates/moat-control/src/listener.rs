@@ -17,12 +17,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use moat_identity::{CertInfo, VerifiedPeer};
-use moat_tls::TlsState;
+use moat_tls::TlsWatch;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -171,7 +171,7 @@ fn peer_of(stream: &TlsStream<TcpStream>) -> Option<Peer> {
 /// their reason, counted in `failures` by reason, and never reach tonic.
 pub fn incoming(
     listener: TcpListener,
-    tls: watch::Receiver<Arc<TlsState>>,
+    tls: TlsWatch,
     failures: Family<crate::metrics::RefusedLabels, Counter>,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
@@ -192,6 +192,12 @@ pub fn incoming(
                     continue;
                 }
             };
+            let Some(config) = tls.borrow().as_ref().map(|g| g.server.clone()) else {
+                // Fail closed: without a serving certificate there is nothing to prove.
+                count("no-credential", 1);
+                tracing::warn!(%remote, "refused a connection: no serving certificate yet");
+                continue;
+            };
             let (cancel, cancelled) = oneshot::channel();
             let (id, evicted) = match pending.lock() {
                 Ok(mut p) => p.admit(remote.ip(), cancel),
@@ -201,7 +207,6 @@ pub fn incoming(
                 count("evicted", evicted);
             }
             let _ = tcp.set_nodelay(true);
-            let config = tls.borrow().server.clone();
             let (tx, pending, count) = (tx.clone(), pending.clone(), count.clone());
             tokio::spawn(async move {
                 let outcome = tokio::select! {

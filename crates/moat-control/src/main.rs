@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use moat_ca::CertTtl;
 use moat_control::ca::ImportPaths;
-use moat_control::kek_source::{KekSource, MissingKek};
+use moat_control::kek_source::{KekLoadError, KekSource};
 use moat_control::{ServeConfig, default_admin_id};
 use moat_identity::{SpiffeId, TrustDomain};
 use tracing_subscriber::filter::Targets;
@@ -351,7 +351,7 @@ async fn main() -> ExitCode {
 fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.is::<MissingKek>() => {
+        Err(e) if matches!(e.downcast_ref(), Some(KekLoadError::Missing)) => {
             eprintln!("moat-control: {e}");
             ExitCode::from(2)
         }

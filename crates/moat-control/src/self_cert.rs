@@ -6,13 +6,36 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
-use moat_ca::{CertTtl, CertificateAuthority, IssuedCert};
-use moat_identity::{SpiffeId, ValidatedCsr, WorkloadKey};
-use moat_tls::{ClientAuth, Credential, LiveTls, cred_dir};
+use moat_ca::{CaError, CertTtl, CertificateAuthority, IssuedCert};
+use moat_identity::{CsrError, SpiffeId, ValidatedCsr, WorkloadKey};
+use moat_tls::cred_dir::CredDirError;
+use moat_tls::{ALPN_H2, ClientAuth, Credential, CredentialError, LiveTls, Serving, cred_dir};
 
 use crate::ca::CaManager;
-use rustls_pki_types::PrivateKeyDer;
+
+/// The control plane's listener: gRPC over HTTP/2; a client certificate is asked for but not
+/// required, because `Identity.Certify` with a join token comes before the caller has one.
+const SERVING: Serving = Serving {
+    client_auth: ClientAuth::Optional,
+    alpn: &[ALPN_H2],
+};
+
+/// Why the control plane could not issue or write one of its own credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum SelfCertError {
+    #[error("cannot generate a key pair: {0}")]
+    Key(#[from] CsrError),
+    #[error("the CA cannot issue: {0}")]
+    Issue(#[from] CaError),
+    #[error("the issued certificate is unusable: {0}")]
+    Credential(#[from] CredentialError),
+    #[error("cannot write the credential to {dir}: {source}")]
+    Write {
+        dir: PathBuf,
+        #[source]
+        source: CredDirError,
+    },
+}
 
 /// Lifetime of the admin credential the control plane writes for local CLI use.
 pub const ADMIN_CREDENTIAL_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -22,12 +45,11 @@ pub fn issue_local(
     ca: &CertificateAuthority,
     id: &SpiffeId,
     ttl: CertTtl,
-) -> anyhow::Result<(Credential, WorkloadKey, IssuedCert)> {
+) -> Result<(Credential, WorkloadKey, IssuedCert), SelfCertError> {
     let key = WorkloadKey::generate(id)?;
     let csr = ValidatedCsr::from_der(key.csr_der())?;
     let issued = ca.issue(&csr.spki_der, id, ttl)?;
-    let der = PrivateKeyDer::try_from(key.private_key_der()).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let cred = Credential::new(issued.chain.clone(), der, ca.bundle())?;
+    let cred = Credential::issued(issued.chain.clone(), &key, ca.bundle())?;
     Ok((cred, key, issued))
 }
 
@@ -42,7 +64,7 @@ pub fn write_credential_dir(
     ca: &CertificateAuthority,
     id: &SpiffeId,
     ttl: CertTtl,
-) -> anyhow::Result<IssuedCert> {
+) -> Result<IssuedCert, SelfCertError> {
     let (_, key, issued) = issue_local(ca, id, ttl)?;
     cred_dir::write(
         dir,
@@ -50,7 +72,10 @@ pub fn write_credential_dir(
         &key.private_key_pem(),
         ca.bundle().roots(),
     )
-    .with_context(|| format!("cannot write the credential to {}", dir.display()))?;
+    .map_err(|source| SelfCertError::Write {
+        dir: dir.to_owned(),
+        source,
+    })?;
     Ok(issued)
 }
 
@@ -74,14 +99,11 @@ impl SelfCerts {
         ca: Arc<CaManager>,
         self_id: SpiffeId,
         admin: Option<(PathBuf, SpiffeId)>,
-    ) -> anyhow::Result<Arc<Self>> {
+    ) -> Result<Arc<Self>, SelfCertError> {
         let current = ca.current();
         let (cred, _, serving) = issue_local(&current, &self_id, CertTtl::DEFAULT)?;
-        let live = Arc::new(LiveTls::new(
-            cred,
-            current.bundle().clone(),
-            ClientAuth::Optional,
-        )?);
+        let live = Arc::new(LiveTls::empty(SERVING));
+        live.publish(cred, current.bundle().clone(), serving.refresh_after)?;
         let admin_due = match &admin {
             Some((dir, id)) => write_credential_dir(dir, &current, id, admin_ttl())?.refresh_after,
             None => i64::MAX,
@@ -101,15 +123,16 @@ impl SelfCerts {
         &self.live
     }
 
-    fn renew_serving(&self) -> anyhow::Result<i64> {
+    fn renew_serving(&self) -> Result<i64, SelfCertError> {
         let ca = self.ca.current();
         let (cred, _, issued) = issue_local(&ca, &self.self_id, CertTtl::DEFAULT)?;
-        self.live.publish(cred, ca.bundle().clone())?;
+        self.live
+            .publish(cred, ca.bundle().clone(), issued.refresh_after)?;
         tracing::info!(serial = %issued.serial, not_after = issued.not_after, "renewed the control plane's serving certificate");
         Ok(issued.refresh_after)
     }
 
-    fn renew_admin(&self) -> anyhow::Result<i64> {
+    fn renew_admin(&self) -> Result<i64, SelfCertError> {
         let Some((dir, id)) = &self.admin else {
             return Ok(i64::MAX);
         };
@@ -117,7 +140,7 @@ impl SelfCerts {
     }
 
     /// Reissues both now, under the CA in force (after a CA change).
-    pub fn reissue_all(&self) -> anyhow::Result<()> {
+    pub fn reissue_all(&self) -> Result<(), SelfCertError> {
         let serving = self.renew_serving()?;
         let admin = self.renew_admin()?;
         *self.due.lock().unwrap_or_else(|e| e.into_inner()) = (serving, admin);

@@ -38,18 +38,30 @@ pub struct WebhookConfig {
     pub inject: InjectConfig,
 }
 
+/// Why the webhook has no serving certificate.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookTlsError {
+    #[error("cannot generate a key pair: {0}")]
+    Key(#[from] moat_identity::CsrError),
+    #[error("the CA cannot issue the webhook certificate: {0}")]
+    Issue(#[from] moat_ca::CaError),
+    #[error("the webhook certificate is unusable: {0}")]
+    Credential(#[from] moat_tls::CredentialError),
+    #[error("cannot build the webhook's TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
 fn server_config(
     ca: &CaManager,
     dns: &[String],
-) -> anyhow::Result<(Arc<rustls::ServerConfig>, i64)> {
+) -> Result<(Arc<rustls::ServerConfig>, i64), WebhookTlsError> {
     let ca = ca.current();
     // Any workload key will do: only its public half goes into the certificate.
     let id = moat_identity::SpiffeId::control_plane(ca.trust_domain());
     let key = WorkloadKey::generate(&id)?;
     let spki = ValidatedCsr::from_der(key.csr_der())?.spki_der;
     let (chain, refresh) = ca.issue_dns_server(&spki, dns, CertTtl::unchecked(CERT_TTL))?;
-    let der = rustls::pki_types::PrivateKeyDer::try_from(key.private_key_der())
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let der = moat_tls::private_key(&key)?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(moat_tls::provider::provider())
         .with_protocol_versions(moat_tls::provider::VERSIONS)?
         .with_no_client_auth()
@@ -180,7 +192,7 @@ pub async fn serve(
     listener: TcpListener,
     ca: Arc<CaManager>,
     cfg: WebhookConfig,
-) -> anyhow::Result<()> {
+) -> Result<(), WebhookTlsError> {
     let (tls, refresh) = server_config(&ca, &cfg.dns_names)?;
     let current = Arc::new(RwLock::new(tls));
     {

@@ -9,9 +9,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ProxyConfig;
-use crate::identity::TlsWatch;
 use crate::snapshot::Snapshot;
 use crate::{callers, metrics, pool, ratelimit};
+use moat_tls::TlsWatch;
 
 /// What every connection handler shares.
 #[derive(Debug)]

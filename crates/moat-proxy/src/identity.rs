@@ -3,96 +3,82 @@
 //! connection reads. A new generation is validated and built completely before it is published;
 //! a live one is never changed.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use moat_api::v1::identity_client::IdentityClient;
 use moat_api::v1::{CertifyRequest, CertifyResponse, certify_request};
 use moat_identity::{SpiffeId, TrustBundle, WorkloadKey};
-use moat_tls::{ALPN_H2, ALPN_HTTP1, ALPN_TCP, ClientAuth, Credential};
-use rustls::{ClientConfig, ServerConfig};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::sync::watch;
+use moat_tls::connect::ConnectError;
+use moat_tls::cred_dir::CredDirError;
+use moat_tls::{
+    ALPN_H2, ALPN_HTTP1, ALPN_TCP, ClientAuth, Credential, CredentialError, LiveTls, Serving,
+    TlsState,
+};
+use rustls_pki_types::CertificateDer;
 
 use crate::config::ProxyConfig;
 
 /// How often the renewal loop compares the wall clock with the refresh hint while it waits.
 const WALL_CLOCK_CHECK_SECS: u64 = 30;
 
-/// Outbound configs are cached per (expected server identity, ALPN).
-type ClientKey = (SpiffeId, &'static [u8]);
+/// What the inbound listener asks of callers: a mesh certificate, and one of the three
+/// protocols another sidecar or a direct HTTP/1.1 client speaks.
+pub const SERVING: Serving = Serving {
+    client_auth: ClientAuth::Required,
+    alpn: &[ALPN_H2, ALPN_TCP, ALPN_HTTP1],
+};
 
-/// One generation of TLS material.
-#[derive(Debug)]
-pub struct TlsGen {
-    pub credential: Credential,
-    pub bundle: Arc<TrustBundle>,
-    /// Inbound: client certificate required, ALPN h2, moat-tcp, http/1.1.
-    pub server: Arc<ServerConfig>,
-    /// When to renew (Unix seconds).
-    pub refresh_after: i64,
-    clients: Mutex<HashMap<ClientKey, Arc<ClientConfig>>>,
+/// Why the proxy could not obtain or renew its certificate.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cannot read the trust anchors: {0}")]
+    Anchors(#[source] CredDirError),
+    #[error("cannot read the token file {path}: {source}")]
+    TokenFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the token file {0} is empty; write the join token (or mount the service-account token) there"
+    )]
+    EmptyToken(PathBuf),
+    #[error("cannot generate a key pair: {0}")]
+    Key(#[from] moat_identity::CsrError),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("the control plane refused {what} ({code:?}): {message}")]
+    Refused {
+        /// "our token" or "our renewal".
+        what: &'static str,
+        code: tonic::Code,
+        message: String,
+    },
+    #[error("the control plane sent an unusable trust bundle: {0}")]
+    Bundle(#[from] moat_identity::BundleError),
+    #[error("the issued certificate does not verify against our trust anchors: {0}")]
+    Untrusted(#[source] CredentialError),
+    #[error("cannot use the issued certificate: {0}")]
+    Credential(#[from] CredentialError),
 }
 
-impl TlsGen {
-    /// Validates `credential` against `bundle` and builds the inbound config.
-    pub fn new(
-        credential: Credential,
-        bundle: TrustBundle,
-        refresh_after: i64,
-    ) -> anyhow::Result<Self> {
-        let bundle = Arc::new(bundle);
-        let credential = Credential::new(credential.chain().to_vec(), credential.key(), &bundle)
-            .context("our certificate does not verify against the trust bundle")?;
-        let server = moat_tls::server_config(
-            &credential,
-            bundle.clone(),
-            ClientAuth::Required,
-            &[ALPN_H2, ALPN_TCP, ALPN_HTTP1],
-        )?;
-        Ok(TlsGen {
-            credential,
-            bundle,
-            server,
-            refresh_after,
-            clients: Mutex::new(HashMap::new()),
-        })
-    }
-
-    /// SHA-256 of the intermediate that issued our certificate (empty if the chain has none).
-    pub fn issuer_sha256(&self) -> String {
-        self.credential
-            .chain()
-            .get(1)
-            .map(|c| moat_identity::bundle::sha256_hex(c))
-            .unwrap_or_default()
-    }
-
-    /// The outbound config that accepts only `expected`, offering `alpn` (cached).
-    pub fn client_for(
-        &self,
-        expected: &SpiffeId,
-        alpn: &'static [u8],
-    ) -> anyhow::Result<Arc<ClientConfig>> {
-        let mut cache = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = cache.get(&(expected.clone(), alpn)) {
-            return Ok(c.clone());
+impl IdentityError {
+    /// Whether a [`bootstrap`] failure is worth retrying: the control plane could not be
+    /// reached or did not answer in time, as opposed to a refusal or a local problem, which are
+    /// final.
+    pub fn retryable(&self) -> bool {
+        match self {
+            IdentityError::Connect(ConnectError::Connect { .. }) => true,
+            IdentityError::Refused { code, .. } => matches!(
+                code,
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+            ),
+            _ => false,
         }
-        let cfg = moat_tls::client_config(
-            Some(&self.credential),
-            self.bundle.clone(),
-            expected.clone(),
-            alpn,
-        )?;
-        cache.insert((expected.clone(), alpn), cfg.clone());
-        Ok(cfg)
     }
 }
-
-/// The current TLS generation; `None` until the first certificate arrives.
-pub type TlsWatch = watch::Receiver<Option<Arc<TlsGen>>>;
 
 fn ttl_seconds(cfg: &ProxyConfig) -> u32 {
     cfg.cert_ttl
@@ -100,12 +86,28 @@ fn ttl_seconds(cfg: &ProxyConfig) -> u32 {
         .unwrap_or(0)
 }
 
+/// A certificate the control plane issued, checked, ready to publish.
+#[derive(Debug)]
+pub struct Issued {
+    pub credential: Credential,
+    pub bundle: TrustBundle,
+    /// When to renew (Unix seconds).
+    pub refresh_after: i64,
+}
+
+impl Issued {
+    /// Publishes it as the new TLS generation.
+    pub fn publish(self, live: &LiveTls) -> Result<Arc<TlsState>, CredentialError> {
+        live.publish(self.credential, self.bundle, self.refresh_after)
+    }
+}
+
 /// Turns a Certify answer into a credential, checked against `anchors`.
 fn accept(
     resp: CertifyResponse,
     key: &WorkloadKey,
     anchors: &TrustBundle,
-) -> anyhow::Result<(Credential, TrustBundle, i64)> {
+) -> Result<Issued, IdentityError> {
     let chain: Vec<CertificateDer<'static>> = resp
         .chain_der
         .into_iter()
@@ -116,28 +118,30 @@ fn accept(
             .into_iter()
             .map(CertificateDer::from)
             .collect(),
-    )
-    .context("the control plane sent an unusable trust bundle")?;
-    let key = PrivateKeyDer::try_from(key.private_key_der()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    )?;
     // The chain must verify against what we already trust, not only against what was sent.
-    Credential::new(chain.clone(), key.clone_key(), anchors)
-        .context("the issued certificate does not verify against our trust anchors")?;
-    let cred = Credential::new(chain, key, &bundle)?;
-    Ok((cred, bundle, resp.refresh_after_unix))
+    Credential::issued(chain.clone(), key, anchors).map_err(IdentityError::Untrusted)?;
+    let credential = Credential::issued(chain, key, &bundle)?;
+    Ok(Issued {
+        credential,
+        bundle,
+        refresh_after: resp.refresh_after_unix,
+    })
 }
 
 /// Obtains the first certificate with the join token.
-pub async fn bootstrap(cfg: &ProxyConfig) -> anyhow::Result<TlsGen> {
-    let anchors = moat_tls::cred_dir::read_bundle(&cfg.trust_anchors)?;
+pub async fn bootstrap(cfg: &ProxyConfig) -> Result<Issued, IdentityError> {
+    let anchors =
+        moat_tls::cred_dir::read_bundle(&cfg.trust_anchors).map_err(IdentityError::Anchors)?;
     let path = cfg.bootstrap.path();
-    let token = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the token file {}", path.display()))?;
+    let token = std::fs::read_to_string(path).map_err(|source| IdentityError::TokenFile {
+        path: path.to_owned(),
+        source,
+    })?;
     let token = token.trim();
-    anyhow::ensure!(
-        !token.is_empty(),
-        "the token file {} is empty",
-        path.display()
-    );
+    if token.is_empty() {
+        return Err(IdentityError::EmptyToken(path.to_owned()));
+    }
     let credential = match &cfg.bootstrap {
         crate::config::Bootstrap::JoinToken(_) => {
             certify_request::Credential::JoinToken(token.to_owned())
@@ -161,43 +165,19 @@ pub async fn bootstrap(cfg: &ProxyConfig) -> anyhow::Result<TlsGen> {
             credential: Some(credential),
         })
         .await
-        .map_err(|s| CertifyFailed {
+        .map_err(|s| IdentityError::Refused {
+            what: "our token",
             code: s.code(),
             message: s.message().to_owned(),
         })?
         .into_inner();
-    let (cred, bundle, refresh) = accept(resp, &key, &anchors)?;
-    tracing::info!(id = %cred.id(), serial = %cred.leaf().serial, not_after = cred.leaf().not_after, "obtained our first certificate");
-    TlsGen::new(cred, bundle, refresh)
-}
-
-/// The control plane answered our first Certify with an error.
-#[derive(Debug, thiserror::Error)]
-#[error("the control plane refused our token ({code:?}): {message}")]
-pub struct CertifyFailed {
-    pub code: tonic::Code,
-    pub message: String,
-}
-
-/// Whether a [`bootstrap`] failure is worth retrying: the control plane could not be reached or
-/// did not answer in time, as opposed to a refusal or a local problem, which are final. Read
-/// from the error types in the chain, not its text.
-pub fn bootstrap_retryable(e: &anyhow::Error) -> bool {
-    e.chain().any(|cause| {
-        matches!(
-            cause.downcast_ref::<moat_tls::connect::ConnectError>(),
-            Some(moat_tls::connect::ConnectError::Connect { .. })
-        ) || cause.downcast_ref::<CertifyFailed>().is_some_and(|f| {
-            matches!(
-                f.code,
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
-            )
-        })
-    })
+    let issued = accept(resp, &key, &anchors)?;
+    tracing::info!(id = %issued.credential.id(), serial = %issued.credential.leaf().serial, not_after = issued.credential.leaf().not_after, "obtained our first certificate");
+    Ok(issued)
 }
 
 /// Renews over mTLS with the current credential and a new key.
-pub async fn renew(cfg: &ProxyConfig, current: &TlsGen) -> anyhow::Result<TlsGen> {
+pub async fn renew(cfg: &ProxyConfig, current: &TlsState) -> Result<Issued, IdentityError> {
     let key = WorkloadKey::generate(&cfg.identity)?;
     let channel = moat_tls::connect::channel(
         &cfg.control_plane,
@@ -213,10 +193,13 @@ pub async fn renew(cfg: &ProxyConfig, current: &TlsGen) -> anyhow::Result<TlsGen
             credential: None,
         })
         .await
-        .map_err(|s| anyhow::anyhow!("renewal refused ({:?}): {}", s.code(), s.message()))?
+        .map_err(|s| IdentityError::Refused {
+            what: "our renewal",
+            code: s.code(),
+            message: s.message().to_owned(),
+        })?
         .into_inner();
-    let (cred, bundle, refresh) = accept(resp, &key, &current.bundle)?;
-    TlsGen::new(cred, bundle, refresh)
+    accept(resp, &key, &current.bundle)
 }
 
 /// Renews at each refresh hint (or at once when `rotate_now` fires), forever; failures retry
@@ -227,7 +210,7 @@ pub async fn renew(cfg: &ProxyConfig, current: &TlsGen) -> anyhow::Result<TlsGen
 /// fresh by the kubelet; a join token must be replaced by the operator).
 pub async fn renew_loop(
     cfg: Arc<ProxyConfig>,
-    tls: watch::Sender<Option<Arc<TlsGen>>>,
+    tls: Arc<LiveTls>,
     metrics: Arc<crate::metrics::Metrics>,
     rotate_now: Arc<tokio::sync::Notify>,
 ) {
@@ -235,7 +218,7 @@ pub async fn renew_loop(
     let mut backoff =
         crate::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
-        let Some(current) = tls.borrow().clone() else {
+        let Some(current) = tls.current() else {
             return;
         };
         let wait = current.refresh_after - moat_identity::clock::unix_now();
@@ -258,13 +241,11 @@ pub async fn renew_loop(
         }
         let expired = current.credential.leaf().not_after <= moat_identity::clock::unix_now();
         let attempt = if expired {
-            bootstrap(&cfg).await.context(
-                "our certificate has expired, so renewal cannot authenticate; obtaining a new one with the token file failed",
-            )
+            bootstrap(&cfg).await
         } else {
             renew(&cfg, &current).await
         };
-        match attempt {
+        match attempt.and_then(|issued| Ok(issued.publish(&tls)?)) {
             Ok(next) => {
                 if expired {
                     tracing::warn!(
@@ -273,12 +254,16 @@ pub async fn renew_loop(
                 }
                 tracing::info!(serial = %next.credential.leaf().serial, not_after = next.credential.leaf().not_after, "renewed our certificate");
                 metrics.cert_expiry.set(next.credential.leaf().not_after);
-                tls.send_replace(Some(Arc::new(next)));
                 backoff.reset();
+            }
+            Err(e) if expired => {
+                let retry_in = backoff.next_delay();
+                tracing::warn!(error = %e, ?retry_in, "our certificate has expired, so renewal cannot authenticate; obtaining a new one with the token file failed");
+                tokio::time::sleep(retry_in).await;
             }
             Err(e) => {
                 let retry_in = backoff.next_delay();
-                tracing::warn!(error = %format!("{e:#}"), ?retry_in, "certificate renewal failed");
+                tracing::warn!(error = %e, ?retry_in, "certificate renewal failed");
                 tokio::time::sleep(retry_in).await;
             }
         }
@@ -287,9 +272,6 @@ pub async fn renew_loop(
 
 #[cfg(test)]
 mod tests {
-    use anyhow::Context as _;
-    use moat_tls::connect::ConnectError;
-
     use super::*;
 
     #[test]
@@ -299,31 +281,31 @@ mod tests {
             expected: "spiffe://t/ns/moat-system/sa/moat-control".into(),
             detail: "connection refused".into(),
         };
-        let failed = |code| CertifyFailed {
+        let refused = |code| IdentityError::Refused {
+            what: "our token",
             code,
             message: "x".into(),
         };
         let retried = [
-            anyhow::Error::from(unreachable()),
-            anyhow::Error::from(unreachable()).context("first certificate"),
-            anyhow::Error::from(failed(tonic::Code::Unavailable)),
-            anyhow::Error::from(failed(tonic::Code::DeadlineExceeded)),
+            IdentityError::from(unreachable()),
+            refused(tonic::Code::Unavailable),
+            refused(tonic::Code::DeadlineExceeded),
         ];
         for e in &retried {
-            assert!(bootstrap_retryable(e), "{e:#}");
+            assert!(e.retryable(), "{e}");
         }
         let final_ = [
-            anyhow::Error::from(failed(tonic::Code::PermissionDenied)),
-            anyhow::Error::from(failed(tonic::Code::Unauthenticated)),
-            anyhow::Error::from(ConnectError::Address("ftp://x".into())),
-            // Text that merely mentions unavailability is not the control plane's answer.
-            anyhow::anyhow!("the token file says Unavailable: cannot reach"),
-            Err::<(), _>(std::io::Error::other("disk"))
-                .context("cannot read the token file")
-                .unwrap_err(),
+            refused(tonic::Code::PermissionDenied),
+            refused(tonic::Code::Unauthenticated),
+            IdentityError::from(ConnectError::Address("ftp://x".into())),
+            IdentityError::TokenFile {
+                path: "/token".into(),
+                source: std::io::Error::other("Unavailable: cannot reach"),
+            },
+            IdentityError::EmptyToken("/token".into()),
         ];
         for e in &final_ {
-            assert!(!bootstrap_retryable(e), "{e:#}");
+            assert!(!e.retryable(), "{e}");
         }
     }
 }

@@ -43,16 +43,20 @@ use tokio::sync::watch;
 
 use crate::config::ProxyConfig;
 use crate::ctx::Ctx;
-use crate::identity::TlsGen;
 use crate::snapshot::Snapshot;
 
 /// Runs the proxy until `shutdown` resolves, then drains.
 pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let metrics = Arc::new(metrics::Metrics::new());
-    let (tls_tx, tls_rx) = watch::channel(None::<Arc<TlsGen>>);
+    let tls = Arc::new(moat_tls::LiveTls::empty(identity::SERVING));
     let (snap_tx, snap_rx) = watch::channel(None::<Arc<Snapshot>>);
-    let ctx = Arc::new(Ctx::new(cfg.clone(), tls_rx, snap_rx, metrics.clone()));
+    let ctx = Arc::new(Ctx::new(
+        cfg.clone(),
+        tls.subscribe(),
+        snap_rx,
+        metrics.clone(),
+    ));
 
     // Bind everything first, so a port clash fails the start at once.
     let admin = TcpListener::bind(cfg.admin)
@@ -88,27 +92,29 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
     let first = loop {
         match identity::bootstrap(&cfg).await {
             Ok(g) => break g,
-            Err(e) if identity::bootstrap_retryable(&e) => {
+            Err(e) if e.retryable() => {
                 let retry_in = backoff.next_delay();
-                tracing::warn!(error = %format!("{e:#}"), ?retry_in, "cannot reach the control plane for our first certificate");
+                tracing::warn!(error = %e, ?retry_in, "cannot reach the control plane for our first certificate");
                 tokio::time::sleep(retry_in).await;
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     };
+    let first = first
+        .publish(&tls)
+        .context("the control plane's first certificate is unusable")?;
     metrics.cert_expiry.set(first.credential.leaf().not_after);
-    tls_tx.send_replace(Some(Arc::new(first)));
     // The control plane can ask for an immediate re-key (`moat cert rotate`).
     let rotate_now = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(identity::renew_loop(
         cfg.clone(),
-        tls_tx.clone(),
+        tls.clone(),
         metrics.clone(),
         rotate_now.clone(),
     ));
     let mesh_stream = tokio::spawn(mesh_client::run(
         cfg.clone(),
-        tls_tx,
+        tls,
         snap_tx,
         metrics,
         rotate_now,

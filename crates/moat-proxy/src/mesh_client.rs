@@ -12,9 +12,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::config::ProxyConfig;
-use crate::identity::TlsGen;
 use crate::metrics::Metrics;
 use crate::snapshot::{Snapshot, from_proto};
+use moat_tls::LiveTls;
 
 /// How often the proxy reports its authorization counters.
 const REPORT_EVERY: Duration = Duration::from_secs(5);
@@ -22,7 +22,7 @@ const REPORT_EVERY: Duration = Duration::from_secs(5);
 /// Runs the stream until the process ends.
 pub async fn run(
     cfg: Arc<ProxyConfig>,
-    tls: watch::Sender<Option<Arc<TlsGen>>>,
+    tls: Arc<LiveTls>,
     snapshots: watch::Sender<Option<Arc<Snapshot>>>,
     metrics: Arc<Metrics>,
     rotate_now: Arc<tokio::sync::Notify>,
@@ -66,13 +66,13 @@ pub async fn run(
 async fn session(
     cfg: &ProxyConfig,
     control: &SpiffeId,
-    tls: &watch::Sender<Option<Arc<TlsGen>>>,
+    tls: &LiveTls,
     snapshots: &watch::Sender<Option<Arc<Snapshot>>>,
     metrics: &Metrics,
     rotate_now: &tokio::sync::Notify,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Result<(), String> {
-    let current = tls.borrow().clone().ok_or("no certificate yet")?;
+    let current = tls.current().ok_or("no certificate yet")?;
     let channel = moat_tls::connect::channel(
         &cfg.control_plane,
         (*current.bundle).clone(),
@@ -210,14 +210,8 @@ fn table_update(
 
 /// An acknowledgement carrying the certificate the proxy holds now, with its chain when the
 /// control plane has not seen it on this stream yet (`reported`: the serial it last saw).
-fn ack(
-    version: u64,
-    applied: bool,
-    error: String,
-    tls: &watch::Sender<Option<Arc<TlsGen>>>,
-    reported: &mut String,
-) -> Ack {
-    let current = tls.borrow().clone();
+fn ack(version: u64, applied: bool, error: String, tls: &LiveTls, reported: &mut String) -> Ack {
+    let current = tls.current();
     let leaf = current.as_ref().map(|g| g.credential.leaf().clone());
     let serial = leaf.as_ref().map(|l| l.serial.clone()).unwrap_or_default();
     let cert_chain_der = match &current {
@@ -267,20 +261,19 @@ fn report_of(metrics: &Metrics) -> Report {
 fn apply(
     msg: moat_api::v1::Snapshot,
     cfg: &ProxyConfig,
-    tls: &watch::Sender<Option<Arc<TlsGen>>>,
+    tls: &LiveTls,
     snapshots: &watch::Sender<Option<Arc<Snapshot>>>,
 ) -> Result<(), String> {
     let snap = from_proto(msg, &cfg.identity).map_err(|e| e.to_string())?;
-    let current = tls.borrow().clone().ok_or("no certificate yet")?;
+    let current = tls.current().ok_or("no certificate yet")?;
     if current.bundle.fingerprints() != snap.bundle.fingerprints() {
         // A new bundle: our own chain must still verify under it, or we would cut ourselves off.
-        let next = TlsGen::new(
+        tls.publish(
             current.credential.clone(),
             snap.bundle.clone(),
             current.refresh_after,
         )
-        .map_err(|e| format!("{e:#}"))?;
-        tls.send_replace(Some(Arc::new(next)));
+        .map_err(|e| format!("our certificate does not verify under the new trust bundle: {e}"))?;
         tracing::info!(roots = ?snap.bundle.fingerprints(), "trust bundle changed");
     }
     snapshots.send_replace(Some(Arc::new(snap)));

@@ -107,7 +107,7 @@ impl Upstreams {
 struct Shared {
     conn: Arc<multiplex::Conn>,
     /// The certificate generation it was made with.
-    generation: Arc<crate::identity::TlsGen>,
+    generation: Arc<moat_tls::TlsState>,
     /// Who the far side proved to be.
     peer: moat_identity::VerifiedPeer,
 }
@@ -117,7 +117,7 @@ impl Shared {
     /// to a far side whose certificate is neither expired nor revoked.
     fn usable(
         &self,
-        tls: Option<&Arc<crate::identity::TlsGen>>,
+        tls: Option<&Arc<moat_tls::TlsState>>,
         snap: Option<&crate::snapshot::Snapshot>,
         now: i64,
     ) -> bool {
@@ -291,7 +291,7 @@ impl Pool {
         ctx: &Ctx,
         ep: &str,
         target: &Target,
-        generation: Arc<crate::identity::TlsGen>,
+        generation: Arc<moat_tls::TlsState>,
     ) -> Result<Shared, String> {
         let tls_stream = self.dial_one(ctx, ep, target, moat_tls::ALPN_H2).await?;
         let peer = moat_tls::peer_identity(tls_stream.get_ref().1.peer_certificates())

@@ -80,6 +80,15 @@ impl Credential {
         Ok(Credential { chain, key, peer })
     }
 
+    /// A credential for a key generated here and the chain the CA issued for it.
+    pub fn issued(
+        chain: Vec<CertificateDer<'static>>,
+        key: &moat_identity::WorkloadKey,
+        bundle: &TrustBundle,
+    ) -> Result<Self, CredentialError> {
+        Self::new(chain, private_key(key)?, bundle)
+    }
+
     /// Reads PEM chain and key text.
     pub fn from_pem(
         chain_pem: &[u8],
@@ -118,6 +127,13 @@ impl Credential {
     pub fn chain(&self) -> &[CertificateDer<'static>] {
         &self.chain
     }
+}
+
+/// `key`'s private half in the form rustls takes.
+pub fn private_key(
+    key: &moat_identity::WorkloadKey,
+) -> Result<PrivateKeyDer<'static>, CredentialError> {
+    PrivateKeyDer::try_from(key.private_key_der()).map_err(|e| CredentialError::Key(e.to_string()))
 }
 
 /// Whether a server asks its clients for a certificate.

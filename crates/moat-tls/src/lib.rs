@@ -2,7 +2,8 @@
 //! provider with the hybrid post-quantum group X25519MLKEM768 offered first (`provider`). Peers
 //! are authenticated by SPIFFE ID against the mesh trust bundle, never by DNS name (`verifier`).
 //! A [`Credential`] (chain + key) is validated before any config is built from it (`config`), and
-//! [`LiveTls`] publishes fresh configs on a watch so rotation never mutates a live config (`live`).
+//! [`LiveTls`] publishes each new generation (credential, bundle, server config, cached client
+//! configs) on a watch, so rotation never mutates a live config (`live`); both binaries use it.
 //! `connect` dials a gRPC server (the control plane) with those configs; `cred_dir` reads and
 //! writes credential directories (cert.pem, key.pem, bundle.pem); `failure` says why a handshake
 //! failed, from the error's type.
@@ -17,8 +18,8 @@ pub mod verifier;
 
 pub use config::{
     ALPN_H2, ALPN_HTTP1, ALPN_TCP, ClientAuth, Credential, CredentialError, client_config,
-    peer_identity, server_config,
+    peer_identity, private_key, server_config,
 };
 pub use failure::HandshakeFailure;
-pub use live::{LiveTls, TlsState};
+pub use live::{LiveTls, Serving, TlsState, TlsWatch};
 pub use verifier::{SpiffeClientVerifier, SpiffeServerVerifier};

@@ -1,13 +1,27 @@
-//! Live TLS state: validate a new credential, build new configs, publish them on a watch.
-//! Connections read the current value at accept; nothing ever mutates a published config.
+//! Live TLS state, the one implementation both binaries use: validate a new credential, build
+//! the server config for it, publish the result on a watch. Connections read the current
+//! generation at accept or dial; nothing ever mutates a published generation, so rotation never
+//! touches a live connection's config.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
-use moat_identity::TrustBundle;
-use rustls::ServerConfig;
+use moat_identity::{SpiffeId, TrustBundle};
+use rustls::{ClientConfig, ServerConfig};
 use tokio::sync::watch;
 
-use crate::config::{ClientAuth, Credential, CredentialError, server_config};
+use crate::config::{ClientAuth, Credential, CredentialError, client_config, server_config};
+
+/// What a generation's server config asks of callers and offers them.
+#[derive(Clone, Copy, Debug)]
+pub struct Serving {
+    pub client_auth: ClientAuth,
+    /// ALPN protocols offered to callers, in preference order.
+    pub alpn: &'static [&'static [u8]],
+}
+
+/// Outbound configs are cached per (expected server identity, ALPN).
+type ClientKey = (SpiffeId, &'static [u8]);
 
 /// One published generation of TLS material.
 #[derive(Debug)]
@@ -15,60 +29,112 @@ pub struct TlsState {
     pub credential: Credential,
     pub bundle: Arc<TrustBundle>,
     pub server: Arc<ServerConfig>,
+    /// When the credential should be renewed (Unix seconds), as the CA advised.
+    pub refresh_after: i64,
+    clients: Mutex<HashMap<ClientKey, Arc<ClientConfig>>>,
 }
 
-/// The owner side of live TLS state. Clone the receiver from [`LiveTls::subscribe`].
+impl TlsState {
+    /// Re-checks `credential` against the bundle it will be served with, then builds the server
+    /// config.
+    fn build(
+        credential: Credential,
+        bundle: Arc<TrustBundle>,
+        refresh_after: i64,
+        serving: Serving,
+    ) -> Result<Self, CredentialError> {
+        let credential = Credential::new(credential.chain().to_vec(), credential.key(), &bundle)?;
+        let server = server_config(
+            &credential,
+            bundle.clone(),
+            serving.client_auth,
+            serving.alpn,
+        )?;
+        Ok(TlsState {
+            credential,
+            bundle,
+            server,
+            refresh_after,
+            clients: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The client config that presents this generation's credential and accepts only a server
+    /// proving `expected`, offering `alpn`. Built once per generation and then cached, so a
+    /// rotation changes every outbound config at once.
+    pub fn client_for(
+        &self,
+        expected: &SpiffeId,
+        alpn: &'static [u8],
+    ) -> Result<Arc<ClientConfig>, CredentialError> {
+        let mut cache = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = cache.get(&(expected.clone(), alpn)) {
+            return Ok(c.clone());
+        }
+        let cfg = client_config(
+            Some(&self.credential),
+            self.bundle.clone(),
+            expected.clone(),
+            alpn,
+        )?;
+        cache.insert((expected.clone(), alpn), cfg.clone());
+        Ok(cfg)
+    }
+
+    /// SHA-256 (hex) of the intermediate that issued the credential; empty if the chain has
+    /// none.
+    pub fn issuer_sha256(&self) -> String {
+        self.credential
+            .chain()
+            .get(1)
+            .map(|c| moat_identity::bundle::sha256_hex(c))
+            .unwrap_or_default()
+    }
+}
+
+/// What connections hold: the current generation, `None` before the first credential arrives.
+pub type TlsWatch = watch::Receiver<Option<Arc<TlsState>>>;
+
+/// The owner side of live TLS state. Hand [`LiveTls::subscribe`] receivers to listeners.
 #[derive(Debug)]
 pub struct LiveTls {
-    tx: watch::Sender<Arc<TlsState>>,
-    client_auth: ClientAuth,
+    tx: watch::Sender<Option<Arc<TlsState>>>,
+    serving: Serving,
 }
 
 impl LiveTls {
-    /// Builds the first generation.
-    pub fn new(
-        credential: Credential,
-        bundle: TrustBundle,
-        client_auth: ClientAuth,
-    ) -> Result<Self, CredentialError> {
-        let state = build(credential, Arc::new(bundle), client_auth)?;
-        let (tx, _) = watch::channel(Arc::new(state));
-        Ok(LiveTls { tx, client_auth })
+    /// Live state with no generation yet: until the first [`LiveTls::publish`], listeners
+    /// refuse every handshake.
+    pub fn empty(serving: Serving) -> Self {
+        let (tx, _) = watch::channel(None);
+        LiveTls { tx, serving }
     }
 
-    /// Validates and publishes a new credential and bundle. On error the old generation stays.
+    /// Validates `credential` against `bundle`, builds its configs and publishes them as the new
+    /// generation. On error nothing is published and the old generation stays in force.
     pub fn publish(
         &self,
         credential: Credential,
         bundle: TrustBundle,
-    ) -> Result<(), CredentialError> {
-        let state = build(credential, Arc::new(bundle), self.client_auth)?;
-        self.tx.send_replace(Arc::new(state));
-        Ok(())
+        refresh_after: i64,
+    ) -> Result<Arc<TlsState>, CredentialError> {
+        let state = Arc::new(TlsState::build(
+            credential,
+            Arc::new(bundle),
+            refresh_after,
+            self.serving,
+        )?);
+        self.tx.send_replace(Some(state.clone()));
+        Ok(state)
     }
 
     /// The current generation.
-    pub fn current(&self) -> Arc<TlsState> {
+    pub fn current(&self) -> Option<Arc<TlsState>> {
         self.tx.borrow().clone()
     }
 
     /// A receiver that sees every new generation.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<TlsState>> {
+    pub fn subscribe(&self) -> TlsWatch {
         self.tx.subscribe()
     }
-}
-
-fn build(
-    credential: Credential,
-    bundle: Arc<TrustBundle>,
-    client_auth: ClientAuth,
-) -> Result<TlsState, CredentialError> {
-    // Re-check the credential against the bundle it will be served with.
-    let credential = Credential::new(credential.chain().to_vec(), credential.key(), &bundle)?;
-    let server = server_config(&credential, bundle.clone(), client_auth, &[crate::ALPN_H2])?;
-    Ok(TlsState {
-        credential,
-        bundle,
-        server,
-    })
 }
