@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use moat_test_util::{ControlPlane, Proxy, apply_policy, bin, free_port};
+use moat_test_util::{ControlPlane, Proxy, ReservedPort, apply_policy, bin};
 
 const ROUNDS: usize = 3;
 const SECS: u64 = 10;
@@ -83,9 +83,9 @@ impl Drop for Kill {
     }
 }
 
-/// nginx serving `/1k` and `/1g` from `dir`: HTTP/1.1 on the first address, h2c (HTTP/2 with
-/// prior knowledge) on the second.
-fn nginx(dir: &Path) -> (Kill, SocketAddr, SocketAddr) {
+/// nginx serving `/1k` and `/1g` from `dir`: HTTP/1.1 on the first port, h2c (HTTP/2 with
+/// prior knowledge) on the second (both held for nginx while the ports live).
+fn nginx(dir: &Path) -> (Kill, ReservedPort, ReservedPort) {
     let www = dir.join("www");
     let tmp = dir.join("tmp");
     std::fs::create_dir_all(&www).unwrap();
@@ -100,8 +100,8 @@ fn nginx(dir: &Path) -> (Kill, SocketAddr, SocketAddr) {
         .unwrap()
         .set_len(1 << 30)
         .unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let h2: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let (addr_port, h2_port) = (ReservedPort::loopback(), ReservedPort::loopback());
+    let (addr, h2) = (addr_port.addr(), h2_port.addr());
     let t = tmp.display();
     let conf = format!(
         "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 8192; }}\n\
@@ -124,7 +124,7 @@ fn nginx(dir: &Path) -> (Kill, SocketAddr, SocketAddr) {
         .unwrap();
     wait_port(addr);
     wait_port(h2);
-    (Kill(child), addr, h2)
+    (Kill(child), addr_port, h2_port)
 }
 
 /// One variant's entry points and the processes whose CPU and memory it costs.
@@ -135,6 +135,8 @@ struct Variant {
     h2: SocketAddr,
     tcp: SocketAddr,
     pids: Vec<u32>,
+    /// Ports held for the variant's processes (see `ReservedPort`).
+    _ports: Vec<ReservedPort>,
 }
 
 fn envoy_tls_context(upstream: bool, certs: &Path, peer: &str) -> String {
@@ -284,9 +286,8 @@ fn envoy_pair(
     let td = "spiffe://moat.local/ns/default/sa";
     let client_certs = issue(cp, "envoy-client", dir);
     let server_certs = issue(cp, "envoy-server", dir);
-    let port = || -> SocketAddr { format!("127.0.0.1:{}", free_port()).parse().unwrap() };
-    let (c_http, c_tcp, s_http, s_tcp) = (port(), port(), port(), port());
-    let (c_h2, s_h2) = (port(), port());
+    let ports: Vec<ReservedPort> = (0..6).map(|_| ReservedPort::loopback()).collect();
+    let [c_http, c_tcp, s_http, s_tcp, c_h2, s_h2] = [0, 1, 2, 3, 4, 5].map(|i| ports[i].addr());
     let to_server = || {
         Some(envoy_tls_context(
             true,
@@ -332,6 +333,7 @@ fn envoy_pair(
             h2: c_h2,
             tcp: c_tcp,
             pids,
+            _ports: ports,
         },
     )
 }
@@ -359,7 +361,9 @@ fn moat_pair(
             "apiVersion: moat.dev/v1\nkind: AccessPolicy\nmetadata: {{ name: {server_id} }}\nspec:\n  target: {server_id}\n  rules:\n    - from: [{client_id}]\n---\napiVersion: moat.dev/v1\nkind: AccessPolicy\nmetadata: {{ name: {server_h2_id} }}\nspec:\n  target: {server_h2_id}\n  rules:\n    - from: [{client_id}]\n"
         ),
     );
-    let tcp_port = free_port();
+    // The opaque TCP listener's port is named in --opaque-ports, so it is known before start.
+    let tcp_reserved = ReservedPort::loopback();
+    let tcp_port = tcp_reserved.port();
     let one_worker = ["--workers", "1"];
     let sidecar = |id: &str| Proxy::builder(cp, id).binary(binary).args(&one_worker);
     let server = sidecar(&server_id).app(backend).start().unwrap();
@@ -398,8 +402,9 @@ fn moat_pair(
             name,
             http,
             h2,
-            tcp: format!("127.0.0.1:{tcp_port}").parse().unwrap(),
+            tcp: tcp_reserved.addr(),
             pids,
+            _ports: vec![tcp_reserved],
         },
     )
 }
@@ -725,7 +730,8 @@ fn main() {
         );
     }
     let dir = tempfile::tempdir().unwrap();
-    let (_nginx, backend, backend_h2) = nginx(dir.path());
+    let (_nginx, backend_port, backend_h2_port) = nginx(dir.path());
+    let (backend, backend_h2) = (backend_port.addr(), backend_h2_port.addr());
     let cp = ControlPlane::start().unwrap();
     let (_envoys, envoy) = envoy_pair(&cp, dir.path(), backend, backend_h2);
     let backends = (backend, backend_h2);
@@ -739,6 +745,7 @@ fn main() {
         h2: backend_h2,
         tcp: backend,
         pids: Vec::new(),
+        _ports: Vec::new(),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -130,7 +130,9 @@ async fn a_server_first_protocol_works_through_an_opaque_port() {
         .app(tcp_greeter().await)
         .start()
         .unwrap();
-    let port = moat_test_util::free_port().to_string();
+    // Kept for the outbound listener, whose port must be known to declare it opaque.
+    let reserved = moat_test_util::ReservedPort::loopback();
+    let port = reserved.port().to_string();
     // An outbound listener on a port declared opaque: no detection, the greeting flows at once.
     let upstream = format!("ledger@{port}");
     let fe = Proxy::builder(&cp, "frontend")

@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use moat_test_util::{ControlPlane, apply_policy, bin, eventually, free_port};
+use moat_test_util::{ControlPlane, apply_policy, bin, eventually};
 
 const POLICY: &str = r#"
 apiVersion: moat.dev/v1
@@ -199,8 +199,8 @@ fn curl(net: &Net, i: usize, url: &str) -> (String, String) {
 fn pods_call_plain_addresses_and_the_mesh_carries_them_over_mtls() {
     require_root_and_tools();
     let net = Net::new(&["a", "b", "c"]);
-    let cp =
-        ControlPlane::start_listening(&format!("{}.1:{}", net.prefix, free_port()), &[]).unwrap();
+    let bridge: std::net::IpAddr = format!("{}.1", net.prefix).parse().unwrap();
+    let cp = ControlPlane::start_listening(bridge, &[]).unwrap();
     apply_policy(&cp, POLICY);
 
     // Files the sidecars (uid 1337) may read.

@@ -17,7 +17,8 @@ pub struct ProxyConfig {
     pub bootstrap: Bootstrap,
     pub trust_anchors: PathBuf,
     pub inbound: SocketAddr,
-    /// What other sidecars dial; defaults to `inbound` when that is not a wildcard.
+    /// What other sidecars dial; defaults to `inbound` when that is not a wildcard. A port 0
+    /// here is replaced by the inbound listener's bound port.
     pub advertise: String,
     /// Where inbound traffic goes; `None` in transparent mode, where each connection goes to
     /// the port its caller dialled (carried in the mesh connection's server name).
@@ -28,6 +29,8 @@ pub struct ProxyConfig {
     /// What to do with an intercepted connection to an address outside the mesh.
     pub unknown_destinations: Unknown,
     pub admin: SocketAddr,
+    /// Where to write every listener's bound address (JSON) once bound; for ports given as 0.
+    pub addresses_file: Option<PathBuf>,
     pub drain_timeout: Duration,
     /// Requested certificate lifetime (`None`: the control plane's default).
     pub cert_ttl: Option<Duration>,

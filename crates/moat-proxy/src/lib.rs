@@ -41,12 +41,88 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use moat_identity::SpiffeId;
+
 use crate::config::ProxyConfig;
 use crate::ctx::Ctx;
 use crate::snapshot::Snapshot;
 
+/// Every listener, bound before anything else starts, so a port clash fails the start at once.
+struct Listeners {
+    admin: TcpListener,
+    inbound: TcpListener,
+    upstreams: Vec<(TcpListener, SpiffeId)>,
+    transparent: Option<TcpListener>,
+}
+
+impl Listeners {
+    async fn bind(cfg: &ProxyConfig) -> anyhow::Result<Self> {
+        let admin = TcpListener::bind(cfg.admin)
+            .await
+            .with_context(|| format!("cannot listen on the admin address {}", cfg.admin))?;
+        let inbound = TcpListener::bind(cfg.inbound)
+            .await
+            .with_context(|| format!("cannot listen on the inbound address {}", cfg.inbound))?;
+        let mut upstreams = Vec::new();
+        for up in &cfg.upstreams {
+            let id = up.identity(&cfg.trust_domain)?;
+            let l = TcpListener::bind(up.listen).await.with_context(|| {
+                format!("cannot listen on {} for upstream {}", up.listen, up.service)
+            })?;
+            upstreams.push((l, id));
+        }
+        let transparent = match cfg.transparent {
+            Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen on the transparent outbound address {addr}")
+            })?),
+            None => None,
+        };
+        Ok(Listeners {
+            admin,
+            inbound,
+            upstreams,
+            transparent,
+        })
+    }
+
+    /// The address each listener is bound to (a port given as 0 is the one the system chose),
+    /// as `--addresses-file` reports them.
+    fn addresses(&self, cfg: &ProxyConfig) -> std::io::Result<serde_json::Value> {
+        let mut upstreams = serde_json::Map::new();
+        for ((l, _), up) in self.upstreams.iter().zip(&cfg.upstreams) {
+            upstreams.insert(up.service.clone(), l.local_addr()?.to_string().into());
+        }
+        Ok(serde_json::json!({
+            "admin": self.admin.local_addr()?.to_string(),
+            "inbound": self.inbound.local_addr()?.to_string(),
+            "upstreams": upstreams,
+            "transparent": self.transparent.as_ref().map(TcpListener::local_addr).transpose()?.map(|a| a.to_string()),
+        }))
+    }
+}
+
+/// Writes `value` to `path` whole or not at all (a reader never sees half a file).
+fn write_atomically(path: &std::path::Path, value: &serde_json::Value) -> std::io::Result<()> {
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, value.to_string())?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Runs the proxy until `shutdown` resolves, then drains.
-pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(mut cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let listeners = Listeners::bind(&cfg).await?;
+    let inbound_addr = listeners.inbound.local_addr()?;
+    // An advertised port 0 (from `--inbound HOST:0`) is the port the system chose.
+    if let Ok(mut advertised) = cfg.advertise.parse::<std::net::SocketAddr>()
+        && advertised.port() == 0
+    {
+        advertised.set_port(inbound_addr.port());
+        cfg.advertise = advertised.to_string();
+    }
+    if let Some(path) = &cfg.addresses_file {
+        write_atomically(path, &listeners.addresses(&cfg)?)
+            .with_context(|| format!("cannot write --addresses-file {}", path.display()))?;
+    }
     let cfg = Arc::new(cfg);
     let metrics = Arc::new(metrics::Metrics::new());
     let tls = Arc::new(moat_tls::LiveTls::empty(identity::SERVING));
@@ -58,22 +134,13 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
         metrics.clone(),
     ));
 
-    // Bind everything first, so a port clash fails the start at once.
-    let admin = TcpListener::bind(cfg.admin)
-        .await
-        .with_context(|| format!("cannot listen on the admin address {}", cfg.admin))?;
-    let inbound = TcpListener::bind(cfg.inbound)
-        .await
-        .with_context(|| format!("cannot listen on the inbound address {}", cfg.inbound))?;
-    let mut upstreams = Vec::new();
-    for up in &cfg.upstreams {
-        let id = up.identity(&cfg.trust_domain).map_err(anyhow::Error::msg)?;
-        let l = TcpListener::bind(up.listen).await.with_context(|| {
-            format!("cannot listen on {} for upstream {}", up.listen, up.service)
-        })?;
-        upstreams.push((l, id));
-    }
-    tracing::info!(admin = %admin.local_addr()?, inbound = %inbound.local_addr()?, identity = %cfg.identity, "proxy starting");
+    let Listeners {
+        admin,
+        inbound,
+        upstreams,
+        transparent,
+    } = listeners;
+    tracing::info!(admin = %admin.local_addr()?, inbound = %inbound_addr, advertise = %cfg.advertise, identity = %cfg.identity, "proxy starting");
     tokio::spawn(admin::serve(admin, ctx.clone()));
     // Listeners serve from the start: until there is a certificate and a snapshot they close
     // inbound connections and answer outbound ones with "unavailable", so callers fail fast.
@@ -81,10 +148,7 @@ pub async fn run(cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow
     for (l, id) in upstreams {
         ctx.tracker.spawn(outbound::serve(l, id, ctx.clone()));
     }
-    if let Some(addr) = cfg.transparent {
-        let l = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on the transparent outbound address {addr}"))?;
+    if let Some(l) = transparent {
         ctx.tracker.spawn(transparent::serve(l, ctx.clone()));
     }
 

@@ -70,6 +70,10 @@ struct Args {
     /// Admin listener (/ready, /live, /metrics, /config).
     #[arg(long, env = "MOAT_ADMIN", default_value = "127.0.0.1:7191")]
     admin: SocketAddr,
+    /// Once every listener is bound, write their addresses as JSON (admin, inbound, upstreams by
+    /// service, transparent) to this file, replaced whole: how to find a port given as 0.
+    #[arg(long, env = "MOAT_ADDRESSES_FILE")]
+    addresses_file: Option<PathBuf>,
     /// How long SIGTERM waits for in-flight work.
     #[arg(long, env = "MOAT_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
     drain_timeout: Duration,
@@ -156,6 +160,7 @@ fn config(a: &Args) -> Result<ProxyConfig, String> {
             Unknown::Passthrough
         },
         admin: a.admin,
+        addresses_file: a.addresses_file.clone(),
         drain_timeout: a.drain_timeout,
         cert_ttl: a.cert_ttl,
         opaque_ports: a.opaque_ports.clone(),

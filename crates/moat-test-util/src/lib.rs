@@ -10,6 +10,7 @@ mod proxy;
 pub use proxy::{Proxy, apply_policy};
 
 use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -88,7 +89,8 @@ pub struct ControlPlane {
     data: tempfile::TempDir,
     secrets: tempfile::TempDir,
     log: PathBuf,
-    listen: String,
+    /// The gRPC port, kept across restarts (proxies reconnect to the same URL).
+    listen: ReservedPort,
     extra_args: Vec<String>,
     /// Environment for the control plane and the CLI runs against it (e.g. a moved clock).
     env: Vec<(String, String)>,
@@ -145,7 +147,7 @@ impl Clock {
 }
 
 /// A plain HTTP/1.1 GET (admin ports): (status, body), or `None` when nothing answers.
-pub fn http_get(addr: &std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+pub fn http_get(addr: &SocketAddr, path: &str) -> Option<(u16, String)> {
     use std::io::{Read as _, Write as _};
     let mut s = std::net::TcpStream::connect_timeout(addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
@@ -164,35 +166,56 @@ pub fn http_get(addr: &std::net::SocketAddr, path: &str) -> Option<(u16, String)
     Some((status, body))
 }
 
-/// A free TCP port on 127.0.0.1 for a process to listen on (bound and released).
-///
-/// Taken below the kernel's ephemeral range: a port from that range (what binding port 0
-/// gives) can be taken as the local port of any outgoing connection before the process that
-/// was meant to listen on it starts, and the suite makes thousands of them.
-pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32768);
-    if ephemeral_low > 12_000 {
-        // Spread processes (test binaries run side by side) over the range below it.
-        let span = ephemeral_low - 11_000;
-        let seed = std::process::id().wrapping_mul(2_654_435_761) % span;
-        for _ in 0..span {
-            let port = 10_000 + (seed + NEXT.fetch_add(7919, Ordering::Relaxed)) % span;
-            if let Ok(port) = u16::try_from(port)
-                && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
-            {
-                return port;
-            }
-        }
+/// A port kept for a process that must listen on a port known before it starts (a control
+/// plane that restarts on the same address, a port named in another flag, nginx and Envoy in
+/// the benchmarks): a socket bound to it with `SO_REUSEADDR` that never listens. While it is
+/// held the system gives the port to nobody else, neither a `bind` to port 0 nor an outgoing
+/// connection, and connecting to it is refused until the process listens. The process binds
+/// the same port (tokio, nginx and Envoy all set `SO_REUSEADDR`), and can restart on it with no
+/// window for another to take it. Processes that can report the port they bound (the sidecar's
+/// `--addresses-file`) are started on port 0 instead.
+#[derive(Debug)]
+pub struct ReservedPort {
+    _socket: socket2::Socket,
+    addr: SocketAddr,
+}
+
+impl ReservedPort {
+    /// A port on 127.0.0.1.
+    pub fn loopback() -> Self {
+        Self::on(std::net::Ipv4Addr::LOCALHOST.into())
     }
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port: {e}"))
+
+    /// A port on `ip` (an address of this host).
+    pub fn on(ip: std::net::IpAddr) -> Self {
+        let reserve = || -> std::io::Result<Self> {
+            let addr = SocketAddr::new(ip, 0);
+            let socket = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                None,
+            )?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&addr.into())?;
+            let addr = socket
+                .local_addr()?
+                .as_socket()
+                .ok_or_else(|| std::io::Error::other("not an IP socket"))?;
+            Ok(ReservedPort {
+                _socket: socket,
+                addr,
+            })
+        };
+        reserve().unwrap_or_else(|e| panic!("cannot reserve a port on {ip}: {e}"))
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
 }
 
 /// Writes a secret file readable only by its owner (0600), as moat-control requires of a KEK.
@@ -213,22 +236,22 @@ impl ControlPlane {
 
     /// Starts one with extra `serve` flags (e.g. `--import-root-cert`).
     pub fn start_with(extra: &[&str]) -> anyhow::Result<Self> {
-        Self::start_listening(&format!("127.0.0.1:{}", free_port()), extra)
+        Self::start_full(ReservedPort::loopback(), extra, Vec::new())
     }
 
     /// Starts one whose gRPC port listens on `listen` (e.g. a bridge address other network
     /// namespaces reach).
-    pub fn start_listening(listen: &str, extra: &[&str]) -> anyhow::Result<Self> {
-        Self::start_full(listen, extra, Vec::new())
+    pub fn start_listening(ip: std::net::IpAddr, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_full(ReservedPort::on(ip), extra, Vec::new())
     }
 
     /// Starts one whose processes (and the CLI runs against it) get `env`, e.g. [`Clock::env`].
     pub fn start_env(extra: &[&str], env: Vec<(String, String)>) -> anyhow::Result<Self> {
-        Self::start_full(&format!("127.0.0.1:{}", free_port()), extra, env)
+        Self::start_full(ReservedPort::loopback(), extra, env)
     }
 
     fn start_full(
-        listen: &str,
+        listen: ReservedPort,
         extra: &[&str],
         env: Vec<(String, String)>,
     ) -> anyhow::Result<Self> {
@@ -244,7 +267,7 @@ impl ControlPlane {
             data,
             secrets,
             log,
-            listen: listen.to_owned(),
+            listen,
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             env,
         };
@@ -270,7 +293,8 @@ impl ControlPlane {
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(self.data.path())
-            .args(["--listen", &self.listen, "--admin", "127.0.0.1:0"])
+            .args(["--listen", &self.listen.addr().to_string()])
+            .args(["--admin", "127.0.0.1:0"])
             .arg("--kek-file")
             .arg(kek_file)
             .env_remove("MOAT_KEK")

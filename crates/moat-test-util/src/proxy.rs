@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
-use crate::{ControlPlane, bin, eventually, free_port};
+use crate::{ControlPlane, ReservedPort, bin, eventually};
 
 /// How a proxy gets its first certificate: `flag` (`--token-file` or `--k8s-token-file`) and the
 /// token it names.
@@ -65,13 +65,19 @@ impl ProxyBuilder<'_> {
     /// Starts the sidecar with a new join token and waits until it is ready.
     pub fn start(self) -> anyhow::Result<Proxy> {
         let binary = self.binary.unwrap_or_else(|| bin("moat-proxy"));
-        let app = match self.app {
-            Some(a) => a,
-            None => SocketAddr::from(([127, 0, 0, 1], free_port())),
+        // Without an app: a port held closed, so connections to it are refused.
+        let closed = self.app.is_none().then(ReservedPort::loopback);
+        let app = match (self.app, &closed) {
+            (Some(a), _) => a,
+            (None, Some(c)) => c.addr(),
+            (None, None) => unreachable!("a closed port is reserved when there is no app"),
         };
         let upstreams: Vec<&str> = self.upstreams.iter().map(String::as_str).collect();
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        Proxy::start_binary(self.cp, &binary, &self.identity, app, &upstreams, &args)
+        let mut proxy =
+            Proxy::start_binary(self.cp, &binary, &self.identity, app, &upstreams, &args)?;
+        proxy.held.extend(closed);
+        Ok(proxy)
     }
 }
 
@@ -84,6 +90,8 @@ pub struct Proxy {
     pub admin: SocketAddr,
     pub upstreams: HashMap<String, SocketAddr>,
     dir: tempfile::TempDir,
+    /// Ports kept for this proxy while it lives (see [`ReservedPort`]).
+    held: Vec<ReservedPort>,
 }
 
 impl Proxy {
@@ -171,8 +179,21 @@ impl Proxy {
         let dir = tempfile::tempdir()?;
         let token_file = dir.path().join("token");
         std::fs::write(&token_file, token.value.trim())?;
-        let inbound: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        // This build binds port 0 and reports what it bound; an older build (the benchmarks
+        // compare one) may not know --addresses-file, so it gets ports held for it.
+        let reports = binary == bin("moat-proxy");
+        let mut held = Vec::new();
+        let mut port = || -> SocketAddr {
+            if reports {
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            } else {
+                let r = ReservedPort::loopback();
+                let a = r.addr();
+                held.push(r);
+                a
+            }
+        };
+        let (inbound, admin) = (port(), port());
         let mut ups = HashMap::new();
         let mut cmd = Command::new(binary);
         cmd.args([
@@ -194,13 +215,16 @@ impl Proxy {
             &app.to_string(),
         ]);
         for u in upstreams {
-            let (name, port) = match u.split_once('@') {
-                Some((n, p)) => (n, p.parse()?),
-                None => (*u, free_port()),
+            let (name, a) = match u.split_once('@') {
+                Some((n, p)) => (n, SocketAddr::from(([127, 0, 0, 1], p.parse()?))),
+                None => (*u, port()),
             };
-            let a: SocketAddr = format!("127.0.0.1:{port}").parse()?;
             cmd.args(["--upstream", &format!("{name}={a}")]);
             ups.insert(name.to_owned(), a);
+        }
+        let addresses = dir.path().join("addresses.json");
+        if reports {
+            cmd.arg("--addresses-file").arg(&addresses);
         }
         cmd.args(extra);
         // The control plane's environment (e.g. its moved clock) applies to its mesh.
@@ -212,14 +236,49 @@ impl Proxy {
             .env_remove("MOAT_UPSTREAMS")
             .spawn()
             .context("cannot start moat-proxy")?;
-        Ok(Proxy {
+        let mut proxy = Proxy {
             child: Some(child),
             identity: identity.to_owned(),
             inbound,
             admin,
             upstreams: ups,
             dir,
+            held,
+        };
+        if reports {
+            proxy.read_addresses(&addresses)?;
+        }
+        Ok(proxy)
+    }
+
+    /// Waits for the addresses the proxy bound (`--addresses-file`) and takes them.
+    fn read_addresses(&mut self, path: &Path) -> anyhow::Result<()> {
+        let text = eventually(Duration::from_secs(30), || {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(_)) = c.try_wait()
+            {
+                return Some(None);
+            }
+            std::fs::read_to_string(path).ok().map(Some)
         })
+        .flatten();
+        let Some(text) = text else {
+            bail!(
+                "proxy {} did not report its addresses; log:\n{}",
+                self.identity,
+                self.log_text()
+            );
+        };
+        let v: serde_json::Value = serde_json::from_str(&text)?;
+        let addr = |v: &serde_json::Value| -> anyhow::Result<SocketAddr> {
+            Ok(v.as_str().context("an address is not a string")?.parse()?)
+        };
+        self.inbound = addr(&v["inbound"])?;
+        self.admin = addr(&v["admin"])?;
+        for (name, a) in self.upstreams.iter_mut() {
+            *a = addr(&v["upstreams"][name.as_str()])?;
+        }
+        Ok(())
     }
 
     /// The token file the proxy reads when it needs a certificate without a valid one.
@@ -320,7 +379,12 @@ impl Drop for Proxy {
 
 /// Applies a policy document (YAML text) through the CLI.
 pub fn apply_policy(cp: &ControlPlane, yaml: &str) {
-    let f = cp.scratch().join(format!("policy-{}.yaml", free_port()));
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let f = cp.scratch().join(format!(
+        "policy-{}.yaml",
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
     std::fs::write(&f, yaml).unwrap_or_else(|e| panic!("{e}"));
     cp.moat_ok(&["policy", "apply", "-f", &f.display().to_string()]);
 }
