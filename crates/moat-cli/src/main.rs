@@ -4,6 +4,7 @@
 mod commands;
 mod connect;
 mod creds;
+mod table;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

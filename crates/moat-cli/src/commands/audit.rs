@@ -5,6 +5,7 @@ use moat_api::v1::ListAuditRequest;
 use super::admin;
 use crate::Global;
 use crate::connect::status;
+use crate::table::Table;
 
 #[derive(clap::Args, Debug)]
 pub struct AuditArgs {
@@ -40,18 +41,19 @@ pub async fn run(global: &Global, args: AuditArgs) -> anyhow::Result<()> {
         .map_err(|s| status("audit", s))?
         .into_inner()
         .entries;
+    let mut table = Table::new(&["TIME", "OUTCOME", "ACTION", "ACTOR", "TARGET", "DETAIL"]);
     for e in entries {
         let t =
             std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.time_unix_ms.max(0) as u64);
-        println!(
-            "{}  {:<8} {:<14} {:<48} {}  {}",
-            humantime::format_rfc3339_millis(t),
+        table.row([
+            humantime::format_rfc3339_millis(t).to_string(),
             e.outcome,
             e.action,
             e.actor,
             e.target,
-            e.detail
-        );
+            e.detail,
+        ]);
     }
+    table.print();
     Ok(())
 }

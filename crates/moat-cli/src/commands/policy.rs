@@ -16,6 +16,7 @@ use super::admin;
 use super::policy_files::sources;
 use crate::Global;
 use crate::connect::status;
+use crate::table::Table;
 
 #[derive(Subcommand, Debug)]
 pub enum PolicyCmd {
@@ -118,21 +119,21 @@ async fn history(global: &Global, name: String, documents: bool) -> anyhow::Resu
         .map_err(|s| status("policy history", s))?
         .into_inner()
         .revisions;
-    println!("{:>8}  {:<24}  {:<8}  BY", "VERSION", "TIME", "CHANGE");
+    let mut table = Table::new(&["VERSION", "TIME", "CHANGE", "BY"]).right(&[0]);
     for r in revs {
         let t =
             std::time::UNIX_EPOCH + std::time::Duration::from_millis(r.time_unix_ms.max(0) as u64);
-        println!(
-            "{:>8}  {:<24}  {:<8}  {}",
-            r.version,
+        table.row([
+            r.version.to_string(),
             humantime::format_rfc3339_millis(t).to_string(),
             r.change,
-            r.actor
-        );
+            r.actor,
+        ]);
         if documents && !r.document.is_empty() {
-            println!("{}", r.document);
+            table.detail(r.document);
         }
     }
+    table.print();
     Ok(())
 }
 
@@ -150,32 +151,29 @@ async fn rollout(global: &Global) -> anyhow::Result<()> {
             "WARNING: services without a policy accept any authenticated caller (migration mode)"
         );
     }
-    println!(
-        "{:<32}  {:>8}  {:<8}  {:>9}  TARGET",
-        "POLICY", "VERSION", "MODE", "APPLIED"
-    );
+    let mut table = Table::new(&["POLICY", "VERSION", "MODE", "APPLIED", "TARGET"]).right(&[1, 3]);
     for (p, r) in resp.policies.iter().zip(
         resp.rollout
             .iter()
             .chain(std::iter::repeat(&Default::default())),
     ) {
-        println!(
-            "{:<32}  {:>8}  {:<8}  {:>9}  {}",
+        table.row([
             format!("{}/{}", p.namespace, p.name),
-            p.version,
-            p.mode,
+            p.version.to_string(),
+            p.mode.clone(),
             format!("{}/{}", r.applied, r.proxies),
-            p.target
-        );
+            p.target.clone(),
+        ]);
         for c in &r.counters {
             let rule = if c.rule < 0 {
                 "no rule matched".to_owned()
             } else {
                 format!("rule {}", c.rule)
             };
-            println!("    {rule}: {} {}", c.decision, c.count);
+            table.detail(format!("    {rule}: {} {}", c.decision, c.count));
         }
     }
+    table.print();
     Ok(())
 }
 
@@ -269,21 +267,19 @@ async fn get(global: &Global, name: Option<String>, output: &str) -> anyhow::Res
         }
         _ => {
             println!("default posture: {}", resp.default_posture);
-            println!(
-                "{:<32}  {:>8}  {:<8}  {:>5}  TARGET",
-                "POLICY", "VERSION", "MODE", "RULES"
-            );
+            let mut table =
+                Table::new(&["POLICY", "VERSION", "MODE", "RULES", "TARGET"]).right(&[1, 3]);
             for i in chosen {
                 let p = &resp.policies[i];
-                println!(
-                    "{:<32}  {:>8}  {:<8}  {:>5}  {}",
+                table.row([
                     format!("{}/{}", p.namespace, p.name),
-                    p.version,
-                    p.mode,
-                    p.rules.len(),
-                    p.target
-                );
+                    p.version.to_string(),
+                    p.mode.clone(),
+                    p.rules.len().to_string(),
+                    p.target.clone(),
+                ]);
             }
+            table.print();
         }
     }
     Ok(())

@@ -5,6 +5,7 @@ use moat_api::v1::{ListRevocationsRequest, RevokeRequest};
 use super::{admin, time};
 use crate::Global;
 use crate::connect::status;
+use crate::table::Table;
 
 #[derive(clap::Args, Debug)]
 #[command(group = clap::ArgGroup::new("what").args(["identity", "serial", "list"]).required(true))]
@@ -35,10 +36,7 @@ pub async fn run(global: &Global, args: RevokeArgs) -> anyhow::Result<()> {
             .map_err(|s| status("revoke", s))?
             .into_inner()
             .revocations;
-        println!(
-            "{:<8}  {:<48}  {:<20}  {:<20}  REASON",
-            "KIND", "VALUE", "SINCE", "UNTIL"
-        );
+        let mut table = Table::new(&["KIND", "VALUE", "SINCE", "UNTIL", "REASON"]);
         for r in list {
             let since = std::time::UNIX_EPOCH
                 + std::time::Duration::from_millis(r.time_unix_ms.max(0) as u64);
@@ -47,15 +45,15 @@ pub async fn run(global: &Global, args: RevokeArgs) -> anyhow::Result<()> {
             } else {
                 time(r.expires_unix)
             };
-            println!(
-                "{:<8}  {:<48}  {:<20}  {:<20}  {}",
+            table.row([
                 r.kind,
                 r.value,
                 humantime::format_rfc3339_seconds(since).to_string(),
                 until,
-                r.reason
-            );
+                r.reason,
+            ]);
         }
+        table.print();
         return Ok(());
     }
     let resp = client

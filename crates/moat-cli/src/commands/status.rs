@@ -5,6 +5,7 @@ use moat_api::v1::ListProxiesRequest;
 use super::{admin, time};
 use crate::Global;
 use crate::connect::status;
+use crate::table::Table;
 
 #[derive(clap::Args, Debug)]
 pub struct StatusArgs {
@@ -61,31 +62,41 @@ pub async fn run(global: &Global, args: StatusArgs) -> anyhow::Result<()> {
         );
     }
     println!("proxies: {}", resp.proxies.len());
-    println!(
-        "{:<44}  {:<21}  {:<9}  {:<20}  {:>9}  {:<6}  {:>9}  POLICIES",
-        "IDENTITY", "ADDRESS", "CERT", "CERT EXPIRES", "SNAPSHOT", "BUNDLE", "LAST SEEN"
-    );
+    let mut table = Table::new(&[
+        "IDENTITY",
+        "ADDRESS",
+        "CERT",
+        "CERT EXPIRES",
+        "SNAPSHOT",
+        "BUNDLE",
+        "LAST SEEN",
+        "POLICIES",
+    ])
+    .right(&[4, 6]);
     for p in &resp.proxies {
         let snapshot = if p.snapshot_applied == p.snapshot_sent {
             p.snapshot_applied.to_string()
         } else {
             format!("{}/{}", p.snapshot_applied, p.snapshot_sent)
         };
-        println!(
-            "{:<44}  {:<21}  {:<9}  {:<20}  {:>9}  {:<6}  {:>8}s  {}",
-            p.spiffe_id,
-            p.inbound_address,
-            p.cert_serial.get(..8).unwrap_or(&p.cert_serial),
+        table.row([
+            p.spiffe_id.clone(),
+            p.inbound_address.clone(),
+            p.cert_serial.get(..8).unwrap_or(&p.cert_serial).to_owned(),
             time(p.cert_not_after_unix),
             snapshot,
-            if p.bundle_current { "ok" } else { "stale" },
-            (moat_identity::clock::unix_now_ms() - p.last_seen_unix_ms).max(0) / 1000,
-            p.policies.join(",")
-        );
+            if p.bundle_current { "ok" } else { "stale" }.to_owned(),
+            format!(
+                "{}s",
+                (moat_identity::clock::unix_now_ms() - p.last_seen_unix_ms).max(0) / 1000
+            ),
+            p.policies.join(","),
+        ]);
         if !p.last_error.is_empty() {
-            println!("    last NACK: {}", p.last_error);
+            table.detail(format!("    last NACK: {}", p.last_error));
         }
     }
+    table.print();
     for d in &resp.disconnected {
         println!(
             "DISCONNECTED {} {} ({} s ago, without shutting down)",

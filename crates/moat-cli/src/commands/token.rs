@@ -6,6 +6,7 @@ use moat_api::v1::{CreateTokenRequest, ListTokensRequest, RevokeTokenRequest, To
 use super::{admin, duration, time};
 use crate::Global;
 use crate::connect::status;
+use crate::table::Table;
 
 #[derive(Subcommand, Debug)]
 pub enum TokenCmd {
@@ -82,10 +83,8 @@ pub async fn run(global: &Global, cmd: TokenCmd) -> anyhow::Result<()> {
                     serde_json::Value::Array(tokens.iter().map(json).collect())
                 );
             } else {
-                println!(
-                    "{:<16}  {:<48}  {:>9}  {:<20}  STATE",
-                    "ID", "IDENTITY", "USES", "EXPIRES"
-                );
+                let mut table =
+                    Table::new(&["ID", "IDENTITY", "USES", "EXPIRES", "STATE"]).right(&[2]);
                 for t in &tokens {
                     let state = if t.revoked {
                         "revoked"
@@ -94,15 +93,15 @@ pub async fn run(global: &Global, cmd: TokenCmd) -> anyhow::Result<()> {
                     } else {
                         "active"
                     };
-                    let uses = format!("{}/{}", t.uses, t.max_uses);
-                    println!(
-                        "{:<16}  {:<48}  {:>9}  {:<20}  {state}",
-                        t.id,
-                        t.spiffe_id,
-                        uses,
-                        time(t.expires_unix)
-                    );
+                    table.row([
+                        t.id.clone(),
+                        t.spiffe_id.clone(),
+                        format!("{}/{}", t.uses, t.max_uses),
+                        time(t.expires_unix),
+                        state.to_owned(),
+                    ]);
                 }
+                table.print();
             }
         }
         TokenCmd::Revoke { id } => {
