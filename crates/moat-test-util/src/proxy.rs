@@ -253,13 +253,15 @@ impl Proxy {
 
     /// Waits for the addresses the proxy bound (`--addresses-file`) and takes them.
     fn read_addresses(&mut self, path: &Path) -> anyhow::Result<()> {
+        // A proxy may write the file and exit at once (a refused token): the file comes first.
         let text = eventually(Duration::from_secs(30), || {
-            if let Some(c) = self.child.as_mut()
-                && let Ok(Some(_)) = c.try_wait()
-            {
-                return Some(None);
+            if let Ok(text) = std::fs::read_to_string(path) {
+                return Some(Some(text));
             }
-            std::fs::read_to_string(path).ok().map(Some)
+            match self.child.as_mut().map(Child::try_wait) {
+                Some(Ok(Some(_))) => Some(std::fs::read_to_string(path).ok()),
+                _ => None,
+            }
         })
         .flatten();
         let Some(text) = text else {
