@@ -271,7 +271,13 @@ async fn interrupted_root_rotation_resumes_and_never_splits_trust() {
     assert_eq!(phase(&cp), "none");
     assert_eq!(metric(&cp, "moat_root_rotation_phase "), Some(0.0));
     assert!(metric(&cp, "moat_certificates_issued_total{via=\"token\"}").unwrap() >= 2.0);
-    assert!(metric(&cp, "moat_ca_not_after_seconds{kind=\"root\"").is_some());
+    assert!(
+        metric(
+            &cp,
+            "moat_ca_certificate_expiry_timestamp_seconds{kind=\"root\""
+        )
+        .is_some()
+    );
     assert!(metric(&cp, "moat_proxy_last_seen_age_seconds{").is_some());
     let old = roots(&cp);
 

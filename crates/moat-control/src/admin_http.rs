@@ -40,11 +40,18 @@ async fn route(req: Request<Incoming>, cp: Arc<ControlPlane>) -> Response<Full<B
                 "text/plain",
             ),
         },
-        "/metrics" => text(
-            StatusCode::OK,
-            cp.metrics.render(&cp).await,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        ),
+        "/metrics" => {
+            let format = moat_metrics::Format::negotiate(
+                req.headers()
+                    .get(http::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok()),
+            );
+            text(
+                StatusCode::OK,
+                cp.metrics.render(&cp, format).await,
+                format.content_type(),
+            )
+        }
         _ => text(
             StatusCode::NOT_FOUND,
             "not found: try /live, /ready or /metrics\n",

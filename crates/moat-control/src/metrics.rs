@@ -72,6 +72,12 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("moat");
+        moat_metrics::build_info(&mut registry, "control-plane", env!("CARGO_PKG_VERSION"));
+        registry.register(
+            "control_recovery_mode",
+            "Whether the control plane waits for an offline CA repair (1) instead of serving",
+            Gauge::<i64>::default(),
+        );
         let m = Metrics {
             issued: Family::default(),
             refused: Family::default(),
@@ -112,7 +118,7 @@ impl Default for Metrics {
             m.callers_refused.clone(),
         );
         registry.register(
-            "ca_not_after_seconds",
+            "ca_certificate_expiry_timestamp_seconds",
             "NotAfter (Unix seconds) of each trusted root and of the issuing intermediate",
             m.ca_not_after.clone(),
         );
@@ -163,8 +169,8 @@ impl Metrics {
             .inc();
     }
 
-    /// Reads the live state into the gauges and renders everything as Prometheus text.
-    pub async fn render(&self, cp: &ControlPlane) -> String {
+    /// Reads the live state into the gauges and renders everything in `format`.
+    pub async fn render(&self, cp: &ControlPlane, format: moat_metrics::Format) -> String {
         let ca = cp.ca.current();
         self.ca_not_after.clear();
         for r in ca.roots_info() {
@@ -228,10 +234,6 @@ impl Metrics {
         self.proxies_current
             .get_or_create(&ProgressLabels { on: "intermediate" })
             .set(on_intermediate);
-        let mut out = String::new();
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-            tracing::error!(error = %e, "cannot encode metrics");
-        }
-        out
+        moat_metrics::encode(&self.registry, format)
     }
 }

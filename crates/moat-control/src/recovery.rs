@@ -26,19 +26,44 @@ fn reply(status: StatusCode, body: String, content_type: &'static str) -> Respon
     r
 }
 
+/// What `/metrics` says in recovery mode: that it is, and the build.
+fn recovery_metrics(format: moat_metrics::Format) -> String {
+    let mut registry = prometheus_client::registry::Registry::with_prefix("moat");
+    moat_metrics::build_info(&mut registry, "control-plane", env!("CARGO_PKG_VERSION"));
+    let recovery = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+    recovery.set(1);
+    registry.register(
+        "control_recovery_mode",
+        "Whether the control plane waits for an offline CA repair (1) instead of serving",
+        recovery,
+    );
+    moat_metrics::encode(&registry, format)
+}
+
 fn route(req: &Request<Incoming>, why: &str) -> Response<Full<Bytes>> {
     match req.uri().path() {
-        "/live" => reply(StatusCode::OK, "live (recovery mode)\n".into(), "text/plain"),
+        "/live" => reply(
+            StatusCode::OK,
+            "live (recovery mode)\n".into(),
+            "text/plain",
+        ),
         "/ready" => reply(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: recovery mode: {why}\n"),
             "text/plain",
         ),
-        "/metrics" => reply(
-            StatusCode::OK,
-            "# HELP moat_control_recovery_mode Whether the control plane waits for an offline CA repair (1) instead of serving.\n# TYPE moat_control_recovery_mode gauge\nmoat_control_recovery_mode 1\n# EOF\n".into(),
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        ),
+        "/metrics" => {
+            let format = moat_metrics::Format::negotiate(
+                req.headers()
+                    .get(http::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok()),
+            );
+            reply(
+                StatusCode::OK,
+                recovery_metrics(format),
+                format.content_type(),
+            )
+        }
         _ => reply(
             StatusCode::NOT_FOUND,
             "not found: try /live, /ready or /metrics\n".into(),

@@ -78,11 +78,18 @@ fn route(req: &Request<Incoming>, ctx: &Ctx) -> Response<Body> {
                 "text/plain",
             ),
         },
-        "/metrics" => text(
-            StatusCode::OK,
-            ctx.metrics.encode(),
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        ),
+        "/metrics" => {
+            let format = moat_metrics::Format::negotiate(
+                req.headers()
+                    .get(http::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok()),
+            );
+            text(
+                StatusCode::OK,
+                ctx.metrics.encode(format),
+                format.content_type(),
+            )
+        }
         "/config" => text(StatusCode::OK, config(ctx).to_string(), "application/json"),
         _ => text(
             StatusCode::NOT_FOUND,

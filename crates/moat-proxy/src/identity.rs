@@ -253,7 +253,7 @@ pub async fn renew_loop(
                     );
                 }
                 tracing::info!(serial = %next.credential.leaf().serial, not_after = next.credential.leaf().not_after, "renewed our certificate");
-                metrics.cert_expiry.set(next.credential.leaf().not_after);
+                metrics.certificate(&next);
                 backoff.reset();
             }
             Err(e) if expired => {

@@ -561,7 +561,11 @@ fn judge(
             .rate_limited
             .get_or_create(&crate::metrics::RateLimitedLabels {
                 peer: peer.name.clone(),
-                policy: policy.clone().unwrap_or_default(),
+                policy: d
+                    .policy
+                    .as_ref()
+                    .map(|(k, _)| k.clone())
+                    .unwrap_or_default(),
             })
             .inc();
         let retry_after = wait.as_secs_f64().ceil().max(1.0) as u64;

@@ -112,6 +112,15 @@ fn write_atomically(path: &std::path::Path, value: &serde_json::Value) -> std::i
 pub async fn run(mut cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let listeners = Listeners::bind(&cfg).await?;
     let inbound_addr = listeners.inbound.local_addr()?;
+    // From here on the configuration says where each listener is (`/config` shows it).
+    cfg.inbound = inbound_addr;
+    cfg.admin = listeners.admin.local_addr()?;
+    for (up, (l, _)) in cfg.upstreams.iter_mut().zip(&listeners.upstreams) {
+        up.listen = l.local_addr()?;
+    }
+    if let Some(l) = &listeners.transparent {
+        cfg.transparent = Some(l.local_addr()?);
+    }
     // An advertised port 0 (from `--inbound HOST:0`) is the port the system chose.
     if let Ok(mut advertised) = cfg.advertise.parse::<std::net::SocketAddr>()
         && advertised.port() == 0
@@ -167,7 +176,7 @@ pub async fn run(mut cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> an
     let first = first
         .publish(&tls)
         .context("the control plane's first certificate is unusable")?;
-    metrics.cert_expiry.set(first.credential.leaf().not_after);
+    metrics.certificate(&first);
     // The control plane can ask for an immediate re-key (`moat cert rotate`).
     let rotate_now = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(identity::renew_loop(

@@ -247,7 +247,7 @@ fn report_of(metrics: &Metrics) -> Report {
         counters: metrics
             .rule_counters()
             .into_iter()
-            .map(|((policy, version, rule, decision), count)| RuleCounter {
+            .map(|((policy, rule, decision), version, count)| RuleCounter {
                 policy,
                 version,
                 rule,

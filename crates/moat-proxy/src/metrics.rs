@@ -36,10 +36,14 @@ pub struct RequestLabels {
     pub status: u16,
 }
 
-/// Labels with only a direction.
+/// Labels of the request-duration histogram: every series is one edge (caller → target) and
+/// decision, so the label set is bounded by the mesh's identities, never by requests.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DirectionLabels {
+pub struct DurationLabels {
     pub direction: &'static str,
+    pub peer: String,
+    pub target: String,
+    pub decision: &'static str,
 }
 
 /// Labels of a byte counter.
@@ -54,7 +58,8 @@ pub struct BytesLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RateLimitedLabels {
     pub peer: String,
-    /// `namespace/name@version` of the policy whose rule's limit applied.
+    /// `namespace/name` of the policy whose rule's limit applied (no version: a series per
+    /// version would accumulate with every change).
     pub policy: String,
 }
 
@@ -65,20 +70,34 @@ pub struct HandshakeLabels {
     pub reason: String,
 }
 
-/// Labels of a per-rule counter.
+/// Labels of a per-rule counter. The policy's version is not one of them: the series would
+/// accumulate with every policy change, and a rule keeps its index across small edits.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RuleLabels {
     pub policy: String,
-    pub version: String,
     /// The rule index, or `none` when no rule matched.
     pub rule: String,
     pub decision: &'static str,
 }
 
-/// Key of a reported rule counter: (policy, version, rule or -1, decision).
-pub type RuleKey = (String, u64, i32, &'static str);
+/// Key of a reported rule counter: (policy, rule or -1, decision).
+pub type RuleKey = (String, i32, &'static str);
 
-type HistogramFamily = Family<DirectionLabels, Histogram, fn() -> Histogram>;
+/// A rule's count for reporting, with the newest policy version that counted into it.
+#[derive(Debug, Default)]
+pub struct RuleTotal {
+    count: AtomicU64,
+    version: AtomicU64,
+}
+
+impl RuleTotal {
+    fn add(&self, version: u64) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.version.fetch_max(version, Ordering::Relaxed);
+    }
+}
+
+type HistogramFamily = Family<DurationLabels, Histogram, fn() -> Histogram>;
 
 fn latency() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 20))
@@ -96,13 +115,14 @@ pub struct Metrics {
     pub handshake_failures: Family<HandshakeLabels, Counter>,
     /// HTTP connections the proxy closed, by reason (`too-many-resets`, `policy`).
     pub connections_closed: Family<HandshakeLabels, Counter>,
-    pub cert_expiry: Gauge,
+    cert_expiry: Gauge,
+    cert_refresh: Gauge,
     pub snapshot_version: Gauge,
     pub control_plane_connected: Gauge,
     pub rule_hits: Family<RuleLabels, Counter>,
     pub rate_limited: Family<RateLimitedLabels, Counter>,
     /// The same counts, for reporting to the control plane.
-    rule_totals: Mutex<HashMap<RuleKey, Arc<AtomicU64>>>,
+    rule_totals: Mutex<HashMap<RuleKey, Arc<RuleTotal>>>,
     snapshot_seen: AtomicBool,
 }
 
@@ -110,6 +130,7 @@ impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("moat");
+        moat_metrics::build_info(&mut registry, "proxy", env!("CARGO_PKG_VERSION"));
         let requests = Family::<RequestLabels, Counter>::default();
         let request_duration: HistogramFamily = Family::new_with_constructor(latency);
         let tcp_connections = Family::<TrafficLabels, Counter>::default();
@@ -118,6 +139,7 @@ impl Metrics {
         let handshake_failures = Family::<HandshakeLabels, Counter>::default();
         let connections_closed = Family::<HandshakeLabels, Counter>::default();
         let cert_expiry = Gauge::default();
+        let cert_refresh = Gauge::default();
         let snapshot_version = Gauge::default();
         let control_plane_connected = Gauge::default();
         let rule_hits = Family::<RuleLabels, Counter>::default();
@@ -135,7 +157,7 @@ impl Metrics {
         registry.register("requests", "HTTP requests handled", requests.clone());
         registry.register(
             "request_duration_seconds",
-            "HTTP request duration",
+            "HTTP request duration, by direction, edge (peer, target) and decision",
             request_duration.clone(),
         );
         registry.register(
@@ -169,6 +191,11 @@ impl Metrics {
             cert_expiry.clone(),
         );
         registry.register(
+            "certificate_refresh_timestamp_seconds",
+            "When the proxy's certificate is due for renewal (Unix seconds); a renewal moves it ahead, so one in the past means renewal is failing",
+            cert_refresh.clone(),
+        );
+        registry.register(
             "snapshot_version",
             "Version of the applied control-plane snapshot",
             snapshot_version.clone(),
@@ -188,6 +215,7 @@ impl Metrics {
             handshake_failures,
             connections_closed,
             cert_expiry,
+            cert_refresh,
             snapshot_version,
             control_plane_connected,
             rule_hits,
@@ -197,12 +225,15 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition.
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+    /// The exposition in `format`.
+    pub fn encode(&self, format: moat_metrics::Format) -> String {
+        moat_metrics::encode(&self.registry, format)
+    }
+
+    /// Records the certificate of a newly published TLS generation.
+    pub fn certificate(&self, tls: &moat_tls::TlsState) {
+        self.cert_expiry.set(tls.credential.leaf().not_after);
+        self.cert_refresh.set(tls.refresh_after);
     }
 
     /// Counts an HTTP connection the proxy closed.
@@ -226,20 +257,19 @@ impl Metrics {
     pub fn count_rule(&self, d: &Decision) {
         if let Some((policy, version)) = &d.policy {
             let (rule, decision) = rule_outcome(d);
-            let (counter, total) = self.rule_handles(&(policy.clone(), version.0, rule, decision));
+            let (counter, total) = self.rule_handles(&(policy.clone(), rule, decision));
             counter.inc();
-            total.fetch_add(1, Ordering::Relaxed);
+            total.add(version.0);
         }
     }
 
     /// The exported counter and the reported total of one rule key.
-    fn rule_handles(&self, key: &RuleKey) -> (Counter, Arc<AtomicU64>) {
-        let (policy, version, rule, decision) = key;
+    fn rule_handles(&self, key: &RuleKey) -> (Counter, Arc<RuleTotal>) {
+        let (policy, rule, decision) = key;
         let counter = self
             .rule_hits
             .get_or_create(&RuleLabels {
                 policy: policy.clone(),
-                version: version.to_string(),
                 rule: if *rule < 0 {
                     "none".into()
                 } else {
@@ -258,13 +288,19 @@ impl Metrics {
         (counter, total)
     }
 
-    /// Every rule counter so far.
-    pub fn rule_counters(&self) -> Vec<(RuleKey, u64)> {
+    /// Every rule counter so far: its key, the newest policy version counted, the count.
+    pub fn rule_counters(&self) -> Vec<(RuleKey, u64, u64)> {
         self.rule_totals
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .map(|(k, v)| (k.clone(), v.load(Ordering::Relaxed)))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.version.load(Ordering::Relaxed),
+                    v.count.load(Ordering::Relaxed),
+                )
+            })
             .collect()
     }
 
@@ -276,10 +312,6 @@ impl Metrics {
         target: String,
     ) -> ConnCounters {
         ConnCounters {
-            duration: self
-                .request_duration
-                .get_or_create(&DirectionLabels { direction })
-                .clone(),
             direction,
             peer,
             target,
@@ -313,7 +345,6 @@ pub struct ConnCounters {
     direction: &'static str,
     peer: String,
     target: String,
-    duration: Histogram,
     cache: Mutex<CounterCache>,
 }
 
@@ -321,7 +352,8 @@ pub struct ConnCounters {
 struct CounterCache {
     authz: Vec<((&'static str, &'static str), Counter)>,
     requests: Vec<((&'static str, &'static str, u16), Counter)>,
-    rules: Vec<(RuleKey, Counter, Arc<AtomicU64>)>,
+    durations: Vec<(&'static str, Histogram)>,
+    rules: Vec<(RuleKey, Counter, Arc<RuleTotal>)>,
 }
 
 /// The entry of `cache` for `key`, made with `make` on first use.
@@ -367,24 +399,32 @@ impl ConnCounters {
         status: u16,
         elapsed: Duration,
     ) {
-        let c = cached(
-            &mut self.cache().requests,
-            (decision, reason, status),
-            || {
-                m.requests
-                    .get_or_create(&RequestLabels {
-                        direction: self.direction,
-                        peer: self.peer.clone(),
-                        target: self.target.clone(),
-                        decision,
-                        reason,
-                        status,
-                    })
-                    .clone()
-            },
-        );
+        let mut cache = self.cache();
+        let duration = cached(&mut cache.durations, decision, || {
+            m.request_duration
+                .get_or_create(&DurationLabels {
+                    direction: self.direction,
+                    peer: self.peer.clone(),
+                    target: self.target.clone(),
+                    decision,
+                })
+                .clone()
+        });
+        let c = cached(&mut cache.requests, (decision, reason, status), || {
+            m.requests
+                .get_or_create(&RequestLabels {
+                    direction: self.direction,
+                    peer: self.peer.clone(),
+                    target: self.target.clone(),
+                    decision,
+                    reason,
+                    status,
+                })
+                .clone()
+        });
+        drop(cache);
         c.inc();
-        self.duration.observe(elapsed.as_secs_f64());
+        duration.observe(elapsed.as_secs_f64());
     }
 
     /// Counts a decision against the policy rule that made it.
@@ -397,11 +437,11 @@ impl ConnCounters {
         let hit = cache
             .rules
             .iter()
-            .find(|(k, _, _)| k.0 == *policy && k.1 == version.0 && k.2 == rule && k.3 == decision);
+            .find(|(k, _, _)| k.0 == *policy && k.1 == rule && k.2 == decision);
         let (counter, total) = match hit {
             Some((_, c, t)) => (c.clone(), t.clone()),
             None => {
-                let key = (policy.clone(), version.0, rule, decision);
+                let key = (policy.clone(), rule, decision);
                 let (c, t) = m.rule_handles(&key);
                 if cache.rules.len() >= CACHED_OUTCOMES {
                     cache.rules.clear();
@@ -412,7 +452,7 @@ impl ConnCounters {
         };
         drop(cache);
         counter.inc();
-        total.fetch_add(1, Ordering::Relaxed);
+        total.add(version.0);
     }
 }
 
