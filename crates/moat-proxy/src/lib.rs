@@ -88,9 +88,13 @@ impl Listeners {
     /// The address each listener is bound to (a port given as 0 is the one the system chose),
     /// as `--addresses-file` reports them.
     fn addresses(&self, cfg: &ProxyConfig) -> std::io::Result<serde_json::Value> {
-        let mut upstreams = serde_json::Map::new();
+        // In the order of the --upstream flags: one service may have several listeners.
+        let mut upstreams = Vec::new();
         for ((l, _), up) in self.upstreams.iter().zip(&cfg.upstreams) {
-            upstreams.insert(up.service.clone(), l.local_addr()?.to_string().into());
+            upstreams.push(serde_json::json!({
+                "service": up.service,
+                "address": l.local_addr()?.to_string(),
+            }));
         }
         Ok(serde_json::json!({
             "admin": self.admin.local_addr()?.to_string(),
@@ -194,7 +198,7 @@ pub async fn run(mut cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> an
         ctx.shutdown.clone(),
     ));
 
-    println!("proxy running");
+    moat_log::startup(format_args!("proxy running"));
 
     shutdown.await;
     tracing::info!(grace = ?cfg.drain_timeout, "draining: no new connections; finishing in-flight work");

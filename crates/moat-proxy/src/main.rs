@@ -70,8 +70,8 @@ struct Args {
     /// Admin listener (/ready, /live, /metrics, /config).
     #[arg(long, env = "MOAT_ADMIN", default_value = "127.0.0.1:7191")]
     admin: SocketAddr,
-    /// Once every listener is bound, write their addresses as JSON (admin, inbound, upstreams by
-    /// service, transparent) to this file, replaced whole: how to find a port given as 0.
+    /// Once every listener is bound, write their addresses as JSON (admin, inbound, upstreams in
+    /// flag order, transparent) to this file, replaced whole: how to find a port given as 0.
     #[arg(long, env = "MOAT_ADDRESSES_FILE")]
     addresses_file: Option<PathBuf>,
     /// How long SIGTERM waits for in-flight work.
@@ -194,10 +194,16 @@ fn log_filter() -> Result<Targets, moat_log::FilterError> {
 
 type Logs = moat_proxy::logging::FlushGuard<std::io::Stderr>;
 
-/// Flushes the logs, then prints `message` to stderr, so it comes last.
+/// Writes `message` last: after the buffered logs, on stderr (text logs), or as the last log
+/// event (JSON logs).
 fn fail(logs: Logs, message: String, code: ExitCode) -> ExitCode {
-    drop(logs);
-    eprintln!("{message}");
+    if moat_log::json() {
+        moat_log::fatal(format_args!("{message}"));
+        drop(logs);
+    } else {
+        drop(logs);
+        eprintln!("{message}");
+    }
     code
 }
 

@@ -195,6 +195,7 @@ impl Proxy {
         };
         let (inbound, admin) = (port(), port());
         let mut ups = HashMap::new();
+        let mut names = Vec::new();
         let mut cmd = Command::new(binary);
         cmd.args([
             "--control-plane",
@@ -221,6 +222,7 @@ impl Proxy {
             };
             cmd.args(["--upstream", &format!("{name}={a}")]);
             ups.insert(name.to_owned(), a);
+            names.push(name.to_owned());
         }
         let addresses = dir.path().join("addresses.json");
         if reports {
@@ -246,13 +248,13 @@ impl Proxy {
             held,
         };
         if reports {
-            proxy.read_addresses(&addresses)?;
+            proxy.read_addresses(&addresses, &names)?;
         }
         Ok(proxy)
     }
 
     /// Waits for the addresses the proxy bound (`--addresses-file`) and takes them.
-    fn read_addresses(&mut self, path: &Path) -> anyhow::Result<()> {
+    fn read_addresses(&mut self, path: &Path, order: &[String]) -> anyhow::Result<()> {
         // A proxy may write the file and exit at once (a refused token): the file comes first.
         let text = eventually(Duration::from_secs(30), || {
             if let Ok(text) = std::fs::read_to_string(path) {
@@ -277,8 +279,17 @@ impl Proxy {
         };
         self.inbound = addr(&v["inbound"])?;
         self.admin = addr(&v["admin"])?;
-        for (name, a) in self.upstreams.iter_mut() {
-            *a = addr(&v["upstreams"][name.as_str()])?;
+        // The harness's own --upstream flags come first, in order; flags a test adds itself
+        // (a second listener for the same service, say) follow and are not ours.
+        for (i, name) in order.iter().enumerate() {
+            let entry = &v["upstreams"][i];
+            anyhow::ensure!(
+                entry["service"] == name.as_str(),
+                "the proxy's upstream {i} is {}, not {name}",
+                entry["service"]
+            );
+            self.upstreams
+                .insert(name.clone(), addr(&entry["address"])?);
         }
         Ok(())
     }
