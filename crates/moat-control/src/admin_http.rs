@@ -41,11 +41,7 @@ async fn route(req: Request<Incoming>, cp: Arc<ControlPlane>) -> Response<Full<B
             ),
         },
         "/metrics" => {
-            let format = moat_metrics::Format::negotiate(
-                req.headers()
-                    .get(http::header::ACCEPT)
-                    .and_then(|v| v.to_str().ok()),
-            );
+            let format = moat_metrics::Format::requested(req.headers());
             text(
                 StatusCode::OK,
                 cp.metrics.render(&cp, format).await,

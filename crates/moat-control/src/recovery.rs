@@ -53,11 +53,7 @@ fn route(req: &Request<Incoming>, why: &str) -> Response<Full<Bytes>> {
             "text/plain",
         ),
         "/metrics" => {
-            let format = moat_metrics::Format::negotiate(
-                req.headers()
-                    .get(http::header::ACCEPT)
-                    .and_then(|v| v.to_str().ok()),
-            );
+            let format = moat_metrics::Format::requested(req.headers());
             reply(
                 StatusCode::OK,
                 recovery_metrics(format),

@@ -48,6 +48,15 @@ impl Format {
         }
     }
 
+    /// The format a request's headers prefer (see [`Format::negotiate`]).
+    pub fn requested(headers: &http::HeaderMap) -> Format {
+        Format::negotiate(
+            headers
+                .get(http::header::ACCEPT)
+                .and_then(|v| v.to_str().ok()),
+        )
+    }
+
     /// The `Content-Type` of a body in this format.
     pub fn content_type(self) -> &'static str {
         match self {

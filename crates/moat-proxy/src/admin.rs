@@ -79,11 +79,7 @@ fn route(req: &Request<Incoming>, ctx: &Ctx) -> Response<Body> {
             ),
         },
         "/metrics" => {
-            let format = moat_metrics::Format::negotiate(
-                req.headers()
-                    .get(http::header::ACCEPT)
-                    .and_then(|v| v.to_str().ok()),
-            );
+            let format = moat_metrics::Format::requested(req.headers());
             text(
                 StatusCode::OK,
                 ctx.metrics.encode(format),
