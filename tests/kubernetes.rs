@@ -48,6 +48,85 @@ async fn certify(cp: &ControlPlane, identity: &str, token: &str) -> Result<Strin
         .map(|r| r.into_inner().spiffe_id)
 }
 
+/// The API server serves its service-account keys (`/openid/v1/jwks`) only to an authenticated
+/// caller under the default RBAC: an HTTPS server that answers like it (401 without the bearer
+/// token, the keys with it) checks that the control plane presents the token in
+/// `jwks.tokenFile`, re-read at each fetch, and says what to configure when it has none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_keys_are_fetched_with_the_control_planes_service_account_token() {
+    use std::sync::{Arc, Mutex};
+    let cp = ControlPlane::start().unwrap();
+    let cluster = Signer::rsa("cluster-1");
+    let keys = jwks(&[&cluster]);
+    /// Each request's path and Authorization header.
+    type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
+    let seen: Seen = Arc::default();
+    let log = seen.clone();
+    let (addr, ca_pem) = https_server(move |req| {
+        log.lock()
+            .unwrap()
+            .push((req.path.clone(), req.authorization.clone()));
+        match req.authorization.as_deref() {
+            Some("Bearer sa-token-2") => (200, keys.clone()),
+            _ => (
+                401,
+                r#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"Unauthorized","reason":"Unauthorized","code":401}"#.to_owned(),
+            ),
+        }
+    })
+    .await;
+    let ca_file = cp.scratch().join("cluster-ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    let token_file = cp.scratch().join("sa-token");
+    let mesh = |token: Option<&std::path::Path>| {
+        let file = cp.scratch().join("mesh.yaml");
+        let token = token
+            .map(|t| format!(", tokenFile: {}", t.display()))
+            .unwrap_or_default();
+        std::fs::write(
+            &file,
+            format!(
+                "apiVersion: moat.dev/v1\nkind: MeshConfig\nmetadata: {{ name: mesh }}\nspec:\n  kubernetes:\n    issuer: {CLUSTER}\n    jwks: {{ url: \"https://{addr}/openid/v1/jwks\", caFile: {}{token} }}\n",
+                ca_file.display()
+            ),
+        )
+        .unwrap();
+        cp.moat(&["policy", "apply", "-f", &file.display().to_string()])
+    };
+
+    // Anonymous: refused, and the answer says which field to set.
+    let out = mesh(None);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("401") && err.contains("jwks.tokenFile"),
+        "{err}"
+    );
+    // A stale token: refused with what to check.
+    std::fs::write(&token_file, "sa-token-1\n").unwrap();
+    let err = stderr(&mesh(Some(&token_file)));
+    assert!(
+        err.contains("jwks.tokenFile") && err.contains("current"),
+        "{err}"
+    );
+    // The kubelet rotated the token: the next fetch reads the new one and succeeds.
+    std::fs::write(&token_file, "sa-token-2\n").unwrap();
+    let out = mesh(Some(&token_file));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let good = sa_token(&cluster, "shop", "orders", serde_json::json!({}));
+    assert_eq!(
+        certify(&cp, "shop/orders", &good).await.unwrap(),
+        "spiffe://moat.local/ns/shop/sa/orders"
+    );
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen.iter().all(|(p, _)| p == "/openid/v1/jwks"), "{seen:?}");
+    assert_eq!(
+        seen.iter().map(|(_, a)| a.as_deref()).collect::<Vec<_>>()[..3],
+        [None, Some("Bearer sa-token-1"), Some("Bearer sa-token-2")],
+        "{seen:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_account_tokens_prove_pod_identity_and_bad_ones_are_refused() {
     let cp = ControlPlane::start().unwrap();

@@ -43,10 +43,30 @@ pub async fn resolve(issuer: &JwtIssuer) -> Result<String, SourceError> {
     let json = match &issuer.jwks {
         JwksSource::Inline(json) => json.clone(),
         JwksSource::File { path, .. } => read_file(path)?,
-        JwksSource::Url { url, ca_file, .. } => {
-            tokio::time::timeout(FETCH_TIMEOUT, fetch(url, ca_file.as_deref()))
-                .await
-                .map_err(|_| SourceError::Timeout { url: url.clone() })??
+        JwksSource::Url {
+            url,
+            ca_file,
+            token_file,
+            ..
+        } => {
+            // Projected tokens rotate: read the token for every fetch.
+            let token = token_file
+                .as_deref()
+                .map(|path| {
+                    std::fs::read_to_string(path)
+                        .map(|t| t.trim().to_owned())
+                        .map_err(|source| SourceError::Read {
+                            path: path.to_owned(),
+                            source,
+                        })
+                })
+                .transpose()?;
+            tokio::time::timeout(
+                FETCH_TIMEOUT,
+                fetch(url, ca_file.as_deref(), token.as_deref()),
+            )
+            .await
+            .map_err(|_| SourceError::Timeout { url: url.clone() })??
         }
     };
     Jwks::parse(&json, &issuer.algorithms)?;
@@ -100,8 +120,13 @@ fn tls_config(ca_file: Option<&str>) -> Result<rustls::ClientConfig, SourceError
         .with_no_client_auth())
 }
 
-/// GET `url` over HTTPS (HTTP/1.1), verifying the server against `ca_file` or the system roots.
-async fn fetch(url: &str, ca_file: Option<&str>) -> Result<String, SourceError> {
+/// GET `url` over HTTPS (HTTP/1.1), verifying the server against `ca_file` or the system roots,
+/// with `token` as the bearer token when given.
+async fn fetch(
+    url: &str,
+    ca_file: Option<&str>,
+    token: Option<&str>,
+) -> Result<String, SourceError> {
     let failed = |detail: String| SourceError::Fetch {
         url: url.to_owned(),
         detail,
@@ -128,17 +153,32 @@ async fn fetch(url: &str, ca_file: Option<&str>) -> Result<String, SourceError> 
             .map_err(|e| failed(e.to_string()))?;
     tokio::spawn(conn);
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let req = http::Request::get(path)
+    let mut req = http::Request::get(path)
         .header(http::header::HOST, &host)
-        .header(http::header::ACCEPT, "application/json")
+        .header(http::header::ACCEPT, "application/json");
+    if let Some(token) = token {
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let req = req
         .body(Empty::<bytes::Bytes>::new())
         .map_err(|e| failed(e.to_string()))?;
     let resp = sender
         .send_request(req)
         .await
         .map_err(|e| failed(e.to_string()))?;
-    if !resp.status().is_success() {
-        return Err(failed(format!("answered {}", resp.status())));
+    let status = resp.status();
+    if matches!(status.as_u16(), 401 | 403) {
+        return Err(failed(match token {
+            None => format!(
+                "answered {status}: it wants an authenticated caller; give jwks.tokenFile (on Kubernetes the control plane's service-account token, /var/run/secrets/kubernetes.io/serviceaccount/token)"
+            ),
+            Some(_) => format!(
+                "answered {status} to the token in jwks.tokenFile: check that the token is current and its service account may read {path}"
+            ),
+        }));
+    }
+    if !status.is_success() {
+        return Err(failed(format!("answered {status}")));
     }
     let body = Limited::new(resp.into_body(), MAX_JWKS_BYTES)
         .collect()

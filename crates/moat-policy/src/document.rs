@@ -172,6 +172,8 @@ struct JwksDoc {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     ca_file: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    token_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     refresh: Option<String>,
 }
 
@@ -550,10 +552,11 @@ fn jwt_issuer(d: JwtIssuerDoc, at: &dyn Fn(&str) -> String) -> Result<JwtIssuer,
     };
     let jwks = match (j.inline, j.file, j.url) {
         (Some(json), None, None) => {
-            if j.ca_file.is_some() || j.refresh.is_some() {
+            if j.ca_file.is_some() || j.token_file.is_some() || j.refresh.is_some() {
                 return Err((
                     at("jwks"),
-                    "caFile and refresh apply to url (and refresh to file), not inline".into(),
+                    "caFile, tokenFile and refresh apply to url (and refresh to file), not inline"
+                        .into(),
                 ));
             }
             crate::jwt::Jwks::parse(&json, &algorithms)
@@ -563,6 +566,9 @@ fn jwt_issuer(d: JwtIssuerDoc, at: &dyn Fn(&str) -> String) -> Result<JwtIssuer,
         (None, Some(path), None) => {
             if j.ca_file.is_some() {
                 return Err((at("jwks.caFile"), "caFile applies to url only".into()));
+            }
+            if j.token_file.is_some() {
+                return Err((at("jwks.tokenFile"), "tokenFile applies to url only".into()));
             }
             if !path.starts_with('/') {
                 return Err((
@@ -577,9 +583,18 @@ fn jwt_issuer(d: JwtIssuerDoc, at: &dyn Fn(&str) -> String) -> Result<JwtIssuer,
             {
                 return Err((at("jwks.url"), format!("{url:?} must be an https:// URL")));
             }
+            if let Some(path) = &j.token_file
+                && !path.starts_with('/')
+            {
+                return Err((
+                    at("jwks.tokenFile"),
+                    format!("{path:?} must be an absolute path on the control plane's host"),
+                ));
+            }
             JwksSource::Url {
                 url,
                 ca_file: j.ca_file,
+                token_file: j.token_file,
                 refresh,
             }
         }
@@ -755,10 +770,12 @@ fn issuer_doc(i: &JwtIssuer) -> JwtIssuerDoc {
             JwksSource::Url {
                 url,
                 ca_file,
+                token_file,
                 refresh: r,
             } => JwksDoc {
                 url: Some(url.clone()),
                 ca_file: ca_file.clone(),
+                token_file: token_file.clone(),
                 refresh: refresh(r),
                 ..JwksDoc::default()
             },

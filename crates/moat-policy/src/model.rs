@@ -358,10 +358,13 @@ pub enum JwksSource {
         refresh: std::time::Duration,
     },
     /// An HTTPS URL the control plane fetches every `refresh` (server verified against
-    /// `ca_file` when given, else the system roots).
+    /// `ca_file` when given, else the system roots), presenting the token in `token_file` (read
+    /// at every fetch) as a bearer token when given: the Kubernetes API server serves its
+    /// service-account keys only to authenticated callers.
     Url {
         url: String,
         ca_file: Option<String>,
+        token_file: Option<String>,
         refresh: std::time::Duration,
     },
 }
