@@ -288,3 +288,199 @@ fn every_command_is_documented() {
         "docs/cli.md lacks a section for: {missing:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_data_command_prints_json_and_yaml_that_parse() {
+    let cp = ControlPlane::start().unwrap();
+    moat_test_util::apply_policy(&cp, MESH_POLICY);
+    let _orders = moat_test_util::Proxy::builder(&cp, "orders")
+        .app(moat_test_util::apps::http_echo().await)
+        .start()
+        .unwrap();
+    token(&cp, "orders", &[]);
+    cp.moat_ok(&["revoke", "--identity", "intruder", "--reason", "test"]);
+    let admin = cp.admin_dir();
+    let cert = admin.join("cert.pem").display().to_string();
+    let bundle = admin.join("bundle.pem").display().to_string();
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["token", "list"],
+        vec!["ca", "show"],
+        vec!["cert", "inspect", &cert, "--bundle", &bundle],
+        vec!["audit"],
+        vec!["policy", "get"],
+        vec!["policy", "history", "default/orders"],
+        vec!["policy", "status"],
+        vec![
+            "policy", "explain", "--from", "frontend", "--to", "orders", "--method", "GET",
+            "--path", "/",
+        ],
+        vec!["status"],
+        vec!["check"],
+        vec!["revoke", "--list"],
+        vec!["version"],
+        vec!["version", "--client"],
+    ];
+    for cmd in &commands {
+        let json = cp.moat(&[cmd.as_slice(), &["-o", "json"]].concat());
+        let text = String::from_utf8_lossy(&json.stdout);
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("moat {cmd:?} -o json: {e}\n{text}\n{}", stderr(&json)));
+        assert!(v.is_object() || v.is_array(), "moat {cmd:?}: {v}");
+        if cmd[0] != "check" {
+            assert!(json.status.success(), "moat {cmd:?}: {}", stderr(&json));
+        }
+        let yaml = cp.moat(&[cmd.as_slice(), &["-o", "yaml"]].concat());
+        let text = String::from_utf8_lossy(&yaml.stdout);
+        if cmd[..] == ["policy", "get"] {
+            // The policy documents themselves, one YAML document each.
+            use serde::Deserialize as _;
+            let docs: Vec<serde_json::Value> = serde_yaml_ng::Deserializer::from_str(&text)
+                .map(|d| serde_json::Value::deserialize(d).unwrap())
+                .collect();
+            assert!(docs.iter().any(|d| d["kind"] == "AccessPolicy"), "{text}");
+            continue;
+        }
+        let y: serde_json::Value = serde_yaml_ng::from_str(&text)
+            .unwrap_or_else(|e| panic!("moat {cmd:?} -o yaml: {e}\n{text}"));
+        assert_eq!(y.is_array(), v.is_array(), "moat {cmd:?}");
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&cp.moat_ok(&["version", "-o", "json"])).unwrap();
+    assert_eq!(v["client"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(v["control_plane"]["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(v["control_plane"]["trust_domain"], "moat.local");
+    let v: serde_json::Value =
+        serde_json::from_str(&cp.moat_ok(&["revoke", "--list", "-o", "json"])).unwrap();
+    assert_eq!(
+        v[0]["value"], "spiffe://moat.local/ns/default/sa/intruder",
+        "{v}"
+    );
+    let out = cp.moat(&["check", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["checks"].as_array().is_some_and(|c| c
+            .iter()
+            .any(|c| c["name"] == "control plane reachable" && c["ok"] == true)),
+        "{v}"
+    );
+    assert_eq!(v["failed"] == 0, out.status.success(), "{v}");
+    let v: serde_json::Value = serde_json::from_str(
+        &cp.moat_ok(&["cert", "inspect", &cert, "--bundle", &bundle, "-o", "json"]),
+    )
+    .unwrap();
+    assert_eq!(
+        v["verified"]["spiffe_id"], v["certificates"][0]["spiffe_id"],
+        "{v}"
+    );
+}
+
+#[test]
+fn shell_completions_cover_the_commands() {
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef moat"),
+        ("fish", "complete -c moat"),
+    ] {
+        let out = moat(&["completion", shell]);
+        assert!(out.status.success(), "{shell}: {}", stderr(&out));
+        let script = String::from_utf8(out.stdout).unwrap();
+        assert!(script.contains(marker), "{shell}:\n{script}");
+        for cmd in ["policy", "revoke", "version"] {
+            assert!(script.contains(cmd), "{shell} lacks {cmd}");
+        }
+    }
+    assert_eq!(moat(&["completion", "tcsh"]).status.code(), Some(2));
+}
+
+/// Every line `moat-control` and `moat-proxy` write with `--log-format json` is a JSON log
+/// event, the start-up lines and the final error included; nothing goes to stdout.
+#[test]
+fn with_json_logs_every_line_of_both_binaries_is_json() {
+    use std::io::{BufRead as _, BufReader};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let kek = dir.path().join("kek");
+    moat_test_util::write_secret(&kek, moat_test_util::TEST_KEK).unwrap();
+    let data = dir.path().join("data");
+    let mut control = Command::new(bin("moat-control"))
+        .arg("--log-format")
+        .arg("json")
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--kek-file")
+        .arg(&kek)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read the control plane's log until it says where it listens.
+    let mut lines = BufReader::new(control.stderr.take().unwrap()).lines();
+    let mut cp_lines = Vec::new();
+    let url = loop {
+        let line = lines.next().expect("the control plane stopped").unwrap();
+        let event: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        cp_lines.push(line);
+        if let Some(addr) = event["fields"]["message"]
+            .as_str()
+            .and_then(|m| m.strip_prefix("listening on "))
+        {
+            break format!("https://{addr}");
+        }
+    };
+    let token = dir.path().join("token");
+    std::fs::write(&token, "not-a-token").unwrap();
+    let proxy = Command::new(bin("moat-proxy"))
+        .args([
+            "--log-format",
+            "json",
+            "--identity",
+            "orders",
+            "--control-plane",
+            &url,
+        ])
+        .args([
+            "--inbound",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--app",
+            "127.0.0.1:9",
+        ])
+        .arg("--token-file")
+        .arg(&token)
+        .arg("--trust-anchors")
+        .arg(data.join("admin/bundle.pem"))
+        .output()
+        .unwrap();
+    assert_eq!(proxy.status.code(), Some(1), "{}", stderr(&proxy));
+    assert!(
+        proxy.stdout.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&proxy.stdout)
+    );
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&proxy.stderr)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let last = events.last().unwrap();
+    assert_eq!(last["level"], "ERROR", "{last}");
+    assert!(
+        last["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("refused our token")),
+        "{last}"
+    );
+    let _ = control.kill();
+    let out = control.wait_with_output().unwrap();
+    assert!(
+        out.stdout.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    for line in lines.map_while(Result::ok) {
+        serde_json::from_str::<serde_json::Value>(&line)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    }
+}

@@ -4,6 +4,7 @@
 mod commands;
 mod connect;
 mod creds;
+mod output;
 mod table;
 
 use std::path::PathBuf;
@@ -70,6 +71,10 @@ enum Command {
     Inject(commands::inject::InjectArgs),
     /// Print the Kubernetes manifests that install moat (`moat install | kubectl apply -f -`).
     Install(commands::install::InstallArgs),
+    /// This CLI's release and the control plane's.
+    Version(commands::version::VersionArgs),
+    /// Print a shell completion script: `source <(moat completion bash)`.
+    Completion { shell: clap_complete::Shell },
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -92,6 +97,11 @@ async fn main() -> ExitCode {
         Command::Audit(a) => commands::audit::run(&cli.global, a).await,
         Command::Inject(a) => commands::inject::run(a),
         Command::Install(a) => commands::install::run(a),
+        Command::Version(a) => commands::version::run(&cli.global, a).await,
+        Command::Completion { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "moat", &mut std::io::stdout());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

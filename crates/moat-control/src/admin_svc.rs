@@ -14,6 +14,7 @@ use moat_api::v1::{
     Revocation as RevocationProto, RevokeRequest, RevokeResponse, RevokeTokenRequest,
     RevokeTokenResponse, RotateCertificatesRequest, RotateCertificatesResponse,
     RotateIntermediateRequest, RotateRootRequest, ShowCaRequest, ShowCaResponse, TokenInfo,
+    VersionRequest, VersionResponse,
 };
 use moat_ca::{CaCertInfo, CertTtl};
 use moat_identity::{SpiffeId, ValidatedCsr};
@@ -167,6 +168,20 @@ impl Admin for AdminService {
             })
             .map_err(token_status);
         self.audited(&actor, "token.revoke", &id, result)
+            .await
+            .map(Response::new)
+    }
+
+    async fn version(
+        &self,
+        req: Request<VersionRequest>,
+    ) -> Result<Response<VersionResponse>, Status> {
+        let actor = self.0.require_admin(&req, "version.show").await?;
+        let resp = VersionResponse {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            trust_domain: self.0.ca.current().trust_domain().to_string(),
+        };
+        self.audited(&actor, "version.show", "", Ok(resp))
             .await
             .map(Response::new)
     }

@@ -108,7 +108,10 @@ pub async fn serve(
                 let admin = tokio::net::TcpListener::bind(cfg.admin_listen)
                     .await
                     .with_context(|| format!("cannot listen on {} (--admin)", cfg.admin_listen))?;
-                println!("recovery mode: admin listening on {}", admin.local_addr()?);
+                moat_log::startup(format_args!(
+                    "recovery mode: admin listening on {}",
+                    admin.local_addr()?
+                ));
                 let data_dir = cfg.data_dir.clone();
                 let at = cfg.rotate_at;
                 let repaired = move || {
@@ -185,11 +188,14 @@ pub async fn serve(
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let addr = tcp.local_addr()?;
-    println!("listening on {addr}");
+    moat_log::startup(format_args!("listening on {addr}"));
     let admin_tcp = tokio::net::TcpListener::bind(cfg.admin_listen)
         .await
         .with_context(|| format!("cannot listen on {} (--admin)", cfg.admin_listen))?;
-    println!("admin listening on {}", admin_tcp.local_addr()?);
+    moat_log::startup(format_args!(
+        "admin listening on {}",
+        admin_tcp.local_addr()?
+    ));
     tokio::spawn(admin_http::serve(admin_tcp, state.clone()));
     if let Some(k) = cfg.publish_bundle.clone() {
         tokio::spawn(kube_bundle::publish_loop(k, ca.clone()));
@@ -198,7 +204,7 @@ pub async fn serve(
         let tcp = tokio::net::TcpListener::bind(w.listen)
             .await
             .with_context(|| format!("cannot listen on {} (--webhook)", w.listen))?;
-        println!("webhook listening on {}", tcp.local_addr()?);
+        moat_log::startup(format_args!("webhook listening on {}", tcp.local_addr()?));
         let ca = ca.clone();
         tokio::spawn(async move {
             if let Err(e) = webhook::serve(tcp, ca, w).await {

@@ -339,7 +339,7 @@ async fn main() -> ExitCode {
     let cfg = match config(args) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("moat-control: {e}");
+            moat_log::fatal(format_args!("moat-control: {e}"));
             return ExitCode::from(2);
         }
     };
@@ -352,11 +352,11 @@ fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if matches!(e.downcast_ref(), Some(KekLoadError::Missing)) => {
-            eprintln!("moat-control: {e}");
+            moat_log::fatal(format_args!("moat-control: {e}"));
             ExitCode::from(2)
         }
         Err(e) => {
-            eprintln!("moat-control: {e:#}");
+            moat_log::fatal(format_args!("moat-control: {e:#}"));
             ExitCode::FAILURE
         }
     }

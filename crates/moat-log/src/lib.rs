@@ -1,5 +1,10 @@
 //! Logging set-up shared by `moat-control` and `moat-proxy`: the `MOAT_LOG` filter (a level and
-//! per-target levels, refused when malformed) and the stderr subscriber in text or JSON.
+//! per-target levels, refused when malformed) and the stderr subscriber in text or JSON. With
+//! JSON logs every line a binary writes is a log event: [`startup`] and [`fatal`] turn the
+//! plain lines of the text mode (`listening on ADDR` on stdout, the final error on stderr) into
+//! events.
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing::Level;
 use tracing::level_filters::LevelFilter;
@@ -52,11 +57,40 @@ pub fn filter_from_env(example: &str) -> Result<Targets, FilterError> {
     }
 }
 
+/// Whether [`init`] installed JSON logs.
+static JSON: AtomicBool = AtomicBool::new(false);
+
+/// Whether the logs are JSON.
+pub fn json() -> bool {
+    JSON.load(Ordering::Relaxed)
+}
+
+/// A start-up line (`listening on ADDR`): printed on stdout with text logs, where scripts and the
+/// test harness read it; a log event (target `moat::startup`) with JSON logs.
+pub fn startup(line: std::fmt::Arguments<'_>) {
+    if json() {
+        tracing::info!(target: "moat::startup", "{line}");
+    } else {
+        println!("{line}");
+    }
+}
+
+/// The error a binary exits with: on stderr as plain text with text logs, a log event (target
+/// `moat::exit`, level error) with JSON logs.
+pub fn fatal(line: std::fmt::Arguments<'_>) {
+    if json() {
+        tracing::error!(target: "moat::exit", "{line}");
+    } else {
+        eprintln!("{line}");
+    }
+}
+
 /// Installs the global subscriber: `json` or text lines through `writer`, filtered by `filter`.
 pub fn init<W>(json: bool, filter: Targets, ansi: bool, writer: W)
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
+    JSON.store(json, Ordering::Relaxed);
     let layer = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(writer);

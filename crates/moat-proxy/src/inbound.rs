@@ -361,7 +361,7 @@ async fn tcp_forward(
             flow: "from_app",
         })
         .inc_by(from_app);
-    tracing::info!(target: "moat::access", direction = "inbound", protocol = "tcp", %remote, peer = %peer, decision = decision_label(&d), reason, policy = policy_label(&d).as_deref().unwrap_or("-"), bytes_to_app = to_app, bytes_from_app = from_app, duration_ms = start.elapsed().as_millis() as u64, error = ?outcome.err(), "tcp");
+    tracing::info!(target: "moat::access", direction = "inbound", protocol = "tcp", %remote, peer = %peer, decision = decision_label(&d), reason, policy = policy_label(&d).as_deref().unwrap_or("-"), bytes_to_app = to_app, bytes_from_app = from_app, duration_ms = start.elapsed().as_millis() as u64, error = outcome.err().map(tracing::field::display), "tcp");
 }
 
 /// Whether any rule of this proxy's policies requires an end-user token (only then is one

@@ -143,7 +143,7 @@ async fn tcp_forward(
             flow: "from_peer",
         })
         .inc_by(received);
-    tracing::info!(target: "moat::access", direction = "outbound", protocol = "tcp", opaque, %remote, target = %target, endpoint = %ep, bytes_sent = sent, bytes_received = received, duration_ms = start.elapsed().as_millis() as u64, error = ?result.err().map(|e| e.to_string()), "tcp");
+    tracing::info!(target: "moat::access", direction = "outbound", protocol = "tcp", opaque, %remote, target = %target, endpoint = %ep, bytes_sent = sent, bytes_received = received, duration_ms = start.elapsed().as_millis() as u64, error = result.err().map(tracing::field::display), "tcp");
 }
 
 /// Forwards one app request to the service over the mesh.

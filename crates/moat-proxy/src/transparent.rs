@@ -80,5 +80,5 @@ async fn passthrough(mut tcp: TcpStream, remote: SocketAddr, dest: SocketAddr) {
         Err(_) => return,
     };
     let r = crate::net::copy_both_ways(&mut tcp, &mut upstream).await;
-    tracing::info!(target: "moat::access", direction = "outbound", %remote, destination = %dest, decision = "passthrough", reason = "not-in-mesh", error = ?r.err().map(|e| e.to_string()), "tcp");
+    tracing::info!(target: "moat::access", direction = "outbound", %remote, destination = %dest, decision = "passthrough", reason = "not-in-mesh", error = r.err().map(tracing::field::display), "tcp");
 }

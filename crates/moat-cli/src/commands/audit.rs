@@ -5,6 +5,7 @@ use moat_api::v1::ListAuditRequest;
 use super::admin;
 use crate::Global;
 use crate::connect::status;
+use crate::output::Output;
 use crate::table::Table;
 
 #[derive(clap::Args, Debug)]
@@ -25,6 +26,8 @@ pub struct AuditArgs {
     /// Only entries by this actor (a SPIFFE ID, `token:<id>`, or an address), exactly.
     #[arg(long, default_value = "")]
     actor: String,
+    #[arg(short = 'o', long, value_enum, default_value_t)]
+    output: Output,
 }
 
 pub async fn run(global: &Global, args: AuditArgs) -> anyhow::Result<()> {
@@ -41,19 +44,33 @@ pub async fn run(global: &Global, args: AuditArgs) -> anyhow::Result<()> {
         .map_err(|s| status("audit", s))?
         .into_inner()
         .entries;
-    let mut table = Table::new(&["TIME", "OUTCOME", "ACTION", "ACTOR", "TARGET", "DETAIL"]);
-    for e in entries {
-        let t =
-            std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.time_unix_ms.max(0) as u64);
-        table.row([
-            humantime::format_rfc3339_millis(t).to_string(),
-            e.outcome,
-            e.action,
-            e.actor,
-            e.target,
-            e.detail,
-        ]);
-    }
-    table.print();
-    Ok(())
+    let data: Vec<_> = entries
+        .iter()
+        .map(|e| {
+            serde_json::json!({
+                "time_unix_ms": e.time_unix_ms,
+                "outcome": e.outcome,
+                "action": e.action,
+                "actor": e.actor,
+                "target": e.target,
+                "detail": e.detail,
+            })
+        })
+        .collect();
+    args.output.print(&data.into(), || {
+        let mut table = Table::new(&["TIME", "OUTCOME", "ACTION", "ACTOR", "TARGET", "DETAIL"]);
+        for e in &entries {
+            let t = std::time::UNIX_EPOCH
+                + std::time::Duration::from_millis(e.time_unix_ms.max(0) as u64);
+            table.row([
+                humantime::format_rfc3339_millis(t).to_string(),
+                e.outcome.clone(),
+                e.action.clone(),
+                e.actor.clone(),
+                e.target.clone(),
+                e.detail.clone(),
+            ]);
+        }
+        table.print();
+    })
 }

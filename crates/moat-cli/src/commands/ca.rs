@@ -11,6 +11,7 @@ use moat_api::v1::{
 use super::{admin, duration, time};
 use crate::Global;
 use crate::connect::status;
+use crate::output::Output;
 
 /// How often a rotation polls the control plane.
 const POLL: Duration = Duration::from_millis(300);
@@ -18,7 +19,10 @@ const POLL: Duration = Duration::from_millis(300);
 #[derive(Subcommand, Debug)]
 pub enum CaCmd {
     /// Show the trust domain, roots and issuing intermediate with their expiry.
-    Show,
+    Show {
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: Output,
+    },
     /// Print the trust bundle (every root, PEM) for proxies and other clients to trust.
     Bundle,
     /// Replace the root without downtime: (1) add a new root to the bundle, (2) issue from a new
@@ -194,7 +198,7 @@ pub async fn run(global: &Global, cmd: CaCmd) -> anyhow::Result<()> {
         CaCmd::RotateIntermediate { status, timeout } => {
             return rotate_intermediate(global, status, timeout).await;
         }
-        CaCmd::Show | CaCmd::Bundle => {}
+        CaCmd::Show { .. } | CaCmd::Bundle => {}
     }
     let ca = admin(global)
         .await?
@@ -203,7 +207,24 @@ pub async fn run(global: &Global, cmd: CaCmd) -> anyhow::Result<()> {
         .map_err(|s| status("ca show", s))?
         .into_inner();
     match cmd {
-        CaCmd::Show => {
+        CaCmd::Show { output } if !output.is_table() => {
+            let cert = |c: &CaCertificate| {
+                serde_json::json!({
+                    "subject": c.subject,
+                    "sha256": c.sha256_fingerprint,
+                    "not_before_unix": c.not_before_unix,
+                    "not_after_unix": c.not_after_unix,
+                })
+            };
+            let data = serde_json::json!({
+                "trust_domain": ca.trust_domain,
+                "default_ttl_seconds": ca.default_ttl_seconds,
+                "roots": ca.roots.iter().map(cert).collect::<Vec<_>>(),
+                "intermediate": ca.intermediate.as_ref().map(cert),
+            });
+            output.print(&data, || {})?;
+        }
+        CaCmd::Show { .. } => {
             println!("trust domain  {}", ca.trust_domain);
             println!("default ttl   {}s", ca.default_ttl_seconds);
             for r in &ca.roots {

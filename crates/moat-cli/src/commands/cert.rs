@@ -18,6 +18,7 @@ use super::{admin, duration, time};
 use crate::Global;
 use crate::connect::{self, status};
 use crate::creds::{self, CredDir};
+use crate::output::Output;
 
 #[derive(Subcommand, Debug)]
 pub enum CertCmd {
@@ -83,6 +84,8 @@ pub enum CertCmd {
         /// Also verify the chain against this bundle.
         #[arg(long)]
         bundle: Option<PathBuf>,
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: Output,
     },
 }
 
@@ -210,7 +213,11 @@ pub async fn run(global: &Global, cmd: CertCmd) -> anyhow::Result<()> {
                 .into_inner();
             accept(resp, &id, &key, &current.bundle, &dir)
         }
-        CertCmd::Inspect { file, bundle } => inspect(&file, bundle.as_deref()),
+        CertCmd::Inspect {
+            file,
+            bundle,
+            output,
+        } => inspect(&file, bundle.as_deref(), output),
         CertCmd::Rotate {
             identity,
             all,
@@ -308,7 +315,7 @@ async fn rotate(
     }
 }
 
-fn inspect(file: &Path, bundle: Option<&Path>) -> anyhow::Result<()> {
+fn inspect(file: &Path, bundle: Option<&Path>, output: Output) -> anyhow::Result<()> {
     let pem = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
@@ -316,43 +323,77 @@ fn inspect(file: &Path, bundle: Option<&Path>) -> anyhow::Result<()> {
     if certs.is_empty() {
         bail!("{} holds no CERTIFICATE block", file.display());
     }
-    for (i, der) in certs.iter().enumerate() {
-        let c = CertInfo::from_der(der)
-            .with_context(|| format!("certificate {i} in {}", file.display()))?;
-        if i > 0 {
-            println!();
+    let infos = certs
+        .iter()
+        .enumerate()
+        .map(|(i, der)| {
+            CertInfo::from_der(der)
+                .with_context(|| format!("certificate {i} in {}", file.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let verified = match bundle {
+        Some(bundle) => {
+            let b = creds::read_bundle(bundle)?;
+            // Inspection checks the chain in the trust domain the leaf itself names.
+            let domain = infos[0]
+                .spiffe_id
+                .as_ref()
+                .map_err(|e| anyhow::anyhow!("the first certificate has no SPIFFE ID: {e}"))?
+                .trust_domain()
+                .clone();
+            let peer = verify_chain(&certs, &b, &domain, UnixTime::now(), Usage::Client)
+                .with_context(|| {
+                    format!("the chain does not verify against {}", bundle.display())
+                })?;
+            Some((peer.id, bundle))
         }
-        println!("certificate  {i}");
-        println!("subject      {}", c.subject);
-        println!("issuer       {}", c.issuer);
-        match &c.spiffe_id {
-            Ok(id) => println!("spiffe id    {id}"),
-            Err(why) => println!("spiffe id    none ({why})"),
+        None => None,
+    };
+    let data = serde_json::json!({
+        "certificates": infos.iter().map(|c| serde_json::json!({
+            "subject": c.subject,
+            "issuer": c.issuer,
+            "spiffe_id": c.spiffe_id.as_ref().ok().map(|id| id.to_string()),
+            "serial": c.serial,
+            "not_before_unix": c.not_before,
+            "not_after_unix": c.not_after,
+            "key_algorithm": c.key_algorithm,
+            "is_ca": c.is_ca,
+            "other_sans": c.other_sans,
+            "sha256": c.sha256,
+        })).collect::<Vec<_>>(),
+        "verified": verified.as_ref().map(|(id, bundle)| serde_json::json!({
+            "spiffe_id": id.to_string(),
+            "bundle": bundle.display().to_string(),
+        })),
+    });
+    output.print(&data, || {
+        for (i, c) in infos.iter().enumerate() {
+            if i > 0 {
+                println!();
+            }
+            println!("certificate  {i}");
+            println!("subject      {}", c.subject);
+            println!("issuer       {}", c.issuer);
+            match &c.spiffe_id {
+                Ok(id) => println!("spiffe id    {id}"),
+                Err(why) => println!("spiffe id    none ({why})"),
+            }
+            println!("serial       {}", c.serial);
+            println!(
+                "valid        {} .. {}",
+                time(c.not_before),
+                time(c.not_after)
+            );
+            println!("key          {}", c.key_algorithm);
+            println!("ca           {}", c.is_ca);
+            if !c.other_sans.is_empty() {
+                println!("other sans   {}", c.other_sans.join(", "));
+            }
+            println!("sha256       {}", c.sha256);
         }
-        println!("serial       {}", c.serial);
-        println!(
-            "valid        {} .. {}",
-            time(c.not_before),
-            time(c.not_after)
-        );
-        println!("key          {}", c.key_algorithm);
-        println!("ca           {}", c.is_ca);
-        if !c.other_sans.is_empty() {
-            println!("other sans   {}", c.other_sans.join(", "));
+        if let Some((id, bundle)) = &verified {
+            println!("\nverified     {id} against {}", bundle.display());
         }
-        println!("sha256       {}", c.sha256);
-    }
-    if let Some(bundle) = bundle {
-        let b = creds::read_bundle(bundle)?;
-        // Inspection checks the chain in the trust domain the leaf itself names.
-        let domain = CertInfo::from_der(&certs[0])?
-            .spiffe_id
-            .map_err(|e| anyhow::anyhow!("the first certificate has no SPIFFE ID: {e}"))?
-            .trust_domain()
-            .clone();
-        let peer = verify_chain(&certs, &b, &domain, UnixTime::now(), Usage::Client)
-            .with_context(|| format!("the chain does not verify against {}", bundle.display()))?;
-        println!("\nverified     {} against {}", peer.id, bundle.display());
-    }
-    Ok(())
+    })
 }

@@ -10,10 +10,13 @@ use moat_api::v1::{
 use moat_identity::{Usage, verify_chain};
 use rustls_pki_types::UnixTime;
 
+use serde_json::{Value, json};
+
 use super::{admin, duration, time};
 use crate::Global;
 use crate::connect::status;
 use crate::creds::CredDir;
+use crate::output::Output;
 
 #[derive(clap::Args, Debug)]
 pub struct CheckArgs {
@@ -26,18 +29,57 @@ pub struct CheckArgs {
     /// Largest tolerated clock difference between this machine and the control plane.
     #[arg(long, default_value = "30s", value_parser = duration)]
     max_skew: Duration,
+    /// table: one line per check as it completes; json/yaml: every check, then the verdict.
+    #[arg(short = 'o', long, value_enum, default_value_t)]
+    output: Output,
 }
 
+/// The checks so far: printed as they complete for people, gathered for -o json/yaml.
 struct Report {
+    output: Output,
+    checks: Vec<Value>,
     failed: usize,
+    outage_budget: Option<Value>,
 }
 
 impl Report {
+    fn new(output: Output) -> Self {
+        Report {
+            output,
+            checks: Vec::new(),
+            failed: 0,
+            outage_budget: None,
+        }
+    }
+
     fn line(&mut self, ok: bool, name: &str, detail: String) {
         if !ok {
             self.failed += 1;
         }
-        println!("{} {name:<26} {detail}", if ok { "ok  " } else { "FAIL" });
+        if self.output.is_table() {
+            println!("{} {name:<26} {detail}", if ok { "ok  " } else { "FAIL" });
+        }
+        self.checks
+            .push(json!({ "name": name, "ok": ok, "detail": detail }));
+    }
+
+    /// Prints the gathered report (-o json/yaml), then fails if any check did.
+    fn finish(self) -> anyhow::Result<()> {
+        let data = json!({
+            "checks": self.checks,
+            "failed": self.failed,
+            "outage_budget": self.outage_budget,
+        });
+        let failed = self.failed;
+        self.output.print(&data, || {
+            if failed == 0 {
+                println!("all checks passed");
+            }
+        })?;
+        if failed > 0 {
+            anyhow::bail!("{failed} check(s) failed");
+        }
+        Ok(())
     }
 }
 
@@ -49,13 +91,13 @@ fn human(secs: i64) -> String {
 }
 
 pub async fn run(global: &Global, args: CheckArgs) -> anyhow::Result<()> {
-    let mut r = Report { failed: 0 };
+    let mut r = Report::new(args.output);
     let started = Instant::now();
     let mut client = match admin(global).await {
         Ok(c) => c,
         Err(e) => {
             r.line(false, "control plane reachable", format!("{e:#}"));
-            anyhow::bail!("1 check failed");
+            return r.finish();
         }
     };
     let ca = client
@@ -80,12 +122,8 @@ pub async fn run(global: &Global, args: CheckArgs) -> anyhow::Result<()> {
         .map_err(|s| status("check", s))?
         .into_inner();
     check_fleet(&mut r, &fleet, &args);
-    outage_budget(&fleet);
-    if r.failed > 0 {
-        anyhow::bail!("{} check(s) failed", r.failed);
-    }
-    println!("all checks passed");
-    Ok(())
+    outage_budget(&mut r, &fleet);
+    r.finish()
 }
 
 /// The CA: the CLI's own credential, issued by the CA now in use, verifies under the bundle,
@@ -226,15 +264,19 @@ fn check_proxy(r: &mut Report, p: &ProxyStatus, now_ms: i64, stale_ms: i64) {
 }
 
 /// How long the mesh survives a control-plane outage: until the first proxy certificate expires.
-fn outage_budget(fleet: &ListProxiesResponse) {
-    if fleet.proxies.is_empty() {
+fn outage_budget(r: &mut Report, fleet: &ListProxiesResponse) {
+    if fleet.proxies.is_empty() && r.output.is_table() {
         println!("note no proxies are connected");
     }
     if let Some(first) = fleet.proxies.iter().map(|p| p.cert_not_after_unix).min() {
-        println!(
-            "outage budget: the mesh survives a control-plane outage for {} (first proxy certificate expires {})",
-            human(first - moat_identity::clock::unix_now()),
-            time(first)
-        );
+        let left = first - moat_identity::clock::unix_now();
+        if r.output.is_table() {
+            println!(
+                "outage budget: the mesh survives a control-plane outage for {} (first proxy certificate expires {})",
+                human(left),
+                time(first)
+            );
+        }
+        r.outage_budget = Some(json!({ "seconds": left.max(0), "first_expiry_unix": first }));
     }
 }

@@ -16,6 +16,7 @@ use super::admin;
 use super::policy_files::sources;
 use crate::Global;
 use crate::connect::status;
+use crate::output::Output;
 
 /// What to evaluate against.
 #[derive(Debug)]
@@ -205,8 +206,8 @@ pub struct ExplainArgs {
     /// Trust domain for short forms when --file is used.
     #[arg(long, env = "MOAT_TRUST_DOMAIN", default_value = "moat.local")]
     trust_domain: TrustDomain,
-    #[arg(short = 'o', long, default_value = "text", value_parser = ["text", "json"])]
-    output: String,
+    #[arg(short = 'o', long, value_enum, default_value_t)]
+    output: Output,
 }
 
 fn describe(d: &Decision) -> serde_json::Value {
@@ -256,9 +257,8 @@ pub async fn explain(global: &Global, args: ExplainArgs) -> anyhow::Result<()> {
         port.unwrap_or(0),
         &Query::new(tcp, http, claims.as_ref()),
     );
-    if output == "json" {
-        println!("{}", describe(&d));
-        return Ok(());
+    if !output.is_table() {
+        return output.print(&describe(&d), || {});
     }
     let verdict = match (d.allowed, d.would_deny) {
         (true, Some(r)) => format!("ALLOW (audit mode: would deny, {})", r.code()),

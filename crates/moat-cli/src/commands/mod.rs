@@ -14,6 +14,7 @@ pub mod policy_files;
 pub mod revoke;
 pub mod status;
 pub mod token;
+pub mod version;
 
 use moat_api::v1::admin_client::AdminClient;
 use tonic::transport::Channel;

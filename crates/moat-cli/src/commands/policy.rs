@@ -16,6 +16,7 @@ use super::admin;
 use super::policy_files::sources;
 use crate::Global;
 use crate::connect::status;
+use crate::output::Output;
 use crate::table::Table;
 
 #[derive(Subcommand, Debug)]
@@ -30,8 +31,9 @@ pub enum PolicyCmd {
     /// the MeshConfig.
     Get {
         name: Option<String>,
-        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "yaml", "json"])]
-        output: String,
+        /// table; json; yaml: the policy documents themselves (apply-able).
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: Output,
     },
     /// Delete a policy by `namespace/name` (or `name` in namespace default).
     Delete { name: String },
@@ -41,9 +43,14 @@ pub enum PolicyCmd {
         /// Also print each revision's document.
         #[arg(long)]
         documents: bool,
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: Output,
     },
     /// Per policy: version, mode, and how many of its target's connected proxies applied it.
-    Status,
+    Status {
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: Output,
+    },
     /// Why a call would be allowed or denied: decision, reason, matching rule and a trace of
     /// every rule, from the live policies (or --file, offline).
     Explain(super::explain::ExplainArgs),
@@ -97,21 +104,30 @@ pub async fn run(global: &Global, cmd: PolicyCmd) -> anyhow::Result<()> {
             policies,
             trust_domain,
         } => super::explain::test(&cases, &policies, &trust_domain),
-        PolicyCmd::History { name, documents } => history(global, name, documents).await,
-        PolicyCmd::Status => rollout(global).await,
+        PolicyCmd::History {
+            name,
+            documents,
+            output,
+        } => history(global, name, documents, output).await,
+        PolicyCmd::Status { output } => rollout(global, output).await,
         PolicyCmd::Validate { path, trust_domain } => {
             let docs = validate(&sources(&path)?, &trust_domain)?;
             println!("{} valid document(s)", docs.len());
             Ok(())
         }
         PolicyCmd::Apply { path } => apply(global, &path).await,
-        PolicyCmd::Get { name, output } => get(global, name, &output).await,
+        PolicyCmd::Get { name, output } => get(global, name, output).await,
         PolicyCmd::Delete { name } => delete(global, name).await,
     }
 }
 
 /// `moat policy history`: every stored revision of one policy.
-async fn history(global: &Global, name: String, documents: bool) -> anyhow::Result<()> {
+async fn history(
+    global: &Global,
+    name: String,
+    documents: bool,
+    output: Output,
+) -> anyhow::Result<()> {
     let revs = admin(global)
         .await?
         .policy_history(PolicyHistoryRequest { name })
@@ -119,62 +135,99 @@ async fn history(global: &Global, name: String, documents: bool) -> anyhow::Resu
         .map_err(|s| status("policy history", s))?
         .into_inner()
         .revisions;
-    let mut table = Table::new(&["VERSION", "TIME", "CHANGE", "BY"]).right(&[0]);
-    for r in revs {
-        let t =
-            std::time::UNIX_EPOCH + std::time::Duration::from_millis(r.time_unix_ms.max(0) as u64);
-        table.row([
-            r.version.to_string(),
-            humantime::format_rfc3339_millis(t).to_string(),
-            r.change,
-            r.actor,
-        ]);
-        if documents && !r.document.is_empty() {
-            table.detail(r.document);
+    let data: Vec<_> = revs
+        .iter()
+        .map(|r| {
+            let mut v = serde_json::json!({
+                "version": r.version,
+                "time_unix_ms": r.time_unix_ms,
+                "change": r.change,
+                "by": r.actor,
+            });
+            if documents {
+                v["document"] = r.document.clone().into();
+            }
+            v
+        })
+        .collect();
+    output.print(&data.into(), || {
+        let mut table = Table::new(&["VERSION", "TIME", "CHANGE", "BY"]).right(&[0]);
+        for r in &revs {
+            let t = std::time::UNIX_EPOCH
+                + std::time::Duration::from_millis(r.time_unix_ms.max(0) as u64);
+            table.row([
+                r.version.to_string(),
+                humantime::format_rfc3339_millis(t).to_string(),
+                r.change.clone(),
+                r.actor.clone(),
+            ]);
+            if documents && !r.document.is_empty() {
+                table.detail(r.document.clone());
+            }
         }
-    }
-    table.print();
-    Ok(())
+        table.print();
+    })
 }
 
 /// `moat policy status`: per policy, its version, mode and how many proxies applied it.
-async fn rollout(global: &Global) -> anyhow::Result<()> {
+async fn rollout(global: &Global, output: Output) -> anyhow::Result<()> {
     let resp = admin(global)
         .await?
         .list_policies(ListPoliciesRequest {})
         .await
         .map_err(|s| status("policy status", s))?
         .into_inner();
-    println!("default posture: {}", resp.default_posture);
-    if resp.default_posture == moat_policy::DefaultPosture::AllowAuthenticated.as_str() {
-        println!(
-            "WARNING: services without a policy accept any authenticated caller (migration mode)"
-        );
-    }
-    let mut table = Table::new(&["POLICY", "VERSION", "MODE", "APPLIED", "TARGET"]).right(&[1, 3]);
-    for (p, r) in resp.policies.iter().zip(
-        resp.rollout
-            .iter()
-            .chain(std::iter::repeat(&Default::default())),
-    ) {
-        table.row([
-            format!("{}/{}", p.namespace, p.name),
-            p.version.to_string(),
-            p.mode.clone(),
-            format!("{}/{}", r.applied, r.proxies),
-            p.target.clone(),
-        ]);
-        for c in &r.counters {
-            let rule = if c.rule < 0 {
-                "no rule matched".to_owned()
-            } else {
-                format!("rule {}", c.rule)
-            };
-            table.detail(format!("    {rule}: {} {}", c.decision, c.count));
+    let none = moat_api::v1::PolicyRollout::default();
+    let rows: Vec<_> = resp
+        .policies
+        .iter()
+        .zip(resp.rollout.iter().chain(std::iter::repeat(&none)))
+        .collect();
+    let data = serde_json::json!({
+        "default_posture": resp.default_posture,
+        "policies": rows.iter().map(|(p, r)| serde_json::json!({
+            "policy": format!("{}/{}", p.namespace, p.name),
+            "version": p.version,
+            "mode": p.mode,
+            "target": p.target,
+            "applied": r.applied,
+            "proxies": r.proxies,
+            "counters": r.counters.iter().map(|c| serde_json::json!({
+                // null: no rule matched.
+                "rule": (c.rule >= 0).then_some(c.rule),
+                "decision": c.decision,
+                "count": c.count,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    });
+    output.print(&data, || {
+        println!("default posture: {}", resp.default_posture);
+        if resp.default_posture == moat_policy::DefaultPosture::AllowAuthenticated.as_str() {
+            println!(
+                "WARNING: services without a policy accept any authenticated caller (migration mode)"
+            );
         }
-    }
-    table.print();
-    Ok(())
+        let mut table =
+            Table::new(&["POLICY", "VERSION", "MODE", "APPLIED", "TARGET"]).right(&[1, 3]);
+        for (p, r) in &rows {
+            table.row([
+                format!("{}/{}", p.namespace, p.name),
+                p.version.to_string(),
+                p.mode.clone(),
+                format!("{}/{}", r.applied, r.proxies),
+                p.target.clone(),
+            ]);
+            for c in &r.counters {
+                let rule = if c.rule < 0 {
+                    "no rule matched".to_owned()
+                } else {
+                    format!("rule {}", c.rule)
+                };
+                table.detail(format!("    {rule}: {} {}", c.decision, c.count));
+            }
+        }
+        table.print();
+    })
 }
 
 /// `moat policy apply`: validate every document locally, then apply them in one request.
@@ -209,7 +262,7 @@ async fn apply(global: &Global, path: &Path) -> anyhow::Result<()> {
 }
 
 /// `moat policy get`: the stored policies as a table, YAML or JSON.
-async fn get(global: &Global, name: Option<String>, output: &str) -> anyhow::Result<()> {
+async fn get(global: &Global, name: Option<String>, output: Output) -> anyhow::Result<()> {
     let resp = admin(global)
         .await?
         .list_policies(ListPoliciesRequest {})
@@ -236,7 +289,7 @@ async fn get(global: &Global, name: Option<String>, output: &str) -> anyhow::Res
         bail!("no policy {w}");
     }
     match output {
-        "yaml" => {
+        Output::Yaml => {
             let docs: Vec<&str> = chosen
                 .iter()
                 .filter_map(|i| resp.documents.get(*i).map(String::as_str))
@@ -249,7 +302,7 @@ async fn get(global: &Global, name: Option<String>, output: &str) -> anyhow::Res
                 print!("{}", resp.mesh_document);
             }
         }
-        "json" => {
+        Output::Json => {
             let v: Vec<_> = chosen
                 .iter()
                 .map(|i| {
@@ -265,7 +318,7 @@ async fn get(global: &Global, name: Option<String>, output: &str) -> anyhow::Res
                 serde_json::json!({"default_posture": resp.default_posture, "policies": v})
             );
         }
-        _ => {
+        Output::Table => {
             println!("default posture: {}", resp.default_posture);
             let mut table =
                 Table::new(&["POLICY", "VERSION", "MODE", "RULES", "TARGET"]).right(&[1, 3]);

@@ -5,6 +5,7 @@ use moat_api::v1::{ListRevocationsRequest, RevokeRequest};
 use super::{admin, time};
 use crate::Global;
 use crate::connect::status;
+use crate::output::Output;
 use crate::table::Table;
 
 #[derive(clap::Args, Debug)]
@@ -25,6 +26,9 @@ pub struct RevokeArgs {
     /// List revocations in force.
     #[arg(long)]
     list: bool,
+    /// How `--list` prints.
+    #[arg(short = 'o', long, value_enum, default_value_t, requires = "list")]
+    output: Output,
 }
 
 pub async fn run(global: &Global, args: RevokeArgs) -> anyhow::Result<()> {
@@ -36,25 +40,39 @@ pub async fn run(global: &Global, args: RevokeArgs) -> anyhow::Result<()> {
             .map_err(|s| status("revoke", s))?
             .into_inner()
             .revocations;
-        let mut table = Table::new(&["KIND", "VALUE", "SINCE", "UNTIL", "REASON"]);
-        for r in list {
-            let since = std::time::UNIX_EPOCH
-                + std::time::Duration::from_millis(r.time_unix_ms.max(0) as u64);
-            let until = if r.expires_unix == 0 {
-                "undone".to_owned()
-            } else {
-                time(r.expires_unix)
-            };
-            table.row([
-                r.kind,
-                r.value,
-                humantime::format_rfc3339_seconds(since).to_string(),
-                until,
-                r.reason,
-            ]);
-        }
-        table.print();
-        return Ok(());
+        let data: Vec<_> = list
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "kind": r.kind,
+                    "value": r.value,
+                    "since_unix_ms": r.time_unix_ms,
+                    // 0: until undone.
+                    "until_unix": r.expires_unix,
+                    "reason": r.reason,
+                })
+            })
+            .collect();
+        return args.output.print(&data.into(), || {
+            let mut table = Table::new(&["KIND", "VALUE", "SINCE", "UNTIL", "REASON"]);
+            for r in &list {
+                let since = std::time::UNIX_EPOCH
+                    + std::time::Duration::from_millis(r.time_unix_ms.max(0) as u64);
+                let until = if r.expires_unix == 0 {
+                    "undone".to_owned()
+                } else {
+                    time(r.expires_unix)
+                };
+                table.row([
+                    r.kind.clone(),
+                    r.value.clone(),
+                    humantime::format_rfc3339_seconds(since).to_string(),
+                    until,
+                    r.reason.clone(),
+                ]);
+            }
+            table.print();
+        });
     }
     let resp = client
         .revoke(RevokeRequest {

@@ -5,13 +5,14 @@ use moat_api::v1::ListProxiesRequest;
 use super::{admin, time};
 use crate::Global;
 use crate::connect::status;
+use crate::output::Output;
 use crate::table::Table;
 
 #[derive(clap::Args, Debug)]
 pub struct StatusArgs {
     /// Output format.
-    #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
-    output: String,
+    #[arg(short = 'o', long, value_enum, default_value_t)]
+    output: Output,
 }
 
 pub async fn run(global: &Global, args: StatusArgs) -> anyhow::Result<()> {
@@ -21,7 +22,7 @@ pub async fn run(global: &Global, args: StatusArgs) -> anyhow::Result<()> {
         .await
         .map_err(|s| status("status", s))?
         .into_inner();
-    if args.output == "json" {
+    if !args.output.is_table() {
         let proxies: Vec<_> = resp
             .proxies
             .iter()
@@ -49,11 +50,8 @@ pub async fn run(global: &Global, args: StatusArgs) -> anyhow::Result<()> {
                 })
             })
             .collect();
-        println!(
-            "{}",
-            serde_json::json!({"default_posture": resp.default_posture, "bundle_sha256": resp.bundle_sha256, "proxies": proxies, "disconnected": disconnected})
-        );
-        return Ok(());
+        let data = serde_json::json!({"default_posture": resp.default_posture, "bundle_sha256": resp.bundle_sha256, "proxies": proxies, "disconnected": disconnected});
+        return args.output.print(&data, || {});
     }
     println!("default posture: {}", resp.default_posture);
     if resp.default_posture == moat_policy::DefaultPosture::AllowAuthenticated.as_str() {

@@ -6,6 +6,7 @@ use moat_api::v1::{CreateTokenRequest, ListTokensRequest, RevokeTokenRequest, To
 use super::{admin, duration, time};
 use crate::Global;
 use crate::connect::status;
+use crate::output::Output;
 use crate::table::Table;
 
 #[derive(Subcommand, Debug)]
@@ -25,8 +26,8 @@ pub enum TokenCmd {
     /// List join tokens (their ids and state, never the tokens).
     List {
         /// Output format.
-        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
-        output: String,
+        #[arg(short = 'o', long, value_enum, default_value_t)]
+        output: Output,
     },
     /// Revoke a join token by id.
     Revoke {
@@ -77,11 +78,9 @@ pub async fn run(global: &Global, cmd: TokenCmd) -> anyhow::Result<()> {
                 .map_err(|s| status("token list", s))?
                 .into_inner()
                 .tokens;
-            if output == "json" {
-                println!(
-                    "{}",
-                    serde_json::Value::Array(tokens.iter().map(json).collect())
-                );
+            if !output.is_table() {
+                let data = serde_json::Value::Array(tokens.iter().map(json).collect());
+                output.print(&data, || {})?;
             } else {
                 let mut table =
                     Table::new(&["ID", "IDENTITY", "USES", "EXPIRES", "STATE"]).right(&[2]);
