@@ -10,7 +10,8 @@ use moat_api::v1::{
     DeletePolicyResponse, IssueCertificateRequest, ListAuditRequest, ListAuditResponse,
     ListPoliciesRequest, ListPoliciesResponse, ListProxiesRequest, ListProxiesResponse,
     ListRevocationsRequest, ListRevocationsResponse, ListTokensRequest, ListTokensResponse,
-    PolicyHistoryRequest, PolicyHistoryResponse, PolicyRevision, PolicyRollout, ProxyStatus,
+    ObservedCall, ObservedTrafficRequest, ObservedTrafficResponse, PolicyHistoryRequest,
+    PolicyHistoryResponse, PolicyRevision, PolicyRollout, ProxyStatus,
     Revocation as RevocationProto, RevokeRequest, RevokeResponse, RevokeTokenRequest,
     RevokeTokenResponse, RotateCertificatesRequest, RotateCertificatesResponse,
     RotateIntermediateRequest, RotateRootRequest, ShowCaRequest, ShowCaResponse, TokenInfo,
@@ -383,6 +384,57 @@ impl Admin for AdminService {
             .map(|()| DeletePolicyResponse {})
             .map_err(policy_status);
         self.audited(&actor, "policy.delete", &name, result)
+            .await
+            .map(Response::new)
+    }
+
+    async fn observed_traffic(
+        &self,
+        req: Request<ObservedTrafficRequest>,
+    ) -> Result<Response<ObservedTrafficResponse>, Status> {
+        let actor = self.0.require_admin(&req, "traffic.observed.list").await?;
+        let r = req.into_inner();
+        let target = self.identity(&r.target)?;
+        let since = match r.since_seconds {
+            0 => i64::MIN,
+            s => moat_identity::clock::unix_now() - i64::from(s),
+        };
+        let result = self
+            .0
+            .policies
+            .load()
+            .await
+            .map_err(policy_status)
+            .map(|set| {
+                let targeting: Vec<_> =
+                    set.policies.iter().filter(|p| p.target == target).collect();
+                let watching = moat_policy::suggest::Watching::of(
+                    targeting.iter().copied(),
+                    set.mesh.default_posture,
+                );
+                let (calls, proxies) = self.0.mesh.registry().observed(&target, since);
+                ObservedTrafficResponse {
+                    target: target.to_string(),
+                    calls: calls
+                        .into_iter()
+                        .map(|(k, (count, seen))| ObservedCall {
+                            peer: k.peer,
+                            port: u32::from(k.port),
+                            method: k.method,
+                            path: k.path,
+                            count,
+                            last_seen_unix: seen,
+                        })
+                        .collect(),
+                    proxies: proxies as u32,
+                    watching: watching.as_str().to_owned(),
+                    policy: match &targeting[..] {
+                        [one] => one.key(),
+                        _ => String::new(),
+                    },
+                }
+            });
+        self.audited(&actor, "traffic.observed.list", &target.to_string(), result)
             .await
             .map(Response::new)
     }

@@ -248,6 +248,40 @@ pub async fn follow_policies(policies: Policies, state: Arc<MeshState>) {
 /// The most counters one report may carry.
 const MAX_REPORTED_COUNTERS: usize = 10_000;
 
+/// The most kinds of observed call one report may carry (the proxy keeps at most
+/// `moat_proxy::observe::MAX_OBSERVED`).
+const MAX_REPORTED_CALLS: usize = 4096;
+
+/// Validates a report's observed calls.
+fn observed_from_proto(
+    r: &moat_api::v1::Report,
+) -> Result<Vec<(crate::registry::ObservedKey, u64)>, String> {
+    if r.observed.len() > MAX_REPORTED_CALLS {
+        return Err(format!(
+            "{} observed calls; the limit is {MAX_REPORTED_CALLS}",
+            r.observed.len()
+        ));
+    }
+    r.observed
+        .iter()
+        .map(|c| {
+            let port = u16::try_from(c.port).map_err(|_| format!("bad port {}", c.port))?;
+            if c.peer.len() > 2048 || c.method.len() > 32 || c.path.len() > 8192 {
+                return Err("an observed call's peer, method or path is too long".to_owned());
+            }
+            Ok((
+                crate::registry::ObservedKey {
+                    peer: c.peer.clone(),
+                    port,
+                    method: c.method.clone(),
+                    path: c.path.clone(),
+                },
+                c.count,
+            ))
+        })
+        .collect()
+}
+
 /// Validates a proxy's report.
 fn hits_from_proto(r: moat_api::v1::Report) -> Result<Vec<crate::registry::RuleHits>, String> {
     if r.counters.len() > MAX_REPORTED_COUNTERS {
@@ -423,6 +457,7 @@ impl Mesh for MeshService {
                 applied_policies: Vec::new(),
                 applied_bundle: Vec::new(),
                 hits: Vec::new(),
+                observed: Default::default(),
                 left: false,
             },
         );
@@ -621,10 +656,17 @@ impl MeshService {
                     }
                 }
             }
-            Some(proxy_message::Message::Report(r)) => match hits_from_proto(r) {
-                Ok(hits) => entry.hits = hits,
-                Err(e) => tracing::warn!(%id, error = %e, "ignored a malformed report"),
-            },
+            Some(proxy_message::Message::Report(r)) => {
+                match (observed_from_proto(&r), hits_from_proto(r)) {
+                    (Ok(observed), Ok(hits)) => {
+                        entry.hits = hits;
+                        entry.observe(observed, moat_identity::clock::unix_now());
+                    }
+                    (Err(e), _) | (_, Err(e)) => {
+                        tracing::warn!(%id, error = %e, "ignored a malformed report")
+                    }
+                }
+            }
             Some(proxy_message::Message::Leave(_)) => {
                 tracing::info!(%id, "proxy is leaving (shutting down)");
                 entry.left = true;

@@ -33,6 +33,9 @@ pub struct ProxyEntry {
     pub applied_bundle: Vec<String>,
     /// The proxy's latest cumulative authorization counters.
     pub hits: Vec<RuleHits>,
+    /// What callers did while its allow-list only watched: each kind of call, its cumulative
+    /// count, and when that count last grew (Unix seconds).
+    pub observed: HashMap<ObservedKey, (u64, i64)>,
     /// The proxy said goodbye (it is shutting down on purpose).
     pub left: bool,
 }
@@ -58,6 +61,31 @@ pub struct SentSnapshot {
     pub policies: Vec<(String, u64)>,
     /// Root fingerprints of the bundle.
     pub bundle: Vec<String>,
+}
+
+/// One kind of call a watching proxy admitted: caller, app port, method and canonical path
+/// (both empty for opaque TCP).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ObservedKey {
+    pub peer: String,
+    pub port: u16,
+    pub method: String,
+    pub path: String,
+}
+
+impl ProxyEntry {
+    /// Takes a report's cumulative call counts, noting `now` for each that grew.
+    pub fn observe(&mut self, calls: Vec<(ObservedKey, u64)>, now: i64) {
+        let mut next = HashMap::with_capacity(calls.len());
+        for (key, count) in calls {
+            let seen = match self.observed.get(&key) {
+                Some((before, at)) if *before >= count => *at,
+                _ => now,
+            };
+            next.insert(key, (count, seen));
+        }
+        self.observed = next;
+    }
 }
 
 /// One authorization counter a proxy reported.
@@ -184,6 +212,30 @@ impl Registry {
     }
 
     /// Counters of `policy` (any version) summed over connected proxies, by (rule, decision).
+    /// What `target`'s connected proxies observed, summed over them, with the latest time each
+    /// kind of call grew, keeping those seen at or after `since` (Unix seconds); and how many
+    /// proxies of `target` are connected.
+    pub fn observed(
+        &self,
+        target: &SpiffeId,
+        since: i64,
+    ) -> (BTreeMap<ObservedKey, (u64, i64)>, usize) {
+        let mut out: BTreeMap<ObservedKey, (u64, i64)> = BTreeMap::new();
+        let mut proxies = 0;
+        for p in self.proxies.values().filter(|p| p.id == *target) {
+            proxies += 1;
+            for (key, (count, seen)) in &p.observed {
+                if *seen < since {
+                    continue;
+                }
+                let e = out.entry(key.clone()).or_default();
+                e.0 += count;
+                e.1 = e.1.max(*seen);
+            }
+        }
+        (out, proxies)
+    }
+
     pub fn hits(&self, policy: &str) -> BTreeMap<(Option<u32>, &'static str), u64> {
         let mut out = BTreeMap::new();
         for h in self

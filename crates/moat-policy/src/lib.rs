@@ -9,6 +9,7 @@ pub mod document;
 pub mod eval;
 pub mod jwt;
 pub mod model;
+pub mod suggest;
 pub mod target;
 
 pub use document::{

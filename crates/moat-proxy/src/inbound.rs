@@ -291,6 +291,14 @@ fn decision_label(d: &Decision) -> &'static str {
     d.effect().as_str()
 }
 
+/// Whether this sidecar's allow-list only watches (see [`crate::observe`]).
+fn watching(ctx: &Ctx) -> bool {
+    ctx.snapshot
+        .borrow()
+        .as_deref()
+        .is_some_and(crate::observe::watching)
+}
+
 fn policy_label(d: &Decision) -> Option<String> {
     d.policy.as_ref().map(|(k, v)| format!("{k}@{v}"))
 }
@@ -306,6 +314,9 @@ async fn tcp_forward(
     // Opaque TCP carries no route and no end-user token: only a rule without either admits it.
     let d = authorize(ctx, &peer, app.port(), Traffic::Opaque);
     ctx.metrics.count_rule(&d);
+    if d.allowed && watching(ctx) {
+        ctx.metrics.observed.record(&peer.name, app.port(), "", "");
+    }
     let reason = d.would_deny.unwrap_or(d.reason).code();
     let labels = TrafficLabels {
         direction: "inbound",
@@ -549,6 +560,11 @@ fn judge(
         },
     );
     conn.counters.rule(&ctx.metrics, &d);
+    if d.allowed && snap.as_deref().is_some_and(crate::observe::watching) {
+        ctx.metrics
+            .observed
+            .record(&peer.name, conn.app.port(), method.as_str(), path);
+    }
     let policy = policy_label(&d);
     if !d.allowed {
         return Verdict::refused(d.reason, policy, None);

@@ -7,7 +7,8 @@
 //! told apart in `detect`; HTTP plumbing is in `http`, and what one peer may do to a served HTTP
 //! connection (limits, timeouts, reset and stall watchdog) in `conn_guard`, what one caller
 //! identity may hold across its connections in `callers`; retries toward the control plane wait
-//! per `backoff`; metrics in `metrics`. SIGTERM stops accepting, drains in-flight work up to the
+//! per `backoff`; metrics in `metrics`, and what callers do while the allow-list only watches
+//! (for `moat policy suggest`) in `observe`. SIGTERM stops accepting, drains in-flight work up to the
 //! grace period, then exits.
 
 pub mod admin;
@@ -27,6 +28,7 @@ pub mod mesh_client;
 pub mod metrics;
 pub mod multiplex;
 pub mod net;
+pub mod observe;
 pub mod outbound;
 pub mod pool;
 pub mod ratelimit;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moat_api::v1::mesh_client::MeshClient;
-use moat_api::v1::{Ack, Announce, ProxyMessage, Report, RuleCounter, proxy_message};
+use moat_api::v1::{Ack, Announce, ObservedCall, ProxyMessage, Report, RuleCounter, proxy_message};
 use moat_identity::SpiffeId;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -253,6 +253,19 @@ fn report_of(metrics: &Metrics) -> Report {
                 rule,
                 decision: decision.to_owned(),
                 count,
+            })
+            .collect(),
+        observed: metrics
+            .observed
+            .calls()
+            .into_iter()
+            .map(|(c, count)| ObservedCall {
+                peer: c.peer,
+                port: u32::from(c.port),
+                method: c.method,
+                path: c.path,
+                count,
+                last_seen_unix: 0,
             })
             .collect(),
     }

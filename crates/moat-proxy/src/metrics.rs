@@ -123,6 +123,8 @@ pub struct Metrics {
     pub rate_limited: Family<RateLimitedLabels, Counter>,
     /// The same counts, for reporting to the control plane.
     rule_totals: Mutex<HashMap<RuleKey, Arc<RuleTotal>>>,
+    /// Calls admitted while the allow-list only watched, also reported.
+    pub observed: crate::observe::Observed,
     snapshot_seen: AtomicBool,
 }
 
@@ -221,6 +223,7 @@ impl Metrics {
             rule_hits,
             rate_limited,
             rule_totals: Mutex::new(HashMap::new()),
+            observed: crate::observe::Observed::default(),
             snapshot_seen: AtomicBool::new(false),
         }
     }

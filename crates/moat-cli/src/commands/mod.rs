@@ -13,6 +13,7 @@ pub mod policy;
 pub mod policy_files;
 pub mod revoke;
 pub mod status;
+pub mod suggest;
 pub mod token;
 pub mod version;
 

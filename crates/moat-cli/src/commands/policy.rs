@@ -54,6 +54,9 @@ pub enum PolicyCmd {
     /// Why a call would be allowed or denied: decision, reason, matching rule and a trace of
     /// every rule, from the live policies (or --file, offline).
     Explain(super::explain::ExplainArgs),
+    /// The least-privilege AccessPolicy for a service from the calls its sidecars saw while its
+    /// allow-list only watched (audit mode, or allow-authenticated): review it, then apply it.
+    Suggest(super::suggest::SuggestArgs),
     /// Check a golden allow/deny case table against policy files, offline; exits 1 naming
     /// every case that does not hold (for CI pipelines).
     Test {
@@ -99,6 +102,7 @@ fn validate(sources: &[(String, String)], td: &TrustDomain) -> anyhow::Result<Ve
 pub async fn run(global: &Global, cmd: PolicyCmd) -> anyhow::Result<()> {
     match cmd {
         PolicyCmd::Explain(args) => super::explain::explain(global, args).await,
+        PolicyCmd::Suggest(args) => super::suggest::run(global, args).await,
         PolicyCmd::Test {
             cases,
             policies,
