@@ -817,3 +817,94 @@ fn inject_refuses_the_cli_s_own_control_plane_flag_and_names_the_one_it_takes() 
     );
     let _ = std::fs::remove_file(&file);
 }
+
+/// After injection the kubelet's probes reach the sidecar's admin port (an app port only admits
+/// mutual TLS): the sidecar performs each original probe against the app on loopback and answers
+/// with its outcome, performs nothing else, and the probe JSON `moat inject` writes is what the
+/// sidecar takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apps_probes_are_answered_by_the_sidecar_from_the_app_itself() {
+    use moat_test_util::apps::recording_http;
+    let cp = ControlPlane::start().unwrap();
+    let (app, seen) = recording_http().await;
+    let closed = moat_test_util::ReservedPort::loopback();
+    // What injection writes for a pod whose probes name the app's port.
+    let pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{ name: p, labels: {{ moat.dev/inject: enabled }} }}\nspec:\n  containers:\n    - name: app\n      image: app\n      ports: [{{ name: http, containerPort: {} }}]\n      readinessProbe: {{ httpGet: {{ path: /ready, port: http, httpHeaders: [{{ name: X-Probe, value: kubelet }}] }} }}\n      livenessProbe: {{ tcpSocket: {{ port: {} }} }}\n      startupProbe: {{ tcpSocket: {{ port: {} }} }}\n",
+        app.port(),
+        app.port(),
+        closed.port()
+    );
+    let file = cp.scratch().join("pod.yaml");
+    std::fs::write(&file, pod).unwrap();
+    let injected: serde_json::Value =
+        serde_yaml_ng::from_str(&cp.moat_ok(&["inject", "-f", &file.display().to_string()]))
+            .unwrap();
+    let sidecar = &injected["spec"]["initContainers"][1];
+    let probes = sidecar["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "MOAT_APP_PROBES")
+        .and_then(|e| e["value"].as_str())
+        .unwrap()
+        .to_owned();
+    let app_container = &injected["spec"]["containers"][0];
+    assert_eq!(
+        app_container["readinessProbe"]["httpGet"]["path"],
+        "/app-health/app/readyz"
+    );
+    assert_eq!(app_container["readinessProbe"]["httpGet"]["port"], 7191);
+
+    let proxy = Proxy::builder(&cp, "shop/app")
+        .app(app)
+        .args(&["--app-probes", &probes])
+        .start()
+        .unwrap();
+    // HTTP: the app's answer, and the app received the original probe.
+    assert_eq!(proxy.admin_get("/app-health/app/readyz").unwrap().0, 200);
+    let got = seen.lock().unwrap().clone();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!((got[0].method.as_str(), got[0].path()), ("GET", "/ready"));
+    assert!(
+        got[0]
+            .headers
+            .iter()
+            .any(|(k, v)| k == "x-probe" && v == "kubelet"),
+        "{got:?}"
+    );
+    // TCP: open port passes, closed port fails.
+    assert_eq!(proxy.admin_get("/app-health/app/livez").unwrap().0, 200);
+    assert_eq!(proxy.admin_get("/app-health/app/startupz").unwrap().0, 503);
+    // Nothing else is reachable this way.
+    assert_eq!(proxy.admin_get("/app-health/app/other").unwrap().0, 404);
+    assert_eq!(
+        proxy
+            .admin_get("/app-health/app/readyz/../../admin")
+            .unwrap()
+            .0,
+        404
+    );
+    assert_eq!(seen.lock().unwrap().len(), 1);
+
+    // A malformed probe list is refused at start with what is wrong.
+    let out = std::process::Command::new(moat_test_util::bin("moat-proxy"))
+        .args([
+            "--identity",
+            "x",
+            "--token-file",
+            "/dev/null",
+            "--trust-anchors",
+            "/dev/null",
+        ])
+        .args([
+            "--app",
+            "127.0.0.1:1",
+            "--app-probes",
+            "{\"/config\": {\"tcp\": {\"port\": 1}}}",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--app-probes"), "{}", stderr(&out));
+}

@@ -7,13 +7,16 @@
 //! interception rules (`moat-proxy init`), and `moat-proxy` as a native sidecar (an init container
 //! with `restartPolicy: Always`, so the app starts once the proxy is ready and Jobs complete);
 //! a projected service-account token for audience `moat`; and the mesh's trust bundle from the
-//! `moat-ca-root` ConfigMap. Injecting twice changes nothing.
+//! `moat-ca-root` ConfigMap. The app's HTTP and TCP probes are rewritten to go through the
+//! sidecar's admin port (`probes`). Injecting twice changes nothing.
 //!
 //! Injection is opt-in: a namespace labelled `moat.dev/inject: enabled`, or a pod template
 //! labelled (or annotated) so. `disabled` on either opts out, and `hostNetwork` pods are never
 //! injected. The webhook is only called for pods its selectors matched ([`Selected::ByAdmission`]);
 //! `moat inject` decides offline from the workload and the Namespace documents beside it
 //! ([`Selected::Offline`]).
+
+pub mod probes;
 
 use serde_json::{Value, json};
 
@@ -258,7 +261,11 @@ pub fn inject(
     let mut skip_inbound = vec![ADMIN_PORT];
     skip_inbound.extend(skip_in);
     let init = init_container(cfg, &skip_inbound, &skip_out);
-    let proxy = proxy_container(cfg, &opaque);
+    let probes = match spec.get_mut("containers").and_then(Value::as_array_mut) {
+        Some(containers) => probes::rewrite(containers),
+        None => serde_json::Map::new(),
+    };
+    let proxy = proxy_container(cfg, &opaque, probes);
     add_to_pod(spec, init, proxy);
     Ok(Outcome::Injected)
 }
@@ -292,8 +299,13 @@ fn init_container(cfg: &InjectConfig, skip_inbound: &[u16], skip_outbound: &[u16
 }
 
 /// The sidecar itself: a native sidecar (an init container that keeps running), identified by
-/// the pod's service account, with its probes on the admin port.
-fn proxy_container(cfg: &InjectConfig, opaque: &[u16]) -> Value {
+/// the pod's service account, with its probes on the admin port, and the app's probes it
+/// performs in the kubelet's place (see [`probes`]).
+fn proxy_container(
+    cfg: &InjectConfig,
+    opaque: &[u16],
+    app_probes: serde_json::Map<String, Value>,
+) -> Value {
     let env = |name: &str, path: &str| json!({ "name": name, "valueFrom": { "fieldRef": { "fieldPath": path } } });
     let mut args = vec![
         json!("--control-plane"),
@@ -322,16 +334,20 @@ fn proxy_container(cfg: &InjectConfig, opaque: &[u16]) -> Value {
         args.push(json!(join(opaque)));
     }
     let probe = |path: &str| json!({ "httpGet": { "path": path, "port": ADMIN_PORT }, "periodSeconds": 2, "failureThreshold": 30 });
+    let mut env = vec![
+        env("MOAT_NAMESPACE", "metadata.namespace"),
+        env("MOAT_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        env("MOAT_POD_IP", "status.podIP"),
+    ];
+    if !app_probes.is_empty() {
+        env.push(json!({ "name": probes::APP_PROBES_ENV, "value": Value::Object(app_probes).to_string() }));
+    }
     json!({
         "name": PROXY,
         "image": cfg.proxy_image,
         "restartPolicy": "Always",
         "args": args,
-        "env": [
-            env("MOAT_NAMESPACE", "metadata.namespace"),
-            env("MOAT_SERVICE_ACCOUNT", "spec.serviceAccountName"),
-            env("MOAT_POD_IP", "status.podIP"),
-        ],
+        "env": env,
         "ports": [
             { "name": "moat-inbound", "containerPort": INBOUND_PORT },
             { "name": "moat-admin", "containerPort": ADMIN_PORT },

@@ -1,5 +1,6 @@
 //! The admin port: `/live`, `/ready` (only with a valid certificate and a snapshot),
-//! `/metrics` (Prometheus text) and `/config` (identity, certificate, bundle, snapshot as JSON).
+//! `/metrics` (Prometheus text), `/config` (identity, certificate, bundle, snapshot as JSON),
+//! and the app's own probes at `/app-health/…` when injection moved them here (`app_probe`).
 
 use std::sync::Arc;
 
@@ -103,9 +104,19 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
         };
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let resp = route(&req, &ctx);
-                async move { Ok::<_, std::convert::Infallible>(resp) }
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let ctx = ctx.clone();
+                async move {
+                    // The app's own probes, performed in the kubelet's place (`app_probe`).
+                    let resp = match ctx.cfg.app_probes.get(req.uri().path()) {
+                        Some(probe) => {
+                            let status = probe.check().await;
+                            text(status, format!("{}\n", status.as_u16()), "text/plain")
+                        }
+                        None => route(&req, &ctx),
+                    };
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), svc)

@@ -31,6 +31,8 @@ pub struct ProxyConfig {
     pub admin: SocketAddr,
     /// Where to write every listener's bound address (JSON) once bound; for ports given as 0.
     pub addresses_file: Option<PathBuf>,
+    /// The app's probes the admin port performs in the kubelet's place.
+    pub app_probes: crate::app_probe::AppProbes,
     pub drain_timeout: Duration,
     /// Requested certificate lifetime (`None`: the control plane's default).
     pub cert_ttl: Option<Duration>,

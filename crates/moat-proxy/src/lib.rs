@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod app_probe;
 pub mod backoff;
 pub mod callers;
 pub mod config;

@@ -74,6 +74,10 @@ struct Args {
     /// flag order, transparent) to this file, replaced whole: how to find a port given as 0.
     #[arg(long, env = "MOAT_ADDRESSES_FILE")]
     addresses_file: Option<PathBuf>,
+    /// The app's kubelet probes, moved to the admin port by injection: JSON keyed by the
+    /// `/app-health/<container>/<kind>` path the kubelet now calls (moat inject writes it).
+    #[arg(long, env = "MOAT_APP_PROBES", value_parser = app_probes)]
+    app_probes: Option<moat_proxy::app_probe::AppProbes>,
     /// How long SIGTERM waits for in-flight work.
     #[arg(long, env = "MOAT_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
     drain_timeout: Duration,
@@ -108,6 +112,11 @@ struct Args {
     /// Log format.
     #[arg(long, env = "MOAT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+}
+
+fn app_probes(s: &str) -> Result<moat_proxy::app_probe::AppProbes, String> {
+    s.parse()
+        .map_err(|e: moat_proxy::app_probe::AppProbesError| e.to_string())
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -161,6 +170,7 @@ fn config(a: &Args) -> Result<ProxyConfig, String> {
         },
         admin: a.admin,
         addresses_file: a.addresses_file.clone(),
+        app_probes: a.app_probes.clone().unwrap_or_default(),
         drain_timeout: a.drain_timeout,
         cert_ttl: a.cert_ttl,
         opaque_ports: a.opaque_ports.clone(),
