@@ -308,3 +308,84 @@ fn the_shipped_alerts_pass_their_unit_tests_and_the_operator_rule_matches() {
         }
     }
 }
+
+/// `moat edges` / `moat top` from the sidecars' own counters: per caller → service, the rate,
+/// success, latency percentiles and denials by reason, with no Prometheus server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edges_show_rate_success_latency_and_denials_per_caller() {
+    let cp = ControlPlane::start().unwrap();
+    apply_policy(&cp, &policy("/first"));
+    let orders = Proxy::builder(&cp, "orders")
+        .app(http_echo().await)
+        .start()
+        .unwrap();
+    let frontend = Proxy::builder(&cp, "frontend")
+        .app(http_echo().await)
+        .upstreams(&["orders"])
+        .start()
+        .unwrap();
+    wait_for_services(&frontend, &["orders"]);
+    let allowed = format!("http://{}/orders/1", frontend.upstream("orders"));
+    let denied = format!("http://{}/admin", frontend.upstream("orders"));
+    // Traffic for the whole window: 4 allowed requests for every denied one.
+    let traffic = tokio::spawn(async move {
+        let client = h1_client();
+        for i in 0..u64::MAX {
+            let url = if i % 5 == 4 { &denied } else { &allowed };
+            let _ = get(&client, "GET", url, &[]).await;
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    });
+    let out = tokio::task::spawn_blocking({
+        let cp_args = (cp.url(), cp.admin_dir());
+        move || {
+            Command::new(moat_test_util::bin("moat"))
+                .args(["edges", "--window", "12s", "-o", "json"])
+                .env("MOAT_CONTROL_PLANE", &cp_args.0)
+                .env("MOAT_CREDENTIALS", &cp_args.1)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let edge = v["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| {
+            e["from"] == "spiffe://moat.local/ns/default/sa/frontend"
+                && e["to"] == "spiffe://moat.local/ns/default/sa/orders"
+        })
+        .unwrap_or_else(|| panic!("no frontend → orders edge: {v}"))
+        .clone();
+    assert_eq!(edge["mtls"], true);
+    assert!(edge["rps"].as_f64().unwrap() > 5.0, "{edge}");
+    // A denial is answered 403 by the sidecar: not a failure of the service.
+    assert_eq!(edge["success_rate"], 1.0, "{edge}");
+    let (p50, p99) = (
+        edge["p50_ms"].as_f64().unwrap(),
+        edge["p99_ms"].as_f64().unwrap(),
+    );
+    assert!(p50 > 0.0 && p99 >= p50, "{edge}");
+    let denials = edge["denied_per_second"]["route-not-allowed"]
+        .as_f64()
+        .unwrap();
+    let share = denials / edge["rps"].as_f64().unwrap();
+    assert!((0.1..0.3).contains(&share), "{edge}");
+
+    // moat top draws the same edge.
+    let top = cp.moat_ok(&["top", "--iterations", "2", "--interval", "1s"]);
+    assert!(
+        top.contains("moat top") && top.contains("frontend") && top.contains("mTLS"),
+        "{top}"
+    );
+    traffic.abort();
+    drop(orders);
+}

@@ -71,6 +71,11 @@ enum Command {
     Inject(commands::inject::InjectArgs),
     /// Print the Kubernetes manifests that install moat (`moat install | kubectl apply -f -`).
     Install(commands::install::InstallArgs),
+    /// Per edge (caller → service): request rate, success rate, p50/p99 latency, denials by
+    /// reason, from the sidecars' counters, over a window.
+    Edges(commands::edges::EdgesArgs),
+    /// `moat edges`, refreshing in the terminal.
+    Top(commands::edges::TopArgs),
     /// This CLI's release and the control plane's.
     Version(commands::version::VersionArgs),
     /// Print a shell completion script: `source <(moat completion bash)`.
@@ -98,6 +103,8 @@ async fn main() -> ExitCode {
         Command::Inject(a) => commands::inject::run(a),
         Command::Install(a) => commands::install::run(a),
         Command::Version(a) => commands::version::run(&cli.global, a).await,
+        Command::Edges(a) => commands::edges::edges(&cli.global, a).await,
+        Command::Top(a) => commands::edges::top(&cli.global, a).await,
         Command::Completion { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "moat", &mut std::io::stdout());
             Ok(())

@@ -7,15 +7,15 @@ use moat_api::v1::admin_server::Admin;
 use moat_api::v1::{
     ApplyPoliciesRequest, ApplyPoliciesResponse, AuditEntry, CaCertificate, CaRotationStatus,
     CertifyResponse, CreateTokenRequest, CreateTokenResponse, DeletePolicyRequest,
-    DeletePolicyResponse, IssueCertificateRequest, ListAuditRequest, ListAuditResponse,
-    ListPoliciesRequest, ListPoliciesResponse, ListProxiesRequest, ListProxiesResponse,
-    ListRevocationsRequest, ListRevocationsResponse, ListTokensRequest, ListTokensResponse,
-    ObservedCall, ObservedTrafficRequest, ObservedTrafficResponse, PolicyHistoryRequest,
-    PolicyHistoryResponse, PolicyRevision, PolicyRollout, ProxyStatus,
-    Revocation as RevocationProto, RevokeRequest, RevokeResponse, RevokeTokenRequest,
-    RevokeTokenResponse, RotateCertificatesRequest, RotateCertificatesResponse,
-    RotateIntermediateRequest, RotateRootRequest, ShowCaRequest, ShowCaResponse, TokenInfo,
-    VersionRequest, VersionResponse,
+    DeletePolicyResponse, EdgeCounters, IssueCertificateRequest, ListAuditRequest,
+    ListAuditResponse, ListEdgesRequest, ListEdgesResponse, ListPoliciesRequest,
+    ListPoliciesResponse, ListProxiesRequest, ListProxiesResponse, ListRevocationsRequest,
+    ListRevocationsResponse, ListTokensRequest, ListTokensResponse, ObservedCall,
+    ObservedTrafficRequest, ObservedTrafficResponse, PolicyHistoryRequest, PolicyHistoryResponse,
+    PolicyRevision, PolicyRollout, ProxyStatus, ReasonCount, Revocation as RevocationProto,
+    RevokeRequest, RevokeResponse, RevokeTokenRequest, RevokeTokenResponse,
+    RotateCertificatesRequest, RotateCertificatesResponse, RotateIntermediateRequest,
+    RotateRootRequest, ShowCaRequest, ShowCaResponse, TokenInfo, VersionRequest, VersionResponse,
 };
 use moat_ca::{CaCertInfo, CertTtl};
 use moat_identity::{SpiffeId, ValidatedCsr};
@@ -384,6 +384,41 @@ impl Admin for AdminService {
             .map(|()| DeletePolicyResponse {})
             .map_err(policy_status);
         self.audited(&actor, "policy.delete", &name, result)
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_edges(
+        &self,
+        req: Request<ListEdgesRequest>,
+    ) -> Result<Response<ListEdgesResponse>, Status> {
+        let actor = self.0.require_admin(&req, "edges.list").await?;
+        let edges = self
+            .0
+            .mesh
+            .registry()
+            .edges()
+            .into_iter()
+            .map(|((_, target), sum)| EdgeCounters {
+                peer: sum.report.peer,
+                requests: sum.report.requests,
+                failures: sum.report.failures,
+                denied: sum
+                    .report
+                    .denied
+                    .into_iter()
+                    .map(|(reason, count)| ReasonCount { reason, count })
+                    .collect(),
+                latency_buckets: sum.report.buckets,
+                target: target.to_string(),
+                proxies: sum.proxies,
+            })
+            .collect();
+        let resp = ListEdgesResponse {
+            edges,
+            bucket_bounds_ms: moat_metrics::EDGE_LATENCY_BOUNDS_MS.to_vec(),
+        };
+        self.audited(&actor, "edges.list", "", Ok(resp))
             .await
             .map(Response::new)
     }

@@ -252,6 +252,48 @@ const MAX_REPORTED_COUNTERS: usize = 10_000;
 /// `moat_proxy::observe::MAX_OBSERVED`).
 const MAX_REPORTED_CALLS: usize = 4096;
 
+/// The most edges one report may carry (a proxy keeps at most 1,024 callers).
+const MAX_REPORTED_EDGES: usize = 1024;
+
+/// Validates a report's edges.
+fn edges_from_proto(r: &moat_api::v1::Report) -> Result<Vec<crate::registry::EdgeReport>, String> {
+    if r.edges.len() > MAX_REPORTED_EDGES {
+        return Err(format!(
+            "{} edges; the limit is {MAX_REPORTED_EDGES}",
+            r.edges.len()
+        ));
+    }
+    let buckets = moat_metrics::EDGE_LATENCY_BOUNDS_MS.len() + 1;
+    r.edges
+        .iter()
+        .map(|e| {
+            if e.latency_buckets.len() != buckets {
+                return Err(format!(
+                    "an edge has {} latency buckets, not {buckets}",
+                    e.latency_buckets.len()
+                ));
+            }
+            if e.peer.len() > 2048
+                || e.denied.len() > 64
+                || e.denied.iter().any(|d| d.reason.len() > 64)
+            {
+                return Err("an edge's peer or denial reasons are too long".into());
+            }
+            Ok(crate::registry::EdgeReport {
+                peer: e.peer.clone(),
+                requests: e.requests,
+                failures: e.failures,
+                denied: e
+                    .denied
+                    .iter()
+                    .map(|d| (d.reason.clone(), d.count))
+                    .collect(),
+                buckets: e.latency_buckets.clone(),
+            })
+        })
+        .collect()
+}
+
 /// Validates a report's observed calls.
 fn observed_from_proto(
     r: &moat_api::v1::Report,
@@ -458,6 +500,7 @@ impl Mesh for MeshService {
                 applied_bundle: Vec::new(),
                 hits: Vec::new(),
                 observed: Default::default(),
+                edges: Vec::new(),
                 left: false,
             },
         );
@@ -657,12 +700,17 @@ impl MeshService {
                 }
             }
             Some(proxy_message::Message::Report(r)) => {
-                match (observed_from_proto(&r), hits_from_proto(r)) {
-                    (Ok(observed), Ok(hits)) => {
+                match (
+                    observed_from_proto(&r),
+                    edges_from_proto(&r),
+                    hits_from_proto(r),
+                ) {
+                    (Ok(observed), Ok(edges), Ok(hits)) => {
                         entry.hits = hits;
+                        entry.edges = edges;
                         entry.observe(observed, moat_identity::clock::unix_now());
                     }
-                    (Err(e), _) | (_, Err(e)) => {
+                    (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
                         tracing::warn!(%id, error = %e, "ignored a malformed report")
                     }
                 }

@@ -36,6 +36,8 @@ pub struct ProxyEntry {
     /// What callers did while its allow-list only watched: each kind of call, its cumulative
     /// count, and when that count last grew (Unix seconds).
     pub observed: HashMap<ObservedKey, (u64, i64)>,
+    /// Its inbound requests by caller.
+    pub edges: Vec<EdgeReport>,
     /// The proxy said goodbye (it is shutting down on purpose).
     pub left: bool,
 }
@@ -61,6 +63,26 @@ pub struct SentSnapshot {
     pub policies: Vec<(String, u64)>,
     /// Root fingerprints of the bundle.
     pub bundle: Vec<String>,
+}
+
+/// One caller's requests to a proxy's service, as the proxy reported them (cumulative).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EdgeReport {
+    pub peer: String,
+    pub requests: u64,
+    pub failures: u64,
+    /// Refusals by reason code.
+    pub denied: Vec<(String, u64)>,
+    /// Latency counts per bucket (`moat_metrics::EDGE_LATENCY_BOUNDS_MS`, then the rest).
+    pub buckets: Vec<u64>,
+}
+
+/// One edge (caller → service) summed over the service's proxies.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EdgeSum {
+    pub report: EdgeReport,
+    /// Proxies of the service that reported it.
+    pub proxies: u32,
 }
 
 /// One kind of call a watching proxy admitted: caller, app port, method and canonical path
@@ -234,6 +256,34 @@ impl Registry {
             }
         }
         (out, proxies)
+    }
+
+    /// Every edge (caller, service) summed over the service's connected proxies.
+    pub fn edges(&self) -> BTreeMap<(String, SpiffeId), EdgeSum> {
+        let mut out: BTreeMap<(String, SpiffeId), EdgeSum> = BTreeMap::new();
+        for p in self.proxies.values() {
+            for e in &p.edges {
+                let sum = out.entry((e.peer.clone(), p.id.clone())).or_default();
+                sum.proxies += 1;
+                let r = &mut sum.report;
+                r.peer.clone_from(&e.peer);
+                r.requests += e.requests;
+                r.failures += e.failures;
+                if r.buckets.len() < e.buckets.len() {
+                    r.buckets.resize(e.buckets.len(), 0);
+                }
+                for (total, n) in r.buckets.iter_mut().zip(&e.buckets) {
+                    *total += n;
+                }
+                for (reason, n) in &e.denied {
+                    match r.denied.iter_mut().find(|(known, _)| known == reason) {
+                        Some((_, total)) => *total += n,
+                        None => r.denied.push((reason.clone(), *n)),
+                    }
+                }
+            }
+        }
+        out
     }
 
     pub fn hits(&self, policy: &str) -> BTreeMap<(Option<u32>, &'static str), u64> {

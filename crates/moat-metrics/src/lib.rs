@@ -9,6 +9,13 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+/// Upper bounds, in milliseconds, of the latency buckets of the per-edge counters the sidecars
+/// report to the control plane (`moat edges`); one more bucket holds the rest. Shared so the
+/// sidecar that counts and the control plane that answers agree.
+pub const EDGE_LATENCY_BOUNDS_MS: [f64; 14] = [
+    0.5, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+];
+
 /// An exposition format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {

@@ -8,7 +8,7 @@
 //! connection (limits, timeouts, reset and stall watchdog) in `conn_guard`, what one caller
 //! identity may hold across its connections in `callers`; retries toward the control plane wait
 //! per `backoff`; metrics in `metrics`, and what callers do while the allow-list only watches
-//! (for `moat policy suggest`) in `observe`. SIGTERM stops accepting, drains in-flight work up to the
+//! (for `moat policy suggest`) in `observe`, per-caller golden signals (`moat edges`) in `edges`. SIGTERM stops accepting, drains in-flight work up to the
 //! grace period, then exits.
 
 pub mod admin;
@@ -20,6 +20,7 @@ pub mod config;
 pub mod conn_guard;
 pub mod ctx;
 pub mod detect;
+pub mod edges;
 pub mod http;
 pub mod identity;
 pub mod inbound;

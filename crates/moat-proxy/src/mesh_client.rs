@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moat_api::v1::mesh_client::MeshClient;
-use moat_api::v1::{Ack, Announce, ObservedCall, ProxyMessage, Report, RuleCounter, proxy_message};
+use moat_api::v1::{
+    Ack, Announce, EdgeCounters, ObservedCall, ProxyMessage, ReasonCount, Report, RuleCounter,
+    proxy_message,
+};
 use moat_identity::SpiffeId;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -266,6 +269,28 @@ fn report_of(metrics: &Metrics) -> Report {
                 path: c.path,
                 count,
                 last_seen_unix: 0,
+            })
+            .collect(),
+        edges: metrics
+            .edges
+            .readings()
+            .into_iter()
+            .map(|e| EdgeCounters {
+                peer: e.peer,
+                requests: e.requests,
+                failures: e.failures,
+                denied: e
+                    .denied
+                    .into_iter()
+                    .map(|(reason, count)| ReasonCount {
+                        reason: reason.to_owned(),
+                        count,
+                    })
+                    .collect(),
+                latency_buckets: e.buckets,
+                // The control plane fills these in when it answers ListEdges.
+                target: String::new(),
+                proxies: 0,
             })
             .collect(),
     }

@@ -125,6 +125,8 @@ pub struct Metrics {
     rule_totals: Mutex<HashMap<RuleKey, Arc<RuleTotal>>>,
     /// Calls admitted while the allow-list only watched, also reported.
     pub observed: crate::observe::Observed,
+    /// Inbound requests by caller, also reported (`moat edges`).
+    pub edges: crate::edges::Edges,
     snapshot_seen: AtomicBool,
 }
 
@@ -224,6 +226,7 @@ impl Metrics {
             rate_limited,
             rule_totals: Mutex::new(HashMap::new()),
             observed: crate::observe::Observed::default(),
+            edges: crate::edges::Edges::default(),
             snapshot_seen: AtomicBool::new(false),
         }
     }
@@ -315,6 +318,9 @@ impl Metrics {
         target: String,
     ) -> ConnCounters {
         ConnCounters {
+            edge: (direction == "inbound")
+                .then(|| self.edges.of(&peer))
+                .flatten(),
             direction,
             peer,
             target,
@@ -348,6 +354,8 @@ pub struct ConnCounters {
     direction: &'static str,
     peer: String,
     target: String,
+    /// Inbound: the caller's edge.
+    edge: Option<Arc<crate::edges::Edge>>,
     cache: Mutex<CounterCache>,
 }
 
@@ -428,6 +436,9 @@ impl ConnCounters {
         drop(cache);
         c.inc();
         duration.observe(elapsed.as_secs_f64());
+        if let Some(edge) = &self.edge {
+            edge.record((decision == "deny").then_some(reason), status, elapsed);
+        }
     }
 
     /// Counts a decision against the policy rule that made it.

@@ -6,6 +6,7 @@ pub mod ca;
 pub mod cert;
 pub mod check;
 pub mod demo;
+pub mod edges;
 pub mod explain;
 pub mod inject;
 pub mod install;
