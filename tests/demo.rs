@@ -35,6 +35,7 @@ fn the_demo_passes_every_check_and_exits_0() {
         "intruder",
         "directly",
         "live policy change",
+        "observed traffic",
         "rotation",
     ] {
         assert!(stdout.contains(step), "{step} missing:\n{stdout}");

@@ -14,6 +14,8 @@ use super::procs::Mesh;
 const DEMO_POLICY: &str = include_str!("../../../../../examples/policies/demo.yaml");
 const CANCEL_POLICY: &str = include_str!("../../../../../examples/policies/demo-allow-cancel.yaml");
 const ALLOW_ALL: &str = "apiVersion: moat.dev/v1\nkind: MeshConfig\nmetadata: { name: mesh }\nspec: { defaultPosture: allow-authenticated }\n";
+/// payments only watching: audit mode, admitting nobody (every call is a would-deny, recorded).
+const PAYMENTS_AUDIT: &str = "apiVersion: moat.dev/v1\nkind: AccessPolicy\nmetadata: { name: payments }\nspec:\n  target: payments\n  mode: audit\n  rules:\n    - from: [nobody]\n";
 
 fn id(name: &str) -> String {
     format!("spiffe://moat.local/ns/default/sa/{name}")
@@ -145,6 +147,7 @@ pub async fn narrate(mesh: &mut Mesh, break_enforcement: bool) -> bool {
     intruder(&mut n, mesh).await;
     bypass(&mut n, mesh, &c).await;
     live_change(&mut n, mesh, &c).await;
+    suggest_from_traffic(&mut n, mesh, &c).await;
     rotation_under_load(&mut n, mesh, &c).await;
     println!();
     if n.ok {
@@ -259,6 +262,56 @@ async fn live_change(n: &mut Narrator, mesh: &Mesh, c: &Http) {
     n.check("after `moat policy apply -f examples/policies/demo-allow-cancel.yaml`: allowed, no restart", after, "");
 }
 
+/// From watching to enforcing: payments' policy in audit mode records what its callers do,
+/// `moat policy suggest` writes the least-privilege policy from it, and once applied it admits
+/// that traffic and refuses anything else.
+async fn suggest_from_traffic(n: &mut Narrator, mesh: &Mesh, c: &Http) {
+    let fe = mesh.frontend.app;
+    n.step("Least privilege from observed traffic: payments watches, moat writes its policy");
+    let watching = apply(mesh, "payments-audit.yaml", PAYMENTS_AUDIT);
+    n.check(
+        "payments' policy in audit mode: nothing refused, every call recorded",
+        watching.is_ok(),
+        &watching.unwrap_or_else(|e| e),
+    );
+    let (ok, failed) = load(c, fe, 20, Duration::from_secs(2)).await;
+    // The sidecar reports what it saw every 5 s.
+    let start = Instant::now();
+    let suggested = loop {
+        let out = mesh.moat(&["policy", "suggest", "--for", "payments"]);
+        let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
+        if (out.status.success() && yaml.contains("sa/orders"))
+            || start.elapsed() > Duration::from_secs(15)
+        {
+            break yaml;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let rules: Vec<&str> = suggested
+        .lines()
+        .filter(|l| {
+            l.contains("from:") || l.contains("methods:") || l.trim_start().starts_with("- \"/")
+        })
+        .map(str::trim)
+        .collect();
+    n.check(
+        &format!("{ok} calls through the chain ({failed} failed); `moat policy suggest --for payments` admits exactly them"),
+        failed == 0 && suggested.contains("sa/orders") && !suggested.contains("sa/frontend"),
+        &rules.join("\n"),
+    );
+    let applied = apply(mesh, "payments-suggested.yaml", &suggested);
+    let chain = until(c, fe, "/", 200).await;
+    let direct = until(c, fe, "/pay-directly", 403).await;
+    let enforced = applied.is_ok()
+        && matches!(&chain, Ok((200, _)))
+        && matches!(&direct, Ok((403, v)) if v["payments"]["deny_reason"] == "identity-not-allowed");
+    n.check(
+        "applied in enforce mode: the chain still works, frontend → payments is refused",
+        enforced,
+        &format!("chain: {}\ndirect: {}", answer(&chain), answer(&direct)),
+    );
+}
+
 /// Certificates rotate on every sidecar while requests flow, none failing.
 async fn rotation_under_load(n: &mut Narrator, mesh: &Mesh, c: &Http) {
     let fe = mesh.frontend.app;
@@ -347,6 +400,7 @@ pub fn try_it_yourself(mesh: &Mesh) {
         "  {moat} policy explain --from frontend --to payments --method POST --path /demo.Payments/Charge"
     );
     println!("  {moat} policy get -o yaml");
+    println!("  {moat} top                      # per-edge rate, success, latency, denials");
     println!(
         "  curl -s http://{}/metrics | grep moat_authz",
         mesh.payments.admin
