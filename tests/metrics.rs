@@ -156,8 +156,9 @@ async fn scrape(admin: std::net::SocketAddr, accept: Option<&str>) -> (String, S
     (content_type, body)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn both_binaries_serve_metrics_promtool_accepts_and_openmetrics_when_asked() {
+/// A control plane with [`policy`] applied, orders behind its sidecar and frontend with an
+/// upstream to it, both ready and frontend knowing orders' endpoint.
+async fn orders_and_frontend() -> (ControlPlane, Proxy, Proxy) {
     let cp = ControlPlane::start().unwrap();
     apply_policy(&cp, &policy("/first"));
     let orders = Proxy::builder(&cp, "orders")
@@ -170,6 +171,12 @@ async fn both_binaries_serve_metrics_promtool_accepts_and_openmetrics_when_asked
         .start()
         .unwrap();
     wait_for_services(&frontend, &["orders"]);
+    (cp, orders, frontend)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_binaries_serve_metrics_promtool_accepts_and_openmetrics_when_asked() {
+    let (cp, orders, frontend) = orders_and_frontend().await;
     let version = |p: &Proxy| -> Option<String> {
         let (_, body) = p.admin_get("/config")?;
         let v: serde_json::Value = serde_json::from_str(&body).ok()?;
@@ -313,18 +320,7 @@ fn the_shipped_alerts_pass_their_unit_tests_and_the_operator_rule_matches() {
 /// success, latency percentiles and denials by reason, with no Prometheus server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edges_show_rate_success_latency_and_denials_per_caller() {
-    let cp = ControlPlane::start().unwrap();
-    apply_policy(&cp, &policy("/first"));
-    let orders = Proxy::builder(&cp, "orders")
-        .app(http_echo().await)
-        .start()
-        .unwrap();
-    let frontend = Proxy::builder(&cp, "frontend")
-        .app(http_echo().await)
-        .upstreams(&["orders"])
-        .start()
-        .unwrap();
-    wait_for_services(&frontend, &["orders"]);
+    let (cp, orders, frontend) = orders_and_frontend().await;
     let allowed = format!("http://{}/orders/1", frontend.upstream("orders"));
     let denied = format!("http://{}/admin", frontend.upstream("orders"));
     // Traffic for the whole window: 4 allowed requests for every denied one.

@@ -80,6 +80,9 @@ async fn a_policy_suggested_from_audited_traffic_admits_that_traffic_and_nothing
     );
     assert!(suggested.contains("sa/frontend"), "{suggested}");
     assert!(!suggested.contains("intruder"), "{suggested}");
+    // frontend only made HTTP requests: no rule admits it without a route (an idle pooled
+    // connection carried nothing and is not taken for a TCP caller).
+    assert!(!suggested.contains("opaque TCP"), "{suggested}");
     // Stored under the watching policy's key, so applying it replaces that policy.
     assert!(
         suggested.contains("  name: orders\n  namespace: default\n"),
@@ -96,6 +99,18 @@ async fn a_policy_suggested_from_audited_traffic_admits_that_traffic_and_nothing
         (p["mode"] == "enforce" && p["applied"] == 1).then_some(())
     });
     assert!(enforcing.is_some(), "{}", cp.moat_ok(&["policy", "status"]));
+    // The sidecar enforces once the snapshot is in place: a DELETE, never seen, is refused.
+    let start = std::time::Instant::now();
+    while call(&frontend, "DELETE", "/orders/1").await.0 != 403 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "orders never enforced the suggestion:\n{}\n{}\n{}",
+            cp.moat_ok(&["policy", "get", "-o", "yaml"]),
+            cp.moat_ok(&["policy", "status"]),
+            orders.admin_get("/config").map(|c| c.1).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // The same traffic reaches the app as sent, including ids never seen before.
     for (method, path) in [
@@ -129,5 +144,4 @@ async fn a_policy_suggested_from_audited_traffic_admits_that_traffic_and_nothing
             "the app answered {method} {path}"
         );
     }
-    drop(orders);
 }

@@ -233,7 +233,6 @@ impl Registry {
         (total, applied)
     }
 
-    /// Counters of `policy` (any version) summed over connected proxies, by (rule, decision).
     /// What `target`'s connected proxies observed, summed over them, with the latest time each
     /// kind of call grew, keeping those seen at or after `since` (Unix seconds); and how many
     /// proxies of `target` are connected.
@@ -286,6 +285,7 @@ impl Registry {
         out
     }
 
+    /// Counters of `policy` (any version) summed over connected proxies, by (rule, decision).
     pub fn hits(&self, policy: &str) -> BTreeMap<(Option<u32>, &'static str), u64> {
         let mut out = BTreeMap::new();
         for h in self

@@ -314,9 +314,6 @@ async fn tcp_forward(
     // Opaque TCP carries no route and no end-user token: only a rule without either admits it.
     let d = authorize(ctx, &peer, app.port(), Traffic::Opaque);
     ctx.metrics.count_rule(&d);
-    if d.allowed && watching(ctx) {
-        ctx.metrics.observed.record(&peer.name, app.port(), "", "");
-    }
     let reason = d.would_deny.unwrap_or(d.reason).code();
     let labels = TrafficLabels {
         direction: "inbound",
@@ -358,6 +355,13 @@ async fn tcp_forward(
         }
     };
     let (to_app, from_app) = outcome.as_ref().map(|(a, b)| (*a, *b)).unwrap_or((0, 0));
+    // Counted for `moat policy suggest` only once the caller sent something: a connection that
+    // carried nothing (an idle pooled connection that detection gave up on) is no evidence.
+    if d.allowed && to_app > 0 && watching(ctx) {
+        ctx.metrics
+            .observed
+            .record(&peer.name, app_addr.port(), "", "");
+    }
     ctx.metrics
         .tcp_bytes
         .get_or_create(&crate::metrics::BytesLabels {
