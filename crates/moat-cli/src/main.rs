@@ -76,6 +76,9 @@ enum Command {
     Edges(commands::edges::EdgesArgs),
     /// `moat edges`, refreshing in the terminal.
     Top(commands::edges::TopArgs),
+    /// The calls a service's sidecars decide on, live: caller, method, path, status, decision
+    /// with its reason and policy, latency, request id.
+    Tap(commands::tap::TapArgs),
     /// This CLI's release and the control plane's.
     Version(commands::version::VersionArgs),
     /// Print a shell completion script: `source <(moat completion bash)`.
@@ -105,6 +108,7 @@ async fn main() -> ExitCode {
         Command::Version(a) => commands::version::run(&cli.global, a).await,
         Command::Edges(a) => commands::edges::edges(&cli.global, a).await,
         Command::Top(a) => commands::edges::top(&cli.global, a).await,
+        Command::Tap(a) => commands::tap::run(&cli.global, a).await,
         Command::Completion { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "moat", &mut std::io::stdout());
             Ok(())

@@ -15,7 +15,8 @@ use moat_api::v1::{
     PolicyRevision, PolicyRollout, ProxyStatus, ReasonCount, Revocation as RevocationProto,
     RevokeRequest, RevokeResponse, RevokeTokenRequest, RevokeTokenResponse,
     RotateCertificatesRequest, RotateCertificatesResponse, RotateIntermediateRequest,
-    RotateRootRequest, ShowCaRequest, ShowCaResponse, TokenInfo, VersionRequest, VersionResponse,
+    RotateRootRequest, ShowCaRequest, ShowCaResponse, TapRequest, TapResponse, TokenInfo,
+    VersionRequest, VersionResponse,
 };
 use moat_ca::{CaCertInfo, CertTtl};
 use moat_identity::{SpiffeId, ValidatedCsr};
@@ -37,6 +38,21 @@ use moat_wire::policy_to_proto;
 
 const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 const MAX_AUDIT_LIMIT: u32 = 10_000;
+
+/// An open tap, closed (and its proxies told) when dropped with its response stream.
+#[derive(Debug)]
+struct OpenTap {
+    mesh: Arc<crate::mesh_svc::MeshState>,
+    id: u64,
+}
+
+impl Drop for OpenTap {
+    fn drop(&mut self) {
+        if self.mesh.taps.close(self.id) {
+            self.mesh.bump();
+        }
+    }
+}
 
 /// The Admin service.
 #[derive(Clone, Debug)]
@@ -472,6 +488,47 @@ impl Admin for AdminService {
         self.audited(&actor, "traffic.observed.list", &target.to_string(), result)
             .await
             .map(Response::new)
+    }
+
+    type TapStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<TapResponse, Status>> + Send + 'static>,
+    >;
+
+    async fn tap(&self, req: Request<TapRequest>) -> Result<Response<Self::TapStream>, Status> {
+        use tokio_stream::StreamExt as _;
+        let actor = self.0.require_admin(&req, "traffic.tap").await?;
+        let r = req.into_inner();
+        let target = self.identity(&r.target)?;
+        let from = match r.from.as_str() {
+            "" => None,
+            f => Some(self.identity(f)?),
+        };
+        let filter = crate::tap::filter_of(&r, from.as_ref()).map_err(Status::invalid_argument);
+        let filter = self
+            .audited(&actor, "traffic.tap", &target.to_string(), filter)
+            .await?;
+        let mesh = &self.0.mesh;
+        let proxies = mesh.registry().entries().filter(|p| p.id == target).count() as u32;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let first = TapResponse {
+            target: target.to_string(),
+            proxies,
+            ..TapResponse::default()
+        };
+        tx.try_send(first)
+            .map_err(|_| Status::internal("cannot start the tap stream"))?;
+        let id = mesh.taps.open(target, filter, r.limit, tx);
+        mesh.bump();
+        // Held by the response stream: the tap closes when the client goes away.
+        let open = OpenTap {
+            mesh: mesh.clone(),
+            id,
+        };
+        let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |m| {
+            let _open = &open;
+            Ok(m)
+        });
+        Ok(Response::new(Box::pin(events)))
     }
 
     async fn policy_history(

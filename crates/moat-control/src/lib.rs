@@ -27,6 +27,7 @@ pub mod registry;
 pub mod revocations;
 pub mod self_cert;
 pub mod state;
+pub mod tap;
 pub mod tokens;
 pub mod webhook;
 

@@ -46,6 +46,8 @@ pub struct MeshState {
     pub jwks: crate::jwks::JwksCache,
     /// Rotation commands: per identity, and for everyone.
     rotations: Mutex<(u64, std::collections::HashMap<SpiffeId, u64>)>,
+    /// The open taps (`moat tap`), listed in the snapshots of the proxies they watch.
+    pub taps: crate::tap::Taps,
     /// The newest view (see [`publish_views`]); `None` until the first is built.
     view: watch::Sender<Option<Arc<MeshView>>>,
 }
@@ -63,6 +65,7 @@ impl MeshState {
             rotations: Mutex::new((0, std::collections::HashMap::new())),
             jwks: crate::jwks::JwksCache::default(),
             revoked: RwLock::new((Vec::new(), Vec::new())),
+            taps: crate::tap::Taps::default(),
             view: watch::channel(None).0,
         })
     }
@@ -539,7 +542,8 @@ impl Mesh for MeshService {
                 } else if let Some(view) = view {
                     let policies = view.policies_for(&id);
                     let rotation = svc.state.rotation_of(&id);
-                    match next_snapshot(last.as_ref(), &view, policies, rotation) {
+                    let taps = svc.state.taps.filters_for(&id);
+                    match next_snapshot(last.as_ref(), &view, policies, rotation, &taps) {
                         Some(snap) => {
                             svc.state.record_sent(stream_id, &snap, &view);
                             let mut gone = false;
@@ -557,6 +561,7 @@ impl Mesh for MeshService {
                                 policies: policies.to_vec(),
                                 view,
                                 rotation,
+                                taps,
                             });
                         }
                         // Nothing this proxy needs changed: diff the next view against this one
@@ -660,6 +665,18 @@ impl MeshService {
     }
 
     fn on_message(&self, stream: u64, id: &SpiffeId, m: ProxyMessage) {
+        if let Some(proxy_message::Message::Tap(batch)) = m.message {
+            let proxy = self
+                .state
+                .registry()
+                .get_mut(stream)
+                .map(|e| e.inbound_address.clone())
+                .unwrap_or_default();
+            if self.state.taps.deliver(id, &proxy, batch) {
+                self.state.bump();
+            }
+            return;
+        }
         let mut reg = self.state.registry();
         let Some(entry) = reg.get_mut(stream) else {
             return;
@@ -719,7 +736,7 @@ impl MeshService {
                 tracing::info!(%id, "proxy is leaving (shutting down)");
                 entry.left = true;
             }
-            Some(proxy_message::Message::Announce(_)) | None => {
+            Some(proxy_message::Message::Announce(_) | proxy_message::Message::Tap(_)) | None => {
                 tracing::warn!(%id, "unexpected message on the mesh stream; ignored");
             }
         }

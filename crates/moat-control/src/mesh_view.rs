@@ -208,16 +208,18 @@ pub struct Sent {
     pub view: Arc<MeshView>,
     pub policies: Vec<Policy>,
     pub rotation: u64,
+    pub taps: Vec<moat_api::v1::TapFilter>,
 }
 
 /// The snapshot that brings a proxy from `last` (`None`: nothing sent on this stream yet) to
-/// `view`, with its identity's `policies` and rotation generation; `None` when nothing it
-/// needs changed.
+/// `view`, with its identity's `policies`, rotation generation and open `taps`; `None` when
+/// nothing it needs changed.
 pub fn next_snapshot(
     last: Option<&Sent>,
     view: &MeshView,
     policies: &[Policy],
     rotation: u64,
+    taps: &[moat_api::v1::TapFilter],
 ) -> Option<Snapshot> {
     let (services, services_removed, services_incremental) = match last {
         None => (
@@ -231,6 +233,7 @@ pub fn next_snapshot(
                 && removed.is_empty()
                 && last.policies == policies
                 && last.rotation == rotation
+                && last.taps == taps
                 && last.view.bundle_fingerprints == view.bundle_fingerprints
                 && last.view.mesh == view.mesh
                 && last.view.revoked_identities == view.revoked_identities
@@ -253,6 +256,7 @@ pub fn next_snapshot(
         services_incremental,
         services_removed,
         continued: false,
+        taps: taps.to_vec(),
     })
 }
 
@@ -373,6 +377,7 @@ mod tests {
             view: Arc::new(view),
             policies: Vec::new(),
             rotation: 0,
+            taps: Vec::new(),
         }
     }
 
@@ -382,7 +387,7 @@ mod tests {
             inputs(3, &[("a", &["10.0.0.1:1"]), ("b", &["10.0.0.2:1"])]),
             None,
         );
-        let s = next_snapshot(None, &v, &[], 0).unwrap();
+        let s = next_snapshot(None, &v, &[], 0, &[]).unwrap();
         assert!(!s.services_incremental);
         assert_eq!(s.version, 3);
         assert_eq!(s.services.len(), 2);
@@ -416,7 +421,7 @@ mod tests {
             &v1.services[&sid("a")],
             &v2.services[&sid("a")]
         ));
-        let s = next_snapshot(Some(&sent(v1)), &v2, &[], 0).unwrap();
+        let s = next_snapshot(Some(&sent(v1)), &v2, &[], 0, &[]).unwrap();
         assert!(s.services_incremental);
         let ids: Vec<_> = s.services.iter().map(|s| s.spiffe_id.as_str()).collect();
         assert_eq!(ids, [sid("b").to_string(), sid("d").to_string()]);
@@ -438,7 +443,7 @@ mod tests {
             inputs(4, &[("b", &["2:1", "2:2"]), ("c", &["3:1"])]),
             Some(&v3),
         );
-        let s = next_snapshot(Some(&sent(v1)), &v4, &[], 0).unwrap();
+        let s = next_snapshot(Some(&sent(v1)), &v4, &[], 0, &[]).unwrap();
         let ids: Vec<_> = s.services.iter().map(|s| s.spiffe_id.clone()).collect();
         assert_eq!(ids, [sid("b").to_string(), sid("c").to_string()]);
         assert_eq!(s.services_removed, [sid("a").to_string()]);
@@ -451,7 +456,7 @@ mod tests {
                 Some(&far),
             );
         }
-        let s = next_snapshot(Some(&sent(old)), &far, &[], 0).unwrap();
+        let s = next_snapshot(Some(&sent(old)), &far, &[], 0, &[]).unwrap();
         assert_eq!(s.services.len(), 2);
         assert_eq!(s.services_removed, [sid("a").to_string()]);
     }
@@ -463,7 +468,7 @@ mod tests {
         let names: Vec<String> = (0..50).map(|i| format!("svc-{i:02}")).collect();
         let table: Vec<(&str, &[&str])> = names.iter().map(|n| (n.as_str(), &eps[..])).collect();
         let v = MeshView::build(inputs(7, &table), None);
-        let whole = next_snapshot(None, &v, &[], 2).unwrap();
+        let whole = next_snapshot(None, &v, &[], 2, &[]).unwrap();
         let parts = into_parts(whole.clone(), PART_BUDGET);
         assert!(parts.len() > 3, "{} parts", parts.len());
         let (last, rest) = parts.split_last().unwrap();
@@ -488,6 +493,7 @@ mod tests {
                 &MeshView::build(inputs(1, &[("a", &["1:1"])]), None),
                 &[],
                 0,
+                &[],
             )
             .unwrap(),
             PART_BUDGET,
@@ -519,19 +525,25 @@ mod tests {
         let v1 = MeshView::build(inputs(1, &[("a", &["10.0.0.1:1"])]), None);
         let v2 = MeshView::build(inputs(2, &[("a", &["10.0.0.1:1"])]), Some(&v1));
         let last = sent(v1);
-        assert!(next_snapshot(Some(&last), &v2, &[], 0).is_none());
+        assert!(next_snapshot(Some(&last), &v2, &[], 0, &[]).is_none());
         // Its own policies, a rotation command, a new bundle or revocation each make one.
         let p = Policy {
             name: "p".into(),
             ..Policy::default()
         };
-        assert!(next_snapshot(Some(&last), &v2, &[p], 0).is_some());
-        assert!(next_snapshot(Some(&last), &v2, &[], 1).is_some());
+        assert!(next_snapshot(Some(&last), &v2, &[p], 0, &[]).is_some());
+        assert!(next_snapshot(Some(&last), &v2, &[], 1, &[]).is_some());
+        // So does a tap opening on its service.
+        let tap = moat_api::v1::TapFilter {
+            id: 1,
+            ..Default::default()
+        };
+        assert!(next_snapshot(Some(&last), &v2, &[], 0, &[tap]).is_some());
         let mut i = inputs(3, &[("a", &["10.0.0.1:1"])]);
         i.bundle_fingerprints.push("bb".into());
-        assert!(next_snapshot(Some(&last), &MeshView::build(i, Some(&v2)), &[], 0).is_some());
+        assert!(next_snapshot(Some(&last), &MeshView::build(i, Some(&v2)), &[], 0, &[]).is_some());
         let mut i = inputs(4, &[("a", &["10.0.0.1:1"])]);
         i.revoked.1.push("0a".into());
-        assert!(next_snapshot(Some(&last), &MeshView::build(i, Some(&v2)), &[], 0).is_some());
+        assert!(next_snapshot(Some(&last), &MeshView::build(i, Some(&v2)), &[], 0, &[]).is_some());
     }
 }

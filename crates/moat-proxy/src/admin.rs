@@ -65,6 +65,7 @@ fn config(ctx: &Ctx) -> serde_json::Value {
         "advertise": ctx.cfg.advertise,
         "app": ctx.cfg.app.map(|a| a.to_string()),
         "transparent": ctx.cfg.transparent.map(|a| a.to_string()),
+        "taps_open": ctx.metrics.tap.open(),
     })
 }
 

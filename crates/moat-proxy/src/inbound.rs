@@ -325,7 +325,9 @@ async fn tcp_forward(
     ctx.metrics.authz.get_or_create(&labels).inc();
     ctx.metrics.tcp_connections.get_or_create(&labels).inc();
     if !d.allowed {
-        tracing::info!(target: "moat::access", direction = "inbound", protocol = "tcp", %remote, peer = %peer, decision = "deny", reason, policy = policy_label(&d).as_deref().unwrap_or("-"), "tcp");
+        let policy = policy_label(&d);
+        tap_tcp(ctx, &peer, app.port(), &d, reason, policy.as_deref(), start);
+        tracing::info!(target: "moat::access", direction = "inbound", protocol = "tcp", %remote, peer = %peer, decision = "deny", reason, policy = policy.as_deref().unwrap_or("-"), "tcp");
         return;
     }
     let app_addr = app;
@@ -376,7 +378,44 @@ async fn tcp_forward(
             flow: "from_app",
         })
         .inc_by(from_app);
-    tracing::info!(target: "moat::access", direction = "inbound", protocol = "tcp", %remote, peer = %peer, decision = decision_label(&d), reason, policy = policy_label(&d).as_deref().unwrap_or("-"), bytes_to_app = to_app, bytes_from_app = from_app, duration_ms = start.elapsed().as_millis() as u64, error = outcome.err().map(tracing::field::display), "tcp");
+    let policy = policy_label(&d);
+    tap_tcp(
+        ctx,
+        &peer,
+        app_addr.port(),
+        &d,
+        reason,
+        policy.as_deref(),
+        start,
+    );
+    tracing::info!(target: "moat::access", direction = "inbound", protocol = "tcp", %remote, peer = %peer, decision = decision_label(&d), reason, policy = policy.as_deref().unwrap_or("-"), bytes_to_app = to_app, bytes_from_app = from_app, duration_ms = start.elapsed().as_millis() as u64, error = outcome.err().map(tracing::field::display), "tcp");
+}
+
+/// Offers an opaque TCP connection to the open taps, if any.
+fn tap_tcp(
+    ctx: &Ctx,
+    peer: &Caller,
+    port: u16,
+    d: &Decision,
+    reason: &str,
+    policy: Option<&str>,
+    start: Instant,
+) {
+    if ctx.metrics.tap.active() {
+        ctx.metrics.tap.offer(&crate::tap::Call {
+            protocol: "tcp",
+            peer: &peer.name,
+            port,
+            method: "",
+            path: "",
+            status: 0,
+            decision: decision_label(d),
+            reason,
+            policy,
+            latency: start.elapsed(),
+            request_id: "",
+        });
+    }
 }
 
 /// Whether any rule of this proxy's policies requires an end-user token (only then is one
@@ -528,6 +567,21 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
     let reason = verdict.reason.code();
     conn.counters
         .request(&ctx.metrics, verdict.decision, reason, status, elapsed);
+    if ctx.metrics.tap.active() {
+        ctx.metrics.tap.offer(&crate::tap::Call {
+            protocol: "http",
+            peer: &conn.peer.name,
+            port: conn.app.port(),
+            method: method.as_str(),
+            path: &path,
+            status,
+            decision: verdict.decision,
+            reason,
+            policy: verdict.policy.as_deref(),
+            latency: elapsed,
+            request_id: &request_id,
+        });
+    }
     tracing::info!(target: "moat::access", direction = "inbound", peer = %conn.peer, %method, path = %path, detail, decision = verdict.decision, reason, policy = verdict.policy.as_deref().unwrap_or("-"), status, duration_ms = elapsed.as_millis() as u64, request_id = %request_id, "http");
     resp
 }

@@ -35,6 +35,7 @@ pub mod outbound;
 pub mod pool;
 pub mod ratelimit;
 pub mod snapshot;
+pub mod tap;
 pub mod transparent;
 
 use std::future::Future;

@@ -106,6 +106,11 @@ async fn session(
         .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
         .into_inner();
     metrics.control_plane_connected.set(1);
+    // The taps open on this proxy belong to this stream: they close with it.
+    let _taps = CloseTaps(&metrics.tap);
+    let mut tap_events = metrics.tap.events.lock().await;
+    // Events left from an earlier stream belong to taps that closed with it.
+    while tap_events.try_recv().is_ok() {}
     let mut report = tokio::time::interval(REPORT_EVERY);
     let mut certs = tls.subscribe();
     // The rotation generation of this stream's first snapshot; a later, larger one is a command.
@@ -140,6 +145,11 @@ async fn session(
                 .await;
                 return Ok(());
             }
+            Some(first) = tap_events.recv() => {
+                let batch = metrics.tap.batch(first, &mut tap_events);
+                send(&tx, proxy_message::Message::Tap(batch)).await?;
+                continue;
+            }
             _ = report.tick() => {
                 send(&tx, proxy_message::Message::Report(report_of(metrics))).await?;
                 continue;
@@ -149,9 +159,10 @@ async fn session(
         let generation = msg.rotate_generation;
         // The table follows what the control plane sent, applied or not, so that the next change
         // lands on the same table the control plane diffed against.
-        let Some(msg) = table_update(&mut table, msg)? else {
+        let Some(mut msg) = table_update(&mut table, msg)? else {
             continue; // more parts of this snapshot follow
         };
+        metrics.tap.set(std::mem::take(&mut msg.taps));
         let (applied, error) = match apply(msg, cfg, tls, snapshots) {
             Ok(()) => {
                 if rotation.is_some_and(|seen| generation > seen) {
@@ -171,6 +182,15 @@ async fn session(
         };
         let ack = ack(version, applied, error, tls, &mut reported);
         send(&tx, proxy_message::Message::Ack(ack)).await?;
+    }
+}
+
+/// Closes every tap when the stream that opened them ends.
+struct CloseTaps<'a>(&'a crate::tap::Tap);
+
+impl Drop for CloseTaps<'_> {
+    fn drop(&mut self) {
+        self.0.set(Vec::new());
     }
 }
 

@@ -127,6 +127,8 @@ pub struct Metrics {
     pub observed: crate::observe::Observed,
     /// Inbound requests by caller, also reported (`moat edges`).
     pub edges: crate::edges::Edges,
+    /// The taps open on this proxy (`moat tap`) and their queued events.
+    pub tap: crate::tap::Tap,
     snapshot_seen: AtomicBool,
 }
 
@@ -227,6 +229,7 @@ impl Metrics {
             rule_totals: Mutex::new(HashMap::new()),
             observed: crate::observe::Observed::default(),
             edges: crate::edges::Edges::default(),
+            tap: crate::tap::Tap::default(),
             snapshot_seen: AtomicBool::new(false),
         }
     }

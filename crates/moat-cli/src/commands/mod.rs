@@ -15,6 +15,7 @@ pub mod policy_files;
 pub mod revoke;
 pub mod status;
 pub mod suggest;
+pub mod tap;
 pub mod token;
 pub mod version;
 
