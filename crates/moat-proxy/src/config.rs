@@ -45,6 +45,8 @@ pub struct ProxyConfig {
     /// Requests one caller identity may have in flight at the app through this sidecar's
     /// inbound, across all its connections (`callers`).
     pub requests_per_caller: usize,
+    /// Span export (`--otlp-endpoint`); `None`: no spans.
+    pub tracing: Option<crate::trace::TraceConfig>,
 }
 
 /// What happens to an intercepted outbound connection whose destination is not a mesh endpoint.

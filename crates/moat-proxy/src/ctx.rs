@@ -27,6 +27,8 @@ pub struct Ctx {
     pub limiter: ratelimit::Limiter,
     /// Requests in flight per caller identity on the inbound.
     pub callers: Arc<callers::CallerRequests>,
+    /// Span export, with `--otlp-endpoint`.
+    pub tracing: Option<crate::trace::Tracing>,
 }
 
 impl Ctx {
@@ -36,6 +38,7 @@ impl Ctx {
         tls: TlsWatch,
         snapshot: watch::Receiver<Option<Arc<Snapshot>>>,
         metrics: Arc<metrics::Metrics>,
+        tracing: Option<crate::trace::Tracing>,
     ) -> Self {
         Ctx {
             callers: callers::CallerRequests::new(cfg.requests_per_caller),
@@ -47,6 +50,7 @@ impl Ctx {
             shutdown: CancellationToken::new(),
             limiter: ratelimit::Limiter::default(),
             tracker: TaskTracker::new(),
+            tracing,
         }
     }
 }

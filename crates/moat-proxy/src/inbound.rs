@@ -530,6 +530,14 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
     let grpc = is_grpc(&parts.headers);
+    // The span continues the caller's trace and names itself to the app.
+    let span = ctx.tracing.as_ref().map(|t| {
+        t.request(
+            &mut parts.headers,
+            opentelemetry::trace::SpanKind::Server,
+            "moat.inbound",
+        )
+    });
     let request_id = ensure_request_id(&mut parts.headers);
     let method = parts.method.clone();
     // The calling sidecar says which HTTP version its client spoke; every other header the
@@ -567,6 +575,19 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
     let reason = verdict.reason.code();
     conn.counters
         .request(&ctx.metrics, verdict.decision, reason, status, elapsed);
+    if let Some(span) = span {
+        span.end(&crate::trace::Outcome {
+            peer: &conn.peer.name,
+            target: &ctx.cfg.identity.to_string(),
+            method: method.as_str(),
+            path: &path,
+            status,
+            decision: verdict.decision,
+            reason,
+            policy: verdict.policy.as_deref(),
+            request_id: &request_id,
+        });
+    }
     if ctx.metrics.tap.active() {
         ctx.metrics.tap.offer(&crate::tap::Call {
             protocol: "http",

@@ -36,6 +36,7 @@ pub mod pool;
 pub mod ratelimit;
 pub mod snapshot;
 pub mod tap;
+pub mod trace;
 pub mod transparent;
 
 use std::future::Future;
@@ -145,11 +146,20 @@ pub async fn run(mut cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> an
     let metrics = Arc::new(metrics::Metrics::new());
     let tls = Arc::new(moat_tls::LiveTls::empty(identity::SERVING));
     let (snap_tx, snap_rx) = watch::channel(None::<Arc<Snapshot>>);
+    let tracing = match &cfg.tracing {
+        Some(t) => Some(trace::Tracing::start(
+            &t.endpoint,
+            &cfg.identity,
+            t.sample_ratio,
+        )?),
+        None => None,
+    };
     let ctx = Arc::new(Ctx::new(
         cfg.clone(),
         tls.subscribe(),
         snap_rx,
         metrics.clone(),
+        tracing,
     ));
 
     let Listeners {
@@ -217,6 +227,9 @@ pub async fn run(mut cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> an
         .is_err()
     {
         tracing::warn!("grace period over; closing what is left");
+    }
+    if let Some(t) = &ctx.tracing {
+        t.flush().await;
     }
     Ok(())
 }

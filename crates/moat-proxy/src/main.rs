@@ -109,6 +109,14 @@ struct Args {
     /// Worker threads (1: everything on one thread).
     #[arg(long, env = "MOAT_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     workers: u16,
+    /// Export one span per HTTP request to this OTLP/gRPC collector (http://HOST:4317),
+    /// continuing the request's W3C traceparent.
+    #[arg(long, env = "MOAT_OTLP_ENDPOINT", value_parser = otlp_endpoint)]
+    otlp_endpoint: Option<String>,
+    /// Share of traces that start at this sidecar (no incoming traceparent) to export, 0 to 1;
+    /// requests with a traceparent follow its sampled flag.
+    #[arg(long, env = "MOAT_OTLP_SAMPLE_RATIO", default_value_t = 1.0, value_parser = sample_ratio)]
+    otlp_sample_ratio: f64,
     /// Log format.
     #[arg(long, env = "MOAT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -117,6 +125,19 @@ struct Args {
 fn app_probes(s: &str) -> Result<moat_proxy::app_probe::AppProbes, String> {
     s.parse()
         .map_err(|e: moat_proxy::app_probe::AppProbesError| e.to_string())
+}
+
+fn otlp_endpoint(s: &str) -> Result<String, String> {
+    moat_proxy::trace::check_endpoint(s).map_err(|e| e.to_string())?;
+    Ok(s.to_owned())
+}
+
+fn sample_ratio(s: &str) -> Result<f64, String> {
+    let r: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number (write e.g. 0.1)"))?;
+    moat_proxy::trace::check_ratio(r).map_err(|e| e.to_string())?;
+    Ok(r)
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -181,6 +202,13 @@ fn config(a: &Args) -> Result<ProxyConfig, String> {
             idle: a.idle_timeout,
         },
         requests_per_caller: a.max_requests_per_caller as usize,
+        tracing: a
+            .otlp_endpoint
+            .clone()
+            .map(|endpoint| moat_proxy::trace::TraceConfig {
+                endpoint,
+                sample_ratio: a.otlp_sample_ratio,
+            }),
     })
 }
 

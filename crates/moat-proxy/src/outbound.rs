@@ -153,6 +153,14 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
     let grpc = is_grpc(&parts.headers);
+    // The span continues the app's trace and names itself to the other sidecar.
+    let span = ctx.tracing.as_ref().map(|t| {
+        t.request(
+            &mut parts.headers,
+            opentelemetry::trace::SpanKind::Client,
+            "moat.outbound",
+        )
+    });
     let request_id = ensure_request_id(&mut parts.headers);
     let method = parts.method.clone();
     let path = parts.uri.path().to_owned();
@@ -213,6 +221,20 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
     let elapsed = start.elapsed();
     conn.counters
         .request(&ctx.metrics, "allow", "forwarded", status.as_u16(), elapsed);
+    if let Some(span) = span {
+        let service = service.to_string();
+        span.end(&crate::trace::Outcome {
+            peer: &service,
+            target: &service,
+            method: method.as_str(),
+            path: &path,
+            status: status.as_u16(),
+            decision: "allow",
+            reason: "forwarded",
+            policy: None,
+            request_id: &request_id,
+        });
+    }
     tracing::info!(target: "moat::access", direction = "outbound", %method, path = %path, target = %target, endpoint = %endpoint, status = status.as_u16(), duration_ms = elapsed.as_millis() as u64, request_id = %request_id, "http");
     resp
 }
