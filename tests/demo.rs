@@ -36,6 +36,8 @@ fn the_demo_passes_every_check_and_exits_0() {
         "directly",
         "live policy change",
         "observed traffic",
+        "moat tap --to payments --decision deny",
+        "frontend -> payments",
         "rotation",
     ] {
         assert!(stdout.contains(step), "{step} missing:\n{stdout}");

@@ -263,6 +263,17 @@ impl Mesh {
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bins.moat.display()))
     }
 
+    /// Starts `moat` with `args` in the background, its stdout piped.
+    pub fn moat_spawn(&self, args: &[&str]) -> std::io::Result<std::process::Child> {
+        std::process::Command::new(&self.bins.moat)
+            .args(args)
+            .env("MOAT_CONTROL_PLANE", &self.control_plane)
+            .env("MOAT_CREDENTIALS", self.credentials())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+    }
+
     fn moat_ok(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = self.moat(args);
         if !out.status.success() {

@@ -301,7 +301,22 @@ async fn suggest_from_traffic(n: &mut Narrator, mesh: &Mesh, c: &Http) {
     );
     let applied = apply(mesh, "payments-suggested.yaml", &suggested);
     let chain = until(c, fe, "/", 200).await;
+    // Watch the refusal live, as an operator would.
+    let tap = Tap::open(
+        mesh,
+        c,
+        &["--to", "payments", "--decision", "deny", "--limit", "1"],
+    )
+    .await;
     let direct = until(c, fe, "/pay-directly", 403).await;
+    let seen = tap.line().await;
+    n.check(
+        "`moat tap --to payments --decision deny` shows the refusal as it happens",
+        seen.as_deref().is_ok_and(|l| {
+            l.contains("frontend -> payments") && l.contains("deny identity-not-allowed")
+        }),
+        &seen.unwrap_or_else(|e| e),
+    );
     let enforced = applied.is_ok()
         && matches!(&chain, Ok((200, _)))
         && matches!(&direct, Ok((403, v)) if v["payments"]["deny_reason"] == "identity-not-allowed");
@@ -310,6 +325,54 @@ async fn suggest_from_traffic(n: &mut Narrator, mesh: &Mesh, c: &Http) {
         enforced,
         &format!("chain: {}\ndirect: {}", answer(&chain), answer(&direct)),
     );
+}
+
+/// A `moat tap` running in the background.
+struct Tap(Result<std::process::Child, String>);
+
+impl Tap {
+    /// Starts `moat tap ARGS` and waits until payments' sidecar serves it.
+    async fn open(mesh: &Mesh, c: &Http, args: &[&str]) -> Tap {
+        let mut all = vec!["tap"];
+        all.extend_from_slice(args);
+        let child = mesh
+            .moat_spawn(&all)
+            .map_err(|e| format!("cannot run moat tap: {e}"));
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if let Ok((_, v)) = get(c, mesh.payments.admin, "/config").await
+                && v["taps_open"].as_u64() > Some(0)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Tap(child)
+    }
+
+    /// The first line it printed (it ends at its `--limit`), within 5 s.
+    async fn line(self) -> Result<String, String> {
+        let mut child = self.0?;
+        let stdout = child.stdout.take().ok_or("moat tap has no stdout")?;
+        let read = tokio::task::spawn_blocking(move || {
+            use std::io::BufRead as _;
+            let mut line = String::new();
+            std::io::BufReader::new(stdout)
+                .read_line(&mut line)
+                .map(|_| line)
+        });
+        let line = tokio::time::timeout(Duration::from_secs(5), read).await;
+        let _ = child.kill();
+        let _ = child.wait();
+        match line {
+            Ok(Ok(Ok(l))) if !l.is_empty() => Ok(format!(
+                "$ moat tap --to payments --decision deny\n{}",
+                l.trim_end()
+            )),
+            Ok(Ok(Err(e))) => Err(e.to_string()),
+            _ => Err("moat tap printed nothing within 5 s".into()),
+        }
+    }
 }
 
 /// Certificates rotate on every sidecar while requests flow, none failing.
