@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+pub mod kube_api;
 pub mod tokens;
 
 use moat_api::v1::identity_client::IdentityClient;
@@ -272,12 +273,8 @@ pub struct Seen {
     pub body: Vec<u8>,
 }
 
-/// An HTTPS server on 127.0.0.1 (HTTP/1.1) answering each request with `answer(request)`:
-/// (status, JSON or text body). Returns its address and the PEM of the CA that signed its
-/// certificate (for 127.0.0.1).
-pub async fn https_server(
-    answer: impl Fn(Seen) -> (u16, String) + Send + Sync + 'static,
-) -> (std::net::SocketAddr, String) {
+/// A TLS acceptor for a server on 127.0.0.1, and the PEM of the CA that signed its certificate.
+pub fn localhost_tls() -> (tokio_rustls::TlsAcceptor, String) {
     use std::sync::Arc;
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -300,7 +297,20 @@ pub async fn https_server(
         rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
     )
     .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    (
+        tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
+        ca_cert.pem(),
+    )
+}
+
+/// An HTTPS server on 127.0.0.1 (HTTP/1.1) answering each request with `answer(request)`:
+/// (status, JSON or text body). Returns its address and the PEM of the CA that signed its
+/// certificate (for 127.0.0.1).
+pub async fn https_server(
+    answer: impl Fn(Seen) -> (u16, String) + Send + Sync + 'static,
+) -> (std::net::SocketAddr, String) {
+    use std::sync::Arc;
+    let (acceptor, ca_pem) = localhost_tls();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let answer = Arc::new(answer);
@@ -351,7 +361,7 @@ pub async fn https_server(
             });
         }
     });
-    (addr, ca_cert.pem())
+    (addr, ca_pem)
 }
 
 /// A credential for `who`, issued by the control plane for a join token.

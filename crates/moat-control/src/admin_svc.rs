@@ -848,6 +848,7 @@ fn policy_status(e: PolicyError) -> Status {
             Status::invalid_argument(e.to_string())
         }
         PolicyError::NotFound(_) => Status::not_found(e.to_string()),
+        PolicyError::Owned { .. } => Status::failed_precondition(e.to_string()),
         PolicyError::Store(_) | PolicyError::Corrupt { .. } => {
             tracing::error!(error = %e, "policy store failure");
             Status::unavailable(format!(

@@ -14,70 +14,16 @@ use tokio_rustls::rustls;
 
 use crate::ca::CaManager;
 
-/// Why a call to the API server, or setting up for one, failed.
-#[derive(Debug, thiserror::Error)]
-pub enum KubeError {
-    #[error("KUBERNETES_SERVICE_HOST is not set: not running in a pod? pass --kube-api")]
-    NotInCluster,
-    #[error("--kube-api {0:?} is not an https://host[:port] URL")]
-    ApiUrl(String),
-    #[error("cannot read the cluster CA {path}: {source}")]
-    ClusterCa {
-        path: std::path::PathBuf,
-        #[source]
-        source: moat_tls::cred_dir::CredDirError,
-    },
-    #[error("cannot read the service-account token {path}: {source}")]
-    Token {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("TLS set-up for the API server failed: {0}")]
-    Tls(#[from] rustls::Error),
-    #[error("cannot reach the API server: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("the API server connection failed: {0}")]
-    Http(#[from] hyper::Error),
-    #[error("the API server did not answer in 10 s")]
-    Timeout,
-    #[error("reading the API server's answer failed: {0}")]
-    Body(String),
-    #[error("{call} answered {status}: {message}")]
-    Status {
-        call: &'static str,
-        status: u16,
-        message: String,
-    },
-}
+use crate::kube_api::ApiServer;
+pub use crate::kube_api::KubeError;
 
-/// Where and how to reach the API server.
+/// What to publish where.
 #[derive(Clone, Debug)]
 pub struct KubeConfig {
-    /// `https://host:port` of the API server.
-    pub api: String,
-    pub token_file: std::path::PathBuf,
-    pub ca_file: std::path::PathBuf,
+    pub server: ApiServer,
     /// The ConfigMap's name in each namespace.
     pub configmap: String,
     pub interval: Duration,
-}
-
-impl KubeConfig {
-    /// The in-cluster defaults: the API server from the service environment, the pod's
-    /// service-account token and CA.
-    pub fn in_cluster(configmap: String, interval: Duration) -> Result<Self, KubeError> {
-        let host = std::env::var("KUBERNETES_SERVICE_HOST").map_err(|_| KubeError::NotInCluster)?;
-        let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
-        let sa = std::path::Path::new("/var/run/secrets/kubernetes.io/serviceaccount");
-        Ok(KubeConfig {
-            api: format!("https://{host}:{port}"),
-            token_file: sa.join("token"),
-            ca_file: sa.join("ca.crt"),
-            configmap,
-            interval,
-        })
-    }
 }
 
 /// A minimal client for the few API calls this needs.
@@ -90,9 +36,9 @@ struct Api {
 
 impl Api {
     fn new(cfg: KubeConfig) -> Result<Self, KubeError> {
-        let ca = moat_tls::cred_dir::read_bundle(&cfg.ca_file).map_err(|source| {
+        let ca = moat_tls::cred_dir::read_bundle(&cfg.server.ca_file).map_err(|source| {
             KubeError::ClusterCa {
-                path: cfg.ca_file.clone(),
+                path: cfg.server.ca_file.clone(),
                 source,
             }
         })?;
@@ -106,8 +52,8 @@ impl Api {
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
-        let bad_url = || KubeError::ApiUrl(cfg.api.clone());
-        let uri: http::Uri = cfg.api.parse().map_err(|_| bad_url())?;
+        let bad_url = || KubeError::ApiUrl(cfg.server.url.clone());
+        let uri: http::Uri = cfg.server.url.parse().map_err(|_| bad_url())?;
         let host = uri.host().ok_or_else(bad_url)?.to_owned();
         let port = uri.port_u16().unwrap_or(443);
         Ok(Api {
@@ -125,14 +71,15 @@ impl Api {
         body: Option<Value>,
     ) -> Result<(u16, Value), KubeError> {
         // Projected tokens rotate: read it for every call.
-        let token =
-            std::fs::read_to_string(&self.cfg.token_file).map_err(|source| KubeError::Token {
-                path: self.cfg.token_file.clone(),
+        let token = std::fs::read_to_string(&self.cfg.server.token_file).map_err(|source| {
+            KubeError::Token {
+                path: self.cfg.server.token_file.clone(),
                 source,
-            })?;
+            }
+        })?;
         let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await?;
         let name = rustls::pki_types::ServerName::try_from(self.host.clone())
-            .map_err(|_| KubeError::ApiUrl(self.cfg.api.clone()))?;
+            .map_err(|_| KubeError::ApiUrl(self.cfg.server.url.clone()))?;
         let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
             .connect(name, tcp)
             .await?;

@@ -15,7 +15,9 @@ pub mod caller;
 pub mod identity_svc;
 pub mod jwks;
 pub mod kek_source;
+pub mod kube_api;
 pub mod kube_bundle;
+pub mod kube_policies;
 pub mod listener;
 pub mod mesh_svc;
 pub mod mesh_view;
@@ -73,6 +75,9 @@ pub struct ServeConfig {
     pub webhook: Option<webhook::WebhookConfig>,
     /// Publish the trust bundle as a ConfigMap in every namespace (on Kubernetes).
     pub publish_bundle: Option<kube_bundle::KubeConfig>,
+    /// Run the policy controller against this API server: AccessPolicy and MeshConfig
+    /// resources become policies (`kube_policies`).
+    pub watch_policies: Option<kube_api::ApiServer>,
     /// How much of the audit log is kept.
     pub audit_retention: audit::Retention,
 }
@@ -166,6 +171,13 @@ pub async fn serve(
     tokio::spawn(mesh_svc::publish_views(mesh.clone(), ca.clone()));
     tokio::spawn(mesh_svc::follow_policies(policies.clone(), mesh.clone()));
     tokio::spawn(jwks::refresh_loop(mesh.clone()));
+    if let Some(server) = &cfg.watch_policies {
+        let client = server
+            .client()
+            .context("--watch-policies: cannot reach the Kubernetes API server")?;
+        tracing::info!(api = %server.url, "watching AccessPolicy and MeshConfig resources");
+        tokio::spawn(kube_policies::Controller::new(client, policies.clone(), mesh.clone()).run());
+    }
     let revocations = revocations::Revocations::new(store.clone());
     tokio::spawn(mesh_svc::follow_revocations(
         revocations.clone(),

@@ -145,7 +145,7 @@ struct ServeArgs {
     #[arg(long, env = "MOAT_PUBLISH_BUNDLE")]
     publish_bundle: Option<String>,
     /// The API server (default: in-cluster, from KUBERNETES_SERVICE_HOST/PORT).
-    #[arg(long, env = "MOAT_KUBE_API", requires = "publish_bundle")]
+    #[arg(long, env = "MOAT_KUBE_API")]
     kube_api: Option<String>,
     /// The bearer token file for the API server (default: the pod's service-account token).
     #[arg(long, requires = "kube_api")]
@@ -153,6 +153,10 @@ struct ServeArgs {
     /// The API server's CA (default: the pod's service-account CA).
     #[arg(long, requires = "kube_api")]
     kube_ca_file: Option<PathBuf>,
+    /// On Kubernetes: AccessPolicy and MeshConfig resources become the mesh's policies (and
+    /// `moat policy apply` cannot change the ones they declare).
+    #[arg(long, env = "MOAT_WATCH_POLICIES")]
+    watch_policies: bool,
     /// How often the ConfigMaps are checked.
     #[arg(long, default_value = "30s", value_parser = parse_horizon)]
     publish_interval: std::time::Duration,
@@ -242,6 +246,19 @@ async fn shutdown_signal() {
 }
 
 fn config(args: ServeArgs) -> Result<ServeConfig, String> {
+    let publish_bundle = match &args.publish_bundle {
+        None => None,
+        Some(name) => Some(moat_control::kube_bundle::KubeConfig {
+            server: api_server(&args).map_err(|e| format!("--publish-bundle: {e}"))?,
+            configmap: name.clone(),
+            interval: args.publish_interval,
+        }),
+    };
+    let watch_policies = if args.watch_policies {
+        Some(api_server(&args).map_err(|e| format!("--watch-policies: {e}"))?)
+    } else {
+        None
+    };
     let td = args.trust_domain;
     let admins = if args.admin_identities.is_empty() {
         vec![default_admin_id(&td)]
@@ -268,32 +285,8 @@ fn config(args: ServeArgs) -> Result<ServeConfig, String> {
         min_ttl: args.min_cert_ttl,
         admins,
         admin_listen: args.admin_listen,
-        publish_bundle: match (&args.publish_bundle, &args.kube_api) {
-            (None, _) => None,
-            (Some(name), None) => Some(
-                moat_control::kube_bundle::KubeConfig::in_cluster(
-                    name.clone(),
-                    args.publish_interval,
-                )
-                .map_err(|e| format!("--publish-bundle: {e:#}"))?,
-            ),
-            (Some(name), Some(api)) => {
-                let sa = std::path::Path::new("/var/run/secrets/kubernetes.io/serviceaccount");
-                Some(moat_control::kube_bundle::KubeConfig {
-                    api: api.clone(),
-                    token_file: args
-                        .kube_token_file
-                        .clone()
-                        .unwrap_or_else(|| sa.join("token")),
-                    ca_file: args
-                        .kube_ca_file
-                        .clone()
-                        .unwrap_or_else(|| sa.join("ca.crt")),
-                    configmap: name.clone(),
-                    interval: args.publish_interval,
-                })
-            }
-        },
+        publish_bundle,
+        watch_policies,
         webhook: args.webhook.map(|listen| {
             let defaults = moat_inject::InjectConfig::default();
             moat_control::webhook::WebhookConfig {
@@ -318,6 +311,20 @@ fn config(args: ServeArgs) -> Result<ServeConfig, String> {
             max_age: args.audit_retention,
         },
     })
+}
+
+/// The API server: `--kube-api` with its token and CA files, or the pod's own.
+fn api_server(
+    args: &ServeArgs,
+) -> Result<moat_control::kube_api::ApiServer, moat_control::kube_api::KubeError> {
+    match &args.kube_api {
+        Some(url) => Ok(moat_control::kube_api::ApiServer::at(
+            url.clone(),
+            args.kube_token_file.clone(),
+            args.kube_ca_file.clone(),
+        )),
+        None => moat_control::kube_api::ApiServer::in_cluster(),
+    }
 }
 
 #[tokio::main]

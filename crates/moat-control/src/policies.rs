@@ -2,6 +2,12 @@
 //! `meshconfig` the mesh config's. A policy's version is the store revision that last wrote it.
 //! An apply is one transaction: every document is validated first and nothing of a refused set
 //! is stored.
+//!
+//! A policy (or the mesh config) may be managed by a Kubernetes resource (`kube_policies`):
+//! `owners/policies/<namespace>/<name>` (or `owners/meshconfig`) then names the resource, is
+//! written in the same transaction as the policy, and `moat policy apply` and `moat policy
+//! delete` refuse to touch it, saying which resource to change instead. A resource takes a
+//! policy of its name over from the CLI when it appears.
 
 use std::sync::Arc;
 
@@ -10,7 +16,7 @@ use moat_policy::{
     AccessPolicy, Document, DocumentError, MeshConfig, PolicyVersion, access_policy_yaml,
     mesh_config_yaml, parse_documents,
 };
-use moat_store::{Op, Store, StoreError, Txn};
+use moat_store::{Compare, Op, Store, StoreError, Txn};
 
 /// Store prefix of policies.
 pub const PREFIX: &str = "policies/";
@@ -19,6 +25,47 @@ pub const MESH_KEY: &str = "meshconfig";
 /// Store prefix of policy history: `policyhist/<ns>/<name>/<unix-ms>-<random>`, written in the
 /// same transaction as the change, so its mod revision is the policy version it records.
 pub const HISTORY_PREFIX: &str = "policyhist/";
+
+/// Store prefix of owner records.
+pub const OWNERS: &str = "owners/";
+
+/// The Kubernetes resource that manages a stored policy or the mesh config.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Owner {
+    /// `AccessPolicy` or `MeshConfig`.
+    pub kind: String,
+    /// `namespace/name` of an AccessPolicy, the name of a MeshConfig.
+    pub resource: String,
+    pub uid: String,
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the Kubernetes {} {}", self.kind, self.resource)
+    }
+}
+
+/// The owner record's key for a policy key (`namespace/name`) or [`MESH_KEY`].
+fn owner_key(key: &str) -> String {
+    if key == MESH_KEY {
+        format!("{OWNERS}{MESH_KEY}")
+    } else {
+        format!("{OWNERS}policies/{key}")
+    }
+}
+
+/// What [`Policies::apply_owned`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owned {
+    /// `namespace/name`, or [`MESH_KEY`].
+    pub key: String,
+    /// The policy's version (the store revision that last wrote it).
+    pub version: u64,
+    /// The protected service, for a policy.
+    pub target: Option<moat_identity::SpiffeId>,
+    /// Whether this call stored anything (false: it was stored so already).
+    pub changed: bool,
+}
 
 /// One stored revision of a policy.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -90,6 +137,10 @@ pub enum PolicyError {
     Store(#[from] StoreError),
     #[error("stored policy {key} is unreadable: {detail}")]
     Corrupt { key: String, detail: String },
+    #[error(
+        "{what} is managed by {owner}: change or delete that resource instead (kubectl); `moat policy` cannot change what a resource declares"
+    )]
+    Owned { what: String, owner: Owner },
 }
 
 /// Policy operations over the store.
@@ -165,13 +216,34 @@ impl Policies {
             }
         }
         self.check_tokens(&policies, mesh.as_ref()).await?;
+        // Nothing a resource manages: checked, and held by the transaction.
+        let keys: Vec<String> = policies
+            .iter()
+            .map(AccessPolicy::key)
+            .chain(mesh.as_ref().map(|_| MESH_KEY.to_owned()))
+            .collect();
+        for key in &keys {
+            self.refuse_owned(key).await?;
+        }
         let done = self
             .store
             .txn(Txn {
+                compares: keys
+                    .iter()
+                    .map(|k| Compare::ModRevision(owner_key(k), 0))
+                    .collect(),
                 success: ops,
                 ..Txn::default()
             })
             .await?;
+        if !done.succeeded {
+            for key in &keys {
+                self.refuse_owned(key).await?;
+            }
+            return Err(PolicyError::Request(
+                "the policies changed while applying; apply again".into(),
+            ));
+        }
         for p in &mut policies {
             p.version = PolicyVersion(done.revision);
         }
@@ -216,15 +288,18 @@ impl Policies {
             .map_err(|e| PolicyError::Request(format!("{e}; nothing was applied")))
     }
 
-    /// Deletes `namespace/name` (or `name` in namespace `default`).
+    /// Deletes `namespace/name` (or `name` in namespace `default`), unless a resource manages it.
     pub async fn delete(&self, name: &str, actor: &str) -> Result<(), PolicyError> {
         let key = full_key(name);
         let full = format!("{PREFIX}{key}");
         if self.store.get(&full).await?.is_none() {
             return Err(PolicyError::NotFound(key));
         }
-        self.store
+        self.refuse_owned(&key).await?;
+        let done = self
+            .store
             .txn(Txn {
+                compares: vec![Compare::ModRevision(owner_key(&key), 0)],
                 success: vec![
                     Op::Delete(full),
                     history_op(&key, actor, "deleted", String::new()),
@@ -232,7 +307,159 @@ impl Policies {
                 ..Txn::default()
             })
             .await?;
+        if !done.succeeded {
+            self.refuse_owned(&key).await?;
+        }
         Ok(())
+    }
+
+    /// The resource that manages `key` (`namespace/name` or [`MESH_KEY`]), if one does.
+    pub async fn owner(&self, key: &str) -> Result<Option<Owner>, PolicyError> {
+        let Some(kv) = self.store.get(&owner_key(key)).await? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&kv.value)
+            .map(Some)
+            .map_err(|e| PolicyError::Corrupt {
+                key: owner_key(key),
+                detail: e.to_string(),
+            })
+    }
+
+    async fn refuse_owned(&self, key: &str) -> Result<(), PolicyError> {
+        match self.owner(key).await? {
+            None => Ok(()),
+            Some(owner) => Err(PolicyError::Owned {
+                what: if key == MESH_KEY {
+                    "the MeshConfig".to_owned()
+                } else {
+                    format!("policy {key}")
+                },
+                owner,
+            }),
+        }
+    }
+
+    /// Every key a resource manages, with its owner.
+    pub async fn owned(&self) -> Result<Vec<(String, Owner)>, PolicyError> {
+        let mut out = Vec::new();
+        for kv in self.store.range(OWNERS, 0, false).await? {
+            let rest = &kv.key[OWNERS.len()..];
+            let key = rest.strip_prefix("policies/").unwrap_or(rest).to_owned();
+            let owner = serde_json::from_slice(&kv.value).map_err(|e| PolicyError::Corrupt {
+                key: kv.key.clone(),
+                detail: e.to_string(),
+            })?;
+            out.push((key, owner));
+        }
+        Ok(out)
+    }
+
+    /// Stores the one document in `text` (named `source` in errors) on behalf of `owner`,
+    /// validated as `moat policy apply` validates, unless it is stored so already. The owner
+    /// record is written with it, so the CLI leaves it alone from then on.
+    pub async fn apply_owned(
+        &self,
+        source: &str,
+        text: &str,
+        owner: &Owner,
+    ) -> Result<Owned, PolicyError> {
+        let mut docs =
+            parse_documents(text, source, &self.trust_domain).map_err(PolicyError::Invalid)?;
+        let (Some(doc), true) = (docs.pop(), docs.is_empty()) else {
+            return Err(PolicyError::Request(format!(
+                "{source}: expected exactly one document"
+            )));
+        };
+        let (key, store_key, canonical, target) = match &doc {
+            Document::AccessPolicy(p) => (
+                p.key(),
+                key_of(p),
+                access_policy_yaml(p),
+                Some(p.target.clone()),
+            ),
+            Document::MeshConfig(m) => (
+                MESH_KEY.to_owned(),
+                MESH_KEY.to_owned(),
+                mesh_config_yaml(m),
+                None,
+            ),
+        };
+        let stored = self.store.get(&store_key).await?;
+        let stored_owner = self.owner(&key).await?;
+        if let Some(kv) = &stored
+            && kv.value == canonical.as_bytes()
+            && stored_owner.as_ref() == Some(owner)
+        {
+            return Ok(Owned {
+                key,
+                version: kv.mod_revision,
+                target,
+                changed: false,
+            });
+        }
+        match &doc {
+            Document::AccessPolicy(p) => self.check_tokens(std::slice::from_ref(p), None).await?,
+            Document::MeshConfig(m) => self.check_tokens(&[], Some(m)).await?,
+        }
+        let actor = format!("kubernetes:{} {}", owner.kind, owner.resource);
+        let mut success = vec![
+            Op::Put(store_key.clone(), canonical.clone().into_bytes()),
+            Op::Put(
+                owner_key(&key),
+                serde_json::to_vec(owner).unwrap_or_default(),
+            ),
+        ];
+        if key != MESH_KEY {
+            success.push(history_op(&key, &actor, "applied", canonical));
+        }
+        let done = self
+            .store
+            .txn(Txn {
+                success,
+                ..Txn::default()
+            })
+            .await?;
+        Ok(Owned {
+            key,
+            version: done.revision,
+            target,
+            changed: true,
+        })
+    }
+
+    /// Removes `key` (`namespace/name` or [`MESH_KEY`]) and its owner record if `owner`
+    /// manages it; returns whether it did.
+    pub async fn delete_owned(&self, key: &str, owner: &Owner) -> Result<bool, PolicyError> {
+        let Some(kv) = self.store.get(&owner_key(key)).await? else {
+            return Ok(false);
+        };
+        let stored: Owner =
+            serde_json::from_slice(&kv.value).map_err(|e| PolicyError::Corrupt {
+                key: owner_key(key),
+                detail: e.to_string(),
+            })?;
+        if stored.kind != owner.kind || stored.resource != owner.resource {
+            return Ok(false);
+        }
+        let actor = format!("kubernetes:{} {}", owner.kind, owner.resource);
+        let mut success = vec![Op::Delete(owner_key(key))];
+        if key == MESH_KEY {
+            success.push(Op::Delete(MESH_KEY.to_owned()));
+        } else {
+            success.push(Op::Delete(format!("{PREFIX}{key}")));
+            success.push(history_op(key, &actor, "deleted", String::new()));
+        }
+        // Only if the owner record is still the one read.
+        let done = self
+            .store
+            .txn(Txn {
+                compares: vec![Compare::ModRevision(owner_key(key), kv.mod_revision)],
+                success,
+                ..Txn::default()
+            })
+            .await?;
+        Ok(done.succeeded)
     }
 
     /// Every stored revision of `name`, oldest first.
