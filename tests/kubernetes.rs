@@ -828,9 +828,28 @@ async fn the_apps_probes_are_answered_by_the_sidecar_from_the_app_itself() {
     let cp = ControlPlane::start().unwrap();
     let (app, seen) = recording_http().await;
     let closed = moat_test_util::ReservedPort::loopback();
+    // A second container serving the gRPC health protocol: the server as a whole and
+    // `orders.v1.Orders` are SERVING, `reports.v1.Reports` is NOT_SERVING.
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("orders.v1.Orders", tonic_health::ServingStatus::Serving)
+        .await;
+    reporter
+        .set_service_status(
+            "reports.v1.Reports",
+            tonic_health::ServingStatus::NotServing,
+        )
+        .await;
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_port = grpc.local_addr().unwrap().port();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc)),
+    );
     // What injection writes for a pod whose probes name the app's port.
     let pod = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{ name: p, labels: {{ moat.dev/inject: enabled }} }}\nspec:\n  containers:\n    - name: app\n      image: app\n      ports: [{{ name: http, containerPort: {} }}]\n      readinessProbe: {{ httpGet: {{ path: /ready, port: http, httpHeaders: [{{ name: X-Probe, value: kubelet }}] }} }}\n      livenessProbe: {{ tcpSocket: {{ port: {} }} }}\n      startupProbe: {{ tcpSocket: {{ port: {} }} }}\n",
+        "apiVersion: v1\nkind: Pod\nmetadata: {{ name: p, labels: {{ moat.dev/inject: enabled }} }}\nspec:\n  containers:\n    - name: app\n      image: app\n      ports: [{{ name: http, containerPort: {} }}]\n      readinessProbe: {{ httpGet: {{ path: /ready, port: http, httpHeaders: [{{ name: X-Probe, value: kubelet }}] }} }}\n      livenessProbe: {{ tcpSocket: {{ port: {} }} }}\n      startupProbe: {{ tcpSocket: {{ port: {} }} }}\n    - name: api\n      image: api\n      livenessProbe: {{ grpc: {{ port: {grpc_port} }} }}\n      readinessProbe: {{ grpc: {{ port: {grpc_port}, service: orders.v1.Orders }} }}\n      startupProbe: {{ grpc: {{ port: {grpc_port}, service: reports.v1.Reports }} }}\n",
         app.port(),
         app.port(),
         closed.port()
@@ -876,6 +895,16 @@ async fn the_apps_probes_are_answered_by_the_sidecar_from_the_app_itself() {
     // TCP: open port passes, closed port fails.
     assert_eq!(proxy.admin_get("/app-health/app/livez").unwrap().0, 200);
     assert_eq!(proxy.admin_get("/app-health/app/startupz").unwrap().0, 503);
+    // gRPC: the app's health service answers; SERVING passes, NOT_SERVING fails.
+    let api = &injected["spec"]["containers"][1];
+    assert_eq!(
+        api["livenessProbe"]["httpGet"]["path"],
+        "/app-health/api/livez"
+    );
+    assert!(api["livenessProbe"].get("grpc").is_none(), "{api}");
+    assert_eq!(proxy.admin_get("/app-health/api/livez").unwrap().0, 200);
+    assert_eq!(proxy.admin_get("/app-health/api/readyz").unwrap().0, 200);
+    assert_eq!(proxy.admin_get("/app-health/api/startupz").unwrap().0, 503);
     // Nothing else is reachable this way.
     assert_eq!(proxy.admin_get("/app-health/app/other").unwrap().0, 404);
     assert_eq!(

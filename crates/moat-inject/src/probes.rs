@@ -6,8 +6,10 @@
 //! `GET /app-health/<container>/<livez|readyz|startupz>`, and the sidecar performs the original
 //! probe against the app on the pod's loopback and answers with its outcome. The originals go to
 //! the sidecar in `MOAT_APP_PROBES` (JSON, keyed by the new path); the sidecar performs only
-//! those. Probes that name another host, use HTTPS, gRPC or `exec`, or a port name the container
-//! does not declare are left as they are.
+//! those. A `grpc` probe becomes the same kind of path, and the sidecar makes the gRPC health
+//! check (`grpc.health.v1.Health/Check`) over h2c on loopback: SERVING passes, anything else
+//! fails, as the kubelet's own gRPC probe would. Probes that name another host, use HTTPS or
+//! `exec`, or a port name the container does not declare are left as they are.
 
 use serde_json::{Map, Value, json};
 
@@ -45,6 +47,7 @@ pub fn rewrite(containers: &mut [Value]) -> Map<String, Value> {
             };
             let path = format!("/app-health/{name}/{kind}");
             probe.remove("tcpSocket");
+            probe.remove("grpc");
             probe.insert(
                 "httpGet".into(),
                 json!({ "path": path, "port": ADMIN_PORT, "scheme": "HTTP" }),
@@ -83,6 +86,11 @@ fn original(probe: &Map<String, Value>, ports: &Value) -> Option<Value> {
         }
         let port = port(tcp.get("port")?, ports)?;
         return Some(json!({ "tcp": { "port": port } }));
+    }
+    if let Some(grpc) = probe.get("grpc") {
+        let port = port(grpc.get("port")?, ports)?;
+        let service = grpc.get("service").and_then(Value::as_str).unwrap_or("");
+        return Some(json!({ "grpc": { "port": port, "service": service } }));
     }
     None
 }
@@ -144,6 +152,27 @@ mod tests {
         assert_eq!(
             containers[1]["readinessProbe"]["httpGet"]["port"],
             "undeclared"
+        );
+    }
+
+    #[test]
+    fn grpc_probes_go_through_the_sidecar_too() {
+        let mut containers = vec![json!({
+            "name": "api",
+            "livenessProbe": { "grpc": { "port": 9090 }, "periodSeconds": 3 },
+            "readinessProbe": { "grpc": { "port": 9090, "service": "orders.v1.Orders" } },
+        })];
+        let originals = rewrite(&mut containers);
+        assert_eq!(
+            Value::Object(originals),
+            json!({
+                "/app-health/api/livez": { "grpc": { "port": 9090, "service": "" } },
+                "/app-health/api/readyz": { "grpc": { "port": 9090, "service": "orders.v1.Orders" } },
+            })
+        );
+        assert_eq!(
+            containers[0]["livenessProbe"],
+            json!({ "httpGet": { "path": "/app-health/api/livez", "port": ADMIN_PORT, "scheme": "HTTP" }, "periodSeconds": 3 })
         );
     }
 }

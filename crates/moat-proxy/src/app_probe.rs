@@ -1,9 +1,11 @@
 //! The app's kubelet probes, performed by the sidecar in the kubelet's place. Injection rewrites
-//! an app container's `httpGet` and `tcpSocket` probes to `GET /app-health/<container>/<kind>`
+//! an app container's `httpGet`, `tcpSocket` and `grpc` probes to `GET /app-health/<container>/<kind>`
 //! on the admin port (inbound traffic to the app's own ports only gets in over mutual TLS) and
 //! hands the originals over in `--app-probes` / `MOAT_APP_PROBES` (see moat-inject's `probes`).
 //! The admin port then answers such a path by checking the app on the pod's loopback: the
-//! app's HTTP status for an HTTP probe, 200 or 503 for a TCP one. Only the configured probes are
+//! app's HTTP status for an HTTP probe, 200 or 503 for a TCP one, and for a gRPC one 200 when
+//! the app's `grpc.health.v1.Health/Check` answers SERVING (for the probe's `service`), else
+//! 503. Only the configured probes are
 //! performed, and only their status is returned, so the path cannot be used to reach anything
 //! else of the app.
 
@@ -30,6 +32,8 @@ pub enum AppProbe {
     },
     /// A TCP connection to the app's `port`.
     Tcp { port: u16 },
+    /// `grpc.health.v1.Health/Check` for `service` on the app's `port` (h2c).
+    Grpc { port: u16, service: String },
 }
 
 /// The probes to perform, by the admin path the kubelet now calls.
@@ -39,7 +43,7 @@ pub struct AppProbes(BTreeMap<String, AppProbe>);
 /// `--app-probes` that cannot be used: what is wrong, where.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "--app-probes: {0} (expected {{\"/app-health/<container>/<kind>\": {{\"http\": {{\"port\": 8080, \"path\": \"/ready\", \"headers\": [[\"name\", \"value\"]]}}}} | {{\"tcp\": {{\"port\": 8080}}}}}}, as moat inject writes it)"
+    "--app-probes: {0} (expected {{\"/app-health/<container>/<kind>\": {{\"http\": {{\"port\": 8080, \"path\": \"/ready\", \"headers\": [[\"name\", \"value\"]]}}}} | {{\"tcp\": {{\"port\": 8080}}}} | {{\"grpc\": {{\"port\": 9090, \"service\": \"\"}}}}}}, as moat inject writes it)"
 )]
 pub struct AppProbesError(String);
 
@@ -96,8 +100,18 @@ impl FromStr for AppProbes {
                 }
             } else if let Some(t) = probe.get("tcp") {
                 AppProbe::Tcp { port: port(t)? }
+            } else if let Some(g) = probe.get("grpc") {
+                let service = match g.get("service") {
+                    None | Some(Value::Null) => String::new(),
+                    Some(Value::String(s)) => s.clone(),
+                    Some(_) => return Err(bad(format!("{path}: service must be a string"))),
+                };
+                AppProbe::Grpc {
+                    port: port(g)?,
+                    service,
+                }
             } else {
-                return Err(bad(format!("{path}: give http or tcp")));
+                return Err(bad(format!("{path}: give http, tcp or grpc")));
             };
             probes.insert(path.clone(), parsed);
         }
@@ -131,6 +145,26 @@ impl AppProbe {
             AppProbe::Tcp { port } => {
                 TcpStream::connect(("127.0.0.1", *port)).await?;
                 Ok(StatusCode::OK)
+            }
+            AppProbe::Grpc { port, service } => {
+                use tonic_health::pb::HealthCheckRequest;
+                use tonic_health::pb::health_check_response::ServingStatus;
+                let channel =
+                    tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
+                        .user_agent("moat-proxy (app probe)")?
+                        .connect()
+                        .await?;
+                let answer = tonic_health::pb::health_client::HealthClient::new(channel)
+                    .check(HealthCheckRequest {
+                        service: service.clone(),
+                    })
+                    .await?
+                    .into_inner();
+                Ok(if answer.status == ServingStatus::Serving as i32 {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                })
             }
             AppProbe::Http {
                 port,
@@ -187,5 +221,24 @@ mod tests {
             let e = bad.parse::<AppProbes>().unwrap_err().to_string();
             assert!(e.starts_with("--app-probes: "), "{e}");
         }
+    }
+
+    #[test]
+    fn grpc_probes_parse_with_their_service() {
+        let p: AppProbes =
+            r#"{"/app-health/api/livez": {"grpc": {"port": 9090, "service": "orders"}}}"#
+                .parse()
+                .unwrap();
+        assert_eq!(
+            p.get("/app-health/api/livez"),
+            Some(&AppProbe::Grpc {
+                port: 9090,
+                service: "orders".into()
+            })
+        );
+        let e = r#"{"/app-health/api/livez": {"grpc": {"port": 9090, "service": 7}}}"#
+            .parse::<AppProbes>()
+            .unwrap_err();
+        assert!(e.to_string().contains("service must be a string"), "{e}");
     }
 }
