@@ -666,63 +666,50 @@ async fn webhook_patches_give_the_same_pod_as_moat_inject() {
     assert_eq!(status, 200);
 }
 
-/// A stand-in for the Kubernetes API server (none can run here): the namespace list and
-/// ConfigMap reads and writes the control plane makes, with the token it sends.
-#[derive(Default)]
-struct FakeApi {
-    configmaps: std::collections::HashMap<String, String>,
-    seen: Vec<Seen>,
-}
-
-fn fake_api(state: &std::sync::Arc<std::sync::Mutex<FakeApi>>, req: Seen) -> (u16, String) {
-    let mut s = state.lock().unwrap();
-    s.seen.push(req.clone());
-    let parts: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
-    match (req.method.as_str(), parts.as_slice()) {
-        ("GET", ["api", "v1", "namespaces"]) => (
-            200,
-            serde_json::json!({ "kind": "NamespaceList", "items": [
-                { "metadata": { "name": "shop" } }, { "metadata": { "name": "default" } } ] })
-            .to_string(),
-        ),
-        ("GET", ["api", "v1", "namespaces", ns, "configmaps", "moat-ca-root"]) => {
-            match s.configmaps.get(*ns) {
-                Some(pem) => (
-                    200,
-                    serde_json::json!({ "data": { "bundle.pem": pem } }).to_string(),
-                ),
-                None => (404, r#"{"message":"not found"}"#.into()),
-            }
-        }
-        ("POST", ["api", "v1", "namespaces", ns, "configmaps"])
-        | ("PUT", ["api", "v1", "namespaces", ns, "configmaps", "moat-ca-root"]) => {
-            let v: serde_json::Value = serde_json::from_slice(&req.body).unwrap();
-            assert_eq!(v["metadata"]["namespace"], *ns);
-            let pem = v["data"]["bundle.pem"].as_str().unwrap().to_owned();
-            s.configmaps.insert((*ns).to_owned(), pem);
-            (if req.method == "POST" { 201 } else { 200 }, v.to_string())
-        }
-        _ => (404, r#"{"message":"unexpected call"}"#.into()),
-    }
-}
-
+/// The trust bundle in every namespace and in the injector webhook's caBundle, over kube-rs
+/// against the API-server stand-in (tests/common/kube_api.rs): ConfigMaps appear in every
+/// namespace (and at once in a new one), are not rewritten while unchanged, and follow a root
+/// rotation; the webhook configuration gets the mesh roots as its caBundle, so a fresh install
+/// needs no second apply.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_trust_bundle_is_published_to_every_namespace_and_follows_a_root_rotation() {
-    let state = std::sync::Arc::new(std::sync::Mutex::new(FakeApi::default()));
-    let (addr, ca_pem) = {
-        let state = state.clone();
-        https_server(move |req| fake_api(&state, req)).await
-    };
+async fn the_trust_bundle_is_published_to_every_namespace_and_the_webhook_and_follows_a_root_rotation()
+ {
+    use base64::Engine as _;
+    let api = common::kube_api::KubeApi::start().await;
+    api.put("namespaces", "", "shop", serde_json::json!({}));
+    api.put("namespaces", "", "default", serde_json::json!({}));
+    // The webhook configuration as `moat install` writes it without --ca-bundle.
+    let install = tokio::task::block_in_place(|| {
+        let out = std::process::Command::new(moat_test_util::bin("moat"))
+            .args(["install", "--trust-domain", "moat.local"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    });
+    let webhook: serde_json::Value = install
+        .split("---\n")
+        .map(|d| serde_yaml_ng::from_str::<serde_json::Value>(d).unwrap())
+        .find(|d| d["kind"] == "MutatingWebhookConfiguration")
+        .unwrap();
+    assert!(webhook["webhooks"][0]["clientConfig"]["caBundle"].is_null());
+    let name = webhook["metadata"]["name"].as_str().unwrap().to_owned();
+    api.put(
+        "mutatingwebhookconfigurations",
+        "",
+        &name,
+        serde_json::json!({ "webhooks": webhook["webhooks"] }),
+    );
     let files = tempfile::tempdir().unwrap();
     let (token, ca) = (files.path().join("token"), files.path().join("ca.crt"));
-    std::fs::write(&token, "sa-token-of-moat-control\n").unwrap();
-    std::fs::write(&ca, ca_pem).unwrap();
-    let api = format!("https://{addr}");
+    std::fs::write(&token, "sa-token-of-moat-control").unwrap();
+    std::fs::write(&ca, &api.ca_pem).unwrap();
     let cp = ControlPlane::start_with(&[
         "--publish-bundle",
         "moat-ca-root",
+        "--webhook-configuration",
+        &name,
         "--kube-api",
-        &api,
+        &api.url(),
         "--kube-token-file",
         token.to_str().unwrap(),
         "--kube-ca-file",
@@ -731,38 +718,67 @@ async fn the_trust_bundle_is_published_to_every_namespace_and_follows_a_root_rot
         "1s",
     ])
     .unwrap();
-    let published = |want: &str| {
-        let want = want.to_owned();
-        let state = state.clone();
-        moat_test_util::eventually(Duration::from_secs(15), move || {
-            let s = state.lock().unwrap();
-            (s.configmaps.len() == 2 && s.configmaps.values().all(|p| *p == want)).then_some(())
+    let published = |namespaces: &[&str], want: &str| {
+        moat_test_util::eventually(Duration::from_secs(15), || {
+            namespaces
+                .iter()
+                .all(|ns| {
+                    api.get("configmaps", ns, "moat-ca-root")
+                        .is_some_and(|cm| cm["data"]["bundle.pem"] == want)
+                })
+                .then_some(())
+        })
+        .is_some()
+    };
+    let in_webhook = |want: &str| {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(want);
+        moat_test_util::eventually(Duration::from_secs(15), || {
+            let w = api.get("mutatingwebhookconfigurations", "", &name)?;
+            w["webhooks"]
+                .as_array()?
+                .iter()
+                .all(|h| h["clientConfig"]["caBundle"] == b64.as_str())
+                .then_some(())
         })
         .is_some()
     };
     let bundle = cp.moat_ok(&["ca", "bundle"]);
-    assert!(published(&bundle), "{}", cp.log_text());
     assert!(
-        state
-            .lock()
-            .unwrap()
-            .seen
+        published(&["shop", "default"], &bundle),
+        "{}",
+        cp.log_text()
+    );
+    assert!(in_webhook(&bundle), "{}", cp.log_text());
+    // A namespace created later gets its ConfigMap from the watch.
+    api.put("namespaces", "", "payments", serde_json::json!({}));
+    assert!(published(&["payments"], &bundle), "{}", cp.log_text());
+    let requests = api.requests();
+    assert!(
+        requests
             .iter()
             .all(|r| r.authorization.as_deref() == Some("Bearer sa-token-of-moat-control"))
     );
+    assert!(requests.iter().any(|r| r.target.starts_with("/api/v1/namespaces?") && r.target.contains("watch=true")));
     // Unchanged: no more writes.
-    let writes = |s: &FakeApi| s.seen.iter().filter(|r| r.method != "GET").count();
-    let before = writes(&state.lock().unwrap());
+    let writes = |api: &common::kube_api::KubeApi| {
+        api.requests().iter().filter(|r| r.method != "GET").count()
+    };
+    let before = writes(&api);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(writes(&state.lock().unwrap()), before);
+    assert_eq!(writes(&api), before);
 
-    // A root rotation changes the bundle; the ConfigMaps follow (both roots, then the new one).
+    // A root rotation changes the bundle; the ConfigMaps and the webhook follow.
     let out =
         tokio::task::block_in_place(|| cp.moat_ok(&["ca", "rotate-root", "--timeout", "30s"]));
     assert!(out.contains("root rotation complete"), "{out}");
     let rotated = cp.moat_ok(&["ca", "bundle"]);
     assert_ne!(rotated, bundle);
-    assert!(published(&rotated), "{}", cp.log_text());
+    assert!(
+        published(&["shop", "default", "payments"], &rotated),
+        "{}",
+        cp.log_text()
+    );
+    assert!(in_webhook(&rotated), "{}", cp.log_text());
 }
 
 /// `--control-plane` is where the CLI connects; `moat inject` connects nowhere, so passing it

@@ -5,7 +5,10 @@
 //! from any revision still in its history, `ERROR` 410 Expired for one that was compacted away)
 //! and merge-patches of the `status` subresource. Objects carry `uid`, `generation` (bumped when
 //! the spec changes, as the API server does) and `resourceVersion`. The test plays kubectl with
-//! [`KubeApi::apply`] and [`KubeApi::delete`], and makes watch gaps with [`KubeApi::hold`].
+//! [`KubeApi::apply`], [`KubeApi::put`] and [`KubeApi::delete`], and makes watch gaps with
+//! [`KubeApi::hold`]. Besides moat's resources it serves what the trust-bundle publisher uses:
+//! namespaces (list, watch), ConfigMaps and MutatingWebhookConfigurations (get, create, replace
+//! with resourceVersion preconditions).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -61,8 +64,51 @@ fn kind_of(plural: &str) -> &'static str {
     match plural {
         "accesspolicies" => "AccessPolicy",
         "meshconfigs" => "MeshConfig",
+        "namespaces" => "Namespace",
+        "configmaps" => "ConfigMap",
+        "mutatingwebhookconfigurations" => "MutatingWebhookConfiguration",
         _ => "Unknown",
     }
+}
+
+fn api_version_of(plural: &str) -> &'static str {
+    match plural {
+        "namespaces" | "configmaps" => "v1",
+        "mutatingwebhookconfigurations" => "admissionregistration.k8s.io/v1",
+        _ => "moat.dev/v1",
+    }
+}
+
+/// What a request path names: `/api/v1/...` or `/apis/GROUP/VERSION/...`, then an optional
+/// `namespaces/NS/`, the resource, an optional name and subresource.
+#[derive(Debug)]
+struct Target {
+    namespace: String,
+    plural: String,
+    name: Option<String>,
+    subresource: Option<String>,
+}
+
+fn target_of(path: &[&str]) -> Option<Target> {
+    let rest = match path {
+        ["api", "v1", rest @ ..] => rest,
+        ["apis", _, _, rest @ ..] => rest,
+        _ => return None,
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, plural, rest @ ..] => (ns.to_string(), {
+            let mut r = vec![*plural];
+            r.extend_from_slice(rest);
+            r
+        }),
+        other => (String::new(), other.to_vec()),
+    };
+    Some(Target {
+        namespace,
+        plural: rest.first()?.to_string(),
+        name: rest.get(1).map(|s| s.to_string()),
+        subresource: rest.get(2).map(|s| s.to_string()),
+    })
 }
 
 fn status(code: u16, reason: &str, message: &str) -> Value {
@@ -156,11 +202,39 @@ impl KubeApi {
                 }
                 (
                     "ADDED",
-                    json!({"apiVersion": "moat.dev/v1", "kind": kind_of(plural),
+                    json!({"apiVersion": api_version_of(plural), "kind": kind_of(plural),
                            "metadata": meta, "spec": spec}),
                 )
             }
         };
+        s.objects.insert(key, object.clone());
+        self.record(&mut s, plural, json!({"type": kind, "object": object}));
+    }
+
+    /// `kubectl apply` of an object without a spec (a Namespace, a webhook configuration):
+    /// `fields` are its top-level fields besides `metadata`.
+    pub fn put(&self, plural: &str, namespace: &str, name: &str, fields: Value) {
+        let mut s = self.state.lock().unwrap();
+        s.revision += 1;
+        let rv = s.revision;
+        let key = (plural.to_owned(), namespace.to_owned(), name.to_owned());
+        let (kind, mut object) = match s.objects.get(&key).cloned() {
+            Some(o) => ("MODIFIED", json!({ "metadata": o["metadata"].clone() })),
+            None => {
+                let mut meta = json!({"name": name, "uid": format!("uid-{plural}-{name}-{rv}"),
+                                      "generation": 1, "creationTimestamp": "2026-12-01T00:00:00Z"});
+                if !namespace.is_empty() {
+                    meta["namespace"] = namespace.into();
+                }
+                ("ADDED", json!({ "metadata": meta }))
+            }
+        };
+        object["apiVersion"] = api_version_of(plural).into();
+        object["kind"] = kind_of(plural).into();
+        object["metadata"]["resourceVersion"] = rv.to_string().into();
+        for (k, v) in fields.as_object().cloned().unwrap_or_default() {
+            object[k] = v;
+        }
         s.objects.insert(key, object.clone());
         self.record(&mut s, plural, json!({"type": kind, "object": object}));
     }
@@ -262,31 +336,37 @@ impl KubeApi {
             body: body.clone(),
         });
         let p: Vec<&str> = path.iter().map(String::as_str).collect();
-        match (method.as_str(), p.as_slice()) {
-            ("GET", ["apis", "moat.dev", "v1", plural]) if query.contains_key("watch") => {
+        let Some(t) = target_of(&p) else {
+            return full(
+                404,
+                &status(404, "NotFound", "the stand-in does not serve this"),
+            );
+        };
+        match (method.as_str(), t.name.as_deref(), t.subresource.as_deref()) {
+            ("GET", None, None) if query.contains_key("watch") => {
                 let from: u64 = query
                     .get("resourceVersion")
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(0);
-                self.watch(plural, from).await
+                self.watch(&t.plural, from).await
             }
-            ("GET", ["apis", "moat.dev", "v1", plural]) => self.list(plural),
-            (
-                "PATCH",
-                [
-                    "apis",
-                    "moat.dev",
-                    "v1",
-                    "namespaces",
-                    ns,
-                    plural,
-                    name,
-                    "status",
-                ],
-            ) => self.patch_status(plural, ns, name, content_type.as_deref(), &body),
-            ("PATCH", ["apis", "moat.dev", "v1", plural, name, "status"]) => {
-                self.patch_status(plural, "", name, content_type.as_deref(), &body)
-            }
+            ("GET", None, None) => self.list(&t.plural, &t.namespace),
+            ("GET", Some(name), None) => match self.get(&t.plural, &t.namespace, name) {
+                Some(o) => full(200, &o),
+                None => full(
+                    404,
+                    &status(404, "NotFound", &format!("{} {name:?} not found", t.plural)),
+                ),
+            },
+            ("POST", None, None) => self.create(&t, &body),
+            ("PUT", Some(name), None) => self.replace(&t, name, &body),
+            ("PATCH", Some(name), Some("status")) => self.patch_status(
+                &t.plural,
+                &t.namespace,
+                name,
+                content_type.as_deref(),
+                &body,
+            ),
             _ => full(
                 404,
                 &status(404, "NotFound", "the stand-in does not serve this"),
@@ -294,17 +374,76 @@ impl KubeApi {
         }
     }
 
-    fn list(&self, plural: &str) -> http::Response<Body> {
+    fn create(&self, t: &Target, body: &[u8]) -> http::Response<Body> {
+        let Ok(mut o) = serde_json::from_slice::<Value>(body) else {
+            return full(400, &status(400, "BadRequest", "not JSON"));
+        };
+        let Some(name) = o["metadata"]["name"].as_str().map(str::to_owned) else {
+            return full(422, &status(422, "Invalid", "metadata.name is required"));
+        };
+        if self.get(&t.plural, &t.namespace, &name).is_some() {
+            return full(
+                409,
+                &status(409, "AlreadyExists", &format!("{name:?} already exists")),
+            );
+        }
+        let fields: serde_json::Map<String, Value> = o
+            .as_object_mut()
+            .map(|m| {
+                m.iter()
+                    .filter(|(k, _)| !["metadata", "apiVersion", "kind"].contains(&k.as_str()))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.put(&t.plural, &t.namespace, &name, Value::Object(fields));
+        full(201, &self.get(&t.plural, &t.namespace, &name).unwrap())
+    }
+
+    fn replace(&self, t: &Target, name: &str, body: &[u8]) -> http::Response<Body> {
+        let Ok(o) = serde_json::from_slice::<Value>(body) else {
+            return full(400, &status(400, "BadRequest", "not JSON"));
+        };
+        let Some(current) = self.get(&t.plural, &t.namespace, name) else {
+            return full(
+                404,
+                &status(404, "NotFound", &format!("{name:?} not found")),
+            );
+        };
+        // Optimistic concurrency, as the API server does it.
+        let sent = o["metadata"]["resourceVersion"].as_str().unwrap_or("");
+        if !sent.is_empty() && current["metadata"]["resourceVersion"] != sent {
+            return full(
+                409,
+                &status(409, "Conflict", "the object has been modified"),
+            );
+        }
+        let fields: serde_json::Map<String, Value> = o
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter(|(k, _)| {
+                        !["metadata", "apiVersion", "kind", "status"].contains(&k.as_str())
+                    })
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.put(&t.plural, &t.namespace, name, Value::Object(fields));
+        full(200, &self.get(&t.plural, &t.namespace, name).unwrap())
+    }
+
+    fn list(&self, plural: &str, namespace: &str) -> http::Response<Body> {
         let s = self.state.lock().unwrap();
         let items: Vec<&Value> = s
             .objects
             .iter()
-            .filter(|((p, _, _), _)| p == plural)
+            .filter(|((p, ns, _), _)| p == plural && (namespace.is_empty() || ns == namespace))
             .map(|(_, o)| o)
             .collect();
         full(
             200,
-            &json!({"apiVersion": "moat.dev/v1", "kind": format!("{}List", kind_of(plural)),
+            &json!({"apiVersion": api_version_of(plural), "kind": format!("{}List", kind_of(plural)),
                     "metadata": {"resourceVersion": s.revision.to_string()}, "items": items}),
         )
     }

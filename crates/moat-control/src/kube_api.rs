@@ -23,22 +23,6 @@ pub enum KubeError {
         #[source]
         source: std::io::Error,
     },
-    #[error("TLS set-up for the API server failed: {0}")]
-    Tls(#[from] tokio_rustls::rustls::Error),
-    #[error("cannot reach the API server: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("the API server connection failed: {0}")]
-    Http(#[from] hyper::Error),
-    #[error("the API server did not answer in 10 s")]
-    Timeout,
-    #[error("reading the API server's answer failed: {0}")]
-    Body(String),
-    #[error("{call} answered {status}: {message}")]
-    Status {
-        call: &'static str,
-        status: u16,
-        message: String,
-    },
     #[error("cannot set up the Kubernetes client: {0}")]
     Client(#[from] kube::Error),
 }

@@ -1,19 +1,30 @@
-//! On Kubernetes: publishes the mesh's trust bundle as a ConfigMap (`moat-ca-root`, key
-//! `bundle.pem`) in every namespace, which injected sidecars mount to verify the control plane
-//! at bootstrap. Re-checked at an interval, so new namespaces and bundle changes (root rotation)
-//! follow; a ConfigMap is written only when its content differs. Talks to the API server with
-//! the pod's service-account token over TLS verified with the cluster CA.
+//! On Kubernetes: keeps the mesh's trust bundle where the cluster needs it.
+//!
+//! - A ConfigMap (`moat-ca-root`, key `bundle.pem`) in every namespace, which injected sidecars
+//!   mount to verify the control plane at bootstrap. Namespaces are watched, so a new one gets
+//!   its ConfigMap at once.
+//! - With `--webhook-configuration NAME`, the `caBundle` of the sidecar injector's
+//!   MutatingWebhookConfiguration: the API server verifies the webhook's certificate (issued by
+//!   the mesh CA) with it, so a fresh `moat install | kubectl apply` needs no second apply.
+//!
+//! The bundle is compared every interval (a root rotation changes it); an object is written
+//! only when its content differs, and every object is re-read every ten intervals, so an edit
+//! by hand is undone. On kube-rs, with the pod's service-account token.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
-use serde_json::{Value, json};
-use tokio_rustls::rustls;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use kube::api::{ObjectMeta, PostParams};
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher::{self, Event, watcher};
+use kube::{Api, Client, ResourceExt as _};
+use tokio_stream::StreamExt as _;
 
 use crate::ca::CaManager;
-
 use crate::kube_api::ApiServer;
 pub use crate::kube_api::KubeError;
 
@@ -23,170 +34,195 @@ pub struct KubeConfig {
     pub server: ApiServer,
     /// The ConfigMap's name in each namespace.
     pub configmap: String,
+    /// The MutatingWebhookConfiguration whose `caBundle` to keep current, if any.
+    pub webhook: Option<String>,
     pub interval: Duration,
 }
 
-/// A minimal client for the few API calls this needs.
-struct Api {
+/// How many intervals pass between full re-reads of what was published.
+const REREAD_EVERY: u32 = 10;
+
+struct Publisher {
+    client: Client,
     cfg: KubeConfig,
-    tls: Arc<rustls::ClientConfig>,
-    host: String,
-    port: u16,
+    ca: Arc<CaManager>,
+    /// Namespace -> the bundle its ConfigMap was last seen or written with.
+    published: BTreeMap<String, String>,
+    /// The bundle the webhook configuration was last seen or written with.
+    webhook: Option<String>,
 }
 
-impl Api {
-    fn new(cfg: KubeConfig) -> Result<Self, KubeError> {
-        let ca = moat_tls::cred_dir::read_bundle(&cfg.server.ca_file).map_err(|source| {
-            KubeError::ClusterCa {
-                path: cfg.server.ca_file.clone(),
-                source,
-            }
-        })?;
-        let mut roots = rustls::RootCertStore::empty();
-        for c in ca.roots() {
-            roots.add(c.clone())?;
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let bad_url = || KubeError::ApiUrl(cfg.server.url.clone());
-        let uri: http::Uri = cfg.server.url.parse().map_err(|_| bad_url())?;
-        let host = uri.host().ok_or_else(bad_url)?.to_owned();
-        let port = uri.port_u16().unwrap_or(443);
-        Ok(Api {
-            cfg,
-            tls: Arc::new(tls),
-            host,
-            port,
-        })
-    }
-
-    async fn call(
-        &self,
-        method: http::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<(u16, Value), KubeError> {
-        // Projected tokens rotate: read it for every call.
-        let token = std::fs::read_to_string(&self.cfg.server.token_file).map_err(|source| {
-            KubeError::Token {
-                path: self.cfg.server.token_file.clone(),
-                source,
-            }
-        })?;
-        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await?;
-        let name = rustls::pki_types::ServerName::try_from(self.host.clone())
-            .map_err(|_| KubeError::ApiUrl(self.cfg.server.url.clone()))?;
-        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
-            .connect(name, tcp)
-            .await?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
-        tokio::spawn(conn);
-        let req = http::Request::builder()
-            .method(method)
-            .uri(path)
-            .header(http::header::HOST, &self.host)
-            .header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", token.trim()),
-            )
-            .header(http::header::ACCEPT, "application/json")
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(
-                body.map(|b| b.to_string()).unwrap_or_default(),
-            )))
-            .map_err(|e| KubeError::Body(e.to_string()))?;
-        let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
-            .await
-            .map_err(|_| KubeError::Timeout)??;
-        let status = resp.status().as_u16();
-        let bytes = http_body_util::Limited::new(resp.into_body(), 16 * 1024 * 1024)
-            .collect()
-            .await
-            .map_err(|e| KubeError::Body(e.to_string()))?
-            .to_bytes();
-        let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Ok((status, v))
-    }
-}
-
-/// One pass: every namespace gets the current bundle. Returns how many ConfigMaps were written.
-async fn publish_once(api: &Api, pem: &str) -> Result<usize, KubeError> {
-    let (status, list) = api
-        .call(http::Method::GET, "/api/v1/namespaces", None)
-        .await?;
-    if status != 200 {
-        return Err(KubeError::Status {
-            call: "listing namespaces",
-            status,
-            message: list["message"].to_string(),
-        });
-    }
-    let name = &api.cfg.configmap;
-    let mut written = 0;
-    for ns in list["items"].as_array().into_iter().flatten() {
-        let Some(ns) = ns.pointer("/metadata/name").and_then(Value::as_str) else {
-            continue;
-        };
-        let path = format!("/api/v1/namespaces/{ns}/configmaps/{name}");
-        let desired = json!({
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {
-                "name": name,
-                "namespace": ns,
-                "labels": { "app.kubernetes.io/managed-by": "moat-control" },
-            },
-            "data": { "bundle.pem": pem },
-        });
-        let (status, current) = api.call(http::Method::GET, &path, None).await?;
-        let (method, target) = match status {
-            404 => (
-                http::Method::POST,
-                format!("/api/v1/namespaces/{ns}/configmaps"),
-            ),
-            200 if current.pointer("/data/bundle.pem").and_then(Value::as_str) == Some(pem) => {
-                continue;
-            }
-            200 => (http::Method::PUT, path.clone()),
-            other => {
-                tracing::warn!(namespace = ns, status = other, message = %current["message"], "cannot read the trust-bundle ConfigMap");
-                continue;
-            }
-        };
-        let (status, answer) = api.call(method, &target, Some(desired)).await?;
-        if (200..300).contains(&status) {
-            written += 1;
-        } else {
-            tracing::warn!(namespace = ns, status, message = %answer["message"], "cannot write the trust-bundle ConfigMap");
-        }
-    }
-    Ok(written)
-}
-
-/// Publishes the bundle forever.
+/// Publishes the bundle until the process ends.
 pub async fn publish_loop(cfg: KubeConfig, ca: Arc<CaManager>) {
-    let interval = cfg.interval;
-    let api = match Api::new(cfg) {
-        Ok(a) => a,
+    let client = match cfg.server.client() {
+        Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "cannot publish the trust bundle to Kubernetes");
             return;
         }
     };
+    let mut p = Publisher {
+        client: client.clone(),
+        cfg,
+        ca,
+        published: BTreeMap::new(),
+        webhook: None,
+    };
+    let namespaces =
+        watcher(Api::<Namespace>::all(client), watcher::Config::default()).default_backoff();
+    tokio::pin!(namespaces);
+    let mut known = BTreeSet::new();
+    let mut listing: Option<BTreeSet<String>> = None;
+    let mut tick = tokio::time::interval(p.cfg.interval);
+    let mut ticks = 0u32;
     loop {
-        let pem = ca.current().bundle().to_pem();
-        match publish_once(&api, &pem).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(configmaps = n, "published the trust bundle"),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot publish the trust bundle; retrying")
+        tokio::select! {
+            event = namespaces.next() => match event {
+                Some(Ok(Event::Init)) => listing = Some(BTreeSet::new()),
+                Some(Ok(Event::InitApply(ns))) => {
+                    let name = ns.name_any();
+                    if let Some(l) = listing.as_mut() {
+                        l.insert(name.clone());
+                    }
+                    known.insert(name.clone());
+                    p.namespace(&name).await;
+                }
+                Some(Ok(Event::InitDone)) => {
+                    if let Some(l) = listing.take() {
+                        known = l;
+                        p.published.retain(|ns, _| known.contains(ns));
+                    }
+                }
+                Some(Ok(Event::Apply(ns))) => {
+                    let name = ns.name_any();
+                    if known.insert(name.clone()) {
+                        p.namespace(&name).await;
+                    }
+                }
+                Some(Ok(Event::Delete(ns))) => {
+                    known.remove(&ns.name_any());
+                    p.published.remove(&ns.name_any());
+                }
+                Some(Err(e)) => tracing::warn!(error = %e, "watching namespaces failed; retrying"),
+                None => return,
+            },
+            _ = tick.tick() => {
+                ticks += 1;
+                if ticks.is_multiple_of(REREAD_EVERY) {
+                    p.published.clear();
+                    p.webhook = None;
+                }
+                let mut written = 0;
+                for ns in &known {
+                    written += usize::from(p.namespace(ns).await);
+                }
+                if written > 0 {
+                    tracing::info!(configmaps = written, "published the trust bundle");
+                }
+                p.webhook().await;
             }
         }
-        tokio::time::sleep(interval).await;
+    }
+}
+
+impl Publisher {
+    fn pem(&self) -> String {
+        self.ca.current().bundle().to_pem()
+    }
+
+    /// Brings `ns`'s ConfigMap to the current bundle; whether it wrote it.
+    async fn namespace(&mut self, ns: &str) -> bool {
+        let pem = self.pem();
+        if self.published.get(ns) == Some(&pem) {
+            return false;
+        }
+        match self.configmap(ns, &pem).await {
+            Ok(wrote) => {
+                self.published.insert(ns.to_owned(), pem);
+                wrote
+            }
+            Err(e) => {
+                tracing::warn!(namespace = ns, error = %e, "cannot write the trust-bundle ConfigMap; retrying");
+                false
+            }
+        }
+    }
+
+    async fn configmap(&self, ns: &str, pem: &str) -> Result<bool, kube::Error> {
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
+        let name = &self.cfg.configmap;
+        let data = BTreeMap::from([("bundle.pem".to_owned(), pem.to_owned())]);
+        match api.get_opt(name).await? {
+            Some(cm) if cm.data.as_ref() == Some(&data) => Ok(false),
+            Some(mut cm) => {
+                cm.data = Some(data);
+                api.replace(name, &PostParams::default(), &cm).await?;
+                Ok(true)
+            }
+            None => {
+                let cm = ConfigMap {
+                    metadata: ObjectMeta {
+                        name: Some(name.clone()),
+                        namespace: Some(ns.to_owned()),
+                        labels: Some(BTreeMap::from([(
+                            "app.kubernetes.io/managed-by".to_owned(),
+                            "moat-control".to_owned(),
+                        )])),
+                        ..ObjectMeta::default()
+                    },
+                    data: Some(data),
+                    ..ConfigMap::default()
+                };
+                api.create(&PostParams::default(), &cm).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Brings the webhook configuration's `caBundle` to the current bundle.
+    async fn webhook(&mut self) {
+        let Some(name) = self.cfg.webhook.clone() else {
+            return;
+        };
+        let pem = self.pem();
+        if self.webhook.as_ref() == Some(&pem) {
+            return;
+        }
+        let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
+        let result = async {
+            let Some(mut w) = api.get_opt(&name).await? else {
+                return Ok::<_, kube::Error>(None);
+            };
+            let want = ByteString(pem.clone().into_bytes());
+            let hooks = w.webhooks.iter_mut().flatten();
+            let mut changed = false;
+            for hook in hooks {
+                if hook.client_config.ca_bundle.as_ref() != Some(&want) {
+                    hook.client_config.ca_bundle = Some(want.clone());
+                    changed = true;
+                }
+            }
+            if changed {
+                // Carries the resourceVersion read: a concurrent change makes this a conflict,
+                // retried at the next interval.
+                api.replace(&name, &PostParams::default(), &w).await?;
+            }
+            Ok(Some(changed))
+        }
+        .await;
+        match result {
+            Ok(Some(changed)) => {
+                if changed {
+                    tracing::info!(webhook = %name, "set the injector webhook's caBundle to the mesh roots");
+                }
+                self.webhook = Some(pem);
+            }
+            Ok(None) => {
+                tracing::warn!(webhook = %name, "no MutatingWebhookConfiguration of this name yet (moat install creates it)")
+            }
+            Err(e) => {
+                tracing::warn!(webhook = %name, error = %e, "cannot set the injector webhook's caBundle; retrying")
+            }
+        }
     }
 }

@@ -157,6 +157,10 @@ struct ServeArgs {
     /// `moat policy apply` cannot change the ones they declare).
     #[arg(long, env = "MOAT_WATCH_POLICIES")]
     watch_policies: bool,
+    /// With --publish-bundle: also keep the caBundle of this MutatingWebhookConfiguration (the
+    /// sidecar injector's) equal to the mesh roots.
+    #[arg(long, env = "MOAT_WEBHOOK_CONFIGURATION", requires = "publish_bundle")]
+    webhook_configuration: Option<String>,
     /// How often the ConfigMaps are checked.
     #[arg(long, default_value = "30s", value_parser = parse_horizon)]
     publish_interval: std::time::Duration,
@@ -251,6 +255,7 @@ fn config(args: ServeArgs) -> Result<ServeConfig, String> {
         Some(name) => Some(moat_control::kube_bundle::KubeConfig {
             server: api_server(&args).map_err(|e| format!("--publish-bundle: {e}"))?,
             configmap: name.clone(),
+            webhook: args.webhook_configuration.clone(),
             interval: args.publish_interval,
         }),
     };

@@ -36,8 +36,8 @@ pub struct InstallArgs {
     /// The sidecar image the webhook injects.
     #[arg(long, default_value = concat!("ghcr.io/moat-mesh/moat-proxy:", env!("CARGO_PKG_VERSION")))]
     proxy_image: String,
-    /// PEM roots that sign the webhook's certificate (`moat ca bundle` once the control plane
-    /// runs); without it the webhook configuration has no caBundle yet.
+    /// PEM roots that sign the webhook's certificate (`moat ca bundle`); without it the webhook
+    /// configuration has no caBundle until the control plane sets it at start.
     #[arg(long)]
     ca_bundle: Option<PathBuf>,
     /// What the API server does with a pod that opted into the mesh while the injection webhook
@@ -159,7 +159,7 @@ pub fn run(args: InstallArgs) -> anyhow::Result<()> {
     print!("{}", out.join("---\n"));
     if ca_bundle.is_none() {
         eprintln!(
-            "note: the webhook has no caBundle yet; once the control plane runs, apply again with --ca-bundle <(moat ca bundle)"
+            "note: the webhook has no caBundle yet; the control plane sets it to the mesh roots when it starts (--webhook-configuration), so pods that opt in are admitted from then on"
         );
     }
     Ok(())
