@@ -890,6 +890,15 @@ async fn the_apps_probes_are_answered_by_the_sidecar_from_the_app_itself() {
         "/app-health/app/readyz"
     );
     assert_eq!(app_container["readinessProbe"]["httpGet"]["port"], 7191);
+    // The probes as they were are kept on the pod, so injection can be seen and undone.
+    let kept: serde_json::Value = serde_json::from_str(
+        injected["metadata"]["annotations"]["moat.dev/original-probes"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(kept["app"]["readinessProbe"]["httpGet"]["path"], "/ready");
+    assert_eq!(kept["api"]["livenessProbe"]["grpc"]["port"], grpc_port);
 
     let proxy = Proxy::builder(&cp, "shop/app")
         .app(app)

@@ -263,11 +263,42 @@ pub fn inject(
     let init = init_container(cfg, &skip_inbound, &skip_out);
     let probes = match spec.get_mut("containers").and_then(Value::as_array_mut) {
         Some(containers) => probes::rewrite(containers),
-        None => serde_json::Map::new(),
+        None => probes::Rewritten::default(),
     };
-    let proxy = proxy_container(cfg, &opaque, probes);
+    let proxy = proxy_container(cfg, &opaque, probes.checks);
     add_to_pod(spec, init, proxy);
+    if !probes.originals.is_empty() {
+        // The pod template's metadata exists: it was read for the opt-in above, or is created.
+        let original = Value::Object(probes.originals).to_string();
+        if let Some(meta) = ensure_object(obj, meta_path)
+            && let Some(annotations) = entry_object(meta, "annotations")
+        {
+            annotations.insert(probes::ORIGINAL_PROBES.to_owned(), original.into());
+        }
+    }
     Ok(Outcome::Injected)
+}
+
+/// The object at `pointer` (a path of object keys), created empty where missing.
+fn ensure_object<'a>(
+    obj: &'a mut Value,
+    pointer: &str,
+) -> Option<&'a mut serde_json::Map<String, Value>> {
+    let mut at = obj.as_object_mut()?;
+    for key in pointer.split('/').filter(|k| !k.is_empty()) {
+        at = entry_object(at, key)?;
+    }
+    Some(at)
+}
+
+/// `map[key]` as an object, created empty when missing; `None` when it is something else.
+fn entry_object<'a>(
+    map: &'a mut serde_json::Map<String, Value>,
+    key: &str,
+) -> Option<&'a mut serde_json::Map<String, Value>> {
+    map.entry(key.to_owned())
+        .or_insert_with(|| Value::Object(serde_json::Map::new()))
+        .as_object_mut()
 }
 
 /// The init container: installs the iptables rules that send the pod's traffic through the

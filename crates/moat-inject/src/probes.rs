@@ -25,10 +25,23 @@ const KINDS: [(&str, &str); 3] = [
     ("startupProbe", "startupz"),
 ];
 
-/// Rewrites the HTTP and TCP probes of `containers` (the app's, not the sidecar's) to the
-/// sidecar's admin port; returns what each new path must check.
-pub fn rewrite(containers: &mut [Value]) -> Map<String, Value> {
-    let mut originals = Map::new();
+/// Pod annotation keeping the probes as they were before injection, by container and field
+/// (JSON), so what injection changed can be seen and undone.
+pub const ORIGINAL_PROBES: &str = "moat.dev/original-probes";
+
+/// What [`rewrite`] did.
+#[derive(Debug, Default)]
+pub struct Rewritten {
+    /// What each new path must check, for the sidecar (`MOAT_APP_PROBES`).
+    pub checks: Map<String, Value>,
+    /// The probes replaced, as they were: container name -> probe field -> probe.
+    pub originals: Map<String, Value>,
+}
+
+/// Rewrites the HTTP, TCP and gRPC probes of `containers` (the app's, not the sidecar's) to
+/// the sidecar's admin port.
+pub fn rewrite(containers: &mut [Value]) -> Rewritten {
+    let mut done = Rewritten::default();
     for container in containers.iter_mut() {
         let Some(name) = container
             .get("name")
@@ -45,6 +58,7 @@ pub fn rewrite(containers: &mut [Value]) -> Map<String, Value> {
             let Some(original) = original(probe, &ports) else {
                 continue;
             };
+            let before = Value::Object(probe.clone());
             let path = format!("/app-health/{name}/{kind}");
             probe.remove("tcpSocket");
             probe.remove("grpc");
@@ -52,10 +66,18 @@ pub fn rewrite(containers: &mut [Value]) -> Map<String, Value> {
                 "httpGet".into(),
                 json!({ "path": path, "port": ADMIN_PORT, "scheme": "HTTP" }),
             );
-            originals.insert(path, original);
+            done.checks.insert(path, original);
+            if let Some(fields) = done
+                .originals
+                .entry(name.clone())
+                .or_insert_with(|| Value::Object(Map::new()))
+                .as_object_mut()
+            {
+                fields.insert(field.to_owned(), before);
+            }
         }
     }
-    originals
+    done
 }
 
 /// What `probe` checks, if the sidecar can check it in the kubelet's place.
@@ -130,7 +152,17 @@ mod tests {
                 "readinessProbe": { "httpGet": { "path": "/r", "port": "undeclared" } },
             }),
         ];
-        let originals = rewrite(&mut containers);
+        let done = rewrite(&mut containers);
+        // What was replaced is kept as it was, for the pod annotation.
+        assert_eq!(
+            Value::Object(done.originals.clone()),
+            json!({ "app": {
+                "readinessProbe": { "httpGet": { "path": "/ready", "port": "http",
+                    "httpHeaders": [{ "name": "X-Probe", "value": "1" }] }, "periodSeconds": 5 },
+                "livenessProbe": { "tcpSocket": { "port": 8080 } },
+            } })
+        );
+        let originals = done.checks;
         assert_eq!(
             Value::Object(originals),
             json!({
@@ -162,7 +194,8 @@ mod tests {
             "livenessProbe": { "grpc": { "port": 9090 }, "periodSeconds": 3 },
             "readinessProbe": { "grpc": { "port": 9090, "service": "orders.v1.Orders" } },
         })];
-        let originals = rewrite(&mut containers);
+        let done = rewrite(&mut containers);
+        let originals = done.checks;
         assert_eq!(
             Value::Object(originals),
             json!({
