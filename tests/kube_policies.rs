@@ -95,6 +95,12 @@ async fn access_policies_declared_as_resources_are_enforced_reported_and_owned()
     assert_eq!(c["observedGeneration"], 1);
     assert!(s["policyVersion"].as_u64().unwrap() > 0);
     assert!(policies(&cp).contains(&"default/orders".to_owned()));
+    let status: Value =
+        serde_json::from_str(&cp.moat_ok(&["policy", "status", "-o", "json"])).unwrap();
+    assert_eq!(
+        status["policies"][0]["managed_by"], "AccessPolicy default/orders",
+        "{status}"
+    );
 
     // Enforced on what the app receives: GET passes, DELETE never reaches it.
     let client = h1_client();

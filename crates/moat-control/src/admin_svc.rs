@@ -338,6 +338,11 @@ impl Admin for AdminService {
         req: Request<ListPoliciesRequest>,
     ) -> Result<Response<ListPoliciesResponse>, Status> {
         let actor = self.0.require_admin(&req, "policy.list").await?;
+        let owners: std::collections::HashMap<String, crate::policies::Owner> =
+            match self.0.policies.owned().await {
+                Ok(o) => o.into_iter().collect(),
+                Err(e) => return Err(policy_status(e)),
+            };
         let result = self
             .0
             .policies
@@ -375,6 +380,10 @@ impl Admin for AdminService {
                                 proxies,
                                 applied,
                                 counters,
+                                managed_by: owners
+                                    .get(&p.key())
+                                    .map(|o| format!("{} {}", o.kind, o.resource))
+                                    .unwrap_or_default(),
                             }
                         })
                         .collect(),

@@ -196,6 +196,8 @@ async fn rollout(global: &Global, output: Output) -> anyhow::Result<()> {
             "target": p.target,
             "applied": r.applied,
             "proxies": r.proxies,
+            // null: applied with `moat policy apply`.
+            "managed_by": (!r.managed_by.is_empty()).then_some(&r.managed_by),
             "counters": r.counters.iter().map(|c| serde_json::json!({
                 // null: no rule matched.
                 "rule": (c.rule >= 0).then_some(c.rule),
@@ -211,8 +213,8 @@ async fn rollout(global: &Global, output: Output) -> anyhow::Result<()> {
                 "WARNING: services without a policy accept any authenticated caller (migration mode)"
             );
         }
-        let mut table =
-            Table::new(&["POLICY", "VERSION", "MODE", "APPLIED", "TARGET"]).right(&[1, 3]);
+        let mut table = Table::new(&["POLICY", "VERSION", "MODE", "APPLIED", "TARGET", "MANAGED BY"])
+            .right(&[1, 3]);
         for (p, r) in &rows {
             table.row([
                 format!("{}/{}", p.namespace, p.name),
@@ -220,6 +222,11 @@ async fn rollout(global: &Global, output: Output) -> anyhow::Result<()> {
                 p.mode.clone(),
                 format!("{}/{}", r.applied, r.proxies),
                 p.target.clone(),
+                if r.managed_by.is_empty() {
+                    "moat policy apply".to_owned()
+                } else {
+                    format!("kubernetes: {}", r.managed_by)
+                },
             ]);
             for c in &r.counters {
                 let rule = if c.rule < 0 {
