@@ -575,34 +575,24 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
     let reason = verdict.reason.code();
     conn.counters
         .request(&ctx.metrics, verdict.decision, reason, status, elapsed);
+    // What the span and the taps report, if either wants it.
+    let call = crate::tap::Call {
+        protocol: "http",
+        peer: &conn.peer.name,
+        port: conn.app.port(),
+        method: method.as_str(),
+        path: &path,
+        status,
+        decision: verdict.decision,
+        reason,
+        policy: verdict.policy.as_deref(),
+        latency: elapsed,
+        request_id: &request_id,
+    };
     if let Some(span) = span {
-        span.end(&crate::trace::Outcome {
-            peer: &conn.peer.name,
-            target: &ctx.cfg.identity.to_string(),
-            method: method.as_str(),
-            path: &path,
-            status,
-            decision: verdict.decision,
-            reason,
-            policy: verdict.policy.as_deref(),
-            request_id: &request_id,
-        });
+        span.end(&call, &ctx.cfg.identity.to_string());
     }
-    if ctx.metrics.tap.active() {
-        ctx.metrics.tap.offer(&crate::tap::Call {
-            protocol: "http",
-            peer: &conn.peer.name,
-            port: conn.app.port(),
-            method: method.as_str(),
-            path: &path,
-            status,
-            decision: verdict.decision,
-            reason,
-            policy: verdict.policy.as_deref(),
-            latency: elapsed,
-            request_id: &request_id,
-        });
-    }
+    ctx.metrics.tap.offer(&call);
     tracing::info!(target: "moat::access", direction = "inbound", peer = %conn.peer, %method, path = %path, detail, decision = verdict.decision, reason, policy = verdict.policy.as_deref().unwrap_or("-"), status, duration_ms = elapsed.as_millis() as u64, request_id = %request_id, "http");
     resp
 }

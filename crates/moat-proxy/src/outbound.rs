@@ -223,17 +223,20 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
         .request(&ctx.metrics, "allow", "forwarded", status.as_u16(), elapsed);
     if let Some(span) = span {
         let service = service.to_string();
-        span.end(&crate::trace::Outcome {
+        let call = crate::tap::Call {
+            protocol: "http",
             peer: &service,
-            target: &service,
+            port: 0,
             method: method.as_str(),
             path: &path,
             status: status.as_u16(),
             decision: "allow",
             reason: "forwarded",
             policy: None,
+            latency: elapsed,
             request_id: &request_id,
-        });
+        };
+        span.end(&call, &service);
     }
     tracing::info!(target: "moat::access", direction = "outbound", %method, path = %path, target = %target, endpoint = %endpoint, status = status.as_u16(), duration_ms = elapsed.as_millis() as u64, request_id = %request_id, "http");
     resp

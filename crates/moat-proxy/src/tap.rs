@@ -20,7 +20,7 @@ const QUEUE: usize = 1024;
 /// The most events one message to the control plane carries.
 pub const BATCH: usize = 256;
 
-/// One call as the inbound side saw it.
+/// One call as the sidecar decided it: what a tap event and a span report.
 #[derive(Debug)]
 pub struct Call<'a> {
     /// `http` or `tcp`.

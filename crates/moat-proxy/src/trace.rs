@@ -132,32 +132,17 @@ impl Tracing {
 #[derive(Debug)]
 pub struct Span(opentelemetry_sdk::trace::Span);
 
-/// What a span says about its request when it ends.
-#[derive(Debug)]
-pub struct Outcome<'a> {
-    /// The other side: the caller's identity (inbound) or the service called (outbound).
-    pub peer: &'a str,
-    /// The service the request is for.
-    pub target: &'a str,
-    pub method: &'a str,
-    pub path: &'a str,
-    pub status: u16,
-    pub decision: &'a str,
-    pub reason: &'a str,
-    pub policy: Option<&'a str>,
-    pub request_id: &'a str,
-}
-
 impl Span {
-    /// Ends the span with `o`'s attributes; a 5xx, or a request the sidecar refused, is an
-    /// error.
-    pub fn end(mut self, o: &Outcome<'_>) {
+    /// Ends the span with the attributes of `o`, a request for `target`; `o.peer` is the other
+    /// side (the caller inbound, the service called outbound). A 5xx, or a request the sidecar
+    /// refused, is an error.
+    pub fn end(mut self, o: &crate::tap::Call<'_>, target: &str) {
         if !self.0.is_recording() {
             return;
         }
         let mut attrs = vec![
             KeyValue::new("moat.peer", o.peer.to_owned()),
-            KeyValue::new("moat.target", o.target.to_owned()),
+            KeyValue::new("moat.target", target.to_owned()),
             KeyValue::new("moat.decision", o.decision.to_owned()),
             KeyValue::new("moat.reason", o.reason.to_owned()),
             KeyValue::new("moat.request_id", o.request_id.to_owned()),
