@@ -38,6 +38,7 @@ fn the_demo_passes_every_check_and_exits_0() {
         "observed traffic",
         "moat tap --to payments --decision deny",
         "frontend -> payments",
+        "grpc-status 7 deny identity-not-allowed",
         "rotation",
     ] {
         assert!(stdout.contains(step), "{step} missing:\n{stdout}");

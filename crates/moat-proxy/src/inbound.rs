@@ -409,6 +409,7 @@ fn tap_tcp(
             method: "",
             path: "",
             status: 0,
+            grpc_status: None,
             decision: decision_label(d),
             reason,
             policy,
@@ -583,6 +584,10 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
         method: method.as_str(),
         path: &path,
         status,
+        grpc_status: grpc
+            .then(|| resp.headers().get("grpc-status"))
+            .flatten()
+            .and_then(|v| v.to_str().ok()),
         decision: verdict.decision,
         reason,
         policy: verdict.policy.as_deref(),

@@ -230,6 +230,7 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
             method: method.as_str(),
             path: &path,
             status: status.as_u16(),
+            grpc_status: None,
             decision: "allow",
             reason: "forwarded",
             policy: None,

@@ -153,6 +153,9 @@ impl Span {
         if let Some(p) = o.policy {
             attrs.push(KeyValue::new("moat.policy", p.to_owned()));
         }
+        if let Some(code) = o.grpc_status.and_then(|c| c.parse::<i64>().ok()) {
+            attrs.push(KeyValue::new("rpc.grpc.status_code", code));
+        }
         self.0.set_attributes(attrs);
         if o.status >= 500 || o.decision == "deny" {
             self.0

@@ -108,6 +108,11 @@ fn short(id: &str, home: Option<&moat_identity::SpiffeId>) -> String {
 fn line(e: &TapEvent) -> String {
     let what = if e.protocol == "tcp" {
         format!("TCP :{}", e.port)
+    } else if !e.grpc_status.is_empty() {
+        format!(
+            "{} {} {} grpc-status {}",
+            e.method, e.path, e.status, e.grpc_status
+        )
     } else {
         format!("{} {} {}", e.method, e.path, e.status)
     };
@@ -144,6 +149,8 @@ fn event_json(e: &TapEvent) -> Value {
         "method": e.method,
         "path": e.path,
         "status": e.status,
+        // null unless a gRPC answer without a body carried it (every refusal does).
+        "grpc_status": (!e.grpc_status.is_empty()).then_some(&e.grpc_status),
         "decision": e.decision,
         "reason": e.reason,
         "policy": e.policy,
@@ -179,6 +186,19 @@ mod tests {
             line(&e),
             "2025-12-01T14:40:00.123Z intruder -> orders [127.0.0.1:7001] DELETE /orders/1 403 deny route-not-allowed (default/orders@3) 0.2ms id=ab12"
         );
+        let grpc = TapEvent {
+            path: "/demo.Payments/Charge".into(),
+            method: "POST".into(),
+            status: 200,
+            grpc_status: "7".into(),
+            ..e.clone()
+        };
+        assert!(
+            line(&grpc).contains(" POST /demo.Payments/Charge 200 grpc-status 7 deny "),
+            "{}",
+            line(&grpc)
+        );
+        assert_eq!(event_json(&grpc)["grpc_status"], "7");
         let j = event_json(&e);
         assert_eq!(j["decision"], "deny");
         assert_eq!(j["from"], "spiffe://mesh.local/ns/default/sa/intruder");
