@@ -174,6 +174,27 @@ async fn access_policies_declared_as_resources_are_enforced_reported_and_owned()
     assert!(message.contains("rules[0].from"), "{message}");
     assert!(!policies(&cp).contains(&"default/broken".to_owned()));
 
+    // A resource speaks for its own namespace only: one written in `dev` cannot open
+    // default/orders to a caller of its choosing.
+    api.apply(
+        AP,
+        "dev",
+        "open-orders",
+        json!({ "target": "default/orders", "rules": [{ "from": ["dev/attacker"] }] }),
+    );
+    let s = status_when(&api, "dev", "open-orders", |s| accepted(s).is_some());
+    let c = accepted(&s).unwrap();
+    assert_eq!(
+        (&c["status"], &c["reason"]),
+        (&"False".into(), &"Invalid".into())
+    );
+    let message = c["message"].as_str().unwrap();
+    assert!(
+        message.contains("outside the resource's namespace dev"),
+        "{message}"
+    );
+    assert!(!policies(&cp).contains(&"dev/open-orders".to_owned()));
+
     // A policy applied with the CLI is not the controller's to remove.
     std::fs::write(
         &file,

@@ -385,6 +385,18 @@ impl Policies {
                 None,
             ),
         };
+        // A namespaced resource speaks for its namespace only: whoever may write AccessPolicies
+        // in `dev` must not be able to open `prod/payments` to anyone (Kubernetes RBAC is
+        // granted per namespace).
+        if let (Document::AccessPolicy(p), "AccessPolicy") = (&doc, owner.kind.as_str())
+            && (p.target.trust_domain() != &self.trust_domain
+                || p.target.namespace().as_str() != p.namespace)
+        {
+            return Err(PolicyError::Request(format!(
+                "{source}: spec.target {} is outside the resource's namespace {}: an AccessPolicy resource may only protect services in its own namespace (write spec.target: {}/<service>); nothing was applied",
+                p.target, p.namespace, p.namespace
+            )));
+        }
         let stored = self.store.get(&store_key).await?;
         let stored_owner = self.owner(&key).await?;
         if let Some(kv) = &stored
