@@ -576,28 +576,30 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
     let reason = verdict.reason.code();
     conn.counters
         .request(&ctx.metrics, verdict.decision, reason, status, elapsed);
-    // What the span and the taps report, if either wants it.
-    let call = crate::tap::Call {
-        protocol: "http",
-        peer: &conn.peer.name,
-        port: conn.app.port(),
-        method: method.as_str(),
-        path: &path,
-        status,
-        grpc_status: grpc
-            .then(|| resp.headers().get("grpc-status"))
-            .flatten()
-            .and_then(|v| v.to_str().ok()),
-        decision: verdict.decision,
-        reason,
-        policy: verdict.policy.as_deref(),
-        latency: elapsed,
-        request_id: &request_id,
-    };
-    if let Some(span) = span {
-        span.end(&call, &ctx.cfg.identity.to_string());
+    // What the span and the taps report, built only when one of them wants it.
+    if span.is_some() || ctx.metrics.tap.active() {
+        let call = crate::tap::Call {
+            protocol: "http",
+            peer: &conn.peer.name,
+            port: conn.app.port(),
+            method: method.as_str(),
+            path: &path,
+            status,
+            grpc_status: grpc
+                .then(|| resp.headers().get("grpc-status"))
+                .flatten()
+                .and_then(|v| v.to_str().ok()),
+            decision: verdict.decision,
+            reason,
+            policy: verdict.policy.as_deref(),
+            latency: elapsed,
+            request_id: &request_id,
+        };
+        if let Some(span) = span {
+            span.end(&call, &ctx.cfg.identity.to_string());
+        }
+        ctx.metrics.tap.offer(&call);
     }
-    ctx.metrics.tap.offer(&call);
     tracing::info!(target: "moat::access", direction = "inbound", peer = %conn.peer, %method, path = %path, detail, decision = verdict.decision, reason, policy = verdict.policy.as_deref().unwrap_or("-"), status, duration_ms = elapsed.as_millis() as u64, request_id = %request_id, "http");
     resp
 }
