@@ -303,6 +303,41 @@ pub fn localhost_tls() -> (tokio_rustls::TlsAcceptor, String) {
     )
 }
 
+/// Serves HTTP/1.1 over TLS on `listener`, each request answered by `answer`, until the test
+/// ends.
+pub fn serve_tls<F, Fut, B>(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    answer: F,
+) where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = http::Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, answer) = (acceptor.clone(), answer.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |req| {
+                    let reply = answer(req);
+                    async move { Ok::<_, std::convert::Infallible>(reply.await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+}
+
 /// An HTTPS server on 127.0.0.1 (HTTP/1.1) answering each request with `answer(request)`:
 /// (status, JSON or text body). Returns its address and the PEM of the CA that signed its
 /// certificate (for 127.0.0.1).
@@ -314,53 +349,39 @@ pub async fn https_server(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let answer = Arc::new(answer);
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let (acceptor, answer) = (acceptor.clone(), answer.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let svc =
-                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let answer = answer.clone();
-                        async move {
-                            use http_body_util::BodyExt as _;
-                            let method = req.method().to_string();
-                            let path = req.uri().path().to_owned();
-                            let authorization = req
-                                .headers()
-                                .get("authorization")
-                                .and_then(|v| v.to_str().ok())
-                                .map(str::to_owned);
-                            let body = req
-                                .into_body()
-                                .collect()
-                                .await
-                                .map(|b| b.to_bytes().to_vec())
-                                .unwrap_or_default();
-                            let (status, text) = answer(Seen {
-                                method,
-                                path,
-                                authorization,
-                                body,
-                            });
-                            let mut r = http::Response::new(http_body_util::Full::new(
-                                bytes::Bytes::from(text),
-                            ));
-                            *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
-                            Ok::<_, std::convert::Infallible>(r)
-                        }
-                    });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                    .await;
-            });
-        }
-    });
+    serve_tls(
+        listener,
+        acceptor,
+        move |req: http::Request<hyper::body::Incoming>| {
+            let answer = answer.clone();
+            async move {
+                use http_body_util::BodyExt as _;
+                let method = req.method().to_string();
+                let path = req.uri().path().to_owned();
+                let authorization = req
+                    .headers()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                let body = req
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes().to_vec())
+                    .unwrap_or_default();
+                let (status, text) = answer(Seen {
+                    method,
+                    path,
+                    authorization,
+                    body,
+                });
+                let mut r =
+                    http::Response::new(http_body_util::Full::new(bytes::Bytes::from(text)));
+                *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                r
+            }
+        },
+    );
     (addr, ca_pem)
 }
 
