@@ -3,14 +3,16 @@
 # `docker build --target demo-app -t moat-demo-app .`. Static (musl) binaries, stripped (the
 # release profile keeps line tables for profiling; images do not need them): the control plane
 # and the demo app on distroless, the proxy on debian-slim (its init container needs iptables).
+# The control plane has the etcd store backend built in (feature `etcd`, which needs protoc).
 FROM rust:1.95-bookworm AS build
-RUN apt-get update -qq && apt-get install -y -qq musl-tools cmake clang && rm -rf /var/lib/apt/lists/*
+RUN apt-get update -qq && apt-get install -y -qq musl-tools cmake clang protobuf-compiler \
+ && rm -rf /var/lib/apt/lists/*
 RUN rustup target add x86_64-unknown-linux-musl
 WORKDIR /src
 COPY . .
 ENV CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=symbols
 RUN cargo build --release --locked --target x86_64-unknown-linux-musl \
-      -p moat-control -p moat-proxy -p moat-cli -p moat-demo-app \
+      -p moat-control -p moat-proxy -p moat-cli -p moat-demo-app --features moat-control/etcd \
  && mkdir /out \
  && cp target/x86_64-unknown-linux-musl/release/moat-control \
        target/x86_64-unknown-linux-musl/release/moat-proxy \

@@ -29,6 +29,7 @@ pub mod registry;
 pub mod revocations;
 pub mod self_cert;
 pub mod state;
+pub mod store_config;
 pub mod tap;
 pub mod tokens;
 pub mod webhook;
@@ -54,6 +55,8 @@ pub const MAX_MESSAGE: usize = 4 * 1024 * 1024;
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
     pub data_dir: PathBuf,
+    /// Where the state lives: the embedded file in `data_dir`, or etcd.
+    pub store: store_config::StoreConfig,
     pub listen: SocketAddr,
     pub trust_domain: TrustDomain,
     pub kek: kek_source::KekSource,
@@ -105,9 +108,18 @@ pub async fn serve(
     let kek = cfg.kek.load(&cfg.data_dir)?;
     let mut shutdown = std::pin::pin!(shutdown);
     let (store, ca, start) = loop {
-        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&cfg.data_dir)?);
+        let store = cfg.store.open(&cfg.data_dir).await?;
         match ca::load_or_init(&store, &cfg.trust_domain, &kek, &cfg.import, cfg.rotate_at).await {
             Ok((ca, start)) => break (store, ca, start),
+            // Another replica created (or changed) the CA at the same moment: load theirs.
+            Err(ca::CaStartError::Conflict(why)) if cfg.store.shared() => {
+                tracing::info!(why, "the CA changed while starting; reading it again");
+            }
+            Err(e @ ca::CaStartError::Stuck(_)) if cfg.store.shared() => {
+                return Err(anyhow::anyhow!(
+                    "{e}. The offline repair commands (moat-control ca ...) work on the embedded store only; with etcd, restore an etcd snapshot taken before the CA expired"
+                ));
+            }
             Err(e @ ca::CaStartError::Stuck(_)) => {
                 // Release the store so the offline command can open it.
                 drop(store);

@@ -77,6 +77,20 @@ struct ServeArgs {
     /// Directory for the embedded store and the admin credential.
     #[arg(long, env = "MOAT_DATA_DIR")]
     data_dir: PathBuf,
+    /// Where the state lives: `embedded` (a file in the data directory, one process) or
+    /// etcd://HOST:PORT[,HOST:PORT...] (an etcd cluster that several replicas share).
+    #[arg(long, env = "MOAT_STORE", default_value = "embedded")]
+    store: String,
+    /// With --store etcd://...: the CA (PEM) that signed the etcd members' certificates; the
+    /// members are then reached over TLS.
+    #[arg(long, env = "MOAT_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// With --etcd-ca: a client certificate (PEM) for etcd's client-certificate auth.
+    #[arg(long, env = "MOAT_ETCD_CERT", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// The key (PEM) of --etcd-cert.
+    #[arg(long, env = "MOAT_ETCD_KEY", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
     /// gRPC listen address.
     #[arg(long, env = "MOAT_LISTEN", default_value = "0.0.0.0:7443")]
     listen: SocketAddr,
@@ -275,8 +289,17 @@ fn config(args: ServeArgs) -> Result<ServeConfig, String> {
             })
             .collect::<Result<_, _>>()?
     };
+    let store = moat_control::store_config::StoreConfig::parse(
+        &args.store,
+        &moat_control::store_config::EtcdTlsFiles {
+            ca: args.etcd_ca.clone(),
+            cert: args.etcd_cert.clone(),
+            key: args.etcd_key.clone(),
+        },
+    )?;
     Ok(ServeConfig {
         data_dir: args.data_dir,
+        store,
         listen: args.listen,
         trust_domain: td.clone(),
         kek: kek_source(args.kek_file, args.dev),

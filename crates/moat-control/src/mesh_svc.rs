@@ -227,7 +227,7 @@ impl MeshState {
 /// Keeps `state`'s policies in step with the store: reload on every change under `policies/`
 /// or `meshconfig`.
 pub async fn follow_policies(policies: Policies, state: Arc<MeshState>) {
-    let (mut a, mut b) = policies.changes();
+    let (mut a, mut b) = policies.changes().await;
     loop {
         match policies.load().await {
             Ok(set) => {
@@ -367,7 +367,7 @@ pub async fn follow_revocations(
     revocations: crate::revocations::Revocations,
     state: Arc<MeshState>,
 ) {
-    let mut changes = revocations.changes();
+    let mut changes = revocations.changes().await;
     loop {
         match revocations.list().await {
             Ok(list) => {

@@ -542,7 +542,10 @@ impl Policies {
     }
 
     /// A stream of "something under policies/ or meshconfig changed" events.
-    pub fn changes(&self) -> (moat_store::WatchStream, moat_store::WatchStream) {
-        (self.store.watch(PREFIX), self.store.watch(MESH_KEY))
+    pub async fn changes(&self) -> (moat_store::WatchStream, moat_store::WatchStream) {
+        (
+            self.store.watch_retrying(PREFIX).await,
+            self.store.watch_retrying(MESH_KEY).await,
+        )
     }
 }

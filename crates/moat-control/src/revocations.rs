@@ -207,8 +207,8 @@ impl Revocations {
     }
 
     /// Changes under `revocations/`.
-    pub fn changes(&self) -> moat_store::WatchStream {
-        self.store.watch(PREFIX)
+    pub async fn changes(&self) -> moat_store::WatchStream {
+        self.store.watch_retrying(PREFIX).await
     }
 }
 

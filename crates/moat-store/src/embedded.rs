@@ -248,8 +248,8 @@ impl crate::Store for EmbeddedStore {
         Ok(result)
     }
 
-    fn watch(&self, prefix: &str) -> WatchStream {
-        WatchStream::new(prefix, self.events.subscribe())
+    async fn watch(&self, prefix: &str) -> Result<WatchStream, StoreError> {
+        Ok(WatchStream::batches(prefix, self.events.subscribe()))
     }
 }
 
@@ -277,7 +277,7 @@ mod tests {
     async fn revisions_cas_range_and_watch() {
         let dir = tempfile::tempdir().unwrap();
         let s = EmbeddedStore::open(dir.path()).unwrap();
-        let mut w = s.watch("tokens/");
+        let mut w = s.watch("tokens/").await.unwrap();
         assert_eq!(s.put("tokens/a", b"1".to_vec()).await.unwrap(), 1);
         assert_eq!(s.put("tokens/b", b"2".to_vec()).await.unwrap(), 2);
         s.put("other/x", b"3".to_vec()).await.unwrap();

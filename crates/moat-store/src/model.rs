@@ -1,6 +1,6 @@
 //! The types of the [`Store`](crate::Store) contract.
 
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -13,6 +13,10 @@ pub enum StoreError {
     Io(String),
     #[error("store data is corrupt: {0}")]
     Corrupt(String),
+    /// The store cannot be reached or has no quorum. The text says whether a write may have
+    /// been applied regardless.
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// One stored key.
@@ -78,9 +82,19 @@ pub struct Event {
 /// = `Err(lagged)` and must re-read with `range`.
 #[derive(Debug)]
 pub struct WatchStream {
-    prefix: String,
-    rx: broadcast::Receiver<std::sync::Arc<Vec<Event>>>,
-    pending: std::collections::VecDeque<Event>,
+    source: Source,
+}
+
+#[derive(Debug)]
+enum Source {
+    /// The embedded store's in-process broadcast of committed batches, filtered here.
+    Batches {
+        prefix: String,
+        rx: broadcast::Receiver<std::sync::Arc<Vec<Event>>>,
+        pending: std::collections::VecDeque<Event>,
+    },
+    /// A backend task that already filters (etcd's server-side prefix watch).
+    Events(mpsc::Receiver<Result<Event, Lagged>>),
 }
 
 /// The watcher missed events and must resynchronise from a `range` read.
@@ -89,30 +103,49 @@ pub struct WatchStream {
 pub struct Lagged(pub u64);
 
 impl WatchStream {
-    pub(crate) fn new(prefix: &str, rx: broadcast::Receiver<std::sync::Arc<Vec<Event>>>) -> Self {
+    pub(crate) fn batches(
+        prefix: &str,
+        rx: broadcast::Receiver<std::sync::Arc<Vec<Event>>>,
+    ) -> Self {
         WatchStream {
-            prefix: prefix.to_owned(),
-            rx,
-            pending: Default::default(),
+            source: Source::Batches {
+                prefix: prefix.to_owned(),
+                rx,
+                pending: Default::default(),
+            },
+        }
+    }
+
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    pub(crate) fn events(rx: mpsc::Receiver<Result<Event, Lagged>>) -> Self {
+        WatchStream {
+            source: Source::Events(rx),
         }
     }
 
     /// The next matching event; `Ok(None)` once the store is gone.
     pub async fn next(&mut self) -> Result<Option<Event>, Lagged> {
-        loop {
-            if let Some(e) = self.pending.pop_front() {
-                return Ok(Some(e));
-            }
-            match self.rx.recv().await {
-                Ok(batch) => self.pending.extend(
-                    batch
-                        .iter()
-                        .filter(|e| e.key.starts_with(&self.prefix))
-                        .cloned(),
-                ),
-                Err(broadcast::error::RecvError::Closed) => return Ok(None),
-                Err(broadcast::error::RecvError::Lagged(n)) => return Err(Lagged(n)),
-            }
+        match &mut self.source {
+            Source::Batches {
+                prefix,
+                rx,
+                pending,
+            } => loop {
+                if let Some(e) = pending.pop_front() {
+                    return Ok(Some(e));
+                }
+                match rx.recv().await {
+                    Ok(batch) => pending.extend(
+                        batch
+                            .iter()
+                            .filter(|e| e.key.starts_with(prefix.as_str()))
+                            .cloned(),
+                    ),
+                    Err(broadcast::error::RecvError::Closed) => return Ok(None),
+                    Err(broadcast::error::RecvError::Lagged(n)) => return Err(Lagged(n)),
+                }
+            },
+            Source::Events(rx) => rx.recv().await.transpose(),
         }
     }
 }

@@ -4,6 +4,7 @@
 //! `kill -9` it; run CLI commands against it; start sidecars next to test apps (`apps`).
 
 pub mod apps;
+pub mod etcd;
 pub mod mesh;
 mod proxy;
 
@@ -51,6 +52,9 @@ fn ensure_built() -> anyhow::Result<()> {
                 "-p",
                 "moat-demo-app",
                 "--bins",
+                // The etcd store backend, for the replicated control-plane tests.
+                "--features",
+                "moat-control/etcd",
             ]);
             if bin_dir().file_name().is_some_and(|n| n == "release") {
                 cmd.arg("--release");
