@@ -149,8 +149,37 @@ async fn one_winner_per_compare_and_swap(s: Arc<dyn Store>) {
     assert!(v.starts_with(b"used by "));
 }
 
+/// A key written under a lease lives while the lease is renewed and goes (with a delete event)
+/// once it is not.
+async fn leased_keys_live_as_long_as_their_lease(s: &dyn Store) {
+    let mut w = s.watch("l/").await.unwrap();
+    let lease = s.grant_lease(Duration::from_secs(2)).await.unwrap();
+    s.txn(Txn {
+        success: vec![Op::PutLeased("l/replica".into(), b"a".to_vec(), lease)],
+        ..Txn::default()
+    })
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(s.renew_lease(lease).await.unwrap(), "renewed in time");
+    }
+    assert!(s.get("l/replica").await.unwrap().is_some());
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert!(!s.renew_lease(lease).await.unwrap(), "expired");
+    assert!(s.get("l/replica").await.unwrap().is_none());
+    assert_eq!(next(&mut w).await.0, EventKind::Put);
+    let (kind, key, _) = next(&mut w).await;
+    assert_eq!((kind, key.as_str()), (EventKind::Delete, "l/replica"));
+    assert!(
+        !s.renew_lease(lease + 1000).await.unwrap(),
+        "an unknown lease"
+    );
+}
+
 async fn contract(s: Arc<dyn Store>) {
     revisions_transactions_ranges_and_watch(s.as_ref()).await;
+    leased_keys_live_as_long_as_their_lease(s.as_ref()).await;
     one_winner_per_compare_and_swap(s).await;
 }
 
@@ -172,6 +201,20 @@ async fn connect(cluster: &EtcdCluster, prefix: &str) -> EtcdStore {
 async fn the_embedded_store_keeps_the_contract() {
     let dir = tempfile::tempdir().unwrap();
     contract(Arc::new(EmbeddedStore::open(dir.path()).unwrap())).await;
+    // The process that held a lease is gone once the store is opened again: so are its keys.
+    {
+        let s = EmbeddedStore::open(&dir.path().join("again")).unwrap();
+        let lease = s.grant_lease(Duration::from_secs(60)).await.unwrap();
+        s.txn(Txn {
+            success: vec![Op::PutLeased("l/x".into(), vec![], lease), put("kept", "k")],
+            ..Txn::default()
+        })
+        .await
+        .unwrap();
+    }
+    let s = EmbeddedStore::open(&dir.path().join("again")).unwrap();
+    assert!(s.get("l/x").await.unwrap().is_none());
+    assert!(s.get("kept").await.unwrap().is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

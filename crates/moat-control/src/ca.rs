@@ -108,6 +108,27 @@ impl CaManager {
         Ok((state, kv.mod_revision))
     }
 
+    /// Changes of the stored CA state (by this process or another replica on the same store).
+    pub async fn changes(&self) -> moat_store::WatchStream {
+        self.store.watch_retrying(KEY).await
+    }
+
+    /// Puts the stored CA in force if it is not the one in force already (another replica
+    /// committed a change). Returns whether it changed.
+    pub async fn reload(&self) -> Result<bool, CaChangeError> {
+        let _one_at_a_time = self.steps.lock().await;
+        let (state, _) = self.state().await?;
+        let stored = CertificateAuthority::load(&state, &self.kek)?;
+        let current = self.current();
+        if current.intermediate() == stored.intermediate()
+            && current.bundle().fingerprints() == stored.bundle().fingerprints()
+        {
+            return Ok(false);
+        }
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(stored);
+        Ok(true)
+    }
+
     /// Runs one change: `step` derives the next state from the stored one (or returns `None`
     /// for no change); the result is loaded (which self-checks it), stored atomically, and
     /// swapped in. Returns the state now in force and whether it changed.

@@ -9,6 +9,8 @@ use moat_identity::bundle::sha256_hex;
 use tonic::Status;
 
 use crate::ca::CaChangeError;
+use std::sync::Arc;
+
 use crate::state::ControlPlane;
 
 /// The fleet, measured against the CA in force.
@@ -80,6 +82,28 @@ fn change_status(e: CaChangeError) -> Status {
         CaChangeError::Conflict => Status::aborted(e.to_string()),
         CaChangeError::Store(_) => Status::unavailable(format!("{e}; try again")),
         e => Status::internal(e.to_string()),
+    }
+}
+
+/// Puts every CA change committed to the store in force here, whichever replica made it: the
+/// CA this process signs with, its own certificates and the bundle its proxies get. A lag
+/// (missed changes) reloads the same way.
+pub async fn follow_store(cp: Arc<ControlPlane>) {
+    let mut changes = cp.ca.changes().await;
+    loop {
+        if let Ok(None) = changes.next().await {
+            return;
+        }
+        match cp.ca.reload().await {
+            Ok(true) => {
+                tracing::info!(roots = ?cp.ca.current().bundle().fingerprints(), "the CA changed in the store; following it");
+                if let Err(e) = propagate(&cp) {
+                    tracing::error!(error = %e.message(), "cannot follow the CA change");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "cannot read the CA from the store"),
+        }
     }
 }
 

@@ -241,6 +241,7 @@ pub async fn serve(
     if let ca::Start::Rotated { expired } = start {
         ca_rotation::record_automatic(&state, expired, "at start").await;
     }
+    tokio::spawn(ca_rotation::follow_store(state.clone()));
     tokio::spawn(ca_rotation::auto_rotate_loop(
         state.clone(),
         cfg.rotate_at,

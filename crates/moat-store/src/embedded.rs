@@ -8,21 +8,37 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::broadcast;
 
 use crate::model::{
-    Compare, Event, EventKind, KeyValue, Op, StoreError, Txn, TxnResult, WatchStream,
+    Compare, Event, EventKind, KeyValue, LeaseId, Op, StoreError, Txn, TxnResult, WatchStream,
 };
 
 const KV: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("kv");
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
+/// Keys written under a lease, and the lease. Leases belong to the process that granted them,
+/// so these keys are deleted when the store is opened again.
+const LEASED: TableDefinition<'_, &str, i64> = TableDefinition::new("leased");
 const REVISION: &str = "revision";
 /// Value header: create revision and mod revision, big-endian u64 each.
 const HEADER: usize = 16;
 
 /// The default store: a single redb file, `moat.redb`, in the data directory.
+///
+/// Leases exist so that the control plane has one code path for both backends; only one process
+/// uses this store, so they are kept in memory and expire lazily: a lease not renewed in time
+/// is reported expired (and its keys deleted) when it is next renewed, and every leased key is
+/// deleted when the store is opened again.
 #[derive(Clone, Debug)]
 pub struct EmbeddedStore {
     db: Arc<Database>,
     path: PathBuf,
     events: broadcast::Sender<Arc<Vec<Event>>>,
+    leases: Arc<std::sync::Mutex<Leases>>,
+}
+
+#[derive(Debug, Default)]
+struct Leases {
+    next: LeaseId,
+    /// Each live lease: its time to live and when it expires.
+    live: std::collections::HashMap<LeaseId, (std::time::Duration, std::time::Instant)>,
 }
 
 fn io(e: impl std::fmt::Display) -> StoreError {
@@ -84,8 +100,19 @@ impl EmbeddedStore {
         })?;
         let w = db.begin_write().map_err(io)?;
         {
-            w.open_table(KV).map_err(io)?;
+            let mut kv = w.open_table(KV).map_err(io)?;
             w.open_table(META).map_err(io)?;
+            // The leases of the last process that had this store ended with it.
+            let mut leased = w.open_table(LEASED).map_err(io)?;
+            let keys: Vec<String> = leased
+                .iter()
+                .map_err(io)?
+                .map(|item| item.map(|(k, _)| k.value().to_owned()).map_err(io))
+                .collect::<Result<_, _>>()?;
+            for key in keys {
+                kv.remove(key.as_str()).map_err(io)?;
+                leased.remove(key.as_str()).map_err(io)?;
+            }
         }
         w.commit().map_err(io)?;
         let (events, _) = broadcast::channel(1024);
@@ -93,6 +120,7 @@ impl EmbeddedStore {
             db: Arc::new(db),
             path,
             events,
+            leases: Default::default(),
         })
     }
 
@@ -118,6 +146,7 @@ fn apply(db: &Database, txn: Txn) -> Result<(TxnResult, Vec<Event>), StoreError>
     let result = {
         let mut kv = w.open_table(KV).map_err(io)?;
         let mut meta = w.open_table(META).map_err(io)?;
+        let mut leased = w.open_table(LEASED).map_err(io)?;
         let current = meta
             .get(REVISION)
             .map_err(io)?
@@ -142,11 +171,19 @@ fn apply(db: &Database, txn: Txn) -> Result<(TxnResult, Vec<Event>), StoreError>
         };
         let writes = ops
             .iter()
-            .any(|op| matches!(op, Op::Put(..) | Op::Delete(_)));
+            .any(|op| matches!(op, Op::Put(..) | Op::PutLeased(..) | Op::Delete(_)));
         let revision = if writes { current + 1 } else { current };
         for op in ops {
             match op {
-                Op::Put(key, value) => {
+                Op::Put(key, value) | Op::PutLeased(key, value, _) => {
+                    match op {
+                        Op::PutLeased(_, _, lease) => {
+                            leased.insert(key.as_str(), *lease).map_err(io)?;
+                        }
+                        _ => {
+                            leased.remove(key.as_str()).map_err(io)?;
+                        }
+                    }
                     let create = match kv.get(key.as_str()).map_err(io)? {
                         Some(g) => decode(key, g.value())?.create_revision,
                         None => revision,
@@ -161,6 +198,7 @@ fn apply(db: &Database, txn: Txn) -> Result<(TxnResult, Vec<Event>), StoreError>
                     });
                 }
                 Op::Delete(key) => {
+                    leased.remove(key.as_str()).map_err(io)?;
                     if kv.remove(key.as_str()).map_err(io)?.is_some() {
                         events.push(Event {
                             kind: EventKind::Delete,
@@ -250,6 +288,57 @@ impl crate::Store for EmbeddedStore {
 
     async fn watch(&self, prefix: &str) -> Result<WatchStream, StoreError> {
         Ok(WatchStream::batches(prefix, self.events.subscribe()))
+    }
+
+    async fn grant_lease(&self, ttl: std::time::Duration) -> Result<LeaseId, StoreError> {
+        let mut l = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        l.next += 1;
+        let id = l.next;
+        l.live.insert(id, (ttl, std::time::Instant::now() + ttl));
+        Ok(id)
+    }
+
+    async fn renew_lease(&self, lease: LeaseId) -> Result<bool, StoreError> {
+        let expired = {
+            let mut l = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+            let now = std::time::Instant::now();
+            match l.live.get_mut(&lease) {
+                Some((ttl, until)) if *until > now => {
+                    *until = now + *ttl;
+                    return Ok(true);
+                }
+                Some(_) => {
+                    l.live.remove(&lease);
+                    true
+                }
+                None => false,
+            }
+        };
+        if expired {
+            // Its keys go now.
+            let keys = self
+                .blocking(move |db| {
+                    let r = db.begin_read().map_err(io)?;
+                    let leased = r.open_table(LEASED).map_err(io)?;
+                    let mut keys = Vec::new();
+                    for item in leased.iter().map_err(io)? {
+                        let (k, v) = item.map_err(io)?;
+                        if v.value() == lease {
+                            keys.push(k.value().to_owned());
+                        }
+                    }
+                    Ok(keys)
+                })
+                .await?;
+            if !keys.is_empty() {
+                self.txn(Txn {
+                    success: keys.into_iter().map(Op::Delete).collect(),
+                    ..Txn::default()
+                })
+                .await?;
+            }
+        }
+        Ok(false)
     }
 }
 

@@ -14,7 +14,8 @@ use etcd_client as etcd;
 use tokio::sync::mpsc;
 
 use crate::model::{
-    Compare, Event, EventKind, KeyValue, Lagged, Op, StoreError, Txn, TxnResult, WatchStream,
+    Compare, Event, EventKind, KeyValue, Lagged, LeaseId, Op, StoreError, Txn, TxnResult,
+    WatchStream,
 };
 
 /// How long one attempt at an etcd request may take. A write forwarded to a leader that has
@@ -369,6 +370,11 @@ impl crate::Store for EtcdStore {
             ops.into_iter()
                 .map(|op| match op {
                     Op::Put(k, v) => etcd::TxnOp::put(self.full(&k), v, None),
+                    Op::PutLeased(k, v, lease) => etcd::TxnOp::put(
+                        self.full(&k),
+                        v,
+                        Some(etcd::PutOptions::new().with_lease(lease)),
+                    ),
                     Op::Delete(k) => etcd::TxnOp::delete(self.full(&k), None),
                 })
                 .collect()
@@ -409,6 +415,39 @@ impl crate::Store for EtcdStore {
     async fn watch(&self, prefix: &str) -> Result<WatchStream, StoreError> {
         let from = self.revision().await? + 1;
         Ok(self.watch_from(prefix, from))
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        let mut lease = self.client.lease_client();
+        let resp = lease
+            .grant(secs, None)
+            .await
+            .map_err(|e| self.error(e, Request::Write))?;
+        Ok(resp.id())
+    }
+
+    async fn renew_lease(&self, lease: LeaseId) -> Result<bool, StoreError> {
+        let mut client = self.client.lease_client();
+        let renewed = tokio::time::timeout(ATTEMPT_TIMEOUT, async {
+            let (mut keeper, mut responses) = client.keep_alive(lease).await?;
+            keeper.keep_alive().await?;
+            responses.message().await
+        })
+        .await
+        .map_err(|_| {
+            StoreError::Unavailable(format!(
+                "etcd at {}: renewing lease {lease:x} timed out",
+                self.members
+            ))
+        })?;
+        match renewed {
+            // etcd answers a lease that has expired with a time to live of 0, or, once it has
+            // forgotten it, "lease not found".
+            Ok(r) => Ok(r.is_some_and(|r| r.ttl() > 0)),
+            Err(etcd::Error::LeaseKeepAliveError(e)) if e.contains("lease not found") => Ok(false),
+            Err(e) => Err(self.error(e, Request::Write)),
+        }
     }
 }
 

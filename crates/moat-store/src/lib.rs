@@ -12,7 +12,9 @@ mod model;
 pub use embedded::EmbeddedStore;
 #[cfg(feature = "etcd")]
 pub use etcd::{EtcdConfig, EtcdStore, EtcdTls, EtcdUrlError};
-pub use model::{Compare, Event, EventKind, KeyValue, Op, StoreError, Txn, TxnResult, WatchStream};
+pub use model::{
+    Compare, Event, EventKind, KeyValue, LeaseId, Op, StoreError, Txn, TxnResult, WatchStream,
+};
 
 /// A revisioned key-value store with transactions and prefix watches.
 ///
@@ -39,6 +41,12 @@ pub trait Store: std::fmt::Debug + Send + Sync + 'static {
     /// Events for keys starting with `prefix`, from now on: every change committed after this
     /// returns is delivered, in revision order.
     async fn watch(&self, prefix: &str) -> Result<WatchStream, StoreError>;
+
+    /// Grants a lease that expires `ttl` after it was granted or last renewed.
+    async fn grant_lease(&self, ttl: std::time::Duration) -> Result<LeaseId, StoreError>;
+
+    /// Renews a lease. `Ok(false)`: it had already expired, and its keys are gone.
+    async fn renew_lease(&self, lease: LeaseId) -> Result<bool, StoreError>;
 
     /// [`Store::watch`], retried with backoff (up to 2 s apart) while the store is unavailable,
     /// for the loops that must follow a prefix for the life of the process.

@@ -37,10 +37,16 @@ pub enum Compare {
     ModRevision(String, u64),
 }
 
+/// A lease: keys written under it are deleted when it expires, i.e. when its holder stopped
+/// renewing it (a control-plane replica that died). 0 is no lease.
+pub type LeaseId = i64;
+
 /// A write of a transaction.
 #[derive(Clone, Debug)]
 pub enum Op {
     Put(String, Vec<u8>),
+    /// A put whose key lives only as long as the lease.
+    PutLeased(String, Vec<u8>, LeaseId),
     Delete(String),
 }
 
