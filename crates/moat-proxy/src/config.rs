@@ -3,14 +3,63 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use moat_identity::{SpiffeId, TrustDomain};
 
+/// The control-plane replicas this proxy may use, and the one it uses now. A proxy starts at a
+/// random one (so that a fleet spreads over the replicas) and moves to the next when a
+/// connection or a call fails. A single DNS name resolving to several replicas also works: each
+/// connection tries the addresses it resolves to in turn.
+#[derive(Clone, Debug)]
+pub struct ControlPlanes {
+    urls: Arc<[String]>,
+    current: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl ControlPlanes {
+    /// `urls` must not be empty.
+    pub fn new(urls: Vec<String>) -> Self {
+        let start = if urls.len() > 1 {
+            rand::random_range(0..urls.len())
+        } else {
+            0
+        };
+        ControlPlanes {
+            urls: urls.into(),
+            current: Arc::new(start.into()),
+        }
+    }
+
+    /// The replica to use now.
+    pub fn current(&self) -> &str {
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        self.urls.get(i % self.urls.len().max(1)).map_or("", |u| u)
+    }
+
+    /// `url` failed: the next call uses the next replica (unless another caller moved on
+    /// already).
+    pub fn failed(&self, url: &str) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let i = self.current.load(Relaxed);
+        if self.urls.len() > 1 && self.urls.get(i % self.urls.len()).is_some_and(|u| u == url) {
+            let _ = self
+                .current
+                .compare_exchange(i, (i + 1) % self.urls.len(), Relaxed, Relaxed);
+        }
+    }
+
+    /// Every replica, as configured.
+    pub fn all(&self) -> &[String] {
+        &self.urls
+    }
+}
+
 /// Everything the proxy needs to run.
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
-    pub control_plane: String,
+    pub control_plane: ControlPlanes,
     pub trust_domain: TrustDomain,
     pub identity: SpiffeId,
     /// How the first certificate is obtained.
@@ -138,6 +187,28 @@ impl Upstream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_planes_move_on_after_a_failure_and_wrap_around() {
+        let cps = ControlPlanes::new(vec![
+            "https://a".into(),
+            "https://b".into(),
+            "https://c".into(),
+        ]);
+        let first = cps.current().to_owned();
+        cps.failed(&first);
+        let second = cps.current().to_owned();
+        assert_ne!(first, second);
+        // A stale report about the first one does not skip the second.
+        cps.failed(&first);
+        assert_eq!(cps.current(), second);
+        cps.failed(&second);
+        cps.failed(cps.current().to_owned().as_str());
+        assert_eq!(cps.current(), first, "after the last comes the first");
+        let one = ControlPlanes::new(vec!["https://only".into()]);
+        one.failed("https://only");
+        assert_eq!(one.current(), "https://only");
+    }
 
     #[test]
     fn upstream_parses_and_explains() {

@@ -80,6 +80,22 @@ impl IdentityError {
     }
 }
 
+/// Runs a call to the control-plane replica at `url`; when that replica could not be reached
+/// or was unavailable, the next call goes to the next one.
+async fn moving_on<T>(
+    cfg: &ProxyConfig,
+    url: &str,
+    call: impl std::future::Future<Output = Result<T, IdentityError>>,
+) -> Result<T, IdentityError> {
+    let result = call.await;
+    if let Err(e) = &result
+        && e.retryable()
+    {
+        cfg.control_plane.failed(url);
+    }
+    result
+}
+
 fn ttl_seconds(cfg: &ProxyConfig) -> u32 {
     cfg.cert_ttl
         .map(|d| d.as_secs().min(u64::from(u32::MAX)) as u32)
@@ -151,26 +167,30 @@ pub async fn bootstrap(cfg: &ProxyConfig) -> Result<Issued, IdentityError> {
         }
     };
     let key = WorkloadKey::generate(&cfg.identity)?;
-    let channel = moat_tls::connect::channel(
-        &cfg.control_plane,
-        anchors.clone(),
-        SpiffeId::control_plane(&cfg.trust_domain),
-        None,
-    )
-    .await?;
-    let resp = IdentityClient::new(channel)
-        .certify(CertifyRequest {
-            csr_der: key.csr_der().to_vec(),
-            ttl_seconds: ttl_seconds(cfg),
-            credential: Some(credential),
-        })
-        .await
-        .map_err(|s| IdentityError::Refused {
-            what: "our token",
-            code: s.code(),
-            message: s.message().to_owned(),
-        })?
-        .into_inner();
+    let url = cfg.control_plane.current().to_owned();
+    let resp = moving_on(cfg, &url, async {
+        let channel = moat_tls::connect::channel(
+            &url,
+            anchors.clone(),
+            SpiffeId::control_plane(&cfg.trust_domain),
+            None,
+        )
+        .await?;
+        IdentityClient::new(channel)
+            .certify(CertifyRequest {
+                csr_der: key.csr_der().to_vec(),
+                ttl_seconds: ttl_seconds(cfg),
+                credential: Some(credential),
+            })
+            .await
+            .map_err(|s| IdentityError::Refused {
+                what: "our token",
+                code: s.code(),
+                message: s.message().to_owned(),
+            })
+    })
+    .await?
+    .into_inner();
     let issued = accept(resp, &key, &anchors)?;
     tracing::info!(id = %issued.credential.id(), serial = %issued.credential.leaf().serial, not_after = issued.credential.leaf().not_after, "obtained our first certificate");
     Ok(issued)
@@ -179,26 +199,30 @@ pub async fn bootstrap(cfg: &ProxyConfig) -> Result<Issued, IdentityError> {
 /// Renews over mTLS with the current credential and a new key.
 pub async fn renew(cfg: &ProxyConfig, current: &TlsState) -> Result<Issued, IdentityError> {
     let key = WorkloadKey::generate(&cfg.identity)?;
-    let channel = moat_tls::connect::channel(
-        &cfg.control_plane,
-        (*current.bundle).clone(),
-        SpiffeId::control_plane(&cfg.trust_domain),
-        Some(&current.credential),
-    )
-    .await?;
-    let resp = IdentityClient::new(channel)
-        .certify(CertifyRequest {
-            csr_der: key.csr_der().to_vec(),
-            ttl_seconds: ttl_seconds(cfg),
-            credential: None,
-        })
-        .await
-        .map_err(|s| IdentityError::Refused {
-            what: "our renewal",
-            code: s.code(),
-            message: s.message().to_owned(),
-        })?
-        .into_inner();
+    let url = cfg.control_plane.current().to_owned();
+    let resp = moving_on(cfg, &url, async {
+        let channel = moat_tls::connect::channel(
+            &url,
+            (*current.bundle).clone(),
+            SpiffeId::control_plane(&cfg.trust_domain),
+            Some(&current.credential),
+        )
+        .await?;
+        IdentityClient::new(channel)
+            .certify(CertifyRequest {
+                csr_der: key.csr_der().to_vec(),
+                ttl_seconds: ttl_seconds(cfg),
+                credential: None,
+            })
+            .await
+            .map_err(|s| IdentityError::Refused {
+                what: "our renewal",
+                code: s.code(),
+                message: s.message().to_owned(),
+            })
+    })
+    .await?
+    .into_inner();
     accept(resp, &key, &current.bundle)
 }
 

@@ -19,13 +19,15 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[derive(Parser, Debug)]
 #[command(name = "moat-proxy", version, about = "The moat sidecar proxy")]
 struct Args {
-    /// Control-plane address.
+    /// Control-plane address; several replicas comma-separated (the sidecar starts at a random
+    /// one and moves on when it fails), or one DNS name that resolves to them all.
     #[arg(
         long,
         env = "MOAT_CONTROL_PLANE",
-        default_value = "https://127.0.0.1:7443"
+        default_value = "https://127.0.0.1:7443",
+        value_delimiter = ','
     )]
-    control_plane: String,
+    control_plane: Vec<String>,
     /// This workload's identity: `orders`, `shop/orders` or a full spiffe:// ID.
     #[arg(long, env = "MOAT_IDENTITY")]
     identity: String,
@@ -153,6 +155,24 @@ fn timeout(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// The `--control-plane` URLs, checked.
+fn control_planes(urls: &[String]) -> Result<Vec<String>, String> {
+    let urls: Vec<String> = urls
+        .iter()
+        .map(|u| u.trim().to_owned())
+        .filter(|u| !u.is_empty())
+        .collect();
+    if urls.is_empty() {
+        return Err("--control-plane is empty: give https://HOST:PORT (comma-separated for several replicas)".into());
+    }
+    if let Some(bad) = urls.iter().find(|u| !u.starts_with("https://")) {
+        return Err(format!(
+            "--control-plane {bad:?}: the control plane is reached over TLS; write https://HOST:PORT"
+        ));
+    }
+    Ok(urls)
+}
+
 fn config(a: &Args) -> Result<ProxyConfig, String> {
     let identity = SpiffeId::parse_with_default(&a.identity, &a.trust_domain)
         .map_err(|e| format!("--identity: {e}"))?;
@@ -170,7 +190,7 @@ fn config(a: &Args) -> Result<ProxyConfig, String> {
         up.identity(&a.trust_domain).map_err(|e| e.to_string())?;
     }
     Ok(ProxyConfig {
-        control_plane: a.control_plane.clone(),
+        control_plane: moat_proxy::config::ControlPlanes::new(control_planes(&a.control_plane)?),
         trust_domain: a.trust_domain.clone(),
         identity,
         bootstrap: match (&a.token_file, &a.k8s_token_file) {

@@ -36,8 +36,10 @@ pub async fn run(
         crate::backoff::Backoff::new(Duration::from_millis(250), Duration::from_secs(15));
     loop {
         // The session itself watches `shutdown` once connected, to say goodbye.
+        let url = cfg.control_plane.current().to_owned();
         let result = session(
             &cfg,
+            &url,
             &control,
             &tls,
             &snapshots,
@@ -49,6 +51,11 @@ pub async fn run(
         // A session that delivered a snapshot starts the backoff over; otherwise it grows.
         if metrics.reset_backoff() {
             backoff.reset();
+        }
+        // Whatever ended the session, the next one tries the next replica: this one is
+        // down, draining, or was left by the stream on purpose.
+        if !shutdown.is_cancelled() {
+            cfg.control_plane.failed(&url);
         }
         let retry_in = backoff.next_delay();
         match result {
@@ -66,8 +73,10 @@ pub async fn run(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn session(
     cfg: &ProxyConfig,
+    url: &str,
     control: &SpiffeId,
     tls: &LiveTls,
     snapshots: &watch::Sender<Option<Arc<Snapshot>>>,
@@ -77,7 +86,7 @@ async fn session(
 ) -> Result<(), String> {
     let current = tls.current().ok_or("no certificate yet")?;
     let channel = moat_tls::connect::channel(
-        &cfg.control_plane,
+        url,
         (*current.bundle).clone(),
         control.clone(),
         Some(&current.credential),
