@@ -7,8 +7,6 @@
 
 mod common;
 
-use std::io::{BufRead as _, BufReader};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -208,34 +206,6 @@ async fn root_rotation_under_load_with_fleet_rekeys_loses_no_request() {
         "{status}"
     );
     assert!(cp.moat_ok(&["audit"]).contains("ca.rotate-root"));
-}
-
-/// Runs `moat ca rotate-root` until it prints a line containing `marker`, then kills it -9.
-fn run_rotation_until(cp: &ControlPlane, marker: &str) -> String {
-    let mut child = std::process::Command::new(bin("moat"))
-        .args(["--control-plane", &cp.url(), "--credentials"])
-        .arg(cp.admin_dir())
-        .args(["ca", "rotate-root", "--timeout", "30s"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut seen = String::new();
-    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
-        let line = line.unwrap();
-        seen.push_str(&line);
-        seen.push('\n');
-        if line.contains(marker) {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            return seen;
-        }
-    }
-    let out = child.wait_with_output().unwrap();
-    panic!(
-        "rotate-root ended before {marker:?}: {seen}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn phase(cp: &ControlPlane) -> String {

@@ -413,3 +413,32 @@ pub async fn dial(
         .await
         .unwrap()
 }
+
+/// Runs `moat ca rotate-root` until it prints a line containing `marker`, then kills it -9.
+pub fn run_rotation_until(cp: &moat_test_util::ControlPlane, marker: &str) -> String {
+    use std::io::BufRead as _;
+    let mut child = std::process::Command::new(moat_test_util::bin("moat"))
+        .args(["--control-plane", &cp.url(), "--credentials"])
+        .arg(cp.admin_dir())
+        .args(["ca", "rotate-root", "--timeout", "30s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = String::new();
+    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains(marker) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            return seen;
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    panic!(
+        "rotate-root ended before {marker:?}: {seen}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -584,7 +584,7 @@ impl Admin for AdminService {
             .0
             .mesh
             .registry()
-            .entries()
+            .fleet()
             .map(|p| ProxyStatus {
                 spiffe_id: p.id.to_string(),
                 inbound_address: p.inbound_address.clone(),
@@ -657,9 +657,16 @@ impl Admin for AdminService {
                 )),
             ),
         };
-        let result = result.map(|id| RotateCertificatesResponse {
-            proxies: self.0.mesh.rotate(id.as_ref()),
-        });
+        let result = match result {
+            Ok(id) => self
+                .0
+                .mesh
+                .rotate(id.as_ref())
+                .await
+                .map(|proxies| RotateCertificatesResponse { proxies })
+                .map_err(|e| Status::unavailable(e.to_string())),
+            Err(e) => Err(e),
+        };
         self.audited(&actor, "cert.rotate", &target, result)
             .await
             .map(Response::new)
@@ -760,7 +767,7 @@ impl Admin for AdminService {
                         .0
                         .mesh
                         .registry()
-                        .entries()
+                        .fleet()
                         .map(|p| p.cert_serial.clone())
                         .collect();
                     let known = connected.iter().chain(&revoked).map(String::as_str);
@@ -782,7 +789,7 @@ impl Admin for AdminService {
                     ));
                 }
             };
-            let proxies = self.0.mesh.registry().entries().count() as u32;
+            let proxies = self.0.mesh.registry().fleet().count() as u32;
             if r.undo {
                 let existed = self
                     .0

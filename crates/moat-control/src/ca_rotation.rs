@@ -39,7 +39,9 @@ fn fleet(cp: &ControlPlane) -> Fleet {
         behind_bundle: Vec::new(),
         behind_intermediate: Vec::new(),
     };
-    for p in cp.mesh.registry().entries() {
+    // The whole fleet, whichever replica each proxy is connected to: a step must not be taken
+    // while a proxy on another replica is behind.
+    for p in cp.mesh.registry().fleet() {
         f.proxies += 1;
         let who = format!("{} at {}", p.id, p.inbound_address);
         if p.applied_bundle == f.bundle {
@@ -85,6 +87,30 @@ fn change_status(e: CaChangeError) -> Status {
     }
 }
 
+/// Tells every proxy, on every replica, to renew under the CA now in force.
+async fn renew_all(cp: &ControlPlane) -> Result<(), Status> {
+    cp.mesh.rotate(None).await.map(|_| ()).map_err(|e| {
+        Status::unavailable(format!(
+            "the CA changed, but the proxies could not be told to renew: {e}; run `moat rotate --all`"
+        ))
+    })
+}
+
+/// Puts the stored CA in force here if another replica changed it (before handing out a
+/// command given under that CA).
+pub async fn catch_up(cp: &ControlPlane) {
+    match cp.ca.reload().await {
+        Ok(true) => {
+            tracing::info!(roots = ?cp.ca.current().bundle().fingerprints(), "the CA changed in the store; following it");
+            if let Err(e) = propagate(cp) {
+                tracing::error!(error = %e.message(), "cannot follow the CA change");
+            }
+        }
+        Ok(false) => {}
+        Err(e) => tracing::error!(error = %e, "cannot read the CA from the store"),
+    }
+}
+
 /// Puts every CA change committed to the store in force here, whichever replica made it: the
 /// CA this process signs with, its own certificates and the bundle its proxies get. A lag
 /// (missed changes) reloads the same way.
@@ -94,16 +120,7 @@ pub async fn follow_store(cp: Arc<ControlPlane>) {
         if let Ok(None) = changes.next().await {
             return;
         }
-        match cp.ca.reload().await {
-            Ok(true) => {
-                tracing::info!(roots = ?cp.ca.current().bundle().fingerprints(), "the CA changed in the store; following it");
-                if let Err(e) = propagate(&cp) {
-                    tracing::error!(error = %e.message(), "cannot follow the CA change");
-                }
-            }
-            Ok(false) => {}
-            Err(e) => tracing::error!(error = %e, "cannot read the CA from the store"),
-        }
+        catch_up(&cp).await;
     }
 }
 
@@ -145,7 +162,7 @@ pub async fn root(
                     .await
                     .map_err(change_status)?;
                 propagate(cp)?;
-                cp.mesh.rotate(None);
+                renew_all(cp).await?;
                 taken = "step 2: issuing from the new root; every proxy told to renew".into();
             }
         }
@@ -201,7 +218,7 @@ pub async fn intermediate(
             .await
             .map_err(change_status)?;
         propagate(cp)?;
-        cp.mesh.rotate(None);
+        renew_all(cp).await?;
         taken = "issuing from a new intermediate; every proxy told to renew".into();
         tracing::info!("rotated the intermediate");
     }

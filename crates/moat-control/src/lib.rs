@@ -12,6 +12,7 @@ pub mod audit;
 pub mod ca;
 pub mod ca_rotation;
 pub mod caller;
+pub mod fleet;
 pub mod identity_svc;
 pub mod jwks;
 pub mod kek_source;
@@ -26,7 +27,9 @@ pub mod offline;
 pub mod policies;
 pub mod recovery;
 pub mod registry;
+pub mod replica;
 pub mod revocations;
+pub mod rotations;
 pub mod self_cert;
 pub mod state;
 pub mod store_config;
@@ -169,6 +172,14 @@ pub async fn serve(
     tracing::info!(dir = %admin_dir.display(), id = %admin_id, "wrote the admin credential for the CLI");
     tokio::spawn(self_certs.clone().renew_loop());
 
+    let replica = replica::Replica::join(store.clone(), cfg.listen.to_string())
+        .await
+        .context("cannot register this replica in the store")?;
+    tracing::info!(
+        replica = replica.id(),
+        leader = replica.is_leader(),
+        "joined the control plane"
+    );
     let policies = policies::Policies::new(store.clone(), td.clone());
     let mesh = mesh_svc::MeshState::new(
         policies
@@ -176,19 +187,36 @@ pub async fn serve(
             .await
             .context("cannot load the stored policies")?,
         store.clone(),
+        replica.clone(),
+    );
+    // Before any stream starts: a proxy reads a counter larger than its stream's first as a
+    // command to renew.
+    mesh.set_rotations(
+        rotations::load(store.as_ref())
+            .await
+            .context("cannot read the rotation commands")?,
     );
     mesh.warm_up()
         .await
         .context("cannot read remembered endpoints")?;
     tokio::spawn(mesh_svc::publish_views(mesh.clone(), ca.clone()));
     tokio::spawn(mesh_svc::follow_policies(policies.clone(), mesh.clone()));
+    if cfg.store.shared() {
+        tokio::spawn(fleet::publish(mesh.clone(), replica.clone()));
+        tokio::spawn(fleet::follow(mesh.clone(), replica.clone()));
+    }
     tokio::spawn(jwks::refresh_loop(mesh.clone()));
     if let Some(server) = &cfg.watch_policies {
         let client = server
             .client()
             .context("--watch-policies: cannot reach the Kubernetes API server")?;
-        tracing::info!(api = %server.url, "watching AccessPolicy and MeshConfig resources");
-        tokio::spawn(kube_policies::Controller::new(client, policies.clone(), mesh.clone()).run());
+        tracing::info!(api = %server.url, "watching AccessPolicy and MeshConfig resources (on the leader)");
+        let controller = kube_policies::Controller::new(client, policies.clone(), mesh.clone());
+        tokio::spawn(
+            replica
+                .clone()
+                .while_leader("policy controller", move || controller.clone().run()),
+        );
     }
     let revocations = revocations::Revocations::new(store.clone());
     tokio::spawn(mesh_svc::follow_revocations(
@@ -223,7 +251,14 @@ pub async fn serve(
     ));
     tokio::spawn(admin_http::serve(admin_tcp, state.clone()));
     if let Some(k) = cfg.publish_bundle.clone() {
-        tokio::spawn(kube_bundle::publish_loop(k, ca.clone()));
+        let ca = ca.clone();
+        tokio::spawn(
+            replica
+                .clone()
+                .while_leader("trust-bundle publishing", move || {
+                    kube_bundle::publish_loop(k.clone(), ca.clone())
+                }),
+        );
     }
     if let Some(w) = cfg.webhook.clone() {
         let tcp = tokio::net::TcpListener::bind(w.listen)
@@ -237,20 +272,24 @@ pub async fn serve(
             }
         });
     }
-    tokio::spawn(audit::retention_loop(state.audit.clone()));
+    // What must happen once in the mesh runs on the leader replica only.
+    let audit = state.audit.clone();
+    tokio::spawn(replica.clone().while_leader("audit retention", move || {
+        audit::retention_loop(audit.clone())
+    }));
     if let ca::Start::Rotated { expired } = start {
         ca_rotation::record_automatic(&state, expired, "at start").await;
     }
     tokio::spawn(ca_rotation::follow_store(state.clone()));
-    tokio::spawn(ca_rotation::auto_rotate_loop(
-        state.clone(),
-        cfg.rotate_at,
-        cfg.ca_check_interval,
-    ));
-    tokio::spawn(admin_http::warn_expiry(
-        state.clone(),
-        cfg.ca_expiry_warning,
-    ));
+    tokio::spawn(rotations::follow(state.clone()));
+    let (cp, at, every) = (state.clone(), cfg.rotate_at, cfg.ca_check_interval);
+    tokio::spawn(replica.clone().while_leader("CA rotation checks", move || {
+        ca_rotation::auto_rotate_loop(cp.clone(), at, every)
+    }));
+    let (cp, horizon) = (state.clone(), cfg.ca_expiry_warning);
+    tokio::spawn(replica.clone().while_leader("CA expiry warnings", move || {
+        admin_http::warn_expiry(cp.clone(), horizon)
+    }));
     tracing::info!(%addr, "control plane serving");
     let incoming = listener::incoming(
         tcp,

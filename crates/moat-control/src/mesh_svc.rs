@@ -40,6 +40,8 @@ pub struct MeshState {
     generation: watch::Sender<u64>,
     next_stream: AtomicU64,
     store: Arc<dyn moat_store::Store>,
+    /// This control-plane replica (its lease holds the endpoints of its proxies).
+    replica: Arc<crate::replica::Replica>,
     /// Revoked identities (full SPIFFE IDs) and serials, as pushed to proxies.
     revoked: RwLock<(Vec<String>, Vec<String>)>,
     /// Trusted token issuers' key sets, pushed in snapshots.
@@ -54,7 +56,11 @@ pub struct MeshState {
 
 impl MeshState {
     /// Empty state at generation 1.
-    pub fn new(policies: PolicySet, store: Arc<dyn moat_store::Store>) -> Arc<Self> {
+    pub fn new(
+        policies: PolicySet,
+        store: Arc<dyn moat_store::Store>,
+        replica: Arc<crate::replica::Replica>,
+    ) -> Arc<Self> {
         let (generation, _) = watch::channel(1);
         Arc::new(MeshState {
             registry: Mutex::new(Registry::default()),
@@ -62,12 +68,28 @@ impl MeshState {
             generation,
             next_stream: AtomicU64::new(1),
             store,
+            replica,
             rotations: Mutex::new((0, std::collections::HashMap::new())),
             jwks: crate::jwks::JwksCache::default(),
             revoked: RwLock::new((Vec::new(), Vec::new())),
             taps: crate::tap::Taps::default(),
             view: watch::channel(None).0,
         })
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn moat_store::Store> {
+        &self.store
+    }
+
+    /// This replica.
+    pub fn replica(&self) -> &Arc<crate::replica::Replica> {
+        &self.replica
+    }
+
+    /// Changes whenever something that may change a snapshot or the registry changed.
+    pub fn generations(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// Loads the endpoints announced before this start and serves them for the warm-up period.
@@ -96,23 +118,27 @@ impl MeshState {
         Ok(())
     }
 
-    /// Tells the proxies of `id` (or, with `None`, all proxies) to re-key and renew now.
-    /// Returns how many connected proxies that reaches.
-    pub fn rotate(&self, id: Option<&SpiffeId>) -> u32 {
-        {
-            let mut r = self.rotations.lock().unwrap_or_else(|e| e.into_inner());
-            match id {
-                Some(id) => *r.1.entry(id.clone()).or_default() += 1,
-                None => r.0 += 1,
-            }
+    /// Tells the proxies of `id` (or, with `None`, all proxies) to re-key and renew now, on
+    /// every replica (`rotations`). Returns how many proxies of the fleet that reaches.
+    pub async fn rotate(&self, id: Option<&SpiffeId>) -> Result<u32, moat_store::StoreError> {
+        crate::rotations::request(self.store.as_ref(), id).await?;
+        // In force here at once; the other replicas follow the store.
+        if self.set_rotations(crate::rotations::load(self.store.as_ref()).await?) {
+            self.bump();
         }
-        let reached = self
+        Ok(self
             .registry()
-            .entries()
+            .fleet()
             .filter(|p| id.is_none_or(|id| &p.id == id))
-            .count() as u32;
-        self.bump();
-        reached
+            .count() as u32)
+    }
+
+    /// Sets the rotation counters; returns whether they changed.
+    pub fn set_rotations(&self, counters: crate::rotations::Counters) -> bool {
+        let mut r = self.rotations.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = *r != counters;
+        *r = counters;
+        changed
     }
 
     /// Whether `id`, or the certificate `serial`, is revoked.

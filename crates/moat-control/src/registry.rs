@@ -129,6 +129,9 @@ pub struct Registry {
     /// Endpoints remembered from before a control-plane restart, served until the warm-up ends
     /// so that the first proxies to reconnect are not told that the others are gone.
     warm: Vec<(SpiffeId, String)>,
+    /// Proxies connected to the other control-plane replicas, as they published them
+    /// (`fleet`): their endpoints, certificates and what they applied.
+    remote: Vec<ProxyEntry>,
     /// By (identity, address).
     disconnected: HashMap<(SpiffeId, String), Disconnected>,
 }
@@ -195,6 +198,46 @@ impl Registry {
             .collect()
     }
 
+    /// Sets the proxies connected to other replicas; returns whether their endpoints changed
+    /// (which changes the service table).
+    pub fn set_remote(&mut self, mut proxies: Vec<ProxyEntry>) -> bool {
+        // A proxy that moved is listed by its new replica at once and by the old one until
+        // that one's lease ends: keep its newest connection.
+        proxies.sort_by(|a, b| {
+            (&a.id, &a.inbound_address, b.connected_at).cmp(&(
+                &b.id,
+                &b.inbound_address,
+                a.connected_at,
+            ))
+        });
+        proxies.dedup_by(|later, first| {
+            later.id == first.id && later.inbound_address == first.inbound_address
+        });
+        let endpoints = |ps: &[ProxyEntry]| {
+            let mut e: Vec<(SpiffeId, String)> = ps
+                .iter()
+                .map(|p| (p.id.clone(), p.inbound_address.clone()))
+                .collect();
+            e.sort();
+            e.dedup();
+            e
+        };
+        let changed = endpoints(&self.remote) != endpoints(&proxies);
+        self.remote = proxies;
+        changed
+    }
+
+    /// Every proxy of the mesh: those connected here, then those connected to other replicas
+    /// (a proxy that moved here is counted once).
+    pub fn fleet(&self) -> impl Iterator<Item = &ProxyEntry> {
+        let local = &self.proxies;
+        local.values().chain(self.remote.iter().filter(move |r| {
+            !local
+                .values()
+                .any(|p| p.id == r.id && p.inbound_address == r.inbound_address)
+        }))
+    }
+
     /// Ends the warm-up: from now on only connected proxies are endpoints.
     pub fn end_warm(&mut self) {
         self.warm.clear();
@@ -212,14 +255,15 @@ impl Registry {
         self.proxies.get_mut(&stream)
     }
 
-    /// Every connected proxy.
+    /// Every proxy connected to this replica.
     pub fn entries(&self) -> impl Iterator<Item = &ProxyEntry> {
         self.proxies.values()
     }
 
-    /// How many connected proxies of `target` there are, and how many applied `key@version`.
+    /// How many connected proxies of `target` there are in the whole fleet, and how many
+    /// applied `key@version`.
     pub fn rollout(&self, target: &SpiffeId, key: &str, version: u64) -> (u32, u32) {
-        let of_target = self.proxies.values().filter(|p| &p.id == target);
+        let of_target = self.fleet().filter(|p| &p.id == target);
         let (mut total, mut applied) = (0, 0);
         for p in of_target {
             total += 1;
@@ -310,6 +354,12 @@ impl Registry {
         }
         for (id, addr) in &self.warm {
             table.entry(id.clone()).or_default().push(addr.clone());
+        }
+        for p in &self.remote {
+            table
+                .entry(p.id.clone())
+                .or_default()
+                .push(p.inbound_address.clone());
         }
         for eps in table.values_mut() {
             eps.sort();

@@ -293,12 +293,15 @@ fn unreachable(e: &etcd::Error) -> bool {
     }
 }
 
-/// Whether the request failed before it was sent: the connection to the member chosen for
-/// it could not be made. tonic reports this as `Unavailable` with hyper's connect error.
+/// Whether the request was certainly not applied: the connection to the member chosen for it
+/// could not be made (tonic reports hyper's connect error as `Unavailable`), or the member
+/// refused it up front because it has no leader (etcd's "no leader", sent before anything is
+/// proposed; we ask for it with `require_leader`).
 fn never_sent(e: &etcd::Error) -> bool {
     match e {
         etcd::Error::GRpcStatus(s) => {
-            s.code() == tonic::Code::Unavailable && s.message().contains("connect error")
+            s.code() == tonic::Code::Unavailable
+                && (s.message().contains("connect error") || s.message().contains("no leader"))
         }
         _ => false,
     }

@@ -1,0 +1,232 @@
+//! The fleet across replicas. Each replica publishes a summary of every proxy connected to it
+//! under `live/<replica>/<spiffe id>|<address>`, written under its lease (`replica`), and
+//! follows `live/`. What the other replicas published joins its registry as remote proxies: their
+//! endpoints enter the service table (a proxy learns about a service whichever replica each
+//! side is connected to), and `moat status`, the APPLIED column, the revocation lookup and the
+//! CA-rotation gates count the whole fleet. A replica that dies takes its summaries with it when
+//! its lease ends; its proxies are published again by the replicas they reconnect to.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use moat_identity::SpiffeId;
+use moat_store::{Op, Txn};
+
+use crate::mesh_svc::MeshState;
+use crate::registry::{ProxyEntry, SentSnapshot};
+use crate::replica::Replica;
+
+const LIVE: &str = "live/";
+/// Summaries are published at most this often (and at once when a proxy connects or leaves).
+const PUBLISH_EVERY: Duration = Duration::from_millis(500);
+/// Writes per store transaction (etcd allows 128 by default).
+const BATCH: usize = 100;
+
+/// What other replicas need to know about one proxy.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Summary {
+    id: String,
+    address: String,
+    replica: String,
+    proxy_version: String,
+    cert_serial: String,
+    cert_not_after: i64,
+    cert_issuer: String,
+    cert_refresh_after: i64,
+    remote: String,
+    connected_unix_ms: i64,
+    applied_version: u64,
+    sent_version: u64,
+    last_error: Option<String>,
+    applied_policies: Vec<(String, u64)>,
+    applied_bundle: Vec<String>,
+}
+
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl Summary {
+    fn of(p: &ProxyEntry, replica: &str) -> Self {
+        Summary {
+            id: p.id.to_string(),
+            address: p.inbound_address.clone(),
+            replica: replica.to_owned(),
+            proxy_version: p.proxy_version.clone(),
+            cert_serial: p.cert_serial.clone(),
+            cert_not_after: p.cert_not_after,
+            cert_issuer: p.cert_issuer.clone(),
+            cert_refresh_after: p.cert_refresh_after,
+            remote: p.remote.clone(),
+            connected_unix_ms: unix_ms(p.connected_at),
+            applied_version: p.applied_version,
+            sent_version: p.sent.as_ref().map_or(0, |s| s.version),
+            last_error: p.last_error.clone(),
+            applied_policies: p.applied_policies.clone(),
+            applied_bundle: p.applied_bundle.clone(),
+        }
+    }
+
+    fn key(&self) -> String {
+        format!("{LIVE}{}/{}|{}", self.replica, self.id, self.address)
+    }
+
+    fn entry(self) -> Option<ProxyEntry> {
+        let at =
+            UNIX_EPOCH + Duration::from_millis(u64::try_from(self.connected_unix_ms).unwrap_or(0));
+        Some(ProxyEntry {
+            id: self.id.parse::<SpiffeId>().ok()?,
+            inbound_address: self.address,
+            proxy_version: self.proxy_version,
+            cert_serial: self.cert_serial,
+            cert_not_after: self.cert_not_after,
+            cert_issuer: self.cert_issuer,
+            cert_refresh_after: self.cert_refresh_after,
+            remote: format!("{} (via replica {})", self.remote, self.replica),
+            connected_at: at,
+            last_seen: at,
+            applied_version: self.applied_version,
+            last_error: self.last_error,
+            sent: Some(SentSnapshot {
+                version: self.sent_version,
+                policies: Vec::new(),
+                bundle: Vec::new(),
+            }),
+            applied_policies: self.applied_policies,
+            applied_bundle: self.applied_bundle,
+            hits: Vec::new(),
+            observed: HashMap::new(),
+            edges: Vec::new(),
+            left: false,
+        })
+    }
+}
+
+/// Publishes this replica's proxies: a summary is written when it changes and deleted when
+/// its proxy is gone, and all are written again under a new lease after the old one was lost.
+pub async fn publish(state: Arc<MeshState>, replica: Arc<Replica>) {
+    let store = state.store().clone();
+    let mut generation = state.generations();
+    let mut leases = replica.leases();
+    let mut published: HashMap<String, Summary> = HashMap::new();
+    loop {
+        let now: HashMap<String, Summary> = state
+            .registry()
+            .entries()
+            .map(|p| Summary::of(p, replica.id()))
+            .map(|s| (s.key(), s))
+            .collect();
+        let mut ops: Vec<Op> = Vec::new();
+        for (key, s) in &now {
+            if published.get(key) != Some(s)
+                && let Ok(value) = serde_json::to_vec(s)
+            {
+                ops.push(Op::PutLeased(key.clone(), value, replica.lease()));
+            }
+        }
+        ops.extend(
+            published
+                .keys()
+                .filter(|k| !now.contains_key(*k))
+                .map(|k| Op::Delete(k.clone())),
+        );
+        let mut failed = false;
+        while !ops.is_empty() {
+            let batch: Vec<Op> = ops.drain(..ops.len().min(BATCH)).collect();
+            let txn = Txn {
+                success: batch,
+                ..Txn::default()
+            };
+            if let Err(e) = store.txn(txn).await {
+                tracing::warn!(error = %e, "cannot publish this replica's proxies; retrying");
+                failed = true;
+                break;
+            }
+        }
+        // After a failure, everything is written again next time.
+        published = if failed { HashMap::new() } else { now };
+        tokio::select! {
+            changed = generation.changed() => if changed.is_err() { return },
+            changed = leases.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                published.clear();
+            }
+            () = tokio::time::sleep(PUBLISH_EVERY) => {}
+        }
+        // Let a burst of changes (many proxies connecting) fold into one write.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Keeps `state`'s remote proxies equal to what the other replicas published.
+pub async fn follow(state: Arc<MeshState>, replica: Arc<Replica>) {
+    let store = state.store().clone();
+    let mut changes = store.watch_retrying(LIVE).await;
+    loop {
+        match store.range(LIVE, 0, false).await {
+            Ok(kvs) => {
+                let remote: Vec<ProxyEntry> = kvs
+                    .into_iter()
+                    .filter(|kv| {
+                        !kv.key
+                            .strip_prefix(LIVE)
+                            .is_some_and(|k| k.starts_with(&format!("{}/", replica.id())))
+                    })
+                    .filter_map(|kv| serde_json::from_slice::<Summary>(&kv.value).ok())
+                    .filter_map(Summary::entry)
+                    .collect();
+                if state.registry().set_remote(remote) {
+                    state.bump();
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the other replicas' proxies"),
+        }
+        if let Ok(None) = changes.next().await {
+            return;
+        }
+        // A burst of changes (a replica's proxies moving) is read once.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        while let Ok(Ok(Some(_))) =
+            tokio::time::timeout(Duration::from_millis(1), changes.next()).await
+        {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summaries_round_trip() {
+        let s = Summary {
+            id: "spiffe://moat.local/ns/default/sa/orders".into(),
+            address: "10.0.0.7:15006".into(),
+            replica: "ab12".into(),
+            proxy_version: "0.1.0".into(),
+            cert_serial: "0a".into(),
+            cert_not_after: 10,
+            cert_issuer: "ff".into(),
+            cert_refresh_after: 5,
+            remote: "10.0.0.7:40000".into(),
+            connected_unix_ms: 1_000,
+            applied_version: 3,
+            sent_version: 4,
+            last_error: None,
+            applied_policies: vec![("default/orders".into(), 2)],
+            applied_bundle: vec!["aa".into()],
+        };
+        assert_eq!(
+            s.key(),
+            "live/ab12/spiffe://moat.local/ns/default/sa/orders|10.0.0.7:15006"
+        );
+        let e = s.clone().entry().unwrap();
+        assert_eq!(Summary::of(&e, "ab12").applied_policies, s.applied_policies);
+        assert_eq!(e.applied_version, 3);
+        assert_eq!(e.sent.unwrap().version, 4);
+    }
+}
