@@ -419,13 +419,100 @@ async fn manifests_install_and_injected_workloads_validate_against_kubernetes_sc
         std::fs::write(&p, text).unwrap();
         files.push(p);
     }
-    let ha = cp.moat(&["install", "--ha"]);
-    assert_eq!(ha.status.code(), Some(1));
-    assert!(
-        stderr(&ha).contains("etcd store backend"),
-        "{}",
-        stderr(&ha)
-    );
+    // --ha: 3 control-plane replicas, one per node, on the bundled 3-member etcd (or yours),
+    // always over TLS with a client certificate; at least 2 kept through disruptions.
+    let docs = |text: &str| -> Vec<serde_json::Value> {
+        text.split("\n---\n")
+            .filter_map(|d| serde_yaml_ng::from_str::<serde_json::Value>(d).ok())
+            .filter(|d| d.is_object())
+            .collect()
+    };
+    let ha = cp.moat_ok(&["install", "--ha"]);
+    let external = cp.moat_ok(&[
+        "install",
+        "--ha",
+        "--etcd-endpoints",
+        "etcd-a.db.svc:2379,etcd-b.db.svc:2379",
+        "--etcd-tls-secret",
+        "db-etcd-client",
+    ]);
+    for (text, store, secret, bundled) in [
+        (
+            &ha,
+            "--store=etcd://moat-etcd-0.moat-etcd.moat-system.svc:2379,moat-etcd-1.moat-etcd.moat-system.svc:2379,moat-etcd-2.moat-etcd.moat-system.svc:2379",
+            "moat-etcd-tls",
+            true,
+        ),
+        (
+            &external,
+            "--store=etcd://etcd-a.db.svc:2379,etcd-b.db.svc:2379",
+            "db-etcd-client",
+            false,
+        ),
+    ] {
+        let objects = docs(text);
+        let find = |kind: &str, name: &str| {
+            objects
+                .iter()
+                .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+                .cloned()
+        };
+        let d = find("Deployment", "moat-control").unwrap();
+        assert_eq!(d["spec"]["replicas"], 3);
+        assert_eq!(
+            d["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+                [0]["topologyKey"],
+            "kubernetes.io/hostname"
+        );
+        let args: Vec<&str> = d["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        for want in [
+            store,
+            "--etcd-ca=/etc/moat/etcd/ca.crt",
+            "--etcd-cert=/etc/moat/etcd/tls.crt",
+            "--etcd-key=/etc/moat/etcd/tls.key",
+        ] {
+            assert!(args.contains(&want), "{want} not in {args:?}");
+        }
+        assert!(text.contains(&format!("secretName: {secret}")), "{text}");
+        assert_eq!(
+            find("PodDisruptionBudget", "moat-control").unwrap()["spec"]["minAvailable"],
+            2
+        );
+        assert!(find("PersistentVolumeClaim", "moat-control-data").is_none());
+        let etcd = find("StatefulSet", "moat-etcd");
+        assert_eq!(etcd.is_some(), bundled);
+        if let Some(etcd) = etcd {
+            assert_eq!(etcd["spec"]["replicas"], 3);
+            assert_eq!(
+                find("PodDisruptionBudget", "moat-etcd").unwrap()["spec"]["minAvailable"],
+                2
+            );
+            assert!(find("NetworkPolicy", "moat-etcd").is_some());
+            let etcd_args = etcd["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+            assert!(etcd_args.contains("--client-cert-auth=true"), "{etcd_args}");
+            assert!(
+                etcd_args.contains("--peer-client-cert-auth=true"),
+                "{etcd_args}"
+            );
+        }
+    }
+    let bad = cp.moat(&["install", "--ha", "--etcd-endpoints", "http://x"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(stderr(&bad).contains("HOST:PORT"), "{}", stderr(&bad));
+    for (name, text) in [
+        ("install-ha.yaml", &ha),
+        ("install-ha-external.yaml", &external),
+    ] {
+        let p = scratch.join(name);
+        std::fs::write(&p, text).unwrap();
+        files.push(p);
+    }
+    files.push(root().join("deploy/ha/etcd.yaml"));
 
     // `moat inject` on the example app: every workload injected, Services untouched, and a
     // second run changes nothing.

@@ -36,17 +36,14 @@ fn all_urls(cps: &[ControlPlane]) -> String {
     cps.iter().map(|c| c.url()).collect::<Vec<_>>().join(",")
 }
 
-/// The replica whose log says it leads.
+/// The replica that says it leads (`moat_replica_leader 1`), once exactly one does.
 fn leader(cps: &[ControlPlane]) -> usize {
     eventually(Duration::from_secs(15), || {
         let leading: Vec<usize> = (0..cps.len())
             .filter(|i| {
                 cps[*i]
-                    .log_text()
-                    .lines()
-                    .rev()
-                    .find(|l| l.contains("leadership changed"))
-                    .is_some_and(|l| l.contains("leader=true"))
+                    .admin_get("/metrics")
+                    .is_some_and(|(_, body)| body.lines().any(|l| l == "moat_replica_leader 1"))
             })
             .collect();
         (leading.len() == 1).then(|| leading[0])

@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use moat_identity::SpiffeId;
-use moat_store::{Op, Txn};
+use moat_store::{EventKind, Op, Txn};
 
 use crate::mesh_svc::MeshState;
-use crate::registry::{ProxyEntry, SentSnapshot};
+use crate::registry::ProxyEntry;
 use crate::replica::Replica;
 
 const LIVE: &str = "live/";
@@ -36,8 +36,6 @@ struct Summary {
     cert_refresh_after: i64,
     remote: String,
     connected_unix_ms: i64,
-    applied_version: u64,
-    sent_version: u64,
     last_error: Option<String>,
     applied_policies: Vec<(String, u64)>,
     applied_bundle: Vec<String>,
@@ -62,8 +60,6 @@ impl Summary {
             cert_refresh_after: p.cert_refresh_after,
             remote: p.remote.clone(),
             connected_unix_ms: unix_ms(p.connected_at),
-            applied_version: p.applied_version,
-            sent_version: p.sent.as_ref().map_or(0, |s| s.version),
             last_error: p.last_error.clone(),
             applied_policies: p.applied_policies.clone(),
             applied_bundle: p.applied_bundle.clone(),
@@ -88,13 +84,10 @@ impl Summary {
             remote: format!("{} (via replica {})", self.remote, self.replica),
             connected_at: at,
             last_seen: at,
-            applied_version: self.applied_version,
+            // Snapshot versions are per replica; what was applied is in the two lists below.
+            applied_version: 0,
             last_error: self.last_error,
-            sent: Some(SentSnapshot {
-                version: self.sent_version,
-                policies: Vec::new(),
-                bundle: Vec::new(),
-            }),
+            sent: None,
             applied_policies: self.applied_policies,
             applied_bundle: self.applied_bundle,
             hits: Vec::new(),
@@ -163,38 +156,84 @@ pub async fn publish(state: Arc<MeshState>, replica: Arc<Replica>) {
     }
 }
 
-/// Keeps `state`'s remote proxies equal to what the other replicas published.
+/// Keeps `state`'s remote proxies equal to what the other replicas published: one read of
+/// `live/`, then the watch's changes applied one by one (a read again only after a lag), and
+/// the registry updated once per burst.
 pub async fn follow(state: Arc<MeshState>, replica: Arc<Replica>) {
     let store = state.store().clone();
+    let mine = format!("{LIVE}{}/", replica.id());
     let mut changes = store.watch_retrying(LIVE).await;
+    let mut remote: HashMap<String, ProxyEntry> = HashMap::new();
+    let mut reread = true;
     loop {
-        match store.range(LIVE, 0, false).await {
-            Ok(kvs) => {
-                let remote: Vec<ProxyEntry> = kvs
-                    .into_iter()
-                    .filter(|kv| {
-                        !kv.key
-                            .strip_prefix(LIVE)
-                            .is_some_and(|k| k.starts_with(&format!("{}/", replica.id())))
-                    })
-                    .filter_map(|kv| serde_json::from_slice::<Summary>(&kv.value).ok())
-                    .filter_map(Summary::entry)
-                    .collect();
-                if state.registry().set_remote(remote) {
-                    state.bump();
+        if reread {
+            match store.range(LIVE, 0, false).await {
+                Ok(kvs) => {
+                    remote = kvs
+                        .into_iter()
+                        .filter(|kv| !kv.key.starts_with(&mine))
+                        .filter_map(|kv| Some((kv.key, entry_of(&kv.value)?)))
+                        .collect();
+                    reread = false;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the other replicas' proxies");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot read the other replicas' proxies"),
         }
-        if let Ok(None) = changes.next().await {
-            return;
+        if state
+            .registry()
+            .set_remote(remote.values().cloned().collect())
+        {
+            state.bump();
         }
-        // A burst of changes (a replica's proxies moving) is read once.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        while let Ok(Ok(Some(_))) =
-            tokio::time::timeout(Duration::from_millis(1), changes.next()).await
-        {}
+        // Wait for a change, then take the rest of the burst (up to 200 ms of it) before
+        // updating the registry.
+        let mut burst_until = None;
+        loop {
+            let next = match burst_until {
+                None => Ok(changes.next().await),
+                Some(until) => {
+                    let wait = Duration::from_millis(20)
+                        .min(until - tokio::time::Instant::now().min(until));
+                    tokio::time::timeout(wait, changes.next()).await
+                }
+            };
+            burst_until.get_or_insert(tokio::time::Instant::now() + Duration::from_millis(200));
+            match next {
+                Err(_) => break,
+                Ok(Ok(None)) => return,
+                Ok(Err(_lagged)) => {
+                    reread = true;
+                    break;
+                }
+                Ok(Ok(Some(e))) => {
+                    if e.key.starts_with(&mine) {
+                        continue;
+                    }
+                    match e.kind {
+                        EventKind::Put => match entry_of(&e.value) {
+                            Some(p) => {
+                                remote.insert(e.key, p);
+                            }
+                            None => {
+                                remote.remove(&e.key);
+                            }
+                        },
+                        EventKind::Delete => {
+                            remote.remove(&e.key);
+                        }
+                    }
+                }
+            }
+        }
     }
+}
+
+fn entry_of(value: &[u8]) -> Option<ProxyEntry> {
+    serde_json::from_slice::<Summary>(value).ok()?.entry()
 }
 
 #[cfg(test)]
@@ -214,8 +253,6 @@ mod tests {
             cert_refresh_after: 5,
             remote: "10.0.0.7:40000".into(),
             connected_unix_ms: 1_000,
-            applied_version: 3,
-            sent_version: 4,
             last_error: None,
             applied_policies: vec![("default/orders".into(), 2)],
             applied_bundle: vec!["aa".into()],
@@ -226,7 +263,7 @@ mod tests {
         );
         let e = s.clone().entry().unwrap();
         assert_eq!(Summary::of(&e, "ab12").applied_policies, s.applied_policies);
-        assert_eq!(e.applied_version, 3);
-        assert_eq!(e.sent.unwrap().version, 4);
+        assert_eq!(e.applied_bundle, s.applied_bundle);
+        assert_eq!(e.id.to_string(), s.id);
     }
 }

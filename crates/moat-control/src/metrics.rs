@@ -64,6 +64,7 @@ pub struct Metrics {
     ca_not_after: Family<CaCertLabels, Gauge>,
     revocations: Family<KindLabels, Gauge>,
     rotation_phase: Gauge,
+    leader: Gauge,
     proxies: Gauge,
     proxies_current: Family<ProgressLabels, Gauge>,
     last_seen_age: Family<ProxyLabels, Gauge>,
@@ -87,6 +88,7 @@ impl Default for Metrics {
             ca_not_after: Family::default(),
             revocations: Family::default(),
             rotation_phase: Gauge::default(),
+            leader: Gauge::default(),
             proxies: Gauge::default(),
             proxies_current: Family::default(),
             last_seen_age: Family::default(),
@@ -133,8 +135,13 @@ impl Default for Metrics {
             m.rotation_phase.clone(),
         );
         registry.register(
+            "replica_leader",
+            "1 on the replica that runs the once-only work (CA rotation checks, publishing, the policy controller), else 0",
+            m.leader.clone(),
+        );
+        registry.register(
             "proxies_connected",
-            "Proxies with a live mesh stream",
+            "Proxies with a live mesh stream to this replica",
             m.proxies.clone(),
         );
         registry.register(
@@ -207,6 +214,7 @@ impl Metrics {
                     Some(moat_ca::RotationPhase::Issuing) => 2,
                 });
         }
+        self.leader.set(i64::from(cp.mesh.replica().is_leader()));
         let bundle = ca.bundle().fingerprints();
         let intermediate = sha256_hex(ca.intermediate());
         let now = SystemTime::now();

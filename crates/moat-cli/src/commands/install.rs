@@ -25,6 +25,15 @@ const MANIFESTS: &[(&str, &str)] = &[
     ),
 ];
 
+/// The etcd cluster `--ha` bundles when no `--etcd-endpoints` are given.
+const BUNDLED_ETCD: &str = include_str!("../../../../deploy/ha/etcd.yaml");
+
+/// The bundled etcd members' client addresses.
+const BUNDLED_MEMBERS: &str = "moat-etcd-0.moat-etcd.moat-system.svc:2379,moat-etcd-1.moat-etcd.moat-system.svc:2379,moat-etcd-2.moat-etcd.moat-system.svc:2379";
+
+/// Control-plane replicas with `--ha`.
+const HA_REPLICAS: u64 = 3;
+
 #[derive(clap::Args, Debug)]
 pub struct InstallArgs {
     /// The mesh's trust domain (fixed when the control plane first starts).
@@ -45,9 +54,22 @@ pub struct InstallArgs {
     /// a sidecar, outside the mesh. Pods that did not opt in are never affected.
     #[arg(long, value_enum, default_value_t = FailurePolicy::Fail)]
     webhook_failure_policy: FailurePolicy,
-    /// A highly available control plane (several replicas).
+    /// A highly available control plane: 3 replicas on separate nodes sharing an etcd cluster
+    /// (the bundled 3-member one, or yours with --etcd-endpoints), at least 2 kept up through
+    /// voluntary disruptions.
     #[arg(long)]
     ha: bool,
+    /// With --ha: your etcd cluster's members (HOST:PORT, comma-separated) instead of the
+    /// bundled one.
+    #[arg(long, requires = "ha", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// With --ha: the Secret (ca.crt, tls.crt, tls.key) the control plane authenticates to etcd
+    /// with, and that the bundled members use. etcd is always reached over TLS.
+    #[arg(long, requires = "ha", default_value = "moat-etcd-tls")]
+    etcd_tls_secret: String,
+    /// With --ha and the bundled etcd: its image.
+    #[arg(long, requires = "ha", default_value = "registry.k8s.io/etcd:3.5.15-0")]
+    etcd_image: String,
 }
 
 /// The admission webhooks' `failurePolicy`.
@@ -94,12 +116,75 @@ fn container_mut(deploy: &mut Value) -> Option<&mut Value> {
     deploy.pointer_mut("/spec/template/spec/containers/0")
 }
 
-pub fn run(args: InstallArgs) -> anyhow::Result<()> {
-    if args.ha {
-        bail!(
-            "--ha is not available yet: the control plane's embedded store has a single writer; several replicas need the etcd store backend, which is not built. Install without --ha (proxies ride out control-plane restarts on their certificates)"
-        );
+/// `--ha`: the control plane's Deployment runs 3 replicas, one per node, on etcd (over TLS with
+/// a client certificate from `secret`), keeping nothing on a volume of its own.
+fn make_ha(deploy: &mut Value, store: &str, secret: &str) {
+    deploy["spec"]["replicas"] = HA_REPLICAS.into();
+    deploy["spec"]["strategy"] = serde_json::json!({
+        "type": "RollingUpdate",
+        "rollingUpdate": { "maxUnavailable": 1, "maxSurge": 0 }
+    });
+    let pod = &mut deploy["spec"]["template"]["spec"];
+    pod["affinity"] = serde_json::json!({
+        "podAntiAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": [{
+                "topologyKey": "kubernetes.io/hostname",
+                "labelSelector": { "matchLabels": { "app.kubernetes.io/name": "moat-control" } }
+            }]
+        }
+    });
+    if let Some(volumes) = pod.get_mut("volumes").and_then(Value::as_array_mut) {
+        for v in volumes.iter_mut() {
+            // Only the admin credential is written there now; the state is in etcd.
+            if v["name"] == "data" {
+                *v = serde_json::json!({ "name": "data", "emptyDir": {} });
+            }
+        }
+        volumes.push(serde_json::json!({
+            "name": "etcd-tls",
+            "secret": { "secretName": secret, "defaultMode": 256 }
+        }));
     }
+    if let Some(c) = pod.pointer_mut("/containers/0") {
+        if let Some(mounts) = c.get_mut("volumeMounts").and_then(Value::as_array_mut) {
+            mounts.push(serde_json::json!({
+                "name": "etcd-tls", "mountPath": "/etc/moat/etcd", "readOnly": true
+            }));
+        }
+        if let Some(list) = c.get_mut("args").and_then(Value::as_array_mut) {
+            list.extend(
+                [
+                    format!("--store=etcd://{store}"),
+                    "--etcd-ca=/etc/moat/etcd/ca.crt".to_owned(),
+                    "--etcd-cert=/etc/moat/etcd/tls.crt".to_owned(),
+                    "--etcd-key=/etc/moat/etcd/tls.key".to_owned(),
+                ]
+                .map(Value::from),
+            );
+        }
+    }
+}
+
+/// Checks `--etcd-endpoints`: HOST:PORT each.
+fn etcd_members(endpoints: &[String]) -> anyhow::Result<String> {
+    for e in endpoints {
+        let ok = e.rsplit_once(':').is_some_and(|(h, p)| {
+            !h.is_empty() && !h.contains('/') && p.parse::<u16>().is_ok_and(|p| p != 0)
+        });
+        if !ok {
+            bail!("--etcd-endpoints: {e:?} is not HOST:PORT (for example etcd-0.etcd.db.svc:2379)");
+        }
+    }
+    Ok(endpoints.join(","))
+}
+
+pub fn run(args: InstallArgs) -> anyhow::Result<()> {
+    let store = if args.etcd_endpoints.is_empty() {
+        BUNDLED_MEMBERS.to_owned()
+    } else {
+        etcd_members(&args.etcd_endpoints)?
+    };
+    let bundled = args.ha && args.etcd_endpoints.is_empty();
     let ca_bundle = match &args.ca_bundle {
         None => None,
         Some(p) => {
@@ -114,7 +199,8 @@ pub fn run(args: InstallArgs) -> anyhow::Result<()> {
         env!("CARGO_PKG_VERSION"),
         args.trust_domain
     )];
-    for (file, text) in MANIFESTS {
+    let extra = bundled.then_some(("ha/etcd.yaml", BUNDLED_ETCD));
+    for (file, text) in MANIFESTS.iter().copied().chain(extra) {
         for doc in serde_yaml_ng::Deserializer::from_str(text) {
             let mut v = Value::deserialize(doc)
                 .with_context(|| format!("built-in manifest {file} is not valid YAML"))?;
@@ -128,7 +214,31 @@ pub fn run(args: InstallArgs) -> anyhow::Result<()> {
                 .to_owned();
             set_labels(&mut v);
             match kind.as_str() {
+                // With --ha the state is in etcd: no volume of its own.
+                "PersistentVolumeClaim" if args.ha => continue,
+                "PodDisruptionBudget" if args.ha && v["metadata"]["name"] == "moat-control" => {
+                    v["spec"] = serde_json::json!({
+                        "minAvailable": 2,
+                        "selector": { "matchLabels": { "app.kubernetes.io/name": "moat-control" } }
+                    });
+                }
+                "StatefulSet" => {
+                    if let Some(c) = container_mut(&mut v) {
+                        c["image"] = args.etcd_image.clone().into();
+                    }
+                    if let Some(vols) = v
+                        .pointer_mut("/spec/template/spec/volumes")
+                        .and_then(Value::as_array_mut)
+                    {
+                        for vol in vols.iter_mut().filter(|vol| vol["name"] == "tls") {
+                            vol["secret"]["secretName"] = args.etcd_tls_secret.clone().into();
+                        }
+                    }
+                }
                 "Deployment" => {
+                    if args.ha {
+                        make_ha(&mut v, &store, &args.etcd_tls_secret);
+                    }
                     let td = args.trust_domain.to_string();
                     if let Some(c) = container_mut(&mut v) {
                         c["image"] = args.control_image.clone().into();
@@ -157,6 +267,17 @@ pub fn run(args: InstallArgs) -> anyhow::Result<()> {
         }
     }
     print!("{}", out.join("---\n"));
+    if args.ha {
+        eprintln!(
+            "note: --ha needs the Secret {} (ca.crt, tls.crt, tls.key) in moat-system before the pods can start{}, and at least 3 nodes (one replica per node); see docs/control-plane.md",
+            args.etcd_tls_secret,
+            if bundled {
+                "; the bundled etcd members use it too"
+            } else {
+                ""
+            }
+        );
+    }
     if ca_bundle.is_none() {
         eprintln!(
             "note: the webhook has no caBundle yet; the control plane sets it to the mesh roots when it starts (--webhook-configuration), so pods that opt in are admitted from then on"
