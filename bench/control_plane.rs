@@ -1,5 +1,10 @@
-//! One real `moat-control` holding 10,000 proxy streams: its memory, and how long a change
-//! takes to reach every proxy it concerns.
+//! Real `moat-control` replicas holding 10,000 proxy streams: their memory, and how long a
+//! change takes to reach every proxy it concerns. With `MOAT_BENCH_CONTROL_PLANES=3`, three
+//! replicas share a real 3-member etcd cluster (Debian's `etcd-server`), the proxies are spread
+//! over them, every change is made through the first replica (so most proxies learn it through
+//! another one), and at the end the last replica is killed (`kill -9`): its proxies reconnect to
+//! the others as `moat-proxy` does (after 250 ms ± 25 %), and the bench measures how long until
+//! every one of them holds a first snapshot from a survivor, and the survivors' CPU meanwhile.
 //!
 //! This process simulates the proxies: 1,000 services × 10 replicas, each replica its own mTLS
 //! connection (certificates issued by the control plane for each service) and its own
@@ -11,7 +16,8 @@
 //!   has received the snapshot that carries it: a MeshConfig change (all 10,000), one service's
 //!   AccessPolicy (its 10 replicas), and a new endpoint joining (all 10,000).
 //!
-//! Writes `bench/results/control_plane.md`.
+//! Writes `bench/results/control_plane.md` (one replica, embedded store) or
+//! `bench/results/control_plane_ha.md` (replicas on etcd).
 
 // A benchmark that cannot set up has nothing to measure: failing loudly is right.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -30,7 +36,7 @@ const REPLICAS: usize = 10;
 const ROUNDS: usize = 5;
 /// Connections being set up at once.
 const CONNECTING: usize = 64;
-const GIVE_UP: Duration = Duration::from_secs(120);
+const GIVE_UP: Duration = Duration::from_secs(300);
 
 /// What a round waits for each concerned proxy to have.
 #[derive(Clone, Debug)]
@@ -69,7 +75,8 @@ fn reached(
     }
 }
 
-/// One simulated proxy: fold snapshots, acknowledge, note when the probe's goal holds.
+/// One simulated proxy: fold snapshots, acknowledge, note when the probe's goal holds. Returns
+/// when the stream ends.
 async fn proxy(idx: usize, stream: MeshStream, probes: Probes) {
     let MeshStream { tx, mut inbound } = stream;
     let mut table: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -233,37 +240,132 @@ fn proxies() -> usize {
     services() * REPLICAS
 }
 
+/// Control-plane replicas: 1 (embedded store) unless `MOAT_BENCH_CONTROL_PLANES` says more (on
+/// etcd).
+fn control_planes() -> usize {
+    std::env::var("MOAT_BENCH_CONTROL_PLANES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+}
+
+/// A simulated proxy of replica-set index `idx` on control plane `home`, which reconnects (after
+/// 250 ms ± 25 %, to the next replica) when its stream ends, and says when it holds a first
+/// snapshot again in `reattached`.
+async fn roaming_proxy(
+    idx: usize,
+    cred: Arc<moat_tls::config::Credential>,
+    admins: Arc<Vec<Admin>>,
+    mut home: usize,
+    first: MeshStream,
+    probes: Probes,
+    reattached: Arc<Mutex<Vec<Option<Instant>>>>,
+) {
+    let mut stream = Some(first);
+    loop {
+        if let Some(s) = stream.take() {
+            proxy(idx, s, probes.clone()).await;
+        }
+        home = (home + 1) % admins.len();
+        let jitter = 0.75 + rand::random::<f64>() * 0.5;
+        tokio::time::sleep(Duration::from_millis(250).mul_f64(jitter)).await;
+        match admins[home].mesh_stream(&cred, &address(idx)).await {
+            Ok(mut s) => {
+                // Re-attached once the survivor's first snapshot (all its parts) arrives.
+                let first = loop {
+                    match s.inbound.message().await {
+                        Ok(Some(part)) if part.continued => {}
+                        Ok(Some(last)) => break Some(last),
+                        _ => break None,
+                    }
+                };
+                let Some(first) = first else { continue };
+                reattached.lock().unwrap()[idx].get_or_insert_with(Instant::now);
+                let ack = Ack {
+                    version: first.version,
+                    applied: true,
+                    ..Ack::default()
+                };
+                let _ =
+                    s.tx.send(ProxyMessage {
+                        message: Some(proxy_message::Message::Ack(ack)),
+                    })
+                    .await;
+                stream = Some(s);
+            }
+            Err(_) => continue,
+        }
+    }
+}
+
 fn main() {
-    let (services, proxies) = (services(), proxies());
+    let (services, proxies, planes) = (services(), proxies(), control_planes());
     let rt = moat_bench::runtime();
     rt.block_on(async {
-        let cp = ControlPlane::start().unwrap();
-        let pid = cp.pid().unwrap();
-        let mut admin = Admin::connect(&cp).await.unwrap();
+        let etcd = (planes > 1).then(|| moat_test_util::etcd::EtcdCluster::start(3).unwrap());
+        let mut cps: Vec<ControlPlane> = match &etcd {
+            None => vec![ControlPlane::start().unwrap()],
+            Some(etcd) => (0..planes)
+                .map(|_| ControlPlane::start_with(&["--store", &etcd.store_url()]).unwrap())
+                .collect(),
+        };
+        let pids: Vec<u32> = cps.iter().map(|c| c.pid().unwrap()).collect();
+        let mut admin = Admin::connect(&cps[0]).await.unwrap();
+        let admins: Arc<Vec<Admin>> = Arc::new(
+            cps.iter()
+                .map(|cp| {
+                    let mut a = admin.clone();
+                    a.url = cp.url();
+                    a
+                })
+                .collect(),
+        );
         let mut creds = Vec::with_capacity(services);
         for svc in 0..services {
-            creds.push(admin.credential(&format!("bench/svc-{svc:04}")).await.unwrap());
+            creds.push(Arc::new(
+                admin.credential(&format!("bench/svc-{svc:04}")).await.unwrap(),
+            ));
         }
-        let (idle_rss_empty, _, cpu_start) = usage(pid);
+        let usage_all = || pids.iter().map(|p| usage(*p)).collect::<Vec<_>>();
+        let idle_empty = usage_all();
 
-        // Ramp: every proxy connects (CONNECTING at a time) and must list every endpoint.
+        // Ramp: every proxy connects (CONNECTING at a time), to replica idx % planes, and must
+        // list every endpoint.
         let probes: Probes = Arc::new(Mutex::new(None));
+        let reattached: Arc<Mutex<Vec<Option<Instant>>>> =
+            Arc::new(Mutex::new(vec![None; proxies]));
+        let creds = Arc::new(creds);
         let (ramp, connect_ms) = round(&probes, Goal::Table(proxies), None, async {
             let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-            let creds = Arc::new(creds);
             let mut workers = Vec::new();
             for _ in 0..CONNECTING {
                 let (next, creds, probes) = (next.clone(), creds.clone(), probes.clone());
-                let admin = admin.clone();
+                let (admins, reattached) = (admins.clone(), reattached.clone());
                 workers.push(tokio::spawn(async move {
                     loop {
                         let idx = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         if idx >= proxies {
                             return;
                         }
-                        let cred = &creds[idx / REPLICAS];
-                        let stream = admin.mesh_stream(cred, &address(idx)).await.expect("connect");
-                        tokio::spawn(proxy(idx, stream, probes.clone()));
+                        let cred = creds[idx / REPLICAS].clone();
+                        let home = idx % admins.len();
+                        let stream = admins[home]
+                            .mesh_stream(&cred, &address(idx))
+                            .await
+                            .expect("connect");
+                        if admins.len() > 1 {
+                            tokio::spawn(roaming_proxy(
+                                idx,
+                                cred,
+                                admins.clone(),
+                                home,
+                                stream,
+                                probes.clone(),
+                                reattached.clone(),
+                            ));
+                        } else {
+                            tokio::spawn(proxy(idx, stream, probes.clone()));
+                        }
                     }
                 }));
             }
@@ -273,10 +375,10 @@ fn main() {
         })
         .await;
         let ramp_s = (connect_ms + ramp[ramp.len() - 1]) / 1000.0;
-        let (_, _, cpu_ramped) = usage(pid);
+        let ramped = usage_all();
         eprintln!("{proxies} proxies hold the whole table {ramp_s:.1} s after the last connected");
         tokio::time::sleep(Duration::from_secs(5)).await;
-        let (rss_idle, _, _) = usage(pid);
+        let idle = usage_all();
 
         let (mut mesh_wide, mut one_service, mut joined) = (Vec::new(), Vec::new(), Vec::new());
         let mut change_ms = Vec::new();
@@ -302,12 +404,15 @@ fn main() {
             one_service.extend(d);
             change_ms.push(c);
 
-            // A new replica of one service joins; everyone must learn its address.
+            // A new replica of one service joins (on the last control plane); everyone must
+            // learn its address.
             let addr = format!("10.250.0.{}:8443", r + 1);
             let cred = admin.credential(&format!("bench/svc-{svc:04}")).await.unwrap();
-            let stream = admin.mesh_stream(&cred, &addr).await.unwrap();
             let extra = Arc::new(Mutex::new(None));
+            // Connected inside the round: the control plane may send the new endpoint to the
+            // others as soon as the proxy announces it, before the stream call returns.
             let (d, _) = round(&probes, Goal::Endpoint(addr.clone()), None, async {
+                let stream = admins[admins.len() - 1].mesh_stream(&cred, &addr).await.unwrap();
                 tokio::spawn(proxy(0, stream, extra.clone()));
             })
             .await;
@@ -315,10 +420,69 @@ fn main() {
             joined.extend(d);
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        let (rss_end, rss_peak, cpu_end) = usage(pid);
+        let end = usage_all();
         for v in [&mut mesh_wide, &mut one_service, &mut joined, &mut change_ms] {
             v.sort_by(f64::total_cmp);
         }
+
+        // Replicas only: the last one dies; its proxies move to the others.
+        let mut storm = String::new();
+        if planes > 1 {
+            let victim = planes - 1;
+            let orphans: Vec<usize> = (0..proxies).filter(|i| i % planes == victim).collect();
+            let before: Vec<(f64, f64, f64)> = pids[..victim].iter().map(|p| usage(*p)).collect();
+            let killed = Instant::now();
+            cps[victim].kill9();
+            // Reported even when not every proxy makes it in time.
+            let (all_back, back) = loop {
+                let back = {
+                    let r = reattached.lock().unwrap();
+                    orphans.iter().filter(|i| r[**i].is_some()).count()
+                };
+                if back == orphans.len() || killed.elapsed() >= GIVE_UP {
+                    break (killed.elapsed(), back);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            };
+            let mut delays: Vec<f64> = {
+                let r = reattached.lock().unwrap();
+                orphans
+                    .iter()
+                    .filter_map(|i| r[*i])
+                    .map(|t| (t - killed).as_secs_f64() * 1000.0)
+                    .collect()
+            };
+            delays.sort_by(f64::total_cmp);
+            let after: Vec<(f64, f64, f64)> = pids[..victim].iter().map(|p| usage(*p)).collect();
+            let cpu: Vec<String> = before
+                .iter()
+                .zip(&after)
+                .map(|(b, a)| format!("{:.1} s", a.2 - b.2))
+                .collect();
+            let rss: Vec<String> = after.iter().map(|a| format!("{:.0} MB", a.0)).collect();
+            eprintln!("{back} of {} orphaned proxies re-attached {all_back:?} after the kill", orphans.len());
+            storm = format!(
+                "\n## A replica killed\n\n\
+                 Control plane {} of {planes} is killed (`kill -9`) with its {} proxies connected; each \
+                 reconnects to the next replica after 250 ms ± 25 % (`moat-proxy`'s first backoff step) \
+                 and is re-attached when the survivor's first snapshot (the whole table) has arrived.\n\n\
+                 | measure | value |\n|---|---|\n\
+                 | orphaned proxies re-attached | {back} of {} |\n\
+                 | the last of them re-attached (or the bench gave up), after the kill | {:.1} s |\n\
+                 | re-attach delay p50 / p99 | {:.0} ms / {:.0} ms |\n\
+                 | survivors' CPU until then | {} |\n\
+                 | survivors' RSS after | {} |\n",
+                victim + 1,
+                orphans.len(),
+                orphans.len(),
+                all_back.as_secs_f64(),
+                moat_bench::pct(&delays, 0.5),
+                moat_bench::pct(&delays, 0.99),
+                cpu.join(", "),
+                rss.join(", "),
+            );
+        }
+
         let cpus = std::fs::read_to_string("/proc/cpuinfo")
             .unwrap_or_default()
             .lines()
@@ -326,11 +490,30 @@ fn main() {
             .and_then(|l| l.split_once(':'))
             .map(|(_, m)| m.trim().to_owned())
             .unwrap_or_default();
+        let mb = |v: &[(f64, f64, f64)], f: fn(&(f64, f64, f64)) -> f64| {
+            v.iter().map(|u| format!("{:.0} MB", f(u))).collect::<Vec<_>>().join(", ")
+        };
+        let cpu = |a: &[(f64, f64, f64)], b: &[(f64, f64, f64)]| {
+            a.iter().zip(b).map(|(a, b)| b.2 - a.2).sum::<f64>()
+        };
+        let (setup, file, targets) = if planes == 1 {
+            (
+                "one `moat-control` (release, embedded store)".to_owned(),
+                "results/control_plane.md",
+                format!("Targets (issue: performance): {proxies} proxies in < 500 MB; policy convergence p99 < 1 s."),
+            )
+        } else {
+            (
+                format!("{planes} `moat-control` replicas (release) on a 3-member etcd cluster (Debian's etcd-server) on the same machine; proxy i on replica i mod {planes}; every change applied through replica 1"),
+                "results/control_plane_ha.md",
+                format!("Targets (issue: HA): {proxies} proxies over {planes} replicas, each < 250 MB; cross-replica convergence p99 < 1 s; every orphaned proxy re-attached < 10 s after a replica's death."),
+            )
+        };
         let table = format!(
             "# control_plane — latest run\n\n\
-             - Command: `cargo bench -p moat-bench --bench control_plane`\n\
+             - Command: `{}cargo bench -p moat-bench --bench control_plane`\n\
              - Machine: {cpus}, {} cores; the control plane and the simulated proxies share them.\n\
-             - Setup: one `moat-control` (release, embedded store) and {proxies} simulated proxies in one \
+             - Setup: {setup}, and {proxies} simulated proxies in one \
              process: {services} services × {REPLICAS} replicas, one mTLS connection and one `Mesh.Stream` \
              each, announcing its own address, folding incremental service tables and acknowledging \
              every snapshot.\n\
@@ -338,30 +521,36 @@ fn main() {
              proxy has received the snapshot carrying it; {ROUNDS} rounds of each change.\n\n\
              ## Memory and CPU\n\n\
              | measure | value |\n|---|---|\n\
-             | control plane RSS before any proxy | {idle_rss_empty:.0} MB |\n\
-             | control plane RSS, {proxies} proxies connected, idle | {rss_idle:.0} MB |\n\
-             | control plane RSS after the rounds | {rss_end:.0} MB |\n\
-             | control plane peak RSS (VmHWM) | {rss_peak:.0} MB |\n\
+             | control plane RSS before any proxy | {} |\n\
+             | control plane RSS, {proxies} proxies connected, idle | {} |\n\
+             | control plane RSS after the rounds | {} |\n\
+             | control plane peak RSS (VmHWM) | {} |\n\
              | ramp: last proxy holding all {proxies} endpoints, after the first connected | {ramp_s:.1} s |\n\
              | control plane CPU during the ramp | {:.1} s |\n\
              | control plane CPU during the rounds | {:.1} s |\n\n\
              ## Convergence\n\n\
              | change | samples | p50 | p99 | max |\n|---|---|---|---|---|\n\
-             {}{}{}{}\n\
-             Targets (issue: performance): {proxies} proxies in < 500 MB; policy convergence p99 < 1 s.\n",
+             {}{}{}{}\n{storm}\n\
+             {targets}\n",
+            if planes == 1 { String::new() } else { format!("MOAT_BENCH_CONTROL_PLANES={planes} ") },
             std::thread::available_parallelism().map_or(0, |n| n.get()),
-            cpu_ramped - cpu_start,
-            cpu_end - cpu_ramped,
+            mb(&idle_empty, |u| u.0),
+            mb(&idle, |u| u.0),
+            mb(&end, |u| u.0),
+            mb(&end, |u| u.1),
+            cpu(&idle_empty, &ramped),
+            cpu(&ramped, &end),
             row(&format!("MeshConfig `defaultPosture` → all {proxies} proxies"), &mesh_wide),
             row(&format!("one service's AccessPolicy → its {REPLICAS} replicas"), &one_service),
             row(&format!("a new endpoint → all {proxies} proxies' tables"), &joined),
             row("the admin apply call itself (stored, durable)", &change_ms),
         );
         print!("{table}");
-        let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results/control_plane.md");
+        let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
         std::fs::write(&out, table).unwrap();
-        // Stop the control plane now; leave the 10,000 streams to the process exit.
-        drop(cp);
+        // Stop the control planes now; leave the streams to the process exit.
+        cps.clear();
+        drop(etcd);
         std::process::exit(0);
     });
 }

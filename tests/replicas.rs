@@ -386,6 +386,20 @@ async fn a_root_rotation_completes_after_the_leader_running_it_dies() {
     let proxies = s["proxies"].as_array().unwrap();
     assert_eq!(proxies.len(), 2, "{s}");
     assert!(proxies.iter().all(|p| p["bundle_current"] == true), "{s}");
+
+    // Revocation works through the new leadership too: given through one survivor, the
+    // revoked proxy's certificate renewal is refused by the other.
+    rest[new_leader].moat_ok(&["revoke", "--identity", "payments", "--reason", "test"]);
+    let other = &rest[(new_leader + 1) % 2];
+    assert!(other.moat_ok(&["revoke", "--list"]).contains("payments"));
+    let gone = eventually(Duration::from_secs(10), || {
+        (!fleet(other).contains(&id("payments").to_string())).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "the revoked proxy's stream was closed: {}",
+        other.moat_ok(&["status"])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -127,6 +127,9 @@ pub async fn publish(state: Arc<MeshState>, replica: Arc<Replica>) {
                 .map(|k| Op::Delete(k.clone())),
         );
         let mut failed = false;
+        if !ops.is_empty() {
+            tracing::debug!(writes = ops.len(), "publishing this replica's proxies");
+        }
         while !ops.is_empty() {
             let batch: Vec<Op> = ops.drain(..ops.len().min(BATCH)).collect();
             let txn = Txn {
@@ -156,14 +159,23 @@ pub async fn publish(state: Arc<MeshState>, replica: Arc<Replica>) {
     }
 }
 
+/// How long the endpoints of a replica that died stay in the service table while its proxies
+/// reconnect to the others (they retry within seconds; under a large reconnection storm a
+/// survivor may take longer to take them all). Without it, every survivor's proxies would lose
+/// those endpoints when the dead replica's lease ends, and get them back one by one, turning
+/// each reconnection into a change for the whole fleet.
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(30);
+
 /// Keeps `state`'s remote proxies equal to what the other replicas published: one read of
 /// `live/`, then the watch's changes applied one by one (a read again only after a lag), and
-/// the registry updated once per burst.
+/// the registry updated once per burst. The proxies of a replica that died (its registration is
+/// gone with its lease) keep their endpoints for [`ORPHAN_GRACE`].
 pub async fn follow(state: Arc<MeshState>, replica: Arc<Replica>) {
     let store = state.store().clone();
     let mine = format!("{LIVE}{}/", replica.id());
     let mut changes = store.watch_retrying(LIVE).await;
     let mut remote: HashMap<String, ProxyEntry> = HashMap::new();
+    let mut orphans: Vec<(SpiffeId, String, tokio::time::Instant)> = Vec::new();
     let mut reread = true;
     loop {
         if reread {
@@ -183,24 +195,46 @@ pub async fn follow(state: Arc<MeshState>, replica: Arc<Replica>) {
                 }
             }
         }
-        if state
-            .registry()
-            .set_remote(remote.values().cloned().collect())
-        {
+        let now = tokio::time::Instant::now();
+        orphans.retain(|(_, _, until)| *until > now);
+        let changed = {
+            let mut reg = state.registry();
+            let a = reg.set_remote(remote.values().cloned().collect());
+            let b = reg.set_orphans(
+                orphans
+                    .iter()
+                    .map(|(id, a, _)| (id.clone(), a.clone()))
+                    .collect(),
+            );
+            a || b
+        };
+        tracing::debug!(
+            remote = remote.len(),
+            orphans = orphans.len(),
+            endpoints_changed = changed,
+            "followed the other replicas' proxies"
+        );
+        if changed {
             state.bump();
         }
-        // Wait for a change, then take the rest of the burst (up to 200 ms of it) before
-        // updating the registry.
+        // Wait for a change (or an orphan's grace to end), then take the rest of the burst (up
+        // to 200 ms of it) before updating the registry.
+        let grace_ends = orphans.iter().map(|(_, _, until)| *until).min();
         let mut burst_until = None;
+        let mut deleted: Vec<(String, ProxyEntry)> = Vec::new();
         loop {
-            let next = match burst_until {
-                None => Ok(changes.next().await),
-                Some(until) => {
+            let next = match (burst_until, grace_ends) {
+                (None, None) => Ok(changes.next().await),
+                (None, Some(at)) => tokio::time::timeout_at(at, changes.next()).await,
+                (Some(until), _) => {
                     let wait = Duration::from_millis(20)
                         .min(until - tokio::time::Instant::now().min(until));
                     tokio::time::timeout(wait, changes.next()).await
                 }
             };
+            if next.is_err() {
+                break;
+            }
             burst_until.get_or_insert(tokio::time::Instant::now() + Duration::from_millis(200));
             match next {
                 Err(_) => break,
@@ -223,10 +257,38 @@ pub async fn follow(state: Arc<MeshState>, replica: Arc<Replica>) {
                             }
                         },
                         EventKind::Delete => {
-                            remote.remove(&e.key);
+                            if let Some(p) = remote.remove(&e.key) {
+                                deleted.push((e.key, p));
+                            }
                         }
                     }
                 }
+            }
+        }
+        // A deletion by a replica that is gone (its lease ended) is a death, not a goodbye.
+        let mut dead: HashMap<String, bool> = HashMap::new();
+        for (key, p) in deleted {
+            let Some(r) = key
+                .strip_prefix(LIVE)
+                .and_then(|k| k.split_once('/'))
+                .map(|(r, _)| r.to_owned())
+            else {
+                continue;
+            };
+            let gone = match dead.get(&r) {
+                Some(g) => *g,
+                None => {
+                    let g = crate::replica::is_gone(store.as_ref(), &r).await;
+                    dead.insert(r, g);
+                    g
+                }
+            };
+            if gone {
+                orphans.push((
+                    p.id,
+                    p.inbound_address,
+                    tokio::time::Instant::now() + ORPHAN_GRACE,
+                ));
             }
         }
     }

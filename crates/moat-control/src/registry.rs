@@ -132,6 +132,8 @@ pub struct Registry {
     /// Proxies connected to the other control-plane replicas, as they published them
     /// (`fleet`): their endpoints, certificates and what they applied.
     remote: Vec<ProxyEntry>,
+    /// Endpoints of proxies whose replica died, kept while they reconnect elsewhere (`fleet`).
+    orphans: Vec<(SpiffeId, String)>,
     /// By (identity, address).
     disconnected: HashMap<(SpiffeId, String), Disconnected>,
 }
@@ -224,6 +226,15 @@ impl Registry {
         };
         let changed = endpoints(&self.remote) != endpoints(&proxies);
         self.remote = proxies;
+        changed
+    }
+
+    /// Sets the endpoints of a dead replica's proxies; returns whether the service table changes.
+    pub fn set_orphans(&mut self, mut endpoints: Vec<(SpiffeId, String)>) -> bool {
+        endpoints.sort();
+        endpoints.dedup();
+        let changed = self.orphans != endpoints;
+        self.orphans = endpoints;
         changed
     }
 
@@ -352,7 +363,7 @@ impl Registry {
                 .or_default()
                 .push(p.inbound_address.clone());
         }
-        for (id, addr) in &self.warm {
+        for (id, addr) in self.warm.iter().chain(&self.orphans) {
             table.entry(id.clone()).or_default().push(addr.clone());
         }
         for p in &self.remote {

@@ -205,6 +205,12 @@ pub async fn replicas(store: &dyn Store) -> Result<Vec<ReplicaInfo>, StoreError>
         .collect())
 }
 
+/// Whether replica `id` is gone (its registration ended with its lease). A store error counts as
+/// "not known to be gone".
+pub async fn is_gone(store: &dyn Store, id: &str) -> bool {
+    matches!(store.get(&format!("{REPLICAS}{id}")).await, Ok(None))
+}
+
 /// The id of the replica that leads now, if any.
 pub async fn leader(store: &dyn Store) -> Result<Option<String>, StoreError> {
     Ok(store

@@ -262,7 +262,11 @@ impl ControlPlane {
         let data = tempfile::tempdir()?;
         let secrets = tempfile::tempdir()?;
         write_secret(&secrets.path().join("kek"), TEST_KEK)?;
-        let log = secrets.path().join("control.log");
+        // MOAT_TEST_LOG_DIR keeps every control plane's log after the test (for post-mortems).
+        let log = match std::env::var_os("MOAT_TEST_LOG_DIR") {
+            Some(dir) => PathBuf::from(dir).join(format!("control-{}.log", listen.port())),
+            None => secrets.path().join("control.log"),
+        };
         let mut cp = ControlPlane {
             child: None,
             addr: String::new(),
