@@ -67,6 +67,26 @@ fn fleet(cp: &ControlPlane) -> Vec<String> {
     ids
 }
 
+/// A recording app behind `orders` (its sidecar on `orders_on`) and a `frontend` sidecar (on
+/// `frontend_on`) with an outbound listener for orders, once the frontend knows orders' endpoint.
+async fn orders_and_frontend(
+    orders_on: &ControlPlane,
+    frontend_on: &ControlPlane,
+) -> (moat_test_util::apps::Recording, Proxy, Proxy) {
+    let (app, seen) = recording_http().await;
+    let orders = Proxy::builder(orders_on, "orders")
+        .app(app)
+        .start()
+        .unwrap();
+    let frontend = Proxy::builder(frontend_on, "frontend")
+        .app(app)
+        .upstreams(&["orders"])
+        .start()
+        .unwrap();
+    wait_for_services(&frontend, &["orders"]);
+    (seen, orders, frontend)
+}
+
 const ORDERS_GET: &str = "apiVersion: moat.dev/v1\nkind: AccessPolicy\nmetadata: { name: orders }\nspec:\n  target: orders\n  rules:\n    - from: [frontend]\n      http: [{ methods: [GET], paths: [/orders/*] }]\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -76,14 +96,7 @@ async fn a_change_through_one_replica_reaches_the_proxies_of_the_others() {
     leader(&cps);
 
     // orders on B, frontend on C: C's frontend learns orders' endpoint from what B publishes.
-    let (app, seen) = recording_http().await;
-    let _orders = Proxy::builder(b, "orders").app(app).start().unwrap();
-    let frontend = Proxy::builder(c, "frontend")
-        .app(app)
-        .upstreams(&["orders"])
-        .start()
-        .unwrap();
-    wait_for_services(&frontend, &["orders"]);
+    let (seen, _orders, frontend) = orders_and_frontend(b, c).await;
 
     // A policy applied through A is enforced by the sidecar on B, on what the app receives.
     apply_policy(a, ORDERS_GET);
@@ -382,10 +395,18 @@ async fn a_root_rotation_completes_after_the_leader_running_it_dies() {
     for step in ["✓ step 2", "✓ step 3", "root rotation complete: 2 proxies"] {
         assert!(out.contains(step), "{out}");
     }
-    let s = status(&rest[(new_leader + 1) % 2]);
-    let proxies = s["proxies"].as_array().unwrap();
-    assert_eq!(proxies.len(), 2, "{s}");
-    assert!(proxies.iter().all(|p| p["bundle_current"] == true), "{s}");
+    // The other survivor sees the same, once the proxies' last acknowledgements are
+    // published (the cross-replica view trails by up to about a second).
+    let on_new_root = eventually(Duration::from_secs(10), || {
+        let s = status(&rest[(new_leader + 1) % 2]);
+        let proxies = s["proxies"].as_array()?;
+        (proxies.len() == 2 && proxies.iter().all(|p| p["bundle_current"] == true)).then_some(())
+    });
+    assert!(
+        on_new_root.is_some(),
+        "{}",
+        rest[(new_leader + 1) % 2].moat_ok(&["status"])
+    );
 
     // Revocation works through the new leadership too: given through one survivor, the
     // revoked proxy's certificate renewal is refused by the other.
@@ -406,14 +427,7 @@ async fn a_root_rotation_completes_after_the_leader_running_it_dies() {
 async fn the_mesh_rides_out_etcd_losing_a_member_then_its_quorum() {
     let (mut etcd, cps) = tokio::task::block_in_place(|| replicas(2));
     let (a, b) = (&cps[0], &cps[1]);
-    let (app, _seen) = recording_http().await;
-    let _orders = Proxy::builder(b, "orders").app(app).start().unwrap();
-    let frontend = Proxy::builder(a, "frontend")
-        .app(app)
-        .upstreams(&["orders"])
-        .start()
-        .unwrap();
-    wait_for_services(&frontend, &["orders"]);
+    let (_seen, _orders, frontend) = orders_and_frontend(b, a).await;
     apply_policy(a, ORDERS_GET);
     let client = h1_client();
     let url = format!("http://{}/orders/1", frontend.upstream("orders"));
