@@ -379,6 +379,7 @@ async fn a_root_rotation_completes_after_the_leader_running_it_dies() {
     let out = tokio::task::block_in_place(|| run_rotation_until(&cps[l], "step 1"));
     assert!(out.contains("step 1"), "{out}");
     cps[l].kill9();
+    let dead_url = cps[l].url();
     let rest: Vec<ControlPlane> = {
         let dead = cps.remove(l);
         drop(dead);
@@ -388,9 +389,18 @@ async fn a_root_rotation_completes_after_the_leader_running_it_dies() {
     let started = Instant::now();
     let new_leader = leader(&rest);
     eprintln!("new leader after {:?}", started.elapsed());
-    // The operator runs the command again through another replica: it resumes at step 2.
+    // The operator runs the command again, naming the dead replica first: the CLI uses the
+    // first that answers, and the rotation resumes at step 2.
+    let urls = format!("{},{}", dead_url, rest[new_leader].url());
     let out = tokio::task::block_in_place(|| {
-        rest[new_leader].moat_ok(&["ca", "rotate-root", "--timeout", "40s"])
+        rest[new_leader].moat_ok(&[
+            "--control-plane",
+            &urls,
+            "ca",
+            "rotate-root",
+            "--timeout",
+            "40s",
+        ])
     });
     for step in ["✓ step 2", "✓ step 3", "root rotation complete: 2 proxies"] {
         assert!(out.contains(step), "{out}");

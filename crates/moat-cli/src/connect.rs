@@ -6,14 +6,38 @@ use moat_tls::Credential;
 use moat_tls::connect::error_chain;
 use tonic::transport::Channel;
 
-/// Opens a channel to the control plane at `url`, verified against `bundle`.
+/// Opens a channel to the control plane at `url`, verified against `bundle`. `url` may name
+/// several replicas, comma-separated: the first one that answers is used, and when none does
+/// the error lists why for each.
 pub async fn channel(
     url: &str,
     bundle: TrustBundle,
     td: &TrustDomain,
     cred: Option<&Credential>,
 ) -> anyhow::Result<Channel> {
-    Ok(moat_tls::connect::channel(url, bundle, SpiffeId::control_plane(td), cred).await?)
+    let urls: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    let mut failures = Vec::new();
+    for u in &urls {
+        match moat_tls::connect::channel(u, bundle.clone(), SpiffeId::control_plane(td), cred).await
+        {
+            Ok(c) => return Ok(c),
+            Err(e) if urls.len() == 1 => return Err(e.into()),
+            Err(e) => failures.push(format!("{u}: {e}")),
+        }
+    }
+    if failures.is_empty() {
+        anyhow::bail!(
+            "--control-plane is empty: give https://HOST:PORT (comma-separated for several replicas)"
+        );
+    }
+    anyhow::bail!(
+        "no control-plane replica answered:\n  {}",
+        failures.join("\n  ")
+    )
 }
 
 /// Turns a gRPC failure into a readable error.

@@ -15,7 +15,8 @@ use clap::{CommandFactory as _, FromArgMatches as _, Subcommand};
 /// Settings shared by every command that talks to the control plane.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Global {
-    /// Control-plane address.
+    /// Control-plane address; several replicas comma-separated (the first that answers is
+    /// used).
     #[arg(
         long,
         global = true,
