@@ -26,6 +26,17 @@ fn orders_spec(methods: &[&str]) -> Value {
             "rules": [{ "from": ["frontend"], "http": [{ "methods": methods, "paths": ["/orders/*"] }] }] })
 }
 
+/// The message of a resource's `Accepted` condition, once it says `False`, reason `Invalid`.
+fn refusal(api: &KubeApi, ns: &str, name: &str) -> String {
+    let s = status_when(api, ns, name, |s| accepted(s).is_some());
+    let c = accepted(&s).unwrap();
+    assert_eq!(
+        (&c["status"], &c["reason"]),
+        (&"False".into(), &"Invalid".into())
+    );
+    c["message"].as_str().unwrap().to_owned()
+}
+
 /// The resource's status once `ok` holds for it.
 fn status_when(api: &KubeApi, ns: &str, name: &str, ok: impl Fn(&Value) -> bool) -> Value {
     eventually(Duration::from_secs(20), || {
@@ -160,13 +171,7 @@ async fn access_policies_declared_as_resources_are_enforced_reported_and_owned()
         "broken",
         json!({ "target": "orders", "rules": [{ "from": ["Not An Identity"] }] }),
     );
-    let s = status_when(&api, "default", "broken", |s| accepted(s).is_some());
-    let c = accepted(&s).unwrap();
-    assert_eq!(
-        (&c["status"], &c["reason"]),
-        (&"False".into(), &"Invalid".into())
-    );
-    let message = c["message"].as_str().unwrap();
+    let message = refusal(&api, "default", "broken");
     assert!(
         message.contains("AccessPolicy default/broken") && message.contains("Not An Identity"),
         "{message}"
@@ -182,13 +187,7 @@ async fn access_policies_declared_as_resources_are_enforced_reported_and_owned()
         "open-orders",
         json!({ "target": "default/orders", "rules": [{ "from": ["dev/attacker"] }] }),
     );
-    let s = status_when(&api, "dev", "open-orders", |s| accepted(s).is_some());
-    let c = accepted(&s).unwrap();
-    assert_eq!(
-        (&c["status"], &c["reason"]),
-        (&"False".into(), &"Invalid".into())
-    );
-    let message = c["message"].as_str().unwrap();
+    let message = refusal(&api, "dev", "open-orders");
     assert!(
         message.contains("outside the resource's namespace dev"),
         "{message}"

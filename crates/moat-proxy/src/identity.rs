@@ -80,18 +80,40 @@ impl IdentityError {
     }
 }
 
-/// Runs a call to the control-plane replica at `url`; when that replica could not be reached
-/// or was unavailable, the next call goes to the next one.
-async fn moving_on<T>(
+/// One `Certify` call to the control-plane replica in use, verified against `anchors`, over mTLS
+/// with `client` when given. When that replica could not be reached or was unavailable, the
+/// next call goes to the next replica.
+async fn certify(
     cfg: &ProxyConfig,
-    url: &str,
-    call: impl std::future::Future<Output = Result<T, IdentityError>>,
-) -> Result<T, IdentityError> {
+    anchors: &TrustBundle,
+    client: Option<&Credential>,
+    request: CertifyRequest,
+    what: &'static str,
+) -> Result<CertifyResponse, IdentityError> {
+    let url = cfg.control_plane.current().to_owned();
+    let call = async {
+        let channel = moat_tls::connect::channel(
+            &url,
+            anchors.clone(),
+            SpiffeId::control_plane(&cfg.trust_domain),
+            client,
+        )
+        .await?;
+        IdentityClient::new(channel)
+            .certify(request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| IdentityError::Refused {
+                what,
+                code: s.code(),
+                message: s.message().to_owned(),
+            })
+    };
     let result = call.await;
     if let Err(e) = &result
         && e.retryable()
     {
-        cfg.control_plane.failed(url);
+        cfg.control_plane.failed(&url);
     }
     result
 }
@@ -167,30 +189,18 @@ pub async fn bootstrap(cfg: &ProxyConfig) -> Result<Issued, IdentityError> {
         }
     };
     let key = WorkloadKey::generate(&cfg.identity)?;
-    let url = cfg.control_plane.current().to_owned();
-    let resp = moving_on(cfg, &url, async {
-        let channel = moat_tls::connect::channel(
-            &url,
-            anchors.clone(),
-            SpiffeId::control_plane(&cfg.trust_domain),
-            None,
-        )
-        .await?;
-        IdentityClient::new(channel)
-            .certify(CertifyRequest {
-                csr_der: key.csr_der().to_vec(),
-                ttl_seconds: ttl_seconds(cfg),
-                credential: Some(credential),
-            })
-            .await
-            .map_err(|s| IdentityError::Refused {
-                what: "our token",
-                code: s.code(),
-                message: s.message().to_owned(),
-            })
-    })
-    .await?
-    .into_inner();
+    let resp = certify(
+        cfg,
+        &anchors,
+        None,
+        CertifyRequest {
+            csr_der: key.csr_der().to_vec(),
+            ttl_seconds: ttl_seconds(cfg),
+            credential: Some(credential),
+        },
+        "our token",
+    )
+    .await?;
     let issued = accept(resp, &key, &anchors)?;
     tracing::info!(id = %issued.credential.id(), serial = %issued.credential.leaf().serial, not_after = issued.credential.leaf().not_after, "obtained our first certificate");
     Ok(issued)
@@ -199,30 +209,18 @@ pub async fn bootstrap(cfg: &ProxyConfig) -> Result<Issued, IdentityError> {
 /// Renews over mTLS with the current credential and a new key.
 pub async fn renew(cfg: &ProxyConfig, current: &TlsState) -> Result<Issued, IdentityError> {
     let key = WorkloadKey::generate(&cfg.identity)?;
-    let url = cfg.control_plane.current().to_owned();
-    let resp = moving_on(cfg, &url, async {
-        let channel = moat_tls::connect::channel(
-            &url,
-            (*current.bundle).clone(),
-            SpiffeId::control_plane(&cfg.trust_domain),
-            Some(&current.credential),
-        )
-        .await?;
-        IdentityClient::new(channel)
-            .certify(CertifyRequest {
-                csr_der: key.csr_der().to_vec(),
-                ttl_seconds: ttl_seconds(cfg),
-                credential: None,
-            })
-            .await
-            .map_err(|s| IdentityError::Refused {
-                what: "our renewal",
-                code: s.code(),
-                message: s.message().to_owned(),
-            })
-    })
-    .await?
-    .into_inner();
+    let resp = certify(
+        cfg,
+        &current.bundle,
+        Some(&current.credential),
+        CertifyRequest {
+            csr_der: key.csr_der().to_vec(),
+            ttl_seconds: ttl_seconds(cfg),
+            credential: None,
+        },
+        "our renewal",
+    )
+    .await?;
     accept(resp, &key, &current.bundle)
 }
 

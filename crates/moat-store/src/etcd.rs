@@ -150,7 +150,12 @@ impl EtcdStore {
             prefix: cfg.prefix.clone(),
             members,
         };
-        store.revision().await?;
+        store.revision().await.map_err(|e| match e {
+            StoreError::Unavailable(m) => StoreError::Unavailable(format!(
+                "{m}; at start, also check the --store addresses and the etcd TLS flags"
+            )),
+            other => other,
+        })?;
         Ok(store)
     }
 
