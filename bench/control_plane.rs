@@ -22,7 +22,6 @@
 // A benchmark that cannot set up has nothing to measure: failing loudly is right.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,6 +30,7 @@ use moat_api::v1::{
 };
 use moat_test_util::ControlPlane;
 use moat_test_util::mesh::{Admin, MeshStream};
+use moat_wire::table::ServiceTable;
 
 const REPLICAS: usize = 10;
 const ROUNDS: usize = 5;
@@ -60,41 +60,23 @@ struct Probe {
 
 type Probes = Arc<Mutex<Option<Probe>>>;
 
-/// Whether `goal` holds for a proxy holding `table` (with `endpoints` in all) after `snap`.
-fn reached(
-    goal: &Goal,
-    snap: &Snapshot,
-    table: &BTreeMap<String, Vec<String>>,
-    endpoints: usize,
-) -> bool {
+/// Whether `goal` holds for a proxy holding `table` after `snap`.
+fn reached(goal: &Goal, snap: &Snapshot, table: &ServiceTable) -> bool {
     match goal {
-        Goal::Table(n) => endpoints == *n,
+        Goal::Table(n) => table.endpoints() == *n,
         Goal::Posture(p) => snap.mesh.as_ref().is_some_and(|m| &m.default_posture == p),
         Goal::Policy(name) => snap.policies.iter().any(|p| &p.name == name),
-        Goal::Endpoint(a) => table.values().any(|eps| eps.contains(a)),
+        Goal::Endpoint(a) => table.iter().any(|(_, eps)| eps.contains(a)),
     }
 }
 
-/// One simulated proxy: fold snapshots, acknowledge, note when the probe's goal holds. Returns
-/// when the stream ends.
-async fn proxy(idx: usize, stream: MeshStream, probes: Probes) {
+/// One simulated proxy: fold snapshots into `table` (kept across its streams, as `moat-proxy`
+/// does), acknowledge, note when the probe's goal holds. Returns when the stream ends.
+async fn proxy(idx: usize, stream: MeshStream, probes: Probes, table: &mut Option<ServiceTable>) {
     let MeshStream { tx, mut inbound } = stream;
-    let mut table: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut endpoints = 0;
     while let Ok(Some(mut snap)) = inbound.message().await {
-        if !snap.services_incremental {
-            table.clear();
-            endpoints = 0;
-        }
-        for r in &snap.services_removed {
-            endpoints -= table.remove(r).map_or(0, |e| e.len());
-        }
-        for s in std::mem::take(&mut snap.services) {
-            endpoints += s.endpoints.len();
-            endpoints -= table
-                .insert(s.spiffe_id, s.endpoints)
-                .map_or(0, |e| e.len());
-        }
+        ServiceTable::fold(table, &mut snap).expect("a snapshot that folds");
+        let Some(held) = table.as_ref() else { continue };
         if snap.continued {
             continue; // more parts follow; moat-proxy applies and acknowledges at the last
         }
@@ -103,7 +85,7 @@ async fn proxy(idx: usize, stream: MeshStream, probes: Probes) {
             if let Some(p) = guard.as_mut()
                 && p.hits[idx].is_none()
                 && p.only.as_ref().is_none_or(|r| r.contains(&idx))
-                && reached(&p.goal, &snap, &table, endpoints)
+                && reached(&p.goal, &snap, held)
             {
                 p.hits[idx] = Some(p.start.elapsed());
                 p.done += 1;
@@ -201,6 +183,30 @@ fn address(idx: usize) -> String {
     )
 }
 
+/// The survivors' `moat_mesh_first_snapshots_total` and `moat_mesh_resent_buckets_total`, as
+/// "full / resumed first snapshots, buckets resent" per replica.
+async fn survivors_counters(cps: &[ControlPlane]) -> String {
+    let read = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .sum()
+    };
+    cps.iter()
+        .map(|cp| {
+            let text = cp.admin_get("/metrics").map(|(_, t)| t).unwrap_or_default();
+            format!(
+                "{} full / {} resumed, {} buckets",
+                read(&text, "moat_mesh_first_snapshots_total{table=\"full\"}"),
+                read(&text, "moat_mesh_first_snapshots_total{table=\"resumed\"}"),
+                read(&text, "moat_mesh_resent_buckets_total"),
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 async fn apply(admin: &mut Admin, text: String) {
     admin
         .client
@@ -249,9 +255,12 @@ fn control_planes() -> usize {
         .unwrap_or(1)
 }
 
+/// When a proxy was re-attached, and how many endpoints its table listed then.
+type Reattached = Arc<Mutex<Vec<Option<(Instant, usize)>>>>;
+
 /// A simulated proxy of replica-set index `idx` on control plane `home`, which reconnects (after
-/// 250 ms ± 25 %, to the next replica) when its stream ends, and says when it holds a first
-/// snapshot again in `reattached`.
+/// 250 ms ± 25 %, to the next replica) when its stream ends, announcing the table it holds as
+/// `moat-proxy` does, and says when it holds a first snapshot again in `reattached`.
 async fn roaming_proxy(
     idx: usize,
     cred: Arc<moat_tls::config::Credential>,
@@ -259,28 +268,42 @@ async fn roaming_proxy(
     mut home: usize,
     first: MeshStream,
     probes: Probes,
-    reattached: Arc<Mutex<Vec<Option<Instant>>>>,
+    reattached: Reattached,
 ) {
     let mut stream = Some(first);
+    let mut table = None;
     loop {
         if let Some(s) = stream.take() {
-            proxy(idx, s, probes.clone()).await;
+            proxy(idx, s, probes.clone(), &mut table).await;
         }
         home = (home + 1) % admins.len();
         let jitter = 0.75 + rand::random::<f64>() * 0.5;
         tokio::time::sleep(Duration::from_millis(250).mul_f64(jitter)).await;
-        match admins[home].mesh_stream(&cred, &address(idx)).await {
+        let digests = table
+            .as_ref()
+            .map(ServiceTable::digests)
+            .unwrap_or_default();
+        match admins[home]
+            .mesh_stream_resuming(&cred, &address(idx), digests)
+            .await
+        {
             Ok(mut s) => {
                 // Re-attached once the survivor's first snapshot (all its parts) arrives.
                 let first = loop {
                     match s.inbound.message().await {
-                        Ok(Some(part)) if part.continued => {}
-                        Ok(Some(last)) => break Some(last),
+                        Ok(Some(mut part)) => {
+                            ServiceTable::fold(&mut table, &mut part)
+                                .expect("a snapshot that folds");
+                            if !part.continued {
+                                break Some(part);
+                            }
+                        }
                         _ => break None,
                     }
                 };
                 let Some(first) = first else { continue };
-                reattached.lock().unwrap()[idx].get_or_insert_with(Instant::now);
+                let endpoints = table.as_ref().map_or(0, ServiceTable::endpoints);
+                reattached.lock().unwrap()[idx].get_or_insert_with(|| (Instant::now(), endpoints));
                 let ack = Ack {
                     version: first.version,
                     applied: true,
@@ -332,8 +355,7 @@ fn main() {
         // Ramp: every proxy connects (CONNECTING at a time), to replica idx % planes, and must
         // list every endpoint.
         let probes: Probes = Arc::new(Mutex::new(None));
-        let reattached: Arc<Mutex<Vec<Option<Instant>>>> =
-            Arc::new(Mutex::new(vec![None; proxies]));
+        let reattached: Reattached = Arc::new(Mutex::new(vec![None; proxies]));
         let creds = Arc::new(creds);
         let (ramp, connect_ms) = round(&probes, Goal::Table(proxies), None, async {
             let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -364,7 +386,8 @@ fn main() {
                                 reattached.clone(),
                             ));
                         } else {
-                            tokio::spawn(proxy(idx, stream, probes.clone()));
+                            let probes = probes.clone();
+                            tokio::spawn(async move { proxy(idx, stream, probes, &mut None).await });
                         }
                     }
                 }));
@@ -413,7 +436,8 @@ fn main() {
             // others as soon as the proxy announces it, before the stream call returns.
             let (d, _) = round(&probes, Goal::Endpoint(addr.clone()), None, async {
                 let stream = admins[admins.len() - 1].mesh_stream(&cred, &addr).await.unwrap();
-                tokio::spawn(proxy(0, stream, extra.clone()));
+                let extra = extra.clone();
+                tokio::spawn(async move { proxy(0, stream, extra, &mut None).await });
             })
             .await;
             eprintln!("round {r}: new endpoint on all {proxies} after {:.0} ms", d[d.len() - 1]);
@@ -444,14 +468,17 @@ fn main() {
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             };
-            let mut delays: Vec<f64> = {
+            let (mut delays, complete): (Vec<f64>, usize) = {
                 let r = reattached.lock().unwrap();
-                orphans
-                    .iter()
-                    .filter_map(|i| r[*i])
-                    .map(|t| (t - killed).as_secs_f64() * 1000.0)
-                    .collect()
+                let back: Vec<(Instant, usize)> = orphans.iter().filter_map(|i| r[*i]).collect();
+                (
+                    back.iter().map(|(t, _)| (*t - killed).as_secs_f64() * 1000.0).collect(),
+                    // Every proxy's own endpoint is still listed (the dead replica's for the
+                    // orphan grace), so a correctly resumed table lists them all.
+                    back.iter().filter(|(_, n)| *n >= proxies).count(),
+                )
             };
+            let resent = survivors_counters(&cps[..victim]).await;
             delays.sort_by(f64::total_cmp);
             let after: Vec<(f64, f64, f64)> = pids[..victim].iter().map(|p| usage(*p)).collect();
             let cpu: Vec<String> = before
@@ -465,9 +492,12 @@ fn main() {
                 "\n## A replica killed\n\n\
                  Control plane {} of {planes} is killed (`kill -9`) with its {} proxies connected; each \
                  reconnects to the next replica after 250 ms ± 25 % (`moat-proxy`'s first backoff step) \
-                 and is re-attached when the survivor's first snapshot (the whole table) has arrived.\n\n\
+                 announcing the digests of the table it holds, and is re-attached when the survivor's \
+                 first snapshot (only the table buckets that differ) has arrived.\n\n\
                  | measure | value |\n|---|---|\n\
                  | orphaned proxies re-attached | {back} of {} |\n\
+                 | of them, holding all {proxies} endpoints once re-attached | {complete} |\n\
+                 | survivors' first snapshots and buckets resent (of 64 each), whole run | {resent} |\n\
                  | the last of them re-attached (or the bench gave up), after the kill | {:.1} s |\n\
                  | re-attach delay p50 / p99 | {:.0} ms / {:.0} ms |\n\
                  | survivors' CPU until then | {} |\n\

@@ -223,6 +223,8 @@ pub async fn serve(
         revocations.clone(),
         mesh.clone(),
     ));
+    let mut metrics = metrics::Metrics::default();
+    metrics.register_mesh(&mesh.first_snapshots);
     let state = Arc::new(state::ControlPlane {
         ca: ca.clone(),
         self_certs: self_certs.clone(),
@@ -234,7 +236,7 @@ pub async fn serve(
         default_ttl: cfg.default_ttl,
         min_ttl: cfg.min_ttl,
         admins: cfg.admins.clone(),
-        metrics: metrics::Metrics::default(),
+        metrics,
     });
 
     let tcp = tokio::net::TcpListener::bind(cfg.listen)

@@ -11,13 +11,16 @@ use std::time::{Duration, SystemTime};
 use moat_api::v1::mesh_server::Mesh;
 use moat_api::v1::{MeshSettings, ProxyMessage, Snapshot, proxy_message};
 use moat_identity::SpiffeId;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::listener::ConnInfo;
-use crate::mesh_view::{MeshView, PART_BUDGET, Sent, ViewInputs, into_parts, next_snapshot};
+use crate::mesh_view::{Base, MeshView, PART_BUDGET, Sent, ViewInputs, into_parts, next_snapshot};
 use crate::policies::{Policies, PolicySet};
 use crate::registry::{ProxyEntry, Registry};
 
@@ -52,6 +55,36 @@ pub struct MeshState {
     pub taps: crate::tap::Taps,
     /// The newest view (see [`publish_views`]); `None` until the first is built.
     view: watch::Sender<Option<Arc<MeshView>>>,
+    /// How the streams' first snapshots went (exported as metrics).
+    pub first_snapshots: FirstSnapshots,
+}
+
+/// How the streams' first snapshots went: the whole service table, or resumed from the table
+/// the proxy announced.
+#[derive(Clone, Debug, Default)]
+pub struct FirstSnapshots {
+    /// By `table`: `full` or `resumed`.
+    pub by_table: Family<TableLabels, Counter>,
+    /// Buckets resent to resumed proxies.
+    pub resent_buckets: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabels {
+    pub table: &'static str,
+}
+
+impl FirstSnapshots {
+    fn count(&self, snap: &Snapshot) {
+        let table = if snap.services_incremental {
+            self.resent_buckets
+                .inc_by(snap.services_reset_buckets.len() as u64);
+            "resumed"
+        } else {
+            "full"
+        };
+        self.by_table.get_or_create(&TableLabels { table }).inc();
+    }
 }
 
 impl MeshState {
@@ -74,6 +107,7 @@ impl MeshState {
             revoked: RwLock::new((Vec::new(), Vec::new())),
             taps: crate::tap::Taps::default(),
             view: watch::channel(None).0,
+            first_snapshots: FirstSnapshots::default(),
         })
     }
 
@@ -491,6 +525,10 @@ impl Mesh for MeshService {
             }
         };
         check_address(&announce.inbound_address)?;
+        // The table the proxy holds from an earlier stream, if any: the first snapshot resends
+        // only the buckets that differ.
+        let resume = moat_wire::table::digests_from_proto(&announce.table_digests)
+            .map_err(|e| Status::invalid_argument(format!("{e} (upgrade the proxy)")))?;
         // What the proxy says of its certificate must be what it proved: the registry (and
         // from it status, rotation gating and revocation bookkeeping) keeps only verified facts.
         if !announce.cert_serial.is_empty() && announce.cert_serial != peer.verified.serial {
@@ -569,8 +607,19 @@ impl Mesh for MeshService {
                     let policies = view.policies_for(&id);
                     let rotation = svc.state.rotation_of(&id);
                     let taps = svc.state.taps.filters_for(&id);
-                    match next_snapshot(last.as_ref(), &view, policies, rotation, &taps) {
+                    let base = match (&last, &resume) {
+                        (Some(sent), _) => Base::Sent(sent),
+                        (None, Some(digests)) => Base::Announced(digests),
+                        (None, None) => Base::Nothing,
+                    };
+                    match next_snapshot(base, &view, policies, rotation, &taps) {
                         Some(snap) => {
+                            if last.is_none() {
+                                svc.state.first_snapshots.count(&snap);
+                                if resume.is_some() {
+                                    tracing::info!(%id, buckets_resent = snap.services_reset_buckets.len(), services = snap.services.len(), "resumed the proxy's service table");
+                                }
+                            }
                             svc.state.record_sent(stream_id, &snap, &view);
                             let mut gone = false;
                             for part in into_parts(snap, PART_BUDGET) {

@@ -7,6 +7,11 @@
 //! entry by entry (an unchanged service keeps its `Arc`), so a stream finds what changed by
 //! pointer and sends only that: with 10,000 proxies, one joining costs each stream one service,
 //! not the whole table.
+//!
+//! A proxy that reconnects (after a replica died, say) announces the digests of the table it
+//! holds ([`moat_wire::table`]); its first snapshot then carries only the buckets whose digest
+//! differs from this view's, so a replica's death does not make the survivors resend the whole
+//! table to each of its proxies.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -16,6 +21,7 @@ use std::time::Duration;
 
 use moat_api::v1::{MeshSettings, Policy, Service, Snapshot};
 use moat_identity::SpiffeId;
+use moat_wire::table::{BUCKETS, BucketDigest, bucket_digest, bucket_of};
 use tokio::sync::Notify;
 
 use crate::policies::PolicySet;
@@ -27,6 +33,9 @@ pub struct MeshView {
     pub generation: u64,
     /// Service identity → its table entry.
     pub services: BTreeMap<SpiffeId, Arc<Service>>,
+    /// The same entries by table bucket, and each bucket's digest.
+    buckets: Vec<Vec<Arc<Service>>>,
+    digests: Vec<BucketDigest>,
     pub bundle_der: Vec<Vec<u8>>,
     pub bundle_fingerprints: Vec<String>,
     pub policies: Arc<PolicySet>,
@@ -116,9 +125,12 @@ impl MeshView {
                 Arc::new(map)
             }
         };
+        let (buckets, digests) = by_bucket(&services);
         MeshView {
             generation: inputs.generation,
             services,
+            buckets,
+            digests,
             bundle_der: inputs.bundle_der,
             bundle_fingerprints: inputs.bundle_fingerprints,
             policies: inputs.policies,
@@ -195,6 +207,27 @@ impl MeshView {
     }
 }
 
+/// `services` cut into table buckets, each in byte order of the IDs, with its digest.
+fn by_bucket(
+    services: &BTreeMap<SpiffeId, Arc<Service>>,
+) -> (Vec<Vec<Arc<Service>>>, Vec<BucketDigest>) {
+    let mut buckets = vec![Vec::new(); BUCKETS];
+    for s in services.values() {
+        buckets[bucket_of(&s.spiffe_id)].push(s.clone());
+    }
+    let digests = buckets
+        .iter_mut()
+        .map(|b: &mut Vec<Arc<Service>>| {
+            b.sort_unstable_by(|x, y| x.spiffe_id.cmp(&y.spiffe_id));
+            bucket_digest(
+                b.iter()
+                    .map(|s| (s.spiffe_id.as_str(), s.endpoints.as_slice())),
+            )
+        })
+        .collect();
+    (buckets, digests)
+}
+
 impl MeshView {
     /// The policies protecting `target`, in wire form.
     pub fn policies_for(&self, target: &SpiffeId) -> &[Policy] {
@@ -211,23 +244,44 @@ pub struct Sent {
     pub taps: Vec<moat_api::v1::TapFilter>,
 }
 
-/// The snapshot that brings a proxy from `last` (`None`: nothing sent on this stream yet) to
-/// `view`, with its identity's `policies`, rotation generation and open `taps`; `None` when
-/// nothing it needs changed.
+/// What a stream's next snapshot builds on.
+#[derive(Clone, Copy, Debug)]
+pub enum Base<'a> {
+    /// Nothing: the first snapshot of a stream whose proxy holds no table.
+    Nothing,
+    /// The first snapshot of a stream whose proxy holds a table with these bucket digests.
+    Announced(&'a [BucketDigest]),
+    /// What this stream sent last.
+    Sent(&'a Sent),
+}
+
+/// The snapshot that brings a proxy from `base` to `view`, with its identity's `policies`,
+/// rotation generation and open `taps`; `None` when nothing it needs changed.
 pub fn next_snapshot(
-    last: Option<&Sent>,
+    base: Base<'_>,
     view: &MeshView,
     policies: &[Policy],
     rotation: u64,
     taps: &[moat_api::v1::TapFilter],
 ) -> Option<Snapshot> {
-    let (services, services_removed, services_incremental) = match last {
-        None => (
+    let mut services_reset_buckets = Vec::new();
+    let (services, services_removed, services_incremental) = match base {
+        Base::Nothing => (
             view.services.values().map(|s| (**s).clone()).collect(),
             Vec::new(),
             false,
         ),
-        Some(last) => {
+        Base::Announced(digests) => {
+            let mut services = Vec::new();
+            for (b, entries) in view.buckets.iter().enumerate() {
+                if digests.get(b) != view.digests.get(b) {
+                    services_reset_buckets.push(b as u32);
+                    services.extend(entries.iter().map(|s| Service::clone(s)));
+                }
+            }
+            (services, Vec::new(), true)
+        }
+        Base::Sent(last) => {
             let (changed, removed) = view.changes_since(&last.view);
             let same = changed.is_empty()
                 && removed.is_empty()
@@ -257,6 +311,7 @@ pub fn next_snapshot(
         services_removed,
         continued: false,
         taps: taps.to_vec(),
+        services_reset_buckets,
     })
 }
 
@@ -269,9 +324,11 @@ pub const PART_BUDGET: usize = 4096;
 pub fn into_parts(mut snap: Snapshot, budget: usize) -> Vec<Snapshot> {
     use prost::Message as _;
     let mut parts = Vec::new();
+    // The first part starts the table (or resets the buckets that differ) before any service.
     let mut part = Snapshot {
         version: snap.version,
         services_incremental: snap.services_incremental,
+        services_reset_buckets: std::mem::take(&mut snap.services_reset_buckets),
         continued: true,
         ..Snapshot::default()
     };
@@ -301,6 +358,7 @@ pub fn into_parts(mut snap: Snapshot, budget: usize) -> Vec<Snapshot> {
     snap.services = part.services;
     snap.services_removed = part.services_removed;
     snap.services_incremental = part.services_incremental;
+    snap.services_reset_buckets = part.services_reset_buckets;
     parts.push(snap);
     parts
 }
@@ -350,6 +408,7 @@ fn diff(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use moat_wire::table::ServiceTable;
 
     fn sid(name: &str) -> SpiffeId {
         format!("spiffe://example.org/ns/default/sa/{name}")
@@ -387,7 +446,7 @@ mod tests {
             inputs(3, &[("a", &["10.0.0.1:1"]), ("b", &["10.0.0.2:1"])]),
             None,
         );
-        let s = next_snapshot(None, &v, &[], 0, &[]).unwrap();
+        let s = next_snapshot(Base::Nothing, &v, &[], 0, &[]).unwrap();
         assert!(!s.services_incremental);
         assert_eq!(s.version, 3);
         assert_eq!(s.services.len(), 2);
@@ -421,7 +480,7 @@ mod tests {
             &v1.services[&sid("a")],
             &v2.services[&sid("a")]
         ));
-        let s = next_snapshot(Some(&sent(v1)), &v2, &[], 0, &[]).unwrap();
+        let s = next_snapshot(Base::Sent(&sent(v1)), &v2, &[], 0, &[]).unwrap();
         assert!(s.services_incremental);
         let ids: Vec<_> = s.services.iter().map(|s| s.spiffe_id.as_str()).collect();
         assert_eq!(ids, [sid("b").to_string(), sid("d").to_string()]);
@@ -443,7 +502,7 @@ mod tests {
             inputs(4, &[("b", &["2:1", "2:2"]), ("c", &["3:1"])]),
             Some(&v3),
         );
-        let s = next_snapshot(Some(&sent(v1)), &v4, &[], 0, &[]).unwrap();
+        let s = next_snapshot(Base::Sent(&sent(v1)), &v4, &[], 0, &[]).unwrap();
         let ids: Vec<_> = s.services.iter().map(|s| s.spiffe_id.clone()).collect();
         assert_eq!(ids, [sid("b").to_string(), sid("c").to_string()]);
         assert_eq!(s.services_removed, [sid("a").to_string()]);
@@ -456,7 +515,7 @@ mod tests {
                 Some(&far),
             );
         }
-        let s = next_snapshot(Some(&sent(old)), &far, &[], 0, &[]).unwrap();
+        let s = next_snapshot(Base::Sent(&sent(old)), &far, &[], 0, &[]).unwrap();
         assert_eq!(s.services.len(), 2);
         assert_eq!(s.services_removed, [sid("a").to_string()]);
     }
@@ -468,7 +527,7 @@ mod tests {
         let names: Vec<String> = (0..50).map(|i| format!("svc-{i:02}")).collect();
         let table: Vec<(&str, &[&str])> = names.iter().map(|n| (n.as_str(), &eps[..])).collect();
         let v = MeshView::build(inputs(7, &table), None);
-        let whole = next_snapshot(None, &v, &[], 2, &[]).unwrap();
+        let whole = next_snapshot(Base::Nothing, &v, &[], 2, &[]).unwrap();
         let parts = into_parts(whole.clone(), PART_BUDGET);
         assert!(parts.len() > 3, "{} parts", parts.len());
         let (last, rest) = parts.split_last().unwrap();
@@ -489,7 +548,7 @@ mod tests {
         // A small snapshot stays one message.
         let one = into_parts(
             next_snapshot(
-                None,
+                Base::Nothing,
                 &MeshView::build(inputs(1, &[("a", &["1:1"])]), None),
                 &[],
                 0,
@@ -500,6 +559,77 @@ mod tests {
         );
         assert_eq!(one.len(), 1);
         assert!(!one[0].continued && !one[0].services_incremental);
+    }
+
+    /// What a proxy holds after folding `parts` into `table`.
+    fn fold_all(table: &mut Option<ServiceTable>, parts: Vec<Snapshot>) {
+        for mut p in parts {
+            ServiceTable::fold(table, &mut p).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_reconnecting_proxy_gets_only_the_buckets_that_differ_from_any_replica() {
+        let eps = ["10.0.0.1:8443", "10.0.0.2:8443"];
+        let names: Vec<String> = (0..300).map(|i| format!("svc-{i:03}")).collect();
+        let table_of = |skip: usize, extra: &str| -> Vec<(String, Vec<String>)> {
+            names
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != skip)
+                .map(|(i, n)| {
+                    let mut e: Vec<String> = eps.iter().map(|s| s.to_string()).collect();
+                    if i == 7 {
+                        e.push(extra.to_owned());
+                    }
+                    (n.clone(), e)
+                })
+                .collect()
+        };
+        let view_of = |generation, rows: &[(String, Vec<String>)]| {
+            let rows: Vec<(&str, Vec<&str>)> = rows
+                .iter()
+                .map(|(n, e)| (n.as_str(), e.iter().map(String::as_str).collect()))
+                .collect();
+            let rows: Vec<(&str, &[&str])> = rows.iter().map(|(n, e)| (*n, &e[..])).collect();
+            MeshView::build(inputs(generation, &rows), None)
+        };
+        // The proxy's table came from replica A.
+        let a = view_of(40, &table_of(usize::MAX, "10.0.0.3:8443"));
+        let mut held = None;
+        let first = next_snapshot(Base::Nothing, &a, &[], 0, &[]).unwrap();
+        fold_all(&mut held, into_parts(first, PART_BUDGET));
+        let digests = moat_wire::table::digests_from_proto(&held.as_ref().unwrap().digests())
+            .unwrap()
+            .unwrap();
+
+        // Replica B, built on its own with other generation numbers, holds the same table:
+        // nothing of it is resent.
+        let b = view_of(9, &table_of(usize::MAX, "10.0.0.3:8443"));
+        let s = next_snapshot(Base::Announced(&digests), &b, &[], 0, &[]).unwrap();
+        assert!(s.services_incremental && s.services.is_empty());
+        assert!(s.services_reset_buckets.is_empty());
+        assert_eq!(s.trust_bundle_der, [vec![1, 2, 3]], "the rest is complete");
+
+        // Replica C lacks one service and changed another: two buckets at most are resent,
+        // and the proxy ends up with C's table exactly.
+        let c = view_of(12, &table_of(100, "10.0.0.4:8443"));
+        let s = next_snapshot(Base::Announced(&digests), &c, &[], 0, &[]).unwrap();
+        assert!(
+            s.services_reset_buckets.len() <= 2,
+            "{:?}",
+            s.services_reset_buckets
+        );
+        assert!(
+            s.services.len() < 30,
+            "{} services resent",
+            s.services.len()
+        );
+        fold_all(&mut held, into_parts(s, 512));
+        let want = next_snapshot(Base::Nothing, &c, &[], 0, &[])
+            .unwrap()
+            .services;
+        assert_eq!(held.unwrap().to_proto(), want);
     }
 
     #[tokio::test]
@@ -525,25 +655,43 @@ mod tests {
         let v1 = MeshView::build(inputs(1, &[("a", &["10.0.0.1:1"])]), None);
         let v2 = MeshView::build(inputs(2, &[("a", &["10.0.0.1:1"])]), Some(&v1));
         let last = sent(v1);
-        assert!(next_snapshot(Some(&last), &v2, &[], 0, &[]).is_none());
+        assert!(next_snapshot(Base::Sent(&last), &v2, &[], 0, &[]).is_none());
         // Its own policies, a rotation command, a new bundle or revocation each make one.
         let p = Policy {
             name: "p".into(),
             ..Policy::default()
         };
-        assert!(next_snapshot(Some(&last), &v2, &[p], 0, &[]).is_some());
-        assert!(next_snapshot(Some(&last), &v2, &[], 1, &[]).is_some());
+        assert!(next_snapshot(Base::Sent(&last), &v2, &[p], 0, &[]).is_some());
+        assert!(next_snapshot(Base::Sent(&last), &v2, &[], 1, &[]).is_some());
         // So does a tap opening on its service.
         let tap = moat_api::v1::TapFilter {
             id: 1,
             ..Default::default()
         };
-        assert!(next_snapshot(Some(&last), &v2, &[], 0, &[tap]).is_some());
+        assert!(next_snapshot(Base::Sent(&last), &v2, &[], 0, &[tap]).is_some());
         let mut i = inputs(3, &[("a", &["10.0.0.1:1"])]);
         i.bundle_fingerprints.push("bb".into());
-        assert!(next_snapshot(Some(&last), &MeshView::build(i, Some(&v2)), &[], 0, &[]).is_some());
+        assert!(
+            next_snapshot(
+                Base::Sent(&last),
+                &MeshView::build(i, Some(&v2)),
+                &[],
+                0,
+                &[]
+            )
+            .is_some()
+        );
         let mut i = inputs(4, &[("a", &["10.0.0.1:1"])]);
         i.revoked.1.push("0a".into());
-        assert!(next_snapshot(Some(&last), &MeshView::build(i, Some(&v2)), &[], 0, &[]).is_some());
+        assert!(
+            next_snapshot(
+                Base::Sent(&last),
+                &MeshView::build(i, Some(&v2)),
+                &[],
+                0,
+                &[]
+            )
+            .is_some()
+        );
     }
 }

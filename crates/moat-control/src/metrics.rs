@@ -159,6 +159,20 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Registers the mesh streams' counters, which the mesh state owns.
+    pub fn register_mesh(&mut self, first: &crate::mesh_svc::FirstSnapshots) {
+        self.registry.register(
+            "mesh_first_snapshots",
+            "First snapshots of mesh streams: table=full (the whole service table) or table=resumed (only the buckets that differ from the table the proxy announced)",
+            first.by_table.clone(),
+        );
+        self.registry.register(
+            "mesh_resent_buckets",
+            "Service-table buckets resent to proxies that resumed their table (of 64 each)",
+            first.resent_buckets.clone(),
+        );
+    }
+
     /// Counts an issued certificate.
     pub fn issued(&self, via: &'static str) {
         self.issued.get_or_create(&IssuedLabels { via }).inc();

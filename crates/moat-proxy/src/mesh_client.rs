@@ -1,6 +1,8 @@
 //! The proxy's end of `Mesh.Stream`: announce, apply each snapshot (or NACK it and keep the last
 //! good one), acknowledge, and reconnect with backoff and jitter whenever the stream breaks. The
-//! proxy keeps serving with its last snapshot while the control plane is away.
+//! proxy keeps serving with its last snapshot while the control plane is away, and keeps the
+//! service table the streams built: the next stream, to whichever replica, starts from it (the
+//! announce carries its digests) rather than from nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +13,7 @@ use moat_api::v1::{
     proxy_message,
 };
 use moat_identity::SpiffeId;
+use moat_wire::table::ServiceTable;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -34,6 +37,8 @@ pub async fn run(
     let control = SpiffeId::control_plane(&cfg.trust_domain);
     let mut backoff =
         crate::backoff::Backoff::new(Duration::from_millis(250), Duration::from_secs(15));
+    // The service table as the streams built it, kept from one stream to the next.
+    let mut table: Option<ServiceTable> = None;
     loop {
         // The session itself watches `shutdown` once connected, to say goodbye.
         let url = cfg.control_plane.current().to_owned();
@@ -46,6 +51,7 @@ pub async fn run(
             &metrics,
             &rotate_now,
             &shutdown,
+            &mut table,
         )
         .await;
         // A session that delivered a snapshot starts the backoff over; otherwise it grows.
@@ -83,6 +89,7 @@ async fn session(
     metrics: &Metrics,
     rotate_now: &tokio::sync::Notify,
     shutdown: &tokio_util::sync::CancellationToken,
+    table: &mut Option<ServiceTable>,
 ) -> Result<(), String> {
     let current = tls.current().ok_or("no certificate yet")?;
     let channel = moat_tls::connect::channel(
@@ -105,6 +112,10 @@ async fn session(
             cert_not_after_unix: leaf.not_after,
             cert_issuer_sha256: current.issuer_sha256(),
             cert_refresh_after_unix: current.refresh_after,
+            table_digests: table
+                .as_ref()
+                .map(ServiceTable::digests)
+                .unwrap_or_default(),
         })),
     })
     .await
@@ -125,8 +136,6 @@ async fn session(
     // The rotation generation of this stream's first snapshot; a later, larger one is a command.
     let mut rotation: Option<u64> = None;
     let mut last_version = 0;
-    // The service table as this stream has built it (snapshots after the first carry changes).
-    let mut table: Option<ServiceTable> = None;
     loop {
         let msg = tokio::select! {
             changed = certs.changed() => {
@@ -168,7 +177,7 @@ async fn session(
         let generation = msg.rotate_generation;
         // The table follows what the control plane sent, applied or not, so that the next change
         // lands on the same table the control plane diffed against.
-        let Some(mut msg) = table_update(&mut table, msg)? else {
+        let Some(mut msg) = table_update(table, msg)? else {
             continue; // more parts of this snapshot follow
         };
         metrics.tap.set(std::mem::take(&mut msg.taps));
@@ -203,39 +212,21 @@ impl Drop for CloseTaps<'_> {
     }
 }
 
-/// Service identity → endpoints, as sent on one stream.
-type ServiceTable = std::collections::BTreeMap<String, Vec<String>>;
-
 /// Folds `msg`'s service changes into `table` and returns `msg` with the whole table, or `None`
-/// for a part that more parts follow. An incremental snapshot before any complete one breaks
+/// for a part that more parts follow. An incremental snapshot without a table to change breaks
 /// the stream (the reconnect starts over with a complete one).
 fn table_update(
     table: &mut Option<ServiceTable>,
     mut msg: moat_api::v1::Snapshot,
 ) -> Result<Option<moat_api::v1::Snapshot>, String> {
-    let t = match (table.as_mut(), msg.services_incremental) {
-        (_, false) => table.insert(ServiceTable::new()),
-        (Some(t), true) => t,
-        (None, true) => {
-            return Err("the control plane sent service changes before a complete table".into());
-        }
-    };
-    for removed in std::mem::take(&mut msg.services_removed) {
-        t.remove(&removed);
-    }
-    for svc in std::mem::take(&mut msg.services) {
-        t.insert(svc.spiffe_id, svc.endpoints);
-    }
+    ServiceTable::fold(table, &mut msg).map_err(|e| e.to_string())?;
     if msg.continued {
         return Ok(None);
     }
-    msg.services = t
-        .iter()
-        .map(|(id, endpoints)| moat_api::v1::Service {
-            spiffe_id: id.clone(),
-            endpoints: endpoints.clone(),
-        })
-        .collect();
+    msg.services = table
+        .as_ref()
+        .map(ServiceTable::to_proto)
+        .unwrap_or_default();
     msg.services_incremental = false;
     Ok(Some(msg))
 }

@@ -66,6 +66,17 @@ impl Admin {
         cred: &Credential,
         address: &str,
     ) -> anyhow::Result<MeshStream> {
+        self.mesh_stream_resuming(cred, address, Vec::new()).await
+    }
+
+    /// A `Mesh.Stream` as `cred`'s proxy, announcing `address` and a service table held from
+    /// an earlier stream by its `table_digests` (empty: none).
+    pub async fn mesh_stream_resuming(
+        &self,
+        cred: &Credential,
+        address: &str,
+        table_digests: Vec<Vec<u8>>,
+    ) -> anyhow::Result<MeshStream> {
         let channel = moat_tls::connect::channel(
             &self.url,
             self.bundle.clone(),
@@ -78,6 +89,7 @@ impl Admin {
             message: Some(proxy_message::Message::Announce(Announce {
                 inbound_address: address.to_owned(),
                 proxy_version: "simulated".into(),
+                table_digests,
                 ..Announce::default()
             })),
         })
