@@ -42,7 +42,7 @@ const MAX_AUDIT_LIMIT: u32 = 10_000;
 /// An open tap, closed (and its proxies told) when dropped with its response stream.
 #[derive(Debug)]
 struct OpenTap {
-    mesh: Arc<crate::mesh_svc::MeshState>,
+    mesh: Arc<crate::mesh_state::MeshState>,
     id: u64,
 }
 

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use moat_identity::SpiffeId;
 use moat_store::{EventKind, Op, Txn};
 
-use crate::mesh_svc::MeshState;
+use crate::mesh_state::MeshState;
 use crate::registry::ProxyEntry;
 use crate::replica::Replica;
 
@@ -73,27 +73,22 @@ impl Summary {
     fn entry(self) -> Option<ProxyEntry> {
         let at =
             UNIX_EPOCH + Duration::from_millis(u64::try_from(self.connected_unix_ms).unwrap_or(0));
+        // Snapshot versions are per replica; what was applied is in the two lists below.
         Some(ProxyEntry {
-            id: self.id.parse::<SpiffeId>().ok()?,
-            inbound_address: self.address,
             proxy_version: self.proxy_version,
             cert_serial: self.cert_serial,
             cert_not_after: self.cert_not_after,
             cert_issuer: self.cert_issuer,
             cert_refresh_after: self.cert_refresh_after,
-            remote: format!("{} (via replica {})", self.remote, self.replica),
-            connected_at: at,
-            last_seen: at,
-            // Snapshot versions are per replica; what was applied is in the two lists below.
-            applied_version: 0,
             last_error: self.last_error,
-            sent: None,
             applied_policies: self.applied_policies,
             applied_bundle: self.applied_bundle,
-            hits: Vec::new(),
-            observed: HashMap::new(),
-            edges: Vec::new(),
-            left: false,
+            ..ProxyEntry::connected(
+                self.id.parse::<SpiffeId>().ok()?,
+                self.address,
+                format!("{} (via replica {})", self.remote, self.replica),
+                at,
+            )
         })
     }
 }

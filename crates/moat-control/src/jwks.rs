@@ -307,14 +307,3 @@ fn slots(mesh: &MeshConfig) -> Vec<(String, &JwtIssuer)> {
         )
         .collect()
 }
-
-/// Keeps `cache` current with the mesh config in force, checking every second what is due.
-pub async fn refresh_loop(state: Arc<crate::mesh_svc::MeshState>) {
-    loop {
-        let mesh = state.current_policies().mesh.clone();
-        if state.jwks.sync(&mesh).await {
-            state.bump();
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-}

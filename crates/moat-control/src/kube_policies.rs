@@ -20,7 +20,7 @@ use kube::{Api, Client, ResourceExt as _};
 use serde_json::{Value, json};
 use tokio_stream::StreamExt as _;
 
-use crate::mesh_svc::MeshState;
+use crate::mesh_state::MeshState;
 use crate::policies::{Owner, Policies, PolicyError};
 
 /// How often the rollout (`applied: n/m`) in each AccessPolicy's status is brought up to date.

@@ -1,10 +1,18 @@
 //! The moat control plane: the mesh's certificate authority and its gRPC API.
 //!
-//! `serve` brings the store, the CA (`ca`, unsealed with the KEK from `kek_source`) and the
-//! control plane's own certificates (`self_cert`) up, then serves `Identity` (`identity_svc`) and
-//! `Admin` (`admin_svc`) and `Mesh` (`mesh_svc`, with the proxy `registry` and the stored
-//! `policies`) over TLS 1.3 (`listener`), every call first passing the caller check (`caller`). Join tokens live in `tokens`, the audit log
-//! in `audit`, and what the handlers share in `state`. The binary in `main.rs` only parses flags.
+//! `serve` brings the store (`store_config`), the CA (`ca`, unsealed with the KEK from
+//! `kek_source`) and the control plane's own certificates (`self_cert`) up, joins the replicas
+//! (`replica`: lease and leader election), then serves `Identity` (`identity_svc`), `Admin`
+//! (`admin_svc`) and `Mesh` (`mesh_svc`) over TLS 1.3 (`listener`), every call first passing
+//! the caller check (`caller`). Join tokens live in `tokens`, the audit log in `audit`, and what
+//! the handlers share in `state`. The binary in `main.rs` only parses flags.
+//!
+//! The mesh's state flows one way, the same on every replica: the store is the only source of
+//! truth; watches bring its changes in (`mesh_follow` for policies, revocations and key sets,
+//! `fleet` for the other replicas' proxies, `rotations`, `ca_rotation`); they land in the live
+//! state (`mesh_state`, with the proxy `registry`); each change becomes one shared view built by
+//! pure code (`mesh_view`), and every stream diffs its proxy's snapshot from it. Messages from
+//! proxies are checked at the gRPC edge (`mesh_proto`).
 
 pub mod admin_http;
 pub mod admin_svc;
@@ -20,6 +28,9 @@ pub mod kube_api;
 pub mod kube_bundle;
 pub mod kube_policies;
 pub mod listener;
+pub mod mesh_follow;
+pub mod mesh_proto;
+pub mod mesh_state;
 pub mod mesh_svc;
 pub mod mesh_view;
 pub mod metrics;
@@ -181,7 +192,7 @@ pub async fn serve(
         "joined the control plane"
     );
     let policies = policies::Policies::new(store.clone(), td.clone());
-    let mesh = mesh_svc::MeshState::new(
+    let mesh = mesh_state::MeshState::new(
         policies
             .load()
             .await
@@ -199,13 +210,13 @@ pub async fn serve(
     mesh.warm_up()
         .await
         .context("cannot read remembered endpoints")?;
-    tokio::spawn(mesh_svc::publish_views(mesh.clone(), ca.clone()));
-    tokio::spawn(mesh_svc::follow_policies(policies.clone(), mesh.clone()));
+    tokio::spawn(mesh_state::publish_views(mesh.clone(), ca.clone()));
+    tokio::spawn(mesh_follow::follow_policies(policies.clone(), mesh.clone()));
     if cfg.store.shared() {
         tokio::spawn(fleet::publish(mesh.clone(), replica.clone()));
         tokio::spawn(fleet::follow(mesh.clone(), replica.clone()));
     }
-    tokio::spawn(jwks::refresh_loop(mesh.clone()));
+    tokio::spawn(mesh_follow::refresh_jwks(mesh.clone()));
     if let Some(server) = &cfg.watch_policies {
         let client = server
             .client()
@@ -219,7 +230,7 @@ pub async fn serve(
         );
     }
     let revocations = revocations::Revocations::new(store.clone());
-    tokio::spawn(mesh_svc::follow_revocations(
+    tokio::spawn(mesh_follow::follow_revocations(
         revocations.clone(),
         mesh.clone(),
     ));

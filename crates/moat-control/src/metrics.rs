@@ -160,7 +160,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Registers the mesh streams' counters, which the mesh state owns.
-    pub fn register_mesh(&mut self, first: &crate::mesh_svc::FirstSnapshots) {
+    pub fn register_mesh(&mut self, first: &crate::mesh_state::FirstSnapshots) {
         self.registry.register(
             "mesh_first_snapshots",
             "First snapshots of mesh streams: table=full (the whole service table) or table=resumed (only the buckets that differ from the table the proxy announced)",

@@ -96,6 +96,37 @@ pub struct ObservedKey {
 }
 
 impl ProxyEntry {
+    /// A proxy of `id` listening on `inbound_address`, connected from `remote` at `at`, with
+    /// nothing known yet of its certificate and nothing applied, reported or observed.
+    pub fn connected(
+        id: SpiffeId,
+        inbound_address: String,
+        remote: String,
+        at: SystemTime,
+    ) -> ProxyEntry {
+        ProxyEntry {
+            id,
+            inbound_address,
+            proxy_version: String::new(),
+            cert_serial: String::new(),
+            cert_not_after: 0,
+            cert_issuer: String::new(),
+            cert_refresh_after: 0,
+            remote,
+            connected_at: at,
+            last_seen: at,
+            applied_version: 0,
+            last_error: None,
+            sent: None,
+            applied_policies: Vec::new(),
+            applied_bundle: Vec::new(),
+            hits: Vec::new(),
+            observed: HashMap::new(),
+            edges: Vec::new(),
+            left: false,
+        }
+    }
+
     /// Takes a report's cumulative call counts, noting `now` for each that grew.
     pub fn observe(&mut self, calls: Vec<(ObservedKey, u64)>, now: i64) {
         let mut next = HashMap::with_capacity(calls.len());

@@ -9,7 +9,7 @@ use tonic::Status;
 
 use crate::audit::{AuditLog, Outcome};
 use crate::listener::ConnInfo;
-use crate::mesh_svc::MeshState;
+use crate::mesh_state::MeshState;
 use crate::policies::Policies;
 use crate::tokens::Tokens;
 

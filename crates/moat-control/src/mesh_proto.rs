@@ -1,0 +1,186 @@
+//! The `Mesh.Stream` messages a proxy sends, checked and turned into the registry's terms at the
+//! gRPC edge: an announce must agree with the connection it came on, a report's counters are
+//! bounded, and anything malformed is refused with a message that names the field.
+
+use moat_api::v1::{Announce, Report};
+use moat_identity::VerifiedPeer;
+use moat_wire::table::BucketDigest;
+use tonic::Status;
+
+use crate::registry::{EdgeReport, ObservedKey, RuleHits};
+
+/// What a proxy's announce says, checked against the certificate its connection presented.
+#[derive(Debug)]
+pub struct Announced {
+    /// Where other sidecars reach the proxy's inbound listener.
+    pub inbound_address: String,
+    pub proxy_version: String,
+    /// When the proxy will renew its certificate (Unix seconds).
+    pub cert_refresh_after: i64,
+    /// The digests of the service table the proxy holds from an earlier stream, if any.
+    pub resume: Option<Vec<BucketDigest>>,
+}
+
+impl Announced {
+    /// Checks `a`, sent on a connection that presented `verified`. What the proxy says of its
+    /// certificate must be what it proved: the registry (and from it status, rotation gating and
+    /// revocation bookkeeping) keeps only verified facts.
+    pub fn check(a: Announce, verified: &VerifiedPeer) -> Result<Announced, Status> {
+        check_address(&a.inbound_address)?;
+        if !a.cert_serial.is_empty() && a.cert_serial != verified.serial {
+            return Err(Status::invalid_argument(format!(
+                "the announce names certificate {}, but this connection presented {}",
+                a.cert_serial, verified.serial
+            )));
+        }
+        if a.cert_not_after_unix != 0 && a.cert_not_after_unix != verified.not_after {
+            return Err(Status::invalid_argument(format!(
+                "the announce says the certificate expires at {}, but the one presented expires at {}",
+                a.cert_not_after_unix, verified.not_after
+            )));
+        }
+        let resume = moat_wire::table::digests_from_proto(&a.table_digests)
+            .map_err(|e| Status::invalid_argument(format!("{e} (upgrade the proxy)")))?;
+        Ok(Announced {
+            inbound_address: a.inbound_address,
+            proxy_version: a.proxy_version,
+            cert_refresh_after: a.cert_refresh_after_unix,
+            resume,
+        })
+    }
+}
+
+/// Checks an announced inbound address.
+fn check_address(a: &str) -> Result<(), Status> {
+    let bad = |why: &str| {
+        Status::invalid_argument(format!(
+            "announce.inbound_address {a:?} {why}: announce the host:port other sidecars can reach (set --advertise on the proxy)"
+        ))
+    };
+    let (host, port) = a.rsplit_once(':').ok_or_else(|| bad("has no port"))?;
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => return Err(bad("has no valid port")),
+        Ok(_) => {}
+    }
+    if host.is_empty() || a.len() > 261 {
+        return Err(bad("has no host"));
+    }
+    if let Ok(sa) = a.parse::<std::net::SocketAddr>()
+        && sa.ip().is_unspecified()
+    {
+        return Err(bad("is a wildcard address"));
+    }
+    Ok(())
+}
+
+/// The most counters one report may carry.
+const MAX_REPORTED_COUNTERS: usize = 10_000;
+
+/// The most kinds of observed call one report may carry (the proxy keeps at most
+/// `moat_proxy::observe::MAX_OBSERVED`).
+const MAX_REPORTED_CALLS: usize = 4096;
+
+/// The most edges one report may carry (a proxy keeps at most 1,024 callers).
+const MAX_REPORTED_EDGES: usize = 1024;
+
+/// Validates a report's edges.
+pub fn edges_from_proto(r: &Report) -> Result<Vec<EdgeReport>, String> {
+    if r.edges.len() > MAX_REPORTED_EDGES {
+        return Err(format!(
+            "{} edges; the limit is {MAX_REPORTED_EDGES}",
+            r.edges.len()
+        ));
+    }
+    let buckets = moat_metrics::EDGE_LATENCY_BOUNDS_MS.len() + 1;
+    r.edges
+        .iter()
+        .map(|e| {
+            if e.latency_buckets.len() != buckets {
+                return Err(format!(
+                    "an edge has {} latency buckets, not {buckets}",
+                    e.latency_buckets.len()
+                ));
+            }
+            if e.peer.len() > 2048
+                || e.denied.len() > 64
+                || e.denied.iter().any(|d| d.reason.len() > 64)
+            {
+                return Err("an edge's peer or denial reasons are too long".into());
+            }
+            Ok(EdgeReport {
+                peer: e.peer.clone(),
+                requests: e.requests,
+                failures: e.failures,
+                denied: e
+                    .denied
+                    .iter()
+                    .map(|d| (d.reason.clone(), d.count))
+                    .collect(),
+                buckets: e.latency_buckets.clone(),
+            })
+        })
+        .collect()
+}
+
+/// Validates a report's observed calls.
+pub fn observed_from_proto(r: &Report) -> Result<Vec<(ObservedKey, u64)>, String> {
+    if r.observed.len() > MAX_REPORTED_CALLS {
+        return Err(format!(
+            "{} observed calls; the limit is {MAX_REPORTED_CALLS}",
+            r.observed.len()
+        ));
+    }
+    r.observed
+        .iter()
+        .map(|c| {
+            let port = u16::try_from(c.port).map_err(|_| format!("bad port {}", c.port))?;
+            if c.peer.len() > 2048 || c.method.len() > 32 || c.path.len() > 8192 {
+                return Err("an observed call's peer, method or path is too long".to_owned());
+            }
+            Ok((
+                ObservedKey {
+                    peer: c.peer.clone(),
+                    port,
+                    method: c.method.clone(),
+                    path: c.path.clone(),
+                },
+                c.count,
+            ))
+        })
+        .collect()
+}
+
+/// Validates a proxy's report.
+pub fn hits_from_proto(r: Report) -> Result<Vec<RuleHits>, String> {
+    if r.counters.len() > MAX_REPORTED_COUNTERS {
+        return Err(format!(
+            "{} counters; the limit is {MAX_REPORTED_COUNTERS}",
+            r.counters.len()
+        ));
+    }
+    r.counters
+        .into_iter()
+        .map(|c| {
+            let decision = c
+                .decision
+                .parse::<moat_policy::eval::Effect>()
+                .map_err(|e| e.to_string())?
+                .as_str();
+            let rule = match c.rule {
+                -1 => None,
+                r if r >= 0 => Some(r as u32),
+                r => return Err(format!("bad rule index {r}")),
+            };
+            if c.policy.len() > 512 {
+                return Err("policy name too long".into());
+            }
+            Ok(RuleHits {
+                policy: c.policy,
+                version: c.version,
+                rule,
+                decision,
+                count: c.count,
+            })
+        })
+        .collect()
+}
