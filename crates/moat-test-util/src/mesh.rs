@@ -77,11 +77,24 @@ impl Admin {
         address: &str,
         table_digests: Vec<Vec<u8>>,
     ) -> anyhow::Result<MeshStream> {
-        let channel = moat_tls::connect::channel(
+        self.mesh_stream_from(cred, address, table_digests, None)
+            .await
+    }
+
+    /// [`Admin::mesh_stream_resuming`], connecting from the local address `source` when given.
+    pub async fn mesh_stream_from(
+        &self,
+        cred: &Credential,
+        address: &str,
+        table_digests: Vec<Vec<u8>>,
+        source: Option<std::net::IpAddr>,
+    ) -> anyhow::Result<MeshStream> {
+        let channel = moat_tls::connect::channel_from(
             &self.url,
             self.bundle.clone(),
             self.control.clone(),
             Some(cred),
+            source,
         )
         .await?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);

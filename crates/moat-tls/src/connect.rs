@@ -67,6 +67,18 @@ pub async fn channel(
     expected: SpiffeId,
     cred: Option<&Credential>,
 ) -> Result<Channel, ConnectError> {
+    channel_from(url, bundle, expected, cred, None).await
+}
+
+/// [`channel`], with its TCP connections made from the local address `source` when given (the
+/// benchmarks give each simulated proxy its own loopback address, as each sidecar has its own).
+pub async fn channel_from(
+    url: &str,
+    bundle: TrustBundle,
+    expected: SpiffeId,
+    cred: Option<&Credential>,
+    source: Option<std::net::IpAddr>,
+) -> Result<Channel, ConnectError> {
     let addr = authority(url)?;
     let config = client_config(cred, Arc::new(bundle), expected.clone(), crate::ALPN_H2)?;
     let connector = TlsConnector::from(config);
@@ -75,7 +87,24 @@ pub async fn channel(
         let connector = connector.clone();
         let target = target.clone();
         async move {
-            let tcp = TcpStream::connect(&target).await?;
+            let tcp = match source {
+                None => TcpStream::connect(&target).await?,
+                Some(ip) => {
+                    let to = tokio::net::lookup_host(&target)
+                        .await?
+                        .next()
+                        .ok_or_else(|| {
+                            std::io::Error::other(format!("{target} resolves to no address"))
+                        })?;
+                    let socket = if to.is_ipv4() {
+                        tokio::net::TcpSocket::new_v4()?
+                    } else {
+                        tokio::net::TcpSocket::new_v6()?
+                    };
+                    socket.bind(std::net::SocketAddr::new(ip, 0))?;
+                    socket.connect(to).await?
+                }
+            };
             tcp.set_nodelay(true)?;
             // The name is not checked (identity is the SPIFFE ID); rustls only needs a valid one.
             let name = ServerName::try_from("moat.invalid").map_err(std::io::Error::other)?;
