@@ -2,7 +2,8 @@
 //! `etcd-server` on loopback, `moat_test_util::etcd`), each a full peer: a change made through
 //! one reaches the proxies of the others; the fleet view, the CA and rotation commands are
 //! shared; a replica killed under load costs no request and its proxies move to the others; a
-//! root rotation survives the loss of the leader; a one-use token yields one certificate
+//! root rotation survives the loss of the leader; only the leader reads token issuers' keys,
+//! which every replica serves; a one-use token yields one certificate
 //! however many replicas it is raced on; and the mesh rides out etcd losing one member, then
 //! its quorum.
 
@@ -160,6 +161,64 @@ async fn a_change_through_one_replica_reaches_the_proxies_of_the_others() {
         !seen.lock().unwrap().iter().any(|r| r.path() == "/orders/3"),
         "no request of the revoked caller reached the app"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_reads_token_keys_and_every_replica_serves_them() {
+    let (_etcd, cps) = tokio::task::block_in_place(|| replicas(3));
+    let l = leader(&cps);
+    let (b, c) = (&cps[(l + 1) % 3], &cps[(l + 2) % 3]);
+    let signer = common::tokens::Signer::ed("ed-1");
+    let jwks_file = b.scratch().join("jwks.json");
+    std::fs::write(&jwks_file, common::tokens::jwks(&[&signer])).unwrap();
+    let issuer = "https://id.moat.test";
+    // Applied through a replica that does not lead.
+    apply_policy(
+        b,
+        &format!(
+            "apiVersion: moat.dev/v1\nkind: MeshConfig\nmetadata: {{ name: mesh }}\nspec:\n  jwtIssuers:\n    - issuer: {issuer}\n      jwks: {{ file: {}, refresh: 1s }}\n      algorithms: [EdDSA]\n---\napiVersion: moat.dev/v1\nkind: AccessPolicy\nmetadata: {{ name: orders }}\nspec:\n  target: orders\n  rules:\n    - from: [frontend]\n      jwt: {{ issuers: [{issuer}], audiences: [orders] }}\n",
+            jwks_file.display()
+        ),
+    );
+    // orders' sidecar on B and the frontend's on C, neither on the leader.
+    let (seen, _orders, frontend) = orders_and_frontend(b, c).await;
+    let now = common::tokens::now();
+    let token = signer.sign(&serde_json::json!({
+        "iss": issuer, "aud": "orders", "sub": "alice", "exp": now + 300, "iat": now,
+    }));
+    let url = format!("http://{}/orders/1", frontend.upstream("orders"));
+    let auth = format!("Bearer {token}");
+    let accepted = eventually(Duration::from_secs(15), || {
+        let r = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(get(
+                &h1_client(),
+                "GET",
+                &url,
+                &[("authorization", &auth), ("x-moat-user", "mallory")],
+            ))
+        });
+        matches!(r, Ok((200, _, _))).then_some(())
+    });
+    assert!(accepted.is_some(), "the token was never accepted on B");
+    // The app received the verified subject, not the one the caller wrote.
+    let users: Vec<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.headers.iter())
+        .filter(|(k, _)| k == "x-moat-user")
+        .map(|(_, v)| v.clone())
+        .collect();
+    assert_eq!(users, ["alice"]);
+    // One replica read the key set: the leader. The others served it from the store.
+    let readers: Vec<usize> = (0..3)
+        .filter(|i| {
+            cps[*i]
+                .log_text()
+                .contains("read a new key set for the issuer")
+        })
+        .collect();
+    assert_eq!(readers, [l], "only the leader reads key sets");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

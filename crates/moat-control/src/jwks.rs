@@ -1,6 +1,7 @@
-//! End-user token issuers' key sets: read each trusted issuer's JWKS (inline, a file on this
-//! host, or an HTTPS URL), check it, keep the last good one per issuer, re-read files and URLs
-//! at their refresh interval, and move the mesh on when a key set changes so proxies receive it.
+//! Reading token issuers' key sets: each trusted issuer's JWKS (inline, a file on this host, or
+//! an HTTPS URL), checked, the last good one kept per issuer, files and URLs re-read at their
+//! refresh interval. The leader runs the reads (`mesh_follow::refresh_jwks`) and stores what
+//! they give; every replica serves the stored key sets (`key_sets`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -205,13 +206,14 @@ pub struct JwksCache {
 }
 
 impl JwksCache {
-    /// The checked JWKS JSON of `issuer`, if one was ever read.
-    pub fn get(&self, issuer: &str) -> Option<String> {
+    /// Every key set read, by slot (an issuer's `iss`, or [`KUBERNETES`]).
+    pub fn entries(&self) -> Vec<(String, String)> {
         self.entries
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .get(issuer)
-            .map(|e| e.json.clone())
+            .iter()
+            .map(|(slot, e)| (slot.clone(), e.json.clone()))
+            .collect()
     }
 
     /// Brings the cache in line with `mesh`: drops issuers no longer trusted, reads those that are
@@ -294,6 +296,11 @@ impl JwksCache {
 
 /// The cache slot of the Kubernetes service-account issuer (end-user issuers use their `iss`).
 pub const KUBERNETES: &str = "kubernetes:service-accounts";
+
+/// The slots of every issuer `mesh` trusts.
+pub fn slot_names(mesh: &MeshConfig) -> Vec<String> {
+    slots(mesh).into_iter().map(|(slot, _)| slot).collect()
+}
 
 /// Every issuer `mesh` trusts, by cache slot.
 fn slots(mesh: &MeshConfig) -> Vec<(String, &JwtIssuer)> {

@@ -8,8 +8,9 @@
 //! the handlers share in `state`. The binary in `main.rs` only parses flags.
 //!
 //! The mesh's state flows one way, the same on every replica: the store is the only source of
-//! truth; watches bring its changes in (`mesh_follow` for policies, revocations and key sets,
-//! `fleet` for the other replicas' proxies, `rotations`, `ca_rotation`); they land in the live
+//! truth; watches bring its changes in (`mesh_follow` for policies, revocations and key sets
+//! (`key_sets`, read by the leader with `jwks`), `fleet` for the other replicas' proxies,
+//! `rotations`, `ca_rotation`); they land in the live
 //! state (`mesh_state`, with the proxy `registry`); each change becomes one shared view built by
 //! pure code (`mesh_view`), and every stream diffs its proxy's snapshot from it. Messages from
 //! proxies are checked at the gRPC edge (`mesh_proto`).
@@ -24,6 +25,7 @@ pub mod fleet;
 pub mod identity_svc;
 pub mod jwks;
 pub mod kek_source;
+pub mod key_sets;
 pub mod kube_api;
 pub mod kube_bundle;
 pub mod kube_policies;
@@ -216,7 +218,11 @@ pub async fn serve(
         tokio::spawn(fleet::publish(mesh.clone(), replica.clone()));
         tokio::spawn(fleet::follow(mesh.clone(), replica.clone()));
     }
-    tokio::spawn(mesh_follow::refresh_jwks(mesh.clone()));
+    tokio::spawn(mesh_follow::follow_key_sets(mesh.clone()));
+    let leader_mesh = mesh.clone();
+    tokio::spawn(replica.clone().while_leader("key-set refresh", move || {
+        mesh_follow::refresh_jwks(leader_mesh.clone())
+    }));
     if let Some(server) = &cfg.watch_policies {
         let client = server
             .client()

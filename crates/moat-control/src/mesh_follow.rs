@@ -2,6 +2,7 @@
 //! revocation lists, and the token issuers' key sets. Each loop reloads on a change (or a lag,
 //! which means changes were missed) and moves the mesh generation on only when something
 //! changed, so every replica's streams learn a change the same way, whichever replica wrote it.
+//! The leader also reads the key sets from their sources into the store ([`refresh_jwks`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,11 +16,7 @@ pub async fn follow_policies(policies: Policies, state: Arc<MeshState>) {
     let (mut a, mut b) = policies.changes().await;
     loop {
         match policies.load().await {
-            Ok(set) => {
-                // Key sets first, so the snapshot that introduces an issuer carries its keys.
-                state.jwks.sync(&set.mesh).await;
-                state.set_policies(set);
-            }
+            Ok(set) => state.set_policies(set),
             Err(e) => tracing::error!(error = %e, "cannot load policies; keeping the previous set"),
         }
         // Any event, or a lag (which means events were missed), triggers a full reload.
@@ -69,14 +66,54 @@ pub async fn follow_revocations(
     }
 }
 
-/// Keeps the key-set cache current with the mesh config in force, checking every second what
-/// is due.
+/// On the leader: reads the key sets of the issuers the mesh config trusts — new issuers at
+/// once, the rest when their refresh is due (checked every second) — and stores them, so every
+/// replica serves them. Until an issuer's key set is stored, snapshots leave the issuer out and
+/// its tokens are refused.
 pub async fn refresh_jwks(state: Arc<MeshState>) {
+    let cache = crate::jwks::JwksCache::default();
+    let mut generations = state.generations();
+    let mut seen: Option<Arc<crate::policies::PolicySet>> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
-        let mesh = state.current_policies().mesh.clone();
-        if state.jwks.sync(&mesh).await {
-            state.bump();
+        // A new mesh config is read at once; otherwise what is due, every second.
+        tokio::select! {
+            _ = tick.tick() => {}
+            changed = generations.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                if seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, &state.current_policies())) {
+                    continue;
+                }
+            }
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        let set = state.current_policies();
+        cache.sync(&set.mesh).await;
+        if let Err(e) = crate::key_sets::publish(state.store().as_ref(), &cache, &set.mesh).await {
+            tracing::warn!(error = %e, "cannot store the issuers' key sets; trying again in a second");
+            continue;
+        }
+        seen = Some(set);
+    }
+}
+
+/// Keeps this replica's key sets in step with the store.
+pub async fn follow_key_sets(state: Arc<MeshState>) {
+    let mut changes = state.store().watch_retrying(crate::key_sets::PREFIX).await;
+    loop {
+        match crate::key_sets::load(state.store().as_ref()).await {
+            Ok(sets) => {
+                if state.jwks.replace(sets) {
+                    state.bump();
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot load the issuers' key sets; keeping the previous ones")
+            }
+        }
+        if matches!(changes.next().await, Ok(None)) {
+            return;
+        }
     }
 }

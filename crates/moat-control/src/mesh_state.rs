@@ -43,7 +43,7 @@ pub struct MeshState {
     /// Revoked identities (full SPIFFE IDs) and serials, as pushed to proxies.
     revoked: RwLock<(Vec<String>, Vec<String>)>,
     /// Trusted token issuers' key sets, pushed in snapshots.
-    pub jwks: crate::jwks::JwksCache,
+    pub jwks: crate::key_sets::KeySets,
     /// Rotation commands: per identity, and for everyone.
     rotations: Mutex<(u64, std::collections::HashMap<SpiffeId, u64>)>,
     /// The open taps (`moat tap`), listed in the snapshots of the proxies they watch.
@@ -98,7 +98,7 @@ impl MeshState {
             store,
             replica,
             rotations: Mutex::new((0, std::collections::HashMap::new())),
-            jwks: crate::jwks::JwksCache::default(),
+            jwks: crate::key_sets::KeySets::default(),
             revoked: RwLock::new((Vec::new(), Vec::new())),
             taps: crate::tap::Taps::default(),
             view: watch::channel(None).0,
