@@ -265,7 +265,7 @@ fn source(idx: usize) -> std::net::IpAddr {
 type Reattached = Arc<Mutex<Vec<Option<(Instant, usize)>>>>;
 
 /// A simulated proxy of replica-set index `idx` on control plane `home`, which reconnects as
-/// `moat-proxy` does when its stream ends: to the next replica, after 250 ms ± 25 % doubling
+/// `moat-proxy` does when its stream ends: to another replica at random, after 250 ms ± 25 % doubling
 /// with every attempt that brings no snapshot (up to 15 s), announcing the table it holds. It
 /// says when it holds a first snapshot again in `reattached`.
 async fn roaming_proxy(
@@ -286,7 +286,8 @@ async fn roaming_proxy(
             proxy(idx, s, probes.clone(), &mut table).await;
             step = first_step;
         }
-        home = (home + 1) % admins.len();
+        // As moat-proxy: another replica, at random.
+        home = (home + 1 + rand::random_range(0..admins.len() - 1)) % admins.len();
         let jitter = 0.75 + rand::random::<f64>() * 0.5;
         tokio::time::sleep(step.mul_f64(jitter)).await;
         step = (step * 2).min(Duration::from_secs(15));
@@ -518,7 +519,7 @@ fn main() {
             storm = format!(
                 "\n## A replica killed\n\n\
                  Control plane {} of {planes} is killed (`kill -9`) with its {} proxies connected; each \
-                 reconnects to the next replica after 250 ms ± 25 %, doubling per fruitless attempt up to 15 s (`moat-proxy`'s backoff), \
+                 reconnects to another replica at random after 250 ms ± 25 %, doubling per fruitless attempt up to 15 s (`moat-proxy`'s backoff), \
                  announcing the digests of the table it holds, and is re-attached when the survivor's \
                  first snapshot (only the table buckets that differ) has arrived.\n\n\
                  | measure | value |\n|---|---|\n\

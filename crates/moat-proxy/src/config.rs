@@ -9,8 +9,9 @@ use std::time::Duration;
 use moat_identity::{SpiffeId, TrustDomain};
 
 /// The control-plane replicas this proxy may use, and the one it uses now. A proxy starts at a
-/// random one (so that a fleet spreads over the replicas) and moves to the next when a
-/// connection or a call fails. A single DNS name resolving to several replicas also works: each
+/// random one (so that a fleet spreads over the replicas) and moves to a random other one when
+/// a connection or a call fails (so that the proxies of a replica that died spread over the
+/// survivors instead of all landing on the next in the list). A single DNS name resolving to several replicas also works: each
 /// connection tries the addresses it resolves to in turn.
 #[derive(Clone, Debug)]
 pub struct ControlPlanes {
@@ -38,15 +39,15 @@ impl ControlPlanes {
         self.urls.get(i % self.urls.len().max(1)).map_or("", |u| u)
     }
 
-    /// `url` failed: the next call uses the next replica (unless another caller moved on
-    /// already).
+    /// `url` failed: the next call uses another replica, chosen at random (unless another
+    /// caller moved on already).
     pub fn failed(&self, url: &str) {
         use std::sync::atomic::Ordering::Relaxed;
+        let n = self.urls.len();
         let i = self.current.load(Relaxed);
-        if self.urls.len() > 1 && self.urls.get(i % self.urls.len()).is_some_and(|u| u == url) {
-            let _ = self
-                .current
-                .compare_exchange(i, (i + 1) % self.urls.len(), Relaxed, Relaxed);
+        if n > 1 && self.urls.get(i % n).is_some_and(|u| u == url) {
+            let next = (i + 1 + rand::random_range(0..n - 1)) % n;
+            let _ = self.current.compare_exchange(i, next, Relaxed, Relaxed);
         }
     }
 
@@ -189,12 +190,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn control_planes_move_on_after_a_failure_and_wrap_around() {
-        let cps = ControlPlanes::new(vec![
-            "https://a".into(),
-            "https://b".into(),
-            "https://c".into(),
-        ]);
+    fn control_planes_move_to_a_random_other_one_after_a_failure() {
+        let urls: Vec<String> = ["https://a", "https://b", "https://c"]
+            .iter()
+            .map(|u| u.to_string())
+            .collect();
+        let cps = ControlPlanes::new(urls.clone());
         let first = cps.current().to_owned();
         cps.failed(&first);
         let second = cps.current().to_owned();
@@ -202,9 +203,18 @@ mod tests {
         // A stale report about the first one does not skip the second.
         cps.failed(&first);
         assert_eq!(cps.current(), second);
-        cps.failed(&second);
-        cps.failed(cps.current().to_owned().as_str());
-        assert_eq!(cps.current(), first, "after the last comes the first");
+        // The proxies of a replica that died spread over both survivors.
+        let mut landed = std::collections::HashMap::new();
+        for _ in 0..300 {
+            let cps = ControlPlanes::new(urls.clone());
+            while cps.current() != "https://c" {
+                cps.failed(cps.current().to_owned().as_str());
+            }
+            cps.failed("https://c");
+            *landed.entry(cps.current().to_owned()).or_insert(0) += 1;
+        }
+        assert_eq!(landed.len(), 2, "{landed:?}");
+        assert!(landed.values().all(|n| *n > 90), "{landed:?}");
         let one = ControlPlanes::new(vec!["https://only".into()]);
         one.failed("https://only");
         assert_eq!(one.current(), "https://only");

@@ -20,7 +20,8 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[command(name = "moat-proxy", version, about = "The moat sidecar proxy")]
 struct Args {
     /// Control-plane address; several replicas comma-separated (the sidecar starts at a random
-    /// one and moves on when it fails), or one DNS name that resolves to them all.
+    /// one and moves to a random other one when it fails), or one DNS name that resolves to them
+    /// all.
     #[arg(
         long,
         env = "MOAT_CONTROL_PLANE",
