@@ -83,14 +83,17 @@ const MAX_REPORTED_CALLS: usize = 4096;
 /// The most edges one report may carry (a proxy keeps at most 1,024 callers).
 const MAX_REPORTED_EDGES: usize = 1024;
 
+/// Refuses a report carrying `len` items of a kind (`what`) when the limit is `limit`.
+fn at_most(len: usize, limit: usize, what: &str) -> Result<(), String> {
+    if len > limit {
+        return Err(format!("{len} {what}; the limit is {limit}"));
+    }
+    Ok(())
+}
+
 /// Validates a report's edges.
 pub fn edges_from_proto(r: &Report) -> Result<Vec<EdgeReport>, String> {
-    if r.edges.len() > MAX_REPORTED_EDGES {
-        return Err(format!(
-            "{} edges; the limit is {MAX_REPORTED_EDGES}",
-            r.edges.len()
-        ));
-    }
+    at_most(r.edges.len(), MAX_REPORTED_EDGES, "edges")?;
     let buckets = moat_metrics::EDGE_LATENCY_BOUNDS_MS.len() + 1;
     r.edges
         .iter()
@@ -124,12 +127,7 @@ pub fn edges_from_proto(r: &Report) -> Result<Vec<EdgeReport>, String> {
 
 /// Validates a report's observed calls.
 pub fn observed_from_proto(r: &Report) -> Result<Vec<(ObservedKey, u64)>, String> {
-    if r.observed.len() > MAX_REPORTED_CALLS {
-        return Err(format!(
-            "{} observed calls; the limit is {MAX_REPORTED_CALLS}",
-            r.observed.len()
-        ));
-    }
+    at_most(r.observed.len(), MAX_REPORTED_CALLS, "observed calls")?;
     r.observed
         .iter()
         .map(|c| {
@@ -152,12 +150,7 @@ pub fn observed_from_proto(r: &Report) -> Result<Vec<(ObservedKey, u64)>, String
 
 /// Validates a proxy's report.
 pub fn hits_from_proto(r: Report) -> Result<Vec<RuleHits>, String> {
-    if r.counters.len() > MAX_REPORTED_COUNTERS {
-        return Err(format!(
-            "{} counters; the limit is {MAX_REPORTED_COUNTERS}",
-            r.counters.len()
-        ));
-    }
+    at_most(r.counters.len(), MAX_REPORTED_COUNTERS, "counters")?;
     r.counters
         .into_iter()
         .map(|c| {
@@ -183,4 +176,87 @@ pub fn hits_from_proto(r: Report) -> Result<Vec<RuleHits>, String> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer() -> VerifiedPeer {
+        VerifiedPeer {
+            id: "spiffe://example.org/ns/shop/sa/orders".parse().unwrap(),
+            serial: "0a1b".into(),
+            not_after: 1_900_000_000,
+        }
+    }
+
+    fn announce() -> Announce {
+        Announce {
+            inbound_address: "10.0.0.1:7143".into(),
+            proxy_version: "0.1.0".into(),
+            cert_serial: "0a1b".into(),
+            cert_not_after_unix: 1_900_000_000,
+            ..Announce::default()
+        }
+    }
+
+    #[test]
+    fn an_announce_must_agree_with_the_certificate_and_name_a_reachable_address() {
+        let ok = Announced::check(announce(), &peer()).unwrap();
+        assert_eq!(ok.inbound_address, "10.0.0.1:7143");
+        assert!(ok.resume.is_none());
+        let refused = |a: Announce| {
+            Announced::check(a, &peer())
+                .unwrap_err()
+                .message()
+                .to_owned()
+        };
+        let m = refused(Announce {
+            cert_serial: "ffff".into(),
+            ..announce()
+        });
+        assert!(
+            m.contains("names certificate ffff") && m.contains("presented 0a1b"),
+            "{m}"
+        );
+        let m = refused(Announce {
+            cert_not_after_unix: 5,
+            ..announce()
+        });
+        assert!(m.contains("expires at 5"), "{m}");
+        for bad in ["0.0.0.0:7143", "10.0.0.1", "10.0.0.1:0", ":7143"] {
+            let m = refused(Announce {
+                inbound_address: bad.into(),
+                ..announce()
+            });
+            assert!(m.contains("--advertise"), "{bad}: {m}");
+        }
+        let m = refused(Announce {
+            table_digests: vec![vec![0; 32]; 2],
+            ..announce()
+        });
+        assert!(
+            m.contains("has 2 entries") && m.contains("upgrade the proxy"),
+            "{m}"
+        );
+        let resumed = Announced::check(
+            Announce {
+                table_digests: vec![vec![7; 32]; moat_wire::table::BUCKETS],
+                ..announce()
+            },
+            &peer(),
+        )
+        .unwrap();
+        assert_eq!(resumed.resume.unwrap()[3], [7; 32]);
+    }
+
+    #[test]
+    fn reports_over_their_bounds_are_refused_with_the_count() {
+        let r = Report {
+            edges: vec![Default::default(); MAX_REPORTED_EDGES + 1],
+            ..Report::default()
+        };
+        let e = edges_from_proto(&r).unwrap_err();
+        assert_eq!(e, "1025 edges; the limit is 1024");
+    }
 }

@@ -669,29 +669,15 @@ mod tests {
             ..Default::default()
         };
         assert!(next_snapshot(Base::Sent(&last), &v2, &[], 0, &[tap]).is_some());
+        let sends = |i: ViewInputs| {
+            let view = MeshView::build(i, Some(&v2));
+            next_snapshot(Base::Sent(&last), &view, &[], 0, &[]).is_some()
+        };
         let mut i = inputs(3, &[("a", &["10.0.0.1:1"])]);
         i.bundle_fingerprints.push("bb".into());
-        assert!(
-            next_snapshot(
-                Base::Sent(&last),
-                &MeshView::build(i, Some(&v2)),
-                &[],
-                0,
-                &[]
-            )
-            .is_some()
-        );
+        assert!(sends(i));
         let mut i = inputs(4, &[("a", &["10.0.0.1:1"])]);
         i.revoked.1.push("0a".into());
-        assert!(
-            next_snapshot(
-                Base::Sent(&last),
-                &MeshView::build(i, Some(&v2)),
-                &[],
-                0,
-                &[]
-            )
-            .is_some()
-        );
+        assert!(sends(i));
     }
 }
