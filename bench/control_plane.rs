@@ -186,13 +186,7 @@ fn address(idx: usize) -> String {
 /// The survivors' `moat_mesh_first_snapshots_total` and `moat_mesh_resent_buckets_total`, as
 /// "full / resumed first snapshots, buckets resent" per replica.
 async fn survivors_counters(cps: &[ControlPlane]) -> String {
-    let read = |text: &str, name: &str| -> u64 {
-        text.lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .map(|v| v as u64)
-            .sum()
-    };
+    let read = |text: &str, series: &str| moat_test_util::metric_sum(text, series) as u64;
     cps.iter()
         .map(|cp| {
             let text = cp.admin_get("/metrics").map(|(_, t)| t).unwrap_or_default();

@@ -414,21 +414,15 @@ async fn a_replica_killed_under_load_costs_no_request_and_its_proxies_move() {
     assert!(ok >= 100 * 15, "{ok} requests in 15 s");
     // The moved proxies announced the tables they held, and the survivors resumed them rather
     // than resending the whole table (the requests above show the resumed tables route).
-    let counter = |name: &str| -> u64 {
-        survivors
-            .iter()
-            .filter_map(|cp| cp.admin_get("/metrics"))
-            .flat_map(|(_, text)| {
-                text.lines()
-                    .filter(|l| l.starts_with(name))
-                    .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-                    .collect::<Vec<_>>()
-            })
-            .sum()
-    };
-    let resumed = counter("moat_mesh_first_snapshots_total{table=\"resumed\"}");
+    let resumed: f64 = survivors
+        .iter()
+        .filter_map(|cp| cp.admin_get("/metrics"))
+        .map(|(_, text)| {
+            moat_test_util::metric_sum(&text, "moat_mesh_first_snapshots_total{table=\"resumed\"}")
+        })
+        .sum();
     assert!(
-        resumed >= counts[victim] as u64,
+        resumed >= counts[victim] as f64,
         "{resumed} resumed first snapshots for {} moved proxies",
         counts[victim]
     );

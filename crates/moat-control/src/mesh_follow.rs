@@ -75,6 +75,8 @@ pub async fn refresh_jwks(state: Arc<MeshState>) {
     let mut generations = state.generations();
     let mut seen: Option<Arc<crate::policies::PolicySet>> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // What was read is not in the store yet (the last write failed).
+    let mut unstored = false;
     loop {
         // A new mesh config is read at once; otherwise what is due, every second.
         tokio::select! {
@@ -89,11 +91,19 @@ pub async fn refresh_jwks(state: Arc<MeshState>) {
             }
         }
         let set = state.current_policies();
-        cache.sync(&set.mesh).await;
+        let read_new = cache.sync(&set.mesh).await;
+        // The store is written only when a key set or the trusted issuers changed, or the last
+        // write failed; not every second.
+        let new_config = !seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, &set));
+        if !read_new && !new_config && !unstored {
+            continue;
+        }
+        unstored = true;
         if let Err(e) = crate::key_sets::publish(state.store().as_ref(), &cache, &set.mesh).await {
             tracing::warn!(error = %e, "cannot store the issuers' key sets; trying again in a second");
             continue;
         }
+        unstored = false;
         seen = Some(set);
     }
 }

@@ -486,6 +486,16 @@ pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Opt
     }
 }
 
+/// The sum of the samples in Prometheus exposition `text` whose series (name and labels, as
+/// written) is `series`, e.g. `moat_mesh_first_snapshots_total{table="resumed"}`; 0 when none.
+pub fn metric_sum(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(name, _)| *name == series)
+        .filter_map(|(_, v)| v.parse::<f64>().ok())
+        .sum()
+}
+
 /// Every regular file under `dir`, recursively.
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
