@@ -115,7 +115,7 @@ async fn the_cluster_keys_are_fetched_with_the_control_planes_service_account_to
     assert!(out.status.success(), "{}", stderr(&out));
     let good = sa_token(&cluster, "shop", "orders", serde_json::json!({}));
     assert_eq!(
-        certify(&cp, "shop/orders", &good).await.unwrap(),
+        certify_once_keys_are_read(&cp, "shop/orders", &good).await,
         "spiffe://moat.local/ns/shop/sa/orders"
     );
     let seen = seen.lock().unwrap().clone();
@@ -125,6 +125,27 @@ async fn the_cluster_keys_are_fetched_with_the_control_planes_service_account_to
         [None, Some("Bearer sa-token-1"), Some("Bearer sa-token-2")],
         "{seen:?}"
     );
+}
+
+/// [`certify`] once the control plane holds the cluster's keys. The leader reads them into the
+/// store just after the MeshConfig lands; until then the answer is Unavailable, "try again",
+/// which a sidecar's bootstrap retries (any other refusal fails the test).
+async fn certify_once_keys_are_read(cp: &ControlPlane, identity: &str, token: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match certify(cp, identity, token).await {
+            Ok(id) => return id,
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::Unavailable, "{}", e.message());
+                assert!(e.message().contains("try again"), "{}", e.message());
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the keys were never read"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,7 +171,7 @@ async fn service_account_tokens_prove_pod_identity_and_bad_ones_are_refused() {
 
     // Accepted: the certificate is for ns/shop/sa/orders.
     assert_eq!(
-        certify(&cp, "shop/orders", &good).await.unwrap(),
+        certify_once_keys_are_read(&cp, "shop/orders", &good).await,
         "spiffe://moat.local/ns/shop/sa/orders"
     );
 
