@@ -6,8 +6,14 @@
 //! handshakes are bounded per source address and overall, with a short deadline, and the
 //! accept loop never waits for a slot: a connection that finds its source (or the listener) at
 //! the limit evicts the oldest handshake still pending there (at the listener's limit, the
-//! oldest of the source holding the most). Strangers holding connections idle therefore lose
-//! them to callers that complete a handshake at once, instead of keeping those callers out.
+//! oldest of the source holding the most, else the oldest that has not said hello). Strangers
+//! holding connections idle therefore lose them to callers that complete a handshake at once,
+//! instead of keeping those callers out.
+//!
+//! The handshake's cryptography runs in a bounded number of slots, taken in arrival order once
+//! the client's hello is in ([`Slots`]). When thousands of sidecars reconnect at once (a replica
+//! died), each handshake then finishes in milliseconds, in turn, instead of all of them sharing
+//! the CPU until every one passes its deadline together and has to start again.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -22,33 +28,59 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
-use tokio_rustls::TlsAcceptor;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_rustls::server::TlsStream;
+use tokio_rustls::{LazyConfigAcceptor, rustls};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
 /// How long a client may take to complete its handshake (a real one takes milliseconds).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client holding a slot may take to answer (one round trip and its own signature).
+const SLOT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Handshakes pending at once, in all.
 const MAX_PENDING_HANDSHAKES: usize = 1024;
 /// Handshakes pending at once from one source address.
 const MAX_PENDING_PER_SOURCE: usize = 64;
+/// Handshakes past their hello being computed at once, in all and per source address.
+const SLOTS: usize = 32;
+const SLOTS_PER_SOURCE: usize = 2;
 
 /// Handshakes in progress: oldest first, and per source. Dropping an entry's sender cancels
 /// that handshake.
 #[derive(Debug, Default)]
 struct Pending {
     next: u64,
-    by_age: BTreeMap<u64, (IpAddr, oneshot::Sender<()>)>,
+    by_age: BTreeMap<u64, Handshake>,
     by_source: HashMap<IpAddr, VecDeque<u64>>,
+}
+
+#[derive(Debug)]
+struct Handshake {
+    source: IpAddr,
+    /// Dropped to cancel the handshake.
+    _cancel: oneshot::Sender<()>,
+    /// The client's hello arrived: a caller at work, not a connection held idle.
+    hello: bool,
+}
+
+/// What [`Pending::admit`] did with a new connection.
+#[derive(Debug, PartialEq, Eq)]
+enum Admitted {
+    /// Registered as `id`, after evicting `evicted` older handshakes.
+    Yes { id: u64, evicted: u64 },
+    /// The listener is full of callers that each said hello from their own address: the
+    /// newcomer waits its turn (it is closed and tries again) rather than push out one of them.
+    Busy,
 }
 
 impl Pending {
     /// Registers a handshake from `source`, evicting the oldest pending one of that source when
-    /// it is at its limit, and the oldest of the busiest source when the listener is. Returns
-    /// its id and the number evicted.
-    fn admit(&mut self, source: IpAddr, cancel: oneshot::Sender<()>) -> (u64, u64) {
+    /// it is at its limit. At the listener's limit the source holding the most pending
+    /// handshakes loses its oldest (a caller with one handshake in flight is never the one to go
+    /// while a stranger holds many); when every source holds one, the oldest handshake whose
+    /// hello never came goes; when all of them are at work, the newcomer is refused.
+    fn admit(&mut self, source: IpAddr, cancel: oneshot::Sender<()>) -> Admitted {
         let mut evicted = 0;
         if self
             .by_source
@@ -59,24 +91,46 @@ impl Pending {
             self.remove(oldest, source);
             evicted += 1;
         }
-        // At the listener's limit, the source holding the most pending handshakes loses its
-        // oldest: a caller with one handshake in flight is never the one to go while a
-        // stranger holds many.
-        if self.by_age.len() >= MAX_PENDING_HANDSHAKES
-            && let Some((&ip, oldest)) = self
+        if self.by_age.len() >= MAX_PENDING_HANDSHAKES {
+            let busiest = self
                 .by_source
                 .iter()
                 .max_by_key(|(_, q)| q.len())
-                .and_then(|(ip, q)| Some((ip, *q.front()?)))
-        {
-            self.remove(oldest, ip);
-            evicted += 1;
+                .filter(|(_, q)| q.len() > 1)
+                .and_then(|(ip, q)| Some((*ip, *q.front()?)));
+            let silent = || {
+                self.by_age
+                    .iter()
+                    .find(|(_, h)| !h.hello)
+                    .map(|(id, h)| (h.source, *id))
+            };
+            match busiest.or_else(silent) {
+                Some((ip, oldest)) => {
+                    self.remove(oldest, ip);
+                    evicted += 1;
+                }
+                None => return Admitted::Busy,
+            }
         }
         let id = self.next;
         self.next += 1;
-        self.by_age.insert(id, (source, cancel));
+        self.by_age.insert(
+            id,
+            Handshake {
+                source,
+                _cancel: cancel,
+                hello: false,
+            },
+        );
         self.by_source.entry(source).or_default().push_back(id);
-        (id, evicted)
+        Admitted::Yes { id, evicted }
+    }
+
+    /// Notes that handshake `id`'s hello arrived.
+    fn said_hello(&mut self, id: u64) {
+        if let Some(h) = self.by_age.get_mut(&id) {
+            h.hello = true;
+        }
     }
 
     /// Forgets handshake `id` (done, failed or evicted); a no-op when already gone.
@@ -88,6 +142,52 @@ impl Pending {
                 self.by_source.remove(&source);
             }
         }
+    }
+}
+
+/// The slots the handshakes' cryptography runs in: [`SLOTS`] in all, [`SLOTS_PER_SOURCE`] per
+/// source address, each granted in the order asked (tokio's semaphores are fair).
+#[derive(Debug)]
+struct Slots {
+    all: Arc<Semaphore>,
+    per_source: Mutex<HashMap<IpAddr, Arc<Semaphore>>>,
+}
+
+/// A slot, given back when dropped.
+#[derive(Debug)]
+struct Slot {
+    _source: OwnedSemaphorePermit,
+    _all: OwnedSemaphorePermit,
+}
+
+impl Slots {
+    fn new() -> Self {
+        Slots {
+            all: Arc::new(Semaphore::new(SLOTS)),
+            per_source: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Waits for a slot for a handshake from `source`: first one of its source's, then one of
+    /// all. Cancelling the wait (deadline, eviction) leaves the queue.
+    async fn take(&self, source: IpAddr) -> Option<Slot> {
+        let mine = {
+            let mut map = self.per_source.lock().ok()?;
+            // Sources with nothing in flight or waiting are forgotten (the map holds the only
+            // reference to their semaphore).
+            if map.len() > MAX_PENDING_HANDSHAKES {
+                map.retain(|_, s| Arc::strong_count(s) > 1);
+            }
+            map.entry(source)
+                .or_insert_with(|| Arc::new(Semaphore::new(SLOTS_PER_SOURCE)))
+                .clone()
+        };
+        let source = mine.acquire_owned().await.ok()?;
+        let all = self.all.clone().acquire_owned().await.ok()?;
+        Some(Slot {
+            _source: source,
+            _all: all,
+        })
     }
 }
 
@@ -176,6 +276,7 @@ pub fn incoming(
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let pending = Arc::new(Mutex::new(Pending::default()));
+    let slots = Arc::new(Slots::new());
     let count = move |reason: &'static str, n: u64| {
         failures
             .get_or_create(&crate::metrics::RefusedLabels { reason })
@@ -199,22 +300,52 @@ pub fn incoming(
                 continue;
             };
             let (cancel, cancelled) = oneshot::channel();
-            let (id, evicted) = match pending.lock() {
+            let admitted = match pending.lock() {
                 Ok(mut p) => p.admit(remote.ip(), cancel),
                 Err(_) => return,
             };
-            if evicted > 0 {
-                count("evicted", evicted);
-            }
+            let id = match admitted {
+                Admitted::Yes { id, evicted } => {
+                    if evicted > 0 {
+                        count("evicted", evicted);
+                    }
+                    id
+                }
+                Admitted::Busy => {
+                    count("busy", 1);
+                    tracing::debug!(%remote, "closed a new connection: every pending handshake is at work");
+                    continue;
+                }
+            };
             let _ = tcp.set_nodelay(true);
-            let (tx, pending, count) = (tx.clone(), pending.clone(), count.clone());
+            let (tx, pending, count, slots) =
+                (tx.clone(), pending.clone(), count.clone(), slots.clone());
             tokio::spawn(async move {
+                let source = remote.ip();
+                let handshake = async {
+                    let start =
+                        LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+                    if let Ok(mut p) = pending.lock() {
+                        p.said_hello(id);
+                    }
+                    let Some(_slot) = slots.take(source).await else {
+                        return Err(std::io::Error::other("the listener is shutting down"));
+                    };
+                    tokio::time::timeout(SLOT_TIMEOUT, start.into_stream(config))
+                        .await
+                        .map_err(|_| {
+                            std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "the client did not answer within its slot",
+                            )
+                        })?
+                };
                 let outcome = tokio::select! {
-                    r = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(tcp)) => Some(r),
+                    r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => Some(r),
                     _ = cancelled => None,
                 };
                 if let Ok(mut p) = pending.lock() {
-                    p.remove(id, remote.ip());
+                    p.remove(id, source);
                 }
                 match outcome {
                     Some(Ok(Ok(stream))) => {
@@ -228,6 +359,10 @@ pub fn incoming(
                                 info,
                             }))
                             .await;
+                    }
+                    Some(Ok(Err(e))) if e.kind() == std::io::ErrorKind::TimedOut => {
+                        count("timeout", 1);
+                        tracing::info!(%remote, error = %e, "TLS handshake timed out");
                     }
                     Some(Ok(Err(e))) => {
                         count("refused", 1);
@@ -252,6 +387,14 @@ pub fn incoming(
 mod tests {
     use super::*;
 
+    fn admit(p: &mut Pending, ip: IpAddr) -> (u64, u64, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        match p.admit(ip, tx) {
+            Admitted::Yes { id, evicted } => (id, evicted, rx),
+            Admitted::Busy => panic!("{ip} refused"),
+        }
+    }
+
     #[test]
     fn the_oldest_pending_handshake_of_a_full_source_makes_room() {
         let mut p = Pending::default();
@@ -259,12 +402,11 @@ mod tests {
         let b: IpAddr = [10, 0, 0, 2].into();
         let mut cancels = Vec::new();
         for _ in 0..MAX_PENDING_PER_SOURCE {
-            let (tx, rx) = oneshot::channel();
-            assert_eq!(p.admit(a, tx).1, 0);
+            let (_, evicted, rx) = admit(&mut p, a);
+            assert_eq!(evicted, 0);
             cancels.push(rx);
         }
-        let (tx, _rx) = oneshot::channel();
-        let (_, evicted) = p.admit(a, tx);
+        let (_, evicted, _rx) = admit(&mut p, a);
         assert_eq!(evicted, 1);
         // The first one was told to stop (its sender is gone); the others were not.
         assert!(cancels[0].try_recv().is_err());
@@ -274,12 +416,8 @@ mod tests {
         ));
         assert_eq!(p.by_source[&a].len(), MAX_PENDING_PER_SOURCE);
         // Another source is not affected.
-        let (tx, _rx) = oneshot::channel();
-        assert_eq!(p.admit(b, tx).1, 0);
-        let (id, _) = {
-            let (tx, _rx) = oneshot::channel();
-            p.admit(b, tx)
-        };
+        assert_eq!(admit(&mut p, b).1, 0);
+        let (id, _, _rx) = admit(&mut p, b);
         p.remove(id, b);
         p.remove(id, b);
         assert_eq!(p.by_source[&b].len(), 1);
@@ -290,14 +428,11 @@ mod tests {
     fn at_the_listeners_limit_the_busiest_source_gives_way() {
         let mut p = Pending::default();
         let caller: IpAddr = [10, 9, 9, 9].into();
-        let (tx, mut caller_rx) = oneshot::channel();
-        p.admit(caller, tx);
+        let (_, _, mut caller_rx) = admit(&mut p, caller);
         let mut keep = Vec::new();
         for i in 0..MAX_PENDING_HANDSHAKES * 2 {
             let ip: IpAddr = [10, 2, 0, (i % 20) as u8].into();
-            let (tx, rx) = oneshot::channel();
-            p.admit(ip, tx);
-            keep.push(rx);
+            keep.push(admit(&mut p, ip).2);
         }
         assert_eq!(p.by_age.len(), MAX_PENDING_HANDSHAKES);
         assert!(matches!(
@@ -313,14 +448,90 @@ mod tests {
         let mut keep = Vec::new();
         for i in 0..MAX_PENDING_HANDSHAKES + 10 {
             let ip: IpAddr = [10, 1, (i / 256) as u8, (i % 256) as u8].into();
-            let (tx, rx) = oneshot::channel();
-            p.admit(ip, tx);
-            keep.push(rx);
+            keep.push(admit(&mut p, ip).2);
         }
         assert_eq!(p.by_age.len(), MAX_PENDING_HANDSHAKES);
         assert_eq!(
             p.by_source.values().map(VecDeque::len).sum::<usize>(),
             MAX_PENDING_HANDSHAKES
         );
+    }
+
+    /// A reconnection storm: one handshake per address, each past its hello. A silent
+    /// connection goes first; then newcomers wait their turn instead of pushing out callers
+    /// whose handshakes are under way.
+    #[test]
+    fn a_full_listener_of_callers_at_work_turns_newcomers_away() {
+        let mut p = Pending::default();
+        let ip = |i: usize| -> IpAddr { [10, 3, (i / 256) as u8, (i % 256) as u8].into() };
+        let mut keep = Vec::new();
+        let (silent, _, mut silent_rx) = admit(&mut p, ip(0));
+        for i in 1..MAX_PENDING_HANDSHAKES {
+            let (id, evicted, rx) = admit(&mut p, ip(i));
+            assert_eq!(evicted, 0);
+            p.said_hello(id);
+            keep.push(rx);
+        }
+        let (id, evicted, _rx) = admit(&mut p, ip(MAX_PENDING_HANDSHAKES));
+        assert_eq!(evicted, 1);
+        assert!(!p.by_age.contains_key(&silent));
+        assert!(
+            silent_rx.try_recv().is_err(),
+            "the silent one was told to stop"
+        );
+        p.said_hello(id);
+        let (tx, _rx) = oneshot::channel();
+        assert_eq!(p.admit(ip(MAX_PENDING_HANDSHAKES + 1), tx), Admitted::Busy);
+        assert_eq!(p.by_age.len(), MAX_PENDING_HANDSHAKES);
+        for rx in &mut keep {
+            assert!(matches!(
+                rx.try_recv(),
+                Err(oneshot::error::TryRecvError::Empty)
+            ));
+        }
+    }
+
+    /// Slots go in the order asked, and one address cannot hold more than its share.
+    #[tokio::test]
+    async fn slots_are_fair_and_bounded_per_source() {
+        let slots = Arc::new(Slots::new());
+        let a: IpAddr = [10, 4, 0, 1].into();
+        let mut held = Vec::new();
+        for _ in 0..SLOTS_PER_SOURCE {
+            held.push(slots.take(a).await.unwrap());
+        }
+        // A third from the same address waits, while other addresses are served.
+        let waiting = tokio::spawn({
+            let slots = slots.clone();
+            async move { slots.take(a).await.map(|_| ()) }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        let mut others = Vec::new();
+        for i in 0..SLOTS - SLOTS_PER_SOURCE {
+            others.push(slots.take([10, 5, 0, i as u8].into()).await.unwrap());
+        }
+        // All slots are taken: the next address queues behind.
+        let next: IpAddr = [10, 6, 0, 1].into();
+        let queued = tokio::spawn({
+            let slots = slots.clone();
+            async move { slots.take(next).await.map(|_| ()) }
+        });
+        tokio::task::yield_now().await;
+        assert!(!queued.is_finished());
+        // One of `a`'s slots back: its own waiter gets a per-source permit and then queues for
+        // one of all, behind `next`, which asked first.
+        held.pop();
+        others.pop();
+        tokio::time::timeout(Duration::from_secs(5), queued)
+            .await
+            .expect("the first in line is served")
+            .unwrap()
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("then the next")
+            .unwrap()
+            .unwrap();
     }
 }
