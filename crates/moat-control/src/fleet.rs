@@ -6,7 +6,8 @@
 //! CA-rotation gates count the whole fleet. A replica that dies takes its summaries with it when
 //! its lease ends; its proxies are published again by the replicas they reconnect to.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -24,7 +25,7 @@ const PUBLISH_EVERY: Duration = Duration::from_millis(500);
 const BATCH: usize = 100;
 
 /// What other replicas need to know about one proxy.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 struct Summary {
     id: String,
     address: String,
@@ -66,6 +67,13 @@ impl Summary {
         }
     }
 
+    /// A fingerprint of what was published, to tell whether it changed.
+    fn digest(&self) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.hash(&mut h);
+        h.finish()
+    }
+
     fn key(&self) -> String {
         format!("{LIVE}{}/{}|{}", self.replica, self.id, self.address)
     }
@@ -95,25 +103,27 @@ impl Summary {
 
 /// Publishes this replica's proxies: a summary is written when it changes and deleted when
 /// its proxy is gone, and all are written again under a new lease after the old one was lost.
+/// What was published is remembered by fingerprint only.
 pub async fn publish(state: Arc<MeshState>, replica: Arc<Replica>) {
     let store = state.store().clone();
     let mut generation = state.generations();
     let mut leases = replica.leases();
-    let mut published: HashMap<String, Summary> = HashMap::new();
+    let mut published: HashMap<String, u64> = HashMap::new();
     loop {
-        let now: HashMap<String, Summary> = state
+        let mut now: HashMap<String, u64> = HashMap::with_capacity(published.len());
+        let mut ops: Vec<Op> = Vec::new();
+        for s in state
             .registry()
             .entries()
             .map(|p| Summary::of(p, replica.id()))
-            .map(|s| (s.key(), s))
-            .collect();
-        let mut ops: Vec<Op> = Vec::new();
-        for (key, s) in &now {
-            if published.get(key) != Some(s)
-                && let Ok(value) = serde_json::to_vec(s)
+        {
+            let (key, digest) = (s.key(), s.digest());
+            if published.get(&key) != Some(&digest)
+                && let Ok(value) = serde_json::to_vec(&s)
             {
                 ops.push(Op::PutLeased(key.clone(), value, replica.lease()));
             }
+            now.insert(key, digest);
         }
         ops.extend(
             published
@@ -169,18 +179,20 @@ pub async fn follow(state: Arc<MeshState>, replica: Arc<Replica>) {
     let store = state.store().clone();
     let mine = format!("{LIVE}{}/", replica.id());
     let mut changes = store.watch_retrying(LIVE).await;
-    let mut remote: HashMap<String, ProxyEntry> = HashMap::new();
     let mut orphans: Vec<(SpiffeId, String, tokio::time::Instant)> = Vec::new();
     let mut reread = true;
+    // Whether the remote endpoints changed since the last bump.
+    let mut changed = false;
     loop {
         if reread {
             match store.range(LIVE, 0, false).await {
                 Ok(kvs) => {
-                    remote = kvs
+                    let remote = kvs
                         .into_iter()
                         .filter(|kv| !kv.key.starts_with(&mine))
                         .filter_map(|kv| Some((kv.key, entry_of(&kv.value)?)))
                         .collect();
+                    changed |= state.registry().set_remote(remote);
                     reread = false;
                 }
                 Err(e) => {
@@ -192,31 +204,28 @@ pub async fn follow(state: Arc<MeshState>, replica: Arc<Replica>) {
         }
         let now = tokio::time::Instant::now();
         orphans.retain(|(_, _, until)| *until > now);
-        let changed = {
-            let mut reg = state.registry();
-            let a = reg.set_remote(remote.values().cloned().collect());
-            let b = reg.set_orphans(
-                orphans
-                    .iter()
-                    .map(|(id, a, _)| (id.clone(), a.clone()))
-                    .collect(),
-            );
-            a || b
-        };
+        changed |= state.registry().set_orphans(
+            orphans
+                .iter()
+                .map(|(id, a, _)| (id.clone(), a.clone()))
+                .collect(),
+        );
         tracing::debug!(
-            remote = remote.len(),
             orphans = orphans.len(),
             endpoints_changed = changed,
             "followed the other replicas' proxies"
         );
-        if changed {
+        if std::mem::take(&mut changed) {
             state.bump();
         }
         // Wait for a change (or an orphan's grace to end), then take the rest of the burst (up
-        // to 200 ms of it) before updating the registry.
+        // to 200 ms of it) before the next bump. Each change goes into the registry as it comes.
         let grace_ends = orphans.iter().map(|(_, _, until)| *until).min();
         let mut burst_until = None;
-        let mut deleted: Vec<(String, ProxyEntry)> = Vec::new();
+        // Deletions wait for the end of the burst: whether each is a death (its replica is
+        // gone) must be known before its endpoint leaves, so that a dead replica's endpoints
+        // become orphans in the same step and the service table does not change.
+        let mut deleted: HashSet<String> = HashSet::new();
         loop {
             let next = match (burst_until, grace_ends) {
                 (None, None) => Ok(changes.next().await),
@@ -242,51 +251,51 @@ pub async fn follow(state: Arc<MeshState>, replica: Arc<Replica>) {
                     if e.key.starts_with(&mine) {
                         continue;
                     }
-                    match e.kind {
-                        EventKind::Put => match entry_of(&e.value) {
-                            Some(p) => {
-                                remote.insert(e.key, p);
-                            }
-                            None => {
-                                remote.remove(&e.key);
-                            }
-                        },
-                        EventKind::Delete => {
-                            if let Some(p) = remote.remove(&e.key) {
-                                deleted.push((e.key, p));
-                            }
+                    match (e.kind, entry_of(&e.value)) {
+                        (EventKind::Put, Some(p)) => {
+                            deleted.remove(&e.key);
+                            changed |= state.registry().put_remote(e.key, p);
+                        }
+                        // Deleted, or unreadable (as good as gone).
+                        _ => {
+                            deleted.insert(e.key);
                         }
                     }
                 }
             }
         }
         // A deletion by a replica that is gone (its lease ended) is a death, not a goodbye.
-        let mut dead: HashMap<String, bool> = HashMap::new();
-        for (key, p) in deleted {
-            let Some(r) = key
-                .strip_prefix(LIVE)
-                .and_then(|k| k.split_once('/'))
-                .map(|(r, _)| r.to_owned())
-            else {
-                continue;
-            };
-            let gone = match dead.get(&r) {
-                Some(g) => *g,
-                None => {
-                    let g = crate::replica::is_gone(store.as_ref(), &r).await;
-                    dead.insert(r, g);
-                    g
-                }
-            };
-            if gone {
-                orphans.push((
-                    p.id,
-                    p.inbound_address,
-                    tokio::time::Instant::now() + ORPHAN_GRACE,
-                ));
+        let mut dead: HashMap<&str, bool> = HashMap::new();
+        for key in &deleted {
+            if let Some(r) = replica_of(key)
+                && !dead.contains_key(r)
+            {
+                dead.insert(r, crate::replica::is_gone(store.as_ref(), r).await);
             }
         }
+        let until = tokio::time::Instant::now() + ORPHAN_GRACE;
+        let mut reg = state.registry();
+        for key in &deleted {
+            let Some((p, c)) = reg.delete_remote(key) else {
+                continue;
+            };
+            changed |= c;
+            if replica_of(key).is_some_and(|r| dead.get(r) == Some(&true)) {
+                orphans.push((p.id, p.inbound_address, until));
+            }
+        }
+        changed |= reg.set_orphans(
+            orphans
+                .iter()
+                .map(|(id, a, _)| (id.clone(), a.clone()))
+                .collect(),
+        );
     }
+}
+
+/// The replica that published `key` (`live/<replica>/…`).
+fn replica_of(key: &str) -> Option<&str> {
+    key.strip_prefix(LIVE)?.split_once('/').map(|(r, _)| r)
 }
 
 fn entry_of(value: &[u8]) -> Option<ProxyEntry> {

@@ -124,7 +124,7 @@ impl MeshService {
             ref tls_serial,
             ref address,
             joined,
-            ref resume,
+            mut resume,
         } = stream;
         let mut views = self.state.views();
         let mut last: Option<Sent> = None;
@@ -143,7 +143,7 @@ impl MeshService {
                 let policies = view.policies_for(id);
                 let rotation = self.state.rotation_of(id);
                 let taps = self.state.taps.filters_for(id);
-                let base = match (&last, resume) {
+                let base = match (&last, &resume) {
                     (Some(sent), _) => Base::Sent(sent),
                     (None, Some(digests)) => Base::Announced(digests),
                     (None, None) => Base::Nothing,
@@ -174,6 +174,8 @@ impl MeshService {
                             rotation,
                             taps,
                         });
+                        // Later snapshots build on what was sent.
+                        resume = None;
                     }
                     // Nothing this proxy needs changed: diff the next view against this one
                     // (and let the older one go).

@@ -1,7 +1,7 @@
 //! The live registry of connected proxies, built from what each proxy announces on its Mesh
 //! stream, and the outbound service table derived from it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::SystemTime;
 
 use moat_identity::SpiffeId;
@@ -160,9 +160,12 @@ pub struct Registry {
     /// Endpoints remembered from before a control-plane restart, served until the warm-up ends
     /// so that the first proxies to reconnect are not told that the others are gone.
     warm: Vec<(SpiffeId, String)>,
-    /// Proxies connected to the other control-plane replicas, as they published them
-    /// (`fleet`): their endpoints, certificates and what they applied.
-    remote: Vec<ProxyEntry>,
+    /// Proxies connected to the other control-plane replicas, by the store key their replica
+    /// published them under (`fleet`): their endpoints, certificates and what they applied.
+    remote: HashMap<String, ProxyEntry>,
+    /// How many entries of `remote` list each endpoint: a proxy that moved is listed by its new
+    /// replica at once and by the old one until that one's lease ends.
+    remote_endpoints: HashMap<(SpiffeId, String), usize>,
     /// Endpoints of proxies whose replica died, kept while they reconnect elsewhere (`fleet`).
     orphans: Vec<(SpiffeId, String)>,
     /// By (identity, address).
@@ -219,45 +222,81 @@ impl Registry {
     /// Endpoints remembered from before a restart whose proxies have not reconnected yet
     /// (empty once the warm-up is over).
     pub fn reconnecting(&self) -> Vec<String> {
+        let back = self.local_endpoints();
         self.warm
             .iter()
-            .filter(|(id, addr)| {
-                !self
-                    .proxies
-                    .values()
-                    .any(|p| &p.id == id && &p.inbound_address == addr)
-            })
+            .filter(|(id, addr)| !back.contains(&(id, addr.as_str())))
             .map(|(id, addr)| format!("{id} at {addr}"))
             .collect()
     }
 
-    /// Sets the proxies connected to other replicas; returns whether their endpoints changed
-    /// (which changes the service table).
-    pub fn set_remote(&mut self, mut proxies: Vec<ProxyEntry>) -> bool {
-        // A proxy that moved is listed by its new replica at once and by the old one until
-        // that one's lease ends: keep its newest connection.
-        proxies.sort_by(|a, b| {
-            (&a.id, &a.inbound_address, b.connected_at).cmp(&(
-                &b.id,
-                &b.inbound_address,
-                a.connected_at,
-            ))
-        });
-        proxies.dedup_by(|later, first| {
-            later.id == first.id && later.inbound_address == first.inbound_address
-        });
-        let endpoints = |ps: &[ProxyEntry]| {
-            let mut e: Vec<(SpiffeId, String)> = ps
-                .iter()
-                .map(|p| (p.id.clone(), p.inbound_address.clone()))
-                .collect();
-            e.sort();
-            e.dedup();
-            e
-        };
-        let changed = endpoints(&self.remote) != endpoints(&proxies);
+    fn local_endpoints(&self) -> HashSet<(&SpiffeId, &str)> {
+        self.proxies
+            .values()
+            .map(|p| (&p.id, p.inbound_address.as_str()))
+            .collect()
+    }
+
+    /// Replaces the proxies connected to other replicas, by store key (after reading them all
+    /// again); returns whether their endpoints changed (which changes the service table).
+    pub fn set_remote(&mut self, proxies: HashMap<String, ProxyEntry>) -> bool {
+        let before = std::mem::take(&mut self.remote_endpoints);
         self.remote = proxies;
-        changed
+        for p in self.remote.values() {
+            *self
+                .remote_endpoints
+                .entry((p.id.clone(), p.inbound_address.clone()))
+                .or_default() += 1;
+        }
+        before.len() != self.remote_endpoints.len()
+            || before
+                .keys()
+                .any(|k| !self.remote_endpoints.contains_key(k))
+    }
+
+    /// Another replica published (or published again) a proxy under `key`; returns whether the
+    /// remote endpoints changed.
+    pub fn put_remote(&mut self, key: String, entry: ProxyEntry) -> bool {
+        let added = self.count_remote(&entry);
+        let removed = match self.remote.insert(key, entry) {
+            Some(old) => self.uncount_remote(&old),
+            None => false,
+        };
+        added || removed
+    }
+
+    /// Another replica's proxy under `key` is gone; returns it, and whether the remote
+    /// endpoints changed.
+    pub fn delete_remote(&mut self, key: &str) -> Option<(ProxyEntry, bool)> {
+        let old = self.remote.remove(key)?;
+        let changed = self.uncount_remote(&old);
+        Some((old, changed))
+    }
+
+    /// Counts `p`'s endpoint in; true when no other entry listed it.
+    fn count_remote(&mut self, p: &ProxyEntry) -> bool {
+        let n = self
+            .remote_endpoints
+            .entry((p.id.clone(), p.inbound_address.clone()))
+            .or_default();
+        *n += 1;
+        *n == 1
+    }
+
+    /// Counts `p`'s endpoint out; true when no other entry lists it.
+    fn uncount_remote(&mut self, p: &ProxyEntry) -> bool {
+        let key = (p.id.clone(), p.inbound_address.clone());
+        match self.remote_endpoints.get_mut(&key) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                self.remote_endpoints.remove(&key);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Sets the endpoints of a dead replica's proxies; returns whether the service table changes.
@@ -270,14 +309,26 @@ impl Registry {
     }
 
     /// Every proxy of the mesh: those connected here, then those connected to other replicas
-    /// (a proxy that moved here is counted once).
+    /// (a proxy that moved here is counted once; one listed by two other replicas, by its newest
+    /// connection).
     pub fn fleet(&self) -> impl Iterator<Item = &ProxyEntry> {
-        let local = &self.proxies;
-        local.values().chain(self.remote.iter().filter(move |r| {
-            !local
-                .values()
-                .any(|p| p.id == r.id && p.inbound_address == r.inbound_address)
-        }))
+        let local = self.local_endpoints();
+        let mut newest: HashMap<(&SpiffeId, &str), &ProxyEntry> = HashMap::new();
+        for r in self.remote.values() {
+            let key = (&r.id, r.inbound_address.as_str());
+            if local.contains(&key) {
+                continue;
+            }
+            newest
+                .entry(key)
+                .and_modify(|e| {
+                    if r.connected_at > e.connected_at {
+                        *e = r;
+                    }
+                })
+                .or_insert(r);
+        }
+        self.proxies.values().chain(newest.into_values())
     }
 
     /// Ends the warm-up: from now on only connected proxies are endpoints.
@@ -397,16 +448,89 @@ impl Registry {
         for (id, addr) in self.warm.iter().chain(&self.orphans) {
             table.entry(id.clone()).or_default().push(addr.clone());
         }
-        for p in &self.remote {
-            table
-                .entry(p.id.clone())
-                .or_default()
-                .push(p.inbound_address.clone());
+        for (id, addr) in self.remote_endpoints.keys() {
+            table.entry(id.clone()).or_default().push(addr.clone());
         }
         for eps in table.values_mut() {
             eps.sort();
             eps.dedup();
         }
         table
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn proxy(id: &str, address: &str, secs: u64) -> ProxyEntry {
+        ProxyEntry::connected(
+            format!("spiffe://moat.local/ns/default/sa/{id}")
+                .parse()
+                .unwrap(),
+            address.to_owned(),
+            "10.9.9.9:5000".to_owned(),
+            SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
+        )
+    }
+
+    fn endpoints(reg: &Registry) -> Vec<String> {
+        reg.services().into_values().flatten().collect()
+    }
+
+    /// A proxy that moves between replicas is listed twice for a while (its old replica's
+    /// entry lives until that replica's lease ends): the service table changes only when the
+    /// last listing goes, and the fleet counts it once, by its newest connection.
+    #[test]
+    fn remote_proxies_change_the_table_only_when_their_last_listing_goes() {
+        let mut reg = Registry::default();
+        assert!(reg.put_remote("live/a/x".into(), proxy("x", "10.0.0.1:15006", 1)));
+        assert!(!reg.put_remote("live/a/x".into(), proxy("x", "10.0.0.1:15006", 1)));
+        assert!(!reg.put_remote("live/b/x".into(), proxy("x", "10.0.0.1:15006", 2)));
+        assert_eq!(endpoints(&reg), ["10.0.0.1:15006"]);
+        let fleet: Vec<_> = reg.fleet().collect();
+        assert_eq!(fleet.len(), 1);
+        assert_eq!(fleet[0].connected_at, proxy("x", "", 2).connected_at);
+
+        let (gone, changed) = reg.delete_remote("live/a/x").unwrap();
+        assert_eq!(gone.inbound_address, "10.0.0.1:15006");
+        assert!(!changed, "still listed by replica b");
+        assert!(reg.delete_remote("live/a/x").is_none());
+        // Re-published with a new address: the old one leaves, the new one comes.
+        assert!(reg.put_remote("live/b/x".into(), proxy("x", "10.0.0.2:15006", 3)));
+        assert_eq!(endpoints(&reg), ["10.0.0.2:15006"]);
+        assert!(reg.delete_remote("live/b/x").unwrap().1);
+        assert!(endpoints(&reg).is_empty());
+        assert_eq!(reg.fleet().count(), 0);
+    }
+
+    /// Reading everything again replaces what was followed, and says whether the endpoints
+    /// differ; a proxy connected here and listed by another replica counts once.
+    #[test]
+    fn a_full_read_replaces_the_remote_proxies() {
+        let mut reg = Registry::default();
+        reg.put_remote("live/a/x".into(), proxy("x", "10.0.0.1:15006", 1));
+        let same: HashMap<String, ProxyEntry> =
+            [("live/c/x".to_owned(), proxy("x", "10.0.0.1:15006", 5))].into();
+        assert!(!reg.set_remote(same));
+        let other: HashMap<String, ProxyEntry> = [
+            ("live/c/x".to_owned(), proxy("x", "10.0.0.1:15006", 5)),
+            ("live/c/y".to_owned(), proxy("y", "10.0.0.3:15006", 5)),
+        ]
+        .into();
+        assert!(reg.set_remote(other));
+        reg.upsert(7, proxy("y", "10.0.0.3:15006", 9));
+        assert_eq!(reg.fleet().count(), 2);
+        assert_eq!(endpoints(&reg), ["10.0.0.1:15006", "10.0.0.3:15006"]);
+        assert!(reg.reconnecting().is_empty());
+        reg.set_warm(vec![
+            (proxy("y", "", 0).id, "10.0.0.3:15006".into()),
+            (proxy("z", "", 0).id, "10.0.0.4:15006".into()),
+        ]);
+        assert_eq!(
+            reg.reconnecting(),
+            ["spiffe://moat.local/ns/default/sa/z at 10.0.0.4:15006"]
+        );
     }
 }
