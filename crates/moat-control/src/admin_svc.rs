@@ -24,14 +24,10 @@ use tonic::{Request, Response, Status};
 
 use crate::audit::Outcome;
 
-/// Kept past the longest certificate lifetime, for clock skew between hosts.
-const SERIAL_REVOCATION_MARGIN_SECS: i64 = 300;
-
 /// How many of the newest audit entries a filtered listing looks through.
 const AUDIT_SCAN: usize = 20_000;
 use crate::identity_svc::{certify_response, token_status};
 use crate::policies::PolicyError;
-use crate::revocations::RevocationKind;
 use crate::state::ControlPlane;
 use crate::tokens::TokenRecord;
 use moat_wire::policy_to_proto;
@@ -732,111 +728,64 @@ impl Admin for AdminService {
         &self,
         req: Request<RevokeRequest>,
     ) -> Result<Response<RevokeResponse>, Status> {
+        use crate::revocations::{RequestError, RevokeError, Target};
         let actor = self.0.require_admin(&req, "revoke").await?;
         let r = req.into_inner();
         let action = if r.undo { "revoke.undo" } else { "revoke" };
-        let target = if r.identity.is_empty() {
+        let named = if r.identity.is_empty() {
             r.serial.clone()
         } else {
             r.identity.clone()
         };
         let result = async {
-            let (kind, value, expires_unix) = match (r.identity.is_empty(), r.serial.is_empty()) {
-                (false, true) => (
-                    RevocationKind::Identity,
-                    self.identity(&r.identity)?.to_string(),
-                    0,
-                ),
-                (true, false) => {
-                    // A prefix (as `moat status` shows) names the one certificate it starts: of
-                    // a proxy the control plane knows, or of a revocation when lifting one.
-                    let revoked = if r.undo {
-                        self.0
-                            .revocations
-                            .list()
-                            .await
-                            .map_err(|e| Status::unavailable(e.to_string()))?
-                            .into_iter()
-                            .filter(|v| v.kind == RevocationKind::Serial)
-                            .map(|v| v.value)
-                            .collect()
-                    } else {
-                        Vec::new()
-                    };
-                    let connected: Vec<String> = self
-                        .0
-                        .mesh
-                        .registry()
-                        .fleet()
-                        .map(|p| p.cert_serial.clone())
-                        .collect();
-                    let known = connected.iter().chain(&revoked).map(String::as_str);
-                    let serial = crate::revocations::resolve_serial(&r.serial, known)
-                        .map_err(|e| Status::invalid_argument(e.to_string()))?;
-                    // The entry can go once that certificate would have expired anyway: no
-                    // certificate the CA issued until now outlives now + the longest lifetime
-                    // it issues. What any proxy reports never shortens it.
-                    let now = moat_identity::clock::unix_now();
-                    (
-                        RevocationKind::Serial,
-                        serial,
-                        now + CertTtl::MAX.as_secs() as i64 + SERIAL_REVOCATION_MARGIN_SECS,
-                    )
-                }
+            let target = match (r.identity.is_empty(), r.serial.is_empty()) {
+                (false, true) => Target::Identity(self.identity(&r.identity)?),
+                (true, false) => Target::Serial(r.serial.clone()),
                 _ => {
                     return Err(Status::invalid_argument(
                         "give exactly one of an identity or a serial",
                     ));
                 }
             };
-            let proxies = self.0.mesh.registry().fleet().count() as u32;
-            if r.undo {
-                let existed = self
-                    .0
-                    .revocations
-                    .undo(kind, &value)
-                    .await
-                    .map_err(|e| Status::unavailable(e.to_string()))?;
-                if !existed {
-                    return Err(Status::not_found(format!("{kind} {value} is not revoked")));
-                }
-                return Ok(RevokeResponse {
-                    revocation: Some(RevocationProto {
-                        kind: kind.as_str().into(),
-                        value,
-                        ..RevocationProto::default()
-                    }),
-                    proxies,
-                });
-            }
-            let time_unix_ms = moat_identity::clock::unix_now_ms();
-            let stored = self
+            let (connected, proxies) = {
+                let registry = self.0.mesh.registry();
+                let serials: Vec<String> =
+                    registry.fleet().map(|p| p.cert_serial.clone()).collect();
+                let n = serials.len() as u32;
+                (serials, n)
+            };
+            let done = self
                 .0
                 .revocations
-                .revoke(crate::revocations::Revocation {
-                    kind,
-                    value,
-                    reason: r.reason.clone(),
-                    actor: actor.to_string(),
-                    time_unix_ms,
-                    expires_unix,
-                })
+                .request(target, r.undo, &connected, &r.reason, &actor.to_string())
                 .await
                 .map_err(|e| match e {
-                    crate::revocations::RevokeError::Full { .. } => {
+                    RequestError::Serial(_) => Status::invalid_argument(e.to_string()),
+                    RequestError::NotRevoked(..) => Status::not_found(e.to_string()),
+                    RequestError::Revoke(RevokeError::Full { .. }) => {
                         Status::resource_exhausted(e.to_string())
                     }
-                    crate::revocations::RevokeError::Store(e) => {
+                    RequestError::Revoke(RevokeError::Store(_)) | RequestError::Store(_) => {
                         Status::unavailable(format!("{e}; try again"))
                     }
                 })?;
+            let revocation = if r.undo {
+                // What was lifted: its kind and value.
+                RevocationProto {
+                    kind: done.kind.as_str().into(),
+                    value: done.value,
+                    ..RevocationProto::default()
+                }
+            } else {
+                revocation_proto(done)
+            };
             Ok(RevokeResponse {
-                revocation: Some(revocation_proto(stored)),
+                revocation: Some(revocation),
                 proxies,
             })
         }
         .await;
-        self.audited(&actor, action, &target, result)
+        self.audited(&actor, action, &named, result)
             .await
             .map(Response::new)
     }

@@ -115,6 +115,31 @@ pub enum RevokeError {
     Full { kind: RevocationKind, max: usize },
 }
 
+/// Kept past the longest certificate lifetime, for clock skew between hosts.
+const SERIAL_REVOCATION_MARGIN_SECS: i64 = 300;
+
+/// What an operator asks to revoke, or to lift.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Every certificate of an identity, until lifted.
+    Identity(moat_identity::SpiffeId),
+    /// One certificate, by its serial or a prefix of it (as `moat status` shows it).
+    Serial(String),
+}
+
+/// Why an operator's revocation request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error(transparent)]
+    Serial(#[from] SerialError),
+    #[error("{0} {1} is not revoked")]
+    NotRevoked(RevocationKind, String),
+    #[error(transparent)]
+    Revoke(#[from] RevokeError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// Revocation operations over the store.
 #[derive(Clone, Debug)]
 pub struct Revocations {
@@ -162,6 +187,68 @@ impl Revocations {
             )
             .await?;
         Ok(r)
+    }
+
+    /// Carries out an operator's request: revokes `target` (by `actor`, for `reason`), or lifts
+    /// its revocation with `undo`. A serial prefix names the one certificate it starts among
+    /// `connected` (the fleet's current serials), or, when lifting, among the revoked serials.
+    /// A serial revocation lasts until every certificate the CA issued until now has expired
+    /// anyway; what any proxy reports never shortens it. Returns what was stored or lifted.
+    pub async fn request(
+        &self,
+        target: Target,
+        undo: bool,
+        connected: &[String],
+        reason: &str,
+        actor: &str,
+    ) -> Result<Revocation, RequestError> {
+        let (kind, value, expires_unix) = match target {
+            Target::Identity(id) => (RevocationKind::Identity, id.to_string(), 0),
+            Target::Serial(prefix) => {
+                let revoked: Vec<String> = if undo {
+                    self.list()
+                        .await?
+                        .into_iter()
+                        .filter(|v| v.kind == RevocationKind::Serial)
+                        .map(|v| v.value)
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                let known = connected.iter().chain(&revoked).map(String::as_str);
+                let serial = resolve_serial(&prefix, known)?;
+                let now = moat_identity::clock::unix_now();
+                let longest = moat_ca::CertTtl::MAX.as_secs() as i64;
+                (
+                    RevocationKind::Serial,
+                    serial,
+                    now + longest + SERIAL_REVOCATION_MARGIN_SECS,
+                )
+            }
+        };
+        if undo {
+            if !self.undo(kind, &value).await? {
+                return Err(RequestError::NotRevoked(kind, value));
+            }
+            return Ok(Revocation {
+                kind,
+                value,
+                reason: String::new(),
+                actor: actor.to_owned(),
+                time_unix_ms: moat_identity::clock::unix_now_ms(),
+                expires_unix: 0,
+            });
+        }
+        Ok(self
+            .revoke(Revocation {
+                kind,
+                value,
+                reason: reason.to_owned(),
+                actor: actor.to_owned(),
+                time_unix_ms: moat_identity::clock::unix_now_ms(),
+                expires_unix,
+            })
+            .await?)
     }
 
     /// Lifts a revocation; `Ok(false)` when there was none.
@@ -283,5 +370,78 @@ mod bound_tests {
         tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
         r.revoke(serial("cc", later)).await.unwrap();
         assert_eq!(r.list().await.unwrap().len(), 2);
+    }
+
+    /// An operator's request: a serial prefix resolves among the fleet's serials (and, to lift
+    /// one, the revoked ones), a serial revocation outlives every certificate issued so far, and
+    /// lifting what is not revoked says so.
+    #[tokio::test]
+    async fn requests_resolve_prefixes_and_bound_serial_revocations() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(moat_store::EmbeddedStore::open(dir.path()).unwrap());
+        let r = Revocations::new(store);
+        let a = format!("ab{}", "0".repeat(SERIAL_HEX_DIGITS - 2));
+        let b = format!("cd{}", "1".repeat(SERIAL_HEX_DIGITS - 2));
+        let connected = vec![a.clone(), b.clone()];
+        let before = moat_identity::clock::unix_now();
+        let stored = r
+            .request(
+                Target::Serial("ab".into()),
+                false,
+                &connected,
+                "lost",
+                "admin",
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (stored.kind, stored.value.as_str()),
+            (RevocationKind::Serial, a.as_str())
+        );
+        assert_eq!(
+            (stored.reason.as_str(), stored.actor.as_str()),
+            ("lost", "admin")
+        );
+        let longest = moat_ca::CertTtl::MAX.as_secs() as i64;
+        assert!(stored.expires_unix >= before + longest + SERIAL_REVOCATION_MARGIN_SECS);
+
+        // Unknown and ambiguous prefixes are refused, nothing stored.
+        let e = r
+            .request(Target::Serial("ee".into()), false, &connected, "", "admin")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, RequestError::Serial(SerialError::Unknown(_))),
+            "{e}"
+        );
+        assert_eq!(r.list().await.unwrap().len(), 1);
+
+        // Lifting by prefix finds the revoked serial even when no proxy holds it any more.
+        let lifted = r
+            .request(Target::Serial("ab".into()), true, &[], "", "admin")
+            .await
+            .unwrap();
+        assert_eq!(lifted.value, a);
+        assert!(r.list().await.unwrap().is_empty());
+
+        let id: moat_identity::SpiffeId =
+            "spiffe://moat.local/ns/default/sa/orders".parse().unwrap();
+        let e = r
+            .request(Target::Identity(id.clone()), true, &[], "", "admin")
+            .await
+            .unwrap_err();
+        assert!(matches!(e, RequestError::NotRevoked(..)), "{e}");
+        assert_eq!(e.to_string(), format!("identity {id} is not revoked"));
+        let stored = r
+            .request(
+                Target::Identity(id.clone()),
+                false,
+                &[],
+                "compromised",
+                "admin",
+            )
+            .await
+            .unwrap();
+        assert_eq!((stored.value, stored.expires_unix), (id.to_string(), 0));
     }
 }
