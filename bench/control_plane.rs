@@ -477,6 +477,7 @@ fn main() {
             let victim = planes - 1;
             let orphans: Vec<usize> = (0..proxies).filter(|i| i % planes == victim).collect();
             let before: Vec<(f64, f64, f64)> = pids[..victim].iter().map(|p| usage(*p)).collect();
+            let harness_before = usage(std::process::id()).2;
             let killed = Instant::now();
             cps[victim].kill9();
             // Reported even when not every proxy makes it in time.
@@ -500,6 +501,7 @@ fn main() {
                     back.iter().filter(|(_, n)| *n >= proxies).count(),
                 )
             };
+            let harness_cpu = usage(std::process::id()).2 - harness_before;
             let resent = survivors_counters(&cps[..victim]).await;
             delays.sort_by(f64::total_cmp);
             let after: Vec<(f64, f64, f64)> = pids[..victim].iter().map(|p| usage(*p)).collect();
@@ -523,6 +525,7 @@ fn main() {
                  | the last of them re-attached (or the bench gave up), after the kill | {:.1} s |\n\
                  | re-attach delay p10 / p50 / p99 | {:.0} ms / {:.0} ms / {:.0} ms |\n\
                  | survivors' CPU until then | {} |\n\
+                 | the simulated proxies' CPU until then (one process for all {proxies}) | {harness_cpu:.1} s |\n\
                  | survivors' RSS after | {} |\n",
                 victim + 1,
                 orphans.len(),
