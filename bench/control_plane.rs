@@ -18,9 +18,19 @@
 //!
 //! Writes `bench/results/control_plane.md` (one replica, embedded store) or
 //! `bench/results/control_plane_ha.md` (replicas on etcd).
+//!
+//! The simulated proxies share one process and the machine's cores with the replicas they
+//! measure, which real sidecars do not: each has its own CPU for its side of a handshake and its
+//! table. So that the storm measures the survivors rather than this process, at most
+//! [`RECONNECTING`] simulated proxies reconnect at a time (the others wait their turn, which
+//! counts in their delay), and this process allocates with jemalloc, as the binaries do (with
+//! glibc malloc, ten thousand tables of 10,000 endpoints spent most of its CPU in malloc).
 
 // A benchmark that cannot set up has nothing to measure: failing loudly is right.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,6 +43,8 @@ use moat_test_util::mesh::{Admin, MeshStream};
 use moat_wire::table::ServiceTable;
 
 const REPLICAS: usize = 10;
+/// Simulated proxies reconnecting at once after their replica died (see the module's doc).
+const RECONNECTING: usize = 64;
 const ROUNDS: usize = 5;
 /// Connections being set up at once.
 const CONNECTING: usize = 64;
@@ -258,6 +270,16 @@ fn source(idx: usize) -> std::net::IpAddr {
 /// When a proxy was re-attached, and how many endpoints its table listed then.
 type Reattached = Arc<Mutex<Vec<Option<(Instant, usize)>>>>;
 
+/// What every roaming proxy shares: the replicas' admin clients, the probe, where each notes
+/// its re-attachment, and the turns to reconnect (see [`RECONNECTING`]).
+#[derive(Clone)]
+struct Roaming {
+    admins: Arc<Vec<Admin>>,
+    probes: Probes,
+    reattached: Reattached,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
 /// A simulated proxy of replica-set index `idx` on control plane `home`, which reconnects as
 /// `moat-proxy` does when its stream ends: to another replica at random, after 250 ms ± 25 % doubling
 /// with every attempt that brings no snapshot (up to 15 s), announcing the table it holds. It
@@ -265,12 +287,16 @@ type Reattached = Arc<Mutex<Vec<Option<(Instant, usize)>>>>;
 async fn roaming_proxy(
     idx: usize,
     cred: Arc<moat_tls::config::Credential>,
-    admins: Arc<Vec<Admin>>,
     mut home: usize,
     first: MeshStream,
-    probes: Probes,
-    reattached: Reattached,
+    shared: Roaming,
 ) {
+    let Roaming {
+        admins,
+        probes,
+        reattached,
+        gate,
+    } = shared;
     let mut stream = Some(first);
     let mut table = None;
     let first_step = Duration::from_millis(250);
@@ -285,6 +311,10 @@ async fn roaming_proxy(
         let jitter = 0.75 + rand::random::<f64>() * 0.5;
         tokio::time::sleep(step.mul_f64(jitter)).await;
         step = (step * 2).min(Duration::from_secs(15));
+        // Held until this attempt ends (see `RECONNECTING`).
+        let Ok(turn) = gate.acquire().await else {
+            return;
+        };
         let digests = table
             .as_ref()
             .map(ServiceTable::digests)
@@ -308,6 +338,7 @@ async fn roaming_proxy(
                     }
                 };
                 let Some(first) = first else { continue };
+                drop(turn);
                 let endpoints = table.as_ref().map_or(0, ServiceTable::endpoints);
                 reattached.lock().unwrap()[idx].get_or_insert_with(|| (Instant::now(), endpoints));
                 let ack = Ack {
@@ -364,13 +395,14 @@ fn main() {
         let reattached: Reattached = Arc::new(Mutex::new(vec![None; proxies]));
         let creds = Arc::new(creds);
         let retried = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let gate = Arc::new(tokio::sync::Semaphore::new(RECONNECTING));
         let (ramp, connect_ms) = round(&probes, Goal::Table(proxies), None, async {
             let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let mut workers = Vec::new();
             for _ in 0..CONNECTING {
                 let (next, creds, probes) = (next.clone(), creds.clone(), probes.clone());
-                let (admins, reattached, retried) =
-                    (admins.clone(), reattached.clone(), retried.clone());
+                let (admins, reattached, retried, gate) =
+                    (admins.clone(), reattached.clone(), retried.clone(), gate.clone());
                 workers.push(tokio::spawn(async move {
                     loop {
                         let idx = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -401,11 +433,14 @@ fn main() {
                             tokio::spawn(roaming_proxy(
                                 idx,
                                 cred,
-                                admins.clone(),
                                 home,
                                 stream,
-                                probes.clone(),
-                                reattached.clone(),
+                                Roaming {
+                                    admins: admins.clone(),
+                                    probes: probes.clone(),
+                                    reattached: reattached.clone(),
+                                    gate: gate.clone(),
+                                },
                             ));
                         } else {
                             let probes = probes.clone();

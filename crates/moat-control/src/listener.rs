@@ -8,12 +8,9 @@
 //! the limit evicts the oldest handshake still pending there (at the listener's limit, the
 //! oldest of the source holding the most, else the oldest that has not said hello). Strangers
 //! holding connections idle therefore lose them to callers that complete a handshake at once,
-//! instead of keeping those callers out.
-//!
-//! Past the client's hello, a handshake runs in one of a bounded number of slots, taken in
-//! arrival order ([`Slots`]). When thousands of sidecars reconnect at once (a replica
-//! died), each handshake then finishes in milliseconds, in turn, instead of all of them sharing
-//! the CPU until every one passes its deadline together and has to start again.
+//! instead of keeping those callers out. When every pending handshake is a caller at work from
+//! its own address (a reconnection storm), a newcomer is closed at once and tries again after
+//! its backoff, rather than push out a handshake half done.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -28,7 +25,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::{LazyConfigAcceptor, rustls};
 use tokio_stream::wrappers::ReceiverStream;
@@ -40,12 +37,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_PENDING_HANDSHAKES: usize = 1024;
 /// Handshakes pending at once from one source address.
 const MAX_PENDING_PER_SOURCE: usize = 64;
-/// Handshakes past their hello under way at once, in all and per source address. A slot is
-/// held until the handshake ends (the client's answer included), so this is also how many
-/// clients are asked to do their part at once.
-const SLOTS: usize = 128;
-const SLOTS_PER_SOURCE: usize = 2;
-
 /// Handshakes in progress: oldest first, and per source. Dropping an entry's sender cancels
 /// that handshake.
 #[derive(Debug, Default)]
@@ -145,52 +136,6 @@ impl Pending {
     }
 }
 
-/// The slots the handshakes' cryptography runs in: [`SLOTS`] in all, [`SLOTS_PER_SOURCE`] per
-/// source address, each granted in the order asked (tokio's semaphores are fair).
-#[derive(Debug)]
-struct Slots {
-    all: Arc<Semaphore>,
-    per_source: Mutex<HashMap<IpAddr, Arc<Semaphore>>>,
-}
-
-/// A slot, given back when dropped.
-#[derive(Debug)]
-struct Slot {
-    _source: OwnedSemaphorePermit,
-    _all: OwnedSemaphorePermit,
-}
-
-impl Slots {
-    fn new() -> Self {
-        Slots {
-            all: Arc::new(Semaphore::new(SLOTS)),
-            per_source: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Waits for a slot for a handshake from `source`: first one of its source's, then one of
-    /// all. Cancelling the wait (deadline, eviction) leaves the queue.
-    async fn take(&self, source: IpAddr) -> Option<Slot> {
-        let mine = {
-            let mut map = self.per_source.lock().ok()?;
-            // Sources with nothing in flight or waiting are forgotten (the map holds the only
-            // reference to their semaphore).
-            if map.len() > MAX_PENDING_HANDSHAKES {
-                map.retain(|_, s| Arc::strong_count(s) > 1);
-            }
-            map.entry(source)
-                .or_insert_with(|| Arc::new(Semaphore::new(SLOTS_PER_SOURCE)))
-                .clone()
-        };
-        let source = mine.acquire_owned().await.ok()?;
-        let all = self.all.clone().acquire_owned().await.ok()?;
-        Some(Slot {
-            _source: source,
-            _all: all,
-        })
-    }
-}
-
 /// What the handshake proved about a caller. `peer` is `None` when no certificate was presented
 /// (token bootstrap); a presented certificate that failed verification never gets this far.
 #[derive(Clone, Debug)]
@@ -276,7 +221,6 @@ pub fn incoming(
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let pending = Arc::new(Mutex::new(Pending::default()));
-    let slots = Arc::new(Slots::new());
     let count = move |reason: &'static str, n: u64| {
         failures
             .get_or_create(&crate::metrics::RefusedLabels { reason })
@@ -318,8 +262,7 @@ pub fn incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let (tx, pending, count, slots) =
-                (tx.clone(), pending.clone(), count.clone(), slots.clone());
+            let (tx, pending, count) = (tx.clone(), pending.clone(), count.clone());
             tokio::spawn(async move {
                 let source = remote.ip();
                 let handshake = async {
@@ -328,9 +271,6 @@ pub fn incoming(
                     if let Ok(mut p) = pending.lock() {
                         p.said_hello(id);
                     }
-                    let Some(_slot) = slots.take(source).await else {
-                        return Err(std::io::Error::other("the listener is shutting down"));
-                    };
                     start.into_stream(config).await
                 };
                 let outcome = tokio::select! {
@@ -478,49 +418,5 @@ mod tests {
                 Err(oneshot::error::TryRecvError::Empty)
             ));
         }
-    }
-
-    /// Slots go in the order asked, and one address cannot hold more than its share.
-    #[tokio::test]
-    async fn slots_are_fair_and_bounded_per_source() {
-        let slots = Arc::new(Slots::new());
-        let a: IpAddr = [10, 4, 0, 1].into();
-        let mut held = Vec::new();
-        for _ in 0..SLOTS_PER_SOURCE {
-            held.push(slots.take(a).await.unwrap());
-        }
-        // A third from the same address waits, while other addresses are served.
-        let waiting = tokio::spawn({
-            let slots = slots.clone();
-            async move { slots.take(a).await.map(|_| ()) }
-        });
-        tokio::task::yield_now().await;
-        assert!(!waiting.is_finished());
-        let mut others = Vec::new();
-        for i in 0..SLOTS - SLOTS_PER_SOURCE {
-            others.push(slots.take([10, 5, 0, i as u8].into()).await.unwrap());
-        }
-        // All slots are taken: the next address queues behind.
-        let next: IpAddr = [10, 6, 0, 1].into();
-        let queued = tokio::spawn({
-            let slots = slots.clone();
-            async move { slots.take(next).await.map(|_| ()) }
-        });
-        tokio::task::yield_now().await;
-        assert!(!queued.is_finished());
-        // One of `a`'s slots back: its own waiter gets a per-source permit and then queues for
-        // one of all, behind `next`, which asked first.
-        held.pop();
-        others.pop();
-        tokio::time::timeout(Duration::from_secs(5), queued)
-            .await
-            .expect("the first in line is served")
-            .unwrap()
-            .unwrap();
-        tokio::time::timeout(Duration::from_secs(5), waiting)
-            .await
-            .expect("then the next")
-            .unwrap()
-            .unwrap();
     }
 }
