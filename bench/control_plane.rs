@@ -412,7 +412,8 @@ fn main() {
                         let cred = creds[idx / REPLICAS].clone();
                         let home = idx % admins.len();
                         // On a machine this loaded a handshake can pass the control plane's 5 s
-                        // deadline; the proxy tries again, as moat-proxy would.
+                        // deadline; the proxy tries again, as moat-proxy would (each retry is
+                        // counted and reported; a proxy still out after a minute is a failure).
                         let mut attempts = 0;
                         let stream = loop {
                             match admins[home]
@@ -420,7 +421,7 @@ fn main() {
                                 .await
                             {
                                 Ok(s) => break s,
-                                Err(e) if attempts < 10 => {
+                                Err(e) if attempts < 60 => {
                                     attempts += 1;
                                     retried.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                     eprintln!("proxy {idx}: {e}; trying again");
