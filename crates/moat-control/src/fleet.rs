@@ -15,6 +15,7 @@ use moat_identity::SpiffeId;
 use moat_store::{EventKind, Op, Txn};
 
 use crate::mesh_state::MeshState;
+use crate::orphans::Orphans;
 use crate::registry::ProxyEntry;
 use crate::replica::Replica;
 
@@ -164,22 +165,15 @@ pub async fn publish(state: Arc<MeshState>, replica: Arc<Replica>) {
     }
 }
 
-/// How long the endpoints of a replica that died stay in the service table while its proxies
-/// reconnect to the others (they retry within seconds; under a large reconnection storm a
-/// survivor may take longer to take them all). Without it, every survivor's proxies would lose
-/// those endpoints when the dead replica's lease ends, and get them back one by one, turning
-/// each reconnection into a change for the whole fleet.
-pub const ORPHAN_GRACE: Duration = Duration::from_secs(30);
-
 /// Keeps `state`'s remote proxies equal to what the other replicas published: one read of
 /// `live/`, then the watch's changes applied one by one (a read again only after a lag), and
 /// the registry updated once per burst. The proxies of a replica that died (its registration is
-/// gone with its lease) keep their endpoints for [`ORPHAN_GRACE`].
+/// gone with its lease) keep their endpoints while they reconnect ([`Orphans`]).
 pub async fn follow(state: Arc<MeshState>, replica: Arc<Replica>) {
     let store = state.store().clone();
     let mine = format!("{LIVE}{}/", replica.id());
     let mut changes = store.watch_retrying(LIVE).await;
-    let mut orphans: Vec<(SpiffeId, String, tokio::time::Instant)> = Vec::new();
+    let mut orphans = Orphans::default();
     let mut reread = true;
     // Whether the remote endpoints changed since the last bump.
     let mut changed = false;
@@ -202,14 +196,17 @@ pub async fn follow(state: Arc<MeshState>, replica: Arc<Replica>) {
                 }
             }
         }
-        let now = tokio::time::Instant::now();
-        orphans.retain(|(_, _, until)| *until > now);
-        changed |= state.registry().set_orphans(
-            orphans
-                .iter()
-                .map(|(id, a, _)| (id.clone(), a.clone()))
-                .collect(),
-        );
+        {
+            let mut reg = state.registry();
+            let given_up = orphans.settle(std::time::Instant::now(), reg.serves());
+            if given_up > 0 {
+                tracing::info!(
+                    given_up,
+                    "gave up orphaned endpoints: their proxies did not reconnect to any replica in time"
+                );
+            }
+            changed |= reg.set_orphans(orphans.endpoints());
+        }
         tracing::debug!(
             orphans = orphans.len(),
             endpoints_changed = changed,
@@ -220,7 +217,7 @@ pub async fn follow(state: Arc<MeshState>, replica: Arc<Replica>) {
         }
         // Wait for a change (or an orphan's grace to end), then take the rest of the burst (up
         // to 200 ms of it) before the next bump. Each change goes into the registry as it comes.
-        let grace_ends = orphans.iter().map(|(_, _, until)| *until).min();
+        let grace_ends = orphans.next_deadline().map(tokio::time::Instant::from_std);
         let mut burst_until = None;
         // Deletions wait for the end of the burst: whether each is a death (its replica is
         // gone) must be known before its endpoint leaves, so that a dead replica's endpoints
@@ -273,7 +270,7 @@ pub async fn follow(state: Arc<MeshState>, replica: Arc<Replica>) {
                 dead.insert(r, crate::replica::is_gone(store.as_ref(), r).await);
             }
         }
-        let until = tokio::time::Instant::now() + ORPHAN_GRACE;
+        let now = std::time::Instant::now();
         let mut reg = state.registry();
         for key in &deleted {
             let Some((p, c)) = reg.delete_remote(key) else {
@@ -281,15 +278,10 @@ pub async fn follow(state: Arc<MeshState>, replica: Arc<Replica>) {
             };
             changed |= c;
             if replica_of(key).is_some_and(|r| dead.get(r) == Some(&true)) {
-                orphans.push((p.id, p.inbound_address, until));
+                orphans.died(p.id, p.inbound_address, now);
             }
         }
-        changed |= reg.set_orphans(
-            orphans
-                .iter()
-                .map(|(id, a, _)| (id.clone(), a.clone()))
-                .collect(),
-        );
+        changed |= reg.set_orphans(orphans.endpoints());
     }
 }
 

@@ -37,6 +37,7 @@ pub mod mesh_svc;
 pub mod mesh_view;
 pub mod metrics;
 pub mod offline;
+pub mod orphans;
 pub mod policies;
 pub mod recovery;
 pub mod registry;

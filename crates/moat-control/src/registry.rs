@@ -255,7 +255,7 @@ impl Registry {
     }
 
     /// Another replica published (or published again) a proxy under `key`; returns whether the
-    /// remote endpoints changed.
+    /// service table changes.
     pub fn put_remote(&mut self, key: String, entry: ProxyEntry) -> bool {
         let added = self.count_remote(&entry);
         let removed = match self.remote.insert(key, entry) {
@@ -265,25 +265,25 @@ impl Registry {
         added || removed
     }
 
-    /// Another replica's proxy under `key` is gone; returns it, and whether the remote
-    /// endpoints changed.
+    /// Another replica's proxy under `key` is gone; returns it, and whether the service table
+    /// changes.
     pub fn delete_remote(&mut self, key: &str) -> Option<(ProxyEntry, bool)> {
         let old = self.remote.remove(key)?;
         let changed = self.uncount_remote(&old);
         Some((old, changed))
     }
 
-    /// Counts `p`'s endpoint in; true when no other entry listed it.
+    /// Counts `p`'s endpoint in; true when no other entry listed it (and it is no orphan).
     fn count_remote(&mut self, p: &ProxyEntry) -> bool {
         let n = self
             .remote_endpoints
             .entry((p.id.clone(), p.inbound_address.clone()))
             .or_default();
         *n += 1;
-        *n == 1
+        *n == 1 && !self.orphaned(&p.id, &p.inbound_address)
     }
 
-    /// Counts `p`'s endpoint out; true when no other entry lists it.
+    /// Counts `p`'s endpoint out; true when no other entry lists it (and it is no orphan).
     fn uncount_remote(&mut self, p: &ProxyEntry) -> bool {
         let key = (p.id.clone(), p.inbound_address.clone());
         match self.remote_endpoints.get_mut(&key) {
@@ -293,19 +293,46 @@ impl Registry {
             }
             Some(_) => {
                 self.remote_endpoints.remove(&key);
-                true
+                !self.orphaned(&p.id, &p.inbound_address)
             }
             None => false,
         }
     }
 
-    /// Sets the endpoints of a dead replica's proxies; returns whether the service table changes.
+    /// Whether `(id, address)` is among the orphans (kept sorted by `set_orphans`).
+    fn orphaned(&self, id: &SpiffeId, address: &str) -> bool {
+        self.orphans
+            .binary_search_by(|(i, a)| (i, a.as_str()).cmp(&(id, address)))
+            .is_ok()
+    }
+
+    /// Sets the endpoints of dead replicas' proxies; returns whether the service table changes
+    /// (an orphan that came or went counts only if no connected proxy serves its endpoint).
     pub fn set_orphans(&mut self, mut endpoints: Vec<(SpiffeId, String)>) -> bool {
         endpoints.sort();
         endpoints.dedup();
-        let changed = self.orphans != endpoints;
-        self.orphans = endpoints;
-        changed
+        if self.orphans == endpoints {
+            return false;
+        }
+        let old = std::mem::replace(&mut self.orphans, endpoints);
+        let (before, after): (HashSet<_>, HashSet<_>) =
+            (old.iter().collect(), self.orphans.iter().collect());
+        let warm: HashSet<_> = self.warm.iter().collect();
+        let serves = self.serves();
+        before
+            .symmetric_difference(&after)
+            .any(|e| !warm.contains(e) && !serves(&e.0, &e.1))
+    }
+
+    /// Whether a connected proxy, here or on another replica, serves an identity at an address.
+    pub fn serves(&self) -> impl Fn(&SpiffeId, &str) -> bool + '_ {
+        let local = self.local_endpoints();
+        move |id, address| {
+            local.contains(&(id, address))
+                || self
+                    .remote_endpoints
+                    .contains_key(&(id.clone(), address.to_owned()))
+        }
     }
 
     /// Every proxy of the mesh: those connected here, then those connected to other replicas
@@ -532,5 +559,35 @@ mod tests {
             reg.reconnecting(),
             ["spiffe://moat.local/ns/default/sa/z at 10.0.0.4:15006"]
         );
+    }
+
+    /// An orphan changes the table only while no connected proxy serves its endpoint: one that
+    /// reconnected (here or elsewhere) can leave the orphans without a change.
+    #[test]
+    fn orphans_change_the_table_only_where_nobody_serves_them() {
+        let mut reg = Registry::default();
+        let x = proxy("x", "10.0.0.1:15006", 1);
+        let y = proxy("y", "10.0.0.2:15006", 1);
+        let orphans = vec![
+            (x.id.clone(), x.inbound_address.clone()),
+            (y.id.clone(), y.inbound_address.clone()),
+        ];
+        assert!(reg.set_orphans(orphans.clone()));
+        assert!(!reg.set_orphans(orphans.clone()));
+        assert_eq!(endpoints(&reg), ["10.0.0.1:15006", "10.0.0.2:15006"]);
+        // x reconnected to another replica, y here: neither's leaving the orphans is a change.
+        assert!(!reg.put_remote("live/b/x".into(), x.clone()));
+        reg.upsert(3, y.clone());
+        {
+            let serves = reg.serves();
+            assert!(serves(&x.id, "10.0.0.1:15006") && serves(&y.id, "10.0.0.2:15006"));
+            assert!(!serves(&x.id, "10.0.0.2:15006"));
+        }
+        assert!(!reg.set_orphans(orphans[1..].to_vec()));
+        assert!(!reg.set_orphans(Vec::new()));
+        assert_eq!(endpoints(&reg), ["10.0.0.1:15006", "10.0.0.2:15006"]);
+        // Given up while nobody serves it: a change.
+        assert!(reg.set_orphans(vec![(proxy("z", "", 0).id, "10.0.0.9:15006".into())]));
+        assert!(reg.set_orphans(Vec::new()));
     }
 }
