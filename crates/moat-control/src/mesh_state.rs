@@ -116,15 +116,20 @@ impl MeshState {
         self.view.subscribe()
     }
 
-    /// A proxy's stream opened: it is in the registry and its endpoint is remembered in the
-    /// store. Returns the generation from which views list it.
-    pub async fn join(&self, stream: u64, entry: ProxyEntry) -> u64 {
-        let key = endpoint_key(&entry.id, &entry.inbound_address);
+    /// A proxy's stream opened: it is in the registry. Returns the generation from which views
+    /// list it.
+    pub fn join(&self, stream: u64, entry: ProxyEntry) -> u64 {
         self.registry().upsert(stream, entry);
-        if let Err(e) = self.store.put(&key, Vec::new()).await {
+        self.bump()
+    }
+
+    /// Remembers a served proxy's endpoint in the store, for the tables served while a
+    /// restarted control plane warms up. Called once its first snapshot is sent, so that a
+    /// reconnecting proxy does not wait for the store's write.
+    pub async fn remember(&self, id: &SpiffeId, address: &str) {
+        if let Err(e) = self.store.put(&endpoint_key(id, address), Vec::new()).await {
             tracing::warn!(error = %e, "cannot remember the endpoint");
         }
-        self.bump()
     }
 
     /// A proxy's stream ended: out of the registry, and its endpoint forgotten unless another
@@ -404,9 +409,9 @@ mod tests {
         let mut views = state.views();
         tokio::spawn(publish_views(state.clone(), ca));
 
-        let g = state.join(1, entry("orders", "10.0.0.1:7143")).await;
-        state.join(2, entry("orders", "10.0.0.2:7143")).await;
-        let g2 = state.join(3, entry("payments", "10.0.0.3:7143")).await;
+        let g = state.join(1, entry("orders", "10.0.0.1:7143"));
+        state.join(2, entry("orders", "10.0.0.2:7143"));
+        let g2 = state.join(3, entry("payments", "10.0.0.3:7143"));
         assert!(g2 > g);
         let v = view_at(&mut views, g2).await;
         let first = next_snapshot(Base::Nothing, &v, &[], 0, &[]).unwrap();
@@ -422,7 +427,16 @@ mod tests {
                 ("spiffe://example.org/ns/shop/sa/payments", 1)
             ]
         );
-        // The endpoints are remembered for the next start's warm-up.
+        assert!(v.lists(&sid("payments"), "10.0.0.3:7143"));
+        assert!(!v.lists(&sid("payments"), "10.0.0.1:7143"));
+        // The endpoints are remembered for the next start's warm-up (once served).
+        for (id, address) in [
+            ("orders", "10.0.0.1:7143"),
+            ("orders", "10.0.0.2:7143"),
+            ("payments", "10.0.0.3:7143"),
+        ] {
+            state.remember(&sid(id), address).await;
+        }
         let kept = state.store().range("endpoints/", 0, false).await.unwrap();
         assert_eq!(kept.len(), 3);
 

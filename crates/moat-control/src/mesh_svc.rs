@@ -89,7 +89,7 @@ impl Mesh for MeshService {
         };
         tracing::info!(%id, address = %announced.inbound_address, %remote, "proxy connected");
         // The first snapshot comes from a view that already holds this proxy's endpoint.
-        let joined = self.state.join(number, entry).await;
+        let joined = self.state.join(number, entry);
         let stream = Stream {
             number,
             id,
@@ -136,7 +136,10 @@ impl MeshService {
                 break;
             }
             let view = views.borrow_and_update().clone();
-            let early = |v: &MeshView| last.is_none() && v.generation < joined;
+            // A view from before the join is good enough when it lists the proxy already (it
+            // moved here from a replica that died): it need not wait for the next build.
+            let early =
+                |v: &MeshView| last.is_none() && v.generation < joined && !v.lists(id, address);
             if let Some(view) = view.as_ref().filter(|v| early(v)) {
                 view.handled();
             } else if let Some(view) = view {
@@ -167,6 +170,9 @@ impl MeshService {
                         view.handled();
                         if gone {
                             break;
+                        }
+                        if last.is_none() {
+                            self.state.remember(id, address).await;
                         }
                         last = Some(Sent {
                             policies: policies.to_vec(),

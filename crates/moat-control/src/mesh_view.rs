@@ -229,6 +229,13 @@ fn by_bucket(
 }
 
 impl MeshView {
+    /// Whether the service table lists `address` as an endpoint of `id`.
+    pub fn lists(&self, id: &SpiffeId, address: &str) -> bool {
+        self.services
+            .get(id)
+            .is_some_and(|s| s.endpoints.iter().any(|e| e == address))
+    }
+
     /// The policies protecting `target`, in wire form.
     pub fn policies_for(&self, target: &SpiffeId) -> &[Policy] {
         self.by_target.get(target).map_or(&[], Vec::as_slice)
