@@ -117,10 +117,22 @@ impl MeshState {
     }
 
     /// A proxy's stream opened: it is in the registry. Returns the generation from which views
-    /// list it.
+    /// list it. A proxy the service table lists already (it moved here from a replica that
+    /// died, or its previous stream is still open) changes no view: nothing is bumped, so a
+    /// storm of reconnections does not wake every stream for each of them (the fleet summaries
+    /// still go out within `fleet`'s publishing period).
     pub fn join(&self, stream: u64, entry: ProxyEntry) -> u64 {
-        self.registry().upsert(stream, entry);
-        self.bump()
+        let listed = {
+            let mut reg = self.registry();
+            let listed = reg.lists(&entry.id, &entry.inbound_address);
+            reg.upsert(stream, entry);
+            listed
+        };
+        if listed {
+            *self.generation.borrow()
+        } else {
+            self.bump()
+        }
     }
 
     /// Remembers a served proxy's endpoint in the store, for the tables served while a
@@ -439,6 +451,19 @@ mod tests {
         }
         let kept = state.store().range("endpoints/", 0, false).await.unwrap();
         assert_eq!(kept.len(), 3);
+        // A second stream for an endpoint the table lists changes no view; its leaving keeps
+        // the endpoint (the first stream still serves it).
+        assert_eq!(state.join(4, entry("orders", "10.0.0.1:7143")), g2);
+        state.leave(4, &sid("orders"), "10.0.0.1:7143").await;
+        assert_eq!(
+            state
+                .store()
+                .range("endpoints/", 0, false)
+                .await
+                .unwrap()
+                .len(),
+            3
+        );
 
         // One orders proxy leaves: the next view changes only that service.
         state.leave(2, &sid("orders"), "10.0.0.2:7143").await;

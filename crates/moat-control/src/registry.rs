@@ -363,6 +363,20 @@ impl Registry {
         self.warm.clear();
     }
 
+    /// Whether the service table lists `address` for `id`: a proxy connected here or to another
+    /// replica serves it, or it is remembered (warm-up) or orphaned.
+    pub fn lists(&self, id: &SpiffeId, address: &str) -> bool {
+        self.orphaned(id, address)
+            || self
+                .remote_endpoints
+                .contains_key(&(id.clone(), address.to_owned()))
+            || self
+                .proxies
+                .values()
+                .any(|p| &p.id == id && p.inbound_address == address)
+            || self.warm.iter().any(|(i, a)| i == id && a == address)
+    }
+
     /// Whether another live stream than `stream` serves `(id, address)`.
     pub fn serves_elsewhere(&self, stream: u64, id: &SpiffeId, address: &str) -> bool {
         self.proxies
