@@ -22,7 +22,7 @@
 //! The simulated proxies share one process and the machine's cores with the replicas they
 //! measure, which real sidecars do not: each has its own CPU for its side of a handshake and its
 //! table. So that the storm measures the survivors rather than this process, at most
-//! [`RECONNECTING`] simulated proxies reconnect at a time (the others wait their turn, which
+//! [`reconnecting`] simulated proxies reconnect at a time (the others wait their turn, which
 //! counts in their delay), and this process allocates with jemalloc, as the binaries do (with
 //! glibc malloc, ten thousand tables of 10,000 endpoints spent most of its CPU in malloc).
 
@@ -43,8 +43,6 @@ use moat_test_util::mesh::{Admin, MeshStream};
 use moat_wire::table::ServiceTable;
 
 const REPLICAS: usize = 10;
-/// Simulated proxies reconnecting at once after their replica died (see the module's doc).
-const RECONNECTING: usize = 64;
 const ROUNDS: usize = 5;
 /// Connections being set up at once.
 const CONNECTING: usize = 64;
@@ -252,6 +250,17 @@ fn proxies() -> usize {
     services() * REPLICAS
 }
 
+/// Simulated proxies reconnecting at once after their replica died (see the module's doc):
+/// `MOAT_BENCH_RECONNECTING`, 256 unless set. 64 until run 6 of 2026-12-02, when the survivors
+/// spent 2.3 s of CPU each on the storm and this process was what the orphans waited for.
+fn reconnecting() -> usize {
+    std::env::var("MOAT_BENCH_RECONNECTING")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(256)
+}
+
 /// Control-plane replicas: 1 (embedded store) unless `MOAT_BENCH_CONTROL_PLANES` says more (on
 /// etcd).
 fn control_planes() -> usize {
@@ -271,7 +280,7 @@ fn source(idx: usize) -> std::net::IpAddr {
 type Reattached = Arc<Mutex<Vec<Option<(Instant, usize)>>>>;
 
 /// What every roaming proxy shares: the replicas' admin clients, the probe, where each notes
-/// its re-attachment, and the turns to reconnect (see [`RECONNECTING`]).
+/// its re-attachment, and the turns to reconnect (see [`reconnecting`]).
 #[derive(Clone)]
 struct Roaming {
     admins: Arc<Vec<Admin>>,
@@ -311,7 +320,7 @@ async fn roaming_proxy(
         let jitter = 0.75 + rand::random::<f64>() * 0.5;
         tokio::time::sleep(step.mul_f64(jitter)).await;
         step = (step * 2).min(Duration::from_secs(15));
-        // Held until this attempt ends (see `RECONNECTING`).
+        // Held until this attempt ends (see `reconnecting`).
         let Ok(turn) = gate.acquire().await else {
             return;
         };
@@ -395,7 +404,7 @@ fn main() {
         let reattached: Reattached = Arc::new(Mutex::new(vec![None; proxies]));
         let creds = Arc::new(creds);
         let retried = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let gate = Arc::new(tokio::sync::Semaphore::new(RECONNECTING));
+        let gate = Arc::new(tokio::sync::Semaphore::new(reconnecting()));
         let (ramp, connect_ms) = round(&probes, Goal::Table(proxies), None, async {
             let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let mut workers = Vec::new();
@@ -553,7 +562,8 @@ fn main() {
                  Control plane {} of {planes} is killed (`kill -9`) with its {} proxies connected; each \
                  reconnects to another replica at random after 250 ms ± 25 %, doubling per fruitless attempt up to 15 s (`moat-proxy`'s backoff), \
                  announcing the digests of the table it holds, and is re-attached when the survivor's \
-                 first snapshot (only the table buckets that differ) has arrived.\n\n\
+                 first snapshot (only the table buckets that differ) has arrived. At most {} of them \
+                 reconnect at a time (`MOAT_BENCH_RECONNECTING`), standing in for each sidecar's own CPU.\n\n\
                  | measure | value |\n|---|---|\n\
                  | orphaned proxies re-attached | {back} of {} |\n\
                  | of them, holding all {proxies} endpoints once re-attached | {complete} |\n\
@@ -565,6 +575,7 @@ fn main() {
                  | survivors' RSS after | {} |\n",
                 victim + 1,
                 orphans.len(),
+                reconnecting(),
                 orphans.len(),
                 all_back.as_secs_f64(),
                 moat_bench::pct(&delays, 0.1),

@@ -415,6 +415,16 @@ mod tests {
         v
     }
 
+    /// How many endpoints the store remembers.
+    async fn remembered(state: &MeshState) -> usize {
+        state
+            .store()
+            .range("endpoints/", 0, false)
+            .await
+            .unwrap()
+            .len()
+    }
+
     #[tokio::test]
     async fn joins_leaves_and_revocations_reach_the_views_in_order() {
         let (_dir, state, ca) = state().await;
@@ -449,21 +459,12 @@ mod tests {
         ] {
             state.remember(&sid(id), address).await;
         }
-        let kept = state.store().range("endpoints/", 0, false).await.unwrap();
-        assert_eq!(kept.len(), 3);
+        assert_eq!(remembered(&state).await, 3);
         // A second stream for an endpoint the table lists changes no view; its leaving keeps
         // the endpoint (the first stream still serves it).
         assert_eq!(state.join(4, entry("orders", "10.0.0.1:7143")), g2);
         state.leave(4, &sid("orders"), "10.0.0.1:7143").await;
-        assert_eq!(
-            state
-                .store()
-                .range("endpoints/", 0, false)
-                .await
-                .unwrap()
-                .len(),
-            3
-        );
+        assert_eq!(remembered(&state).await, 3);
 
         // One orders proxy leaves: the next view changes only that service.
         state.leave(2, &sid("orders"), "10.0.0.2:7143").await;
@@ -479,15 +480,7 @@ mod tests {
         assert!(delta.services_incremental);
         assert_eq!(delta.services.len(), 1);
         assert_eq!(delta.services[0].endpoints, ["10.0.0.1:7143"]);
-        assert_eq!(
-            state
-                .store()
-                .range("endpoints/", 0, false)
-                .await
-                .unwrap()
-                .len(),
-            2
-        );
+        assert_eq!(remembered(&state).await, 2);
 
         // A revocation is in force at once and reaches the next view.
         assert!(state.set_revoked(vec![sid("payments").to_string()], Vec::new()));
