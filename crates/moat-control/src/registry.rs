@@ -157,9 +157,11 @@ pub struct RuleHits {
 #[derive(Debug, Default)]
 pub struct Registry {
     proxies: HashMap<u64, ProxyEntry>,
+    /// How many streams of `proxies` serve each endpoint.
+    local: HashMap<(SpiffeId, String), usize>,
     /// Endpoints remembered from before a control-plane restart, served until the warm-up ends
     /// so that the first proxies to reconnect are not told that the others are gone.
-    warm: Vec<(SpiffeId, String)>,
+    warm: HashSet<(SpiffeId, String)>,
     /// Proxies connected to the other control-plane replicas, by the store key their replica
     /// published them under (`fleet`): their endpoints, certificates and what they applied.
     remote: HashMap<String, ProxyEntry>,
@@ -175,9 +177,23 @@ pub struct Registry {
 impl Registry {
     /// Adds or replaces the entry of stream `stream`.
     pub fn upsert(&mut self, stream: u64, entry: ProxyEntry) {
-        self.disconnected
-            .remove(&(entry.id.clone(), entry.inbound_address.clone()));
-        self.proxies.insert(stream, entry);
+        let key = (entry.id.clone(), entry.inbound_address.clone());
+        self.disconnected.remove(&key);
+        *self.local.entry(key).or_default() += 1;
+        if let Some(old) = self.proxies.insert(stream, entry) {
+            self.uncount_local(&old);
+        }
+    }
+
+    /// Counts `p`'s endpoint out of the local streams.
+    fn uncount_local(&mut self, p: &ProxyEntry) {
+        let key = (p.id.clone(), p.inbound_address.clone());
+        if let Some(n) = self.local.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.local.remove(&key);
+            }
+        }
     }
 
     /// Removes stream `stream`. Unless the proxy said goodbye or another stream serves the same
@@ -186,6 +202,7 @@ impl Registry {
         let Some(p) = self.proxies.remove(&stream) else {
             return;
         };
+        self.uncount_local(&p);
         if p.left || self.serves_elsewhere(stream, &p.id, &p.inbound_address) {
             return;
         }
@@ -216,18 +233,20 @@ impl Registry {
 
     /// Sets the endpoints remembered from before a restart.
     pub fn set_warm(&mut self, endpoints: Vec<(SpiffeId, String)>) {
-        self.warm = endpoints;
+        self.warm = endpoints.into_iter().collect();
     }
 
     /// Endpoints remembered from before a restart whose proxies have not reconnected yet
     /// (empty once the warm-up is over).
     pub fn reconnecting(&self) -> Vec<String> {
-        let back = self.local_endpoints();
-        self.warm
+        let mut out: Vec<String> = self
+            .warm
             .iter()
-            .filter(|(id, addr)| !back.contains(&(id, addr.as_str())))
+            .filter(|e| !self.local.contains_key(*e))
             .map(|(id, addr)| format!("{id} at {addr}"))
-            .collect()
+            .collect();
+        out.sort();
+        out
     }
 
     fn local_endpoints(&self) -> HashSet<(&SpiffeId, &str)> {
@@ -317,21 +336,17 @@ impl Registry {
         let old = std::mem::replace(&mut self.orphans, endpoints);
         let (before, after): (HashSet<_>, HashSet<_>) =
             (old.iter().collect(), self.orphans.iter().collect());
-        let warm: HashSet<_> = self.warm.iter().collect();
         let serves = self.serves();
         before
             .symmetric_difference(&after)
-            .any(|e| !warm.contains(e) && !serves(&e.0, &e.1))
+            .any(|e| !self.warm.contains(*e) && !serves(&e.0, &e.1))
     }
 
     /// Whether a connected proxy, here or on another replica, serves an identity at an address.
     pub fn serves(&self) -> impl Fn(&SpiffeId, &str) -> bool + '_ {
-        let local = self.local_endpoints();
         move |id, address| {
-            local.contains(&(id, address))
-                || self
-                    .remote_endpoints
-                    .contains_key(&(id.clone(), address.to_owned()))
+            let key = (id.clone(), address.to_owned());
+            self.local.contains_key(&key) || self.remote_endpoints.contains_key(&key)
         }
     }
 
@@ -366,22 +381,25 @@ impl Registry {
     /// Whether the service table lists `address` for `id`: a proxy connected here or to another
     /// replica serves it, or it is remembered (warm-up) or orphaned.
     pub fn lists(&self, id: &SpiffeId, address: &str) -> bool {
+        let key = (id.clone(), address.to_owned());
         self.orphaned(id, address)
-            || self
-                .remote_endpoints
-                .contains_key(&(id.clone(), address.to_owned()))
-            || self
-                .proxies
-                .values()
-                .any(|p| &p.id == id && p.inbound_address == address)
-            || self.warm.iter().any(|(i, a)| i == id && a == address)
+            || self.remote_endpoints.contains_key(&key)
+            || self.local.contains_key(&key)
+            || self.warm.contains(&key)
     }
 
     /// Whether another live stream than `stream` serves `(id, address)`.
     pub fn serves_elsewhere(&self, stream: u64, id: &SpiffeId, address: &str) -> bool {
-        self.proxies
-            .iter()
-            .any(|(s, p)| *s != stream && &p.id == id && p.inbound_address == address)
+        let own = self
+            .proxies
+            .get(&stream)
+            .is_some_and(|p| &p.id == id && p.inbound_address == address);
+        let streams = self
+            .local
+            .get(&(id.clone(), address.to_owned()))
+            .copied()
+            .unwrap_or(0);
+        streams > usize::from(own)
     }
 
     /// Mutable access to one stream's entry.
