@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use moat_api::v1::{MeshSettings, Policy, Service, Snapshot};
 use moat_identity::SpiffeId;
-use moat_wire::table::{BUCKETS, BucketDigest, bucket_digest, bucket_of};
+use moat_wire::table::{BUCKETS, BucketDigest, bucket_digest, bucket_of, service_digest};
 use tokio::sync::Notify;
 
 use crate::policies::PolicySet;
@@ -219,10 +219,11 @@ fn by_bucket(
         .iter_mut()
         .map(|b: &mut Vec<Arc<Service>>| {
             b.sort_unstable_by(|x, y| x.spiffe_id.cmp(&y.spiffe_id));
-            bucket_digest(
-                b.iter()
-                    .map(|s| (s.spiffe_id.as_str(), s.endpoints.as_slice())),
-            )
+            let services: Vec<_> = b
+                .iter()
+                .map(|s| service_digest(&s.spiffe_id, &s.endpoints))
+                .collect();
+            bucket_digest(&services)
         })
         .collect();
     (buckets, digests)
@@ -633,10 +634,14 @@ mod tests {
             s.services.len()
         );
         fold_all(&mut held, into_parts(s, 512));
-        let want = next_snapshot(Base::Nothing, &c, &[], 0, &[])
+        let mut want = next_snapshot(Base::Nothing, &c, &[], 0, &[])
             .unwrap()
             .services;
-        assert_eq!(held.unwrap().to_proto(), want);
+        let mut got = held.unwrap().to_proto();
+        // The proxy's table lists bucket by bucket; the same services in any order.
+        want.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
+        got.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
+        assert_eq!(got, want);
     }
 
     #[tokio::test]
