@@ -56,7 +56,10 @@ enum Goal {
     Posture(String),
     /// A policy of that name (new in the round).
     Policy(String),
-    Endpoint(String),
+    /// Service (SPIFFE ID) and the new endpoint it lists. Looked up by service: scanning each
+    /// proxy's whole table for the address made this process the bottleneck of the round (the
+    /// rounds before 2026-12-02's run 10 found it faster the earlier its service sorted).
+    Endpoint { service: String, address: String },
 }
 
 struct Probe {
@@ -76,7 +79,9 @@ fn reached(goal: &Goal, snap: &Snapshot, table: &ServiceTable) -> bool {
         Goal::Table(n) => table.endpoints() == *n,
         Goal::Posture(p) => snap.mesh.as_ref().is_some_and(|m| &m.default_posture == p),
         Goal::Policy(name) => snap.policies.iter().any(|p| &p.name == name),
-        Goal::Endpoint(a) => table.iter().any(|(_, eps)| eps.contains(a)),
+        Goal::Endpoint { service, address } => table
+            .get(service)
+            .is_some_and(|eps| eps.contains(address)),
     }
 }
 
@@ -501,7 +506,11 @@ fn main() {
             let extra = Arc::new(Mutex::new(None));
             // Connected inside the round: the control plane may send the new endpoint to the
             // others as soon as the proxy announces it, before the stream call returns.
-            let (d, _) = round(&probes, Goal::Endpoint(addr.clone()), None, async {
+            let goal = Goal::Endpoint {
+                service: cred.id().to_string(),
+                address: addr.clone(),
+            };
+            let (d, _) = round(&probes, goal, None, async {
                 let stream = admins[admins.len() - 1].mesh_stream(&cred, &addr).await.unwrap();
                 let extra = extra.clone();
                 tokio::spawn(async move { proxy(0, stream, extra, &mut None).await });
