@@ -59,7 +59,10 @@ enum Goal {
     /// Service (SPIFFE ID) and the new endpoint it lists. Looked up by service: scanning each
     /// proxy's whole table for the address made this process the bottleneck of the round (the
     /// rounds before 2026-12-02's run 10 found it faster the earlier its service sorted).
-    Endpoint { service: String, address: String },
+    Endpoint {
+        service: String,
+        address: String,
+    },
 }
 
 struct Probe {
@@ -79,9 +82,9 @@ fn reached(goal: &Goal, snap: &Snapshot, table: &ServiceTable) -> bool {
         Goal::Table(n) => table.endpoints() == *n,
         Goal::Posture(p) => snap.mesh.as_ref().is_some_and(|m| &m.default_posture == p),
         Goal::Policy(name) => snap.policies.iter().any(|p| &p.name == name),
-        Goal::Endpoint { service, address } => table
-            .get(service)
-            .is_some_and(|eps| eps.contains(address)),
+        Goal::Endpoint { service, address } => {
+            table.get(service).is_some_and(|eps| eps.contains(address))
+        }
     }
 }
 
