@@ -6,12 +6,24 @@
 //! for its 10,000 simulated proxies (a sidecar's own table has often left the caches by the time
 //! its stream breaks, too). Baseline in the same run: one SHA-256 over as many bytes as the
 //! table's strings and lengths (`sha256_floor`).
+//!
+//! The control plane's side: `view_build_one_change` builds a `MeshView` (the table, its buckets
+//! and their digests) on top of the last one when one service's endpoints changed, as the view
+//! after a proxy joins; `view_build_from_nothing` builds the same view with no previous one
+//! (every bucket sorted and hashed), its baseline in the same run.
 
 // A benchmark that cannot set up has nothing to measure: failing loudly is right.
 #![allow(clippy::expect_used)]
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use moat_api::v1 as pb;
+use moat_api::v1::MeshSettings;
+use moat_control::mesh_view::{MeshView, ViewInputs};
+use moat_control::policies::PolicySet;
+use moat_identity::SpiffeId;
 use moat_wire::table::{ServiceTable, table_digests};
 use sha2::{Digest, Sha256};
 
@@ -92,6 +104,39 @@ fn bench(c: &mut Criterion) {
         })
     });
     g.bench_function("sha256_floor", |b| b.iter(|| Sha256::digest(&bytes)));
+
+    let table: BTreeMap<SpiffeId, Vec<String>> = services
+        .iter()
+        .map(|s| (s.spiffe_id.parse().expect("an ID"), s.endpoints.clone()))
+        .collect();
+    let inputs = |generation: u64, table: &BTreeMap<SpiffeId, Vec<String>>| ViewInputs {
+        generation,
+        services: table.clone(),
+        bundle_der: Vec::new(),
+        bundle_fingerprints: Vec::new(),
+        policies: Arc::new(PolicySet::default()),
+        mesh: MeshSettings::default(),
+        revoked: (Vec::new(), Vec::new()),
+    };
+    let last = MeshView::build(inputs(1, &table), None);
+    let mut joined = table.clone();
+    if let Some(eps) = joined.values_mut().nth(SERVICES / 2) {
+        eps.push("10.250.0.1:8443".to_owned());
+    }
+    g.bench_function("view_build_one_change", |b| {
+        b.iter_batched(
+            || inputs(2, &joined),
+            |i| MeshView::build(i, Some(&last)),
+            BatchSize::LargeInput,
+        )
+    });
+    g.bench_function("view_build_from_nothing", |b| {
+        b.iter_batched(
+            || inputs(2, &joined),
+            |i| MeshView::build(i, None),
+            BatchSize::LargeInput,
+        )
+    });
     g.finish();
 }
 

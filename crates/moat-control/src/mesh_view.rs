@@ -13,7 +13,7 @@
 //! differs from this view's, so a replica's death does not make the survivors resend the whole
 //! table to each of its proxies.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -105,6 +105,12 @@ impl MeshView {
                     .filter(|id| !services.contains_key(*id))
                     .cloned(),
             );
+        }
+        let (buckets, digests) = match previous {
+            Some(p) => rebucket(p, &services, &changed),
+            None => by_bucket(&services),
+        };
+        if let Some(p) = previous {
             let keep = p.history.len().saturating_sub(HISTORY - 1);
             history.extend_from_slice(&p.history[keep..]);
             history.push(Build {
@@ -125,7 +131,6 @@ impl MeshView {
                 Arc::new(map)
             }
         };
-        let (buckets, digests) = by_bucket(&services);
         MeshView {
             generation: inputs.generation,
             services,
@@ -215,18 +220,52 @@ fn by_bucket(
     for s in services.values() {
         buckets[bucket_of(&s.spiffe_id)].push(s.clone());
     }
-    let digests = buckets
-        .iter_mut()
-        .map(|b: &mut Vec<Arc<Service>>| {
-            b.sort_unstable_by(|x, y| x.spiffe_id.cmp(&y.spiffe_id));
-            let services: Vec<_> = b
-                .iter()
-                .map(|s| service_digest(&s.spiffe_id, &s.endpoints))
-                .collect();
-            bucket_digest(&services)
-        })
-        .collect();
+    let digests = buckets.iter_mut().map(|b| sort_and_digest(b)).collect();
     (buckets, digests)
+}
+
+/// [`by_bucket`] for a view built from `previous`, where only the services in `changed` (added,
+/// changed or removed) differ: every other bucket, and its digest, is `previous`'s.
+fn rebucket(
+    previous: &MeshView,
+    services: &BTreeMap<SpiffeId, Arc<Service>>,
+    changed: &[SpiffeId],
+) -> (Vec<Vec<Arc<Service>>>, Vec<BucketDigest>) {
+    // Each changed ID in its wire form, from the entry that has it (the new one, or the old one
+    // of a removed service), with its new entry if it has one.
+    type Touched<'a> = (&'a str, Option<&'a Arc<Service>>);
+    let mut by_bucket: Vec<Vec<Touched<'_>>> = vec![Vec::new(); BUCKETS];
+    for id in changed {
+        let now = services.get(id);
+        if let Some(entry) = now.or_else(|| previous.services.get(id)) {
+            let name = entry.spiffe_id.as_str();
+            by_bucket[bucket_of(name)].push((name, now));
+        }
+    }
+    let mut buckets = previous.buckets.clone();
+    let mut digests = previous.digests.clone();
+    for (b, touched) in by_bucket.iter().enumerate().filter(|(_, t)| !t.is_empty()) {
+        let gone: HashSet<&str> = touched.iter().map(|(name, _)| *name).collect();
+        let mut now: Vec<Arc<Service>> = previous.buckets[b]
+            .iter()
+            .filter(|s| !gone.contains(s.spiffe_id.as_str()))
+            .cloned()
+            .collect();
+        now.extend(touched.iter().filter_map(|(_, entry)| entry.cloned()));
+        digests[b] = sort_and_digest(&mut now);
+        buckets[b] = now;
+    }
+    (buckets, digests)
+}
+
+/// Sorts one bucket's services by ID and returns the bucket's digest.
+fn sort_and_digest(bucket: &mut [Arc<Service>]) -> BucketDigest {
+    bucket.sort_unstable_by(|x, y| x.spiffe_id.cmp(&y.spiffe_id));
+    let services: Vec<_> = bucket
+        .iter()
+        .map(|s| service_digest(&s.spiffe_id, &s.endpoints))
+        .collect();
+    bucket_digest(&services)
 }
 
 impl MeshView {
@@ -445,6 +484,47 @@ mod tests {
             policies: Vec::new(),
             rotation: 0,
             taps: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_view_built_on_the_last_has_the_buckets_of_one_built_from_nothing() {
+        // Each build adds, changes and removes services; the buckets it carries over must be
+        // exactly what sorting the whole table again gives.
+        let names: Vec<String> = (0..300).map(|i| format!("svc-{i:03}")).collect();
+        let table = |step: usize| -> Vec<(String, Vec<String>)> {
+            names
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !(i + step).is_multiple_of(7))
+                .map(|(i, n)| {
+                    let eps = (0..1 + (i * step) % 3)
+                        .map(|k| format!("10.0.{k}.{}:8443", (i + step) % 5))
+                        .collect();
+                    (n.clone(), eps)
+                })
+                .collect()
+        };
+        let mut last: Option<MeshView> = None;
+        for step in 0..6 {
+            let t = table(step);
+            let pairs: Vec<(&str, Vec<&str>)> = t
+                .iter()
+                .map(|(n, e)| (n.as_str(), e.iter().map(String::as_str).collect()))
+                .collect();
+            let refs: Vec<(&str, &[&str])> =
+                pairs.iter().map(|(n, e)| (*n, e.as_slice())).collect();
+            let built = MeshView::build(inputs(step as u64 + 1, &refs), last.as_ref());
+            let fresh = MeshView::build(inputs(step as u64 + 1, &refs), None);
+            assert_eq!(built.digests, fresh.digests, "step {step}");
+            let ids = |v: &MeshView| -> Vec<Vec<String>> {
+                v.buckets
+                    .iter()
+                    .map(|b| b.iter().map(|s| format!("{s:?}")).collect())
+                    .collect()
+            };
+            assert_eq!(ids(&built), ids(&fresh), "step {step}");
+            last = Some(built);
         }
     }
 
