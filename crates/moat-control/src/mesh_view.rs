@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use moat_api::v1::{MeshSettings, Policy, Service, Snapshot};
 use moat_identity::SpiffeId;
-use moat_wire::table::{BUCKETS, BucketDigest, bucket_digest, bucket_of, service_digest};
+use moat_wire::table::{self, BUCKETS, BucketDigest, bucket_of};
 use tokio::sync::Notify;
 
 use crate::policies::PolicySet;
@@ -258,14 +258,9 @@ fn rebucket(
     (buckets, digests)
 }
 
-/// Sorts one bucket's services by ID and returns the bucket's digest.
+/// Sorts one bucket by ID and returns its digest.
 fn sort_and_digest(bucket: &mut [Arc<Service>]) -> BucketDigest {
-    bucket.sort_unstable_by(|x, y| x.spiffe_id.cmp(&y.spiffe_id));
-    let services: Vec<_> = bucket
-        .iter()
-        .map(|s| service_digest(&s.spiffe_id, &s.endpoints))
-        .collect();
-    bucket_digest(&services)
+    table::sort_and_digest(bucket, |s| (s.spiffe_id.as_str(), s.endpoints.as_slice()))
 }
 
 impl MeshView {

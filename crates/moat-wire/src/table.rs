@@ -73,20 +73,34 @@ pub fn bucket_digest<'a>(services: impl IntoIterator<Item = &'a ServiceDigest>) 
     h.finalize().into()
 }
 
+/// Sorts one bucket's services by ID and returns the bucket's digest; `entry` gives a service's
+/// ID and endpoints.
+pub fn sort_and_digest<T>(
+    bucket: &mut [T],
+    entry: impl Fn(&T) -> (&str, &[String]),
+) -> BucketDigest {
+    bucket.sort_unstable_by(|x, y| entry(x).0.cmp(entry(y).0));
+    let services: Vec<ServiceDigest> = bucket
+        .iter()
+        .map(|s| {
+            let (id, endpoints) = entry(s);
+            service_digest(id, endpoints)
+        })
+        .collect();
+    bucket_digest(&services)
+}
+
 /// The digests of every bucket of a table given in any order.
 pub fn table_digests<'a>(
     services: impl IntoIterator<Item = (&'a str, &'a [String])>,
 ) -> Vec<BucketDigest> {
-    let mut buckets: Vec<Vec<(&str, ServiceDigest)>> = vec![Vec::new(); BUCKETS];
+    let mut buckets: Vec<Vec<(&str, &[String])>> = vec![Vec::new(); BUCKETS];
     for (id, endpoints) in services {
-        buckets[bucket_of(id)].push((id, service_digest(id, endpoints)));
+        buckets[bucket_of(id)].push((id, endpoints));
     }
     buckets
-        .into_iter()
-        .map(|mut b| {
-            b.sort_unstable_by_key(|(id, _)| *id);
-            bucket_digest(b.iter().map(|(_, d)| d))
-        })
+        .iter_mut()
+        .map(|b| sort_and_digest(b, |&(id, endpoints)| (id, endpoints)))
         .collect()
 }
 
