@@ -191,7 +191,7 @@ fn client_config(
 
 /// Sends an HTTP/1.1 request over TLS; returns what came back (empty when refused).
 async fn tls_request(addr: std::net::SocketAddr, cfg: Arc<rustls::ClientConfig>) -> String {
-    tls_request_resumable(addr, cfg).await.1
+    tls_request_resumable(addr, cfg).await.body
 }
 
 /// A control plane on a root the test holds the key of (imported at its first start), so the
@@ -377,26 +377,136 @@ async fn the_inbound_refuses_everything_it_should_with_a_reason() {
     }
 }
 
-/// Sends an HTTP/1.1 request over TLS; returns whether the handshake resumed an earlier session
-/// and what came back (empty when refused).
+/// What one TLS request saw: whether the handshake resumed an earlier session, the suite it
+/// negotiated, and what came back (empty when refused).
+struct TlsReply {
+    resumed: bool,
+    suite: Option<rustls::CipherSuite>,
+    body: String,
+}
+
+/// Sends an HTTP/1.1 request over TLS and reports what the handshake negotiated.
 async fn tls_request_resumable(
     addr: std::net::SocketAddr,
     cfg: Arc<rustls::ClientConfig>,
-) -> (bool, String) {
+) -> TlsReply {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let Ok(mut tls) = tokio_rustls::TlsConnector::from(cfg)
         .connect("moat.invalid".try_into().unwrap(), tcp)
         .await
     else {
-        return (false, String::new());
+        return TlsReply {
+            resumed: false,
+            suite: None,
+            body: String::new(),
+        };
     };
-    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    let conn = tls.get_ref().1;
+    let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    let suite = conn.negotiated_cipher_suite().map(|s| s.suite());
     let _ = tls
         .write_all(b"GET /orders HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n")
         .await;
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
-    (resumed, String::from_utf8_lossy(&out).into_owned())
+    TlsReply {
+        resumed,
+        suite,
+        body: String::from_utf8_lossy(&out).into_owned(),
+    }
+}
+
+/// The MeshConfig's cipher preference reaches every sidecar without a restart: new connections
+/// to a sidecar's inbound negotiate the preferred suite whatever order the caller offers, a
+/// caller that offers only the other suite still gets in, and sidecars keep talking to each
+/// other across the switch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_cipher_preference_picks_the_suite_of_new_connections() {
+    use rustls::CipherSuite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384};
+    let (cp, root) = control_plane_with_own_root();
+    apply_policy(&cp, MESH_POLICY);
+    let orders = Proxy::builder(&cp, "orders")
+        .app(http_echo().await)
+        .start()
+        .unwrap();
+    let frontend = Proxy::builder(&cp, "frontend")
+        .app(http_echo().await)
+        .upstreams(&["orders"])
+        .start()
+        .unwrap();
+    wait_for_services(&frontend, &["orders"]);
+    let bundle = bundle(&cp);
+    // A fresh config per request: no session to resume, every handshake chooses a suite.
+    let caller = || {
+        client_config(
+            &bundle,
+            "orders",
+            Some(leaf(&root, "frontend", -60, 3600)),
+            b"http/1.1",
+        )
+    };
+    let through_mesh = || async {
+        let url = format!("http://{}/orders/1", frontend.upstream("orders"));
+        get(&h1_client(), "GET", &url, &[]).await.unwrap()
+    };
+
+    let before = tls_request_resumable(orders.inbound, caller()).await;
+    assert!(before.body.starts_with("HTTP/1.1 200"), "{}", before.body);
+    assert_eq!(
+        before.suite,
+        Some(TLS13_AES_256_GCM_SHA384),
+        "the default is AES-256"
+    );
+
+    apply_policy(
+        &cp,
+        "apiVersion: moat.dev/v1\nkind: MeshConfig\nmetadata: { name: mesh }\nspec:\n  cipherPreference: aes-128-gcm\n",
+    );
+    let mut after = None;
+    for _ in 0..100 {
+        let reply = tls_request_resumable(orders.inbound, caller()).await;
+        if reply.suite == Some(TLS13_AES_128_GCM_SHA256) {
+            after = Some(reply);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = after.expect("the sidecar never switched to AES-128-GCM");
+    assert!(after.body.starts_with("HTTP/1.1 200"), "{}", after.body);
+    assert!(
+        after.body.contains(&format!("peer={FRONTEND} ")),
+        "{}",
+        after.body
+    );
+
+    // A caller that offers only AES-256 is still served: the preference orders, it never removes.
+    let only_256 = {
+        let (chain, key) = leaf(&root, "frontend", -60, 3600);
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        provider
+            .cipher_suites
+            .retain(|s| s.suite() == TLS13_AES_256_GCM_SHA384);
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(moat_tls::SpiffeServerVerifier::new(
+                Arc::new(bundle.clone()),
+                id("orders"),
+            )))
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(cfg)
+    };
+    let old = tls_request_resumable(orders.inbound, only_256).await;
+    assert_eq!(old.suite, Some(TLS13_AES_256_GCM_SHA384));
+    assert!(old.body.starts_with("HTTP/1.1 200"), "{}", old.body);
+
+    // Sidecar to sidecar, both on the new preference.
+    let (status, _, body) = through_mesh().await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&format!("peer={FRONTEND} ")), "{body}");
 }
 
 /// A resumed TLS session skips certificate verification, so a caller whose certificate expired
@@ -418,12 +528,18 @@ async fn a_resumed_session_with_an_expired_certificate_is_refused() {
         Some(leaf(&root, "frontend", -60, 4)),
         b"http/1.1",
     );
-    let (_, first) = tls_request_resumable(orders.inbound, cfg.clone()).await;
+    let first = tls_request_resumable(orders.inbound, cfg.clone())
+        .await
+        .body;
     assert!(first.starts_with("HTTP/1.1 200"), "{first}");
-    let (resumed, _) = tls_request_resumable(orders.inbound, cfg.clone()).await;
-    assert!(resumed, "the client should resume its session");
+    let again = tls_request_resumable(orders.inbound, cfg.clone()).await;
+    assert!(again.resumed, "the client should resume its session");
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let (resumed, late) = tls_request_resumable(orders.inbound, cfg).await;
+    let TlsReply {
+        resumed,
+        body: late,
+        ..
+    } = tls_request_resumable(orders.inbound, cfg).await;
     assert!(resumed, "the session outlives the certificate");
     assert!(late.is_empty(), "an expired certificate was let in: {late}");
     let m = orders.metrics();

@@ -318,6 +318,7 @@ impl MeshState {
         let ca = ca.current();
         let mesh = MeshSettings {
             default_posture: set.mesh.default_posture.as_str().to_owned(),
+            cipher_preference: set.mesh.cipher_preference.as_str().to_owned(),
             // An issuer whose keys were never read is left out: its tokens are refused.
             jwt_issuers: set
                 .mesh

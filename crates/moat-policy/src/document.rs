@@ -12,8 +12,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::model::{
-    AccessPolicy, DefaultPosture, HttpRoute, InvalidValue, JwksSource, JwtAlgorithm, JwtIssuer,
-    JwtRequirement, MeshConfig, Mode, PolicyName, PolicyVersion, RateKey, RateLimit, Rule,
+    AccessPolicy, CipherPreference, DefaultPosture, HttpRoute, InvalidValue, JwksSource,
+    JwtAlgorithm, JwtIssuer, JwtRequirement, MeshConfig, Mode, PolicyName, PolicyVersion, RateKey,
+    RateLimit, Rule,
 };
 
 /// Default and bounds of a JWKS refresh interval.
@@ -203,10 +204,20 @@ enum PostureDoc {
 }
 
 #[derive(Deserialize, Serialize)]
+enum CipherDoc {
+    #[serde(rename = "aes-256-gcm")]
+    Aes256Gcm,
+    #[serde(rename = "aes-128-gcm")]
+    Aes128Gcm,
+}
+
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct MeshConfigSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     default_posture: Option<PostureDoc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cipher_preference: Option<CipherDoc>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     jwt_issuers: Vec<JwtIssuerDoc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -648,6 +659,10 @@ fn mesh_config(d: MeshConfigDoc) -> Result<MeshConfig, FieldError> {
         },
         jwt_issuers,
         kubernetes,
+        cipher_preference: match d.spec.cipher_preference {
+            None | Some(CipherDoc::Aes256Gcm) => CipherPreference::Aes256Gcm,
+            Some(CipherDoc::Aes128Gcm) => CipherPreference::Aes128Gcm,
+        },
     })
 }
 
@@ -736,6 +751,10 @@ pub fn mesh_config_yaml(m: &MeshConfig) -> String {
             default_posture: Some(match m.default_posture {
                 DefaultPosture::Deny => PostureDoc::Deny,
                 DefaultPosture::AllowAuthenticated => PostureDoc::AllowAuthenticated,
+            }),
+            cipher_preference: Some(match m.cipher_preference {
+                CipherPreference::Aes256Gcm => CipherDoc::Aes256Gcm,
+                CipherPreference::Aes128Gcm => CipherDoc::Aes128Gcm,
             }),
             kubernetes: m.kubernetes.as_ref().map(|k| {
                 let i = issuer_doc(&k.issuer);

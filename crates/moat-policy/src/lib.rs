@@ -17,8 +17,8 @@ pub use document::{
 };
 pub use eval::{Decision, Reason, RuleTrace, Traffic, evaluate};
 pub use model::{
-    AccessPolicy, DefaultPosture, HttpRoute, InvalidValue, JwksSource, JwtAlgorithm, JwtIssuer,
-    JwtRequirement, MeshConfig, Method, Mode, PathPattern, PolicyName, PolicyVersion, RateKey,
-    RateLimit, Rule, ServiceAccountIssuer,
+    AccessPolicy, CipherPreference, DefaultPosture, HttpRoute, InvalidValue, JwksSource,
+    JwtAlgorithm, JwtIssuer, JwtRequirement, MeshConfig, Method, Mode, PathPattern, PolicyName,
+    PolicyVersion, RateKey, RateLimit, Rule, ServiceAccountIssuer,
 };
 pub use target::{PathError, canonical_path};

@@ -443,6 +443,46 @@ pub struct MeshConfig {
     pub jwt_issuers: Vec<JwtIssuer>,
     /// The Kubernetes service-account token issuer whose tokens prove pod identities.
     pub kubernetes: Option<ServiceAccountIssuer>,
+    /// Which AES-GCM suite sidecars prefer between themselves.
+    pub cipher_preference: CipherPreference,
+}
+
+/// The TLS 1.3 cipher suite sidecars put first when they talk to each other. Both suites stay
+/// enabled either way; the preference decides which one a handshake picks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CipherPreference {
+    /// TLS_AES_256_GCM_SHA384: a symmetric cipher as strong as ML-KEM-768's key exchange.
+    #[default]
+    Aes256Gcm,
+    /// TLS_AES_128_GCM_SHA256: a cheaper handshake where the CPU hashes SHA-256 in hardware but
+    /// SHA-384 in software.
+    Aes128Gcm,
+}
+
+impl FromStr for CipherPreference {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, InvalidValue> {
+        word(
+            &CipherPreference::ALL,
+            CipherPreference::as_str,
+            s,
+            "unknown cipher preference",
+            "use aes-256-gcm or aes-128-gcm",
+        )
+    }
+}
+
+impl CipherPreference {
+    pub const ALL: [CipherPreference; 2] =
+        [CipherPreference::Aes256Gcm, CipherPreference::Aes128Gcm];
+
+    /// `aes-256-gcm` or `aes-128-gcm`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CipherPreference::Aes256Gcm => "aes-256-gcm",
+            CipherPreference::Aes128Gcm => "aes-128-gcm",
+        }
+    }
 }
 
 /// A cluster's service-account token issuer: projected tokens for `audience`, signed by its keys,

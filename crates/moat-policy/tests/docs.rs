@@ -26,6 +26,7 @@ kind: MeshConfig
 metadata: { name: mesh }
 spec:
   defaultPosture: allow-authenticated
+  cipherPreference: aes-128-gcm
   jwtIssuers:
     - issuer: https://id.example
       jwks: { inline: '{"keys":[{"kty":"OKP","crv":"Ed25519","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}' }

@@ -20,7 +20,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::config::ProxyConfig;
 use crate::metrics::Metrics;
 use crate::snapshot::{Snapshot, from_proto};
-use moat_tls::LiveTls;
+use moat_policy::CipherPreference;
+use moat_tls::{LiveTls, SuiteOrder};
 
 /// How often the proxy reports its authorization counters.
 const REPORT_EVERY: Duration = Duration::from_secs(5);
@@ -324,15 +325,32 @@ fn apply(
 ) -> Result<(), String> {
     let snap = from_proto(msg, &cfg.identity).map_err(|e| e.to_string())?;
     let current = tls.current().ok_or("no certificate yet")?;
-    if current.bundle.fingerprints() != snap.bundle.fingerprints() {
+    let order = match snap.mesh.cipher_preference {
+        CipherPreference::Aes256Gcm => SuiteOrder::Aes256First,
+        CipherPreference::Aes128Gcm => SuiteOrder::Aes128First,
+    };
+    let new_bundle = current.bundle.fingerprints() != snap.bundle.fingerprints();
+    if new_bundle || current.order != order {
         // A new bundle: our own chain must still verify under it, or we would cut ourselves off.
-        tls.publish(
+        tls.publish_ordered(
             current.credential.clone(),
             snap.bundle.clone(),
             current.refresh_after,
+            order,
         )
-        .map_err(|e| format!("our certificate does not verify under the new trust bundle: {e}"))?;
-        tracing::info!(roots = ?snap.bundle.fingerprints(), "trust bundle changed");
+        .map_err(|e| match new_bundle {
+            true => format!("our certificate does not verify under the new trust bundle: {e}"),
+            false => format!("cannot rebuild the TLS configs for the new cipher preference: {e}"),
+        })?;
+        if new_bundle {
+            tracing::info!(roots = ?snap.bundle.fingerprints(), "trust bundle changed");
+        }
+        if current.order != order {
+            tracing::info!(
+                cipher_preference = snap.mesh.cipher_preference.as_str(),
+                "cipher preference changed: new connections use it"
+            );
+        }
     }
     snapshots.send_replace(Some(Arc::new(snap)));
     Ok(())

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use moat_api::v1 as pb;
 use moat_identity::{Serial, SpiffeId, TrustBundle};
 use moat_policy::jwt::{Jwks, TrustedIssuer};
-use moat_policy::{AccessPolicy, DefaultPosture, JwtAlgorithm, MeshConfig};
+use moat_policy::{AccessPolicy, CipherPreference, DefaultPosture, JwtAlgorithm, MeshConfig};
 use rustls_pki_types::CertificateDer;
 
 /// One applied snapshot.
@@ -137,6 +137,14 @@ pub fn from_proto(s: pb::Snapshot, me: &SpiffeId) -> Result<Snapshot, SnapshotEr
             source,
         })?,
     };
+    // Unset is the stronger suite.
+    let cipher_preference = match settings.cipher_preference.as_str() {
+        "" => CipherPreference::Aes256Gcm,
+        word => word.parse().map_err(|source| SnapshotError::Invalid {
+            at: "mesh.cipher_preference".to_owned(),
+            source,
+        })?,
+    };
     let issuers = settings
         .jwt_issuers
         .into_iter()
@@ -153,6 +161,7 @@ pub fn from_proto(s: pb::Snapshot, me: &SpiffeId) -> Result<Snapshot, SnapshotEr
         policies,
         mesh: MeshConfig {
             default_posture,
+            cipher_preference,
             ..MeshConfig::default()
         },
         issuers,
@@ -330,6 +339,18 @@ mod tests {
         assert!(
             matches!(&err, SnapshotError::Invalid { source, .. }
                 if source.problem == "unknown default posture"),
+            "{err}"
+        );
+        // A suite name the proxy does not know is refused, not read as the default.
+        let mut bad_cipher = snapshot(vec![], vec![root()]);
+        bad_cipher.mesh = Some(pb::MeshSettings {
+            cipher_preference: "chacha20".into(),
+            ..Default::default()
+        });
+        let err = from_proto(bad_cipher, &me()).unwrap_err();
+        assert!(
+            matches!(&err, SnapshotError::Invalid { at, source }
+                if at == "mesh.cipher_preference" && source.problem == "unknown cipher preference"),
             "{err}"
         );
     }

@@ -7,7 +7,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::{ClientConfig, ServerConfig};
 
-use crate::provider::{VERSIONS, provider};
+use crate::provider::{SuiteOrder, VERSIONS, provider, provider_ordered};
 use crate::verifier::{SpiffeClientVerifier, SpiffeServerVerifier};
 
 /// ALPN for gRPC and mesh HTTP/2.
@@ -146,35 +146,60 @@ pub enum ClientAuth {
 }
 
 /// A TLS 1.3 server config presenting `cred`, verifying clients against `bundle`, offering
-/// `alpn` in preference order.
+/// `alpn` in preference order, with the default suite order.
 pub fn server_config(
     cred: &Credential,
     bundle: Arc<TrustBundle>,
     client_auth: ClientAuth,
     alpn: &[&[u8]],
 ) -> Result<Arc<ServerConfig>, CredentialError> {
+    server_config_ordered(cred, bundle, client_auth, alpn, SuiteOrder::default())
+}
+
+/// [`server_config`] choosing the cipher suite by `order`, whatever order the client offers.
+pub fn server_config_ordered(
+    cred: &Credential,
+    bundle: Arc<TrustBundle>,
+    client_auth: ClientAuth,
+    alpn: &[&[u8]],
+    order: SuiteOrder,
+) -> Result<Arc<ServerConfig>, CredentialError> {
     let verifier = Arc::new(SpiffeClientVerifier::new(
         bundle,
         cred.peer.id.trust_domain().clone(),
         client_auth == ClientAuth::Required,
     ));
-    let mut cfg = ServerConfig::builder_with_provider(provider())
+    let mut cfg = ServerConfig::builder_with_provider(provider_ordered(order))
         .with_protocol_versions(VERSIONS)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(cred.chain.clone(), cred.key.clone_key())?;
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // The server's order decides, so a mesh-wide preference holds even while some clients
+    // still run with the old one.
+    cfg.ignore_client_order = true;
     Ok(Arc::new(cfg))
 }
 
 /// A TLS 1.3 client config that accepts only a server proving `expected` under `bundle`, and
-/// presents `cred` when given, offering `alpn`.
+/// presents `cred` when given, offering `alpn`, with the default suite order.
 pub fn client_config(
     cred: Option<&Credential>,
     bundle: Arc<TrustBundle>,
     expected: SpiffeId,
     alpn: &[u8],
 ) -> Result<Arc<ClientConfig>, CredentialError> {
-    let builder = ClientConfig::builder_with_provider(provider())
+    client_config_ordered(cred, bundle, expected, alpn, SuiteOrder::default())
+}
+
+/// [`client_config`] offering the cipher suites in `order`.
+pub fn client_config_ordered(
+    cred: Option<&Credential>,
+    bundle: Arc<TrustBundle>,
+    expected: SpiffeId,
+    alpn: &[u8],
+    order: SuiteOrder,
+) -> Result<Arc<ClientConfig>, CredentialError> {
+    let builder = ClientConfig::builder_with_provider(provider_ordered(order))
         .with_protocol_versions(VERSIONS)?
         .dangerous()
         // Not a weakening: the SPIFFE verifier checks the chain against the bundle and requires

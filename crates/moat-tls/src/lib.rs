@@ -1,5 +1,6 @@
 //! The only place moat builds rustls configurations. Every config is TLS 1.3 only on the aws-lc-rs
-//! provider with the hybrid post-quantum group X25519MLKEM768 offered first (`provider`). Peers
+//! provider with the hybrid post-quantum group X25519MLKEM768 offered first and AES-256-GCM
+//! preferred unless a [`SuiteOrder`] says AES-128-GCM (`provider`). Peers
 //! are authenticated by SPIFFE ID against the mesh trust bundle, never by DNS name (`verifier`).
 //! A [`Credential`] (chain + key) is validated before any config is built from it (`config`), and
 //! [`LiveTls`] publishes each new generation (credential, bundle, server config, cached client
@@ -18,8 +19,9 @@ pub mod verifier;
 
 pub use config::{
     ALPN_H2, ALPN_HTTP1, ALPN_TCP, ClientAuth, Credential, CredentialError, client_config,
-    peer_identity, private_key, server_config,
+    client_config_ordered, peer_identity, private_key, server_config, server_config_ordered,
 };
 pub use failure::HandshakeFailure;
 pub use live::{LiveTls, Serving, TlsState, TlsWatch};
+pub use provider::SuiteOrder;
 pub use verifier::{SpiffeClientVerifier, SpiffeServerVerifier};

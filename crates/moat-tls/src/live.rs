@@ -10,7 +10,10 @@ use moat_identity::{SpiffeId, TrustBundle};
 use rustls::{ClientConfig, ServerConfig};
 use tokio::sync::watch;
 
-use crate::config::{ClientAuth, Credential, CredentialError, client_config, server_config};
+use crate::config::{
+    ClientAuth, Credential, CredentialError, client_config_ordered, server_config_ordered,
+};
+use crate::provider::SuiteOrder;
 
 /// What a generation's server config asks of callers and offers them.
 #[derive(Clone, Copy, Debug)]
@@ -31,6 +34,8 @@ pub struct TlsState {
     pub server: Arc<ServerConfig>,
     /// When the credential should be renewed (Unix seconds), as the CA advised.
     pub refresh_after: i64,
+    /// The cipher-suite order of every config of this generation.
+    pub order: SuiteOrder,
     clients: Mutex<HashMap<ClientKey, Arc<ClientConfig>>>,
 }
 
@@ -42,19 +47,22 @@ impl TlsState {
         bundle: Arc<TrustBundle>,
         refresh_after: i64,
         serving: Serving,
+        order: SuiteOrder,
     ) -> Result<Self, CredentialError> {
         let credential = Credential::new(credential.chain().to_vec(), credential.key(), &bundle)?;
-        let server = server_config(
+        let server = server_config_ordered(
             &credential,
             bundle.clone(),
             serving.client_auth,
             serving.alpn,
+            order,
         )?;
         Ok(TlsState {
             credential,
             bundle,
             server,
             refresh_after,
+            order,
             clients: Mutex::new(HashMap::new()),
         })
     }
@@ -71,11 +79,12 @@ impl TlsState {
         if let Some(c) = cache.get(&(expected.clone(), alpn)) {
             return Ok(c.clone());
         }
-        let cfg = client_config(
+        let cfg = client_config_ordered(
             Some(&self.credential),
             self.bundle.clone(),
             expected.clone(),
             alpn,
+            self.order,
         )?;
         cache.insert((expected.clone(), alpn), cfg.clone());
         Ok(cfg)
@@ -110,19 +119,33 @@ impl LiveTls {
         LiveTls { tx, serving }
     }
 
-    /// Validates `credential` against `bundle`, builds its configs and publishes them as the new
-    /// generation. On error nothing is published and the old generation stays in force.
+    /// Validates `credential` against `bundle`, builds its configs (in the current generation's
+    /// suite order) and publishes them as the new generation. On error nothing is published and
+    /// the old generation stays in force.
     pub fn publish(
         &self,
         credential: Credential,
         bundle: TrustBundle,
         refresh_after: i64,
     ) -> Result<Arc<TlsState>, CredentialError> {
+        let order = self.current().map(|s| s.order).unwrap_or_default();
+        self.publish_ordered(credential, bundle, refresh_after, order)
+    }
+
+    /// [`LiveTls::publish`] with the suite order `order`, which later publications keep.
+    pub fn publish_ordered(
+        &self,
+        credential: Credential,
+        bundle: TrustBundle,
+        refresh_after: i64,
+        order: SuiteOrder,
+    ) -> Result<Arc<TlsState>, CredentialError> {
         let state = Arc::new(TlsState::build(
             credential,
             Arc::new(bundle),
             refresh_after,
             self.serving,
+            order,
         )?);
         self.tx.send_replace(Some(state.clone()));
         Ok(state)

@@ -7,7 +7,10 @@ use std::sync::Arc;
 
 use moat_ca::{CertTtl, CertificateAuthority, Kek};
 use moat_identity::{SpiffeId, TrustBundle, TrustDomain, ValidatedCsr, WorkloadKey};
-use moat_tls::{ClientAuth, Credential, client_config, peer_identity, server_config};
+use moat_tls::{
+    ClientAuth, Credential, SuiteOrder, client_config, client_config_ordered, peer_identity,
+    server_config, server_config_ordered,
+};
 use rustls::pki_types::{PrivateKeyDer, ServerName};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
@@ -175,4 +178,57 @@ fn credential_refuses_a_mismatched_key() {
     let key = PrivateKeyDer::try_from(other.private_key_der()).unwrap();
     let err = Credential::new(good.chain().to_vec(), key, ca.bundle()).unwrap_err();
     assert!(err.to_string().contains("private key"), "{err}");
+}
+
+/// The suite a handshake between a server and a client with the given orders negotiates.
+async fn negotiated_suite(server: SuiteOrder, client: SuiteOrder) -> rustls::CipherSuite {
+    let ca = new_ca();
+    let server = server_config_ordered(
+        &credential(&ca, "shop/orders"),
+        bundle(&ca),
+        ClientAuth::Required,
+        &[moat_tls::ALPN_H2],
+        server,
+    )
+    .unwrap();
+    let client = client_config_ordered(
+        Some(&credential(&ca, "shop/frontend")),
+        bundle(&ca),
+        id("shop/orders"),
+        moat_tls::ALPN_H2,
+        client,
+    )
+    .unwrap();
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let srv = tokio::spawn(async move { TlsAcceptor::from(server).accept(b).await.unwrap() });
+    let name = ServerName::try_from("moat.invalid").unwrap();
+    let cli = TlsConnector::from(client).connect(name, a).await.unwrap();
+    let srv = srv.await.unwrap();
+    let suite = |c: Option<rustls::SupportedCipherSuite>| c.unwrap().suite();
+    let picked = suite(srv.get_ref().1.negotiated_cipher_suite());
+    assert_eq!(picked, suite(cli.get_ref().1.negotiated_cipher_suite()));
+    picked
+}
+
+#[tokio::test]
+async fn the_server_order_picks_the_suite() {
+    use SuiteOrder::{Aes128First, Aes256First};
+    use rustls::CipherSuite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384};
+    assert_eq!(
+        negotiated_suite(Aes256First, Aes256First).await,
+        TLS13_AES_256_GCM_SHA384
+    );
+    assert_eq!(
+        negotiated_suite(Aes128First, Aes128First).await,
+        TLS13_AES_128_GCM_SHA256
+    );
+    // Mid-change, sidecars disagree: the serving side decides, and the handshake still succeeds.
+    assert_eq!(
+        negotiated_suite(Aes128First, Aes256First).await,
+        TLS13_AES_128_GCM_SHA256
+    );
+    assert_eq!(
+        negotiated_suite(Aes256First, Aes128First).await,
+        TLS13_AES_256_GCM_SHA384
+    );
 }

@@ -65,6 +65,7 @@ kind: MeshConfig
 metadata: { name: mesh }
 spec:
   defaultPosture: allow-authenticated
+  cipherPreference: aes-128-gcm
   jwtIssuers:
     - issuer: https://fuzz.moat.invalid
       jwks: { inline: 'JWKS' }
@@ -122,6 +123,7 @@ fn snapshot() -> Vec<u8> {
         }],
         mesh: Some(pb::MeshSettings {
             default_posture: "deny".into(),
+            cipher_preference: "aes-128-gcm".into(),
             jwt_issuers: vec![pb::JwtIssuer {
                 issuer: crate::FUZZ_ISSUER.into(),
                 jwks_json: crate::FUZZ_JWKS.into(),
