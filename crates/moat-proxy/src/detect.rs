@@ -126,6 +126,13 @@ impl<S> Prefixed<S> {
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
+
+    /// The prefix bytes not replayed yet, and the wrapped stream.
+    pub fn into_parts(self) -> (Vec<u8>, S) {
+        let mut rest = self.prefix;
+        rest.drain(..self.pos);
+        (rest, self.inner)
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {

@@ -304,7 +304,7 @@ fn policy_label(d: &Decision) -> Option<String> {
 }
 
 async fn tcp_forward(
-    mut io: Prefixed<tokio_rustls::server::TlsStream<TcpStream>>,
+    io: Prefixed<tokio_rustls::server::TlsStream<TcpStream>>,
     remote: SocketAddr,
     peer: Caller,
     app: SocketAddr,
@@ -341,7 +341,9 @@ async fn tcp_forward(
     let _ = app.set_nodelay(true);
     // Re-check on every new snapshot; close the connection when it is no longer allowed.
     let mut snapshots = ctx.snapshot.clone();
-    let copy = crate::net::copy_both_ways(&mut io, &mut app);
+    let (detected, mut tls) = io.into_parts();
+    let (net, conn) = tls.get_mut();
+    let copy = crate::relay::relay(net, &mut **conn, &mut app, detected, Vec::new());
     tokio::pin!(copy);
     let outcome = loop {
         tokio::select! {
@@ -356,7 +358,10 @@ async fn tcp_forward(
             }
         }
     };
-    let (to_app, from_app) = outcome.as_ref().map(|(a, b)| (*a, *b)).unwrap_or((0, 0));
+    let (to_app, from_app) = outcome
+        .as_ref()
+        .map(|r| (r.to_app, r.to_mesh))
+        .unwrap_or((0, 0));
     // Counted for `moat policy suggest` only once the caller sent something: a connection that
     // carried nothing (an idle pooled connection that detection gave up on) is no evidence.
     if d.allowed && to_app > 0 && watching(ctx) {

@@ -1,5 +1,6 @@
 //! The moat sidecar. This file is only the wiring; what the parts share is in `ctx` (the
-//! handlers' context), `net` (accept loop, TCP copy) and `app` (clients to the local app).
+//! handlers' context), `net` (accept loop, plain TCP copy), `relay` (opaque TCP between a mesh
+//! TLS connection and a socket) and `app` (clients to the local app).
 //! `run` brings it up in this order: admin port (`admin`), first certificate
 //! and renewal (`identity`), the mesh stream to the control plane (`mesh_client`, snapshots in
 //! `snapshot`), then the inbound listener (`inbound`: mTLS → authorize → app) and one outbound
@@ -34,6 +35,7 @@ pub mod observe;
 pub mod outbound;
 pub mod pool;
 pub mod ratelimit;
+pub mod relay;
 pub mod snapshot;
 pub mod tap;
 pub mod trace;

@@ -102,7 +102,7 @@ struct HttpConn {
 }
 
 async fn tcp_forward(
-    mut io: Prefixed<TcpStream>,
+    io: Prefixed<TcpStream>,
     remote: SocketAddr,
     to: &Target,
     opaque: bool,
@@ -117,8 +117,13 @@ async fn tcp_forward(
             return;
         }
     };
-    let result = crate::net::copy_both_ways(&mut io, &mut tls).await;
-    let (sent, received) = result.as_ref().map(|(a, b)| (*a, *b)).unwrap_or((0, 0));
+    let (detected, mut app) = io.into_parts();
+    let (net, conn) = tls.get_mut();
+    let result = crate::relay::relay(net, &mut **conn, &mut app, Vec::new(), detected).await;
+    let (sent, received) = result
+        .as_ref()
+        .map(|r| (r.to_mesh, r.to_app))
+        .unwrap_or((0, 0));
     ctx.metrics
         .tcp_connections
         .get_or_create(&TrafficLabels {
