@@ -37,7 +37,7 @@ pub struct Relayed {
 
 /// A byte buffer read from one socket and drained by the other side; empty (no allocation)
 /// while its direction is idle. Reads start at [`FIRST_READ`] and double each time a read fills
-/// the buffer, up to [`READ_SIZE`], so a connection carrying small messages never holds a
+/// the buffer, up to [`READ_SIZE`], so a connection carrying small messages never allocates a
 /// large buffer and a bulk transfer soon reads in large ones.
 struct Pending {
     buf: Vec<u8>,
@@ -98,7 +98,9 @@ impl Pending {
         }
         match from.try_read_buf(&mut self.buf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                *self = Pending::default();
+                // The memory goes; the size stays, or a bulk transfer that outruns its sender
+                // (and finds the socket empty now and then) would keep starting small.
+                self.buf = Vec::new();
                 Err(e)
             }
             Ok(n) => {
