@@ -329,6 +329,35 @@ mod tests {
         (a.unwrap(), b.unwrap().0)
     }
 
+    /// A caller's TLS connection to a relay that forwards to the returned "app" socket (after
+    /// sending it `to_app`), and the relay's task.
+    async fn start(
+        to_app: &[u8],
+    ) -> (
+        tokio_rustls::client::TlsStream<TcpStream>,
+        TcpStream,
+        tokio::task::JoinHandle<io::Result<Relayed>>,
+    ) {
+        let (server_cfg, client_cfg) = configs();
+        let (net_client, net_server) = socket_pair().await;
+        let (app, mut app_relay_end) = socket_pair().await;
+        let to_app = to_app.to_vec();
+        let task = tokio::spawn(async move {
+            let mut tls = TlsAcceptor::from(server_cfg)
+                .accept(net_server)
+                .await
+                .unwrap();
+            let (net, conn) = tls.get_mut();
+            relay(net, &mut **conn, &mut app_relay_end, to_app, Vec::new()).await
+        });
+        let name = ServerName::try_from("relay.test").unwrap();
+        let tls = TlsConnector::from(client_cfg)
+            .connect(name, net_client)
+            .await
+            .unwrap();
+        (tls, app, task)
+    }
+
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len)
             .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -341,33 +370,9 @@ mod tests {
     /// caller as close_notify; the counts are the plaintext moved.
     #[tokio::test]
     async fn moves_both_ways_at_once_and_passes_each_end_of_stream_on() {
-        let (server_cfg, client_cfg) = configs();
-        let (net_client, net_server) = socket_pair().await;
-        let (mut app, app_relay_end) = socket_pair().await;
+        let (tls, mut app, relay_task) = start(b"early:").await;
         let up = pattern(3 << 20, 1);
         let down = pattern(5 << 20, 7);
-
-        let relay_task = tokio::spawn(async move {
-            let mut tls = TlsAcceptor::from(server_cfg)
-                .accept(net_server)
-                .await
-                .unwrap();
-            let mut app_relay_end = app_relay_end;
-            let (net, conn) = tls.get_mut();
-            relay(
-                net,
-                &mut **conn,
-                &mut app_relay_end,
-                b"early:".to_vec(),
-                Vec::new(),
-            )
-            .await
-        });
-        let name = ServerName::try_from("relay.test").unwrap();
-        let tls = TlsConnector::from(client_cfg)
-            .connect(name, net_client)
-            .await
-            .unwrap();
         let (mut rd, mut wr) = tokio::io::split(tls);
         let (up2, down2) = (up.clone(), down.clone());
         let caller_writes = tokio::spawn(async move {
@@ -422,23 +427,7 @@ mod tests {
     /// attacker: the relay reports it instead of passing a clean end of stream to the app.
     #[tokio::test]
     async fn a_stream_ended_without_close_notify_is_an_error() {
-        let (server_cfg, client_cfg) = configs();
-        let (net_client, net_server) = socket_pair().await;
-        let (mut app, app_relay_end) = socket_pair().await;
-        let relay_task = tokio::spawn(async move {
-            let mut tls = TlsAcceptor::from(server_cfg)
-                .accept(net_server)
-                .await
-                .unwrap();
-            let mut app_relay_end = app_relay_end;
-            let (net, conn) = tls.get_mut();
-            relay(net, &mut **conn, &mut app_relay_end, Vec::new(), Vec::new()).await
-        });
-        let name = ServerName::try_from("relay.test").unwrap();
-        let mut tls = TlsConnector::from(client_cfg)
-            .connect(name, net_client)
-            .await
-            .unwrap();
+        let (mut tls, mut app, relay_task) = start(b"").await;
         tls.write_all(b"partial").await.unwrap();
         tls.flush().await.unwrap();
         let mut got = [0u8; 7];
