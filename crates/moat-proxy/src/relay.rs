@@ -242,11 +242,13 @@ pub async fn relay<S: SideData>(
             }
             if !plain.is_empty() {
                 let n = conn.writer().write(plain.bytes())?;
+                if n == 0 && !conn.wants_write() {
+                    // Nothing to flush and nothing taken: rustls will not take more, ever.
+                    return Err(io::Error::other("the mesh connection takes no more data"));
+                }
                 moved.to_mesh += n as u64;
                 plain.consume(n);
-                if n > 0 {
-                    continue;
-                }
+                continue;
             }
             if up_eof {
                 if !net_shut && !conn.wants_write() {
