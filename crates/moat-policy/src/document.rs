@@ -897,6 +897,14 @@ spec: { defaultPosture: allow-authenticated }
                 .contains("unknown variant `loud`")
         );
 
+        // A suite the mesh does not know is refused with the ones it does.
+        let bad_cipher = "apiVersion: moat.dev/v1\nkind: MeshConfig\nmetadata: { name: mesh }\nspec:\n  cipherPreference: aes-192-gcm\n";
+        let msg = one_error(bad_cipher).message;
+        assert!(
+            msg.contains("unknown variant `aes-192-gcm`") && msg.contains("aes-128-gcm"),
+            "{msg}"
+        );
+
         let bad_method = ORDERS.replace("[GET]", "[get]");
         assert!(one_error(&bad_method).message.contains("uppercase"));
 
