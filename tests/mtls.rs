@@ -122,6 +122,163 @@ async fn every_protocol_crosses_a_sidecar_pair_with_the_verified_identity() {
     );
 }
 
+/// Sends `request` to `to` as raw bytes and reads the answer until the connection closes.
+async fn exchange(to: std::net::SocketAddr, request: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(to).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+        .await
+        .expect("no answer within 10 s")
+        .unwrap();
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// HTTP/1.1 from a local client crosses to the far sidecar as HTTP/1.1 (decision 37): the app
+/// receives each request as its client sent it (method, target, Host, body framing), with the
+/// verified identity and no forged one; one kept-alive mesh connection carries them one after
+/// another, and HTTP/2 still travels on a shared HTTP/2 connection of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_crosses_the_mesh_as_http1_on_a_kept_connection() {
+    let cp = ControlPlane::start().unwrap();
+    apply_policy(&cp, MESH_POLICY);
+    let (app, rec) = moat_test_util::apps::recording_http().await;
+    let _orders = Proxy::builder(&cp, "orders").app(app).start().unwrap();
+    let frontend = Proxy::builder(&cp, "frontend")
+        .app(http_echo().await)
+        .upstreams(&["orders"])
+        .start()
+        .unwrap();
+    wait_for_services(&frontend, &["orders"]);
+    let to = frontend.upstream("orders");
+    let requests = [
+        "GET /a/b?x=1 HTTP/1.1\r\nHost: orders.example\r\nx-moat-peer-id: forged\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        "POST /upload HTTP/1.1\r\nHost: orders.example\r\nContent-Length: 11\r\nConnection: close\r\n\r\nhello world",
+        "GET /old HTTP/1.0\r\nHost: orders.example\r\n\r\n",
+        "DELETE /items/7 HTTP/1.1\r\nHost: orders.example\r\nConnection: close\r\n\r\n",
+    ];
+    for r in requests {
+        let answer = exchange(to, r).await;
+        assert!(
+            answer.starts_with("HTTP/1.") && answer.contains(" 200 ") && answer.ends_with("seen\n"),
+            "{r:?}: {answer}"
+        );
+    }
+    let seen = rec.lock().unwrap().clone();
+    let got: Vec<(&str, &str, usize)> = seen
+        .iter()
+        .map(|r| (r.method.as_str(), r.path_and_query.as_str(), r.body_len))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("GET", "/a/b?x=1", 5),
+            ("POST", "/upload", 11),
+            ("GET", "/old", 0),
+            ("DELETE", "/items/7", 0),
+        ]
+    );
+    for r in &seen {
+        let header = |name: &str| -> Vec<&str> {
+            r.headers
+                .iter()
+                .filter(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+                .collect()
+        };
+        assert_eq!(header("host"), ["orders.example"], "{r:?}");
+        assert_eq!(header("x-moat-peer-id"), [FRONTEND], "{r:?}");
+        assert!(
+            r.headers
+                .iter()
+                .all(|(k, _)| !k.starts_with("x-moat-") || k == "x-moat-peer-id"),
+            "{r:?}"
+        );
+    }
+    // One mesh connection, kept alive, carried all four; none of HTTP/2 was opened for them.
+    let m = frontend.metrics();
+    assert!(
+        m.contains(r#"moat_upstream_connections_total{protocol="http1"} 1"#),
+        "{m}"
+    );
+    assert!(!m.contains(r#"protocol="h2""#), "{m}");
+
+    // HTTP/2 from a local client still goes on a shared HTTP/2 connection.
+    let url = format!("http://{to}/h2");
+    let (status, _, body) = get(&h2_client(), "GET", &url, &[]).await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "seen\n"));
+    let m = frontend.metrics();
+    assert!(
+        m.contains(r#"moat_upstream_connections_total{protocol="h2"} 1"#),
+        "{m}"
+    );
+}
+
+/// A kept HTTP/1.1 mesh connection is used again only while it is as trustworthy as a new one
+/// would be: after the caller's sidecar renews its certificate the next request goes on a new
+/// connection, and once the far side is revoked nothing more reaches it, although the
+/// connection kept to it was open and idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_connection_carries_nothing_its_certificates_no_longer_allow() {
+    let cp = ControlPlane::start().unwrap();
+    apply_policy(&cp, MESH_POLICY);
+    let (app, rec) = moat_test_util::apps::recording_http().await;
+    let _orders = Proxy::builder(&cp, "orders").app(app).start().unwrap();
+    let frontend = Proxy::builder(&cp, "frontend")
+        .app(http_echo().await)
+        .upstreams(&["orders"])
+        .start()
+        .unwrap();
+    wait_for_services(&frontend, &["orders"]);
+    let to = frontend.upstream("orders");
+    let request = "GET /x HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n";
+    let opened = |n: u32| {
+        frontend.metrics().contains(&format!(
+            r#"moat_upstream_connections_total{{protocol="http1"}} {n}"#
+        ))
+    };
+    for _ in 0..3 {
+        assert!(exchange(to, request).await.contains(" 200 "));
+    }
+    assert!(opened(1), "{}", frontend.metrics());
+
+    // A renewal: the kept connection was made with the old certificate.
+    cp.moat_ok(&[
+        "cert",
+        "rotate",
+        "--identity",
+        "frontend",
+        "--timeout",
+        "10s",
+    ]);
+    assert!(exchange(to, request).await.contains(" 200 "));
+    assert!(opened(2), "{}", frontend.metrics());
+
+    // A revocation of the far side: from the moment frontend knows, nothing reaches orders.
+    cp.moat_ok(&["revoke", "--identity", "orders", "--reason", "test"]);
+    let mut refused = None;
+    for _ in 0..100 {
+        let answer = exchange(to, request).await;
+        if !answer.contains(" 200 ") {
+            refused = Some(answer);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused = refused.expect("frontend still reached the revoked orders after 5 s");
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    let reached = rec.lock().unwrap().len();
+    for _ in 0..5 {
+        let answer = exchange(to, request).await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    }
+    assert_eq!(
+        rec.lock().unwrap().len(),
+        reached,
+        "a request reached orders"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_first_protocol_works_through_an_opaque_port() {
     let cp = ControlPlane::start().unwrap();

@@ -167,7 +167,7 @@ async fn a_sidecar_never_talks_to_an_endpoint_with_the_wrong_identity() {
         &cred,
         std::sync::Arc::new(bundle(&cp)),
         moat_tls::ClientAuth::Optional,
-        &[moat_tls::ALPN_H2, moat_tls::ALPN_TCP],
+        &[moat_tls::ALPN_H2, moat_tls::ALPN_TCP, moat_tls::ALPN_HTTP1],
     )
     .unwrap();
     // The control plane goes away (the frontend keeps its table), orders dies, and the impostor

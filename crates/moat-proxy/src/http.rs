@@ -19,7 +19,8 @@ pub const PEER_ID: HeaderName = HeaderName::from_static("x-moat-peer-id");
 pub const USER: HeaderName = HeaderName::from_static("x-moat-user");
 /// Why a request was denied.
 pub const DENY_REASON: HeaderName = HeaderName::from_static("x-moat-deny-reason");
-/// Between sidecars: the HTTP version the client app spoke (the mesh hop is always HTTP/2).
+/// Between sidecars, from sidecars before decision 37 (which carried HTTP/1.1 over HTTP/2): the
+/// HTTP version the client app spoke.
 pub const ORIG_PROTO: HeaderName = HeaderName::from_static("x-moat-orig-proto");
 /// Request correlation id.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -122,6 +123,21 @@ pub fn strip_identity_headers(h: &mut HeaderMap) {
     let names: Vec<HeaderName> = h.keys().filter(|n| owned(n)).cloned().collect();
     for n in names {
         h.remove(n);
+    }
+}
+
+/// Before an HTTP/1.1 request goes out: hyper sends no body for a GET (HEAD, CONNECT) of unknown
+/// length unless the framing is set explicitly, and a body that came must go on, whatever the
+/// method.
+pub fn keep_body_framing<B: hyper::body::Body>(headers: &mut HeaderMap, body: &B) {
+    if !body.is_end_stream()
+        && body.size_hint().exact().is_none()
+        && !headers.contains_key(http::header::CONTENT_LENGTH)
+    {
+        headers.insert(
+            http::header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
     }
 }
 

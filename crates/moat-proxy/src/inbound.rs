@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Request, Response, Uri, Version};
 use http_body_util::BodyExt as _;
-use hyper::body::Body as _;
 use moat_identity::SpiffeId;
 use moat_policy::eval::{Decision, Input, Jwt, Reason, Traffic, decide};
 use tokio::net::{TcpListener, TcpStream};
@@ -22,8 +21,8 @@ use crate::conn_guard::{Ended, RequestBody, serve_http};
 use crate::ctx::Ctx;
 use crate::detect::{Prefixed, Protocol, detect};
 use crate::http::{
-    Body, ORIG_PROTO, PEER_ID, USER, boxed, deny, ensure_request_id, is_grpc, request_authority,
-    strip_hop_by_hop, strip_identity_headers, unavailable,
+    Body, ORIG_PROTO, PEER_ID, USER, boxed, deny, ensure_request_id, is_grpc, keep_body_framing,
+    request_authority, strip_hop_by_hop, strip_identity_headers, unavailable,
 };
 use crate::metrics::TrafficLabels;
 use crate::snapshot::Snapshot;
@@ -744,17 +743,7 @@ async fn to_app(
         {
             parts.headers.insert(http::header::HOST, v);
         }
-        // hyper sends no body for a GET (HEAD, CONNECT) of unknown length unless the framing
-        // is set explicitly; a body that came must go on, whatever the method.
-        if !body.is_end_stream()
-            && body.size_hint().exact().is_none()
-            && !parts.headers.contains_key(http::header::CONTENT_LENGTH)
-        {
-            parts.headers.insert(
-                http::header::TRANSFER_ENCODING,
-                HeaderValue::from_static("chunked"),
-            );
-        }
+        keep_body_framing(&mut parts.headers, &body);
         match conn
             .clients
             .http1

@@ -4,7 +4,8 @@
 //! `run` brings it up in this order: admin port (`admin`), first certificate
 //! and renewal (`identity`), the mesh stream to the control plane (`mesh_client`, snapshots in
 //! `snapshot`), then the inbound listener (`inbound`: mTLS → authorize → app) and one outbound
-//! listener per upstream (`outbound`: app → mTLS to a verified endpoint, via `pool`). Protocols are
+//! listener per upstream (`outbound`: app → mTLS to a verified endpoint, via `pool`; HTTP/1.1
+//! on kept-alive connections in `keepalive`). Protocols are
 //! told apart in `detect`; HTTP plumbing is in `http`, and what one peer may do to a served HTTP
 //! connection (limits, timeouts, reset and stall watchdog) in `conn_guard`, what one caller
 //! identity may hold across its connections in `callers`; retries toward the control plane wait
@@ -26,6 +27,7 @@ pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod init;
+pub mod keepalive;
 pub mod logging;
 pub mod mesh_client;
 pub mod metrics;

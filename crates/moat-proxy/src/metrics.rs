@@ -70,6 +70,13 @@ pub struct HandshakeLabels {
     pub reason: String,
 }
 
+/// Labels of a mesh connection opened to another sidecar.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    /// `http1` (kept alive, a request at a time), `h2` (shared) or `tcp` (opaque).
+    pub protocol: &'static str,
+}
+
 /// Labels of a per-rule counter. The policy's version is not one of them: the series would
 /// accumulate with every policy change, and a rule keeps its index across small edits.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -115,6 +122,8 @@ pub struct Metrics {
     pub handshake_failures: Family<HandshakeLabels, Counter>,
     /// HTTP connections the proxy closed, by reason (`too-many-resets`, `policy`).
     pub connections_closed: Family<HandshakeLabels, Counter>,
+    /// Mesh connections opened to other sidecars, by protocol.
+    pub upstream_connections: Family<UpstreamLabels, Counter>,
     cert_expiry: Gauge,
     cert_refresh: Gauge,
     pub snapshot_version: Gauge,
@@ -144,6 +153,7 @@ impl Metrics {
         let authz = Family::<TrafficLabels, Counter>::default();
         let handshake_failures = Family::<HandshakeLabels, Counter>::default();
         let connections_closed = Family::<HandshakeLabels, Counter>::default();
+        let upstream_connections = Family::<UpstreamLabels, Counter>::default();
         let cert_expiry = Gauge::default();
         let cert_refresh = Gauge::default();
         let snapshot_version = Gauge::default();
@@ -192,6 +202,11 @@ impl Metrics {
             connections_closed.clone(),
         );
         registry.register(
+            "upstream_connections",
+            "Mesh connections this sidecar opened to other sidecars, by protocol (http1: kept alive and reused a request at a time; h2: shared by local clients; tcp: one per opaque connection)",
+            upstream_connections.clone(),
+        );
+        registry.register(
             "certificate_expiry_timestamp_seconds",
             "NotAfter of the proxy's certificate",
             cert_expiry.clone(),
@@ -220,6 +235,7 @@ impl Metrics {
             authz,
             handshake_failures,
             connections_closed,
+            upstream_connections,
             cert_expiry,
             cert_refresh,
             snapshot_version,

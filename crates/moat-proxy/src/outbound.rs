@@ -1,8 +1,9 @@
 //! Outbound: an explicit listener per upstream service (`--upstream orders=127.0.0.1:9001`).
 //! The local app connects in plaintext; the proxy detects the protocol and carries it to an
 //! endpoint of the service over mTLS that accepts only the service's expected identity: opaque
-//! TCP on its own connection (ALPN moat-tcp), HTTP/1.1, HTTP/2 and gRPC multiplexed over shared
-//! HTTP/2 connections (ALPN h2, see `pool::Upstreams`).
+//! TCP on its own connection (ALPN moat-tcp), HTTP/1.1 on kept-alive connections a request at a
+//! time (ALPN http/1.1, see `keepalive`), HTTP/2 and gRPC multiplexed over shared HTTP/2
+//! connections (ALPN h2, see `pool::Upstreams`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,8 +17,8 @@ use crate::conn_guard::{Ended, RequestBody, serve_http};
 use crate::ctx::Ctx;
 use crate::detect::{Prefixed, Protocol, detect};
 use crate::http::{
-    Body, ORIG_PROTO, boxed, ensure_request_id, is_grpc, request_target, strip_hop_by_hop,
-    unavailable,
+    Body, ORIG_PROTO, boxed, ensure_request_id, is_grpc, keep_body_framing, request_target,
+    strip_hop_by_hop, unavailable,
 };
 use crate::metrics::TrafficLabels;
 use crate::pool::Target;
@@ -30,8 +31,8 @@ pub async fn serve(listener: TcpListener, service: SpiffeId, ctx: Arc<Ctx>) {
     .await
 }
 
-/// Carries one app connection to `target`: opaque TCP on its own mTLS connection, HTTP over the
-/// pooled HTTP/2 connections.
+/// Carries one app connection to `target`: opaque TCP on its own mTLS connection, HTTP over
+/// pooled ones.
 pub async fn connection(mut tcp: TcpStream, remote: SocketAddr, target: Target, ctx: Arc<Ctx>) {
     // The port that names the protocol: the far app's in transparent mode, else our listener's.
     let port = target
@@ -151,6 +152,15 @@ async fn tcp_forward(
     tracing::info!(target: "moat::access", direction = "outbound", protocol = "tcp", opaque, %remote, target = %target, endpoint = %ep, bytes_sent = sent, bytes_received = received, duration_ms = start.elapsed().as_millis() as u64, error = result.err().map(tracing::field::display), "tcp");
 }
 
+/// The answer to a request whose target cannot be sent on.
+fn bad_target(e: &dyn std::fmt::Display, grpc: bool) -> Response<Body> {
+    unavailable(
+        StatusCode::BAD_REQUEST,
+        &format!("bad request target: {e}"),
+        grpc,
+    )
+}
+
 /// Forwards one app request to the service over the mesh.
 async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Response<Body> {
     let (to, target) = (&conn.target, &conn.name);
@@ -171,42 +181,45 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
     let path = parts.uri.path().to_owned();
     let (authority, pq) = request_target(&parts, &conn.default_authority);
     strip_hop_by_hop(&mut parts.headers);
-    parts.headers.remove(http::header::HOST);
     parts.headers.remove(&ORIG_PROTO);
-    if parts.version != Version::HTTP_2 {
-        parts
-            .headers
-            .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
-    }
-    parts.version = Version::HTTP_2;
-    parts.uri = match Uri::builder()
-        .scheme("http")
-        .authority(authority.as_str())
-        .path_and_query(pq)
-        .build()
-    {
-        Ok(u) => u,
-        Err(e) => {
-            return unavailable(
-                StatusCode::BAD_REQUEST,
-                &format!("bad request target: {e}"),
-                grpc,
-            );
-        }
+    let body = boxed(body);
+    // HTTP/1.x goes on as HTTP/1.1 on a connection of its own, HTTP/2 and gRPC on the shared
+    // HTTP/2 connections (decision 37).
+    let sent = if parts.version == Version::HTTP_2 {
+        parts.headers.remove(http::header::HOST);
+        parts.uri = match Uri::builder()
+            .scheme("http")
+            .authority(authority.as_str())
+            .path_and_query(pq)
+            .build()
+        {
+            Ok(u) => u,
+            Err(e) => return bad_target(&e, grpc),
+        };
+        ctx.pool
+            .send(ctx, to, Request::from_parts(parts, body))
+            .await
+            .map(|(ep, resp)| (ep, resp.map(boxed)))
+    } else {
+        parts.version = Version::HTTP_11;
+        parts.uri = match Uri::try_from(pq) {
+            Ok(u) => u,
+            Err(e) => return bad_target(&e, grpc),
+        };
+        match HeaderValue::try_from(authority.as_str()) {
+            Ok(host) => parts.headers.insert(http::header::HOST, host),
+            Err(e) => return bad_target(&e, grpc),
+        };
+        keep_body_framing(&mut parts.headers, &body);
+        ctx.pool
+            .send_http1(ctx, to, Request::from_parts(parts, body))
+            .await
     };
-    let (status, endpoint, resp) = match ctx
-        .pool
-        .send(ctx, to, Request::from_parts(parts, boxed(body)))
-        .await
-    {
+    let (status, endpoint, resp) = match sent {
         Ok((ep, resp)) => {
             let (mut rparts, rbody) = resp.into_parts();
             strip_hop_by_hop(&mut rparts.headers);
-            (
-                rparts.status,
-                ep,
-                Response::from_parts(rparts, boxed(rbody)),
-            )
+            (rparts.status, ep, Response::from_parts(rparts, rbody))
         }
         Err(e) => {
             let status = match e {

@@ -1,9 +1,10 @@
 //! Dialling other sidecars: pick an endpoint of the service (round robin, skipping endpoints
-//! that failed recently), originate mTLS that accepts only the service's expected identity, and,
-//! for HTTP, multiplex every local client's requests over shared HTTP/2 connections per endpoint
-//! ([`Upstreams`]), bounded so that what one local client does to its streams — resets, a
-//! window left at zero, stream slots held — can never make the far side close a connection
-//! other clients' requests travel on (decision 30).
+//! that failed recently), originate mTLS that accepts only the service's expected identity, and
+//! carry HTTP in the version the local client spoke: HTTP/1.1 on kept-alive connections that
+//! carry one request at a time ([`crate::keepalive`], decision 37), HTTP/2 and gRPC multiplexed
+//! over shared HTTP/2 connections per endpoint ([`Upstreams`]), bounded so that what one local
+//! client does to its streams — resets, a window left at zero, stream slots held — can never
+//! make the far side close a connection other clients' requests travel on (decision 30).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -83,6 +84,7 @@ pub struct Pool {
     failed: Mutex<HashMap<String, Instant>>,
     next: AtomicUsize,
     upstreams: Upstreams,
+    kept: crate::keepalive::Kept,
 }
 
 /// The HTTP/2 connections to other sidecars, shared by every local client (decision 30), per
@@ -106,23 +108,27 @@ impl Upstreams {
 #[derive(Debug)]
 struct Shared {
     conn: Arc<multiplex::Conn>,
-    /// The certificate generation it was made with.
+    made: Made,
+}
+
+/// What a connection to another sidecar was made with: the certificate generation it was made
+/// with, and who the far side proved to be.
+#[derive(Debug)]
+pub struct Made {
     generation: Arc<moat_tls::TlsState>,
-    /// Who the far side proved to be.
     peer: moat_identity::VerifiedPeer,
 }
 
-impl Shared {
-    /// Whether new streams may use it: open, not retired, made with the current certificate,
-    /// to a far side whose certificate is neither expired nor revoked.
-    fn usable(
+impl Made {
+    /// Whether new requests may use the connection: made with the current certificate, to a far
+    /// side whose certificate is neither expired nor revoked.
+    pub fn current(
         &self,
         tls: Option<&Arc<moat_tls::TlsState>>,
         snap: Option<&crate::snapshot::Snapshot>,
         now: i64,
     ) -> bool {
-        self.conn.usable()
-            && tls.is_some_and(|t| Arc::ptr_eq(t, &self.generation))
+        tls.is_some_and(|t| Arc::ptr_eq(t, &self.generation))
             && self.peer.not_after > now
             && !snap.is_some_and(|s| s.is_revoked(&self.peer.id, &self.peer.serial))
     }
@@ -223,6 +229,15 @@ impl Pool {
                     tracing::warn!(%service, endpoint = ep, serial = %p.serial, "refused an endpoint whose certificate is revoked");
                     return Err("revoked: the endpoint's certificate or identity is revoked".into());
                 }
+                let protocol = match alpn {
+                    moat_tls::ALPN_HTTP1 => "http1",
+                    moat_tls::ALPN_H2 => "h2",
+                    _ => "tcp",
+                };
+                ctx.metrics
+                    .upstream_connections
+                    .get_or_create(&crate::metrics::UpstreamLabels { protocol })
+                    .inc();
                 Ok(tls)
             }
         }
@@ -272,7 +287,7 @@ impl Pool {
         let tls = ctx.tls.borrow().clone();
         let snap = ctx.snapshot.borrow().clone();
         let now = moat_identity::clock::unix_now();
-        conns.retain(|c| c.usable(tls.as_ref(), snap.as_deref(), now));
+        conns.retain(|c| c.conn.usable() && c.made.current(tls.as_ref(), snap.as_deref(), now));
         if let Some(c) = conns.iter().find(|c| c.conn.has_room()) {
             return Ok(Lease::new(&c.conn, &ctx.metrics));
         }
@@ -311,8 +326,7 @@ impl Pool {
         .map_err(|e| format!("http/2 handshake: {e}"))?;
         Ok(Shared {
             conn,
-            generation,
-            peer,
+            made: Made { generation, peer },
         })
     }
 
@@ -356,6 +370,123 @@ impl Pool {
                         last: format!("{ep}: {e}"),
                     }),
                 };
+            }
+        }
+        Err(DialError::AllFailed {
+            service: service.clone(),
+            last,
+        })
+    }
+
+    /// A new HTTP/1.1 connection to `ep` (see [`crate::keepalive`]), made with the certificate
+    /// generation `generation`.
+    async fn connect_http1(
+        &self,
+        ctx: &Ctx,
+        ep: &str,
+        target: &Target,
+        generation: Arc<moat_tls::TlsState>,
+        opened: crate::keepalive::Opened,
+    ) -> Result<crate::keepalive::Conn, String> {
+        let tls_stream = self.dial_one(ctx, ep, target, moat_tls::ALPN_HTTP1).await?;
+        let peer = moat_tls::peer_identity(tls_stream.get_ref().1.peer_certificates())
+            .ok_or("the endpoint presented no identity")?;
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(hyper_util::rt::TokioIo::new(tls_stream))
+            .await
+            .map_err(|e| format!("http/1.1 handshake: {e}"))?;
+        let ep = ep.to_owned();
+        tokio::spawn(async move {
+            let _opened = opened;
+            if let Err(e) = conn.await {
+                tracing::debug!(endpoint = %ep, error = %e, "HTTP/1.1 connection to a sidecar ended with an error");
+            }
+        });
+        Ok(crate::keepalive::Conn::new(
+            sender,
+            Made { generation, peer },
+        ))
+    }
+
+    /// Sends an HTTP/1.1 request to an endpoint of `target` on a connection of its own: an idle
+    /// kept-alive one (see [`crate::keepalive`]), else a new one. Endpoints are tried in turn
+    /// until one takes the request; a request is sent at most once (a kept connection found
+    /// closed before the request went out is replaced).
+    pub async fn send_http1(
+        &self,
+        ctx: &Ctx,
+        target: &Target,
+        req: Request<Body>,
+    ) -> Result<(String, http::Response<Body>), DialError> {
+        let service = &target.service;
+        // Shorter than the far side's wait for the next request head on an idle connection.
+        let keep = ctx.cfg.limits.header_read.min(ctx.cfg.limits.idle) / 2;
+        let mut last = String::new();
+        let mut req = req;
+        'endpoints: for ep in self.order(ctx, target)? {
+            let key = format!("{ep}|{}", target.server_name());
+            loop {
+                let tls = ctx.tls.borrow().clone();
+                let snap = ctx.snapshot.borrow().clone();
+                let now = moat_identity::clock::unix_now();
+                let kept = self.kept.take(&key, keep, |m| {
+                    m.current(tls.as_ref(), snap.as_deref(), now)
+                });
+                let fresh = kept.is_none();
+                let mut conn = match kept {
+                    Some(c) => c,
+                    None => {
+                        let generation = tls.ok_or(DialError::NotReady)?;
+                        // As many connections as the far side lets this identity have requests
+                        // at its app (`--max-requests-per-caller`, alike across the mesh).
+                        let limit = ctx.cfg.requests_per_caller;
+                        let Some(opened) = self.kept.reserve(&key, limit) else {
+                            last = format!(
+                                "{ep}: {limit} HTTP/1.1 requests are in flight to it already"
+                            );
+                            continue 'endpoints;
+                        };
+                        // The rare path, and a large future: boxed (see `checkout`).
+                        let connect = self.connect_http1(ctx, &ep, target, generation, opened);
+                        match Box::pin(connect).await {
+                            Ok(c) => c,
+                            Err(e) => {
+                                self.mark_failed(&ep);
+                                last = format!("{ep}: {e}");
+                                continue 'endpoints;
+                            }
+                        }
+                    }
+                };
+                if let Err(e) = conn.sender.ready().await {
+                    // Closed since it was taken (or before its first request): the request is
+                    // still here.
+                    last = format!("{ep}: {e}");
+                    if fresh {
+                        self.mark_failed(&ep);
+                        continue 'endpoints;
+                    }
+                    continue;
+                }
+                match conn.sender.try_send_request(req).await {
+                    Ok(resp) => {
+                        self.mark_ok(&ep);
+                        let (parts, body) = resp.into_parts();
+                        let body = self.kept.returning(key, conn, body);
+                        return Ok((ep, http::Response::from_parts(parts, body)));
+                    }
+                    Err(mut e) => {
+                        last = format!("{ep}: {}", e.error());
+                        let Some(unsent) = e.take_message() else {
+                            break 'endpoints;
+                        };
+                        req = unsent;
+                        if fresh {
+                            self.mark_failed(&ep);
+                            continue 'endpoints;
+                        }
+                    }
+                }
             }
         }
         Err(DialError::AllFailed {

@@ -1,0 +1,179 @@
+//! HTTP/1.1 between sidecars (decision 37): a request whose local client spoke HTTP/1.1 travels
+//! to the far sidecar as HTTP/1.1, on an mTLS connection (ALPN `http/1.1`) that carries one
+//! request at a time and is kept for the next one once its response has ended. Nothing on such a
+//! connection is shared while a request uses it — no flow-control window, no stream slots — so
+//! what one local client does to its request cannot touch another's (decision 30).
+//!
+//! [`Kept`] holds the idle connections per endpoint and app port, newest last. One is taken
+//! only if its connection is still open, it has been idle less than the keep time (shorter than
+//! the far side's wait for a next request head, which closes idle keep-alive connections), it
+//! was made with the current certificate, and the far side's certificate has neither expired
+//! nor been revoked since (see [`crate::pool::Made`]).
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
+
+use crate::http::Body;
+use crate::pool::Made;
+
+/// Idle connections kept per endpoint and app port; more are closed when their response ends.
+pub const IDLE_PER_ENDPOINT: usize = 256;
+
+/// An idle HTTP/1.1 connection to another sidecar.
+#[derive(Debug)]
+pub struct Conn {
+    pub sender: SendRequest<Body>,
+    pub made: Made,
+    since: Instant,
+}
+
+impl Conn {
+    /// A connection just made; `sender` must be the handshake's.
+    pub fn new(sender: SendRequest<Body>, made: Made) -> Self {
+        Conn {
+            sender,
+            made,
+            since: Instant::now(),
+        }
+    }
+}
+
+/// The connections to one endpoint and app port.
+#[derive(Debug, Default)]
+struct Endpoint {
+    /// Idle, newest last.
+    idle: Vec<Conn>,
+    /// Open, in use or idle.
+    open: Arc<AtomicUsize>,
+}
+
+type Endpoints = Mutex<HashMap<String, Endpoint>>;
+
+/// The connections, by `endpoint|server name`.
+#[derive(Debug, Default)]
+pub struct Kept(Arc<Endpoints>);
+
+/// A place among an endpoint's open connections, held by its connection until it closes.
+#[derive(Debug)]
+pub struct Opened(Arc<AtomicUsize>);
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Kept {
+    /// A place for one more connection under `key`; `None` when `limit` are open, in use or
+    /// idle.
+    pub fn reserve(&self, key: &str, limit: usize) -> Option<Opened> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let open = map.entry(key.to_owned()).or_default().open.clone();
+        open.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            (n < limit).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Opened(open))
+    }
+
+    /// The newest idle connection under `key` that can carry a request now (open, idle less than
+    /// `keep`, and `usable`); the others found on the way are closed.
+    pub fn take(&self, key: &str, keep: Duration, usable: impl Fn(&Made) -> bool) -> Option<Conn> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let idle = &mut map.get_mut(key)?.idle;
+        while let Some(c) = idle.pop() {
+            if c.sender.is_ready() && c.since.elapsed() < keep && usable(&c.made) {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// `body` as a [`Body`] that gives `conn` back under `key` once it has ended cleanly.
+    pub fn returning(&self, key: String, conn: Conn, body: Incoming) -> Body {
+        let mut body = Returning {
+            inner: body,
+            back: Some((key, conn, Arc::downgrade(&self.0))),
+        };
+        // hyper never polls a body that is over before it began (no content).
+        if body.inner.is_end_stream() {
+            body.give_back();
+        }
+        crate::http::boxed(body)
+    }
+}
+
+/// A response body that, once it has ended cleanly, puts its connection back among the idle
+/// ones as soon as hyper has finished with the exchange (its request body may still be going
+/// out, or be stalled by its local client: until it is done, nobody else gets the connection).
+/// A body dropped or failed before its end takes its connection with it: hyper closes a
+/// connection whose response was not read to the end.
+struct Returning {
+    inner: Incoming,
+    back: Option<(String, Conn, Weak<Endpoints>)>,
+}
+
+impl Returning {
+    fn give_back(&mut self) {
+        let Some((key, mut conn, kept)) = self.back.take() else {
+            return;
+        };
+        if conn.sender.is_ready() {
+            put_back(&kept, key, conn);
+            return;
+        }
+        tokio::spawn(async move {
+            if conn.sender.ready().await.is_ok() {
+                put_back(&kept, key, conn);
+            }
+        });
+    }
+}
+
+/// Puts a connection that can take a request among the idle ones under `key`.
+fn put_back(kept: &Weak<Endpoints>, key: String, mut conn: Conn) {
+    let Some(kept) = kept.upgrade() else { return };
+    conn.since = Instant::now();
+    let mut map = kept.lock().unwrap_or_else(|e| e.into_inner());
+    let idle = &mut map.entry(key).or_default().idle;
+    idle.retain(|c| !c.sender.is_closed());
+    if idle.len() < IDLE_PER_ENDPOINT {
+        idle.push(conn);
+    }
+}
+
+impl hyper::body::Body for Returning {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Err(_))) => self.back = None,
+            Poll::Ready(None) => self.give_back(),
+            // hyper stops polling once `is_end_stream` says so: the last frame ends it too.
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.give_back(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
