@@ -134,22 +134,29 @@ async fn exchange(to: std::net::SocketAddr, request: &str) -> String {
     String::from_utf8_lossy(&got).into_owned()
 }
 
-/// HTTP/1.1 from a local client crosses to the far sidecar as HTTP/1.1 (decision 37): the app
-/// receives each request as its client sent it (method, target, Host, body framing), with the
-/// verified identity and no forged one; one kept-alive mesh connection carries them one after
-/// another, and HTTP/2 still travels on a shared HTTP/2 connection of its own.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http1_crosses_the_mesh_as_http1_on_a_kept_connection() {
+/// A mesh where frontend calls orders, whose app records what it receives.
+async fn frontend_and_recorded_orders()
+-> (ControlPlane, Proxy, Proxy, moat_test_util::apps::Recording) {
     let cp = ControlPlane::start().unwrap();
     apply_policy(&cp, MESH_POLICY);
     let (app, rec) = moat_test_util::apps::recording_http().await;
-    let _orders = Proxy::builder(&cp, "orders").app(app).start().unwrap();
+    let orders = Proxy::builder(&cp, "orders").app(app).start().unwrap();
     let frontend = Proxy::builder(&cp, "frontend")
         .app(http_echo().await)
         .upstreams(&["orders"])
         .start()
         .unwrap();
     wait_for_services(&frontend, &["orders"]);
+    (cp, orders, frontend, rec)
+}
+
+/// HTTP/1.1 from a local client crosses to the far sidecar as HTTP/1.1 (decision 37): the app
+/// receives each request as its client sent it (method, target, Host, body framing), with the
+/// verified identity and no forged one; one kept-alive mesh connection carries them one after
+/// another, and HTTP/2 still travels on a shared HTTP/2 connection of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_crosses_the_mesh_as_http1_on_a_kept_connection() {
+    let (_cp, _orders, frontend, rec) = frontend_and_recorded_orders().await;
     let to = frontend.upstream("orders");
     let requests = [
         "GET /a/b?x=1 HTTP/1.1\r\nHost: orders.example\r\nx-moat-peer-id: forged\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
@@ -220,16 +227,7 @@ async fn http1_crosses_the_mesh_as_http1_on_a_kept_connection() {
 /// connection kept to it was open and idle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_connection_carries_nothing_its_certificates_no_longer_allow() {
-    let cp = ControlPlane::start().unwrap();
-    apply_policy(&cp, MESH_POLICY);
-    let (app, rec) = moat_test_util::apps::recording_http().await;
-    let _orders = Proxy::builder(&cp, "orders").app(app).start().unwrap();
-    let frontend = Proxy::builder(&cp, "frontend")
-        .app(http_echo().await)
-        .upstreams(&["orders"])
-        .start()
-        .unwrap();
-    wait_for_services(&frontend, &["orders"]);
+    let (cp, _orders, frontend, rec) = frontend_and_recorded_orders().await;
     let to = frontend.upstream("orders");
     let request = "GET /x HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n";
     let opened = |n: u32| {
