@@ -308,9 +308,9 @@ impl Pool {
         target: &Target,
         generation: Arc<moat_tls::TlsState>,
     ) -> Result<Shared, String> {
-        let tls_stream = self.dial_one(ctx, ep, target, moat_tls::ALPN_H2).await?;
-        let peer = moat_tls::peer_identity(tls_stream.get_ref().1.peer_certificates())
-            .ok_or("the endpoint presented no identity")?;
+        let (tls_stream, made) = self
+            .dial_made(ctx, ep, target, moat_tls::ALPN_H2, generation)
+            .await?;
         let mut builder = multiplex::builder();
         builder
             .keep_alive_interval(Duration::from_secs(20))
@@ -324,10 +324,23 @@ impl Pool {
         )
         .await
         .map_err(|e| format!("http/2 handshake: {e}"))?;
-        Ok(Shared {
-            conn,
-            made: Made { generation, peer },
-        })
+        Ok(Shared { conn, made })
+    }
+
+    /// An mTLS connection to `ep` offering `alpn`, made with the certificate generation
+    /// `generation`, and what it was made with.
+    async fn dial_made(
+        &self,
+        ctx: &Ctx,
+        ep: &str,
+        target: &Target,
+        alpn: &'static [u8],
+        generation: Arc<moat_tls::TlsState>,
+    ) -> Result<(TlsStream<TcpStream>, Made), String> {
+        let tls_stream = self.dial_one(ctx, ep, target, alpn).await?;
+        let peer = moat_tls::peer_identity(tls_stream.get_ref().1.peer_certificates())
+            .ok_or("the endpoint presented no identity")?;
+        Ok((tls_stream, Made { generation, peer }))
     }
 
     /// Sends an HTTP/2 request to an endpoint of `target` over a shared connection (see
@@ -388,9 +401,9 @@ impl Pool {
         generation: Arc<moat_tls::TlsState>,
         opened: crate::keepalive::Opened,
     ) -> Result<crate::keepalive::Conn, String> {
-        let tls_stream = self.dial_one(ctx, ep, target, moat_tls::ALPN_HTTP1).await?;
-        let peer = moat_tls::peer_identity(tls_stream.get_ref().1.peer_certificates())
-            .ok_or("the endpoint presented no identity")?;
+        let (tls_stream, made) = self
+            .dial_made(ctx, ep, target, moat_tls::ALPN_HTTP1, generation)
+            .await?;
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(hyper_util::rt::TokioIo::new(tls_stream))
             .await
@@ -402,10 +415,7 @@ impl Pool {
                 tracing::debug!(endpoint = %ep, error = %e, "HTTP/1.1 connection to a sidecar ended with an error");
             }
         });
-        Ok(crate::keepalive::Conn::new(
-            sender,
-            Made { generation, peer },
-        ))
+        Ok(crate::keepalive::Conn::new(sender, made))
     }
 
     /// Sends an HTTP/1.1 request to an endpoint of `target` on a connection of its own: an idle
