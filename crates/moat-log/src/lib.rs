@@ -13,6 +13,9 @@ use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
+mod line;
+pub use line::Line;
+
 /// A `MOAT_LOG` value that is not a filter: the value, why, and an example of one that is.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("MOAT_LOG={value:?}: {why}; give a level and per-target levels, e.g. `{example}`")]
@@ -98,7 +101,7 @@ where
     if json {
         logs.with(layer.json()).init();
     } else {
-        logs.with(layer).init();
+        logs.with(layer.event_format(Line::default())).init();
     }
 }
 

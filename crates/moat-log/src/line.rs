@@ -1,0 +1,410 @@
+//! The text log line. The proxy writes an access-log line for every request, so formatting it
+//! is on the request path: [`Line`] writes the same text as tracing-subscriber's default
+//! (`Full`) format without colours, field by field into the line, where the default goes through
+//! its styling layers and `core::fmt` for every part. Terminals (ANSI colours) get the default
+//! format itself. A test holds the two to the same bytes.
+//!
+//! The line: `TIMESTAMP LEVEL span{fields}:span: target: message field=value …`, the timestamp
+//! RFC 3339 in UTC with microseconds, the level padded to five characters, `&str` values quoted
+//! and escaped as Rust's `Debug` does, `%` values as their `Display`, `?` values as their
+//! `Debug`, and control characters that drive terminals escaped in messages and errors.
+
+use std::fmt::{self, Write as _};
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_log::NormalizeEvent as _;
+use tracing_subscriber::fmt::format::{DefaultFields, Format, FormatEvent, Writer};
+use tracing_subscriber::fmt::{FmtContext, FormattedFields};
+use tracing_subscriber::registry::LookupSpan;
+
+/// The text line format (see the module documentation).
+#[derive(Debug, Default)]
+pub struct Line {
+    /// The default format, for terminals: colours are not on the request path.
+    coloured: Format,
+}
+
+impl<S> FormatEvent<S, DefaultFields> for Line
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, DefaultFields>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        if writer.has_ansi_escapes() {
+            return self.coloured.format_event(ctx, writer, event);
+        }
+        // Events from the `log` crate name their real target in their fields.
+        let normalized = event.normalized_metadata();
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
+        write!(
+            writer,
+            "{} ",
+            humantime::format_rfc3339_micros(std::time::SystemTime::now())
+        )?;
+        writer.write_str(level(meta.level()))?;
+        if let Some(scope) = ctx.event_scope() {
+            let mut any = false;
+            for span in scope.from_root() {
+                any = true;
+                writer.write_str(span.metadata().name())?;
+                let ext = span.extensions();
+                if let Some(fields) = ext.get::<FormattedFields<DefaultFields>>()
+                    && !fields.is_empty()
+                {
+                    writer.write_char('{')?;
+                    writer.write_str(fields)?;
+                    writer.write_char('}')?;
+                }
+                writer.write_char(':')?;
+            }
+            if any {
+                writer.write_char(' ')?;
+            }
+        }
+        writer.write_str(meta.target())?;
+        writer.write_str(": ")?;
+        let sanitize = writer.sanitizes_ansi_escapes();
+        let mut fields = Fields {
+            out: &mut writer,
+            sanitize,
+            first: true,
+            result: Ok(()),
+        };
+        event.record(&mut fields);
+        fields.result?;
+        writer.write_char('\n')
+    }
+}
+
+/// The level and the space after it, padded as the default format pads it.
+fn level(l: &Level) -> &'static str {
+    match *l {
+        Level::TRACE => "TRACE ",
+        Level::DEBUG => "DEBUG ",
+        Level::INFO => " INFO ",
+        Level::WARN => " WARN ",
+        Level::ERROR => "ERROR ",
+    }
+}
+
+/// Writes an event's fields, space-separated: the message bare, the others as `name=value`.
+struct Fields<'w, 'a> {
+    out: &'w mut Writer<'a>,
+    /// Whether control characters that drive terminals are escaped (messages and errors).
+    sanitize: bool,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl Fields<'_, '_> {
+    /// Starts a field: the separator and, unless it is the message, `name=`. `None` when the
+    /// field is not written (the `log.` fields already shown as the target, or an earlier
+    /// write failed); `Some(true)` for the message.
+    fn start(&mut self, field: &Field) -> Option<bool> {
+        let name = field.name();
+        if self.result.is_err() || name.starts_with("log.") {
+            return None;
+        }
+        if !std::mem::take(&mut self.first) {
+            self.result = self.out.write_char(' ');
+        }
+        if name == "message" {
+            return Some(true);
+        }
+        let name = name.strip_prefix("r#").unwrap_or(name);
+        self.result = self
+            .result
+            .and_then(|()| self.out.write_str(name))
+            .and_then(|()| self.out.write_char('='));
+        Some(false)
+    }
+
+    fn put(&mut self, f: impl FnOnce(&mut Writer<'_>, bool) -> fmt::Result) {
+        if self.result.is_ok() {
+            self.result = f(self.out, self.sanitize);
+        }
+    }
+}
+
+impl Visit for Fields<'_, '_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        match self.start(field) {
+            Some(true) => self.put(|w, sanitize| escaped(w, sanitize, value)),
+            Some(false) => self.put(|w, _| quoted(w, value)),
+            None => {}
+        }
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if self.start(field).is_some() {
+            self.put(|w, _| w.write_str(itoa::Buffer::new().format(value)));
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if self.start(field).is_some() {
+            self.put(|w, _| w.write_str(itoa::Buffer::new().format(value)));
+        }
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        if self.start(field).is_some() {
+            self.put(|w, _| w.write_str(if value { "true" } else { "false" }));
+        }
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        if self.start(field).is_none() {
+            return;
+        }
+        let name = field.name();
+        self.put(|w, sanitize| {
+            Sanitized { out: w, sanitize }.write_fmt(format_args!("{value}"))?;
+            let Some(mut source) = value.source() else {
+                return Ok(());
+            };
+            write!(w, " {name}.sources=[")?;
+            loop {
+                Sanitized { out: w, sanitize }.write_fmt(format_args!("{source}"))?;
+                match source.source() {
+                    Some(next) => {
+                        w.write_str(", ")?;
+                        source = next;
+                    }
+                    None => return w.write_char(']'),
+                }
+            }
+        });
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        match self.start(field) {
+            Some(true) => self.put(|w, sanitize| {
+                Sanitized { out: w, sanitize }.write_fmt(format_args!("{value:?}"))
+            }),
+            Some(false) => self.put(|w, _| write!(w, "{value:?}")),
+            None => {}
+        }
+    }
+}
+
+/// `value` as `{:?}` writes it: quoted, with quotes, backslashes and non-printable characters
+/// escaped. Plain printable ASCII, the common case, is written as it is.
+fn quoted(w: &mut Writer<'_>, value: &str) -> fmt::Result {
+    if value
+        .bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        w.write_char('"')?;
+        w.write_str(value)?;
+        w.write_char('"')
+    } else {
+        write!(w, "{value:?}")
+    }
+}
+
+/// `value` with the characters that drive terminals escaped (when `sanitize`).
+fn escaped(w: &mut Writer<'_>, sanitize: bool, value: &str) -> fmt::Result {
+    Sanitized { out: w, sanitize }.write_str(value)
+}
+
+/// A writer that escapes the C0 controls terminals act on (ESC, BEL, BS, FF), DEL and the C1
+/// controls, so a logged value cannot rewrite the operator's terminal.
+struct Sanitized<'w, 'a> {
+    out: &'w mut Writer<'a>,
+    sanitize: bool,
+}
+
+impl fmt::Write for Sanitized<'_, '_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        if !self.sanitize || !s.chars().any(drives_terminals) {
+            return self.out.write_str(s);
+        }
+        for c in s.chars() {
+            match c {
+                '\x1b' | '\x07' | '\x08' | '\x0c' | '\x7f' => {
+                    write!(self.out, "\\x{:02x}", c as u32)?
+                }
+                c if drives_terminals(c) => write!(self.out, "\\u{{{:x}}}", c as u32)?,
+                c => self.out.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+fn drives_terminals(c: char) -> bool {
+    matches!(
+        c,
+        '\x1b' | '\x07' | '\x08' | '\x0c' | '\x7f' | '\u{80}'..='\u{9f}'
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Lines written by a subscriber, shared with the test.
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Sink {
+        type Writer = Sink;
+        fn make_writer(&'a self) -> Sink {
+            self.clone()
+        }
+    }
+
+    #[derive(Debug)]
+    struct Outer(Inner);
+    #[derive(Debug)]
+    struct Inner;
+    impl fmt::Display for Outer {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("connect failed\x1b[2J")
+        }
+    }
+    impl fmt::Display for Inner {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("refused")
+        }
+    }
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+    impl std::error::Error for Inner {}
+
+    /// Every kind of event the binaries write, and the awkward values an attacker or a library
+    /// may put in one.
+    fn events() {
+        let peer = "spiffe://mesh.local/ns/shop/sa/orders";
+        tracing::info!(target: "moat::access", direction = "inbound", peer = %peer, method = %"GET", path = %"/v1/items", detail = None::<&str>, decision = "allow", reason = "allowed", policy = "shop/web@3", status = 200u16, duration_ms = 4u64, request_id = %"0af7651916cd43dd8448eb211c80319c", "http");
+        tracing::warn!(target: "moat::access", remote = %"127.0.0.1:5000", error = %"reset by peer", "tcp");
+        tracing::info!(
+            listen = "0.0.0.0:15001",
+            "listening on {} with {} workers",
+            "0.0.0.0:15001",
+            1
+        );
+        tracing::error!(
+            quoted = "a \"b\" \\ c\nd\te\u{7}\u{1b}é\u{85}",
+            "bell\u{7} esc\u{1b}[31m c1\u{9b} del\u{7f} nl\n tab\t é"
+        );
+        tracing::debug!(n = -3i64, big = 18_446_744_073_709_551_615u64, yes = true, no = false, ratio = 0.25f64, wide = 7u128, list = ?vec!["a", "b"], "numbers");
+        tracing::trace!(r#type = "kind", "raw name");
+        let chained = Outer(Inner);
+        tracing::warn!(
+            error = &chained as &(dyn std::error::Error + 'static),
+            "with sources"
+        );
+        let plain = Inner;
+        tracing::warn!(
+            error = &plain as &(dyn std::error::Error + 'static),
+            "no source"
+        );
+        tracing::info!(empty = "", "");
+        let outer = tracing::info_span!("conn", peer = %peer, port = 8080u16);
+        let _o = outer.enter();
+        let inner = tracing::info_span!("request");
+        let _i = inner.enter();
+        tracing::info!(target: "moat::access", status = 403u16, "inside spans");
+        let record = log::Record::builder()
+            .args(format_args!("from the log crate"))
+            .level(log::Level::Warn)
+            .target("rustls::conn")
+            .module_path(Some("rustls::conn"))
+            .file(Some("src/conn.rs"))
+            .line(Some(7))
+            .build();
+        tracing_log::format_trace(&record).unwrap();
+    }
+
+    fn lines_of(sink: &Sink) -> Vec<String> {
+        String::from_utf8(sink.0.lock().unwrap().clone())
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The same events through `Line` and through tracing-subscriber's default format give the
+    /// same lines, but for the timestamp, which is RFC 3339 with microseconds in both.
+    #[test]
+    fn writes_what_the_default_format_writes() {
+        let ours = Sink::default();
+        let theirs = Sink::default();
+        let sub = tracing_subscriber::fmt()
+            .with_max_level(Level::TRACE)
+            .with_ansi(false)
+            .with_writer(ours.clone())
+            .event_format(Line::default())
+            .finish();
+        tracing::subscriber::with_default(sub, events);
+        let sub = tracing_subscriber::fmt()
+            .with_max_level(Level::TRACE)
+            .with_ansi(false)
+            .with_writer(theirs.clone())
+            .finish();
+        tracing::subscriber::with_default(sub, events);
+
+        let (ours, theirs) = (lines_of(&ours), lines_of(&theirs));
+        assert_eq!(ours.len(), theirs.len(), "{ours:#?}\n{theirs:#?}");
+        let mut stamped = 0;
+        for (a, b) in ours.iter().zip(&theirs) {
+            // A message's own newline continues its line without a timestamp.
+            match (a.split_once(' '), b.split_once(' ')) {
+                (Some((ta, ra)), Some((tb, rb))) if humantime::parse_rfc3339(tb).is_ok() => {
+                    assert!(humantime::parse_rfc3339(ta).is_ok(), "{a:?}");
+                    assert_eq!(ta.len(), tb.len(), "{ta} / {tb}");
+                    assert_eq!(ra, rb);
+                    stamped += 1;
+                }
+                _ => assert_eq!(a, b),
+            }
+        }
+        assert_eq!(stamped, 11, "{ours:#?}");
+        // The ones that matter most read as the operator expects.
+        assert!(ours[0].contains(" INFO moat::access: http direction=\"inbound\" peer=spiffe://mesh.local/ns/shop/sa/orders method=GET path=/v1/items decision=\"allow\""), "{}", ours[0]);
+        assert!(
+            ours.iter()
+                .any(|l| l.contains("bell\\x07 esc\\x1b[31m c1\\u{9b} del\\x7f")),
+            "{ours:#?}"
+        );
+        assert!(ours.iter().any(|l| l.contains("conn{peer=spiffe://mesh.local/ns/shop/sa/orders port=8080}:request: moat::access: inside spans status=403")));
+        assert!(ours.iter().any(|l| l.contains(" WARN conn{")
+            && l.ends_with(":request: rustls::conn: from the log crate")));
+    }
+
+    /// A terminal gets the default format's colours.
+    #[test]
+    fn terminals_get_colours() {
+        let sink = Sink::default();
+        let sub = tracing_subscriber::fmt()
+            .with_ansi(true)
+            .with_writer(sink.clone())
+            .event_format(Line::default())
+            .finish();
+        tracing::subscriber::with_default(sub, || tracing::info!(a = 1u64, "coloured"));
+        let line = &lines_of(&sink)[0];
+        assert!(line.contains("\x1b[32m INFO\x1b[0m"), "{line:?}");
+    }
+}
