@@ -141,8 +141,24 @@ pub fn keep_body_framing<B: hyper::body::Body>(headers: &mut HeaderMap, body: &B
     }
 }
 
+/// The headers that belong to one connection, never to the message (RFC 9110 §7.6.1; illegal
+/// in HTTP/2).
+const HOP_BY_HOP: [HeaderName; 5] = [
+    http::header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+];
+
 /// Removes connection-specific headers, which must not cross a hop (and are illegal in HTTP/2).
+/// Most messages carry none, or only `Connection`; one pass over the names finds out before any
+/// lookup is made.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let te_ok = h.get(http::header::TE).is_none_or(|v| v == "trailers");
+    if te_ok && !h.keys().any(|n| HOP_BY_HOP.contains(n)) {
+        return;
+    }
     // Headers named in `Connection` are hop-by-hop too.
     let named: Vec<HeaderName> = h
         .get_all(http::header::CONNECTION)
@@ -154,16 +170,10 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     for n in named {
         h.remove(n);
     }
-    for n in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "upgrade",
-    ] {
+    for n in &HOP_BY_HOP {
         h.remove(n);
     }
-    if h.get(http::header::TE).is_some_and(|v| v != "trailers") {
+    if !te_ok {
         h.remove(http::header::TE);
     }
 }
@@ -189,10 +199,20 @@ fn push_random_hex<const N: usize>(out: &mut String) {
     }
 }
 
+/// Whether a caller's `x-request-id` is kept: 1 to 128 visible ASCII characters without spaces,
+/// quotes or backslashes. The id is written unquoted into the access log, so a space in it
+/// could add fields of the caller's choosing to the line (`… request_id=x decision=allow`);
+/// any other id is replaced by one of ours, which the app then receives.
+fn plain_request_id(v: &[u8]) -> bool {
+    (1..=128).contains(&v.len())
+        && v.iter()
+            .all(|&b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+}
+
 /// Ensures the request has an `x-request-id` and a `traceparent`; returns the request id.
 pub fn ensure_request_id(h: &mut HeaderMap) -> String {
-    let id = match h.get(&REQUEST_ID).and_then(|v| v.to_str().ok()) {
-        Some(v) if !v.is_empty() && v.len() <= 128 => v.to_owned(),
+    let id = match h.get(&REQUEST_ID).map(HeaderValue::as_bytes) {
+        Some(v) if plain_request_id(v) => String::from_utf8_lossy(v).into_owned(),
         _ => {
             let mut id = String::with_capacity(32);
             push_random_hex::<16>(&mut id);
@@ -339,6 +359,27 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-keep"));
+        // Each of them alone, and a `TE` other than `trailers` alone, is found too.
+        for n in [
+            "keep-alive",
+            "proxy-connection",
+            "upgrade",
+            "transfer-encoding",
+            "connection",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(HeaderName::from_static(n), HeaderValue::from_static("x"));
+            h.insert("x-keep", HeaderValue::from_static("1"));
+            strip_hop_by_hop(&mut h);
+            assert_eq!(h.keys().collect::<Vec<_>>(), ["x-keep"], "{n}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert("te", HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty());
+        h.insert("te", HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
     }
 
     #[test]
@@ -381,6 +422,34 @@ mod tests {
             "{tp}"
         );
         assert_eq!(ensure_request_id(&mut h), id);
+        let kept = "0af76519-16cd-43dd:8448/eb21+1c80=319c";
+        h.insert(REQUEST_ID, HeaderValue::from_static(kept));
+        assert_eq!(ensure_request_id(&mut h), kept);
+    }
+
+    /// An id that would read as more fields in the access log, or as a quoted value, is not
+    /// taken from the caller: the request gets one of ours, and the app receives that one.
+    #[test]
+    fn request_ids_that_could_forge_log_fields_are_replaced() {
+        let long = "a".repeat(129);
+        for forged in [
+            "abc decision=allow",
+            "abc\tpeer=spiffe://x",
+            "\"quoted\"",
+            "back\\slash",
+            "",
+            long.as_str(),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(REQUEST_ID, HeaderValue::from_str(forged).unwrap());
+            let id = ensure_request_id(&mut h);
+            assert_ne!(id, forged);
+            assert_eq!(id.len(), 32, "{forged:?}");
+            assert_eq!(h[&REQUEST_ID], id.as_str());
+        }
+        let mut h = HeaderMap::new();
+        h.insert(REQUEST_ID, HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap());
+        assert_eq!(ensure_request_id(&mut h).len(), 32);
     }
 
     #[test]
