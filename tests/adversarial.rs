@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::*;
 use moat_test_util::apps::{Received, Recording, recording_http, tcp_greeter};
-use moat_test_util::{ControlPlane, Proxy, apply_policy};
+use moat_test_util::{ControlPlane, Proxy, apply_policy, eventually};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const POLICY: &str = r#"
@@ -627,4 +627,77 @@ async fn spelling_a_path_differently_does_not_get_a_new_rate_limit_bucket() {
         assert_eq!(status_of(&resp), 429, "{path}: {resp}");
     }
     assert_eq!(taken(&rec).len(), 1);
+}
+
+/// The request id is written unquoted at the end of the access-log line, so an id with a space
+/// could add fields of the caller's choosing (`request_id=x decision=deny`) to the line an
+/// operator reads to explain a decision. Such an id reaches neither the app nor the log, over
+/// HTTP/1.1 or HTTP/2; a plain one reaches both unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_cannot_add_fields_to_the_access_log() {
+    let cp = ControlPlane::start().unwrap();
+    apply_policy(&cp, POLICY);
+    let (app, rec) = recording_http().await;
+    let b = Proxy::builder(&cp, "b").app(app).start().unwrap();
+    let a = credential_for(&cp, "a");
+    let forged = "f0rged decision=deny reason=forged-by-caller";
+    let plain = "0af76519-16cd-43dd:8448";
+    let get = |id: &str| {
+        format!(
+            "GET /public/x HTTP/1.1\r\nHost: b\r\nx-request-id: {id}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    for id in [forged, plain] {
+        let resp = h1_raw(&cp, &b, &a, moat_tls::ALPN_HTTP1, Duration::ZERO, &get(id)).await;
+        assert_eq!(status_of(&resp), 200, "{resp}");
+    }
+    let status = h2_request(
+        &cp,
+        &b,
+        &a,
+        "GET",
+        "http://b/public/y",
+        &[("x-request-id", forged)],
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    let seen = taken(&rec);
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_only_allowed_reached(&seen, "request ids");
+    let ids: Vec<String> = seen
+        .iter()
+        .map(|r| {
+            r.headers
+                .iter()
+                .find(|(k, _)| k == "x-request-id")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        })
+        .collect();
+    for (i, replaced) in [(0, true), (1, false), (2, true)] {
+        if replaced {
+            assert!(
+                ids[i].len() == 32 && ids[i].bytes().all(|b| b.is_ascii_hexdigit()),
+                "the app received {:?}",
+                seen[i]
+            );
+        } else {
+            assert_eq!(ids[i], plain);
+        }
+    }
+    // The log names the ids the app received, and nothing of the forged one.
+    let logged = eventually(Duration::from_secs(5), || {
+        let log = b.log_text();
+        ids.iter()
+            .all(|id| log.contains(&format!("request_id={id}\n")))
+            .then_some(log)
+    });
+    let log = logged.unwrap_or_else(|| b.log_text());
+    assert!(
+        ids.iter()
+            .all(|id| log.contains(&format!("request_id={id}\n"))),
+        "{log}"
+    );
+    assert!(!log.contains("forged-by-caller"), "{log}");
 }
