@@ -130,6 +130,8 @@ async fn accept_tls(
             return None;
         }
     };
+    ctx.metrics
+        .handshake_done("inbound", tls.get_ref().1.handshake_kind());
     // Client auth is required, so a completed handshake always has a verified chain.
     let Some(peer) = moat_tls::peer_identity(tls.get_ref().1.peer_certificates()) else {
         ctx.metrics

@@ -70,6 +70,14 @@ pub struct HandshakeLabels {
     pub reason: String,
 }
 
+/// Labels of a completed handshake.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeKindLabels {
+    pub direction: &'static str,
+    /// `full`, `full-retry` (after a HelloRetryRequest) or `resumed` (a session ticket).
+    pub kind: &'static str,
+}
+
 /// Labels of a mesh connection opened to another sidecar.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabels {
@@ -120,6 +128,7 @@ pub struct Metrics {
     pub tcp_bytes: Family<BytesLabels, Counter>,
     pub authz: Family<TrafficLabels, Counter>,
     pub handshake_failures: Family<HandshakeLabels, Counter>,
+    handshakes: Family<HandshakeKindLabels, Counter>,
     /// HTTP connections the proxy closed, by reason (`too-many-resets`, `policy`).
     pub connections_closed: Family<HandshakeLabels, Counter>,
     /// Mesh connections opened to other sidecars, by protocol.
@@ -152,6 +161,7 @@ impl Metrics {
         let tcp_bytes = Family::<BytesLabels, Counter>::default();
         let authz = Family::<TrafficLabels, Counter>::default();
         let handshake_failures = Family::<HandshakeLabels, Counter>::default();
+        let handshakes = Family::<HandshakeKindLabels, Counter>::default();
         let connections_closed = Family::<HandshakeLabels, Counter>::default();
         let upstream_connections = Family::<UpstreamLabels, Counter>::default();
         let cert_expiry = Gauge::default();
@@ -197,6 +207,11 @@ impl Metrics {
             handshake_failures.clone(),
         );
         registry.register(
+            "tls_handshakes",
+            "Completed mTLS handshakes by direction and kind (full, full-retry: after a HelloRetryRequest, resumed: with a session ticket, which skips certificates and signatures)",
+            handshakes.clone(),
+        );
+        registry.register(
             "connections_closed",
             "Connections the proxy closed, by direction (inbound, outbound: local clients, upstream: shared mesh connections) and reason (too-many-resets, response-stalled, request-stalled, idle, policy, reset-budget: local clients gave up on too many requests on a shared mesh connection, which takes no new ones)",
             connections_closed.clone(),
@@ -234,6 +249,7 @@ impl Metrics {
             tcp_bytes,
             authz,
             handshake_failures,
+            handshakes,
             connections_closed,
             upstream_connections,
             cert_expiry,
@@ -268,6 +284,18 @@ impl Metrics {
                 direction,
                 reason: reason.to_owned(),
             })
+            .inc();
+    }
+
+    /// Counts a completed handshake by its kind.
+    pub fn handshake_done(&self, direction: &'static str, kind: Option<rustls::HandshakeKind>) {
+        let kind = match kind {
+            Some(rustls::HandshakeKind::Resumed) => "resumed",
+            Some(rustls::HandshakeKind::FullWithHelloRetryRequest) => "full-retry",
+            _ => "full",
+        };
+        self.handshakes
+            .get_or_create(&HandshakeKindLabels { direction, kind })
             .inc();
     }
 

@@ -183,7 +183,7 @@ impl Pool {
         let service = &target.service;
         let current = ctx.tls.borrow().clone().ok_or("no certificate")?;
         let config = current
-            .client_for(service, alpn)
+            .client_for(service, alpn, ep)
             .map_err(|e| e.to_string())?;
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(ep))
             .await
@@ -208,6 +208,8 @@ impl Pool {
                 Err(format!("{reason}: {e}"))
             }
             Ok(Ok(tls)) => {
+                ctx.metrics
+                    .handshake_done("outbound", tls.get_ref().1.handshake_kind());
                 let peer = moat_tls::peer_identity(tls.get_ref().1.peer_certificates());
                 // A resumed session skips chain verification: the certificate it carries was
                 // checked when the session began and may have expired since.

@@ -5,7 +5,7 @@
 //! A [`Credential`] (chain + key) is validated before any config is built from it (`config`), and
 //! [`LiveTls`] publishes each new generation (credential, bundle, server config, cached client
 //! configs) on a watch, so rotation never mutates a live config (`live`); both binaries use it.
-//! `connect` dials a gRPC server (the control plane) with those configs; `cred_dir` reads and
+//! Outbound configs keep session tickets per endpoint (`tickets`). `connect` dials a gRPC server (the control plane) with those configs; `cred_dir` reads and
 //! writes credential directories (cert.pem, key.pem, bundle.pem); `failure` says why a handshake
 //! failed, from the error's type.
 
@@ -15,6 +15,7 @@ pub mod cred_dir;
 pub mod failure;
 pub mod live;
 pub mod provider;
+pub mod tickets;
 pub mod verifier;
 
 pub use config::{
@@ -24,4 +25,5 @@ pub use config::{
 pub use failure::HandshakeFailure;
 pub use live::{LiveTls, Serving, TlsState, TlsWatch};
 pub use provider::SuiteOrder;
+pub use tickets::Tickets;
 pub use verifier::{SpiffeClientVerifier, SpiffeServerVerifier};

@@ -23,8 +23,13 @@ pub struct Serving {
     pub alpn: &'static [&'static [u8]],
 }
 
-/// Outbound configs are cached per (expected server identity, ALPN).
-type ClientKey = (SpiffeId, &'static [u8]);
+/// Outbound configs are cached per (expected server identity, ALPN, endpoint): each endpoint has
+/// its own session tickets, which only it can resume (see `crate::tickets`).
+type ClientKey = (SpiffeId, &'static [u8], String);
+
+/// Outbound configs kept per generation; past this many endpoints the cache starts over (the
+/// configs are rebuilt on use, and their tickets are lost).
+const CLIENT_CONFIGS: usize = 1024;
 
 /// One published generation of TLS material.
 #[derive(Debug)]
@@ -68,25 +73,34 @@ impl TlsState {
     }
 
     /// The client config that presents this generation's credential and accepts only a server
-    /// proving `expected`, offering `alpn`. Built once per generation and then cached, so a
-    /// rotation changes every outbound config at once.
+    /// proving `expected`, offering `alpn`, for connections to `endpoint`. Built once per
+    /// generation and endpoint and then cached, so a rotation changes every outbound config at
+    /// once, and each endpoint's session tickets stay with the connections to it.
     pub fn client_for(
         &self,
         expected: &SpiffeId,
         alpn: &'static [u8],
+        endpoint: &str,
     ) -> Result<Arc<ClientConfig>, CredentialError> {
         let mut cache = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = cache.get(&(expected.clone(), alpn)) {
+        let key = (expected.clone(), alpn, endpoint.to_owned());
+        if let Some(c) = cache.get(&key) {
             return Ok(c.clone());
         }
-        let cfg = client_config_ordered(
+        let mut cfg = Arc::unwrap_or_clone(client_config_ordered(
             Some(&self.credential),
             self.bundle.clone(),
             expected.clone(),
             alpn,
             self.order,
-        )?;
-        cache.insert((expected.clone(), alpn), cfg.clone());
+        )?);
+        cfg.resumption =
+            rustls::client::Resumption::store(Arc::new(crate::tickets::Tickets::default()));
+        let cfg = Arc::new(cfg);
+        if cache.len() >= CLIENT_CONFIGS {
+            cache.clear();
+        }
+        cache.insert(key, cfg.clone());
         Ok(cfg)
     }
 

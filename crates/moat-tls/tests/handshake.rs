@@ -232,3 +232,102 @@ async fn the_server_order_picks_the_suite() {
         TLS13_AES_256_GCM_SHA384
     );
 }
+
+/// Starts a client connection (its ClientHello takes a ticket now, as a sidecar's dial does)
+/// and returns it with a fresh server connection, to finish later.
+fn start(
+    server: &Arc<rustls::ServerConfig>,
+    client: &Arc<rustls::ClientConfig>,
+) -> (rustls::ClientConnection, rustls::ServerConnection) {
+    let name = ServerName::try_from("moat.invalid").unwrap();
+    (
+        rustls::ClientConnection::new(client.clone(), name).unwrap(),
+        rustls::ServerConnection::new(server.clone()).unwrap(),
+    )
+}
+
+/// Moves bytes between the two ends in memory until both have finished the handshake and the
+/// client has read the server's session tickets; returns the kind of handshake.
+fn finish(
+    (mut c, mut s): (rustls::ClientConnection, rustls::ServerConnection),
+) -> rustls::HandshakeKind {
+    let mut wire = Vec::new();
+    while c.is_handshaking() || s.is_handshaking() || s.wants_write() {
+        wire.clear();
+        while c.wants_write() {
+            c.write_tls(&mut wire).unwrap();
+        }
+        let mut rd = wire.as_slice();
+        while !rd.is_empty() {
+            s.read_tls(&mut rd).unwrap();
+            s.process_new_packets().unwrap();
+        }
+        wire.clear();
+        while s.wants_write() {
+            s.write_tls(&mut wire).unwrap();
+        }
+        let mut rd = wire.as_slice();
+        while !rd.is_empty() {
+            c.read_tls(&mut rd).unwrap();
+            c.process_new_packets().unwrap();
+        }
+    }
+    c.handshake_kind().unwrap()
+}
+
+/// A sidecar opens many connections to one endpoint at once (ten in bench/run-compare's
+/// new-connection test): each needs a ticket of its own to resume. rustls' own store keeps 8
+/// per server name, so one handshake in six was a full one; the sidecar's configs keep more,
+/// per endpoint, and every one of twelve connections started together resumes.
+#[test]
+fn many_connections_at_once_to_one_endpoint_all_resume() {
+    let ca = new_ca();
+    let live = moat_tls::LiveTls::empty(moat_tls::Serving {
+        client_auth: ClientAuth::Required,
+        alpn: &[moat_tls::ALPN_TCP],
+    });
+    live.publish(credential(&ca, "shop/frontend"), ca.bundle().clone(), 0)
+        .unwrap();
+    let state = live.current().unwrap();
+    let server = server_config(
+        &credential(&ca, "shop/orders"),
+        bundle(&ca),
+        ClientAuth::Required,
+        &[moat_tls::ALPN_TCP],
+    )
+    .unwrap();
+    let orders = id("shop/orders");
+    let client = state
+        .client_for(&orders, moat_tls::ALPN_TCP, "10.0.0.1:15006")
+        .unwrap();
+    // The same endpoint gets the same config (and tickets); another endpoint its own.
+    assert!(Arc::ptr_eq(
+        &client,
+        &state
+            .client_for(&orders, moat_tls::ALPN_TCP, "10.0.0.1:15006")
+            .unwrap()
+    ));
+    let other = state
+        .client_for(&orders, moat_tls::ALPN_TCP, "10.0.0.2:15006")
+        .unwrap();
+    assert!(!Arc::ptr_eq(&client, &other));
+
+    // One connection after another: the first is full, each later one resumes and leaves a
+    // ticket more than it took (the server sends two).
+    assert_eq!(finish(start(&server, &client)), rustls::HandshakeKind::Full);
+    for _ in 0..15 {
+        assert_eq!(
+            finish(start(&server, &client)),
+            rustls::HandshakeKind::Resumed
+        );
+    }
+    // Twelve at once: each ClientHello takes its own ticket before any handshake finishes.
+    let started: Vec<_> = (0..12).map(|_| start(&server, &client)).collect();
+    let kinds: Vec<_> = started.into_iter().map(finish).collect();
+    assert!(
+        kinds.iter().all(|k| *k == rustls::HandshakeKind::Resumed),
+        "{kinds:?}"
+    );
+    // The other endpoint's config holds none of those tickets: its first handshake is full.
+    assert_eq!(finish(start(&server, &other)), rustls::HandshakeKind::Full);
+}
