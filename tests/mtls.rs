@@ -323,6 +323,110 @@ async fn a_server_first_protocol_works_through_an_opaque_port() {
     assert!(logged.is_some(), "{}", fe.log_text());
 }
 
+/// The value of a counter series (`name{labels}`) in a Prometheus text exposition, 0 if absent.
+fn counter(metrics: &str, series: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Handshakes of one kind that `proxy` counted in `direction`.
+fn handshakes(proxy: &Proxy, direction: &str, kind: &str) -> u64 {
+    counter(
+        &proxy.metrics(),
+        &format!("moat_tls_handshakes_total{{direction=\"{direction}\",kind=\"{kind}\"}}"),
+    )
+}
+
+/// Opens `n` opaque connections through `fe` to ledger at once and reads each one's greeting.
+async fn greeted_at_once(fe: &Proxy, n: usize) {
+    let mut all = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let to = fe.upstream("ledger");
+        all.spawn(async move {
+            let mut tcp = tokio::net::TcpStream::connect(to).await.unwrap();
+            let mut greeting = [0u8; 15];
+            tokio::time::timeout(Duration::from_secs(10), tcp.read_exact(&mut greeting))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(&greeting, b"220 moat test\r\n");
+        });
+    }
+    while let Some(done) = all.join_next().await {
+        done.unwrap();
+    }
+}
+
+/// A burst of new connections to one endpoint resumes TLS sessions instead of signing and
+/// verifying certificates again, and both sides count each handshake by kind. Twelve at once is
+/// more than the eight tickets rustls keeps per server name by default; the sidecar keeps 64.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_new_connections_resumes_and_is_counted_by_kind() {
+    const BURST: u64 = 12;
+    let cp = ControlPlane::start().unwrap();
+    apply_policy(&cp, MESH_POLICY);
+    let ledger = Proxy::builder(&cp, "ledger")
+        .app(tcp_greeter().await)
+        .start()
+        .unwrap();
+    let reserved = moat_test_util::ReservedPort::loopback();
+    let port = reserved.port().to_string();
+    let upstream = format!("ledger@{port}");
+    let fe = Proxy::builder(&cp, "frontend")
+        .app(http_echo().await)
+        .upstreams(&[&upstream])
+        .args(&["--opaque-ports", &port])
+        .start()
+        .unwrap();
+    wait_for_services(&fe, &["ledger"]);
+
+    greeted_at_once(&fe, BURST as usize).await;
+    let first = handshakes(&fe, "outbound", "full")
+        + handshakes(&fe, "outbound", "full-retry")
+        + handshakes(&fe, "outbound", "resumed");
+    assert_eq!(first, BURST, "{}", fe.metrics());
+    assert!(
+        handshakes(&fe, "outbound", "full") >= 1,
+        "the first connection has no ticket: {}",
+        fe.metrics()
+    );
+    let (full, resumed) = (
+        handshakes(&fe, "outbound", "full"),
+        handshakes(&fe, "outbound", "resumed"),
+    );
+    let inbound_resumed = handshakes(&ledger, "inbound", "resumed");
+
+    greeted_at_once(&fe, BURST as usize).await;
+    assert_eq!(
+        handshakes(&fe, "outbound", "resumed") - resumed,
+        BURST,
+        "every connection of the second burst resumes: {}",
+        fe.metrics()
+    );
+    assert_eq!(
+        handshakes(&fe, "outbound", "full"),
+        full,
+        "{}",
+        fe.metrics()
+    );
+    let counted = moat_test_util::eventually(Duration::from_secs(5), || {
+        (handshakes(&ledger, "inbound", "resumed") - inbound_resumed == BURST).then_some(())
+    });
+    assert!(counted.is_some(), "{}", ledger.metrics());
+    // Both ends of a connection see the same kind of handshake.
+    for kind in ["full", "full-retry", "resumed"] {
+        assert_eq!(
+            handshakes(&ledger, "inbound", kind),
+            handshakes(&fe, "outbound", kind),
+            "{kind}: {}\n{}",
+            ledger.metrics(),
+            fe.metrics()
+        );
+    }
+}
+
 /// A rustls client config presenting `chain`/`key` (or nothing), trusting `bundle` for `server`.
 fn client_config(
     bundle: &moat_identity::TrustBundle,

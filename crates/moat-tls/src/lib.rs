@@ -5,9 +5,9 @@
 //! A [`Credential`] (chain + key) is validated before any config is built from it (`config`), and
 //! [`LiveTls`] publishes each new generation (credential, bundle, server config, cached client
 //! configs) on a watch, so rotation never mutates a live config (`live`); both binaries use it.
-//! Outbound configs keep session tickets per endpoint (`tickets`). `connect` dials a gRPC server (the control plane) with those configs; `cred_dir` reads and
-//! writes credential directories (cert.pem, key.pem, bundle.pem); `failure` says why a handshake
-//! failed, from the error's type.
+//! Outbound configs keep session tickets per endpoint (`tickets`). `connect` dials a gRPC server
+//! (the control plane) with those configs; `cred_dir` reads and writes credential directories
+//! (cert.pem, key.pem, bundle.pem); `failure` says why a handshake failed, from the error's type.
 
 pub mod config;
 pub mod connect;
