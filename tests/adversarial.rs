@@ -701,3 +701,53 @@ async fn a_request_id_cannot_add_fields_to_the_access_log() {
     );
     assert!(!log.contains("forged-by-caller"), "{log}");
 }
+
+/// A path the allow-list refuses is still logged, and HTTP lets bytes above ASCII through to
+/// it (hyper takes them in a request line, the `http` crate in `:path`). Raw, U+2028 or NEL
+/// would end the line for a log reader that splits on Unicode line breaks (Python's
+/// `splitlines`, Java's `\R`), and what follows would read as a line of the caller's making.
+/// The log shows such bytes percent-encoded, and the app receives nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_cannot_break_an_access_log_line() {
+    let cp = ControlPlane::start().unwrap();
+    apply_policy(&cp, POLICY);
+    let (app, rec) = recording_http().await;
+    let b = Proxy::builder(&cp, "b").app(app).start().unwrap();
+    let a = credential_for(&cp, "a");
+    let h1 =
+        "GET /public/x\u{2028}forged-by-caller HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n";
+    let resp = h1_raw(&cp, &b, &a, moat_tls::ALPN_HTTP1, Duration::ZERO, h1).await;
+    let h1_status = status_of(&resp);
+    assert!(matches!(h1_status, 0 | 400), "{resp}");
+    let h2_status = h2_request(
+        &cp,
+        &b,
+        &a,
+        "GET",
+        "http://b/public/y\u{85}forged-by-caller",
+        &[],
+    )
+    .await;
+    assert_eq!(h2_status, 400);
+    assert!(taken(&rec).is_empty(), "{:?}", taken(&rec));
+
+    let logged = eventually(Duration::from_secs(5), || {
+        let log = b.log_text();
+        log.contains("path=/public/y%C2%85forged-by-caller ")
+            .then_some(log)
+    });
+    let log = logged.unwrap_or_else(|| b.log_text());
+    assert!(
+        log.contains("path=/public/y%C2%85forged-by-caller "),
+        "{log}"
+    );
+    if h1_status == 400 {
+        assert!(
+            log.contains("path=/public/x%E2%80%A8forged-by-caller "),
+            "{log}"
+        );
+    }
+    for line_break in ['\u{2028}', '\u{85}'] {
+        assert!(!log.contains(line_break), "{log:?}");
+    }
+}

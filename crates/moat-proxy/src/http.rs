@@ -209,6 +209,20 @@ fn plain_request_id(v: &[u8]) -> bool {
             .all(|&b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
 }
 
+/// A request's path as the access log, taps and traces show it: every byte outside visible
+/// ASCII percent-encoded. A path the allow-list refuses is still logged, and HTTP lets bytes
+/// above ASCII into it (a request line, `:path`): raw, U+2028 or NEL would end the line for a
+/// reader that splits on Unicode line breaks, and what followed would read as a line of the
+/// caller's making. Paths of visible ASCII (every canonical one) come back unchanged.
+pub fn printable_path(raw: &str) -> String {
+    // CONTROLS is C0 and DEL; the encoder also encodes every byte above ASCII.
+    const UNPRINTABLE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b' ');
+    if raw.bytes().all(|b| b.is_ascii_graphic()) {
+        return raw.to_owned();
+    }
+    percent_encoding::utf8_percent_encode(raw, UNPRINTABLE).to_string()
+}
+
 /// Ensures the request has an `x-request-id` and a `traceparent`; returns the request id.
 pub fn ensure_request_id(h: &mut HeaderMap) -> String {
     let id = match h.get(&REQUEST_ID).map(HeaderValue::as_bytes) {
@@ -403,6 +417,15 @@ mod tests {
         let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
         assert_eq!(left, ["x-keep", "x-moatish"]);
+    }
+
+    #[test]
+    fn printable_paths_encode_what_is_not_visible_ascii() {
+        assert_eq!(printable_path("/a/b%2F;x?"), "/a/b%2F;x?");
+        assert_eq!(
+            printable_path("/x\u{2028}y\u{85}z \u{7f}\té"),
+            "/x%E2%80%A8y%C2%85z%20%7F%09%C3%A9"
+        );
     }
 
     #[test]

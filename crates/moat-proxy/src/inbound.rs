@@ -22,7 +22,7 @@ use crate::ctx::Ctx;
 use crate::detect::{Prefixed, Protocol, detect};
 use crate::http::{
     Body, ORIG_PROTO, PEER_ID, USER, boxed, deny, ensure_request_id, is_grpc, keep_body_framing,
-    request_authority, strip_hop_by_hop, strip_identity_headers, unavailable,
+    printable_path, request_authority, strip_hop_by_hop, strip_identity_headers, unavailable,
 };
 use crate::metrics::TrafficLabels;
 use crate::snapshot::Snapshot;
@@ -554,7 +554,7 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
 
     let (path, path_and_query, detail) = match canonical_target(&parts) {
         Ok((path, path_and_query)) => (path, Some(path_and_query), None),
-        Err(why) => (parts.uri.path().to_owned(), None, Some(why)),
+        Err(why) => (printable_path(parts.uri.path()), None, Some(why)),
     };
     let mut verdict = match path_and_query {
         Some(_) => judge(&parts.headers, &method, &path, conn, ctx),

@@ -17,8 +17,8 @@ use crate::conn_guard::{Ended, RequestBody, serve_http};
 use crate::ctx::Ctx;
 use crate::detect::{Prefixed, Protocol, detect};
 use crate::http::{
-    Body, ORIG_PROTO, boxed, ensure_request_id, is_grpc, keep_body_framing, request_target,
-    strip_hop_by_hop, unavailable,
+    Body, ORIG_PROTO, boxed, ensure_request_id, is_grpc, keep_body_framing, printable_path,
+    request_target, strip_hop_by_hop, unavailable,
 };
 use crate::metrics::TrafficLabels;
 use crate::pool::Target;
@@ -178,7 +178,7 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
     });
     let request_id = ensure_request_id(&mut parts.headers);
     let method = parts.method.clone();
-    let path = parts.uri.path().to_owned();
+    let path = printable_path(parts.uri.path());
     let (authority, pq) = request_target(&parts, &conn.default_authority);
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(&ORIG_PROTO);
