@@ -283,18 +283,20 @@ async fn a_kept_connection_carries_nothing_its_certificates_no_longer_allow() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_first_protocol_works_through_an_opaque_port() {
+/// A control plane; ledger, a server-first TCP app (it greets first), behind its sidecar; and
+/// frontend with an outbound listener to ledger on a port declared opaque: no detection, the
+/// greeting flows at once. The reserved port goes with them, kept while the test runs.
+async fn ledger_behind_an_opaque_port() -> (ControlPlane, Proxy, Proxy, moat_test_util::ReservedPort)
+{
     let cp = ControlPlane::start().unwrap();
     apply_policy(&cp, MESH_POLICY);
-    let _ledger = Proxy::builder(&cp, "ledger")
+    let ledger = Proxy::builder(&cp, "ledger")
         .app(tcp_greeter().await)
         .start()
         .unwrap();
-    // Kept for the outbound listener, whose port must be known to declare it opaque.
+    // Reserved for the outbound listener, whose port must be known to declare it opaque.
     let reserved = moat_test_util::ReservedPort::loopback();
     let port = reserved.port().to_string();
-    // An outbound listener on a port declared opaque: no detection, the greeting flows at once.
     let upstream = format!("ledger@{port}");
     let fe = Proxy::builder(&cp, "frontend")
         .app(http_echo().await)
@@ -303,6 +305,12 @@ async fn a_server_first_protocol_works_through_an_opaque_port() {
         .start()
         .unwrap();
     wait_for_services(&fe, &["ledger"]);
+    (cp, ledger, fe, reserved)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_first_protocol_works_through_an_opaque_port() {
+    let (_cp, _ledger, fe, _reserved) = ledger_behind_an_opaque_port().await;
     let mut tcp = tokio::net::TcpStream::connect(fe.upstream("ledger"))
         .await
         .unwrap();
@@ -365,22 +373,7 @@ async fn greeted_at_once(fe: &Proxy, n: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_new_connections_resumes_and_is_counted_by_kind() {
     const BURST: u64 = 12;
-    let cp = ControlPlane::start().unwrap();
-    apply_policy(&cp, MESH_POLICY);
-    let ledger = Proxy::builder(&cp, "ledger")
-        .app(tcp_greeter().await)
-        .start()
-        .unwrap();
-    let reserved = moat_test_util::ReservedPort::loopback();
-    let port = reserved.port().to_string();
-    let upstream = format!("ledger@{port}");
-    let fe = Proxy::builder(&cp, "frontend")
-        .app(http_echo().await)
-        .upstreams(&[&upstream])
-        .args(&["--opaque-ports", &port])
-        .start()
-        .unwrap();
-    wait_for_services(&fe, &["ledger"]);
+    let (_cp, ledger, fe, _reserved) = ledger_behind_an_opaque_port().await;
 
     greeted_at_once(&fe, BURST as usize).await;
     let first = handshakes(&fe, "outbound", "full")
