@@ -2,12 +2,15 @@
 //! is on the request path: [`Line`] writes the same text as tracing-subscriber's default
 //! (`Full`) format without colours, field by field into the line, where the default goes through
 //! its styling layers and `core::fmt` for every part. Terminals (ANSI colours) get the default
-//! format itself. A test holds the two to the same bytes.
+//! format itself. A test holds the two to the same bytes for every value without a line break.
 //!
 //! The line: `TIMESTAMP LEVEL span{fields}:span: target: message field=value …`, the timestamp
 //! RFC 3339 in UTC with microseconds, the level padded to five characters, `&str` values quoted
 //! and escaped as Rust's `Debug` does, `%` values as their `Display`, `?` values as their
-//! `Debug`, and control characters that drive terminals escaped in messages and errors.
+//! `Debug`. Where the default format writes a line break inside a message, an error or a `%`
+//! value as it is, so one event can end its line and forge the next, `Line` escapes it: one
+//! event is one line (see [`OneLine`] for what is escaped and how). Control characters that
+//! drive terminals are escaped wherever a value is unquoted.
 
 use std::fmt::{self, Write as _};
 
@@ -47,6 +50,7 @@ where
             humantime::format_rfc3339_micros(std::time::SystemTime::now())
         )?;
         writer.write_str(level(meta.level()))?;
+        let sanitize = writer.sanitizes_ansi_escapes();
         if let Some(scope) = ctx.event_scope() {
             let mut any = false;
             for span in scope.from_root() {
@@ -57,7 +61,7 @@ where
                     && !fields.is_empty()
                 {
                     writer.write_char('{')?;
-                    writer.write_str(fields)?;
+                    escaped(&mut writer, sanitize, fields)?;
                     writer.write_char('}')?;
                 }
                 writer.write_char(':')?;
@@ -68,7 +72,6 @@ where
         }
         writer.write_str(meta.target())?;
         writer.write_str(": ")?;
-        let sanitize = writer.sanitizes_ansi_escapes();
         let mut fields = Fields {
             out: &mut writer,
             sanitize,
@@ -164,13 +167,13 @@ impl Visit for Fields<'_, '_> {
         }
         let name = field.name();
         self.put(|w, sanitize| {
-            Sanitized { out: w, sanitize }.write_fmt(format_args!("{value}"))?;
+            OneLine { out: w, sanitize }.write_fmt(format_args!("{value}"))?;
             let Some(mut source) = value.source() else {
                 return Ok(());
             };
             write!(w, " {name}.sources=[")?;
             loop {
-                Sanitized { out: w, sanitize }.write_fmt(format_args!("{source}"))?;
+                OneLine { out: w, sanitize }.write_fmt(format_args!("{source}"))?;
                 match source.source() {
                     Some(next) => {
                         w.write_str(", ")?;
@@ -183,12 +186,10 @@ impl Visit for Fields<'_, '_> {
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        match self.start(field) {
-            Some(true) => self.put(|w, sanitize| {
-                Sanitized { out: w, sanitize }.write_fmt(format_args!("{value:?}"))
-            }),
-            Some(false) => self.put(|w, _| write!(w, "{value:?}")),
-            None => {}
+        if self.start(field).is_some() {
+            self.put(|w, sanitize| {
+                OneLine { out: w, sanitize }.write_fmt(format_args!("{value:?}"))
+            });
         }
     }
 }
@@ -208,34 +209,52 @@ fn quoted(w: &mut Writer<'_>, value: &str) -> fmt::Result {
     }
 }
 
-/// `value` with the characters that drive terminals escaped (when `sanitize`).
+/// `value` as one line: see [`OneLine`].
 fn escaped(w: &mut Writer<'_>, sanitize: bool, value: &str) -> fmt::Result {
-    Sanitized { out: w, sanitize }.write_str(value)
+    OneLine { out: w, sanitize }.write_str(value)
 }
 
-/// A writer that escapes the C0 controls terminals act on (ESC, BEL, BS, FF), DEL and the C1
-/// controls, so a logged value cannot rewrite the operator's terminal.
-struct Sanitized<'w, 'a> {
+/// A writer for what a line holds unquoted (messages, `%` and `?` values, errors and their
+/// sources, span fields). It escapes line breaks always (LF, CR, VT, FF, NEL, U+2028, U+2029),
+/// so a value cannot end the event's line and write a forged one after it, whatever a caller
+/// sent or a library put in an error; and, when `sanitize`, the controls terminals act on (ESC,
+/// BEL, BS, DEL and the C1 controls), so a value cannot rewrite the operator's terminal. C0
+/// controls and DEL are written `\xNN`, the others `\u{N}`, LF and CR `\n` and `\r`. Plain
+/// printable ASCII, nearly every value, is written as it is after one pass over its bytes.
+struct OneLine<'w, 'a> {
     out: &'w mut Writer<'a>,
     sanitize: bool,
 }
 
-impl fmt::Write for Sanitized<'_, '_> {
+impl fmt::Write for OneLine<'_, '_> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        if !self.sanitize || !s.chars().any(drives_terminals) {
+        if s.bytes().all(|b| (0x20..0x7f).contains(&b) || b == b'\t') {
             return self.out.write_str(s);
         }
-        for c in s.chars() {
+        let mut rest = s;
+        while let Some((at, c)) = rest
+            .char_indices()
+            .find(|&(_, c)| breaks_lines(c) || (self.sanitize && drives_terminals(c)))
+        {
+            self.out.write_str(&rest[..at])?;
             match c {
-                '\x1b' | '\x07' | '\x08' | '\x0c' | '\x7f' => {
-                    write!(self.out, "\\x{:02x}", c as u32)?
-                }
-                c if drives_terminals(c) => write!(self.out, "\\u{{{:x}}}", c as u32)?,
-                c => self.out.write_char(c)?,
+                '\n' => self.out.write_str("\\n")?,
+                '\r' => self.out.write_str("\\r")?,
+                '\0'..='\x1f' | '\x7f' => write!(self.out, "\\x{:02x}", c as u32)?,
+                c => write!(self.out, "\\u{{{:x}}}", c as u32)?,
             }
+            rest = &rest[at + c.len_utf8()..];
         }
-        Ok(())
+        self.out.write_str(rest)
     }
+}
+
+/// The characters that end a line for some reader of a log: Unicode's mandatory breaks.
+fn breaks_lines(c: char) -> bool {
+    matches!(
+        c,
+        '\n' | '\x0b' | '\x0c' | '\r' | '\u{85}' | '\u{2028}' | '\u{2029}'
+    )
 }
 
 fn drives_terminals(c: char) -> bool {
@@ -307,7 +326,7 @@ mod tests {
         );
         tracing::error!(
             quoted = "a \"b\" \\ c\nd\te\u{7}\u{1b}é\u{85}",
-            "bell\u{7} esc\u{1b}[31m c1\u{9b} del\u{7f} nl\n tab\t é"
+            "bell\u{7} esc\u{1b}[31m c1\u{9b} del\u{7f} tab\t é"
         );
         tracing::debug!(n = -3i64, big = 18_446_744_073_709_551_615u64, yes = true, no = false, ratio = 0.25f64, wide = 7u128, list = ?vec!["a", "b"], "numbers");
         tracing::trace!(r#type = "kind", "raw name");
@@ -368,20 +387,12 @@ mod tests {
 
         let (ours, theirs) = (lines_of(&ours), lines_of(&theirs));
         assert_eq!(ours.len(), theirs.len(), "{ours:#?}\n{theirs:#?}");
-        let mut stamped = 0;
         for (a, b) in ours.iter().zip(&theirs) {
-            // A message's own newline continues its line without a timestamp.
-            match (a.split_once(' '), b.split_once(' ')) {
-                (Some((ta, ra)), Some((tb, rb))) if humantime::parse_rfc3339(tb).is_ok() => {
-                    assert!(humantime::parse_rfc3339(ta).is_ok(), "{a:?}");
-                    assert_eq!(ta.len(), tb.len(), "{ta} / {tb}");
-                    assert_eq!(ra, rb);
-                    stamped += 1;
-                }
-                _ => assert_eq!(a, b),
-            }
+            let ((ta, ra), (tb, rb)) = (stamped(a), stamped(b));
+            assert_eq!(ta.len(), tb.len(), "{ta} / {tb}");
+            assert_eq!(ra, rb);
         }
-        assert_eq!(stamped, 11, "{ours:#?}");
+        assert_eq!(ours.len(), 11, "{ours:#?}");
         // The ones that matter most read as the operator expects.
         assert!(ours[0].contains(" INFO moat::access: http direction=\"inbound\" peer=spiffe://mesh.local/ns/shop/sa/orders method=GET path=/v1/items decision=\"allow\""), "{}", ours[0]);
         assert!(
@@ -392,6 +403,89 @@ mod tests {
         assert!(ours.iter().any(|l| l.contains("conn{peer=spiffe://mesh.local/ns/shop/sa/orders port=8080}:request: moat::access: inside spans status=403")));
         assert!(ours.iter().any(|l| l.contains(" WARN conn{")
             && l.ends_with(":request: rustls::conn: from the log crate")));
+    }
+
+    /// A line's timestamp and the rest; panics unless it starts with an RFC 3339 timestamp.
+    fn stamped(line: &str) -> (&str, &str) {
+        let (t, rest) = line.split_once(' ').expect(line);
+        assert!(humantime::parse_rfc3339(t).is_ok(), "{line:?}");
+        (t, rest)
+    }
+
+    /// Whatever a value holds, one event is one line: every kind of unquoted value (message,
+    /// `%` and `?` values, an error and its sources, a span's fields, a `log` record) with
+    /// every line break in it is written escaped, and the line ends where the event ends. An
+    /// attacker's `\n` followed by a forged access-log line stays inside the first line.
+    #[test]
+    fn one_event_is_one_line() {
+        #[derive(Debug)]
+        struct Broken(&'static str);
+        impl fmt::Display for Broken {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for Broken {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&Inner)
+            }
+        }
+        const FORGED: &str =
+            "x\n2026-12-03T00:00:00.000000Z  INFO moat::access: http decision=\"allow\"";
+        const BREAKS: &str = "a\nb\rc\x0bd\x0ce\u{85}f\u{2028}g\u{2029}h";
+        let sink = Sink::default();
+        let sub = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(sink.clone())
+            .event_format(Line::default())
+            .finish();
+        tracing::subscriber::with_default(sub, || {
+            tracing::info!(target: "moat::access", path = %FORGED, "http");
+            tracing::info!(value = %BREAKS, debug = ?Broken(BREAKS), "{BREAKS}");
+            let e = Broken(BREAKS);
+            tracing::warn!(error = &e as &(dyn std::error::Error + 'static), "failed");
+            let span = tracing::info_span!("conn", peer = %BREAKS);
+            let _s = span.enter();
+            tracing::info!("in a span");
+            tracing_log::format_trace(
+                &log::Record::builder()
+                    .args(format_args!("{BREAKS}"))
+                    .level(log::Level::Warn)
+                    .target("h2::codec")
+                    .build(),
+            )
+            .unwrap();
+        });
+        let lines = lines_of(&sink);
+        assert_eq!(lines.len(), 5, "{lines:#?}");
+        for line in &lines {
+            stamped(line);
+        }
+        let escaped = "a\\nb\\rc\\x0bd\\x0ce\\u{85}f\\u{2028}g\\u{2029}h";
+        assert!(lines[0].ends_with(
+            "moat::access: http path=x\\n2026-12-03T00:00:00.000000Z  INFO moat::access: http decision=\"allow\""
+        ), "{}", lines[0]);
+        assert!(lines[1].ends_with(&format!(
+            ": {escaped} value={escaped} debug=Broken(\"a\\nb\\rc\\u{{b}}d\\u{{c}}e\\u{{85}}f\\u{{2028}}g\\u{{2029}}h\")"
+        )), "{}", lines[1]);
+        assert!(
+            lines[2].ends_with(&format!(": failed error={escaped} error.sources=[refused]")),
+            "{}",
+            lines[2]
+        );
+        assert!(
+            lines[3].contains(&format!(" conn{{peer={escaped}}}: ")),
+            "{}",
+            lines[3]
+        );
+        assert!(
+            lines[4].ends_with(&format!(": h2::codec: {escaped}")),
+            "{}",
+            lines[4]
+        );
+        // Nothing a line-splitting reader would take for a break is left.
+        let all = lines.concat();
+        assert!(!all.contains(['\x0b', '\x0c', '\u{85}', '\u{2028}', '\u{2029}']));
     }
 
     /// A terminal gets the default format's colours.
