@@ -346,12 +346,17 @@ mod tests {
         let inner = tracing::info_span!("request");
         let _i = inner.enter();
         tracing::info!(target: "moat::access", status = 403u16, "inside spans");
+        log_warning("rustls::conn", format_args!("from the log crate"));
+    }
+
+    /// A warning from the `log` crate, as a library that logs with it writes one.
+    fn log_warning(target: &str, message: fmt::Arguments<'_>) {
         let record = log::Record::builder()
-            .args(format_args!("from the log crate"))
+            .args(message)
             .level(log::Level::Warn)
-            .target("rustls::conn")
-            .module_path(Some("rustls::conn"))
-            .file(Some("src/conn.rs"))
+            .target(target)
+            .module_path(Some(target))
+            .file(Some("src/lib.rs"))
             .line(Some(7))
             .build();
         tracing_log::format_trace(&record).unwrap();
@@ -447,14 +452,7 @@ mod tests {
             let span = tracing::info_span!("conn", peer = %BREAKS);
             let _s = span.enter();
             tracing::info!("in a span");
-            tracing_log::format_trace(
-                &log::Record::builder()
-                    .args(format_args!("{BREAKS}"))
-                    .level(log::Level::Warn)
-                    .target("h2::codec")
-                    .build(),
-            )
-            .unwrap();
+            log_warning("h2::codec", format_args!("{BREAKS}"));
         });
         let lines = lines_of(&sink);
         assert_eq!(lines.len(), 5, "{lines:#?}");
