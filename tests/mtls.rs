@@ -283,6 +283,92 @@ async fn a_kept_connection_carries_nothing_its_certificates_no_longer_allow() {
     );
 }
 
+/// A kept HTTP/1.1 mesh connection leaves the idle ones as soon as it closes: orders' sidecar
+/// closes idle keep-alive connections after its header-read timeout (1 s here), and frontend then
+/// holds none — a closed one kept there would hold its request channel until the next request,
+/// which after a burst is megabytes that never go back — and the next request opens a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_connection_the_far_side_closed_is_let_go() {
+    let cp = ControlPlane::start().unwrap();
+    apply_policy(&cp, MESH_POLICY);
+    let (app, rec) = moat_test_util::apps::recording_http().await;
+    let _orders = Proxy::builder(&cp, "orders")
+        .app(app)
+        .args(&["--header-read-timeout", "1s"])
+        .start()
+        .unwrap();
+    let frontend = Proxy::builder(&cp, "frontend")
+        .app(http_echo().await)
+        .upstreams(&["orders"])
+        .start()
+        .unwrap();
+    wait_for_services(&frontend, &["orders"]);
+    let to = frontend.upstream("orders");
+    let request = "GET /kept HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n";
+    let idle = || {
+        let m = frontend.metrics();
+        m.lines()
+            .find_map(|l| l.strip_prefix("moat_upstream_idle_connections "))
+            .map(|n| n.trim().parse::<u64>().unwrap())
+            .unwrap_or_else(|| panic!("no idle-connection gauge in {m}"))
+    };
+    let (a, b, c, d) = tokio::join!(
+        exchange(to, request),
+        exchange(to, request),
+        exchange(to, request),
+        exchange(to, request)
+    );
+    let answers = [a, b, c, d];
+    assert!(answers.iter().all(|a| a.contains(" 200 ")), "{answers:?}");
+    let opened = frontend
+        .metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"moat_upstream_connections_total{protocol="http1"} "#))
+        .map(|n| n.trim().parse::<u64>().unwrap())
+        .expect("no http1 connection counted");
+    let mut held = 0;
+    for _ in 0..50 {
+        held = idle();
+        if held > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        (1..=opened).contains(&held),
+        "{held} idle of {opened} opened: {}",
+        frontend.metrics()
+    );
+
+    // orders closes them after 1 s of silence; frontend lets every one go.
+    let mut left = held;
+    for _ in 0..100 {
+        left = idle();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        left,
+        0,
+        "closed connections still held: {}",
+        frontend.metrics()
+    );
+
+    // The next request goes on a new connection, and reaches the app.
+    assert!(exchange(to, request).await.contains(" 200 "));
+    assert!(
+        frontend.metrics().contains(&format!(
+            r#"moat_upstream_connections_total{{protocol="http1"}} {}"#,
+            opened + 1
+        )),
+        "{}",
+        frontend.metrics()
+    );
+    assert_eq!(rec.lock().unwrap().len(), 5);
+}
+
 /// A control plane; ledger, a server-first TCP app (it greets first), behind its sidecar; and
 /// frontend with an outbound listener to ledger on a port declared opaque: no detection, the
 /// greeting flows at once. The reserved port goes with them, kept while the test runs.

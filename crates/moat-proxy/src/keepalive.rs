@@ -8,7 +8,10 @@
 //! only if its connection is still open, it has been idle less than the keep time (shorter than
 //! the far side's wait for a next request head, which closes idle keep-alive connections), it
 //! was made with the current certificate, and the far side's certificate has neither expired
-//! nor been revoked since (see [`crate::pool::Made`]).
+//! nor been revoked since (see [`crate::pool::Made`]). When a connection ends (the far side
+//! closes idle ones after its `--header-read-timeout`), it leaves the idle ones at once: a closed
+//! connection kept there would hold hyper's request channel (about 8 KiB) until the next request
+//! to its endpoint, which may never come — after a burst, megabytes that never went back.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -20,6 +23,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
+use prometheus_client::metrics::gauge::Gauge;
 
 use crate::http::Body;
 use crate::pool::Made;
@@ -55,7 +59,25 @@ struct Endpoint {
     open: Arc<AtomicUsize>,
 }
 
-type Endpoints = Mutex<HashMap<String, Endpoint>>;
+/// The endpoints, by `endpoint|server name`, and the gauge of idle connections among them.
+#[derive(Debug, Default)]
+struct Endpoints {
+    by_key: Mutex<HashMap<String, Endpoint>>,
+    /// `moat_upstream_idle_connections`: the idle connections held, summed over endpoints.
+    idle: Gauge,
+}
+
+impl Endpoints {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Endpoint>> {
+        self.by_key.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the gauge from `map` (a handful of endpoints: counted, not tracked).
+    fn count(&self, map: &HashMap<String, Endpoint>) {
+        let n: usize = map.values().map(|e| e.idle.len()).sum();
+        self.idle.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+}
 
 /// The connections, by `endpoint|server name`.
 #[derive(Debug, Default)]
@@ -63,38 +85,72 @@ pub struct Kept(Arc<Endpoints>);
 
 /// A place among an endpoint's open connections, held by its connection until it closes.
 #[derive(Debug)]
-pub struct Opened(Arc<AtomicUsize>);
+pub struct Opened {
+    open: Arc<AtomicUsize>,
+    key: String,
+    kept: Weak<Endpoints>,
+}
 
 impl Drop for Opened {
+    /// The connection has ended: its place goes, and so does every closed connection among the
+    /// endpoint's idle ones (its own, if it was idle); an endpoint with nothing open or idle is
+    /// forgotten.
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        let Some(kept) = self.kept.upgrade() else {
+            return;
+        };
+        let mut map = kept.lock();
+        if let Some(ep) = map.get_mut(&self.key) {
+            ep.idle.retain(|c| !c.sender.is_closed());
+            // Places are only taken under the lock (`reserve`): none open now stays so.
+            if ep.idle.is_empty() && ep.open.load(Ordering::Relaxed) == 0 {
+                map.remove(&self.key);
+            }
+        }
+        kept.count(&map);
     }
 }
 
 impl Kept {
+    /// A pool whose idle connections `idle` counts.
+    pub fn new(idle: Gauge) -> Self {
+        Kept(Arc::new(Endpoints {
+            by_key: Mutex::default(),
+            idle,
+        }))
+    }
+
     /// A place for one more connection under `key`; `None` when `limit` are open, in use or
     /// idle.
     pub fn reserve(&self, key: &str, limit: usize) -> Option<Opened> {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.0.lock();
         let open = map.entry(key.to_owned()).or_default().open.clone();
         open.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
             (n < limit).then_some(n + 1)
         })
         .ok()
-        .map(|_| Opened(open))
+        .map(|_| Opened {
+            open,
+            key: key.to_owned(),
+            kept: Arc::downgrade(&self.0),
+        })
     }
 
     /// The newest idle connection under `key` that can carry a request now (open, idle less than
     /// `keep`, and `usable`); the others found on the way are closed.
     pub fn take(&self, key: &str, keep: Duration, usable: impl Fn(&Made) -> bool) -> Option<Conn> {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.0.lock();
         let idle = &mut map.get_mut(key)?.idle;
+        let mut found = None;
         while let Some(c) = idle.pop() {
             if c.sender.is_ready() && c.since.elapsed() < keep && usable(&c.made) {
-                return Some(c);
+                found = Some(c);
+                break;
             }
         }
-        None
+        self.0.count(&map);
+        found
     }
 
     /// `body` as a [`Body`] that gives `conn` back under `key` once it has ended cleanly.
@@ -142,12 +198,13 @@ impl Returning {
 fn put_back(kept: &Weak<Endpoints>, key: String, mut conn: Conn) {
     let Some(kept) = kept.upgrade() else { return };
     conn.since = Instant::now();
-    let mut map = kept.lock().unwrap_or_else(|e| e.into_inner());
+    let mut map = kept.lock();
     let idle = &mut map.entry(key).or_default().idle;
     idle.retain(|c| !c.sender.is_closed());
     if idle.len() < IDLE_PER_ENDPOINT {
         idle.push(conn);
     }
+    kept.count(&map);
 }
 
 impl hyper::body::Body for Returning {

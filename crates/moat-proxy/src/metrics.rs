@@ -133,6 +133,8 @@ pub struct Metrics {
     pub connections_closed: Family<HandshakeLabels, Counter>,
     /// Mesh connections opened to other sidecars, by protocol.
     pub upstream_connections: Family<UpstreamLabels, Counter>,
+    /// HTTP/1.1 mesh connections held idle for reuse (set by [`crate::keepalive::Kept`]).
+    pub upstream_idle: Gauge,
     cert_expiry: Gauge,
     cert_refresh: Gauge,
     pub snapshot_version: Gauge,
@@ -164,6 +166,7 @@ impl Metrics {
         let handshakes = Family::<HandshakeKindLabels, Counter>::default();
         let connections_closed = Family::<HandshakeLabels, Counter>::default();
         let upstream_connections = Family::<UpstreamLabels, Counter>::default();
+        let upstream_idle = Gauge::default();
         let cert_expiry = Gauge::default();
         let cert_refresh = Gauge::default();
         let snapshot_version = Gauge::default();
@@ -222,6 +225,11 @@ impl Metrics {
             upstream_connections.clone(),
         );
         registry.register(
+            "upstream_idle_connections",
+            "HTTP/1.1 mesh connections held idle for the next request; a connection leaves as soon as it closes (the far side closes idle ones after its header-read timeout)",
+            upstream_idle.clone(),
+        );
+        registry.register(
             "certificate_expiry_timestamp_seconds",
             "NotAfter of the proxy's certificate",
             cert_expiry.clone(),
@@ -252,6 +260,7 @@ impl Metrics {
             handshakes,
             connections_closed,
             upstream_connections,
+            upstream_idle,
             cert_expiry,
             cert_refresh,
             snapshot_version,

@@ -135,6 +135,14 @@ impl Made {
 }
 
 impl Pool {
+    /// A pool whose idle HTTP/1.1 connections `idle` counts.
+    pub fn new(idle: prometheus_client::metrics::gauge::Gauge) -> Self {
+        Pool {
+            kept: crate::keepalive::Kept::new(idle),
+            ..Pool::default()
+        }
+    }
+
     /// The target's endpoints in the order to try them.
     fn order(&self, ctx: &Ctx, target: &Target) -> Result<Vec<String>, DialError> {
         let service = &target.service;
