@@ -694,6 +694,28 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// How many of the names in `crates/moat-proxy/startup.order` the symbol table of `binary` has,
+/// and how many the file lists: the share falls as the file goes stale (decision 39).
+fn startup_order_found(binary: &Path) -> (usize, usize) {
+    use object::{Object as _, ObjectSymbol as _};
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/moat-proxy/startup.order");
+    let order = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let names: Vec<&str> = order
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    let data =
+        std::fs::read(binary).unwrap_or_else(|e| panic!("cannot read {}: {e}", binary.display()));
+    let file = object::File::parse(&*data)
+        .unwrap_or_else(|e| panic!("{} is not an object file: {e}", binary.display()));
+    let have: std::collections::HashSet<&str> =
+        file.symbols().filter_map(|s| s.name().ok()).collect();
+    let found = names.iter().filter(|n| have.contains(*n)).count();
+    (found, names.len())
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -736,6 +758,9 @@ fn main() {
             b.display()
         );
     }
+    // Read before anything is measured: a binary it cannot read stops the run at once.
+    let order = startup_order_found(&bin("moat-proxy"));
+    eprintln!("start-up order: {} of {} names found", order.0, order.1);
     let dir = tempfile::tempdir().unwrap();
     let (_nginx, backend_port, backend_h2_port) = nginx(dir.path());
     let (backend, backend_h2) = (backend_port.addr(), backend_h2_port.addr());
@@ -804,7 +829,7 @@ fn main() {
             b
         })
         .collect();
-    let table = report(&variants, &runs, &idle, &bursts, baseline.as_deref());
+    let table = report(&variants, &runs, &idle, &bursts, baseline.as_deref(), order);
     print!("{table}");
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("results/compare.md");
     std::fs::write(&out, table).unwrap();
@@ -819,6 +844,7 @@ fn report(
     idle: &[u64],
     bursts: &[Burst],
     baseline: Option<&Path>,
+    order: (usize, usize),
 ) -> String {
     const DIRECT: usize = 0;
     const ENVOY: usize = 1;
@@ -877,14 +903,21 @@ fn report(
             b.display()
         )
     });
+    let (found, listed) = order;
     let mut table = format!(
         "# compare — latest run\n\n\
          - Command: `bench/run-compare` (= `taskset -c 1 cargo bench -p moat-bench --bench compare`)\n\
          - Machine: {}\n\
          - nginx and both sidecars pinned to core 0, load generators to core 1; one worker thread per proxy; \
-         {SECS} s per test, {ROUNDS} rounds with variants interleaved, medians.\n{base_line}\n\
+         {SECS} s per test, {ROUNDS} rounds with variants interleaved, medians.\n{base_line}\
+         - Start-up order (decision 39): {found} of the {listed} names in `crates/moat-proxy/startup.order` \
+         are in this moat-proxy ({:.0} %). The file lists the names of two builds (this one's and \
+         `cargo build --release -p moat-proxy`'s), so no build has them all: 64 % at d5afe48, one \
+         commit after it was made. A lower share, or a higher idle RSS, says to rerun \
+         `bench/scripts/startup-order`.\n\n\
          {head}\n{rule}\n",
-        machine()
+        machine(),
+        100.0 * found as f64 / listed.max(1) as f64
     );
     table += &row("HTTP/1.1, 50 connections (req/s)", |f| f.h1_rps, "");
     table += &row("… p50 latency", |f| f.h1_p50, "µs");
