@@ -134,13 +134,19 @@ async fn exchange(to: std::net::SocketAddr, request: &str) -> String {
     String::from_utf8_lossy(&got).into_owned()
 }
 
-/// A mesh where frontend calls orders, whose app records what it receives.
-async fn frontend_and_recorded_orders()
--> (ControlPlane, Proxy, Proxy, moat_test_util::apps::Recording) {
+/// A mesh where frontend calls orders, whose app records what it receives; orders' sidecar runs
+/// with `orders_args` too.
+async fn frontend_and_recorded_orders(
+    orders_args: &[&str],
+) -> (ControlPlane, Proxy, Proxy, moat_test_util::apps::Recording) {
     let cp = ControlPlane::start().unwrap();
     apply_policy(&cp, MESH_POLICY);
     let (app, rec) = moat_test_util::apps::recording_http().await;
-    let orders = Proxy::builder(&cp, "orders").app(app).start().unwrap();
+    let orders = Proxy::builder(&cp, "orders")
+        .app(app)
+        .args(orders_args)
+        .start()
+        .unwrap();
     let frontend = Proxy::builder(&cp, "frontend")
         .app(http_echo().await)
         .upstreams(&["orders"])
@@ -156,7 +162,7 @@ async fn frontend_and_recorded_orders()
 /// another, and HTTP/2 still travels on a shared HTTP/2 connection of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_crosses_the_mesh_as_http1_on_a_kept_connection() {
-    let (_cp, _orders, frontend, rec) = frontend_and_recorded_orders().await;
+    let (_cp, _orders, frontend, rec) = frontend_and_recorded_orders(&[]).await;
     let to = frontend.upstream("orders");
     let requests = [
         "GET /a/b?x=1 HTTP/1.1\r\nHost: orders.example\r\nx-moat-peer-id: forged\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
@@ -227,7 +233,7 @@ async fn http1_crosses_the_mesh_as_http1_on_a_kept_connection() {
 /// connection kept to it was open and idle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_connection_carries_nothing_its_certificates_no_longer_allow() {
-    let (cp, _orders, frontend, rec) = frontend_and_recorded_orders().await;
+    let (cp, _orders, frontend, rec) = frontend_and_recorded_orders(&[]).await;
     let to = frontend.upstream("orders");
     let request = "GET /x HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n";
     let opened = |n: u32| {
@@ -289,20 +295,8 @@ async fn a_kept_connection_carries_nothing_its_certificates_no_longer_allow() {
 /// which after a burst is megabytes that never go back — and the next request opens a new one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_connection_the_far_side_closed_is_let_go() {
-    let cp = ControlPlane::start().unwrap();
-    apply_policy(&cp, MESH_POLICY);
-    let (app, rec) = moat_test_util::apps::recording_http().await;
-    let _orders = Proxy::builder(&cp, "orders")
-        .app(app)
-        .args(&["--header-read-timeout", "1s"])
-        .start()
-        .unwrap();
-    let frontend = Proxy::builder(&cp, "frontend")
-        .app(http_echo().await)
-        .upstreams(&["orders"])
-        .start()
-        .unwrap();
-    wait_for_services(&frontend, &["orders"]);
+    let (_cp, _orders, frontend, rec) =
+        frontend_and_recorded_orders(&["--header-read-timeout", "1s"]).await;
     let to = frontend.upstream("orders");
     let request = "GET /kept HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n";
     let idle = || {
