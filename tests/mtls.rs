@@ -134,10 +134,11 @@ async fn exchange(to: std::net::SocketAddr, request: &str) -> String {
     String::from_utf8_lossy(&got).into_owned()
 }
 
-/// A mesh where frontend calls orders, whose app records what it receives; orders' sidecar runs
-/// with `orders_args` too.
+/// A mesh where frontend calls orders, whose app records what it receives; the sidecars run with
+/// `orders_args` and `frontend_args` too.
 async fn frontend_and_recorded_orders(
     orders_args: &[&str],
+    frontend_args: &[&str],
 ) -> (ControlPlane, Proxy, Proxy, moat_test_util::apps::Recording) {
     let cp = ControlPlane::start().unwrap();
     apply_policy(&cp, MESH_POLICY);
@@ -150,6 +151,7 @@ async fn frontend_and_recorded_orders(
     let frontend = Proxy::builder(&cp, "frontend")
         .app(http_echo().await)
         .upstreams(&["orders"])
+        .args(frontend_args)
         .start()
         .unwrap();
     wait_for_services(&frontend, &["orders"]);
@@ -162,7 +164,7 @@ async fn frontend_and_recorded_orders(
 /// another, and HTTP/2 still travels on a shared HTTP/2 connection of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_crosses_the_mesh_as_http1_on_a_kept_connection() {
-    let (_cp, _orders, frontend, rec) = frontend_and_recorded_orders(&[]).await;
+    let (_cp, _orders, frontend, rec) = frontend_and_recorded_orders(&[], &[]).await;
     let to = frontend.upstream("orders");
     let requests = [
         "GET /a/b?x=1 HTTP/1.1\r\nHost: orders.example\r\nx-moat-peer-id: forged\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
@@ -233,7 +235,7 @@ async fn http1_crosses_the_mesh_as_http1_on_a_kept_connection() {
 /// connection kept to it was open and idle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_connection_carries_nothing_its_certificates_no_longer_allow() {
-    let (cp, _orders, frontend, rec) = frontend_and_recorded_orders(&[]).await;
+    let (cp, _orders, frontend, rec) = frontend_and_recorded_orders(&[], &[]).await;
     let to = frontend.upstream("orders");
     let request = "GET /x HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n";
     let opened = |n: u32| {
@@ -295,8 +297,27 @@ async fn a_kept_connection_carries_nothing_its_certificates_no_longer_allow() {
 /// which after a burst is megabytes that never go back — and the next request opens a new one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_connection_the_far_side_closed_is_let_go() {
+    kept_connections_go(&["--header-read-timeout", "1s"], &[]).await;
+}
+
+/// A far side that keeps idle connections open long (orders: 60 s) does not hold frontend to
+/// them: frontend closes a connection idle for its keep time (half its own header-read timeout,
+/// 1 s here) itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_connection_idle_for_the_keep_time_is_closed() {
+    kept_connections_go(
+        &["--header-read-timeout", "60s"],
+        &["--header-read-timeout", "2s"],
+    )
+    .await;
+}
+
+/// Four concurrent requests from frontend to orders leave kept connections, which are all gone
+/// within 10 s (`moat_upstream_idle_connections` back to 0); the next request opens a new one and
+/// reaches the app.
+async fn kept_connections_go(orders_args: &[&str], frontend_args: &[&str]) {
     let (_cp, _orders, frontend, rec) =
-        frontend_and_recorded_orders(&["--header-read-timeout", "1s"]).await;
+        frontend_and_recorded_orders(orders_args, frontend_args).await;
     let to = frontend.upstream("orders");
     let request = "GET /kept HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n";
     let idle = || {
@@ -334,7 +355,6 @@ async fn a_kept_connection_the_far_side_closed_is_let_go() {
         frontend.metrics()
     );
 
-    // orders closes them after 1 s of silence; frontend lets every one go.
     let mut left = held;
     for _ in 0..100 {
         left = idle();
@@ -346,7 +366,7 @@ async fn a_kept_connection_the_far_side_closed_is_let_go() {
     assert_eq!(
         left,
         0,
-        "closed connections still held: {}",
+        "idle connections still held after 10 s: {}",
         frontend.metrics()
     );
 

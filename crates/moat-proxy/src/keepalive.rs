@@ -8,10 +8,11 @@
 //! only if its connection is still open, it has been idle less than the keep time (shorter than
 //! the far side's wait for a next request head, which closes idle keep-alive connections), it
 //! was made with the current certificate, and the far side's certificate has neither expired
-//! nor been revoked since (see [`crate::pool::Made`]). When a connection ends (the far side
-//! closes idle ones after its `--header-read-timeout`), it leaves the idle ones at once: a closed
-//! connection kept there would hold hyper's request channel (about 8 KiB) until the next request
-//! to its endpoint, which may never come — after a burst, megabytes that never went back.
+//! nor been revoked since (see [`crate::pool::Made`]). A connection idle for the keep time is
+//! closed by the task driving it ([`IdleSince`]), and the far side closes idle ones after its
+//! `--header-read-timeout`; either way a connection that ends leaves the idle ones at once: a
+//! closed connection kept there would hold hyper's request channel (about 8 KiB) until the next
+//! request to its endpoint, which may never come — after a burst, megabytes that never went back.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -31,22 +32,57 @@ use crate::pool::Made;
 /// Idle connections kept per endpoint and app port; more are closed when their response ends.
 pub const IDLE_PER_ENDPOINT: usize = 256;
 
-/// An idle HTTP/1.1 connection to another sidecar.
+/// How long a connection is kept idle: less than the far side's wait for the next request head
+/// (`--header-read-timeout`, alike across the mesh), after which it would close it.
+pub fn keep_time(limits: &crate::conn_guard::ConnLimits) -> Duration {
+    limits.header_read.min(limits.idle) / 2
+}
+
+/// When a kept connection went idle (`None` while a request has it), shared by its [`Conn`] and
+/// the task driving it, which closes it once it has been idle for the keep time: the far side
+/// would close it soon after, and one that does not must not keep it open. The task looks when
+/// the keep time could have run out, never per request: a request costs it no wake-up.
+#[derive(Debug, Default)]
+pub struct IdleSince(Mutex<Option<Instant>>);
+
+impl IdleSince {
+    fn get(&self) -> Option<Instant> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set(&self, since: Option<Instant>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = since;
+    }
+
+    /// Resolves once the connection has been idle for `keep`.
+    pub async fn expired(&self, keep: Duration) {
+        loop {
+            let wait = match self.get() {
+                Some(at) => (at + keep).saturating_duration_since(Instant::now()),
+                // In use: it cannot run out sooner than `keep` after it is given back.
+                None => keep,
+            };
+            if wait.is_zero() {
+                return;
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// An HTTP/1.1 connection to another sidecar.
 #[derive(Debug)]
 pub struct Conn {
     pub sender: SendRequest<Body>,
     pub made: Made,
-    since: Instant,
+    idle: Arc<IdleSince>,
 }
 
 impl Conn {
-    /// A connection just made; `sender` must be the handshake's.
-    pub fn new(sender: SendRequest<Body>, made: Made) -> Self {
-        Conn {
-            sender,
-            made,
-            since: Instant::now(),
-        }
+    /// A connection just made, carrying its first request; `sender` must be the handshake's and
+    /// `idle` shared with the task driving it.
+    pub fn new(sender: SendRequest<Body>, made: Made, idle: Arc<IdleSince>) -> Self {
+        Conn { sender, made, idle }
     }
 }
 
@@ -144,7 +180,9 @@ impl Kept {
         let idle = &mut map.get_mut(key)?.idle;
         let mut found = None;
         while let Some(c) = idle.pop() {
-            if c.sender.is_ready() && c.since.elapsed() < keep && usable(&c.made) {
+            let fresh = c.idle.get().is_some_and(|at| at.elapsed() < keep);
+            if c.sender.is_ready() && fresh && usable(&c.made) {
+                c.idle.set(None);
                 found = Some(c);
                 break;
             }
@@ -195,9 +233,9 @@ impl Returning {
 }
 
 /// Puts a connection that can take a request among the idle ones under `key`.
-fn put_back(kept: &Weak<Endpoints>, key: String, mut conn: Conn) {
+fn put_back(kept: &Weak<Endpoints>, key: String, conn: Conn) {
     let Some(kept) = kept.upgrade() else { return };
-    conn.since = Instant::now();
+    conn.idle.set(Some(Instant::now()));
     let mut map = kept.lock();
     let idle = &mut map.entry(key).or_default().idle;
     idle.retain(|c| !c.sender.is_closed());

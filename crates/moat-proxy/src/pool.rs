@@ -419,13 +419,20 @@ impl Pool {
             .await
             .map_err(|e| format!("http/1.1 handshake: {e}"))?;
         let ep = ep.to_owned();
+        let idle = Arc::new(crate::keepalive::IdleSince::default());
+        let watched = idle.clone();
+        let keep = crate::keepalive::keep_time(&ctx.cfg.limits);
         tokio::spawn(async move {
             let _opened = opened;
-            if let Err(e) = conn.await {
-                tracing::debug!(endpoint = %ep, error = %e, "HTTP/1.1 connection to a sidecar ended with an error");
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(endpoint = %ep, error = %e, "HTTP/1.1 connection to a sidecar ended with an error");
+                },
+                // Idle for the keep time: dropping the connection closes it.
+                () = watched.expired(keep) => {}
             }
         });
-        Ok(crate::keepalive::Conn::new(sender, made))
+        Ok(crate::keepalive::Conn::new(sender, made, idle))
     }
 
     /// Sends an HTTP/1.1 request to an endpoint of `target` on a connection of its own: an idle
@@ -439,8 +446,7 @@ impl Pool {
         req: Request<Body>,
     ) -> Result<(String, http::Response<Body>), DialError> {
         let service = &target.service;
-        // Shorter than the far side's wait for the next request head on an idle connection.
-        let keep = ctx.cfg.limits.header_read.min(ctx.cfg.limits.idle) / 2;
+        let keep = crate::keepalive::keep_time(&ctx.cfg.limits);
         let mut last = String::new();
         let mut req = req;
         'endpoints: for ep in self.order(ctx, target)? {
