@@ -108,10 +108,11 @@ impl Endpoints {
         self.by_key.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Sets the gauge from `map` (a handful of endpoints: counted, not tracked).
-    fn count(&self, map: &HashMap<String, Endpoint>) {
-        let n: usize = map.values().map(|e| e.idle.len()).sum();
-        self.idle.set(i64::try_from(n).unwrap_or(i64::MAX));
+    /// Moves the gauge by how an endpoint's idle list changed: O(1) per request, however many
+    /// endpoints there are.
+    fn changed(&self, before: usize, after: usize) {
+        // Both at most IDLE_PER_ENDPOINT: the casts cannot wrap.
+        self.idle.inc_by(after as i64 - before as i64);
     }
 }
 
@@ -138,13 +139,14 @@ impl Drop for Opened {
         };
         let mut map = kept.lock();
         if let Some(ep) = map.get_mut(&self.key) {
+            let before = ep.idle.len();
             ep.idle.retain(|c| !c.sender.is_closed());
+            kept.changed(before, ep.idle.len());
             // Places are only taken under the lock (`reserve`): none open now stays so.
             if ep.idle.is_empty() && ep.open.load(Ordering::Relaxed) == 0 {
                 map.remove(&self.key);
             }
         }
-        kept.count(&map);
     }
 }
 
@@ -178,6 +180,7 @@ impl Kept {
     pub fn take(&self, key: &str, keep: Duration, usable: impl Fn(&Made) -> bool) -> Option<Conn> {
         let mut map = self.0.lock();
         let idle = &mut map.get_mut(key)?.idle;
+        let before = idle.len();
         let mut found = None;
         while let Some(c) = idle.pop() {
             let fresh = c.idle.get().is_some_and(|at| at.elapsed() < keep);
@@ -187,7 +190,7 @@ impl Kept {
                 break;
             }
         }
-        self.0.count(&map);
+        self.0.changed(before, idle.len());
         found
     }
 
@@ -238,11 +241,12 @@ fn put_back(kept: &Weak<Endpoints>, key: String, conn: Conn) {
     conn.idle.set(Some(Instant::now()));
     let mut map = kept.lock();
     let idle = &mut map.entry(key).or_default().idle;
+    let before = idle.len();
     idle.retain(|c| !c.sender.is_closed());
     if idle.len() < IDLE_PER_ENDPOINT {
         idle.push(conn);
     }
-    kept.count(&map);
+    kept.changed(before, idle.len());
 }
 
 impl hyper::body::Body for Returning {

@@ -226,7 +226,7 @@ impl Metrics {
         );
         registry.register(
             "upstream_idle_connections",
-            "HTTP/1.1 mesh connections held idle for the next request; a connection leaves as soon as it closes (the far side closes idle ones after its header-read timeout)",
+            "HTTP/1.1 mesh connections held idle for the next request; one leaves as soon as it closes (this sidecar closes one idle for half its header-read timeout, the far side at the full timeout)",
             upstream_idle.clone(),
         );
         registry.register(
