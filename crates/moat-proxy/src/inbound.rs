@@ -714,12 +714,21 @@ async fn to_app(
 ) -> Response<Body> {
     let grpc = is_grpc(&parts.headers);
     let authority = request_authority(&parts, &conn.app_authority);
-    let uri = match Uri::builder()
-        .scheme("http")
-        .authority(authority.as_str())
-        .path_and_query(path_and_query)
-        .build()
-    {
+    // HTTP/1.1 names the target in origin form, its authority in `host` (set below); HTTP/2
+    // carries both in the URI. Either way the authority must be one.
+    let target = if h1 {
+        authority
+            .parse::<http::uri::Authority>()
+            .map_err(http::Error::from)
+            .and_then(|_| Uri::builder().path_and_query(path_and_query).build())
+    } else {
+        Uri::builder()
+            .scheme("http")
+            .authority(authority.as_str())
+            .path_and_query(path_and_query)
+            .build()
+    };
+    let uri = match target {
         Ok(uri) => uri,
         Err(e) => {
             return unavailable(
@@ -749,7 +758,7 @@ async fn to_app(
         match conn
             .clients
             .http1
-            .request(Request::from_parts(parts, body))
+            .send(Request::from_parts(parts, body))
             .await
         {
             Ok(resp) => Ok(resp.map(|b| crate::http::holding(b, held))),

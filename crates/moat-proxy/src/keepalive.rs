@@ -13,6 +13,9 @@
 //! `--header-read-timeout`; either way a connection that ends leaves the idle ones at once: a
 //! closed connection kept there would hold hyper's request channel (about 8 KiB) until the next
 //! request to its endpoint, which may never come — after a burst, megabytes that never went back.
+//!
+//! The inbound keeps its HTTP/1.1 connections to the local app with the same parts ([`Conn`],
+//! [`drive`], [`returning`]), per inbound connection: see [`crate::app::Http1`].
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -29,7 +32,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use crate::http::Body;
 use crate::pool::Made;
 
-/// Idle connections kept per endpoint and app port; more are closed when their response ends.
+/// Idle connections kept per endpoint and app port (and per inbound connection, to the app);
+/// more are closed when their response ends.
 pub const IDLE_PER_ENDPOINT: usize = 256;
 
 /// How long a connection is kept idle: less than the far side's wait for the next request head
@@ -70,19 +74,64 @@ impl IdleSince {
     }
 }
 
-/// An HTTP/1.1 connection to another sidecar.
+/// A kept HTTP/1.1 connection: to another sidecar (`M` is [`Made`], what it was made with) or
+/// to the local app (`M` is `()`, see [`crate::app::Http1`]).
 #[derive(Debug)]
-pub struct Conn {
+pub struct Conn<M = Made> {
     pub sender: SendRequest<Body>,
-    pub made: Made,
+    pub made: M,
     idle: Arc<IdleSince>,
 }
 
-impl Conn {
+impl<M> Conn<M> {
     /// A connection just made, carrying its first request; `sender` must be the handshake's and
-    /// `idle` shared with the task driving it.
-    pub fn new(sender: SendRequest<Body>, made: Made, idle: Arc<IdleSince>) -> Self {
+    /// `idle` shared with the task driving it ([`drive`]).
+    pub fn new(sender: SendRequest<Body>, made: M, idle: Arc<IdleSince>) -> Self {
         Conn { sender, made, idle }
+    }
+}
+
+/// Drives a kept connection until it ends, or until it has been idle for `keep`, when it is
+/// closed.
+pub async fn drive<T>(
+    conn: hyper::client::conn::http1::Connection<T, Body>,
+    idle: &IdleSince,
+    keep: Duration,
+) -> Result<(), hyper::Error>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    tokio::select! {
+        r = conn => r,
+        // Dropping the connection closes it.
+        () = idle.expired(keep) => Ok(()),
+    }
+}
+
+/// Of `idle` (newest last), the newest connection that can carry a request now: open, idle less
+/// than `keep`, and `usable`. Those found on the way are dropped, which closes them.
+pub fn take_newest<M>(
+    idle: &mut Vec<Conn<M>>,
+    keep: Duration,
+    usable: impl Fn(&M) -> bool,
+) -> Option<Conn<M>> {
+    while let Some(c) = idle.pop() {
+        let fresh = c.idle.get().is_some_and(|at| at.elapsed() < keep);
+        if c.sender.is_ready() && fresh && usable(&c.made) {
+            c.idle.set(None);
+            return Some(c);
+        }
+    }
+    None
+}
+
+/// Puts `conn`, which can take a request now, last among `idle`, after dropping the closed ones;
+/// past [`IDLE_PER_ENDPOINT`] it is closed instead.
+pub fn keep<M>(idle: &mut Vec<Conn<M>>, conn: Conn<M>) {
+    conn.idle.set(Some(Instant::now()));
+    idle.retain(|c| !c.sender.is_closed());
+    if idle.len() < IDLE_PER_ENDPOINT {
+        idle.push(conn);
     }
 }
 
@@ -181,31 +230,67 @@ impl Kept {
         let mut map = self.0.lock();
         let idle = &mut map.get_mut(key)?.idle;
         let before = idle.len();
-        let mut found = None;
-        while let Some(c) = idle.pop() {
-            let fresh = c.idle.get().is_some_and(|at| at.elapsed() < keep);
-            if c.sender.is_ready() && fresh && usable(&c.made) {
-                c.idle.set(None);
-                found = Some(c);
-                break;
-            }
-        }
+        let found = take_newest(idle, keep, usable);
         self.0.changed(before, idle.len());
         found
     }
 
     /// `body` as a [`Body`] that gives `conn` back under `key` once it has ended cleanly.
     pub fn returning(&self, key: String, conn: Conn, body: Incoming) -> Body {
-        let mut body = Returning {
-            inner: body,
-            back: Some((key, conn, Arc::downgrade(&self.0))),
-        };
-        // hyper never polls a body that is over before it began (no content).
-        if body.inner.is_end_stream() {
-            body.give_back();
-        }
-        crate::http::boxed(body)
+        returning(
+            ToEndpoint {
+                key,
+                conn,
+                kept: Arc::downgrade(&self.0),
+            },
+            body,
+        )
     }
+}
+
+/// Where a kept connection goes once the exchange on it is over.
+pub trait GiveBack: Send + Sync + Unpin + 'static {
+    /// The connection's request sender.
+    fn sender(&mut self) -> &mut SendRequest<Body>;
+    /// Keeps the connection, which can take a request now, for the next one.
+    fn put_back(self);
+}
+
+/// A mesh connection going back among its endpoint's idle ones.
+struct ToEndpoint {
+    key: String,
+    conn: Conn,
+    kept: Weak<Endpoints>,
+}
+
+impl GiveBack for ToEndpoint {
+    fn sender(&mut self) -> &mut SendRequest<Body> {
+        &mut self.conn.sender
+    }
+
+    fn put_back(self) {
+        let Some(kept) = self.kept.upgrade() else {
+            return;
+        };
+        let mut map = kept.lock();
+        let idle = &mut map.entry(self.key).or_default().idle;
+        let before = idle.len();
+        keep(idle, self.conn);
+        kept.changed(before, idle.len());
+    }
+}
+
+/// `body` as a [`Body`] that hands its connection to `back` once it has ended cleanly.
+pub fn returning<G: GiveBack>(back: G, body: Incoming) -> Body {
+    let mut body = Returning {
+        inner: body,
+        back: Some(back),
+    };
+    // hyper never polls a body that is over before it began (no content).
+    if body.inner.is_end_stream() {
+        body.give_back();
+    }
+    crate::http::boxed(body)
 }
 
 /// A response body that, once it has ended cleanly, puts its connection back among the idle
@@ -213,43 +298,29 @@ impl Kept {
 /// out, or be stalled by its local client: until it is done, nobody else gets the connection).
 /// A body dropped or failed before its end takes its connection with it: hyper closes a
 /// connection whose response was not read to the end.
-struct Returning {
+struct Returning<G> {
     inner: Incoming,
-    back: Option<(String, Conn, Weak<Endpoints>)>,
+    back: Option<G>,
 }
 
-impl Returning {
+impl<G: GiveBack> Returning<G> {
     fn give_back(&mut self) {
-        let Some((key, mut conn, kept)) = self.back.take() else {
+        let Some(mut back) = self.back.take() else {
             return;
         };
-        if conn.sender.is_ready() {
-            put_back(&kept, key, conn);
+        if back.sender().is_ready() {
+            back.put_back();
             return;
         }
         tokio::spawn(async move {
-            if conn.sender.ready().await.is_ok() {
-                put_back(&kept, key, conn);
+            if back.sender().ready().await.is_ok() {
+                back.put_back();
             }
         });
     }
 }
 
-/// Puts a connection that can take a request among the idle ones under `key`.
-fn put_back(kept: &Weak<Endpoints>, key: String, conn: Conn) {
-    let Some(kept) = kept.upgrade() else { return };
-    conn.idle.set(Some(Instant::now()));
-    let mut map = kept.lock();
-    let idle = &mut map.entry(key).or_default().idle;
-    let before = idle.len();
-    idle.retain(|c| !c.sender.is_closed());
-    if idle.len() < IDLE_PER_ENDPOINT {
-        idle.push(conn);
-    }
-    kept.changed(before, idle.len());
-}
-
-impl hyper::body::Body for Returning {
+impl<G: GiveBack> hyper::body::Body for Returning<G> {
     type Data = Bytes;
     type Error = hyper::Error;
 

@@ -424,12 +424,8 @@ impl Pool {
         let keep = crate::keepalive::keep_time(&ctx.cfg.limits);
         tokio::spawn(async move {
             let _opened = opened;
-            tokio::select! {
-                r = conn => if let Err(e) = r {
-                    tracing::debug!(endpoint = %ep, error = %e, "HTTP/1.1 connection to a sidecar ended with an error");
-                },
-                // Idle for the keep time: dropping the connection closes it.
-                () = watched.expired(keep) => {}
+            if let Err(e) = crate::keepalive::drive(conn, &watched, keep).await {
+                tracing::debug!(endpoint = %ep, error = %e, "HTTP/1.1 connection to a sidecar ended with an error");
             }
         });
         Ok(crate::keepalive::Conn::new(sender, made, idle))
