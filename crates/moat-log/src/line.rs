@@ -2,15 +2,17 @@
 //! is on the request path: [`Line`] writes the same text as tracing-subscriber's default
 //! (`Full`) format without colours, field by field into the line, where the default goes through
 //! its styling layers and `core::fmt` for every part. Terminals (ANSI colours) get the default
-//! format itself. A test holds the two to the same bytes for every value without a line break.
+//! format itself. A test holds the two to the same bytes for every value without a line break
+//! or a backslash.
 //!
 //! The line: `TIMESTAMP LEVEL span{fields}:span: target: message field=value …`, the timestamp
 //! RFC 3339 in UTC with microseconds, the level padded to five characters, `&str` values quoted
 //! and escaped as Rust's `Debug` does, `%` values as their `Display`, `?` values as their
 //! `Debug`. Where the default format writes a line break inside a message, an error or a `%`
 //! value as it is, so one event can end its line and forge the next, `Line` escapes it: one
-//! event is one line (see [`OneLine`] for what is escaped and how). Control characters that
-//! drive terminals are escaped wherever a value is unquoted.
+//! event is one line (see [`OneLine`] for what is escaped and how), and writes a backslash
+//! doubled, so no escape in a line can be forged by a value. Control characters that drive
+//! terminals are escaped wherever a value is unquoted.
 
 use std::fmt::{self, Write as _};
 
@@ -219,8 +221,10 @@ fn escaped(w: &mut Writer<'_>, sanitize: bool, value: &str) -> fmt::Result {
 /// so a value cannot end the event's line and write a forged one after it, whatever a caller
 /// sent or a library put in an error; and, when `sanitize`, the controls terminals act on (ESC,
 /// BEL, BS, DEL and the C1 controls), so a value cannot rewrite the operator's terminal. C0
-/// controls and DEL are written `\xNN`, the others `\u{N}`, LF and CR `\n` and `\r`. Plain
-/// printable ASCII, nearly every value, is written as it is after one pass over its bytes.
+/// controls and DEL are written `\xNN`, the others `\u{N}`, LF and CR `\n` and `\r`. A
+/// backslash is written `\\`, so every escape in a line was made here: a value holding a
+/// backslash and an `n` cannot pass for one whose line break was escaped. Plain printable ASCII
+/// without a backslash, nearly every value, is written as it is after one pass over its bytes.
 struct OneLine<'w, 'a> {
     out: &'w mut Writer<'a>,
     sanitize: bool,
@@ -228,16 +232,19 @@ struct OneLine<'w, 'a> {
 
 impl fmt::Write for OneLine<'_, '_> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        if s.bytes().all(|b| (0x20..0x7f).contains(&b) || b == b'\t') {
+        if s.bytes()
+            .all(|b| ((0x20..0x7f).contains(&b) && b != b'\\') || b == b'\t')
+        {
             return self.out.write_str(s);
         }
         let mut rest = s;
         while let Some((at, c)) = rest
             .char_indices()
-            .find(|&(_, c)| breaks_lines(c) || (self.sanitize && drives_terminals(c)))
+            .find(|&(_, c)| c == '\\' || breaks_lines(c) || (self.sanitize && drives_terminals(c)))
         {
             self.out.write_str(&rest[..at])?;
             match c {
+                '\\' => self.out.write_str("\\\\")?,
                 '\n' => self.out.write_str("\\n")?,
                 '\r' => self.out.write_str("\\r")?,
                 '\0'..='\x1f' | '\x7f' => write!(self.out, "\\x{:02x}", c as u32)?,
@@ -446,6 +453,7 @@ mod tests {
             .finish();
         tracing::subscriber::with_default(sub, || {
             tracing::info!(target: "moat::access", path = %FORGED, "http");
+            tracing::info!(target: "moat::access", path = %"/a\\nb\\", "http");
             tracing::info!(value = %BREAKS, debug = ?Broken(BREAKS), "{BREAKS}");
             let e = Broken(BREAKS);
             tracing::warn!(error = &e as &(dyn std::error::Error + 'static), "failed");
@@ -455,7 +463,7 @@ mod tests {
             log_warning("h2::codec", format_args!("{BREAKS}"));
         });
         let lines = lines_of(&sink);
-        assert_eq!(lines.len(), 5, "{lines:#?}");
+        assert_eq!(lines.len(), 6, "{lines:#?}");
         for line in &lines {
             stamped(line);
         }
@@ -463,8 +471,15 @@ mod tests {
         assert!(lines[0].ends_with(
             "moat::access: http path=x\\n2026-12-03T00:00:00.000000Z  INFO moat::access: http decision=\"allow\""
         ), "{}", lines[0]);
+        // A backslash a value holds is doubled: `\n` in a line is always an escaped break.
+        assert!(
+            lines[1].ends_with("moat::access: http path=/a\\\\nb\\\\"),
+            "{}",
+            lines[1]
+        );
+        let lines = [&lines[..1], &lines[2..]].concat();
         assert!(lines[1].ends_with(&format!(
-            ": {escaped} value={escaped} debug=Broken(\"a\\nb\\rc\\u{{b}}d\\u{{c}}e\\u{{85}}f\\u{{2028}}g\\u{{2029}}h\")"
+            ": {escaped} value={escaped} debug=Broken(\"a\\\\nb\\\\rc\\\\u{{b}}d\\\\u{{c}}e\\\\u{{85}}f\\\\u{{2028}}g\\\\u{{2029}}h\")"
         )), "{}", lines[1]);
         assert!(
             lines[2].ends_with(&format!(": failed error={escaped} error.sources=[refused]")),
