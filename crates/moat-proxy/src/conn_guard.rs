@@ -422,24 +422,36 @@ where
     tokio::pin!(close);
     let watchdog = watch.watchdog();
     tokio::pin!(watchdog);
-    tokio::select! {
-        r = conn.as_mut() => match r {
+    // The guards are polled only when one of them was woken, not on every read and write of
+    // the connection (see `on_wake`).
+    let guards = crate::on_wake::OnWake::new(async {
+        tokio::select! {
+            () = shutdown.cancelled() => Stop::Shutdown,
+            reason = &mut close => Stop::Closed(reason),
+            reason = &mut watchdog => Stop::Guard(reason),
+        }
+    });
+    let stop = tokio::select! {
+        r = conn.as_mut() => return match r {
             Ok(()) => Ended::Finished,
             Err(e) if calmed_down(&*e) => Ended::Guard("too-many-resets"),
             Err(e) => Ended::Failed(e.to_string()),
         },
-        () = shutdown.cancelled() => {
+        stop = guards => stop,
+    };
+    match stop {
+        Stop::Shutdown => {
             // The process's --drain-timeout bounds this wait.
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
             Ended::Drained
         }
-        reason = &mut close => {
+        Stop::Closed(reason) => {
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(DRAIN, conn.as_mut()).await;
             Ended::Closed(reason)
         }
-        reason = &mut watchdog => {
+        Stop::Guard(reason) => {
             if reason == "idle" {
                 conn.as_mut().graceful_shutdown();
                 let _ = tokio::time::timeout(DRAIN, conn.as_mut()).await;
@@ -448,6 +460,13 @@ where
             Ended::Guard(reason)
         }
     }
+}
+
+/// Which guard of a served connection spoke first.
+enum Stop {
+    Shutdown,
+    Closed(&'static str),
+    Guard(&'static str),
 }
 
 #[cfg(test)]

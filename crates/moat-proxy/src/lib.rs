@@ -7,7 +7,8 @@
 //! listener per upstream (`outbound`: app → mTLS to a verified endpoint, via `pool`; HTTP/1.1
 //! on kept-alive connections in `keepalive`). Protocols are
 //! told apart in `detect`; HTTP plumbing is in `http`, and what one peer may do to a served HTTP
-//! connection (limits, timeouts, reset and stall watchdog) in `conn_guard`, what one caller
+//! connection (limits, timeouts, reset and stall watchdog) in `conn_guard` (its guards polled
+//! only when woken, `on_wake`), what one caller
 //! identity may hold across its connections in `callers`; retries toward the control plane wait
 //! per `backoff`; metrics in `metrics`, and what callers do while the allow-list only watches
 //! (for `moat policy suggest`) in `observe`, per-caller golden signals (`moat edges`) in `edges`. SIGTERM stops accepting, drains in-flight work up to the
@@ -34,6 +35,7 @@ pub mod metrics;
 pub mod multiplex;
 pub mod net;
 pub mod observe;
+pub mod on_wake;
 pub mod outbound;
 pub mod pool;
 pub mod ratelimit;
