@@ -143,13 +143,15 @@ impl Pool {
         }
     }
 
-    /// The target's endpoints in the order to try them.
+    /// The target's endpoints in the order to try them: from the next in turn, those that
+    /// failed within [`FAILURE_HOLD`] last. Per request, so it copies the endpoints once and
+    /// looks up failures only when there are some.
     fn order(&self, ctx: &Ctx, target: &Target) -> Result<Vec<String>, DialError> {
         let service = &target.service;
         let snap = ctx.snapshot.borrow().clone();
         let eps = snap
-            .as_ref()
-            .and_then(|s| s.services.get(service).cloned())
+            .as_deref()
+            .and_then(|s| s.services.get(service))
             .filter(|e| !e.is_empty())
             .ok_or_else(|| DialError::NoEndpoints(service.clone()))?;
         if let Some(only) = &target.endpoint {
@@ -162,8 +164,11 @@ impl Pool {
         let start = self.next.fetch_add(1, Ordering::Relaxed) % eps.len();
         let mut rotated: Vec<String> = eps[start..].iter().chain(&eps[..start]).cloned().collect();
         let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
-        let recently = |ep: &String| failed.get(ep).is_some_and(|t| t.elapsed() < FAILURE_HOLD);
-        rotated.sort_by_key(recently);
+        if !failed.is_empty() {
+            let recently =
+                |ep: &String| failed.get(ep).is_some_and(|t| t.elapsed() < FAILURE_HOLD);
+            rotated.sort_by_cached_key(recently);
+        }
         Ok(rotated)
     }
 
@@ -175,10 +180,11 @@ impl Pool {
     }
 
     fn mark_ok(&self, ep: &str) {
-        self.failed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(ep);
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        // Nearly always empty: no hashing then.
+        if !failed.is_empty() {
+            failed.remove(ep);
+        }
     }
 
     async fn dial_one(
