@@ -165,8 +165,7 @@ impl Pool {
         let mut rotated: Vec<String> = eps[start..].iter().chain(&eps[..start]).cloned().collect();
         let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
         if !failed.is_empty() {
-            let recently =
-                |ep: &String| failed.get(ep).is_some_and(|t| t.elapsed() < FAILURE_HOLD);
+            let recently = |ep: &String| failed.get(ep).is_some_and(|t| t.elapsed() < FAILURE_HOLD);
             rotated.sort_by_cached_key(recently);
         }
         Ok(rotated)
