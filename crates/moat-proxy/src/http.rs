@@ -223,7 +223,22 @@ pub fn printable_path(raw: &str) -> String {
     percent_encoding::utf8_percent_encode(raw, UNPRINTABLE).to_string()
 }
 
-/// Ensures the request has an `x-request-id` and a `traceparent`; returns the request id.
+/// Marks the request's `x-request-id` and `traceparent` as never to be indexed by HPACK. Both
+/// are new on every request, so on an HTTP/2 hop each one entered the encoder's dynamic table
+/// only to push out entries that do repeat (and lengthened the list of same-name entries the
+/// encoder compares on every request); sent as never-indexed literals, they leave the table to
+/// the headers that repeat. The mark is lost when HTTP/2 decodes a header, so every hop sets it
+/// again; it changes nothing on HTTP/1.1.
+pub fn not_indexed(h: &mut HeaderMap) {
+    for name in [&REQUEST_ID, &TRACEPARENT] {
+        if let Some(v) = h.get_mut(name) {
+            v.set_sensitive(true);
+        }
+    }
+}
+
+/// Ensures the request has an `x-request-id` and a `traceparent`, both marked [`not_indexed`];
+/// returns the request id.
 pub fn ensure_request_id(h: &mut HeaderMap) -> String {
     let id = match h.get(&REQUEST_ID).map(HeaderValue::as_bytes) {
         Some(v) if plain_request_id(v) => String::from_utf8_lossy(v).into_owned(),
@@ -247,6 +262,7 @@ pub fn ensure_request_id(h: &mut HeaderMap) -> String {
             h.insert(TRACEPARENT, v);
         }
     }
+    not_indexed(h);
     id
 }
 
@@ -448,6 +464,28 @@ mod tests {
         let kept = "0af76519-16cd-43dd:8448/eb21+1c80=319c";
         h.insert(REQUEST_ID, HeaderValue::from_static(kept));
         assert_eq!(ensure_request_id(&mut h), kept);
+    }
+
+    /// Both per-request ids leave the HPACK table alone on every hop, whether this side made
+    /// them or the caller sent them (decoded values arrive unmarked); other headers are indexed.
+    #[test]
+    fn request_ids_are_never_indexed() {
+        let mut h = HeaderMap::new();
+        h.insert(http::header::USER_AGENT, HeaderValue::from_static("curl/8"));
+        ensure_request_id(&mut h);
+        assert!(h[&REQUEST_ID].is_sensitive());
+        assert!(h[&TRACEPARENT].is_sensitive());
+        assert!(!h[http::header::USER_AGENT].is_sensitive());
+
+        let mut h = HeaderMap::new();
+        h.insert(REQUEST_ID, HeaderValue::from_static("from-the-caller"));
+        h.insert(
+            TRACEPARENT,
+            HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        );
+        assert_eq!(ensure_request_id(&mut h), "from-the-caller");
+        assert!(h[&REQUEST_ID].is_sensitive());
+        assert!(h[&TRACEPARENT].is_sensitive());
     }
 
     /// An id that would read as more fields in the access log, or as a quoted value, is not

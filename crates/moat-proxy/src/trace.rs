@@ -101,7 +101,7 @@ impl Tracing {
     }
 
     /// Starts the span of a request whose headers are `headers`, as a child of its
-    /// `traceparent`, and rewrites that header to name this span.
+    /// `traceparent`, and rewrites that header to name this span (marked [`crate::http::not_indexed`]).
     pub fn request(&self, headers: &mut HeaderMap, kind: SpanKind, name: &'static str) -> Span {
         let parent = self.propagator.extract(&Headers(headers));
         let span = self
@@ -113,6 +113,7 @@ impl Tracing {
         let cx = Context::new().with_remote_span_context(span.span_context().clone());
         self.propagator
             .inject_context(&cx, &mut HeadersMut(headers));
+        crate::http::not_indexed(headers);
         Span(span)
     }
 
