@@ -125,10 +125,7 @@ impl Http1 {
 
     /// A new connection to the app, driven by a task of its own until it closes.
     async fn connect(&self) -> Result<Conn<()>, Http1Error> {
-        let tcp = TcpStream::connect(self.addr)
-            .await
-            .map_err(Http1Error::Connect)?;
-        tcp.set_nodelay(true).map_err(Http1Error::Connect)?;
+        let tcp = dial(self.addr).await.map_err(Http1Error::Connect)?;
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(TokioIo::new(tcp))
             .await
@@ -164,6 +161,13 @@ impl GiveBack for ToApp {
         let mut idle = idle.lock().unwrap_or_else(|e| e.into_inner());
         keepalive::keep(&mut idle, self.conn);
     }
+}
+
+/// A new TCP connection to the app, with Nagle off: requests and their answers are written whole.
+async fn dial(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
 }
 
 /// Why the app did not answer an h2c request.
@@ -225,10 +229,7 @@ impl H2c {
         if let Some(c) = conns.iter().find(|c| c.has_room()) {
             return Ok(Lease::new(c, metrics));
         }
-        let tcp = TcpStream::connect(self.addr)
-            .await
-            .map_err(H2cError::Connect)?;
-        tcp.set_nodelay(true).map_err(H2cError::Connect)?;
+        let tcp = dial(self.addr).await.map_err(H2cError::Connect)?;
         let conn = multiplex::Conn::handshake(
             &multiplex::builder(),
             tcp,
