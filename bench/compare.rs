@@ -141,7 +141,11 @@ struct Variant {
     /// For the HTTP/2 test: a path whose far end speaks h2c to the backend.
     h2: SocketAddr,
     tcp: SocketAddr,
+    /// The proxies every test but HTTP/2 runs through, whose CPU and memory the table shows.
     pids: Vec<u32>,
+    /// The proxies the HTTP/2 test runs through (moat's has its own server sidecar); printed
+    /// in held runs for `bench/scripts/ab-held`.
+    h2_pids: Vec<u32>,
     /// Ports held for the variant's processes (see `ReservedPort`).
     _ports: Vec<ReservedPort>,
 }
@@ -339,6 +343,7 @@ fn envoy_pair(
             http: c_http,
             h2: c_h2,
             tcp: c_tcp,
+            h2_pids: pids.clone(),
             pids,
             _ports: ports,
         },
@@ -398,7 +403,8 @@ fn moat_pair(
         std::thread::sleep(Duration::from_millis(100));
     }
     let pids = vec![server.pid().unwrap(), client.pid().unwrap()];
-    for p in pids.iter().chain(&[server_h2.pid().unwrap()]) {
+    let h2_pids = vec![server_h2.pid().unwrap(), client.pid().unwrap()];
+    for p in pids.iter().chain(&h2_pids[..1]) {
         pin(*p);
     }
     let http = client.upstream(&server_id);
@@ -411,6 +417,7 @@ fn moat_pair(
             h2,
             tcp: tcp_reserved.addr(),
             pids,
+            h2_pids,
             _ports: vec![tcp_reserved],
         },
     )
@@ -777,6 +784,7 @@ fn main() {
         h2: backend_h2,
         tcp: backend,
         pids: Vec::new(),
+        h2_pids: Vec::new(),
         _ports: Vec::new(),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -790,8 +798,8 @@ fn main() {
     if std::env::var_os("MOAT_COMPARE_HOLD").is_some() {
         for v in &variants {
             eprintln!(
-                "{}: http {} h2 {} tcp {} pids {:?}",
-                v.name, v.http, v.h2, v.tcp, v.pids
+                "{}: http {} h2 {} tcp {} pids {:?} h2 pids {:?}",
+                v.name, v.http, v.h2, v.tcp, v.pids, v.h2_pids
             );
         }
         eprintln!("holding (MOAT_COMPARE_HOLD); stop with Ctrl-C");
