@@ -404,6 +404,10 @@ where
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
+        // A response's head and body go out flattened into one buffer, as before the served
+        // streams passed vectored writes on (for HTTP/2's sake): over TLS, rustls seals each
+        // slice of a vectored write as a record of its own.
+        .writev(false)
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read)
         .max_buf_size(64 * 1024);

@@ -160,6 +160,20 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
+    // Forwarded, not left to the default (which writes the first slice alone): h2 sends a
+    // DATA frame's header and its payload as two slices, and hyper's HTTP/1.1 queues a
+    // response's head and body, so without these every answer took two system calls (and,
+    // over TLS, two records).
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
@@ -222,5 +236,29 @@ mod tests {
         let (_a, mut b) = tokio::io::duplex(1024);
         let (p, seen) = detect(&mut b).await.unwrap();
         assert_eq!((p, seen.len()), (Protocol::Tcp, 0));
+    }
+
+    /// A vectored write reaches the socket whole: h2 writes a DATA frame's header and payload
+    /// as two slices, which the default `poll_write_vectored` would send one per system call.
+    #[tokio::test]
+    async fn vectored_writes_reach_the_socket_in_one_call() {
+        use tokio::io::AsyncWriteExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let mut far = accepted.unwrap().0;
+        let mut near = Prefixed::new(b"seen".to_vec(), client.unwrap());
+        assert!(near.is_write_vectored());
+        let (head, payload) = ([0u8, 0, 4, 0, 1, 0, 0, 0, 1], *b"data");
+        let n = near
+            .write_vectored(&[io::IoSlice::new(&head), io::IoSlice::new(&payload)])
+            .await
+            .unwrap();
+        assert_eq!(n, head.len() + payload.len());
+        let mut got = [0u8; 13];
+        far.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..9], &head);
+        assert_eq!(&got[9..], b"data");
     }
 }
