@@ -161,9 +161,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     // Forwarded, not left to the default (which writes the first slice alone): h2 sends a
-    // DATA frame's header and its payload as two slices, and hyper's HTTP/1.1 queues a
-    // response's head and body, so without these every answer took two system calls (and,
-    // over TLS, two records).
+    // DATA frame's header and its payload as two slices, so without these every HTTP/2 answer
+    // took two system calls. (HTTP/1.1 answers are flattened: `writev(false)` in `serve_http`.)
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

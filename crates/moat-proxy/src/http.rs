@@ -240,29 +240,38 @@ pub fn not_indexed(h: &mut HeaderMap) {
 /// Ensures the request has an `x-request-id` and a `traceparent`, both marked [`not_indexed`];
 /// returns the request id.
 pub fn ensure_request_id(h: &mut HeaderMap) -> String {
-    let id = match h.get(&REQUEST_ID).map(HeaderValue::as_bytes) {
-        Some(v) if plain_request_id(v) => String::from_utf8_lossy(v).into_owned(),
-        _ => {
-            let mut id = String::with_capacity(32);
-            push_random_hex::<16>(&mut id);
-            if let Ok(v) = HeaderValue::from_str(&id) {
-                h.insert(REQUEST_ID, v);
-            }
-            id
+    // One lookup per header on this per-request path: each is marked where it is found or made.
+    let kept = match h.get_mut(&REQUEST_ID) {
+        Some(v) if plain_request_id(v.as_bytes()) => {
+            v.set_sensitive(true);
+            Some(String::from_utf8_lossy(v.as_bytes()).into_owned())
         }
+        _ => None,
     };
-    if !h.contains_key(&TRACEPARENT) {
-        let mut tp = String::with_capacity(55);
-        tp.push_str("00-");
-        push_random_hex::<16>(&mut tp);
-        tp.push('-');
-        push_random_hex::<8>(&mut tp);
-        tp.push_str("-01");
-        if let Ok(v) = HeaderValue::from_str(&tp) {
-            h.insert(TRACEPARENT, v);
+    let id = kept.unwrap_or_else(|| {
+        let mut id = String::with_capacity(32);
+        push_random_hex::<16>(&mut id);
+        if let Ok(mut v) = HeaderValue::from_str(&id) {
+            v.set_sensitive(true);
+            h.insert(REQUEST_ID, v);
+        }
+        id
+    });
+    match h.entry(TRACEPARENT) {
+        http::header::Entry::Occupied(mut e) => e.get_mut().set_sensitive(true),
+        http::header::Entry::Vacant(e) => {
+            let mut tp = String::with_capacity(55);
+            tp.push_str("00-");
+            push_random_hex::<16>(&mut tp);
+            tp.push('-');
+            push_random_hex::<8>(&mut tp);
+            tp.push_str("-01");
+            if let Ok(mut v) = HeaderValue::from_str(&tp) {
+                v.set_sensitive(true);
+                e.insert(v);
+            }
         }
     }
-    not_indexed(h);
     id
 }
 
