@@ -670,3 +670,101 @@ async fn one_callers_share() {
 async fn inbound_one_caller_gets_at_most_its_share_of_the_app() {
     one_callers_share().await;
 }
+
+/// Writes one HTTP/1.1 request for `/small` on `io` and reads its answer (`ok`, 2 bytes) to the
+/// end; the answer, or what went wrong.
+async fn small_on(io: &mut Box<dyn Io>) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    io.write_all(b"GET /small HTTP/1.1\r\nhost: b\r\n\r\n")
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut answer = Vec::new();
+    while !(answer.ends_with(b"\r\n\r\nok")) {
+        let mut chunk = [0u8; 1024];
+        match tokio::time::timeout(Duration::from_secs(10), io.read(&mut chunk)).await {
+            Err(_) => return Err("no answer within 10 s".into()),
+            Ok(Err(e)) => return Err(format!("read: {e}")),
+            Ok(Ok(0)) => return Err(format!("closed after {answer:?}")),
+            Ok(Ok(n)) => answer.extend_from_slice(&chunk[..n]),
+        }
+    }
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// How long the sidecar takes to close `io`, on which the peer writes nothing more (or, with
+/// `drip`, one header line every 200 ms, a head that never ends); `None` if it is still open
+/// after 8 s.
+async fn closed_after(io: &mut Box<dyn Io>, drip: bool) -> Option<Duration> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(8) {
+        if drip && io.write_all(b"x-drip: 1\r\n").await.is_err() {
+            return Some(start.elapsed());
+        }
+        let mut chunk = [0u8; 1024];
+        match tokio::time::timeout(Duration::from_millis(200), io.read(&mut chunk)).await {
+            Err(_) => {}
+            Ok(Ok(0) | Err(_)) => return Some(start.elapsed()),
+            Ok(Ok(n)) => panic!(
+                "the sidecar answered an unfinished head: {:?}",
+                String::from_utf8_lossy(&chunk[..n])
+            ),
+        }
+    }
+    None
+}
+
+/// The HTTP/1 head deadline (`--header-read-timeout`, 1 s here) runs from a head's first byte:
+/// a keep-alive connection idle between requests for longer than that still carries the next
+/// request (a client's pool keeps connections far longer: hyper's and Go's for 90 s, so a proxy
+/// that closed them there would reset requests sent as it closes), while a head that arrives
+/// too slowly — on a new connection, or after a kept connection's response, whether it stops or
+/// drips a line at a time — is cut (`header-read-timeout`) and never reaches the app.
+async fn http1_heads_are_timed_from_their_first_byte(via: Via) {
+    use tokio::io::AsyncWriteExt as _;
+    let m = mesh_with(&["--header-read-timeout", "1s"]).await;
+    let reached = || m.seen.lock().unwrap().values().sum::<usize>();
+
+    let mut kept = m.open(via, true, moat_tls::ALPN_HTTP1).await;
+    let first = small_on(&mut kept).await.unwrap();
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let second = small_on(&mut kept)
+        .await
+        .expect("a keep-alive connection idle for 2.5 s was closed under the next request");
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    assert_eq!(reached(), 2);
+
+    // After a response on the kept connection, a head that drips a line every 200 ms.
+    kept.write_all(b"GET /small HTTP/1.1\r\nhost: b\r\n")
+        .await
+        .unwrap();
+    let dripped = closed_after(&mut kept, true).await;
+    // On a new connection, a head that stops halfway.
+    let mut fresh = m.open(via, true, moat_tls::ALPN_HTTP1).await;
+    fresh
+        .write_all(b"GET /small HTTP/1.1\r\nhost: b\r\n")
+        .await
+        .unwrap();
+    let stopped = closed_after(&mut fresh, false).await;
+    for (what, after) in [("dripping", dripped), ("stopped", stopped)] {
+        let after = after.unwrap_or_else(|| panic!("a {what} head was still open after 8 s"));
+        assert!(
+            after >= Duration::from_millis(900),
+            "a {what} head was cut after {after:?}, before the 1 s deadline"
+        );
+    }
+    assert_eq!(reached(), 2, "an unfinished head reached the app");
+    assert!(m.closed(via, "header-read-timeout") >= 2.0, "{via:?}");
+    m.far_side_closed_nothing(via);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_http1_heads_are_timed_from_their_first_byte() {
+    http1_heads_are_timed_from_their_first_byte(Via::Inbound).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_http1_heads_are_timed_from_their_first_byte() {
+    http1_heads_are_timed_from_their_first_byte(Via::Outbound).await;
+}

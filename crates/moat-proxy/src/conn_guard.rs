@@ -1,10 +1,16 @@
 //! What one peer may do to an HTTP connection the proxy serves (inbound from other sidecars,
 //! outbound from local clients), and serving it under those limits: HTTP/2 stream and reset
-//! bounds, a deadline for HTTP/1 request heads, and a per-connection watchdog that closes the
-//! connection when the peer cancels accepted requests abusively (a "delayed rapid reset"), stops
-//! reading what it asked for (a zero flow-control window), stops sending a request body it
-//! started, or leaves the connection idle. Each closure has its own reason, logged and counted
-//! by the caller (`moat_connections_closed_total`).
+//! bounds, and a per-connection watchdog that closes the connection when the peer takes too long
+//! over an HTTP/1 request head it started, cancels accepted requests abusively (a "delayed rapid
+//! reset"), stops reading what it asked for (a zero flow-control window), stops sending a request
+//! body it started, or leaves the connection idle. Each closure has its own reason, logged and
+//! counted by the caller (`moat_connections_closed_total`).
+//!
+//! The head deadline runs from a head's first byte, not from the end of the previous response
+//! (as hyper's own `header_read_timeout` does): a local client's keep-alive connection idle
+//! between requests is governed by the idle limit, so a client whose pool keeps connections
+//! longer than the head deadline (hyper's and Go's: 90 s) never sends a request onto a
+//! connection the proxy is closing under it.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -16,12 +22,14 @@ use http::Response;
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use tokio_util::sync::CancellationToken;
 
+use crate::detect::Protocol;
 use crate::http::{Body, boxed};
 
 /// The timeouts a served connection lives under (flags in docs/proxy.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnLimits {
-    /// An HTTP/1 request head must arrive within this.
+    /// An HTTP/1 request head must arrive in full within this of its first byte
+    /// (`header-read-timeout`).
     pub header_read: Duration,
     /// A request body the peer has started must keep arriving (or the response keep flowing):
     /// no progress for this long closes the connection (`request-stalled`).
@@ -116,18 +124,26 @@ struct Watch {
     /// Requests whose response has not finished.
     in_flight: AtomicUsize,
     last_activity_ms: AtomicU64,
+    /// Since when an HTTP/1 request head has been arriving: from the first byte read with no
+    /// request in flight until hyper hands the head over (`NOT_WAITING` otherwise, and always
+    /// on HTTP/2, whose reads are not timed).
+    head_since_ms: AtomicU64,
+    /// Whether request heads are timed (HTTP/1).
+    timed_heads: bool,
     waits: Mutex<Vec<Weak<Wait>>>,
     tripped: CancellationToken,
 }
 
 impl Watch {
-    fn new(limits: ConnLimits) -> Self {
+    fn new(limits: ConnLimits, timed_heads: bool) -> Self {
         Watch {
             start: Instant::now(),
             limits,
             cancels: Mutex::new((Instant::now(), 0)),
             in_flight: AtomicUsize::new(0),
             last_activity_ms: AtomicU64::new(0),
+            head_since_ms: AtomicU64::new(NOT_WAITING),
+            timed_heads,
             waits: Mutex::new(Vec::new()),
             tripped: CancellationToken::new(),
         }
@@ -140,6 +156,26 @@ impl Watch {
     fn active(&self) {
         self.last_activity_ms
             .store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Bytes came in on an HTTP/1 connection: with no request in flight, they start the next
+    /// request head, whose clock starts now unless it already runs. (Bytes read while a request
+    /// is in flight are its body, or a pipelined head; one still unfinished when the response
+    /// ends is timed from the next byte, and until then the connection is idle.)
+    fn bytes_read(&self) {
+        if self.timed_heads
+            && self.in_flight.load(Ordering::Relaxed) == 0
+            && self.head_since_ms.load(Ordering::Relaxed) == NOT_WAITING
+        {
+            self.head_since_ms.store(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// hyper handed a request head over.
+    fn head_read(&self) {
+        if self.timed_heads {
+            self.head_since_ms.store(NOT_WAITING, Ordering::Relaxed);
+        }
     }
 
     fn cancelled(&self) {
@@ -171,11 +207,15 @@ impl Watch {
         w
     }
 
-    /// How often the watchdog looks: a quarter of the shortest limit, between 250 ms and 5 s.
+    /// How often the watchdog looks: a quarter of the shortest limit that applies, between
+    /// 250 ms and 5 s.
     fn period(&self) -> Duration {
         let l = &self.limits;
-        (l.request_idle.min(l.response_idle).min(l.idle) / 4)
-            .clamp(Duration::from_millis(250), Duration::from_secs(5))
+        let mut shortest = l.request_idle.min(l.response_idle).min(l.idle);
+        if self.timed_heads {
+            shortest = shortest.min(l.header_read);
+        }
+        (shortest / 4).clamp(Duration::from_millis(250), Duration::from_secs(5))
     }
 
     /// Resolves with the reason once the connection must be closed.
@@ -207,6 +247,12 @@ impl Watch {
                 if let Some(reason) = stalled {
                     return reason;
                 }
+            }
+            let head = self.head_since_ms.load(Ordering::Relaxed);
+            if head != NOT_WAITING
+                && now.saturating_sub(head) > self.limits.header_read.as_millis() as u64
+            {
+                return "header-read-timeout";
             }
             let quiet = now.saturating_sub(self.last_activity_ms.load(Ordering::Relaxed));
             if self.in_flight.load(Ordering::Relaxed) == 0
@@ -333,6 +379,60 @@ impl hyper::body::Body for ResponseBody {
     }
 }
 
+/// An HTTP/1 connection's stream, telling its [`Watch`] when bytes come in (which may start the
+/// clock on a request head). Writes pass straight through.
+struct HeadClock<IO> {
+    io: IO,
+    watch: Arc<Watch>,
+}
+
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for HeadClock<IO> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.watch.bytes_read();
+        }
+        polled
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for HeadClock<IO> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 /// Whether the HTTP/2 layer itself closed the connection for abuse: it sent GOAWAY
 /// ENHANCE_YOUR_CALM (more than [`PENDING_ACCEPT_RESETS`] streams reset before acceptance).
 fn calmed_down(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -346,11 +446,14 @@ fn calmed_down(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Serves one HTTP/1.1 or HTTP/2 connection, each request answered by `handler`, until it
-/// ends, the process drains, `close` resolves (closed gracefully within [`DRAIN`]), or the
-/// watchdog closes it (see [`Ended::Guard`]). Header blocks are limited to 64 KiB.
+/// Serves one HTTP/1.1 (`proto` [`Protocol::Http1`]) or HTTP/2 connection ([`Protocol::Http2`];
+/// [`Protocol::Tcp`] is served as neither and ends at once, `Failed`), each request answered by
+/// `handler`, until it ends, the process drains, `close` resolves (closed gracefully within
+/// [`DRAIN`]), or the watchdog closes it (see [`Ended::Guard`]). Header blocks are limited to
+/// 64 KiB.
 pub async fn serve_http<IO, F, Fut>(
     io: IO,
+    proto: Protocol,
     handler: F,
     limits: ConnLimits,
     shutdown: &CancellationToken,
@@ -362,10 +465,14 @@ where
     Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
 {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    let watch = Arc::new(Watch::new(limits));
+    if proto == Protocol::Tcp {
+        return Ended::Failed("opaque TCP is not served as HTTP".into());
+    }
+    let watch = Arc::new(Watch::new(limits, proto == Protocol::Http1));
     let svc = {
         let watch = watch.clone();
         hyper::service::service_fn(move |req: http::Request<Incoming>| {
+            watch.head_read();
             let accepted = Accepted(Some(watch.clone()));
             let in_flight = InFlight::new(&watch);
             let wait = watch.new_wait();
@@ -409,7 +516,8 @@ where
         // slice of a vectored write as a record of its own.
         .writev(false)
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read)
+        // The watchdog times request heads from their first byte (see the module's notes).
+        .header_read_timeout(None)
         .max_buf_size(64 * 1024);
     builder
         .http2()
@@ -421,6 +529,16 @@ where
         .max_pending_accept_reset_streams(PENDING_ACCEPT_RESETS)
         .keep_alive_interval(PING_INTERVAL)
         .keep_alive_timeout(PING_TIMEOUT);
+    // The protocol is known (detected, or the mesh connection's ALPN): served as that alone.
+    let builder = if proto == Protocol::Http1 {
+        builder.http1_only()
+    } else {
+        builder.http2_only()
+    };
+    let io = HeadClock {
+        io,
+        watch: watch.clone(),
+    };
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
     tokio::pin!(close);
@@ -479,7 +597,7 @@ mod tests {
 
     #[test]
     fn finished_requests_leave_the_watch_list_without_the_watchdog() {
-        let watch = Watch::new(ConnLimits::default());
+        let watch = Watch::new(ConnLimits::default(), true);
         let live: Vec<Arc<Wait>> = (0..10).map(|_| watch.new_wait()).collect();
         for _ in 0..100_000 {
             drop(watch.new_wait());

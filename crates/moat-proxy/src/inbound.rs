@@ -95,7 +95,9 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
     };
     match proto {
         Protocol::Tcp => tcp_forward(io, remote, peer, app, &ctx).await,
-        Protocol::Http1 | Protocol::Http2 => serve_requests(io, remote, peer, app, ctx).await,
+        Protocol::Http1 | Protocol::Http2 => {
+            serve_requests(io, proto, remote, peer, app, ctx).await
+        }
     }
 }
 
@@ -158,6 +160,7 @@ async fn accept_tls(
 /// caller is revoked).
 async fn serve_requests(
     io: Prefixed<tokio_rustls::server::TlsStream<TcpStream>>,
+    proto: Protocol,
     remote: SocketAddr,
     peer: Caller,
     app: SocketAddr,
@@ -190,7 +193,7 @@ async fn serve_requests(
         }
     };
     let closed = until_forbidden(&ctx, &peer, port, admitted);
-    match serve_http(io, handler, ctx.cfg.limits, &ctx.shutdown, closed).await {
+    match serve_http(io, proto, handler, ctx.cfg.limits, &ctx.shutdown, closed).await {
         Ended::Failed(e) => {
             tracing::debug!(%remote, error = %e, "inbound HTTP connection ended with an error")
         }

@@ -10,7 +10,7 @@
 //! was made with the current certificate, and the far side's certificate has neither expired
 //! nor been revoked since (see [`crate::pool::Made`]). A connection idle for the keep time is
 //! closed by the task driving it ([`IdleSince`]), and the far side closes idle ones after its
-//! `--header-read-timeout`; either way a connection that ends leaves the idle ones at once: a
+//! `--idle-timeout`; either way a connection that ends leaves the idle ones at once: a
 //! closed connection kept there would hold hyper's request channel (about 8 KiB) until the next
 //! request to its endpoint, which may never come — after a burst, megabytes that never went back.
 //!
@@ -36,8 +36,9 @@ use crate::pool::Made;
 /// more are closed when their response ends.
 pub const IDLE_PER_ENDPOINT: usize = 256;
 
-/// How long a connection is kept idle: less than the far side's wait for the next request head
-/// (`--header-read-timeout`, alike across the mesh), after which it would close it.
+/// How long a connection is kept idle: half the header-read timeout (5 s by default), short so
+/// a burst's connections go soon, and at most half the idle timeout (alike across the mesh),
+/// after which the far side would close it.
 pub fn keep_time(limits: &crate::conn_guard::ConnLimits) -> Duration {
     limits.header_read.min(limits.idle) / 2
 }

@@ -91,7 +91,8 @@ struct Args {
     /// listener ports and/or the app port.
     #[arg(long, env = "MOAT_OPAQUE_PORTS", value_delimiter = ',')]
     opaque_ports: Vec<u16>,
-    /// An HTTP/1 request head must arrive within this.
+    /// An HTTP/1 request head must arrive in full within this of its first byte, or the
+    /// connection is closed (a connection idle between requests is governed by --idle-timeout).
     #[arg(long, env = "MOAT_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = timeout)]
     header_read_timeout: Duration,
     /// A request body the peer started must keep coming (or the response keep flowing) within

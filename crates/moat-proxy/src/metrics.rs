@@ -216,7 +216,7 @@ impl Metrics {
         );
         registry.register(
             "connections_closed",
-            "Connections the proxy closed, by direction (inbound, outbound: local clients, upstream: shared mesh connections) and reason (too-many-resets, response-stalled, request-stalled, idle, policy, reset-budget: local clients gave up on too many requests on a shared mesh connection, which takes no new ones)",
+            "Connections the proxy closed, by direction (inbound, outbound: local clients, upstream: shared mesh connections) and reason (header-read-timeout, too-many-resets, response-stalled, request-stalled, idle, policy, reset-budget: local clients gave up on too many requests on a shared mesh connection, which takes no new ones)",
             connections_closed.clone(),
         );
         registry.register(
@@ -226,7 +226,7 @@ impl Metrics {
         );
         registry.register(
             "upstream_idle_connections",
-            "HTTP/1.1 mesh connections held idle for the next request; one leaves as soon as it closes (this sidecar closes one idle for half its header-read timeout, the far side at the full timeout)",
+            "HTTP/1.1 mesh connections held idle for the next request; one leaves as soon as it closes (this sidecar closes one idle for half its header-read timeout, the far side after its idle timeout)",
             upstream_idle.clone(),
         );
         registry.register(

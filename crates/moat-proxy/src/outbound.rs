@@ -72,6 +72,7 @@ pub async fn connection(mut tcp: TcpStream, remote: SocketAddr, target: Target, 
             };
             match serve_http(
                 io,
+                proto,
                 handler,
                 ctx.cfg.limits.for_local_clients(),
                 &ctx.shutdown,
