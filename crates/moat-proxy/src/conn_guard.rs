@@ -536,7 +536,7 @@ where
         builder.http2_only()
     };
     let io = HeadClock {
-        io,
+        io: crate::coalesce::Coalesced::new(io, proto == Protocol::Http2),
         watch: watch.clone(),
     };
     let conn = builder.serve_connection(TokioIo::new(io), svc);

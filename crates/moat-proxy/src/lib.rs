@@ -5,7 +5,7 @@
 //! and renewal (`identity`), the mesh stream to the control plane (`mesh_client`, snapshots in
 //! `snapshot`), then the inbound listener (`inbound`: mTLS → authorize → app) and one outbound
 //! listener per upstream (`outbound`: app → mTLS to a verified endpoint, via `pool`; HTTP/1.1
-//! on kept-alive connections in `keepalive`). Protocols are
+//! on kept-alive connections in `keepalive`; HTTP/2 writes gathered in `coalesce`). Protocols are
 //! told apart in `detect`; HTTP plumbing is in `http`, and what one peer may do to a served HTTP
 //! connection (limits, timeouts, reset and stall watchdog) in `conn_guard` (its guards polled
 //! only when woken, `on_wake`), what one caller
@@ -19,6 +19,7 @@ pub mod app;
 pub mod app_probe;
 pub mod backoff;
 pub mod callers;
+pub mod coalesce;
 pub mod config;
 pub mod conn_guard;
 pub mod ctx;

@@ -117,6 +117,7 @@ impl Conn {
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let io = crate::coalesce::Coalesced::new(io, true);
         let (sender, conn) = builder.handshake::<_, Body>(TokioIo::new(io)).await?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
