@@ -22,7 +22,7 @@ use http::Response;
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use tokio_util::sync::CancellationToken;
 
-use crate::detect::Protocol;
+use crate::detect::HttpVersion;
 use crate::http::{Body, boxed};
 
 /// The timeouts a served connection lives under (flags in docs/proxy.md).
@@ -446,14 +446,13 @@ fn calmed_down(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Serves one HTTP/1.1 (`proto` [`Protocol::Http1`]) or HTTP/2 connection ([`Protocol::Http2`];
-/// [`Protocol::Tcp`] is served as neither and ends at once, `Failed`), each request answered by
-/// `handler`, until it ends, the process drains, `close` resolves (closed gracefully within
+/// Serves one HTTP/1.1 or HTTP/2 connection (`version`, and that one alone), each request
+/// answered by `handler`, until it ends, the process drains, `close` resolves (closed gracefully within
 /// [`DRAIN`]), or the watchdog closes it (see [`Ended::Guard`]). Header blocks are limited to
 /// 64 KiB.
 pub async fn serve_http<IO, F, Fut>(
     io: IO,
-    proto: Protocol,
+    version: HttpVersion,
     handler: F,
     limits: ConnLimits,
     shutdown: &CancellationToken,
@@ -465,10 +464,7 @@ where
     Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
 {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    if proto == Protocol::Tcp {
-        return Ended::Failed("opaque TCP is not served as HTTP".into());
-    }
-    let watch = Arc::new(Watch::new(limits, proto == Protocol::Http1));
+    let watch = Arc::new(Watch::new(limits, version == HttpVersion::Http1));
     let svc = {
         let watch = watch.clone();
         hyper::service::service_fn(move |req: http::Request<Incoming>| {
@@ -530,13 +526,12 @@ where
         .keep_alive_interval(PING_INTERVAL)
         .keep_alive_timeout(PING_TIMEOUT);
     // The protocol is known (detected, or the mesh connection's ALPN): served as that alone.
-    let builder = if proto == Protocol::Http1 {
-        builder.http1_only()
-    } else {
-        builder.http2_only()
+    let builder = match version {
+        HttpVersion::Http1 => builder.http1_only(),
+        HttpVersion::Http2 => builder.http2_only(),
     };
     let io = HeadClock {
-        io: crate::coalesce::Coalesced::new(io, proto == Protocol::Http2),
+        io: crate::coalesce::Coalesced::new(io, version == HttpVersion::Http2),
         watch: watch.clone(),
     };
     let conn = builder.serve_connection(TokioIo::new(io), svc);

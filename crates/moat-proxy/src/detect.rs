@@ -26,9 +26,18 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// What a connection carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
+    /// HTTP requests, served by `conn_guard::serve_http`.
+    Http(HttpVersion),
+    /// Opaque bytes, relayed.
+    Tcp,
+}
+
+/// Which HTTP a served connection speaks: detection (or ALPN) decides, and the connection is
+/// served as that one alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpVersion {
     Http1,
     Http2,
-    Tcp,
 }
 
 /// Whether `line` (without its line ending) is an HTTP/1 request line: `method SP target SP
@@ -53,7 +62,7 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
         return None;
     }
     if buf.len() >= H2_PREFACE.len() && buf.starts_with(H2_PREFACE) {
-        return Some(Protocol::Http2);
+        return Some(Protocol::Http(HttpVersion::Http2));
     }
     if buf.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(buf) {
         return None;
@@ -73,12 +82,12 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
             let line = &buf[..end];
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             Some(if is_request_line(line) {
-                Protocol::Http1
+                Protocol::Http(HttpVersion::Http1)
             } else {
                 Protocol::Tcp
             })
         }
-        None if buf.len() >= MAX_REQUEST_LINE => Some(Protocol::Http1),
+        None if buf.len() >= MAX_REQUEST_LINE => Some(Protocol::Http(HttpVersion::Http1)),
         None => None,
     }
 }
@@ -185,15 +194,18 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 mod tests {
     use super::*;
 
+    const HTTP1: Protocol = Protocol::Http(HttpVersion::Http1);
+    const HTTP2: Protocol = Protocol::Http(HttpVersion::Http2);
+
     #[test]
     fn classifies() {
-        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
-        assert_eq!(classify(b"GET / HTTP/1.0\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(HTTP1));
+        assert_eq!(classify(b"GET / HTTP/1.0\n"), Some(HTTP1));
         assert_eq!(classify(b"DELE"), None);
         assert_eq!(classify(b"GET /orders HTTP/1.1"), None);
         assert_eq!(
             classify(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0"),
-            Some(Protocol::Http2)
+            Some(HTTP2)
         );
         assert_eq!(classify(b"PRI * HT"), None);
         assert_eq!(classify(b"\x16\x03\x01"), Some(Protocol::Tcp));
@@ -201,15 +213,9 @@ mod tests {
         assert_eq!(classify(b"hello world\r\n"), Some(Protocol::Tcp));
         assert_eq!(classify(b"\0\0\0\x08"), Some(Protocol::Tcp));
         // Any method token is HTTP: lower case and extension methods too.
-        assert_eq!(classify(b"get / HTTP/1.1\r\n"), Some(Protocol::Http1));
-        assert_eq!(
-            classify(b"PROPFIND /admin HTTP/1.1\r\n"),
-            Some(Protocol::Http1)
-        );
-        assert_eq!(
-            classify(b"GET http://b/admin HTTP/1.1\r\n"),
-            Some(Protocol::Http1)
-        );
+        assert_eq!(classify(b"get / HTTP/1.1\r\n"), Some(HTTP1));
+        assert_eq!(classify(b"PROPFIND /admin HTTP/1.1\r\n"), Some(HTTP1));
+        assert_eq!(classify(b"GET http://b/admin HTTP/1.1\r\n"), Some(HTTP1));
         // Text protocols that are not HTTP stay TCP (memcached, SMTP client lines).
         assert_eq!(classify(b"get key\r\n"), Some(Protocol::Tcp));
         assert_eq!(classify(b"EHLO me\r\n"), Some(Protocol::Tcp));
@@ -223,7 +229,7 @@ mod tests {
         use tokio::io::AsyncWriteExt as _;
         a.write_all(b"POST /x HTTP/1.1\r\n").await.unwrap();
         let (p, seen) = detect(&mut b).await.unwrap();
-        assert_eq!(p, Protocol::Http1);
+        assert_eq!(p, HTTP1);
         let mut replay = Prefixed::new(seen, b);
         let mut out = [0u8; 18];
         replay.read_exact(&mut out).await.unwrap();

@@ -19,7 +19,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::conn_guard::{Ended, RequestBody, serve_http};
 use crate::ctx::Ctx;
-use crate::detect::{Prefixed, Protocol, detect};
+use crate::detect::{HttpVersion, Prefixed, Protocol, detect};
 use crate::http::{
     Body, ORIG_PROTO, PEER_ID, USER, boxed, deny, ensure_request_id, is_grpc, keep_body_framing,
     printable_path, request_authority, strip_hop_by_hop, strip_identity_headers, unavailable,
@@ -81,7 +81,10 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
     }
     let (proto, io) = match alpn.as_deref() {
         Some(moat_tls::ALPN_TCP) => (Protocol::Tcp, Prefixed::new(Vec::new(), tls)),
-        Some(moat_tls::ALPN_H2) => (Protocol::Http2, Prefixed::new(Vec::new(), tls)),
+        Some(moat_tls::ALPN_H2) => (
+            Protocol::Http(HttpVersion::Http2),
+            Prefixed::new(Vec::new(), tls),
+        ),
         _ if ctx.cfg.opaque_ports.contains(&app.port()) => {
             (Protocol::Tcp, Prefixed::new(Vec::new(), tls))
         }
@@ -95,9 +98,7 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
     };
     match proto {
         Protocol::Tcp => tcp_forward(io, remote, peer, app, &ctx).await,
-        Protocol::Http1 | Protocol::Http2 => {
-            serve_requests(io, proto, remote, peer, app, ctx).await
-        }
+        Protocol::Http(version) => serve_requests(io, version, remote, peer, app, ctx).await,
     }
 }
 
@@ -160,7 +161,7 @@ async fn accept_tls(
 /// caller is revoked).
 async fn serve_requests(
     io: Prefixed<tokio_rustls::server::TlsStream<TcpStream>>,
-    proto: Protocol,
+    version: HttpVersion,
     remote: SocketAddr,
     peer: Caller,
     app: SocketAddr,
@@ -193,7 +194,7 @@ async fn serve_requests(
         }
     };
     let closed = until_forbidden(&ctx, &peer, port, admitted);
-    match serve_http(io, proto, handler, ctx.cfg.limits, &ctx.shutdown, closed).await {
+    match serve_http(io, version, handler, ctx.cfg.limits, &ctx.shutdown, closed).await {
         Ended::Failed(e) => {
             tracing::debug!(%remote, error = %e, "inbound HTTP connection ended with an error")
         }

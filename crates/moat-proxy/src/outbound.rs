@@ -53,7 +53,7 @@ pub async fn connection(mut tcp: TcpStream, remote: SocketAddr, target: Target, 
     let io = Prefixed::new(seen, tcp);
     match proto {
         Protocol::Tcp => tcp_forward(io, remote, &target, opaque, &ctx).await,
-        Protocol::Http1 | Protocol::Http2 => {
+        Protocol::Http(version) => {
             let name = target.service.to_string();
             let conn = Arc::new(HttpConn {
                 counters: ctx
@@ -72,7 +72,7 @@ pub async fn connection(mut tcp: TcpStream, remote: SocketAddr, target: Target, 
             };
             match serve_http(
                 io,
-                proto,
+                version,
                 handler,
                 ctx.cfg.limits.for_local_clients(),
                 &ctx.shutdown,
