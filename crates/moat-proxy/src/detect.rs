@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use moat_policy::target::is_method_token;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt as _, ReadBuf};
 
 /// How long to wait for a client's first bytes before treating the connection as opaque TCP
 /// (server-first protocols send nothing until the server speaks).
@@ -161,38 +161,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    // Forwarded, not left to the default (which writes the first slice alone): h2 sends a
-    // DATA frame's header and its payload as two slices, so without these every HTTP/2 answer
-    // took two system calls. (HTTP/1.1 answers are flattened: `writev(false)` in `serve_http`.)
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
+crate::forward::forward_writes!(Prefixed, inner);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWrite as _;
 
     const HTTP1: Protocol = Protocol::Http(HttpVersion::Http1);
     const HTTP2: Protocol = Protocol::Http(HttpVersion::Http2);

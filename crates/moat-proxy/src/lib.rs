@@ -6,7 +6,7 @@
 //! `snapshot`), then the inbound listener (`inbound`: mTLS → authorize → app) and one outbound
 //! listener per upstream (`outbound`: app → mTLS to a verified endpoint, via `pool`; HTTP/1.1
 //! on kept-alive connections in `keepalive`; HTTP/2 writes gathered in `coalesce`). Protocols are
-//! told apart in `detect`; HTTP plumbing is in `http`, and what one peer may do to a served HTTP
+//! told apart in `detect` (read-side stream wrappers forward writes with `forward`); HTTP plumbing is in `http`, and what one peer may do to a served HTTP
 //! connection (limits, timeouts, reset and stall watchdog) in `conn_guard` (its guards polled
 //! only when woken, `on_wake`), what one caller
 //! identity may hold across its connections in `callers`; retries toward the control plane wait
@@ -25,6 +25,7 @@ pub mod conn_guard;
 pub mod ctx;
 pub mod detect;
 pub mod edges;
+mod forward;
 pub mod http;
 pub mod identity;
 pub mod inbound;
