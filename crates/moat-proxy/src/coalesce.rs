@@ -56,8 +56,11 @@ impl<IO> Coalesced<IO> {
 }
 
 impl<IO: AsyncWrite + Unpin> Coalesced<IO> {
-    /// Writes what is gathered, all of it or until the stream would block.
-    fn write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// Writes what is gathered, all of it or until the stream would block. With `release` (a
+    /// flush or shutdown: the batch is over) the buffer is freed once written, so a connection
+    /// holds one only while it has bytes to send and thousands of quiet HTTP/2 connections hold
+    /// none; without (making room in the middle of a batch) it is kept for the rest of the batch.
+    fn write_out(&mut self, cx: &mut Context<'_>, release: bool) -> Poll<io::Result<()>> {
         while self.written < self.buf.len() {
             let n = std::task::ready!(
                 Pin::new(&mut self.io).poll_write(cx, &self.buf[self.written..])
@@ -67,26 +70,36 @@ impl<IO: AsyncWrite + Unpin> Coalesced<IO> {
             }
             self.written += n;
         }
-        // Written out, the buffer goes: a connection holds one only while it has bytes to send,
-        // so thousands of quiet HTTP/2 connections hold none. The next batch allocates again
-        // (one allocation per write, against one per frame the writes replaced).
-        self.buf = Vec::new();
         self.written = 0;
+        if release {
+            self.buf = Vec::new();
+        } else {
+            self.buf.clear();
+        }
         Poll::Ready(Ok(()))
     }
 
-    /// Makes room to gather `len` more bytes: an empty buffer starts at [`FIRST_GATHER`], room
-    /// for a batch of small answers without regrowing.
+    /// Allocates for `len` more bytes, [`GATHER`] at most in all (`room_for` saw to that): an
+    /// empty buffer gets [`FIRST_GATHER`] (or `len`, if more), room for a batch of small
+    /// answers; one that outgrows that gets the whole bound. So a batch allocates at most twice,
+    /// and the buffer is kept until the batch is flushed.
     fn reserve(&mut self, len: usize) {
-        if self.buf.capacity() == 0 {
-            self.buf.reserve_exact(FIRST_GATHER.max(len));
+        let needed = self.buf.len() + len;
+        if needed > self.buf.capacity() {
+            let cap = if self.buf.capacity() == 0 {
+                FIRST_GATHER.max(needed)
+            } else {
+                GATHER
+            };
+            self.buf.reserve_exact(cap - self.buf.len());
         }
     }
 
-    /// Makes room for `len` more bytes: writes out first if they would not fit.
+    /// Makes room for `len` more bytes: writes out first if they would not fit. The bytes of a
+    /// partial write still in the buffer count too, so it never holds more than [`GATHER`].
     fn room_for(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<()>> {
-        if self.gathered() > 0 && self.gathered() + len > GATHER {
-            std::task::ready!(self.write_out(cx))?;
+        if !self.buf.is_empty() && self.buf.len() + len > GATHER {
+            std::task::ready!(self.write_out(cx, false))?;
         }
         Poll::Ready(Ok(()))
     }
@@ -157,7 +170,11 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Coalesced<IO> {
                 cx.waker().wake_by_ref();
                 return Poll::Ready(Ok(()));
             }
-            std::task::ready!(self.write_out(cx))?;
+            std::task::ready!(self.write_out(cx, true))?;
+        } else if self.buf.capacity() > 0 {
+            // Kept while the batch made room, then a large write went straight through: the
+            // batch is over all the same.
+            self.buf = Vec::new();
         }
         self.put_off = 0;
         self.due = false;
@@ -165,7 +182,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Coalesced<IO> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        std::task::ready!(self.write_out(cx))?;
+        std::task::ready!(self.write_out(cx, true))?;
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
@@ -176,11 +193,13 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// A stream that records the size of each write it is given and has nothing to read.
+    /// A stream that records the size of each write it takes and has nothing to read. With
+    /// `room` set, it takes that many more bytes and then blocks.
     #[derive(Default)]
     struct Recorder {
         writes: Vec<usize>,
         shut: bool,
+        room: Option<usize>,
     }
 
     impl AsyncRead for Recorder {
@@ -199,8 +218,15 @@ mod tests {
             _: &mut Context<'_>,
             data: &[u8],
         ) -> Poll<io::Result<usize>> {
-            self.writes.push(data.len());
-            Poll::Ready(Ok(data.len()))
+            let n = data.len().min(self.room.unwrap_or(usize::MAX));
+            if n == 0 {
+                return Poll::Pending;
+            }
+            if let Some(room) = &mut self.room {
+                *room -= n;
+            }
+            self.writes.push(n);
+            Poll::Ready(Ok(n))
         }
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
@@ -266,6 +292,46 @@ mod tests {
         flush(&mut s, &mut cx);
         assert_eq!(wakes.0.load(Ordering::Relaxed), woken);
         assert_eq!(s.io.writes, vec![3500]);
+    }
+
+    #[test]
+    fn the_buffer_stays_within_its_bound_through_partial_writes() {
+        const FRAME: usize = 16 * 1024 + 9;
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut s = Coalesced::new(Recorder::default(), true);
+        // A large answer in full frames: one allocation for the first, one of the whole bound
+        // for the second, and the buffer is kept while the batch makes room.
+        write(&mut s, &mut cx, FRAME);
+        assert_eq!(s.buf.capacity(), FRAME);
+        write(&mut s, &mut cx, FRAME);
+        write(&mut s, &mut cx, FRAME);
+        assert_eq!(s.buf.capacity(), GATHER);
+        write(&mut s, &mut cx, FRAME);
+        assert_eq!(s.io.writes, vec![3 * FRAME]);
+        assert_eq!((s.buf.len(), s.buf.capacity()), (FRAME, GATHER));
+        // The stream takes 10,000 bytes of the next write and blocks.
+        s.io.room = Some(10_000);
+        flush(&mut s, &mut cx);
+        read(&mut s, &mut cx);
+        assert!(Pin::new(&mut s).poll_flush(&mut cx).is_pending());
+        assert_eq!((s.buf.len(), s.written), (FRAME, 10_000));
+        // A write that would take the buffer past its bound waits, rather than piling up
+        // behind the part already written.
+        let big = vec![7u8; 50_000];
+        assert!(Pin::new(&mut s).poll_write(&mut cx, &big).is_pending());
+        assert_eq!(s.buf.len(), FRAME);
+        // Unblocked: the rest goes out, then the write is gathered.
+        s.io.room = None;
+        assert!(matches!(
+            Pin::new(&mut s).poll_write(&mut cx, &big),
+            Poll::Ready(Ok(50_000))
+        ));
+        assert_eq!((s.buf.len(), s.buf.capacity()), (50_000, GATHER));
+        // The flush that was due writes it and frees the buffer.
+        flush(&mut s, &mut cx);
+        assert_eq!(s.io.writes, vec![3 * FRAME, 10_000, FRAME - 10_000, 50_000]);
+        assert_eq!(s.buf.capacity(), 0);
     }
 
     #[test]
