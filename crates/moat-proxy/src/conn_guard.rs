@@ -417,9 +417,9 @@ fn calmed_down(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// Serves one HTTP/1.1 or HTTP/2 connection (`version`, and that one alone), each request
-/// answered by `handler`, until it ends, the process drains, `close` resolves (closed gracefully within
-/// [`DRAIN`]), or the watchdog closes it (see [`Ended::Guard`]). Header blocks are limited to
-/// 64 KiB.
+/// answered by `handler`, until it ends, the process drains, `close` resolves (closed gracefully
+/// within [`DRAIN`]), or the watchdog closes it (see [`Ended::Guard`]). Header blocks are
+/// limited to 64 KiB.
 pub async fn serve_http<IO, F, Fut>(
     io: IO,
     version: HttpVersion,

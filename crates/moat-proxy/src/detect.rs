@@ -36,7 +36,9 @@ pub enum Protocol {
 /// served as that one alone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HttpVersion {
+    /// HTTP/1.0 or HTTP/1.1: a request line.
     Http1,
+    /// HTTP/2: the connection preface, or the mesh's `h2` ALPN.
     Http2,
 }
 

@@ -4,7 +4,8 @@
 /// Implements `tokio::io::AsyncWrite` for `$wrapper<IO>` by handing every call to its `$field`.
 /// Vectored writes are forwarded too, not left to the trait's default (which writes the first
 /// slice alone): h2 hands a DATA frame's header and payload over as two slices, so without it
-/// every HTTP/2 answer took two system calls.
+/// every HTTP/2 answer took two system calls. (HTTP/1.1 answers are flattened by hyper instead:
+/// `writev(false)` in `conn_guard::serve_http`.)
 macro_rules! forward_writes {
     ($wrapper:ident, $field:ident) => {
         impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for $wrapper<IO> {

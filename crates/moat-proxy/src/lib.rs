@@ -1,18 +1,18 @@
-//! The moat sidecar. This file is only the wiring; what the parts share is in `ctx` (the
-//! handlers' context), `net` (accept loop, plain TCP copy), `relay` (opaque TCP between a mesh
-//! TLS connection and a socket) and `app` (clients to the local app).
-//! `run` brings it up in this order: admin port (`admin`), first certificate
-//! and renewal (`identity`), the mesh stream to the control plane (`mesh_client`, snapshots in
-//! `snapshot`), then the inbound listener (`inbound`: mTLS → authorize → app) and one outbound
-//! listener per upstream (`outbound`: app → mTLS to a verified endpoint, via `pool`; HTTP/1.1
-//! on kept-alive connections in `keepalive`; HTTP/2 writes gathered in `coalesce`). Protocols are
-//! told apart in `detect` (read-side stream wrappers forward writes with `forward`); HTTP plumbing is in `http`, and what one peer may do to a served HTTP
-//! connection (limits, timeouts, reset and stall watchdog) in `conn_guard` (its guards polled
-//! only when woken, `on_wake`), what one caller
-//! identity may hold across its connections in `callers`; retries toward the control plane wait
-//! per `backoff`; metrics in `metrics`, and what callers do while the allow-list only watches
-//! (for `moat policy suggest`) in `observe`, per-caller golden signals (`moat edges`) in `edges`. SIGTERM stops accepting, drains in-flight work up to the
-//! grace period, then exits.
+//! The moat sidecar. This file is only the wiring; what the parts share is in `ctx` (the handlers'
+//! context), `net` (accept loop, plain TCP copy), `relay` (opaque TCP between a mesh TLS connection
+//! and a socket) and `app` (clients to the local app). `run` brings it up in this order: admin port
+//! (`admin`), first certificate and renewal (`identity`), the mesh stream to the control plane
+//! (`mesh_client`, snapshots in `snapshot`), then the inbound listener (`inbound`: mTLS → authorize
+//! → app) and one outbound listener per upstream (`outbound`: app → mTLS to a verified endpoint,
+//! via `pool`; HTTP/1.1 on kept-alive connections in `keepalive`; HTTP/2 writes gathered in
+//! `coalesce`). Protocols are told apart in `detect` (read-side stream wrappers forward writes with
+//! `forward`); HTTP plumbing is in `http`, and what one peer may do to a served HTTP connection
+//! (limits, timeouts, reset and stall watchdog) in `conn_guard` (its guards polled only when woken,
+//! `on_wake`), what one caller identity may hold across its connections in `callers`; retries
+//! toward the control plane wait per `backoff`; metrics in `metrics`, and what callers do while the
+//! allow-list only watches (for `moat policy suggest`) in `observe`, per-caller golden signals
+//! (`moat edges`) in `edges`. SIGTERM stops accepting, drains in-flight work up to the grace
+//! period, then exits.
 
 pub mod admin;
 pub mod app;
