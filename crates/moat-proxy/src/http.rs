@@ -159,13 +159,21 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     if te_ok && !h.keys().any(|n| HOP_BY_HOP.contains(n)) {
         return;
     }
-    // Headers named in `Connection` are hop-by-hop too.
+    // Headers named in `Connection` are hop-by-hop too. Names already in `HOP_BY_HOP` (the
+    // usual `keep-alive`) go below anyway: only other names are collected, so the common case
+    // allocates nothing.
     let named: Vec<HeaderName> = h
         .get_all(http::header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|n| {
+            !HOP_BY_HOP
+                .iter()
+                .any(|hop| hop.as_str().eq_ignore_ascii_case(n))
+        })
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect();
     for n in named {
         h.remove(n);
@@ -412,6 +420,18 @@ mod tests {
             strip_hop_by_hop(&mut h);
             assert_eq!(h.keys().collect::<Vec<_>>(), ["x-keep"], "{n}");
         }
+        // Names in `Connection` in any case and spacing, beside the hop-by-hop ones it may
+        // also name.
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("Keep-Alive ,X-Other, close,UPGRADE"),
+        );
+        for n in ["keep-alive", "x-other", "close", "upgrade", "x-keep"] {
+            h.insert(HeaderName::from_static(n), HeaderValue::from_static("1"));
+        }
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-keep"]);
         let mut h = HeaderMap::new();
         h.insert("te", HeaderValue::from_static("gzip"));
         strip_hop_by_hop(&mut h);

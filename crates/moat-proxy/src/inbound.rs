@@ -305,7 +305,13 @@ fn watching(ctx: &Ctx) -> bool {
 }
 
 fn policy_label(d: &Decision) -> Option<String> {
-    d.policy.as_ref().map(|(k, v)| format!("{k}@{v}"))
+    let (key, version) = d.policy.as_ref()?;
+    // Per request: one allocation that fits a 20-digit version, no formatting machinery.
+    let mut label = String::with_capacity(key.len() + 21);
+    label.push_str(key);
+    label.push('@');
+    label.push_str(itoa::Buffer::new().format(version.0));
+    Some(label)
 }
 
 async fn tcp_forward(
@@ -460,7 +466,7 @@ fn over_limit(
     let p = snap
         .policies
         .iter()
-        .find(|p| &p.key() == key && p.version == *version)?;
+        .find(|p| p.version == *version && p.has_key(key))?;
     let limit = p.rules.get(rule)?.rate_limit.as_ref()?;
     ctx.limiter
         .admit(
@@ -478,10 +484,10 @@ fn over_limit(
 }
 
 /// The request's canonical target: its canonical path (what rules match and the app receives)
-/// and the path-and-query to forward, or why it has none. An absolute-form target (and every
+/// and, when the request has a query, the path-and-query to forward; or why it has none. An absolute-form target (and every
 /// HTTP/2 request, whose `:authority` is one) must name the same authority as its `Host`
 /// header, if it has one, so the app cannot route on a name the caller did not present.
-fn canonical_target(parts: &http::request::Parts) -> Result<(String, String), String> {
+fn canonical_target(parts: &http::request::Parts) -> Result<(String, Option<String>), String> {
     let raw = parts.uri.path();
     let path = moat_policy::canonical_path(raw)
         .map_err(|e| format!("{e}"))?
@@ -494,11 +500,14 @@ fn canonical_target(parts: &http::request::Parts) -> Result<(String, String), St
     {
         return Err("the target's authority and the Host header differ".to_owned());
     }
-    let forwarded = match parts.uri.query() {
-        Some(q) => format!("{path}?{q}"),
-        None => path.clone(),
-    };
-    Ok((path, forwarded))
+    let with_query = parts.uri.query().map(|q| {
+        let mut pq = String::with_capacity(path.len() + 1 + q.len());
+        pq.push_str(&path);
+        pq.push('?');
+        pq.push_str(q);
+        pq
+    });
+    Ok((path, with_query))
 }
 
 /// What the proxy decided about one request: what its metrics and access-log line say, and
@@ -556,21 +565,24 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
     let h1 = parts.headers.contains_key(&ORIG_PROTO) || parts.version != Version::HTTP_2;
     strip_identity_headers(&mut parts.headers);
 
-    let (path, path_and_query, detail) = match canonical_target(&parts) {
-        Ok((path, path_and_query)) => (path, Some(path_and_query), None),
+    // `target`: `Some` when the target is valid, holding the path-and-query if it differs from
+    // the path.
+    let (path, target, detail) = match canonical_target(&parts) {
+        Ok((path, with_query)) => (path, Some(with_query), None),
         Err(why) => (printable_path(parts.uri.path()), None, Some(why)),
     };
-    let mut verdict = match path_and_query {
+    let mut verdict = match target {
         Some(_) => judge(&parts.headers, &method, &path, conn, ctx),
         None => Verdict::refused(Reason::InvalidPath, None, None),
     };
     conn.counters
         .authz(&ctx.metrics, verdict.decision, verdict.reason.code());
 
-    let resp = match (verdict.admitted.take(), path_and_query) {
-        (Some(admitted), Some(path_and_query)) => {
+    let resp = match (verdict.admitted.take(), target) {
+        (Some(admitted), Some(with_query)) => {
+            let path_and_query = with_query.as_deref().unwrap_or(&path);
             rewrite_for_app(&mut parts.headers, conn, admitted.user);
-            to_app(parts, body, &path_and_query, h1, conn, ctx, admitted.slot).await
+            to_app(parts, body, path_and_query, h1, conn, ctx, admitted.slot).await
         }
         _ => deny(
             verdict.reason,

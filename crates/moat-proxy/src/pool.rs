@@ -61,12 +61,33 @@ impl Target {
     }
 
     fn server_name(&self) -> String {
-        match self.port {
-            Some(p) => format!("port-{p}.moat.invalid"),
-            None => "moat.invalid".to_owned(),
+        let mut name = String::with_capacity(SERVER_NAME_MAX);
+        self.push_server_name(&mut name);
+        name
+    }
+
+    /// The key of the connections to `ep` that carry this target, `<ep>|<server name>`: built
+    /// per request, so in one allocation and without the formatting machinery.
+    fn pool_key(&self, ep: &str) -> String {
+        let mut key = String::with_capacity(ep.len() + 1 + SERVER_NAME_MAX);
+        key.push_str(ep);
+        key.push('|');
+        self.push_server_name(&mut key);
+        key
+    }
+
+    fn push_server_name(&self, out: &mut String) {
+        if let Some(p) = self.port {
+            out.push_str("port-");
+            out.push_str(itoa::Buffer::new().format(p));
+            out.push('.');
         }
+        out.push_str("moat.invalid");
     }
 }
+
+/// The longest server name a target has: `port-65535.moat.invalid`.
+const SERVER_NAME_MAX: usize = 23;
 
 /// The app port a mesh connection asks for, from its TLS server name (`port-<n>.moat.invalid`).
 pub fn port_from_server_name(name: Option<&str>) -> Option<u16> {
@@ -371,7 +392,7 @@ impl Pool {
         let mut last = String::new();
         let mut req = req;
         'endpoints: for ep in self.order(ctx, target)? {
-            let key = format!("{ep}|{}", target.server_name());
+            let key = target.pool_key(&ep);
             for _attempt in 0..2 {
                 let lease = match self.checkout(ctx, &ep, &key, target).await {
                     Ok(l) => l,
@@ -451,7 +472,7 @@ impl Pool {
         let mut last = String::new();
         let mut req = req;
         'endpoints: for ep in self.order(ctx, target)? {
-            let key = format!("{ep}|{}", target.server_name());
+            let key = target.pool_key(&ep);
             loop {
                 let tls = ctx.tls.borrow().clone();
                 let snap = ctx.snapshot.borrow().clone();
@@ -520,5 +541,35 @@ impl Pool {
             service: service.clone(),
             last,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The server name a target dials with is the one the far side reads its port from, and
+    /// the pool key carries it after the endpoint.
+    #[test]
+    fn server_names_carry_the_port_and_key_the_pool() {
+        let service: SpiffeId = "spiffe://mesh.test/ns/shop/sa/api".parse().unwrap();
+        for port in [None, Some(1), Some(8080), Some(u16::MAX)] {
+            let target = Target {
+                port,
+                ..Target::service(service.clone())
+            };
+            let name = target.server_name();
+            assert!(name.len() <= SERVER_NAME_MAX, "{name}");
+            assert_eq!(port_from_server_name(Some(&name)), port, "{name}");
+            assert_eq!(
+                target.pool_key("10.0.0.1:4143"),
+                format!("10.0.0.1:4143|{name}")
+            );
+        }
+        let target = Target {
+            port: Some(8080),
+            ..Target::service(service)
+        };
+        assert_eq!(target.server_name(), "port-8080.moat.invalid");
     }
 }
