@@ -1,36 +1,39 @@
-//! Requests in flight per caller identity, across every connection the caller has to this
-//! sidecar's inbound. One identity (every replica of a service shares one) can hold at most
-//! `limit` requests at the app at once however many connections it opens, so it cannot take the
-//! app's whole capacity from the other callers; over the limit, a request is answered 429
-//! `caller-busy` without reaching the app.
+//! What one caller identity holds at this sidecar's inbound, counted across all its connections
+//! (every replica of a service shares one identity), so that no caller can take from the others
+//! what they share:
+//! - requests in flight at the app (`--max-requests-per-caller`): over the limit, a request is
+//!   answered 429 `caller-busy` without reaching the app;
+//! - open mesh connections (`--max-connections-per-caller`): over the limit, a connection is
+//!   closed after its handshake, before any of it reaches the app, so a holder of a valid
+//!   certificate cannot exhaust the sidecar's memory and sockets with idle connections.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// Every caller with a request in flight, and how many.
+/// Every caller that holds something (a request in flight, an open connection), and how many.
 #[derive(Debug)]
-pub struct CallerRequests {
+pub struct PerCaller {
     limit: usize,
     counts: Mutex<HashMap<Arc<str>, usize>>,
 }
 
-/// One request's place in its caller's count, given back when dropped (when the response ends
-/// or is reset).
+/// One place in its caller's count, given back when dropped (when the response ends or is
+/// reset, when the connection closes).
 #[derive(Debug)]
 pub struct Slot {
-    owner: Arc<CallerRequests>,
+    owner: Arc<PerCaller>,
     caller: Arc<str>,
 }
 
-impl CallerRequests {
+impl PerCaller {
     pub fn new(limit: usize) -> Arc<Self> {
-        Arc::new(CallerRequests {
+        Arc::new(PerCaller {
             limit,
             counts: Mutex::default(),
         })
     }
 
-    /// A place for one more request of `caller`, or `None` if it already has `limit` in flight.
+    /// A place for one more of `caller`'s, or `None` if it already holds `limit`.
     pub fn try_acquire(self: &Arc<Self>, caller: &Arc<str>) -> Option<Slot> {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         let n = counts.entry(caller.clone()).or_default();
@@ -63,7 +66,7 @@ mod tests {
 
     #[test]
     fn a_caller_gets_at_most_its_limit_and_others_are_not_counted_against_it() {
-        let requests = CallerRequests::new(2);
+        let requests = PerCaller::new(2);
         let (a, b): (Arc<str>, Arc<str>) =
             ("spiffe://t/ns/x/sa/a".into(), "spiffe://t/ns/x/sa/b".into());
         let first = requests.try_acquire(&a).expect("first");

@@ -1,6 +1,7 @@
 //! What every connection handler shares: the configuration, the live certificate and snapshot,
 //! metrics, the connection pool toward other sidecars, rate-limit buckets, each caller's share
-//! of the app, and the shutdown signal with the tracker that drains in-flight work.
+//! of the app and of the inbound's connections, the room for unverified handshakes, and the
+//! shutdown signal with the tracker that drains in-flight work.
 
 use std::sync::Arc;
 
@@ -26,7 +27,11 @@ pub struct Ctx {
     /// Token buckets of the rules' rate limits.
     pub limiter: ratelimit::Limiter,
     /// Requests in flight per caller identity on the inbound.
-    pub callers: Arc<callers::CallerRequests>,
+    pub callers: Arc<callers::PerCaller>,
+    /// Open inbound connections per caller identity.
+    pub caller_connections: Arc<callers::PerCaller>,
+    /// Places for inbound connections still in their handshake.
+    pub handshakes: Arc<tokio::sync::Semaphore>,
     /// Span export, with `--otlp-endpoint`.
     pub tracing: Option<crate::trace::Tracing>,
 }
@@ -41,7 +46,9 @@ impl Ctx {
         tracing: Option<crate::trace::Tracing>,
     ) -> Self {
         Ctx {
-            callers: callers::CallerRequests::new(cfg.requests_per_caller),
+            callers: callers::PerCaller::new(cfg.requests_per_caller),
+            caller_connections: callers::PerCaller::new(cfg.connections_per_caller),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(cfg.pending_handshakes)),
             cfg,
             tls,
             snapshot,

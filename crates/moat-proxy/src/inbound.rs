@@ -59,10 +59,21 @@ fn app_addr(
 }
 
 /// One mesh connection: mTLS with a verified caller ([`accept_tls`]), the app it is for, its
-/// protocol, then opaque TCP ([`tcp_forward`]) or HTTP ([`serve_requests`]).
+/// protocol, then opaque TCP ([`tcp_forward`]) or HTTP ([`serve_requests`]). Unverified callers
+/// hold at most `--max-pending-handshakes` connections, each verified identity at most
+/// `--max-connections-per-caller`; a connection over either is closed before any of it reaches
+/// the app.
 async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
     let local = tcp.local_addr().ok();
-    let Some((tls, peer)) = accept_tls(tcp, remote, &ctx).await else {
+    let Ok(handshaking) = ctx.handshakes.clone().try_acquire_owned() else {
+        ctx.metrics
+            .handshake_failed("inbound", "too-many-handshakes".into());
+        tracing::info!(target: "moat::access", direction = "inbound", %remote, decision = "deny", reason = "too-many-handshakes", "refused a connection: as many handshakes as --max-pending-handshakes allows are under way");
+        return;
+    };
+    let accepted = accept_tls(tcp, remote, &ctx).await;
+    drop(handshaking);
+    let Some((tls, peer)) = accepted else {
         return;
     };
     let (_, conn) = tls.get_ref();
@@ -79,6 +90,16 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
         tracing::info!(target: "moat::access", direction = "inbound", %remote, peer = %peer, serial = %peer.serial, decision = "deny", reason = "revoked", "refused a revoked certificate");
         return;
     }
+    // The caller's place among its open connections, held until this one ends.
+    let Some(_open) = ctx
+        .caller_connections
+        .try_acquire(&Arc::from(peer.name.as_str()))
+    else {
+        ctx.metrics
+            .connection_closed("inbound", "too-many-connections");
+        tracing::info!(target: "moat::access", direction = "inbound", %remote, peer = %peer, decision = "deny", reason = "too-many-connections", "refused a connection: the caller holds as many as --max-connections-per-caller allows");
+        return;
+    };
     let (proto, io) = match alpn.as_deref() {
         Some(moat_tls::ALPN_TCP) => (Protocol::Tcp, Prefixed::new(Vec::new(), tls)),
         Some(moat_tls::ALPN_H2) => (
