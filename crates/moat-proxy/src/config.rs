@@ -97,9 +97,6 @@ pub struct ProxyConfig {
     pub requests_per_caller: usize,
     /// Mesh connections one caller identity may hold open to this sidecar's inbound (`callers`).
     pub connections_per_caller: usize,
-    /// Inbound mesh connections whose TLS handshake has not finished, at most: what callers not
-    /// yet verified can hold.
-    pub pending_handshakes: usize,
     /// Span export (`--otlp-endpoint`); `None`: no spans.
     pub tracing: Option<crate::trace::TraceConfig>,
 }

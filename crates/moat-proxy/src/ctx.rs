@@ -1,7 +1,7 @@
 //! What every connection handler shares: the configuration, the live certificate and snapshot,
 //! metrics, the connection pool toward other sidecars, rate-limit buckets, each caller's share
-//! of the app and of the inbound's connections, the room for unverified handshakes, and the
-//! shutdown signal with the tracker that drains in-flight work.
+//! of the app and of the inbound's connections, and the shutdown signal with the tracker that
+//! drains in-flight work.
 
 use std::sync::Arc;
 
@@ -30,8 +30,6 @@ pub struct Ctx {
     pub callers: Arc<callers::PerCaller>,
     /// Open inbound connections per caller identity.
     pub caller_connections: Arc<callers::PerCaller>,
-    /// Places for inbound connections still in their handshake.
-    pub handshakes: Arc<tokio::sync::Semaphore>,
     /// Span export, with `--otlp-endpoint`.
     pub tracing: Option<crate::trace::Tracing>,
 }
@@ -48,7 +46,6 @@ impl Ctx {
         Ctx {
             callers: callers::PerCaller::new(cfg.requests_per_caller),
             caller_connections: callers::PerCaller::new(cfg.connections_per_caller),
-            handshakes: Arc::new(tokio::sync::Semaphore::new(cfg.pending_handshakes)),
             cfg,
             tls,
             snapshot,

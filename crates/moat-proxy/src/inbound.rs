@@ -59,21 +59,12 @@ fn app_addr(
 }
 
 /// One mesh connection: mTLS with a verified caller ([`accept_tls`]), the app it is for, its
-/// protocol, then opaque TCP ([`tcp_forward`]) or HTTP ([`serve_requests`]). Unverified callers
-/// hold at most `--max-pending-handshakes` connections, each verified identity at most
-/// `--max-connections-per-caller`; a connection over either is closed before any of it reaches
-/// the app.
+/// protocol, then opaque TCP ([`tcp_forward`]) or HTTP ([`serve_requests`]). A verified
+/// identity holds at most `--max-connections-per-caller` connections; one more is closed before
+/// any of it reaches the app.
 async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
     let local = tcp.local_addr().ok();
-    let Ok(handshaking) = ctx.handshakes.clone().try_acquire_owned() else {
-        ctx.metrics
-            .handshake_failed("inbound", "too-many-handshakes".into());
-        tracing::info!(target: "moat::access", direction = "inbound", %remote, decision = "deny", reason = "too-many-handshakes", "refused a connection: as many handshakes as --max-pending-handshakes allows are under way");
-        return;
-    };
-    let accepted = accept_tls(tcp, remote, &ctx).await;
-    drop(handshaking);
-    let Some((tls, peer)) = accepted else {
+    let Some((tls, peer)) = accept_tls(tcp, remote, &ctx).await else {
         return;
     };
     let (_, conn) = tls.get_ref();

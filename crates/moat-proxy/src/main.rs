@@ -114,10 +114,6 @@ struct Args {
     /// closed after its handshake, before any of it reaches the app.
     #[arg(long, env = "MOAT_MAX_CONNECTIONS_PER_CALLER", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_connections_per_caller: u32,
-    /// Mesh connections still in their TLS handshake at once (callers not yet verified); one
-    /// more is closed as soon as it is accepted.
-    #[arg(long, env = "MOAT_MAX_PENDING_HANDSHAKES", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-    max_pending_handshakes: u32,
     /// Worker threads (1: everything on one thread).
     #[arg(long, env = "MOAT_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     workers: u16,
@@ -233,7 +229,6 @@ fn config(a: &Args) -> Result<ProxyConfig, String> {
         },
         requests_per_caller: a.max_requests_per_caller as usize,
         connections_per_caller: a.max_connections_per_caller as usize,
-        pending_handshakes: a.max_pending_handshakes as usize,
         tracing: a
             .otlp_endpoint
             .clone()

@@ -129,7 +129,7 @@ pub struct Metrics {
     pub authz: Family<TrafficLabels, Counter>,
     pub handshake_failures: Family<HandshakeLabels, Counter>,
     handshakes: Family<HandshakeKindLabels, Counter>,
-    /// HTTP connections the proxy closed, by reason (`too-many-resets`, `policy`).
+    /// Connections the proxy closed, by direction and reason (see the help text below).
     pub connections_closed: Family<HandshakeLabels, Counter>,
     /// Mesh connections opened to other sidecars, by protocol.
     pub upstream_connections: Family<UpstreamLabels, Counter>,
@@ -216,7 +216,7 @@ impl Metrics {
         );
         registry.register(
             "connections_closed",
-            "Connections the proxy closed, by direction (inbound, outbound: local clients, upstream: shared mesh connections) and reason (header-read-timeout, too-many-resets, response-stalled, request-stalled, idle, policy, reset-budget: local clients gave up on too many requests on a shared mesh connection, which takes no new ones)",
+            "Connections the proxy closed, by direction (inbound, outbound: local clients, upstream: shared mesh connections) and reason (header-read-timeout, too-many-resets, response-stalled, request-stalled, idle, policy, reset-budget: local clients gave up on too many requests on a shared mesh connection, which takes no new ones; too-many-connections: the caller identity already held --max-connections-per-caller inbound connections)",
             connections_closed.clone(),
         );
         registry.register(
