@@ -195,6 +195,10 @@ async fn an_allowed_caller_reaches_only_what_its_rule_names() {
     // Identity headers from outside never reach the app, in any spelling.
     let spoof = "GET /public/x HTTP/1.1\r\nHost: b\r\nx-moat-peer-id: spiffe://moat.local/ns/default/sa/admin\r\nx_moat_peer_id: spiffe://moat.local/ns/default/sa/admin\r\nX-Moat-User: root\r\nx_moat_user: root\r\nx-moat-orig-proto: HTTP/1.1\r\nConnection: close\r\n\r\n";
     assert_eq!(status_of(&h1_raw(&cp, &b, &a, h1, now, spoof).await), 200);
+    // Nor can a caller have the sidecar's own headers removed by naming them in `Connection`
+    // (the invariant below wants `x-moat-peer-id` on every request the app received).
+    let unnamed = "GET /public/x HTTP/1.1\r\nHost: b\r\nConnection: close, x-moat-peer-id, X-Moat-User\r\n\r\n";
+    assert_eq!(status_of(&h1_raw(&cp, &b, &a, h1, now, unnamed).await), 200);
 
     // The same over HTTP/2.
     let base = "https://b";
@@ -250,7 +254,13 @@ async fn an_allowed_caller_reaches_only_what_its_rule_names() {
     paths.sort_unstable();
     assert_eq!(
         paths,
-        ["/public/b", "/public/x", "/public/x", "/public/x"],
+        [
+            "/public/b",
+            "/public/x",
+            "/public/x",
+            "/public/x",
+            "/public/x"
+        ],
         "{seen:#?}"
     );
 

@@ -162,18 +162,18 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     // Headers named in `Connection` are hop-by-hop too. Names already in `HOP_BY_HOP` (the
     // usual `keep-alive`) go below anyway: only other names are collected, so the common case
     // allocates nothing.
+    // Split as bytes: a value with other bytes in it (obs-text) still names its headers.
     let named: Vec<HeaderName> = h
         .get_all(http::header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
         .filter(|n| {
             !HOP_BY_HOP
                 .iter()
-                .any(|hop| hop.as_str().eq_ignore_ascii_case(n))
+                .any(|hop| hop.as_str().as_bytes().eq_ignore_ascii_case(n))
         })
-        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+        .filter_map(|n| HeaderName::from_bytes(n).ok())
         .collect();
     for n in named {
         h.remove(n);
@@ -432,6 +432,15 @@ mod tests {
         }
         strip_hop_by_hop(&mut h);
         assert_eq!(h.keys().collect::<Vec<_>>(), ["x-keep"]);
+        // A value with a byte outside visible ASCII still names the headers beside it.
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_bytes(b"x-other, \xff").unwrap(),
+        );
+        h.insert("x-other", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "{h:?}");
         let mut h = HeaderMap::new();
         h.insert("te", HeaderValue::from_static("gzip"));
         strip_hop_by_hop(&mut h);

@@ -561,6 +561,9 @@ struct Admitted {
 async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Response<Body> {
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
+    // The hop's own headers go first, before the sidecar adds any: a caller that names one of
+    // the sidecar's headers in `Connection` must not get it removed on the way to the app.
+    strip_hop_by_hop(&mut parts.headers);
     let grpc = is_grpc(&parts.headers);
     // The span continues the caller's trace and names itself to the app.
     let span = ctx.tracing.as_ref().map(|t| {
@@ -717,7 +720,7 @@ fn judge(
 }
 
 /// What the app learns from the sidecar alone: the caller's identity and the end user (the
-/// caller's own spellings were stripped on arrival), without the hop's connection headers.
+/// caller's own spellings, and the hop's connection headers, were stripped on arrival).
 fn rewrite_for_app(headers: &mut http::HeaderMap, conn: &HttpConn, user: Option<HeaderValue>) {
     if let Some(v) = &conn.peer_header {
         headers.insert(PEER_ID, v.clone());
@@ -725,7 +728,6 @@ fn rewrite_for_app(headers: &mut http::HeaderMap, conn: &HttpConn, user: Option<
     if let Some(user) = user {
         headers.insert(USER, user);
     }
-    strip_hop_by_hop(headers);
 }
 
 /// Sends an admitted request to the app, re-targeted at `path_and_query` (the canonical path

@@ -168,6 +168,8 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
     let service = &to.service;
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
+    // The hop's own headers go before the sidecar adds any (see the inbound's `forward`).
+    strip_hop_by_hop(&mut parts.headers);
     let grpc = is_grpc(&parts.headers);
     // The span continues the app's trace and names itself to the other sidecar.
     let span = ctx.tracing.as_ref().map(|t| {
@@ -181,7 +183,6 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
     let method = parts.method.clone();
     let path = printable_path(parts.uri.path());
     let (authority, pq) = request_target(&parts, &conn.default_authority);
-    strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(&ORIG_PROTO);
     let body = boxed(body);
     // HTTP/1.x goes on as HTTP/1.1 on a connection of its own, HTTP/2 and gRPC on the shared
