@@ -57,6 +57,7 @@ impl FromStr for PolicyName {
 }
 
 impl PolicyName {
+    /// The name as written, as its `Display` writes it.
     pub fn as_str(&self) -> &str {
         &self.0
     }

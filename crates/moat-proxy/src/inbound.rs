@@ -495,10 +495,11 @@ fn over_limit(
         .err()
 }
 
-/// The request's canonical target: its canonical path (what rules match and the app receives)
-/// and, when the request has a query, the path-and-query to forward; or why it has none. An absolute-form target (and every
-/// HTTP/2 request, whose `:authority` is one) must name the same authority as its `Host`
-/// header, if it has one, so the app cannot route on a name the caller did not present.
+/// The request's canonical target: its canonical path (what rules match and the app
+/// receives) and, when the request has a query, the path-and-query to forward; or why it has
+/// none. An absolute-form target (and every HTTP/2 request, whose `:authority` is one) must
+/// name the same authority as its `Host` header, if it has one, so the app cannot route on a
+/// name the caller did not present.
 fn canonical_target(parts: &http::request::Parts) -> Result<(String, Option<String>), String> {
     let raw = parts.uri.path();
     let path = moat_policy::canonical_path(raw)
@@ -520,6 +521,18 @@ fn canonical_target(parts: &http::request::Parts) -> Result<(String, Option<Stri
         pq
     });
     Ok((path, with_query))
+}
+
+/// A request's target, as [`canonical_target`] found it.
+enum Target {
+    /// The canonical path (what rules match and the app receives), and the path and query to
+    /// forward when the request has a query.
+    Canonical {
+        path: String,
+        with_query: Option<String>,
+    },
+    /// A target that cannot be made canonical: its path as the log shows it, and why.
+    Invalid { printable: String, why: String },
 }
 
 /// What the proxy decided about one request: what its metrics and access-log line say, and
@@ -580,22 +593,27 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
     let h1 = parts.headers.contains_key(&ORIG_PROTO) || parts.version != Version::HTTP_2;
     strip_identity_headers(&mut parts.headers);
 
-    // `target`: `Some` when the target is valid, holding the path-and-query if it differs from
-    // the path.
-    let (path, target, detail) = match canonical_target(&parts) {
-        Ok((path, with_query)) => (path, Some(with_query), None),
-        Err(why) => (printable_path(parts.uri.path()), None, Some(why)),
+    let target = match canonical_target(&parts) {
+        Ok((path, with_query)) => Target::Canonical { path, with_query },
+        Err(why) => Target::Invalid {
+            printable: printable_path(parts.uri.path()),
+            why,
+        },
     };
-    let mut verdict = match target {
-        Some(_) => judge(&parts.headers, &method, &path, conn, ctx),
-        None => Verdict::refused(Reason::InvalidPath, None, None),
+    let (path, detail) = match &target {
+        Target::Canonical { path, .. } => (path.as_str(), None),
+        Target::Invalid { printable, why } => (printable.as_str(), Some(why.as_str())),
+    };
+    let mut verdict = match &target {
+        Target::Canonical { .. } => judge(&parts.headers, &method, path, conn, ctx),
+        Target::Invalid { .. } => Verdict::refused(Reason::InvalidPath, None, None),
     };
     conn.counters
         .authz(&ctx.metrics, verdict.decision, verdict.reason.code());
 
-    let resp = match (verdict.admitted.take(), target) {
-        (Some(admitted), Some(with_query)) => {
-            let path_and_query = with_query.as_deref().unwrap_or(&path);
+    let resp = match (verdict.admitted.take(), &target) {
+        (Some(admitted), Target::Canonical { path, with_query }) => {
+            let path_and_query = with_query.as_deref().unwrap_or(path);
             rewrite_for_app(&mut parts.headers, conn, admitted.user);
             to_app(parts, body, path_and_query, h1, conn, ctx, admitted.slot).await
         }
@@ -620,7 +638,7 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
             peer: &conn.peer.name,
             port: conn.app.port(),
             method: method.as_str(),
-            path: &path,
+            path,
             status,
             grpc_status: grpc
                 .then(|| resp.headers().get("grpc-status"))
