@@ -73,6 +73,16 @@ impl Mesh {
         }
     }
 
+    /// How many requests of `who`'s the app received.
+    fn reached(&self, who: &str) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .get(&id(who).to_string())
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// How many connections the sidecar the attack reaches first closed for `reason`.
     fn closed(&self, via: Via, reason: &str) -> f64 {
         match via {
@@ -580,14 +590,7 @@ async fn outbound_held_stream_slots_starve_only_their_holder_and_are_closed() {
 /// the app, another caller is served meanwhile, and a place given back is taken again.
 async fn one_callers_share() {
     let m = mesh_with(&["--max-requests-per-caller", "8"]).await;
-    let from_a = || {
-        m.seen
-            .lock()
-            .unwrap()
-            .get(&id("a").to_string())
-            .copied()
-            .unwrap_or(0)
-    };
+    let from_a = || m.reached("a");
     // 3 connections × 4 uploads whose bodies start and never finish: 12 requests of a's.
     let (mut answers, mut bodies, mut drivers) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..3 {
@@ -776,14 +779,7 @@ async fn outbound_http1_heads_are_timed_from_their_first_byte() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbound_one_caller_holds_at_most_its_share_of_connections() {
     let m = mesh_with(&["--max-connections-per-caller", "3"]).await;
-    let reached = |who: &str| {
-        m.seen
-            .lock()
-            .unwrap()
-            .get(&id(who).to_string())
-            .copied()
-            .unwrap_or(0)
-    };
+    let reached = |who: &str| m.reached(who);
     let mut held = Vec::new();
     for _ in 0..3 {
         let mut io = m.open(Via::Inbound, true, moat_tls::ALPN_HTTP1).await;

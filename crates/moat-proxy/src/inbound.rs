@@ -81,11 +81,10 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
         tracing::info!(target: "moat::access", direction = "inbound", %remote, peer = %peer, serial = %peer.serial, decision = "deny", reason = "revoked", "refused a revoked certificate");
         return;
     }
-    // The caller's place among its open connections, held until this one ends.
-    let Some(_open) = ctx
-        .caller_connections
-        .try_acquire(&Arc::from(peer.name.as_str()))
-    else {
+    // The caller's place among its open connections, held until this one ends. The same key
+    // counts its requests in flight.
+    let caller: Arc<str> = Arc::from(peer.name.as_str());
+    let Some(_open) = ctx.caller_connections.try_acquire(&caller) else {
         ctx.metrics
             .connection_closed("inbound", "too-many-connections");
         tracing::info!(target: "moat::access", direction = "inbound", %remote, peer = %peer, decision = "deny", reason = "too-many-connections", "refused a connection: the caller holds as many as --max-connections-per-caller allows");
@@ -110,7 +109,9 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
     };
     match proto {
         Protocol::Tcp => tcp_forward(io, remote, peer, app, &ctx).await,
-        Protocol::Http(version) => serve_requests(io, version, remote, peer, app, ctx).await,
+        Protocol::Http(version) => {
+            serve_requests(io, version, remote, peer, caller, app, ctx).await
+        }
     }
 }
 
@@ -170,12 +171,13 @@ async fn accept_tls(
 /// Serves the HTTP requests of one mesh connection until it ends, each authorized on its own
 /// ([`forward`]). A connection admitted now is closed (gracefully) once a new snapshot forbids
 /// the caller; one that was never admitted stays open to answer each request with 403 (until the
-/// caller is revoked).
+/// caller is revoked). `caller` is the peer's key in the per-caller counts.
 async fn serve_requests(
     io: Prefixed<tokio_rustls::server::TlsStream<TcpStream>>,
     version: HttpVersion,
     remote: SocketAddr,
     peer: Caller,
+    caller: Arc<str>,
     app: SocketAddr,
     ctx: Arc<Ctx>,
 ) {
@@ -195,7 +197,7 @@ async fn serve_requests(
         peer_header: HeaderValue::from_str(&peer.name).ok(),
         app_authority: app.to_string(),
         peer: peer.clone(),
-        caller: Arc::from(peer.name.as_str()),
+        caller,
         app,
     });
     let handler = {
