@@ -7,13 +7,15 @@
 //! configs) on a watch, so rotation never mutates a live config (`live`); both binaries use it.
 //! Outbound configs keep session tickets per endpoint (`tickets`). `connect` dials a gRPC server
 //! (the control plane) with those configs; `cred_dir` reads and writes credential directories
-//! (cert.pem, key.pem, bundle.pem); `failure` says why a handshake failed, from the error's type.
+//! (cert.pem, key.pem, bundle.pem); `failure` says why a handshake failed, from the error's type;
+//! `pending` bounds the handshakes a listener open to strangers lets wait.
 
 pub mod config;
 pub mod connect;
 pub mod cred_dir;
 pub mod failure;
 pub mod live;
+pub mod pending;
 pub mod provider;
 pub mod tickets;
 pub mod verifier;
