@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::*;
 use moat_test_util::apps::{Received, Recording, recording_http, tcp_greeter};
-use moat_test_util::{ControlPlane, Proxy, apply_policy, eventually};
+use moat_test_util::{ControlPlane, Proxy, apply_policy, eventually, metric_sum};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const POLICY: &str = r#"
@@ -365,6 +365,64 @@ fn store_bytes(cp: &ControlPlane) -> u64 {
         .len()
 }
 
+/// Connections opened by someone with no certificate that never send a byte, each held for
+/// 60 s or until the set is dropped; counts how many connected and how many the far side closed.
+struct Strangers {
+    held: tokio::task::JoinSet<()>,
+    connected: Arc<std::sync::atomic::AtomicUsize>,
+    closed: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Strangers {
+    /// Opens `count` connections to `addr`, from `sources` in turn, in batches of 100, each
+    /// waited for (at most 5 s): that many SYNs at once overflow the kernel's queues, and the
+    /// retried ones would trickle in over seconds instead of being held all at once.
+    async fn hold(addr: std::net::SocketAddr, sources: &[std::net::IpAddr], count: usize) -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let mut s = Strangers {
+            held: tokio::task::JoinSet::new(),
+            connected: Arc::new(AtomicUsize::new(0)),
+            closed: Arc::new(AtomicUsize::new(0)),
+        };
+        for batch in (0..count).step_by(100) {
+            for i in batch..(batch + 100).min(count) {
+                let (connected, closed) = (s.connected.clone(), s.closed.clone());
+                let from = std::net::SocketAddr::new(sources[i % sources.len()], 0);
+                s.held.spawn(async move {
+                    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                    socket.bind(from).unwrap();
+                    let Ok(mut held) = socket.connect(addr).await else {
+                        return;
+                    };
+                    connected.fetch_add(1, SeqCst);
+                    let mut byte = [0u8; 1];
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(60)) => {}
+                        _ = held.read(&mut byte) => {
+                            closed.fetch_add(1, SeqCst);
+                        }
+                    }
+                });
+            }
+            let waiting = std::time::Instant::now();
+            let want = (batch + 100).min(count);
+            while s.connected.load(SeqCst) < want && waiting.elapsed() < Duration::from_secs(5) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        s
+    }
+
+    fn connected(&self) -> usize {
+        self.connected.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// How many of them the far side has closed so far.
+    fn closed(&self) -> usize {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// Strangers on the control plane's port: idle connections held open, and a flood of admin
 /// calls without a certificate. Admins and sidecars are still served, and the audit log keeps
 /// what matters.
@@ -376,38 +434,9 @@ async fn strangers_cannot_starve_the_control_plane_or_flood_its_audit_log() {
 
     // 1,500 connections opened at once from 30 other addresses that never start a handshake,
     // held open (more than the listener's 1,024 pending handshakes).
-    let mut idle = tokio::task::JoinSet::new();
-    let connected = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    // In batches of 100, each waited for (at most 5 s): 1,500 SYNs at once overflow the
-    // kernel's queues, and the retried ones would trickle in over seconds instead of being
-    // held all at once.
-    for batch in 0..15u32 {
-        for i in batch * 100..(batch + 1) * 100 {
-            let connected = connected.clone();
-            idle.spawn(async move {
-                let from = std::net::SocketAddr::from(([127, 0, 0, 2 + (i % 30) as u8], 0));
-                let socket = tokio::net::TcpSocket::new_v4().unwrap();
-                socket.bind(from).unwrap();
-                let held = socket.connect(addr).await;
-                if held.is_ok() {
-                    connected.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                }
-                tokio::time::sleep(Duration::from_secs(60)).await;
-                drop(held);
-            });
-        }
-        let waiting = std::time::Instant::now();
-        let want = ((batch + 1) * 100) as usize;
-        while connected.load(std::sync::atomic::Ordering::SeqCst) < want
-            && waiting.elapsed() < Duration::from_secs(5)
-        {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-    eprintln!(
-        "{} stranger connections up",
-        connected.load(std::sync::atomic::Ordering::SeqCst)
-    );
+    let others: Vec<std::net::IpAddr> = (2..32u8).map(|i| [127, 0, 0, i].into()).collect();
+    let strangers = Strangers::hold(addr, &others, 1500).await;
+    eprintln!("{} stranger connections up", strangers.connected());
     let start = std::time::Instant::now();
     let shown = cp.moat(&["ca", "show"]);
     let took = start.elapsed();
@@ -427,7 +456,7 @@ async fn strangers_cannot_starve_the_control_plane_or_flood_its_audit_log() {
         "sidecar bootstrap with 1,500 idle connections held: {:?}",
         start.elapsed()
     );
-    idle.abort_all();
+    drop(strangers);
     let metrics = cp.admin_get("/metrics").unwrap().1;
     assert!(
         metrics.contains("moat_tls_handshake_failures_total{reason=\"evicted\"}"),
@@ -480,6 +509,77 @@ async fn strangers_cannot_starve_the_control_plane_or_flood_its_audit_log() {
         metrics.contains("moat_admin_calls_refused_total{reason=\"unauthenticated\"} 20000"),
         "{metrics}"
     );
+}
+
+/// Strangers on a sidecar's inbound port, with no certificate, cannot make it hold what they
+/// open or keep callers out (decision 44): 2,600 connections that never start a handshake —
+/// 1,100 from the caller's own address, 1,500 from 30 others — are more than the inbound lets
+/// wait (1,024 per source, 2,048 in all). The oldest are closed as newer ones come, the sidecar's
+/// open files stay within the bound, and the allowed caller `a`, dialling from the busiest
+/// address while the rest are still held, is served with its identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_cannot_keep_callers_out_of_a_sidecar() {
+    // The test holds 2,600 sockets and the sidecar (which inherits the limit) up to 2,048.
+    rlimit::increase_nofile_limit(16_384).unwrap();
+    let cp = ControlPlane::start().unwrap();
+    apply_policy(&cp, POLICY);
+    let (app, rec) = recording_http().await;
+    let b = Proxy::builder(&cp, "b").app(app).start().unwrap();
+    let a = credential_for(&cp, "a");
+    let open_files = || {
+        std::fs::read_dir(format!("/proc/{}/fd", b.pid().unwrap()))
+            .unwrap()
+            .count()
+    };
+    let files_before = open_files();
+
+    let loopback: Vec<std::net::IpAddr> = vec![[127, 0, 0, 1].into()];
+    let others: Vec<std::net::IpAddr> = (2..32u8).map(|i| [127, 0, 0, i].into()).collect();
+    let own = Strangers::hold(b.inbound, &loopback, 1100).await;
+    let rest = Strangers::hold(b.inbound, &others, 1500).await;
+    let connected = own.connected() + rest.connected();
+    eprintln!("{connected} stranger connections up; the sidecar had {files_before} files open");
+    assert!(connected > 2048 + 400, "only {connected} connected");
+
+    // What is closed to make room is counted, and the strangers see it closed.
+    let evicted = || {
+        metric_sum(
+            &b.metrics(),
+            "moat_tls_handshake_failures_total{direction=\"inbound\",reason=\"evicted\"}",
+        ) as usize
+    };
+    let closed = || own.closed() + rest.closed();
+    let bounded = tokio::task::block_in_place(|| {
+        eventually(Duration::from_secs(3), || {
+            (evicted() + 10 >= connected - 2048 && closed() + 10 >= connected - 2048).then_some(())
+        })
+    });
+    assert!(
+        bounded.is_some(),
+        "evicted {}, closed {} of {connected}",
+        evicted(),
+        closed()
+    );
+    let files = open_files();
+    eprintln!("evicted {}, the sidecar holds {files} files", evicted());
+    assert!(
+        files <= files_before + 2048 + 16,
+        "the sidecar holds {files} open files ({files_before} before)"
+    );
+
+    // The caller still gets in, from the address that holds the most, and the app sees who.
+    let req = "GET /public/x HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n";
+    let resp = h1_raw(&cp, &b, &a, moat_tls::ALPN_HTTP1, Duration::ZERO, req).await;
+    assert_eq!(status_of(&resp), 200, "{resp}");
+    let seen = taken(&rec);
+    assert_eq!(seen.len(), 1);
+    assert_only_allowed_reached(&seen, "GET /public/x under 2,600 stranger connections");
+    assert!(
+        own.connected() - own.closed() <= 1024,
+        "{} of the caller's address held",
+        own.connected() - own.closed()
+    );
+    drop((own, rest));
 }
 
 /// `moat revoke --serial` takes the prefix `moat status` shows only when it names exactly one

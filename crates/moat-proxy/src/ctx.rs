@@ -1,7 +1,7 @@
 //! What every connection handler shares: the configuration, the live certificate and snapshot,
 //! metrics, the connection pool toward other sidecars, rate-limit buckets, each caller's share
-//! of the app and of the inbound's connections, and the shutdown signal with the tracker that
-//! drains in-flight work.
+//! of the app and of the inbound's connections, the inbound's pending handshakes, and the
+//! shutdown signal with the tracker that drains in-flight work.
 
 use std::sync::Arc;
 
@@ -13,6 +13,7 @@ use crate::config::ProxyConfig;
 use crate::snapshot::Snapshot;
 use crate::{callers, metrics, pool, ratelimit};
 use moat_tls::TlsWatch;
+use moat_tls::pending::Handshakes;
 
 /// What every connection handler shares.
 #[derive(Debug)]
@@ -30,6 +31,8 @@ pub struct Ctx {
     pub callers: Arc<callers::PerCaller>,
     /// Open inbound connections per caller identity.
     pub caller_connections: Arc<callers::PerCaller>,
+    /// Inbound TLS handshakes not finished yet, bounded per source address and overall.
+    pub handshakes: Arc<Handshakes>,
     /// Span export, with `--otlp-endpoint`.
     pub tracing: Option<crate::trace::Tracing>,
 }
@@ -46,6 +49,7 @@ impl Ctx {
         Ctx {
             callers: callers::PerCaller::new(cfg.requests_per_caller),
             caller_connections: callers::PerCaller::new(cfg.connections_per_caller),
+            handshakes: Handshakes::new(crate::inbound::PENDING_HANDSHAKES),
             cfg,
             tls,
             snapshot,

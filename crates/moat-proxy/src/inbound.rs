@@ -14,8 +14,8 @@ use http::{HeaderValue, Request, Response, Uri, Version};
 use http_body_util::BodyExt as _;
 use moat_identity::SpiffeId;
 use moat_policy::eval::{Decision, Input, Jwt, Reason, Traffic, decide};
+use moat_tls::pending::{Limits, Outcome};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
 
 use crate::conn_guard::{Ended, RequestBody, serve_http};
 use crate::ctx::Ctx;
@@ -27,7 +27,16 @@ use crate::http::{
 use crate::metrics::TrafficLabels;
 use crate::snapshot::Snapshot;
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes the inbound lets wait (decision 44): 1,024 from one source address (as many as one
+/// calling sidecar may dial at once for HTTP/1.1 to one app port, `--max-requests-per-caller`'s
+/// default), 2,048 in all, each given 10 s. Anyone who reaches the port can open a connection,
+/// certificate or not, so without a bound a stranger could hold sockets and handshake state
+/// until the sidecar ran out of either.
+pub const PENDING_HANDSHAKES: Limits = Limits {
+    per_source: 1024,
+    total: 2048,
+    deadline: Duration::from_secs(10),
+};
 
 /// Accepts mesh connections until shutdown.
 pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
@@ -127,22 +136,30 @@ async fn accept_tls(
         tracing::info!(%remote, "refused a connection: no certificate yet");
         return None;
     };
-    let tls = match tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        TlsAcceptor::from(current.server.clone()).accept(tcp),
-    )
-    .await
-    {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
+    let Some(slot) = ctx.handshakes.admit(remote.ip()) else {
+        // Counted, not logged per connection: anyone can provoke it.
+        ctx.metrics.handshake_failed("inbound", "busy".into());
+        tracing::debug!(%remote, "closed a new connection: every pending handshake is a caller at work");
+        return None;
+    };
+    for _ in 0..slot.evicted() {
+        ctx.metrics.handshake_failed("inbound", "evicted".into());
+    }
+    let tls = match slot.handshake(tcp, current.server.clone()).await {
+        Outcome::Done(t) => *t,
+        Outcome::Failed(e) => {
             let reason = moat_tls::HandshakeFailure::of(&e).code();
             ctx.metrics.handshake_failed("inbound", reason.into());
             tracing::info!(target: "moat::access", direction = "inbound", %remote, decision = "deny", reason, error = %e, "TLS handshake refused");
             return None;
         }
-        Err(_) => {
+        Outcome::TimedOut => {
             ctx.metrics.handshake_failed("inbound", "timeout".into());
             tracing::info!(target: "moat::access", direction = "inbound", %remote, decision = "deny", reason = "handshake-timeout", "TLS handshake refused");
+            return None;
+        }
+        Outcome::Evicted => {
+            tracing::debug!(%remote, "closed a pending handshake to make room for a newer one");
             return None;
         }
     };
