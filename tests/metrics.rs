@@ -30,13 +30,16 @@ fn policy(also: &str) -> String {
     )
 }
 
-/// Sends `bytes` over plain TCP to `addr` (a TLS port) and waits for it to hang up.
+/// Sends an HTTP request over plain TCP to `addr` (a TLS port) and waits for it to hang up.
 async fn not_tls(addr: std::net::SocketAddr) {
+    hang_up_after(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+}
+
+/// Sends `bytes` over plain TCP to `addr` and waits (at most 10 s) for it to hang up.
+async fn hang_up_after(addr: std::net::SocketAddr, bytes: &[u8]) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
+    tcp.write_all(bytes).await.unwrap();
     let mut sink = Vec::new();
     let _ = tokio::time::timeout(
         std::time::Duration::from_secs(10),
@@ -165,9 +168,11 @@ async fn orders_and_frontend() -> (ControlPlane, Proxy, Proxy) {
         .app(http_echo().await)
         .start()
         .unwrap();
+    // A request head gets 1 s (the least there is), so a test sees a connection closed.
     let frontend = Proxy::builder(&cp, "frontend")
         .app(http_echo().await)
         .upstreams(&["orders"])
+        .args(&["--header-read-timeout", "1s"])
         .start()
         .unwrap();
     wait_for_services(&frontend, &["orders"]);
@@ -188,7 +193,8 @@ async fn both_binaries_serve_metrics_promtool_accepts_and_openmetrics_when_asked
     assert_eq!(get(&client, "GET", &url, &[]).await.unwrap().0, 200);
     assert_eq!(get(&client, "DELETE", &url, &[]).await.unwrap().0, 403);
     // Something for every counter the alerts and the dashboard read: a rate-limited request, a
-    // refused certificate request, and plain-text connections to both TLS ports.
+    // refused certificate request, plain-text connections to both TLS ports, and a request
+    // head that never ends.
     let limited = format!("http://{}/limited", frontend.upstream("orders"));
     let mut statuses = Vec::new();
     for _ in 0..4 {
@@ -206,6 +212,14 @@ async fn both_binaries_serve_metrics_promtool_accepts_and_openmetrics_when_asked
     not_tls(orders.inbound).await;
     let cp_grpc: std::net::SocketAddr = cp.url().trim_start_matches("https://").parse().unwrap();
     not_tls(cp_grpc).await;
+    hang_up_after(frontend.upstream("orders"), b"GET /orders/1 HTTP/1.1\r\n").await;
+    assert!(
+        frontend.metrics().contains(
+            "moat_connections_closed_total{direction=\"outbound\",reason=\"header-read-timeout\"} 1"
+        ),
+        "{}",
+        frontend.metrics()
+    );
     // A second version of the same policy: its hits count into the same series.
     apply_policy(&cp, &policy("/second"));
     let v2 = moat_test_util::eventually(std::time::Duration::from_secs(10), || {
