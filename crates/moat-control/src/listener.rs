@@ -26,12 +26,14 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-/// Handshakes pending at once: 64 from one source address, 1,024 in all, each given 5 s (a
-/// real one takes milliseconds).
+/// Handshakes pending at once: 64 from one source address, 1,024 in all (at most half the
+/// process's open files), each given 5 s (a real one takes milliseconds), a hello counting as a
+/// caller at work for all of it: in a reconnection storm a loaded sidecar answers late.
 const PENDING: Limits = Limits {
     per_source: 64,
     total: 1024,
     deadline: Duration::from_secs(5),
+    at_work: Duration::from_secs(5),
 };
 
 /// What the handshake proved about a caller. `peer` is `None` when no certificate was presented
@@ -118,7 +120,15 @@ pub fn incoming(
     failures: Family<crate::metrics::RefusedLabels, Counter>,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
-    let pending = Handshakes::new(PENDING);
+    let open_files = moat_tls::pending::raise_open_file_limit();
+    let limits = PENDING.within(open_files);
+    tracing::info!(
+        open_files,
+        pending_handshakes = limits.total,
+        pending_per_source = limits.per_source,
+        "open-file limit"
+    );
+    let pending = Handshakes::new(limits);
     let count = move |reason: &'static str, n: u64| {
         failures
             .get_or_create(&crate::metrics::RefusedLabels { reason })

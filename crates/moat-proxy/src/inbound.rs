@@ -27,16 +27,22 @@ use crate::http::{
 use crate::metrics::TrafficLabels;
 use crate::snapshot::Snapshot;
 
-/// Handshakes the inbound lets wait (decision 44): 1,024 from one source address (as many as one
-/// calling sidecar may dial at once for HTTP/1.1 to one app port, `--max-requests-per-caller`'s
-/// default), 2,048 in all, each given 10 s. Anyone who reaches the port can open a connection,
-/// certificate or not, so without a bound a stranger could hold sockets and handshake state
-/// until the sidecar ran out of either.
-pub const PENDING_HANDSHAKES: Limits = Limits {
-    per_source: 1024,
-    total: 2048,
-    deadline: Duration::from_secs(10),
-};
+/// Handshakes the inbound lets wait (decision 44): from one source address as many as one
+/// calling sidecar may have in flight to one app port over HTTP/1.1 (`requests_per_caller`, at
+/// least 1,024), twice that in all, each given 10 s, a hello counting as a caller at work for
+/// 1 s; all of it within half of `open_files`. Anyone who reaches the port can open a
+/// connection, certificate or not, so without a bound a stranger could hold sockets until the
+/// sidecar ran out of them.
+pub fn pending_handshakes(requests_per_caller: usize, open_files: u64) -> Limits {
+    let per_source = requests_per_caller.max(1024);
+    Limits {
+        per_source,
+        total: per_source.saturating_mul(2),
+        deadline: Duration::from_secs(10),
+        at_work: Duration::from_secs(1),
+    }
+    .within(open_files)
+}
 
 /// Accepts mesh connections until shutdown.
 pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
@@ -862,5 +868,21 @@ async fn to_app(
                 grpc,
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_callers_burst_fits_among_the_pending_handshakes_within_the_open_files() {
+        let l = pending_handshakes(1024, 1 << 20);
+        assert_eq!((l.per_source, l.total), (1024, 2048));
+        let raised = pending_handshakes(5000, 1 << 20);
+        assert_eq!((raised.per_source, raised.total), (5000, 10_000));
+        assert_eq!(pending_handshakes(10, 1 << 20).per_source, 1024);
+        let few_files = pending_handshakes(1024, 1800);
+        assert_eq!((few_files.per_source, few_files.total), (900, 900));
     }
 }

@@ -3,21 +3,27 @@
 //! the control plane's gRPC port and a sidecar's inbound.
 //!
 //! A connection is admitted without waiting for a slot: one that finds its source at the limit
-//! evicts the oldest handshake still pending from that source; one that finds the listener at
-//! its limit evicts the oldest of the source holding the most, or, when every source holds one,
-//! the oldest whose client never said hello. Strangers holding connections idle therefore lose
+//! evicts the oldest handshake pending from that source whose client is not at work (no hello,
+//! or one older than [`Limits::at_work`]), else the oldest; one that finds the listener at its
+//! limit evicts the oldest of the source holding the most, or, when every source holds one,
+//! the oldest whose client is not at work. Strangers holding connections idle therefore lose
 //! them to callers that complete a handshake at once, instead of keeping those callers out.
 //! When every pending handshake is a caller at work from its own address (a reconnection
 //! storm), the newcomer is turned away ([`Handshakes::admit`] gives `None`) rather than push out
 //! a handshake half done.
+//!
+//! A source is an IPv4 address or an IPv6 /64 (one host is routinely given a whole /64, so
+//! counting its addresses one by one would bound nothing). The bounds are only worth something
+//! below the process's limit on open files: [`raise_open_file_limit`] raises it as far as the
+//! system lets, and [`Limits::within`] keeps a listener's bounds to half of what it allows.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls::ServerConfig;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -31,6 +37,37 @@ pub struct Limits {
     pub total: usize,
     /// How long a client may take to complete its handshake.
     pub deadline: Duration,
+    /// How long after its hello a client counts as a caller at work, not to be evicted while
+    /// a stranger's connection could go instead. A hello costs nothing to send, so this is
+    /// the time an honest client needs for its next flight, not the whole deadline.
+    pub at_work: Duration,
+}
+
+impl Limits {
+    /// These limits, with the listener's total held to half of `open_files` (the process's
+    /// limit on open files) and a source's to that total: a bound the process cannot reach
+    /// before it runs out of files keeps nobody out.
+    pub fn within(self, open_files: u64) -> Limits {
+        let half = usize::try_from(open_files / 2).unwrap_or(usize::MAX).max(1);
+        let total = self.total.min(half);
+        Limits {
+            total,
+            per_source: self.per_source.min(total),
+            ..self
+        }
+    }
+}
+
+/// Raises the soft limit on open files to the hard one (a process starts at the soft one,
+/// often 1,024) and returns the limit now in force; 1,024 when the system does not say.
+pub fn raise_open_file_limit() -> u64 {
+    match rlimit::increase_nofile_limit(1 << 20) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read or raise the open-file limit; assuming 1,024");
+            1024
+        }
+    }
 }
 
 /// The handshakes pending at one listener.
@@ -53,9 +90,9 @@ pub struct Slot {
 
 /// How an admitted handshake ended.
 #[derive(Debug)]
-pub enum Outcome {
+pub enum Outcome<IO> {
     /// Complete: the client's certificate (if any) is verified by the server config.
-    Done(Box<TlsStream<TcpStream>>),
+    Done(Box<TlsStream<IO>>),
     /// The client or the TLS layer failed the handshake.
     Failed(std::io::Error),
     /// The client did not finish within [`Limits::deadline`].
@@ -65,6 +102,7 @@ pub enum Outcome {
 }
 
 impl Handshakes {
+    /// A listener's pending handshakes, none yet, bounded by `limits`.
     pub fn new(limits: Limits) -> Arc<Self> {
         Arc::new(Handshakes {
             limits,
@@ -76,7 +114,11 @@ impl Handshakes {
     /// when the listener is full of callers at work and the connection should be closed now.
     pub fn admit(self: &Arc<Self>, source: IpAddr) -> Option<Slot> {
         let (cancel, cancelled) = oneshot::channel();
-        match self.lock().admit(&self.limits, source, cancel) {
+        let source = source_of(source);
+        let admitted = self
+            .lock()
+            .admit(&self.limits, source, cancel, Instant::now());
+        match admitted {
             Admitted::Yes { id, evicted } => Some(Slot {
                 owner: self.clone(),
                 id,
@@ -88,9 +130,9 @@ impl Handshakes {
         }
     }
 
-    /// Handshakes pending now.
-    pub fn pending(&self) -> usize {
-        self.lock().by_age.len()
+    /// The limits this listener was given.
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     fn lock(&self) -> MutexGuard<'_, Pending> {
@@ -107,15 +149,20 @@ impl Slot {
 
     /// Runs the server side of the handshake on `tcp` with `config`, until it completes, fails,
     /// runs out of time, or is evicted; the slot is given up either way.
-    pub async fn handshake(mut self, tcp: TcpStream, config: Arc<ServerConfig>) -> Outcome {
+    pub async fn handshake<IO>(mut self, io: IO, config: Arc<ServerConfig>) -> Outcome<IO>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
         let owner = self.owner.clone();
         let id = self.id;
         let handshake = async {
-            let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
-            owner.lock().said_hello(id);
+            let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await?;
+            owner.lock().said_hello(id, Instant::now());
             start.into_stream(config).await
         };
         tokio::select! {
+            // A handshake that completes as it is evicted is kept.
+            biased;
             r = tokio::time::timeout(self.owner.limits.deadline, handshake) => match r {
                 Ok(Ok(stream)) => Outcome::Done(Box::new(stream)),
                 Ok(Err(e)) => Outcome::Failed(e),
@@ -146,8 +193,26 @@ struct Handshake {
     source: IpAddr,
     /// Dropped to cancel the handshake.
     _cancel: oneshot::Sender<()>,
-    /// The client's hello arrived: a caller at work, not a connection held idle.
-    hello: bool,
+    /// When the client's hello arrived: a caller at work for a while, not a connection held
+    /// idle.
+    hello: Option<Instant>,
+}
+
+impl Handshake {
+    /// Whether the client sent its hello less than `at_work` before `now`.
+    fn at_work(&self, at_work: Duration, now: Instant) -> bool {
+        self.hello
+            .is_some_and(|t| now.saturating_duration_since(t) < at_work)
+    }
+}
+
+/// Where a connection comes from, as the bounds count it: an IPv4 address (also when written
+/// as IPv4-mapped IPv6), or an IPv6 address's /64.
+fn source_of(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !u128::from(u64::MAX))),
+        v4 => v4,
+    }
 }
 
 /// What [`Pending::admit`] did with a new connection.
@@ -161,21 +226,32 @@ enum Admitted {
 }
 
 impl Pending {
-    /// Registers a handshake from `source`, evicting the oldest pending one of that source when
-    /// it is at its limit. At the listener's limit the source holding the most pending
-    /// handshakes loses its oldest (a caller with one handshake in flight is never the one to go
-    /// while a stranger holds many); when every source holds one, the oldest handshake whose
-    /// hello never came goes; when all of them are at work, the newcomer is refused.
-    fn admit(&mut self, limits: &Limits, source: IpAddr, cancel: oneshot::Sender<()>) -> Admitted {
+    /// Registers a handshake from `source`, evicting one pending from that source when it is at
+    /// its limit: the oldest not at work, else the oldest. At the listener's limit the source
+    /// holding the most pending handshakes loses its oldest (a caller with one handshake in
+    /// flight is never the one to go while a stranger holds many); when every source holds
+    /// one, the oldest handshake not at work goes; when all of them are at work, the newcomer
+    /// is refused.
+    fn admit(
+        &mut self,
+        limits: &Limits,
+        source: IpAddr,
+        cancel: oneshot::Sender<()>,
+        now: Instant,
+    ) -> Admitted {
         let mut evicted = 0;
-        if self
-            .by_source
-            .get(&source)
-            .is_some_and(|q| q.len() >= limits.per_source)
-            && let Some(oldest) = self.by_source.get(&source).and_then(|q| q.front().copied())
+        if let Some(q) = self.by_source.get(&source)
+            && q.len() >= limits.per_source
         {
-            self.remove(oldest, source);
-            evicted += 1;
+            let idle = q.iter().copied().find(|id| {
+                self.by_age
+                    .get(id)
+                    .is_some_and(|h| !h.at_work(limits.at_work, now))
+            });
+            if let Some(oldest) = idle.or_else(|| q.front().copied()) {
+                self.remove(oldest, source);
+                evicted += 1;
+            }
         }
         if self.by_age.len() >= limits.total {
             let busiest = self
@@ -187,7 +263,7 @@ impl Pending {
             let silent = || {
                 self.by_age
                     .iter()
-                    .find(|(_, h)| !h.hello)
+                    .find(|(_, h)| !h.at_work(limits.at_work, now))
                     .map(|(id, h)| (h.source, *id))
             };
             match busiest.or_else(silent) {
@@ -205,25 +281,32 @@ impl Pending {
             Handshake {
                 source,
                 _cancel: cancel,
-                hello: false,
+                hello: None,
             },
         );
         self.by_source.entry(source).or_default().push_back(id);
         Admitted::Yes { id, evicted }
     }
 
-    /// Notes that handshake `id`'s hello arrived.
-    fn said_hello(&mut self, id: u64) {
+    /// Notes that handshake `id`'s hello arrived at `now`.
+    fn said_hello(&mut self, id: u64, now: Instant) {
         if let Some(h) = self.by_age.get_mut(&id) {
-            h.hello = true;
+            h.hello = Some(now);
         }
     }
 
     /// Forgets handshake `id` (done, failed or evicted); a no-op when already gone.
     fn remove(&mut self, id: u64, source: IpAddr) {
-        self.by_age.remove(&id);
+        if self.by_age.remove(&id).is_none() {
+            return;
+        }
         if let Some(q) = self.by_source.get_mut(&source) {
-            q.retain(|&x| x != id);
+            // Handshakes mostly end in the order they began.
+            if q.front() == Some(&id) {
+                q.pop_front();
+            } else {
+                q.retain(|&x| x != id);
+            }
             if q.is_empty() {
                 self.by_source.remove(&source);
             }
@@ -239,14 +322,19 @@ mod tests {
         per_source: 64,
         total: 1024,
         deadline: Duration::from_secs(5),
+        at_work: Duration::from_secs(1),
     };
 
-    fn admit(p: &mut Pending, ip: IpAddr) -> (u64, u64, oneshot::Receiver<()>) {
+    fn admit_at(p: &mut Pending, ip: IpAddr, now: Instant) -> (u64, u64, oneshot::Receiver<()>) {
         let (tx, rx) = oneshot::channel();
-        match p.admit(&LIMITS, ip, tx) {
+        match p.admit(&LIMITS, ip, tx, now) {
             Admitted::Yes { id, evicted } => (id, evicted, rx),
             Admitted::Busy => panic!("{ip} refused"),
         }
+    }
+
+    fn admit(p: &mut Pending, ip: IpAddr) -> (u64, u64, oneshot::Receiver<()>) {
+        admit_at(p, ip, Instant::now())
     }
 
     #[test]
@@ -276,6 +364,42 @@ mod tests {
         p.remove(id, b);
         assert_eq!(p.by_source[&b].len(), 1);
         assert_eq!(p.by_age.len(), LIMITS.per_source + 1);
+    }
+
+    /// A stranger sharing a caller's address: at the source's limit its silent connection goes,
+    /// not the caller's older handshake under way; once the caller's hello is older than
+    /// `at_work`, it is fair game again.
+    #[test]
+    fn a_full_source_loses_a_silent_handshake_before_one_at_work() {
+        let mut p = Pending::default();
+        let a: IpAddr = [10, 0, 0, 1].into();
+        let now = Instant::now();
+        let (caller, _, mut caller_rx) = admit_at(&mut p, a, now);
+        p.said_hello(caller, now);
+        let mut keep = Vec::new();
+        for _ in 1..LIMITS.per_source {
+            keep.push(admit_at(&mut p, a, now));
+        }
+        let (_, evicted, _rx) = admit_at(&mut p, a, now);
+        assert_eq!(evicted, 1);
+        assert!(p.by_age.contains_key(&caller), "the caller at work went");
+        assert!(matches!(
+            caller_rx.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ));
+        assert!(keep[0].2.try_recv().is_err(), "the oldest silent one stays");
+
+        // Every other one says hello now; the caller's hello is stale a while later.
+        for (id, _, _) in &keep[1..] {
+            p.said_hello(*id, now + LIMITS.at_work);
+        }
+        let later = now + LIMITS.at_work + Duration::from_millis(1);
+        let (_, evicted, _rx) = admit_at(&mut p, a, later);
+        assert_eq!(evicted, 1);
+        assert!(
+            !p.by_age.contains_key(&caller),
+            "a stale hello is not at work"
+        );
     }
 
     #[test]
@@ -313,29 +437,34 @@ mod tests {
 
     /// A reconnection storm: one handshake per address, each past its hello. A silent
     /// connection goes first; then newcomers wait their turn instead of pushing out callers
-    /// whose handshakes are under way.
+    /// whose handshakes are under way, until those hellos are older than `at_work` (a hello
+    /// from many addresses, then nothing, is what a stranger can afford).
     #[test]
     fn a_full_listener_of_callers_at_work_turns_newcomers_away() {
         let mut p = Pending::default();
         let ip = |i: usize| -> IpAddr { [10, 3, (i / 256) as u8, (i % 256) as u8].into() };
+        let now = Instant::now();
         let mut keep = Vec::new();
-        let (silent, _, mut silent_rx) = admit(&mut p, ip(0));
+        let (silent, _, mut silent_rx) = admit_at(&mut p, ip(0), now);
         for i in 1..LIMITS.total {
-            let (id, evicted, rx) = admit(&mut p, ip(i));
+            let (id, evicted, rx) = admit_at(&mut p, ip(i), now);
             assert_eq!(evicted, 0);
-            p.said_hello(id);
+            p.said_hello(id, now);
             keep.push(rx);
         }
-        let (id, evicted, _rx) = admit(&mut p, ip(LIMITS.total));
+        let (id, evicted, _rx) = admit_at(&mut p, ip(LIMITS.total), now);
         assert_eq!(evicted, 1);
         assert!(!p.by_age.contains_key(&silent));
         assert!(
             silent_rx.try_recv().is_err(),
             "the silent one was told to stop"
         );
-        p.said_hello(id);
+        p.said_hello(id, now);
         let (tx, _rx) = oneshot::channel();
-        assert_eq!(p.admit(&LIMITS, ip(LIMITS.total + 1), tx), Admitted::Busy);
+        assert_eq!(
+            p.admit(&LIMITS, ip(LIMITS.total + 1), tx, now),
+            Admitted::Busy
+        );
         assert_eq!(p.by_age.len(), LIMITS.total);
         for rx in &mut keep {
             assert!(matches!(
@@ -343,5 +472,80 @@ mod tests {
                 Err(oneshot::error::TryRecvError::Empty)
             ));
         }
+        let stale = now + LIMITS.at_work;
+        let (_, evicted, _rx) = admit_at(&mut p, ip(LIMITS.total + 1), stale);
+        assert_eq!(evicted, 1);
+        assert!(keep[0].try_recv().is_err(), "the oldest stale hello went");
+    }
+
+    #[test]
+    fn a_source_is_an_ipv4_address_or_an_ipv6_slash_64() {
+        let v6 = |s: &str| -> IpAddr { s.parse().unwrap() };
+        assert_eq!(
+            source_of(v6("2001:db8:1:2:aaaa::1")),
+            source_of(v6("2001:db8:1:2:ffff:1:2:3"))
+        );
+        assert_eq!(source_of(v6("2001:db8:1:2:aaaa::1")), v6("2001:db8:1:2::"));
+        assert_ne!(
+            source_of(v6("2001:db8:1:2::1")),
+            source_of(v6("2001:db8:1:3::1"))
+        );
+        assert_eq!(source_of(v6("::ffff:10.0.0.7")), v6("10.0.0.7"));
+        assert_eq!(source_of(v6("10.0.0.7")), v6("10.0.0.7"));
+    }
+
+    #[test]
+    fn the_bounds_stay_below_the_open_file_limit() {
+        assert_eq!(LIMITS.within(1 << 20), LIMITS);
+        let tight = LIMITS.within(1024);
+        assert_eq!((tight.total, tight.per_source), (512, 64));
+        let tighter = LIMITS.within(100);
+        assert_eq!((tighter.total, tighter.per_source), (50, 50));
+        assert_eq!(LIMITS.within(0).total, 1);
+    }
+
+    fn server_config() -> Arc<ServerConfig> {
+        Arc::new(
+            ServerConfig::builder_with_provider(crate::provider::provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_no_client_auth()
+                .with_cert_resolver(Arc::new(rustls::server::ResolvesServerCertUsingSni::new())),
+        )
+    }
+
+    /// A slot gives its place back however its handshake ends, and an evicted one ends at once.
+    #[tokio::test]
+    async fn a_slot_is_released_on_every_ending() {
+        let limits = Limits {
+            per_source: 1,
+            ..LIMITS
+        };
+        let listener = Handshakes::new(limits);
+        let ip: IpAddr = [10, 0, 0, 1].into();
+        let first = listener.admit(ip).unwrap();
+        let (_client, server) = tokio::io::duplex(64);
+        let waiting = tokio::spawn(first.handshake(server, server_config()));
+        tokio::task::yield_now().await;
+        let second = listener.admit(ip).unwrap();
+        assert_eq!(second.evicted(), 1);
+        assert!(matches!(waiting.await.unwrap(), Outcome::Evicted));
+        assert_eq!(listener.lock().by_age.len(), 1);
+
+        // Not TLS: failed, and the place is free again.
+        let (mut client, server) = tokio::io::duplex(1024);
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"GET / HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(matches!(
+            second.handshake(server, server_config()).await,
+            Outcome::Failed(_)
+        ));
+        assert!(listener.lock().by_age.is_empty());
+        assert!(listener.lock().by_source.is_empty());
+
+        // Dropped without running: released too.
+        drop(listener.admit(ip).unwrap());
+        assert!(listener.lock().by_age.is_empty());
     }
 }
