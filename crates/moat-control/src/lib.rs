@@ -75,6 +75,9 @@ pub struct ServeConfig {
     /// Where the state lives: the embedded file in `data_dir`, or etcd.
     pub store: store_config::StoreConfig,
     pub listen: SocketAddr,
+    /// The process's limit on open files, which the gRPC port's pending handshakes stay under
+    /// (`moat_tls::pending::raise_open_file_limit`, at start-up).
+    pub open_files: u64,
     pub trust_domain: TrustDomain,
     pub kek: kek_source::KekSource,
     pub import: ca::ImportPaths,
@@ -313,6 +316,7 @@ pub async fn serve(
     tracing::info!(%addr, "control plane serving");
     let incoming = listener::incoming(
         tcp,
+        cfg.open_files,
         self_certs.live().subscribe(),
         state.metrics.handshake_failures.clone(),
     );

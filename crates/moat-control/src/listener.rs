@@ -113,14 +113,15 @@ fn peer_of(stream: &TlsStream<TcpStream>) -> Option<Peer> {
 }
 
 /// Accepts connections until the listener fails for good; failed handshakes are logged with
-/// their reason, counted in `failures` by reason, and never reach tonic.
+/// their reason, counted in `failures` by reason, and never reach tonic. Pending handshakes
+/// stay under half of `open_files`, the process's limit on open files.
 pub fn incoming(
     listener: TcpListener,
+    open_files: u64,
     tls: TlsWatch,
     failures: Family<crate::metrics::RefusedLabels, Counter>,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
-    let open_files = moat_tls::pending::raise_open_file_limit();
     let limits = PENDING.within(open_files);
     tracing::info!(
         open_files,

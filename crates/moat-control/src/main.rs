@@ -307,6 +307,7 @@ fn config(args: ServeArgs) -> Result<ServeConfig, String> {
         data_dir: args.data_dir,
         store,
         listen: args.listen,
+        open_files: moat_tls::pending::raise_open_file_limit(),
         trust_domain: td.clone(),
         kek: kek_source(args.kek_file, args.dev),
         import: ImportPaths {

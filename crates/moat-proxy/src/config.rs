@@ -97,6 +97,9 @@ pub struct ProxyConfig {
     pub requests_per_caller: usize,
     /// Mesh connections one caller identity may hold open to this sidecar's inbound (`callers`).
     pub connections_per_caller: usize,
+    /// The process's limit on open files, which the inbound's pending handshakes stay under
+    /// (`moat_tls::pending::raise_open_file_limit`, at start-up).
+    pub open_files: u64,
     /// Span export (`--otlp-endpoint`); `None`: no spans.
     pub tracing: Option<crate::trace::TraceConfig>,
 }

@@ -38,22 +38,20 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    /// A fresh context: no connections, nothing in flight, not shutting down; `open_files` is
-    /// the process's limit on open files, which the inbound's pending handshakes stay under.
+    /// A fresh context: no connections, nothing in flight, not shutting down.
     pub fn new(
         cfg: Arc<ProxyConfig>,
         tls: TlsWatch,
         snapshot: watch::Receiver<Option<Arc<Snapshot>>>,
         metrics: Arc<metrics::Metrics>,
         tracing: Option<crate::trace::Tracing>,
-        open_files: u64,
     ) -> Self {
         Ctx {
             callers: callers::PerCaller::new(cfg.requests_per_caller),
             caller_connections: callers::PerCaller::new(cfg.connections_per_caller),
             handshakes: Handshakes::new(crate::inbound::pending_handshakes(
                 cfg.requests_per_caller,
-                open_files,
+                cfg.open_files,
             )),
             cfg,
             tls,

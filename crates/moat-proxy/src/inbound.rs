@@ -28,13 +28,13 @@ use crate::metrics::TrafficLabels;
 use crate::snapshot::Snapshot;
 
 /// Handshakes the inbound lets wait (decision 44): from one source address as many as one
-/// calling sidecar may have in flight to one app port over HTTP/1.1 (`requests_per_caller`, at
-/// least 1,024), twice that in all, each given 10 s, a hello counting as a caller at work for
-/// 1 s; all of it within half of `open_files`. Anyone who reaches the port can open a
-/// connection, certificate or not, so without a bound a stranger could hold sockets until the
-/// sidecar ran out of them.
+/// calling sidecar may have in flight to one app port over HTTP/1.1 (`requests_per_caller`,
+/// from 1,024 to 8,192: at the limit each new connection scans what is pending), twice that in
+/// all, each given 10 s, a hello counting as a caller at work for 1 s; all of it within half of
+/// `open_files`. Anyone who reaches the port can open a connection, certificate or not, so
+/// without a bound a stranger could hold sockets until the sidecar ran out of them.
 pub fn pending_handshakes(requests_per_caller: usize, open_files: u64) -> Limits {
-    let per_source = requests_per_caller.max(1024);
+    let per_source = requests_per_caller.clamp(1024, 8192);
     Limits {
         per_source,
         total: per_source.saturating_mul(2),
@@ -881,6 +881,8 @@ mod tests {
         assert_eq!((l.per_source, l.total), (1024, 2048));
         let raised = pending_handshakes(5000, 1 << 20);
         assert_eq!((raised.per_source, raised.total), (5000, 10_000));
+        let most = pending_handshakes(1_000_000, 1 << 20);
+        assert_eq!((most.per_source, most.total), (8192, 16_384));
         assert_eq!(pending_handshakes(10, 1 << 20).per_source, 1024);
         let few_files = pending_handshakes(1024, 1800);
         assert_eq!((few_files.per_source, few_files.total), (900, 900));

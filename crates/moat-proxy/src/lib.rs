@@ -162,18 +162,16 @@ pub async fn run(mut cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> an
         )?),
         None => None,
     };
-    let open_files = moat_tls::pending::raise_open_file_limit();
     let ctx = Arc::new(Ctx::new(
         cfg.clone(),
         tls.subscribe(),
         snap_rx,
         metrics.clone(),
         tracing,
-        open_files,
     ));
     let pending = ctx.handshakes.limits();
     tracing::info!(
-        open_files,
+        open_files = cfg.open_files,
         pending_handshakes = pending.total,
         pending_per_source = pending.per_source,
         "open-file limit"

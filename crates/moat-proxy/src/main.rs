@@ -229,6 +229,7 @@ fn config(a: &Args) -> Result<ProxyConfig, String> {
         },
         requests_per_caller: a.max_requests_per_caller as usize,
         connections_per_caller: a.max_connections_per_caller as usize,
+        open_files: moat_tls::pending::raise_open_file_limit(),
         tracing: a
             .otlp_endpoint
             .clone()

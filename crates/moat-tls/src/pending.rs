@@ -5,20 +5,19 @@
 //! A connection is admitted without waiting for a slot: one that finds its source at the limit
 //! evicts the oldest handshake pending from that source whose client is not at work (no hello,
 //! or one older than [`Limits::at_work`]), else the oldest; one that finds the listener at its
-//! limit evicts the oldest of the source holding the most, or, when every source holds one,
-//! the oldest whose client is not at work. Strangers holding connections idle therefore lose
+//! limit evicts the oldest not at work of the source holding the most, else the oldest not at
+//! work anywhere, else the busiest source's oldest. Strangers holding connections idle therefore lose
 //! them to callers that complete a handshake at once, instead of keeping those callers out.
 //! When every pending handshake is a caller at work from its own address (a reconnection
 //! storm), the newcomer is turned away ([`Handshakes::admit`] gives `None`) rather than push out
 //! a handshake half done.
 //!
-//! A source is an IPv4 address or an IPv6 /64 (one host is routinely given a whole /64, so
-//! counting its addresses one by one would bound nothing). The bounds are only worth something
-//! below the process's limit on open files: [`raise_open_file_limit`] raises it as far as the
-//! system lets, and [`Limits::within`] keeps a listener's bounds to half of what it allows.
+//! The bounds are only worth something below the process's limit on open files:
+//! [`raise_open_file_limit`] raises it as far as the system lets, and [`Limits::within`] keeps
+//! a listener's bounds to half of what it allows.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -49,7 +48,7 @@ impl Limits {
     /// before it runs out of files keeps nobody out.
     pub fn within(self, open_files: u64) -> Limits {
         let half = usize::try_from(open_files / 2).unwrap_or(usize::MAX).max(1);
-        let total = self.total.min(half);
+        let total = self.total.min(half).max(1);
         Limits {
             total,
             per_source: self.per_source.min(total),
@@ -58,16 +57,15 @@ impl Limits {
     }
 }
 
-/// Raises the soft limit on open files to the hard one (a process starts at the soft one,
-/// often 1,024) and returns the limit now in force; 1,024 when the system does not say.
+/// Raises the soft limit on open files toward the hard one, up to 1,048,576 (a process starts
+/// at the soft one, often 1,024), and returns the limit now in force: the soft limit as it was
+/// when it cannot be raised, 1,024 when the system does not say.
 pub fn raise_open_file_limit() -> u64 {
-    match rlimit::increase_nofile_limit(1 << 20) {
-        Ok(n) => n,
-        Err(e) => {
-            tracing::warn!(error = %e, "could not read or raise the open-file limit; assuming 1,024");
-            1024
-        }
-    }
+    rlimit::increase_nofile_limit(1 << 20).unwrap_or_else(|e| {
+        let soft = rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft);
+        tracing::warn!(error = %e, ?soft, "could not raise the open-file limit");
+        soft.unwrap_or(1024)
+    })
 }
 
 /// The handshakes pending at one listener.
@@ -83,7 +81,6 @@ pub struct Handshakes {
 pub struct Slot {
     owner: Arc<Handshakes>,
     id: u64,
-    source: IpAddr,
     evicted: u64,
     cancelled: oneshot::Receiver<()>,
 }
@@ -122,7 +119,6 @@ impl Handshakes {
             Admitted::Yes { id, evicted } => Some(Slot {
                 owner: self.clone(),
                 id,
-                source,
                 evicted,
                 cancelled,
             }),
@@ -175,7 +171,7 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.owner.lock().remove(self.id, self.source);
+        self.owner.lock().remove(self.id);
     }
 }
 
@@ -206,13 +202,12 @@ impl Handshake {
     }
 }
 
-/// Where a connection comes from, as the bounds count it: an IPv4 address (also when written
-/// as IPv4-mapped IPv6), or an IPv6 address's /64.
+/// Where a connection comes from, as the bounds count it: its address, an IPv4-mapped IPv6
+/// one as IPv4. Not an IPv6 /64: every pod on a node commonly shares one, and its calling
+/// sidecars would then share one bound; a stranger with many addresses still meets the
+/// overall bound, where its idle connections are the first to go.
 fn source_of(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !u128::from(u64::MAX))),
-        v4 => v4,
-    }
+    ip.to_canonical()
 }
 
 /// What [`Pending::admit`] did with a new connection.
@@ -240,35 +235,32 @@ impl Pending {
         now: Instant,
     ) -> Admitted {
         let mut evicted = 0;
+        let idle = |h: &Handshake| !h.at_work(limits.at_work, now);
         if let Some(q) = self.by_source.get(&source)
             && q.len() >= limits.per_source
         {
-            let idle = q.iter().copied().find(|id| {
-                self.by_age
-                    .get(id)
-                    .is_some_and(|h| !h.at_work(limits.at_work, now))
-            });
-            if let Some(oldest) = idle.or_else(|| q.front().copied()) {
-                self.remove(oldest, source);
+            let oldest = self.oldest_of(q, idle).or_else(|| q.front().copied());
+            if let Some(oldest) = oldest {
+                self.remove(oldest);
                 evicted += 1;
             }
         }
         if self.by_age.len() >= limits.total {
+            // The source holding the most (when it holds more than one) gives up a handshake
+            // not at work, else anyone's oldest not at work goes, else the busiest source's
+            // oldest: a caller at work keeps its handshake while a stranger's idle one is left.
             let busiest = self
                 .by_source
-                .iter()
-                .max_by_key(|(_, q)| q.len())
-                .filter(|(_, q)| q.len() > 1)
-                .and_then(|(ip, q)| Some((*ip, *q.front()?)));
-            let silent = || {
-                self.by_age
-                    .iter()
-                    .find(|(_, h)| !h.at_work(limits.at_work, now))
-                    .map(|(id, h)| (h.source, *id))
-            };
-            match busiest.or_else(silent) {
-                Some((ip, oldest)) => {
-                    self.remove(oldest, ip);
+                .values()
+                .max_by_key(|q| q.len())
+                .filter(|q| q.len() > 1);
+            let victim = busiest
+                .and_then(|q| self.oldest_of(q, idle))
+                .or_else(|| self.by_age.iter().find(|(_, h)| idle(h)).map(|(id, _)| *id))
+                .or_else(|| busiest.and_then(|q| q.front().copied()));
+            match victim {
+                Some(id) => {
+                    self.remove(id);
                     evicted += 1;
                 }
                 None => return Admitted::Busy,
@@ -288,6 +280,13 @@ impl Pending {
         Admitted::Yes { id, evicted }
     }
 
+    /// The oldest of `ids` whose handshake is `idle`.
+    fn oldest_of(&self, ids: &VecDeque<u64>, idle: impl Fn(&Handshake) -> bool) -> Option<u64> {
+        ids.iter()
+            .copied()
+            .find(|id| self.by_age.get(id).is_some_and(&idle))
+    }
+
     /// Notes that handshake `id`'s hello arrived at `now`.
     fn said_hello(&mut self, id: u64, now: Instant) {
         if let Some(h) = self.by_age.get_mut(&id) {
@@ -296,10 +295,10 @@ impl Pending {
     }
 
     /// Forgets handshake `id` (done, failed or evicted); a no-op when already gone.
-    fn remove(&mut self, id: u64, source: IpAddr) {
-        if self.by_age.remove(&id).is_none() {
+    fn remove(&mut self, id: u64) {
+        let Some(Handshake { source, .. }) = self.by_age.remove(&id) else {
             return;
-        }
+        };
         if let Some(q) = self.by_source.get_mut(&source) {
             // Handshakes mostly end in the order they began.
             if q.front() == Some(&id) {
@@ -337,6 +336,11 @@ mod tests {
         admit_at(p, ip, Instant::now())
     }
 
+    /// Whether the handshake behind `rx` was told to stop (its entry, and sender, are gone).
+    fn stopped(rx: &mut oneshot::Receiver<()>) -> bool {
+        matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Closed))
+    }
+
     #[test]
     fn the_oldest_pending_handshake_of_a_full_source_makes_room() {
         let mut p = Pending::default();
@@ -351,17 +355,14 @@ mod tests {
         let (_, evicted, _rx) = admit(&mut p, a);
         assert_eq!(evicted, 1);
         // The first one was told to stop (its sender is gone); the others were not.
-        assert!(cancels[0].try_recv().is_err());
-        assert!(matches!(
-            cancels[1].try_recv(),
-            Err(oneshot::error::TryRecvError::Empty)
-        ));
+        assert!(stopped(&mut cancels[0]));
+        assert!(!stopped(&mut cancels[1]));
         assert_eq!(p.by_source[&a].len(), LIMITS.per_source);
         // Another source is not affected.
         assert_eq!(admit(&mut p, b).1, 0);
         let (id, _, _rx) = admit(&mut p, b);
-        p.remove(id, b);
-        p.remove(id, b);
+        p.remove(id);
+        p.remove(id);
         assert_eq!(p.by_source[&b].len(), 1);
         assert_eq!(p.by_age.len(), LIMITS.per_source + 1);
     }
@@ -383,11 +384,9 @@ mod tests {
         let (_, evicted, _rx) = admit_at(&mut p, a, now);
         assert_eq!(evicted, 1);
         assert!(p.by_age.contains_key(&caller), "the caller at work went");
-        assert!(matches!(
-            caller_rx.try_recv(),
-            Err(oneshot::error::TryRecvError::Empty)
-        ));
-        assert!(keep[0].2.try_recv().is_err(), "the oldest silent one stays");
+        assert!(!stopped(&mut caller_rx));
+        assert!(stopped(&mut keep[0].2), "the oldest silent one went");
+        assert!(!stopped(&mut keep[1].2));
 
         // Every other one says hello now; the caller's hello is stale a while later.
         for (id, _, _) in &keep[1..] {
@@ -413,11 +412,32 @@ mod tests {
             keep.push(admit(&mut p, ip).2);
         }
         assert_eq!(p.by_age.len(), LIMITS.total);
-        assert!(matches!(
-            caller_rx.try_recv(),
-            Err(oneshot::error::TryRecvError::Empty)
-        ));
+        assert!(!stopped(&mut caller_rx));
         assert_eq!(p.by_source[&caller].len(), 1);
+    }
+
+    /// Strangers spread over many addresses, one silent connection each, and one caller with
+    /// several handshakes at work: at the listener's limit the strangers' connections go, not
+    /// the caller's, though the caller's address holds the most.
+    #[test]
+    fn at_the_listeners_limit_idle_connections_go_before_a_caller_at_work() {
+        let mut p = Pending::default();
+        let now = Instant::now();
+        let caller: IpAddr = [10, 9, 9, 9].into();
+        let mut at_work = Vec::new();
+        for _ in 0..20 {
+            let (id, _, rx) = admit_at(&mut p, caller, now);
+            p.said_hello(id, now);
+            at_work.push(rx);
+        }
+        let mut strangers = Vec::new();
+        for i in 0..LIMITS.total * 2 {
+            let ip: IpAddr = [10, 4, (i / 256) as u8, (i % 256) as u8].into();
+            strangers.push(admit_at(&mut p, ip, now).2);
+        }
+        assert_eq!(p.by_age.len(), LIMITS.total);
+        assert!(at_work.iter_mut().all(|rx| !stopped(rx)));
+        assert_eq!(p.by_source[&caller].len(), 20);
     }
 
     #[test]
@@ -455,10 +475,7 @@ mod tests {
         let (id, evicted, _rx) = admit_at(&mut p, ip(LIMITS.total), now);
         assert_eq!(evicted, 1);
         assert!(!p.by_age.contains_key(&silent));
-        assert!(
-            silent_rx.try_recv().is_err(),
-            "the silent one was told to stop"
-        );
+        assert!(stopped(&mut silent_rx), "the silent one was told to stop");
         p.said_hello(id, now);
         let (tx, _rx) = oneshot::channel();
         assert_eq!(
@@ -466,32 +483,20 @@ mod tests {
             Admitted::Busy
         );
         assert_eq!(p.by_age.len(), LIMITS.total);
-        for rx in &mut keep {
-            assert!(matches!(
-                rx.try_recv(),
-                Err(oneshot::error::TryRecvError::Empty)
-            ));
-        }
+        assert!(keep.iter_mut().all(|rx| !stopped(rx)));
         let stale = now + LIMITS.at_work;
         let (_, evicted, _rx) = admit_at(&mut p, ip(LIMITS.total + 1), stale);
         assert_eq!(evicted, 1);
-        assert!(keep[0].try_recv().is_err(), "the oldest stale hello went");
+        assert!(stopped(&mut keep[0]), "the oldest stale hello went");
+        assert!(!stopped(&mut keep[1]));
     }
 
     #[test]
-    fn a_source_is_an_ipv4_address_or_an_ipv6_slash_64() {
-        let v6 = |s: &str| -> IpAddr { s.parse().unwrap() };
-        assert_eq!(
-            source_of(v6("2001:db8:1:2:aaaa::1")),
-            source_of(v6("2001:db8:1:2:ffff:1:2:3"))
-        );
-        assert_eq!(source_of(v6("2001:db8:1:2:aaaa::1")), v6("2001:db8:1:2::"));
-        assert_ne!(
-            source_of(v6("2001:db8:1:2::1")),
-            source_of(v6("2001:db8:1:3::1"))
-        );
-        assert_eq!(source_of(v6("::ffff:10.0.0.7")), v6("10.0.0.7"));
-        assert_eq!(source_of(v6("10.0.0.7")), v6("10.0.0.7"));
+    fn an_ipv4_mapped_address_counts_as_the_ipv4_one() {
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        assert_eq!(source_of(ip("::ffff:10.0.0.7")), ip("10.0.0.7"));
+        assert_eq!(source_of(ip("10.0.0.7")), ip("10.0.0.7"));
+        assert_eq!(source_of(ip("2001:db8::1")), ip("2001:db8::1"));
     }
 
     #[test]
