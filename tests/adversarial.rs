@@ -530,23 +530,9 @@ async fn strangers_cannot_keep_callers_out_of_a_sidecar() {
     let cp = ControlPlane::start().unwrap();
     apply_policy(&cp, POLICY);
     let (app, rec) = recording_http().await;
-    let limited = cp.scratch().join("moat-proxy-1800-files");
-    std::fs::write(
-        &limited,
-        format!(
-            "#!/bin/sh\nexec prlimit --nofile=1800:1800 {} \"$@\"\n",
-            moat_test_util::bin("moat-proxy").display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        &limited,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
     let b = Proxy::builder(&cp, "b")
         .app(app)
-        .binary(&limited)
+        .open_files(1800)
         .start()
         .unwrap();
     assert!(b.log_text().contains("open_files=1800"), "{}", b.log_text());

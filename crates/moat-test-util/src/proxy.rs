@@ -27,6 +27,27 @@ pub struct ProxyBuilder<'a> {
     upstreams: Vec<String>,
     args: Vec<String>,
     binary: Option<PathBuf>,
+    open_files: Option<u64>,
+}
+
+/// What runs as the sidecar: a `moat-proxy` binary, optionally under `prlimit` with a hard and
+/// soft limit of `open_files`.
+struct Program<'a> {
+    binary: &'a Path,
+    open_files: Option<u64>,
+}
+
+impl Program<'_> {
+    fn command(&self) -> Command {
+        match self.open_files {
+            None => Command::new(self.binary),
+            Some(n) => {
+                let mut cmd = Command::new("prlimit");
+                cmd.arg(format!("--nofile={n}:{n}")).arg(self.binary);
+                cmd
+            }
+        }
+    }
 }
 
 impl ProxyBuilder<'_> {
@@ -62,6 +83,13 @@ impl ProxyBuilder<'_> {
         self
     }
 
+    /// Runs the sidecar with `n` as its soft and hard limit on open files (under util-linux's
+    /// `prlimit`, which execs it: the pid is the sidecar's).
+    pub fn open_files(mut self, n: u64) -> Self {
+        self.open_files = Some(n);
+        self
+    }
+
     /// Starts the sidecar with a new join token and waits until it is ready.
     pub fn start(self) -> anyhow::Result<Proxy> {
         let binary = self.binary.unwrap_or_else(|| bin("moat-proxy"));
@@ -74,8 +102,12 @@ impl ProxyBuilder<'_> {
         };
         let upstreams: Vec<&str> = self.upstreams.iter().map(String::as_str).collect();
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let program = Program {
+            binary: &binary,
+            open_files: self.open_files,
+        };
         let mut proxy =
-            Proxy::start_binary(self.cp, &binary, &self.identity, app, &upstreams, &args)?;
+            Proxy::start_binary(self.cp, &program, &self.identity, app, &upstreams, &args)?;
         proxy.held.extend(closed);
         Ok(proxy)
     }
@@ -104,15 +136,16 @@ impl Proxy {
             upstreams: Vec::new(),
             args: Vec::new(),
             binary: None,
+            open_files: None,
         }
     }
 
-    /// Starts `binary` for `identity` in front of `app`, with an outbound listener for each of
+    /// Starts `program` for `identity` in front of `app`, with an outbound listener for each of
     /// `upstreams` (`name`, or `name@port` for a fixed port) and `extra` flags, with a new join
     /// token, and waits until it is ready (what [`ProxyBuilder::start`] does).
     fn start_binary(
         cp: &ControlPlane,
-        binary: &Path,
+        program: &Program<'_>,
         identity: &str,
         app: SocketAddr,
         upstreams: &[&str],
@@ -123,7 +156,7 @@ impl Proxy {
             flag: "--token-file",
             value: token.trim(),
         };
-        let p = Self::spawn(cp, binary, identity, token, app, upstreams, extra)?;
+        let p = Self::spawn(cp, program, identity, token, app, upstreams, extra)?;
         p.wait_ready(Duration::from_secs(30))?;
         Ok(p)
     }
@@ -158,7 +191,10 @@ impl Proxy {
         };
         Self::spawn(
             cp,
-            &bin("moat-proxy"),
+            &Program {
+                binary: &bin("moat-proxy"),
+                open_files: None,
+            },
             identity,
             token,
             app,
@@ -169,7 +205,7 @@ impl Proxy {
 
     fn spawn(
         cp: &ControlPlane,
-        binary: &Path,
+        program: &Program<'_>,
         identity: &str,
         token: Token<'_>,
         app: SocketAddr,
@@ -181,7 +217,7 @@ impl Proxy {
         std::fs::write(&token_file, token.value.trim())?;
         // This build binds port 0 and reports what it bound; an older build (the benchmarks
         // compare one) may not know --addresses-file, so it gets ports held for it.
-        let reports = binary == bin("moat-proxy");
+        let reports = program.binary == bin("moat-proxy");
         let mut held = Vec::new();
         let mut port = || -> SocketAddr {
             if reports {
@@ -196,7 +232,7 @@ impl Proxy {
         let (inbound, admin) = (port(), port());
         let mut ups = HashMap::new();
         let mut names = Vec::new();
-        let mut cmd = Command::new(binary);
+        let mut cmd = program.command();
         cmd.args([
             "--control-plane",
             &cp.url(),
