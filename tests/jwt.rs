@@ -179,6 +179,21 @@ async fn tokens_are_verified_at_the_sidecar_and_each_failure_has_its_reason() {
         );
     }
 
+    // A valid token next to a forged one in a second Authorization header: the sidecar
+    // verifies one, the app might read the other, so neither is taken and nothing reaches the
+    // app (its echo would be the body).
+    let root = Signer::ec("forger").sign(&claims(serde_json::json!({"sub": "root"})));
+    let (valid_bearer, forged) = (format!("Bearer {valid}"), format!("Bearer {root}"));
+    for second in [forged.as_str(), "Basic YWxpY2U6eA=="] {
+        let headers = [
+            ("authorization", valid_bearer.as_str()),
+            ("authorization", second),
+        ];
+        let (status, reason, _, body) = call(&url, None, &headers).await;
+        assert_eq!((status, reason.as_str()), (401, "jwt-malformed"), "{body}");
+        assert!(!body.contains("method="), "the app answered: {body}");
+    }
+
     // The right token without the scope: 403, insufficient scope.
     let no_scope = rsa.sign(&claims(serde_json::json!({"scope": "profile"})));
     let (status, reason, challenge, _) = call(&url, Some(&no_scope), &[]).await;

@@ -480,14 +480,36 @@ fn needs_token(s: &Snapshot) -> bool {
         .any(|p| p.rules.iter().any(|r| r.jwt.is_some()))
 }
 
-/// The token of an `Authorization: Bearer …` header.
-fn bearer(headers: &http::HeaderMap) -> Option<&str> {
-    let v = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = v.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
+/// The end-user token a request carries, as the sidecar verifies it.
+#[derive(Debug, PartialEq, Eq)]
+enum Bearer<'a> {
+    /// No `Authorization: Bearer …` header.
+    Absent,
+    /// The token of the one `Authorization` header, a Bearer one.
+    One(&'a str),
+    /// More than one `Authorization` header: the app could read another than the one verified,
+    /// so none is taken.
+    Several,
+}
+
+/// The token of an `Authorization: Bearer …` header; [`Bearer::Several`] when the request has
+/// more than one `Authorization` header of any scheme.
+fn bearer(headers: &http::HeaderMap) -> Bearer<'_> {
+    let mut all = headers.get_all(http::header::AUTHORIZATION).iter();
+    let Some(first) = all.next() else {
+        return Bearer::Absent;
+    };
+    if all.next().is_some() {
+        return Bearer::Several;
+    }
+    first
+        .to_str()
+        .ok()
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
         .filter(|t| !t.is_empty())
+        .map_or(Bearer::Absent, Bearer::One)
 }
 
 /// How long until the rule that allowed `d` admits another request, if it is over its limit.
@@ -699,7 +721,11 @@ fn judge(
     let token = snap
         .as_ref()
         .filter(|s| needs_token(s))
-        .map(|s| bearer(headers).map(|t| moat_policy::jwt::verify(t, &s.issuers)));
+        .map(|s| match bearer(headers) {
+            Bearer::Absent => None,
+            Bearer::One(t) => Some(moat_policy::jwt::verify(t, &s.issuers)),
+            Bearer::Several => Some(Err(Reason::JwtMalformed)),
+        });
     let jwt = match &token {
         Some(Some(Ok(claims))) => Jwt::Valid(claims),
         Some(Some(Err(r))) => Jwt::Invalid(*r),
@@ -874,6 +900,24 @@ async fn to_app(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_bearer_token_is_taken_and_two_authorization_headers_are_none() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(bearer(&h), Bearer::Absent);
+        h.insert("authorization", HeaderValue::from_static("Bearer  a.b.c "));
+        assert_eq!(bearer(&h), Bearer::One("a.b.c"));
+        h.insert("authorization", HeaderValue::from_static("Basic dXNlcg=="));
+        assert_eq!(bearer(&h), Bearer::Absent);
+        h.insert("authorization", HeaderValue::from_static("bearer "));
+        assert_eq!(bearer(&h), Bearer::Absent);
+        h.insert("authorization", HeaderValue::from_static("Bearer a.b.c"));
+        h.append("authorization", HeaderValue::from_static("Bearer x.y.z"));
+        assert_eq!(bearer(&h), Bearer::Several);
+        h.insert("authorization", HeaderValue::from_static("Bearer a.b.c"));
+        h.append("authorization", HeaderValue::from_static("Basic dXNlcg=="));
+        assert_eq!(bearer(&h), Bearer::Several);
+    }
 
     #[test]
     fn a_callers_burst_fits_among_the_pending_handshakes_within_the_open_files() {
