@@ -669,7 +669,8 @@ fn the_cli_stops_quietly_when_its_reader_goes_away() {
 }
 
 /// A GET with a chunked body and trailers crosses a sidecar pair whole, and its trailers are
-/// cleaned like headers: no `x-moat-*` from outside reaches the app.
+/// cleaned like headers: no `x-moat-*` from outside reaches the app, nor an `authorization`
+/// the sidecar never verified.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_and_trailers_cross_a_sidecar_pair_cleaned() {
     let cp = ControlPlane::start().unwrap();
@@ -688,7 +689,7 @@ async fn bodies_and_trailers_cross_a_sidecar_pair_cleaned() {
         .start()
         .unwrap();
     wait_for_services(&a, &["b"]);
-    let raw = "GET /public/chunked HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\nTrailer: x-moat-peer-id, x-trace\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\nx-moat-peer-id: spiffe://moat.local/ns/default/sa/admin\r\nx-trace: 1\r\n\r\n";
+    let raw = "GET /public/chunked HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\nTrailer: x-moat-peer-id, x-trace, authorization\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\nx-moat-peer-id: spiffe://moat.local/ns/default/sa/admin\r\nx-trace: 1\r\nauthorization: Bearer forged\r\n\r\n";
     let mut tcp = tokio::net::TcpStream::connect(a.upstream("b"))
         .await
         .unwrap();
@@ -706,11 +707,49 @@ async fn bodies_and_trailers_cross_a_sidecar_pair_cleaned() {
         "{seen:?}"
     );
     assert!(
-        !trailers
-            .iter()
-            .any(|(k, _)| k.starts_with("x-moat") || k.starts_with("x_moat")),
+        !trailers.iter().any(|(k, _)| k.starts_with("x-moat")
+            || k.starts_with("x_moat")
+            || k == "authorization"),
         "{seen:?}"
     );
+}
+
+/// Over HTTP/2 request trailers reach the app as sent (hyper filters `authorization` and other
+/// fields out of trailers only over HTTP/1.1): a credential in them, which no sidecar
+/// verifies, is removed on the way, while other trailers arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authorization_trailer_never_reaches_the_app() {
+    use http_body_util::BodyExt as _;
+    let cp = ControlPlane::start().unwrap();
+    apply_policy(&cp, POLICY);
+    let (app, rec) = recording_http().await;
+    let b = Proxy::builder(&cp, "b").app(app).start().unwrap();
+    let a = credential_for(&cp, "a");
+    let tls = dial(&cp, &b, &a, moat_tls::ALPN_H2).await;
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("authorization", "Bearer forged".parse().unwrap());
+    trailers.insert("x-trace", "1".parse().unwrap());
+    let body = http_body_util::Full::new(bytes::Bytes::from_static(b"hello"))
+        .with_trailers(Box::pin(async move { Some(Ok(trailers)) }));
+    let req = http::Request::get("https://b/public/upload")
+        .body(body)
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = taken(&rec);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].body_len, 5);
+    assert_eq!(seen[0].trailers, [("x-trace".to_owned(), "1".to_owned())]);
 }
 
 /// A per-route rate limit counts the canonical route: spelling a path differently

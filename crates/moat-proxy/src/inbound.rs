@@ -490,6 +490,8 @@ enum Bearer<'a> {
     /// More than one `Authorization` header: the app could read another than the one verified,
     /// so none is taken.
     Several,
+    /// An `Authorization` header that is not visible ASCII.
+    Unreadable,
 }
 
 /// The token of an `Authorization: Bearer …` header; [`Bearer::Several`] when the request has
@@ -502,10 +504,11 @@ fn bearer(headers: &http::HeaderMap) -> Bearer<'_> {
     if all.next().is_some() {
         return Bearer::Several;
     }
-    first
-        .to_str()
-        .ok()
-        .and_then(|v| v.split_once(' '))
+    let Ok(value) = first.to_str() else {
+        return Bearer::Unreadable;
+    };
+    value
+        .split_once(' ')
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim())
         .filter(|t| !t.is_empty())
@@ -724,7 +727,7 @@ fn judge(
         .map(|s| match bearer(headers) {
             Bearer::Absent => None,
             Bearer::One(t) => Some(moat_policy::jwt::verify(t, &s.issuers)),
-            Bearer::Several => Some(Err(Reason::JwtMalformed)),
+            Bearer::Several | Bearer::Unreadable => Some(Err(Reason::JwtMalformed)),
         });
     let jwt = match &token {
         Some(Some(Ok(claims))) => Jwt::Valid(claims),
@@ -838,10 +841,12 @@ async fn to_app(
         }
     };
     parts.uri = uri;
-    // Trailers are headers too: the sidecars' own names never reach the app from outside.
+    // Trailers are headers too: the sidecars' own names never reach the app from outside, nor
+    // a credential the sidecar never saw (it verifies the head's Authorization only).
     let body = boxed(body.map_frame(|frame| match frame.into_trailers() {
         Ok(mut trailers) => {
             strip_identity_headers(&mut trailers);
+            trailers.remove(http::header::AUTHORIZATION);
             hyper::body::Frame::trailers(trailers)
         }
         Err(frame) => frame,
@@ -917,6 +922,11 @@ mod tests {
         h.insert("authorization", HeaderValue::from_static("Bearer a.b.c"));
         h.append("authorization", HeaderValue::from_static("Basic dXNlcg=="));
         assert_eq!(bearer(&h), Bearer::Several);
+        h.insert(
+            "authorization",
+            HeaderValue::from_bytes(b"Bearer a.b.\xff").unwrap(),
+        );
+        assert_eq!(bearer(&h), Bearer::Unreadable);
     }
 
     #[test]
