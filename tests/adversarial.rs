@@ -65,14 +65,8 @@ async fn h2_request(
     uri: &str,
     headers: &[(&str, &str)],
 ) -> u16 {
-    let tls = dial(cp, b, cred, moat_tls::ALPN_H2).await;
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    use http_body_util::BodyExt as _;
+    let mut send = h2_to(cp, b, cred).await;
     let mut req = http::Request::builder()
         .method(http::Method::from_bytes(method.as_bytes()).unwrap())
         .uri(uri);
@@ -80,12 +74,33 @@ async fn h2_request(
         req = req.header(*k, *v);
     }
     let req = req
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .body(http_body_util::Full::new(bytes::Bytes::new()).boxed())
         .unwrap();
     match tokio::time::timeout(Duration::from_secs(5), send.send_request(req)).await {
         Ok(Ok(resp)) => resp.status().as_u16(),
         _ => 0,
     }
+}
+
+/// A request body for [`h2_to`]'s connections.
+type H2Body = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
+
+/// An HTTP/2 connection (ALPN h2) to `b`'s inbound as the holder of `cred`, driven in the
+/// background.
+async fn h2_to(
+    cp: &ControlPlane,
+    b: &Proxy,
+    cred: &moat_tls::Credential,
+) -> hyper::client::conn::http2::SendRequest<H2Body> {
+    let tls = dial(cp, b, cred, moat_tls::ALPN_H2).await;
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    send
 }
 
 fn taken(rec: &Recording) -> Vec<Received> {
@@ -725,19 +740,13 @@ async fn an_authorization_trailer_never_reaches_the_app() {
     let (app, rec) = recording_http().await;
     let b = Proxy::builder(&cp, "b").app(app).start().unwrap();
     let a = credential_for(&cp, "a");
-    let tls = dial(&cp, &b, &a, moat_tls::ALPN_H2).await;
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2_to(&cp, &b, &a).await;
     let mut trailers = http::HeaderMap::new();
     trailers.insert("authorization", "Bearer forged".parse().unwrap());
     trailers.insert("x-trace", "1".parse().unwrap());
     let body = http_body_util::Full::new(bytes::Bytes::from_static(b"hello"))
-        .with_trailers(Box::pin(async move { Some(Ok(trailers)) }));
+        .with_trailers(Box::pin(async move { Some(Ok(trailers)) }))
+        .boxed();
     let req = http::Request::get("https://b/public/upload")
         .body(body)
         .unwrap();
