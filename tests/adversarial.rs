@@ -574,6 +574,10 @@ async fn strangers_cannot_keep_callers_out_of_a_sidecar() {
         files <= files_before + 900 + 64,
         "the sidecar holds {files} open files ({files_before} before)"
     );
+    // What an operator sees: the handshakes waiting, at the bound.
+    let pending = metric_sum(&b.metrics(), "moat_tls_handshakes_pending");
+    eprintln!("{pending} handshakes pending");
+    assert!((800.0..=900.0).contains(&pending), "{pending} pending");
 
     // The caller gets in, from the address that holds the most, and the app sees who.
     let req = "GET /public/x HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n";

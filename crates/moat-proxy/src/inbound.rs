@@ -151,7 +151,10 @@ async fn accept_tls(
     for _ in 0..slot.evicted() {
         ctx.metrics.handshake_failed("inbound", "evicted".into());
     }
-    let tls = match slot.handshake(tcp, current.server.clone()).await {
+    let pending = crate::metrics::Pending::new(&ctx.metrics.handshakes_pending);
+    let outcome = slot.handshake(tcp, current.server.clone()).await;
+    drop(pending);
+    let tls = match outcome {
         Outcome::Done(t) => *t,
         Outcome::Failed(e) => {
             let reason = moat_tls::HandshakeFailure::of(&e).code();

@@ -118,6 +118,24 @@ fn latency() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 20))
 }
 
+/// One inbound handshake counted in [`Metrics::handshakes_pending`] until dropped.
+#[derive(Debug)]
+pub struct Pending(Gauge);
+
+impl Pending {
+    /// Counts one more pending handshake in `gauge`.
+    pub fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Pending(gauge.clone())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Every metric the proxy exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -135,6 +153,8 @@ pub struct Metrics {
     pub upstream_connections: Family<UpstreamLabels, Counter>,
     /// HTTP/1.1 mesh connections held idle for reuse (set by [`crate::keepalive::Kept`]).
     pub upstream_idle: Gauge,
+    /// Inbound TLS handshakes admitted and not finished (each held by a [`Pending`]).
+    pub handshakes_pending: Gauge,
     cert_expiry: Gauge,
     cert_refresh: Gauge,
     pub snapshot_version: Gauge,
@@ -167,6 +187,7 @@ impl Metrics {
         let connections_closed = Family::<HandshakeLabels, Counter>::default();
         let upstream_connections = Family::<UpstreamLabels, Counter>::default();
         let upstream_idle = Gauge::default();
+        let handshakes_pending = Gauge::default();
         let cert_expiry = Gauge::default();
         let cert_refresh = Gauge::default();
         let snapshot_version = Gauge::default();
@@ -230,6 +251,11 @@ impl Metrics {
             upstream_idle.clone(),
         );
         registry.register(
+            "tls_handshakes_pending",
+            "Inbound TLS handshakes accepted and not finished yet; bounded per source address and in all, and what the bound closes is counted in moat_tls_handshake_failures_total (evicted, busy)",
+            handshakes_pending.clone(),
+        );
+        registry.register(
             "certificate_expiry_timestamp_seconds",
             "NotAfter of the proxy's certificate",
             cert_expiry.clone(),
@@ -261,6 +287,7 @@ impl Metrics {
             connections_closed,
             upstream_connections,
             upstream_idle,
+            handshakes_pending,
             cert_expiry,
             cert_refresh,
             snapshot_version,
