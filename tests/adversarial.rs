@@ -458,6 +458,14 @@ async fn strangers_cannot_starve_the_control_plane_or_flood_its_audit_log() {
     let others: Vec<std::net::IpAddr> = (2..32u8).map(|i| [127, 0, 0, i].into()).collect();
     let strangers = Strangers::hold(addr, &others, 1500).await;
     eprintln!("{} stranger connections up", strangers.connected());
+    // The newest of them wait (they cannot have timed out yet), within the bound.
+    let pending = || {
+        let metrics = cp.admin_get("/metrics").unwrap().1;
+        metric_sum(&metrics, "moat_tls_handshakes_pending")
+    };
+    let waiting = pending();
+    eprintln!("{waiting} handshakes pending");
+    assert!((1.0..=1024.0).contains(&waiting), "{waiting} pending");
     let start = std::time::Instant::now();
     let shown = cp.moat(&["ca", "show"]);
     let took = start.elapsed();
@@ -483,6 +491,11 @@ async fn strangers_cannot_starve_the_control_plane_or_flood_its_audit_log() {
         metrics.contains("moat_tls_handshake_failures_total{reason=\"evicted\"}"),
         "{metrics}"
     );
+    // Every way a handshake ends gives its place back.
+    tokio::task::block_in_place(|| {
+        eventually(Duration::from_secs(10), || (pending() == 0.0).then_some(()))
+    })
+    .unwrap_or_else(|| panic!("{} handshakes still pending", pending()));
 
     // A real admin action, then 20,000 admin calls without a certificate.
     cp.moat_ok(&["token", "create", "--identity", "last-real-action"]);

@@ -319,6 +319,7 @@ pub async fn serve(
         cfg.open_files,
         self_certs.live().subscribe(),
         state.metrics.handshake_failures.clone(),
+        state.metrics.handshakes_pending.clone(),
     );
 
     // Every service behind the same caller check (expired or revoked certificates).

@@ -19,6 +19,7 @@ use moat_tls::TlsWatch;
 use moat_tls::pending::{Handshakes, Limits, Outcome};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -114,21 +115,18 @@ fn peer_of(stream: &TlsStream<TcpStream>) -> Option<Peer> {
 
 /// Accepts connections until the listener fails for good; failed handshakes are logged with
 /// their reason, counted in `failures` by reason, and never reach tonic. Pending handshakes
-/// stay under half of `open_files`, the process's limit on open files.
+/// stay under half of `open_files`, the process's limit on open files, and are counted in
+/// `pending_gauge`.
 pub fn incoming(
     listener: TcpListener,
     open_files: u64,
     tls: TlsWatch,
     failures: Family<crate::metrics::RefusedLabels, Counter>,
+    pending_gauge: Gauge,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let limits = PENDING.within(open_files);
-    tracing::info!(
-        open_files,
-        pending_handshakes = limits.total,
-        pending_per_source = limits.per_source,
-        "open-file limit"
-    );
+    limits.log(open_files);
     let pending = Handshakes::new(limits);
     let count = move |reason: &'static str, n: u64| {
         failures
@@ -162,8 +160,11 @@ pub fn incoming(
             }
             let _ = tcp.set_nodelay(true);
             let (tx, count) = (tx.clone(), count.clone());
+            let held = moat_metrics::Held::new(&pending_gauge);
             tokio::spawn(async move {
-                match slot.handshake(tcp, config).await {
+                let outcome = slot.handshake(tcp, config).await;
+                drop(held);
+                match outcome {
                     Outcome::Done(stream) => {
                         let info = ConnInfo {
                             remote,

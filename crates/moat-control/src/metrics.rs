@@ -57,6 +57,9 @@ pub struct Metrics {
     pub refused: Family<RefusedLabels, Counter>,
     /// TLS handshakes on the gRPC port that never completed, by reason.
     pub handshake_failures: Family<RefusedLabels, Counter>,
+    /// TLS handshakes on the gRPC port admitted and not finished (each a
+    /// [`moat_metrics::Held`]).
+    pub handshakes_pending: Gauge,
     /// Admin calls refused before any work, by reason (`unauthenticated`, `not-admin`).
     pub admin_refused: Family<RefusedLabels, Counter>,
     /// Calls refused before any handler because of the caller's certificate.
@@ -83,6 +86,7 @@ impl Default for Metrics {
             issued: Family::default(),
             refused: Family::default(),
             handshake_failures: Family::default(),
+            handshakes_pending: Gauge::default(),
             admin_refused: Family::default(),
             callers_refused: Family::default(),
             ca_not_after: Family::default(),
@@ -108,6 +112,11 @@ impl Default for Metrics {
             "tls_handshake_failures",
             "TLS handshakes on the gRPC port that did not complete: refused, timeout, or evicted to make room for newer ones",
             m.handshake_failures.clone(),
+        );
+        registry.register(
+            "tls_handshakes_pending",
+            "TLS handshakes on the gRPC port accepted and not finished yet; bounded per source address and in all, and what the bound closes is counted in moat_tls_handshake_failures_total (evicted, busy)",
+            m.handshakes_pending.clone(),
         );
         registry.register(
             "admin_calls_refused",

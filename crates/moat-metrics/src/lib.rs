@@ -2,7 +2,8 @@
 //! servers ask for it, but `promtool check metrics`, older scrapers and most tools that read the
 //! endpoint by hand expect the classic text format 0.0.4. [`Format::negotiate`] reads the
 //! request's `Accept` header (classic text unless OpenMetrics is preferred), and [`encode`]
-//! writes the registry in that format. [`build_info`] registers `moat_build_info`.
+//! writes the registry in that format. [`build_info`] registers `moat_build_info`; [`Held`] keeps a
+//! gauge of work in progress true however the work ends.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
@@ -136,12 +137,48 @@ pub fn build_info(registry: &mut Registry, component: &'static str, version: &'s
     );
 }
 
+/// One unit of a gauge that counts work in progress (handshakes waiting, say), held until
+/// dropped: every way the work can end, an error or a cancelled task included, gives it back.
+#[derive(Debug)]
+pub struct Held(Gauge);
+
+impl Held {
+    /// Counts one more in `gauge` until the returned value is dropped.
+    pub fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Held(gauge.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use prometheus_client::metrics::counter::Counter;
     use prometheus_client::metrics::histogram::Histogram;
 
     use super::*;
+
+    #[test]
+    fn a_held_unit_is_given_back_however_it_is_dropped() {
+        let gauge = Gauge::default();
+        let one = Held::new(&gauge);
+        let two = Held::new(&gauge);
+        assert_eq!(gauge.get(), 2);
+        drop(one);
+        assert_eq!(gauge.get(), 1);
+        // A future cancelled while it holds one (a handshake task dropped) gives it back too.
+        let work = async move {
+            let _two = two;
+            std::future::pending::<()>().await;
+        };
+        drop(work);
+        assert_eq!(gauge.get(), 0);
+    }
 
     #[test]
     fn the_classic_text_is_the_default_and_openmetrics_is_served_when_preferred() {

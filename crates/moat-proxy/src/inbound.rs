@@ -151,7 +151,7 @@ async fn accept_tls(
     for _ in 0..slot.evicted() {
         ctx.metrics.handshake_failed("inbound", "evicted".into());
     }
-    let pending = crate::metrics::Pending::new(&ctx.metrics.handshakes_pending);
+    let pending = moat_metrics::Held::new(&ctx.metrics.handshakes_pending);
     let outcome = slot.handshake(tcp, current.server.clone()).await;
     drop(pending);
     let tls = match outcome {

@@ -169,13 +169,7 @@ pub async fn run(mut cfg: ProxyConfig, shutdown: impl Future<Output = ()>) -> an
         metrics.clone(),
         tracing,
     ));
-    let pending = ctx.handshakes.limits();
-    tracing::info!(
-        open_files = cfg.open_files,
-        pending_handshakes = pending.total,
-        pending_per_source = pending.per_source,
-        "open-file limit"
-    );
+    ctx.handshakes.limits().log(cfg.open_files);
 
     let Listeners {
         admin,

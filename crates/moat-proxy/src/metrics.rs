@@ -118,24 +118,6 @@ fn latency() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 20))
 }
 
-/// One inbound handshake counted in [`Metrics::handshakes_pending`] until dropped.
-#[derive(Debug)]
-pub struct Pending(Gauge);
-
-impl Pending {
-    /// Counts one more pending handshake in `gauge`.
-    pub fn new(gauge: &Gauge) -> Self {
-        gauge.inc();
-        Pending(gauge.clone())
-    }
-}
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 /// Every metric the proxy exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -153,7 +135,7 @@ pub struct Metrics {
     pub upstream_connections: Family<UpstreamLabels, Counter>,
     /// HTTP/1.1 mesh connections held idle for reuse (set by [`crate::keepalive::Kept`]).
     pub upstream_idle: Gauge,
-    /// Inbound TLS handshakes admitted and not finished (each held by a [`Pending`]).
+    /// Inbound TLS handshakes admitted and not finished (each a [`moat_metrics::Held`]).
     pub handshakes_pending: Gauge,
     cert_expiry: Gauge,
     cert_refresh: Gauge,

@@ -55,6 +55,17 @@ impl Limits {
             ..self
         }
     }
+
+    /// Logs, at start-up, the process's limit on open files and what these limits let wait
+    /// under it: the line an operator looks for when strangers' connections are evicted.
+    pub fn log(&self, open_files: u64) {
+        tracing::info!(
+            open_files,
+            pending_handshakes = self.total,
+            pending_per_source = self.per_source,
+            "open-file limit"
+        );
+    }
 }
 
 /// Raises the soft limit on open files toward the hard one, up to 1,048,576 (a process starts
