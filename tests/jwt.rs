@@ -275,6 +275,64 @@ async fn tokens_are_verified_at_the_sidecar_and_each_failure_has_its_reason() {
     assert_eq!((orders.pid(), frontend.pid()), pid);
 }
 
+/// The app hears of an end user (`x-moat-user`) only from a token that the rule allowing the
+/// request held to its issuers, audiences and claims. A caller allowed on a route without a
+/// `jwt` part, sending a token signed by a trusted issuer but minted for another service, is
+/// served as a caller with no user. (Before, any valid signature named the user on any route
+/// of a sidecar with one `jwt` rule: the app received `user=alice` here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_token_the_allowing_rule_checked_names_the_user() {
+    let cp = ControlPlane::start().unwrap();
+    let signer = Signer::ec("ec-1");
+    let jwks_file = cp.scratch().join("jwks.json");
+    std::fs::write(&jwks_file, jwks(&[&signer])).unwrap();
+    let policy = r#"
+apiVersion: moat.dev/v1
+kind: AccessPolicy
+metadata: { name: orders }
+spec:
+  target: orders
+  rules:
+    - from: [frontend]
+      http: [{ methods: [GET], paths: ["/public/*"] }]
+    - from: [frontend]
+      http: [{ methods: [GET], paths: ["/account/*"] }]
+      jwt: { issuers: [https://id.moat.test], audiences: [orders] }
+"#;
+    apply_policy(&cp, &format!("{}---{policy}", mesh_config(&jwks_file)));
+    let (_orders, frontend) = echo_pair(&cp, "orders", "frontend").await;
+    wait_for_services(&frontend, &["orders"]);
+    let base = format!("http://{}", frontend.upstream("orders"));
+    let for_orders = signer.sign(&claims(serde_json::json!({})));
+    let for_billing = signer.sign(&claims(serde_json::json!({"aud": "billing"})));
+
+    // The rule that asks for a token: its own audience names the user, another's is refused.
+    let account = format!("{base}/account/1");
+    let (status, _, _, body) = eventually(Duration::from_secs(10), || {
+        let r = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(call(&account, Some(&for_orders), &[]))
+        });
+        (r.0 == 200).then_some(r)
+    })
+    .expect("the right token was refused on /account");
+    assert_eq!(status, 200);
+    assert!(body.contains("user=alice "), "{body}");
+    let (status, reason, _, _) = call(&account, Some(&for_billing), &[]).await;
+    assert_eq!((status, reason.as_str()), (401, "jwt-audience-not-allowed"));
+
+    // The rule without one: served, and the app hears of no user, whichever token came.
+    let public = format!("{base}/public/1");
+    for token in [&for_billing, &for_orders] {
+        let (status, _, _, body) = call(&public, Some(token), &[("x-moat-user", "mallory")]).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("method=GET path=/public/1 "), "{body}");
+        assert!(
+            body.contains("user= "),
+            "the app was told of a user: {body}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_issuer_configuration_is_refused_at_apply_and_nothing_changes() {
     let cp = ControlPlane::start().unwrap();

@@ -216,6 +216,10 @@ pub struct Decision {
     pub policy: Option<(String, PolicyVersion)>,
     /// The matching rule's index within `policy`.
     pub rule: Option<usize>,
+    /// Whether the rule that allowed the request required an end-user token, so that the
+    /// request's token passed that rule's issuer, audience and claim checks. Only then may the
+    /// token's subject be passed to the app as the verified user.
+    pub token_checked: bool,
     /// Every rule considered, in order.
     pub trace: Vec<RuleTrace>,
 }
@@ -238,6 +242,7 @@ impl Decision {
             would_deny: None,
             policy: None,
             rule: None,
+            token_checked: false,
             trace: Vec::new(),
         }
     }
@@ -397,6 +402,7 @@ fn decide_with(
         would_deny: None,
         policy: Some(key(policy)),
         rule: Some(rule),
+        token_checked: policy.rules.get(rule).is_some_and(|r| r.jwt.is_some()),
         trace,
     };
     match (enforce, audit) {
@@ -408,6 +414,7 @@ fn decide_with(
                 would_deny: None,
                 policy: v.deny_policy.map(key),
                 rule: None,
+                token_checked: false,
                 trace,
             },
         },
@@ -419,6 +426,7 @@ fn decide_with(
                 would_deny: Some(v.deny),
                 policy: v.deny_policy.map(key),
                 rule: None,
+                token_checked: false,
                 trace,
             },
         },
@@ -429,6 +437,7 @@ fn decide_with(
                 would_deny: None,
                 policy: None,
                 rule: None,
+                token_checked: false,
                 trace,
             },
             DefaultPosture::AllowAuthenticated => Decision {
@@ -437,6 +446,7 @@ fn decide_with(
                 would_deny: None,
                 policy: None,
                 rule: None,
+                token_checked: false,
                 trace,
             },
         },
@@ -699,5 +709,72 @@ spec:
         assert_eq!((d.allowed, d.reason), (false, Reason::IdentityNotAllowed));
         let d = check(&ps, &mesh, "frontend", 8080, Some(("get", "/orders")));
         assert_eq!((d.allowed, d.reason), (false, Reason::RouteNotAllowed));
+    }
+
+    /// A token counts as checked only when the rule that allowed the request asked for one: a
+    /// valid token on a route whose rule has no `jwt` was never held to any rule's issuers,
+    /// audiences or claims, and one that fails them on an audited route is only would-deny.
+    #[test]
+    fn a_token_is_checked_only_by_a_rule_that_asks_for_one() {
+        let mut ps = policies(
+            r#"
+apiVersion: moat.dev/v1
+kind: AccessPolicy
+metadata: { name: orders }
+spec:
+  target: orders
+  rules:
+    - from: [frontend]
+      http: [{ methods: [GET], paths: ["/public/*"] }]
+    - from: [frontend]
+      http: [{ methods: [GET], paths: ["/account/*"] }]
+      jwt: { issuers: [https://id.example], audiences: [orders] }
+"#,
+        );
+        let mesh = MeshConfig::default();
+        let peer = id("frontend");
+        let claims = |aud: &str| -> crate::model::Claims {
+            serde_json::from_value(serde_json::json!({
+                "iss": "https://id.example", "aud": aud, "sub": "alice"
+            }))
+            .unwrap()
+        };
+        let (orders, billing) = (claims("orders"), claims("billing"));
+        let decide_with = |ps: &[AccessPolicy], path, claims| {
+            decide(
+                ps,
+                &mesh,
+                &Input {
+                    peer: &peer,
+                    port: 8080,
+                    traffic: Traffic::Request {
+                        method: "GET",
+                        path,
+                        jwt: Jwt::Valid(claims),
+                    },
+                },
+            )
+        };
+        let d = decide_with(&ps, "/account/1", &orders);
+        assert_eq!((d.allowed, d.token_checked), (true, true));
+        // Another service's token, on a route that does not ask for one: allowed, unchecked.
+        let d = decide_with(&ps, "/public/1", &billing);
+        assert_eq!((d.allowed, d.rule, d.token_checked), (true, Some(0), false));
+        let d = decide_with(&ps, "/account/1", &billing);
+        assert_eq!(
+            (d.allowed, d.reason, d.token_checked),
+            (false, Reason::JwtAudienceNotAllowed, false)
+        );
+        ps[0].mode = Mode::Audit;
+        let d = decide_with(&ps, "/account/1", &billing);
+        assert_eq!(
+            (d.allowed, d.would_deny, d.token_checked),
+            (true, Some(Reason::JwtAudienceNotAllowed), false)
+        );
+        let d = decide_with(&ps, "/account/1", &orders);
+        assert_eq!(
+            (d.allowed, d.would_deny, d.token_checked),
+            (true, None, true)
+        );
     }
 }
