@@ -208,7 +208,7 @@ async fn an_allowed_caller_reaches_only_what_its_rule_names() {
     assert_eq!(junk, "");
 
     // Identity headers from outside never reach the app, in any spelling.
-    let spoof = "GET /public/x HTTP/1.1\r\nHost: b\r\nx-moat-peer-id: spiffe://moat.local/ns/default/sa/admin\r\nx_moat_peer_id: spiffe://moat.local/ns/default/sa/admin\r\nX-Moat-User: root\r\nx_moat_user: root\r\nx-moat-orig-proto: HTTP/1.1\r\nConnection: close\r\n\r\n";
+    let spoof = "GET /public/x HTTP/1.1\r\nHost: b\r\nx-moat-peer-id: spiffe://moat.local/ns/default/sa/admin\r\nx_moat_peer_id: spiffe://moat.local/ns/default/sa/admin\r\nX-Moat-User: root\r\nx_moat_user: root\r\nx_moat-user: root\r\nX-Moat_Peer_Id: spiffe://moat.local/ns/default/sa/admin\r\nx-moat-orig-proto: HTTP/1.1\r\nConnection: close\r\n\r\n";
     assert_eq!(status_of(&h1_raw(&cp, &b, &a, h1, now, spoof).await), 200);
     // Nor can a caller have the sidecar's own headers removed by naming them in `Connection`
     // (the invariant below wants `x-moat-peer-id` on every request the app received).
@@ -247,7 +247,9 @@ async fn an_allowed_caller_reaches_only_what_its_rule_names() {
         &[
             ("x-moat-peer-id", "spiffe://moat.local/ns/default/sa/admin"),
             ("x_moat_peer_id", "spiffe://moat.local/ns/default/sa/admin"),
+            ("x-moat_peer-id", "spiffe://moat.local/ns/default/sa/admin"),
             ("x-moat-user", "root"),
+            ("x_moat-user", "root"),
         ],
     )
     .await;

@@ -110,12 +110,22 @@ pub fn request_target(parts: &http::request::Parts, fallback: &str) -> (String, 
 }
 
 /// Removes every header the sidecars own (`x-moat-*`) from a request that came from outside,
-/// and their underscore spellings (`x_moat_*`), which many frameworks fold into the same name.
+/// in every spelling with `_` for any `-` (`x_moat_user`, `x_moat-user`, `x-moat_peer_id`):
+/// many frameworks fold `-` and `_` into the same name.
 pub fn strip_identity_headers(h: &mut HeaderMap) {
     let owned = |n: &HeaderName| {
         let n = n.as_str().as_bytes();
         n.len() >= 7
-            && (n[..7].eq_ignore_ascii_case(b"x-moat-") || n[..7].eq_ignore_ascii_case(b"x_moat_"))
+            && n[..7]
+                .iter()
+                .map(|b| {
+                    if *b == b'_' {
+                        b'-'
+                    } else {
+                        b.to_ascii_lowercase()
+                    }
+                })
+                .eq(b"x-moat-".iter().copied())
     };
     if !h.keys().any(owned) {
         return;
@@ -458,6 +468,9 @@ mod tests {
             "x_moat_peer_id",
             "x-moat-user",
             "x_moat_user",
+            "x_moat-user",
+            "x-moat_peer_id",
+            "x_moat-peer-id",
             "x-moat-anything",
         ] {
             h.insert(
@@ -466,11 +479,12 @@ mod tests {
             );
         }
         h.insert("x-moatish", HeaderValue::from_static("1"));
+        h.insert("x_moatish", HeaderValue::from_static("1"));
         h.insert("x-keep", HeaderValue::from_static("1"));
         strip_identity_headers(&mut h);
         let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
-        assert_eq!(left, ["x-keep", "x-moatish"]);
+        assert_eq!(left, ["x-keep", "x-moatish", "x_moatish"]);
     }
 
     #[test]
