@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use moat_test_util::apps::{Received, Recording, recording_http, tcp_greeter};
+use moat_test_util::apps::{Received, Recording, http_echo, recording_http, tcp_greeter};
 use moat_test_util::{ControlPlane, Proxy, apply_policy, eventually, metric_sum};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -932,4 +932,86 @@ async fn a_path_cannot_break_an_access_log_line() {
     for line_break in ['\u{2028}', '\u{85}'] {
         assert!(!log.contains(line_break), "{log:?}");
     }
+}
+
+/// A sidecar holding a valid certificate for `evil` announces `orders`' inbound address as its
+/// own, so the mesh's table lists that address under both services. A request `frontend` sends
+/// to `evil` must still go only to a sidecar that proves it is `evil`: not over the connection
+/// `frontend` already keeps to that address for `orders`, whose far side proved `orders`. (Before
+/// the pool keyed connections by service too, the request meant for `evil` reached orders' app
+/// over that connection.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_proven_for_one_service_never_carries_anothers_requests() {
+    let cp = ControlPlane::start().unwrap();
+    apply_policy(
+        &cp,
+        r#"
+apiVersion: moat.dev/v1
+kind: AccessPolicy
+metadata: { name: orders }
+spec:
+  target: orders
+  rules: [{ from: [frontend] }]
+---
+apiVersion: moat.dev/v1
+kind: AccessPolicy
+metadata: { name: evil }
+spec:
+  target: evil
+  rules: [{ from: [frontend] }]
+"#,
+    );
+    let (orders_app, rec) = recording_http().await;
+    let orders = Proxy::builder(&cp, "orders")
+        .app(orders_app)
+        .start()
+        .unwrap();
+    let (evil_app, evil_rec) = recording_http().await;
+    let evil = Proxy::builder(&cp, "evil")
+        .app(evil_app)
+        .args(&["--advertise", &orders.inbound.to_string()])
+        .start()
+        .unwrap();
+    let frontend = Proxy::builder(&cp, "frontend")
+        .app(http_echo().await)
+        .upstreams(&["orders", "evil"])
+        .start()
+        .unwrap();
+    wait_for_services(&frontend, &["orders", "evil"]);
+    let client = h1_client();
+    let (status, _, body) = get(
+        &client,
+        "GET",
+        &format!("http://{}/for-orders", frontend.upstream("orders")),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    // The HTTP/1.1 connection to orders' address is kept for the next request to it.
+    let (status, _, body) = get(
+        &client,
+        "GET",
+        &format!("http://{}/for-evil", frontend.upstream("evil")),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 502, "{body}");
+    let seen: Vec<String> = taken(&rec).iter().map(|r| r.path().to_owned()).collect();
+    assert_eq!(
+        seen,
+        ["/for-orders"],
+        "orders' app received another's request"
+    );
+    assert!(taken(&evil_rec).is_empty());
+    // The dial to the address `evil` announced met `orders`, and was refused for it.
+    assert!(
+        frontend.metrics().contains(
+            r#"moat_tls_handshake_failures_total{direction="outbound",reason="wrong-identity"}"#
+        ),
+        "{}",
+        frontend.metrics()
+    );
+    drop(evil);
 }

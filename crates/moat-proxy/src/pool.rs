@@ -66,13 +66,28 @@ impl Target {
         name
     }
 
-    /// The key of the connections to `ep` that carry this target, `<ep>|<server name>`: built
-    /// per request, so in one allocation and without the formatting machinery.
+    /// The key of the connections to `ep` that carry this target,
+    /// `<ep>|<server name>|<trust domain>/<namespace>/<service account>`: built per request, so in
+    /// one allocation and without the formatting machinery. The service is part of it because a
+    /// connection's far side proved that identity only: an address that two services' tables
+    /// list (one of them announcing another's) must not carry one's requests to the other.
     fn pool_key(&self, ep: &str) -> String {
-        let mut key = String::with_capacity(ep.len() + 1 + SERVER_NAME_MAX);
+        let (td, ns, sa) = (
+            self.service.trust_domain().as_str(),
+            self.service.namespace().as_str(),
+            self.service.service_account().as_str(),
+        );
+        let mut key =
+            String::with_capacity(ep.len() + SERVER_NAME_MAX + td.len() + ns.len() + sa.len() + 4);
         key.push_str(ep);
         key.push('|');
         self.push_server_name(&mut key);
+        key.push('|');
+        key.push_str(td);
+        key.push('/');
+        key.push_str(ns);
+        key.push('/');
+        key.push_str(sa);
         key
     }
 
@@ -549,7 +564,7 @@ mod tests {
     use super::*;
 
     /// The server name a target dials with is the one the far side reads its port from, and
-    /// the pool key carries it after the endpoint.
+    /// the pool key carries it after the endpoint, then the service.
     #[test]
     fn server_names_carry_the_port_and_key_the_pool() {
         let service: SpiffeId = "spiffe://mesh.test/ns/shop/sa/api".parse().unwrap();
@@ -563,7 +578,16 @@ mod tests {
             assert_eq!(port_from_server_name(Some(&name)), port, "{name}");
             assert_eq!(
                 target.pool_key("10.0.0.1:4143"),
-                format!("10.0.0.1:4143|{name}")
+                format!("10.0.0.1:4143|{name}|mesh.test/shop/api")
+            );
+            // Another service at the same address and port keys connections of its own.
+            let other = Target {
+                port,
+                ..Target::service("spiffe://mesh.test/ns/shop/sa/admin".parse().unwrap())
+            };
+            assert_ne!(
+                other.pool_key("10.0.0.1:4143"),
+                target.pool_key("10.0.0.1:4143")
             );
         }
         let target = Target {
