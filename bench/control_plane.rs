@@ -192,13 +192,10 @@ fn usage(pid: u32) -> (f64, f64, f64) {
     (kb("VmRSS:") / 1024.0, kb("VmHWM:") / 1024.0, ticks / 100.0)
 }
 
+/// The inbound address simulated proxy `idx` announces: the loopback address its stream comes
+/// from ([`source`]), the only one the control plane lets it announce.
 fn address(idx: usize) -> String {
-    format!(
-        "10.{}.{}.{}:8443",
-        1 + idx / 62_500,
-        (idx / 250) % 250,
-        1 + idx % 250
-    )
+    format!("{}:8443", source(idx))
 }
 
 /// The survivors' `moat_mesh_first_snapshots_total` and `moat_mesh_resent_buckets_total`, as
@@ -504,7 +501,8 @@ fn main() {
 
             // A new replica of one service joins (on the last control plane); everyone must
             // learn its address.
-            let addr = format!("10.250.0.{}:8443", r + 1);
+            let from = std::net::IpAddr::from([127, 250, 0, (r + 1) as u8]);
+            let addr = format!("{from}:8443");
             let cred = admin.credential(&format!("bench/svc-{svc:04}")).await.unwrap();
             let extra = Arc::new(Mutex::new(None));
             // Connected inside the round: the control plane may send the new endpoint to the
@@ -514,7 +512,10 @@ fn main() {
                 address: addr.clone(),
             };
             let (d, _) = round(&probes, goal, None, async {
-                let stream = admins[admins.len() - 1].mesh_stream(&cred, &addr).await.unwrap();
+                let stream = admins[admins.len() - 1]
+                    .mesh_stream_from(&cred, &addr, Vec::new(), Some(from))
+                    .await
+                    .unwrap();
                 let extra = extra.clone();
                 tokio::spawn(async move { proxy(0, stream, extra, &mut None).await });
             })

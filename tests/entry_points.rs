@@ -159,11 +159,28 @@ async fn the_mesh_stream_refuses_strangers_and_bad_announcements() {
         dir.to_str().unwrap(),
     ]);
     let cred = credential(&dir, &b);
-    for (bad, want) in [
-        ("0.0.0.0:7143", "wildcard"),
-        ("127.0.0.1", "no port"),
-        ("127.0.0.1:0", "no valid port"),
-        (":80", "no host"),
+    for (bad, code, want) in [
+        ("0.0.0.0:7143", Code::InvalidArgument, "wildcard"),
+        ("127.0.0.1", Code::InvalidArgument, "no port"),
+        ("127.0.0.1:0", Code::InvalidArgument, "no valid port"),
+        (":80", Code::InvalidArgument, "no host"),
+        // Another host's address (another pod's, say), or a name: the stream comes from
+        // 127.0.0.1, so only that address is this sidecar's to announce.
+        (
+            "127.0.0.2:7143",
+            Code::PermissionDenied,
+            "its connection comes from 127.0.0.1, not 127.0.0.2",
+        ),
+        (
+            "10.1.2.3:7143",
+            Code::PermissionDenied,
+            "--advertise 127.0.0.1:PORT",
+        ),
+        (
+            "orders.internal:7143",
+            Code::PermissionDenied,
+            "names a host",
+        ),
     ] {
         let ch = moat_tls::connect::channel(&cp.url(), b.clone(), control_id(), Some(&cred))
             .await
@@ -172,8 +189,13 @@ async fn the_mesh_stream_refuses_strangers_and_bad_announcements() {
             .stream(tokio_stream::iter(vec![announce(bad)]))
             .await
             .unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument, "{bad}: {err:?}");
+        assert_eq!(err.code(), code, "{bad}: {err:?}");
         assert!(err.message().contains(want), "{bad}: {err:?}");
+    }
+    // Nothing refused was listed.
+    let status = cp.moat_ok(&["status", "-o", "json"]);
+    for bad in ["127.0.0.2:7143", "10.1.2.3:7143", "orders.internal:7143"] {
+        assert!(!status.contains(bad), "{bad} listed: {status}");
     }
     // The first message must be an announce.
     let ch = moat_tls::connect::channel(&cp.url(), b.clone(), control_id(), Some(&cred))
@@ -203,6 +225,31 @@ async fn the_mesh_stream_refuses_strangers_and_bad_announcements() {
             .services
             .iter()
             .any(|s| s.spiffe_id.ends_with("/sa/orders"))
+    );
+}
+
+/// Where sidecars reach the control plane through NAT, the address a stream comes from is not
+/// the sidecar's: `--announce-any-address` takes the address a sidecar announces as given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announce_any_address_takes_the_address_a_sidecar_announces() {
+    let cp = ControlPlane::start_with(&["--announce-any-address"]).unwrap();
+    let mut admin = moat_test_util::mesh::Admin::connect(&cp).await.unwrap();
+    let cred = admin.credential("orders").await.unwrap();
+    let _stream = admin
+        .mesh_stream(&cred, "orders.internal:7143")
+        .await
+        .unwrap()
+        .keep_acking();
+    let listed = tokio::task::block_in_place(|| {
+        moat_test_util::eventually(std::time::Duration::from_secs(10), || {
+            let status = cp.moat_ok(&["status", "-o", "json"]);
+            status.contains("orders.internal:7143").then_some(())
+        })
+    });
+    assert!(
+        listed.is_some(),
+        "{}",
+        cp.moat_ok(&["status", "-o", "json"])
     );
 }
 

@@ -418,18 +418,20 @@ fn endpoints_of(table: &serde_json::Map<String, serde_json::Value>, name: &str) 
 async fn a_large_service_table_arrives_in_parts_and_changes_as_deltas() {
     let cp = ControlPlane::start().unwrap();
     let mut admin = Admin::connect(&cp).await.unwrap();
-    // 80 services × 3 endpoints, announced over in-process streams: ≈ 10 KiB of table.
+    // 80 services × 3 endpoints, announced over in-process streams: ≈ 10 KiB of table. Each
+    // announces the loopback address its stream comes from, as the control plane requires.
+    let from = |i: u8, r: u8| std::net::IpAddr::from([127, 9, i, r]);
     let mut held = Vec::new();
     for i in 0..80 {
         let cred = admin
             .credential(&format!("fleet/svc-{i:02}"))
             .await
             .unwrap();
-        for r in 0..3 {
-            let address = format!("10.9.{i}.{r}:8443");
+        for r in 1..=3 {
+            let address = format!("127.9.{i}.{r}:8443");
             held.push(
                 admin
-                    .mesh_stream(&cred, &address)
+                    .mesh_stream_from(&cred, &address, Vec::new(), Some(from(i, r)))
                     .await
                     .unwrap()
                     .keep_acking(),
@@ -446,7 +448,7 @@ async fn a_large_service_table_arrives_in_parts_and_changes_as_deltas() {
     .unwrap_or_else(|| panic!("{:?}", table_of(&proxy)));
     assert_eq!(
         endpoints_of(&table, "fleet/svc-42"),
-        ["10.9.42.0:8443", "10.9.42.1:8443", "10.9.42.2:8443"]
+        ["127.9.42.1:8443", "127.9.42.2:8443", "127.9.42.3:8443"]
     );
     assert!(
         cp.log_text().matches("refused").count() == 0 && !proxy.log_text().contains("refused"),
@@ -461,7 +463,7 @@ async fn a_large_service_table_arrives_in_parts_and_changes_as_deltas() {
     }
     let cred = admin.credential("fleet/svc-05").await.unwrap();
     let _joined = admin
-        .mesh_stream(&cred, "10.9.99.1:8443")
+        .mesh_stream_from(&cred, "127.9.99.1:8443", Vec::new(), Some(from(99, 1)))
         .await
         .unwrap()
         .keep_acking();
@@ -474,7 +476,7 @@ async fn a_large_service_table_arrives_in_parts_and_changes_as_deltas() {
     })
     .unwrap_or_else(|| panic!("{:?}", table_of(&proxy)));
     assert!(endpoints_of(&table, "fleet/svc-00").is_empty());
-    assert!(endpoints_of(&table, "fleet/svc-05").contains(&"10.9.99.1:8443".to_owned()));
+    assert!(endpoints_of(&table, "fleet/svc-05").contains(&"127.9.99.1:8443".to_owned()));
     // Every snapshot the proxy got, it applied: sent and applied versions meet.
     let applied = eventually(Duration::from_secs(10), || {
         let v: serde_json::Value =

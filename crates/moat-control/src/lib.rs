@@ -103,6 +103,9 @@ pub struct ServeConfig {
     pub watch_policies: Option<kube_api::ApiServer>,
     /// How much of the audit log is kept.
     pub audit_retention: audit::Retention,
+    /// Take a sidecar's announced inbound address whatever host it names; by default it must be
+    /// the IP address the sidecar's connection comes from (`mesh_proto::check_announced_source`).
+    pub announce_any_address: bool,
 }
 
 /// The default admin identity in `td`: `moat-system/moat-admin`.
@@ -336,6 +339,7 @@ pub async fn serve(
             MeshServer::new(mesh_svc::MeshService {
                 ca: ca.clone(),
                 state: mesh,
+                announce_any_address: cfg.announce_any_address,
             })
             .max_decoding_message_size(MAX_MESSAGE),
             check("moat.v1.Mesh"),

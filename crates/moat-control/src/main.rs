@@ -190,6 +190,12 @@ struct ServeArgs {
     /// Audit log: remove entries older than this.
     #[arg(long, env = "MOAT_AUDIT_RETENTION", default_value = "90d", value_parser = parse_retention)]
     audit_retention: std::time::Duration,
+    /// Take the inbound address a sidecar announces whatever host it names. By default it must
+    /// be the IP address the sidecar's own connection comes from, so that one certificate cannot
+    /// list another pod's address under its service. Set this only where sidecars reach the
+    /// control plane through NAT, or announce DNS names.
+    #[arg(long, env = "MOAT_ANNOUNCE_ANY_ADDRESS")]
+    announce_any_address: bool,
     /// Log a warning while the root or the intermediate expires within this.
     #[arg(long, env = "MOAT_CA_EXPIRY_WARNING", default_value = "30d", value_parser = parse_horizon)]
     ca_expiry_warning: std::time::Duration,
@@ -345,6 +351,7 @@ fn config(args: ServeArgs) -> Result<ServeConfig, String> {
             max_entries: usize::try_from(args.audit_max_entries).unwrap_or(usize::MAX),
             max_age: args.audit_retention,
         },
+        announce_any_address: args.announce_any_address,
     })
 }
 

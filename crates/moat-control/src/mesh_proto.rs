@@ -50,6 +50,33 @@ impl Announced {
     }
 }
 
+/// Checks that an announced inbound address names the IP address the announcing connection
+/// came from, `source`. The control plane lists whatever a proxy announces as an endpoint of the
+/// proxy's service; without this, one certificate could list another pod's address under its
+/// own service (a transparent-mode caller picks the service by the address it dials, so every
+/// connection to that pod could be dialled as the wrong one and refused). Behind NAT, or with
+/// DNS names, the control plane's `--announce-any-address` turns the check off.
+pub fn check_announced_source(a: &str, source: std::net::IpAddr) -> Result<(), Status> {
+    let source = source.to_canonical();
+    let advertise = match source {
+        std::net::IpAddr::V4(ip) => format!("{ip}:PORT"),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]:PORT"),
+    };
+    let refuse = |why: String| {
+        Status::permission_denied(format!(
+            "announce.inbound_address {a:?} {why}: announce the IP address this sidecar connects to the control plane from (--advertise {advertise} on the proxy); where sidecars reach the control plane through NAT or announce DNS names, start the control plane with --announce-any-address"
+        ))
+    };
+    match a.parse::<std::net::SocketAddr>() {
+        Ok(sa) if sa.ip().to_canonical() == source => Ok(()),
+        Ok(sa) => Err(refuse(format!(
+            "is not this sidecar's address: its connection comes from {source}, not {}",
+            sa.ip()
+        ))),
+        Err(_) => Err(refuse("names a host, not an IP address".to_owned())),
+    }
+}
+
 /// Checks an announced inbound address.
 fn check_address(a: &str) -> Result<(), Status> {
     let bad = |why: &str| {
@@ -197,6 +224,33 @@ mod tests {
             cert_serial: "0a1b".into(),
             cert_not_after_unix: 1_900_000_000,
             ..Announce::default()
+        }
+    }
+
+    #[test]
+    fn an_announced_address_must_be_the_announcing_connections() {
+        use std::net::IpAddr;
+        let v4: IpAddr = "10.0.0.1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        let v6: IpAddr = "fd00::1".parse().unwrap();
+        for (address, source) in [
+            ("10.0.0.1:7143", v4),
+            ("10.0.0.1:7143", mapped),
+            ("[::ffff:10.0.0.1]:7143", v4),
+            ("[fd00::1]:7143", v6),
+        ] {
+            check_announced_source(address, source).unwrap();
+        }
+        for (address, source, want) in [
+            ("10.0.0.2:7143", v4, "comes from 10.0.0.1, not 10.0.0.2"),
+            ("orders:7143", v4, "names a host"),
+            ("[fd00::2]:7143", v6, "--advertise [fd00::1]:PORT"),
+            ("10.0.0.1:7143", v6, "comes from fd00::1"),
+        ] {
+            let e = check_announced_source(address, source).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::PermissionDenied);
+            assert!(e.message().contains(want), "{address}: {}", e.message());
+            assert!(e.message().contains("--announce-any-address"));
         }
     }
 

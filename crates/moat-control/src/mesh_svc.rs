@@ -27,6 +27,9 @@ const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct MeshService {
     pub ca: Arc<crate::ca::CaManager>,
     pub state: Arc<MeshState>,
+    /// Take an announced address whatever host it names (`--announce-any-address`), instead of
+    /// only the IP address the announcing connection comes from.
+    pub announce_any_address: bool,
 }
 
 /// One open stream: whose it is and what it announced.
@@ -72,6 +75,9 @@ impl Mesh for MeshService {
             }
         };
         let announced = Announced::check(announce, &peer.verified)?;
+        if !self.announce_any_address {
+            crate::mesh_proto::check_announced_source(&announced.inbound_address, remote.ip())?;
+        }
         let id = peer.verified.id.clone();
         let number = self.state.next_stream_id();
         let entry = ProxyEntry {
