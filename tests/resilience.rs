@@ -351,3 +351,54 @@ async fn a_proxy_is_live_but_not_ready_until_it_has_a_certificate_and_a_snapshot
             .contains("cannot reach the control plane for our first certificate")
     );
 }
+
+/// A sidecar's admin port has no TLS and listens where the kubelet and the scraper reach it, so
+/// anyone may open connections to it. One address holding idle connections gets 16 at most (the
+/// rest are closed at once), the kubelet's probes from another address are still answered, and
+/// the holder's place comes back once its connections close. (Before, every connection was
+/// kept, with no header timeout: one address could hold the sidecar's files.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_hold_a_sidecars_admin_port() {
+    let cp = ControlPlane::start().unwrap();
+    let b = Proxy::builder(&cp, "b")
+        .app(http_echo().await)
+        .start()
+        .unwrap();
+    let from = |ip: [u8; 4]| {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind((std::net::Ipv4Addr::from(ip), 0).into()).unwrap();
+        s.connect(b.admin)
+    };
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        held.push(from([127, 0, 0, 3]).await.unwrap());
+    }
+    // Those over the bound are closed without a byte.
+    let mut closed = 0;
+    for s in &mut held {
+        let mut buf = [0u8; 1];
+        if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await
+        {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 40 - 16, "closed {closed} of 40");
+    let probe = |ip| async move {
+        let mut s = from(ip).await.unwrap();
+        s.write_all(b"GET /ready HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await;
+        out
+    };
+    assert!(probe([127, 0, 0, 4]).await.starts_with("HTTP/1.1 200"));
+    drop(held);
+    let back = eventually(Duration::from_secs(5), || {
+        let r = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(probe([127, 0, 0, 3]))
+        });
+        r.starts_with("HTTP/1.1 200").then_some(())
+    });
+    assert!(back.is_some(), "the address's place never came back");
+}

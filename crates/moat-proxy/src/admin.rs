@@ -1,13 +1,22 @@
 //! The admin port: `/live`, `/ready` (only with a valid certificate and a snapshot),
 //! `/metrics` (Prometheus text), `/config` (identity, certificate, bundle, snapshot as JSON),
 //! and the app's own probes at `/app-health/…` when injection moved them here (`app_probe`).
+//!
+//! The port has no TLS and listens on every interface of the pod (the kubelet's probes and the
+//! scraper come from elsewhere), so anyone in the cluster can reach it. What it gives them is
+//! bounded: [`CONNECTIONS_PER_SOURCE`] connections from one address and [`CONNECTIONS`] in all,
+//! each closed after [`CONNECTION_LIFETIME`] whatever it is doing, and `/config` (the service
+//! table, the policies) only to a client on the pod's own loopback (`kubectl port-forward`).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::ctx::Ctx;
@@ -69,7 +78,63 @@ fn config(ctx: &Ctx) -> serde_json::Value {
     })
 }
 
-fn route(req: &Request<Incoming>, ctx: &Ctx) -> Response<Body> {
+/// Admin connections open at once from one source address: the kubelet's probes and a scraper
+/// need a few each.
+pub const CONNECTIONS_PER_SOURCE: usize = 16;
+/// Admin connections open at once, in all.
+pub const CONNECTIONS: usize = 256;
+/// How long one admin connection stays open at most, whatever it does: a probe or a scrape takes
+/// milliseconds, and a scraper that keeps its connection alive opens another.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+/// How long a client may take to send a request head once it has begun one.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The admin connections open now, per source address.
+#[derive(Debug, Default)]
+struct Open {
+    per_source: HashMap<IpAddr, usize>,
+    total: usize,
+}
+
+/// One admitted admin connection's place, given back when dropped.
+#[derive(Debug)]
+struct Place {
+    open: Arc<Mutex<Open>>,
+    source: IpAddr,
+}
+
+impl Place {
+    /// A place for a connection from `source`, unless its address or the port is full.
+    fn take(open: &Arc<Mutex<Open>>, source: IpAddr) -> Option<Place> {
+        let source = source.to_canonical();
+        let mut o = open.lock().unwrap_or_else(|e| e.into_inner());
+        let from_source = o.per_source.get(&source).copied().unwrap_or(0);
+        if o.total >= CONNECTIONS || from_source >= CONNECTIONS_PER_SOURCE {
+            return None;
+        }
+        o.total += 1;
+        o.per_source.insert(source, from_source + 1);
+        Some(Place {
+            open: open.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut o = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        o.total -= 1;
+        if let Some(n) = o.per_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                o.per_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+fn route(req: &Request<Incoming>, ctx: &Ctx, local: bool) -> Response<Body> {
     match req.uri().path() {
         "/live" => text(StatusCode::OK, "live\n", "text/plain"),
         "/ready" => match not_ready(ctx) {
@@ -88,7 +153,12 @@ fn route(req: &Request<Incoming>, ctx: &Ctx) -> Response<Body> {
                 format.content_type(),
             )
         }
-        "/config" => text(StatusCode::OK, config(ctx).to_string(), "application/json"),
+        "/config" if local => text(StatusCode::OK, config(ctx).to_string(), "application/json"),
+        "/config" => text(
+            StatusCode::FORBIDDEN,
+            "/config answers only on the pod's own loopback: use kubectl port-forward to the admin port\n",
+            "text/plain",
+        ),
         _ => text(
             StatusCode::NOT_FOUND,
             "not found: try /ready, /live, /metrics or /config\n",
@@ -99,12 +169,25 @@ fn route(req: &Request<Incoming>, ctx: &Ctx) -> Response<Body> {
 
 /// Serves the admin port until shutdown (it stays up while draining so probes see it).
 pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
+    let open = Arc::new(Mutex::new(Open::default()));
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Typically out of files: back off instead of spinning.
+                tracing::warn!(listener = "admin", error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(place) = Place::take(&open, remote.ip()) else {
+            tracing::debug!(%remote, "closed an admin connection: too many open from its address or in all");
             continue;
         };
+        let local = remote.ip().to_canonical().is_loopback();
         let ctx = ctx.clone();
         tokio::spawn(async move {
+            let _place = place;
             let svc = service_fn(move |req: Request<Incoming>| {
                 let ctx = ctx.clone();
                 async move {
@@ -114,14 +197,46 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
                             let status = probe.check().await;
                             text(status, format!("{}\n", status.as_u16()), "text/plain")
                         }
-                        None => route(&req, &ctx),
+                        None => route(&req, &ctx, local),
                     };
                     Ok::<_, std::convert::Infallible>(resp)
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(tcp), svc);
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn places_are_bounded_per_address_and_in_all_and_come_back() {
+        let open = Arc::new(Mutex::new(Open::default()));
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        let mut held: Vec<Place> = (0..CONNECTIONS_PER_SOURCE)
+            .map(|_| Place::take(&open, a).unwrap())
+            .collect();
+        // The same address spelled as IPv4-mapped IPv6 is the same source.
+        assert!(Place::take(&open, a).is_none());
+        assert!(Place::take(&open, mapped).is_none());
+        held.pop();
+        held.push(Place::take(&open, mapped).unwrap());
+        // Other addresses fill the rest, up to the bound in all.
+        let mut n = 0u32;
+        while let Some(p) = Place::take(&open, IpAddr::from(u32::to_be_bytes(n + 0x0b00_0000))) {
+            held.push(p);
+            n += 1;
+        }
+        assert_eq!(held.len(), CONNECTIONS);
+        drop(held);
+        let o = open.lock().unwrap();
+        assert_eq!((o.total, o.per_source.len()), (0, 0));
     }
 }
