@@ -27,6 +27,14 @@ impl Announced {
     /// revocation bookkeeping) keeps only verified facts.
     pub fn check(a: Announce, verified: &VerifiedPeer) -> Result<Announced, Status> {
         check_address(&a.inbound_address)?;
+        if a.proxy_version.len() > MAX_VERSION_LEN
+            || !a.proxy_version.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(Status::invalid_argument(format!(
+                "announce.proxy_version must be at most {MAX_VERSION_LEN} visible ASCII characters (it is {} bytes): announce the proxy's release, as moat-proxy does",
+                a.proxy_version.len()
+            )));
+        }
         if !a.cert_serial.is_empty() && a.cert_serial != verified.serial {
             return Err(Status::invalid_argument(format!(
                 "the announce names certificate {}, but this connection presented {}",
@@ -75,6 +83,27 @@ pub fn check_announced_source(a: &str, source: std::net::IpAddr) -> Result<(), S
         ))),
         Err(_) => Err(refuse("names a host, not an IP address".to_owned())),
     }
+}
+
+/// The longest release string a proxy may announce: it is stored with every live proxy and
+/// shown by `moat status`.
+pub const MAX_VERSION_LEN: usize = 64;
+
+/// The most of a proxy's reason for refusing a snapshot that is kept (`Ack.error`): enough for
+/// any message the proxy writes; the rest is cut, so that no proxy can make the live-proxy
+/// records the replicas share outgrow what the store takes in one write.
+pub const MAX_ACK_ERROR_LEN: usize = 1024;
+
+/// `error`, cut to [`MAX_ACK_ERROR_LEN`] bytes at a character boundary, with `…` when cut.
+pub fn bounded_ack_error(error: &str) -> String {
+    if error.len() <= MAX_ACK_ERROR_LEN {
+        return error.to_owned();
+    }
+    let mut end = MAX_ACK_ERROR_LEN;
+    while !error.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &error[..end])
 }
 
 /// Checks an announced inbound address.
@@ -225,6 +254,21 @@ mod tests {
             cert_not_after_unix: 1_900_000_000,
             ..Announce::default()
         }
+    }
+
+    #[test]
+    fn versions_and_refusals_are_bounded() {
+        let mut a = announce();
+        a.proxy_version = "9".repeat(MAX_VERSION_LEN + 1);
+        let e = Announced::check(a, &peer()).unwrap_err();
+        assert!(e.message().contains("at most 64"), "{}", e.message());
+        let mut a = announce();
+        a.proxy_version = "0.1.0\x1b[2J".into();
+        assert!(Announced::check(a, &peer()).is_err());
+        assert_eq!(bounded_ack_error("short"), "short");
+        let long = "é".repeat(MAX_ACK_ERROR_LEN);
+        let cut = bounded_ack_error(&long);
+        assert!(cut.len() <= MAX_ACK_ERROR_LEN + "…".len() && cut.ends_with('…'));
     }
 
     #[test]

@@ -282,8 +282,9 @@ impl MeshService {
                         entry.applied_bundle = sent.bundle.clone();
                     }
                 } else {
-                    tracing::warn!(%id, version = ack.version, error = %ack.error, "proxy refused a snapshot");
-                    entry.last_error = Some(ack.error.clone());
+                    let error = crate::mesh_proto::bounded_ack_error(&ack.error);
+                    tracing::warn!(%id, version = ack.version, %error, "proxy refused a snapshot");
+                    entry.last_error = Some(error);
                 }
                 if !ack.cert_serial.is_empty() {
                     entry.cert_refresh_after = ack.cert_refresh_after_unix;
