@@ -354,6 +354,39 @@ async fn refused_tokens_get_precise_statuses_and_tokens_are_never_stored_in_clea
     }
 }
 
+/// Anyone can call Certify and name any identity in the CSR, and each refusal kind (reason,
+/// identity, message) is sampled on its own: naming a new identity in every call would write an
+/// audit entry per call and push real admin actions out of the log's retention bound. At most
+/// 60 refusals a minute are written whatever their kinds. (Before, 1,000 such calls wrote
+/// 1,000 entries.)
+#[tokio::test]
+async fn naming_a_new_identity_in_every_refused_call_cannot_flood_the_audit_log() {
+    let cp = ControlPlane::start().unwrap();
+    cp.moat_ok(&["token", "create", "--identity", "last-real-action"]);
+    let mut client = identity_client(&cp, None).await;
+    for i in 0..1000 {
+        let key = WorkloadKey::generate(&id(&format!("flood-{i}"))).unwrap();
+        let err = client
+            .certify(token_request(
+                key.csr_der(),
+                "moat_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    }
+    let audit = cp.moat_ok(&["audit", "--limit", "5000"]);
+    let refusals = audit
+        .lines()
+        .filter(|l| l.contains("refused") && l.contains("certify"))
+        .count();
+    assert!((2..=61).contains(&refusals), "{refusals} written:\n{audit}");
+    assert!(
+        audit.lines().any(|l| l.contains("last-real-action")),
+        "{audit}"
+    );
+}
+
 #[tokio::test]
 async fn bad_csrs_are_invalid_argument_and_the_server_keeps_serving() {
     let cp = ControlPlane::start().unwrap();

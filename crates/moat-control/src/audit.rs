@@ -5,7 +5,9 @@
 //! Two bounds keep it useful under abuse. Refusals that anyone can provoke (admin calls without
 //! an admin certificate, refused `Certify` calls) are sampled: the first of each kind in a
 //! [`SAMPLE_WINDOW`] is written, with how many like it were left out since the previous one;
-//! the rest are only counted (metrics). And a [`Retention`] bound (entries and age) is applied
+//! the rest are only counted (metrics). A kind includes what the caller asked for (a `Certify`
+//! names any identity it likes), so at most [`MAX_WRITTEN_PER_WINDOW`] refusals are written per
+//! window whatever their kinds; past it, new kinds share one entry. And a [`Retention`] bound (entries and age) is applied
 //! by [`AuditLog::prune`], which the control plane runs every minute.
 
 use std::collections::HashMap;
@@ -21,6 +23,10 @@ const PREFIX: &str = "audit/";
 pub const SAMPLE_WINDOW: Duration = Duration::from_secs(60);
 /// Kinds tracked at once; past it, new kinds share one window.
 const MAX_SAMPLED_KINDS: usize = 4096;
+/// Refusals written per [`SAMPLE_WINDOW`], whatever their kinds: past it, a new kind is counted
+/// in the shared `*` kind, so a caller varying what it asks for cannot write an entry per call
+/// and push real actions out of the log's retention bound.
+pub const MAX_WRITTEN_PER_WINDOW: u64 = 60;
 /// Entries read or deleted per store call while pruning.
 const PRUNE_PAGE: usize = 512;
 
@@ -123,6 +129,8 @@ pub fn is_read_only(action: &str) -> bool {
 #[derive(Debug, Default)]
 struct Sampler {
     windows: HashMap<String, (Instant, u64)>,
+    /// When the current window of the overall budget began, and how many were written in it.
+    written: Option<(Instant, u64)>,
 }
 
 impl Sampler {
@@ -138,6 +146,33 @@ impl Sampler {
         } else {
             "*"
         };
+        let written = match self.written {
+            Some((start, n)) if now.duration_since(start) < SAMPLE_WINDOW => n,
+            _ => {
+                self.written = Some((now, 0));
+                0
+            }
+        };
+        let due = self
+            .windows
+            .get(kind)
+            .is_none_or(|(start, _)| now.duration_since(*start) >= SAMPLE_WINDOW);
+        let kind = if due && written >= MAX_WRITTEN_PER_WINDOW {
+            "*"
+        } else {
+            kind
+        };
+        let admitted = self.admit_kind(kind, now);
+        if admitted.is_some()
+            && let Some((_, n)) = &mut self.written
+        {
+            *n += 1;
+        }
+        admitted
+    }
+
+    /// [`Sampler::admit`] for `kind` as chosen.
+    fn admit_kind(&mut self, kind: &str, now: Instant) -> Option<u64> {
         match self.windows.get_mut(kind) {
             Some((start, left_out)) if now.duration_since(*start) < SAMPLE_WINDOW => {
                 *left_out += 1;
@@ -385,6 +420,29 @@ mod tests {
             Some(1000)
         );
         assert_eq!(s.admit("admin|unauthenticated", t0 + SAMPLE_WINDOW), None);
+    }
+
+    #[test]
+    fn a_flood_of_distinct_kinds_writes_a_bounded_number_per_window() {
+        let mut s = Sampler::default();
+        let t0 = Instant::now();
+        // What an anonymous caller gets by naming a new identity in every Certify call.
+        let written = |s: &mut Sampler, at: Instant, round: u32| {
+            (0..10_000)
+                .filter(|i| {
+                    s.admit(
+                        &format!("certify|token|spiffe://x/ns/a/sa/r{round}-{i}"),
+                        at,
+                    )
+                    .is_some()
+                })
+                .count() as u64
+        };
+        assert_eq!(written(&mut s, t0, 0), MAX_WRITTEN_PER_WINDOW + 1);
+        // A kind seen before keeps its own window; the next window has a fresh budget.
+        assert_eq!(written(&mut s, t0 + Duration::from_secs(1), 1), 0);
+        let next = written(&mut s, t0 + SAMPLE_WINDOW, 2);
+        assert!(next <= MAX_WRITTEN_PER_WINDOW + 1, "{next}");
     }
 
     #[test]
