@@ -228,6 +228,52 @@ async fn the_mesh_stream_refuses_strangers_and_bad_announcements() {
     );
 }
 
+/// A sidecar keeps one mesh stream. One certificate holder opening many from its address, each
+/// announcing another port, would list that many endpoints in every table: past 16 streams of
+/// one identity from one address the next is refused, saying why, while another address (another
+/// pod of the same service) is still taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_gets_sixteen_mesh_streams_from_one_address() {
+    let cp = ControlPlane::start().unwrap();
+    let mut admin = moat_test_util::mesh::Admin::connect(&cp).await.unwrap();
+    let cred = admin.credential("orders").await.unwrap();
+    let mut held = Vec::new();
+    for n in 0..16 {
+        let address = format!("127.0.0.1:{}", 20_000 + n);
+        held.push(
+            admin
+                .mesh_stream(&cred, &address)
+                .await
+                .unwrap()
+                .keep_acking(),
+        );
+    }
+    let err = match admin.mesh_stream(&cred, "127.0.0.1:20016").await {
+        Ok(_) => panic!("a 17th stream from one address was taken"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("already has 16 mesh streams open from 127.0.0.1"),
+        "{err}"
+    );
+    let other: std::net::IpAddr = [127, 0, 0, 2].into();
+    let _other = admin
+        .mesh_stream_from(&cred, "127.0.0.2:20000", Vec::new(), Some(other))
+        .await
+        .unwrap()
+        .keep_acking();
+    // One that ends frees its place.
+    held.pop().unwrap().abort();
+    let back = tokio::task::block_in_place(|| {
+        moat_test_util::eventually(std::time::Duration::from_secs(10), || {
+            tokio::runtime::Handle::current()
+                .block_on(admin.mesh_stream(&cred, "127.0.0.1:20017"))
+                .ok()
+        })
+    });
+    assert!(back.is_some(), "the place never came back");
+}
+
 /// Where sidecars reach the control plane through NAT, the address a stream comes from is not
 /// the sidecar's: `--announce-any-address` takes the address a sidecar announces as given.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -121,18 +121,32 @@ impl MeshState {
     /// died, or its previous stream is still open) changes no view: nothing is bumped, so a
     /// storm of reconnections does not wake every stream for each of them (the fleet summaries
     /// still go out within `fleet`'s publishing period).
-    pub fn join(&self, stream: u64, entry: ProxyEntry) -> u64 {
+    ///
+    /// With `per_host`, a proxy whose identity already has that many streams here from the same
+    /// source address is not joined: `Err` with the count.
+    pub fn join(
+        &self,
+        stream: u64,
+        entry: ProxyEntry,
+        per_host: Option<(std::net::IpAddr, usize)>,
+    ) -> Result<u64, usize> {
         let listed = {
             let mut reg = self.registry();
+            if let Some((host, max)) = per_host {
+                let open = reg.streams_from(&entry.id, host);
+                if open >= max {
+                    return Err(open);
+                }
+            }
             let listed = reg.lists(&entry.id, &entry.inbound_address);
             reg.upsert(stream, entry);
             listed
         };
-        if listed {
+        Ok(if listed {
             *self.generation.borrow()
         } else {
             self.bump()
-        }
+        })
     }
 
     /// Remembers a served proxy's endpoint in the store, for the tables served while a
@@ -427,14 +441,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_identity_gets_a_bounded_number_of_streams_from_one_address() {
+        let (_dir, state, _ca) = state().await;
+        let host: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+        for n in 0..3 {
+            let address = format!("127.0.0.1:{}", 7000 + n);
+            state
+                .join(n, entry("orders", &address), Some((host, 3)))
+                .unwrap();
+        }
+        assert_eq!(
+            state.join(9, entry("orders", "127.0.0.1:7009"), Some((host, 3))),
+            Err(3)
+        );
+        // Another identity at the same address has its own count; a stream that leaves frees
+        // its place.
+        state
+            .join(10, entry("payments", "127.0.0.1:7010"), Some((host, 3)))
+            .unwrap();
+        state.leave(0, &sid("orders"), "127.0.0.1:7000").await;
+        state
+            .join(11, entry("orders", "127.0.0.1:7011"), Some((host, 3)))
+            .unwrap();
+    }
+
+    #[tokio::test]
     async fn joins_leaves_and_revocations_reach_the_views_in_order() {
         let (_dir, state, ca) = state().await;
         let mut views = state.views();
         tokio::spawn(publish_views(state.clone(), ca));
 
-        let g = state.join(1, entry("orders", "10.0.0.1:7143"));
-        state.join(2, entry("orders", "10.0.0.2:7143"));
-        let g2 = state.join(3, entry("payments", "10.0.0.3:7143"));
+        let g = state
+            .join(1, entry("orders", "10.0.0.1:7143"), None)
+            .unwrap();
+        state
+            .join(2, entry("orders", "10.0.0.2:7143"), None)
+            .unwrap();
+        let g2 = state
+            .join(3, entry("payments", "10.0.0.3:7143"), None)
+            .unwrap();
         assert!(g2 > g);
         let v = view_at(&mut views, g2).await;
         let first = next_snapshot(Base::Nothing, &v, &[], 0, &[]).unwrap();
@@ -463,7 +508,10 @@ mod tests {
         assert_eq!(remembered(&state).await, 3);
         // A second stream for an endpoint the table lists changes no view; its leaving keeps
         // the endpoint (the first stream still serves it).
-        assert_eq!(state.join(4, entry("orders", "10.0.0.1:7143")), g2);
+        assert_eq!(
+            state.join(4, entry("orders", "10.0.0.1:7143"), None),
+            Ok(g2)
+        );
         state.leave(4, &sid("orders"), "10.0.0.1:7143").await;
         assert_eq!(remembered(&state).await, 3);
 

@@ -21,6 +21,9 @@ use crate::mesh_view::{Base, MeshView, PART_BUDGET, Sent, into_parts, next_snaps
 use crate::registry::ProxyEntry;
 
 const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Mesh streams one identity may have open to one replica from one source address (unless
+/// `--announce-any-address`): a sidecar keeps one, and a restarted one briefly two.
+pub const STREAMS_PER_HOST: usize = 16;
 
 /// The Mesh service.
 #[derive(Clone, Debug)]
@@ -94,8 +97,16 @@ impl Mesh for MeshService {
             )
         };
         tracing::info!(%id, address = %announced.inbound_address, %remote, "proxy connected");
-        // The first snapshot comes from a view that already holds this proxy's endpoint.
-        let joined = self.state.join(number, entry);
+        // The first snapshot comes from a view that already holds this proxy's endpoint. Where
+        // announces are tied to the connection, one pod's identity gets a bounded number of
+        // streams (and so of endpoints in every table) from its address.
+        let per_host = (!self.announce_any_address).then_some((remote.ip(), STREAMS_PER_HOST));
+        let joined = self.state.join(number, entry, per_host).map_err(|open| {
+            Status::resource_exhausted(format!(
+                "{id} already has {open} mesh streams open from {}: one sidecar needs one (a restarted sidecar's old stream ends with its connection); stop the others, or start the control plane with --announce-any-address where many sidecars share an address behind NAT",
+                remote.ip().to_canonical()
+            ))
+        })?;
         let stream = Stream {
             number,
             id,

@@ -2,6 +2,7 @@
 //! stream, and the outbound service table derived from it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
 use std::time::SystemTime;
 
 use moat_identity::SpiffeId;
@@ -159,6 +160,8 @@ pub struct Registry {
     proxies: HashMap<u64, ProxyEntry>,
     /// How many streams of `proxies` serve each endpoint.
     local: HashMap<(SpiffeId, String), usize>,
+    /// How many streams of `proxies` each identity has from each source address.
+    from_host: HashMap<(SpiffeId, IpAddr), usize>,
     /// Endpoints remembered from before a control-plane restart, served until the warm-up ends
     /// so that the first proxies to reconnect are not told that the others are gone.
     warm: HashSet<(SpiffeId, String)>,
@@ -174,12 +177,23 @@ pub struct Registry {
     disconnected: HashMap<(SpiffeId, String), Disconnected>,
 }
 
+/// The address a proxy's stream comes from, as [`Registry::streams_from`] counts it.
+fn source_host(p: &ProxyEntry) -> Option<IpAddr> {
+    p.remote
+        .parse::<std::net::SocketAddr>()
+        .ok()
+        .map(|a| a.ip().to_canonical())
+}
+
 impl Registry {
     /// Adds or replaces the entry of stream `stream`.
     pub fn upsert(&mut self, stream: u64, entry: ProxyEntry) {
         let key = (entry.id.clone(), entry.inbound_address.clone());
         self.disconnected.remove(&key);
         *self.local.entry(key).or_default() += 1;
+        if let Some(host) = source_host(&entry) {
+            *self.from_host.entry((entry.id.clone(), host)).or_default() += 1;
+        }
         if let Some(old) = self.proxies.insert(stream, entry) {
             self.uncount_local(&old);
         }
@@ -194,6 +208,23 @@ impl Registry {
                 self.local.remove(&key);
             }
         }
+        if let Some(host) = source_host(p) {
+            let key = (p.id.clone(), host);
+            if let Some(n) = self.from_host.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    self.from_host.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// How many streams `id` has open here from the source address `host`.
+    pub fn streams_from(&self, id: &SpiffeId, host: IpAddr) -> usize {
+        self.from_host
+            .get(&(id.clone(), host.to_canonical()))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Removes stream `stream`. Unless the proxy said goodbye or another stream serves the same
