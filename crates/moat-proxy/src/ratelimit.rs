@@ -1,7 +1,10 @@
 //! Token buckets for the rules' rate limits. A bucket belongs to one rule of one policy version
-//! and, as the rule says, to one caller, one route (method and path), or one of each. Bounded:
-//! buckets that have refilled are dropped when the table is full, and when nothing can be
-//! dropped, new keys share one overflow bucket per rule (throttled together, never unthrottled).
+//! and, as the rule says, to one caller, one route (method and path), or one of each. A route's
+//! path is keyed as servers commonly read it ([`route_path`]): spellings of one path that the
+//! canonical target keeps apart (`//`, `;params`, a trailing `/`) share its bucket. Bounded:
+//! buckets that have refilled (each under its own rule's limit) are dropped when the table is
+//! full, and when nothing can be dropped, new keys share one overflow bucket per rule
+//! (throttled together, never unthrottled).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -25,15 +28,40 @@ struct Key {
 struct Bucket {
     tokens: f64,
     last: Instant,
+    /// The limit of the rule the bucket belongs to (a rule's limit is fixed for its policy
+    /// version, which is part of the key).
+    rate: u32,
+    burst: u32,
 }
 
 impl Bucket {
-    fn refill(&mut self, limit: &RateLimit, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * f64::from(limit.requests_per_second))
-            .min(f64::from(limit.burst));
+    fn refill(&mut self, now: Instant) {
+        self.tokens = self.full_at(now);
         self.last = now;
     }
+
+    /// The tokens the bucket holds at `now`.
+    fn full_at(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        (self.tokens + elapsed * f64::from(self.rate)).min(f64::from(self.burst))
+    }
+}
+
+/// `path` as a route's bucket key: empty segments (`//`) and segment parameters (`;…`) dropped
+/// and no trailing `/`, since servers commonly serve all those spellings as one resource.
+fn route_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for segment in path.split('/') {
+        let segment = segment.split(';').next().unwrap_or("");
+        if !segment.is_empty() {
+            out.push('/');
+            out.push_str(segment);
+        }
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    out
 }
 
 /// What a request is counted as.
@@ -68,16 +96,11 @@ impl Limiter {
             version: req.version,
             rule: req.rule,
             client: client.map(str::to_owned),
-            route: route.map(|(m, p)| format!("{m} {p}")),
+            route: route.map(|(m, p)| format!("{m} {}", route_path(p))),
         };
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         if !buckets.contains_key(&key) && buckets.len() >= MAX_BUCKETS {
-            buckets.retain(|_, b| {
-                let full = b.tokens
-                    + now.saturating_duration_since(b.last).as_secs_f64()
-                        * f64::from(limit.requests_per_second);
-                full < f64::from(limit.burst)
-            });
+            buckets.retain(|_, b| b.full_at(now) < f64::from(b.burst));
             if buckets.len() >= MAX_BUCKETS {
                 key.client = None;
                 key.route = Some("<overflow>".into());
@@ -86,8 +109,10 @@ impl Limiter {
         let bucket = buckets.entry(key).or_insert(Bucket {
             tokens: f64::from(limit.burst),
             last: now,
+            rate: limit.requests_per_second,
+            burst: limit.burst,
         });
-        bucket.refill(limit, now);
+        bucket.refill(now);
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
             Ok(())
@@ -143,5 +168,72 @@ mod tests {
         assert!(l.admit(&req("a", "/x"), &limit).is_ok());
         assert!(l.admit(&req("b", "/x"), &limit).is_err());
         assert!(l.admit(&req("b", "/other"), &limit).is_ok());
+    }
+
+    /// Spellings of one path that servers commonly serve as one resource share its bucket.
+    #[test]
+    fn spellings_of_a_route_share_its_bucket() {
+        let limit = RateLimit {
+            requests_per_second: 1,
+            burst: 1,
+            per: RateKey::Route,
+        };
+        let l = Limiter::default();
+        assert!(l.admit(&req("a", "/orders/1"), &limit).is_ok());
+        for spelling in ["/orders//1", "/orders/1;a", "/orders/1/", "//orders/1;b/"] {
+            assert!(l.admit(&req("a", spelling), &limit).is_err(), "{spelling}");
+        }
+        assert!(l.admit(&req("a", "/orders/2"), &limit).is_ok());
+        assert_eq!(route_path("/"), "/");
+        assert_eq!(route_path("/a;x/b/"), "/a/b");
+    }
+
+    /// When the table is full, a bucket is dropped only when it has refilled under its own
+    /// rule's limit, not under the limit of the request that needs the room: a generous rule's
+    /// caller down to 10 of 1,000 tokens does not get a fresh burst because a strict rule's
+    /// request (burst 1) came by.
+    #[test]
+    fn a_full_table_drops_buckets_by_their_own_limits() {
+        let generous = RateLimit {
+            requests_per_second: 1,
+            burst: 1000,
+            per: RateKey::Client,
+        };
+        let l = Limiter::default();
+        {
+            let mut b = l.buckets.lock().unwrap();
+            let now = Instant::now();
+            for i in 0..MAX_BUCKETS {
+                b.insert(
+                    Key {
+                        policy: "default/orders".into(),
+                        version: 1,
+                        rule: 1,
+                        client: Some(format!("c{i}")),
+                        route: None,
+                    },
+                    Bucket {
+                        tokens: 10.0,
+                        last: now,
+                        rate: 1,
+                        burst: 1000,
+                    },
+                );
+            }
+        }
+        let strict = RateLimit {
+            requests_per_second: 1,
+            burst: 1,
+            per: RateKey::Client,
+        };
+        assert!(l.admit(&req("newcomer", "/"), &strict).is_ok());
+        let generous_caller = Request {
+            rule: 1,
+            ..req("c0", "/")
+        };
+        let admitted = (0..20)
+            .filter(|_| l.admit(&generous_caller, &generous).is_ok())
+            .count();
+        assert_eq!(admitted, 10);
     }
 }
