@@ -5,8 +5,9 @@
 //! The port has no TLS and listens on every interface of the pod (the kubelet's probes and the
 //! scraper come from elsewhere), so anyone in the cluster can reach it. What it gives them is
 //! bounded: [`CONNECTIONS_PER_SOURCE`] connections from one address and [`CONNECTIONS`] in all,
-//! each closed after [`CONNECTION_LIFETIME`] whatever it is doing, and `/config` (the service
-//! table, the policies) only to a client on the pod's own loopback (`kubectl port-forward`).
+//! each closed when idle for [`HEADER_READ_TIMEOUT`] and after [`CONNECTION_LIFETIME`] whatever
+//! it is doing, and `/config` (the service table, the policies) only to a client on the pod's
+//! own loopback (`kubectl port-forward`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -78,16 +79,22 @@ fn config(ctx: &Ctx) -> serde_json::Value {
     })
 }
 
-/// Admin connections open at once from one source address: the kubelet's probes and a scraper
-/// need a few each.
-pub const CONNECTIONS_PER_SOURCE: usize = 16;
-/// Admin connections open at once, in all.
-pub const CONNECTIONS: usize = 256;
-/// How long one admin connection stays open at most, whatever it does: a probe or a scrape takes
-/// milliseconds, and a scraper that keeps its connection alive opens another.
+/// Admin connections open at once from one source address. The kubelet sends every probe of
+/// the pod from the node's address, the sidecar's own and the app's (`/app-health`, which may
+/// wait up to `app_probe::PROBE_TIMEOUT` on a hung app) alike, so this leaves it ample room.
+pub const CONNECTIONS_PER_SOURCE: usize = 64;
+/// Admin connections open at once, in all: far below the open-file limit, and far above what
+/// a few addresses can fill.
+pub const CONNECTIONS: usize = 4096;
+/// How long one admin connection serves at most: then it finishes the exchange under way and
+/// closes. A probe or a scrape takes milliseconds; a scraper that keeps its connection alive
+/// opens another.
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
-/// How long a client may take to send a request head once it has begun one.
+/// How long a connection may wait for a request head, from when it opens or its last answer
+/// went out (hyper's header-read timeout): an idle connection is closed after it.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an exchange under way at [`CONNECTION_LIFETIME`] may take to finish.
+const LAST_EXCHANGE: Duration = Duration::from_secs(10);
 
 /// The admin connections open now, per source address.
 #[derive(Debug, Default)]
@@ -206,7 +213,15 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(tcp), svc);
-            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = tokio::time::sleep(CONNECTION_LIFETIME) => {
+                    // An answer being written (a large scrape) is finished, not cut.
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(LAST_EXCHANGE, conn).await;
+                }
+            }
         });
     }
 }
