@@ -81,7 +81,16 @@ pub fn check_announced_source(a: &str, source: std::net::IpAddr) -> Result<(), S
             "is not this sidecar's address: its connection comes from {source}, not {}",
             sa.ip()
         ))),
-        Err(_) => Err(refuse("names a host, not an IP address".to_owned())),
+        Err(_) => {
+            let unbracketed = a
+                .rsplit_once(':')
+                .is_some_and(|(host, _)| host.parse::<std::net::Ipv6Addr>().is_ok());
+            Err(refuse(if unbracketed {
+                "is an IPv6 address without brackets (write [ADDRESS]:PORT)".to_owned()
+            } else {
+                "names a host, not an IP address".to_owned()
+            }))
+        }
     }
 }
 
@@ -288,6 +297,7 @@ mod tests {
         for (address, source, want) in [
             ("10.0.0.2:7143", v4, "comes from 10.0.0.1, not 10.0.0.2"),
             ("orders:7143", v4, "names a host"),
+            ("fd00::1:7143", v6, "without brackets"),
             ("[fd00::2]:7143", v6, "--advertise [fd00::1]:PORT"),
             ("10.0.0.1:7143", v6, "comes from fd00::1"),
         ] {

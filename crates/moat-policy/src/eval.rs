@@ -216,9 +216,10 @@ pub struct Decision {
     pub policy: Option<(String, PolicyVersion)>,
     /// The matching rule's index within `policy`.
     pub rule: Option<usize>,
-    /// Whether the rule that allowed the request required an end-user token, so that the
-    /// request's token passed that rule's issuer, audience and claim checks. Only then may the
-    /// token's subject be passed to the app as the verified user.
+    /// Whether a rule that allowed the request (of the policies that decided) required an
+    /// end-user token, so that the request's token passed that rule's issuer, audience and
+    /// claim checks. Only then may the token's subject be passed to the app as the verified
+    /// user.
     pub token_checked: bool,
     /// Every rule considered, in order.
     pub trace: Vec<RuleTrace>,
@@ -320,6 +321,8 @@ fn jwt_outcome(req: &crate::model::JwtRequirement, claims: &crate::model::Claims
 /// Verdict of one group of policies (all enforce, or all audit).
 struct GroupVerdict<'p> {
     allowed: Option<(&'p AccessPolicy, usize)>,
+    /// Whether a rule that allowed the request (not only the first) asked for a token.
+    token_checked: bool,
     deny: Reason,
     deny_policy: Option<&'p AccessPolicy>,
 }
@@ -332,6 +335,7 @@ fn judge<'p>(
     let mut any = false;
     let mut best = GroupVerdict {
         allowed: None,
+        token_checked: false,
         deny: Reason::IdentityNotAllowed,
         deny_policy: None,
     };
@@ -352,6 +356,7 @@ fn judge<'p>(
                 });
             }
             if outcome == Reason::Allowed {
+                best.token_checked |= rule.jwt.is_some();
                 if best.allowed.is_none() {
                     best.allowed = Some((p, i));
                 }
@@ -396,18 +401,18 @@ fn decide_with(
     );
     let trace = Vec::new();
     let key = |p: &AccessPolicy| (p.key(), p.version);
-    let allow = |(policy, rule): (&AccessPolicy, usize), trace| Decision {
+    let allow = |(policy, rule): (&AccessPolicy, usize), token_checked, trace| Decision {
         allowed: true,
         reason: Reason::Allowed,
         would_deny: None,
         policy: Some(key(policy)),
         rule: Some(rule),
-        token_checked: policy.rules.get(rule).is_some_and(|r| r.jwt.is_some()),
+        token_checked,
         trace,
     };
     match (enforce, audit) {
         (Some(v), _) => match v.allowed {
-            Some(a) => allow(a, trace),
+            Some(a) => allow(a, v.token_checked, trace),
             None => Decision {
                 allowed: false,
                 reason: v.deny,
@@ -419,7 +424,7 @@ fn decide_with(
             },
         },
         (None, Some(v)) => match v.allowed {
-            Some(a) => allow(a, trace),
+            Some(a) => allow(a, v.token_checked, trace),
             None => Decision {
                 allowed: true,
                 reason: Reason::Allowed,
@@ -757,6 +762,13 @@ spec:
         };
         let d = decide_with(&ps, "/account/1", &orders);
         assert_eq!((d.allowed, d.token_checked), (true, true));
+        // A broader rule without `jwt` allowing first does not hide one that checked the token.
+        let mut broad = ps.clone();
+        broad[0].rules[0].http[0].paths = vec!["/*".parse().unwrap()];
+        let d = decide_with(&broad, "/account/1", &orders);
+        assert_eq!((d.rule, d.token_checked), (Some(0), true));
+        let d = decide_with(&broad, "/account/1", &billing);
+        assert_eq!((d.rule, d.token_checked), (Some(0), false));
         // Another service's token, on a route that does not ask for one: allowed, unchecked.
         let d = decide_with(&ps, "/public/1", &billing);
         assert_eq!((d.allowed, d.rule, d.token_checked), (true, Some(0), false));

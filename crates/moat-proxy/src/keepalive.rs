@@ -4,7 +4,7 @@
 //! connection is shared while a request uses it — no flow-control window, no stream slots — so
 //! what one local client does to its request cannot touch another's (decision 30).
 //!
-//! [`Kept`] holds the idle connections per endpoint and app port, newest last. One is taken
+//! [`Kept`] holds the idle connections per endpoint, app port and service, newest last. One is taken
 //! only if its connection is still open, it has been idle less than the keep time (shorter than
 //! the far side's wait for a next request head, which closes idle keep-alive connections), it
 //! was made with the current certificate, and the far side's certificate has neither expired
@@ -32,8 +32,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use crate::http::Body;
 use crate::pool::Made;
 
-/// Idle connections kept per endpoint and app port (and per inbound connection, to the app);
-/// more are closed when their response ends.
+/// Idle connections kept per endpoint, app port and service (and per inbound connection, to
+/// the app); more are closed when their response ends.
 pub const IDLE_PER_ENDPOINT: usize = 256;
 
 /// How long a connection is kept idle: half the header-read timeout (5 s by default), short so

@@ -2,7 +2,7 @@
 //! that failed recently), originate mTLS that accepts only the service's expected identity, and
 //! carry HTTP in the version the local client spoke: HTTP/1.1 on kept-alive connections that
 //! carry one request at a time ([`crate::keepalive`], decision 37), HTTP/2 and gRPC multiplexed
-//! over shared HTTP/2 connections per endpoint ([`Upstreams`]), bounded so that what one local
+//! over shared HTTP/2 connections per endpoint and service ([`Upstreams`]), bounded so that what one local
 //! client does to its streams — resets, a window left at zero, stream slots held — can never
 //! make the far side close a connection other clients' requests travel on (decision 30).
 
@@ -124,13 +124,14 @@ pub struct Pool {
 }
 
 /// The HTTP/2 connections to other sidecars, shared by every local client (decision 30), per
-/// endpoint and app port, each bounded by [`multiplex`] so that no local client can make the far
+/// endpoint, app port and service (decision 45), each bounded by [`multiplex`] so that no local client can make the far
 /// side close one; and local clients' stalls are cut off at half the far side's timeouts
 /// (`ConnLimits::for_local_clients`).
 #[derive(Debug, Default)]
 pub struct Upstreams(Mutex<HashMap<String, Slot>>);
 
-/// The shared connections to one endpoint and app port; locked while one is chosen or dialled.
+/// The shared connections to one endpoint, app port and service; locked while one is chosen or
+/// dialled.
 type Slot = Arc<tokio::sync::Mutex<Vec<Shared>>>;
 
 impl Upstreams {
