@@ -9,9 +9,8 @@
 //! it is doing, and `/config` (the service table, the policies) only to a client on the pod's
 //! own loopback (`kubectl port-forward`).
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
@@ -20,6 +19,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use crate::callers::{PerCaller, Slot};
 use crate::ctx::Ctx;
 use crate::http::{Body, full};
 
@@ -96,48 +96,30 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an exchange under way at [`CONNECTION_LIFETIME`] may take to finish.
 const LAST_EXCHANGE: Duration = Duration::from_secs(10);
 
-/// The admin connections open now, per source address.
-#[derive(Debug, Default)]
-struct Open {
-    per_source: HashMap<IpAddr, usize>,
-    total: usize,
-}
-
-/// One admitted admin connection's place, given back when dropped.
+/// The admin connections open now: per source address (an IPv4-mapped address counts as IPv4),
+/// and in all (one key).
 #[derive(Debug)]
-struct Place {
-    open: Arc<Mutex<Open>>,
-    source: IpAddr,
+struct Open {
+    per_source: Arc<PerCaller<IpAddr>>,
+    total: Arc<PerCaller<()>>,
 }
 
-impl Place {
-    /// A place for a connection from `source`, unless its address or the port is full.
-    fn take(open: &Arc<Mutex<Open>>, source: IpAddr) -> Option<Place> {
-        let source = source.to_canonical();
-        let mut o = open.lock().unwrap_or_else(|e| e.into_inner());
-        let from_source = o.per_source.get(&source).copied().unwrap_or(0);
-        if o.total >= CONNECTIONS || from_source >= CONNECTIONS_PER_SOURCE {
-            return None;
+/// One admitted admin connection's place in both counts, given back when dropped.
+type Place = (Slot<IpAddr>, Slot<()>);
+
+impl Open {
+    fn new() -> Self {
+        Open {
+            per_source: PerCaller::new(CONNECTIONS_PER_SOURCE),
+            total: PerCaller::new(CONNECTIONS),
         }
-        o.total += 1;
-        o.per_source.insert(source, from_source + 1);
-        Some(Place {
-            open: open.clone(),
-            source,
-        })
     }
-}
 
-impl Drop for Place {
-    fn drop(&mut self) {
-        let mut o = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        o.total -= 1;
-        if let Some(n) = o.per_source.get_mut(&self.source) {
-            *n -= 1;
-            if *n == 0 {
-                o.per_source.remove(&self.source);
-            }
-        }
+    /// A place for a connection from `source`, unless its address or the port is full.
+    fn take(&self, source: IpAddr) -> Option<Place> {
+        let total = self.total.try_acquire(&())?;
+        let from_source = self.per_source.try_acquire(&source.to_canonical())?;
+        Some((from_source, total))
     }
 }
 
@@ -176,7 +158,7 @@ fn route(req: &Request<Incoming>, ctx: &Ctx, local: bool) -> Response<Body> {
 
 /// Serves the admin port until shutdown (it stays up while draining so probes see it).
 pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
-    let open = Arc::new(Mutex::new(Open::default()));
+    let open = Open::new();
     loop {
         let (tcp, remote) = match listener.accept().await {
             Ok(c) => c,
@@ -187,7 +169,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
                 continue;
             }
         };
-        let Some(place) = Place::take(&open, remote.ip()) else {
+        let Some(place) = open.take(remote.ip()) else {
             tracing::debug!(%remote, "closed an admin connection: too many open from its address or in all");
             continue;
         };
@@ -232,26 +214,25 @@ mod tests {
 
     #[test]
     fn places_are_bounded_per_address_and_in_all_and_come_back() {
-        let open = Arc::new(Mutex::new(Open::default()));
+        let open = Open::new();
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
         let mut held: Vec<Place> = (0..CONNECTIONS_PER_SOURCE)
-            .map(|_| Place::take(&open, a).unwrap())
+            .map(|_| open.take(a).unwrap())
             .collect();
         // The same address spelled as IPv4-mapped IPv6 is the same source.
-        assert!(Place::take(&open, a).is_none());
-        assert!(Place::take(&open, mapped).is_none());
+        assert!(open.take(a).is_none());
+        assert!(open.take(mapped).is_none());
         held.pop();
-        held.push(Place::take(&open, mapped).unwrap());
+        held.push(open.take(mapped).unwrap());
         // Other addresses fill the rest, up to the bound in all.
         let mut n = 0u32;
-        while let Some(p) = Place::take(&open, IpAddr::from(u32::to_be_bytes(n + 0x0b00_0000))) {
+        while let Some(p) = open.take(IpAddr::from(u32::to_be_bytes(n + 0x0b00_0000))) {
             held.push(p);
             n += 1;
         }
         assert_eq!(held.len(), CONNECTIONS);
         drop(held);
-        let o = open.lock().unwrap();
-        assert_eq!((o.total, o.per_source.len()), (0, 0));
+        assert_eq!((open.total.holders(), open.per_source.holders()), (0, 0));
     }
 }

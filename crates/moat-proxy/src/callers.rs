@@ -7,25 +7,31 @@
 //!   closed after its handshake, before any of it reaches the app, so a holder of a valid
 //!   certificate cannot exhaust the sidecar's memory and sockets with idle connections.
 
+//!
+//! The same count, keyed by source address, bounds the admin port's connections (`admin`).
+
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 
 /// Every caller that holds something (a request in flight, an open connection), and how many.
+/// A caller is an identity unless said otherwise (`K`).
 #[derive(Debug)]
-pub struct PerCaller {
+pub struct PerCaller<K: Hash + Eq + Clone = Arc<str>> {
     limit: usize,
-    counts: Mutex<HashMap<Arc<str>, usize>>,
+    counts: Mutex<HashMap<K, usize>>,
 }
 
 /// One place in its caller's count, given back when dropped (when the response ends or is
 /// reset, when the connection closes).
 #[derive(Debug)]
-pub struct Slot {
-    owner: Arc<PerCaller>,
-    caller: Arc<str>,
+pub struct Slot<K: Hash + Eq + Clone = Arc<str>> {
+    owner: Arc<PerCaller<K>>,
+    caller: K,
 }
 
-impl PerCaller {
+impl<K: Hash + Eq + Clone> PerCaller<K> {
+    /// Counts in which each caller may hold at most `limit`.
     pub fn new(limit: usize) -> Arc<Self> {
         Arc::new(PerCaller {
             limit,
@@ -34,7 +40,7 @@ impl PerCaller {
     }
 
     /// A place for one more of `caller`'s, or `None` if it already holds `limit`.
-    pub fn try_acquire(self: &Arc<Self>, caller: &Arc<str>) -> Option<Slot> {
+    pub fn try_acquire(self: &Arc<Self>, caller: &K) -> Option<Slot<K>> {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         let n = counts.entry(caller.clone()).or_default();
         if *n >= self.limit {
@@ -48,7 +54,15 @@ impl PerCaller {
     }
 }
 
-impl Drop for Slot {
+#[cfg(test)]
+impl<K: Hash + Eq + Clone> PerCaller<K> {
+    /// How many callers hold a place now.
+    pub fn holders(&self) -> usize {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+impl<K: Hash + Eq + Clone> Drop for Slot<K> {
     fn drop(&mut self) {
         let mut counts = self.owner.counts.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = counts.get_mut(&self.caller) {
