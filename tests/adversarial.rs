@@ -547,6 +547,71 @@ async fn strangers_cannot_starve_the_control_plane_or_flood_its_audit_log() {
     );
 }
 
+/// Connections that complete a TLS handshake without a certificate are what a token bootstrap
+/// needs and what anyone can open: at most 32 from one address, each closed 30 s after its
+/// handshake, while a sidecar from another address still bootstraps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_without_a_certificate_are_bounded_and_short_lived() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    let cp = ControlPlane::start().unwrap();
+    let addr: std::net::SocketAddr = cp.url().trim_start_matches("https://").parse().unwrap();
+    let cfg = moat_tls::client_config(None, Arc::new(bundle(&cp)), control_id(), moat_tls::ALPN_H2)
+        .unwrap();
+    let closed = Arc::new(AtomicUsize::new(0));
+    let mut held = tokio::task::JoinSet::new();
+    for _ in 0..40 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let tcp = socket.connect(addr).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(cfg.clone())
+            .connect("moat.invalid".try_into().unwrap(), tcp)
+            .await
+            .expect("a handshake without a certificate completes");
+        let closed = closed.clone();
+        held.spawn(async move {
+            let mut buf = [0u8; 256];
+            // Session tickets may come first; the connection ends with a read of nothing or
+            // an error.
+            while let Ok(n) = tls.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            closed.fetch_add(1, SeqCst);
+        });
+    }
+    // The 8 over the bound are closed at once.
+    let over = tokio::task::block_in_place(|| {
+        eventually(Duration::from_secs(5), || {
+            (closed.load(SeqCst) >= 8).then_some(())
+        })
+    });
+    assert!(over.is_some(), "{} closed", closed.load(SeqCst));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        closed.load(SeqCst),
+        8,
+        "only those over the bound are closed"
+    );
+    let metrics = cp.admin_get("/metrics").unwrap().1;
+    assert!(
+        metrics.contains("moat_tls_handshake_failures_total{reason=\"anonymous-busy\"} 8"),
+        "{metrics}"
+    );
+    // A sidecar bootstrapping from its own address is not kept out.
+    let (app, _rec) = recording_http().await;
+    let b = Proxy::launch(&cp, "b", &token(&cp, "b", &[]), app, &[], &[]).unwrap();
+    b.wait_ready(Duration::from_secs(10)).unwrap();
+    // The 32 held are closed once their 30 s are up.
+    let all = tokio::task::block_in_place(|| {
+        eventually(Duration::from_secs(45), || {
+            (closed.load(SeqCst) == 40).then_some(())
+        })
+    });
+    assert!(all.is_some(), "{} of 40 closed", closed.load(SeqCst));
+    held.shutdown().await;
+}
+
 /// Strangers on a sidecar's inbound port, with no certificate, cannot run it out of open files
 /// or keep callers out (decision 44). The sidecar runs with a hard limit of 1,800 open files,
 /// so it lets at most 900 handshakes wait; strangers hold 2,600 connections that never start

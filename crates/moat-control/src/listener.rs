@@ -8,15 +8,22 @@
 //! that complete a handshake at once. When every pending handshake is a caller at work from its
 //! own address (a reconnection storm), a newcomer is closed at once and tries again after its
 //! backoff, rather than push out a handshake half done.
+//!
+//! A completed handshake without a client certificate (a sidecar's first `Certify`, with a join
+//! or service-account token) proves nothing either, and an idle TLS connection costs a file and
+//! its buffers: such connections are bounded too ([`ANONYMOUS_PER_SOURCE`], [`ANONYMOUS`]) and
+//! closed [`ANONYMOUS_LIFETIME`] after their handshake, long enough for the one call they need.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use moat_identity::{CertInfo, VerifiedPeer};
 use moat_tls::TlsWatch;
 use moat_tls::pending::{Handshakes, Limits, Outcome};
+use moat_tls::per_caller::{PerCaller, Slot};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -36,6 +43,15 @@ const PENDING: Limits = Limits {
     deadline: Duration::from_secs(5),
     at_work: Duration::from_secs(5),
 };
+
+/// Connections without a client certificate open at once from one source address: a node's
+/// sidecars bootstrapping together after a restart stay well under it.
+pub const ANONYMOUS_PER_SOURCE: usize = 32;
+/// Connections without a client certificate open at once, in all.
+pub const ANONYMOUS: usize = 512;
+/// How long a connection without a client certificate is served: its calls (a `Certify`, a
+/// bundle fetch) take milliseconds, and tonic gives each call at most 30 s.
+pub const ANONYMOUS_LIFETIME: Duration = Duration::from_secs(30);
 
 /// What the handshake proved about a caller. `peer` is `None` when no certificate was presented
 /// (token bootstrap); a presented certificate that failed verification never gets this far.
@@ -60,6 +76,41 @@ pub struct Peer {
 pub struct TlsConn {
     inner: TlsStream<TcpStream>,
     info: ConnInfo,
+    /// For a connection without a client certificate: when it ends, and its places in the
+    /// counts of such connections.
+    anonymous: Option<Anonymous>,
+}
+
+/// What a connection without a client certificate holds.
+#[derive(Debug)]
+struct Anonymous {
+    ends: Pin<Box<tokio::time::Sleep>>,
+    _places: (Slot<IpAddr>, Slot<()>),
+}
+
+/// The bounds on connections without a client certificate.
+struct AnonymousCounts {
+    per_source: Arc<PerCaller<IpAddr>>,
+    total: Arc<PerCaller<()>>,
+}
+
+impl AnonymousCounts {
+    fn new() -> Self {
+        AnonymousCounts {
+            per_source: PerCaller::new(ANONYMOUS_PER_SOURCE),
+            total: PerCaller::new(ANONYMOUS),
+        }
+    }
+
+    /// Places for one more connection from `source`, or `None` over either bound.
+    fn admit(&self, source: IpAddr) -> Option<Anonymous> {
+        let from_source = self.per_source.try_acquire(&source)?;
+        let total = self.total.try_acquire(&())?;
+        Some(Anonymous {
+            ends: Box::pin(tokio::time::sleep(ANONYMOUS_LIFETIME)),
+            _places: (from_source, total),
+        })
+    }
 }
 
 impl Connected for TlsConn {
@@ -75,6 +126,15 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        // The server always has a read pending, so this is where a lifetime's end is seen.
+        if let Some(a) = self.anonymous.as_mut()
+            && a.ends.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "a connection without a client certificate is served for 30 s",
+            )));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
@@ -128,6 +188,7 @@ pub fn incoming(
     let limits = PENDING.within(open_files);
     limits.log(open_files);
     let pending = Handshakes::new(limits);
+    let anonymous = Arc::new(AnonymousCounts::new());
     let count = move |reason: &'static str, n: u64| {
         failures
             .get_or_create(&crate::metrics::RefusedLabels { reason })
@@ -159,21 +220,31 @@ pub fn incoming(
                 count("evicted", slot.evicted());
             }
             let _ = tcp.set_nodelay(true);
-            let (tx, count) = (tx.clone(), count.clone());
+            let (tx, count, anonymous) = (tx.clone(), count.clone(), anonymous.clone());
             let held = moat_metrics::Held::new(&pending_gauge);
             tokio::spawn(async move {
                 let outcome = slot.handshake(tcp, config).await;
                 drop(held);
                 match outcome {
                     Outcome::Done(stream) => {
-                        let info = ConnInfo {
-                            remote,
-                            peer: peer_of(&stream),
+                        let peer = peer_of(&stream);
+                        let anonymous = match peer {
+                            Some(_) => None,
+                            None => match anonymous.admit(remote.ip()) {
+                                Some(a) => Some(a),
+                                None => {
+                                    count("anonymous-busy", 1);
+                                    tracing::debug!(%remote, "closed a connection without a client certificate: as many are open as allowed");
+                                    return;
+                                }
+                            },
                         };
+                        let info = ConnInfo { remote, peer };
                         let _ = tx
                             .send(Ok(TlsConn {
                                 inner: *stream,
                                 info,
+                                anonymous,
                             }))
                             .await;
                     }

@@ -9,6 +9,7 @@
 //! (the control plane) with those configs; `cred_dir` reads and writes credential directories
 //! (cert.pem, key.pem, bundle.pem); `failure` says why a handshake failed, from the error's type;
 //! `pending` bounds the handshakes a listener open to strangers lets wait.
+//! `per_caller` counts what each caller (an identity, a source address) holds, under a limit.
 
 pub mod config;
 pub mod connect;
@@ -16,6 +17,7 @@ pub mod cred_dir;
 pub mod failure;
 pub mod live;
 pub mod pending;
+pub mod per_caller;
 pub mod provider;
 pub mod tickets;
 pub mod verifier;
