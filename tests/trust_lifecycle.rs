@@ -1,6 +1,8 @@
 //! The trust lifecycle as an attacker tries it: a revoked admin credential trying to lift its
-//! own revocation, a proxy lying about its certificate to shorten a revocation, and an expired
-//! certificate renewing over a resumed TLS session. Each must be refused by the control plane.
+//! own revocation, a proxy lying about its certificate to shorten a revocation, an expired
+//! certificate renewing over a resumed TLS session, and connections kept open past the
+//! certificate that opened them. Each must be refused, or ended, by the control plane and the
+//! sidecars.
 
 // Scenario helpers panic on anything unexpected, like the tests that call them.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -15,8 +17,9 @@ use common::*;
 use moat_api::v1::identity_client::IdentityClient;
 use moat_api::v1::mesh_client::MeshClient;
 use moat_api::v1::{Ack, Announce, CertifyRequest, ProxyMessage, certify_request, proxy_message};
-use moat_test_util::ControlPlane;
 use moat_test_util::mesh::Admin;
+use moat_test_util::{ControlPlane, Proxy, apply_policy};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic::Code;
 
 /// Runs `moat` with the credential in `creds`.
@@ -310,4 +313,156 @@ async fn an_expired_certificate_cannot_renew_over_a_resumed_session() {
     );
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     assert!(err.message().contains("expired"), "{err:?}");
+}
+
+/// A certificate of `ttl_seconds` for `identity`, obtained with a join token.
+async fn short_credential(
+    cp: &ControlPlane,
+    identity: &str,
+    ttl_seconds: u32,
+) -> moat_tls::Credential {
+    let key = moat_identity::WorkloadKey::generate(&id(identity)).unwrap();
+    let issued = identity_client(cp, None)
+        .await
+        .certify(CertifyRequest {
+            csr_der: key.csr_der().to_vec(),
+            ttl_seconds,
+            credential: Some(certify_request::Credential::JoinToken(token(
+                cp,
+                identity,
+                &[],
+            ))),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    moat_tls::Credential::new(
+        issued
+            .chain_der
+            .into_iter()
+            .map(rustls_pki_types::CertificateDer::from)
+            .collect(),
+        rustls_pki_types::PrivateKeyDer::Pkcs8(key.private_key_der().into()),
+        &bundle(cp),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_ends_when_the_certificate_that_opened_it_expires() {
+    let cp = ControlPlane::start_with(&["--min-cert-ttl", "2s"]).unwrap();
+    apply_policy(&cp, &allow("ledger", &["frontend"]));
+    let ledger = Proxy::builder(&cp, "ledger")
+        .app(moat_test_util::apps::tcp_echo().await)
+        .start()
+        .unwrap();
+    // An 8 s certificate, renewed about every 4 s.
+    let frontend = Proxy::builder(&cp, "frontend")
+        .app(moat_test_util::apps::http_echo().await)
+        .upstreams(&["ledger"])
+        .args(&["--cert-ttl", "8s"])
+        .start()
+        .unwrap();
+    wait_for_services(&frontend, &["ledger"]);
+
+    // An opaque TCP connection that keeps talking: the certificate frontend opened it with
+    // expires within 8 s, and ledger's sidecar closes it then, renewal or not.
+    let mut tcp = tokio::net::TcpStream::connect(frontend.upstream("ledger"))
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut echoed = 0;
+    let ended = loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the connection outlived two certificate lifetimes ({echoed} echoes):\n{}",
+            ledger.log_text()
+        );
+        if tcp.write_all(b"ping").await.is_err() {
+            break "write failed";
+        }
+        let mut buf = [0u8; 4];
+        match tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut buf)).await {
+            Ok(Ok(_)) => assert_eq!(&buf, b"ping"),
+            Ok(Err(_)) => break "closed",
+            Err(_) => panic!("the connection hung instead of closing"),
+        }
+        echoed += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(echoed >= 2, "{ended} after only {echoed} echoes");
+    let log = ledger.log_text();
+    assert!(
+        log.contains("the certificate the caller opened it with has expired"),
+        "{log}"
+    );
+    let closed =
+        r#"moat_connections_closed_total{direction="inbound",reason="certificate-expired"} 1"#;
+    assert!(ledger.metrics().contains(closed), "{}", ledger.metrics());
+
+    // frontend renewed meanwhile: a new connection, opened with its new certificate, works.
+    let mut again = tokio::net::TcpStream::connect(frontend.upstream("ledger"))
+        .await
+        .unwrap();
+    again.write_all(b"back").await.unwrap();
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), again.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"back");
+
+    // The renewals frontend showed on its mesh stream kept the stream open past the
+    // certificate it connected with.
+    let cp_log = cp.log_text();
+    assert!(frontend.log_text().contains("renewed our certificate"));
+    assert!(
+        !cp_log.contains("closing the mesh stream: the newest certificate"),
+        "{cp_log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_stream_ends_when_the_newest_certificate_shown_on_it_expires() {
+    let cp = ControlPlane::start_with(&["--min-cert-ttl", "1s"]).unwrap();
+    let cred = short_credential(&cp, "b", 4).await;
+    let leaf = cred.leaf().clone();
+    let channel = moat_tls::connect::channel(&cp.url(), bundle(&cp), control_id(), Some(&cred))
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(ProxyMessage {
+        message: Some(proxy_message::Message::Announce(Announce {
+            inbound_address: "127.0.0.1:7143".into(),
+            cert_serial: leaf.serial.clone(),
+            cert_not_after_unix: leaf.not_after,
+            ..Announce::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut stream = MeshClient::new(channel)
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().unwrap();
+    // It never shows a renewal: once its certificate expires, the stream ends.
+    let ended = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Ok(Some(_)) = stream.message().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream outlived its certificate");
+    assert!(
+        moat_identity::clock::unix_now() >= leaf.not_after,
+        "the stream ended before its certificate expired"
+    );
+    let log = cp.log_text();
+    assert!(
+        log.contains(
+            "closing the mesh stream: the newest certificate the proxy showed on it has expired"
+        ),
+        "{log}"
+    );
+    drop(tx);
 }

@@ -41,6 +41,8 @@ struct Stream {
     id: SpiffeId,
     /// The serial of the certificate the connection presented.
     tls_serial: String,
+    /// That certificate's NotAfter, Unix seconds.
+    cert_not_after: i64,
     address: String,
     /// The generation from which views list this proxy's endpoint.
     joined: u64,
@@ -111,6 +113,7 @@ impl Mesh for MeshService {
             number,
             id,
             tls_serial: peer.verified.serial,
+            cert_not_after: peer.verified.not_after,
             address: announced.inbound_address,
             joined,
             resume: announced.resume,
@@ -128,7 +131,9 @@ impl Mesh for MeshService {
 
 impl MeshService {
     /// Sends `stream`'s proxy a snapshot from each view until the stream ends, then takes the
-    /// proxy out of the mesh state.
+    /// proxy out of the mesh state. The stream ends too when the newest certificate the proxy
+    /// has shown on it (the connection's, or a renewal it acknowledged) is revoked or expires
+    /// (decision 48): a proxy that renews keeps its stream, one that cannot is let go.
     async fn serve(
         self,
         stream: Stream,
@@ -139,17 +144,23 @@ impl MeshService {
             number,
             ref id,
             ref tls_serial,
+            cert_not_after,
             ref address,
             joined,
             mut resume,
         } = stream;
         let mut views = self.state.views();
         let mut last: Option<Sent> = None;
+        // The newest certificate shown on this stream, and the wait for its expiry.
+        let mut shown = tls_serial.clone();
+        let mut expiry = Box::pin(moat_tls::expiry::expired(cert_not_after));
         loop {
-            // A stream whose certificate is revoked now ends; the proxy's reconnection is
-            // refused by the caller check.
-            if self.state.is_revoked(id, Some(tls_serial)) {
-                tracing::info!(%id, serial = %tls_serial, "closing the mesh stream of a revoked certificate");
+            // A stream whose certificate (the connection's, or the newest shown) is revoked now
+            // ends; the proxy's reconnection is refused by the caller check.
+            if self.state.is_revoked(id, Some(tls_serial))
+                || self.state.is_revoked(id, Some(&shown))
+            {
+                tracing::info!(%id, serial = %tls_serial, newest = %shown, "closing the mesh stream of a revoked certificate");
                 break;
             }
             let view = views.borrow_and_update().clone();
@@ -213,7 +224,12 @@ impl MeshService {
             tokio::select! {
                 changed = views.changed() => if changed.is_err() { break },
                 msg = inbound.message() => match msg {
-                    Ok(Some(m)) => self.on_message(number, id, m),
+                    Ok(Some(m)) => {
+                        if let Some((serial, not_after)) = self.on_message(number, id, m) {
+                            shown = serial;
+                            expiry = Box::pin(moat_tls::expiry::expired(not_after));
+                        }
+                    }
                     Ok(None) => break,
                     Err(e) => {
                         tracing::info!(%id, error = %e, "mesh stream failed");
@@ -221,6 +237,10 @@ impl MeshService {
                     }
                 },
                 () = tx.closed() => break,
+                () = &mut expiry => {
+                    tracing::info!(%id, serial = %shown, "closing the mesh stream: the newest certificate the proxy showed on it has expired");
+                    break;
+                }
             }
         }
         self.state.leave(number, id, address).await;
@@ -263,7 +283,9 @@ impl MeshService {
         Ok((verified, issuer))
     }
 
-    fn on_message(&self, stream: u64, id: &SpiffeId, m: ProxyMessage) {
+    /// Records what the proxy said; returns the serial and NotAfter of a renewed certificate
+    /// it proved (see [`Self::verify_renewed`]).
+    fn on_message(&self, stream: u64, id: &SpiffeId, m: ProxyMessage) -> Option<(String, i64)> {
         if let Some(proxy_message::Message::Tap(batch)) = m.message {
             let proxy = self
                 .state
@@ -274,12 +296,10 @@ impl MeshService {
             if self.state.taps.deliver(id, &proxy, batch) {
                 self.state.bump();
             }
-            return;
+            return None;
         }
         let mut reg = self.state.registry();
-        let Some(entry) = reg.get_mut(stream) else {
-            return;
-        };
+        let entry = reg.get_mut(stream)?;
         entry.last_seen = SystemTime::now();
         match m.message {
             Some(proxy_message::Message::Ack(ack)) => {
@@ -305,9 +325,10 @@ impl MeshService {
                     // verifies under the mesh's roots, for this identity, with that serial.
                     match self.verify_renewed(id, &ack) {
                         Ok((verified, issuer)) => {
-                            entry.cert_serial = verified.serial;
+                            entry.cert_serial.clone_from(&verified.serial);
                             entry.cert_not_after = verified.not_after;
                             entry.cert_issuer = issuer;
+                            return Some((verified.serial, verified.not_after));
                         }
                         Err(why) => {
                             tracing::warn!(%id, serial = %ack.cert_serial, error = %why, "ignored a certificate the proxy did not prove");
@@ -340,5 +361,6 @@ impl MeshService {
                 tracing::warn!(%id, "unexpected message on the mesh stream; ignored");
             }
         }
+        None
     }
 }

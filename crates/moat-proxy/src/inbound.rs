@@ -190,6 +190,7 @@ async fn accept_tls(
         name: peer.id.to_string(),
         id: peer.id,
         serial: peer.serial,
+        not_after: peer.not_after,
     };
     Some((tls, caller))
 }
@@ -197,7 +198,8 @@ async fn accept_tls(
 /// Serves the HTTP requests of one mesh connection until it ends, each authorized on its own
 /// ([`forward`]). A connection admitted now is closed (gracefully) once a new snapshot forbids
 /// the caller; one that was never admitted stays open to answer each request with 403 (until the
-/// caller is revoked). `caller` is the peer's key in the per-caller counts.
+/// caller is revoked). Either way it is closed when the caller's certificate expires (decision
+/// 48). `caller` is the peer's key in the per-caller counts.
 async fn serve_requests(
     io: Prefixed<tokio_rustls::server::TlsStream<TcpStream>>,
     version: HttpVersion,
@@ -242,6 +244,11 @@ async fn serve_requests(
             ctx.metrics.connection_closed("inbound", reason);
             tracing::warn!(target: "moat::access", direction = "inbound", %remote, peer = %peer, reason, "closed the connection (see moat_connections_closed_total)");
         }
+        Ended::Closed(CERTIFICATE_EXPIRED) => {
+            ctx.metrics
+                .connection_closed("inbound", CERTIFICATE_EXPIRED);
+            tracing::info!(target: "moat::access", direction = "inbound", %remote, peer = %peer, serial = %peer.serial, decision = "deny", reason = CERTIFICATE_EXPIRED, "closed an HTTP connection: the certificate the caller opened it with has expired");
+        }
         Ended::Closed(reason) => {
             ctx.metrics.connection_closed("inbound", "policy");
             tracing::info!(target: "moat::access", direction = "inbound", %remote, peer = %peer, decision = "deny", reason, "closing an HTTP connection the new policy no longer allows")
@@ -265,14 +272,19 @@ struct HttpConn {
     app_authority: String,
 }
 
-/// A verified caller: its SPIFFE ID and the serial of the certificate it presented.
+/// A verified caller: its SPIFFE ID and the serial and NotAfter (Unix seconds) of the
+/// certificate it presented.
 #[derive(Clone, Debug)]
 struct Caller {
     id: SpiffeId,
     /// `id` as text, formatted once per connection.
     name: String,
     serial: String,
+    not_after: i64,
 }
+
+/// Why a connection was closed when the certificate its caller presented expired.
+const CERTIFICATE_EXPIRED: &str = "certificate-expired";
 
 impl std::fmt::Display for Caller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -281,17 +293,24 @@ impl std::fmt::Display for Caller {
 }
 
 /// Resolves with the deny reason once a new snapshot revokes `peer`, or (for a connection that
-/// was `admitted`) no longer admits it at all.
+/// was `admitted`) no longer admits it at all; or with [`CERTIFICATE_EXPIRED`] once the
+/// certificate `peer` presented expires: a renewed one would have to open a new connection.
 async fn until_forbidden(ctx: &Ctx, peer: &Caller, port: u16, admitted: bool) -> &'static str {
     let mut snapshots = ctx.snapshot.clone();
-    loop {
-        if snapshots.changed().await.is_err() {
-            return std::future::pending().await;
+    let forbidden = async {
+        loop {
+            if snapshots.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            let d = authorize(ctx, peer, port, Traffic::Connection);
+            if d.reason == Reason::Revoked || (admitted && !d.allowed) {
+                return d.reason.code();
+            }
         }
-        let d = authorize(ctx, peer, port, Traffic::Connection);
-        if d.reason == Reason::Revoked || (admitted && !d.allowed) {
-            return d.reason.code();
-        }
+    };
+    tokio::select! {
+        reason = forbidden => reason,
+        () = moat_tls::expiry::expired(peer.not_after) => CERTIFICATE_EXPIRED,
     }
 }
 
@@ -390,22 +409,33 @@ async fn tcp_forward(
         }
     };
     let _ = app.set_nodelay(true);
-    // Re-check on every new snapshot; close the connection when it is no longer allowed.
+    // Re-check on every new snapshot; close the connection when it is no longer allowed, or
+    // when the caller's certificate expires (decision 48).
     let mut snapshots = ctx.snapshot.clone();
     let (detected, mut tls) = io.into_parts();
     let (net, conn) = tls.get_mut();
     let copy = crate::relay::relay(net, &mut **conn, &mut app, detected, Vec::new());
     tokio::pin!(copy);
+    let expired = moat_tls::expiry::expired(peer.not_after);
+    tokio::pin!(expired);
     let outcome = loop {
         tokio::select! {
             r = &mut copy => break r.map_err(|e| e.to_string()),
             changed = snapshots.changed() => {
-                if changed.is_err() { continue; }
+                if changed.is_err() {
+                    // The snapshots end only with the process; the connection goes with it.
+                    break Err("closed: the proxy is stopping".to_owned());
+                }
                 let again = authorize(ctx, &peer, app_addr.port(), Traffic::Opaque);
                 if !again.allowed {
                     tracing::info!(target: "moat::access", direction = "inbound", protocol = "tcp", %remote, peer = %peer, decision = "deny", reason = again.reason.code(), "closing a connection the new policy no longer allows");
                     break Err(format!("closed: {}", again.reason.code()));
                 }
+            }
+            () = &mut expired => {
+                ctx.metrics.connection_closed("inbound", CERTIFICATE_EXPIRED);
+                tracing::info!(target: "moat::access", direction = "inbound", protocol = "tcp", %remote, peer = %peer, serial = %peer.serial, decision = "deny", reason = CERTIFICATE_EXPIRED, "closed a TCP connection: the certificate the caller opened it with has expired");
+                break Err(format!("closed: {CERTIFICATE_EXPIRED}"));
             }
         }
     };

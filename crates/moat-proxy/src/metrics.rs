@@ -219,7 +219,7 @@ impl Metrics {
         );
         registry.register(
             "connections_closed",
-            "Connections the proxy closed, by direction (inbound, outbound: local clients, upstream: shared mesh connections) and reason (header-read-timeout, too-many-resets, response-stalled, request-stalled, idle, policy, reset-budget: local clients gave up on too many requests on a shared mesh connection, which takes no new ones; too-many-connections: the caller identity already held --max-connections-per-caller inbound connections)",
+            "Connections the proxy closed, by direction (inbound, outbound: local clients, upstream: shared mesh connections) and reason (header-read-timeout, too-many-resets, response-stalled, request-stalled, idle, policy, reset-budget: local clients gave up on too many requests on a shared mesh connection, which takes no new ones; too-many-connections: the caller identity already held --max-connections-per-caller inbound connections; certificate-expired: the certificate an inbound connection's caller presented expired, HTTP closed gracefully, opaque TCP at once)",
             connections_closed.clone(),
         );
         registry.register(
@@ -295,7 +295,7 @@ impl Metrics {
         self.cert_refresh.set(tls.refresh_after);
     }
 
-    /// Counts an HTTP connection the proxy closed.
+    /// Counts a connection the proxy closed, by why.
     pub fn connection_closed(&self, direction: &'static str, reason: &'static str) {
         self.connections_closed
             .get_or_create(&HandshakeLabels {

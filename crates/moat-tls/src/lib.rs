@@ -8,12 +8,14 @@
 //! Outbound configs keep session tickets per endpoint (`tickets`). `connect` dials a gRPC server
 //! (the control plane) with those configs; `cred_dir` reads and writes credential directories
 //! (cert.pem, key.pem, bundle.pem); `failure` says why a handshake failed, from the error's type;
-//! `pending` bounds the handshakes a listener open to strangers lets wait.
+//! `pending` bounds the handshakes a listener open to strangers lets wait; `expiry` waits for a
+//! peer's certificate to expire, so a connection never outlives the certificate that opened it.
 //! `per_caller` counts what each caller (an identity, a source address) holds, under a limit.
 
 pub mod config;
 pub mod connect;
 pub mod cred_dir;
+pub mod expiry;
 pub mod failure;
 pub mod live;
 pub mod pending;
