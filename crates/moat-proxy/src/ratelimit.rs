@@ -4,7 +4,9 @@
 //! canonical target keeps apart (`//`, `;params`, a trailing `/`) share its bucket. Bounded:
 //! buckets that have refilled (each under its own rule's limit) are dropped when the table is
 //! full, and when nothing can be dropped, new keys share one overflow bucket per rule
-//! (throttled together, never unthrottled).
+//! (throttled together, never unthrottled). Looking for buckets to drop is a pass over the whole
+//! table under its lock; one that frees less than a sixteenth of it is not repeated for
+//! [`SWEEP_PAUSE`], so a caller sending a new path with every request cannot buy a pass each.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -14,6 +16,9 @@ use moat_policy::{RateKey, RateLimit};
 
 /// The most buckets kept.
 const MAX_BUCKETS: usize = 100_000;
+
+/// How long a full table that a pass could not free (a sixteenth of it) waits before the next.
+const SWEEP_PAUSE: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct Key {
@@ -79,7 +84,35 @@ pub struct Request<'a> {
 /// Every bucket of this proxy.
 #[derive(Debug, Default)]
 pub struct Limiter {
-    buckets: Mutex<HashMap<Key, Bucket>>,
+    table: Mutex<Table>,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    buckets: HashMap<Key, Bucket>,
+    /// Before this, a full table sends new keys to the overflow bucket without a pass.
+    sweep_after: Option<Instant>,
+    /// Passes made, for the tests.
+    sweeps: u64,
+}
+
+impl Table {
+    /// Makes room for a new key when the table is full and a pass may be made; whether there is
+    /// room now.
+    fn room(&mut self, now: Instant) -> bool {
+        if self.buckets.len() < MAX_BUCKETS {
+            return true;
+        }
+        if self.sweep_after.is_some_and(|at| now < at) {
+            return false;
+        }
+        self.sweeps += 1;
+        self.buckets
+            .retain(|_, b| b.full_at(now) < f64::from(b.burst));
+        let freed_enough = self.buckets.len() <= MAX_BUCKETS - MAX_BUCKETS / 16;
+        self.sweep_after = (!freed_enough).then(|| now + SWEEP_PAUSE);
+        self.buckets.len() < MAX_BUCKETS
+    }
 }
 
 impl Limiter {
@@ -98,15 +131,12 @@ impl Limiter {
             client: client.map(str::to_owned),
             route: route.map(|(m, p)| format!("{m} {}", route_path(p))),
         };
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        if !buckets.contains_key(&key) && buckets.len() >= MAX_BUCKETS {
-            buckets.retain(|_, b| b.full_at(now) < f64::from(b.burst));
-            if buckets.len() >= MAX_BUCKETS {
-                key.client = None;
-                key.route = Some("<overflow>".into());
-            }
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        if !table.buckets.contains_key(&key) && !table.room(now) {
+            key.client = None;
+            key.route = Some("<overflow>".into());
         }
-        let bucket = buckets.entry(key).or_insert(Bucket {
+        let bucket = table.buckets.entry(key).or_insert(Bucket {
             tokens: f64::from(limit.burst),
             last: now,
             rate: limit.requests_per_second,
@@ -199,12 +229,32 @@ mod tests {
             burst: 1000,
             per: RateKey::Client,
         };
+        let l = full_of_draining_buckets();
+        let strict = RateLimit {
+            requests_per_second: 1,
+            burst: 1,
+            per: RateKey::Client,
+        };
+        assert!(l.admit(&req("newcomer", "/"), &strict).is_ok());
+        let generous_caller = Request {
+            rule: 1,
+            ..req("c0", "/")
+        };
+        let admitted = (0..20)
+            .filter(|_| l.admit(&generous_caller, &generous).is_ok())
+            .count();
+        assert_eq!(admitted, 10);
+    }
+
+    /// A limiter whose table is full of rule 1's buckets (burst 1,000, 1/s), each down to 10
+    /// tokens: none can be dropped for 990 s.
+    fn full_of_draining_buckets() -> Limiter {
         let l = Limiter::default();
         {
-            let mut b = l.buckets.lock().unwrap();
+            let mut t = l.table.lock().unwrap();
             let now = Instant::now();
             for i in 0..MAX_BUCKETS {
-                b.insert(
+                t.buckets.insert(
                     Key {
                         policy: "default/orders".into(),
                         version: 1,
@@ -221,19 +271,29 @@ mod tests {
                 );
             }
         }
-        let strict = RateLimit {
-            requests_per_second: 1,
-            burst: 1,
-            per: RateKey::Client,
+        l
+    }
+
+    /// A caller sending a new path with every request to a full table gets the overflow bucket,
+    /// and one pass over the table per second at most, not one per request.
+    #[test]
+    fn new_keys_to_a_full_table_do_not_each_buy_a_pass_over_it() {
+        let l = full_of_draining_buckets();
+        let per_route = RateLimit {
+            requests_per_second: 1_000_000,
+            burst: 1_000_000,
+            per: RateKey::Route,
         };
-        assert!(l.admit(&req("newcomer", "/"), &strict).is_ok());
-        let generous_caller = Request {
-            rule: 1,
-            ..req("c0", "/")
-        };
-        let admitted = (0..20)
-            .filter(|_| l.admit(&generous_caller, &generous).is_ok())
-            .count();
-        assert_eq!(admitted, 10);
+        for i in 0..1000 {
+            let path = format!("/new/{i}");
+            assert!(l.admit(&req("attacker", &path), &per_route).is_ok());
+        }
+        let t = l.table.lock().unwrap();
+        assert_eq!(t.sweeps, 1, "passes over the full table");
+        assert_eq!(
+            t.buckets.len(),
+            MAX_BUCKETS + 1,
+            "the newcomers share one bucket"
+        );
     }
 }
