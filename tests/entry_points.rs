@@ -274,6 +274,40 @@ async fn an_identity_gets_sixteen_mesh_streams_from_one_address() {
     assert!(back.is_some(), "the place never came back");
 }
 
+/// `--advertise` takes an IP address alone, as the injector passes the pod's IP, and adds the
+/// inbound port; an IPv6 one is bracketed, so the control plane parses it (and refuses it here
+/// only because the stream comes from 127.0.0.1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_advertised_ip_alone_gets_the_inbound_port() {
+    let cp = ControlPlane::start().unwrap();
+    let b = moat_test_util::Proxy::builder(&cp, "b")
+        .args(&["--advertise", "127.0.0.1"])
+        .start()
+        .unwrap();
+    let (_, body) = b.admin_get("/config").unwrap();
+    let config: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(config["advertise"], b.inbound.to_string(), "{config}");
+    let app: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let v6 = moat_test_util::Proxy::launch(
+        &cp,
+        "c",
+        &token(&cp, "c", &[]),
+        app,
+        &[],
+        &["--advertise", "::1"],
+    )
+    .unwrap();
+    let refused = tokio::task::block_in_place(|| {
+        moat_test_util::eventually(std::time::Duration::from_secs(20), || {
+            let log = v6.log_text();
+            log.contains("is not this sidecar's address").then_some(log)
+        })
+    })
+    .unwrap_or_else(|| panic!("{}", v6.log_text()));
+    assert!(refused.contains("\"[::1]:"), "{refused}");
+    assert!(!refused.contains("without brackets"), "{refused}");
+}
+
 /// Where sidecars reach the control plane through NAT, the address a stream comes from is not
 /// the sidecar's: `--announce-any-address` takes the address a sidecar announces as given.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -352,7 +352,8 @@ fn proxy_container(
         json!("--inbound"),
         json!(format!("0.0.0.0:{INBOUND_PORT}")),
         json!("--advertise"),
-        json!(format!("$(MOAT_POD_IP):{INBOUND_PORT}")),
+        // The IP alone: the sidecar adds the inbound port, bracketing an IPv6 address.
+        json!("$(MOAT_POD_IP)"),
         json!("--transparent"),
         json!(format!("0.0.0.0:{OUTBOUND_PORT}")),
         json!("--admin"),

@@ -1,6 +1,6 @@
 //! `moat-proxy`: flags and environment in, `moat_proxy::run` out.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -52,7 +52,9 @@ struct Args {
     /// Inbound mTLS listener.
     #[arg(long, env = "MOAT_INBOUND", default_value = "0.0.0.0:7143")]
     inbound: SocketAddr,
-    /// The address other sidecars dial (default: --inbound, which must then not be a wildcard).
+    /// The address other sidecars dial, HOST:PORT, or an IP address alone (v4, or v6 without
+    /// brackets), which takes --inbound's port (default: --inbound, which must then not be a
+    /// wildcard).
     #[arg(long, env = "MOAT_ADVERTISE")]
     advertise: Option<String>,
     /// The local app that inbound traffic goes to. Without it (transparent mode, with
@@ -183,7 +185,12 @@ fn config(a: &Args) -> Result<ProxyConfig, String> {
     let identity = SpiffeId::parse_with_default(&a.identity, &a.trust_domain)
         .map_err(|e| format!("--identity: {e}"))?;
     let advertise = match &a.advertise {
-        Some(s) => s.clone(),
+        // An IP address alone (the injected sidecar's pod IP): `IP:PORT` would be ambiguous for
+        // an IPv6 address, and unparseable for the control plane.
+        Some(s) => match s.parse::<IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, a.inbound.port()).to_string(),
+            Err(_) => s.clone(),
+        },
         None if a.inbound.ip().is_unspecified() => {
             return Err(format!(
                 "--inbound {} is a wildcard address: pass --advertise HOST:PORT, the address other sidecars should dial",
