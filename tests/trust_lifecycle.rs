@@ -348,59 +348,37 @@ async fn short_credential(
     .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_ends_when_the_certificate_that_opened_it_expires() {
-    let cp = ControlPlane::start_with(&["--min-cert-ttl", "2s"]).unwrap();
-    apply_policy(&cp, &allow("ledger", &["frontend"]));
-    let ledger = Proxy::builder(&cp, "ledger")
-        .app(moat_test_util::apps::tcp_echo().await)
-        .start()
-        .unwrap();
-    // An 8 s certificate, renewed about every 4 s.
-    let frontend = Proxy::builder(&cp, "frontend")
-        .app(moat_test_util::apps::http_echo().await)
-        .upstreams(&["ledger"])
-        .args(&["--cert-ttl", "8s"])
-        .start()
-        .unwrap();
-    wait_for_services(&frontend, &["ledger"]);
-
-    // An opaque TCP connection that keeps talking: the certificate frontend opened it with
-    // expires within 8 s, and ledger's sidecar closes it then, renewal or not.
+/// Echoes through `frontend`'s listener for ledger until the connection closes (at most 20 s);
+/// how many echoes it carried.
+async fn echo_until_closed(frontend: &Proxy, ledger: &Proxy) -> usize {
     let mut tcp = tokio::net::TcpStream::connect(frontend.upstream("ledger"))
         .await
         .unwrap();
     let start = std::time::Instant::now();
     let mut echoed = 0;
-    let ended = loop {
+    loop {
         assert!(
             start.elapsed() < Duration::from_secs(20),
-            "the connection outlived two certificate lifetimes ({echoed} echoes):\n{}",
+            "the connection outlived two certificate lifetimes ({echoed} echoes):\n{}\n{}",
+            frontend.log_text(),
             ledger.log_text()
         );
         if tcp.write_all(b"ping").await.is_err() {
-            break "write failed";
+            return echoed;
         }
         let mut buf = [0u8; 4];
         match tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut buf)).await {
             Ok(Ok(_)) => assert_eq!(&buf, b"ping"),
-            Ok(Err(_)) => break "closed",
+            Ok(Err(_)) => return echoed,
             Err(_) => panic!("the connection hung instead of closing"),
         }
         echoed += 1;
         tokio::time::sleep(Duration::from_millis(250)).await;
-    };
-    assert!(echoed >= 2, "{ended} after only {echoed} echoes");
-    let log = ledger.log_text();
-    assert!(
-        log.contains("the certificate the caller opened it with has expired"),
-        "{log}"
-    );
-    let closed =
-        r#"moat_connections_closed_total{direction="inbound",reason="certificate-expired"} 1"#;
-    assert!(ledger.metrics().contains(closed), "{}", ledger.metrics());
+    }
+}
 
-    // frontend renewed meanwhile: a new connection, opened with its new certificate, works.
+/// A new connection through `frontend` to ledger carries an echo.
+async fn echoes_anew(frontend: &Proxy) {
     let mut again = tokio::net::TcpStream::connect(frontend.upstream("ledger"))
         .await
         .unwrap();
@@ -411,6 +389,52 @@ async fn a_connection_ends_when_the_certificate_that_opened_it_expires() {
         .unwrap()
         .unwrap();
     assert_eq!(&buf, b"back");
+}
+
+/// frontend calls ledger (an echo over opaque TCP); `short` of the two gets an 8 s
+/// certificate, renewed about every 4 s.
+async fn pair_with_short_certificate(cp: &ControlPlane, short: &str) -> (Proxy, Proxy) {
+    apply_policy(cp, &allow("ledger", &["frontend"]));
+    let ttl = |name: &str| {
+        if name == short {
+            vec!["--cert-ttl", "8s"]
+        } else {
+            vec![]
+        }
+    };
+    let ledger = Proxy::builder(cp, "ledger")
+        .app(moat_test_util::apps::tcp_echo().await)
+        .args(&ttl("ledger"))
+        .start()
+        .unwrap();
+    let frontend = Proxy::builder(cp, "frontend")
+        .app(moat_test_util::apps::http_echo().await)
+        .upstreams(&["ledger"])
+        .args(&ttl("frontend"))
+        .start()
+        .unwrap();
+    wait_for_services(&frontend, &["ledger"]);
+    (frontend, ledger)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_ends_when_the_callers_certificate_expires() {
+    let cp = ControlPlane::start_with(&["--min-cert-ttl", "2s"]).unwrap();
+    let (frontend, ledger) = pair_with_short_certificate(&cp, "frontend").await;
+    // The certificate frontend opened the connection with expires within 8 s, and ledger's
+    // sidecar closes it then, renewal or not.
+    let echoed = echo_until_closed(&frontend, &ledger).await;
+    assert!(echoed >= 2, "closed after only {echoed} echoes");
+    let log = ledger.log_text();
+    assert!(
+        log.contains("the certificate the caller opened it with has expired"),
+        "{log}"
+    );
+    let closed =
+        r#"moat_connections_closed_total{direction="inbound",reason="certificate-expired"} 1"#;
+    assert!(ledger.metrics().contains(closed), "{}", ledger.metrics());
+    // frontend renewed meanwhile: a new connection, opened with its new certificate, works.
+    echoes_anew(&frontend).await;
 
     // The renewals frontend showed on its mesh stream kept the stream open past the
     // certificate it connected with.
@@ -420,6 +444,30 @@ async fn a_connection_ends_when_the_certificate_that_opened_it_expires() {
         !cp_log.contains("closing the mesh stream: the newest certificate"),
         "{cp_log}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_ends_when_the_servers_certificate_expires() {
+    let cp = ControlPlane::start_with(&["--min-cert-ttl", "2s"]).unwrap();
+    let (frontend, ledger) = pair_with_short_certificate(&cp, "ledger").await;
+    // Now the caller's certificate outlives the test; ledger's, presented when the connection
+    // opened, expires within 8 s, and frontend's sidecar closes the connection then.
+    let echoed = echo_until_closed(&frontend, &ledger).await;
+    assert!(echoed >= 2, "closed after only {echoed} echoes");
+    let log = frontend.log_text();
+    assert!(
+        log.contains("the far side's certificate is no longer good")
+            && log.contains("reason=\"certificate-expired\""),
+        "{log}"
+    );
+    let closed =
+        r#"moat_connections_closed_total{direction="outbound",reason="certificate-expired"} 1"#;
+    assert!(
+        frontend.metrics().contains(closed),
+        "{}",
+        frontend.metrics()
+    );
+    echoes_anew(&frontend).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

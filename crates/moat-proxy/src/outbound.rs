@@ -103,6 +103,27 @@ struct HttpConn {
     default_authority: String,
 }
 
+/// Resolves when the certificate `server` presented expires (`certificate-expired`) or a
+/// snapshot revokes it (`revoked`).
+async fn until_server_gone(ctx: &Ctx, server: &moat_identity::VerifiedPeer) -> &'static str {
+    let mut snapshots = ctx.snapshot.clone();
+    let revoked = async {
+        loop {
+            if snapshots.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            let snap = snapshots.borrow_and_update().clone();
+            if snap.is_some_and(|s| s.is_revoked(&server.id, &server.serial)) {
+                return "revoked";
+            }
+        }
+    };
+    tokio::select! {
+        why = revoked => why,
+        () = moat_tls::expiry::expired(server.not_after) => "certificate-expired",
+    }
+}
+
 async fn tcp_forward(
     io: Prefixed<TcpStream>,
     remote: SocketAddr,
@@ -119,9 +140,26 @@ async fn tcp_forward(
             return;
         }
     };
+    // The far side's certificate bounds the connection as the caller's does at the far side
+    // (decision 48): closed when it expires or is revoked.
+    let server = moat_tls::peer_identity(tls.get_ref().1.peer_certificates());
     let (detected, mut app) = io.into_parts();
     let (net, conn) = tls.get_mut();
-    let result = crate::relay::relay(net, &mut **conn, &mut app, Vec::new(), detected).await;
+    let copy = crate::relay::relay(net, &mut **conn, &mut app, Vec::new(), detected);
+    let result = match server {
+        Some(server) => {
+            let ended = until_server_gone(ctx, &server);
+            tokio::select! {
+                r = copy => r,
+                why = ended => {
+                    ctx.metrics.connection_closed("outbound", why);
+                    tracing::info!(target: "moat::access", direction = "outbound", protocol = "tcp", %remote, target = %target, serial = %server.serial, reason = why, "closed a TCP connection: the far side's certificate is no longer good");
+                    Err(std::io::Error::other(format!("closed: {why}")))
+                }
+            }
+        }
+        None => copy.await,
+    };
     let (sent, received) = result
         .as_ref()
         .map(|r| (r.to_mesh, r.to_app))
