@@ -1,14 +1,17 @@
 //! The audit log: every admin action and every refused certificate request, appended to the
 //! store under `audit/<unix-ms>-<sequence>-<random>` so that keys sort by time, and by order of
-//! writing within a millisecond.
+//! writing within a millisecond. Refusals that anyone can provoke go under `audit-sampled/`,
+//! with the same key form, so that however long a flood of them lasts it can push out only
+//! older ones like it, never an admin's action; readers see the two merged by time.
 //!
 //! Two bounds keep it useful under abuse. Refusals that anyone can provoke (admin calls without
 //! an admin certificate, refused `Certify` calls) are sampled: the first of each kind in a
 //! [`SAMPLE_WINDOW`] is written, with how many like it were left out since the previous one;
 //! the rest are only counted (metrics). A kind includes what the caller asked for (a `Certify`
 //! names any identity it likes), so at most [`MAX_WRITTEN_PER_WINDOW`] refusals are written per
-//! window whatever their kinds; past it, new kinds share one entry. And a [`Retention`] bound (entries and age) is applied
-//! by [`AuditLog::prune`], which the control plane runs every minute.
+//! window whatever their kinds; past it, new kinds share one entry. And a [`Retention`] bound
+//! (entries and age) is applied to each of the two parts by [`AuditLog::prune`], which the
+//! control plane runs every minute.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,6 +22,8 @@ use rand::Rng as _;
 use serde::{Deserialize, Serialize};
 
 const PREFIX: &str = "audit/";
+/// Where the sampled refusals (see [`AuditLog::record_sampled`]) are kept.
+const SAMPLED_PREFIX: &str = "audit-sampled/";
 /// Refusals of one kind are written at most once per window.
 pub const SAMPLE_WINDOW: Duration = Duration::from_secs(60);
 /// Kinds tracked at once; past it, new kinds share one window.
@@ -80,7 +85,8 @@ impl std::str::FromStr for Outcome {
 /// How much of the audit log is kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Retention {
-    /// The newest this many entries are kept.
+    /// The newest this many entries are kept, of the actions and of the sampled refusals
+    /// each.
     pub max_entries: usize,
     /// Entries older than this are removed.
     pub max_age: Duration,
@@ -197,14 +203,17 @@ pub struct AuditLog {
     store: Arc<dyn Store>,
     retention: Retention,
     sampler: Arc<Mutex<Sampler>>,
-    /// How many entries the store holds, once counted (the first prune counts them): later
-    /// prunes read only what they delete.
-    count: Arc<Mutex<Option<usize>>>,
+    /// How many entries the store holds under [`PREFIX`] and [`SAMPLED_PREFIX`], once counted
+    /// (the first prune counts them): later prunes read only what they delete.
+    count: Arc<Mutex<[Option<usize>; 2]>>,
 }
 
-/// The time an entry's key carries.
-fn key_time(key: &str) -> Option<i64> {
-    key.strip_prefix(PREFIX)?.split('-').next()?.parse().ok()
+/// The two parts of the log, by where they are kept: the index of each one's count.
+const PARTS: [&str; 2] = [PREFIX, SAMPLED_PREFIX];
+
+/// The time an entry's key (under `prefix`) carries.
+fn key_time(prefix: &str, key: &str) -> Option<i64> {
+    key.strip_prefix(prefix)?.split('-').next()?.parse().ok()
 }
 
 impl AuditLog {
@@ -221,6 +230,19 @@ impl AuditLog {
     /// Appends an entry; it is durable when this returns. Also emitted as a log line.
     pub async fn record(
         &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        outcome: Outcome,
+        detail: &str,
+    ) -> Result<(), StoreError> {
+        self.append(0, actor, action, target, outcome, detail).await
+    }
+
+    /// Appends an entry to the part `part` of [`PARTS`].
+    async fn append(
+        &self,
+        part: usize,
         actor: &str,
         action: &str,
         target: &str,
@@ -246,25 +268,26 @@ impl AuditLog {
         static SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let seq = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let suffix: u32 = rand::rng().random();
-        let key = format!("{PREFIX}{time_unix_ms:015}-{seq:016x}-{suffix:08x}");
+        let key = format!("{}{time_unix_ms:015}-{seq:016x}-{suffix:08x}", PARTS[part]);
         // Serialising a plain struct of strings and integers cannot fail.
         self.store
             .put(&key, serde_json::to_vec(&entry).unwrap_or_default())
             .await?;
-        self.adjust_count(|c| c + 1);
+        self.adjust_count(part, |c| c + 1);
         Ok(())
     }
 
-    fn adjust_count(&self, f: impl FnOnce(usize) -> usize) {
+    fn adjust_count(&self, part: usize, f: impl FnOnce(usize) -> usize) {
         if let Ok(mut c) = self.count.lock()
-            && let Some(n) = c.as_mut()
+            && let Some(n) = c[part].as_mut()
         {
             *n = f(*n);
         }
     }
 
     /// Records a refusal of `kind` if it is the first of its kind in the sampling window (its
-    /// detail then says how many like it were left out since the previous entry).
+    /// detail then says how many like it were left out since the previous entry), apart from
+    /// the actions (see the module's notes).
     pub async fn record_sampled(
         &self,
         kind: &str,
@@ -284,21 +307,21 @@ impl AuditLog {
                 Ok(())
             }
             Some(0) => {
-                self.record(actor, action, target, Outcome::Refused, detail)
+                self.append(1, actor, action, target, Outcome::Refused, detail)
                     .await
             }
             Some(n) => {
                 let detail = format!(
                     "{detail} ({n} more like this since the previous entry were counted, not written)"
                 );
-                self.record(actor, action, target, Outcome::Refused, &detail)
+                self.append(1, actor, action, target, Outcome::Refused, &detail)
                     .await
             }
         }
     }
 
-    /// The newest `limit` entries that `filter` keeps, oldest first, looking at no more than
-    /// `scan` entries.
+    /// The newest `limit` entries that `filter` keeps, of both parts, oldest first, looking at
+    /// no more than `scan` entries of each.
     pub async fn newest(
         &self,
         limit: usize,
@@ -307,12 +330,18 @@ impl AuditLog {
     ) -> Result<Vec<AuditEntry>, StoreError> {
         let unfiltered = *filter == Filter::default();
         let fetch = if unfiltered { limit } else { scan.max(limit) };
-        let mut out: Vec<AuditEntry> = self
-            .store
-            .range(PREFIX, fetch, true)
-            .await?
+        let mut found = Vec::new();
+        for prefix in PARTS {
+            for kv in self.store.range(prefix, fetch, true).await? {
+                // Keys after the prefix sort by time, then by order of writing.
+                let order = kv.key[prefix.len()..].to_owned();
+                found.push((order, kv.value));
+            }
+        }
+        found.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        let mut out: Vec<AuditEntry> = found
             .iter()
-            .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+            .filter_map(|(_, value)| serde_json::from_slice(value).ok())
             .filter(|e| filter.keeps(e))
             .take(limit)
             .collect();
@@ -320,33 +349,43 @@ impl AuditLog {
         Ok(out)
     }
 
-    /// Removes entries beyond the retention bound (oldest first); returns how many.
+    /// Removes entries beyond the retention bound (oldest first), in each part; returns how
+    /// many.
     pub async fn prune(&self) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for part in 0..PARTS.len() {
+            removed += self.prune_part(part).await?;
+        }
+        Ok(removed)
+    }
+
+    async fn prune_part(&self, part: usize) -> Result<usize, StoreError> {
+        let prefix = PARTS[part];
         let cutoff = moat_identity::clock::unix_now_ms()
             .saturating_sub(self.retention.max_age.as_millis() as i64);
         let mut removed = 0;
         // Too old.
         loop {
-            let page = self.store.range(PREFIX, PRUNE_PAGE, false).await?;
+            let page = self.store.range(prefix, PRUNE_PAGE, false).await?;
             let old: Vec<String> = page
                 .iter()
-                .take_while(|kv| key_time(&kv.key).is_some_and(|t| t < cutoff))
+                .take_while(|kv| key_time(prefix, &kv.key).is_some_and(|t| t < cutoff))
                 .map(|kv| kv.key.clone())
                 .collect();
             let done = old.len() < page.len() || page.len() < PRUNE_PAGE;
-            removed += self.delete(old).await?;
+            removed += self.delete(part, old).await?;
             if done {
                 break;
             }
         }
         // Too many: the oldest beyond the bound.
-        let known = self.count.lock().ok().and_then(|c| *c);
+        let known = self.count.lock().ok().and_then(|c| c[part]);
         let count = match known {
             Some(n) => n,
             None => {
-                let n = self.store.range(PREFIX, 0, false).await?.len();
+                let n = self.store.range(prefix, 0, false).await?.len();
                 if let Ok(mut c) = self.count.lock() {
-                    *c = Some(n);
+                    c[part] = Some(n);
                 }
                 n
             }
@@ -355,13 +394,13 @@ impl AuditLog {
         while excess > 0 {
             let page = self
                 .store
-                .range(PREFIX, excess.min(PRUNE_PAGE), false)
+                .range(prefix, excess.min(PRUNE_PAGE), false)
                 .await?;
             if page.is_empty() {
                 break;
             }
             let n = self
-                .delete(page.into_iter().map(|kv| kv.key).collect())
+                .delete(part, page.into_iter().map(|kv| kv.key).collect())
                 .await?;
             excess -= n.min(excess);
             removed += n;
@@ -369,7 +408,7 @@ impl AuditLog {
         Ok(removed)
     }
 
-    async fn delete(&self, keys: Vec<String>) -> Result<usize, StoreError> {
+    async fn delete(&self, part: usize, keys: Vec<String>) -> Result<usize, StoreError> {
         let n = keys.len();
         if n > 0 {
             self.store
@@ -378,7 +417,7 @@ impl AuditLog {
                     ..Txn::default()
                 })
                 .await?;
-            self.adjust_count(|c| c.saturating_sub(n));
+            self.adjust_count(part, |c| c.saturating_sub(n));
         }
         Ok(n)
     }
@@ -518,5 +557,41 @@ mod tests {
         let left = log.newest(100, &Filter::default(), 0).await.unwrap();
         let actions: Vec<&str> = left.iter().map(|e| e.action.as_str()).collect();
         assert_eq!(actions, ["n3", "n4", "n5", "n6", "n7"]);
+    }
+
+    /// However many refusals anyone can provoke are written, they push out only older ones
+    /// like them: the admins' actions stay, and readers see both in the order written.
+    #[tokio::test]
+    async fn sampled_refusals_never_push_out_actions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(moat_store::EmbeddedStore::open(dir.path()).unwrap());
+        let log = AuditLog::new(
+            store,
+            Retention {
+                max_entries: 3,
+                max_age: Duration::from_secs(3600),
+            },
+        );
+        log.record("admin", "policy.apply", "", Outcome::Ok, "")
+            .await
+            .unwrap();
+        // Each a new kind, so each is written; more than the bound.
+        for i in 0..6 {
+            log.record_sampled(&format!("k{i}"), "anonymous", &format!("r{i}"), "", "")
+                .await
+                .unwrap();
+        }
+        log.record("admin", "token.create", "", Outcome::Ok, "")
+            .await
+            .unwrap();
+        assert_eq!(log.prune().await.unwrap(), 3, "the three oldest refusals");
+        let left = log.newest(100, &Filter::default(), 0).await.unwrap();
+        let actions: Vec<&str> = left.iter().map(|e| e.action.as_str()).collect();
+        assert_eq!(actions, ["policy.apply", "r3", "r4", "r5", "token.create"]);
+        let refused = Filter {
+            outcome: Some(Outcome::Refused),
+            ..Filter::default()
+        };
+        assert_eq!(log.newest(2, &refused, 100).await.unwrap().len(), 2);
     }
 }

@@ -184,7 +184,8 @@ struct ServeArgs {
     /// How often the ConfigMaps are checked.
     #[arg(long, default_value = "30s", value_parser = parse_horizon)]
     publish_interval: std::time::Duration,
-    /// Audit log: keep at most this many entries (the oldest go first).
+    /// Audit log: keep at most this many actions, and as many sampled refusals apart (the
+    /// oldest go first).
     #[arg(long, env = "MOAT_AUDIT_MAX_ENTRIES", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(100..=100_000_000))]
     audit_max_entries: u64,
     /// Audit log: remove entries older than this.
