@@ -549,9 +549,10 @@ async fn strangers_cannot_starve_the_control_plane_or_flood_its_audit_log() {
 
 /// Connections that complete a TLS handshake without a certificate are what a token bootstrap
 /// needs and what anyone can open: at most 32 from one address, each closed 30 s after its
-/// handshake, while a sidecar from another address still bootstraps.
+/// handshake, while a sidecar from another address still bootstraps. One identity's
+/// certificate holds at most 64 from one address.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_without_a_certificate_are_bounded_and_short_lived() {
+async fn connections_to_the_control_plane_are_bounded_per_address() {
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     let cp = ControlPlane::start().unwrap();
     let addr: std::net::SocketAddr = cp.url().trim_start_matches("https://").parse().unwrap();
@@ -609,6 +610,56 @@ async fn connections_without_a_certificate_are_bounded_and_short_lived() {
         })
     });
     assert!(all.is_some(), "{} of 40 closed", closed.load(SeqCst));
+    held.shutdown().await;
+
+    // With a certificate: 64 per identity from one address, however long they last.
+    let mut admin = moat_test_util::mesh::Admin::connect(&cp).await.unwrap();
+    let cred = admin.credential("x").await.unwrap();
+    let cfg = moat_tls::client_config(
+        Some(&cred),
+        Arc::new(bundle(&cp)),
+        control_id(),
+        moat_tls::ALPN_H2,
+    )
+    .unwrap();
+    let closed = Arc::new(AtomicUsize::new(0));
+    let mut held = tokio::task::JoinSet::new();
+    for _ in 0..70 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.3:0".parse().unwrap()).unwrap();
+        let tcp = socket.connect(addr).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(cfg.clone())
+            .connect("moat.invalid".try_into().unwrap(), tcp)
+            .await
+            .expect("a handshake with a certificate completes");
+        let closed = closed.clone();
+        held.spawn(async move {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = tls.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            closed.fetch_add(1, SeqCst);
+        });
+    }
+    let over = tokio::task::block_in_place(|| {
+        eventually(Duration::from_secs(5), || {
+            (closed.load(SeqCst) >= 6).then_some(())
+        })
+    });
+    assert!(over.is_some(), "{} closed", closed.load(SeqCst));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        closed.load(SeqCst),
+        6,
+        "only those over the bound are closed"
+    );
+    let metrics = cp.admin_get("/metrics").unwrap().1;
+    assert!(
+        metrics.contains("moat_tls_handshake_failures_total{reason=\"identity-busy\"} 6"),
+        "{metrics}"
+    );
     held.shutdown().await;
 }
 

@@ -13,6 +13,9 @@
 //! or service-account token) proves nothing either, and an idle TLS connection costs a file and
 //! its buffers: such connections are bounded too ([`ANONYMOUS_PER_SOURCE`], [`ANONYMOUS`]) and
 //! closed [`ANONYMOUS_LIFETIME`] after their handshake, long enough for the one call they need.
+//! A certificate holder gets at most [`CERTIFIED_PER_SOURCE`] connections per identity from one
+//! source address: a sidecar needs one or two, and a stolen workload certificate must not hold
+//! the control plane's files.
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -53,6 +56,11 @@ pub const ANONYMOUS: usize = 512;
 /// bundle fetch) take milliseconds, and tonic gives each call at most 30 s.
 pub const ANONYMOUS_LIFETIME: Duration = Duration::from_secs(30);
 
+/// Connections with a certificate open at once for one identity from one source address (a
+/// sidecar holds its mesh stream and a renewal's connection; 16 mesh streams per identity and
+/// address are served at most).
+pub const CERTIFIED_PER_SOURCE: usize = 64;
+
 /// What the handshake proved about a caller. `peer` is `None` when no certificate was presented
 /// (token bootstrap); a presented certificate that failed verification never gets this far.
 #[derive(Clone, Debug)]
@@ -79,6 +87,8 @@ pub struct TlsConn {
     /// For a connection without a client certificate: when it ends, and its places in the
     /// counts of such connections.
     anonymous: Option<Anonymous>,
+    /// For one with a certificate: its place in its identity's count from its address.
+    _certified: Option<Slot<(String, IpAddr)>>,
 }
 
 /// What a connection without a client certificate holds.
@@ -88,17 +98,19 @@ struct Anonymous {
     _places: (Slot<IpAddr>, Slot<()>),
 }
 
-/// The bounds on connections without a client certificate.
-struct AnonymousCounts {
+/// The bounds on connections after their handshake.
+struct AfterHandshake {
     per_source: Arc<PerCaller<IpAddr>>,
     total: Arc<PerCaller<()>>,
+    certified: Arc<PerCaller<(String, IpAddr)>>,
 }
 
-impl AnonymousCounts {
+impl AfterHandshake {
     fn new() -> Self {
-        AnonymousCounts {
+        AfterHandshake {
             per_source: PerCaller::new(ANONYMOUS_PER_SOURCE),
             total: PerCaller::new(ANONYMOUS),
+            certified: PerCaller::new(CERTIFIED_PER_SOURCE),
         }
     }
 
@@ -188,7 +200,7 @@ pub fn incoming(
     let limits = PENDING.within(open_files);
     limits.log(open_files);
     let pending = Handshakes::new(limits);
-    let anonymous = Arc::new(AnonymousCounts::new());
+    let after = Arc::new(AfterHandshake::new());
     let count = move |reason: &'static str, n: u64| {
         failures
             .get_or_create(&crate::metrics::RefusedLabels { reason })
@@ -220,7 +232,7 @@ pub fn incoming(
                 count("evicted", slot.evicted());
             }
             let _ = tcp.set_nodelay(true);
-            let (tx, count, anonymous) = (tx.clone(), count.clone(), anonymous.clone());
+            let (tx, count, after) = (tx.clone(), count.clone(), after.clone());
             let held = moat_metrics::Held::new(&pending_gauge);
             tokio::spawn(async move {
                 let outcome = slot.handshake(tcp, config).await;
@@ -228,10 +240,20 @@ pub fn incoming(
                 match outcome {
                     Outcome::Done(stream) => {
                         let peer = peer_of(&stream);
-                        let anonymous = match peer {
-                            Some(_) => None,
-                            None => match anonymous.admit(remote.ip()) {
-                                Some(a) => Some(a),
+                        let (anonymous, certified) = match &peer {
+                            Some(p) => {
+                                let key = (p.verified.id.to_string(), remote.ip());
+                                match after.certified.try_acquire(&key) {
+                                    Some(slot) => (None, Some(slot)),
+                                    None => {
+                                        count("identity-busy", 1);
+                                        tracing::debug!(%remote, id = %p.verified.id, "closed a connection: this identity already holds as many from this address as allowed");
+                                        return;
+                                    }
+                                }
+                            }
+                            None => match after.admit(remote.ip()) {
+                                Some(a) => (Some(a), None),
                                 None => {
                                     count("anonymous-busy", 1);
                                     tracing::debug!(%remote, "closed a connection without a client certificate: as many are open as allowed");
@@ -245,6 +267,7 @@ pub fn incoming(
                                 inner: *stream,
                                 info,
                                 anonymous,
+                                _certified: certified,
                             }))
                             .await;
                     }
