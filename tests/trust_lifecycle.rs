@@ -436,8 +436,9 @@ async fn a_connection_ends_when_the_callers_certificate_expires() {
     // frontend renewed meanwhile: a new connection, opened with its new certificate, works.
     echoes_anew(&frontend).await;
 
-    // The renewals frontend showed on its mesh stream kept the stream open past the
-    // certificate it connected with.
+    // The renewals frontend showed (and proved) on its mesh stream kept the stream open past
+    // the certificate it connected with, which expired at least 2 s ago.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let cp_log = cp.log_text();
     assert!(frontend.log_text().contains("renewed our certificate"));
     assert!(
@@ -470,12 +471,18 @@ async fn a_connection_ends_when_the_servers_certificate_expires() {
     echoes_anew(&frontend).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_mesh_stream_ends_when_the_newest_certificate_shown_on_it_expires() {
-    let cp = ControlPlane::start_with(&["--min-cert-ttl", "1s"]).unwrap();
-    let cred = short_credential(&cp, "b", 4).await;
+/// A mesh stream opened with `cred`, announced from loopback, its first snapshot taken: the
+/// stream and the sender of the proxy's messages.
+async fn open_stream(
+    cp: &ControlPlane,
+    cred: &moat_tls::Credential,
+) -> (
+    tonic::Streaming<moat_api::v1::Snapshot>,
+    tokio::sync::mpsc::Sender<ProxyMessage>,
+    u64,
+) {
     let leaf = cred.leaf().clone();
-    let channel = moat_tls::connect::channel(&cp.url(), bundle(&cp), control_id(), Some(&cred))
+    let channel = moat_tls::connect::channel(&cp.url(), bundle(cp), control_id(), Some(cred))
         .await
         .unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -494,23 +501,97 @@ async fn a_mesh_stream_ends_when_the_newest_certificate_shown_on_it_expires() {
         .await
         .unwrap()
         .into_inner();
-    stream.message().await.unwrap().unwrap();
-    // It never shows a renewal: once its certificate expires, the stream ends.
-    let ended = tokio::time::timeout(Duration::from_secs(15), async {
+    let first = stream.message().await.unwrap().unwrap();
+    (stream, tx, first.version)
+}
+
+/// An ack showing `renewed` on a stream, with `proof`.
+fn renewal_ack(version: u64, renewed: &moat_tls::Credential, proof: Vec<u8>) -> ProxyMessage {
+    ProxyMessage {
+        message: Some(proxy_message::Message::Ack(Ack {
+            version,
+            applied: true,
+            cert_serial: renewed.leaf().serial.clone(),
+            cert_not_after_unix: renewed.leaf().not_after,
+            cert_chain_der: renewed.chain().iter().map(|c| c.to_vec()).collect(),
+            cert_proof: proof,
+            ..Ack::default()
+        })),
+    }
+}
+
+/// Whether `stream` is still open `after` from now: it ended (or failed) otherwise.
+async fn still_open(
+    stream: &mut tonic::Streaming<moat_api::v1::Snapshot>,
+    after: Duration,
+) -> bool {
+    tokio::time::timeout(after, async {
         while let Ok(Some(_)) = stream.message().await {}
     })
-    .await;
-    assert!(ended.is_ok(), "the stream outlived its certificate");
+    .await
+    .is_err()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_stream_ends_when_the_newest_certificate_shown_on_it_expires() {
+    let cp = ControlPlane::start_with(&["--min-cert-ttl", "1s"]).unwrap();
+    // Another replica's fresh certificate for the same identity: its chain is public.
+    let sibling = short_credential(&cp, "b", 60).await;
+
+    // A stream whose 4 s certificate is never renewed ends once it expires, even when it shows
+    // the sibling's chain: without a signature by that chain's key, a renewal is not taken.
+    let cred = short_credential(&cp, "b", 4).await;
+    let (mut stream, tx, version) = open_stream(&cp, &cred).await;
+    tx.send(renewal_ack(version, &sibling, b"not a signature".to_vec()))
+        .await
+        .unwrap();
     assert!(
-        moat_identity::clock::unix_now() >= leaf.not_after,
+        !still_open(&mut stream, Duration::from_secs(15)).await,
+        "the stream outlived its certificate"
+    );
+    assert!(
+        moat_identity::clock::unix_now() >= cred.leaf().not_after,
         "the stream ended before its certificate expired"
     );
     let log = cp.log_text();
+    assert!(
+        log.contains("comes without a valid proof of its key"),
+        "{log}"
+    );
     assert!(
         log.contains(
             "closing the mesh stream: the newest certificate the proxy showed on it has expired"
         ),
         "{log}"
+    );
+    // A signature the sibling made for its own stream proves nothing on this one.
+    let cred = short_credential(&cp, "b", 4).await;
+    let (mut stream, tx, version) = open_stream(&cp, &cred).await;
+    let elsewhere = sibling.sign_renewal(&"ab".repeat(16)).unwrap();
+    tx.send(renewal_ack(version, &sibling, elsewhere))
+        .await
+        .unwrap();
+    assert!(
+        !still_open(&mut stream, Duration::from_secs(15)).await,
+        "a proof made for another stream was taken"
+    );
+
+    // The proxy that holds the renewed key proves it, bound to its stream's connection: the
+    // stream outlives the certificate it opened with.
+    let cred = short_credential(&cp, "b", 4).await;
+    let renewed = short_credential(&cp, "b", 60).await;
+    let (mut stream, tx, version) = open_stream(&cp, &cred).await;
+    let proof = renewed.sign_renewal(&cred.leaf().serial).unwrap();
+    tx.send(renewal_ack(version, &renewed, proof))
+        .await
+        .unwrap();
+    let past = Duration::from_secs(
+        u64::try_from(cred.leaf().not_after - moat_identity::clock::unix_now()).unwrap_or(0) + 3,
+    );
+    assert!(
+        still_open(&mut stream, past).await,
+        "a proven renewal did not keep the stream:\n{}",
+        cp.log_text()
     );
     drop(tx);
 }

@@ -225,7 +225,7 @@ impl MeshService {
                 changed = views.changed() => if changed.is_err() { break },
                 msg = inbound.message() => match msg {
                     Ok(Some(m)) => {
-                        if let Some((serial, not_after)) = self.on_message(number, id, m) {
+                        if let Some((serial, not_after)) = self.on_message(number, id, tls_serial, m) {
                             shown = serial;
                             expiry = Box::pin(moat_tls::expiry::expired(not_after));
                         }
@@ -249,10 +249,14 @@ impl MeshService {
 }
 
 impl MeshService {
-    /// The facts of the certificate an ack reports, from the chain it carries.
+    /// The facts of the certificate an ack reports, from the chain it carries, once its proof
+    /// shows that the proxy on this stream (whose connection presented `connection_serial`)
+    /// holds its key: a chain alone is public, and anyone who ever talked to a sibling replica
+    /// has one to show.
     fn verify_renewed(
         &self,
         id: &SpiffeId,
+        connection_serial: &str,
         ack: &moat_api::v1::Ack,
     ) -> Result<(moat_identity::VerifiedPeer, String), String> {
         let chain: Vec<rustls_pki_types::CertificateDer<'_>> = ack
@@ -275,6 +279,19 @@ impl MeshService {
                 verified.id, verified.serial, ack.cert_serial
             ));
         }
+        if !chain.first().is_some_and(|leaf| {
+            moat_identity::verify::renewal_proof_valid(
+                leaf,
+                connection_serial,
+                &verified.serial,
+                &ack.cert_proof,
+            )
+        }) {
+            return Err(format!(
+                "the acknowledged certificate (serial {}) comes without a valid proof of its key (cert_proof): this stream keeps its connection's certificate, and ends when that one expires",
+                verified.serial
+            ));
+        }
         let issuer = ack
             .cert_chain_der
             .get(1)
@@ -284,8 +301,15 @@ impl MeshService {
     }
 
     /// Records what the proxy said; returns the serial and NotAfter of a renewed certificate
-    /// it proved (see [`Self::verify_renewed`]).
-    fn on_message(&self, stream: u64, id: &SpiffeId, m: ProxyMessage) -> Option<(String, i64)> {
+    /// it proved (see [`Self::verify_renewed`]) on the stream whose connection presented
+    /// `connection_serial`.
+    fn on_message(
+        &self,
+        stream: u64,
+        id: &SpiffeId,
+        connection_serial: &str,
+        m: ProxyMessage,
+    ) -> Option<(String, i64)> {
         if let Some(proxy_message::Message::Tap(batch)) = m.message {
             let proxy = self
                 .state
@@ -323,7 +347,7 @@ impl MeshService {
                 if !ack.cert_serial.is_empty() && ack.cert_serial != entry.cert_serial {
                     // A renewed certificate counts once the proxy shows it: a chain that
                     // verifies under the mesh's roots, for this identity, with that serial.
-                    match self.verify_renewed(id, &ack) {
+                    match self.verify_renewed(id, connection_serial, &ack) {
                         Ok((verified, issuer)) => {
                             entry.cert_serial.clone_from(&verified.serial);
                             entry.cert_not_after = verified.not_after;

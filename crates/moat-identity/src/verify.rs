@@ -142,3 +142,35 @@ static SIG_ALGS: &[&dyn rustls_pki_types::SignatureVerificationAlgorithm] = &[
     webpki::aws_lc_rs::RSA_PSS_2048_8192_SHA384_LEGACY_KEY,
     webpki::aws_lc_rs::RSA_PSS_2048_8192_SHA512_LEGACY_KEY,
 ];
+
+/// What a proxy signs with a renewed certificate's key to show, on a mesh stream whose
+/// connection presented `connection_serial`, that it holds the key of `new_serial`: bound to
+/// the stream's connection, so a signature seen elsewhere cannot be replayed on another stream.
+pub fn renewal_message(connection_serial: &str, new_serial: &str) -> Vec<u8> {
+    let mut m = b"moat mesh renewal v1\0".to_vec();
+    m.extend_from_slice(connection_serial.as_bytes());
+    m.push(0);
+    m.extend_from_slice(new_serial.as_bytes());
+    m
+}
+
+/// Whether `proof` is the signature of `leaf`'s key over [`renewal_message`] (ECDSA P-256 or
+/// P-384, or Ed25519, as the key is).
+pub fn renewal_proof_valid(
+    leaf: &CertificateDer<'_>,
+    connection_serial: &str,
+    new_serial: &str,
+    proof: &[u8],
+) -> bool {
+    let Ok(cert) = webpki::EndEntityCert::try_from(leaf) else {
+        return false;
+    };
+    let message = renewal_message(connection_serial, new_serial);
+    [
+        webpki::aws_lc_rs::ECDSA_P256_SHA256,
+        webpki::aws_lc_rs::ECDSA_P384_SHA384,
+        webpki::aws_lc_rs::ED25519,
+    ]
+    .into_iter()
+    .any(|alg| cert.verify_signature(alg, &message, proof).is_ok())
+}

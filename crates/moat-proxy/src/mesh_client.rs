@@ -103,7 +103,9 @@ async fn session(
     .map_err(|e| e.to_string())?;
     let (tx, rx) = mpsc::channel(8);
     let leaf = current.credential.leaf().clone();
-    // The serial the control plane knows for this stream: the connection's own certificate.
+    // The serial the control plane knows for this stream: the connection's own certificate,
+    // which every renewal shown on it is bound to.
+    let connection = leaf.serial.clone();
     let mut reported = leaf.serial.clone();
     tx.send(ProxyMessage {
         message: Some(proxy_message::Message::Announce(Announce {
@@ -144,7 +146,7 @@ async fn session(
                     return Err("the proxy is shutting down".into());
                 }
                 // Tell the control plane about a new certificate at once (moat status, cert rotate).
-                let ack = ack(last_version, true, String::new(), tls, &mut reported);
+                let ack = ack(last_version, true, String::new(), tls, &connection, &mut reported);
                 send(&tx, proxy_message::Message::Ack(ack)).await?;
                 continue;
             }
@@ -199,7 +201,7 @@ async fn session(
                 (false, e)
             }
         };
-        let ack = ack(version, applied, error, tls, &mut reported);
+        let ack = ack(version, applied, error, tls, &connection, &mut reported);
         send(&tx, proxy_message::Message::Ack(ack)).await?;
     }
 }
@@ -232,18 +234,35 @@ fn table_update(
     Ok(Some(msg))
 }
 
-/// An acknowledgement carrying the certificate the proxy holds now, with its chain when the
-/// control plane has not seen it on this stream yet (`reported`: the serial it last saw).
-fn ack(version: u64, applied: bool, error: String, tls: &LiveTls, reported: &mut String) -> Ack {
+/// An acknowledgement carrying the certificate the proxy holds now, with its chain and the
+/// proof that we hold its key when the control plane has not seen it on this stream yet
+/// (`reported`: the serial it last saw; `connection`: the serial the stream's connection
+/// presented, which the proof is bound to).
+fn ack(
+    version: u64,
+    applied: bool,
+    error: String,
+    tls: &LiveTls,
+    connection: &str,
+    reported: &mut String,
+) -> Ack {
     let current = tls.current();
     let leaf = current.as_ref().map(|g| g.credential.leaf().clone());
     let serial = leaf.as_ref().map(|l| l.serial.clone()).unwrap_or_default();
-    let cert_chain_der = match &current {
+    let (cert_chain_der, cert_proof) = match &current {
         Some(g) if serial != *reported => {
             reported.clone_from(&serial);
-            g.credential.chain().iter().map(|c| c.to_vec()).collect()
+            let proof = g.credential.sign_renewal(connection).unwrap_or_else(|e| {
+                // Our own key, just loaded by the TLS configs: this does not happen. Without a
+                // proof the control plane keeps the stream only until the connection's
+                // certificate expires, and the reconnection uses this one.
+                tracing::warn!(error = %e, "cannot sign the proof of our renewed certificate");
+                Vec::new()
+            });
+            let chain = g.credential.chain().iter().map(|c| c.to_vec()).collect();
+            (chain, proof)
         }
-        _ => Vec::new(),
+        _ => (Vec::new(), Vec::new()),
     };
     Ack {
         version,
@@ -257,6 +276,7 @@ fn ack(version: u64, applied: bool, error: String, tls: &LiveTls, reported: &mut
             .unwrap_or_default(),
         cert_refresh_after_unix: current.map(|g| g.refresh_after).unwrap_or_default(),
         cert_chain_der,
+        cert_proof,
     }
 }
 

@@ -127,6 +127,28 @@ impl Credential {
     pub fn chain(&self) -> &[CertificateDer<'static>] {
         &self.chain
     }
+
+    /// This certificate's key's signature over
+    /// [`moat_identity::verify::renewal_message`]`(connection_serial, own serial)`: the proof a
+    /// proxy sends with a renewed certificate on a mesh stream opened with `connection_serial`.
+    pub fn sign_renewal(&self, connection_serial: &str) -> Result<Vec<u8>, CredentialError> {
+        use rustls::SignatureScheme as S;
+        let key = provider()
+            .key_provider
+            .load_private_key(self.key.clone_key())
+            .map_err(|e| CredentialError::Key(e.to_string()))?;
+        let signer = key
+            .choose_scheme(&[
+                S::ECDSA_NISTP256_SHA256,
+                S::ECDSA_NISTP384_SHA384,
+                S::ED25519,
+            ])
+            .ok_or_else(|| CredentialError::Key("no signature scheme for this key".into()))?;
+        let message = moat_identity::verify::renewal_message(connection_serial, &self.peer.serial);
+        signer
+            .sign(&message)
+            .map_err(|e| CredentialError::Key(e.to_string()))
+    }
 }
 
 /// `key`'s private half in the form rustls takes.
