@@ -204,3 +204,65 @@ async fn a_tap_shows_live_calls_from_every_replica_of_a_service() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not a canonical path"), "{stderr}");
 }
+
+/// A tap streams for as long as its caller likes, but not past the admin certificate that
+/// opened it (decision 48): the caller check saw that certificate only when the call began.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tap_ends_when_the_admin_certificate_that_opened_it_expires() {
+    let cp = ControlPlane::start_with(&[
+        "--min-cert-ttl",
+        "1s",
+        "--admin-identity",
+        "moat-system/moat-admin",
+        "--admin-identity",
+        "ops/oncall",
+    ])
+    .unwrap();
+    // A 6 s admin certificate, obtained with a join token as any workload's would be.
+    let key = moat_identity::WorkloadKey::generate(&id("ops/oncall")).unwrap();
+    let issued = identity_client(&cp, None)
+        .await
+        .certify(moat_api::v1::CertifyRequest {
+            csr_der: key.csr_der().to_vec(),
+            ttl_seconds: 6,
+            credential: Some(moat_api::v1::certify_request::Credential::JoinToken(token(
+                &cp,
+                "ops/oncall",
+                &[],
+            ))),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let chain = issued
+        .chain_der
+        .into_iter()
+        .map(rustls_pki_types::CertificateDer::from)
+        .collect();
+    let cred = moat_tls::Credential::issued(chain, &key, &bundle(&cp)).unwrap();
+    let not_after = cred.leaf().not_after;
+    let channel = moat_tls::connect::channel(&cp.url(), bundle(&cp), control_id(), Some(&cred))
+        .await
+        .unwrap();
+    let mut tap = moat_api::v1::admin_client::AdminClient::new(channel)
+        .tap(moat_api::v1::TapRequest {
+            target: "orders".into(),
+            ..moat_api::v1::TapRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tap.message()
+        .await
+        .unwrap()
+        .expect("the tap's first message");
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(_)) = tap.message().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the tap outlived its certificate");
+    assert!(
+        moat_identity::clock::unix_now() >= not_after,
+        "the tap ended before its certificate expired"
+    );
+}

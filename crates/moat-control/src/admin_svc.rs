@@ -35,6 +35,33 @@ use moat_wire::policy_to_proto;
 const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 const MAX_AUDIT_LIMIT: u32 = 10_000;
 
+/// A tap's events until the admin certificate that opened it expires or is revoked (decision
+/// 48): the caller check saw it valid when the call began, and a tap may stream for hours.
+/// Revocation is noticed with the next event, expiry on time.
+struct WhileCertified<S> {
+    events: S,
+    mesh: Arc<crate::mesh_state::MeshState>,
+    id: SpiffeId,
+    serial: String,
+    expiry: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+}
+
+impl<S: tokio_stream::Stream + Unpin> tokio_stream::Stream for WhileCertified<S> {
+    type Item = S::Item;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<S::Item>> {
+        if self.expiry.as_mut().poll(cx).is_ready()
+            || self.mesh.is_revoked(&self.id, Some(&self.serial))
+        {
+            return std::task::Poll::Ready(None);
+        }
+        std::pin::Pin::new(&mut self.events).poll_next(cx)
+    }
+}
+
 /// An open tap, closed (and its proxies told) when dropped with its response stream.
 #[derive(Debug)]
 struct OpenTap {
@@ -502,6 +529,12 @@ impl Admin for AdminService {
     async fn tap(&self, req: Request<TapRequest>) -> Result<Response<Self::TapStream>, Status> {
         use tokio_stream::StreamExt as _;
         let actor = self.0.require_admin(&req, "traffic.tap").await?;
+        let certificate = req
+            .extensions()
+            .get::<crate::listener::ConnInfo>()
+            .and_then(|c| c.peer.as_ref())
+            .map(|p| (p.verified.serial.clone(), p.verified.not_after))
+            .ok_or_else(|| Status::unauthenticated("a tap needs an admin certificate"))?;
         let r = req.into_inner();
         let target = self.identity(&r.target)?;
         let from = match r.from.as_str() {
@@ -533,7 +566,14 @@ impl Admin for AdminService {
             let _open = &open;
             Ok(m)
         });
-        Ok(Response::new(Box::pin(events)))
+        let (serial, not_after) = certificate;
+        Ok(Response::new(Box::pin(WhileCertified {
+            events,
+            mesh: mesh.clone(),
+            id: actor,
+            serial,
+            expiry: Box::pin(moat_tls::expiry::expired(not_after)),
+        })))
     }
 
     async fn policy_history(
