@@ -549,8 +549,9 @@ async fn strangers_cannot_starve_the_control_plane_or_flood_its_audit_log() {
 
 /// Connections that complete a TLS handshake without a certificate are what a token bootstrap
 /// needs and what anyone can open: at most 32 from one address, each closed 30 s after its
-/// handshake, while a sidecar from another address still bootstraps. One identity's
-/// certificate holds at most 64 from one address.
+/// handshake, while a sidecar from another address still bootstraps, and one from an address
+/// at the bound keeps trying until it gets in. One identity's certificate holds at most 64 from
+/// one address.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_to_the_control_plane_are_bounded_per_address() {
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
@@ -611,6 +612,27 @@ async fn connections_to_the_control_plane_are_bounded_per_address() {
     });
     assert!(all.is_some(), "{} of 40 closed", closed.load(SeqCst));
     held.shutdown().await;
+
+    // A sidecar whose own address is at the bound is turned away after its handshake, keeps
+    // trying, and bootstraps once those connections' 30 s are up.
+    let mut held = Vec::new();
+    for _ in 0..32 {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        held.push(
+            tokio_rustls::TlsConnector::from(cfg.clone())
+                .connect("moat.invalid".try_into().unwrap(), tcp)
+                .await
+                .unwrap(),
+        );
+    }
+    let c = Proxy::launch(&cp, "c", &token(&cp, "c", &[]), app, &[], &[]).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        c.admin_get("/ready").is_none_or(|(s, _)| s != 200),
+        "c bootstrapped while its address was at the bound"
+    );
+    tokio::task::block_in_place(|| c.wait_ready(Duration::from_secs(60))).unwrap();
+    drop(held);
 
     // With a certificate: 64 per identity from one address, however long they last.
     let mut admin = moat_test_util::mesh::Admin::connect(&cp).await.unwrap();

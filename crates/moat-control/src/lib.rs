@@ -319,7 +319,11 @@ pub async fn serve(
     tracing::info!(%addr, "control plane serving");
     let incoming = listener::incoming(
         tcp,
-        cfg.open_files,
+        listener::Bounds {
+            open_files: cfg.open_files,
+            // Behind NAT, one address is many sidecars.
+            per_identity_and_source: !cfg.announce_any_address,
+        },
         self_certs.live().subscribe(),
         state.metrics.handshake_failures.clone(),
         state.metrics.handshakes_pending.clone(),

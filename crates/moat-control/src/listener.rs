@@ -15,7 +15,8 @@
 //! closed [`ANONYMOUS_LIFETIME`] after their handshake, long enough for the one call they need.
 //! A certificate holder gets at most [`CERTIFIED_PER_SOURCE`] connections per identity from one
 //! source address: a sidecar needs one or two, and a stolen workload certificate must not hold
-//! the control plane's files.
+//! the control plane's files. Not where one address stands for many sidecars (NAT, with
+//! `--announce-any-address`), as the mesh streams' own bound per address is not.
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -23,7 +24,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use moat_identity::{CertInfo, VerifiedPeer};
+use moat_identity::{CertInfo, SpiffeId, VerifiedPeer};
 use moat_tls::TlsWatch;
 use moat_tls::pending::{Handshakes, Limits, Outcome};
 use moat_tls::per_caller::{PerCaller, Slot};
@@ -102,15 +103,29 @@ struct Anonymous {
 struct AfterHandshake {
     per_source: Arc<PerCaller<IpAddr>>,
     total: Arc<PerCaller<()>>,
-    certified: Arc<PerCaller<(String, IpAddr)>>,
+    /// Per identity and source address, when bounded.
+    certified: Option<Arc<PerCaller<(String, IpAddr)>>>,
 }
 
 impl AfterHandshake {
-    fn new() -> Self {
+    fn new(per_identity_and_source: bool) -> Self {
         AfterHandshake {
             per_source: PerCaller::new(ANONYMOUS_PER_SOURCE),
             total: PerCaller::new(ANONYMOUS),
-            certified: PerCaller::new(CERTIFIED_PER_SOURCE),
+            certified: per_identity_and_source.then(|| PerCaller::new(CERTIFIED_PER_SOURCE)),
+        }
+    }
+
+    /// A place for one more connection of `id` from `source`: `None` over the bound,
+    /// `Some(None)` when there is no bound.
+    fn admit_certified(
+        &self,
+        id: &SpiffeId,
+        source: IpAddr,
+    ) -> Option<Option<Slot<(String, IpAddr)>>> {
+        match &self.certified {
+            None => Some(None),
+            Some(counts) => counts.try_acquire(&(id.to_string(), source)).map(Some),
         }
     }
 
@@ -185,22 +200,32 @@ fn peer_of(stream: &TlsStream<TcpStream>) -> Option<Peer> {
     })
 }
 
+/// What the listener bounds beyond the handshakes.
+#[derive(Clone, Copy, Debug)]
+pub struct Bounds {
+    /// The process's limit on open files: pending handshakes stay under half of it.
+    pub open_files: u64,
+    /// Whether one identity's connections from one address are bounded
+    /// ([`CERTIFIED_PER_SOURCE`]).
+    pub per_identity_and_source: bool,
+}
+
 /// Accepts connections until the listener fails for good; failed handshakes are logged with
 /// their reason, counted in `failures` by reason, and never reach tonic. Pending handshakes
 /// stay under half of `open_files`, the process's limit on open files, and are counted in
 /// `pending_gauge`.
 pub fn incoming(
     listener: TcpListener,
-    open_files: u64,
+    bounds: Bounds,
     tls: TlsWatch,
     failures: Family<crate::metrics::RefusedLabels, Counter>,
     pending_gauge: Gauge,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
-    let limits = PENDING.within(open_files);
-    limits.log(open_files);
+    let limits = PENDING.within(bounds.open_files);
+    limits.log(bounds.open_files);
     let pending = Handshakes::new(limits);
-    let after = Arc::new(AfterHandshake::new());
+    let after = Arc::new(AfterHandshake::new(bounds.per_identity_and_source));
     let count = move |reason: &'static str, n: u64| {
         failures
             .get_or_create(&crate::metrics::RefusedLabels { reason })
@@ -241,17 +266,14 @@ pub fn incoming(
                     Outcome::Done(stream) => {
                         let peer = peer_of(&stream);
                         let (anonymous, certified) = match &peer {
-                            Some(p) => {
-                                let key = (p.verified.id.to_string(), remote.ip());
-                                match after.certified.try_acquire(&key) {
-                                    Some(slot) => (None, Some(slot)),
-                                    None => {
-                                        count("identity-busy", 1);
-                                        tracing::debug!(%remote, id = %p.verified.id, "closed a connection: this identity already holds as many from this address as allowed");
-                                        return;
-                                    }
+                            Some(p) => match after.admit_certified(&p.verified.id, remote.ip()) {
+                                Some(slot) => (None, slot),
+                                None => {
+                                    count("identity-busy", 1);
+                                    tracing::debug!(%remote, id = %p.verified.id, "closed a connection: this identity already holds as many from this address as allowed");
+                                    return;
                                 }
-                            }
+                            },
                             None => match after.admit(remote.ip()) {
                                 Some(a) => (Some(a), None),
                                 None => {

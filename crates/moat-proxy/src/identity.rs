@@ -49,6 +49,13 @@ pub enum IdentityError {
     Key(#[from] moat_identity::CsrError),
     #[error(transparent)]
     Connect(#[from] ConnectError),
+    #[error("sending {what} to the control plane failed on the connection ({code:?}): {message}")]
+    Lost {
+        /// "our token" or "our renewal".
+        what: &'static str,
+        code: tonic::Code,
+        message: String,
+    },
     #[error("the control plane refused {what} ({code:?}): {message}")]
     Refused {
         /// "our token" or "our renewal".
@@ -70,7 +77,9 @@ impl IdentityError {
     /// final.
     pub fn retryable(&self) -> bool {
         match self {
-            IdentityError::Connect(ConnectError::Connect { .. }) => true,
+            IdentityError::Connect(ConnectError::Connect { .. }) | IdentityError::Lost { .. } => {
+                true
+            }
             IdentityError::Refused { code, .. } => matches!(
                 code,
                 tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
@@ -103,10 +112,24 @@ async fn certify(
             .certify(request)
             .await
             .map(tonic::Response::into_inner)
-            .map_err(|s| IdentityError::Refused {
-                what,
-                code: s.code(),
-                message: s.message().to_owned(),
+            .map_err(|s| {
+                let (code, message) = (s.code(), s.message().to_owned());
+                // A status the control plane sent carries no source; one made here from a
+                // failed connection (closed after the handshake: a bound on connections
+                // without a certificate; a restart) does, and is worth another try.
+                if std::error::Error::source(&s).is_some() {
+                    IdentityError::Lost {
+                        what,
+                        code,
+                        message,
+                    }
+                } else {
+                    IdentityError::Refused {
+                        what,
+                        code,
+                        message,
+                    }
+                }
             })
     };
     let result = call.await;

@@ -418,13 +418,16 @@ async fn tcp_forward(
     tokio::pin!(copy);
     let expired = moat_tls::expiry::expired(peer.not_after);
     tokio::pin!(expired);
+    // The snapshots end when the proxy starts draining: the connection then carries on until
+    // it ends or the drain timeout ends the process.
+    let mut snapshots_open = true;
     let outcome = loop {
         tokio::select! {
             r = &mut copy => break r.map_err(|e| e.to_string()),
-            changed = snapshots.changed() => {
+            changed = snapshots.changed(), if snapshots_open => {
                 if changed.is_err() {
-                    // The snapshots end only with the process; the connection goes with it.
-                    break Err("closed: the proxy is stopping".to_owned());
+                    snapshots_open = false;
+                    continue;
                 }
                 let again = authorize(ctx, &peer, app_addr.port(), Traffic::Opaque);
                 if !again.allowed {

@@ -109,12 +109,13 @@ async fn until_server_gone(ctx: &Ctx, server: &moat_identity::VerifiedPeer) -> &
     let mut snapshots = ctx.snapshot.clone();
     let revoked = async {
         loop {
-            if snapshots.changed().await.is_err() {
-                return std::future::pending().await;
-            }
+            // The snapshot in hand first (it may have changed since the dial), then each new one.
             let snap = snapshots.borrow_and_update().clone();
             if snap.is_some_and(|s| s.is_revoked(&server.id, &server.serial)) {
                 return "revoked";
+            }
+            if snapshots.changed().await.is_err() {
+                return std::future::pending().await;
             }
         }
     };

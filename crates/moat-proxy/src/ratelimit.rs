@@ -289,7 +289,9 @@ mod tests {
             assert!(l.admit(&req("attacker", &path), &per_route).is_ok());
         }
         let t = l.table.lock().unwrap();
-        assert_eq!(t.sweeps, 1, "passes over the full table");
+        // One pass, or two on a machine slow enough to take a second over this loop; without
+        // the pause there would be 1,000.
+        assert!(t.sweeps <= 2, "{} passes over the full table", t.sweeps);
         assert_eq!(
             t.buckets.len(),
             MAX_BUCKETS + 1,
