@@ -257,12 +257,21 @@ async fn a_tap_ends_when_the_admin_certificate_that_opened_it_expires() {
         .unwrap()
         .expect("the tap's first message");
     let ended = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Ok(Some(_)) = tap.message().await {}
+        loop {
+            match tap.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
     })
-    .await;
-    assert!(ended.is_ok(), "the tap outlived its certificate");
+    .await
+    .expect("the tap outlived its certificate")
+    .expect("the tap ended without saying why");
     assert!(
         moat_identity::clock::unix_now() >= not_after,
         "the tap ended before its certificate expired"
     );
+    assert_eq!(ended.code(), tonic::Code::Unauthenticated, "{ended:?}");
+    assert!(ended.message().contains("has expired"), "{ended:?}");
 }

@@ -37,26 +37,44 @@ const MAX_AUDIT_LIMIT: u32 = 10_000;
 
 /// A tap's events until the admin certificate that opened it expires or is revoked (decision
 /// 48): the caller check saw it valid when the call began, and a tap may stream for hours.
-/// Revocation is noticed with the next event, expiry on time.
+/// Expiry is seen on time; revocation with the next event, or within the 30 s the expiry wait
+/// reads the clock in. The stream then ends with `UNAUTHENTICATED` saying why.
 struct WhileCertified<S> {
     events: S,
     mesh: Arc<crate::mesh_state::MeshState>,
     id: SpiffeId,
     serial: String,
     expiry: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    ended: bool,
 }
 
-impl<S: tokio_stream::Stream + Unpin> tokio_stream::Stream for WhileCertified<S> {
-    type Item = S::Item;
+impl<T, S> tokio_stream::Stream for WhileCertified<S>
+where
+    S: tokio_stream::Stream<Item = Result<T, Status>> + Unpin,
+{
+    type Item = Result<T, Status>;
 
     fn poll_next(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<S::Item>> {
-        if self.expiry.as_mut().poll(cx).is_ready()
-            || self.mesh.is_revoked(&self.id, Some(&self.serial))
-        {
-            return std::task::Poll::Ready(None);
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let why = if self.expiry.as_mut().poll(cx).is_ready() {
+            Some("has expired")
+        } else if self.mesh.is_revoked(&self.id, Some(&self.serial)) {
+            Some("has been revoked")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            self.ended = true;
+            return Poll::Ready(Some(Err(Status::unauthenticated(format!(
+                "the admin certificate that opened this tap (serial {}) {why}: tap again with a valid one",
+                self.serial
+            )))));
         }
         std::pin::Pin::new(&mut self.events).poll_next(cx)
     }
@@ -573,6 +591,7 @@ impl Admin for AdminService {
             id: actor,
             serial,
             expiry: Box::pin(moat_tls::expiry::expired(not_after)),
+            ended: false,
         })))
     }
 

@@ -132,7 +132,8 @@ impl Mesh for MeshService {
 impl MeshService {
     /// Sends `stream`'s proxy a snapshot from each view until the stream ends, then takes the
     /// proxy out of the mesh state. The stream ends too when the newest certificate the proxy
-    /// has shown on it (the connection's, or a renewal it acknowledged) is revoked or expires
+    /// has proved on it (the connection's, or a renewal it acknowledged with its chain and
+    /// `cert_proof`) is revoked or expires
     /// (decision 48): a proxy that renews keeps its stream, one that cannot is let go.
     async fn serve(
         self,
@@ -344,7 +345,12 @@ impl MeshService {
                 if !ack.cert_serial.is_empty() {
                     entry.cert_refresh_after = ack.cert_refresh_after_unix;
                 }
-                if !ack.cert_serial.is_empty() && ack.cert_serial != entry.cert_serial {
+                // A new serial counts only with its chain, sent once: later acks repeat the
+                // serial alone (also after a renewal that was not taken).
+                if !ack.cert_serial.is_empty()
+                    && ack.cert_serial != entry.cert_serial
+                    && !ack.cert_chain_der.is_empty()
+                {
                     // A renewed certificate counts once the proxy shows it: a chain that
                     // verifies under the mesh's roots, for this identity, with that serial.
                     match self.verify_renewed(id, connection_serial, &ack) {

@@ -49,10 +49,13 @@ pub enum IdentityError {
     Key(#[from] moat_identity::CsrError),
     #[error(transparent)]
     Connect(#[from] ConnectError),
+    /// The call failed on its connection (the control plane closed it, or restarted): no
+    /// answer came, so it is tried again.
     #[error("sending {what} to the control plane failed on the connection ({code:?}): {message}")]
     Lost {
         /// "our token" or "our renewal".
         what: &'static str,
+        /// The code tonic gave the failure (not one the control plane sent).
         code: tonic::Code,
         message: String,
     },
@@ -112,25 +115,7 @@ async fn certify(
             .certify(request)
             .await
             .map(tonic::Response::into_inner)
-            .map_err(|s| {
-                let (code, message) = (s.code(), s.message().to_owned());
-                // A status the control plane sent carries no source; one made here from a
-                // failed connection (closed after the handshake: a bound on connections
-                // without a certificate; a restart) does, and is worth another try.
-                if std::error::Error::source(&s).is_some() {
-                    IdentityError::Lost {
-                        what,
-                        code,
-                        message,
-                    }
-                } else {
-                    IdentityError::Refused {
-                        what,
-                        code,
-                        message,
-                    }
-                }
-            })
+            .map_err(|s| failed_call(what, &s))
     };
     let result = call.await;
     if let Err(e) = &result
@@ -139,6 +124,26 @@ async fn certify(
         cfg.control_plane.failed(&url);
     }
     result
+}
+
+/// What a failed call means. A status the control plane sent carries no source; one tonic made
+/// here from a failed connection (closed after the handshake: the bound on connections without
+/// a certificate; a restart) does, and is worth another try.
+fn failed_call(what: &'static str, s: &tonic::Status) -> IdentityError {
+    let (code, message) = (s.code(), s.message().to_owned());
+    if std::error::Error::source(s).is_some() {
+        IdentityError::Lost {
+            what,
+            code,
+            message,
+        }
+    } else {
+        IdentityError::Refused {
+            what,
+            code,
+            message,
+        }
+    }
 }
 
 fn ttl_seconds(cfg: &ProxyConfig) -> u32 {
@@ -352,5 +357,27 @@ mod tests {
         for e in &final_ {
             assert!(!e.retryable(), "{e}");
         }
+    }
+
+    /// A status the control plane sent is a refusal; one tonic made from a connection that
+    /// failed under the call is tried again. Pinned here because it rests on how tonic builds
+    /// its statuses.
+    #[test]
+    fn a_call_lost_with_its_connection_is_retried_and_a_refusal_is_not() {
+        let lost = tonic::Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset",
+        )));
+        let e = failed_call("our token", &lost);
+        assert!(
+            matches!(e, IdentityError::Lost { .. }) && e.retryable(),
+            "{e}"
+        );
+        let refused = tonic::Status::permission_denied("join token is used up");
+        let e = failed_call("our token", &refused);
+        assert!(
+            matches!(e, IdentityError::Refused { .. }) && !e.retryable(),
+            "{e}"
+        );
     }
 }
