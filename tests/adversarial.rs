@@ -547,6 +547,69 @@ async fn strangers_cannot_starve_the_control_plane_or_flood_its_audit_log() {
     );
 }
 
+/// TLS connections to the control plane held open from one loopback address, each read until
+/// the far side closes it; counts how many it closed. Aborted when dropped.
+struct TlsHeld {
+    _held: tokio::task::JoinSet<()>,
+    closed: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl TlsHeld {
+    /// Opens `count` connections to `addr` from `source` with `cfg`; each handshake completes.
+    async fn open(
+        addr: std::net::SocketAddr,
+        source: &str,
+        cfg: &Arc<rustls::ClientConfig>,
+        count: usize,
+    ) -> Self {
+        let closed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut held = tokio::task::JoinSet::new();
+        for _ in 0..count {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket
+                .bind(std::net::SocketAddr::new(source.parse().unwrap(), 0))
+                .unwrap();
+            let tcp = socket.connect(addr).await.unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(cfg.clone())
+                .connect("moat.invalid".try_into().unwrap(), tcp)
+                .await
+                .expect("the handshake completes");
+            let closed = closed.clone();
+            held.spawn(async move {
+                let mut buf = [0u8; 256];
+                // Session tickets may come first; the connection ends with a read of nothing
+                // or an error.
+                while let Ok(n) = tls.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                closed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+        TlsHeld {
+            _held: held,
+            closed,
+        }
+    }
+
+    fn closed(&self) -> usize {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits (at most 5 s) for `n` to be closed, then checks for a second that no more are.
+    async fn closed_exactly(&self, n: usize) {
+        let over = tokio::task::block_in_place(|| {
+            eventually(Duration::from_secs(5), || {
+                (self.closed() >= n).then_some(())
+            })
+        });
+        assert!(over.is_some(), "{} closed, not {n}", self.closed());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(self.closed(), n, "only those over the bound are closed");
+    }
+}
+
 /// Connections that complete a TLS handshake without a certificate are what a token bootstrap
 /// needs and what anyone can open: at most 32 from one address, each closed 30 s after its
 /// handshake, while a sidecar from another address still bootstraps, and one from an address
@@ -554,47 +617,13 @@ async fn strangers_cannot_starve_the_control_plane_or_flood_its_audit_log() {
 /// one address.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_to_the_control_plane_are_bounded_per_address() {
-    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     let cp = ControlPlane::start().unwrap();
     let addr: std::net::SocketAddr = cp.url().trim_start_matches("https://").parse().unwrap();
     let cfg = moat_tls::client_config(None, Arc::new(bundle(&cp)), control_id(), moat_tls::ALPN_H2)
         .unwrap();
-    let closed = Arc::new(AtomicUsize::new(0));
-    let mut held = tokio::task::JoinSet::new();
-    for _ in 0..40 {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-        let tcp = socket.connect(addr).await.unwrap();
-        let mut tls = tokio_rustls::TlsConnector::from(cfg.clone())
-            .connect("moat.invalid".try_into().unwrap(), tcp)
-            .await
-            .expect("a handshake without a certificate completes");
-        let closed = closed.clone();
-        held.spawn(async move {
-            let mut buf = [0u8; 256];
-            // Session tickets may come first; the connection ends with a read of nothing or
-            // an error.
-            while let Ok(n) = tls.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-            }
-            closed.fetch_add(1, SeqCst);
-        });
-    }
-    // The 8 over the bound are closed at once.
-    let over = tokio::task::block_in_place(|| {
-        eventually(Duration::from_secs(5), || {
-            (closed.load(SeqCst) >= 8).then_some(())
-        })
-    });
-    assert!(over.is_some(), "{} closed", closed.load(SeqCst));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        closed.load(SeqCst),
-        8,
-        "only those over the bound are closed"
-    );
+    // 40 from 127.0.0.2: the 8 over the bound are closed at once.
+    let anonymous = TlsHeld::open(addr, "127.0.0.2", &cfg, 40).await;
+    anonymous.closed_exactly(8).await;
     let metrics = cp.admin_get("/metrics").unwrap().1;
     assert!(
         metrics.contains("moat_tls_handshake_failures_total{reason=\"anonymous-busy\"} 8"),
@@ -607,24 +636,14 @@ async fn connections_to_the_control_plane_are_bounded_per_address() {
     // The 32 held are closed once their 30 s are up.
     let all = tokio::task::block_in_place(|| {
         eventually(Duration::from_secs(45), || {
-            (closed.load(SeqCst) == 40).then_some(())
+            (anonymous.closed() == 40).then_some(())
         })
     });
-    assert!(all.is_some(), "{} of 40 closed", closed.load(SeqCst));
-    held.shutdown().await;
+    assert!(all.is_some(), "{} of 40 closed", anonymous.closed());
 
     // A sidecar whose own address is at the bound is turned away after its handshake, keeps
     // trying, and bootstraps once those connections' 30 s are up.
-    let mut held = Vec::new();
-    for _ in 0..32 {
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        held.push(
-            tokio_rustls::TlsConnector::from(cfg.clone())
-                .connect("moat.invalid".try_into().unwrap(), tcp)
-                .await
-                .unwrap(),
-        );
-    }
+    let held = TlsHeld::open(addr, "127.0.0.1", &cfg, 32).await;
     let c = Proxy::launch(&cp, "c", &token(&cp, "c", &[]), app, &[], &[]).unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
@@ -644,45 +663,13 @@ async fn connections_to_the_control_plane_are_bounded_per_address() {
         moat_tls::ALPN_H2,
     )
     .unwrap();
-    let closed = Arc::new(AtomicUsize::new(0));
-    let mut held = tokio::task::JoinSet::new();
-    for _ in 0..70 {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind("127.0.0.3:0".parse().unwrap()).unwrap();
-        let tcp = socket.connect(addr).await.unwrap();
-        let mut tls = tokio_rustls::TlsConnector::from(cfg.clone())
-            .connect("moat.invalid".try_into().unwrap(), tcp)
-            .await
-            .expect("a handshake with a certificate completes");
-        let closed = closed.clone();
-        held.spawn(async move {
-            let mut buf = [0u8; 256];
-            while let Ok(n) = tls.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-            }
-            closed.fetch_add(1, SeqCst);
-        });
-    }
-    let over = tokio::task::block_in_place(|| {
-        eventually(Duration::from_secs(5), || {
-            (closed.load(SeqCst) >= 6).then_some(())
-        })
-    });
-    assert!(over.is_some(), "{} closed", closed.load(SeqCst));
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(
-        closed.load(SeqCst),
-        6,
-        "only those over the bound are closed"
-    );
+    let certified = TlsHeld::open(addr, "127.0.0.3", &cfg, 70).await;
+    certified.closed_exactly(6).await;
     let metrics = cp.admin_get("/metrics").unwrap().1;
     assert!(
         metrics.contains("moat_tls_handshake_failures_total{reason=\"identity-busy\"} 6"),
         "{metrics}"
     );
-    held.shutdown().await;
 }
 
 /// Strangers on a sidecar's inbound port, with no certificate, cannot run it out of open files
