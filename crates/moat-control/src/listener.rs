@@ -62,6 +62,18 @@ pub const ANONYMOUS_LIFETIME: Duration = Duration::from_secs(30);
 /// address are served at most).
 pub const CERTIFIED_PER_SOURCE: usize = 64;
 
+/// The source a connection is counted under: an IPv4 address, or an IPv6 address's /64 (one
+/// host is commonly given a whole /64, and would otherwise count as 2^64 sources).
+fn source(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(prefix))
+        }
+        v4 => v4,
+    }
+}
+
 /// What the handshake proved about a caller. `peer` is `None` when no certificate was presented
 /// (token bootstrap); a presented certificate that failed verification never gets this far.
 #[derive(Clone, Debug)]
@@ -266,15 +278,17 @@ pub fn incoming(
                     Outcome::Done(stream) => {
                         let peer = peer_of(&stream);
                         let (anonymous, certified) = match &peer {
-                            Some(p) => match after.admit_certified(&p.verified.id, remote.ip()) {
-                                Some(slot) => (None, slot),
-                                None => {
-                                    count("identity-busy", 1);
-                                    tracing::debug!(%remote, id = %p.verified.id, "closed a connection: this identity already holds as many from this address as allowed");
-                                    return;
+                            Some(p) => {
+                                match after.admit_certified(&p.verified.id, source(remote.ip())) {
+                                    Some(slot) => (None, slot),
+                                    None => {
+                                        count("identity-busy", 1);
+                                        tracing::debug!(%remote, id = %p.verified.id, "closed a connection: this identity already holds as many from this address as allowed");
+                                        return;
+                                    }
                                 }
-                            },
-                            None => match after.admit(remote.ip()) {
+                            }
+                            None => match after.admit(source(remote.ip())) {
                                 Some(a) => (Some(a), None),
                                 None => {
                                     count("anonymous-busy", 1);
@@ -310,4 +324,22 @@ pub fn incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv6_host_counts_as_its_64_and_ipv4_as_itself() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:ffff".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(source(a), source(b));
+        assert_ne!(source(a), source(other));
+        let v4: IpAddr = "10.1.2.3".parse().unwrap();
+        assert_eq!(source(v4), v4);
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(source(mapped), v4);
+    }
 }
