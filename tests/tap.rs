@@ -219,27 +219,7 @@ async fn a_tap_ends_when_the_admin_certificate_that_opened_it_expires() {
     ])
     .unwrap();
     // A 6 s admin certificate, obtained with a join token as any workload's would be.
-    let key = moat_identity::WorkloadKey::generate(&id("ops/oncall")).unwrap();
-    let issued = identity_client(&cp, None)
-        .await
-        .certify(moat_api::v1::CertifyRequest {
-            csr_der: key.csr_der().to_vec(),
-            ttl_seconds: 6,
-            credential: Some(moat_api::v1::certify_request::Credential::JoinToken(token(
-                &cp,
-                "ops/oncall",
-                &[],
-            ))),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let chain = issued
-        .chain_der
-        .into_iter()
-        .map(rustls_pki_types::CertificateDer::from)
-        .collect();
-    let cred = moat_tls::Credential::issued(chain, &key, &bundle(&cp)).unwrap();
+    let cred = short_credential(&cp, "ops/oncall", 6).await;
     let not_after = cred.leaf().not_after;
     let channel = moat_tls::connect::channel(&cp.url(), bundle(&cp), control_id(), Some(&cred))
         .await

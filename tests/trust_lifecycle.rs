@@ -315,39 +315,6 @@ async fn an_expired_certificate_cannot_renew_over_a_resumed_session() {
     assert!(err.message().contains("expired"), "{err:?}");
 }
 
-/// A certificate of `ttl_seconds` for `identity`, obtained with a join token.
-async fn short_credential(
-    cp: &ControlPlane,
-    identity: &str,
-    ttl_seconds: u32,
-) -> moat_tls::Credential {
-    let key = moat_identity::WorkloadKey::generate(&id(identity)).unwrap();
-    let issued = identity_client(cp, None)
-        .await
-        .certify(CertifyRequest {
-            csr_der: key.csr_der().to_vec(),
-            ttl_seconds,
-            credential: Some(certify_request::Credential::JoinToken(token(
-                cp,
-                identity,
-                &[],
-            ))),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    moat_tls::Credential::new(
-        issued
-            .chain_der
-            .into_iter()
-            .map(rustls_pki_types::CertificateDer::from)
-            .collect(),
-        rustls_pki_types::PrivateKeyDer::Pkcs8(key.private_key_der().into()),
-        &bundle(cp),
-    )
-    .unwrap()
-}
-
 /// Echoes through `frontend`'s listener for ledger until the connection closes (at most 20 s);
 /// how many echoes it carried.
 async fn echo_until_closed(frontend: &Proxy, ledger: &Proxy) -> usize {

@@ -442,3 +442,37 @@ pub fn run_rotation_until(cp: &moat_test_util::ControlPlane, marker: &str) -> St
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A certificate of `ttl_seconds` for `identity`, obtained with a join token as a sidecar's
+/// first one is (the control plane must allow so short a lifetime: `--min-cert-ttl`).
+pub async fn short_credential(
+    cp: &ControlPlane,
+    identity: &str,
+    ttl_seconds: u32,
+) -> moat_tls::Credential {
+    let key = moat_identity::WorkloadKey::generate(&id(identity)).unwrap();
+    let issued = identity_client(cp, None)
+        .await
+        .certify(moat_api::v1::CertifyRequest {
+            csr_der: key.csr_der().to_vec(),
+            ttl_seconds,
+            credential: Some(moat_api::v1::certify_request::Credential::JoinToken(token(
+                cp,
+                identity,
+                &[],
+            ))),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    moat_tls::Credential::new(
+        issued
+            .chain_der
+            .into_iter()
+            .map(rustls_pki_types::CertificateDer::from)
+            .collect(),
+        rustls_pki_types::PrivateKeyDer::Pkcs8(key.private_key_der().into()),
+        &bundle(cp),
+    )
+    .unwrap()
+}
