@@ -160,14 +160,16 @@ async fn frontend_and_recorded_orders(
 
 /// HTTP/1.1 from a local client crosses to the far sidecar as HTTP/1.1 (decision 37): the app
 /// receives each request as its client sent it (method, target, Host, body framing), with the
-/// verified identity and no forged one; one kept-alive mesh connection carries them one after
-/// another, and HTTP/2 still travels on a shared HTTP/2 connection of its own.
+/// verified identity and no forged one, and no `TE` but `trailers` (a second line is not let
+/// through on the first one's value); CONNECT is refused before it reaches the mesh; one
+/// kept-alive mesh connection carries them one after another, and HTTP/2 still travels on a
+/// shared HTTP/2 connection of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_crosses_the_mesh_as_http1_on_a_kept_connection() {
     let (_cp, _orders, frontend, rec) = frontend_and_recorded_orders(&[], &[]).await;
     let to = frontend.upstream("orders");
     let requests = [
-        "GET /a/b?x=1 HTTP/1.1\r\nHost: orders.example\r\nx-moat-peer-id: forged\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        "GET /a/b?x=1 HTTP/1.1\r\nHost: orders.example\r\nx-moat-peer-id: forged\r\nTE: trailers\r\nTE: gzip\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
         "POST /upload HTTP/1.1\r\nHost: orders.example\r\nContent-Length: 11\r\nConnection: close\r\n\r\nhello world",
         "GET /old HTTP/1.0\r\nHost: orders.example\r\n\r\n",
         "DELETE /items/7 HTTP/1.1\r\nHost: orders.example\r\nConnection: close\r\n\r\n",
@@ -179,6 +181,13 @@ async fn http1_crosses_the_mesh_as_http1_on_a_kept_connection() {
             "{r:?}: {answer}"
         );
     }
+    // No tunnel: it would have no path for the far side's rules to judge.
+    let answer = exchange(
+        to,
+        "CONNECT orders.example:443 HTTP/1.1\r\nHost: orders.example:443\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 405 "), "{answer}");
     let seen = rec.lock().unwrap().clone();
     let got: Vec<(&str, &str, usize)> = seen
         .iter()
@@ -203,6 +212,8 @@ async fn http1_crosses_the_mesh_as_http1_on_a_kept_connection() {
         };
         assert_eq!(header("host"), ["orders.example"], "{r:?}");
         assert_eq!(header("x-moat-peer-id"), [FRONTEND], "{r:?}");
+        // A `TE` line after `trailers` goes, and the first with it.
+        assert_eq!(header("te"), Vec::<&str>::new(), "{r:?}");
         assert!(
             r.headers
                 .iter()

@@ -165,7 +165,10 @@ const HOP_BY_HOP: [HeaderName; 5] = [
 /// Most messages carry none, or only `Connection`; one pass over the names finds out before any
 /// lookup is made.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let te_ok = h.get(http::header::TE).is_none_or(|v| v == "trailers");
+    // Every `TE` line, not only the first: HTTP/2 allows `trailers` alone (a far side that
+    // found another value would reset the stream as malformed), and a second line must not
+    // ride through on the first one's value.
+    let te_ok = h.get_all(http::header::TE).iter().all(|v| v == "trailers");
     if te_ok && !h.keys().any(|n| HOP_BY_HOP.contains(n)) {
         return;
     }
@@ -458,6 +461,10 @@ mod tests {
         h.insert("te", HeaderValue::from_static("trailers"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
+        // `trailers` on the first line and something else on a later one: all of it goes.
+        h.append("te", HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "{h:?}");
     }
 
     #[test]

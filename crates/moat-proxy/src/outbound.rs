@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use moat_identity::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -210,6 +210,16 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
     // The hop's own headers go before the sidecar adds any (see the inbound's `forward`).
     strip_hop_by_hop(&mut parts.headers);
     let grpc = is_grpc(&parts.headers);
+    if parts.method == Method::CONNECT {
+        // A tunnel has no path for the far side's rules to judge, and as an HTTP/2 stream it
+        // would be malformed (the far side resets it, and counts the reset against the shared
+        // connection other clients' requests travel on).
+        return unavailable(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "the mesh carries no CONNECT tunnels: send the request itself to the service",
+            grpc,
+        );
+    }
     // The span continues the app's trace and names itself to the other sidecar.
     let span = ctx.tracing.as_ref().map(|t| {
         t.request(
