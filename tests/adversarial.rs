@@ -288,6 +288,54 @@ async fn an_allowed_caller_reaches_only_what_its_rule_names() {
     }
 }
 
+/// A CONNECT asks for a tunnel, whose bytes no rule would see: the inbound refuses it before any
+/// rule is looked at (501 `method-not-supported`), even from a caller allowed every method and
+/// path, over HTTP/1.1 (authority-form or origin-form target) and HTTP/2. The app receives
+/// nothing, and the allowed caller's ordinary requests still get through on the same kind of
+/// connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_never_reaches_the_app() {
+    let cp = ControlPlane::start().unwrap();
+    apply_policy(&cp, POLICY);
+    let (app, rec) = recording_http().await;
+    let b = Proxy::builder(&cp, "b").app(app).start().unwrap();
+    let c = credential_for(&cp, "c");
+    let h1 = moat_tls::ALPN_HTTP1;
+    for raw in [
+        "CONNECT b:443 HTTP/1.1\r\nHost: b:443\r\nConnection: close\r\n\r\n",
+        "CONNECT /public/x HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n",
+    ] {
+        let resp = h1_raw(&cp, &b, &c, h1, Duration::ZERO, raw).await;
+        assert_eq!(status_of(&resp), 501, "{raw:?}: {resp}");
+        assert!(resp.contains("method-not-supported"), "{raw:?}: {resp}");
+    }
+    let tunnel = h2_request(&cp, &b, &c, "CONNECT", "b:443", &[]).await;
+    assert_eq!(tunnel, 501, "HTTP/2 CONNECT");
+    let seen = taken(&rec);
+    assert!(seen.is_empty(), "the app received a CONNECT: {seen:?}");
+    // The same caller's requests are forwarded, whatever their method.
+    let get = "DELETE /anything HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n";
+    let resp = h1_raw(&cp, &b, &c, h1, Duration::ZERO, get).await;
+    assert_eq!(status_of(&resp), 200, "{resp}");
+    assert_eq!(
+        h2_request(&cp, &b, &c, "PUT", "https://b/x", &[]).await,
+        200
+    );
+    let seen: Vec<(String, String)> = taken(&rec)
+        .into_iter()
+        .map(|r| (r.method, r.path_and_query))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("DELETE".to_owned(), "/anything".to_owned()),
+            ("PUT".to_owned(), "/x".to_owned())
+        ]
+    );
+    let log = b.log_text();
+    assert!(log.contains(r#"reason="method-not-supported""#), "{log}");
+}
+
 /// A caller whose rule has no `http` part still gets opaque TCP, server-first protocols
 /// included; one whose rules all constrain HTTP does not, on an opaque port either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -345,6 +393,8 @@ fn explain_and_test_use_the_canonical_path() {
     assert!(out.contains("DENY (invalid-path)"), "{out}");
     let out = explain(&["--tcp"]);
     assert!(out.contains("DENY (protocol-not-allowed)"), "{out}");
+    let out = explain(&["--method", "CONNECT", "--path", "/public/x"]);
+    assert!(out.contains("DENY (method-not-supported)"), "{out}");
 
     let cases = dir.path().join("cases.yaml");
     std::fs::write(
@@ -357,6 +407,7 @@ cases:
   - { name: lower-case, from: a, to: b, method: get, path: /public/x, expect: deny, reason: route-not-allowed }
   - { name: tcp, from: a, to: b, tcp: true, expect: deny, reason: protocol-not-allowed }
   - { name: tcp-open, from: c, to: b, tcp: true, expect: allow }
+  - { name: tunnel, from: c, to: b, method: CONNECT, path: /, expect: deny, reason: method-not-supported }
 "#,
     )
     .unwrap();

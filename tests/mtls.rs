@@ -187,7 +187,8 @@ async fn http1_crosses_the_mesh_as_http1_on_a_kept_connection() {
         "CONNECT orders.example:443 HTTP/1.1\r\nHost: orders.example:443\r\nConnection: close\r\n\r\n",
     )
     .await;
-    assert!(answer.starts_with("HTTP/1.1 405 "), "{answer}");
+    assert!(answer.starts_with("HTTP/1.1 501 "), "{answer}");
+    assert!(answer.contains("no CONNECT tunnels"), "{answer}");
     let seen = rec.lock().unwrap().clone();
     let got: Vec<(&str, &str, usize)> = seen
         .iter()
@@ -228,6 +229,19 @@ async fn http1_crosses_the_mesh_as_http1_on_a_kept_connection() {
         "{m}"
     );
     assert!(!m.contains(r#"protocol="h2""#), "{m}");
+    // The refused CONNECT is counted and logged like any other request.
+    assert!(
+        m.lines().any(|l| l.starts_with("moat_requests_total{")
+            && l.contains(r#"direction="outbound""#)
+            && l.contains(r#"reason="method-not-supported""#)
+            && l.contains(r#"status="501""#)),
+        "{m}"
+    );
+    assert!(
+        frontend.log_text().contains(r#"reason="method-not-supported""#),
+        "{}",
+        frontend.log_text()
+    );
 
     // HTTP/2 from a local client still goes on a shared HTTP/2 connection.
     let url = format!("http://{to}/h2");

@@ -92,6 +92,9 @@ pub enum Reason {
     /// The request's path cannot be made canonical (an encoded `/`, a control character, ...):
     /// refused before any rule is looked at. Not produced by [`evaluate`].
     InvalidPath,
+    /// The request's method is never forwarded ([`crate::target::is_forwarded_method`]:
+    /// CONNECT), whatever the rules say. Not produced by [`evaluate`].
+    MethodNotSupported,
 }
 
 impl Reason {
@@ -120,6 +123,7 @@ impl Reason {
             Reason::CallerBusy => "caller-busy",
             Reason::ProtocolNotAllowed => "protocol-not-allowed",
             Reason::InvalidPath => "invalid-path",
+            Reason::MethodNotSupported => "method-not-supported",
         }
     }
 

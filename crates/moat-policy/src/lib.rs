@@ -21,4 +21,4 @@ pub use model::{
     JwtAlgorithm, JwtIssuer, JwtRequirement, MeshConfig, Method, Mode, PathPattern, PolicyName,
     PolicyVersion, RateKey, RateLimit, Rule, ServiceAccountIssuer,
 };
-pub use target::{PathError, canonical_path};
+pub use target::{PathError, canonical_path, is_forwarded_method};

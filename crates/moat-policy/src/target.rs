@@ -162,6 +162,15 @@ pub fn canonical_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
     Ok(Cow::Owned(out))
 }
 
+/// Whether a request with `method` is forwarded at all. CONNECT is not: it asks for a tunnel,
+/// whose target is an authority with no path for a rule to judge and whose bytes the
+/// allow-list would never see, and as an HTTP/2 stream it is malformed. Sidecars refuse it
+/// before any rule is looked at (501 `method-not-supported`); opaque TCP is what the mesh
+/// carries instead, on a port a rule without `http` allows.
+pub fn is_forwarded_method(method: &str) -> bool {
+    method != "CONNECT"
+}
+
 /// Whether `method` is an HTTP method token (RFC 9110 section 9: one or more `tchar`). Methods
 /// are case-sensitive: `get` is a method, and not `GET`.
 pub fn is_method_token(method: &[u8]) -> bool {
@@ -280,6 +289,15 @@ mod tests {
         }
         for m in ["", "G T", "GET/", "GÉT", "G\"T", "(GET)"] {
             assert!(!is_method_token(m.as_bytes()), "{m}");
+        }
+    }
+
+    #[test]
+    fn only_connect_is_never_forwarded() {
+        assert!(!is_forwarded_method("CONNECT"));
+        // Methods are case-sensitive: `connect` is an extension method, judged like any other.
+        for m in ["GET", "POST", "OPTIONS", "PROPFIND", "connect"] {
+            assert!(is_forwarded_method(m), "{m}");
         }
     }
 

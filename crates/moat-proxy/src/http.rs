@@ -297,8 +297,8 @@ pub fn ensure_request_id(h: &mut HeaderMap) -> String {
 }
 
 /// The answer to a refused request. By reason: a missing or unacceptable end-user token gets 401
-/// with `WWW-Authenticate` (gRPC 16), a rate limit 429 with `Retry-After` (gRPC 8), anything
-/// else 403 (gRPC 7). All carry the reason in `x-moat-deny-reason`; the HTTP body names the
+/// with `WWW-Authenticate` (gRPC 16), a rate limit 429 with `Retry-After` (gRPC 8), a path that
+/// cannot be made canonical 400 (gRPC 3), a CONNECT 501 (gRPC 12), anything else 403 (gRPC 7). All carry the reason in `x-moat-deny-reason`; the HTTP body names the
 /// reason, the policy and the request id.
 pub fn deny(
     reason: Reason,
@@ -332,6 +332,7 @@ pub fn deny(
         ),
         Reason::RateLimited | Reason::CallerBusy => (StatusCode::TOO_MANY_REQUESTS, "8", None),
         Reason::InvalidPath => (StatusCode::BAD_REQUEST, "3", None),
+        Reason::MethodNotSupported => (StatusCode::NOT_IMPLEMENTED, "12", None),
         _ => (StatusCode::FORBIDDEN, "7", None),
     };
     let mut resp = if grpc {
@@ -380,16 +381,23 @@ pub fn deny(
     resp
 }
 
-/// A gateway error (no endpoint, upstream failure): 503/502 for HTTP, UNAVAILABLE for gRPC.
-pub fn unavailable(status: StatusCode, why: &str, grpc: bool) -> Response<Body> {
+/// An answer from the sidecar itself, not from an app: a gateway error (no endpoint, upstream
+/// failure: 502/503, gRPC UNAVAILABLE), a target it cannot send on (400, gRPC INVALID_ARGUMENT)
+/// or a method it never forwards (501, gRPC UNIMPLEMENTED); `why` says what to do.
+pub fn answer_here(status: StatusCode, why: &str, grpc: bool) -> Response<Body> {
     if grpc {
+        let grpc_status = match status {
+            StatusCode::BAD_REQUEST => "3",
+            StatusCode::NOT_IMPLEMENTED => "12",
+            _ => "14",
+        };
         let mut r = Response::new(empty());
         let h = r.headers_mut();
         h.insert(
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/grpc"),
         );
-        h.insert("grpc-status", HeaderValue::from_static("14"));
+        h.insert("grpc-status", HeaderValue::from_static(grpc_status));
         if let Ok(v) = HeaderValue::from_str(&format!("moat: {why}")) {
             h.insert("grpc-message", v);
         }

@@ -4,7 +4,8 @@
 //! (re-checked whenever a new snapshot arrives: a connection no longer allowed is closed). HTTP
 //! is authorized per request on its canonical target ([`moat_policy::target`]), which is also
 //! what the app receives; denials answer 403 / gRPC status 7 with the reason, a path that cannot
-//! be made canonical 400 `invalid-path`.
+//! be made canonical 400 `invalid-path`, a CONNECT (a tunnel, never forwarded) 501
+//! `method-not-supported`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,8 +22,8 @@ use crate::conn_guard::{Ended, RequestBody, serve_http};
 use crate::ctx::Ctx;
 use crate::detect::{HttpVersion, Prefixed, Protocol, detect};
 use crate::http::{
-    Body, ORIG_PROTO, PEER_ID, USER, boxed, deny, ensure_request_id, is_grpc, keep_body_framing,
-    printable_path, request_authority, strip_hop_by_hop, strip_identity_headers, unavailable,
+    Body, ORIG_PROTO, PEER_ID, USER, answer_here, boxed, deny, ensure_request_id, is_grpc,
+    keep_body_framing, printable_path, request_authority, strip_hop_by_hop, strip_identity_headers,
 };
 use crate::metrics::TrafficLabels;
 use crate::snapshot::Snapshot;
@@ -617,8 +618,14 @@ enum Target {
         path: String,
         with_query: Option<String>,
     },
-    /// A target that cannot be made canonical: its path as the log shows it, and why.
-    Invalid { printable: String, why: String },
+    /// A request refused before any rule is looked at, because its target cannot be made
+    /// canonical ([`Reason::InvalidPath`]) or its method is never forwarded
+    /// ([`Reason::MethodNotSupported`]): its path as the log shows it, and why.
+    Invalid {
+        printable: String,
+        reason: Reason,
+        why: String,
+    },
 }
 
 /// What the proxy decided about one request: what its metrics and access-log line say, and
@@ -679,20 +686,29 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
     let h1 = parts.headers.contains_key(&ORIG_PROTO) || parts.version != Version::HTTP_2;
     strip_identity_headers(&mut parts.headers);
 
-    let target = match canonical_target(&parts) {
-        Ok((path, with_query)) => Target::Canonical { path, with_query },
-        Err(why) => Target::Invalid {
+    let target = if !moat_policy::is_forwarded_method(method.as_str()) {
+        Target::Invalid {
             printable: printable_path(parts.uri.path()),
-            why,
-        },
+            reason: Reason::MethodNotSupported,
+            why: "the mesh carries no CONNECT tunnels".to_owned(),
+        }
+    } else {
+        match canonical_target(&parts) {
+            Ok((path, with_query)) => Target::Canonical { path, with_query },
+            Err(why) => Target::Invalid {
+                printable: printable_path(parts.uri.path()),
+                reason: Reason::InvalidPath,
+                why,
+            },
+        }
     };
     let (path, detail) = match &target {
         Target::Canonical { path, .. } => (path.as_str(), None),
-        Target::Invalid { printable, why } => (printable.as_str(), Some(why.as_str())),
+        Target::Invalid { printable, why, .. } => (printable.as_str(), Some(why.as_str())),
     };
     let mut verdict = match &target {
         Target::Canonical { .. } => judge(&parts.headers, &method, path, conn, ctx),
-        Target::Invalid { .. } => Verdict::refused(Reason::InvalidPath, None, None),
+        Target::Invalid { reason, .. } => Verdict::refused(*reason, None, None),
     };
     conn.counters
         .authz(&ctx.metrics, verdict.decision, verdict.reason.code());
@@ -871,7 +887,7 @@ async fn to_app(
     let uri = match target {
         Ok(uri) => uri,
         Err(e) => {
-            return unavailable(
+            return answer_here(
                 http::StatusCode::BAD_REQUEST,
                 &format!("bad request target: {e}"),
                 grpc,
@@ -931,7 +947,7 @@ async fn to_app(
         }
         Err(error) => {
             tracing::warn!(app = %conn.app, error, "the app did not answer");
-            unavailable(
+            answer_here(
                 http::StatusCode::BAD_GATEWAY,
                 "the app did not answer",
                 grpc,

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use moat_identity::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -17,8 +17,8 @@ use crate::conn_guard::{Ended, RequestBody, serve_http};
 use crate::ctx::Ctx;
 use crate::detect::{Prefixed, Protocol, detect};
 use crate::http::{
-    Body, ORIG_PROTO, boxed, ensure_request_id, is_grpc, keep_body_framing, printable_path,
-    request_target, strip_hop_by_hop, unavailable,
+    Body, ORIG_PROTO, answer_here, boxed, ensure_request_id, is_grpc, keep_body_framing,
+    printable_path, request_target, strip_hop_by_hop,
 };
 use crate::metrics::TrafficLabels;
 use crate::pool::Target;
@@ -192,16 +192,36 @@ async fn tcp_forward(
     tracing::info!(target: "moat::access", direction = "outbound", protocol = "tcp", opaque, %remote, target = %target, endpoint = %ep, bytes_sent = sent, bytes_received = received, duration_ms = start.elapsed().as_millis() as u64, error = result.err().map(tracing::field::display), "tcp");
 }
 
-/// The answer to a request whose target cannot be sent on.
-fn bad_target(e: &dyn std::fmt::Display, grpc: bool) -> Response<Body> {
-    unavailable(
-        StatusCode::BAD_REQUEST,
-        &format!("bad request target: {e}"),
-        grpc,
-    )
+/// What became of one app request: sent to an endpoint (`Ok`, with the endpoint), or answered
+/// here without leaving the sidecar (`Err`): refused, or no endpoint could take it.
+type Sent = Result<(String, Response<Body>), Refused>;
+
+/// A request answered by the outbound itself: the answer, and what its metrics and access-log
+/// line say.
+struct Refused {
+    resp: Response<Body>,
+    /// `deny` when the request itself is at fault, `allow` when the mesh failed it.
+    decision: &'static str,
+    reason: &'static str,
 }
 
-/// Forwards one app request to the service over the mesh.
+impl Refused {
+    /// A request whose target cannot be sent on: 400 `invalid-target`.
+    fn bad_target(e: &dyn std::fmt::Display, grpc: bool) -> Self {
+        Refused {
+            resp: answer_here(
+                StatusCode::BAD_REQUEST,
+                &format!("bad request target: {e}"),
+                grpc,
+            ),
+            decision: "deny",
+            reason: "invalid-target",
+        }
+    }
+}
+
+/// Forwards one app request to the service over the mesh ([`send`]), then counts it and writes
+/// its one access-log line, whether it was sent or answered here.
 async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Response<Body> {
     let (to, target) = (&conn.target, &conn.name);
     let service = &to.service;
@@ -210,16 +230,6 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
     // The hop's own headers go before the sidecar adds any (see the inbound's `forward`).
     strip_hop_by_hop(&mut parts.headers);
     let grpc = is_grpc(&parts.headers);
-    if parts.method == Method::CONNECT {
-        // A tunnel has no path for the far side's rules to judge, and as an HTTP/2 stream it
-        // would be malformed (the far side resets it, and counts the reset against the shared
-        // connection other clients' requests travel on).
-        return unavailable(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "the mesh carries no CONNECT tunnels: send the request itself to the service",
-            grpc,
-        );
-    }
     // The span continues the app's trace and names itself to the other sidecar.
     let span = ctx.tracing.as_ref().map(|t| {
         t.request(
@@ -231,65 +241,14 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
     let request_id = ensure_request_id(&mut parts.headers);
     let method = parts.method.clone();
     let path = printable_path(parts.uri.path());
-    let (authority, pq) = request_target(&parts, &conn.default_authority);
-    parts.headers.remove(&ORIG_PROTO);
-    let body = boxed(body);
-    // HTTP/1.x goes on as HTTP/1.1 on a connection of its own, HTTP/2 and gRPC on the shared
-    // HTTP/2 connections (decision 37).
-    let sent = if parts.version == Version::HTTP_2 {
-        parts.headers.remove(http::header::HOST);
-        parts.uri = match Uri::builder()
-            .scheme("http")
-            .authority(authority.as_str())
-            .path_and_query(pq)
-            .build()
-        {
-            Ok(u) => u,
-            Err(e) => return bad_target(&e, grpc),
-        };
-        ctx.pool
-            .send(ctx, to, Request::from_parts(parts, body))
-            .await
-            .map(|(ep, resp)| (ep, resp.map(boxed)))
-    } else {
-        parts.version = Version::HTTP_11;
-        parts.uri = match Uri::try_from(pq) {
-            Ok(u) => u,
-            Err(e) => return bad_target(&e, grpc),
-        };
-        match HeaderValue::try_from(authority.as_str()) {
-            Ok(host) => parts.headers.insert(http::header::HOST, host),
-            Err(e) => return bad_target(&e, grpc),
-        };
-        keep_body_framing(&mut parts.headers, &body);
-        ctx.pool
-            .send_http1(ctx, to, Request::from_parts(parts, body))
-            .await
+    let (decision, reason, endpoint, resp) = match send(parts, body, grpc, conn, ctx).await {
+        Ok((ep, resp)) => ("allow", "forwarded", ep, resp),
+        Err(r) => (r.decision, r.reason, String::new(), r.resp),
     };
-    let (status, endpoint, resp) = match sent {
-        Ok((ep, resp)) => {
-            let (mut rparts, rbody) = resp.into_parts();
-            strip_hop_by_hop(&mut rparts.headers);
-            (rparts.status, ep, Response::from_parts(rparts, rbody))
-        }
-        Err(e) => {
-            let status = match e {
-                crate::pool::DialError::NoEndpoints(_) | crate::pool::DialError::NotReady => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
-                crate::pool::DialError::AllFailed { .. } => StatusCode::BAD_GATEWAY,
-            };
-            tracing::warn!(%service, error = %e, "no endpoint of the service could take the request");
-            (
-                status,
-                String::new(),
-                unavailable(status, &e.to_string(), grpc),
-            )
-        }
-    };
+    let status = resp.status();
     let elapsed = start.elapsed();
     conn.counters
-        .request(&ctx.metrics, "allow", "forwarded", status.as_u16(), elapsed);
+        .request(&ctx.metrics, decision, reason, status.as_u16(), elapsed);
     if let Some(span) = span {
         let service = service.to_string();
         let call = crate::tap::Call {
@@ -300,14 +259,87 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
             path: &path,
             status: status.as_u16(),
             grpc_status: None,
-            decision: "allow",
-            reason: "forwarded",
+            decision,
+            reason,
             policy: None,
             latency: elapsed,
             request_id: &request_id,
         };
         span.end(&call, &service);
     }
-    tracing::info!(target: "moat::access", direction = "outbound", %method, path = %path, target = %target, endpoint = %endpoint, status = status.as_u16(), duration_ms = elapsed.as_millis() as u64, request_id = %request_id, "http");
+    tracing::info!(target: "moat::access", direction = "outbound", %method, path = %path, target = %target, endpoint = %endpoint, decision, reason, status = status.as_u16(), duration_ms = elapsed.as_millis() as u64, request_id = %request_id, "http");
     resp
+}
+
+/// Sends one app request on to an endpoint of the service: HTTP/1.x as HTTP/1.1 on a connection
+/// of its own, HTTP/2 and gRPC on the shared HTTP/2 connections (decision 37). A CONNECT is
+/// refused (501 `method-not-supported`): a tunnel has no path for the far side's rules to
+/// judge, and as an HTTP/2 stream it would be malformed (the far side resets it, and counts the
+/// reset against the shared connection other clients' requests travel on).
+async fn send(
+    mut parts: http::request::Parts,
+    body: RequestBody,
+    grpc: bool,
+    conn: &HttpConn,
+    ctx: &Ctx,
+) -> Sent {
+    if !moat_policy::is_forwarded_method(parts.method.as_str()) {
+        return Err(Refused {
+            resp: answer_here(
+                StatusCode::NOT_IMPLEMENTED,
+                "the mesh carries no CONNECT tunnels: send the request itself to the service",
+                grpc,
+            ),
+            decision: "deny",
+            reason: moat_policy::Reason::MethodNotSupported.code(),
+        });
+    }
+    let to = &conn.target;
+    let (authority, pq) = request_target(&parts, &conn.default_authority);
+    parts.headers.remove(&ORIG_PROTO);
+    let body = boxed(body);
+    let sent = if parts.version == Version::HTTP_2 {
+        parts.headers.remove(http::header::HOST);
+        parts.uri = Uri::builder()
+            .scheme("http")
+            .authority(authority.as_str())
+            .path_and_query(pq)
+            .build()
+            .map_err(|e| Refused::bad_target(&e, grpc))?;
+        ctx.pool
+            .send(ctx, to, Request::from_parts(parts, body))
+            .await
+            .map(|(ep, resp)| (ep, resp.map(boxed)))
+    } else {
+        parts.version = Version::HTTP_11;
+        parts.uri = Uri::try_from(pq).map_err(|e| Refused::bad_target(&e, grpc))?;
+        let host =
+            HeaderValue::try_from(authority.as_str()).map_err(|e| Refused::bad_target(&e, grpc))?;
+        parts.headers.insert(http::header::HOST, host);
+        keep_body_framing(&mut parts.headers, &body);
+        ctx.pool
+            .send_http1(ctx, to, Request::from_parts(parts, body))
+            .await
+    };
+    match sent {
+        Ok((ep, resp)) => {
+            let (mut rparts, rbody) = resp.into_parts();
+            strip_hop_by_hop(&mut rparts.headers);
+            Ok((ep, Response::from_parts(rparts, rbody)))
+        }
+        Err(e) => {
+            let status = match e {
+                crate::pool::DialError::NoEndpoints(_) | crate::pool::DialError::NotReady => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                crate::pool::DialError::AllFailed { .. } => StatusCode::BAD_GATEWAY,
+            };
+            tracing::warn!(service = %to.service, error = %e, "no endpoint of the service could take the request");
+            Err(Refused {
+                resp: answer_here(status, &e.to_string(), grpc),
+                decision: "allow",
+                reason: "forwarded",
+            })
+        }
+    }
 }

@@ -86,8 +86,9 @@ impl PolicySet {
     }
 
     /// Evaluates one connection or request from `from` to `to`, the way the callee's sidecar
-    /// does: a request's path is made canonical first (the same function), and one that cannot
-    /// be is refused with `invalid-path`.
+    /// does: a CONNECT is refused with `method-not-supported`, a request's path is made
+    /// canonical first (the same function), and one that cannot be is refused with
+    /// `invalid-path`.
     pub fn decide(&self, from: &SpiffeId, to: &SpiffeId, port: u16, what: &Query<'_>) -> Decision {
         let for_target: Vec<AccessPolicy> = self
             .policies
@@ -104,6 +105,9 @@ impl PolicySet {
                 path,
                 claims,
             } => {
+                if !moat_policy::is_forwarded_method(method) {
+                    return Decision::refused(Reason::MethodNotSupported);
+                }
                 canonical = match moat_policy::canonical_path(path) {
                     Ok(c) => c,
                     Err(_) => return Decision::refused(Reason::InvalidPath),
