@@ -238,7 +238,9 @@ async fn http1_crosses_the_mesh_as_http1_on_a_kept_connection() {
         "{m}"
     );
     assert!(
-        frontend.log_text().contains(r#"reason="method-not-supported""#),
+        frontend
+            .log_text()
+            .contains(r#"reason="method-not-supported""#),
         "{}",
         frontend.log_text()
     );

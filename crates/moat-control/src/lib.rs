@@ -17,6 +17,7 @@
 
 pub mod admin_http;
 pub mod admin_svc;
+pub mod anonymous;
 pub mod audit;
 pub mod ca;
 pub mod ca_rotation;

@@ -11,8 +11,10 @@
 //!
 //! A completed handshake without a client certificate (a sidecar's first `Certify`, with a join
 //! or service-account token) proves nothing either, and an idle TLS connection costs a file and
-//! its buffers: such connections are bounded too ([`ANONYMOUS_PER_SOURCE`], [`ANONYMOUS`]) and
-//! closed [`ANONYMOUS_LIFETIME`] after their handshake, long enough for the one call they need.
+//! its buffers: such connections are bounded too ([`ANONYMOUS_PER_SOURCE`], [`ANONYMOUS`]), a
+//! newcomer taking an older one's place rather than being turned away ([`crate::anonymous`]),
+//! and closed [`ANONYMOUS_LIFETIME`] after their handshake, long enough for the one call they
+//! need.
 //! A certificate holder gets at most [`CERTIFIED_PER_SOURCE`] connections per identity from one
 //! source address: a sidecar needs one or two, and a stolen workload certificate must not hold
 //! the control plane's files. Not where one address stands for many sidecars (NAT, with
@@ -37,6 +39,8 @@ use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
+
+use crate::anonymous::{Place, Places};
 
 /// Handshakes pending at once: 64 from one source address, 1,024 in all (at most half the
 /// process's open files), each given 5 s (a real one takes milliseconds), a hello counting as a
@@ -104,17 +108,17 @@ pub struct TlsConn {
     _certified: Option<Slot<(String, IpAddr)>>,
 }
 
-/// What a connection without a client certificate holds.
+/// What a connection without a client certificate holds: when its lifetime ends, and its place
+/// among such connections (which a newer one may take).
 #[derive(Debug)]
 struct Anonymous {
     ends: Pin<Box<tokio::time::Sleep>>,
-    _places: (Slot<IpAddr>, Slot<()>),
+    place: Place,
 }
 
 /// The bounds on connections after their handshake.
 struct AfterHandshake {
-    per_source: Arc<PerCaller<IpAddr>>,
-    total: Arc<PerCaller<()>>,
+    anonymous: Arc<Places>,
     /// Per identity and source address, when bounded.
     certified: Option<Arc<PerCaller<(String, IpAddr)>>>,
 }
@@ -122,8 +126,7 @@ struct AfterHandshake {
 impl AfterHandshake {
     fn new(per_identity_and_source: bool) -> Self {
         AfterHandshake {
-            per_source: PerCaller::new(ANONYMOUS_PER_SOURCE),
-            total: PerCaller::new(ANONYMOUS),
+            anonymous: Places::new(ANONYMOUS_PER_SOURCE, ANONYMOUS),
             certified: per_identity_and_source.then(|| PerCaller::new(CERTIFIED_PER_SOURCE)),
         }
     }
@@ -141,14 +144,13 @@ impl AfterHandshake {
         }
     }
 
-    /// Places for one more connection from `source`, or `None` over either bound.
-    fn admit(&self, source: IpAddr) -> Option<Anonymous> {
-        let from_source = self.per_source.try_acquire(&source)?;
-        let total = self.total.try_acquire(&())?;
-        Some(Anonymous {
+    /// A place for one more connection without a certificate from `source`, which may push
+    /// out older ones ([`Place::evicted`]).
+    fn admit(&self, source: IpAddr) -> Anonymous {
+        Anonymous {
             ends: Box::pin(tokio::time::sleep(ANONYMOUS_LIFETIME)),
-            _places: (from_source, total),
-        })
+            place: self.anonymous.admit(source),
+        }
     }
 }
 
@@ -165,14 +167,21 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        // The server always has a read pending, so this is where a lifetime's end is seen.
-        if let Some(a) = self.anonymous.as_mut()
-            && a.ends.as_mut().poll(cx).is_ready()
-        {
-            return Poll::Ready(Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "a connection without a client certificate is served for 30 s",
-            )));
+        // The server always has a read pending, so this is where a lifetime's end, or a newer
+        // connection taking this one's place, is seen.
+        if let Some(a) = self.anonymous.as_mut() {
+            if a.ends.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "a connection without a client certificate is served for 30 s",
+                )));
+            }
+            if a.place.poll_evicted(cx).is_ready() {
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    "closed to make room for a newer connection without a client certificate",
+                )));
+            }
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
@@ -288,14 +297,14 @@ pub fn incoming(
                                     }
                                 }
                             }
-                            None => match after.admit(source(remote.ip())) {
-                                Some(a) => (Some(a), None),
-                                None => {
-                                    count("anonymous-busy", 1);
-                                    tracing::debug!(%remote, "closed a connection without a client certificate: as many are open as allowed");
-                                    return;
+                            None => {
+                                let a = after.admit(source(remote.ip()));
+                                if a.place.evicted() > 0 {
+                                    count("anonymous-evicted", a.place.evicted());
+                                    tracing::debug!(%remote, evicted = a.place.evicted(), "closed older connections without a client certificate to make room for this one");
                                 }
-                            },
+                                (Some(a), None)
+                            }
                         };
                         let info = ConnInfo { remote, peer };
                         let _ = tx

@@ -3,7 +3,7 @@
 //! A place is taken with [`PerCaller::try_acquire`] and given back when its [`Slot`] is dropped,
 //! however the work ends; a caller that holds nothing keeps no entry. The sidecar bounds its
 //! inbound (per caller identity) and admin port (per source address) with it, the control plane
-//! the connections that present no certificate (per source address).
+//! a certificate holder's connections (per identity and source address).
 
 use std::collections::HashMap;
 use std::hash::Hash;
