@@ -335,6 +335,71 @@ async fn a_kept_connection_idle_for_the_keep_time_is_closed() {
     kept_connections_go(&[], &["--header-read-timeout", "2s"]).await;
 }
 
+/// A burst of HTTP/2 requests needing more streams than one shared connection carries (100)
+/// opens a second one; once the burst is over the spare is closed (`spare`), while the oldest
+/// stays and carries the next requests without a new dial.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bursts_spare_shared_connection_is_closed_once_idle() {
+    let cp = ControlPlane::start().unwrap();
+    apply_policy(&cp, MESH_POLICY);
+    let _orders = Proxy::builder(&cp, "orders")
+        .app(http_echo().await)
+        .start()
+        .unwrap();
+    let frontend = Proxy::builder(&cp, "frontend")
+        .app(http_echo().await)
+        .upstreams(&["orders"])
+        .args(&["--header-read-timeout", "2s"])
+        .start()
+        .unwrap();
+    wait_for_services(&frontend, &["orders"]);
+    let client = h2_client();
+    let to = frontend.upstream("orders");
+    let burst: Vec<_> = (0..120)
+        .map(|_| {
+            let (client, url) = (client.clone(), format!("http://{to}/burst?sleep_ms=500"));
+            tokio::spawn(async move { get(&client, "GET", &url, &[]).await })
+        })
+        .collect();
+    for request in burst {
+        let (status, _, _) = request.await.unwrap().unwrap();
+        assert_eq!(status, 200);
+    }
+    let opened = || {
+        counter(
+            &frontend.metrics(),
+            r#"moat_upstream_connections_total{protocol="h2"}"#,
+        )
+    };
+    let spares_closed = || {
+        counter(
+            &frontend.metrics(),
+            r#"moat_connections_closed_total{direction="upstream",reason="spare"}"#,
+        )
+    };
+    assert_eq!(opened(), 2, "{}", frontend.metrics());
+    // The keep time is 1 s here: the spare goes after two looks that find it idle.
+    let closed = tokio::task::block_in_place(|| {
+        moat_test_util::eventually(Duration::from_secs(15), || {
+            (spares_closed() == 1).then_some(())
+        })
+    });
+    assert!(closed.is_some(), "{}", frontend.metrics());
+    for _ in 0..3 {
+        let (status, _, _) = get(&client, "GET", &format!("http://{to}/after"), &[])
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        (opened(), spares_closed()),
+        (2, 1),
+        "{}",
+        frontend.metrics()
+    );
+}
+
 /// Four concurrent requests from frontend to orders leave kept connections, which are all gone
 /// within 10 s (`moat_upstream_idle_connections` back to 0); the next request opens a new one and
 /// reaches the app.

@@ -219,7 +219,7 @@ impl Metrics {
         );
         registry.register(
             "connections_closed",
-            "Connections the proxy closed, by direction (inbound, outbound: local clients, upstream: shared mesh connections) and reason (header-read-timeout, too-many-resets, response-stalled, request-stalled, idle, policy, reset-budget: local clients gave up on too many requests on a shared mesh connection, which takes no new ones; too-many-connections: the caller identity already held --max-connections-per-caller inbound connections; certificate-expired: the certificate an inbound connection's caller presented expired, HTTP closed gracefully, opaque TCP at once, or on an outbound opaque TCP connection the server's did; revoked: the server's certificate of an outbound opaque TCP connection was revoked)",
+            "Connections the proxy closed, by direction (inbound, outbound: local clients, upstream: shared mesh connections) and reason (header-read-timeout, too-many-resets, response-stalled, request-stalled, idle, policy, reset-budget: local clients gave up on too many requests on a shared mesh connection, which takes no new ones; spare: a shared mesh connection a burst opened, closed once idle; too-many-connections: the caller identity already held --max-connections-per-caller inbound connections; certificate-expired: the certificate an inbound connection's caller presented expired, HTTP closed gracefully, opaque TCP at once, or on an outbound opaque TCP connection the server's did; revoked: the server's certificate of an outbound opaque TCP connection was revoked)",
             connections_closed.clone(),
         );
         registry.register(

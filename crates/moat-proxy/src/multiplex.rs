@@ -149,6 +149,11 @@ impl Conn {
         self.streams.load(Ordering::Relaxed) < STREAMS_PER_SHARED
     }
 
+    /// How many streams were opened on it so far.
+    pub fn opened(&self) -> u64 {
+        *self.next.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Whether no stream is in flight.
     pub fn is_idle(&self) -> bool {
         self.streams.load(Ordering::Relaxed) == 0

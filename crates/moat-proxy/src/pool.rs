@@ -7,7 +7,7 @@
 //! make the far side close a connection other clients' requests travel on (decision 30).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use tokio_rustls::client::TlsStream;
 
 use crate::ctx::Ctx;
 use crate::http::Body;
+use crate::metrics::Metrics;
 use crate::multiplex::{self, Lease, Leased};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -126,16 +127,22 @@ pub struct Pool {
 /// The HTTP/2 connections to other sidecars, shared by every local client (decision 30), per
 /// endpoint, app port and service (decision 45), each bounded by [`multiplex`] so that no local client can make the far
 /// side close one; and local clients' stalls are cut off at half the far side's timeouts
-/// (`ConnLimits::for_local_clients`).
+/// (`ConnLimits::for_local_clients`). A burst that needs more streams than one connection
+/// carries opens more; once it is over, the spare ones are closed ([`close_spare`]).
 #[derive(Debug, Default)]
-pub struct Upstreams(Mutex<HashMap<String, Slot>>);
+pub struct Upstreams(Mutex<HashMap<String, Arc<Slot>>>);
 
-/// The shared connections to one endpoint, app port and service; locked while one is chosen or
-/// dialled.
-type Slot = Arc<tokio::sync::Mutex<Vec<Shared>>>;
+/// The shared connections to one endpoint, app port and service, oldest first; locked while one
+/// is chosen or dialled.
+#[derive(Debug, Default)]
+struct Slot {
+    conns: tokio::sync::Mutex<Vec<Shared>>,
+    /// Whether a [`close_spare`] task watches these connections.
+    watched: AtomicBool,
+}
 
 impl Upstreams {
-    fn slot(&self, key: &str) -> Slot {
+    fn slot(&self, key: &str) -> Arc<Slot> {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         map.entry(key.to_owned()).or_default().clone()
     }
@@ -146,6 +153,47 @@ impl Upstreams {
 struct Shared {
     conn: Arc<multiplex::Conn>,
     made: Made,
+    /// How many streams had been opened on it when [`close_spare`] last found it idle.
+    idle_at: Option<u64>,
+}
+
+/// Closes the spare shared connections of `slot` — every one but the oldest — that stayed idle,
+/// with no stream opened, from one look to the next, looking every `every`, until only one is
+/// left. A burst over [`multiplex::STREAMS_PER_SHARED`] streams opens more connections than
+/// the traffic after it needs, and each holds its TLS and HTTP/2 buffers (and a file on both
+/// sides) until the far side's idle timeout, minutes later; the oldest one stays for the next
+/// request. Runs only while a slot has more than one connection.
+async fn close_spare(slot: std::sync::Weak<Slot>, every: Duration, metrics: Arc<Metrics>) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(slot) = slot.upgrade() else {
+            return;
+        };
+        let mut conns = slot.conns.lock().await;
+        let (mut oldest, mut spares) = (true, 0);
+        conns.retain_mut(|c| {
+            // One that takes no new streams is closing already (the far side went away, or it
+            // was retired, its reason counted then).
+            if !c.conn.usable() {
+                return false;
+            }
+            if std::mem::take(&mut oldest) {
+                return true;
+            }
+            let (idle, opened) = (c.conn.is_idle(), c.conn.opened());
+            let spare = idle && c.idle_at == Some(opened);
+            c.idle_at = idle.then_some(opened);
+            spares += usize::from(spare);
+            !spare
+        });
+        for _ in 0..spares {
+            metrics.connection_closed("upstream", "spare");
+        }
+        if conns.len() <= 1 {
+            slot.watched.store(false, Ordering::Relaxed);
+            return;
+        }
+    }
 }
 
 /// What a connection to another sidecar was made with: the certificate generation it was made
@@ -335,7 +383,7 @@ impl Pool {
         target: &Target,
     ) -> Result<Lease, String> {
         let slot = self.upstreams.slot(key);
-        let mut conns = slot.lock().await;
+        let mut conns = slot.conns.lock().await;
         let tls = ctx.tls.borrow().clone();
         let snap = ctx.snapshot.borrow().clone();
         let now = moat_identity::clock::unix_now();
@@ -348,6 +396,14 @@ impl Pool {
         // boxed, it stays out of every request's future, which hyper copies when it spawns it.
         let shared = Box::pin(self.connect(ctx, ep, target, generation)).await?;
         let lease = Lease::new(&shared.conn, &ctx.metrics);
+        if !conns.is_empty() && !slot.watched.swap(true, Ordering::Relaxed) {
+            let every = crate::keepalive::keep_time(&ctx.cfg.limits);
+            tokio::spawn(close_spare(
+                Arc::downgrade(&slot),
+                every,
+                ctx.metrics.clone(),
+            ));
+        }
         conns.push(shared);
         Ok(lease)
     }
@@ -376,7 +432,11 @@ impl Pool {
         )
         .await
         .map_err(|e| format!("http/2 handshake: {e}"))?;
-        Ok(Shared { conn, made })
+        Ok(Shared {
+            conn,
+            made,
+            idle_at: None,
+        })
     }
 
     /// An mTLS connection to `ep` offering `alpn`, made with the certificate generation
