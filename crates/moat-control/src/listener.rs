@@ -12,9 +12,9 @@
 //! A completed handshake without a client certificate (a sidecar's first `Certify`, with a join
 //! or service-account token) proves nothing either, and an idle TLS connection costs a file and
 //! its buffers: such connections are bounded too ([`ANONYMOUS_PER_SOURCE`], [`ANONYMOUS`]), a
-//! newcomer taking an older one's place rather than being turned away ([`crate::anonymous`]),
-//! and closed [`ANONYMOUS_LIFETIME`] after their handshake, long enough for the one call they
-//! need.
+//! newcomer taking the place of an older one no longer at work ([`ANONYMOUS_AT_WORK`],
+//! [`crate::anonymous`]), and closed [`ANONYMOUS_LIFETIME`] after their handshake, long enough
+//! for the one call they need.
 //! A certificate holder gets at most [`CERTIFIED_PER_SOURCE`] connections per identity from one
 //! source address: a sidecar needs one or two, and a stolen workload certificate must not hold
 //! the control plane's files. Not where one address stands for many sidecars (NAT, with
@@ -57,6 +57,10 @@ const PENDING: Limits = Limits {
 pub const ANONYMOUS_PER_SOURCE: usize = 32;
 /// Connections without a client certificate open at once, in all.
 pub const ANONYMOUS: usize = 512;
+/// How long after its handshake a connection without a client certificate is at work, never
+/// to give its place to a newer one (its `Certify` is under way): as long as a loaded control
+/// plane lets a handshake's hello count as at work.
+pub const ANONYMOUS_AT_WORK: Duration = PENDING.at_work;
 /// How long a connection without a client certificate is served: its calls (a `Certify`, a
 /// bundle fetch) take milliseconds, and tonic gives each call at most 30 s.
 pub const ANONYMOUS_LIFETIME: Duration = Duration::from_secs(30);
@@ -126,7 +130,7 @@ struct AfterHandshake {
 impl AfterHandshake {
     fn new(per_identity_and_source: bool) -> Self {
         AfterHandshake {
-            anonymous: Places::new(ANONYMOUS_PER_SOURCE, ANONYMOUS),
+            anonymous: Places::new(ANONYMOUS_PER_SOURCE, ANONYMOUS, ANONYMOUS_AT_WORK),
             certified: per_identity_and_source.then(|| PerCaller::new(CERTIFIED_PER_SOURCE)),
         }
     }
@@ -145,12 +149,12 @@ impl AfterHandshake {
     }
 
     /// A place for one more connection without a certificate from `source`, which may push
-    /// out older ones ([`Place::evicted`]).
-    fn admit(&self, source: IpAddr) -> Anonymous {
-        Anonymous {
+    /// out older ones ([`Place::evicted`]); `None` when every candidate is at work.
+    fn admit(&self, source: IpAddr) -> Option<Anonymous> {
+        Some(Anonymous {
             ends: Box::pin(tokio::time::sleep(ANONYMOUS_LIFETIME)),
-            place: self.anonymous.admit(source),
-        }
+            place: self.anonymous.admit(source)?,
+        })
     }
 }
 
@@ -161,27 +165,36 @@ impl Connected for TlsConn {
     }
 }
 
+impl TlsConn {
+    /// For a connection without a client certificate: an error once its lifetime is over or a
+    /// newer connection took its place, which ends it. Looked at on every read, write and
+    /// flush, so a client that stops reading (the server then waits to write, and reads
+    /// nothing) cannot keep it open.
+    fn poll_ended(&mut self, cx: &mut Context<'_>) -> Option<std::io::Error> {
+        let a = self.anonymous.as_mut()?;
+        if a.ends.as_mut().poll(cx).is_ready() {
+            return Some(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "a connection without a client certificate is served for 30 s",
+            ));
+        }
+        a.place.poll_evicted(cx).is_ready().then(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "closed to make room for a newer connection without a client certificate",
+            )
+        })
+    }
+}
+
 impl AsyncRead for TlsConn {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        // The server always has a read pending, so this is where a lifetime's end, or a newer
-        // connection taking this one's place, is seen.
-        if let Some(a) = self.anonymous.as_mut() {
-            if a.ends.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "a connection without a client certificate is served for 30 s",
-                )));
-            }
-            if a.place.poll_evicted(cx).is_ready() {
-                return Poll::Ready(Err(std::io::Error::new(
-                    std::io::ErrorKind::ConnectionAborted,
-                    "closed to make room for a newer connection without a client certificate",
-                )));
-            }
+        if let Some(e) = self.poll_ended(cx) {
+            return Poll::Ready(Err(e));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
@@ -193,9 +206,15 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        if let Some(e) = self.poll_ended(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if let Some(e) = self.poll_ended(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.inner).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -297,14 +316,20 @@ pub fn incoming(
                                     }
                                 }
                             }
-                            None => {
-                                let a = after.admit(source(remote.ip()));
-                                if a.place.evicted() > 0 {
-                                    count("anonymous-evicted", a.place.evicted());
-                                    tracing::debug!(%remote, evicted = a.place.evicted(), "closed older connections without a client certificate to make room for this one");
+                            None => match after.admit(source(remote.ip())) {
+                                Some(a) => {
+                                    if a.place.evicted() > 0 {
+                                        count("anonymous-evicted", a.place.evicted());
+                                        tracing::debug!(%remote, evicted = a.place.evicted(), "closed older connections without a client certificate to make room for this one");
+                                    }
+                                    (Some(a), None)
                                 }
-                                (Some(a), None)
-                            }
+                                None => {
+                                    count("anonymous-busy", 1);
+                                    tracing::debug!(%remote, "closed a connection without a client certificate: every place is held by one at work");
+                                    return;
+                                }
+                            },
                         };
                         let info = ConnInfo { remote, peer };
                         let _ = tx

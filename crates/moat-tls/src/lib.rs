@@ -10,8 +10,10 @@
 //! (cert.pem, key.pem, bundle.pem); `failure` says why a handshake failed, from the error's type;
 //! `pending` bounds the handshakes a listener open to strangers lets wait; `expiry` waits for a
 //! peer's certificate to expire, so a connection never outlives the certificate that opened it.
-//! `per_caller` counts what each caller (an identity, a source address) holds, under a limit.
+//! `per_caller` counts what each caller (an identity, a source address) holds, under a limit;
+//! `by_source` keeps entries by age and by source address for the bounds that make room by age.
 
+pub mod by_source;
 pub mod config;
 pub mod connect;
 pub mod cred_dir;

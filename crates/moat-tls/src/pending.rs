@@ -16,7 +16,6 @@
 //! [`raise_open_file_limit`] raises it as far as the system lets, and [`Limits::within`] keeps
 //! a listener's bounds to half of what it allows.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -26,6 +25,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
+
+use crate::by_source::BySource;
 
 /// How many handshakes one listener lets wait, and for how long.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -189,15 +190,10 @@ impl Drop for Slot {
 /// Handshakes in progress: oldest first, and per source. Dropping an entry's sender cancels
 /// that handshake.
 #[derive(Debug, Default)]
-struct Pending {
-    next: u64,
-    by_age: BTreeMap<u64, Handshake>,
-    by_source: HashMap<IpAddr, VecDeque<u64>>,
-}
+struct Pending(BySource<Handshake>);
 
 #[derive(Debug)]
 struct Handshake {
-    source: IpAddr,
     /// Dropped to cancel the handshake.
     _cancel: oneshot::Sender<()>,
     /// When the client's hello arrived: a caller at work for a while, not a connection held
@@ -247,81 +243,65 @@ impl Pending {
     ) -> Admitted {
         let mut evicted = 0;
         let idle = |h: &Handshake| !h.at_work(limits.at_work, now);
-        if let Some(q) = self.by_source.get(&source)
-            && q.len() >= limits.per_source
-        {
-            let oldest = self.oldest_of(q, idle).or_else(|| q.front().copied());
+        let handshakes = &mut self.0;
+        if handshakes.count(&source) >= limits.per_source {
+            let oldest = oldest_of(handshakes, handshakes.of(&source), idle)
+                .or_else(|| handshakes.of(&source).next());
             if let Some(oldest) = oldest {
-                self.remove(oldest);
+                handshakes.remove(oldest);
                 evicted += 1;
             }
         }
-        if self.by_age.len() >= limits.total {
+        if handshakes.len() >= limits.total {
             // The source holding the most (when it holds more than one) gives up a handshake
             // not at work, else anyone's oldest not at work goes, else the busiest source's
             // oldest: a caller at work keeps its handshake while a stranger's idle one is left.
-            let busiest = self
-                .by_source
-                .values()
+            let busiest = handshakes
+                .sources()
                 .max_by_key(|q| q.len())
                 .filter(|q| q.len() > 1);
             let victim = busiest
-                .and_then(|q| self.oldest_of(q, idle))
-                .or_else(|| self.by_age.iter().find(|(_, h)| idle(h)).map(|(id, _)| *id))
+                .and_then(|q| oldest_of(handshakes, q.iter().copied(), idle))
+                .or_else(|| handshakes.iter().find(|(_, h)| idle(h)).map(|(id, _)| id))
                 .or_else(|| busiest.and_then(|q| q.front().copied()));
             match victim {
                 Some(id) => {
-                    self.remove(id);
+                    handshakes.remove(id);
                     evicted += 1;
                 }
                 None => return Admitted::Busy,
             }
         }
-        let id = self.next;
-        self.next += 1;
-        self.by_age.insert(
-            id,
+        let id = handshakes.push(
+            source,
             Handshake {
-                source,
                 _cancel: cancel,
                 hello: None,
             },
         );
-        self.by_source.entry(source).or_default().push_back(id);
         Admitted::Yes { id, evicted }
-    }
-
-    /// The oldest of `ids` whose handshake is `idle`.
-    fn oldest_of(&self, ids: &VecDeque<u64>, idle: impl Fn(&Handshake) -> bool) -> Option<u64> {
-        ids.iter()
-            .copied()
-            .find(|id| self.by_age.get(id).is_some_and(&idle))
     }
 
     /// Notes that handshake `id`'s hello arrived at `now`.
     fn said_hello(&mut self, id: u64, now: Instant) {
-        if let Some(h) = self.by_age.get_mut(&id) {
+        if let Some(h) = self.0.get_mut(id) {
             h.hello = Some(now);
         }
     }
 
     /// Forgets handshake `id` (done, failed or evicted); a no-op when already gone.
     fn remove(&mut self, id: u64) {
-        let Some(Handshake { source, .. }) = self.by_age.remove(&id) else {
-            return;
-        };
-        if let Some(q) = self.by_source.get_mut(&source) {
-            // Handshakes mostly end in the order they began.
-            if q.front() == Some(&id) {
-                q.pop_front();
-            } else {
-                q.retain(|&x| x != id);
-            }
-            if q.is_empty() {
-                self.by_source.remove(&source);
-            }
-        }
+        self.0.remove(id);
     }
+}
+
+/// The oldest of `ids` whose handshake is `idle`.
+fn oldest_of(
+    handshakes: &BySource<Handshake>,
+    mut ids: impl Iterator<Item = u64>,
+    idle: impl Fn(&Handshake) -> bool,
+) -> Option<u64> {
+    ids.find(|&id| handshakes.get(id).is_some_and(&idle))
 }
 
 #[cfg(test)]
@@ -368,14 +348,14 @@ mod tests {
         // The first one was told to stop (its sender is gone); the others were not.
         assert!(stopped(&mut cancels[0]));
         assert!(!stopped(&mut cancels[1]));
-        assert_eq!(p.by_source[&a].len(), LIMITS.per_source);
+        assert_eq!(p.0.count(&a), LIMITS.per_source);
         // Another source is not affected.
         assert_eq!(admit(&mut p, b).1, 0);
         let (id, _, _rx) = admit(&mut p, b);
         p.remove(id);
         p.remove(id);
-        assert_eq!(p.by_source[&b].len(), 1);
-        assert_eq!(p.by_age.len(), LIMITS.per_source + 1);
+        assert_eq!(p.0.count(&b), 1);
+        assert_eq!(p.0.len(), LIMITS.per_source + 1);
     }
 
     /// A stranger sharing a caller's address: at the source's limit its silent connection goes,
@@ -394,7 +374,7 @@ mod tests {
         }
         let (_, evicted, _rx) = admit_at(&mut p, a, now);
         assert_eq!(evicted, 1);
-        assert!(p.by_age.contains_key(&caller), "the caller at work went");
+        assert!(p.0.get(caller).is_some(), "the caller at work went");
         assert!(!stopped(&mut caller_rx));
         assert!(stopped(&mut keep[0].2), "the oldest silent one went");
         assert!(!stopped(&mut keep[1].2));
@@ -406,10 +386,7 @@ mod tests {
         let later = now + LIMITS.at_work + Duration::from_millis(1);
         let (_, evicted, _rx) = admit_at(&mut p, a, later);
         assert_eq!(evicted, 1);
-        assert!(
-            !p.by_age.contains_key(&caller),
-            "a stale hello is not at work"
-        );
+        assert!(p.0.get(caller).is_none(), "a stale hello is not at work");
     }
 
     #[test]
@@ -422,9 +399,9 @@ mod tests {
             let ip: IpAddr = [10, 2, 0, (i % 20) as u8].into();
             keep.push(admit(&mut p, ip).2);
         }
-        assert_eq!(p.by_age.len(), LIMITS.total);
+        assert_eq!(p.0.len(), LIMITS.total);
         assert!(!stopped(&mut caller_rx));
-        assert_eq!(p.by_source[&caller].len(), 1);
+        assert_eq!(p.0.count(&caller), 1);
     }
 
     /// Strangers spread over many addresses, one silent connection each, and one caller with
@@ -446,9 +423,9 @@ mod tests {
             let ip: IpAddr = [10, 4, (i / 256) as u8, (i % 256) as u8].into();
             strangers.push(admit_at(&mut p, ip, now).2);
         }
-        assert_eq!(p.by_age.len(), LIMITS.total);
+        assert_eq!(p.0.len(), LIMITS.total);
         assert!(at_work.iter_mut().all(|rx| !stopped(rx)));
-        assert_eq!(p.by_source[&caller].len(), 20);
+        assert_eq!(p.0.count(&caller), 20);
     }
 
     #[test]
@@ -459,9 +436,11 @@ mod tests {
             let ip: IpAddr = [10, 1, (i / 256) as u8, (i % 256) as u8].into();
             keep.push(admit(&mut p, ip).2);
         }
-        assert_eq!(p.by_age.len(), LIMITS.total);
+        assert_eq!(p.0.len(), LIMITS.total);
         assert_eq!(
-            p.by_source.values().map(VecDeque::len).sum::<usize>(),
+            p.0.sources()
+                .map(std::collections::VecDeque::len)
+                .sum::<usize>(),
             LIMITS.total
         );
     }
@@ -485,7 +464,7 @@ mod tests {
         }
         let (id, evicted, _rx) = admit_at(&mut p, ip(LIMITS.total), now);
         assert_eq!(evicted, 1);
-        assert!(!p.by_age.contains_key(&silent));
+        assert!(p.0.get(silent).is_none());
         assert!(stopped(&mut silent_rx), "the silent one was told to stop");
         p.said_hello(id, now);
         let (tx, _rx) = oneshot::channel();
@@ -493,7 +472,7 @@ mod tests {
             p.admit(&LIMITS, ip(LIMITS.total + 1), tx, now),
             Admitted::Busy
         );
-        assert_eq!(p.by_age.len(), LIMITS.total);
+        assert_eq!(p.0.len(), LIMITS.total);
         assert!(keep.iter_mut().all(|rx| !stopped(rx)));
         let stale = now + LIMITS.at_work;
         let (_, evicted, _rx) = admit_at(&mut p, ip(LIMITS.total + 1), stale);
@@ -546,7 +525,7 @@ mod tests {
         let second = listener.admit(ip).unwrap();
         assert_eq!(second.evicted(), 1);
         assert!(matches!(waiting.await.unwrap(), Outcome::Evicted));
-        assert_eq!(listener.lock().by_age.len(), 1);
+        assert_eq!(listener.lock().0.len(), 1);
 
         // Not TLS: failed, and the place is free again.
         let (mut client, server) = tokio::io::duplex(1024);
@@ -557,11 +536,11 @@ mod tests {
             second.handshake(server, server_config()).await,
             Outcome::Failed(_)
         ));
-        assert!(listener.lock().by_age.is_empty());
-        assert!(listener.lock().by_source.is_empty());
+        assert!(listener.lock().0.is_empty());
+        assert!(listener.lock().0.sources().next().is_none());
 
         // Dropped without running: released too.
         drop(listener.admit(ip).unwrap());
-        assert!(listener.lock().by_age.is_empty());
+        assert!(listener.lock().0.is_empty());
     }
 }
