@@ -289,7 +289,7 @@ async fn an_allowed_caller_reaches_only_what_its_rule_names() {
 }
 
 /// A CONNECT asks for a tunnel, whose bytes no rule would see: the inbound refuses it before any
-/// rule is looked at (501 `method-not-supported`), even from a caller allowed every method and
+/// rule is looked at (403 `method-not-supported`), even from a caller allowed every method and
 /// path, over HTTP/1.1 (authority-form or origin-form target) and HTTP/2. The app receives
 /// nothing, and the allowed caller's ordinary requests still get through on the same kind of
 /// connection.
@@ -306,11 +306,11 @@ async fn a_connect_never_reaches_the_app() {
         "CONNECT /public/x HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n",
     ] {
         let resp = h1_raw(&cp, &b, &c, h1, Duration::ZERO, raw).await;
-        assert_eq!(status_of(&resp), 501, "{raw:?}: {resp}");
+        assert_eq!(status_of(&resp), 403, "{raw:?}: {resp}");
         assert!(resp.contains("method-not-supported"), "{raw:?}: {resp}");
     }
     let tunnel = h2_request(&cp, &b, &c, "CONNECT", "b:443", &[]).await;
-    assert_eq!(tunnel, 501, "HTTP/2 CONNECT");
+    assert_eq!(tunnel, 403, "HTTP/2 CONNECT");
     let seen = taken(&rec);
     assert!(seen.is_empty(), "the app received a CONNECT: {seen:?}");
     // The same caller's requests are forwarded, whatever their method.
@@ -334,6 +334,44 @@ async fn a_connect_never_reaches_the_app() {
     );
     let log = b.log_text();
     assert!(log.contains(r#"reason="method-not-supported""#), "{log}");
+}
+
+/// Headers the app could act on differently from the sidecar: a second `Host` (the sidecar
+/// compares one with the target's authority, the app might route on the other) is refused
+/// with 400 (RFC 9112 section 3.2); an `Expect: 100-continue` is answered by the sidecar and
+/// not passed on, since the body follows at once whatever the app answers, and an app that
+/// answered early would read it as a request no rule judged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_never_gets_a_second_host_or_an_expectation() {
+    let cp = ControlPlane::start().unwrap();
+    apply_policy(&cp, POLICY);
+    let (app, rec) = recording_http().await;
+    let b = Proxy::builder(&cp, "b").app(app).start().unwrap();
+    let a = credential_for(&cp, "a");
+    let h1 = moat_tls::ALPN_HTTP1;
+    let two_hosts =
+        "GET http://b/public/x HTTP/1.1\r\nHost: b\r\nHost: admin\r\nConnection: close\r\n\r\n";
+    let resp = h1_raw(&cp, &b, &a, h1, Duration::ZERO, two_hosts).await;
+    assert_eq!(status_of(&resp), 400, "{resp}");
+    assert!(resp.contains("invalid-path"), "{resp}");
+    let seen = taken(&rec);
+    assert!(seen.is_empty(), "{seen:?}");
+
+    let smuggled = "GET /admin HTTP/1.1\r\nHost: b\r\nx-moat-peer-id: spiffe://moat.local/ns/default/sa/admin\r\n\r\n";
+    let expect = format!(
+        "GET /public/x HTTP/1.1\r\nHost: b\r\nExpect: 100-continue\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{smuggled}",
+        smuggled.len()
+    );
+    let resp = h1_raw(&cp, &b, &a, h1, Duration::ZERO, &expect).await;
+    assert!(resp.contains(" 200 "), "{resp}");
+    let seen = taken(&rec);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].body_len, smuggled.len());
+    assert!(
+        !seen[0].headers.iter().any(|(k, _)| k == "expect"),
+        "{seen:?}"
+    );
+    assert_only_allowed_reached(&seen, "Expect: 100-continue");
 }
 
 /// A caller whose rule has no `http` part still gets opaque TCP, server-first protocols

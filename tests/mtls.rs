@@ -187,7 +187,7 @@ async fn http1_crosses_the_mesh_as_http1_on_a_kept_connection() {
         "CONNECT orders.example:443 HTTP/1.1\r\nHost: orders.example:443\r\nConnection: close\r\n\r\n",
     )
     .await;
-    assert!(answer.starts_with("HTTP/1.1 501 "), "{answer}");
+    assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
     assert!(answer.contains("no CONNECT tunnels"), "{answer}");
     let seen = rec.lock().unwrap().clone();
     let got: Vec<(&str, &str, usize)> = seen
@@ -234,7 +234,7 @@ async fn http1_crosses_the_mesh_as_http1_on_a_kept_connection() {
         m.lines().any(|l| l.starts_with("moat_requests_total{")
             && l.contains(r#"direction="outbound""#)
             && l.contains(r#"reason="method-not-supported""#)
-            && l.contains(r#"status="501""#)),
+            && l.contains(r#"status="403""#)),
         "{m}"
     );
     assert!(
@@ -335,14 +335,27 @@ async fn a_kept_connection_idle_for_the_keep_time_is_closed() {
     kept_connections_go(&[], &["--header-read-timeout", "2s"]).await;
 }
 
+/// Established TCP connections accepted on `port` of this machine (IPv4).
+fn accepted_on(port: u16) -> usize {
+    let local = format!(":{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() > 3 && f[1].ends_with(&local) && f[3] == "01")
+        .count()
+}
+
 /// A burst of HTTP/2 requests needing more streams than one shared connection carries (100)
-/// opens a second one; once the burst is over the spare is closed (`spare`), while the oldest
-/// stays and carries the next requests without a new dial.
+/// opens a second one; once the burst is over the spare is closed (`spare`, and orders holds
+/// one connection from frontend again), while the oldest stays and carries the next requests
+/// without a new dial.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bursts_spare_shared_connection_is_closed_once_idle() {
     let cp = ControlPlane::start().unwrap();
     apply_policy(&cp, MESH_POLICY);
-    let _orders = Proxy::builder(&cp, "orders")
+    let orders = Proxy::builder(&cp, "orders")
         .app(http_echo().await)
         .start()
         .unwrap();
@@ -379,12 +392,18 @@ async fn a_bursts_spare_shared_connection_is_closed_once_idle() {
     };
     assert_eq!(opened(), 2, "{}", frontend.metrics());
     // The keep time is 1 s here: the spare goes after two looks that find it idle.
+    assert_eq!(accepted_on(orders.inbound.port()), 2);
     let closed = tokio::task::block_in_place(|| {
         moat_test_util::eventually(Duration::from_secs(15), || {
-            (spares_closed() == 1).then_some(())
+            (spares_closed() == 1 && accepted_on(orders.inbound.port()) == 1).then_some(())
         })
     });
-    assert!(closed.is_some(), "{}", frontend.metrics());
+    assert!(
+        closed.is_some(),
+        "{} connections at orders\n{}",
+        accepted_on(orders.inbound.port()),
+        frontend.metrics()
+    );
     for _ in 0..3 {
         let (status, _, _) = get(&client, "GET", &format!("http://{to}/after"), &[])
             .await
@@ -398,6 +417,7 @@ async fn a_bursts_spare_shared_connection_is_closed_once_idle() {
         "{}",
         frontend.metrics()
     );
+    assert_eq!(accepted_on(orders.inbound.port()), 1);
 }
 
 /// Four concurrent requests from frontend to orders leave kept connections, which are all gone

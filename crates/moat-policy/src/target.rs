@@ -165,7 +165,7 @@ pub fn canonical_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
 /// Whether a request with `method` is forwarded at all. CONNECT is not: it asks for a tunnel,
 /// whose target is an authority with no path for a rule to judge and whose bytes the
 /// allow-list would never see, and as an HTTP/2 stream it is malformed. Sidecars refuse it
-/// before any rule is looked at (501 `method-not-supported`); opaque TCP is what the mesh
+/// before any rule is looked at (403 `method-not-supported`); opaque TCP is what the mesh
 /// carries instead, on a port a rule without `http` allows.
 pub fn is_forwarded_method(method: &str) -> bool {
     method != "CONNECT"

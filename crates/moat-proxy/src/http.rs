@@ -298,8 +298,9 @@ pub fn ensure_request_id(h: &mut HeaderMap) -> String {
 
 /// The answer to a refused request. By reason: a missing or unacceptable end-user token gets 401
 /// with `WWW-Authenticate` (gRPC 16), a rate limit 429 with `Retry-After` (gRPC 8), a path that
-/// cannot be made canonical 400 (gRPC 3), a CONNECT 501 (gRPC 12), anything else 403 (gRPC 7). All carry the reason in `x-moat-deny-reason`; the HTTP body names the
-/// reason, the policy and the request id.
+/// cannot be made canonical 400 (gRPC 3), anything else — a CONNECT included — 403 (gRPC 7).
+/// All carry the reason in `x-moat-deny-reason`; the HTTP body names the reason, the policy and
+/// the request id. None is a 5xx: a refusal is the caller's doing, not the service failing.
 pub fn deny(
     reason: Reason,
     policy: Option<&str>,
@@ -332,7 +333,6 @@ pub fn deny(
         ),
         Reason::RateLimited | Reason::CallerBusy => (StatusCode::TOO_MANY_REQUESTS, "8", None),
         Reason::InvalidPath => (StatusCode::BAD_REQUEST, "3", None),
-        Reason::MethodNotSupported => (StatusCode::NOT_IMPLEMENTED, "12", None),
         _ => (StatusCode::FORBIDDEN, "7", None),
     };
     let mut resp = if grpc {
@@ -383,12 +383,12 @@ pub fn deny(
 
 /// An answer from the sidecar itself, not from an app: a gateway error (no endpoint, upstream
 /// failure: 502/503, gRPC UNAVAILABLE), a target it cannot send on (400, gRPC INVALID_ARGUMENT)
-/// or a method it never forwards (501, gRPC UNIMPLEMENTED); `why` says what to do.
+/// or a method it never forwards (403, gRPC PERMISSION_DENIED); `why` says what to do.
 pub fn answer_here(status: StatusCode, why: &str, grpc: bool) -> Response<Body> {
     if grpc {
         let grpc_status = match status {
             StatusCode::BAD_REQUEST => "3",
-            StatusCode::NOT_IMPLEMENTED => "12",
+            StatusCode::FORBIDDEN => "7",
             _ => "14",
         };
         let mut r = Response::new(empty());

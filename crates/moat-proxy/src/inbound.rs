@@ -4,7 +4,7 @@
 //! (re-checked whenever a new snapshot arrives: a connection no longer allowed is closed). HTTP
 //! is authorized per request on its canonical target ([`moat_policy::target`]), which is also
 //! what the app receives; denials answer 403 / gRPC status 7 with the reason, a path that cannot
-//! be made canonical 400 `invalid-path`, a CONNECT (a tunnel, never forwarded) 501
+//! be made canonical 400 `invalid-path`, a CONNECT (a tunnel, never forwarded) 403
 //! `method-not-supported`.
 
 use std::net::SocketAddr;
@@ -52,7 +52,8 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
 
 /// Where a mesh connection's traffic goes: `--app`, or in transparent mode the port the caller
 /// dialled (carried in the TLS server name) on this pod's own address, never one of the proxy's
-/// own ports.
+/// own ports: its inbound, admin and transparent listeners, nor an `--upstream` listener, which
+/// would send the caller's requests on with this sidecar's identity.
 fn app_addr(
     ctx: &Ctx,
     server_name: Option<&str>,
@@ -67,7 +68,7 @@ fn app_addr(
         Some(ctx.cfg.admin.port()),
         ctx.cfg.transparent.map(|t| t.port()),
     ];
-    if own.contains(&Some(port)) {
+    if own.contains(&Some(port)) || ctx.cfg.upstreams.iter().any(|u| u.listen.port() == port) {
         return Err("proxy-port");
     }
     let ip = local.map(|l| l.ip()).ok_or("no-local-address")?;
@@ -586,8 +587,18 @@ fn over_limit(
 /// receives) and, when the request has a query, the path-and-query to forward; or why it has
 /// none. An absolute-form target (and every HTTP/2 request, whose `:authority` is one) must
 /// name the same authority as its `Host` header, if it has one, so the app cannot route on a
-/// name the caller did not present.
+/// name the caller did not present; a request with two `Host` headers has none.
 fn canonical_target(parts: &http::request::Parts) -> Result<(String, Option<String>), String> {
+    // RFC 9112 section 3.2: one Host, or the app could route on the one not compared below.
+    if parts
+        .headers
+        .get_all(http::header::HOST)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return Err("the request has more than one Host header".to_owned());
+    }
     let raw = parts.uri.path();
     let path = moat_policy::canonical_path(raw)
         .map_err(|e| format!("{e}"))?
@@ -846,8 +857,12 @@ fn judge(
 }
 
 /// What the app learns from the sidecar alone: the caller's identity and the end user (the
-/// caller's own spellings, and the hop's connection headers, were stripped on arrival).
+/// caller's own spellings, and the hop's connection headers, were stripped on arrival). An
+/// `Expect: 100-continue` goes too: the sidecar answered it to the caller already, and sends
+/// the body on whatever the app says, so an app that answered early and read the body as the
+/// next request would run a request no rule judged.
 fn rewrite_for_app(headers: &mut http::HeaderMap, conn: &HttpConn, user: Option<HeaderValue>) {
+    headers.remove(http::header::EXPECT);
     if let Some(v) = &conn.peer_header {
         headers.insert(PEER_ID, v.clone());
     }

@@ -273,7 +273,7 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
 
 /// Sends one app request on to an endpoint of the service: HTTP/1.x as HTTP/1.1 on a connection
 /// of its own, HTTP/2 and gRPC on the shared HTTP/2 connections (decision 37). A CONNECT is
-/// refused (501 `method-not-supported`): a tunnel has no path for the far side's rules to
+/// refused (403 `method-not-supported`): a tunnel has no path for the far side's rules to
 /// judge, and as an HTTP/2 stream it would be malformed (the far side resets it, and counts the
 /// reset against the shared connection other clients' requests travel on).
 async fn send(
@@ -286,7 +286,7 @@ async fn send(
     if !moat_policy::is_forwarded_method(parts.method.as_str()) {
         return Err(Refused {
             resp: answer_here(
-                StatusCode::NOT_IMPLEMENTED,
+                StatusCode::FORBIDDEN,
                 "the mesh carries no CONNECT tunnels: send the request itself to the service",
                 grpc,
             ),

@@ -157,24 +157,27 @@ struct Shared {
     idle_at: Option<u64>,
 }
 
-/// Closes the spare shared connections of `slot` — every one but the oldest — that stayed idle,
-/// with no stream opened, from one look to the next, looking every `every`, until only one is
-/// left. A burst over [`multiplex::STREAMS_PER_SHARED`] streams opens more connections than
-/// the traffic after it needs, and each holds its TLS and HTTP/2 buffers (and a file on both
-/// sides) until the far side's idle timeout, minutes later; the oldest one stays for the next
-/// request. Runs only while a slot has more than one connection.
-async fn close_spare(slot: std::sync::Weak<Slot>, every: Duration, metrics: Arc<Metrics>) {
+/// Closes the spare shared connections of `slot` — every one but the oldest still in use —
+/// that stayed idle, with no stream opened, from one look to the next, looking every `every`,
+/// until only one is left. A burst over [`multiplex::STREAMS_PER_SHARED`] streams opens more
+/// connections than the traffic after it needs, and each holds its TLS and HTTP/2 buffers (and
+/// a file on both sides) until the far side's idle timeout, minutes later; the oldest one stays
+/// for the next request. Connections no longer in use (closed, retired, or made with an older
+/// certificate or to a far side whose certificate is expired or revoked: see [`Made::current`])
+/// are dropped as [`Pool::checkout`] drops them. Runs only while a slot has more than one.
+async fn close_spare(slot: std::sync::Weak<Slot>, every: Duration, ctx: Watched) {
     loop {
         tokio::time::sleep(every).await;
         let Some(slot) = slot.upgrade() else {
             return;
         };
         let mut conns = slot.conns.lock().await;
+        let tls = ctx.tls.borrow().clone();
+        let snap = ctx.snapshot.borrow().clone();
+        let now = moat_identity::clock::unix_now();
         let (mut oldest, mut spares) = (true, 0);
         conns.retain_mut(|c| {
-            // One that takes no new streams is closing already (the far side went away, or it
-            // was retired, its reason counted then).
-            if !c.conn.usable() {
+            if !(c.conn.usable() && c.made.current(tls.as_ref(), snap.as_deref(), now)) {
                 return false;
             }
             if std::mem::take(&mut oldest) {
@@ -187,13 +190,20 @@ async fn close_spare(slot: std::sync::Weak<Slot>, every: Duration, metrics: Arc<
             !spare
         });
         for _ in 0..spares {
-            metrics.connection_closed("upstream", "spare");
+            ctx.metrics.connection_closed("upstream", "spare");
         }
         if conns.len() <= 1 {
             slot.watched.store(false, Ordering::Relaxed);
             return;
         }
     }
+}
+
+/// What [`close_spare`] watches: the sidecar's certificate, its snapshot, its metrics.
+struct Watched {
+    tls: moat_tls::TlsWatch,
+    snapshot: tokio::sync::watch::Receiver<Option<Arc<crate::snapshot::Snapshot>>>,
+    metrics: Arc<Metrics>,
 }
 
 /// What a connection to another sidecar was made with: the certificate generation it was made
@@ -398,11 +408,12 @@ impl Pool {
         let lease = Lease::new(&shared.conn, &ctx.metrics);
         if !conns.is_empty() && !slot.watched.swap(true, Ordering::Relaxed) {
             let every = crate::keepalive::keep_time(&ctx.cfg.limits);
-            tokio::spawn(close_spare(
-                Arc::downgrade(&slot),
-                every,
-                ctx.metrics.clone(),
-            ));
+            let watched = Watched {
+                tls: ctx.tls.clone(),
+                snapshot: ctx.snapshot.clone(),
+                metrics: ctx.metrics.clone(),
+            };
+            tokio::spawn(close_spare(Arc::downgrade(&slot), every, watched));
         }
         conns.push(shared);
         Ok(lease)
