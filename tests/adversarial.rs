@@ -789,6 +789,70 @@ async fn connections_to_the_control_plane_are_bounded_per_address() {
     );
 }
 
+/// Whether `server_port` on this machine has an established TCP connection from `client_port`
+/// (its own side of it, in the IPv4 table).
+fn established(server_port: u16, client_port: u16) -> bool {
+    let (local, remote) = (format!(":{server_port:04X}"), format!(":{client_port:04X}"));
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .any(|f| f.len() > 3 && f[1].ends_with(&local) && f[2].ends_with(&remote) && f[3] == "01")
+}
+
+/// A connection without a certificate whose client floods HTTP/2 PINGs and never reads: the
+/// control plane's answers fill the socket, so it waits to write and takes nothing more in.
+/// Once the connection is past its first 5 s and a newer one from its address takes its place,
+/// the control plane still closes it. (It also stays open until then: the flood alone does not
+/// end it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_reads_still_gives_up_its_place() {
+    const AT_WORK: Duration = Duration::from_secs(5);
+    let cp = ControlPlane::start().unwrap();
+    let addr: std::net::SocketAddr = cp.url().trim_start_matches("https://").parse().unwrap();
+    let cfg = moat_tls::client_config(None, Arc::new(bundle(&cp)), control_id(), moat_tls::ALPN_H2)
+        .unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.5:0".parse().unwrap()).unwrap();
+    let tcp = socket.connect(addr).await.unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let mut flood = tokio_rustls::TlsConnector::from(cfg.clone())
+        .connect("moat.invalid".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    // The client preface, empty SETTINGS, then PINGs (type 6, 8 bytes) until a write stays
+    // blocked: the control plane has stopped reading.
+    let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    start.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    flood.write_all(&start).await.unwrap();
+    let pings = [0u8, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8].repeat(1024);
+    let mut blocked = false;
+    for _ in 0..10_000 {
+        match tokio::time::timeout(Duration::from_secs(2), flood.write_all(&pings)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("the control plane closed the flood early: {e}"),
+            Err(_) => {
+                blocked = true;
+                break;
+            }
+        }
+    }
+    assert!(blocked, "the control plane kept reading");
+    assert!(established(addr.port(), port));
+    tokio::time::sleep(AT_WORK).await;
+    // 32 newer connections from the same address: the oldest not at work, the flood's, goes.
+    let newer = TlsHeld::open(addr, "127.0.0.5", &cfg, 32).await;
+    let gone = tokio::task::block_in_place(|| {
+        eventually(Duration::from_secs(10), || {
+            (!established(addr.port(), port)).then_some(())
+        })
+    });
+    assert!(gone.is_some(), "the flooding connection is still open");
+    assert_eq!(newer.closed(), 0);
+    drop(flood);
+}
+
 /// Strangers on a sidecar's inbound port, with no certificate, cannot run it out of open files
 /// or keep callers out (decision 44). The sidecar runs with a hard limit of 1,800 open files,
 /// so it lets at most 900 handshakes wait; strangers hold 2,600 connections that never start
