@@ -701,15 +701,15 @@ impl TlsHeld {
 
 /// Connections that complete a TLS handshake without a certificate are what a token bootstrap
 /// needs and what anyone can open: at most 32 from one address and 512 in all, each closed 30 s
-/// after its handshake. Once a connection is past its first 5 s (time for its `Certify`), a
-/// newcomer takes its place, so strangers holding every place from 16 addresses cannot keep a
+/// after its handshake. Once a connection is past its first second with no `Certify` running,
+/// a newcomer takes its place, so strangers holding every place from 16 addresses cannot keep a
 /// sidecar from bootstrapping, from its own address or from one at its bound; a newcomer that
 /// finds every place at work waits its turn. One identity's certificate holds at most 64 from
 /// one address.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_to_the_control_plane_are_bounded_per_address() {
-    // moat_control::listener::ANONYMOUS_AT_WORK.
-    const AT_WORK: Duration = Duration::from_secs(5);
+    // moat_control::listener::ANONYMOUS_GRACE.
+    const GRACE: Duration = Duration::from_secs(1);
     let limit = rlimit::increase_nofile_limit(1 << 16).unwrap();
     assert!(
         limit >= 2048,
@@ -727,10 +727,11 @@ async fn connections_to_the_control_plane_are_bounded_per_address() {
             .find_map(|l| l.strip_prefix(&series)?.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    // 40 from 127.0.0.2 at once: the first 32 are at work, so the 8 newest are closed.
+    // 40 from 127.0.0.2: 8 are closed, each over-the-bound newcomer either turned away (while
+    // the 32 are in their first second) or in place of the oldest (once they are past it).
     let anonymous = TlsHeld::open(addr, "127.0.0.2", &cfg, 40).await;
     anonymous.closed_exactly(8).await;
-    assert_eq!(counted("anonymous-busy"), 8);
+    assert_eq!(counted("anonymous-busy") + counted("anonymous-evicted"), 8);
     // 15 more addresses hold the other 480 places; nothing more is closed.
     let mut fill = Vec::new();
     for i in 3..=17 {
@@ -739,8 +740,9 @@ async fn connections_to_the_control_plane_are_bounded_per_address() {
     let strangers_closed = |fill: &[TlsHeld]| -> usize {
         anonymous.closed() + fill.iter().map(TlsHeld::closed).sum::<usize>()
     };
-    tokio::time::sleep(AT_WORK).await;
+    tokio::time::sleep(GRACE * 2).await;
     assert_eq!(strangers_closed(&fill), 8, "closed while under the bounds");
+    let evicted = counted("anonymous-evicted");
     // A sidecar bootstrapping from its own address while strangers hold every place, idle,
     // gets in: its connection takes the place of one of theirs.
     let (app, _rec) = recording_http().await;
@@ -750,7 +752,7 @@ async fn connections_to_the_control_plane_are_bounded_per_address() {
         strangers_closed(&fill) > 8,
         "no stranger's connection gave way"
     );
-    assert!(counted("anonymous-evicted") >= 1);
+    assert!(counted("anonymous-evicted") > evicted);
     // The 32 from 127.0.0.2 that were kept are closed once their 30 s are up.
     let all = tokio::task::block_in_place(|| {
         eventually(Duration::from_secs(45), || {
@@ -759,11 +761,11 @@ async fn connections_to_the_control_plane_are_bounded_per_address() {
     });
     assert!(all.is_some(), "{} of 40 closed", anonymous.closed());
 
-    // A sidecar whose own address holds 32 connections, just made, waits until the oldest is
-    // past its first 5 s, then gets in in its place.
+    // A sidecar whose own address holds 32 connections, just made, gets in in the place of the
+    // oldest once it is past its first second.
     let held = TlsHeld::open(addr, "127.0.0.1", &cfg, 32).await;
     let c = Proxy::launch(&cp, "c", &token(&cp, "c", &[]), app, &[], &[]).unwrap();
-    tokio::task::block_in_place(|| c.wait_ready(AT_WORK * 4)).unwrap();
+    tokio::task::block_in_place(|| c.wait_ready(Duration::from_secs(20))).unwrap();
     assert!(
         held.closed() >= 1,
         "none of 127.0.0.1's connections gave way"
@@ -803,12 +805,12 @@ fn established(server_port: u16, client_port: u16) -> bool {
 
 /// A connection without a certificate whose client floods HTTP/2 PINGs and never reads: the
 /// control plane's answers fill the socket, so it waits to write and takes nothing more in.
-/// Once the connection is past its first 5 s and a newer one from its address takes its place,
+/// Once the connection is past its first second and a newer one from its address takes its place,
 /// the control plane still closes it. (It also stays open until then: the flood alone does not
 /// end it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_never_reads_still_gives_up_its_place() {
-    const AT_WORK: Duration = Duration::from_secs(5);
+    const GRACE: Duration = Duration::from_secs(1);
     let cp = ControlPlane::start().unwrap();
     let addr: std::net::SocketAddr = cp.url().trim_start_matches("https://").parse().unwrap();
     let cfg = moat_tls::client_config(None, Arc::new(bundle(&cp)), control_id(), moat_tls::ALPN_H2)
@@ -839,9 +841,10 @@ async fn a_connection_that_never_reads_still_gives_up_its_place() {
         }
     }
     assert!(blocked, "the control plane kept reading");
+    tokio::time::sleep(GRACE * 2).await;
+    // Still open (its 30 s are far off), until 32 newer connections come from the same
+    // address: the oldest not at work, the flood's, goes.
     assert!(established(addr.port(), port));
-    tokio::time::sleep(AT_WORK).await;
-    // 32 newer connections from the same address: the oldest not at work, the flood's, goes.
     let newer = TlsHeld::open(addr, "127.0.0.5", &cfg, 32).await;
     let gone = tokio::task::block_in_place(|| {
         eventually(Duration::from_secs(10), || {

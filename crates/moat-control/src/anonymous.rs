@@ -1,27 +1,29 @@
 //! Connections to the control plane that completed a handshake without a client certificate:
 //! a sidecar's token bootstrap, and what anyone who reaches the port can open. They are bounded
 //! per source address and overall (decision 49). At a bound a newcomer takes the place of an
-//! older connection that is no longer at work — past its first seconds after the handshake
-//! ([`crate::listener::ANONYMOUS_AT_WORK`]), time enough for the one `Certify` a bootstrap
-//! makes:
+//! older connection that is not at work. A connection is at work while a `Certify` runs on it
+//! ([`Place::at_work`], held by the handler) and for a short grace after its handshake, the
+//! time a bootstrapping sidecar takes to send that call ([`crate::listener::ANONYMOUS_GRACE`]):
 //!
 //! - a source at its own bound gives up its oldest connection not at work;
-//! - at the overall bound, the source holding the most gives up its oldest not at work while
-//!   it would still hold more than the newcomer's source; otherwise the oldest not at work
-//!   anywhere goes;
+//! - at the overall bound, the source holding the most (of those with one not at work) gives
+//!   up its oldest not at work while it would still hold at least as many as the newcomer's
+//!   source; otherwise the oldest not at work anywhere goes;
 //! - when every candidate is at work, the newcomer is turned away (and its sidecar tries again
 //!   after its backoff) rather than cut a bootstrap short: a join token is spent when the
-//!   certificate is issued, so a call cut after that could not be made again.
+//!   certificate is issued, so a call cut after that could not be made again, however long the
+//!   store takes to answer.
 //!
 //! Strangers holding every place with idle connections, from as many addresses as they like,
-//! therefore cannot keep a bootstrapping sidecar out: to keep every place at work they would
-//! have to complete a new handshake for each place every few seconds (512 every 5 s), and even
-//! then a bootstrap already under way is never cut. Refusing every newcomer at the bound,
-//! as the control plane once did, let sixteen addresses holding 32 idle connections each keep
-//! every new sidecar out for as long as they cared to reconnect.
+//! therefore cannot keep a bootstrapping sidecar out, and a `Certify` of theirs ends in
+//! milliseconds (its request is read whole before it runs): to keep every place at work they
+//! would have to open a new connection for each place every grace period. Refusing every
+//! newcomer at the bound, as the control plane once did, let sixteen addresses holding 32 idle
+//! connections each keep every new sidecar out for as long as they cared to reconnect.
 
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -34,7 +36,7 @@ use tokio::sync::oneshot;
 pub struct Places {
     per_source: usize,
     total: usize,
-    at_work: Duration,
+    grace: Duration,
     open: Mutex<Open>,
 }
 
@@ -48,16 +50,46 @@ pub struct Place {
     evicted: u64,
     /// Resolves (with an error: the sender is dropped) once this place is taken.
     taken: Option<oneshot::Receiver<()>>,
+    /// Calls at work on the connection, shared with its entry.
+    calls: Arc<Calls>,
+}
+
+/// How many calls that must not be cut short run on one connection.
+#[derive(Debug, Default)]
+pub struct Calls(AtomicUsize);
+
+impl Calls {
+    /// Marks a call at work until the returned guard is dropped.
+    pub fn enter(self: &Arc<Self>) -> AtWork {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        AtWork(self.clone())
+    }
+
+    fn any(&self) -> bool {
+        self.0.load(Ordering::Relaxed) > 0
+    }
+}
+
+/// A call at work on a connection without a client certificate; it keeps the connection's
+/// place until dropped.
+#[derive(Debug)]
+pub struct AtWork(Arc<Calls>);
+
+impl Drop for AtWork {
+    fn drop(&mut self) {
+        self.0.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Places {
     /// Places for at most `per_source` connections from one source and `total` in all, a
-    /// connection counting as at work for `at_work` after its handshake.
-    pub fn new(per_source: usize, total: usize, at_work: Duration) -> Arc<Self> {
+    /// connection counting as at work for `grace` after its handshake, and while a call holds
+    /// [`Place::at_work`].
+    pub fn new(per_source: usize, total: usize, grace: Duration) -> Arc<Self> {
         Arc::new(Places {
             per_source: per_source.max(1),
             total: total.max(1),
-            at_work,
+            grace,
             open: Mutex::default(),
         })
     }
@@ -69,14 +101,21 @@ impl Places {
         let limits = Limits {
             per_source: self.per_source,
             total: self.total,
-            at_work: self.at_work,
+            grace: self.grace,
         };
-        let (id, evicted) = self.lock().admit(&limits, source, take, Instant::now())?;
+        let calls = Arc::new(Calls::default());
+        let entry = Entry {
+            since: Instant::now(),
+            calls: calls.clone(),
+            _take: take,
+        };
+        let (id, evicted) = self.lock().admit(&limits, source, entry)?;
         Some(Place {
             owner: self.clone(),
             id,
             evicted,
             taken: Some(taken),
+            calls,
         })
     }
 
@@ -95,6 +134,11 @@ impl Place {
     /// How many older connections this one's admission pushed out.
     pub fn evicted(&self) -> u64 {
         self.evicted
+    }
+
+    /// The count a call that must not be cut short enters ([`Calls::enter`]).
+    pub fn at_work(&self) -> Arc<Calls> {
+        self.calls.clone()
     }
 
     /// Ready once a newer connection has taken this place (and stays ready).
@@ -123,38 +167,45 @@ impl Drop for Place {
 struct Limits {
     per_source: usize,
     total: usize,
-    at_work: Duration,
+    grace: Duration,
 }
 
-/// The connections holding a place: oldest first, and per source, each with when it was
-/// admitted. Dropping an entry's sender tells its connection that its place was taken.
+/// One connection holding a place.
+#[derive(Debug)]
+struct Entry {
+    /// When it was admitted (its handshake had just completed).
+    since: Instant,
+    calls: Arc<Calls>,
+    /// Dropped to tell the connection its place was taken.
+    _take: oneshot::Sender<()>,
+}
+
+impl Entry {
+    fn at_work(&self, grace: Duration, now: Instant) -> bool {
+        self.calls.any() || now.saturating_duration_since(self.since) < grace
+    }
+}
+
+/// The connections holding a place: oldest first, and per source.
 #[derive(Debug, Default)]
-struct Open(BySource<(Instant, oneshot::Sender<()>)>);
+struct Open(BySource<Entry>);
 
 impl Open {
-    /// Registers a connection from `source` at `now` (after taking older ones' places as the
+    /// Registers `entry`, a connection from `source` (after taking older ones' places as the
     /// module says): its id, and how many were pushed out; `None` when it must be turned away.
-    fn admit(
-        &mut self,
-        limits: &Limits,
-        source: IpAddr,
-        take: oneshot::Sender<()>,
-        now: Instant,
-    ) -> Option<(u64, u64)> {
+    fn admit(&mut self, limits: &Limits, source: IpAddr, entry: Entry) -> Option<(u64, u64)> {
         let open = &mut self.0;
-        let idle = |id: u64| {
-            open.get(id)
-                .is_some_and(|(since, _)| now.saturating_duration_since(*since) >= limits.at_work)
-        };
+        let now = entry.since;
+        let idle = |id: u64| open.get(id).is_some_and(|e| !e.at_work(limits.grace, now));
         let mut victims = Vec::new();
         if open.count(&source) >= limits.per_source {
             victims.push(open.of(&source).find(|&id| idle(id))?);
         }
         if open.len() - victims.len() >= limits.total {
             let own = open.count(&source) - victims.len();
-            // The busiest source pays first (the one with the oldest connection among equals)
-            // while it would still hold more than the newcomer's source; otherwise the oldest
-            // not at work anywhere goes.
+            // The source holding the most (of those with one not at work; the one with the oldest
+            // among equals) pays first while it would keep at least as many as the newcomer's
+            // source; otherwise the oldest not at work anywhere goes.
             let busiest = open
                 .sources()
                 .filter(|q| q.len() > own + 1)
@@ -167,7 +218,7 @@ impl Open {
         for &id in &victims {
             open.remove(id);
         }
-        Some((open.push(source, (now, take)), victims.len() as u64))
+        Some((open.push(source, entry), victims.len() as u64))
     }
 
     /// Forgets connection `id` (closed or pushed out); a no-op when already gone.
@@ -182,16 +233,17 @@ mod tests {
 
     use super::*;
 
-    const AT_WORK: Duration = Duration::from_secs(2);
+    const GRACE: Duration = Duration::from_secs(1);
 
     fn ip(last: u8) -> IpAddr {
         IpAddr::from([10, 0, 0, last])
     }
 
-    /// One connection of the test: its id when admitted, and its receiver.
+    /// One connection of the test: its id when admitted, its calls, and its receiver.
     struct Conn {
         id: Option<u64>,
         evicted: u64,
+        calls: Arc<Calls>,
         taken: oneshot::Receiver<()>,
     }
 
@@ -205,23 +257,24 @@ mod tests {
         }
     }
 
-    fn admit(
-        open: &mut Open,
-        per_source: usize,
-        total: usize,
-        source: IpAddr,
-        at: Instant,
-    ) -> Conn {
+    fn admit(open: &mut Open, bounds: (usize, usize), source: IpAddr, at: Instant) -> Conn {
         let (take, taken) = oneshot::channel();
         let limits = Limits {
-            per_source,
-            total,
-            at_work: AT_WORK,
+            per_source: bounds.0,
+            total: bounds.1,
+            grace: GRACE,
         };
-        let admitted = open.admit(&limits, source, take, at);
+        let calls = Arc::new(Calls::default());
+        let entry = Entry {
+            since: at,
+            calls: calls.clone(),
+            _take: take,
+        };
+        let admitted = open.admit(&limits, source, entry);
         Conn {
             id: admitted.map(|(id, _)| id),
             evicted: admitted.map_or(0, |(_, n)| n),
+            calls,
             taken,
         }
     }
@@ -229,50 +282,55 @@ mod tests {
     #[test]
     fn a_source_at_its_bound_gives_up_its_oldest_not_at_work() {
         let t0 = Instant::now();
-        let later = t0 + AT_WORK;
         let mut open = Open::default();
-        let mut first = admit(&mut open, 2, 10, ip(1), t0);
-        let mut second = admit(&mut open, 2, 10, ip(1), t0 + Duration::from_millis(1));
-        let mut other = admit(&mut open, 2, 10, ip(2), t0);
-        // Both of 10.0.0.1's are at work: its third waits its turn.
-        let early = admit(&mut open, 2, 10, ip(1), t0 + Duration::from_secs(1));
+        let mut first = admit(&mut open, (2, 10), ip(1), t0);
+        let mut second = admit(&mut open, (2, 10), ip(1), t0 + Duration::from_millis(1));
+        let mut other = admit(&mut open, (2, 10), ip(2), t0);
+        // Both of 10.0.0.1's are in their grace: its third waits its turn.
+        let early = admit(&mut open, (2, 10), ip(1), t0 + GRACE / 2);
         assert!(early.id.is_none());
         assert!(!first.taken() && !second.taken());
-        // Once they are not, the oldest gives way.
-        let third = admit(&mut open, 2, 10, ip(1), later + Duration::from_millis(1));
+        // Past it, the oldest gives way, unless a call is at work on it.
+        let _certify = first.calls.enter();
+        let later = t0 + GRACE + Duration::from_millis(5);
+        let third = admit(&mut open, (2, 10), ip(1), later);
         assert_eq!((third.id.is_some(), third.evicted), (true, 1));
-        assert!(first.taken());
-        assert!(!second.taken() && !other.taken());
+        assert!(!first.taken(), "a call at work was cut short");
+        assert!(second.taken());
+        assert!(!other.taken());
         assert_eq!(open.0.len(), 3);
     }
 
     /// Strangers holding every place with idle connections from 16 addresses (32 each) cannot
-    /// keep a sidecar out; the sidecar's connection, at work, is not the one to go when a
-    /// stranger comes back; strangers who refresh every place cannot cut it short either.
+    /// keep a sidecar out; its `Certify`, however long it runs, is never cut short by strangers
+    /// coming back, from their own addresses or from hundreds of new ones.
     #[test]
     fn strangers_holding_every_place_make_room_but_never_cut_a_bootstrap_short() {
         let t0 = Instant::now();
-        let t1 = t0 + AT_WORK + Duration::from_secs(1);
+        let t1 = t0 + GRACE + Duration::from_secs(1);
         let mut open = Open::default();
         let mut strangers: Vec<Conn> = (0..32)
             .flat_map(|_| (1..=16).map(ip))
-            .map(|source| admit(&mut open, 32, 512, source, t0))
+            .map(|source| admit(&mut open, (32, 512), source, t0))
             .collect();
         assert!(strangers.iter().all(|c| c.id.is_some() && c.evicted == 0));
         assert_eq!(open.0.len(), 512);
         // A sidecar from its own address gets in; 10.0.0.1's oldest goes.
-        let mut sidecar = admit(&mut open, 32, 512, ip(100), t1);
+        let mut sidecar = admit(&mut open, (32, 512), ip(100), t1);
         assert_eq!((sidecar.id.is_some(), sidecar.evicted), (true, 1));
         assert!(strangers[0].taken());
         assert_eq!(
             strangers.iter_mut().map(Conn::taken).filter(|t| *t).count(),
             1
         );
-        // Strangers coming back, from their own addresses or from 510 new ones, take each
-        // other's places, never the sidecar's while it is at work.
-        for n in 0..600u32 {
+        let _certify = sidecar.calls.enter();
+        // Long after its grace, strangers keep coming: every one of theirs goes in turn, the
+        // sidecar's never while its call runs.
+        let t2 = t1 + Duration::from_secs(60);
+        for n in 0..1200u32 {
             let source = IpAddr::from([10, 1, (n / 256) as u8, (n % 256) as u8]);
-            let back = admit(&mut open, 32, 512, source, t1);
+            let back = admit(&mut open, (32, 512), source, t2 + GRACE * (n / 256));
+            assert!(back.id.is_some() || n >= 511, "newcomer {n} turned away");
             if back.id.is_none() {
                 break;
             }
@@ -285,14 +343,14 @@ mod tests {
     fn when_every_place_is_at_work_the_newcomer_is_turned_away() {
         let t0 = Instant::now();
         let mut open = Open::default();
-        let mut a = admit(&mut open, 4, 3, ip(1), t0);
-        let mut b = admit(&mut open, 4, 3, ip(2), t0);
-        let mut c = admit(&mut open, 4, 3, ip(3), t0);
-        let refused = admit(&mut open, 4, 3, ip(4), t0 + Duration::from_secs(1));
+        let mut a = admit(&mut open, (4, 3), ip(1), t0);
+        let mut b = admit(&mut open, (4, 3), ip(2), t0);
+        let mut c = admit(&mut open, (4, 3), ip(3), t0);
+        let refused = admit(&mut open, (4, 3), ip(4), t0 + GRACE / 2);
         assert!(refused.id.is_none());
         assert!(!a.taken() && !b.taken() && !c.taken());
         // Among equal sources not at work, the oldest goes.
-        let d = admit(&mut open, 4, 3, ip(4), t0 + AT_WORK);
+        let d = admit(&mut open, (4, 3), ip(4), t0 + GRACE);
         assert_eq!(d.evicted, 1);
         assert!(a.taken());
         assert!(!b.taken() && !c.taken());
@@ -301,12 +359,15 @@ mod tests {
 
     #[test]
     fn a_place_given_up_is_free_again() {
-        let places = Places::new(1, 1, AT_WORK);
+        let places = Places::new(1, 1, GRACE);
         drop(places.admit(ip(1)));
         assert_eq!(places.open(), 0);
         let kept = places.admit(ip(2)).expect("a free place");
         assert_eq!(kept.evicted(), 0);
-        assert!(places.admit(ip(3)).is_none(), "the one there is at work");
+        assert!(
+            places.admit(ip(3)).is_none(),
+            "the one there is in its grace"
+        );
     }
 
     #[tokio::test]

@@ -177,6 +177,12 @@ impl Identity for IdentityService {
     ) -> Result<Response<CertifyResponse>, Status> {
         let cp = &self.0;
         let conn = req.extensions().get::<ConnInfo>().cloned();
+        // A bootstrap's connection keeps its place while this runs: cut after the token is
+        // spent, the call could not be made again.
+        let _at_work = conn
+            .as_ref()
+            .and_then(|c| c.at_work.as_ref())
+            .map(|c| c.enter());
         let mut actor = ControlPlane::actor(&req);
         let input = match CertifyInput::try_from(req.into_inner()) {
             Ok(i) => i,

@@ -12,8 +12,8 @@
 //! A completed handshake without a client certificate (a sidecar's first `Certify`, with a join
 //! or service-account token) proves nothing either, and an idle TLS connection costs a file and
 //! its buffers: such connections are bounded too ([`ANONYMOUS_PER_SOURCE`], [`ANONYMOUS`]), a
-//! newcomer taking the place of an older one no longer at work ([`ANONYMOUS_AT_WORK`],
-//! [`crate::anonymous`]), and closed [`ANONYMOUS_LIFETIME`] after their handshake, long enough
+//! newcomer taking the place of an older one not at work (no `Certify` running on it, and past
+//! [`ANONYMOUS_GRACE`]: [`crate::anonymous`]), and closed [`ANONYMOUS_LIFETIME`] after their handshake, long enough
 //! for the one call they need.
 //! A certificate holder gets at most [`CERTIFIED_PER_SOURCE`] connections per identity from one
 //! source address: a sidecar needs one or two, and a stolen workload certificate must not hold
@@ -57,10 +57,10 @@ const PENDING: Limits = Limits {
 pub const ANONYMOUS_PER_SOURCE: usize = 32;
 /// Connections without a client certificate open at once, in all.
 pub const ANONYMOUS: usize = 512;
-/// How long after its handshake a connection without a client certificate is at work, never
-/// to give its place to a newer one (its `Certify` is under way): as long as a loaded control
-/// plane lets a handshake's hello count as at work.
-pub const ANONYMOUS_AT_WORK: Duration = PENDING.at_work;
+/// How long after its handshake a connection without a client certificate counts as at work
+/// before any call: a bootstrapping sidecar sends its `Certify` at once, and from then on the
+/// call itself keeps the connection at work ([`crate::anonymous`]).
+pub const ANONYMOUS_GRACE: Duration = Duration::from_secs(1);
 /// How long a connection without a client certificate is served: its calls (a `Certify`, a
 /// bundle fetch) take milliseconds, and tonic gives each call at most 30 s.
 pub const ANONYMOUS_LIFETIME: Duration = Duration::from_secs(30);
@@ -88,6 +88,9 @@ fn source(ip: IpAddr) -> IpAddr {
 pub struct ConnInfo {
     pub remote: SocketAddr,
     pub peer: Option<Peer>,
+    /// Without a certificate: the count a `Certify` enters while it runs, which keeps the
+    /// connection's place ([`crate::anonymous::Calls`]).
+    pub at_work: Option<Arc<crate::anonymous::Calls>>,
 }
 
 /// A caller authenticated by its certificate.
@@ -130,7 +133,7 @@ struct AfterHandshake {
 impl AfterHandshake {
     fn new(per_identity_and_source: bool) -> Self {
         AfterHandshake {
-            anonymous: Places::new(ANONYMOUS_PER_SOURCE, ANONYMOUS, ANONYMOUS_AT_WORK),
+            anonymous: Places::new(ANONYMOUS_PER_SOURCE, ANONYMOUS, ANONYMOUS_GRACE),
             certified: per_identity_and_source.then(|| PerCaller::new(CERTIFIED_PER_SOURCE)),
         }
     }
@@ -331,7 +334,11 @@ pub fn incoming(
                                 }
                             },
                         };
-                        let info = ConnInfo { remote, peer };
+                        let info = ConnInfo {
+                            remote,
+                            peer,
+                            at_work: anonymous.as_ref().map(|a| a.place.at_work()),
+                        };
                         let _ = tx
                             .send(Ok(TlsConn {
                                 inner: *stream,

@@ -110,7 +110,7 @@ impl Default for Metrics {
         );
         registry.register(
             "tls_handshake_failures",
-            "TLS handshakes on the gRPC port that did not complete: refused, timeout, evicted to make room for newer ones, busy (every pending one was a caller at work); anonymous-busy: completed without a client certificate while every place for such connections (32 per source address, 512 in all) was held by one in its first 5 s; anonymous-evicted: connections without a client certificate closed to make room for a newer one; identity-busy: completed with a certificate whose identity already held 64 connections from the same address",
+            "TLS handshakes on the gRPC port that did not complete: refused, timeout, evicted to make room for newer ones, busy (every pending one was a caller at work); anonymous-busy: completed without a client certificate while every place for such connections (32 per source address, 512 in all) was held by one at work (a Certify running on it, or in its first second); anonymous-evicted: connections without a client certificate closed to make room for a newer one; identity-busy: completed with a certificate whose identity already held 64 connections from the same address",
             m.handshake_failures.clone(),
         );
         registry.register(

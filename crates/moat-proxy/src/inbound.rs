@@ -68,11 +68,21 @@ fn app_addr(
         Some(ctx.cfg.admin.port()),
         ctx.cfg.transparent.map(|t| t.port()),
     ];
-    if own.contains(&Some(port)) || ctx.cfg.upstreams.iter().any(|u| u.listen.port() == port) {
+    if own.contains(&Some(port)) {
         return Err("proxy-port");
     }
     let ip = local.map(|l| l.ip()).ok_or("no-local-address")?;
-    Ok(SocketAddr::new(ip, port))
+    let target = SocketAddr::new(ip, port);
+    // An `--upstream` listener answers there if it listens on that address or on all of them.
+    if ctx
+        .cfg
+        .upstreams
+        .iter()
+        .any(|u| u.listen.port() == port && (u.listen.ip() == ip || u.listen.ip().is_unspecified()))
+    {
+        return Err("proxy-port");
+    }
+    Ok(target)
 }
 
 /// One mesh connection: mTLS with a verified caller ([`accept_tls`]), the app it is for, its
