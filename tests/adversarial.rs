@@ -29,6 +29,17 @@ spec:
     - from: [c]
 "#;
 
+/// A control plane with [`POLICY`], sidecar `b` in front of a recording app, and a credential
+/// for `caller`.
+async fn b_and_caller(caller: &str) -> (ControlPlane, Proxy, Recording, moat_tls::Credential) {
+    let cp = ControlPlane::start().unwrap();
+    apply_policy(&cp, POLICY);
+    let (app, rec) = recording_http().await;
+    let b = Proxy::builder(&cp, "b").app(app).start().unwrap();
+    let cred = credential_for(&cp, caller);
+    (cp, b, rec, cred)
+}
+
 /// Writes `raw` (after `delay`) on a fresh HTTP/1.1 connection and returns everything that came
 /// back until the sidecar closed it or 5 s passed.
 async fn h1_raw(
@@ -132,11 +143,7 @@ fn assert_only_allowed_reached(seen: &[Received], what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_allowed_caller_reaches_only_what_its_rule_names() {
-    let cp = ControlPlane::start().unwrap();
-    apply_policy(&cp, POLICY);
-    let (app, rec) = recording_http().await;
-    let b = Proxy::builder(&cp, "b").app(app).start().unwrap();
-    let a = credential_for(&cp, "a");
+    let (cp, b, rec, a) = b_and_caller("a").await;
     let h1 = moat_tls::ALPN_HTTP1;
     let now = Duration::ZERO;
     let req = |line: &str| format!("{line}\r\nHost: b\r\nConnection: close\r\n\r\n");
@@ -295,11 +302,7 @@ async fn an_allowed_caller_reaches_only_what_its_rule_names() {
 /// connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connect_never_reaches_the_app() {
-    let cp = ControlPlane::start().unwrap();
-    apply_policy(&cp, POLICY);
-    let (app, rec) = recording_http().await;
-    let b = Proxy::builder(&cp, "b").app(app).start().unwrap();
-    let c = credential_for(&cp, "c");
+    let (cp, b, rec, c) = b_and_caller("c").await;
     let h1 = moat_tls::ALPN_HTTP1;
     for raw in [
         "CONNECT b:443 HTTP/1.1\r\nHost: b:443\r\nConnection: close\r\n\r\n",
@@ -343,11 +346,7 @@ async fn a_connect_never_reaches_the_app() {
 /// answered early would read it as a request no rule judged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_app_never_gets_a_second_host_or_an_expectation() {
-    let cp = ControlPlane::start().unwrap();
-    apply_policy(&cp, POLICY);
-    let (app, rec) = recording_http().await;
-    let b = Proxy::builder(&cp, "b").app(app).start().unwrap();
-    let a = credential_for(&cp, "a");
+    let (cp, b, rec, a) = b_and_caller("a").await;
     let h1 = moat_tls::ALPN_HTTP1;
     let two_hosts =
         "GET http://b/public/x HTTP/1.1\r\nHost: b\r\nHost: admin\r\nConnection: close\r\n\r\n";
@@ -791,18 +790,6 @@ async fn connections_to_the_control_plane_are_bounded_per_address() {
     );
 }
 
-/// Whether `server_port` on this machine has an established TCP connection from `client_port`
-/// (its own side of it, in the IPv4 table).
-fn established(server_port: u16, client_port: u16) -> bool {
-    let (local, remote) = (format!(":{server_port:04X}"), format!(":{client_port:04X}"));
-    std::fs::read_to_string("/proc/net/tcp")
-        .unwrap()
-        .lines()
-        .skip(1)
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .any(|f| f.len() > 3 && f[1].ends_with(&local) && f[2].ends_with(&remote) && f[3] == "01")
-}
-
 /// A connection without a certificate whose client floods HTTP/2 PINGs and never reads: the
 /// control plane's answers fill the socket, so it waits to write and takes nothing more in.
 /// Once the connection is past its first second and a newer one from its address takes its place,
@@ -844,11 +831,11 @@ async fn a_connection_that_never_reads_still_gives_up_its_place() {
     tokio::time::sleep(GRACE * 2).await;
     // Still open (its 30 s are far off), until 32 newer connections come from the same
     // address: the oldest not at work, the flood's, goes.
-    assert!(established(addr.port(), port));
+    assert_eq!(tcp_established(addr.port(), Some(port)), 1);
     let newer = TlsHeld::open(addr, "127.0.0.5", &cfg, 32).await;
     let gone = tokio::task::block_in_place(|| {
         eventually(Duration::from_secs(10), || {
-            (!established(addr.port(), port)).then_some(())
+            (tcp_established(addr.port(), Some(port)) == 0).then_some(())
         })
     });
     assert!(gone.is_some(), "the flooding connection is still open");
@@ -1063,11 +1050,7 @@ async fn bodies_and_trailers_cross_a_sidecar_pair_cleaned() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_authorization_trailer_never_reaches_the_app() {
     use http_body_util::BodyExt as _;
-    let cp = ControlPlane::start().unwrap();
-    apply_policy(&cp, POLICY);
-    let (app, rec) = recording_http().await;
-    let b = Proxy::builder(&cp, "b").app(app).start().unwrap();
-    let a = credential_for(&cp, "a");
+    let (cp, b, rec, a) = b_and_caller("a").await;
     let mut send = h2_to(&cp, &b, &a).await;
     let mut trailers = http::HeaderMap::new();
     trailers.insert("authorization", "Bearer forged".parse().unwrap());
@@ -1126,11 +1109,7 @@ async fn spelling_a_path_differently_does_not_get_a_new_rate_limit_bucket() {
 /// HTTP/1.1 or HTTP/2; a plain one reaches both unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_id_cannot_add_fields_to_the_access_log() {
-    let cp = ControlPlane::start().unwrap();
-    apply_policy(&cp, POLICY);
-    let (app, rec) = recording_http().await;
-    let b = Proxy::builder(&cp, "b").app(app).start().unwrap();
-    let a = credential_for(&cp, "a");
+    let (cp, b, rec, a) = b_and_caller("a").await;
     let forged = "f0rged decision=deny reason=forged-by-caller";
     let plain = "0af76519-16cd-43dd:8448";
     let get = |id: &str| {
@@ -1200,11 +1179,7 @@ async fn a_request_id_cannot_add_fields_to_the_access_log() {
 /// The log shows such bytes percent-encoded, and the app receives nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_path_cannot_break_an_access_log_line() {
-    let cp = ControlPlane::start().unwrap();
-    apply_policy(&cp, POLICY);
-    let (app, rec) = recording_http().await;
-    let b = Proxy::builder(&cp, "b").app(app).start().unwrap();
-    let a = credential_for(&cp, "a");
+    let (cp, b, rec, a) = b_and_caller("a").await;
     let h1 =
         "GET /public/x\u{2028}forged-by-caller HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n";
     let resp = h1_raw(&cp, &b, &a, moat_tls::ALPN_HTTP1, Duration::ZERO, h1).await;

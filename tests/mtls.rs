@@ -335,18 +335,6 @@ async fn a_kept_connection_idle_for_the_keep_time_is_closed() {
     kept_connections_go(&[], &["--header-read-timeout", "2s"]).await;
 }
 
-/// Established TCP connections accepted on `port` of this machine (IPv4).
-fn accepted_on(port: u16) -> usize {
-    let local = format!(":{port:04X}");
-    std::fs::read_to_string("/proc/net/tcp")
-        .unwrap()
-        .lines()
-        .skip(1)
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .filter(|f| f.len() > 3 && f[1].ends_with(&local) && f[3] == "01")
-        .count()
-}
-
 /// A burst of HTTP/2 requests needing more streams than one shared connection carries (100)
 /// opens a second one; once the burst is over the spare is closed (`spare`, and orders holds
 /// one connection from frontend again), while the oldest stays and carries the next requests
@@ -392,16 +380,17 @@ async fn a_bursts_spare_shared_connection_is_closed_once_idle() {
     };
     assert_eq!(opened(), 2, "{}", frontend.metrics());
     // The keep time is 1 s here: the spare goes after two looks that find it idle.
-    assert_eq!(accepted_on(orders.inbound.port()), 2);
+    assert_eq!(tcp_established(orders.inbound.port(), None), 2);
     let closed = tokio::task::block_in_place(|| {
         moat_test_util::eventually(Duration::from_secs(15), || {
-            (spares_closed() == 1 && accepted_on(orders.inbound.port()) == 1).then_some(())
+            (spares_closed() == 1 && tcp_established(orders.inbound.port(), None) == 1)
+                .then_some(())
         })
     });
     assert!(
         closed.is_some(),
         "{} connections at orders\n{}",
-        accepted_on(orders.inbound.port()),
+        tcp_established(orders.inbound.port(), None),
         frontend.metrics()
     );
     for _ in 0..3 {
@@ -417,7 +406,7 @@ async fn a_bursts_spare_shared_connection_is_closed_once_idle() {
         "{}",
         frontend.metrics()
     );
-    assert_eq!(accepted_on(orders.inbound.port()), 1);
+    assert_eq!(tcp_established(orders.inbound.port(), None), 1);
 }
 
 /// Four concurrent requests from frontend to orders leave kept connections, which are all gone
