@@ -140,9 +140,20 @@ async fn frontend_and_recorded_orders(
     orders_args: &[&str],
     frontend_args: &[&str],
 ) -> (ControlPlane, Proxy, Proxy, moat_test_util::apps::Recording) {
+    let (app, rec) = moat_test_util::apps::recording_http().await;
+    let (cp, orders, frontend) = frontend_and_orders(app, orders_args, frontend_args).await;
+    (cp, orders, frontend, rec)
+}
+
+/// A mesh where frontend calls orders, whose app is `app`, once frontend knows orders'
+/// endpoints; the sidecars run with `orders_args` and `frontend_args` too.
+async fn frontend_and_orders(
+    app: std::net::SocketAddr,
+    orders_args: &[&str],
+    frontend_args: &[&str],
+) -> (ControlPlane, Proxy, Proxy) {
     let cp = ControlPlane::start().unwrap();
     apply_policy(&cp, MESH_POLICY);
-    let (app, rec) = moat_test_util::apps::recording_http().await;
     let orders = Proxy::builder(&cp, "orders")
         .app(app)
         .args(orders_args)
@@ -155,7 +166,7 @@ async fn frontend_and_recorded_orders(
         .start()
         .unwrap();
     wait_for_services(&frontend, &["orders"]);
-    (cp, orders, frontend, rec)
+    (cp, orders, frontend)
 }
 
 /// HTTP/1.1 from a local client crosses to the far sidecar as HTTP/1.1 (decision 37): the app
@@ -341,19 +352,8 @@ async fn a_kept_connection_idle_for_the_keep_time_is_closed() {
 /// without a new dial.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bursts_spare_shared_connection_is_closed_once_idle() {
-    let cp = ControlPlane::start().unwrap();
-    apply_policy(&cp, MESH_POLICY);
-    let orders = Proxy::builder(&cp, "orders")
-        .app(http_echo().await)
-        .start()
-        .unwrap();
-    let frontend = Proxy::builder(&cp, "frontend")
-        .app(http_echo().await)
-        .upstreams(&["orders"])
-        .args(&["--header-read-timeout", "2s"])
-        .start()
-        .unwrap();
-    wait_for_services(&frontend, &["orders"]);
+    let (_cp, orders, frontend) =
+        frontend_and_orders(http_echo().await, &[], &["--header-read-timeout", "2s"]).await;
     let client = h2_client();
     let to = frontend.upstream("orders");
     let burst: Vec<_> = (0..120)
