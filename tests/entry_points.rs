@@ -354,6 +354,14 @@ async fn invalid_policy_sets_are_refused_whole() {
             "must start with '/'",
         ),
         (
+            "a method never forwarded",
+            good.replace(
+                "{ from: [b] }",
+                "{ from: [b], http: [{ methods: [GET, CONNECT] }] }",
+            ),
+            "spec.rules[0].http[0].methods[1]: CONNECT is never forwarded",
+        ),
+        (
             "wrong kind",
             good.replace("AccessPolicy", "Policy"),
             "unknown kind",
@@ -414,6 +422,21 @@ async fn invalid_policy_sets_are_refused_whole() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(
         err.message().contains("evil.yaml") && err.message().contains("rulez"),
+        "{err:?}"
+    );
+    let err = admin
+        .apply_policies(ApplyPoliciesRequest {
+            sources: vec![PolicySource {
+                name: "tunnel.yaml".into(),
+                text: cases[3].1.clone(),
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("tunnel.yaml")
+            && err.message().contains("CONNECT is never forwarded"),
         "{err:?}"
     );
     let err = admin

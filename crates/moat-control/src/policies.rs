@@ -14,7 +14,7 @@ use std::sync::Arc;
 use moat_identity::TrustDomain;
 use moat_policy::{
     AccessPolicy, Document, DocumentError, MeshConfig, PolicyVersion, access_policy_yaml,
-    mesh_config_yaml, parse_documents,
+    mesh_config_yaml, parse_documents, parse_new_documents,
 };
 use moat_store::{Compare, Op, Store, StoreError, Txn};
 
@@ -176,7 +176,7 @@ impl Policies {
         let mut docs = Vec::new();
         let mut errors = Vec::new();
         for (name, text) in sources {
-            match parse_documents(text, name, &self.trust_domain) {
+            match parse_new_documents(text, name, &self.trust_domain) {
                 Ok(mut d) => docs.append(&mut d),
                 Err(mut e) => errors.append(&mut e),
             }
@@ -365,7 +365,7 @@ impl Policies {
         owner: &Owner,
     ) -> Result<Owned, PolicyError> {
         let mut docs =
-            parse_documents(text, source, &self.trust_domain).map_err(PolicyError::Invalid)?;
+            parse_new_documents(text, source, &self.trust_domain).map_err(PolicyError::Invalid)?;
         let (Some(doc), true) = (docs.pop(), docs.is_empty()) else {
             return Err(PolicyError::Request(format!(
                 "{source}: expected exactly one document"

@@ -368,6 +368,50 @@ pub fn parse_documents(
     }
 }
 
+/// Parses documents that are about to be stored: `moat policy apply` and `validate`, the control
+/// plane's `Apply` and the resources its Kubernetes controller stores. On top of
+/// [`parse_documents`], it refuses what a stored policy may still hold but new input must not:
+/// a rule that names a method sidecars never forward (CONNECT), which would read as an
+/// allowance that no request can use. Policies already stored are read with
+/// [`parse_documents`], so one stored before this check still loads.
+pub fn parse_new_documents(
+    text: &str,
+    source: &str,
+    trust_domain: &TrustDomain,
+) -> Result<Vec<Document>, Vec<DocumentError>> {
+    let docs = parse_documents(text, source, trust_domain)?;
+    // Every document parsed, so the n-th in the list is the input's n-th document.
+    let mut errors = Vec::new();
+    for (n, doc) in docs.iter().enumerate() {
+        let Document::AccessPolicy(p) = doc else {
+            continue;
+        };
+        for (i, r) in p.rules.iter().enumerate() {
+            for (k, h) in r.http.iter().enumerate() {
+                for (j, m) in h.methods.iter().enumerate() {
+                    if !crate::target::is_forwarded_method(m.as_str()) {
+                        errors.push(DocumentError {
+                            source: source.to_owned(),
+                            document: n + 1,
+                            line: None,
+                            field: Some(format!("spec.rules[{i}].http[{k}].methods[{j}]")),
+                            message: format!(
+                                "{} is never forwarded: sidecars refuse it before any rule is looked at (method-not-supported); remove it, and carry tunnelled traffic as opaque TCP with a rule without `http` on its port",
+                                m.as_str()
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(docs)
+    } else {
+        Err(errors)
+    }
+}
+
 type FieldError = (String, String);
 
 fn access_policy(d: AccessPolicyDoc, td: &TrustDomain) -> Result<AccessPolicy, FieldError> {
@@ -865,6 +909,30 @@ spec: { defaultPosture: allow-authenticated }
         let mut errs = parse_documents(text, "p.yaml", &td()).unwrap_err();
         assert_eq!(errs.len(), 1, "{errs:?}");
         errs.remove(0)
+    }
+
+    #[test]
+    fn new_documents_may_not_name_a_method_never_forwarded() {
+        let mesh =
+            "apiVersion: moat.dev/v1\nkind: MeshConfig\nmetadata: { name: mesh }\nspec: {}\n---\n";
+        let tunnel = format!("{mesh}{}", ORDERS.replace("[GET]", "[GET, CONNECT]"));
+        // A policy stored before the check still loads; new input is refused, by document and field.
+        assert!(parse_documents(&tunnel, "p.yaml", &td()).is_ok());
+        let errs = parse_new_documents(&tunnel, "p.yaml", &td()).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].document, 2, "{errs:?}");
+        assert_eq!(
+            errs[0].field.as_deref(),
+            Some("spec.rules[0].http[0].methods[1]")
+        );
+        assert!(
+            errs[0].message.contains("CONNECT is never forwarded"),
+            "{errs:?}"
+        );
+        assert_eq!(
+            parse_new_documents(ORDERS, "p.yaml", &td()).unwrap().len(),
+            2
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod target;
 
 pub use document::{
     Document, DocumentError, access_policy_yaml, check_issuers, mesh_config_yaml, parse_documents,
+    parse_new_documents,
 };
 pub use eval::{Decision, Reason, RuleTrace, Traffic, evaluate};
 pub use model::{

@@ -10,7 +10,7 @@ use moat_api::v1::{
     PolicySource,
 };
 use moat_identity::TrustDomain;
-use moat_policy::{Document, parse_documents};
+use moat_policy::{Document, parse_new_documents};
 
 use super::admin;
 use super::policy_files::sources;
@@ -85,7 +85,7 @@ fn validate(sources: &[(String, String)], td: &TrustDomain) -> anyhow::Result<Ve
     let mut docs = Vec::new();
     let mut errors = Vec::new();
     for (name, text) in sources {
-        match parse_documents(text, name, td) {
+        match parse_new_documents(text, name, td) {
             Ok(mut d) => docs.append(&mut d),
             Err(mut e) => errors.append(&mut e),
         }
