@@ -382,8 +382,9 @@ pub fn deny(
 }
 
 /// An answer from the sidecar itself, not from an app: a gateway error (no endpoint, upstream
-/// failure: 502/503, gRPC UNAVAILABLE), a target it cannot send on (400, gRPC INVALID_ARGUMENT)
-/// or a method it never forwards (403, gRPC PERMISSION_DENIED); `why` says what to do.
+/// failure: 502/503, gRPC UNAVAILABLE) or a target it cannot send on (400, gRPC
+/// INVALID_ARGUMENT); `why` says what to do. (A 403 would be gRPC PERMISSION_DENIED, but what the
+/// mesh refuses as policy goes through [`deny`], with its reason and the request id.)
 pub fn answer_here(status: StatusCode, why: &str, grpc: bool) -> Response<Body> {
     if grpc {
         let grpc_status = match status {

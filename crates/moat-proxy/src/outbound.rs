@@ -17,7 +17,7 @@ use crate::conn_guard::{Ended, RequestBody, serve_http};
 use crate::ctx::Ctx;
 use crate::detect::{Prefixed, Protocol, detect};
 use crate::http::{
-    Body, ORIG_PROTO, answer_here, boxed, ensure_request_id, is_grpc, keep_body_framing,
+    Body, ORIG_PROTO, answer_here, boxed, deny, ensure_request_id, is_grpc, keep_body_framing,
     printable_path, request_target, strip_hop_by_hop,
 };
 use crate::metrics::TrafficLabels;
@@ -241,7 +241,21 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
     let request_id = ensure_request_id(&mut parts.headers);
     let method = parts.method.clone();
     let path = printable_path(parts.uri.path());
-    let (decision, reason, endpoint, resp) = match send(parts, body, grpc, conn, ctx).await {
+    // A CONNECT is refused as the far side would (403 `method-not-supported`, with the reason
+    // and the request id in the answer): a tunnel has no path for the far side's rules to judge,
+    // and as an HTTP/2 stream it would be malformed (the far side resets it, and counts the reset
+    // against the shared connection other clients' requests travel on).
+    let sent = if moat_policy::is_forwarded_method(method.as_str()) {
+        send(parts, body, grpc, conn, ctx).await
+    } else {
+        let reason = moat_policy::Reason::MethodNotSupported;
+        Err(Refused {
+            resp: deny(reason, None, &request_id, grpc, None),
+            decision: "deny",
+            reason: reason.code(),
+        })
+    };
+    let (decision, reason, endpoint, resp) = match sent {
         Ok((ep, resp)) => ("allow", "forwarded", ep, resp),
         Err(r) => (r.decision, r.reason, String::new(), r.resp),
     };
@@ -272,10 +286,7 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
 }
 
 /// Sends one app request on to an endpoint of the service: HTTP/1.x as HTTP/1.1 on a connection
-/// of its own, HTTP/2 and gRPC on the shared HTTP/2 connections (decision 37). A CONNECT is
-/// refused (403 `method-not-supported`): a tunnel has no path for the far side's rules to
-/// judge, and as an HTTP/2 stream it would be malformed (the far side resets it, and counts the
-/// reset against the shared connection other clients' requests travel on).
+/// of its own, HTTP/2 and gRPC on the shared HTTP/2 connections (decision 37).
 async fn send(
     mut parts: http::request::Parts,
     body: RequestBody,
@@ -283,17 +294,6 @@ async fn send(
     conn: &HttpConn,
     ctx: &Ctx,
 ) -> Sent {
-    if !moat_policy::is_forwarded_method(parts.method.as_str()) {
-        return Err(Refused {
-            resp: answer_here(
-                StatusCode::FORBIDDEN,
-                "the mesh carries no CONNECT tunnels: send the request itself to the service",
-                grpc,
-            ),
-            decision: "deny",
-            reason: moat_policy::Reason::MethodNotSupported.code(),
-        });
-    }
     let to = &conn.target;
     let (authority, pq) = request_target(&parts, &conn.default_authority);
     parts.headers.remove(&ORIG_PROTO);
