@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::*;
 use moat_test_util::apps::{Received, Recording, http_echo, recording_http, tcp_greeter};
-use moat_test_util::{ControlPlane, Proxy, apply_policy, eventually, metric_sum};
+use moat_test_util::{ControlPlane, Proxy, apply_policy, eventually, http_get, metric_sum};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const POLICY: &str = r#"
@@ -337,6 +337,78 @@ async fn a_connect_never_reaches_the_app() {
     );
     let log = b.log_text();
     assert!(log.contains(r#"reason="method-not-supported""#), "{log}");
+}
+
+/// In transparent mode the inbound sends a connection to the port its caller dialled (carried in
+/// the TLS server name) on the address it arrived at. A caller allowed into `b` must not reach
+/// b's own listeners that way: through b's `--upstream` listener its requests would go on to
+/// `vault`, which admits only b, under b's identity. Such a connection is closed before any of
+/// it is read, as one naming b's admin port is; the same caller naming b's app port is served,
+/// so the refusal is the port's and not the route's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_cannot_borrow_the_sidecars_identity_through_its_listeners() {
+    let cp = ControlPlane::start().unwrap();
+    let vault_policy = "apiVersion: moat.dev/v1\nkind: AccessPolicy\nmetadata: { name: vault }\nspec:\n  target: vault\n  rules: [{ from: [b] }]\n";
+    apply_policy(&cp, &format!("{POLICY}---\n{vault_policy}"));
+    let (vault_app, vault_rec) = recording_http().await;
+    let _vault = Proxy::builder(&cp, "vault").app(vault_app).start().unwrap();
+    let (app, rec) = recording_http().await;
+    let b = Proxy::builder(&cp, "b")
+        .upstream("vault")
+        .args(&["--transparent", "127.0.0.1:0"])
+        .start()
+        .unwrap();
+    let c = credential_for(&cp, "c");
+    // b's own app reaches vault through the listener, as b.
+    let through = b.upstream("vault");
+    tokio::task::block_in_place(|| {
+        eventually(Duration::from_secs(20), || {
+            http_get(&through, "/from-b")
+                .filter(|(status, _)| *status == 200)
+                .map(|_| ())
+        })
+    })
+    .expect("b's app never reached vault");
+    assert_eq!(taken(&vault_rec).len(), 1);
+
+    let ask = |port: u16, path: &'static str| {
+        let (cp, b, c) = (&cp, &b, &c);
+        async move {
+            let name = format!("port-{port}.moat.invalid");
+            let mut tls = dial_named(cp, b, c, moat_tls::ALPN_HTTP1, &name).await;
+            let raw = format!("GET {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n");
+            let _ = tls.write_all(raw.as_bytes()).await;
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+            String::from_utf8_lossy(&out).into_owned()
+        }
+    };
+    let served = ask(app.port(), "/app").await;
+    assert_eq!(status_of(&served), 200, "{served}");
+    let seen = taken(&rec);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].path_and_query, "/app");
+    let peer: Vec<&(String, String)> = seen[0]
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "x-moat-peer-id")
+        .collect();
+    assert_eq!(peer, [&("x-moat-peer-id".to_owned(), id("c").to_string())]);
+
+    for (port, what) in [
+        (through.port(), "the upstream listener"),
+        (b.admin.port(), "the admin port"),
+    ] {
+        let answer = ask(port, "/secret").await;
+        assert!(answer.is_empty(), "{what} answered: {answer}");
+    }
+    assert!(
+        taken(&vault_rec).is_empty(),
+        "c's request reached vault as b"
+    );
+    assert!(taken(&rec).is_empty());
+    let log = b.log_text();
+    assert_eq!(log.matches(r#"reason="proxy-port""#).count(), 2, "{log}");
 }
 
 /// Headers the app could act on differently from the sidecar: a second `Host` (the sidecar

@@ -400,6 +400,18 @@ pub async fn dial(
     cred: &Credential,
     alpn: &[u8],
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    dial_named(cp, to, cred, alpn, "moat.invalid").await
+}
+
+/// [`dial`] with the TLS server name `server_name`: in transparent mode the sidecar takes the
+/// app port from it (`port-<n>.moat.invalid`).
+pub async fn dial_named(
+    cp: &ControlPlane,
+    to: &moat_test_util::Proxy,
+    cred: &Credential,
+    alpn: &[u8],
+    server_name: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let cfg = moat_tls::client_config(
         Some(cred),
         std::sync::Arc::new(bundle(cp)),
@@ -409,7 +421,7 @@ pub async fn dial(
     .unwrap();
     let tcp = tokio::net::TcpStream::connect(to.inbound).await.unwrap();
     tokio_rustls::TlsConnector::from(cfg)
-        .connect("moat.invalid".try_into().unwrap(), tcp)
+        .connect(server_name.to_owned().try_into().unwrap(), tcp)
         .await
         .unwrap()
 }

@@ -142,7 +142,8 @@ impl Proxy {
 
     /// Starts `program` for `identity` in front of `app`, with an outbound listener for each of
     /// `upstreams` (`name`, or `name@port` for a fixed port) and `extra` flags, with a new join
-    /// token, and waits until it is ready (what [`ProxyBuilder::start`] does).
+    /// token, and waits until it is ready (what [`ProxyBuilder::start`] does). With
+    /// `--transparent` among `extra`, `app` is not passed: there is no `--app` in that mode.
     fn start_binary(
         cp: &ControlPlane,
         program: &Program<'_>,
@@ -248,9 +249,12 @@ impl Proxy {
             &inbound.to_string(),
             "--admin",
             &admin.to_string(),
-            "--app",
-            &app.to_string(),
         ]);
+        // With `--transparent` among the flags there is no `--app`: each mesh connection goes to
+        // the port its caller dialled, on the address it arrived at.
+        if !extra.contains(&"--transparent") {
+            cmd.args(["--app", &app.to_string()]);
+        }
         for u in upstreams {
             let (name, a) = match u.split_once('@') {
                 Some((n, p)) => (n, SocketAddr::from(([127, 0, 0, 1], p.parse()?))),
