@@ -14,7 +14,7 @@ use std::sync::Arc;
 use moat_identity::TrustDomain;
 use moat_policy::{
     AccessPolicy, Document, DocumentError, MeshConfig, PolicyVersion, access_policy_yaml,
-    mesh_config_yaml, parse_documents, parse_new_documents,
+    check_new_documents, mesh_config_yaml, parse_documents, parse_new_documents,
 };
 use moat_store::{Compare, Op, Store, StoreError, Txn};
 
@@ -356,8 +356,10 @@ impl Policies {
     }
 
     /// Stores the one document in `text` (named `source` in errors) on behalf of `owner`,
-    /// validated as `moat policy apply` validates, unless it is stored so already. The owner
-    /// record is written with it, so the CLI leaves it alone from then on.
+    /// validated as `moat policy apply` validates, unless it is stored so already (a resource
+    /// stored before a check on new input existed is left in force as it is, not refused on
+    /// every relist). The owner record is written with it, so the CLI leaves it alone from
+    /// then on.
     pub async fn apply_owned(
         &self,
         source: &str,
@@ -365,7 +367,7 @@ impl Policies {
         owner: &Owner,
     ) -> Result<Owned, PolicyError> {
         let mut docs =
-            parse_new_documents(text, source, &self.trust_domain).map_err(PolicyError::Invalid)?;
+            parse_documents(text, source, &self.trust_domain).map_err(PolicyError::Invalid)?;
         let (Some(doc), true) = (docs.pop(), docs.is_empty()) else {
             return Err(PolicyError::Request(format!(
                 "{source}: expected exactly one document"
@@ -410,6 +412,7 @@ impl Policies {
                 changed: false,
             });
         }
+        check_new_documents(std::slice::from_ref(&doc), source).map_err(PolicyError::Invalid)?;
         match &doc {
             Document::AccessPolicy(p) => self.check_tokens(std::slice::from_ref(p), None).await?,
             Document::MeshConfig(m) => self.check_tokens(&[], Some(m)).await?,

@@ -380,7 +380,13 @@ pub fn parse_new_documents(
     trust_domain: &TrustDomain,
 ) -> Result<Vec<Document>, Vec<DocumentError>> {
     let docs = parse_documents(text, source, trust_domain)?;
-    // Every document parsed, so the n-th in the list is the input's n-th document.
+    check_new_documents(&docs, source)?;
+    Ok(docs)
+}
+
+/// What [`parse_new_documents`] adds to [`parse_documents`], for documents already parsed from
+/// `source` (all of them, in order: the n-th is the source's n-th document).
+pub fn check_new_documents(docs: &[Document], source: &str) -> Result<(), Vec<DocumentError>> {
     let mut errors = Vec::new();
     for (n, doc) in docs.iter().enumerate() {
         let Document::AccessPolicy(p) = doc else {
@@ -406,7 +412,7 @@ pub fn parse_new_documents(
         }
     }
     if errors.is_empty() {
-        Ok(docs)
+        Ok(())
     } else {
         Err(errors)
     }

@@ -13,8 +13,8 @@ pub mod suggest;
 pub mod target;
 
 pub use document::{
-    Document, DocumentError, access_policy_yaml, check_issuers, mesh_config_yaml, parse_documents,
-    parse_new_documents,
+    Document, DocumentError, access_policy_yaml, check_issuers, check_new_documents,
+    mesh_config_yaml, parse_documents, parse_new_documents,
 };
 pub use eval::{Decision, Reason, RuleTrace, Traffic, evaluate};
 pub use model::{

@@ -197,8 +197,14 @@ pub fn suggest(
     calls: &[ObservedCall],
     min_calls: u64,
 ) -> Suggestion {
+    // A method no sidecar forwards (CONNECT) admits nothing, and `apply` refuses a rule naming
+    // it; a sidecar observes none today, one of an older build may have.
+    let calls: Vec<&ObservedCall> = calls
+        .iter()
+        .filter(|c| c.method.is_empty() || crate::target::is_forwarded_method(&c.method))
+        .collect();
     let mut by_peer: BTreeMap<&str, Vec<&ObservedCall>> = BTreeMap::new();
-    for c in calls {
+    for c in &calls {
         by_peer.entry(c.peer.as_str()).or_default().push(c);
     }
     let total: u64 = calls.iter().map(|c| c.count).sum();
@@ -295,7 +301,7 @@ mod tests {
     use moat_identity::TrustDomain;
 
     use super::*;
-    use crate::{Document, Traffic, evaluate, parse_documents};
+    use crate::{Document, Traffic, evaluate};
 
     fn call(peer: &str, method: &str, path: &str, count: u64) -> ObservedCall {
         ObservedCall {
@@ -342,6 +348,9 @@ mod tests {
             call("frontend", "POST", "/orders", 5),
             call("frontend", "GET", "/health", 40),
             call("cart", "GET", "/orders/7", 2),
+            // Recorded by an older sidecar: never forwarded, so never suggested.
+            call("frontend", "CONNECT", "/orders/1", 9),
+            call("tunnel", "CONNECT", "/", 50),
             ObservedCall {
                 peer: "spiffe://moat.local/ns/shop/sa/ledger".into(),
                 port: 5432,
@@ -354,10 +363,16 @@ mod tests {
         let s = suggest(&target, &key, &calls, 10);
         assert_eq!(s.rules, 3, "{}", s.yaml);
         assert!(s.yaml.contains("# 42 requests"), "{}", s.yaml);
+        assert!(
+            !s.yaml.contains("CONNECT") && !s.yaml.contains("tunnel"),
+            "{}",
+            s.yaml
+        );
         // cart (2 calls) and ledger (3) are under 10.
         assert_eq!(s.warnings.len(), 2, "{:?}", s.warnings);
-        let docs = parse_documents(&s.yaml, "suggestion", &TrustDomain::default_domain())
-            .unwrap_or_else(|e| panic!("{e:?}\n{}", s.yaml));
+        let docs =
+            crate::parse_new_documents(&s.yaml, "suggestion", &TrustDomain::default_domain())
+                .unwrap_or_else(|e| panic!("{e:?}\n{}", s.yaml));
         let [Document::AccessPolicy(policy)] = &docs[..] else {
             panic!("{docs:?}");
         };

@@ -78,7 +78,7 @@ pub async fn run(global: &Global, args: SuggestArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
     let s = suggest(&target, &key, &calls, args.min_calls);
     // What is printed must be a policy `moat policy apply` takes.
-    moat_policy::parse_documents(&s.yaml, "the suggestion", target.trust_domain()).map_err(
+    moat_policy::parse_new_documents(&s.yaml, "the suggestion", target.trust_domain()).map_err(
         |errors| {
             anyhow::anyhow!(
                 "the suggestion does not parse as a policy (a bug; please report it): {errors:?}"
