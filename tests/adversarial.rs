@@ -343,8 +343,8 @@ async fn a_connect_never_reaches_the_app() {
 /// the TLS server name) on the address it arrived at. A caller allowed into `b` must not reach
 /// b's own listeners that way: through b's `--upstream` listener its requests would go on to
 /// `vault`, which admits only b, under b's identity. Such a connection is closed before any of
-/// it is read, as one naming b's admin port is; the same caller naming b's app port is served,
-/// so the refusal is the port's and not the route's.
+/// it is read, as one naming b's admin or inbound port is; the same caller naming b's app port
+/// is served, so the refusal is the port's and not the route's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_cannot_borrow_the_sidecars_identity_through_its_listeners() {
     let cp = ControlPlane::start().unwrap();
@@ -398,6 +398,7 @@ async fn a_caller_cannot_borrow_the_sidecars_identity_through_its_listeners() {
     for (port, what) in [
         (through.port(), "the upstream listener"),
         (b.admin.port(), "the admin port"),
+        (b.inbound.port(), "the inbound port"),
     ] {
         let answer = ask(port, "/secret").await;
         assert!(answer.is_empty(), "{what} answered: {answer}");
@@ -408,7 +409,7 @@ async fn a_caller_cannot_borrow_the_sidecars_identity_through_its_listeners() {
     );
     assert!(taken(&rec).is_empty());
     let log = b.log_text();
-    assert_eq!(log.matches(r#"reason="proxy-port""#).count(), 2, "{log}");
+    assert_eq!(log.matches(r#"reason="proxy-port""#).count(), 3, "{log}");
 }
 
 /// Headers the app could act on differently from the sidecar: a second `Host` (the sidecar

@@ -71,15 +71,17 @@ fn app_addr(
     if own.contains(&Some(port)) {
         return Err("proxy-port");
     }
-    let ip = local.map(|l| l.ip()).ok_or("no-local-address")?;
+    // An IPv4 caller on a dual-stack inbound arrives at `::ffff:a.b.c.d`, where a listener on
+    // `a.b.c.d` answers too: addresses are compared in their canonical form.
+    let ip = local
+        .map(|l| l.ip().to_canonical())
+        .ok_or("no-local-address")?;
     let target = SocketAddr::new(ip, port);
     // An `--upstream` listener answers there if it listens on that address or on all of them.
-    if ctx
-        .cfg
-        .upstreams
-        .iter()
-        .any(|u| u.listen.port() == port && (u.listen.ip() == ip || u.listen.ip().is_unspecified()))
-    {
+    if ctx.cfg.upstreams.iter().any(|u| {
+        let listen = u.listen.ip().to_canonical();
+        u.listen.port() == port && (listen == ip || listen.is_unspecified())
+    }) {
         return Err("proxy-port");
     }
     Ok(target)

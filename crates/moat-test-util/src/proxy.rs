@@ -252,7 +252,10 @@ impl Proxy {
         ]);
         // With `--transparent` among the flags there is no `--app`: each mesh connection goes to
         // the port its caller dialled, on the address it arrived at.
-        if !extra.contains(&"--transparent") {
+        if !extra
+            .iter()
+            .any(|a| *a == "--transparent" || a.starts_with("--transparent="))
+        {
             cmd.args(["--app", &app.to_string()]);
         }
         for u in upstreams {
