@@ -44,6 +44,14 @@ fn proxy_flags_are_checked_before_anything_starts() {
             "--identity",
         ),
         (proxy_args("orders", "nowhere", &[]), "invalid value"),
+        (
+            proxy_args(
+                "orders",
+                "127.0.0.1:1",
+                &["--inbound", "127.0.0.1:0", "--cpu-scheduling", "fifo"],
+            ),
+            "[possible values: batch, normal]",
+        ),
         (vec!["--identity", "orders"], "required"),
     ];
     for (args, want) in cases {
@@ -54,6 +62,68 @@ fn proxy_flags_are_checked_before_anything_starts() {
             .unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
         assert!(stderr(&out).contains(want), "{args:?}: {}", stderr(&out));
+    }
+}
+
+/// Each thread's scheduling policy and nice value, as the kernel records them
+/// (`/proc/PID/task/TID/stat`, fields 41 and 19).
+fn policies_and_nice(pid: u32) -> Vec<(u32, i32)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        // A thread that ended since the listing is skipped.
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
+        .map(|stat| {
+            // The fields after the command name, which may hold spaces: field 3 first.
+            let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+            (
+                fields[41 - 3].parse().unwrap(),
+                fields[19 - 3].parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A sidecar's threads run under SCHED_BATCH (policy 3) unless `--cpu-scheduling normal` says
+/// otherwise (decision 50), and keep the nice value the sidecar was started with.
+#[test]
+fn sidecar_threads_run_under_the_scheduling_policy_asked_for() {
+    let cp = ControlPlane::start().unwrap();
+    let batch = moat_test_util::Proxy::builder(&cp, "a").start().unwrap();
+    let normal = moat_test_util::Proxy::builder(&cp, "b")
+        .args(&["--cpu-scheduling", "normal"])
+        .start()
+        .unwrap();
+    // A child inherits the nice value of the thread that starts it: this one, a notch above
+    // the test's own, is started from a thread of its own.
+    let base = rustix::process::getpriority_process(None).unwrap();
+    let above = (base + 5).min(19);
+    let niced = std::thread::scope(|s| {
+        s.spawn(|| {
+            rustix::process::setpriority_process(None, above).unwrap();
+            moat_test_util::Proxy::builder(&cp, "c").start().unwrap()
+        })
+        .join()
+        .unwrap()
+    });
+    for (proxy, want) in [
+        (&batch, (3, base)),
+        (&normal, (0, base)),
+        (&niced, (3, above)),
+    ] {
+        let threads = policies_and_nice(proxy.pid().unwrap());
+        assert!(!threads.is_empty());
+        assert!(
+            threads.iter().all(|t| *t == want),
+            "{}: {threads:?}, want {want:?} for every thread",
+            proxy.identity
+        );
+    }
+    for proxy in [&batch, &normal, &niced] {
+        assert!(
+            !proxy.log_text().contains("cpu-scheduling"),
+            "{}",
+            proxy.log_text()
+        );
     }
 }
 

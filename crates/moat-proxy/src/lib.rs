@@ -22,6 +22,7 @@ pub mod callers;
 pub mod coalesce;
 pub mod config;
 pub mod conn_guard;
+pub mod cpu;
 pub mod ctx;
 pub mod detect;
 pub mod edges;

@@ -116,6 +116,11 @@ struct Args {
     /// closed after its handshake, before any of it reaches the app.
     #[arg(long, env = "MOAT_MAX_CONNECTIONS_PER_CALLER", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_connections_per_caller: u32,
+    /// How the kernel schedules the sidecar: `batch` (SCHED_BATCH: a thread woken by its
+    /// sockets does not preempt the app or the next hop, and handles several ready connections
+    /// when it runs; decision 50) or `normal` (as started: every wake-up may preempt).
+    #[arg(long, env = "MOAT_CPU_SCHEDULING", value_enum, default_value_t = moat_proxy::cpu::CpuScheduling::Batch)]
+    cpu_scheduling: moat_proxy::cpu::CpuScheduling,
     /// Worker threads (1: everything on one thread).
     #[arg(long, env = "MOAT_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     workers: u16,
@@ -312,6 +317,8 @@ fn main() -> ExitCode {
         };
     }
     let args = Args::parse();
+    // Before any thread starts (the log writer's included), so that every one inherits it.
+    let scheduled = moat_proxy::cpu::apply(args.cpu_scheduling);
     let filter = match log_filter() {
         Ok(f) => f,
         Err(e) => {
@@ -320,6 +327,9 @@ fn main() -> ExitCode {
         }
     };
     let logs = init_logging(&args.log_format, filter);
+    if let Err(e) = scheduled {
+        tracing::warn!("--cpu-scheduling batch: {e}");
+    }
     let cfg = match config(&args) {
         Ok(c) => c,
         Err(e) => return fail(logs, format!("moat-proxy: {e}"), ExitCode::from(2)),
