@@ -552,3 +552,61 @@ impl Policies {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    const ORDERS: &str = "apiVersion: moat.dev/v1\nkind: AccessPolicy\nmetadata: { name: orders, namespace: shop }\nspec:\n  target: shop/orders\n  rules: [{ from: [shop/frontend], http: [{ methods: [GET, CONNECT] }] }]\n";
+
+    /// A resource stored before new input was checked for CONNECT stays in force, unchanged,
+    /// when the controller relists it; the same resource changed is held to the check.
+    #[tokio::test]
+    async fn a_resource_stored_before_the_connect_check_is_left_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(moat_store::EmbeddedStore::open(dir.path()).unwrap());
+        let td = TrustDomain::default_domain();
+        let policies = Policies::new(store.clone(), td.clone());
+        let owner = Owner {
+            kind: "AccessPolicy".into(),
+            resource: "shop/orders".into(),
+            uid: "6c1f".into(),
+        };
+        // What an older control plane stored for the resource: the canonical document and its
+        // owner record.
+        let Some(Document::AccessPolicy(p)) = parse_documents(ORDERS, "r", &td).unwrap().pop()
+        else {
+            panic!("not a policy");
+        };
+        store
+            .txn(Txn {
+                success: vec![
+                    Op::Put(key_of(&p), access_policy_yaml(&p).into_bytes()),
+                    Op::Put(owner_key(&p.key()), serde_json::to_vec(&owner).unwrap()),
+                ],
+                ..Txn::default()
+            })
+            .await
+            .unwrap();
+        let relisted = policies.apply_owned("r", ORDERS, &owner).await.unwrap();
+        assert!(!relisted.changed);
+        let edited = ORDERS.replace("GET, CONNECT", "POST, CONNECT");
+        let err = policies
+            .apply_owned("r", &edited, &owner)
+            .await
+            .expect_err("a changed resource naming CONNECT was stored");
+        assert!(
+            matches!(err, PolicyError::Invalid(_))
+                && err.to_string().contains("CONNECT is never forwarded"),
+            "{err}"
+        );
+        let set = policies.load().await.unwrap();
+        assert_eq!(set.policies.len(), 1);
+        assert_eq!(
+            set.policies[0].rules, p.rules,
+            "the stored policy stays in force"
+        );
+    }
+}
