@@ -176,7 +176,7 @@ pub enum H2cError {
     #[error("connect to the app: {0}")]
     Connect(#[source] std::io::Error),
     #[error("http/2 handshake with the app: {0}")]
-    Handshake(#[source] hyper::Error),
+    Handshake(#[source] h2::Error),
     #[error(transparent)]
     Stream(#[from] multiplex::StreamError),
     #[error("the app closed its connection before the request went out")]
@@ -231,7 +231,7 @@ impl H2c {
         }
         let tcp = dial(self.addr).await.map_err(H2cError::Connect)?;
         let conn = multiplex::Conn::handshake(
-            &multiplex::builder(),
+            multiplex::Settings::default(),
             tcp,
             "app",
             self.linger,

@@ -31,12 +31,13 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
-use hyper::body::{Body as _, Frame, Incoming, SizeHint};
-use hyper::client::conn::http2::{Builder, SendRequest};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use h2::client::{ResponseFuture, SendRequest};
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, Response};
+use http_body_util::BodyExt as _;
+use hyper::body::{Body as _, Frame, SizeHint};
 
-use crate::http::{Body, BoxError, boxed};
+use crate::http::{Body, BoxError};
 use crate::metrics::Metrics;
 
 /// Streams the proxy opens at once on one shared connection.
@@ -56,6 +57,10 @@ pub const LINGER_SHARE_OF_REQUEST_IDLE: u32 = 4;
 /// as the proxy's own server allows a connection (`conn_guard::STREAMS_PER_CONNECTION`).
 pub const STREAM_WINDOW: u32 = 512 * 1024;
 pub const CONNECTION_WINDOW: u32 = STREAM_WINDOW * crate::conn_guard::STREAMS_PER_CONNECTION;
+/// The largest response head taken, decoded: what hyper's client takes.
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// Request body bytes buffered per stream while the far side's window is shut.
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
 
 /// Something a stream keeps until it ends (a place in a caller's count of requests in flight):
 /// a lingering stream still holds it.
@@ -65,24 +70,28 @@ pub type Keep = Box<dyn Any + Send + Sync>;
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
     #[error(transparent)]
-    Http(#[from] hyper::Error),
+    Http(#[from] h2::Error),
     #[error("the request body failed before the response came")]
     RequestBody,
 }
 
-/// The HTTP/2 client settings every shared connection uses.
-pub fn builder() -> Builder<TokioExecutor> {
-    let mut b = Builder::new(TokioExecutor::new());
-    b.timer(TokioTimer::new())
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW);
-    b
+/// How a shared connection watches its far side.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Settings {
+    /// Sends a PING this often, and closes the connection when the far side has not answered
+    /// one within the same time: a far side gone without a word (its host down, a NAT entry
+    /// dropped) is found before a request waits on it.
+    pub keep_alive: Option<Duration>,
 }
 
-/// One shared HTTP/2 client connection.
+/// One shared HTTP/2 client connection, driven with the `h2` crate directly: a request goes
+/// out from the task that sends it, and its response comes back to that task, with no
+/// dispatch task in between (hyper's client adds a channel and a task per request).
 #[derive(Debug)]
 pub struct Conn {
-    sender: SendRequest<Body>,
+    sender: SendRequest<Bytes>,
+    /// The connection's task has ended.
+    closed: Arc<AtomicBool>,
     /// Where it goes, for metrics (`upstream` or `app`).
     side: &'static str,
     /// Streams in flight (including lingering ones).
@@ -106,26 +115,41 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// Makes an HTTP/2 connection over `io` with `builder` and runs it in its own task.
+    /// Makes an HTTP/2 connection over `io` and runs it in its own task.
     pub async fn handshake<I>(
-        builder: &Builder<TokioExecutor>,
+        settings: Settings,
         io: I,
         side: &'static str,
         linger: Duration,
         label: String,
-    ) -> Result<Arc<Conn>, hyper::Error>
+    ) -> Result<Arc<Conn>, h2::Error>
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let io = crate::coalesce::Coalesced::new(io, true);
-        let (sender, conn) = builder.handshake::<_, Body>(TokioIo::new(io)).await?;
+        let (sender, mut conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .initial_max_send_streams(STREAMS_PER_SHARED)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .enable_push(false)
+            .handshake::<_, Bytes>(io)
+            .await?;
+        let pings = settings
+            .keep_alive
+            .and_then(|every| conn.ping_pong().map(|p| (p, every)));
+        let closed = Arc::new(AtomicBool::new(false));
+        let ended = closed.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            if let Err(e) = drive(conn, pings).await {
                 tracing::debug!(to = label, error = %e, "shared connection closed");
             }
+            ended.store(true, Ordering::Relaxed);
         });
         Ok(Arc::new(Conn {
             sender,
+            closed,
             side,
             streams: AtomicUsize::new(0),
             resets: AtomicUsize::new(0),
@@ -141,7 +165,7 @@ impl Conn {
 
     /// Whether new streams may use it.
     pub fn usable(&self) -> bool {
-        !self.retired.load(Ordering::Relaxed) && !self.sender.is_closed()
+        !self.retired.load(Ordering::Relaxed) && !self.closed.load(Ordering::Relaxed)
     }
 
     /// Whether it has a free stream slot.
@@ -203,7 +227,8 @@ impl Conn {
     /// Gives up on a stream whose response head has not come: reset now if [`Conn::may_reset`]
     /// allows, else lingering until it is known accepted.
     fn cancel(self: &Arc<Self>, stream: InFlight) {
-        // hyper resets a stream whose response future is dropped.
+        // Dropped, its response future and its body's pipe let go of the stream, and h2 resets
+        // a stream nothing holds that has not ended.
         if self.may_reset(stream.seq) {
             drop(stream);
         } else if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -292,36 +317,173 @@ impl Lease {
     /// closed (the far side went away or said GOAWAY), and it is retired.
     pub async fn send(mut self, req: Request<Body>) -> Result<Sent, Request<Body>> {
         let conn = self.conn.clone();
-        let mut sender = conn.sender.clone();
-        if sender.ready().await.is_err() {
+        let Ok(mut sender) = conn.sender.clone().ready().await else {
             conn.retire();
             self.clean = true;
             return Err(req);
+        };
+        let (mut head, body) = req.into_parts();
+        // The callers strip them on arrival; HTTP/2 forbids them, so they never go out.
+        crate::http::strip_hop_by_hop(&mut head.headers);
+        if let Some(len) = body.size_hint().exact()
+            && (len != 0 || !matches!(head.method, Method::GET | Method::HEAD | Method::DELETE))
+            && !head.headers.contains_key(http::header::CONTENT_LENGTH)
+        {
+            head.headers
+                .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
         }
-        let state = Arc::new(StreamState::default());
-        let req = req.map(|inner| {
-            boxed(GatedBody {
-                inner,
-                state: state.clone(),
-                failed: None,
-            })
-        });
-        let (seq, response) = {
-            // The order taken is the order the connection opens streams in: hyper opens them as
-            // they leave its queue, and they enter it here, under the lock.
+        let end_of_stream = body.is_end_stream();
+        let (seq, opened) = {
+            // The order taken is the order the connection opens streams in: h2 gives a stream its
+            // identifier when it is sent, and streams are sent here, under the lock.
             let mut next = conn.next.lock().unwrap_or_else(|e| e.into_inner());
             let seq = *next;
-            *next += 1;
-            (seq, sender.send_request(req))
+            let opened = sender.send_request(Request::from_parts(head, ()), end_of_stream);
+            if opened.is_ok() {
+                *next += 1;
+            }
+            (seq, opened)
+        };
+        let (response, body_tx) = match opened {
+            Ok(x) => x,
+            Err(e) => {
+                // Refused before it was a stream: nothing of ours to reset.
+                self.clean = true;
+                return Ok(Sent {
+                    stream: None,
+                    refused: Some(e),
+                });
+            }
+        };
+        let state = Arc::new(StreamState::default());
+        let pipe = if end_of_stream {
+            Pipe(None)
+        } else {
+            let body = GatedBody {
+                inner: body,
+                state: state.clone(),
+                failed: None,
+            };
+            Pipe(Some(tokio::spawn(pipe(body, body_tx)).abort_handle()))
         };
         Ok(Sent {
             stream: Some(InFlight {
                 seq,
-                response: Box::pin(response),
+                response,
                 lease: self,
                 state,
+                pipe,
             }),
+            refused: None,
         })
+    }
+}
+
+/// Drives a shared connection until it ends, with a PING every `pings.1` when asked: a far side
+/// that leaves one unanswered that long ends it.
+async fn drive<T>(
+    conn: h2::client::Connection<T, Bytes>,
+    pings: Option<(h2::PingPong, Duration)>,
+) -> Result<(), String>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let Some((mut pings, every)) = pings else {
+        return conn.await.map_err(|e| e.to_string());
+    };
+    tokio::pin!(conn);
+    loop {
+        tokio::select! {
+            ended = &mut conn => return ended.map_err(|e| e.to_string()),
+            () = tokio::time::sleep(every) => {}
+        }
+        let pong = tokio::time::timeout(every, pings.ping(h2::Ping::opaque()));
+        tokio::select! {
+            ended = &mut conn => return ended.map_err(|e| e.to_string()),
+            answered = pong => match answered {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => return Err(format!("no answer to a keep-alive PING in {every:?}")),
+            },
+        }
+    }
+}
+
+/// Sends a request body on its stream as the far side's window allows: a frame at a time, read
+/// from the body only once the one before went out, so no more than one frame waits here. Ends
+/// the stream when the body ends, sends its trailers, or resets the stream when the body fails
+/// (`GatedBody` holds a failure until a reset is safe). A far side that resets the stream stops
+/// it.
+async fn pipe(body: GatedBody, mut tx: SendStream<Bytes>) {
+    let mut body = body;
+    loop {
+        let next = tokio::select! {
+            biased;
+            _reset = std::future::poll_fn(|cx| tx.poll_reset(cx)) => return,
+            frame = body.frame() => frame,
+        };
+        let frame = match next {
+            None => {
+                let _ = tx.send_data(Bytes::new(), true);
+                return;
+            }
+            Some(Err(_)) => {
+                tx.send_reset(h2::Reason::INTERNAL_ERROR);
+                return;
+            }
+            Some(Ok(frame)) => frame,
+        };
+        let mut data = match frame.into_data() {
+            Ok(data) => data,
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let _ = tx.send_trailers(trailers);
+                    return;
+                }
+                continue;
+            }
+        };
+        let end = body.is_end_stream();
+        if data.is_empty() {
+            if tx.send_data(data, end).is_err() || end {
+                return;
+            }
+            continue;
+        }
+        while !data.is_empty() {
+            tx.reserve_capacity(data.len());
+            let granted = match std::future::poll_fn(|cx| tx.poll_capacity(cx)).await {
+                Some(Ok(n)) => n,
+                // The stream was reset or the connection ended.
+                Some(Err(_)) | None => return,
+            };
+            let chunk = data.split_to(granted.min(data.len()));
+            if tx.send_data(chunk, end && data.is_empty()).is_err() {
+                return;
+            }
+        }
+        if end {
+            return;
+        }
+    }
+}
+
+/// The task that sends a request body (see [`pipe`]), aborted when dropped: a stream given up
+/// before its response came takes its body with it.
+struct Pipe(Option<tokio::task::AbortHandle>);
+
+impl Pipe {
+    /// The stream was answered: the body goes on for as long as it lasts.
+    fn detach(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
     }
 }
 
@@ -340,20 +502,22 @@ impl Drop for Lease {
     }
 }
 
-type ResponseFuture = Pin<Box<dyn Future<Output = hyper::Result<Response<Incoming>>> + Send>>;
-
 /// A stream whose response head has not come yet.
 struct InFlight {
     seq: u64,
     response: ResponseFuture,
     lease: Lease,
     state: Arc<StreamState>,
+    pipe: Pipe,
 }
 
 /// The response to a request sent on a shared connection. Dropped before it resolves, the
 /// stream is cancelled through the connection's reset gate ([`Conn::cancel`]).
 pub struct Sent {
     stream: Option<InFlight>,
+    /// Why h2 refused to open the stream (the connection is closing, or the request head is
+    /// one HTTP/2 cannot carry).
+    refused: Option<h2::Error>,
 }
 
 impl std::fmt::Debug for Sent {
@@ -368,6 +532,9 @@ impl Future for Sent {
     type Output = Result<Response<Leased>, StreamError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Some(e) = self.refused.take() {
+            return Poll::Ready(Err(e.into()));
+        }
         let Some(stream) = self.stream.as_mut() else {
             return Poll::Ready(Err(StreamError::RequestBody));
         };
@@ -377,25 +544,33 @@ impl Future for Sent {
             }
             return Poll::Ready(Err(StreamError::RequestBody));
         }
-        let Poll::Ready(result) = stream.response.as_mut().poll(cx) else {
+        let Poll::Ready(result) = Pin::new(&mut stream.response).poll(cx) else {
             return Poll::Pending;
         };
         let Some(InFlight {
             seq,
             mut lease,
             state,
+            pipe,
             ..
         }) = self.stream.take()
         else {
             return Poll::Ready(Err(StreamError::RequestBody));
         };
+        pipe.detach();
         state.answer();
         Poll::Ready(match result {
             Ok(resp) => {
                 lease.conn.answered(seq);
                 // A response without a body is never polled.
                 lease.clean = resp.body().is_end_stream();
-                Ok(resp.map(|inner| Leased { inner, lease }))
+                let remaining = content_length(resp.headers());
+                Ok(resp.map(|inner| Leased {
+                    inner,
+                    lease,
+                    remaining,
+                    data_done: false,
+                }))
             }
             Err(e) => {
                 // The far side (or the connection) ended it: not our reset.
@@ -469,7 +644,7 @@ impl StreamState {
     }
 }
 
-/// A request body on a shared connection. hyper resets a stream the moment its request body
+/// A request body on a shared connection. [`pipe`] resets a stream the moment its request body
 /// fails; before the response head has come, that reset must pass the connection's gate
 /// instead, so the failure is held (the stream stays open) and handed to the response future,
 /// which cancels through the gate. Once the stream is answered, the failure goes on as it came.
@@ -532,25 +707,86 @@ impl hyper::body::Body for GatedBody {
     }
 }
 
+/// The length a response head declares in its one `content-length`, if it declares one (h2
+/// holds the stream's DATA to it).
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let value = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    value.to_str().ok()?.parse().ok()
+}
+
 /// A response body from a shared connection; ending (or failing) releases its stream cleanly.
+/// The connection's window opens again by what is taken from it.
 #[derive(Debug)]
 pub struct Leased {
-    inner: Incoming,
+    inner: RecvStream,
     lease: Lease,
+    /// What is left of a declared `content-length`.
+    remaining: Option<u64>,
+    /// The DATA has ended; trailers (or the end) come next.
+    data_done: bool,
+}
+
+impl Leased {
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, h2::Error>>> {
+        match self.inner.poll_data(cx) {
+            Poll::Ready(Some(Ok(data))) => {
+                let _ = self.inner.flow_control().release_capacity(data.len());
+                if let Some(left) = &mut self.remaining {
+                    *left = left.saturating_sub(data.len() as u64);
+                }
+                Poll::Ready(Some(Ok(data)))
+            }
+            Poll::Ready(Some(Err(e))) if ends_quietly(&e) => Poll::Ready(None),
+            other => other,
+        }
+    }
+
+    fn poll_trailers(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        match self.inner.poll_trailers(cx) {
+            Poll::Ready(Ok(trailers)) => Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t)))),
+            Poll::Ready(Err(e)) if ends_quietly(&e) => Poll::Ready(None),
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// A reset with `NO_ERROR`: a far side that answered early stops the request this way (RFC
+/// 9113, section 8.1); the response body ends there, it does not fail.
+fn ends_quietly(e: &h2::Error) -> bool {
+    e.reason() == Some(h2::Reason::NO_ERROR)
 }
 
 impl hyper::body::Body for Leased {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = h2::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let this = &mut *self;
+        let polled = if this.data_done {
+            this.poll_trailers(cx)
+        } else {
+            match this.poll_data(cx) {
+                Poll::Ready(None) => {
+                    this.data_done = true;
+                    this.poll_trailers(cx)
+                }
+                polled => polled.map(|d| d.map(|d| d.map(Frame::data))),
+            }
+        };
         // hyper stops polling once `is_end_stream` says so: the last frame ends it too.
-        if matches!(polled, Poll::Ready(None | Some(Err(_)))) || self.inner.is_end_stream() {
-            self.lease.clean = true;
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) || this.inner.is_end_stream() {
+            this.lease.clean = true;
         }
         polled
     }
@@ -560,7 +796,11 @@ impl hyper::body::Body for Leased {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match self.remaining {
+            _ if self.inner.is_end_stream() => SizeHint::with_exact(0),
+            Some(left) => SizeHint::with_exact(left),
+            None => SizeHint::default(),
+        }
     }
 }
 
@@ -569,15 +809,26 @@ mod tests {
     use super::*;
 
     async fn conn() -> Arc<Conn> {
-        // A real HTTP/2 connection to nothing but an h2 handshake on the other end of a pipe.
+        conn_to(Settings::default(), true).await
+    }
+
+    /// A real HTTP/2 connection to nothing but an h2 server on the other end of a pipe, which
+    /// goes on answering (PINGs included) when `answering`, else falls silent after its
+    /// handshake with the connection still open.
+    async fn conn_to(settings: Settings, answering: bool) -> Arc<Conn> {
         let (client, server) = tokio::io::duplex(64 * 1024);
         tokio::spawn(async move {
-            if let Ok(mut h2) = h2::server::handshake(server).await {
+            let Ok(mut h2) = h2::server::handshake(server).await else {
+                return;
+            };
+            if answering {
                 while let Some(Ok(_)) = h2.accept().await {}
+            } else {
+                std::future::pending::<()>().await;
             }
         });
         Conn::handshake(
-            &builder(),
+            settings,
             client,
             "upstream",
             Duration::from_secs(1),
@@ -585,6 +836,29 @@ mod tests {
         )
         .await
         .expect("handshake")
+    }
+
+    #[tokio::test]
+    async fn a_far_side_that_stops_answering_pings_loses_its_connection() {
+        let every = Duration::from_millis(50);
+        let pinging = Settings {
+            keep_alive: Some(every),
+        };
+        let silent = conn_to(pinging, false).await;
+        let answering = conn_to(pinging, true).await;
+        let unwatched = conn_to(Settings::default(), false).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while silent.usable() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a far side that answers no PING keeps its connection"
+            );
+            tokio::time::sleep(every / 5).await;
+        }
+        assert!(answering.usable(), "a far side that answers keeps it");
+        assert!(unwatched.usable(), "without PINGs, silence is not noticed");
+        tokio::time::sleep(every * 4).await;
+        assert!(answering.usable(), "still, after several PINGs");
     }
 
     #[tokio::test]

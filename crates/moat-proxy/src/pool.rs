@@ -430,12 +430,11 @@ impl Pool {
         let (tls_stream, made) = self
             .dial_made(ctx, ep, target, moat_tls::ALPN_H2, generation)
             .await?;
-        let mut builder = multiplex::builder();
-        builder
-            .keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_while_idle(true);
+        let settings = multiplex::Settings {
+            keep_alive: Some(Duration::from_secs(20)),
+        };
         let conn = multiplex::Conn::handshake(
-            &builder,
+            settings,
             tls_stream,
             "upstream",
             ctx.cfg.limits.request_idle / multiplex::LINGER_SHARE_OF_REQUEST_IDLE,
