@@ -12,8 +12,8 @@
 //!   at most [`UNANSWERED_RESETS`] of them. A cancellation over that bound does not reset the
 //!   stream: it lingers until it is known accepted (its own response head or a later stream's
 //!   came) and is reset then, or, if the far side answers nothing at all, when the far side's
-//!   request-idle timeout draws near. A request body that fails is ended through the same gate,
-//!   never by a reset of its own.
+//!   request-idle timeout draws near. A request body that fails before the response head came
+//!   is ended through the same gate, never by a reset of its own.
 //! - **Streams cancelled after acceptance** (the far side's cancel rate, `conn_guard`): after
 //!   [`RESET_BUDGET`] resets a connection takes no new streams and closes once its last ends.
 //! - **Flow control**: the connection window covers every stream's window, so data one stream
@@ -78,9 +78,10 @@ pub enum StreamError {
 /// How a shared connection watches its far side.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Settings {
-    /// Sends a PING this often, and closes the connection when the far side has not answered
-    /// one within the same time: a far side gone without a word (its host down, a NAT entry
-    /// dropped) is found before a request waits on it.
+    /// Sends a PING once the far side has sent nothing for this long, and closes the connection
+    /// when the PING goes unanswered for as long again: a far side gone without a word (its
+    /// host down, a NAT entry dropped) is found before a request waits on it, and a connection
+    /// that is carrying traffic is never pinged (as hyper's keep-alive did).
     pub keep_alive: Option<Duration>,
 }
 
@@ -126,7 +127,11 @@ impl Conn {
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let io = crate::coalesce::Coalesced::new(io, true);
+        let heard = Arc::new(AtomicU64::new(0));
+        let io = Heard {
+            io: crate::coalesce::Coalesced::new(io, true),
+            reads: heard.clone(),
+        };
         let (sender, mut conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -136,9 +141,13 @@ impl Conn {
             .enable_push(false)
             .handshake::<_, Bytes>(io)
             .await?;
-        let pings = settings
-            .keep_alive
-            .and_then(|every| conn.ping_pong().map(|p| (p, every)));
+        let pings = settings.keep_alive.and_then(|quiet| {
+            conn.ping_pong().map(|pings| KeepAlive {
+                pings,
+                quiet,
+                heard,
+            })
+        });
         let closed = Arc::new(AtomicBool::new(false));
         let ended = closed.clone();
         tokio::spawn(async move {
@@ -326,7 +335,11 @@ impl Lease {
         // The callers strip them on arrival; HTTP/2 forbids them, so they never go out.
         crate::http::strip_hop_by_hop(&mut head.headers);
         if let Some(len) = body.size_hint().exact()
-            && (len != 0 || !matches!(head.method, Method::GET | Method::HEAD | Method::DELETE))
+            && (len != 0
+                || !matches!(
+                    head.method,
+                    Method::GET | Method::HEAD | Method::DELETE | Method::CONNECT
+                ))
             && !head.headers.contains_key(http::header::CONTENT_LENGTH)
         {
             head.headers
@@ -379,33 +392,103 @@ impl Lease {
     }
 }
 
-/// Drives a shared connection until it ends, with a PING every `pings.1` when asked: a far side
-/// that leaves one unanswered that long ends it.
+/// A connection's keep-alive: [`Settings::keep_alive`].
+struct KeepAlive {
+    pings: h2::PingPong,
+    quiet: Duration,
+    /// Reads that brought bytes, counted by [`Heard`].
+    heard: Arc<AtomicU64>,
+}
+
+/// Drives a shared connection until it ends, pinging the far side when it has been quiet (see
+/// [`Settings::keep_alive`]).
 async fn drive<T>(
     conn: h2::client::Connection<T, Bytes>,
-    pings: Option<(h2::PingPong, Duration)>,
+    keep_alive: Option<KeepAlive>,
 ) -> Result<(), String>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let Some((mut pings, every)) = pings else {
+    let Some(mut k) = keep_alive else {
         return conn.await.map_err(|e| e.to_string());
     };
     tokio::pin!(conn);
+    let mut seen = k.heard.load(Ordering::Relaxed);
     loop {
         tokio::select! {
             ended = &mut conn => return ended.map_err(|e| e.to_string()),
-            () = tokio::time::sleep(every) => {}
+            () = tokio::time::sleep(k.quiet) => {}
         }
-        let pong = tokio::time::timeout(every, pings.ping(h2::Ping::opaque()));
+        let now = k.heard.load(Ordering::Relaxed);
+        if std::mem::replace(&mut seen, now) != now {
+            continue;
+        }
+        let pong = tokio::time::timeout(k.quiet, k.pings.ping(h2::Ping::opaque()));
         tokio::select! {
             ended = &mut conn => return ended.map_err(|e| e.to_string()),
             answered = pong => match answered {
-                Ok(Ok(_)) => {}
+                Ok(Ok(_)) => seen = k.heard.load(Ordering::Relaxed),
                 Ok(Err(e)) => return Err(e.to_string()),
-                Err(_) => return Err(format!("no answer to a keep-alive PING in {every:?}")),
+                Err(_) => {
+                    return Err(format!(
+                        "keep-alive timed out: no answer to a PING in {:?}",
+                        k.quiet
+                    ));
+                }
             },
         }
+    }
+}
+
+/// A shared connection's transport, counting the reads that brought bytes, so the keep-alive
+/// pings only a far side that has gone quiet. Writes pass through as they are.
+struct Heard<IO> {
+    io: IO,
+    reads: Arc<AtomicU64>,
+}
+
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Heard<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Heard<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -427,8 +510,8 @@ async fn pipe(body: GatedBody, mut tx: SendStream<Bytes>) {
                 let _ = tx.send_data(Bytes::new(), true);
                 return;
             }
-            Some(Err(_)) => {
-                tx.send_reset(h2::Reason::INTERNAL_ERROR);
+            Some(Err(e)) => {
+                tx.send_reset(reset_reason(&*e));
                 return;
             }
             Some(Ok(frame)) => frame,
@@ -466,6 +549,20 @@ async fn pipe(body: GatedBody, mut tx: SendStream<Bytes>) {
             return;
         }
     }
+}
+
+/// The reset for a request body that failed: the HTTP/2 reason that ended it, if one did (a
+/// local client's CANCEL goes on as CANCEL, so the app sees a cancelled call, not a fault of its
+/// own), else `INTERNAL_ERROR`.
+fn reset_reason(e: &(dyn std::error::Error + 'static)) -> h2::Reason {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        if let Some(reason) = e.downcast_ref::<h2::Error>().and_then(h2::Error::reason) {
+            return reason;
+        }
+        cause = e.source();
+    }
+    h2::Reason::INTERNAL_ERROR
 }
 
 /// The task that sends a request body (see [`pipe`]), aborted when dropped: a stream given up
@@ -836,6 +933,21 @@ mod tests {
         )
         .await
         .expect("handshake")
+    }
+
+    #[test]
+    fn a_failed_body_is_reset_with_the_reason_that_ended_it() {
+        /// An error that wraps another, as hyper's wrap h2's.
+        #[derive(Debug, thiserror::Error)]
+        #[error("body read failed")]
+        struct Wrapped(#[source] h2::Error);
+
+        let cancelled = h2::Error::from(h2::Reason::CANCEL);
+        assert_eq!(reset_reason(&cancelled), h2::Reason::CANCEL);
+        let wrapped = Wrapped(h2::Error::from(h2::Reason::CANCEL));
+        assert_eq!(reset_reason(&wrapped), h2::Reason::CANCEL);
+        let other = std::io::Error::other("connection reset");
+        assert_eq!(reset_reason(&other), h2::Reason::INTERNAL_ERROR);
     }
 
     #[tokio::test]
