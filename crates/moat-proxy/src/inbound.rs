@@ -68,6 +68,23 @@ fn app_addr(
         Some(ctx.cfg.admin.port()),
         ctx.cfg.transparent.map(|t| t.port()),
     ];
+    dialled_app(
+        port,
+        local,
+        &own,
+        ctx.cfg.upstreams.iter().map(|u| u.listen),
+    )
+}
+
+/// The address a transparent-mode connection that arrived at `local` and dialled `port` goes
+/// to: that port on that address, unless one of the proxy's own listeners answers there (`own`
+/// ports listen on every address, `upstreams` where they say).
+fn dialled_app(
+    port: u16,
+    local: Option<SocketAddr>,
+    own: &[Option<u16>],
+    mut upstreams: impl Iterator<Item = SocketAddr>,
+) -> Result<SocketAddr, &'static str> {
     if own.contains(&Some(port)) {
         return Err("proxy-port");
     }
@@ -76,15 +93,14 @@ fn app_addr(
     let ip = local
         .map(|l| l.ip().to_canonical())
         .ok_or("no-local-address")?;
-    let target = SocketAddr::new(ip, port);
     // An `--upstream` listener answers there if it listens on that address or on all of them.
-    if ctx.cfg.upstreams.iter().any(|u| {
-        let listen = u.listen.ip().to_canonical();
-        u.listen.port() == port && (listen == ip || listen.is_unspecified())
+    if upstreams.any(|listen| {
+        let at = listen.ip().to_canonical();
+        listen.port() == port && (at == ip || at.is_unspecified())
     }) {
         return Err("proxy-port");
     }
-    Ok(target)
+    Ok(SocketAddr::new(ip, port))
 }
 
 /// One mesh connection: mTLS with a verified caller ([`accept_tls`]), the app it is for, its
@@ -986,6 +1002,50 @@ async fn to_app(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The harness binds IPv4 loopback only, so the mapped form an IPv4 caller takes on a
+    /// dual-stack inbound is checked here.
+    #[test]
+    fn an_upstream_listener_is_out_of_reach_whichever_form_its_address_takes() {
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let own = [Some(15006), Some(15000), Some(15001)];
+        let mapped = Some(addr("[::ffff:10.0.0.7]:15006"));
+        let plain = Some(addr("10.0.0.7:15006"));
+        for (local, listen) in [
+            (mapped, "10.0.0.7:9001"),
+            (plain, "[::ffff:10.0.0.7]:9001"),
+            (mapped, "0.0.0.0:9001"),
+            (mapped, "[::]:9001"),
+        ] {
+            let upstreams = [addr(listen)];
+            assert_eq!(
+                dialled_app(9001, local, &own, upstreams.into_iter()),
+                Err("proxy-port"),
+                "{local:?} reached the upstream listener on {listen}"
+            );
+        }
+        for port in [15006, 15000, 15001] {
+            assert_eq!(
+                dialled_app(port, mapped, &own, std::iter::empty()),
+                Err("proxy-port")
+            );
+        }
+        // The app's own ports go to the address the caller arrived at, in its IPv4 form; an
+        // upstream listener elsewhere does not stand in the way.
+        let elsewhere = [addr("127.0.0.1:9001")];
+        assert_eq!(
+            dialled_app(9001, mapped, &own, elsewhere.into_iter()),
+            Ok(addr("10.0.0.7:9001"))
+        );
+        assert_eq!(
+            dialled_app(8080, mapped, &own, std::iter::empty()),
+            Ok(addr("10.0.0.7:8080"))
+        );
+        assert_eq!(
+            dialled_app(8080, None, &own, std::iter::empty()),
+            Err("no-local-address")
+        );
+    }
 
     #[test]
     fn one_bearer_token_is_taken_and_two_authorization_headers_are_none() {
