@@ -267,6 +267,17 @@ pub fn parse_documents(
     source: &str,
     trust_domain: &TrustDomain,
 ) -> Result<Vec<Document>, Vec<DocumentError>> {
+    parse(text, source, trust_domain, false)
+}
+
+/// [`parse_documents`], and with `new` the checks of [`parse_new_documents`] on each document
+/// that parsed, so one run reports every document's errors, whichever kind they are.
+fn parse(
+    text: &str,
+    source: &str,
+    trust_domain: &TrustDomain,
+    new: bool,
+) -> Result<Vec<Document>, Vec<DocumentError>> {
     let err = |document: usize, line: Option<usize>, field: Option<String>, message: String| {
         DocumentError {
             source: source.to_owned(),
@@ -357,7 +368,12 @@ pub fn parse_documents(
             )]),
         };
         match parsed {
-            Ok(d) => out.push(d),
+            Ok(d) => {
+                if new {
+                    errors.extend(check_new_document(n, &d, source));
+                }
+                out.push(d);
+            }
             Err(mut e) => errors.append(&mut e),
         }
     }
@@ -379,43 +395,49 @@ pub fn parse_new_documents(
     source: &str,
     trust_domain: &TrustDomain,
 ) -> Result<Vec<Document>, Vec<DocumentError>> {
-    let docs = parse_documents(text, source, trust_domain)?;
-    check_new_documents(&docs, source)?;
-    Ok(docs)
+    parse(text, source, trust_domain, true)
 }
 
 /// What [`parse_new_documents`] adds to [`parse_documents`], for documents already parsed from
 /// `source` (all of them, in order: the n-th is the source's n-th document).
 pub fn check_new_documents(docs: &[Document], source: &str) -> Result<(), Vec<DocumentError>> {
-    let mut errors = Vec::new();
-    for (n, doc) in docs.iter().enumerate() {
-        let Document::AccessPolicy(p) = doc else {
-            continue;
-        };
-        for (i, r) in p.rules.iter().enumerate() {
-            for (k, h) in r.http.iter().enumerate() {
-                for (j, m) in h.methods.iter().enumerate() {
-                    if !crate::target::is_forwarded_method(m.as_str()) {
-                        errors.push(DocumentError {
-                            source: source.to_owned(),
-                            document: n + 1,
-                            line: None,
-                            field: Some(format!("spec.rules[{i}].http[{k}].methods[{j}]")),
-                            message: format!(
-                                "{} is never forwarded: sidecars refuse it before any rule is looked at (method-not-supported); remove it, and carry tunnelled traffic as opaque TCP with a rule without `http` on its port",
-                                m.as_str()
-                            ),
-                        });
-                    }
-                }
-            }
-        }
-    }
+    let errors: Vec<DocumentError> = docs
+        .iter()
+        .enumerate()
+        .flat_map(|(n, doc)| check_new_document(n + 1, doc, source))
+        .collect();
     if errors.is_empty() {
         Ok(())
     } else {
         Err(errors)
     }
+}
+
+/// What new input may not hold in `doc`, the `n`-th document (from 1) of `source`.
+fn check_new_document(n: usize, doc: &Document, source: &str) -> Vec<DocumentError> {
+    let Document::AccessPolicy(p) = doc else {
+        return Vec::new();
+    };
+    let mut errors = Vec::new();
+    for (i, r) in p.rules.iter().enumerate() {
+        for (k, h) in r.http.iter().enumerate() {
+            for (j, m) in h.methods.iter().enumerate() {
+                if !crate::target::is_forwarded_method(m.as_str()) {
+                    errors.push(DocumentError {
+                        source: source.to_owned(),
+                        document: n,
+                        line: None,
+                        field: Some(format!("spec.rules[{i}].http[{k}].methods[{j}]")),
+                        message: format!(
+                            "{} is never forwarded: sidecars refuse it before any rule is looked at (method-not-supported); remove it, and carry tunnelled traffic as opaque TCP with a rule without `http` on its port",
+                            m.as_str()
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    errors
 }
 
 type FieldError = (String, String);
@@ -938,6 +960,15 @@ spec: { defaultPosture: allow-authenticated }
         assert_eq!(
             parse_new_documents(ORDERS, "p.yaml", &td()).unwrap().len(),
             2
+        );
+        // One run reports a document that does not parse and one that names CONNECT.
+        let both = format!("{}\n---\n{tunnel}", "apiVersion: moat.dev/v1\nkind: [");
+        let errs = parse_new_documents(&both, "p.yaml", &td()).unwrap_err();
+        let documents: Vec<usize> = errs.iter().map(|e| e.document).collect();
+        assert_eq!(documents, [1, 3], "{errs:?}");
+        assert!(
+            errs[1].message.contains("CONNECT is never forwarded"),
+            "{errs:?}"
         );
     }
 
