@@ -332,8 +332,9 @@ impl Lease {
             return Err(req);
         };
         let (mut head, body) = req.into_parts();
-        // The callers strip them on arrival; HTTP/2 forbids them, so they never go out.
-        crate::http::strip_hop_by_hop(&mut head.headers);
+        // Hop-by-hop headers are not stripped again here: both callers strip them as a request
+        // arrives (`strip_hop_by_hop`) and add none, and h2 refuses to send a head that still
+        // has one (the request fails; nothing malformed reaches the far side).
         if let Some(len) = body.size_hint().exact()
             && (len != 0
                 || !matches!(
@@ -933,6 +934,24 @@ mod tests {
         )
         .await
         .expect("handshake")
+    }
+
+    #[tokio::test]
+    async fn a_head_with_a_hop_by_hop_header_is_refused_not_sent() {
+        let c = conn().await;
+        let metrics = Arc::new(Metrics::new());
+        let req = Request::builder()
+            .uri("http://app/x")
+            .header(http::header::TRANSFER_ENCODING, "chunked")
+            .body(crate::http::boxed(http_body_util::Empty::<Bytes>::new()))
+            .unwrap();
+        let sent = Lease::new(&c, &metrics)
+            .send(req)
+            .await
+            .expect("connection open");
+        assert!(matches!(sent.await, Err(StreamError::Http(_))));
+        assert_eq!(c.opened(), 0, "no stream was opened for it");
+        assert!(c.usable(), "the connection stays usable");
     }
 
     #[test]
