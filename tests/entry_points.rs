@@ -8,7 +8,6 @@
 mod common;
 
 use std::process::Command;
-use std::time::Duration;
 
 use common::*;
 use moat_api::v1::admin_client::AdminClient;
@@ -66,22 +65,17 @@ fn proxy_flags_are_checked_before_anything_starts() {
     }
 }
 
-/// Each thread's id, scheduling policy and nice value, as the kernel records them
+/// Each thread's scheduling policy and nice value, as the kernel records them
 /// (`/proc/PID/task/TID/stat`, fields 41 and 19).
-fn policies_and_nice(pid: u32) -> Vec<(u32, u32, i32)> {
+fn policies_and_nice(pid: u32) -> Vec<(u32, i32)> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
     tasks
         // A thread that ended since the listing is skipped.
-        .filter_map(|t| {
-            let t = t.ok()?;
-            let tid = t.file_name().to_str()?.parse().ok()?;
-            Some((tid, std::fs::read_to_string(t.path().join("stat")).ok()?))
-        })
-        .map(|(tid, stat)| {
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
+        .map(|stat| {
             // The fields after the command name, which may hold spaces: field 3 first.
             let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
             (
-                tid,
                 fields[41 - 3].parse().unwrap(),
                 fields[19 - 3].parse().unwrap(),
             )
@@ -89,36 +83,13 @@ fn policies_and_nice(pid: u32) -> Vec<(u32, u32, i32)> {
         .collect()
 }
 
-/// The policy of a sidecar's worker (with one worker, the main thread: its id is the pid),
-/// once it reads `want`, poking the sidecar's admin port meanwhile so that the worker wakes,
-/// runs out of work and measures its load.
-fn worker_policy_becomes(proxy: &moat_test_util::Proxy, want: u32) -> Result<(), Vec<u32>> {
-    let pid = proxy.pid().unwrap();
-    let mut seen = Vec::new();
-    let found = moat_test_util::eventually(Duration::from_secs(20), || {
-        let _ = proxy.admin_get("/ready");
-        std::thread::sleep(Duration::from_millis(150));
-        let policy = policies_and_nice(pid).iter().find(|t| t.0 == pid)?.1;
-        seen.push(policy);
-        (policy == want).then_some(())
-    });
-    found.ok_or(seen)
-}
-
-/// A sidecar's threads run under SCHED_BATCH (policy 3) with `--cpu-scheduling batch`, under
-/// the policy they started with (SCHED_OTHER, 0) with `normal`, and by default (`adaptive`)
-/// the worker runs under SCHED_BATCH while it is busy and SCHED_OTHER while it is not, the
-/// other threads under SCHED_BATCH (decisions 50 and 52). Every thread keeps the nice value the
-/// sidecar was started with.
+/// A sidecar's threads run under SCHED_BATCH (policy 3) unless `--cpu-scheduling normal` says
+/// otherwise (decision 50), and keep the nice value the sidecar was started with.
 #[test]
 fn sidecar_threads_run_under_the_scheduling_policy_asked_for() {
     let cp = ControlPlane::start().unwrap();
-    let adaptive = moat_test_util::Proxy::builder(&cp, "a").start().unwrap();
-    let batch = moat_test_util::Proxy::builder(&cp, "b")
-        .args(&["--cpu-scheduling", "batch"])
-        .start()
-        .unwrap();
-    let normal = moat_test_util::Proxy::builder(&cp, "c")
+    let batch = moat_test_util::Proxy::builder(&cp, "a").start().unwrap();
+    let normal = moat_test_util::Proxy::builder(&cp, "b")
         .args(&["--cpu-scheduling", "normal"])
         .start()
         .unwrap();
@@ -129,52 +100,25 @@ fn sidecar_threads_run_under_the_scheduling_policy_asked_for() {
     let niced = std::thread::scope(|s| {
         s.spawn(|| {
             rustix::process::setpriority_process(None, above).unwrap();
-            moat_test_util::Proxy::builder(&cp, "d").start().unwrap()
+            moat_test_util::Proxy::builder(&cp, "c").start().unwrap()
         })
         .join()
         .unwrap()
     });
-    // Idle, an adaptive worker wakes promptly.
-    for proxy in [&adaptive, &niced] {
-        worker_policy_becomes(proxy, 0)
-            .unwrap_or_else(|seen| panic!("{}: worker policies {seen:?}", proxy.identity));
-    }
-    for (proxy, worker, others) in [
-        (&adaptive, (0, base), (3, base)),
-        (&batch, (3, base), (3, base)),
-        (&normal, (0, base), (0, base)),
-        (&niced, (0, above), (3, above)),
+    for (proxy, want) in [
+        (&batch, (3, base)),
+        (&normal, (0, base)),
+        (&niced, (3, above)),
     ] {
-        let pid = proxy.pid().unwrap();
-        let threads = policies_and_nice(pid);
-        assert!(threads.len() > 1, "{}: {threads:?}", proxy.identity);
-        for (tid, policy, nice) in &threads {
-            let want = if *tid == pid { worker } else { others };
-            assert_eq!(
-                (*policy, *nice),
-                want,
-                "{}: thread {tid} of {threads:?}",
-                proxy.identity
-            );
-        }
+        let threads = policies_and_nice(proxy.pid().unwrap());
+        assert!(!threads.is_empty());
+        assert!(
+            threads.iter().all(|t| *t == want),
+            "{}: {threads:?}, want {want:?} for every thread",
+            proxy.identity
+        );
     }
-    // Busy, it batches; idle again, it stops. The load: admin requests from four threads.
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|s| {
-        for _ in 0..4 {
-            s.spawn(|| {
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let _ = adaptive.admin_get("/metrics");
-                }
-            });
-        }
-        let loaded = worker_policy_becomes(&adaptive, 3);
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        loaded.unwrap_or_else(|seen| panic!("under load, worker policies {seen:?}"));
-    });
-    worker_policy_becomes(&adaptive, 0)
-        .unwrap_or_else(|seen| panic!("after the load, worker policies {seen:?}"));
-    for proxy in [&adaptive, &batch, &normal, &niced] {
+    for proxy in [&batch, &normal, &niced] {
         assert!(
             !proxy.log_text().contains("cpu-scheduling"),
             "{}",
@@ -391,7 +335,7 @@ async fn an_identity_gets_sixteen_mesh_streams_from_one_address() {
     // One that ends frees its place.
     held.pop().unwrap().abort();
     let back = tokio::task::block_in_place(|| {
-        moat_test_util::eventually(Duration::from_secs(10), || {
+        moat_test_util::eventually(std::time::Duration::from_secs(10), || {
             tokio::runtime::Handle::current()
                 .block_on(admin.mesh_stream(&cred, "127.0.0.1:20017"))
                 .ok()
@@ -424,7 +368,7 @@ async fn an_advertised_ip_alone_gets_the_inbound_port() {
     )
     .unwrap();
     let refused = tokio::task::block_in_place(|| {
-        moat_test_util::eventually(Duration::from_secs(20), || {
+        moat_test_util::eventually(std::time::Duration::from_secs(20), || {
             let log = v6.log_text();
             log.contains("is not this sidecar's address").then_some(log)
         })
@@ -447,7 +391,7 @@ async fn announce_any_address_takes_the_address_a_sidecar_announces() {
         .unwrap()
         .keep_acking();
     let listed = tokio::task::block_in_place(|| {
-        moat_test_util::eventually(Duration::from_secs(10), || {
+        moat_test_util::eventually(std::time::Duration::from_secs(10), || {
             let status = cp.moat_ok(&["status", "-o", "json"]);
             status.contains("orders.internal:7143").then_some(())
         })

@@ -118,10 +118,8 @@ struct Args {
     max_connections_per_caller: u32,
     /// How the kernel schedules the sidecar: `batch` (SCHED_BATCH: a thread woken by its
     /// sockets does not preempt the app or the next hop, and handles several ready connections
-    /// when it runs; decision 50), `normal` (as started: every wake-up may preempt) or
-    /// `adaptive` (batch while a worker uses a quarter of a core or more, normal once it uses
-    /// under a tenth; decision 52).
-    #[arg(long, env = "MOAT_CPU_SCHEDULING", value_enum, default_value_t = moat_proxy::cpu::CpuScheduling::Adaptive)]
+    /// when it runs; decision 50) or `normal` (as started: every wake-up may preempt).
+    #[arg(long, env = "MOAT_CPU_SCHEDULING", value_enum, default_value_t = moat_proxy::cpu::CpuScheduling::Batch)]
     cpu_scheduling: moat_proxy::cpu::CpuScheduling,
     /// Worker threads (1: everything on one thread).
     #[arg(long, env = "MOAT_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -330,10 +328,7 @@ fn main() -> ExitCode {
     };
     let logs = init_logging(&args.log_format, filter);
     if let Err(e) = scheduled {
-        tracing::warn!(
-            "--cpu-scheduling {}: {e}",
-            format!("{:?}", args.cpu_scheduling).to_lowercase()
-        );
+        tracing::warn!("--cpu-scheduling batch: {e}");
     }
     let cfg = match config(&args) {
         Ok(c) => c,
@@ -348,11 +343,7 @@ fn main() -> ExitCode {
         b.worker_threads(usize::from(args.workers));
         b
     };
-    let runtime = match builder
-        .on_thread_park(moat_proxy::cpu::on_park)
-        .enable_all()
-        .build()
-    {
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             let message = format!("moat-proxy: cannot start the runtime: {e}");
