@@ -1345,7 +1345,7 @@ spec:
     .await
     .unwrap();
     assert_eq!(status, 200, "{body}");
-    // The HTTP/1.1 connection to orders' address is kept for the next request to it.
+    // The shared connection to orders' address stays open for the next request to it.
     let (status, _, body) = get(
         &client,
         "GET",

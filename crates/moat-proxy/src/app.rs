@@ -59,7 +59,7 @@ pub enum Http1Error {
 }
 
 /// The idle HTTP/1.1 connections to the app, newest last.
-type Idle = Mutex<Vec<Conn<()>>>;
+type Idle = Mutex<Vec<Conn>>;
 
 /// HTTP/1.1 to the app on kept-alive connections that carry one request at a time (the parts of
 /// [`keepalive`]): a request takes the newest idle connection, else a new one, and its
@@ -89,7 +89,7 @@ impl Http1 {
         loop {
             let kept = {
                 let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-                keepalive::take_newest(&mut idle, self.keep, |()| true)
+                keepalive::take_newest(&mut idle, self.keep)
             };
             let fresh = kept.is_none();
             let mut conn = match kept {
@@ -124,7 +124,7 @@ impl Http1 {
     }
 
     /// A new connection to the app, driven by a task of its own until it closes.
-    async fn connect(&self) -> Result<Conn<()>, Http1Error> {
+    async fn connect(&self) -> Result<Conn, Http1Error> {
         let tcp = dial(self.addr).await.map_err(Http1Error::Connect)?;
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(TokioIo::new(tcp))
@@ -138,13 +138,13 @@ impl Http1 {
                 tracing::debug!(%app, error = %e, "HTTP/1.1 connection to the app ended with an error");
             }
         });
-        Ok(Conn::new(sender, (), idle))
+        Ok(Conn::new(sender, idle))
     }
 }
 
 /// A connection going back among the app's idle ones.
 struct ToApp {
-    conn: Conn<()>,
+    conn: Conn,
     idle: Weak<Idle>,
 }
 

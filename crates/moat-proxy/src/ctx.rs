@@ -56,7 +56,7 @@ impl Ctx {
             cfg,
             tls,
             snapshot,
-            pool: pool::Pool::new(metrics.upstream_idle.clone()),
+            pool: pool::Pool::default(),
             metrics,
             shutdown: CancellationToken::new(),
             limiter: ratelimit::Limiter::default(),

@@ -19,8 +19,8 @@ pub const PEER_ID: HeaderName = HeaderName::from_static("x-moat-peer-id");
 pub const USER: HeaderName = HeaderName::from_static("x-moat-user");
 /// Why a request was denied.
 pub const DENY_REASON: HeaderName = HeaderName::from_static("x-moat-deny-reason");
-/// Between sidecars, from sidecars before decision 37 (which carried HTTP/1.1 over HTTP/2): the
-/// HTTP version the client app spoke.
+/// Between sidecars, on a request carried over HTTP/2 (decision 52): the local client spoke
+/// HTTP/1.x, and the far side sends it to its app as HTTP/1.1.
 pub const ORIG_PROTO: HeaderName = HeaderName::from_static("x-moat-orig-proto");
 /// Request correlation id.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

@@ -29,7 +29,8 @@ use crate::metrics::TrafficLabels;
 use crate::snapshot::Snapshot;
 
 /// Handshakes the inbound lets wait (decision 44): from one source address as many as one
-/// calling sidecar may have in flight to one app port over HTTP/1.1 (`requests_per_caller`,
+/// caller may have requests in flight, each on a connection of its own over HTTP/1.1, as a
+/// client that is not a sidecar may send them (`requests_per_caller`,
 /// from 1,024 to 8,192: at the limit each new connection scans what is pending), twice that in
 /// all, each given 10 s, a hello counting as a caller at work for 1 s; all of it within half of
 /// `open_files`. Anyone who reaches the port can open a connection, certificate or not, so

@@ -4,8 +4,8 @@
 //! (`admin`), first certificate and renewal (`identity`), the mesh stream to the control plane
 //! (`mesh_client`, snapshots in `snapshot`), then the inbound listener (`inbound`: mTLS → authorize
 //! → app) and one outbound listener per upstream (`outbound`: app → mTLS to a verified endpoint,
-//! via `pool`; HTTP/1.1 on kept-alive connections in `keepalive`; HTTP/2 writes gathered in
-//! `coalesce`). Protocols are told apart in `detect` (read-side stream wrappers forward writes with
+//! via `pool`, every HTTP version on shared HTTP/2 connections; HTTP/2 writes gathered in
+//! `coalesce`), and `app` keeps HTTP/1.1 connections to the app with `keepalive`. Protocols are told apart in `detect` (read-side stream wrappers forward writes with
 //! `forward`); HTTP plumbing is in `http`, and what one peer may do to a served HTTP connection
 //! (limits, timeouts, reset and stall watchdog) in `conn_guard` (its guards polled only when woken,
 //! `on_wake`), what one caller identity may hold across its connections in `callers`; retries

@@ -133,8 +133,6 @@ pub struct Metrics {
     pub connections_closed: Family<HandshakeLabels, Counter>,
     /// Mesh connections opened to other sidecars, by protocol.
     pub upstream_connections: Family<UpstreamLabels, Counter>,
-    /// HTTP/1.1 mesh connections held idle for reuse (set by [`crate::keepalive::Kept`]).
-    pub upstream_idle: Gauge,
     /// Inbound TLS handshakes admitted and not finished (each a [`moat_metrics::Held`]).
     pub handshakes_pending: Gauge,
     cert_expiry: Gauge,
@@ -168,7 +166,6 @@ impl Metrics {
         let handshakes = Family::<HandshakeKindLabels, Counter>::default();
         let connections_closed = Family::<HandshakeLabels, Counter>::default();
         let upstream_connections = Family::<UpstreamLabels, Counter>::default();
-        let upstream_idle = Gauge::default();
         let handshakes_pending = Gauge::default();
         let cert_expiry = Gauge::default();
         let cert_refresh = Gauge::default();
@@ -224,13 +221,8 @@ impl Metrics {
         );
         registry.register(
             "upstream_connections",
-            "Mesh connections this sidecar opened to other sidecars, by protocol (http1: kept alive and reused a request at a time; h2: shared by local clients; tcp: one per opaque connection)",
+            "Mesh connections this sidecar opened to other sidecars, by protocol (h2: HTTP of every version, shared by local clients; tcp: one per opaque connection)",
             upstream_connections.clone(),
-        );
-        registry.register(
-            "upstream_idle_connections",
-            "HTTP/1.1 mesh connections held idle for the next request; one leaves as soon as it closes (this sidecar closes one idle for half its header-read timeout, the far side after its idle timeout)",
-            upstream_idle.clone(),
         );
         registry.register(
             "tls_handshakes_pending",
@@ -268,7 +260,6 @@ impl Metrics {
             handshakes,
             connections_closed,
             upstream_connections,
-            upstream_idle,
             handshakes_pending,
             cert_expiry,
             cert_refresh,

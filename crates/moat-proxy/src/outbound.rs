@@ -1,9 +1,8 @@
 //! Outbound: an explicit listener per upstream service (`--upstream orders=127.0.0.1:9001`).
 //! The local app connects in plaintext; the proxy detects the protocol and carries it to an
 //! endpoint of the service over mTLS that accepts only the service's expected identity: opaque
-//! TCP on its own connection (ALPN moat-tcp), HTTP/1.1 on kept-alive connections a request at a
-//! time (ALPN http/1.1, see `keepalive`), HTTP/2 and gRPC multiplexed over shared HTTP/2
-//! connections (ALPN h2, see `pool::Upstreams`).
+//! TCP on its own connection (ALPN moat-tcp), HTTP (HTTP/1.x, HTTP/2 and gRPC) multiplexed over
+//! shared HTTP/2 connections (ALPN h2, see `pool::Upstreams`; decision 52).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,8 +16,8 @@ use crate::conn_guard::{Ended, RequestBody, serve_http};
 use crate::ctx::Ctx;
 use crate::detect::{Prefixed, Protocol, detect};
 use crate::http::{
-    Body, ORIG_PROTO, answer_here, boxed, deny, ensure_request_id, is_grpc, keep_body_framing,
-    printable_path, request_target, strip_hop_by_hop,
+    Body, ORIG_PROTO, answer_here, boxed, deny, ensure_request_id, is_grpc, printable_path,
+    request_target, strip_hop_by_hop,
 };
 use crate::metrics::TrafficLabels;
 use crate::pool::Target;
@@ -285,8 +284,9 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
     resp
 }
 
-/// Sends one app request on to an endpoint of the service: HTTP/1.x as HTTP/1.1 on a connection
-/// of its own, HTTP/2 and gRPC on the shared HTTP/2 connections (decision 37).
+/// Sends one app request on to an endpoint of the service, on the shared HTTP/2 connections
+/// whatever its local client spoke (decision 52). A request that came as HTTP/1.x says so in
+/// `x-moat-orig-proto`, and the far side sends it to its app as HTTP/1.1.
 async fn send(
     mut parts: http::request::Parts,
     body: RequestBody,
@@ -296,31 +296,27 @@ async fn send(
 ) -> Sent {
     let to = &conn.target;
     let (authority, pq) = request_target(&parts, &conn.default_authority);
-    parts.headers.remove(&ORIG_PROTO);
-    let body = boxed(body);
-    let sent = if parts.version == Version::HTTP_2 {
-        parts.headers.remove(http::header::HOST);
-        parts.uri = Uri::builder()
-            .scheme("http")
-            .authority(authority.as_str())
-            .path_and_query(pq)
-            .build()
-            .map_err(|e| Refused::bad_target(&e, grpc))?;
-        ctx.pool
-            .send(ctx, to, Request::from_parts(parts, body))
-            .await
-            .map(|(ep, resp)| (ep, resp.map(boxed)))
+    if parts.version == Version::HTTP_2 {
+        parts.headers.remove(&ORIG_PROTO);
     } else {
-        parts.version = Version::HTTP_11;
-        parts.uri = Uri::try_from(pq).map_err(|e| Refused::bad_target(&e, grpc))?;
-        let host =
-            HeaderValue::try_from(authority.as_str()).map_err(|e| Refused::bad_target(&e, grpc))?;
-        parts.headers.insert(http::header::HOST, host);
-        keep_body_framing(&mut parts.headers, &body);
-        ctx.pool
-            .send_http1(ctx, to, Request::from_parts(parts, body))
-            .await
-    };
+        parts
+            .headers
+            .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+        parts.version = Version::HTTP_2;
+    }
+    // The authority travels in the URI; a `Host` header would be a second, possibly other, one.
+    parts.headers.remove(http::header::HOST);
+    parts.uri = Uri::builder()
+        .scheme("http")
+        .authority(authority.as_str())
+        .path_and_query(pq)
+        .build()
+        .map_err(|e| Refused::bad_target(&e, grpc))?;
+    let sent = ctx
+        .pool
+        .send(ctx, to, Request::from_parts(parts, boxed(body)))
+        .await
+        .map(|(ep, resp)| (ep, resp.map(boxed)));
     match sent {
         Ok((ep, resp)) => {
             let (mut rparts, rbody) = resp.into_parts();

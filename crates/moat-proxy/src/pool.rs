@@ -121,7 +121,6 @@ pub struct Pool {
     failed: Mutex<HashMap<String, Instant>>,
     next: AtomicUsize,
     upstreams: Upstreams,
-    kept: crate::keepalive::Kept,
 }
 
 /// The HTTP/2 connections to other sidecars, shared by every local client (decision 30), per
@@ -155,6 +154,13 @@ struct Shared {
     made: Made,
     /// How many streams had been opened on it when [`close_spare`] last found it idle.
     idle_at: Option<u64>,
+}
+
+/// How often [`close_spare`] looks at a slot's connections: half the header-read timeout (5 s by
+/// default), short so a burst's connections go soon, and at most half the idle timeout (alike
+/// across the mesh), after which the far side would close an idle one itself.
+fn spare_look(limits: &crate::conn_guard::ConnLimits) -> Duration {
+    limits.header_read.min(limits.idle) / 2
 }
 
 /// Closes the spare shared connections of `slot` — every one but the oldest still in use —
@@ -230,14 +236,6 @@ impl Made {
 }
 
 impl Pool {
-    /// A pool whose idle HTTP/1.1 connections `idle` counts.
-    pub fn new(idle: prometheus_client::metrics::gauge::Gauge) -> Self {
-        Pool {
-            kept: crate::keepalive::Kept::new(idle),
-            ..Pool::default()
-        }
-    }
-
     /// The target's endpoints in the order to try them: from the next in turn, those that
     /// failed within [`FAILURE_HOLD`] last. Per request, so it copies the endpoints once and
     /// looks up failures only when there are some.
@@ -339,10 +337,10 @@ impl Pool {
                     tracing::warn!(%service, endpoint = ep, serial = %p.serial, "refused an endpoint whose certificate is revoked");
                     return Err("revoked: the endpoint's certificate or identity is revoked".into());
                 }
-                let protocol = match alpn {
-                    moat_tls::ALPN_HTTP1 => "http1",
-                    moat_tls::ALPN_H2 => "h2",
-                    _ => "tcp",
+                let protocol = if alpn == moat_tls::ALPN_H2 {
+                    "h2"
+                } else {
+                    "tcp"
                 };
                 ctx.metrics
                     .upstream_connections
@@ -407,7 +405,7 @@ impl Pool {
         let shared = Box::pin(self.connect(ctx, ep, target, generation)).await?;
         let lease = Lease::new(&shared.conn, &ctx.metrics);
         if !conns.is_empty() && !slot.watched.swap(true, Ordering::Relaxed) {
-            let every = crate::keepalive::keep_time(&ctx.cfg.limits);
+            let every = spare_look(&ctx.cfg.limits);
             let watched = Watched {
                 tls: ctx.tls.clone(),
                 snapshot: ctx.snapshot.clone(),
@@ -505,122 +503,6 @@ impl Pool {
                         last: format!("{ep}: {e}"),
                     }),
                 };
-            }
-        }
-        Err(DialError::AllFailed {
-            service: service.clone(),
-            last,
-        })
-    }
-
-    /// A new HTTP/1.1 connection to `ep` (see [`crate::keepalive`]), made with the certificate
-    /// generation `generation`.
-    async fn connect_http1(
-        &self,
-        ctx: &Ctx,
-        ep: &str,
-        target: &Target,
-        generation: Arc<moat_tls::TlsState>,
-        opened: crate::keepalive::Opened,
-    ) -> Result<crate::keepalive::Conn, String> {
-        let (tls_stream, made) = self
-            .dial_made(ctx, ep, target, moat_tls::ALPN_HTTP1, generation)
-            .await?;
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake(hyper_util::rt::TokioIo::new(tls_stream))
-            .await
-            .map_err(|e| format!("http/1.1 handshake: {e}"))?;
-        let ep = ep.to_owned();
-        let idle = Arc::new(crate::keepalive::IdleSince::default());
-        let watched = idle.clone();
-        let keep = crate::keepalive::keep_time(&ctx.cfg.limits);
-        tokio::spawn(async move {
-            let _opened = opened;
-            if let Err(e) = crate::keepalive::drive(conn, &watched, keep).await {
-                tracing::debug!(endpoint = %ep, error = %e, "HTTP/1.1 connection to a sidecar ended with an error");
-            }
-        });
-        Ok(crate::keepalive::Conn::new(sender, made, idle))
-    }
-
-    /// Sends an HTTP/1.1 request to an endpoint of `target` on a connection of its own: an idle
-    /// kept-alive one (see [`crate::keepalive`]), else a new one. Endpoints are tried in turn
-    /// until one takes the request; a request is sent at most once (a kept connection found
-    /// closed before the request went out is replaced).
-    pub async fn send_http1(
-        &self,
-        ctx: &Ctx,
-        target: &Target,
-        req: Request<Body>,
-    ) -> Result<(String, http::Response<Body>), DialError> {
-        let service = &target.service;
-        let keep = crate::keepalive::keep_time(&ctx.cfg.limits);
-        let mut last = String::new();
-        let mut req = req;
-        'endpoints: for ep in self.order(ctx, target)? {
-            let key = target.pool_key(&ep);
-            loop {
-                let tls = ctx.tls.borrow().clone();
-                let snap = ctx.snapshot.borrow().clone();
-                let now = moat_identity::clock::unix_now();
-                let kept = self.kept.take(&key, keep, |m| {
-                    m.current(tls.as_ref(), snap.as_deref(), now)
-                });
-                let fresh = kept.is_none();
-                let mut conn = match kept {
-                    Some(c) => c,
-                    None => {
-                        let generation = tls.ok_or(DialError::NotReady)?;
-                        // As many connections as the far side lets this identity have requests
-                        // at its app (`--max-requests-per-caller`, alike across the mesh).
-                        let limit = ctx.cfg.requests_per_caller;
-                        let Some(opened) = self.kept.reserve(&key, limit) else {
-                            last = format!(
-                                "{ep}: {limit} HTTP/1.1 requests are in flight to it already"
-                            );
-                            continue 'endpoints;
-                        };
-                        // The rare path, and a large future: boxed (see `checkout`).
-                        let connect = self.connect_http1(ctx, &ep, target, generation, opened);
-                        match Box::pin(connect).await {
-                            Ok(c) => c,
-                            Err(e) => {
-                                self.mark_failed(&ep);
-                                last = format!("{ep}: {e}");
-                                continue 'endpoints;
-                            }
-                        }
-                    }
-                };
-                if let Err(e) = conn.sender.ready().await {
-                    // Closed since it was taken (or before its first request): the request is
-                    // still here.
-                    last = format!("{ep}: {e}");
-                    if fresh {
-                        self.mark_failed(&ep);
-                        continue 'endpoints;
-                    }
-                    continue;
-                }
-                match conn.sender.try_send_request(req).await {
-                    Ok(resp) => {
-                        self.mark_ok(&ep);
-                        let (parts, body) = resp.into_parts();
-                        let body = self.kept.returning(key, conn, body);
-                        return Ok((ep, http::Response::from_parts(parts, body)));
-                    }
-                    Err(mut e) => {
-                        last = format!("{ep}: {}", e.error());
-                        let Some(unsent) = e.take_message() else {
-                            break 'endpoints;
-                        };
-                        req = unsent;
-                        if fresh {
-                            self.mark_failed(&ep);
-                            continue 'endpoints;
-                        }
-                    }
-                }
             }
         }
         Err(DialError::AllFailed {

@@ -92,6 +92,8 @@ pub async fn http_echo() -> SocketAddr {
 #[derive(Clone, Debug)]
 pub struct Received {
     pub method: String,
+    /// The HTTP version the request arrived in (`HTTP/1.1`, `HTTP/2.0`).
+    pub version: String,
     /// The request target's path and query, byte for byte.
     pub path_and_query: String,
     /// Every header, names lower-cased, in arrival order.
@@ -151,6 +153,7 @@ pub async fn recording_http() -> (SocketAddr, Recording) {
                     };
                     let got = Received {
                         method: parts.method.to_string(),
+                        version: format!("{:?}", parts.version),
                         path_and_query: parts
                             .uri
                             .path_and_query()
