@@ -173,8 +173,9 @@ async fn frontend_and_orders(
 /// the app as HTTP/1.1 (decision 52): the app receives each request as its client sent it
 /// (method, target, Host, body, chunked or not), with the verified identity and no forged one,
 /// none of the sidecars' own headers, and no `TE` but `trailers` (a second line is not let
-/// through on the first one's value); CONNECT is refused before it reaches the mesh; and one
-/// mesh connection carries these requests and HTTP/2's alike.
+/// through on the first one's value); a HEAD's answer keeps its declared length; CONNECT is
+/// refused before it reaches the mesh; and one mesh connection carries these requests and
+/// HTTP/2's alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_crosses_the_mesh_on_the_shared_http2_connection() {
     let (_cp, _orders, frontend, rec) = frontend_and_recorded_orders(&[], &[]).await;
@@ -192,6 +193,20 @@ async fn http1_crosses_the_mesh_on_the_shared_http2_connection() {
             "{r:?}: {answer}"
         );
     }
+    // A HEAD's answer keeps the length the app declared, with no body (RFC 9110 section 9.3.2).
+    let answer = exchange(
+        to,
+        "HEAD /head HTTP/1.1\r\nHost: orders.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200 ")
+            && answer
+                .to_ascii_lowercase()
+                .contains("\r\ncontent-length: 5\r\n")
+            && answer.ends_with("\r\n\r\n"),
+        "{answer:?}"
+    );
     // No tunnel: it would have no path for the far side's rules to judge.
     let answer = exchange(
         to,
@@ -217,6 +232,7 @@ async fn http1_crosses_the_mesh_on_the_shared_http2_connection() {
             ("POST", "/upload", 11),
             ("GET", "/old", 0),
             ("DELETE", "/items/7", 0),
+            ("HEAD", "/head", 0),
         ]
     );
     for r in &seen {
