@@ -7,16 +7,15 @@
 //! travel on.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
-use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::http::Body;
-use crate::keepalive::{self, Conn, GiveBack};
+use crate::keepalive::{self, Conn, Idle};
 use crate::metrics::Metrics;
 use crate::multiplex::{self, Keep, Lease, Leased};
 
@@ -57,9 +56,6 @@ pub enum Http1Error {
     #[error("http/1.1 exchange with the app: {0}")]
     Exchange(#[source] hyper::Error),
 }
-
-/// The idle HTTP/1.1 connections to the app, newest last.
-type Idle = Mutex<Vec<Conn>>;
 
 /// HTTP/1.1 to the app on kept-alive connections that carry one request at a time (the parts of
 /// [`keepalive`]): a request takes the newest idle connection, else a new one, and its
@@ -106,14 +102,8 @@ impl Http1 {
             match conn.sender.try_send_request(req).await {
                 Ok(resp) => {
                     let (parts, body) = resp.into_parts();
-                    let back = ToApp {
-                        conn,
-                        idle: Arc::downgrade(&self.idle),
-                    };
-                    return Ok(Response::from_parts(
-                        parts,
-                        keepalive::returning(back, body),
-                    ));
+                    let body = keepalive::returning(conn, &self.idle, body);
+                    return Ok(Response::from_parts(parts, body));
                 }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if !fresh => req = unsent,
@@ -139,27 +129,6 @@ impl Http1 {
             }
         });
         Ok(Conn::new(sender, idle))
-    }
-}
-
-/// A connection going back among the app's idle ones.
-struct ToApp {
-    conn: Conn,
-    idle: Weak<Idle>,
-}
-
-impl GiveBack for ToApp {
-    fn sender(&mut self) -> &mut SendRequest<Body> {
-        &mut self.conn.sender
-    }
-
-    fn put_back(self) {
-        // Gone with its inbound connection: the connection closes too.
-        let Some(idle) = self.idle.upgrade() else {
-            return;
-        };
-        let mut idle = idle.lock().unwrap_or_else(|e| e.into_inner());
-        keepalive::keep(&mut idle, self.conn);
     }
 }
 
@@ -249,6 +218,7 @@ impl H2c {
 mod tests {
     use super::*;
     use http_body_util::BodyExt as _;
+    use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::net::TcpListener;

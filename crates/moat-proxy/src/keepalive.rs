@@ -10,7 +10,7 @@
 //! every HTTP request on the shared HTTP/2 connections.
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -111,19 +111,36 @@ pub fn keep(idle: &mut Vec<Conn>, conn: Conn) {
     }
 }
 
-/// Where a kept connection goes once the exchange on it is over.
-pub trait GiveBack: Send + Sync + Unpin + 'static {
-    /// The connection's request sender.
-    fn sender(&mut self) -> &mut SendRequest<Body>;
-    /// Keeps the connection, which can take a request now, for the next one.
-    fn put_back(self);
+/// A connection's idle fellows, newest last.
+pub type Idle = Mutex<Vec<Conn>>;
+
+/// A connection on its way back among `idle` once the exchange on it is over; gone with them
+/// (their inbound connection closed), it closes too.
+struct GiveBack {
+    conn: Conn,
+    idle: Weak<Idle>,
 }
 
-/// `body` as a [`Body`] that hands its connection to `back` once it has ended cleanly.
-pub fn returning<G: GiveBack>(back: G, body: Incoming) -> Body {
+impl GiveBack {
+    /// Keeps the connection, which can take a request now, for the next request.
+    fn put_back(self) {
+        let Some(idle) = self.idle.upgrade() else {
+            return;
+        };
+        let mut idle = idle.lock().unwrap_or_else(|e| e.into_inner());
+        keep(&mut idle, self.conn);
+    }
+}
+
+/// `body`, the response `conn` carried, as a [`Body`] that puts `conn` back among `idle` once
+/// it has ended cleanly.
+pub fn returning(conn: Conn, idle: &Arc<Idle>, body: Incoming) -> Body {
     let mut body = Returning {
         inner: body,
-        back: Some(back),
+        back: Some(GiveBack {
+            conn,
+            idle: Arc::downgrade(idle),
+        }),
     };
     // hyper never polls a body that is over before it began (no content).
     if body.inner.is_end_stream() {
@@ -137,29 +154,29 @@ pub fn returning<G: GiveBack>(back: G, body: Incoming) -> Body {
 /// out, or be stalled by its local client: until it is done, nobody else gets the connection).
 /// A body dropped or failed before its end takes its connection with it: hyper closes a
 /// connection whose response was not read to the end.
-struct Returning<G> {
+struct Returning {
     inner: Incoming,
-    back: Option<G>,
+    back: Option<GiveBack>,
 }
 
-impl<G: GiveBack> Returning<G> {
+impl Returning {
     fn give_back(&mut self) {
         let Some(mut back) = self.back.take() else {
             return;
         };
-        if back.sender().is_ready() {
+        if back.conn.sender.is_ready() {
             back.put_back();
             return;
         }
         tokio::spawn(async move {
-            if back.sender().ready().await.is_ok() {
+            if back.conn.sender.ready().await.is_ok() {
                 back.put_back();
             }
         });
     }
 }
 
-impl<G: GiveBack> hyper::body::Body for Returning<G> {
+impl hyper::body::Body for Returning {
     type Data = Bytes;
     type Error = hyper::Error;
 

@@ -425,9 +425,10 @@ impl Pool {
         target: &Target,
         generation: Arc<moat_tls::TlsState>,
     ) -> Result<Shared, String> {
-        let (tls_stream, made) = self
-            .dial_made(ctx, ep, target, moat_tls::ALPN_H2, generation)
-            .await?;
+        let tls_stream = self.dial_one(ctx, ep, target, moat_tls::ALPN_H2).await?;
+        let peer = moat_tls::peer_identity(tls_stream.get_ref().1.peer_certificates())
+            .ok_or("the endpoint presented no identity")?;
+        let made = Made { generation, peer };
         let settings = multiplex::Settings {
             keep_alive: Some(Duration::from_secs(20)),
         };
@@ -445,22 +446,6 @@ impl Pool {
             made,
             idle_at: None,
         })
-    }
-
-    /// An mTLS connection to `ep` offering `alpn`, made with the certificate generation
-    /// `generation`, and what it was made with.
-    async fn dial_made(
-        &self,
-        ctx: &Ctx,
-        ep: &str,
-        target: &Target,
-        alpn: &'static [u8],
-        generation: Arc<moat_tls::TlsState>,
-    ) -> Result<(TlsStream<TcpStream>, Made), String> {
-        let tls_stream = self.dial_one(ctx, ep, target, alpn).await?;
-        let peer = moat_tls::peer_identity(tls_stream.get_ref().1.peer_certificates())
-            .ok_or("the endpoint presented no identity")?;
-        Ok((tls_stream, Made { generation, peer }))
     }
 
     /// Sends an HTTP/2 request to an endpoint of `target` over a shared connection (see
