@@ -185,6 +185,9 @@ async fn http1_crosses_the_mesh_on_the_shared_http2_connection() {
         "POST /upload HTTP/1.1\r\nHost: orders.example\r\nContent-Length: 11\r\nConnection: close\r\n\r\nhello world",
         "GET /old HTTP/1.0\r\nHost: orders.example\r\n\r\n",
         "DELETE /items/7 HTTP/1.1\r\nHost: orders.example\r\nConnection: close\r\n\r\n",
+        // Trailers HTTP/1.1 allows and HTTP/2 forbids (RFC 9113 section 8.2.2) are dropped,
+        // not left to hold the request open on the shared connection.
+        "POST /trailers HTTP/1.1\r\nHost: orders.example\r\nTransfer-Encoding: chunked\r\nTrailer: x-ok\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\nconnection: close\r\nkeep-alive: 1\r\nte: gzip\r\nx-ok: 1\r\n\r\n",
     ];
     for r in requests {
         let answer = exchange(to, r).await;
@@ -232,6 +235,7 @@ async fn http1_crosses_the_mesh_on_the_shared_http2_connection() {
             ("POST", "/upload", 11),
             ("GET", "/old", 0),
             ("DELETE", "/items/7", 0),
+            ("POST", "/trailers", 5),
             ("HEAD", "/head", 0),
         ]
     );
@@ -248,6 +252,12 @@ async fn http1_crosses_the_mesh_on_the_shared_http2_connection() {
         assert_eq!(header("x-moat-peer-id"), [FRONTEND], "{r:?}");
         // A `TE` line after `trailers` goes, and the first with it.
         assert_eq!(header("te"), Vec::<&str>::new(), "{r:?}");
+        assert!(
+            r.trailers
+                .iter()
+                .all(|(k, _)| !["connection", "keep-alive", "te"].contains(&k.as_str())),
+            "{r:?}"
+        );
         assert!(
             r.headers
                 .iter()

@@ -81,7 +81,7 @@ pub struct HandshakeKindLabels {
 /// Labels of a mesh connection opened to another sidecar.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabels {
-    /// `http1` (kept alive, a request at a time), `h2` (shared) or `tcp` (opaque).
+    /// `h2` (shared by HTTP of every version) or `tcp` (opaque).
     pub protocol: &'static str,
 }
 

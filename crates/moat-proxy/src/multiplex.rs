@@ -520,8 +520,16 @@ async fn pipe(body: GatedBody, mut tx: SendStream<Bytes>) {
         let mut data = match frame.into_data() {
             Ok(data) => data,
             Err(frame) => {
-                if let Ok(trailers) = frame.into_trailers() {
-                    let _ = tx.send_trailers(trailers);
+                if let Ok(mut trailers) = frame.into_trailers() {
+                    // A chunked HTTP/1.1 body's trailers may name connection-specific fields,
+                    // which HTTP/2 forbids (RFC 9113 section 8.2.2) and h2 refuses to send: they
+                    // go. A refusal all the same resets the stream rather than leaving it open
+                    // until the far side's request timeout closes the whole connection.
+                    crate::http::strip_hop_by_hop(&mut trailers);
+                    trailers.remove(http::header::TE);
+                    if tx.send_trailers(trailers).is_err() {
+                        tx.send_reset(h2::Reason::INTERNAL_ERROR);
+                    }
                     return;
                 }
                 continue;

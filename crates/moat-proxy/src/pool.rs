@@ -1,7 +1,6 @@
 //! Dialling other sidecars: pick an endpoint of the service (round robin, skipping endpoints
 //! that failed recently), originate mTLS that accepts only the service's expected identity, and
-//! carry HTTP in the version the local client spoke: HTTP/1.1 on kept-alive connections that
-//! carry one request at a time ([`crate::keepalive`], decision 37), HTTP/2 and gRPC multiplexed
+//! carry HTTP of every version (HTTP/1.x marked `x-moat-orig-proto`, decision 52) multiplexed
 //! over shared HTTP/2 connections per endpoint and service ([`Upstreams`]), bounded so that what one local
 //! client does to its streams — resets, a window left at zero, stream slots held — can never
 //! make the far side close a connection other clients' requests travel on (decision 30).
