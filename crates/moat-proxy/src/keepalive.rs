@@ -22,7 +22,7 @@ use crate::http::Body;
 
 /// Idle connections to the app kept per inbound connection; more are closed when their
 /// response ends.
-pub const IDLE_KEPT: usize = 256;
+const IDLE_KEPT: usize = 256;
 
 /// When a kept connection went idle (`None` while a request has it), shared by its [`Conn`] and
 /// the task driving it, which closes it once it has been idle for the keep time: the far side
@@ -103,7 +103,7 @@ pub fn take_newest(idle: &mut Vec<Conn>, keep: Duration) -> Option<Conn> {
 
 /// Puts `conn`, which can take a request now, last among `idle`, after dropping the closed ones;
 /// past [`IDLE_KEPT`] it is closed instead.
-pub fn keep(idle: &mut Vec<Conn>, conn: Conn) {
+fn keep(idle: &mut Vec<Conn>, conn: Conn) {
     conn.idle.set(Some(Instant::now()));
     idle.retain(|c| !c.sender.is_closed());
     if idle.len() < IDLE_KEPT {
