@@ -2,10 +2,10 @@
 //! `etcd-server` on loopback, `moat_test_util::etcd`), each a full peer: a change made through
 //! one reaches the proxies of the others; the fleet view, the CA and rotation commands are
 //! shared; a replica killed under load costs no request and its proxies move to the others; a
-//! root rotation survives the loss of the leader; only the leader reads token issuers' keys,
-//! which every replica serves; a one-use token yields one certificate
-//! however many replicas it is raced on; and the mesh rides out etcd losing one member, then
-//! its quorum.
+//! root rotation survives the loss of the leader and takes no step while the dead leader's
+//! proxies are away; only the leader reads token issuers' keys, which every replica serves; a
+//! one-use token yields one certificate however many replicas it is raced on; and the mesh
+//! rides out etcd losing one member, then its quorum.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -432,25 +432,59 @@ async fn a_replica_killed_under_load_costs_no_request_and_its_proxies_move() {
     drop(cps.remove(victim));
 }
 
+/// The replica `proxy` is connected to (the one whose `moat status` lists it as its own), once
+/// one does.
+fn replica_of(cps: &[ControlPlane], proxy: &Proxy) -> usize {
+    let address = proxy.inbound.to_string();
+    tokio::task::block_in_place(|| {
+        eventually(Duration::from_secs(10), || {
+            (0..cps.len()).find(|i| {
+                status(&cps[*i])["proxies"].as_array().is_some_and(|ps| {
+                    ps.iter().any(|p| {
+                        p["address"] == address.as_str()
+                            && !p["remote"].as_str().unwrap_or("").contains("via replica")
+                    })
+                })
+            })
+        })
+    })
+    .expect("the proxy is connected to a replica")
+}
+
+fn kill(signal: &str, proxy: &Proxy) {
+    let pid = proxy.pid().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_root_rotation_completes_after_the_leader_running_it_dies() {
     let (_etcd, mut cps) = tokio::task::block_in_place(|| replicas(3));
     let urls = all_urls(&cps);
     let app = http_echo().await;
-    let _p: Vec<Proxy> = ["orders", "payments"]
-        .iter()
-        .map(|s| {
-            Proxy::builder(&cps[0], s)
-                .app(app)
-                .args(&["--control-plane", &urls])
-                .start()
-                .unwrap()
-        })
-        .collect();
-    let l = leader(&cps);
-    // Step 1 through the leader, then it dies while the command waits for the fleet.
+    let l = tokio::task::block_in_place(|| leader(&cps));
+    let start = |service: &str| {
+        Proxy::builder(&cps[0], service)
+            .app(app)
+            .args(&["--control-plane", &urls])
+            .start()
+            .unwrap()
+    };
+    // `orders` on the leader (a sidecar starts at a random replica: started again until it
+    // is), `payments` wherever it lands.
+    let orders = (0..30)
+        .map(|_| start("orders"))
+        .find(|p| replica_of(&cps, p) == l)
+        .expect("orders reached the leader in 30 starts");
+    let _payments = start("payments");
+    // Step 1 through the leader, then it dies while the command waits for the fleet, and
+    // `orders` is held (SIGSTOP) so that it cannot reconnect to a survivor yet.
     let out = tokio::task::block_in_place(|| run_rotation_until(&cps[l], "step 1"));
     assert!(out.contains("step 1"), "{out}");
+    kill("-STOP", &orders);
     cps[l].kill9();
     let dead_url = cps[l].url();
     let rest: Vec<ControlPlane> = {
@@ -460,21 +494,42 @@ async fn a_root_rotation_completes_after_the_leader_running_it_dies() {
     };
     // Another replica leads within the lease's time to live.
     let started = Instant::now();
-    let new_leader = leader(&rest);
+    let new_leader = tokio::task::block_in_place(|| leader(&rest));
     eprintln!("new leader after {:?}", started.elapsed());
     // The operator runs the command again, naming the dead replica first: the CLI uses the
-    // first that answers, and the rotation resumes at step 2.
+    // first that answers, and the rotation resumes. While `orders` has not reconnected, no step
+    // is taken behind its back: it still trusts only what it acknowledged.
     let urls = format!("{},{}", dead_url, rest[new_leader].url());
-    let out = tokio::task::block_in_place(|| {
-        rest[new_leader].moat_ok(&[
-            "--control-plane",
-            &urls,
-            "ca",
-            "rotate-root",
-            "--timeout",
-            "40s",
-        ])
-    });
+    let rotate = |timeout: &str| {
+        let out = tokio::task::block_in_place(|| {
+            rest[new_leader].moat(&[
+                "--control-plane",
+                &urls,
+                "ca",
+                "rotate-root",
+                "--timeout",
+                timeout,
+            ])
+        });
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (done, out) = rotate("8s");
+    let awaited = format!(
+        "{} at {}: not reconnected since its control-plane replica died",
+        id("orders"),
+        orders.inbound
+    );
+    assert!(!done && out.contains(&awaited), "{out}");
+    assert!(!out.contains("✓ step 2"), "{out}");
+    // Once it is back (on a survivor), the rotation completes with it.
+    kill("-CONT", &orders);
+    let (done, out) = rotate("40s");
+    assert!(done, "{out}");
     for step in ["✓ step 2", "✓ step 3", "root rotation complete: 2 proxies"] {
         assert!(out.contains(step), "{out}");
     }

@@ -62,16 +62,15 @@ fn fleet(cp: &ControlPlane) -> Fleet {
             ));
         }
     }
-    // After a control-plane restart, proxies that were connected before count until they are
-    // back (or the warm-up ends): a step must not be taken behind their backs.
-    for who in cp.mesh.registry().reconnecting() {
+    // Proxies known to be away count until they are back or given up: after a control-plane
+    // restart, those connected before (until the warm-up ends); after another replica died,
+    // its proxies (until they reconnect to a survivor or `Orphans` gives them up). A step must
+    // not be taken behind their backs: a proxy that comes back holding a certificate from a
+    // root the bundle no longer has is refused by every peer.
+    for why in cp.mesh.registry().awaited() {
         f.proxies += 1;
-        f.behind_bundle.push(format!(
-            "{who}: not reconnected since the control plane restarted"
-        ));
-        f.behind_intermediate.push(format!(
-            "{who}: not reconnected since the control plane restarted"
-        ));
+        f.behind_bundle.push(why.clone());
+        f.behind_intermediate.push(why);
     }
     f.behind_bundle.sort();
     f.behind_intermediate.sort();

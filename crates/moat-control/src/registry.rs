@@ -267,17 +267,31 @@ impl Registry {
         self.warm = endpoints.into_iter().collect();
     }
 
-    /// Endpoints remembered from before a restart whose proxies have not reconnected yet
-    /// (empty once the warm-up is over).
-    pub fn reconnecting(&self) -> Vec<String> {
-        let mut out: Vec<String> = self
+    /// The proxies the mesh is known to be missing, each as `id at address: why`, sorted: those
+    /// remembered from before a restart (until the warm-up ends) and those of a replica that
+    /// died (until they are given up, see `Orphans`), while no proxy connected here or to
+    /// another replica serves the endpoint.
+    pub fn awaited(&self) -> Vec<String> {
+        let serves = self.serves();
+        let restart = self
             .warm
             .iter()
-            .filter(|e| !self.local.contains_key(*e))
-            .map(|(id, addr)| format!("{id} at {addr}"))
-            .collect();
-        out.sort();
-        out
+            .map(|e| (e, "not reconnected since the control plane restarted"));
+        let death = self
+            .orphans
+            .iter()
+            .map(|e| (e, "not reconnected since its control-plane replica died"));
+        // One reason per endpoint (the restart's, when both hold).
+        let mut missing: BTreeMap<&(SpiffeId, String), &str> = BTreeMap::new();
+        for (e, why) in restart.chain(death) {
+            if !serves(&e.0, &e.1) {
+                missing.entry(e).or_insert(why);
+            }
+        }
+        missing
+            .into_iter()
+            .map(|((id, addr), why)| format!("{id} at {addr}: {why}"))
+            .collect()
     }
 
     fn local_endpoints(&self) -> HashSet<(&SpiffeId, &str)> {
@@ -613,14 +627,16 @@ mod tests {
         reg.upsert(7, proxy("y", "10.0.0.3:15006", 9));
         assert_eq!(reg.fleet().count(), 2);
         assert_eq!(endpoints(&reg), ["10.0.0.1:15006", "10.0.0.3:15006"]);
-        assert!(reg.reconnecting().is_empty());
+        assert!(reg.awaited().is_empty());
         reg.set_warm(vec![
             (proxy("y", "", 0).id, "10.0.0.3:15006".into()),
             (proxy("z", "", 0).id, "10.0.0.4:15006".into()),
         ]);
         assert_eq!(
-            reg.reconnecting(),
-            ["spiffe://moat.local/ns/default/sa/z at 10.0.0.4:15006"]
+            reg.awaited(),
+            [
+                "spiffe://moat.local/ns/default/sa/z at 10.0.0.4:15006: not reconnected since the control plane restarted"
+            ]
         );
     }
 
@@ -638,9 +654,19 @@ mod tests {
         assert!(reg.set_orphans(orphans.clone()));
         assert!(!reg.set_orphans(orphans.clone()));
         assert_eq!(endpoints(&reg), ["10.0.0.1:15006", "10.0.0.2:15006"]);
+        // A CA rotation waits for them (`awaited`) until each is back, wherever it reconnects.
+        let died = |p: &ProxyEntry| {
+            format!(
+                "{} at {}: not reconnected since its control-plane replica died",
+                p.id, p.inbound_address
+            )
+        };
+        assert_eq!(reg.awaited(), [died(&x), died(&y)]);
         // x reconnected to another replica, y here: neither's leaving the orphans is a change.
         assert!(!reg.put_remote("live/b/x".into(), x.clone()));
+        assert_eq!(reg.awaited(), [died(&y)]);
         reg.upsert(3, y.clone());
+        assert!(reg.awaited().is_empty());
         {
             let serves = reg.serves();
             assert!(serves(&x.id, "10.0.0.1:15006") && serves(&y.id, "10.0.0.2:15006"));
