@@ -523,6 +523,74 @@ async fn http1_clients(abuse: Http1Abuse) {
     drop(held);
 }
 
+/// An app's response head too large for the mesh is answered 502 by `b`, for that request
+/// alone: relayed, it would end the shared connection under `a`'s other local clients (h2 ends
+/// a connection for a head past four times its bound, or in more than five CONTINUATION
+/// frames). A head that fits crosses whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_an_app_response_head_too_large_for_the_mesh_cuts_no_shared_connection() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let m = mesh().await;
+    let addr = m.sidecar_a.upstream("b");
+    let get_head = move |n: usize| async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET /head/{n} HTTP/1.1\r\nhost: b\r\nconnection: close\r\n\r\n");
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+            .await
+            .expect("no answer within 10 s")
+            .unwrap();
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    // Fits: 60,000 bytes of one header, whole.
+    let answer = get_head(60_000).await;
+    let filler = format!("\r\nx-filler: {}\r\n", "f".repeat(60_000));
+    assert!(
+        answer.starts_with("HTTP/1.1 200 ") && answer.contains(&filler),
+        "{}",
+        &answer[..answer.len().min(300)]
+    );
+    // Too large, by a little and by far (past h2's CONTINUATION bound), again and again while a
+    // well-behaved local client's round runs on the same shared connection.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let heads = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut answers = Vec::new();
+            while answers.len() < 20 || !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for n in [70_000, 300_000] {
+                    answers.push((n, get_head(n).await));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            answers
+        }
+    });
+    let failed = well_behaved_round(&m, Via::Outbound).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        failed.is_empty(),
+        "the well-behaved local client suffered: {failed:?}"
+    );
+    for (n, answer) in heads.await.unwrap() {
+        assert!(
+            answer.starts_with("HTTP/1.1 502 ")
+                && answer.contains("the app's response head is ")
+                && answer.contains("over the 65536 the mesh carries"),
+            "{n}: {}",
+            &answer[..answer.len().min(300)]
+        );
+    }
+    // One shared connection carried all of it, and `b` closed none.
+    let metrics = m.sidecar_a.metrics();
+    assert!(
+        metrics.contains(r#"moat_upstream_connections_total{protocol="h2"} 1"#),
+        "{metrics}"
+    );
+    m.far_side_closed_nothing(Via::Outbound);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbound_http1_clients_giving_up_never_cut_a_shared_connection() {
     http1_clients(Http1Abuse::GiveUp).await;

@@ -488,7 +488,7 @@ where
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(64 * 1024)
+        .max_header_list_size(crate::multiplex::MAX_HEADER_LIST)
         .max_concurrent_streams(STREAMS_PER_CONNECTION)
         .initial_stream_window_size(crate::multiplex::STREAM_WINDOW)
         .initial_connection_window_size(crate::multiplex::CONNECTION_WINDOW)

@@ -900,6 +900,10 @@ fn rewrite_for_app(headers: &mut http::HeaderMap, conn: &HttpConn, user: Option<
     }
 }
 
+/// What a response head grows by on its way to the calling sidecar, counted generously as
+/// HTTP/2 does: `:status`, and the `date` and `content-length` hyper's server adds.
+const HEAD_ADDED: usize = 512;
+
 /// Sends an admitted request to the app, re-targeted at `path_and_query` (the canonical path
 /// and the query as sent), in the HTTP version its client spoke. The response keeps `held`, the
 /// request's place in its caller's share, until it ends.
@@ -913,6 +917,9 @@ async fn to_app(
     held: crate::callers::Slot,
 ) -> Response<Body> {
     let grpc = is_grpc(&parts.headers);
+    // The caller's connection: on HTTP/2 (every sidecar's), the answer must fit the head the
+    // calling sidecar takes.
+    let over_h2 = parts.version == Version::HTTP_2;
     let authority = request_authority(&parts, &conn.app_authority);
     // HTTP/1.1 names the target in origin form, its authority in `host` (set below); HTTP/2
     // carries both in the URI. Either way the authority must be one.
@@ -987,6 +994,22 @@ async fn to_app(
         Ok(resp) => {
             let (mut rparts, rbody) = resp.into_parts();
             strip_hop_by_hop(&mut rparts.headers);
+            // An HTTP/1.1 app's head may be far larger than the calling sidecar takes: it is
+            // answered here, for this request alone, rather than sent to end the shared
+            // connection under everyone's requests. (Its trailers cannot be: hyper takes 16 KiB
+            // of them from an HTTP/1.1 app, and an HTTP/2 app's client has the mesh's bound.)
+            let size = crate::multiplex::header_list_size(&rparts.headers) + HEAD_ADDED;
+            let limit = crate::multiplex::MAX_HEADER_LIST as usize;
+            if over_h2 && size > limit {
+                tracing::warn!(app = %conn.app, size, limit, "the app's response head is larger than the mesh carries");
+                return answer_here(
+                    http::StatusCode::BAD_GATEWAY,
+                    &format!(
+                        "the app's response head is {size} bytes as HTTP/2 counts it, over the {limit} the mesh carries; the app must send smaller headers"
+                    ),
+                    grpc,
+                );
+            }
             Response::from_parts(rparts, rbody)
         }
         Err(error) => {

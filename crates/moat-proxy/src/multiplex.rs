@@ -57,8 +57,22 @@ pub const LINGER_SHARE_OF_REQUEST_IDLE: u32 = 4;
 /// as the proxy's own server allows a connection (`conn_guard::STREAMS_PER_CONNECTION`).
 pub const STREAM_WINDOW: u32 = 512 * 1024;
 pub const CONNECTION_WINDOW: u32 = STREAM_WINDOW * crate::conn_guard::STREAMS_PER_CONNECTION;
-/// The largest response head taken, decoded: what hyper's client takes.
-const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// The largest response head (or trailers) a shared connection takes, as HTTP/2 counts it
+/// ([`header_list_size`]): as large as the request heads the proxy's own server takes
+/// (`conn_guard`), and Envoy's default. The inbound answers 502 rather than relay a larger
+/// head from its app (`inbound::to_app`): the far side would refuse it, and h2 ends the whole
+/// connection, under every stream on it, for a head past four times its bound or in more than
+/// five CONTINUATION frames.
+pub const MAX_HEADER_LIST: u32 = 64 * 1024;
+
+/// A header block's size as HTTP/2 counts it against `SETTINGS_MAX_HEADER_LIST_SIZE` (RFC 9113
+/// section 6.5.2): each field's name and value, and 32 bytes.
+pub fn header_list_size(headers: &http::HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 32)
+        .sum()
+}
 /// Request body bytes buffered per stream while the far side's window is shut.
 const MAX_SEND_BUFFER: usize = 1024 * 1024;
 

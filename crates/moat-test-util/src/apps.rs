@@ -187,7 +187,8 @@ pub const BULK: usize = 20 * 1024 * 1024;
 
 /// An HTTP app (HTTP/1.1 and h2c) for load and abuse scenarios: `/big` answers [`BULK`] bytes,
 /// `/slow` answers after 200 ms, `/upload` reads the whole request body first and answers its
-/// length, anything else answers `ok`. Counts the requests of each caller.
+/// length, `/head/N` answers `ok` with an `x-filler` header of N bytes, anything else answers
+/// `ok`. Counts the requests of each caller.
 pub async fn bulk_http() -> (SocketAddr, ByCaller) {
     let (listener, addr) = bind().await;
     let seen = ByCaller::default();
@@ -210,6 +211,19 @@ pub async fn bulk_http() -> (SocketAddr, ByCaller) {
                         .to_owned();
                     if let Ok(mut r) = record.lock() {
                         *r.entry(who).or_default() += 1;
+                    }
+                    let filler = req
+                        .uri()
+                        .path()
+                        .strip_prefix("/head/")
+                        .and_then(|n| n.parse::<usize>().ok());
+                    if let Some(n) = filler {
+                        let mut resp = Response::new(Full::new(Bytes::from_static(b"ok")));
+                        let value = http::HeaderValue::from_bytes(&vec![b'f'; n]);
+                        if let Ok(v) = value {
+                            resp.headers_mut().insert("x-filler", v);
+                        }
+                        return Ok(resp);
                     }
                     let body = match req.uri().path() {
                         "/big" => big,
