@@ -41,7 +41,10 @@ fn fleet(cp: &ControlPlane) -> Fleet {
     };
     // The whole fleet, whichever replica each proxy is connected to: a step must not be taken
     // while a proxy on another replica is behind.
-    for p in cp.mesh.registry().fleet() {
+    // One look at the registry: a proxy away at one look and back at another would be counted
+    // by neither.
+    let registry = cp.mesh.registry();
+    for p in registry.fleet() {
         f.proxies += 1;
         let who = format!("{} at {}", p.id, p.inbound_address);
         if p.applied_bundle == f.bundle {
@@ -67,7 +70,7 @@ fn fleet(cp: &ControlPlane) -> Fleet {
     // its proxies (until they reconnect to a survivor or `Orphans` gives them up). A step must
     // not be taken behind their backs: a proxy that comes back holding a certificate from a
     // root the bundle no longer has is refused by every peer.
-    for why in cp.mesh.registry().awaited() {
+    for why in registry.awaited() {
         f.proxies += 1;
         f.behind_bundle.push(why.clone());
         f.behind_intermediate.push(why);
