@@ -523,44 +523,73 @@ async fn http1_clients(abuse: Http1Abuse) {
     drop(held);
 }
 
-/// An app's response head too large for the mesh is answered 502 by `b`, for that request
-/// alone: relayed, it would end the shared connection under `a`'s other local clients (h2 ends
-/// a connection for a head past four times its bound, or in more than five CONTINUATION
-/// frames). A head that fits crosses whole.
+/// A head too large for the mesh is answered on the side it comes from, for that request alone:
+/// an app's response head 502 by `b`, a local client's request head 431 by `a`. Sent on, either
+/// would end the shared connection under `a`'s other local clients (h2 ends a connection for a
+/// block past four times its bound, over the bound in more than one frame, or in more than six
+/// frames). Heads that fit cross whole, bytes outside ASCII too (HPACK's Huffman code makes
+/// them up to 3.75 times longer: 33,000 of them would take eight frames of HTTP/2's default
+/// 16 KiB).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn outbound_an_app_response_head_too_large_for_the_mesh_cuts_no_shared_connection() {
+async fn outbound_heads_too_large_for_the_mesh_cut_no_shared_connection() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let m = mesh().await;
     let addr = m.sidecar_a.upstream("b");
-    let get_head = move |n: usize| async move {
+    let exchange = move |head: Vec<u8>| async move {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let request = format!("GET /head/{n} HTTP/1.1\r\nhost: b\r\nconnection: close\r\n\r\n");
-        s.write_all(request.as_bytes()).await.unwrap();
+        s.write_all(&head).await.unwrap();
         let mut got = Vec::new();
         tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
             .await
             .expect("no answer within 10 s")
             .unwrap();
-        String::from_utf8_lossy(&got).into_owned()
+        got
     };
+    let get = move |path: String, extra: Vec<u8>| {
+        let mut head =
+            format!("GET {path} HTTP/1.1\r\nhost: b\r\nconnection: close\r\n").into_bytes();
+        head.extend_from_slice(&extra);
+        head.extend_from_slice(b"\r\n");
+        exchange(head)
+    };
+    let has = |answer: &[u8], part: &[u8]| answer.windows(part.len()).any(|w| w == part);
+    let filler = |byte: u8, n: usize| {
+        let mut line = b"\r\nx-filler: ".to_vec();
+        line.extend(std::iter::repeat_n(byte, n));
+        line.extend_from_slice(b"\r\n");
+        line
+    };
+    let shown =
+        |answer: &[u8]| String::from_utf8_lossy(&answer[..answer.len().min(300)]).into_owned();
     // Fits: 60,000 bytes of one header, whole.
-    let answer = get_head(60_000).await;
-    let filler = format!("\r\nx-filler: {}\r\n", "f".repeat(60_000));
+    let answer = get("/head/60000".into(), Vec::new()).await;
     assert!(
-        answer.starts_with("HTTP/1.1 200 ") && answer.contains(&filler),
+        answer.starts_with(b"HTTP/1.1 200 ") && has(&answer, &filler(b'f', 60_000)),
         "{}",
-        &answer[..answer.len().min(300)]
+        shown(&answer)
     );
-    // Too large, by a little and by far (past h2's CONTINUATION bound), again and again while a
-    // well-behaved local client's round runs on the same shared connection.
+    // Again and again while a well-behaved local client's round runs on the same shared
+    // connection: too large, by a little and by far (answered 502), and 33,000 bytes outside
+    // ASCII each way (whole).
+    let obs = {
+        let mut line = b"x-obs: ".to_vec();
+        line.extend(std::iter::repeat_n(0xDC, 33_000));
+        line.extend_from_slice(b"\r\n");
+        line
+    };
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let heads = tokio::spawn({
         let stop = stop.clone();
         async move {
             let mut answers = Vec::new();
-            while answers.len() < 20 || !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                for n in [70_000, 300_000] {
-                    answers.push((n, get_head(n).await));
+            while answers.len() < 40 || !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for (path, extra) in [
+                    ("/head/70000", Vec::new()),
+                    ("/head/300000", Vec::new()),
+                    ("/obs-head/33000", Vec::new()),
+                    ("/small", obs.clone()),
+                ] {
+                    answers.push((path, get(path.into(), extra).await));
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -573,15 +602,38 @@ async fn outbound_an_app_response_head_too_large_for_the_mesh_cuts_no_shared_con
         failed.is_empty(),
         "the well-behaved local client suffered: {failed:?}"
     );
-    for (n, answer) in heads.await.unwrap() {
-        assert!(
-            answer.starts_with("HTTP/1.1 502 ")
-                && answer.contains("the app's response head is ")
-                && answer.contains("over the 65536 the mesh carries"),
-            "{n}: {}",
-            &answer[..answer.len().min(300)]
-        );
+    for (path, answer) in heads.await.unwrap() {
+        let fine = match path {
+            "/obs-head/33000" => {
+                answer.starts_with(b"HTTP/1.1 200 ") && has(&answer, &filler(0xDC, 33_000))
+            }
+            "/small" => answer.starts_with(b"HTTP/1.1 200 ") && answer.ends_with(b"ok"),
+            _ => {
+                answer.starts_with(b"HTTP/1.1 502 ")
+                    && has(&answer, b"the app's response head is ")
+                    && has(&answer, b"over the 65536 the mesh carries")
+            }
+        };
+        assert!(fine, "{path}: {}", shown(&answer));
     }
+    // A request head within the 64 KiB an HTTP/1.1 client may send, over the mesh's bound once
+    // each field counts 32 bytes more: answered by `a`, never sent.
+    let before = m.reached("a");
+    let mut extra = b"x-big: ".to_vec();
+    extra.extend(std::iter::repeat_n(b'f', 64_500));
+    extra.extend_from_slice(b"\r\n");
+    for i in 0..30 {
+        extra.extend_from_slice(format!("a{i:02}: x\r\n").as_bytes());
+    }
+    let answer = get("/small".into(), extra).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 431 ")
+            && has(&answer, b"the request head is ")
+            && has(&answer, b"the mesh carries less than 65536"),
+        "{}",
+        shown(&answer)
+    );
+    assert_eq!(m.reached("a"), before);
     // One shared connection carried all of it, and `b` closed none.
     let metrics = m.sidecar_a.metrics();
     assert!(

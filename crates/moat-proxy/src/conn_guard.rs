@@ -489,6 +489,7 @@ where
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(crate::multiplex::MAX_HEADER_LIST)
+        .max_frame_size(crate::multiplex::MAX_FRAME_SIZE)
         .max_concurrent_streams(STREAMS_PER_CONNECTION)
         .initial_stream_window_size(crate::multiplex::STREAM_WINDOW)
         .initial_connection_window_size(crate::multiplex::CONNECTION_WINDOW)

@@ -65,6 +65,13 @@ pub const CONNECTION_WINDOW: u32 = STREAM_WINDOW * crate::conn_guard::STREAMS_PE
 /// five CONTINUATION frames.
 pub const MAX_HEADER_LIST: u32 = 64 * 1024;
 
+/// The largest frame a shared connection takes (`SETTINGS_MAX_FRAME_SIZE`, as the proxy's own
+/// server advertises too). h2 Huffman-codes every string it sends, which makes bytes outside
+/// ASCII up to 3.75 times longer, and it ends a connection whose header block takes more than
+/// five CONTINUATION frames after the first. Six frames of 64 KiB carry any block within
+/// [`MAX_HEADER_LIST`]; six of the default 16 KiB would not carry one of 30 KiB of such bytes.
+pub const MAX_FRAME_SIZE: u32 = 64 * 1024;
+
 /// A header block's size as HTTP/2 counts it against `SETTINGS_MAX_HEADER_LIST_SIZE` (RFC 9113
 /// section 6.5.2): each field's name and value, and 32 bytes.
 pub fn header_list_size(headers: &http::HeaderMap) -> usize {
@@ -72,6 +79,25 @@ pub fn header_list_size(headers: &http::HeaderMap) -> usize {
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 32)
         .sum()
+}
+
+/// [`header_list_size`] of a request head as it goes out on HTTP/2, with its pseudo-header
+/// fields (`:method`, `:scheme`, `:authority`, `:path`).
+pub fn request_head_size(parts: &http::request::Parts) -> usize {
+    let uri = &parts.uri;
+    let pseudo = [
+        (":method".len(), parts.method.as_str().len()),
+        (":scheme".len(), uri.scheme_str().map_or(0, str::len)),
+        (
+            ":authority".len(),
+            uri.authority().map_or(0, |a| a.as_str().len()),
+        ),
+        (
+            ":path".len(),
+            uri.path_and_query().map_or(1, |pq| pq.as_str().len()),
+        ),
+    ];
+    pseudo.iter().map(|(n, v)| n + v + 32).sum::<usize>() + header_list_size(&parts.headers)
 }
 /// Request body bytes buffered per stream while the far side's window is shut.
 const MAX_SEND_BUFFER: usize = 1024 * 1024;
@@ -151,6 +177,7 @@ impl Conn {
             .initial_connection_window_size(CONNECTION_WINDOW)
             .initial_max_send_streams(STREAMS_PER_SHARED)
             .max_header_list_size(MAX_HEADER_LIST)
+            .max_frame_size(MAX_FRAME_SIZE)
             .max_send_buffer_size(MAX_SEND_BUFFER)
             .enable_push(false)
             .handshake::<_, Bytes>(io)

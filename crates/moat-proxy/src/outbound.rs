@@ -312,6 +312,24 @@ async fn send(
         .path_and_query(pq)
         .build()
         .map_err(|e| Refused::bad_target(&e, grpc))?;
+    // A head grows on its way to HTTP/2 (32 bytes a field, and the marks above). One the far
+    // side would not take is answered here: sent on, it would be refused there, or, once over
+    // the bound within a block that CONTINUATION frames carry, end the shared connection.
+    let size = crate::multiplex::request_head_size(&parts);
+    let limit = crate::multiplex::MAX_HEADER_LIST as usize;
+    if size >= limit {
+        return Err(Refused {
+            resp: answer_here(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                &format!(
+                    "the request head is {size} bytes as HTTP/2 counts it (each field and 32 bytes), the mesh carries less than {limit}; send smaller headers"
+                ),
+                grpc,
+            ),
+            decision: "deny",
+            reason: "head-too-large",
+        });
+    }
     let sent = ctx
         .pool
         .send(ctx, to, Request::from_parts(parts, boxed(body)))

@@ -187,8 +187,9 @@ pub const BULK: usize = 20 * 1024 * 1024;
 
 /// An HTTP app (HTTP/1.1 and h2c) for load and abuse scenarios: `/big` answers [`BULK`] bytes,
 /// `/slow` answers after 200 ms, `/upload` reads the whole request body first and answers its
-/// length, `/head/N` answers `ok` with an `x-filler` header of N bytes, anything else answers
-/// `ok`. Counts the requests of each caller.
+/// length, `/head/N` answers `ok` with an `x-filler` header of N bytes `f` (`/obs-head/N`: of
+/// byte 0xDC, which HTTP allows as obs-text and HPACK's Huffman code makes 3.5 times longer),
+/// anything else answers `ok`. Counts the requests of each caller.
 pub async fn bulk_http() -> (SocketAddr, ByCaller) {
     let (listener, addr) = bind().await;
     let seen = ByCaller::default();
@@ -212,14 +213,15 @@ pub async fn bulk_http() -> (SocketAddr, ByCaller) {
                     if let Ok(mut r) = record.lock() {
                         *r.entry(who).or_default() += 1;
                     }
-                    let filler = req
-                        .uri()
-                        .path()
-                        .strip_prefix("/head/")
-                        .and_then(|n| n.parse::<usize>().ok());
-                    if let Some(n) = filler {
+                    let path = req.uri().path();
+                    let filler = [("/head/", b'f'), ("/obs-head/", 0xDC)]
+                        .into_iter()
+                        .find_map(|(prefix, byte)| {
+                            Some((path.strip_prefix(prefix)?.parse::<usize>().ok()?, byte))
+                        });
+                    if let Some((n, byte)) = filler {
                         let mut resp = Response::new(Full::new(Bytes::from_static(b"ok")));
-                        let value = http::HeaderValue::from_bytes(&vec![b'f'; n]);
+                        let value = http::HeaderValue::from_bytes(&vec![byte; n]);
                         if let Ok(v) = value {
                             resp.headers_mut().insert("x-filler", v);
                         }
