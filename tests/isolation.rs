@@ -529,7 +529,7 @@ async fn http1_clients(abuse: Http1Abuse) {
 /// block past four times its bound, over the bound in more than one frame, or in more than six
 /// frames). Heads that fit cross whole, bytes outside ASCII too (HPACK's Huffman code makes
 /// them up to 3.75 times longer: 33,000 of them would take eight frames of HTTP/2's default
-/// 16 KiB).
+/// 16 KiB, which a new connection uses until the far side's SETTINGS come).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbound_heads_too_large_for_the_mesh_cut_no_shared_connection() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -561,6 +561,20 @@ async fn outbound_heads_too_large_for_the_mesh_cut_no_shared_connection() {
     };
     let shown =
         |answer: &[u8]| String::from_utf8_lossy(&answer[..answer.len().min(300)]).into_owned();
+    let obs = {
+        let mut line = b"x-obs: ".to_vec();
+        line.extend(std::iter::repeat_n(0xDC, 33_000));
+        line.extend_from_slice(b"\r\n");
+        line
+    };
+    // The first request, on a connection whose far side's SETTINGS (its 64 KiB frames) have not
+    // come yet: 33,000 bytes outside ASCII, whole.
+    let answer = get("/small".into(), obs.clone()).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200 ") && answer.ends_with(b"ok"),
+        "{}",
+        shown(&answer)
+    );
     // Fits: 60,000 bytes of one header, whole.
     let answer = get("/head/60000".into(), Vec::new()).await;
     assert!(
@@ -571,12 +585,6 @@ async fn outbound_heads_too_large_for_the_mesh_cut_no_shared_connection() {
     // Again and again while a well-behaved local client's round runs on the same shared
     // connection: too large, by a little and by far (answered 502), and 33,000 bytes outside
     // ASCII each way (whole).
-    let obs = {
-        let mut line = b"x-obs: ".to_vec();
-        line.extend(std::iter::repeat_n(0xDC, 33_000));
-        line.extend_from_slice(b"\r\n");
-        line
-    };
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let heads = tokio::spawn({
         let stop = stop.clone();

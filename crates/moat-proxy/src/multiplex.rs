@@ -82,11 +82,11 @@ pub fn header_list_size(headers: &http::HeaderMap) -> usize {
 }
 
 /// [`header_list_size`] of a request head as it goes out on HTTP/2, with its pseudo-header
-/// fields (`:method`, `:scheme`, `:authority`, `:path`).
-pub fn request_head_size(parts: &http::request::Parts) -> usize {
-    let uri = &parts.uri;
+/// fields (`:method`, `:scheme`, `:authority`, `:path`), but not the `content-length` a
+/// [`Lease::send`] may add ([`ADDED_BY_SEND`]).
+pub fn request_head_size(method: &Method, uri: &http::Uri, headers: &http::HeaderMap) -> usize {
     let pseudo = [
-        (":method".len(), parts.method.as_str().len()),
+        (":method".len(), method.as_str().len()),
         (":scheme".len(), uri.scheme_str().map_or(0, str::len)),
         (
             ":authority".len(),
@@ -97,8 +97,21 @@ pub fn request_head_size(parts: &http::request::Parts) -> usize {
             uri.path_and_query().map_or(1, |pq| pq.as_str().len()),
         ),
     ];
-    pseudo.iter().map(|(n, v)| n + v + 32).sum::<usize>() + header_list_size(&parts.headers)
+    pseudo.iter().map(|(n, v)| n + v + 32).sum::<usize>() + header_list_size(headers)
 }
+
+/// What [`Lease::send`] may add to a request head, as HTTP/2 counts it: a `content-length`.
+pub const ADDED_BY_SEND: usize = "content-length".len() + 20 + 32;
+
+/// The largest head (as HTTP/2 counts it) sent before the far side's SETTINGS have come. Until
+/// then h2 writes a head in frames of HTTP/2's default 16 KiB, not [`MAX_FRAME_SIZE`], and the
+/// far side takes six of them (ending the connection at a seventh): up to 96 KiB coded, which
+/// Huffman coding (up to 3.75 times longer) fills from 25.6 KiB. A larger head (or trailers)
+/// waits for the answer to the connection's first PING, which comes after those SETTINGS.
+const EARLY_HEAD: usize = 24 * 1024;
+/// How long heads over [`EARLY_HEAD`] wait for the answer to a new connection's first PING when
+/// the connection has no keep-alive (with one, the keep-alive's wait, after which it ends).
+const FIRST_PONG: Duration = Duration::from_secs(20);
 /// Request body bytes buffered per stream while the far side's window is shut.
 const MAX_SEND_BUFFER: usize = 1024 * 1024;
 
@@ -153,6 +166,9 @@ pub struct Conn {
     answers: tokio::sync::Notify,
     /// How long one of them waits at most.
     linger: Duration,
+    /// The far side's SETTINGS are in force (see [`EARLY_HEAD`]); closed when the connection
+    /// ends.
+    settled: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Conn {
@@ -182,17 +198,13 @@ impl Conn {
             .enable_push(false)
             .handshake::<_, Bytes>(io)
             .await?;
-        let pings = settings.keep_alive.and_then(|quiet| {
-            conn.ping_pong().map(|pings| KeepAlive {
-                pings,
-                quiet,
-                heard,
-            })
-        });
+        let pings = conn.ping_pong();
+        let keep_alive = settings.keep_alive.map(|quiet| KeepAlive { quiet, heard });
+        let (settle, settled) = tokio::sync::watch::channel(false);
         let closed = Arc::new(AtomicBool::new(false));
         let ended = closed.clone();
         tokio::spawn(async move {
-            if let Err(e) = drive(conn, pings).await {
+            if let Err(e) = drive(conn, pings, keep_alive, settle).await {
                 tracing::debug!(to = label, error = %e, "shared connection closed");
             }
             ended.store(true, Ordering::Relaxed);
@@ -210,6 +222,7 @@ impl Conn {
             lingering: AtomicUsize::new(0),
             answers: tokio::sync::Notify::new(),
             linger,
+            settled,
         }))
     }
 
@@ -367,6 +380,13 @@ impl Lease {
     /// closed (the far side went away or said GOAWAY), and it is retired.
     pub async fn send(mut self, req: Request<Body>) -> Result<Sent, Request<Body>> {
         let conn = self.conn.clone();
+        if !*conn.settled.borrow()
+            && request_head_size(req.method(), req.uri(), req.headers()) + ADDED_BY_SEND
+                > EARLY_HEAD
+        {
+            // Should the connection end first, `ready` below says so.
+            let _ = conn.settled.clone().wait_for(|s| *s).await;
+        }
         let Ok(mut sender) = conn.sender.clone().ready().await else {
             conn.retire();
             self.clean = true;
@@ -419,7 +439,10 @@ impl Lease {
                 state: state.clone(),
                 failed: None,
             };
-            Pipe(Some(tokio::spawn(pipe(body, body_tx)).abort_handle()))
+            let settled = conn.settled.clone();
+            Pipe(Some(
+                tokio::spawn(pipe(body, body_tx, settled)).abort_handle(),
+            ))
         };
         Ok(Sent {
             stream: Some(InFlight {
@@ -436,25 +459,46 @@ impl Lease {
 
 /// A connection's keep-alive: [`Settings::keep_alive`].
 struct KeepAlive {
-    pings: h2::PingPong,
     quiet: Duration,
     /// Reads that brought bytes, counted by [`Heard`].
     heard: Arc<AtomicU64>,
 }
 
-/// Drives a shared connection until it ends, pinging the far side when it has been quiet (see
-/// [`Settings::keep_alive`]).
+/// Drives a shared connection until it ends: says when the far side's SETTINGS are in force
+/// (`settle`, once its first PING is answered), then pings the far side when it has been quiet
+/// (see [`Settings::keep_alive`]).
 async fn drive<T>(
     conn: h2::client::Connection<T, Bytes>,
+    mut pings: Option<h2::PingPong>,
     keep_alive: Option<KeepAlive>,
+    settle: tokio::sync::watch::Sender<bool>,
 ) -> Result<(), String>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let Some(mut k) = keep_alive else {
+    tokio::pin!(conn);
+    // The far side's connection preface is its SETTINGS, so they are read, and in force, by
+    // the time its answer to a PING comes. Unanswered for as long as the keep-alive gives a
+    // PING, the connection ends, as it would then; without a keep-alive, it is taken as it is.
+    if let Some(p) = pings.as_mut() {
+        let wait = keep_alive.as_ref().map_or(FIRST_PONG, |k| k.quiet);
+        let pong = tokio::time::timeout(wait, p.ping(h2::Ping::opaque()));
+        tokio::select! {
+            ended = &mut conn => return ended.map_err(|e| e.to_string()),
+            answered = pong => match answered {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) if keep_alive.is_some() => {
+                    return Err(format!("no answer to the first PING in {wait:?}"));
+                }
+                Err(_) => {}
+            },
+        }
+    }
+    settle.send_replace(true);
+    let (Some(mut pings), Some(k)) = (pings, keep_alive) else {
         return conn.await.map_err(|e| e.to_string());
     };
-    tokio::pin!(conn);
     let mut seen = k.heard.load(Ordering::Relaxed);
     loop {
         tokio::select! {
@@ -465,7 +509,7 @@ where
         if std::mem::replace(&mut seen, now) != now {
             continue;
         }
-        let pong = tokio::time::timeout(k.quiet, k.pings.ping(h2::Ping::opaque()));
+        let pong = tokio::time::timeout(k.quiet, pings.ping(h2::Ping::opaque()));
         tokio::select! {
             ended = &mut conn => return ended.map_err(|e| e.to_string()),
             answered = pong => match answered {
@@ -539,7 +583,11 @@ impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Heard<IO> {
 /// the stream when the body ends, sends its trailers, or resets the stream when the body fails
 /// (`GatedBody` holds a failure until a reset is safe). A far side that resets the stream stops
 /// it.
-async fn pipe(body: GatedBody, mut tx: SendStream<Bytes>) {
+async fn pipe(
+    body: GatedBody,
+    mut tx: SendStream<Bytes>,
+    mut settled: tokio::sync::watch::Receiver<bool>,
+) {
     let mut body = body;
     loop {
         let next = tokio::select! {
@@ -568,6 +616,9 @@ async fn pipe(body: GatedBody, mut tx: SendStream<Bytes>) {
                     // until the far side's request timeout closes the whole connection.
                     crate::http::strip_hop_by_hop(&mut trailers);
                     trailers.remove(http::header::TE);
+                    if !*settled.borrow() && header_list_size(&trailers) > EARLY_HEAD {
+                        let _ = settled.wait_for(|s| *s).await;
+                    }
                     if tx.send_trailers(trailers).is_err() {
                         tx.send_reset(h2::Reason::INTERNAL_ERROR);
                     }

@@ -315,7 +315,8 @@ async fn send(
     // A head grows on its way to HTTP/2 (32 bytes a field, and the marks above). One the far
     // side would not take is answered here: sent on, it would be refused there, or, once over
     // the bound within a block that CONTINUATION frames carry, end the shared connection.
-    let size = crate::multiplex::request_head_size(&parts);
+    let size = crate::multiplex::request_head_size(&parts.method, &parts.uri, &parts.headers)
+        + crate::multiplex::ADDED_BY_SEND;
     let limit = crate::multiplex::MAX_HEADER_LIST as usize;
     if size >= limit {
         return Err(Refused {
