@@ -134,7 +134,9 @@ pub struct Settings {
     /// Sends a PING once the far side has sent nothing for this long, and closes the connection
     /// when the PING goes unanswered for as long again: a far side gone without a word (its
     /// host down, a NAT entry dropped) is found before a request waits on it, and a connection
-    /// that is carrying traffic is never pinged (as hyper's keep-alive did).
+    /// that is carrying traffic is not pinged (as hyper's keep-alive did) beyond the one PING
+    /// every connection sends as it starts (see [`EARLY_HEAD`]), which, unanswered for this
+    /// long, closes it too.
     pub keep_alive: Option<Duration>,
 }
 
@@ -384,8 +386,11 @@ impl Lease {
             && request_head_size(req.method(), req.uri(), req.headers()) + ADDED_BY_SEND
                 > EARLY_HEAD
         {
-            // Should the connection end first, `ready` below says so.
+            // Should the connection end first, `ready` below says so. A client that gives up
+            // meanwhile opened no stream: nothing to count against the reset budget.
+            self.clean = true;
             let _ = conn.settled.clone().wait_for(|s| *s).await;
+            self.clean = false;
         }
         let Ok(mut sender) = conn.sender.clone().ready().await else {
             conn.retire();
@@ -1007,22 +1012,27 @@ mod tests {
     use super::*;
 
     async fn conn() -> Arc<Conn> {
-        conn_to(Settings::default(), true).await
+        conn_to(Settings::default(), None).await
     }
 
     /// A real HTTP/2 connection to nothing but an h2 server on the other end of a pipe, which
     /// goes on answering (PINGs included) when `answering`, else falls silent after its
     /// handshake with the connection still open.
-    async fn conn_to(settings: Settings, answering: bool) -> Arc<Conn> {
+    /// A connection to an h2 server that answers (PINGs included) for `answers_for`, or for
+    /// ever, then falls silent.
+    async fn conn_to(settings: Settings, answers_for: Option<Duration>) -> Arc<Conn> {
         let (client, server) = tokio::io::duplex(64 * 1024);
         tokio::spawn(async move {
             let Ok(mut h2) = h2::server::handshake(server).await else {
                 return;
             };
-            if answering {
-                while let Some(Ok(_)) = h2.accept().await {}
-            } else {
-                std::future::pending::<()>().await;
+            let serve = async { while let Some(Ok(_)) = h2.accept().await {} };
+            match answers_for {
+                None => serve.await,
+                Some(d) => {
+                    let _ = tokio::time::timeout(d, serve).await;
+                    std::future::pending::<()>().await;
+                }
             }
         });
         Conn::handshake(
@@ -1075,9 +1085,12 @@ mod tests {
         let pinging = Settings {
             keep_alive: Some(every),
         };
-        let silent = conn_to(pinging, false).await;
-        let answering = conn_to(pinging, true).await;
-        let unwatched = conn_to(Settings::default(), false).await;
+        let silent = conn_to(pinging, Some(Duration::ZERO)).await;
+        let answering = conn_to(pinging, None).await;
+        let unwatched = conn_to(Settings::default(), Some(Duration::ZERO)).await;
+        // Answers the PING every connection starts with, then falls silent: found by the
+        // keep-alive's own PINGs.
+        let falls_silent = conn_to(pinging, Some(every * 2)).await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while silent.usable() {
             assert!(
@@ -1088,6 +1101,14 @@ mod tests {
         }
         assert!(answering.usable(), "a far side that answers keeps it");
         assert!(unwatched.usable(), "without PINGs, silence is not noticed");
+        assert!(*falls_silent.settled.borrow(), "it answered the first PING");
+        while falls_silent.usable() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a far side that falls silent keeps its connection"
+            );
+            tokio::time::sleep(every / 5).await;
+        }
         tokio::time::sleep(every * 4).await;
         assert!(answering.usable(), "still, after several PINGs");
     }
