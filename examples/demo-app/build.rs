@@ -1,7 +1,8 @@
 //! Generates the demo's gRPC code (protox; no system protoc).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proto");
+    // Read as the script runs (see moat-api's build script).
+    let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("proto");
     println!(
         "cargo:rerun-if-changed={}",
         root.join("payments.proto").display()
