@@ -532,19 +532,9 @@ async fn http1_clients(abuse: Http1Abuse) {
 /// 16 KiB, which a new connection uses until the far side's SETTINGS come).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbound_heads_too_large_for_the_mesh_cut_no_shared_connection() {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let m = mesh().await;
     let addr = m.sidecar_a.upstream("b");
-    let exchange = move |head: Vec<u8>| async move {
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(&head).await.unwrap();
-        let mut got = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
-            .await
-            .expect("no answer within 10 s")
-            .unwrap();
-        got
-    };
+    let exchange = move |head: Vec<u8>| async move { exchange_bytes(addr, &head).await };
     let get = move |path: String, extra: Vec<u8>| {
         let mut head =
             format!("GET {path} HTTP/1.1\r\nhost: b\r\nconnection: close\r\n").into_bytes();

@@ -122,16 +122,9 @@ async fn every_protocol_crosses_a_sidecar_pair_with_the_verified_identity() {
     );
 }
 
-/// Sends `request` to `to` as raw bytes and reads the answer until the connection closes.
+/// [`exchange_bytes`], as text.
 async fn exchange(to: std::net::SocketAddr, request: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(to).await.unwrap();
-    s.write_all(request.as_bytes()).await.unwrap();
-    let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
-        .await
-        .expect("no answer within 10 s")
-        .unwrap();
-    String::from_utf8_lossy(&got).into_owned()
+    String::from_utf8_lossy(&exchange_bytes(to, request.as_bytes()).await).into_owned()
 }
 
 /// A mesh where frontend calls orders, whose app records what it receives; the sidecars run with

@@ -508,3 +508,17 @@ pub fn tcp_established(local: u16, remote: Option<u16>) -> usize {
         })
         .count()
 }
+
+/// Sends `request` to `to` as raw bytes and reads the answer until the connection closes
+/// (within 10 s).
+pub async fn exchange_bytes(to: std::net::SocketAddr, request: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(to).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut got))
+        .await
+        .expect("no answer within 10 s")
+        .unwrap();
+    got
+}
