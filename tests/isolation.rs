@@ -623,7 +623,7 @@ async fn outbound_heads_too_large_for_the_mesh_cut_no_shared_connection() {
     for i in 0..30 {
         extra.extend_from_slice(format!("a{i:02}: x\r\n").as_bytes());
     }
-    let answer = get("/small".into(), extra).await;
+    let answer = get("/small".into(), extra.clone()).await;
     assert!(
         answer.starts_with(b"HTTP/1.1 431 ")
             && has(&answer, b"the request head is ")
@@ -632,6 +632,39 @@ async fn outbound_heads_too_large_for_the_mesh_cut_no_shared_connection() {
         shown(&answer)
     );
     assert_eq!(m.reached("a"), before);
+    // A gRPC client learns both as gRPC statuses a retry policy would not retry: 8
+    // (RESOURCE_EXHAUSTED) for its own head, 13 (INTERNAL) for the app's, which already ran. Each
+    // answer carries its request id, and the sidecar that gave it logs what it said under it.
+    let grpc = b"content-type: application/grpc\r\n".to_vec();
+    let mut big = grpc.clone();
+    big.extend_from_slice(&extra);
+    let mut answers = vec![(get("/small".into(), big).await, "8", &m.sidecar_a)];
+    assert_eq!(m.reached("a"), before);
+    answers.push((get("/head/70000".into(), grpc).await, "13", &m.b));
+    for (answer, code, sidecar) in answers {
+        let head = String::from_utf8_lossy(&answer);
+        let head = head.split("\r\n\r\n").next().unwrap().to_ascii_lowercase();
+        let field = |name: &str| {
+            head.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+                .map(str::to_owned)
+        };
+        assert_eq!(field("grpc-status").as_deref(), Some(code), "{head}");
+        let message = field("grpc-message").unwrap_or_default();
+        assert!(message.contains("as http/2 counts it"), "{head}");
+        let id = field("x-request-id").unwrap_or_else(|| panic!("no request id: {head}"));
+        let logged = tokio::task::block_in_place(|| {
+            moat_test_util::eventually(Duration::from_secs(5), || {
+                sidecar
+                    .log_text()
+                    .lines()
+                    .find(|l| l.contains(&format!("request_id={id}")))
+                    .map(str::to_owned)
+            })
+        });
+        let line = logged.unwrap_or_else(|| panic!("{id} not logged: {}", sidecar.log_text()));
+        assert!(line.contains("as HTTP/2 counts it"), "{line}");
+    }
     // One shared connection carried all of it, and `b` closed none.
     let metrics = m.sidecar_a.metrics();
     assert!(

@@ -381,17 +381,36 @@ pub fn deny(
     resp
 }
 
+/// What the sidecar said in an answer it gave itself ([`answer_here`], [`app_fault`]), kept in
+/// the answer's extensions for the direction's `forward`: it puts the request id on the answer
+/// and the words in the access log's `detail`.
+#[derive(Clone, Debug)]
+struct AnsweredHere(String);
+
 /// An answer from the sidecar itself, not from an app: a gateway error (no endpoint, upstream
-/// failure: 502/503, gRPC UNAVAILABLE) or a target it cannot send on (400, gRPC
-/// INVALID_ARGUMENT); `why` says what to do. (A 403 would be gRPC PERMISSION_DENIED, but what the
-/// mesh refuses as policy goes through [`deny`], with its reason and the request id.)
+/// failure: 502/503, gRPC UNAVAILABLE), a target it cannot send on (400, gRPC INVALID_ARGUMENT)
+/// or a head too large for the mesh (431, gRPC RESOURCE_EXHAUSTED, as gRPC answers a message over
+/// its limit); `why` says what to do. (A 403 would be gRPC PERMISSION_DENIED, but what the mesh
+/// refuses as policy goes through [`deny`], with its reason and the request id.)
 pub fn answer_here(status: StatusCode, why: &str, grpc: bool) -> Response<Body> {
-    if grpc {
-        let grpc_status = match status {
-            StatusCode::BAD_REQUEST => "3",
-            StatusCode::FORBIDDEN => "7",
-            _ => "14",
-        };
+    let grpc_status = match status {
+        StatusCode::BAD_REQUEST => "3",
+        StatusCode::FORBIDDEN => "7",
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "8",
+        _ => "14",
+    };
+    answer(status, grpc_status, why, grpc)
+}
+
+/// 502 for an app's answer the sidecar cannot pass on, after the app ran the request. A gRPC
+/// client gets INTERNAL, not UNAVAILABLE: retry policies retry UNAVAILABLE, and a retry would
+/// run the request again.
+pub fn app_fault(why: &str, grpc: bool) -> Response<Body> {
+    answer(StatusCode::BAD_GATEWAY, "13", why, grpc)
+}
+
+fn answer(status: StatusCode, grpc_status: &'static str, why: &str, grpc: bool) -> Response<Body> {
+    let mut r = if grpc {
         let mut r = Response::new(empty());
         let h = r.headers_mut();
         h.insert(
@@ -407,7 +426,20 @@ pub fn answer_here(status: StatusCode, why: &str, grpc: bool) -> Response<Body> 
         let mut r = Response::new(full(format!("{} {why}\n", status.as_u16())));
         *r.status_mut() = status;
         r
+    };
+    r.extensions_mut().insert(AnsweredHere(why.to_owned()));
+    r
+}
+
+/// Finishes an answer before it goes back to the local client or calling sidecar: one the
+/// sidecar gave itself carries the request id, as its refusals do. Returns what the sidecar
+/// said, for the access log's `detail`.
+pub fn answered_here(resp: &mut Response<Body>, request_id: &str) -> Option<String> {
+    let AnsweredHere(why) = resp.extensions_mut().remove::<AnsweredHere>()?;
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
     }
+    Some(why)
 }
 
 #[cfg(test)]

@@ -753,7 +753,7 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
     conn.counters
         .authz(&ctx.metrics, verdict.decision, verdict.reason.code());
 
-    let resp = match (verdict.admitted.take(), &target) {
+    let mut resp = match (verdict.admitted.take(), &target) {
         (Some(admitted), Target::Canonical { path, with_query }) => {
             let path_and_query = with_query.as_deref().unwrap_or(path);
             rewrite_for_app(&mut parts.headers, conn, admitted.user);
@@ -768,6 +768,8 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
         ),
     };
 
+    let here = crate::http::answered_here(&mut resp, &request_id);
+    let detail = detail.or(here.as_deref());
     let status = resp.status().as_u16();
     let elapsed = start.elapsed();
     let reason = verdict.reason.code();
@@ -1002,8 +1004,7 @@ async fn to_app(
             let limit = crate::multiplex::MAX_HEADER_LIST as usize;
             if over_h2 && size > limit {
                 tracing::warn!(app = %conn.app, size, limit, "the app's response head is larger than the mesh carries");
-                return answer_here(
-                    http::StatusCode::BAD_GATEWAY,
+                return crate::http::app_fault(
                     &format!(
                         "the app's response head is {size} bytes as HTTP/2 counts it, over the {limit} the mesh carries; the app must send smaller headers"
                     ),

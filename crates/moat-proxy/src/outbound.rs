@@ -254,10 +254,11 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
             reason: reason.code(),
         })
     };
-    let (decision, reason, endpoint, resp) = match sent {
+    let (decision, reason, endpoint, mut resp) = match sent {
         Ok((ep, resp)) => ("allow", "forwarded", ep, resp),
         Err(r) => (r.decision, r.reason, String::new(), r.resp),
     };
+    let detail = crate::http::answered_here(&mut resp, &request_id);
     let status = resp.status();
     let elapsed = start.elapsed();
     conn.counters
@@ -280,7 +281,7 @@ async fn forward(req: Request<RequestBody>, conn: &HttpConn, ctx: &Ctx) -> Respo
         };
         span.end(&call, &service);
     }
-    tracing::info!(target: "moat::access", direction = "outbound", %method, path = %path, target = %target, endpoint = %endpoint, decision, reason, status = status.as_u16(), duration_ms = elapsed.as_millis() as u64, request_id = %request_id, "http");
+    tracing::info!(target: "moat::access", direction = "outbound", %method, path = %path, target = %target, endpoint = %endpoint, decision, reason, detail = detail.as_deref(), status = status.as_u16(), duration_ms = elapsed.as_millis() as u64, request_id = %request_id, "http");
     resp
 }
 
