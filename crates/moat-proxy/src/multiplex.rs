@@ -59,7 +59,7 @@ pub const STREAM_WINDOW: u32 = 512 * 1024;
 pub const CONNECTION_WINDOW: u32 = STREAM_WINDOW * crate::conn_guard::STREAMS_PER_CONNECTION;
 /// The largest response head (or trailers) a shared connection takes, as HTTP/2 counts it
 /// ([`header_list_size`]): as large as the request heads the proxy's own server takes
-/// (`conn_guard`), and Envoy's default. The inbound answers 502 rather than relay a larger
+/// (`conn_guard`), a little over Envoy's default of 60 KiB. The inbound answers 502 rather than relay a larger
 /// head from its app (`inbound::to_app`): the far side would refuse it, and h2 ends the whole
 /// connection, under every stream on it, for a head past four times its bound or in more than
 /// five CONTINUATION frames.
