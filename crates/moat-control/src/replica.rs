@@ -205,10 +205,19 @@ pub async fn replicas(store: &dyn Store) -> Result<Vec<ReplicaInfo>, StoreError>
         .collect())
 }
 
-/// Whether replica `id` is gone (its registration ended with its lease). A store error counts as
-/// "not known to be gone".
+/// Whether replica `id` is gone (its registration ended with its lease), asked when its
+/// proxies' summaries are deleted. A store that cannot say counts as "gone": the proxies are then
+/// kept as orphans, which the CA rotation's gates wait for (at most 30 s with none coming back),
+/// where "not gone" would forget them and let a rotation retire the root their certificates chain
+/// to while they are away.
 pub async fn is_gone(store: &dyn Store, id: &str) -> bool {
-    matches!(store.get(&format!("{REPLICAS}{id}")).await, Ok(None))
+    match store.get(&format!("{REPLICAS}{id}")).await {
+        Ok(found) => found.is_none(),
+        Err(e) => {
+            tracing::warn!(replica = id, error = %e, "the store cannot say whether a replica is gone; its proxies are kept as orphans");
+            true
+        }
+    }
 }
 
 /// The id of the replica that leads now, if any.
@@ -222,6 +231,26 @@ pub async fn leader(store: &dyn Store) -> Result<Option<String>, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A replica whose registration the store cannot read (etcd down) counts as gone, so its
+    /// proxies are kept as orphans rather than forgotten.
+    #[cfg(feature = "etcd")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replica_the_store_cannot_answer_for_counts_as_gone() {
+        let mut etcd =
+            tokio::task::block_in_place(|| moat_test_util::etcd::EtcdCluster::start(1)).unwrap();
+        let cfg = moat_store::EtcdConfig::parse(&etcd.store_url()).unwrap();
+        let store = moat_store::EtcdStore::connect(&cfg).await.unwrap();
+        store
+            .put(&format!("{REPLICAS}alive"), b"a:7443".to_vec())
+            .await
+            .unwrap();
+        assert!(!is_gone(&store, "alive").await);
+        assert!(is_gone(&store, "departed").await);
+        tokio::task::block_in_place(|| etcd.kill(0));
+        assert!(store.get(&format!("{REPLICAS}alive")).await.is_err());
+        assert!(is_gone(&store, "alive").await);
+    }
 
     #[tokio::test]
     async fn one_leader_and_a_handover_when_its_lease_ends() {
