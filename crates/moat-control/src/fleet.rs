@@ -181,12 +181,24 @@ pub async fn follow(state: Arc<MeshState>, replica: Arc<Replica>) {
         if reread {
             match store.range(LIVE, 0, false).await {
                 Ok(kvs) => {
-                    let remote = kvs
+                    let remote: HashMap<String, ProxyEntry> = kvs
                         .into_iter()
                         .filter(|kv| !kv.key.starts_with(&mine))
                         .filter_map(|kv| Some((kv.key, entry_of(&kv.value)?)))
                         .collect();
-                    changed |= state.registry().set_remote(remote);
+                    // A replica that died while the watch lagged: its proxies leave with this
+                    // read, not one deletion at a time, and are orphans all the same.
+                    let left = state.registry().remote_missing_from(&remote);
+                    let dead = gone_replicas(store.as_ref(), left.iter().map(|(k, _)| k)).await;
+                    let now = std::time::Instant::now();
+                    let mut reg = state.registry();
+                    changed |= reg.set_remote(remote);
+                    for (key, p) in left {
+                        if replica_of(&key).is_some_and(|r| dead.contains(r)) {
+                            orphans.died(p.id, p.inbound_address, now);
+                        }
+                    }
+                    changed |= reg.set_orphans(orphans.endpoints());
                     reread = false;
                 }
                 Err(e) => {
@@ -262,14 +274,7 @@ pub async fn follow(state: Arc<MeshState>, replica: Arc<Replica>) {
             }
         }
         // A deletion by a replica that is gone (its lease ended) is a death, not a goodbye.
-        let mut dead: HashMap<&str, bool> = HashMap::new();
-        for key in &deleted {
-            if let Some(r) = replica_of(key)
-                && !dead.contains_key(r)
-            {
-                dead.insert(r, crate::replica::is_gone(store.as_ref(), r).await);
-            }
-        }
+        let dead = gone_replicas(store.as_ref(), deleted.iter()).await;
         let now = std::time::Instant::now();
         let mut reg = state.registry();
         for key in &deleted {
@@ -277,12 +282,27 @@ pub async fn follow(state: Arc<MeshState>, replica: Arc<Replica>) {
                 continue;
             };
             changed |= c;
-            if replica_of(key).is_some_and(|r| dead.get(r) == Some(&true)) {
+            if replica_of(key).is_some_and(|r| dead.contains(r)) {
                 orphans.died(p.id, p.inbound_address, now);
             }
         }
         changed |= reg.set_orphans(orphans.endpoints());
     }
+}
+
+/// Of the replicas that published `keys`, those that are gone (asked once each).
+async fn gone_replicas<'a>(
+    store: &dyn moat_store::Store,
+    keys: impl Iterator<Item = &'a String>,
+) -> HashSet<String> {
+    let mut asked: HashSet<&str> = HashSet::new();
+    let mut gone = HashSet::new();
+    for r in keys.filter_map(|k| replica_of(k)) {
+        if asked.insert(r) && crate::replica::is_gone(store, r).await {
+            gone.insert(r.to_owned());
+        }
+    }
+    gone
 }
 
 /// The replica that published `key` (`live/<replica>/…`).
@@ -297,6 +317,103 @@ fn entry_of(value: &[u8]) -> Option<ProxyEntry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn summary(replica: &str, name: &str, address: &str) -> (String, Vec<u8>) {
+        let s = Summary {
+            id: format!("spiffe://example.org/ns/shop/sa/{name}"),
+            address: address.into(),
+            replica: replica.into(),
+            proxy_version: "0.1.0".into(),
+            cert_serial: "0a".into(),
+            cert_not_after: 10,
+            cert_issuer: "ff".into(),
+            cert_refresh_after: 5,
+            remote: "10.0.0.9:40000".into(),
+            connected_unix_ms: 1_000,
+            last_error: None,
+            applied_policies: Vec::new(),
+            applied_bundle: Vec::new(),
+        };
+        (s.key(), serde_json::to_vec(&s).unwrap())
+    }
+
+    /// A replica that dies while this one's watch lags behind leaves its proxies as orphans
+    /// (which the CA rotation's gates wait for), as a death seen event by event does: the
+    /// re-read that follows the lag is where their summaries vanish.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[allow(clippy::await_holding_lock)] // the follower is meant to wait at the lock meanwhile
+    async fn a_replica_that_dies_while_the_watch_lags_leaves_orphans() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn moat_store::Store> =
+            Arc::new(moat_store::EmbeddedStore::open(dir.path()).unwrap());
+        let me = Replica::join(store.clone(), "me:7443".into())
+            .await
+            .unwrap();
+        let state = MeshState::new(
+            crate::policies::PolicySet::default(),
+            store.clone(),
+            me.clone(),
+        );
+        let (orders, value) = summary("doomed", "orders", "10.0.0.7:15006");
+        store
+            .put("replicas/doomed", b"d:7443".to_vec())
+            .await
+            .unwrap();
+        store
+            .put("replicas/busy", b"b:7443".to_vec())
+            .await
+            .unwrap();
+        store.put(&orders, value).await.unwrap();
+        tokio::spawn(follow(state.clone(), me));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !listed_in(&state.registry()) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "orders never listed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The follower is held at the registry while more than its watch keeps is written, and
+        // `doomed` dies (its registration and summaries go, as with its lease) among them.
+        let (busy, value) = summary("busy", "payments", "10.0.0.8:15006");
+        {
+            let _held = state.registry();
+            for _ in 0..1_100 {
+                store.put(&busy, value.clone()).await.unwrap();
+            }
+            store
+                .txn(Txn {
+                    success: vec![
+                        Op::Delete("replicas/doomed".into()),
+                        Op::Delete(orders.clone()),
+                    ],
+                    ..Txn::default()
+                })
+                .await
+                .unwrap();
+            store.put(&busy, value.clone()).await.unwrap();
+        }
+        let awaited = "spiffe://example.org/ns/shop/sa/orders at 10.0.0.7:15006: not reconnected since its control-plane replica died";
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (gone, missing) = {
+                let reg = state.registry();
+                (!listed_in(&reg), reg.awaited())
+            };
+            if gone && missing.iter().any(|m| m == awaited) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "orders was not kept as an orphan: {missing:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn listed_in(reg: &crate::registry::Registry) -> bool {
+        reg.fleet().any(|p| p.inbound_address == "10.0.0.7:15006")
+    }
 
     #[test]
     fn summaries_round_trip() {

@@ -301,6 +301,19 @@ impl Registry {
             .collect()
     }
 
+    /// The proxies of other replicas that [`Self::set_remote`] with `proxies` would drop, by
+    /// store key.
+    pub fn remote_missing_from(
+        &self,
+        proxies: &HashMap<String, ProxyEntry>,
+    ) -> Vec<(String, ProxyEntry)> {
+        self.remote
+            .iter()
+            .filter(|(key, _)| !proxies.contains_key(*key))
+            .map(|(key, p)| (key.clone(), p.clone()))
+            .collect()
+    }
+
     /// Replaces the proxies connected to other replicas, by store key (after reading them all
     /// again); returns whether their endpoints changed (which changes the service table).
     pub fn set_remote(&mut self, proxies: HashMap<String, ProxyEntry>) -> bool {
