@@ -204,13 +204,14 @@ async fn an_allowed_caller_reaches_only_what_its_rule_names() {
         let resp = h1_raw(&cp, &b, &a, h1, now, &req(line)).await;
         assert_eq!(status_of(&resp), 403, "{line}: {resp}");
     }
-    // Detection falls closed: a request sent after the detection window, bytes that are not
-    // HTTP, or the caller's own moat-tcp ALPN is opaque TCP, which a rule with `http` refuses.
+    // Detection falls closed: a request sent after the detection window, or over the caller's
+    // own moat-tcp ALPN, is judged as HTTP all the same; bytes that are not HTTP are opaque
+    // TCP, which a rule with `http` refuses.
     let spoofed = "GET /admin HTTP/1.1\r\nHost: b\r\nx-moat-peer-id: spiffe://moat.local/ns/default/sa/admin\r\nConnection: close\r\n\r\n";
     let late = h1_raw(&cp, &b, &a, h1, Duration::from_millis(1200), spoofed).await;
-    assert_eq!(late, "", "a late request got an answer");
+    assert_eq!(status_of(&late), 403, "a late request: {late}");
     let tcp = h1_raw(&cp, &b, &a, moat_tls::ALPN_TCP, now, spoofed).await;
-    assert_eq!(tcp, "", "a moat-tcp connection got an answer");
+    assert_eq!(status_of(&tcp), 403, "over moat-tcp: {tcp}");
     let junk = h1_raw(&cp, &b, &a, h1, now, "\x01\x02GET /admin HTTP/1.1\r\n\r\n").await;
     assert_eq!(junk, "");
 
@@ -446,8 +447,114 @@ async fn the_app_never_gets_a_second_host_or_an_expectation() {
     assert_only_allowed_reached(&seen, "Expect: 100-continue");
 }
 
+/// A caller whose rule has no `http` part may open opaque TCP, but HTTP never reaches the app as
+/// opaque bytes, where no rule would judge it and nothing would remove the `x-moat-*` headers
+/// the caller wrote: a request sent over the caller's own `moat-tcp` ALPN, after the detection
+/// window, after a pause inside its request line, or after empty lines (which HTTP/1.1 servers
+/// skip) is served as HTTP. The app receives each with the sidecar's `x-moat-peer-id` naming `c`
+/// and none of the forged ones. (Before, each of these but the first reached the app as raw
+/// bytes: the app read `admin` as the caller and `alice` as the verified end user.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_never_reaches_the_app_as_opaque_bytes() {
+    let cp = ControlPlane::start().unwrap();
+    apply_policy(&cp, POLICY);
+    let (app, rec) = recording_http().await;
+    let b = Proxy::builder(&cp, "b").app(app).start().unwrap();
+    let c = credential_for(&cp, "c");
+    let request = |path: &str| {
+        format!(
+            "{path} HTTP/1.1\r\nHost: b\r\nx-moat-peer-id: spiffe://moat.local/ns/default/sa/admin\r\nx-moat-user: alice\r\nx_moat_user: alice\r\nConnection: close\r\n\r\n"
+        )
+    };
+    let (h1, tcp) = (moat_tls::ALPN_HTTP1, moat_tls::ALPN_TCP);
+    let late = Duration::from_millis(1200);
+    for (alpn, first, pause, rest) in [
+        (tcp, "", Duration::ZERO, request("GET /tcp")),
+        (tcp, "", late, request("GET /tcp-late")),
+        (h1, "", late, request("GET /late")),
+        (h1, "GE", late, request("T /paused")),
+        (h1, "\r\n\r\n", Duration::ZERO, request("GET /empty-lines")),
+        (tcp, "\r\nPO", late, request("ST /tcp-paused")),
+    ] {
+        let mut tls = dial(&cp, &b, &c, alpn).await;
+        tls.write_all(first.as_bytes()).await.unwrap();
+        tokio::time::sleep(pause).await;
+        tls.write_all(rest.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+        let out = String::from_utf8_lossy(&out);
+        assert_eq!(status_of(&out), 200, "{first:?} then {rest:?}: {out}");
+    }
+    let seen = taken(&rec);
+    let got: Vec<(&str, &str)> = seen.iter().map(|r| (r.method.as_str(), r.path())).collect();
+    assert_eq!(
+        got,
+        [
+            ("GET", "/tcp"),
+            ("GET", "/tcp-late"),
+            ("GET", "/late"),
+            ("GET", "/paused"),
+            ("GET", "/empty-lines"),
+            ("POST", "/tcp-paused"),
+        ]
+    );
+    let c_id = id("c").to_string();
+    // Nor does pausing inside the request line past --header-read-timeout turn it into TCP:
+    // the connection is closed, and the app gets no request (only the start of one, on a
+    // connection that closes unused).
+    let strict = Proxy::builder(&cp, "b")
+        .app(app)
+        .args(&["--header-read-timeout", "1s"])
+        .start()
+        .unwrap();
+    let mut tls = dial(&cp, &strict, &c, tcp).await;
+    tls.write_all(b"GE").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let _ = tls.write_all(request("T /stalled").as_bytes()).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+    assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+    assert!(
+        strict.metrics().contains(
+            r#"moat_connections_closed_total{direction="inbound",reason="unsettled-protocol"} 1"#
+        ),
+        "{}",
+        strict.metrics()
+    );
+    assert!(taken(&rec).is_empty(), "the app received a request");
+    for r in &seen {
+        let moat: Vec<&(String, String)> = r
+            .headers
+            .iter()
+            .filter(|(k, _)| k.starts_with("x-moat") || k.starts_with("x_moat"))
+            .collect();
+        assert_eq!(
+            moat,
+            [&("x-moat-peer-id".to_owned(), c_id.clone())],
+            "the app received {r:?}"
+        );
+    }
+}
+
+/// Over `moat-tcp` to `b`: the greeting, then `EHLO me` echoed back; what came through, or
+/// nothing within 5 s.
+async fn greeted(cp: &ControlPlane, b: &Proxy, cred: &moat_tls::Credential) -> String {
+    let mut tls = dial(cp, b, cred, moat_tls::ALPN_TCP).await;
+    let mut out = vec![0u8; 15 + 9];
+    let talk = async {
+        tls.read_exact(&mut out[..15]).await?;
+        tls.write_all(b"EHLO me\r\n").await?;
+        tls.read_exact(&mut out[15..]).await
+    };
+    match tokio::time::timeout(Duration::from_secs(5), talk).await {
+        Ok(Ok(_)) => String::from_utf8_lossy(&out).into_owned(),
+        _ => String::new(),
+    }
+}
+
 /// A caller whose rule has no `http` part still gets opaque TCP, server-first protocols
-/// included; one whose rules all constrain HTTP does not, on an opaque port either.
+/// included, whether the port is declared opaque or the app speaks first; one whose rules all
+/// constrain HTTP does not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opaque_tcp_needs_a_rule_without_http() {
     let cp = ControlPlane::start().unwrap();
@@ -462,21 +569,18 @@ async fn opaque_tcp_needs_a_rule_without_http() {
     let a = credential_for(&cp, "a");
     let c = credential_for(&cp, "c");
 
-    let hello = |cred| {
-        let (cp, b) = (&cp, &b);
-        async move {
-            let mut tls = dial(cp, b, cred, moat_tls::ALPN_TCP).await;
-            let mut out = vec![0u8; 15];
-            match tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut out)).await {
-                Ok(Ok(_)) => String::from_utf8_lossy(&out).into_owned(),
-                _ => String::new(),
-            }
-        }
-    };
-    assert_eq!(hello(&c).await, "220 moat test\r\n");
-    assert_eq!(hello(&a).await, "");
+    assert_eq!(greeted(&cp, &b, &c).await, "220 moat test\r\nEHLO me\r\n");
+    assert_eq!(greeted(&cp, &b, &a).await, "");
     let log = b.log_text();
     assert!(log.contains("protocol-not-allowed"), "{log}");
+    // Undeclared, the port is looked at: the app's greeting, sent first, makes the connection
+    // TCP at once, and the caller's reply reaches it as it was written.
+    let undeclared = Proxy::builder(&cp, "b").app(greeter).start().unwrap();
+    assert_eq!(
+        greeted(&cp, &undeclared, &c).await,
+        "220 moat test\r\nEHLO me\r\n"
+    );
+    assert_eq!(greeted(&cp, &undeclared, &a).await, "");
 }
 
 /// `moat policy explain` and `moat policy test` canonicalise the way the sidecar does.

@@ -58,17 +58,34 @@ fn is_request_line(line: &[u8]) -> bool {
         && version[7].is_ascii_digit()
 }
 
-/// Classifies `buf`; `None` when more bytes are needed to tell.
+/// Classifies `buf`; `None` when more bytes are needed to tell. Empty lines before a request
+/// line are skipped, as HTTP/1.1 servers do (RFC 9112 section 2.2). Bytes that still leave it
+/// open at a request line's length (a method token without end, empty lines without end) are
+/// HTTP/1, for the HTTP server to refuse: nothing is read without end to tell.
 pub fn classify(buf: &[u8]) -> Option<Protocol> {
-    if buf.is_empty() {
-        return None;
+    match classify_start(buf) {
+        None if buf.len() >= MAX_REQUEST_LINE => Some(Protocol::Http(HttpVersion::Http1)),
+        found => found,
     }
+}
+
+fn classify_start(buf: &[u8]) -> Option<Protocol> {
+    let buf = match buf.iter().position(|&b| b != b'\r' && b != b'\n') {
+        Some(0) => buf,
+        Some(start) => return classify_http1(&buf[start..]),
+        None => return None,
+    };
     if buf.len() >= H2_PREFACE.len() && buf.starts_with(H2_PREFACE) {
         return Some(Protocol::Http(HttpVersion::Http2));
     }
     if buf.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(buf) {
         return None;
     }
+    classify_http1(buf)
+}
+
+/// Classifies `buf` as an HTTP/1 request line or not (see [`classify`]).
+fn classify_http1(buf: &[u8]) -> Option<Protocol> {
     // A request starts with a method token and a space; anything else is not HTTP/1.
     let token_len = buf
         .iter()
@@ -89,30 +106,41 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
                 Protocol::Tcp
             })
         }
-        None if buf.len() >= MAX_REQUEST_LINE => Some(Protocol::Http(HttpVersion::Http1)),
         None => None,
     }
 }
 
 /// Reads until the protocol is known, the peer stops sending for [`DETECT_TIMEOUT`], or it
-/// closes. Returns the protocol and the bytes read.
-pub async fn detect<S: AsyncRead + Unpin>(io: &mut S) -> io::Result<(Protocol, Vec<u8>)> {
+/// closes. Returns the protocol, `None` when the deadline came first, and the bytes read.
+pub async fn detect<S: AsyncRead + Unpin>(io: &mut S) -> io::Result<(Option<Protocol>, Vec<u8>)> {
     let mut buf = Vec::with_capacity(256);
     let deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
     loop {
-        let mut chunk = [0u8; 1024];
-        let n = match tokio::time::timeout_at(deadline, io.read(&mut chunk)).await {
-            Err(_) => return Ok((Protocol::Tcp, buf)),
-            Ok(r) => r?,
-        };
-        if n == 0 {
-            return Ok((classify(&buf).unwrap_or(Protocol::Tcp), buf));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(p) = classify(&buf) {
-            return Ok((p, buf));
+        match tokio::time::timeout_at(deadline, read_more(io, &mut buf)).await {
+            Err(_) => return Ok((None, buf)),
+            Ok(r) => {
+                if let Some(p) = r? {
+                    return Ok((Some(p), buf));
+                }
+            }
         }
     }
+}
+
+/// Reads what `io` has next onto `buf` and classifies all of it: `None` while more bytes are
+/// needed to tell; a peer that closes first is opaque TCP. Cancel-safe: the bytes of a read that
+/// completes are appended before it returns.
+pub async fn read_more<S: AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut Vec<u8>,
+) -> io::Result<Option<Protocol>> {
+    let mut chunk = [0u8; 1024];
+    let n = io.read(&mut chunk).await?;
+    if n == 0 {
+        return Ok(Some(classify(buf).unwrap_or(Protocol::Tcp)));
+    }
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(classify(buf))
 }
 
 /// A stream that first yields `prefix`, then reads from `inner`. Writes go to `inner`.
@@ -197,6 +225,19 @@ mod tests {
         assert_eq!(classify(b"EHLO me\r\n"), Some(Protocol::Tcp));
         assert_eq!(classify(b"GET / HTTP/2.0\r\n"), Some(Protocol::Tcp));
         assert_eq!(classify(b" GET / HTTP/1.1\r\n"), Some(Protocol::Tcp));
+        // Empty lines before a request line are skipped, as HTTP/1.1 servers skip them.
+        assert_eq!(classify(b"\r\n\r\nGET / HTTP/1.1\r\n"), Some(HTTP1));
+        assert_eq!(classify(b"\nGET /"), None);
+        assert_eq!(classify(b"\r\n\r\n"), None);
+        assert_eq!(classify(b"\r\n\x16\x03"), Some(Protocol::Tcp));
+        // Nothing is read without end to tell.
+        let long = |b: u8| vec![b; MAX_REQUEST_LINE];
+        assert_eq!(classify(&long(b'A')), Some(HTTP1));
+        assert_eq!(classify(&long(b'\n')), Some(HTTP1));
+        let mut line = b"GET /".to_vec();
+        line.extend(long(b'a'));
+        assert_eq!(classify(&line), Some(HTTP1));
+        assert_eq!(classify(&line[..MAX_REQUEST_LINE - 1]), None);
     }
 
     #[tokio::test]
@@ -205,18 +246,27 @@ mod tests {
         use tokio::io::AsyncWriteExt as _;
         a.write_all(b"POST /x HTTP/1.1\r\n").await.unwrap();
         let (p, seen) = detect(&mut b).await.unwrap();
-        assert_eq!(p, HTTP1);
+        assert_eq!(p, Some(HTTP1));
         let mut replay = Prefixed::new(seen, b);
         let mut out = [0u8; 18];
         replay.read_exact(&mut out).await.unwrap();
         assert_eq!(&out, b"POST /x HTTP/1.1\r\n");
     }
 
+    /// Silence, or the start of a request line and then silence, decides nothing: the bytes
+    /// seen so far come back for the caller to go on classifying.
     #[tokio::test]
-    async fn silent_client_is_tcp() {
+    async fn a_client_silent_before_its_protocol_is_known_is_undecided() {
         let (_a, mut b) = tokio::io::duplex(1024);
         let (p, seen) = detect(&mut b).await.unwrap();
-        assert_eq!((p, seen.len()), (Protocol::Tcp, 0));
+        assert_eq!((p, seen.len()), (None, 0));
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        use tokio::io::AsyncWriteExt as _;
+        a.write_all(b"\r\nGE").await.unwrap();
+        let (p, mut seen) = detect(&mut b).await.unwrap();
+        assert_eq!((p, seen.as_slice()), (None, &b"\r\nGE"[..]));
+        a.write_all(b"T /admin HTTP/1.1\r\n").await.unwrap();
+        assert_eq!(read_more(&mut b, &mut seen).await.unwrap(), Some(HTTP1));
     }
 
     /// A vectored write reaches the socket whole: h2 writes a DATA frame's header and payload

@@ -136,29 +136,131 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
         tracing::info!(target: "moat::access", direction = "inbound", %remote, peer = %peer, decision = "deny", reason = "too-many-connections", "refused a connection: the caller holds as many as --max-connections-per-caller allows");
         return;
     };
-    let (proto, io) = match alpn.as_deref() {
-        Some(moat_tls::ALPN_TCP) => (Protocol::Tcp, Prefixed::new(Vec::new(), tls)),
-        Some(moat_tls::ALPN_H2) => (
-            Protocol::Http(HttpVersion::Http2),
-            Prefixed::new(Vec::new(), tls),
-        ),
-        _ if ctx.cfg.opaque_ports.contains(&app.port()) => {
-            (Protocol::Tcp, Prefixed::new(Vec::new(), tls))
-        }
+    let (proto, seen, tls) = match alpn.as_deref() {
+        Some(moat_tls::ALPN_H2) => (Some(Protocol::Http(HttpVersion::Http2)), Vec::new(), tls),
+        // Declared opaque by the operator: carried as it comes, never looked at.
+        _ if ctx.cfg.opaque_ports.contains(&app.port()) => (Some(Protocol::Tcp), Vec::new(), tls),
+        // A sidecar's opaque TCP: what its client sends first is still to be looked at.
+        Some(moat_tls::ALPN_TCP) => (None, Vec::new(), tls),
         _ => {
             let mut tls = tls;
             match detect(&mut tls).await {
-                Ok((p, seen)) => (p, Prefixed::new(seen, tls)),
+                Ok((p, seen)) => (p, seen, tls),
                 Err(_) => return,
             }
         }
     };
+    let (proto, seen, tls, app_conn) = match proto {
+        Some(p) => (p, seen, tls, None),
+        None => match undetermined(seen, tls, &peer, app, &ctx).await {
+            Some(settled) => settled,
+            None => return,
+        },
+    };
+    let io = Prefixed::new(seen, tls);
     match proto {
-        Protocol::Tcp => tcp_forward(io, remote, peer, app, &ctx).await,
+        Protocol::Tcp => tcp_forward(io, app_conn, remote, peer, app, &ctx).await,
         Protocol::Http(version) => {
             serve_requests(io, version, remote, peer, caller, app, ctx).await
         }
     }
+}
+
+/// A connection whose client has not shown what it speaks: silent through detection (or silent
+/// after the start of a request line), or a sidecar's opaque TCP (`moat-tcp`), whose own client
+/// may not have sent anything yet. HTTP must never reach the app as opaque bytes, where no rule
+/// judges its requests and nothing removes the `x-moat-*` headers a caller wrote into them, so
+/// the client's first bytes are classified whenever they come:
+/// - when a rule admits this caller's opaque TCP to the port, the app is connected at once (a
+///   server-first protocol speaks first) and whichever side sends first decides: the app's
+///   bytes make the connection TCP, the caller's are classified (HTTP is served as HTTP, and the
+///   app's connection closed unused). Caller bytes that leave it open go on to the app as they
+///   come, since no complete request line is among them, so a protocol whose first message is
+///   a bare word (`ping`) gets its answer, which makes it TCP;
+/// - otherwise the caller's first bytes are awaited as an HTTP connection awaits its first
+///   request, up to `--idle-timeout`; anything but HTTP is then refused as TCP.
+///
+/// First bytes that leave it open (the start of a request line, or a bare word the app does not
+/// answer) must settle within `--header-read-timeout`, or the connection is closed: going on as
+/// TCP would let a caller pause inside its request line to pass it through unjudged.
+///
+/// Returns the protocol, the bytes read and the app connection TCP goes on; `None` when the
+/// caller failed, did not settle, or the app cannot be reached.
+async fn undetermined(
+    mut seen: Vec<u8>,
+    mut tls: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: &Caller,
+    app: SocketAddr,
+    ctx: &Ctx,
+) -> Option<(
+    Protocol,
+    Vec<u8>,
+    tokio_rustls::server::TlsStream<TcpStream>,
+    Option<TcpStream>,
+)> {
+    let opaque = authorize(ctx, peer, app.port(), Traffic::Opaque).allowed;
+    let app_conn = if opaque {
+        match TcpStream::connect(app).await {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::warn!(app = %app, error = %e, "cannot reach the app");
+                return None;
+            }
+        }
+    } else {
+        None
+    };
+    let mut app_conn = app_conn;
+    let now = tokio::time::Instant::now();
+    let quiet_until = now + ctx.cfg.limits.idle;
+    // Since the first bytes that did not settle it came.
+    let mut unsettled = (!seen.is_empty()).then_some(now);
+    // How much of `seen` the app has: unsettled bytes go to it as they come, so that a protocol
+    // whose first message is a bare word gets its answer, and the answer decides.
+    let mut written = 0;
+    let proto = loop {
+        if let Some(conn) = app_conn.as_mut()
+            && written < seen.len()
+        {
+            if let Err(e) = tokio::io::AsyncWriteExt::write_all(conn, &seen[written..]).await {
+                tracing::debug!(%app, error = %e, "the app closed before the caller's first bytes settled");
+                return None;
+            }
+            written = seen.len();
+        }
+        let settle_by = unsettled.map(|at| at + ctx.cfg.limits.header_read);
+        tokio::select! {
+            read = crate::detect::read_more(&mut tls, &mut seen) => match read {
+                Ok(Some(p)) => break p,
+                Ok(None) => {
+                    unsettled.get_or_insert_with(tokio::time::Instant::now);
+                }
+                Err(_) => return None,
+            },
+            // The app spoke (or closed): a peek, as readiness alone may be spurious.
+            _ = async { app_conn.as_ref()?.peek(&mut [0u8; 1]).await.ok() }, if app_conn.is_some() => {
+                break Protocol::Tcp;
+            }
+            () = tokio::time::sleep_until(quiet_until), if !opaque && unsettled.is_none() => {
+                break Protocol::Tcp;
+            }
+            () = tokio::time::sleep_until(settle_by.unwrap_or(quiet_until)), if settle_by.is_some() => {
+                ctx.metrics.connection_closed("inbound", "unsettled-protocol");
+                tracing::info!(target: "moat::access", direction = "inbound", %peer, decision = "deny", reason = "unsettled-protocol", "closed a connection whose first bytes neither finished a request line nor became anything else within --header-read-timeout");
+                return None;
+            }
+        }
+    };
+    // TCP goes on where the app's connection is; HTTP is served from every byte seen, on the
+    // inbound's own app clients, and the bytes written to this connection (no complete request
+    // line) go no further: it closes unused.
+    let app_conn = if proto == Protocol::Tcp {
+        seen.drain(..written);
+        app_conn
+    } else {
+        None
+    };
+    Some((proto, seen, tls, app_conn))
 }
 
 /// The TLS handshake, with the caller's certificate required and checked: its SPIFFE ID, and
@@ -404,8 +506,11 @@ fn policy_label(d: &Decision) -> Option<String> {
     Some(label)
 }
 
+/// Relays an opaque TCP connection to the app (on `app_conn`, when one was opened already),
+/// once a rule without `http` or `jwt` admits it; re-checked on every new snapshot.
 async fn tcp_forward(
     io: Prefixed<tokio_rustls::server::TlsStream<TcpStream>>,
+    app_conn: Option<TcpStream>,
     remote: SocketAddr,
     peer: Caller,
     app: SocketAddr,
@@ -432,7 +537,11 @@ async fn tcp_forward(
         return;
     }
     let app_addr = app;
-    let mut app = match TcpStream::connect(app_addr).await {
+    let connected = match app_conn {
+        Some(a) => Ok(a),
+        None => TcpStream::connect(app_addr).await,
+    };
+    let mut app = match connected {
         Ok(a) => a,
         Err(e) => {
             tracing::warn!(app = %app_addr, error = %e, "cannot reach the app");

@@ -41,8 +41,10 @@ pub async fn connection(mut tcp: TcpStream, remote: SocketAddr, target: Target, 
     let (proto, seen) = if opaque {
         (Protocol::Tcp, Vec::new())
     } else {
+        // A client silent through detection is carried as TCP; the far side goes on looking at
+        // its first bytes (`inbound::undetermined`).
         match detect(&mut tcp).await {
-            Ok(d) => d,
+            Ok((p, seen)) => (p.unwrap_or(Protocol::Tcp), seen),
             Err(e) => {
                 tracing::debug!(%remote, error = %e, "outbound connection failed before detection");
                 return;
