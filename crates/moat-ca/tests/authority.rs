@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use moat_ca::{ByoPem, CaError, CertTtl, CertificateAuthority, Kek, KekError};
 use moat_identity::{
-    CertInfo, SpiffeId, TrustDomain, Usage, ValidatedCsr, VerifyError, WorkloadKey, verify_chain,
+    CertInfo, SpiffeId, TrustDomain, Usage, ValidatedCsr, VerifyError, WorkloadKey, issuer_sha256,
+    verify_chain,
 };
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls_pki_types::UnixTime;
@@ -48,6 +49,35 @@ fn issued_leaf_is_a_one_hour_p256_spiffe_certificate_that_verifies() {
         assert_eq!(peer.id, orders);
         assert_eq!(peer.serial, leaf.serial);
     }
+}
+
+/// A leaf's issuer is the certificate whose key signed it, wherever the peer put it: a chain
+/// that lists the next intermediate (handed out with every certificate) before the one that
+/// signed the leaf still verifies, and must not make the leaf count as the next one's.
+#[test]
+fn a_leafs_issuer_is_the_certificate_that_signed_it() {
+    let (kek, _) = Kek::generate().unwrap();
+    let (ca, state) = CertificateAuthority::generate(&td(), &kek).unwrap();
+    let leaf = sign(&ca, &id("orders"), CertTtl::DEFAULT);
+    let next = CertificateAuthority::load(&state.rotate_intermediate(&kek).unwrap(), &kek).unwrap();
+    let (old, new) = (ca.intermediate().clone(), next.intermediate().clone());
+    assert_ne!(old, new);
+    let lying = [leaf.chain[0].clone(), new.clone(), old.clone()];
+    verify_chain(&lying, next.bundle(), &td(), UnixTime::now(), Usage::Client).unwrap();
+    let sha = |c: &rustls_pki_types::CertificateDer<'_>| moat_identity::bundle::sha256_hex(c);
+    assert_eq!(
+        issuer_sha256(&lying[0], &lying[1..], Usage::Client),
+        sha(&old)
+    );
+    assert_eq!(
+        issuer_sha256(&leaf.chain[0], std::slice::from_ref(&new), Usage::Client),
+        ""
+    );
+    let renewed = sign(&next, &id("orders"), CertTtl::DEFAULT);
+    assert_eq!(
+        issuer_sha256(&renewed.chain[0], &[old, new.clone()], Usage::Client),
+        sha(&new)
+    );
 }
 
 #[test]

@@ -99,7 +99,8 @@ pub struct Peer {
     pub verified: VerifiedPeer,
     /// The caller's current public key (a renewal must bring a new one).
     pub spki_der: Vec<u8>,
-    /// SHA-256 (hex) of the intermediate the caller presented with its leaf (empty without).
+    /// SHA-256 (hex) of the intermediate that signed the caller's leaf, among those it presented
+    /// (empty without): what the CA rotation's gates count as the certificate's issuer.
     pub issuer_sha256: String,
 }
 
@@ -236,10 +237,11 @@ fn peer_of(stream: &TlsStream<TcpStream>) -> Option<Peer> {
             not_after: info.not_after,
         },
         spki_der: info.spki_der,
-        issuer_sha256: chain
-            .get(1)
-            .map(|c| moat_identity::bundle::sha256_hex(c))
-            .unwrap_or_default(),
+        issuer_sha256: moat_identity::issuer_sha256(
+            leaf,
+            &chain[1..],
+            moat_identity::Usage::Client,
+        ),
     })
 }
 

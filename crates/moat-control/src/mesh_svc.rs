@@ -293,11 +293,11 @@ impl MeshService {
                 verified.serial
             ));
         }
-        let issuer = ack
-            .cert_chain_der
-            .get(1)
-            .map(|c| moat_identity::bundle::sha256_hex(c))
-            .unwrap_or_default();
+        let issuer = chain
+            .split_first()
+            .map_or_else(String::new, |(leaf, rest)| {
+                moat_identity::issuer_sha256(leaf, rest, moat_identity::Usage::Client)
+            });
         Ok((verified, issuer))
     }
 

@@ -16,4 +16,4 @@ pub use bundle::{BundleError, TrustBundle};
 pub use cert::{CertInfo, CertInfoError, NoSpiffeId, NotASerial, Serial};
 pub use csr::{CsrError, ValidatedCsr, WorkloadKey};
 pub use spiffe_id::{IdError, Namespace, ServiceAccount, SpiffeId, TrustDomain};
-pub use verify::{Usage, VerifiedPeer, VerifyError, verify_chain};
+pub use verify::{Usage, VerifiedPeer, VerifyError, issuer_sha256, verify_chain};

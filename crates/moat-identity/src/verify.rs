@@ -127,6 +127,37 @@ pub fn verify_chain(
     })
 }
 
+/// Which of `presented` (what a peer sent after its leaf) signed `leaf`, as SHA-256 (hex) of its
+/// DER; empty when none did (a leaf the root signed directly). The leaf is checked against each
+/// as its only trust anchor, so the answer is the certificate whose key made the leaf's
+/// signature, not whichever the peer put second: a chain may carry more than its path (the next
+/// intermediate, which every certificate response hands out, verifies nothing about the leaf).
+/// For a leaf whose chain was verified just now; `usage` is the leaf's.
+pub fn issuer_sha256(
+    leaf: &CertificateDer<'_>,
+    presented: &[CertificateDer<'_>],
+    usage: Usage,
+) -> String {
+    let Ok(ee) = webpki::EndEntityCert::try_from(leaf) else {
+        return String::new();
+    };
+    let eku = match usage {
+        Usage::Client => webpki::KeyUsage::client_auth(),
+        Usage::Server => webpki::KeyUsage::server_auth(),
+    };
+    let now = UnixTime::now();
+    presented
+        .iter()
+        .find(|candidate| {
+            webpki::anchor_from_trusted_cert(candidate).is_ok_and(|anchor| {
+                ee.verify_for_usage(SIG_ALGS, &[anchor], &[], now, eku, None, None)
+                    .is_ok()
+            })
+        })
+        .map(|issuer| crate::bundle::sha256_hex(issuer))
+        .unwrap_or_default()
+}
+
 /// Signature algorithms accepted in mesh chains: ECDSA (the mesh's own certificates) plus RSA
 /// and Ed25519 so that bring-your-own roots from an existing PKI keep working.
 static SIG_ALGS: &[&dyn rustls_pki_types::SignatureVerificationAlgorithm] = &[
