@@ -205,14 +205,17 @@ async fn an_allowed_caller_reaches_only_what_its_rule_names() {
         assert_eq!(status_of(&resp), 403, "{line}: {resp}");
     }
     // Detection falls closed: a request sent after the detection window, or over the caller's
-    // own moat-tcp ALPN, is judged as HTTP all the same; bytes that are not HTTP are opaque
-    // TCP, which a rule with `http` refuses.
+    // own moat-tcp ALPN, is judged as HTTP all the same; one behind control bytes is HTTP that
+    // the sidecar's server refuses; bytes that are not HTTP are opaque TCP, which a rule with
+    // `http` refuses.
     let spoofed = "GET /admin HTTP/1.1\r\nHost: b\r\nx-moat-peer-id: spiffe://moat.local/ns/default/sa/admin\r\nConnection: close\r\n\r\n";
     let late = h1_raw(&cp, &b, &a, h1, Duration::from_millis(1200), spoofed).await;
     assert_eq!(status_of(&late), 403, "a late request: {late}");
     let tcp = h1_raw(&cp, &b, &a, moat_tls::ALPN_TCP, now, spoofed).await;
     assert_eq!(status_of(&tcp), 403, "over moat-tcp: {tcp}");
     let junk = h1_raw(&cp, &b, &a, h1, now, "\x01\x02GET /admin HTTP/1.1\r\n\r\n").await;
+    assert_eq!(status_of(&junk), 400, "{junk}");
+    let junk = h1_raw(&cp, &b, &a, h1, now, "\x16\x03\x01\x02\x00\x01\x7f").await;
     assert_eq!(junk, "");
 
     // Identity headers from outside never reach the app, in any spelling.
@@ -485,7 +488,7 @@ async fn http_never_reaches_the_app_as_opaque_bytes() {
         let out = String::from_utf8_lossy(&out);
         assert_eq!(status_of(&out), 200, "{first:?} then {rest:?}: {out}");
     }
-    let seen = taken(&rec);
+    let mut seen = taken(&rec);
     let got: Vec<(&str, &str)> = seen.iter().map(|r| (r.method.as_str(), r.path())).collect();
     assert_eq!(
         got,
@@ -499,6 +502,49 @@ async fn http_never_reaches_the_app_as_opaque_bytes() {
         ]
     );
     let c_id = id("c").to_string();
+    // Spellings a lenient server (Python's, nginx, Tomcat, Netty) reads as a request are HTTP
+    // too: the sidecar's strict server refuses them, and none reaches the app.
+    for (alpn, raw) in [
+        (h1, request("GET\t/tab").replace(" HTTP", "\tHTTP")),
+        (tcp, request(" GET /leading-space")),
+        (tcp, request("\0GET /nul")),
+        (tcp, request("GET  /two-spaces")),
+        (tcp, request("GET /no-version").replace(" HTTP/1.1", "")),
+        (
+            h1,
+            request("GET /long-version").replace("HTTP/1.1", "HTTP/1.10"),
+        ),
+    ] {
+        let out = h1_raw(&cp, &b, &c, alpn, Duration::ZERO, &raw).await;
+        assert_eq!(status_of(&out), 400, "{raw:?}: {out}");
+    }
+    // An HTTP/2 app sends its SETTINGS before the client speaks. That is not a server-first
+    // protocol: HTTP/2 sent after it over moat-tcp is still served as HTTP/2.
+    let (h2_app, h2_rec) = moat_test_util::apps::recording_h2().await;
+    let h2_b = Proxy::builder(&cp, "b").app(h2_app).start().unwrap();
+    let tls = dial(&cp, &h2_b, &c, tcp).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, H2Body>(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let forged = http::Request::get("http://b/h2-after-settings")
+        .header("x-moat-peer-id", "spiffe://moat.local/ns/default/sa/admin")
+        .header("x-moat-user", "alice")
+        .body(http_body_util::BodyExt::boxed(http_body_util::Empty::new()))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(forged))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let got = taken(&h2_rec);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].path(), "/h2-after-settings");
+    seen.extend(got);
     // Nor does pausing inside the request line past --header-read-timeout turn it into TCP:
     // the connection is closed, and the app gets no request (only the start of one, on a
     // connection that closes unused).

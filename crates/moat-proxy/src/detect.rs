@@ -42,26 +42,9 @@ pub enum HttpVersion {
     Http2,
 }
 
-/// Whether `line` (without its line ending) is an HTTP/1 request line: `method SP target SP
-/// HTTP/1.x`, the method any token (RFC 9110: `PROPFIND` and `get` are methods too).
-fn is_request_line(line: &[u8]) -> bool {
-    let mut parts = line.split(|&b| b == b' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return false;
-    };
-    is_method_token(method)
-        && !target.is_empty()
-        && version.len() == 8
-        && version.starts_with(b"HTTP/1.")
-        && version[7].is_ascii_digit()
-}
-
-/// Classifies `buf`; `None` when more bytes are needed to tell. Empty lines before a request
-/// line are skipped, as HTTP/1.1 servers do (RFC 9112 section 2.2). Bytes that still leave it
-/// open at a request line's length (a method token without end, empty lines without end) are
-/// HTTP/1, for the HTTP server to refuse: nothing is read without end to tell.
+/// Classifies `buf`; `None` when more bytes are needed to tell. Bytes that still leave it open
+/// at a request line's length (a method token without end, blank bytes without end) are HTTP/1,
+/// for the HTTP server to refuse: nothing is read without end to tell.
 pub fn classify(buf: &[u8]) -> Option<Protocol> {
     match classify_start(buf) {
         None if buf.len() >= MAX_REQUEST_LINE => Some(Protocol::Http(HttpVersion::Http1)),
@@ -70,44 +53,58 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
 }
 
 fn classify_start(buf: &[u8]) -> Option<Protocol> {
-    let buf = match buf.iter().position(|&b| b != b'\r' && b != b'\n') {
-        Some(0) => buf,
-        Some(start) => return classify_http1(&buf[start..]),
-        None => return None,
-    };
     if buf.len() >= H2_PREFACE.len() && buf.starts_with(H2_PREFACE) {
         return Some(Protocol::Http(HttpVersion::Http2));
     }
-    if buf.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(buf) {
+    if may_be_h2_preface(buf) {
         return None;
     }
     classify_http1(buf)
 }
 
-/// Classifies `buf` as an HTTP/1 request line or not (see [`classify`]).
+/// Whether `buf` is the start of the HTTP/2 connection preface, not all of it yet.
+pub fn may_be_h2_preface(buf: &[u8]) -> bool {
+    buf.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(buf)
+}
+
+/// Classifies `buf` as the start of an HTTP/1 request or not, the way the most lenient servers
+/// read one, not the way the standard writes it: blank and control bytes first (RFC 9112 lets
+/// servers skip empty lines; some skip any), a method token, blanks (SP or HT, one or more),
+/// then a target in origin (`/`) or asterisk (`*`) form, in absolute form (`http:` or `https:`,
+/// any case), or any target after `CONNECT`. The version is not looked at. What this calls HTTP
+/// goes to the sidecar's own strict server, which refuses what is malformed; what it calls TCP
+/// no HTTP server reads as a request line (`get key`, `EHLO me`, binary), so a caller cannot find
+/// a spelling that some app parses as a request and detection passes on as raw bytes.
 fn classify_http1(buf: &[u8]) -> Option<Protocol> {
-    // A request starts with a method token and a space; anything else is not HTTP/1.
-    let token_len = buf
-        .iter()
-        .position(|&b| !is_method_token(&[b]))
-        .unwrap_or(buf.len());
-    match buf.get(token_len) {
-        None => return None,
-        Some(b' ') if token_len > 0 => {}
-        Some(_) => return Some(Protocol::Tcp),
+    const HTTP1: Option<Protocol> = Some(Protocol::Http(HttpVersion::Http1));
+    let start = buf.iter().position(|&b| b > b' ')?;
+    let buf = &buf[start..];
+    let token_len = buf.iter().position(|&b| !is_method_token(&[b]))?;
+    if token_len == 0 {
+        return Some(Protocol::Tcp);
     }
-    match buf.iter().position(|&b| b == b'\n') {
-        Some(end) => {
-            let line = &buf[..end];
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            Some(if is_request_line(line) {
-                Protocol::Http(HttpVersion::Http1)
-            } else {
-                Protocol::Tcp
-            })
+    let (method, rest) = buf.split_at(token_len);
+    let blanks = rest.iter().position(|&b| b != b' ' && b != b'\t')?;
+    if blanks == 0 {
+        return Some(Protocol::Tcp);
+    }
+    let target = &rest[blanks..];
+    if method.eq_ignore_ascii_case(b"CONNECT") || matches!(target[0], b'/' | b'*') {
+        return HTTP1;
+    }
+    for scheme in [&b"http:"[..], b"https:"] {
+        let n = scheme.len().min(target.len());
+        if target[..n].eq_ignore_ascii_case(&scheme[..n]) {
+            return if n == scheme.len() { HTTP1 } else { None };
         }
-        None => None,
     }
+    Some(Protocol::Tcp)
+}
+
+/// Whether `buf` starts with an HTTP/2 SETTINGS frame on stream 0, as an HTTP/2 server's first
+/// bytes do (its preface, sent without waiting for the client's).
+pub fn is_h2_settings(buf: &[u8]) -> bool {
+    buf.len() >= 9 && buf[3] == 0x04 && buf[4] & !0x01 == 0 && buf[5..9] == [0, 0, 0, 0]
 }
 
 /// Reads until the protocol is known, the peer stops sending for [`DETECT_TIMEOUT`], or it
@@ -204,40 +201,60 @@ mod tests {
     #[test]
     fn classifies() {
         assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(HTTP1));
-        assert_eq!(classify(b"GET / HTTP/1.0\n"), Some(HTTP1));
+        assert_eq!(classify(b"GET /orders"), Some(HTTP1));
         assert_eq!(classify(b"DELE"), None);
-        assert_eq!(classify(b"GET /orders HTTP/1.1"), None);
+        assert_eq!(classify(b"GET "), None);
         assert_eq!(
             classify(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0"),
             Some(HTTP2)
         );
         assert_eq!(classify(b"PRI * HT"), None);
-        assert_eq!(classify(b"\x16\x03\x01"), Some(Protocol::Tcp));
+        assert_eq!(
+            classify(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"),
+            Some(Protocol::Tcp)
+        );
         assert_eq!(classify(b"hello"), None, "a word alone may start a request");
         assert_eq!(classify(b"hello world\r\n"), Some(Protocol::Tcp));
-        assert_eq!(classify(b"\0\0\0\x08"), Some(Protocol::Tcp));
+        assert_eq!(classify(b"\0\0\0\x08"), None, "blank bytes decide nothing");
+        assert_eq!(classify(b"\0\0\0\x08\xd2"), Some(Protocol::Tcp));
         // Any method token is HTTP: lower case and extension methods too.
         assert_eq!(classify(b"get / HTTP/1.1\r\n"), Some(HTTP1));
         assert_eq!(classify(b"PROPFIND /admin HTTP/1.1\r\n"), Some(HTTP1));
         assert_eq!(classify(b"GET http://b/admin HTTP/1.1\r\n"), Some(HTTP1));
-        // Text protocols that are not HTTP stay TCP (memcached, SMTP client lines).
+        assert_eq!(classify(b"GET HTTPS://b/admin"), Some(HTTP1));
+        assert_eq!(classify(b"GET htt"), None);
+        assert_eq!(classify(b"CONNECT b:443 HTTP/1.1\r\n"), Some(HTTP1));
+        assert_eq!(classify(b"OPTIONS * HTTP/1.1\r\n"), Some(HTTP1));
+        // Text protocols that are not HTTP stay TCP (memcached, Redis, SMTP client lines).
         assert_eq!(classify(b"get key\r\n"), Some(Protocol::Tcp));
+        assert_eq!(classify(b"SET http_hits 1\r\n"), Some(Protocol::Tcp));
         assert_eq!(classify(b"EHLO me\r\n"), Some(Protocol::Tcp));
-        assert_eq!(classify(b"GET / HTTP/2.0\r\n"), Some(Protocol::Tcp));
-        assert_eq!(classify(b" GET / HTTP/1.1\r\n"), Some(Protocol::Tcp));
-        // Empty lines before a request line are skipped, as HTTP/1.1 servers skip them.
-        assert_eq!(classify(b"\r\n\r\nGET / HTTP/1.1\r\n"), Some(HTTP1));
-        assert_eq!(classify(b"\nGET /"), None);
+        assert_eq!(classify(b"PING\r\n"), Some(Protocol::Tcp));
+        // Spellings a lenient server reads as a request are HTTP too, for the sidecar's strict
+        // server to refuse: leading blanks and controls, tabs, runs of spaces, no version, any
+        // version.
+        for lenient in [
+            &b"\r\n\r\nGET / HTTP/1.1\r\n"[..],
+            b" GET / HTTP/1.1\r\n",
+            b"\0GET / HTTP/1.1\r\n",
+            b"GET\t/admin\tHTTP/1.1\r\n",
+            b"GET  /admin HTTP/1.1\r\n",
+            b"GET /admin\r\n",
+            b"GET / HTTP/2.0\r\n",
+            b"GET / http/1.10\r\n",
+        ] {
+            assert_eq!(classify(lenient), Some(HTTP1), "{lenient:?}");
+        }
+        assert_eq!(classify(b"\nGET"), None);
         assert_eq!(classify(b"\r\n\r\n"), None);
-        assert_eq!(classify(b"\r\n\x16\x03"), Some(Protocol::Tcp));
         // Nothing is read without end to tell.
         let long = |b: u8| vec![b; MAX_REQUEST_LINE];
         assert_eq!(classify(&long(b'A')), Some(HTTP1));
         assert_eq!(classify(&long(b'\n')), Some(HTTP1));
-        let mut line = b"GET /".to_vec();
-        line.extend(long(b'a'));
-        assert_eq!(classify(&line), Some(HTTP1));
-        assert_eq!(classify(&line[..MAX_REQUEST_LINE - 1]), None);
+        assert_eq!(classify(&long(b'\n')[..MAX_REQUEST_LINE - 1]), None);
+        // An HTTP/2 server's first bytes.
+        assert!(is_h2_settings(b"\0\0\x06\x04\0\0\0\0\0\0\x03\0\0\0\x64"));
+        assert!(!is_h2_settings(b"220 moat test\r\n"));
     }
 
     #[tokio::test]

@@ -16,6 +16,7 @@ use http_body_util::BodyExt as _;
 use moat_identity::SpiffeId;
 use moat_policy::eval::{Decision, Input, Jwt, Reason, Traffic, decide};
 use moat_tls::pending::{Limits, Outcome};
+use tokio::io::AsyncReadExt as _;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::conn_guard::{Ended, RequestBody, serve_http};
@@ -150,16 +151,23 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
             }
         }
     };
-    let (proto, seen, tls, app_conn) = match proto {
-        Some(p) => (p, seen, tls, None),
+    let settled = match proto {
+        Some(proto) => Undetermined {
+            proto,
+            seen,
+            tls,
+            app_conn: None,
+            from_app: Vec::new(),
+        },
         None => match undetermined(seen, tls, &peer, app, &ctx).await {
             Some(settled) => settled,
             None => return,
         },
     };
-    let io = Prefixed::new(seen, tls);
-    match proto {
-        Protocol::Tcp => tcp_forward(io, app_conn, remote, peer, app, &ctx).await,
+    let io = Prefixed::new(settled.seen, settled.tls);
+    let app_side = (settled.app_conn, settled.from_app);
+    match settled.proto {
+        Protocol::Tcp => tcp_forward(io, app_side, remote, peer, app, &ctx).await,
         Protocol::Http(version) => {
             serve_requests(io, version, remote, peer, caller, app, ctx).await
         }
@@ -167,39 +175,35 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
 }
 
 /// A connection whose client has not shown what it speaks: silent through detection (or silent
-/// after the start of a request line), or a sidecar's opaque TCP (`moat-tcp`), whose own client
+/// after bytes that decide nothing), or a sidecar's opaque TCP (`moat-tcp`), whose own client
 /// may not have sent anything yet. HTTP must never reach the app as opaque bytes, where no rule
 /// judges its requests and nothing removes the `x-moat-*` headers a caller wrote into them, so
-/// the client's first bytes are classified whenever they come:
-/// - when a rule admits this caller's opaque TCP to the port, the app is connected at once (a
-///   server-first protocol speaks first) and whichever side sends first decides: the app's
-///   bytes make the connection TCP, the caller's are classified (HTTP is served as HTTP, and the
-///   app's connection closed unused). Caller bytes that leave it open go on to the app as they
-///   come, since no complete request line is among them, so a protocol whose first message is
+/// the client's first bytes are classified whenever they come (decision 54):
+/// - when a rule admits this caller's opaque TCP to the port, the app is connected at once, and
+///   an app that speaks first with anything but an HTTP/2 server's SETTINGS (a server-first
+///   protocol: SMTP, MySQL) makes the connection TCP, its greeting the first bytes relayed. An
+///   HTTP/2 app greets every client that way, so its connection is closed unused and the
+///   caller's bytes decide, as when the app closes. Caller bytes that decide nothing go on to
+///   the app as they come (no request line is among them), so a protocol whose first message is
 ///   a bare word (`ping`) gets its answer, which makes it TCP;
 /// - otherwise the caller's first bytes are awaited as an HTTP connection awaits its first
 ///   request, up to `--idle-timeout`; anything but HTTP is then refused as TCP.
 ///
-/// First bytes that leave it open (the start of a request line, or a bare word the app does not
+/// First bytes that decide nothing (the start of a request line, a bare word the app does not
 /// answer) must settle within `--header-read-timeout`, or the connection is closed: going on as
 /// TCP would let a caller pause inside its request line to pass it through unjudged.
 ///
-/// Returns the protocol, the bytes read and the app connection TCP goes on; `None` when the
-/// caller failed, did not settle, or the app cannot be reached.
+/// Returns the protocol, the caller's bytes still to send, the app connection TCP goes on and
+/// the app's bytes still to send; `None` when the caller failed or did not settle.
 async fn undetermined(
     mut seen: Vec<u8>,
     mut tls: tokio_rustls::server::TlsStream<TcpStream>,
     peer: &Caller,
     app: SocketAddr,
     ctx: &Ctx,
-) -> Option<(
-    Protocol,
-    Vec<u8>,
-    tokio_rustls::server::TlsStream<TcpStream>,
-    Option<TcpStream>,
-)> {
+) -> Option<Undetermined> {
     let opaque = authorize(ctx, peer, app.port(), Traffic::Opaque).allowed;
-    let app_conn = if opaque {
+    let mut app_conn = if opaque {
         match TcpStream::connect(app).await {
             Ok(a) => Some(a),
             Err(e) => {
@@ -210,57 +214,83 @@ async fn undetermined(
     } else {
         None
     };
-    let mut app_conn = app_conn;
     let now = tokio::time::Instant::now();
     let quiet_until = now + ctx.cfg.limits.idle;
     // Since the first bytes that did not settle it came.
     let mut unsettled = (!seen.is_empty()).then_some(now);
-    // How much of `seen` the app has: unsettled bytes go to it as they come, so that a protocol
-    // whose first message is a bare word gets its answer, and the answer decides.
+    // How much of `seen` the app connection has.
     let mut written = 0;
-    let proto = loop {
+    let mut greeting = vec![0u8; 16 * 1024];
+    let (proto, from_app) = loop {
         if let Some(conn) = app_conn.as_mut()
             && written < seen.len()
+            && !crate::detect::may_be_h2_preface(&seen)
         {
             if let Err(e) = tokio::io::AsyncWriteExt::write_all(conn, &seen[written..]).await {
                 tracing::debug!(%app, error = %e, "the app closed before the caller's first bytes settled");
-                return None;
+                (app_conn, written) = (None, 0);
+                continue;
             }
             written = seen.len();
         }
         let settle_by = unsettled.map(|at| at + ctx.cfg.limits.header_read);
         tokio::select! {
             read = crate::detect::read_more(&mut tls, &mut seen) => match read {
-                Ok(Some(p)) => break p,
+                Ok(Some(p)) => break (p, Vec::new()),
                 Ok(None) => {
                     unsettled.get_or_insert_with(tokio::time::Instant::now);
                 }
                 Err(_) => return None,
             },
-            // The app spoke (or closed): a peek, as readiness alone may be spurious.
-            _ = async { app_conn.as_ref()?.peek(&mut [0u8; 1]).await.ok() }, if app_conn.is_some() => {
-                break Protocol::Tcp;
+            n = async { app_conn.as_mut()?.read(&mut greeting).await.ok() }, if app_conn.is_some() => {
+                match n {
+                    Some(n) if n > 0 && !crate::detect::is_h2_settings(&greeting[..n]) => {
+                        greeting.truncate(n);
+                        break (Protocol::Tcp, greeting);
+                    }
+                    // Closed, failed, or an HTTP/2 server: the caller's bytes decide, and TCP
+                    // would go on a new connection with all of them.
+                    _ => (app_conn, written) = (None, 0),
+                }
             }
-            () = tokio::time::sleep_until(quiet_until), if !opaque && unsettled.is_none() => {
-                break Protocol::Tcp;
+            () = tokio::time::sleep_until(quiet_until), if app_conn.is_none() && unsettled.is_none() => {
+                break (Protocol::Tcp, Vec::new());
             }
             () = tokio::time::sleep_until(settle_by.unwrap_or(quiet_until)), if settle_by.is_some() => {
                 ctx.metrics.connection_closed("inbound", "unsettled-protocol");
-                tracing::info!(target: "moat::access", direction = "inbound", %peer, decision = "deny", reason = "unsettled-protocol", "closed a connection whose first bytes neither finished a request line nor became anything else within --header-read-timeout");
+                tracing::info!(target: "moat::access", direction = "inbound", %peer, decision = "deny", reason = "unsettled-protocol", "closed a connection whose first bytes settled nothing within --header-read-timeout");
                 return None;
             }
         }
     };
     // TCP goes on where the app's connection is; HTTP is served from every byte seen, on the
-    // inbound's own app clients, and the bytes written to this connection (no complete request
-    // line) go no further: it closes unused.
+    // inbound's own app clients, and the bytes written to this connection (no request line) go
+    // no further: it closes unused.
     let app_conn = if proto == Protocol::Tcp {
         seen.drain(..written);
         app_conn
     } else {
         None
     };
-    Some((proto, seen, tls, app_conn))
+    Some(Undetermined {
+        proto,
+        seen,
+        tls,
+        app_conn,
+        from_app,
+    })
+}
+
+/// What [`undetermined`] settled.
+struct Undetermined {
+    proto: Protocol,
+    /// The caller's bytes not yet sent on.
+    seen: Vec<u8>,
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    /// The app connection TCP goes on, when one is open.
+    app_conn: Option<TcpStream>,
+    /// The app's bytes not yet sent to the caller (a server-first protocol's greeting).
+    from_app: Vec<u8>,
 }
 
 /// The TLS handshake, with the caller's certificate required and checked: its SPIFFE ID, and
@@ -506,11 +536,12 @@ fn policy_label(d: &Decision) -> Option<String> {
     Some(label)
 }
 
-/// Relays an opaque TCP connection to the app (on `app_conn`, when one was opened already),
-/// once a rule without `http` or `jwt` admits it; re-checked on every new snapshot.
+/// Relays an opaque TCP connection to the app (on the connection of `app_side`, when one was
+/// opened already, after the app's bytes read from it), once a rule without `http` or `jwt`
+/// admits it; re-checked on every new snapshot.
 async fn tcp_forward(
     io: Prefixed<tokio_rustls::server::TlsStream<TcpStream>>,
-    app_conn: Option<TcpStream>,
+    app_side: (Option<TcpStream>, Vec<u8>),
     remote: SocketAddr,
     peer: Caller,
     app: SocketAddr,
@@ -537,6 +568,7 @@ async fn tcp_forward(
         return;
     }
     let app_addr = app;
+    let (app_conn, from_app) = app_side;
     let connected = match app_conn {
         Some(a) => Ok(a),
         None => TcpStream::connect(app_addr).await,
@@ -554,7 +586,7 @@ async fn tcp_forward(
     let mut snapshots = ctx.snapshot.clone();
     let (detected, mut tls) = io.into_parts();
     let (net, conn) = tls.get_mut();
-    let copy = crate::relay::relay(net, &mut **conn, &mut app, detected, Vec::new());
+    let copy = crate::relay::relay(net, &mut **conn, &mut app, detected, from_app);
     tokio::pin!(copy);
     let expired = moat_tls::expiry::expired(peer.not_after);
     tokio::pin!(expired);

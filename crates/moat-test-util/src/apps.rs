@@ -131,6 +131,16 @@ fn header_list(h: &http::HeaderMap) -> Vec<(String, String)> {
 /// headers, trailers) and answers 200 `seen`. Security tests assert on this record: on what the
 /// app RECEIVED, not only on the status a caller saw.
 pub async fn recording_http() -> (SocketAddr, Recording) {
+    recording(false).await
+}
+
+/// [`recording_http`] as an h2c-only server, which, as HTTP/2 servers do, sends its SETTINGS as
+/// soon as a connection opens, before the client has sent anything.
+pub async fn recording_h2() -> (SocketAddr, Recording) {
+    recording(true).await
+}
+
+async fn recording(h2_only: bool) -> (SocketAddr, Recording) {
     let (listener, addr) = bind().await;
     let seen = Recording::default();
     let record = seen.clone();
@@ -170,9 +180,11 @@ pub async fn recording_http() -> (SocketAddr, Recording) {
                 }
             });
             tokio::spawn(async move {
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
+                let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                if h2_only {
+                    server = server.http2_only();
+                }
+                let _ = server.serve_connection(TokioIo::new(tcp), svc).await;
             });
         }
     });
