@@ -1201,6 +1201,93 @@ async fn a_serial_prefix_revokes_the_one_certificate_it_names() {
     drop(b);
 }
 
+/// Renews `cred`'s identity over mTLS with `cred`, as a sidecar renews; `Err` with the status
+/// when refused.
+async fn renewed(
+    cp: &ControlPlane,
+    cred: &moat_tls::Credential,
+) -> Result<moat_tls::Credential, tonic::Status> {
+    let key = moat_identity::WorkloadKey::generate(&cred.leaf().id).unwrap();
+    let issued = identity_client(cp, Some(cred))
+        .await
+        .certify(moat_api::v1::CertifyRequest {
+            csr_der: key.csr_der().to_vec(),
+            ttl_seconds: 0,
+            credential: None,
+        })
+        .await?
+        .into_inner();
+    Ok(moat_tls::Credential::new(
+        issued.chain_der.into_iter().map(Into::into).collect(),
+        rustls_pki_types::PrivateKeyDer::Pkcs8(key.private_key_der().into()),
+        &bundle(cp),
+    )
+    .unwrap())
+}
+
+/// A stolen certificate renewed before it is revoked does not outlive its revocation: what was
+/// renewed with it, and renewed with that in turn, is revoked with it (each named in the list
+/// with the one it came from), a sidecar refuses them, and the control plane renews none of
+/// them again. A certificate of the same identity that was not renewed from it is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_certificate_reaches_what_was_renewed_with_it() {
+    let cp = ControlPlane::start().unwrap();
+    apply_policy(&cp, POLICY);
+    let (app, rec) = recording_http().await;
+    let b = Proxy::builder(&cp, "b").app(app).start().unwrap();
+    let stolen = credential_for(&cp, "c");
+    let child = renewed(&cp, &stolen).await.unwrap();
+    let grandchild = renewed(&cp, &child).await.unwrap();
+    let sibling = credential_for(&cp, "c");
+    let get = "GET /x HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n";
+    let h1 = moat_tls::ALPN_HTTP1;
+    for cred in [&stolen, &child, &grandchild, &sibling] {
+        let out = h1_raw(&cp, &b, cred, h1, Duration::ZERO, get).await;
+        assert_eq!(status_of(&out), 200, "{out}");
+    }
+    let serial = |c: &moat_tls::Credential| c.leaf().serial.clone();
+    cp.moat_ok(&[
+        "revoke",
+        "--serial",
+        &serial(&stolen),
+        "--reason",
+        "key leaked",
+    ]);
+    let list = cp.moat_ok(&["revoke", "--list"]);
+    for (cred, from) in [(&child, &stolen), (&grandchild, &child)] {
+        let line = list
+            .lines()
+            .find(|l| l.contains(&serial(cred)))
+            .unwrap_or_else(|| panic!("{} not revoked:\n{list}", serial(cred)));
+        assert!(
+            line.contains(&format!("renewed from {}", serial(from))),
+            "{line}"
+        );
+    }
+    assert!(!list.contains(&serial(&sibling)), "{list}");
+    taken(&rec);
+    let refused = tokio::task::block_in_place(|| {
+        eventually(Duration::from_secs(10), || {
+            let rt = tokio::runtime::Handle::current();
+            let out = rt.block_on(h1_raw(&cp, &b, &grandchild, h1, Duration::ZERO, get));
+            out.is_empty().then_some(())
+        })
+    });
+    assert!(refused.is_some(), "b still serves the renewed certificate");
+    let out = h1_raw(&cp, &b, &child, h1, Duration::ZERO, get).await;
+    assert_eq!(out, "", "b still serves the first renewal");
+    let out = h1_raw(&cp, &b, &sibling, h1, Duration::ZERO, get).await;
+    assert_eq!(status_of(&out), 200, "{out}");
+    let err = renewed(&cp, &grandchild).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let seen = taken(&rec);
+    assert_eq!(
+        seen.len(),
+        1,
+        "only the sibling's request reached the app: {seen:?}"
+    );
+}
+
 /// A `Certify` refused for its lifetime does not use up a one-use join token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_certify_keeps_its_join_token() {

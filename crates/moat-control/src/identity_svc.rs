@@ -286,6 +286,29 @@ impl Identity for IdentityService {
                     .await);
             }
         };
+        // A renewal is recorded before it is handed out, so that revoking the certificate it
+        // was renewed with reaches it (and it is refused when that happened meanwhile).
+        if let (None, Some(parent)) = (&input.credential, serial.as_deref()) {
+            match cp
+                .revocations
+                .record_renewal(parent, &issued.serial, issued.not_after)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    let status = Status::permission_denied(format!(
+                        "the certificate presented ({parent}) was revoked while this renewal ran; an admin can lift it with `moat revoke --undo`"
+                    ));
+                    return Err(self.refuse(&actor, &target, "revoked", status).await);
+                }
+                Err(e) => {
+                    let status = Status::unavailable(format!(
+                        "cannot record the renewal, so a revocation could not reach it: {e}; try again"
+                    ));
+                    return Err(self.refuse(&actor, &target, "store", status).await);
+                }
+            }
+        }
         tracing::info!(id = %issued.id, serial = %issued.serial, %actor, renewal = input.credential.is_none(), "issued certificate");
         cp.metrics.issued(match &input.credential {
             Some(certify_request::Credential::JoinToken(_)) => "token",

@@ -248,6 +248,22 @@ pub async fn serve(
         revocations.clone(),
         mesh.clone(),
     ));
+    {
+        let revocations = revocations.clone();
+        tokio::spawn(replica.clone().while_leader("renewal pruning", move || {
+            let revocations = revocations.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(revocations::LINEAGE_PRUNE_EVERY).await;
+                    match revocations.prune_lineage().await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::debug!(pruned = n, "dropped the renewals of expired certificates"),
+                        Err(e) => tracing::warn!(error = %e, "cannot prune the renewals of expired certificates"),
+                    }
+                }
+            }
+        }));
+    }
     let mut metrics = metrics::Metrics::default();
     metrics.register_mesh(&mesh.first_snapshots);
     let state = Arc::new(state::ControlPlane {

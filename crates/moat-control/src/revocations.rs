@@ -1,5 +1,8 @@
 //! Revocations: identities (until lifted) and single certificates (until they would have
-//! expired anyway), stored under `revocations/<kind>/<value>` and pushed to every proxy.
+//! expired anyway), stored under `revocations/<kind>/<value>` and pushed to every proxy. A
+//! certificate's revocation reaches the certificates renewed from it, and from those in turn:
+//! each renewal over mTLS is recorded under `lineage/<parent serial>/<child serial>` until the
+//! child expires.
 
 use std::sync::Arc;
 
@@ -8,6 +11,13 @@ use serde::{Deserialize, Serialize};
 
 /// Store prefix of revocations.
 pub const PREFIX: &str = "revocations/";
+/// Store prefix of renewals: `lineage/<parent serial>/<child serial>` = the child's NotAfter
+/// (Unix seconds, decimal).
+const LINEAGE: &str = "lineage/";
+/// How often the leader drops renewals whose certificate has expired.
+pub const LINEAGE_PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+/// Who revokes the certificates renewed from a revoked one, in the list.
+const LINEAGE_ACTOR: &str = "moat-control";
 
 /// What a revocation names: every certificate of an identity, or one certificate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -117,6 +127,18 @@ pub enum RevokeError {
 
 /// Kept past the longest certificate lifetime, for clock skew between hosts.
 const SERIAL_REVOCATION_MARGIN_SECS: i64 = 300;
+
+/// The revocation of `child`, renewed from `parent`, for the revocation of `root`.
+fn renewed_from(root: &str, parent: &str, child: &str, not_after: i64) -> Revocation {
+    Revocation {
+        kind: RevocationKind::Serial,
+        value: child.to_owned(),
+        reason: format!("renewed from {parent}, which the revocation of {root} reaches"),
+        actor: LINEAGE_ACTOR.to_owned(),
+        time_unix_ms: moat_identity::clock::unix_now_ms(),
+        expires_unix: not_after + SERIAL_REVOCATION_MARGIN_SECS,
+    }
+}
 
 /// What an operator asks to revoke, or to lift.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -239,7 +261,7 @@ impl Revocations {
                 expires_unix: 0,
             });
         }
-        Ok(self
+        let done = self
             .revoke(Revocation {
                 kind,
                 value,
@@ -248,7 +270,99 @@ impl Revocations {
                 time_unix_ms: moat_identity::clock::unix_now_ms(),
                 expires_unix,
             })
-            .await?)
+            .await?;
+        if kind == RevocationKind::Serial {
+            let renewed = self.revoke_renewals(&done.value).await?;
+            if !renewed.is_empty() {
+                tracing::info!(serial = %done.value, renewed = ?renewed, "revoked the certificates renewed from a revoked one");
+            }
+        }
+        Ok(done)
+    }
+
+    /// Records that `child` (expiring at `child_not_after`) was renewed over mTLS by the holder
+    /// of `parent`, so that revoking `parent` reaches it. Returns `Ok(false)`, having revoked
+    /// `child` too, when `parent` is revoked by now: a revocation made on another replica, or
+    /// while this renewal ran, looked for the renewals it had to revoke before this one was
+    /// recorded, and the certificate must not be handed out.
+    pub async fn record_renewal(
+        &self,
+        parent: &str,
+        child: &str,
+        child_not_after: i64,
+    ) -> Result<bool, RevokeError> {
+        self.store
+            .put(
+                &format!("{LINEAGE}{parent}/{child}"),
+                child_not_after.to_string().into_bytes(),
+            )
+            .await?;
+        if self
+            .store
+            .get(&key(RevocationKind::Serial, parent))
+            .await?
+            .is_none()
+        {
+            return Ok(true);
+        }
+        self.revoke(renewed_from(parent, parent, child, child_not_after))
+            .await?;
+        Ok(false)
+    }
+
+    /// Revokes every unexpired certificate renewed from `serial`, and from those in turn;
+    /// returns their serials. Each is a serial revocation of its own (`moat revoke --list`
+    /// names the one it came from), lasting until the certificate would have expired.
+    async fn revoke_renewals(&self, serial: &str) -> Result<Vec<String>, RevokeError> {
+        let now = moat_identity::clock::unix_now();
+        let (mut queue, mut revoked) = (vec![serial.to_owned()], Vec::new());
+        while let Some(parent) = queue.pop() {
+            let prefix = format!("{LINEAGE}{parent}/");
+            for kv in self.store.range(&prefix, 0, false).await? {
+                let child = kv.key.strip_prefix(&prefix).unwrap_or_default().to_owned();
+                let not_after = std::str::from_utf8(&kv.value)
+                    .ok()
+                    .and_then(|v| v.parse::<i64>().ok())
+                    .unwrap_or(i64::MAX);
+                if child.is_empty() || not_after <= now || revoked.contains(&child) {
+                    continue;
+                }
+                self.revoke(renewed_from(serial, &parent, &child, not_after))
+                    .await?;
+                revoked.push(child.clone());
+                queue.push(child);
+            }
+        }
+        Ok(revoked)
+    }
+
+    /// Drops the renewals whose certificate has expired (nothing is left to revoke); returns
+    /// how many.
+    pub async fn prune_lineage(&self) -> Result<usize, StoreError> {
+        let now = moat_identity::clock::unix_now();
+        let expired: Vec<Op> = self
+            .store
+            .range(LINEAGE, 0, false)
+            .await?
+            .into_iter()
+            .filter(|kv| {
+                std::str::from_utf8(&kv.value)
+                    .ok()
+                    .and_then(|v| v.parse::<i64>().ok())
+                    .is_none_or(|not_after| not_after <= now)
+            })
+            .map(|kv| Op::Delete(kv.key))
+            .collect();
+        let n = expired.len();
+        for batch in expired.chunks(100) {
+            self.store
+                .txn(Txn {
+                    success: batch.to_vec(),
+                    ..Txn::default()
+                })
+                .await?;
+        }
+        Ok(n)
     }
 
     /// Lifts a revocation; `Ok(false)` when there was none.
@@ -370,6 +484,65 @@ mod bound_tests {
         tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
         r.revoke(serial("cc", later)).await.unwrap();
         assert_eq!(r.list().await.unwrap().len(), 2);
+    }
+
+    /// Revoking a serial reaches what was renewed from it, and from that in turn, while it
+    /// lives: not the certificate it was renewed from, nor one already expired. A renewal
+    /// recorded after its parent's revocation is revoked too, and refused. Expired renewals are
+    /// pruned.
+    #[tokio::test]
+    async fn a_serial_revocation_reaches_its_renewals() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(moat_store::EmbeddedStore::open(dir.path()).unwrap());
+        let r = Revocations::new(store);
+        let later = moat_identity::clock::unix_now() + 3600;
+        let serials = |n: usize| format!("{n:032x}");
+        // 1 → 2 → 3 → 4, 2 → 5 (expired), and 0 → 1.
+        for (parent, child, not_after) in [
+            (0, 1, later),
+            (1, 2, later),
+            (2, 3, later),
+            (3, 4, later),
+            (2, 5, 1),
+        ] {
+            assert!(
+                r.record_renewal(&serials(parent), &serials(child), not_after)
+                    .await
+                    .unwrap()
+            );
+        }
+        r.request(Target::Serial(serials(2)), false, &[], "leaked", "admin")
+            .await
+            .unwrap();
+        let list = r.list().await.unwrap();
+        let revoked: Vec<&str> = list.iter().map(|x| x.value.as_str()).collect();
+        assert_eq!(revoked.len(), 3, "{list:?}");
+        for n in [2, 3, 4] {
+            assert!(revoked.contains(&serials(n).as_str()), "{n}: {list:?}");
+        }
+        let four = list.iter().find(|x| x.value == serials(4)).unwrap();
+        assert_eq!(four.actor, "moat-control");
+        assert!(
+            four.reason
+                .contains(&format!("renewed from {}", serials(3))),
+            "{four:?}"
+        );
+        assert_eq!(four.expires_unix, later + SERIAL_REVOCATION_MARGIN_SECS);
+        // A renewal that ran across the revocation is recorded, revoked and refused.
+        assert!(
+            !r.record_renewal(&serials(4), &serials(6), later)
+                .await
+                .unwrap()
+        );
+        assert!(
+            r.list()
+                .await
+                .unwrap()
+                .iter()
+                .any(|x| x.value == serials(6))
+        );
+        assert_eq!(r.prune_lineage().await.unwrap(), 1);
+        assert_eq!(r.prune_lineage().await.unwrap(), 0);
     }
 
     /// An operator's request: a serial prefix resolves among the fleet's serials (and, to lift
