@@ -45,6 +45,12 @@ pub struct ProxyEntry {
 
 /// How long a proxy whose stream broke without a goodbye is reported as disconnected.
 pub const DISCONNECTED_RETENTION: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+/// The most disconnected proxies remembered, of one identity and in all: a certificate that
+/// opens and drops streams, announcing another port each time, would otherwise grow the list
+/// (and `moat status`'s answer, past what the CLI reads) without end. The oldest go first.
+pub const DISCONNECTED_PER_IDENTITY: usize = 256;
+/// See [`DISCONNECTED_PER_IDENTITY`].
+pub const DISCONNECTED_MAX: usize = 4096;
 
 /// A proxy whose stream broke without a goodbye and that has not reconnected.
 #[derive(Clone, Debug)]
@@ -237,16 +243,41 @@ impl Registry {
         if p.left || self.serves_elsewhere(stream, &p.id, &p.inbound_address) {
             return;
         }
+        let key = (p.id.clone(), p.inbound_address.clone());
         self.disconnected.insert(
-            (p.id.clone(), p.inbound_address.clone()),
+            key,
             Disconnected {
-                id: p.id,
+                id: p.id.clone(),
                 inbound_address: p.inbound_address,
                 cert_serial: p.cert_serial,
                 cert_not_after: p.cert_not_after,
                 at: SystemTime::now(),
             },
         );
+        self.bound_disconnected(&p.id);
+    }
+
+    /// Keeps the disconnected list within [`DISCONNECTED_PER_IDENTITY`] for `id` and
+    /// [`DISCONNECTED_MAX`] in all, dropping the oldest.
+    fn bound_disconnected(&mut self, id: &SpiffeId) {
+        let oldest = |list: &HashMap<(SpiffeId, String), Disconnected>, of: Option<&SpiffeId>| {
+            list.iter()
+                .filter(|(k, _)| of.is_none_or(|id| &k.0 == id))
+                .min_by_key(|(_, d)| d.at)
+                .map(|(k, _)| k.clone())
+        };
+        while self.disconnected.keys().filter(|k| &k.0 == id).count() > DISCONNECTED_PER_IDENTITY {
+            match oldest(&self.disconnected, Some(id)) {
+                Some(k) => self.disconnected.remove(&k),
+                None => break,
+            };
+        }
+        while self.disconnected.len() > DISCONNECTED_MAX {
+            match oldest(&self.disconnected, None) {
+                Some(k) => self.disconnected.remove(&k),
+                None => break,
+            };
+        }
     }
 
     /// Proxies disconnected without a goodbye within [`DISCONNECTED_RETENTION`], oldest first.
@@ -594,6 +625,35 @@ mod tests {
 
     fn endpoints(reg: &Registry) -> Vec<String> {
         reg.services().into_values().flatten().collect()
+    }
+
+    /// A certificate that opens and drops streams, announcing another port each time, fills
+    /// at most its share of the disconnected list, and the list as a whole stays bounded.
+    #[test]
+    fn the_disconnected_list_is_bounded_per_identity_and_in_all() {
+        let mut reg = Registry::default();
+        let mut stream = 0;
+        let mut churn = |reg: &mut Registry, id: &str, n: usize| {
+            for port in 0..n {
+                stream += 1;
+                reg.upsert(stream, proxy(id, &format!("10.0.0.1:{}", 1000 + port), 1));
+                reg.remove(stream);
+            }
+        };
+        churn(&mut reg, "steady", 3);
+        churn(&mut reg, "churner", 1000);
+        let list = reg.disconnected();
+        let of = |name: &str| {
+            list.iter()
+                .filter(|d| d.id.to_string().ends_with(name))
+                .count()
+        };
+        assert_eq!(of("/steady"), 3);
+        assert_eq!(of("/churner"), DISCONNECTED_PER_IDENTITY);
+        for i in 0..20 {
+            churn(&mut reg, &format!("many{i}"), DISCONNECTED_PER_IDENTITY);
+        }
+        assert_eq!(reg.disconnected().len(), DISCONNECTED_MAX);
     }
 
     /// A proxy that moves between replicas is listed twice for a while (its old replica's
