@@ -68,37 +68,96 @@ pub fn may_be_h2_preface(buf: &[u8]) -> bool {
 }
 
 /// Classifies `buf` as the start of an HTTP/1 request or not, the way the most lenient servers
-/// read one, not the way the standard writes it: blank and control bytes first (RFC 9112 lets
-/// servers skip empty lines; some skip any), a method token, blanks (SP or HT, one or more),
-/// then a target in origin (`/`) or asterisk (`*`) form, in absolute form (`http:` or `https:`,
-/// any case), or any target after `CONNECT`. The version is not looked at. What this calls HTTP
-/// goes to the sidecar's own strict server, which refuses what is malformed; what it calls TCP
-/// no HTTP server reads as a request line (`get key`, `EHLO me`, binary), so a caller cannot find
-/// a spelling that some app parses as a request and detection passes on as raw bytes.
+/// read one, not the way the standard writes it. Blanks are what any of them skips or splits on:
+/// SP, HT, CR, VT, FF, `\x1c`-`\x1f`, NEL and NBSP (Python's `str.split` over Latin-1), and
+/// before the method any control byte too. After blanks, a method token and more blanks, it is
+/// HTTP when
+/// - the target is in origin (`/`) or asterisk (`*`) form, or absolute form with any scheme
+///   (`x:/…`: Go, hyper and Node take any scheme and route on the path);
+/// - the method is `CONNECT` (any case), or `GET`, which Python's `http.server` takes with a
+///   bare target and no version (HTTP/0.9), headers and all;
+/// - the line ends with a word that starts with `HTTP/` (any case), whatever the target.
+///
+/// What this calls HTTP goes to the sidecar's own strict server, which refuses what is
+/// malformed; what it calls TCP (`get key`, `EHLO me`, `PING`, binary) is a line none of those
+/// servers reads as a request.
 fn classify_http1(buf: &[u8]) -> Option<Protocol> {
     const HTTP1: Option<Protocol> = Some(Protocol::Http(HttpVersion::Http1));
-    let start = buf.iter().position(|&b| b > b' ')?;
+    let blank = |b: u8| {
+        matches!(
+            b,
+            b' ' | b'\t' | b'\r' | 0x0b | 0x0c | 0x1c..=0x1f | 0x85 | 0xa0
+        )
+    };
+    let start = buf
+        .iter()
+        .position(|&b| b > b' ' && b != 0x85 && b != 0xa0)?;
     let buf = &buf[start..];
     let token_len = buf.iter().position(|&b| !is_method_token(&[b]))?;
     if token_len == 0 {
         return Some(Protocol::Tcp);
     }
     let (method, rest) = buf.split_at(token_len);
-    let blanks = rest.iter().position(|&b| b != b' ' && b != b'\t')?;
-    if blanks == 0 {
+    let blanks = rest.iter().position(|&b| !blank(b))?;
+    if blanks == 0 || rest[blanks] == b'\n' {
         return Some(Protocol::Tcp);
     }
     let target = &rest[blanks..];
-    if method.eq_ignore_ascii_case(b"CONNECT") || matches!(target[0], b'/' | b'*') {
+    if method.eq_ignore_ascii_case(b"CONNECT")
+        || method == b"GET"
+        || matches!(target[0], b'/' | b'*')
+    {
         return HTTP1;
     }
-    for scheme in [&b"http:"[..], b"https:"] {
-        let n = scheme.len().min(target.len());
-        if target[..n].eq_ignore_ascii_case(&scheme[..n]) {
-            return if n == scheme.len() { HTTP1 } else { None };
+    match absolute_form(target) {
+        Some(true) => return HTTP1,
+        None => return None,
+        Some(false) => {}
+    }
+    // Any other target: HTTP when the line's last word is a version.
+    let line_end = target.iter().position(|&b| b == b'\n')?;
+    let last_word = target[..line_end]
+        .split(|&b| blank(b))
+        .rfind(|w| !w.is_empty())
+        .unwrap_or_default();
+    let version = b"HTTP/";
+    Some(
+        if last_word.len() >= version.len()
+            && last_word[..version.len()].eq_ignore_ascii_case(version)
+        {
+            Protocol::Http(HttpVersion::Http1)
+        } else {
+            Protocol::Tcp
+        },
+    )
+}
+
+/// Whether `target` starts in absolute form: a scheme (a letter, then letters, digits, `+`, `-`
+/// or `.`), `:` and `/`. `None` while what has come could still be one.
+fn absolute_form(target: &[u8]) -> Option<bool> {
+    let (&first, rest) = target.split_first()?;
+    if !first.is_ascii_alphabetic() {
+        return Some(false);
+    }
+    for (i, &b) in rest.iter().enumerate() {
+        match b {
+            b':' => {
+                return rest.get(i + 1).map(|&next| next == b'/');
+            }
+            b if b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.') => {}
+            _ => return Some(false),
         }
     }
-    Some(Protocol::Tcp)
+    None
+}
+
+/// Whether `buf`, fewer than 9 bytes, could still be the start of an HTTP/2 SETTINGS frame on
+/// stream 0 ([`is_h2_settings`]).
+pub fn may_be_h2_settings(buf: &[u8]) -> bool {
+    buf.len() < 9
+        && buf.get(3).is_none_or(|&t| t == 0x04)
+        && buf.get(4).is_none_or(|&f| f & !0x01 == 0)
+        && buf.iter().skip(5).all(|&b| b == 0)
 }
 
 /// Whether `buf` starts with an HTTP/2 SETTINGS frame on stream 0, as an HTTP/2 server's first
@@ -222,18 +281,29 @@ mod tests {
         assert_eq!(classify(b"PROPFIND /admin HTTP/1.1\r\n"), Some(HTTP1));
         assert_eq!(classify(b"GET http://b/admin HTTP/1.1\r\n"), Some(HTTP1));
         assert_eq!(classify(b"GET HTTPS://b/admin"), Some(HTTP1));
-        assert_eq!(classify(b"GET htt"), None);
+        assert_eq!(classify(b"PUT htt"), None);
         assert_eq!(classify(b"CONNECT b:443 HTTP/1.1\r\n"), Some(HTTP1));
         assert_eq!(classify(b"OPTIONS * HTTP/1.1\r\n"), Some(HTTP1));
         // Text protocols that are not HTTP stay TCP (memcached, Redis, SMTP client lines).
         assert_eq!(classify(b"get key\r\n"), Some(Protocol::Tcp));
+        assert_eq!(classify(b"get user:1\r\n"), Some(Protocol::Tcp));
+        assert_eq!(classify(b"get key"), None, "a version may yet end the line");
+        assert_eq!(classify(b"MAIL FROM:<a@b>\r\n"), Some(Protocol::Tcp));
         assert_eq!(classify(b"SET http_hits 1\r\n"), Some(Protocol::Tcp));
         assert_eq!(classify(b"EHLO me\r\n"), Some(Protocol::Tcp));
         assert_eq!(classify(b"PING\r\n"), Some(Protocol::Tcp));
         // Spellings a lenient server reads as a request are HTTP too, for the sidecar's strict
         // server to refuse: leading blanks and controls, tabs, runs of spaces, no version, any
-        // version.
+        // version, any scheme, Python's whitespace, a bare target before a version, HTTP/0.9.
         for lenient in [
+            &b"GET x://b/admin HTTP/1.1\r\n"[..],
+            b"GET a:/admin HTTP/1.1\r\n",
+            b"GET\x0c/admin\x0cHTTP/1.1\r\n",
+            b"GET\r/admin\rHTTP/1.1\r\n",
+            b"\xa0GET /admin HTTP/1.1\r\n",
+            b"POST admin HTTP/1.1\r\n",
+            b"post admin http/1.0\r\n",
+            b"GET admin\r\n",
             &b"\r\n\r\nGET / HTTP/1.1\r\n"[..],
             b" GET / HTTP/1.1\r\n",
             b"\0GET / HTTP/1.1\r\n",
@@ -255,6 +325,9 @@ mod tests {
         // An HTTP/2 server's first bytes.
         assert!(is_h2_settings(b"\0\0\x06\x04\0\0\0\0\0\0\x03\0\0\0\x64"));
         assert!(!is_h2_settings(b"220 moat test\r\n"));
+        assert!(may_be_h2_settings(b"\0\0\x06\x04"));
+        assert!(!may_be_h2_settings(b"220 "));
+        assert!(!may_be_h2_settings(b"\x4a\0\0\0\x0a8.0"));
     }
 
     #[tokio::test]

@@ -186,8 +186,9 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
 ///   caller's bytes decide, as when the app closes. Caller bytes that decide nothing go on to
 ///   the app as they come (no request line is among them), so a protocol whose first message is
 ///   a bare word (`ping`) gets its answer, which makes it TCP;
-/// - otherwise the caller's first bytes are awaited as an HTTP connection awaits its first
-///   request, up to `--idle-timeout`; anything but HTTP is then refused as TCP.
+/// - otherwise (and once the app's connection is closed) the caller's first bytes are awaited
+///   as an HTTP connection awaits its first request: a caller silent for `--idle-timeout` is
+///   closed, never taken as TCP.
 ///
 /// First bytes that decide nothing (the start of a request line, a bare word the app does not
 /// answer) must settle within `--header-read-timeout`, or the connection is closed: going on as
@@ -221,6 +222,8 @@ async fn undetermined(
     // How much of `seen` the app connection has.
     let mut written = 0;
     let mut greeting = vec![0u8; 16 * 1024];
+    // How much of `greeting` the app has sent.
+    let mut greeted = 0;
     let (proto, from_app) = loop {
         if let Some(conn) = app_conn.as_mut()
             && written < seen.len()
@@ -242,19 +245,26 @@ async fn undetermined(
                 }
                 Err(_) => return None,
             },
-            n = async { app_conn.as_mut()?.read(&mut greeting).await.ok() }, if app_conn.is_some() => {
+            n = async { app_conn.as_mut()?.read(&mut greeting[greeted..]).await.ok() }, if app_conn.is_some() => {
+                greeted += n.unwrap_or(0);
+                let sent = &greeting[..greeted];
                 match n {
-                    Some(n) if n > 0 && !crate::detect::is_h2_settings(&greeting[..n]) => {
-                        greeting.truncate(n);
+                    Some(n) if n > 0 && crate::detect::may_be_h2_settings(sent) => {}
+                    Some(n) if n > 0 && !crate::detect::is_h2_settings(sent) => {
+                        greeting.truncate(greeted);
                         break (Protocol::Tcp, greeting);
                     }
                     // Closed, failed, or an HTTP/2 server: the caller's bytes decide, and TCP
                     // would go on a new connection with all of them.
-                    _ => (app_conn, written) = (None, 0),
+                    _ => (app_conn, written, greeted) = (None, 0, 0),
                 }
             }
+            // Silence decides nothing, whatever the rules: TCP from a caller that has said
+            // nothing yet would carry whatever it says next unlooked-at.
             () = tokio::time::sleep_until(quiet_until), if app_conn.is_none() && unsettled.is_none() => {
-                break (Protocol::Tcp, Vec::new());
+                ctx.metrics.connection_closed("inbound", "idle");
+                tracing::debug!(%peer, "closed a connection whose caller sent nothing within --idle-timeout");
+                return None;
             }
             () = tokio::time::sleep_until(settle_by.unwrap_or(quiet_until)), if settle_by.is_some() => {
                 ctx.metrics.connection_closed("inbound", "unsettled-protocol");
