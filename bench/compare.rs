@@ -378,7 +378,15 @@ fn moat_pair(
     let tcp_port = tcp_reserved.port();
     let one_worker = ["--workers", "1"];
     let sidecar = |id: &str| Proxy::builder(cp, id).binary(binary).args(&one_worker);
-    let server = sidecar(&server_id).app(backend).start().unwrap();
+    // The TCP path's far side too: the payload is HTTP, which an undeclared port would serve as
+    // HTTP (decision 54), and this path measures the opaque relay. HTTP from the client sidecar
+    // comes on `h2` connections, which --opaque-ports does not touch.
+    let backend_port = backend.port().to_string();
+    let server = sidecar(&server_id)
+        .app(backend)
+        .args(&["--opaque-ports", &backend_port])
+        .start()
+        .unwrap();
     let server_h2 = sidecar(&server_h2_id).app(backend_h2).start().unwrap();
     let tcp_up = format!("{server_id}=127.0.0.1:{tcp_port}");
     let client = sidecar(&client_id)
