@@ -1480,6 +1480,57 @@ async fn spelling_a_path_differently_does_not_get_a_new_rate_limit_bucket() {
     assert_eq!(taken(&rec).len(), 1);
 }
 
+/// A rate limit on an exact route holds whichever rule admits the request: an unlimited rule
+/// that also covers the route (listed before or after it) and spellings the app serves as the
+/// same resource but the limited rule's pattern does not match (`;x=1`, a trailing `/`, `//`)
+/// all take from its bucket. Checked on what the app receives: one login, whatever the
+/// spelling; the unlimited rule's other routes are untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overlapping_rule_or_spelling_does_not_get_around_a_rate_limit() {
+    let cp = ControlPlane::start().unwrap();
+    let limited = "    - from: [a]\n      http: [{ methods: [POST], paths: [\"/api/login\"] }]\n      rateLimit: { requestsPerSecond: 1, burst: 1, per: client }\n";
+    let open = "    - from: [a]\n      http: [{ paths: [\"/api/*\"] }]\n";
+    let a = credential_for(&cp, "a");
+    let post = |path: &str| {
+        format!("POST {path} HTTP/1.1\r\nHost: b\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    };
+    let h1 = moat_tls::ALPN_HTTP1;
+    for (target, rules) in [
+        ("limited-first", format!("{limited}{open}")),
+        ("unlimited-first", format!("{open}{limited}")),
+    ] {
+        apply_policy(
+            &cp,
+            &format!(
+                "apiVersion: moat.dev/v1\nkind: AccessPolicy\nmetadata: {{ name: {target} }}\nspec:\n  target: {target}\n  rules:\n{rules}"
+            ),
+        );
+        let (app, rec) = recording_http().await;
+        let b = Proxy::builder(&cp, target).app(app).start().unwrap();
+        let first = h1_raw(&cp, &b, &a, h1, Duration::ZERO, &post("/api/login")).await;
+        assert_eq!(status_of(&first), 200, "{target}: {first}");
+        for path in [
+            "/api/login",
+            "/api/login;x=1",
+            "/api/login/",
+            "/api//login",
+            "/api/login;jsessionid=1/",
+        ] {
+            let resp = h1_raw(&cp, &b, &a, h1, Duration::ZERO, &post(path)).await;
+            assert_eq!(status_of(&resp), 429, "{target}: {path}: {resp}");
+        }
+        let resp = h1_raw(&cp, &b, &a, h1, Duration::ZERO, &post("/api/orders")).await;
+        assert_eq!(status_of(&resp), 200, "{target}: {resp}");
+        let seen = taken(&rec);
+        let paths: Vec<&str> = seen.iter().map(|r| r.path_and_query.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["/api/login", "/api/orders"],
+            "{target}: the app received {seen:?}"
+        );
+    }
+}
+
 /// The request id is written unquoted at the end of the access-log line, so an id with a space
 /// could add fields of the caller's choosing (`request_id=x decision=deny`) to the line an
 /// operator reads to explain a decision. Such an id reaches neither the app nor the log, over

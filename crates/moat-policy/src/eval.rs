@@ -387,6 +387,59 @@ pub fn decide(policies: &[AccessPolicy], mesh: &MeshConfig, input: &Input<'_>) -
     decide_with(policies, mesh, input, None)
 }
 
+/// The rules whose rate limits a request that `d` allowed takes a token from: every rule with a
+/// limit, in the policies of the mode that decided (enforce, or audit when no policy enforces),
+/// that admits the request with its canonical path or with that path as servers commonly read it
+/// ([`crate::server_path`]). Not only the rule that allowed it, so neither an overlapping rule
+/// without a limit (`/api/*` beside a limited `/api/login`) nor a spelling the limited rule's
+/// pattern does not match but the app serves as the same resource (`/api/login;x=1`,
+/// `/api/login/`) gets around a limit. Empty when no rule decided (`allow-authenticated`, or an
+/// audit policy that would deny).
+pub fn limiting_rules<'p>(
+    policies: &'p [AccessPolicy],
+    d: &Decision,
+    input: &Input<'_>,
+) -> Vec<(&'p AccessPolicy, usize)> {
+    let Some((key, version)) = d.policy.as_ref().filter(|_| d.allowed && d.rule.is_some()) else {
+        return Vec::new();
+    };
+    let Some(mode) = policies
+        .iter()
+        .find(|p| p.version == *version && p.has_key(key))
+        .map(|p| p.mode)
+    else {
+        return Vec::new();
+    };
+    let read = match input.traffic {
+        Traffic::Request { method, path, jwt } => {
+            let server = crate::server_path(path);
+            (server != path).then(|| (method, server.into_owned(), jwt))
+        }
+        Traffic::Connection | Traffic::Opaque => None,
+    };
+    let admits = |rule: &crate::Rule| {
+        rule_outcome(rule, input) == Reason::Allowed
+            || read.as_ref().is_some_and(|&(method, ref path, jwt)| {
+                let as_read = Input {
+                    traffic: Traffic::Request {
+                        method,
+                        path: path.as_str(),
+                        jwt,
+                    },
+                    ..*input
+                };
+                rule_outcome(rule, &as_read) == Reason::Allowed
+            })
+    };
+    policies
+        .iter()
+        .filter(|p| p.mode == mode)
+        .flat_map(|p| p.rules.iter().enumerate().map(move |(i, r)| (p, i, r)))
+        .filter(|(_, _, r)| r.rate_limit.is_some() && admits(r))
+        .map(|(p, i, _)| (p, i))
+        .collect()
+}
+
 fn decide_with(
     policies: &[AccessPolicy],
     mesh: &MeshConfig,
@@ -558,6 +611,88 @@ spec:
             (d.allowed, d.reason, d.would_deny, &d.policy, d.rule)
         );
         d
+    }
+
+    /// A request takes a token from every limited rule that admits it or a spelling of its path
+    /// that servers read as the same: an unlimited rule listed first, or `;x=1`, `/` and `//`
+    /// spellings that the limited rule's exact pattern does not match, do not get around it.
+    #[test]
+    fn every_limited_rule_that_admits_a_request_limits_it() {
+        let ps = policies(
+            r#"
+apiVersion: moat.dev/v1
+kind: AccessPolicy
+metadata: { name: api }
+spec:
+  target: api
+  rules:
+    - from: [frontend]
+      http: [{ paths: ["/api/*"] }]
+    - from: [frontend]
+      http: [{ methods: [POST], paths: ["/api/login"] }]
+      rateLimit: { requestsPerSecond: 1 }
+    - from: [frontend]
+      http: [{ paths: ["/api/search/*"] }]
+      rateLimit: { requestsPerSecond: 5, per: client }
+    - from: [admin]
+      rateLimit: { requestsPerSecond: 9 }
+"#,
+        );
+        let mesh = MeshConfig::default();
+        let limits = |who: &str, method: &str, path: &str| {
+            let d = check(&ps, &mesh, who, 80, Some((method, path)));
+            assert!(d.allowed, "{method} {path}");
+            let peer = id(who);
+            let input = Input {
+                peer: &peer,
+                port: 80,
+                traffic: Traffic::Request {
+                    method,
+                    path,
+                    jwt: Jwt::Missing,
+                },
+            };
+            limiting_rules(&ps, &d, &input)
+                .into_iter()
+                .map(|(p, i)| (p.key(), i))
+                .collect::<Vec<_>>()
+        };
+        let login = vec![("default/api".to_owned(), 1)];
+        for path in [
+            "/api/login",
+            "/api/login;x=1",
+            "/api/login/",
+            "/api//login;a/",
+        ] {
+            assert_eq!(limits("frontend", "POST", path), login, "{path}");
+        }
+        assert_eq!(limits("frontend", "GET", "/api/login"), vec![]);
+        assert_eq!(limits("frontend", "POST", "/api/login2"), vec![]);
+        assert_eq!(
+            limits("frontend", "GET", "/api/search//x"),
+            vec![("default/api".to_owned(), 2)]
+        );
+        assert_eq!(
+            limits("admin", "POST", "/api/login"),
+            vec![("default/api".to_owned(), 3)]
+        );
+        // Nothing decided by a rule, nothing limited.
+        let open = MeshConfig {
+            default_posture: DefaultPosture::AllowAuthenticated,
+            ..MeshConfig::default()
+        };
+        let peer = id("frontend");
+        let input = Input {
+            peer: &peer,
+            port: 80,
+            traffic: Traffic::Request {
+                method: "POST",
+                path: "/api/login",
+                jwt: Jwt::Missing,
+            },
+        };
+        let d = decide(&[], &open, &input);
+        assert!(d.allowed && limiting_rules(&ps, &d, &input).is_empty());
     }
 
     #[test]

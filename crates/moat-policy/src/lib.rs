@@ -16,10 +16,10 @@ pub use document::{
     Document, DocumentError, access_policy_yaml, check_issuers, check_new_documents,
     mesh_config_yaml, parse_documents, parse_new_documents,
 };
-pub use eval::{Decision, Reason, RuleTrace, Traffic, evaluate};
+pub use eval::{Decision, Reason, RuleTrace, Traffic, evaluate, limiting_rules};
 pub use model::{
     AccessPolicy, CipherPreference, DefaultPosture, HttpRoute, InvalidValue, JwksSource,
     JwtAlgorithm, JwtIssuer, JwtRequirement, MeshConfig, Method, Mode, PathPattern, PolicyName,
     PolicyVersion, RateKey, RateLimit, Rule, ServiceAccountIssuer,
 };
-pub use target::{PathError, canonical_path, is_forwarded_method};
+pub use target::{PathError, canonical_path, is_forwarded_method, server_path};

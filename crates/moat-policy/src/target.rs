@@ -162,6 +162,33 @@ pub fn canonical_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
     Ok(Cow::Owned(out))
 }
 
+/// A canonical path as servers commonly read it: empty segments (`//`) and segment parameters
+/// (`;…`) dropped and no trailing `/`. The canonical path keeps those spellings apart (they
+/// reach the app as sent), but many servers serve them all as one resource, so a rate limit
+/// counts them as one: its buckets are keyed by this path, and a limited rule throttles a
+/// request whose path reads as one it admits ([`crate::eval::limiting_rules`]).
+pub fn server_path(canonical: &str) -> Cow<'_, str> {
+    let plain = canonical
+        .split('/')
+        .skip(1)
+        .all(|seg| !seg.is_empty() && !seg.contains(';'));
+    if plain || canonical == "/" {
+        return Cow::Borrowed(canonical);
+    }
+    let mut out = String::with_capacity(canonical.len());
+    for segment in canonical.split('/') {
+        let segment = segment.split(';').next().unwrap_or("");
+        if !segment.is_empty() {
+            out.push('/');
+            out.push_str(segment);
+        }
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    Cow::Owned(out)
+}
+
 /// Whether a request with `method` is forwarded at all. CONNECT is not: it asks for a tunnel,
 /// whose target is an authority with no path for a rule to judge and whose bytes the
 /// allow-list would never see, and as an HTTP/2 stream it is malformed. Sidecars refuse it

@@ -733,34 +733,43 @@ fn bearer(headers: &http::HeaderMap) -> Bearer<'_> {
         .map_or(Bearer::Absent, Bearer::One)
 }
 
-/// How long until the rule that allowed `d` admits another request, if it is over its limit.
+/// The policy (key and version) whose rate limit refuses the request `d` allowed, and how long
+/// until it would admit another: every limited rule that admits the request takes a token, all or none
+/// ([`moat_policy::limiting_rules`]).
 fn over_limit(
     ctx: &Ctx,
     snap: &Snapshot,
     d: &Decision,
-    peer: &Caller,
-    method: &str,
-    path: &str,
-) -> Option<std::time::Duration> {
-    let ((key, version), rule) = (d.policy.as_ref()?, d.rule?);
-    let p = snap
-        .policies
+    input: &Input<'_>,
+    client: &str,
+) -> Option<(String, u64, std::time::Duration)> {
+    let Traffic::Request { method, path, .. } = input.traffic else {
+        return None;
+    };
+    let rules = moat_policy::limiting_rules(&snap.policies, d, input);
+    if rules.is_empty() {
+        return None;
+    }
+    let keys: Vec<String> = rules.iter().map(|(p, _)| p.key()).collect();
+    let reqs: Vec<_> = rules
         .iter()
-        .find(|p| p.version == *version && p.has_key(key))?;
-    let limit = p.rules.get(rule)?.rate_limit.as_ref()?;
-    ctx.limiter
-        .admit(
-            &crate::ratelimit::Request {
+        .zip(&keys)
+        .filter_map(|((p, i), key)| {
+            let limit = p.rules.get(*i)?.rate_limit.as_ref()?;
+            let req = crate::ratelimit::Request {
                 policy: key,
-                version: version.0,
-                rule,
-                client: &peer.name,
+                version: p.version.0,
+                rule: *i,
+                client,
                 method,
                 path,
-            },
-            limit,
-        )
-        .err()
+            };
+            Some((req, limit))
+        })
+        .collect();
+    let (refused, wait) = ctx.limiter.admit_all(&reqs).err()?;
+    let req = &reqs[refused].0;
+    Some((req.policy.to_owned(), req.version, wait))
 }
 
 /// The request's canonical target: its canonical path (what rules match and the app
@@ -979,16 +988,12 @@ fn judge(
         Some(Some(Err(r))) => Jwt::Invalid(*r),
         Some(None) | None => Jwt::Missing,
     };
-    let d = authorize_in(
-        snap.as_deref(),
-        peer,
-        conn.app.port(),
-        Traffic::Request {
-            method: method.as_str(),
-            path,
-            jwt,
-        },
-    );
+    let traffic = Traffic::Request {
+        method: method.as_str(),
+        path,
+        jwt,
+    };
+    let d = authorize_in(snap.as_deref(), peer, conn.app.port(), traffic);
     conn.counters.rule(&ctx.metrics, &d);
     if d.allowed && snap.as_deref().is_some_and(crate::observe::watching) {
         ctx.metrics
@@ -999,23 +1004,25 @@ fn judge(
     if !d.allowed {
         return Verdict::refused(d.reason, policy, None);
     }
-    if let Some(wait) = snap
+    let input = Input {
+        peer: &peer.id,
+        port: conn.app.port(),
+        traffic,
+    };
+    if let Some((limiting, version, wait)) = snap
         .as_deref()
-        .and_then(|s| over_limit(ctx, s, &d, peer, method.as_str(), path))
+        .and_then(|s| over_limit(ctx, s, &d, &input, &peer.name))
     {
         ctx.metrics
             .rate_limited
             .get_or_create(&crate::metrics::RateLimitedLabels {
                 peer: peer.name.clone(),
-                policy: d
-                    .policy
-                    .as_ref()
-                    .map(|(k, _)| k.clone())
-                    .unwrap_or_default(),
+                policy: limiting.clone(),
             })
             .inc();
         let retry_after = wait.as_secs_f64().ceil().max(1.0) as u64;
-        return Verdict::refused(Reason::RateLimited, policy, Some(retry_after));
+        let policy = format!("{limiting}@{version}");
+        return Verdict::refused(Reason::RateLimited, Some(policy), Some(retry_after));
     }
     let Some(slot) = ctx.callers.try_acquire(&conn.caller) else {
         return Verdict::refused(Reason::CallerBusy, policy, Some(1));

@@ -1,7 +1,9 @@
 //! Token buckets for the rules' rate limits. A bucket belongs to one rule of one policy version
 //! and, as the rule says, to one caller, one route (method and path), or one of each. A route's
-//! path is keyed as servers commonly read it ([`route_path`]): spellings of one path that the
-//! canonical target keeps apart (`//`, `;params`, a trailing `/`) share its bucket. Bounded:
+//! path is keyed as servers commonly read it ([`moat_policy::server_path`]): spellings of one
+//! path that the canonical target keeps apart (`//`, `;params`, a trailing `/`) share its
+//! bucket. A request takes a token from every limited rule that admits it
+//! ([`moat_policy::limiting_rules`]), all or none ([`Limiter::admit_all`]). Bounded:
 //! buckets that have refilled (each under its own rule's limit) are dropped when the table is
 //! full, and when nothing can be dropped, new keys share one overflow bucket per rule
 //! (throttled together, never unthrottled). Looking for buckets to drop is a pass over the whole
@@ -52,23 +54,6 @@ impl Bucket {
     }
 }
 
-/// `path` as a route's bucket key: empty segments (`//`) and segment parameters (`;…`) dropped
-/// and no trailing `/`, since servers commonly serve all those spellings as one resource.
-fn route_path(path: &str) -> String {
-    let mut out = String::with_capacity(path.len());
-    for segment in path.split('/') {
-        let segment = segment.split(';').next().unwrap_or("");
-        if !segment.is_empty() {
-            out.push('/');
-            out.push_str(segment);
-        }
-    }
-    if out.is_empty() {
-        out.push('/');
-    }
-    out
-}
-
 /// What a request is counted as.
 #[derive(Clone, Copy, Debug)]
 pub struct Request<'a> {
@@ -97,6 +82,28 @@ struct Table {
 }
 
 impl Table {
+    /// The bucket key of `req` under `limit`: its own, or its rule's overflow bucket when the
+    /// table is full and has no room for a new one.
+    fn key_for(&mut self, req: &Request<'_>, limit: &RateLimit, now: Instant) -> Key {
+        let (client, route) = match limit.per {
+            RateKey::Client => (Some(req.client), None),
+            RateKey::Route => (None, Some((req.method, req.path))),
+            RateKey::ClientAndRoute => (Some(req.client), Some((req.method, req.path))),
+        };
+        let mut key = Key {
+            policy: req.policy.to_owned(),
+            version: req.version,
+            rule: req.rule,
+            client: client.map(str::to_owned),
+            route: route.map(|(m, p)| format!("{m} {}", moat_policy::server_path(p))),
+        };
+        if !self.buckets.contains_key(&key) && !self.room(now) {
+            key.client = None;
+            key.route = Some("<overflow>".into());
+        }
+        key
+    }
+
     /// Makes room for a new key when the table is full and a pass may be made; whether there is
     /// room now.
     fn room(&mut self, now: Instant) -> bool {
@@ -118,38 +125,44 @@ impl Table {
 impl Limiter {
     /// Takes a token for `req` under `limit`; `Err` carries how long until one is available.
     pub fn admit(&self, req: &Request<'_>, limit: &RateLimit) -> Result<(), Duration> {
+        self.admit_all(&[(*req, limit)]).map_err(|(_, wait)| wait)
+    }
+
+    /// Takes a token from the bucket of each `(request, limit)`, or from none when one of them
+    /// has none to give: `Err` carries the index of the first such and how long until it has
+    /// one. All or nothing, so a request refused by one rule does not spend another's tokens.
+    pub fn admit_all(&self, reqs: &[(Request<'_>, &RateLimit)]) -> Result<(), (usize, Duration)> {
         let now = Instant::now();
-        let (client, route) = match limit.per {
-            RateKey::Client => (Some(req.client), None),
-            RateKey::Route => (None, Some((req.method, req.path))),
-            RateKey::ClientAndRoute => (Some(req.client), Some((req.method, req.path))),
-        };
-        let mut key = Key {
-            policy: req.policy.to_owned(),
-            version: req.version,
-            rule: req.rule,
-            client: client.map(str::to_owned),
-            route: route.map(|(m, p)| format!("{m} {}", route_path(p))),
-        };
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        if !table.buckets.contains_key(&key) && !table.room(now) {
-            key.client = None;
-            key.route = Some("<overflow>".into());
+        // Keys first: making room may drop refilled buckets, which must not be ones this call
+        // has already looked at.
+        let keys: Vec<Key> = reqs
+            .iter()
+            .map(|(req, limit)| table.key_for(req, limit, now))
+            .collect();
+        let mut refused = None;
+        for (i, ((_, limit), key)) in reqs.iter().zip(&keys).enumerate() {
+            let bucket = table.buckets.entry(key.clone()).or_insert(Bucket {
+                tokens: f64::from(limit.burst),
+                last: now,
+                rate: limit.requests_per_second,
+                burst: limit.burst,
+            });
+            bucket.refill(now);
+            if bucket.tokens < 1.0 && refused.is_none() {
+                let wait = (1.0 - bucket.tokens) / f64::from(limit.requests_per_second);
+                refused = Some((i, Duration::from_secs_f64(wait)));
+            }
         }
-        let bucket = table.buckets.entry(key).or_insert(Bucket {
-            tokens: f64::from(limit.burst),
-            last: now,
-            rate: limit.requests_per_second,
-            burst: limit.burst,
-        });
-        bucket.refill(now);
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            Ok(())
-        } else {
-            let wait = (1.0 - bucket.tokens) / f64::from(limit.requests_per_second);
-            Err(Duration::from_secs_f64(wait))
+        if let Some(refused) = refused {
+            return Err(refused);
         }
+        for key in &keys {
+            if let Some(bucket) = table.buckets.get_mut(key) {
+                bucket.tokens -= 1.0;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -214,8 +227,40 @@ mod tests {
             assert!(l.admit(&req("a", spelling), &limit).is_err(), "{spelling}");
         }
         assert!(l.admit(&req("a", "/orders/2"), &limit).is_ok());
-        assert_eq!(route_path("/"), "/");
-        assert_eq!(route_path("/a;x/b/"), "/a/b");
+        assert_eq!(moat_policy::server_path("/"), "/");
+        assert_eq!(moat_policy::server_path("/a;x/b/"), "/a/b");
+    }
+
+    /// Tokens are taken from every bucket or from none: a request that one rule refuses spends
+    /// nothing of another's.
+    #[test]
+    fn admit_all_takes_from_every_bucket_or_none() {
+        let roomy = RateLimit {
+            requests_per_second: 1,
+            burst: 2,
+            per: RateKey::Client,
+        };
+        let tight = RateLimit {
+            requests_per_second: 1,
+            burst: 1,
+            per: RateKey::Client,
+        };
+        let l = Limiter::default();
+        let second = Request {
+            rule: 1,
+            ..req("a", "/x")
+        };
+        assert!(
+            l.admit_all(&[(req("a", "/x"), &roomy), (second, &tight)])
+                .is_ok()
+        );
+        let (refused, _) = l
+            .admit_all(&[(req("a", "/x"), &roomy), (second, &tight)])
+            .unwrap_err();
+        assert_eq!(refused, 1);
+        // The roomy bucket still holds the token the refused request did not take.
+        assert!(l.admit(&req("a", "/x"), &roomy).is_ok());
+        assert!(l.admit(&req("a", "/x"), &roomy).is_err());
     }
 
     /// When the table is full, a bucket is dropped only when it has refilled under its own
