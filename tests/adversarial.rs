@@ -215,7 +215,7 @@ async fn an_allowed_caller_reaches_only_what_its_rule_names() {
     assert_eq!(status_of(&tcp), 403, "over moat-tcp: {tcp}");
     let junk = h1_raw(&cp, &b, &a, h1, now, "\x01\x02GET /admin HTTP/1.1\r\n\r\n").await;
     assert_eq!(status_of(&junk), 400, "{junk}");
-    let junk = h1_raw(&cp, &b, &a, h1, now, "\x16\x03\x01\x02\x00\x01\x7f").await;
+    let junk = h1_raw(&cp, &b, &a, h1, now, "\x16\x03\x01\x02\x00\x01\u{fc}\x03").await;
     assert_eq!(junk, "");
 
     // Identity headers from outside never reach the app, in any spelling.
@@ -630,6 +630,161 @@ async fn http_never_reaches_the_app_as_opaque_bytes() {
             "the app received {r:?}"
         );
     }
+}
+
+/// An app that records the bytes of each connection and how it ended: `true` for a clean end of
+/// stream, `false` for a reset or another error.
+async fn raw_recorder() -> (
+    std::net::SocketAddr,
+    Arc<std::sync::Mutex<Vec<(Vec<u8>, bool)>>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let clean = conn.read_to_end(&mut got).await.is_ok();
+                record.lock().unwrap().push((got, clean));
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// What an app behind a lenient server could read as a request never reaches it as bytes, for a
+/// caller (`c`) whose rule admits opaque TCP; the app here records raw bytes, so anything
+/// relayed unjudged would show. Spellings: a request after PROXY protocol headers (v1 and v2:
+/// nginx `proxy_protocol`, gunicorn `--proxy-protocol`), an upper-case method with a bare target
+/// and no version (waitress unquotes `%2Fadmin`), C1 control bytes before the method (older
+/// Netty skips them). And bytes that settle nothing go on to the app, but when the connection
+/// then ends without becoming TCP (the caller stalls past --header-read-timeout, or closes
+/// inside its request line, which makes it HTTP), the app's connection is reset, never closed
+/// cleanly: a server that reads a request line up to the end of the stream (Python's
+/// `readline`) would otherwise take the unjudged fragment as a whole request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_never_reads_an_unjudged_request() {
+    let cp = ControlPlane::start().unwrap();
+    apply_policy(&cp, POLICY);
+    let (app, seen) = raw_recorder().await;
+    let b = Proxy::builder(&cp, "b")
+        .app(app)
+        .args(&["--header-read-timeout", "1s"])
+        .start()
+        .unwrap();
+    let c = credential_for(&cp, "c");
+    let forged = "Host: b\r\nx-moat-user: alice\r\nContent-Length: 0\r\n\r\n";
+    for raw in [
+        format!("PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\nPOST /admin HTTP/1.1\r\n{forged}"),
+        format!(
+            "\r\n\r\n\0\r\nQUIT\n\x21\x11\0\x0c\x01\x02\x03\x04\x05\x06\x07\x08\0\x01\0\x02POST /admin HTTP/1.1\r\n{forged}"
+        ),
+        format!("POST %2Fadmin\r\n{forged}"),
+        format!("\x7fPOST /admin HTTP/1.1\r\n{forged}"),
+    ] {
+        let out = h1_raw(&cp, &b, &c, moat_tls::ALPN_TCP, Duration::ZERO, &raw).await;
+        assert_eq!(status_of(&out), 400, "{raw:?}: {out}");
+    }
+    // The app was connected (for TCP the caller could have sent), and got none of the bytes.
+    for (got, _) in seen.lock().unwrap().iter() {
+        assert!(got.is_empty(), "the app received {got:?}");
+    }
+    let (app, seen) = raw_recorder().await;
+    let b = Proxy::builder(&cp, "b")
+        .app(app)
+        .args(&["--header-read-timeout", "1s"])
+        .start()
+        .unwrap();
+    let fragment = b"HEAD admin HTTP/1.1";
+    for close in [false, true] {
+        let mut tls = dial(&cp, &b, &c, moat_tls::ALPN_HTTP1).await;
+        tls.write_all(fragment).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        if close {
+            tls.shutdown().await.unwrap();
+        }
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+        assert!(
+            !String::from_utf8_lossy(&out).contains("HTTP/1.1 2"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+    }
+    for _ in 0..50 {
+        if seen.lock().unwrap().len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen.lock().unwrap().len(), 2, "{:?}", seen.lock().unwrap());
+    for (got, clean) in seen.lock().unwrap().iter() {
+        assert!(fragment.starts_with(got), "the app received {got:?}");
+        assert!(!clean, "the app's connection ended cleanly after {got:?}");
+    }
+}
+
+/// A caller admitted to opaque TCP that says nothing to an app that says nothing either (an
+/// HTTP server waiting for its request) is closed after --idle-timeout, as any silent caller
+/// is, with nothing reaching the app; and an app's first bytes that could have been the start
+/// of an HTTP/2 server's SETTINGS reach the caller first once the caller's bytes make the
+/// connection TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_caller_is_closed_and_an_apps_first_bytes_are_kept() {
+    let cp = ControlPlane::start().unwrap();
+    apply_policy(&cp, POLICY);
+    let c = credential_for(&cp, "c");
+    let (silent, seen) = raw_recorder().await;
+    let b = Proxy::builder(&cp, "b")
+        .app(silent)
+        .args(&["--idle-timeout", "1s"])
+        .start()
+        .unwrap();
+    let mut tls = dial(&cp, &b, &c, moat_tls::ALPN_TCP).await;
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+    assert!(closed.is_ok(), "the sidecar held a silent caller open");
+    assert!(
+        b.metrics()
+            .contains(r#"moat_connections_closed_total{direction="inbound",reason="idle"} 1"#),
+        "{}",
+        b.metrics()
+    );
+    for (got, _) in seen.lock().unwrap().iter() {
+        assert!(got.is_empty(), "the app received {got:?}");
+    }
+
+    // Two zero bytes first (a frame length's start), then an echo.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                conn.write_all(&[0, 0]).await?;
+                let mut buf = [0u8; 64];
+                loop {
+                    let n = conn.read(&mut buf).await?;
+                    if n == 0 {
+                        return Ok::<_, std::io::Error>(());
+                    }
+                    conn.write_all(&buf[..n]).await?;
+                }
+            });
+        }
+    });
+    let b = Proxy::builder(&cp, "b").app(app).start().unwrap();
+    let mut tls = dial(&cp, &b, &c, moat_tls::ALPN_TCP).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tls.write_all(b"ping\r\n").await.unwrap();
+    let mut out = [0u8; 8];
+    tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&out, b"\0\0ping\r\n");
 }
 
 /// Over `moat-tcp` to `b`: the greeting, then `EHLO me` echoed back; what came through, or

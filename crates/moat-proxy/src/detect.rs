@@ -52,7 +52,15 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
     }
 }
 
-fn classify_start(buf: &[u8]) -> Option<Protocol> {
+fn classify_start(mut buf: &[u8]) -> Option<Protocol> {
+    // A server configured for the PROXY protocol reads its header and then the request: what
+    // follows the headers is what the app takes as the connection's first bytes.
+    while let Some(header) = proxy_header(buf) {
+        buf = &buf[header?..];
+    }
+    if buf.is_empty() {
+        return None;
+    }
     if buf.len() >= H2_PREFACE.len() && buf.starts_with(H2_PREFACE) {
         return Some(Protocol::Http(HttpVersion::Http2));
     }
@@ -60,6 +68,25 @@ fn classify_start(buf: &[u8]) -> Option<Protocol> {
         return None;
     }
     classify_http1(buf)
+}
+
+/// The signature that starts a PROXY protocol version 2 header.
+const PROXY_V2: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
+
+/// Whether `buf` starts with a PROXY protocol header (version 1, `PROXY …\r\n`, or version 2's
+/// binary one, whose length is in its 15th and 16th bytes): `Some` with its length, or with
+/// `None` while it is not complete yet; `None` when `buf` does not start with one.
+fn proxy_header(buf: &[u8]) -> Option<Option<usize>> {
+    if buf.starts_with(b"PROXY ") {
+        return Some(buf.iter().position(|&b| b == b'\n').map(|i| i + 1));
+    }
+    if buf.starts_with(PROXY_V2) {
+        let len = buf
+            .get(14..16)
+            .map(|l| 16 + usize::from(u16::from_be_bytes([l[0], l[1]])));
+        return Some(len.filter(|&len| buf.len() >= len));
+    }
+    PROXY_V2.starts_with(buf).then_some(None)
 }
 
 /// Whether `buf` is the start of the HTTP/2 connection preface, not all of it yet.
@@ -76,11 +103,14 @@ pub fn may_be_h2_preface(buf: &[u8]) -> bool {
 ///   (`x:/…`: Go, hyper and Node take any scheme and route on the path);
 /// - the method is `CONNECT` (any case), or `GET`, which Python's `http.server` takes with a
 ///   bare target and no version (HTTP/0.9), headers and all;
-/// - the line ends with a word that starts with `HTTP/` (any case), whatever the target.
+/// - the line ends with a word that starts with `HTTP/` (any case), whatever the target;
+/// - the method is upper case and the target is the line's last word (waitress takes a request
+///   line without a version).
 ///
-/// What this calls HTTP goes to the sidecar's own strict server, which refuses what is
-/// malformed; what it calls TCP (`get key`, `EHLO me`, `PING`, binary) is a line none of those
-/// servers reads as a request.
+/// PROXY protocol headers before it are skipped ([`proxy_header`]), and so are bytes 0x7f-0x9f
+/// before the method. What this calls HTTP goes to the sidecar's own strict server, which
+/// refuses what is malformed; what it calls TCP (`get key`, `ehlo me`, `PING`, `SET k 1`,
+/// binary) is a line none of those servers reads as a request.
 fn classify_http1(buf: &[u8]) -> Option<Protocol> {
     const HTTP1: Option<Protocol> = Some(Protocol::Http(HttpVersion::Http1));
     let blank = |b: u8| {
@@ -89,9 +119,11 @@ fn classify_http1(buf: &[u8]) -> Option<Protocol> {
             b' ' | b'\t' | b'\r' | 0x0b | 0x0c | 0x1c..=0x1f | 0x85 | 0xa0
         )
     };
+    // Before the method, every control byte, C1 controls (0x7f-0x9f, which some servers'
+    // character classes count as controls) and NBSP.
     let start = buf
         .iter()
-        .position(|&b| b > b' ' && b != 0x85 && b != 0xa0)?;
+        .position(|&b| b > b' ' && !(0x7f..=0xa0).contains(&b))?;
     let buf = &buf[start..];
     let token_len = buf.iter().position(|&b| !is_method_token(&[b]))?;
     if token_len == 0 {
@@ -114,16 +146,20 @@ fn classify_http1(buf: &[u8]) -> Option<Protocol> {
         None => return None,
         Some(false) => {}
     }
-    // Any other target: HTTP when the line's last word is a version.
+    // Any other target: HTTP when the line's last word is a version, or when the target is the
+    // line's only word after an upper-case method (waitress takes a request line without a
+    // version, headers and all, and unquotes `%2Fadmin`).
     let line_end = target.iter().position(|&b| b == b'\n')?;
-    let last_word = target[..line_end]
+    let mut words = target[..line_end]
         .split(|&b| blank(b))
-        .rfind(|w| !w.is_empty())
-        .unwrap_or_default();
+        .filter(|w| !w.is_empty());
+    let last_word = words.next_back().unwrap_or_default();
     let version = b"HTTP/";
+    let bare_target = words.next().is_none() && method.iter().all(u8::is_ascii_uppercase);
     Some(
-        if last_word.len() >= version.len()
-            && last_word[..version.len()].eq_ignore_ascii_case(version)
+        if bare_target
+            || last_word.len() >= version.len()
+                && last_word[..version.len()].eq_ignore_ascii_case(version)
         {
             Protocol::Http(HttpVersion::Http1)
         } else {
@@ -184,7 +220,8 @@ pub async fn detect<S: AsyncRead + Unpin>(io: &mut S) -> io::Result<(Option<Prot
 }
 
 /// Reads what `io` has next onto `buf` and classifies all of it: `None` while more bytes are
-/// needed to tell; a peer that closes first is opaque TCP. Cancel-safe: the bytes of a read that
+/// needed to tell; a peer that closes first is classified as if its last line had ended, and is
+/// opaque TCP when that still tells nothing. Cancel-safe: the bytes of a read that
 /// completes are appended before it returns.
 pub async fn read_more<S: AsyncRead + Unpin>(
     io: &mut S,
@@ -193,7 +230,10 @@ pub async fn read_more<S: AsyncRead + Unpin>(
     let mut chunk = [0u8; 1024];
     let n = io.read(&mut chunk).await?;
     if n == 0 {
-        return Ok(Some(classify(buf).unwrap_or(Protocol::Tcp)));
+        // The end of the stream ends a line too: a server reading a request line without its
+        // newline takes what came (Python's `readline`).
+        let ended = [&buf[..], b"\n"].concat();
+        return Ok(Some(classify(&ended).unwrap_or(Protocol::Tcp)));
     }
     buf.extend_from_slice(&chunk[..n]);
     Ok(classify(buf))
@@ -288,10 +328,35 @@ mod tests {
         assert_eq!(classify(b"get key\r\n"), Some(Protocol::Tcp));
         assert_eq!(classify(b"get user:1\r\n"), Some(Protocol::Tcp));
         assert_eq!(classify(b"get key"), None, "a version may yet end the line");
-        assert_eq!(classify(b"MAIL FROM:<a@b>\r\n"), Some(Protocol::Tcp));
+        assert_eq!(classify(b"MAIL FROM:<a@b> SIZE=1\r\n"), Some(Protocol::Tcp));
         assert_eq!(classify(b"SET http_hits 1\r\n"), Some(Protocol::Tcp));
-        assert_eq!(classify(b"EHLO me\r\n"), Some(Protocol::Tcp));
+        assert_eq!(classify(b"ehlo me\r\n"), Some(Protocol::Tcp));
         assert_eq!(classify(b"PING\r\n"), Some(Protocol::Tcp));
+        assert_eq!(
+            classify(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\nPING\r\n"),
+            Some(Protocol::Tcp)
+        );
+        // After PROXY protocol headers, what a server configured for them reads next.
+        let v2 = |rest: &[u8]| {
+            let mut h = PROXY_V2.to_vec();
+            h.extend_from_slice(&[0x21, 0x11, 0, 12]);
+            h.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 0, 2]);
+            h.extend_from_slice(rest);
+            h
+        };
+        assert_eq!(classify(&v2(b"POST /admin HTTP/1.1\r\n")), Some(HTTP1));
+        assert_eq!(classify(&v2(b"")), None);
+        assert_eq!(classify(&v2(b"")[..15]), None);
+        assert_eq!(classify(&PROXY_V2[..7]), None);
+        assert_eq!(classify(&v2(b"ping\r\n")), Some(Protocol::Tcp));
+        assert_eq!(classify(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n"), None);
+        assert_eq!(classify(b"PROXY TCP4 1.2.3.4"), None);
+        assert_eq!(
+            classify(
+                b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\nPROXY UNKNOWN\r\nPOST /admin HTTP/1.1\r\n"
+            ),
+            Some(HTTP1)
+        );
         // Spellings a lenient server reads as a request are HTTP too, for the sidecar's strict
         // server to refuse: leading blanks and controls, tabs, runs of spaces, no version, any
         // version, any scheme, Python's whitespace, a bare target before a version, HTTP/0.9.
@@ -312,6 +377,10 @@ mod tests {
             b"GET /admin\r\n",
             b"GET / HTTP/2.0\r\n",
             b"GET / http/1.10\r\n",
+            b"POST %2Fadmin\r\n",
+            b"DELETE admin \r\n",
+            b"\x80POST /admin HTTP/1.1\r\n",
+            b"\x7f\x9fGET / HTTP/1.1\r\n",
         ] {
             assert_eq!(classify(lenient), Some(HTTP1), "{lenient:?}");
         }

@@ -187,8 +187,10 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, ctx: Arc<Ctx>) {
 ///   the app as they come (no request line is among them), so a protocol whose first message is
 ///   a bare word (`ping`) gets its answer, which makes it TCP;
 /// - otherwise (and once the app's connection is closed) the caller's first bytes are awaited
-///   as an HTTP connection awaits its first request: a caller silent for `--idle-timeout` is
-///   closed, never taken as TCP.
+///   as an HTTP connection awaits its first request.
+///
+/// Either way a caller silent for `--idle-timeout` (with an app silent too) is closed, never
+/// taken as TCP.
 ///
 /// First bytes that decide nothing (the start of a request line, a bare word the app does not
 /// answer) must settle within `--header-read-timeout`, or the connection is closed: going on as
@@ -203,20 +205,24 @@ async fn undetermined(
     app: SocketAddr,
     ctx: &Ctx,
 ) -> Option<Undetermined> {
+    let now = tokio::time::Instant::now();
+    let quiet_until = now + ctx.cfg.limits.idle;
     let opaque = authorize(ctx, peer, app.port(), Traffic::Opaque).allowed;
-    let mut app_conn = if opaque {
-        match TcpStream::connect(app).await {
-            Ok(a) => Some(a),
-            Err(e) => {
+    let mut app_conn = Tentative(if opaque {
+        match tokio::time::timeout_at(quiet_until, TcpStream::connect(app)).await {
+            Ok(Ok(a)) => Some(a),
+            Ok(Err(e)) => {
                 tracing::warn!(app = %app, error = %e, "cannot reach the app");
+                return None;
+            }
+            Err(_) => {
+                tracing::warn!(app = %app, "cannot reach the app: no answer within --idle-timeout");
                 return None;
             }
         }
     } else {
         None
-    };
-    let now = tokio::time::Instant::now();
-    let quiet_until = now + ctx.cfg.limits.idle;
+    });
     // Since the first bytes that did not settle it came.
     let mut unsettled = (!seen.is_empty()).then_some(now);
     // How much of `seen` the app connection has.
@@ -224,28 +230,48 @@ async fn undetermined(
     let mut greeting = vec![0u8; 16 * 1024];
     // How much of `greeting` the app has sent.
     let mut greeted = 0;
+    let unsettled_close = || {
+        ctx.metrics
+            .connection_closed("inbound", "unsettled-protocol");
+        tracing::info!(target: "moat::access", direction = "inbound", %peer, decision = "deny", reason = "unsettled-protocol", "closed a connection whose first bytes settled nothing within --header-read-timeout");
+    };
     let (proto, from_app) = loop {
-        if let Some(conn) = app_conn.as_mut()
+        let settle_by = unsettled.map(|at| at + ctx.cfg.limits.header_read);
+        if let Some(conn) = app_conn.0.as_mut()
             && written < seen.len()
             && !crate::detect::may_be_h2_preface(&seen)
         {
-            if let Err(e) = tokio::io::AsyncWriteExt::write_all(conn, &seen[written..]).await {
-                tracing::debug!(%app, error = %e, "the app closed before the caller's first bytes settled");
-                (app_conn, written) = (None, 0);
-                continue;
+            // Bytes to write are bytes that settled nothing, so the settling deadline runs: an
+            // app that does not read cannot hold the connection past it.
+            let write = tokio::io::AsyncWriteExt::write_all(conn, &seen[written..]);
+            match tokio::time::timeout_at(settle_by.unwrap_or(quiet_until), write).await {
+                Ok(Ok(())) => written = seen.len(),
+                Ok(Err(e)) => {
+                    tracing::debug!(%app, error = %e, "the app closed before the caller's first bytes settled");
+                    (app_conn, written) = (Tentative(None), 0);
+                    continue;
+                }
+                Err(_) => {
+                    unsettled_close();
+                    return None;
+                }
             }
-            written = seen.len();
         }
-        let settle_by = unsettled.map(|at| at + ctx.cfg.limits.header_read);
         tokio::select! {
             read = crate::detect::read_more(&mut tls, &mut seen) => match read {
+                // What the app sent so far (the start of what could have been an HTTP/2
+                // server's SETTINGS) goes first, to the caller of the TCP it is part of.
+                Ok(Some(Protocol::Tcp)) if app_conn.0.is_some() => {
+                    greeting.truncate(greeted);
+                    break (Protocol::Tcp, greeting);
+                }
                 Ok(Some(p)) => break (p, Vec::new()),
                 Ok(None) => {
                     unsettled.get_or_insert_with(tokio::time::Instant::now);
                 }
                 Err(_) => return None,
             },
-            n = async { app_conn.as_mut()?.read(&mut greeting[greeted..]).await.ok() }, if app_conn.is_some() => {
+            n = async { app_conn.0.as_mut()?.read(&mut greeting[greeted..]).await.ok() }, if app_conn.0.is_some() => {
                 greeted += n.unwrap_or(0);
                 let sent = &greeting[..greeted];
                 match n {
@@ -256,19 +282,20 @@ async fn undetermined(
                     }
                     // Closed, failed, or an HTTP/2 server: the caller's bytes decide, and TCP
                     // would go on a new connection with all of them.
-                    _ => (app_conn, written, greeted) = (None, 0, 0),
+                    _ => (app_conn, written, greeted) = (Tentative(None), 0, 0),
                 }
             }
             // Silence decides nothing, whatever the rules: TCP from a caller that has said
             // nothing yet would carry whatever it says next unlooked-at.
-            () = tokio::time::sleep_until(quiet_until), if app_conn.is_none() && unsettled.is_none() => {
+            // An app that is silent too (an HTTP server waiting for its request) holds nothing
+            // open past it either.
+            () = tokio::time::sleep_until(quiet_until), if unsettled.is_none() => {
                 ctx.metrics.connection_closed("inbound", "idle");
                 tracing::debug!(%peer, "closed a connection whose caller sent nothing within --idle-timeout");
                 return None;
             }
             () = tokio::time::sleep_until(settle_by.unwrap_or(quiet_until)), if settle_by.is_some() => {
-                ctx.metrics.connection_closed("inbound", "unsettled-protocol");
-                tracing::info!(target: "moat::access", direction = "inbound", %peer, decision = "deny", reason = "unsettled-protocol", "closed a connection whose first bytes settled nothing within --header-read-timeout");
+                unsettled_close();
                 return None;
             }
         }
@@ -278,7 +305,7 @@ async fn undetermined(
     // no further: it closes unused.
     let app_conn = if proto == Protocol::Tcp {
         seen.drain(..written);
-        app_conn
+        app_conn.0.take()
     } else {
         None
     };
@@ -289,6 +316,20 @@ async fn undetermined(
         app_conn,
         from_app,
     })
+}
+
+/// The app connection [`undetermined`] opens before the caller's protocol is known. Unless it is
+/// handed on to carry TCP, dropping it resets it (RST) rather than closing it: the app may hold
+/// the start of a request line that settled nothing, which a server reading up to the end of
+/// the stream (Python's `readline`) would take as a whole request, unjudged.
+struct Tentative(Option<TcpStream>);
+
+impl Drop for Tentative {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            let _ = conn.set_zero_linger();
+        }
+    }
 }
 
 /// What [`undetermined`] settled.
