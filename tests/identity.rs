@@ -455,3 +455,61 @@ async fn bad_csrs_are_invalid_argument_and_the_server_keeps_serving() {
         Code::InvalidArgument
     );
 }
+
+/// `--max-cert-ttl` caps every certificate the control plane issues: a Certify (the same path
+/// renews a sidecar) or an admin's `moat cert issue` asking for longer gets the cap, not a
+/// refusal; a start whose cap is below the default or the minimum is refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_certificate_outlives_max_cert_ttl() {
+    let cp =
+        ControlPlane::start_with(&["--max-cert-ttl", "10m", "--default-cert-ttl", "10m"]).unwrap();
+    let lifetime = |der: &[u8]| {
+        let info = CertInfo::from_der(der).unwrap();
+        info.not_after - info.not_before
+    };
+    let tok = token(&cp, "orders", &[]);
+    let key = WorkloadKey::generate(&id("orders")).unwrap();
+    let mut req = token_request(key.csr_der(), &tok);
+    req.ttl_seconds = 3600;
+    let resp = identity_client(&cp, None)
+        .await
+        .certify(req)
+        .await
+        .unwrap()
+        .into_inner();
+    // Ten minutes, plus the one-minute back-dating for clock skew.
+    assert_eq!(lifetime(&resp.chain_der[0]), 600 + 60);
+
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().display().to_string();
+    cp.moat_ok(&[
+        "cert",
+        "issue",
+        "--identity",
+        "orders",
+        "--ttl",
+        "2h",
+        "--out",
+        &dir,
+    ]);
+    let pem = std::fs::read(out.path().join("cert.pem")).unwrap();
+    let leaf = rustls::pki_types::pem::PemObject::pem_slice_iter(&pem)
+        .next()
+        .map(|c: Result<rustls::pki_types::CertificateDer<'static>, _>| c.unwrap())
+        .unwrap();
+    assert_eq!(lifetime(&leaf), 600 + 60);
+
+    let data = tempfile::tempdir().unwrap();
+    let refused = Command::new(moat_test_util::bin("moat-control"))
+        .args(["serve", "--dev", "--data-dir"])
+        .arg(data.path())
+        .args(["--max-cert-ttl", "10m"])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    let err = stderr(&refused);
+    assert!(
+        err.contains("--max-cert-ttl 10m is below --min-cert-ttl 5m or --default-cert-ttl 1h"),
+        "{err}"
+    );
+}

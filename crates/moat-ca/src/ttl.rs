@@ -53,6 +53,11 @@ impl CertTtl {
     pub fn get(self) -> Duration {
         self.0
     }
+
+    /// This lifetime, or `max` when that is shorter: the control plane's `--max-cert-ttl`.
+    pub fn capped(self, max: Duration) -> CertTtl {
+        CertTtl(self.0.min(max))
+    }
 }
 
 impl Default for CertTtl {
@@ -72,5 +77,8 @@ mod tests {
         assert!(CertTtl::new(Duration::from_secs(86400)).is_ok());
         assert!(CertTtl::new(Duration::from_secs(86401)).is_err());
         assert_eq!(CertTtl::default().get(), Duration::from_secs(3600));
+        let ten_min = Duration::from_secs(600);
+        assert_eq!(CertTtl::default().capped(ten_min).get(), ten_min);
+        assert_eq!(CertTtl::MIN_TTL.capped(ten_min), CertTtl::MIN_TTL);
     }
 }

@@ -276,7 +276,8 @@ impl Admin for AdminService {
             let ttl = match r.ttl_seconds {
                 0 => self.0.default_ttl,
                 s => CertTtl::new(Duration::from_secs(u64::from(s)))
-                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?
+                    .capped(self.0.max_ttl),
             };
             let ca = self.0.ca.current();
             let issued = ca

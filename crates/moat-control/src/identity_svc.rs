@@ -204,7 +204,7 @@ impl Identity for IdentityService {
         let ttl = match input.ttl {
             None => cp.default_ttl,
             Some(d) => match CertTtl::within(d, cp.min_ttl) {
-                Ok(t) => t,
+                Ok(t) => t.capped(cp.max_ttl),
                 Err(e) => {
                     return Err(self
                         .refuse(

@@ -85,6 +85,8 @@ pub struct ServeConfig {
     pub default_ttl: CertTtl,
     /// The shortest lifetime a caller may request (default 5 min).
     pub min_ttl: std::time::Duration,
+    /// The longest lifetime issued: a longer request gets this (default 24 h).
+    pub max_ttl: std::time::Duration,
     /// Admin identities, short forms resolved.
     pub admins: Vec<SpiffeId>,
     /// Plain-HTTP admin port (`/live`, `/ready`, `/metrics`).
@@ -276,6 +278,7 @@ pub async fn serve(
         mesh: mesh.clone(),
         default_ttl: cfg.default_ttl,
         min_ttl: cfg.min_ttl,
+        max_ttl: cfg.max_ttl,
         admins: cfg.admins.clone(),
         metrics,
     });

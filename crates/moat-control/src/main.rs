@@ -126,8 +126,13 @@ struct ServeArgs {
     default_cert_ttl: CertTtl,
     /// Shortest certificate lifetime callers may request (at least 1s). Lower it only for test
     /// meshes that exercise rotation every few seconds.
-    #[arg(long, env = "MOAT_MIN_CERT_TTL", default_value = "5m", value_parser = parse_min_ttl)]
+    #[arg(long, env = "MOAT_MIN_CERT_TTL", default_value = "5m", value_parser = parse_ttl_bound)]
     min_cert_ttl: std::time::Duration,
+    /// Longest certificate lifetime issued on request (up to 24h, not below --min-cert-ttl or
+    /// --default-cert-ttl): a request for longer, from a proxy or an admin, is issued for this
+    /// long, whatever a sidecar asks for.
+    #[arg(long, env = "MOAT_MAX_CERT_TTL", default_value = "24h", value_parser = parse_ttl_bound)]
+    max_cert_ttl: std::time::Duration,
     /// Admin identities allowed to use the Admin API (repeatable; short forms allowed).
     /// The first one gets the credential written to <data-dir>/admin.
     #[arg(
@@ -241,7 +246,7 @@ fn parse_ttl(s: &str) -> Result<CertTtl, String> {
     CertTtl::new(d).map_err(|e| e.to_string())
 }
 
-fn parse_min_ttl(s: &str) -> Result<std::time::Duration, String> {
+fn parse_ttl_bound(s: &str) -> Result<std::time::Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{e} (write e.g. 10s, 5m)"))?;
     if d < std::time::Duration::from_secs(1) || d > CertTtl::MAX {
         return Err("must be between 1s and 24h".into());
@@ -277,6 +282,14 @@ async fn shutdown_signal() {
 }
 
 fn config(args: ServeArgs) -> Result<ServeConfig, String> {
+    if args.max_cert_ttl < args.min_cert_ttl || args.max_cert_ttl < args.default_cert_ttl.get() {
+        return Err(format!(
+            "--max-cert-ttl {} is below --min-cert-ttl {} or --default-cert-ttl {}: raise it, or lower them",
+            humantime::format_duration(args.max_cert_ttl),
+            humantime::format_duration(args.min_cert_ttl),
+            humantime::format_duration(args.default_cert_ttl.get()),
+        ));
+    }
     let publish_bundle = match &args.publish_bundle {
         None => None,
         Some(name) => Some(moat_control::kube_bundle::KubeConfig {
@@ -325,6 +338,7 @@ fn config(args: ServeArgs) -> Result<ServeConfig, String> {
         },
         default_ttl: args.default_cert_ttl,
         min_ttl: args.min_cert_ttl,
+        max_ttl: args.max_cert_ttl,
         admins,
         admin_listen: args.admin_listen,
         publish_bundle,

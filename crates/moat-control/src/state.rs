@@ -27,6 +27,8 @@ pub struct ControlPlane {
     pub default_ttl: CertTtl,
     /// The shortest certificate lifetime a caller may ask for.
     pub min_ttl: std::time::Duration,
+    /// The longest certificate lifetime issued; a longer request is issued for this long.
+    pub max_ttl: std::time::Duration,
     pub admins: Vec<SpiffeId>,
     pub metrics: crate::metrics::Metrics,
 }

@@ -86,7 +86,8 @@ struct Args {
     /// How long SIGTERM waits for in-flight work.
     #[arg(long, env = "MOAT_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
     drain_timeout: Duration,
-    /// Requested certificate lifetime (the control plane's default when omitted).
+    /// Requested certificate lifetime (the control plane's default when omitted; capped by its
+    /// --max-cert-ttl).
     #[arg(long, env = "MOAT_CERT_TTL", value_parser = duration)]
     cert_ttl: Option<Duration>,
     /// Ports carried as opaque TCP without protocol detection (comma-separated): outbound
