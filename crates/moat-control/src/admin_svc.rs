@@ -822,6 +822,7 @@ impl Admin for AdminService {
                 .map_err(|e| match e {
                     RequestError::Serial(_) => Status::invalid_argument(e.to_string()),
                     RequestError::NotRevoked(..) => Status::not_found(e.to_string()),
+                    RequestError::Reached(..) => Status::failed_precondition(e.to_string()),
                     RequestError::Revoke(RevokeError::Full { .. }) => {
                         Status::resource_exhausted(e.to_string())
                     }

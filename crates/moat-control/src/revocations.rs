@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use moat_store::{Op, Store, StoreError, Txn};
+use moat_store::{Compare, Op, Store, StoreError, Txn};
 use serde::{Deserialize, Serialize};
 
 /// Store prefix of revocations.
@@ -54,6 +54,10 @@ pub struct Revocation {
     pub time_unix_ms: i64,
     /// When it drops off the list; 0 keeps it until undone.
     pub expires_unix: i64,
+    /// For a certificate revoked because it was renewed from a revoked one: the serial whose
+    /// revocation reached it. Lifting that revocation lifts this one too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reached_from: Option<String>,
 }
 
 /// Hex digits in a serial of a certificate moat issues (16 bytes).
@@ -137,6 +141,7 @@ fn renewed_from(root: &str, parent: &str, child: &str, not_after: i64) -> Revoca
         actor: LINEAGE_ACTOR.to_owned(),
         time_unix_ms: moat_identity::clock::unix_now_ms(),
         expires_unix: not_after + SERIAL_REVOCATION_MARGIN_SECS,
+        reached_from: Some(root.to_owned()),
     }
 }
 
@@ -156,6 +161,10 @@ pub enum RequestError {
     Serial(#[from] SerialError),
     #[error("{0} {1} is not revoked")]
     NotRevoked(RevocationKind, String),
+    #[error(
+        "serial {0} is revoked because the revocation of serial {1} reaches it (it was renewed from that certificate or its renewals): lift {1} instead"
+    )]
+    Reached(String, String),
     #[error(transparent)]
     Revoke(#[from] RevokeError),
     #[error(transparent)]
@@ -249,7 +258,12 @@ impl Revocations {
             }
         };
         if undo {
-            if !self.undo(kind, &value).await? {
+            if kind == RevocationKind::Serial {
+                let lifted = self.lift_serial(&value).await?;
+                if !lifted.is_empty() {
+                    tracing::info!(serial = %value, renewed = ?lifted, "lifted the revocations of the certificates renewed from it");
+                }
+            } else if !self.undo(kind, &value).await? {
                 return Err(RequestError::NotRevoked(kind, value));
             }
             return Ok(Revocation {
@@ -259,6 +273,7 @@ impl Revocations {
                 actor: actor.to_owned(),
                 time_unix_ms: moat_identity::clock::unix_now_ms(),
                 expires_unix: 0,
+                reached_from: None,
             });
         }
         let done = self
@@ -269,6 +284,7 @@ impl Revocations {
                 actor: actor.to_owned(),
                 time_unix_ms: moat_identity::clock::unix_now_ms(),
                 expires_unix,
+                reached_from: None,
             })
             .await?;
         if kind == RevocationKind::Serial {
@@ -297,25 +313,24 @@ impl Revocations {
                 child_not_after.to_string().into_bytes(),
             )
             .await?;
-        if self
-            .store
-            .get(&key(RevocationKind::Serial, parent))
-            .await?
-            .is_none()
-        {
+        let Some(revoked) = self.store.get(&key(RevocationKind::Serial, parent)).await? else {
             return Ok(true);
-        }
-        self.revoke(renewed_from(parent, parent, child, child_not_after))
+        };
+        // The revocation that reaches `parent` reaches `child` too, and lifting it lifts both.
+        let root = serde_json::from_slice::<Revocation>(&revoked.value)
+            .ok()
+            .and_then(|r| r.reached_from)
+            .unwrap_or_else(|| parent.to_owned());
+        self.revoke(renewed_from(&root, parent, child, child_not_after))
             .await?;
         Ok(false)
     }
 
-    /// Revokes every unexpired certificate renewed from `serial`, and from those in turn;
-    /// returns their serials. Each is a serial revocation of its own (`moat revoke --list`
-    /// names the one it came from), lasting until the certificate would have expired.
-    async fn revoke_renewals(&self, serial: &str) -> Result<Vec<String>, RevokeError> {
+    /// Every unexpired certificate renewed from `serial`, and from those in turn, as (child,
+    /// parent, the child's NotAfter), parents before their children.
+    async fn reach(&self, serial: &str) -> Result<Vec<(String, String, i64)>, StoreError> {
         let now = moat_identity::clock::unix_now();
-        let (mut queue, mut revoked) = (vec![serial.to_owned()], Vec::new());
+        let (mut queue, mut found) = (vec![serial.to_owned()], Vec::<(String, String, i64)>::new());
         while let Some(parent) = queue.pop() {
             let prefix = format!("{LINEAGE}{parent}/");
             for kv in self.store.range(&prefix, 0, false).await? {
@@ -324,13 +339,36 @@ impl Revocations {
                     .ok()
                     .and_then(|v| v.parse::<i64>().ok())
                     .unwrap_or(i64::MAX);
-                if child.is_empty() || not_after <= now || revoked.contains(&child) {
+                if child.is_empty()
+                    || child == serial
+                    || not_after <= now
+                    || found.iter().any(|(c, _, _)| *c == child)
+                {
                     continue;
                 }
+                found.push((child.clone(), parent.clone(), not_after));
+                queue.push(child);
+            }
+        }
+        Ok(found)
+    }
+
+    /// Revokes every unexpired certificate renewed from `serial`, and from those in turn;
+    /// returns the serials it revoked. Each is a serial revocation of its own (`moat revoke
+    /// --list` names the one it came from), lasting until the certificate would have expired.
+    /// One already revoked keeps its own revocation (an operator's stays an operator's).
+    async fn revoke_renewals(&self, serial: &str) -> Result<Vec<String>, RevokeError> {
+        let mut revoked = Vec::new();
+        for (child, parent, not_after) in self.reach(serial).await? {
+            if self
+                .store
+                .get(&key(RevocationKind::Serial, &child))
+                .await?
+                .is_none()
+            {
                 self.revoke(renewed_from(serial, &parent, &child, not_after))
                     .await?;
-                revoked.push(child.clone());
-                queue.push(child);
+                revoked.push(child);
             }
         }
         Ok(revoked)
@@ -378,6 +416,97 @@ impl Revocations {
             })
             .await?;
         Ok(true)
+    }
+
+    /// Lifts the revocation of `serial` and those it reached (recorded with
+    /// [`Revocation::reached_from`]); returns the serials of those. Refused when another
+    /// revocation in force reaches `serial` itself. What another revocation still reaches stays
+    /// revoked, rewritten in place as reached from that one (never absent meanwhile), and an
+    /// operator's own revocation of a renewal stays. Every write is conditional on what was
+    /// read, so a revocation made meanwhile on another replica is never removed; `serial`'s own
+    /// goes last, so a lift cut short can be asked again.
+    async fn lift_serial(&self, serial: &str) -> Result<Vec<String>, RequestError> {
+        const ATTEMPTS: usize = 5;
+        for _ in 0..ATTEMPTS {
+            let stored: Vec<(String, u64, Revocation)> = self
+                .store
+                .range(&key(RevocationKind::Serial, ""), 0, false)
+                .await?
+                .into_iter()
+                .filter_map(|kv| {
+                    let r = serde_json::from_slice::<Revocation>(&kv.value).ok()?;
+                    Some((kv.key, kv.mod_revision, r))
+                })
+                .collect();
+            let Some((own_key, own_revision, _)) =
+                stored.iter().find(|(_, _, r)| r.value == serial)
+            else {
+                return Err(RequestError::NotRevoked(
+                    RevocationKind::Serial,
+                    serial.to_owned(),
+                ));
+            };
+            // What the other revocations that no renewal put there still reach.
+            let mut still: Vec<(String, String, String, i64)> = Vec::new();
+            for (_, _, root) in stored
+                .iter()
+                .filter(|(_, _, r)| r.reached_from.is_none() && r.value != serial)
+            {
+                for (child, parent, not_after) in self.reach(&root.value).await? {
+                    if !still.iter().any(|(c, ..)| *c == child) {
+                        still.push((child, root.value.clone(), parent, not_after));
+                    }
+                }
+            }
+            if let Some((_, root, ..)) = still.iter().find(|(c, ..)| c == serial) {
+                return Err(RequestError::Reached(serial.to_owned(), root.clone()));
+            }
+            let mut ops: Vec<(Compare, Op)> = Vec::new();
+            let mut lifted = Vec::new();
+            for (k, revision, r) in &stored {
+                if r.reached_from.as_deref() != Some(serial) {
+                    continue;
+                }
+                let compare = Compare::ModRevision(k.clone(), *revision);
+                match still.iter().find(|(c, ..)| *c == r.value) {
+                    Some((child, root, parent, not_after)) => {
+                        let again = renewed_from(root, parent, child, *not_after);
+                        // Serialising plain strings and integers cannot fail.
+                        let value = serde_json::to_vec(&again).unwrap_or_default();
+                        ops.push((compare, Op::Put(k.clone(), value)));
+                    }
+                    None => {
+                        ops.push((compare, Op::Delete(k.clone())));
+                        lifted.push(r.value.clone());
+                    }
+                }
+            }
+            ops.push((
+                Compare::ModRevision(own_key.clone(), *own_revision),
+                Op::Delete(own_key.clone()),
+            ));
+            let mut conflict = false;
+            for batch in ops.chunks(64) {
+                let done = self
+                    .store
+                    .txn(Txn {
+                        compares: batch.iter().map(|(c, _)| c.clone()).collect(),
+                        success: batch.iter().map(|(_, o)| o.clone()).collect(),
+                        failure: Vec::new(),
+                    })
+                    .await?;
+                if !done.succeeded {
+                    conflict = true;
+                    break;
+                }
+            }
+            if !conflict {
+                return Ok(lifted);
+            }
+        }
+        Err(RequestError::Store(StoreError::Unavailable(format!(
+            "the revocations kept changing while the lift of {serial} was worked out ({ATTEMPTS} tries); ask again"
+        ))))
     }
 
     /// Every revocation still in force (expired ones are dropped from the store).
@@ -453,6 +582,7 @@ mod bound_tests {
 
     fn serial(value: &str, expires_unix: i64) -> Revocation {
         Revocation {
+            reached_from: None,
             kind: RevocationKind::Serial,
             value: value.into(),
             reason: String::new(),
@@ -543,6 +673,67 @@ mod bound_tests {
         );
         assert_eq!(r.prune_lineage().await.unwrap(), 1);
         assert_eq!(r.prune_lineage().await.unwrap(), 0);
+        // Lifting the revocation of 2 lifts what it reached: 3, 4 and 6 (recorded after it).
+        let left = |r: Revocations| async move {
+            let mut v: Vec<(String, Option<String>)> = r
+                .list()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|x| (x.value, x.reached_from))
+                .collect();
+            v.sort();
+            v
+        };
+        let op = |n: usize, undo: bool| {
+            let r = r.clone();
+            async move {
+                r.request(Target::Serial(serials(n)), undo, &[], "leaked", "admin")
+                    .await
+                    .unwrap();
+            }
+        };
+        op(2, true).await;
+        assert_eq!(left(r.clone()).await, vec![]);
+        // 3 cannot be lifted while 2 reaches it; lifting 2 leaves 3 and what 3 reaches.
+        op(3, false).await;
+        op(2, false).await;
+        let refused = |n: usize, root: usize| {
+            let r = r.clone();
+            async move {
+                let e = r
+                    .request(Target::Serial(serials(n)), true, &[], "", "admin")
+                    .await
+                    .unwrap_err();
+                assert!(
+                    matches!(&e, RequestError::Reached(s, by) if *s == serials(n) && *by == serials(root)),
+                    "{e}"
+                );
+            }
+        };
+        refused(3, 2).await;
+        op(2, true).await;
+        let from_3 = Some(serials(3));
+        assert_eq!(
+            left(r.clone()).await,
+            vec![
+                (serials(3), None),
+                (serials(4), from_3.clone()),
+                (serials(6), from_3.clone()),
+            ]
+        );
+        refused(6, 3).await;
+        op(3, true).await;
+        assert_eq!(left(r.clone()).await, vec![]);
+        // An operator's own revocation of a renewal stays when 2 is lifted, and so does what it
+        // reaches.
+        op(2, false).await;
+        op(4, false).await;
+        op(2, true).await;
+        assert_eq!(
+            left(r.clone()).await,
+            vec![(serials(4), None), (serials(6), Some(serials(4)))]
+        );
     }
 
     /// An operator's request: a serial prefix resolves among the fleet's serials (and, to lift
