@@ -101,7 +101,8 @@ async fn tokens_are_verified_at_the_sidecar_and_each_failure_has_its_reason() {
     wait_for_services(&frontend, &["orders"]);
     let url = format!("http://{}/orders/1", frontend.upstream("orders"));
 
-    // Valid tokens of each algorithm: 200, and the app sees the verified subject, not a forged one.
+    // Valid tokens of each algorithm: 200, and the app sees the verified subject and its issuer,
+    // not forged ones.
     for s in [&rsa, &ec, &ed] {
         let t = s.sign(&claims(serde_json::json!({})));
         let (status, _, _, body) = eventually(Duration::from_secs(10), || {
@@ -109,7 +110,10 @@ async fn tokens_are_verified_at_the_sidecar_and_each_failure_has_its_reason() {
                 tokio::runtime::Handle::current().block_on(call(
                     &url,
                     Some(&t),
-                    &[("x-moat-user", "mallory")],
+                    &[
+                        ("x-moat-user", "mallory"),
+                        ("x-moat-user-issuer", "https://evil.test"),
+                    ],
                 ))
             });
             (r.0 == 200).then_some(r)
@@ -117,7 +121,7 @@ async fn tokens_are_verified_at_the_sidecar_and_each_failure_has_its_reason() {
         .unwrap_or_else(|| panic!("{:?} token refused", s.alg));
         assert_eq!(status, 200);
         assert!(
-            body.contains("user=alice ") && body.contains("bearer=true"),
+            body.contains(&format!("user=alice issuer={ISSUER} bearer=true")),
             "{body}"
         );
     }
@@ -327,7 +331,7 @@ spec:
         assert_eq!(status, 200, "{body}");
         assert!(body.contains("method=GET path=/public/1 "), "{body}");
         assert!(
-            body.contains("user= "),
+            body.contains("user= issuer= "),
             "the app was told of a user: {body}"
         );
     }

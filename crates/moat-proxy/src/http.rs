@@ -17,6 +17,9 @@ pub const PEER_ID: HeaderName = HeaderName::from_static("x-moat-peer-id");
 /// The verified end user (`sub` of the bearer token), set for the app; any copy from outside is
 /// removed.
 pub const USER: HeaderName = HeaderName::from_static("x-moat-user");
+/// The issuer (`iss`) of the token that named [`USER`], set with it; any copy from outside is
+/// removed.
+pub const USER_ISSUER: HeaderName = HeaderName::from_static("x-moat-user-issuer");
 /// Why a request was denied.
 pub const DENY_REASON: HeaderName = HeaderName::from_static("x-moat-deny-reason");
 /// Between sidecars, on a request carried over HTTP/2 (decision 52): the local client spoke

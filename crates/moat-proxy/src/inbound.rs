@@ -23,8 +23,9 @@ use crate::conn_guard::{Ended, RequestBody, serve_http};
 use crate::ctx::Ctx;
 use crate::detect::{HttpVersion, Prefixed, Protocol, detect};
 use crate::http::{
-    Body, ORIG_PROTO, PEER_ID, USER, answer_here, boxed, deny, ensure_request_id, is_grpc,
-    keep_body_framing, printable_path, request_authority, strip_hop_by_hop, strip_identity_headers,
+    Body, ORIG_PROTO, PEER_ID, USER, USER_ISSUER, answer_here, boxed, deny, ensure_request_id,
+    is_grpc, keep_body_framing, printable_path, request_authority, strip_hop_by_hop,
+    strip_identity_headers,
 };
 use crate::metrics::TrafficLabels;
 use crate::snapshot::Snapshot;
@@ -896,8 +897,9 @@ impl Verdict {
 
 /// What an admitted request takes to the app.
 struct Admitted {
-    /// `x-moat-user`: the subject of the verified end-user token, if it names one.
-    user: Option<HeaderValue>,
+    /// `x-moat-user` and `x-moat-user-issuer`: the subject and issuer of the verified end-user
+    /// token, if it names a subject.
+    user: Option<(HeaderValue, HeaderValue)>,
     /// The request's place in its caller's share of the app, held until the response ends.
     slot: crate::callers::Slot,
 }
@@ -1070,11 +1072,17 @@ fn judge(
     };
     // Only a token the allowing rule held to its issuers, audiences and claims names the user:
     // a valid token on a route whose rule asks for none was never checked against anything.
+    // With its issuer: two trusted issuers may each have an `alice`.
     let user = match &token {
-        Some(Some(Ok(claims))) if d.token_checked => claims
-            .get("sub")
-            .and_then(|v| v.as_str())
-            .and_then(|sub| HeaderValue::from_str(sub).ok()),
+        Some(Some(Ok(claims))) if d.token_checked => {
+            let claim = |name: &str| {
+                claims
+                    .get(name)
+                    .and_then(|v| v.as_str())
+                    .and_then(|v| HeaderValue::from_str(v).ok())
+            };
+            claim("sub").zip(claim("iss"))
+        }
         _ => None,
     };
     Verdict {
@@ -1091,13 +1099,18 @@ fn judge(
 /// `Expect: 100-continue` goes too: the sidecar answered it to the caller already, and sends
 /// the body on whatever the app says, so an app that answered early and read the body as the
 /// next request would run a request no rule judged.
-fn rewrite_for_app(headers: &mut http::HeaderMap, conn: &HttpConn, user: Option<HeaderValue>) {
+fn rewrite_for_app(
+    headers: &mut http::HeaderMap,
+    conn: &HttpConn,
+    user: Option<(HeaderValue, HeaderValue)>,
+) {
     headers.remove(http::header::EXPECT);
     if let Some(v) = &conn.peer_header {
         headers.insert(PEER_ID, v.clone());
     }
-    if let Some(user) = user {
+    if let Some((user, issuer)) = user {
         headers.insert(USER, user);
+        headers.insert(USER_ISSUER, issuer);
     }
 }
 

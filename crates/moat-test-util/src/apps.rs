@@ -47,6 +47,13 @@ async fn http_handler(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, I
         .map(|v| v.to_str().unwrap_or("?").to_owned())
         .collect::<Vec<_>>()
         .join(",");
+    let issuer = req
+        .headers()
+        .get_all("x-moat-user-issuer")
+        .iter()
+        .map(|v| v.to_str().unwrap_or("?").to_owned())
+        .collect::<Vec<_>>()
+        .join(",");
     let bearer = req.headers().contains_key("authorization");
     let version = format!("{:?}", req.version());
     let (method, path) = (req.method().to_string(), req.uri().path().to_owned());
@@ -65,7 +72,7 @@ async fn http_handler(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, I
         .map(|b| b.to_bytes().len())
         .unwrap_or(0);
     let text = format!(
-        "method={method} path={path} version={version} peer={peer} user={user} bearer={bearer} body={body}\n"
+        "method={method} path={path} version={version} peer={peer} user={user} issuer={issuer} bearer={bearer} body={body}\n"
     );
     Ok(Response::new(Full::new(Bytes::from(text))))
 }
