@@ -33,27 +33,20 @@ async fn bind() -> (TcpListener, SocketAddr) {
 }
 
 async fn http_handler(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    let peer = req
-        .headers()
-        .get_all("x-moat-peer-id")
-        .iter()
-        .map(|v| v.to_str().unwrap_or("?").to_owned())
-        .collect::<Vec<_>>()
-        .join(",");
-    let user = req
-        .headers()
-        .get_all("x-moat-user")
-        .iter()
-        .map(|v| v.to_str().unwrap_or("?").to_owned())
-        .collect::<Vec<_>>()
-        .join(",");
-    let issuer = req
-        .headers()
-        .get_all("x-moat-user-issuer")
-        .iter()
-        .map(|v| v.to_str().unwrap_or("?").to_owned())
-        .collect::<Vec<_>>()
-        .join(",");
+    // Every value of a header, comma-joined: a second copy would show.
+    let all = |name: &str| {
+        req.headers()
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap_or("?").to_owned())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let (peer, user, issuer) = (
+        all("x-moat-peer-id"),
+        all("x-moat-user"),
+        all("x-moat-user-issuer"),
+    );
     let bearer = req.headers().contains_key("authorization");
     let version = format!("{:?}", req.version());
     let (method, path) = (req.method().to_string(), req.uri().path().to_owned());
