@@ -1683,6 +1683,30 @@ async fn an_overlapping_rule_or_spelling_does_not_get_around_a_rate_limit() {
             ["/api/login", "/api/orders"],
             "{target}: the app received {seen:?}"
         );
+        // `moat policy explain` names the limit the sidecar applied, whichever rule matched.
+        let explained = cp.moat_ok(&[
+            "policy",
+            "explain",
+            "--from",
+            "a",
+            "--to",
+            target,
+            "--method",
+            "POST",
+            "--path",
+            "/api/login;x=1",
+        ]);
+        let rule = if target == "limited-first" { 0 } else { 1 };
+        let limited: Vec<&str> = explained
+            .lines()
+            .filter(|l| l.starts_with("limited  "))
+            .collect();
+        assert_eq!(limited.len(), 1, "{explained}");
+        assert!(
+            limited[0].starts_with(&format!("limited  default/{target}@"))
+                && limited[0].ends_with(&format!(" rule {rule}: 1/s, burst 1, per client")),
+            "{explained}"
+        );
     }
 }
 

@@ -90,6 +90,18 @@ impl PolicySet {
     /// canonical first (the same function), and one that cannot be is refused with
     /// `invalid-path`.
     pub fn decide(&self, from: &SpiffeId, to: &SpiffeId, port: u16, what: &Query<'_>) -> Decision {
+        self.decide_with_limits(from, to, port, what).0
+    }
+
+    /// [`decide`](Self::decide), and the rate limits an allowed request takes a token from
+    /// (`moat_policy::limiting_rules`), each as `policy@version rule N: R/s, burst B, per K`.
+    pub fn decide_with_limits(
+        &self,
+        from: &SpiffeId,
+        to: &SpiffeId,
+        port: u16,
+        what: &Query<'_>,
+    ) -> (Decision, Vec<String>) {
         let for_target: Vec<AccessPolicy> = self
             .policies
             .iter()
@@ -106,11 +118,11 @@ impl PolicySet {
                 claims,
             } => {
                 if !moat_policy::is_forwarded_method(method) {
-                    return Decision::refused(Reason::MethodNotSupported);
+                    return (Decision::refused(Reason::MethodNotSupported), Vec::new());
                 }
                 canonical = match moat_policy::canonical_path(path) {
                     Ok(c) => c,
-                    Err(_) => return Decision::refused(Reason::InvalidPath),
+                    Err(_) => return (Decision::refused(Reason::InvalidPath), Vec::new()),
                 };
                 Traffic::Request {
                     method,
@@ -122,15 +134,27 @@ impl PolicySet {
                 }
             }
         };
-        evaluate(
-            &for_target,
-            &self.mesh,
-            &Input {
-                peer: from,
-                port,
-                traffic,
-            },
-        )
+        let input = Input {
+            peer: from,
+            port,
+            traffic,
+        };
+        let d = evaluate(&for_target, &self.mesh, &input);
+        let limits = moat_policy::limiting_rules(&for_target, &d, &input)
+            .into_iter()
+            .filter_map(|(p, i)| {
+                let l = p.rules.get(i)?.rate_limit.as_ref()?;
+                Some(format!(
+                    "{}@{} rule {i}: {}/s, burst {}, per {}",
+                    p.key(),
+                    p.version,
+                    l.requests_per_second,
+                    l.burst,
+                    l.per.as_str()
+                ))
+            })
+            .collect();
+        (d, limits)
     }
 }
 
@@ -214,8 +238,9 @@ pub struct ExplainArgs {
     output: Output,
 }
 
-fn describe(d: &Decision) -> serde_json::Value {
+fn describe(d: &Decision, limits: &[String]) -> serde_json::Value {
     serde_json::json!({
+        "rate_limits": limits,
         "allowed": d.allowed,
         "decision": d.effect().as_str(),
         "reason": d.reason.code(),
@@ -255,14 +280,14 @@ pub async fn explain(global: &Global, args: ExplainArgs) -> anyhow::Result<()> {
     let from = SpiffeId::parse_with_default(&from, td).context("--from")?;
     let to = SpiffeId::parse_with_default(&to, td).context("--to")?;
     let http = method.as_deref().zip(path.as_deref());
-    let d = set.decide(
+    let (d, limits) = set.decide_with_limits(
         &from,
         &to,
         port.unwrap_or(0),
         &Query::new(tcp, http, claims.as_ref()),
     );
     if !output.is_table() {
-        return output.print(&describe(&d), || {});
+        return output.print(&describe(&d, &limits), || {});
     }
     let verdict = match (d.allowed, d.would_deny) {
         (true, Some(r)) => format!("ALLOW (audit mode: would deny, {})", r.code()),
@@ -291,6 +316,9 @@ pub async fn explain(global: &Global, args: ExplainArgs) -> anyhow::Result<()> {
             "policy   none protects {to} (default posture {})",
             set.mesh.default_posture.as_str()
         ),
+    }
+    for l in &limits {
+        println!("limited  {l}");
     }
     if port.is_none()
         && d.trace
