@@ -410,6 +410,16 @@ pub fn limiting_rules<'p>(
     else {
         return Vec::new();
     };
+    let mut limited = policies
+        .iter()
+        .filter(|p| p.mode == mode)
+        .flat_map(|p| p.rules.iter().enumerate().map(move |(i, r)| (p, i, r)))
+        .filter(|(_, _, r)| r.rate_limit.is_some())
+        .peekable();
+    // The common case, no limit at all: nothing more to work out per request.
+    if limited.peek().is_none() {
+        return Vec::new();
+    }
     let read = match input.traffic {
         Traffic::Request { method, path, jwt } => {
             let server = crate::server_path(path);
@@ -431,11 +441,8 @@ pub fn limiting_rules<'p>(
                 rule_outcome(rule, &as_read) == Reason::Allowed
             })
     };
-    policies
-        .iter()
-        .filter(|p| p.mode == mode)
-        .flat_map(|p| p.rules.iter().enumerate().map(move |(i, r)| (p, i, r)))
-        .filter(|(_, _, r)| r.rate_limit.is_some() && admits(r))
+    limited
+        .filter(|(_, _, r)| admits(r))
         .map(|(p, i, _)| (p, i))
         .collect()
 }
